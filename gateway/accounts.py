@@ -1,0 +1,168 @@
+"""API keys and their accounts: create, list, revoke, change plan, add credits."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from gateway.auth import new_key
+from gateway.config import Settings
+from gateway.errors import BadUserInput, NotFound
+from gateway.store import keys
+from gateway.store.redis import Scripts
+
+
+@dataclass
+class AccountInfo:
+    id: str
+    name: str
+    plan: str
+    credits: int
+    revoked: bool
+    created_at: int
+    rpm: int | None = None
+    concurrency: int | None = None
+    daily: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _limit_field(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+class Accounts:
+    def __init__(self, redis: aioredis.Redis, scripts: Scripts, settings: Settings) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.settings = settings
+
+    async def create(
+        self,
+        plan: str,
+        credits: int = 0,
+        name: str = "",
+        rpm: int | None = None,
+        concurrency: int | None = None,
+        daily: int | None = None,
+    ) -> dict[str, Any]:
+        """Create an account and its key; the key is returned here and never again."""
+        if plan not in self.settings.plans:
+            raise BadUserInput(f"unknown plan {plan!r}", field="plan")
+        if credits < 0:
+            raise BadUserInput("credits must not be negative", field="credits")
+        account = secrets.token_hex(6)
+        key, key_hash = new_key(account)
+        webhook_secret = new_webhook_secret()
+        fields = {
+            "id": account,
+            "name": name,
+            "plan": plan,
+            "key_hash": key_hash,
+            "webhook_secret": webhook_secret,
+            "credits": 0,
+            "revoked": "0",
+            "created_at": int(time.time()),
+            "rpm": _limit_field(rpm),
+            "concurrency": _limit_field(concurrency),
+            "daily": _limit_field(daily),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.account(account), mapping=fields)
+            pipe.sadd(keys.ACCOUNTS, account)
+            await pipe.execute()
+        if credits:
+            await self.add_credits(account, credits, "initial")
+        return {
+            "id": account,
+            "key": key,
+            "plan": plan,
+            "credits": credits,
+            "webhookSecret": webhook_secret,
+        }
+
+    async def get(self, account: str) -> AccountInfo:
+        fields = await self.redis.hgetall(keys.account(account))
+        if not fields:
+            raise NotFound(f"no key with id {account}")
+        return _info(fields)
+
+    async def list(self) -> list[AccountInfo]:
+        ids = sorted(await self.redis.smembers(keys.ACCOUNTS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account in ids:
+                pipe.hgetall(keys.account(account))
+            rows = await pipe.execute()
+        return sorted((_info(r) for r in rows if r), key=lambda a: a.created_at)
+
+    async def revoke(self, account: str) -> None:
+        await self.get(account)
+        await self.redis.hset(keys.account(account), "revoked", "1")
+
+    async def update(
+        self,
+        account: str,
+        plan: str | None = None,
+        rpm: int | None = None,
+        concurrency: int | None = None,
+        daily: int | None = None,
+    ) -> AccountInfo:
+        """Change a key's plan and per-key limits (a negative limit means unlimited)."""
+        await self.get(account)
+        fields: dict[str, Any] = {}
+        if plan is not None:
+            if plan not in self.settings.plans:
+                raise BadUserInput(f"unknown plan {plan!r}", field="plan")
+            fields["plan"] = plan
+        for name, value in (("rpm", rpm), ("concurrency", concurrency), ("daily", daily)):
+            if value is not None:
+                fields[name] = str(value)
+        if fields:
+            await self.redis.hset(keys.account(account), mapping=fields)
+        return await self.get(account)
+
+    async def add_credits(self, account: str, amount: int, reason: str = "topup") -> int:
+        try:
+            balance = await self.scripts.credit(
+                keys=[keys.account(account), keys.ledger(account)],
+                args=[amount, reason],
+                client=self.redis,
+            )
+        except ResponseError as exc:
+            if "unknown account" in str(exc):
+                raise NotFound(f"no key with id {account}") from None
+            raise BadUserInput(str(exc), field="credits") from None
+        return int(balance)
+
+    async def ledger(self, account: str) -> list[dict[str, str]]:
+        entries = await self.redis.xrange(keys.ledger(account))
+        return [fields for _, fields in entries]
+
+
+def _info(fields: dict[str, str]) -> AccountInfo:
+    def opt(name: str) -> int | None:
+        raw = fields.get(name, "")
+        return int(raw) if raw not in ("", None) else None
+
+    return AccountInfo(
+        id=fields["id"],
+        name=fields.get("name", ""),
+        plan=fields.get("plan", ""),
+        credits=int(fields.get("credits", 0)),
+        revoked=fields.get("revoked") == "1",
+        created_at=int(fields.get("created_at", 0)),
+        rpm=opt("rpm"),
+        concurrency=opt("concurrency"),
+        daily=opt("daily"),
+    )

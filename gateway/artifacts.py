@@ -1,0 +1,54 @@
+"""Where outputs live: `ArtifactStore` (a local directory now; S3 can implement it later).
+
+Names are 144 random bits: the URLs are public like a CDN's, and unguessable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+
+class ArtifactStore(Protocol):
+    async def put(self, data: bytes, ext: str) -> str:
+        """Store bytes; return the public URL."""
+        ...
+
+    async def delete(self, urls: list[str]) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+
+class LocalArtifactStore:
+    def __init__(self, root: Path, base_url: str) -> None:
+        self.root = root
+        self.base_url = base_url.rstrip("/") + "/outputs"
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)  # readers never see half a file
+
+    async def put(self, data: bytes, ext: str) -> str:
+        name = f"{secrets.token_urlsafe(18)}.{ext}"
+        await asyncio.to_thread(self._write, name, data)
+        return f"{self.base_url}/{name}"
+
+    async def delete(self, urls: list[str]) -> None:
+        def remove() -> None:
+            for url in urls:
+                name = url.rsplit("/", 1)[-1]
+                if name and "/" not in name and not name.startswith("."):
+                    (self.root / name).unlink(missing_ok=True)
+
+        await asyncio.to_thread(remove)
+
+    async def ready(self) -> bool:
+        def check() -> bool:
+            return self.root.is_dir() and os.access(self.root, os.W_OK)
+
+        return await asyncio.to_thread(check)

@@ -1,0 +1,119 @@
+"""API key -> Principal: one round trip, hashed keys, constant-time comparison.
+
+A key reads `gk_<account>_<secret>`. Only SHA-256 of the secret is stored; the secret
+carries 256 random bits, so a fast hash is enough (no password stretching needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from gateway.config import PlanLimits, Settings
+from gateway.errors import RateLimited, Unauthenticated
+from gateway.store import keys
+from gateway.store.redis import Scripts
+
+KEY_PREFIX = "gk"
+
+
+@dataclass(frozen=True)
+class Principal:
+    account: str
+    name: str
+    plan: str
+    credits: int
+    limits: PlanLimits
+    webhook_secret: str
+    window_used: int  # generations admitted in the last 60 s
+    window_reset: int  # unix seconds when the oldest of those leaves the window
+
+    def rate_headers(self) -> dict[str, str]:
+        if self.limits.rpm is None:
+            return {}
+        return {
+            "X-RateLimit-Limit": str(self.limits.rpm),
+            "X-RateLimit-Remaining": str(max(0, self.limits.rpm - self.window_used)),
+            "X-RateLimit-Reset": str(self.window_reset),
+        }
+
+
+def new_key(account: str) -> tuple[str, str]:
+    """(the key to show once, the hash to store)."""
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}_{account}_{secret}", hash_secret(secret)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    parts = key.strip().split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1].isalnum() or len(parts[1]) > 32:
+        return None
+    return parts[1], parts[2]
+
+
+def limits_of(fields: dict[str, str], settings: Settings) -> PlanLimits:
+    """The plan's limits with the key's own overrides (-1 stored means unlimited)."""
+    base = settings.plans.get(fields.get("plan", ""), PlanLimits())
+
+    def pick(name: str, default: int | None) -> int | None:
+        raw = fields.get(name)
+        if raw in (None, ""):
+            return default
+        value = int(raw)
+        return None if value < 0 else value
+
+    return PlanLimits(
+        rpm=pick("rpm", base.rpm),
+        concurrency=pick("concurrency", base.concurrency),
+        daily=pick("daily", base.daily),
+    )
+
+
+async def authenticate(
+    redis: aioredis.Redis,
+    scripts: Scripts,
+    settings: Settings,
+    key: str | None,
+    now_ms: int,
+    *,
+    read: bool = False,
+) -> Principal:
+    if not key:
+        raise Unauthenticated("Missing API key: send Authorization: Bearer KEY or X-API-Key")
+    parsed = parse_key(key)
+    if parsed is None:
+        raise Unauthenticated("Invalid API key")
+    account, secret = parsed
+    minute = now_ms // 60000
+    raw, used, oldest, reads = await scripts.auth(
+        keys=[keys.account(account), keys.rate(account), keys.reads(account, minute)],
+        args=[now_ms, 1 if read else 0],
+        client=redis,
+    )
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    stored = fields.get("key_hash", "")
+    # compare_digest runs even for unknown accounts, so timing tells nothing.
+    ok = hmac.compare_digest(stored or "0" * 64, hash_secret(secret))
+    if not ok or not stored or fields.get("revoked") == "1":
+        raise Unauthenticated("Invalid API key")
+    if read and reads > settings.read_rpm:
+        raise RateLimited("read", 60 - (now_ms // 1000) % 60)
+    oldest_ms = int(oldest) if int(oldest) else now_ms
+    return Principal(
+        account=account,
+        name=fields.get("name", ""),
+        plan=fields.get("plan", ""),
+        credits=int(fields.get("credits", 0)),
+        limits=limits_of(fields, settings),
+        webhook_secret=fields.get("webhook_secret", ""),
+        window_used=int(used),
+        window_reset=(oldest_ms + 60000 + 999) // 1000,
+    )

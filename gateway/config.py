@@ -1,0 +1,108 @@
+"""Settings, read once from the environment (and an optional TOML file) and passed in."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PlanLimits(BaseModel):
+    """Limits of a plan; `None` means unlimited."""
+
+    rpm: int | None = None
+    concurrency: int | None = None
+    daily: int | None = None
+
+
+DEFAULT_PLANS: dict[str, PlanLimits] = {
+    "free": PlanLimits(rpm=10, concurrency=1, daily=100),
+    "starter": PlanLimits(rpm=30, concurrency=3, daily=1_000),
+    "pro": PlanLimits(rpm=60, concurrency=10, daily=10_000),
+    # Enterprise limits are set per key; without them a key is unlimited.
+    "enterprise": PlanLimits(),
+}
+
+DEFAULT_ROUTES: dict[str, list[str]] = {
+    "flux-krea": ["fluxkrea", "segmind", "krea"],
+    "flux-dev": ["krea"],
+    "local": ["local"],
+}
+
+BACKENDS = ("fluxkrea", "krea", "segmind", "local")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    storage_dir: Path = Path("./data/outputs")
+    admin_token: SecretStr | None = None
+    dev: bool = False
+    config: Path | None = None
+
+    krea_api_base: str = "https://api.krea.ai"
+    krea_api_token: SecretStr | None = None
+    krea_model_path: str = "bfl/flux-1-dev"
+    segmind_api_base: str = "https://api.segmind.com"
+    segmind_api_key: SecretStr | None = None
+    segmind_model: str = "flux-krea-dev"
+    fluxkrea_api_base: str = "https://api.flux-krea.pro/v1"
+    fluxkrea_api_key: SecretStr | None = None
+
+    url_allow_cidrs: str = ""
+
+    # Workers and jobs
+    workers: int = Field(default=64, ge=1, description="jobs one process runs at once")
+    job_lease_seconds: float = Field(default=30.0, gt=0)
+    job_max_tries: int = Field(default=3, ge=1)
+    upstream_timeout: float = Field(default=30.0, gt=0)
+    job_deadline_seconds: float = Field(default=900.0, gt=0)
+    retention_days: float = Field(default=7.0, gt=0)
+
+    # HTTP guards
+    max_body_bytes: int = 64 * 1024
+    read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
+
+    # Filled from the TOML file named by GATEWAY_CONFIG
+    plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
+    routes: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        return v.rstrip("/") if v else v
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def allow_cidrs(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        parts = [p.strip() for p in self.url_allow_cidrs.split(",") if p.strip()]
+        return [ipaddress.ip_network(p, strict=False) for p in parts]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; merge plans and routes from the TOML file if one is named."""
+    settings = Settings(**overrides)
+    if settings.config:
+        data = tomllib.loads(Path(settings.config).read_text())
+        plans = dict(settings.plans)
+        for name, limits in (data.get("plans") or {}).items():
+            plans[name] = PlanLimits(**limits)
+        routes = dict(settings.routes)
+        routes.update(data.get("routes") or {})
+        settings = settings.model_copy(update={"plans": plans, "routes": routes})
+    for service, backends in settings.routes.items():
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"route {service!r} names unknown backends {unknown}")
+    return settings

@@ -1,0 +1,121 @@
+"""The error tree. Domain code raises these; the API layer alone maps them to HTTP.
+
+GatewayError                 a coded error a client may see (`code`, HTTP `status`)
+├── Unauthenticated          401  missing, unknown or revoked API key
+├── Forbidden                403
+├── BadUserInput             400  invalid parameter (names the `field`) or unknown provider
+├── PayloadTooLarge          413
+├── InsufficientCredits      402  with creditsRequired, creditsAvailable
+├── RateLimited              429  with retryAfter (s) and limit: minute | day | concurrency | read
+├── NotFound                 404
+├── ProviderFailure          502  every backend of the route failed
+└── ServiceUnavailable       503  Redis or storage unreachable, nothing routable
+
+ProviderError                raised by backends, never seen by clients as such
+├── ProviderTimeout          the upstream did not answer in time        -> fail over
+├── ProviderRateLimited      429 from upstream (carries retry_after)     -> fail over
+├── ProviderUnavailable      5xx, connection error, malformed answer, auth/credit trouble
+│                                                                        -> fail over
+└── ProviderRejected         the upstream refused the user's own input   -> no fail over
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    code = "INTERNAL_SERVER_ERROR"
+    status = 500
+
+    def __init__(self, message: str, **extensions: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extensions: dict[str, Any] = {"code": self.code, **extensions}
+
+
+class Unauthenticated(GatewayError):
+    code, status = "UNAUTHENTICATED", 401
+
+
+class Forbidden(GatewayError):
+    code, status = "FORBIDDEN", 403
+
+
+class BadUserInput(GatewayError):
+    code, status = "BAD_USER_INPUT", 400
+
+    def __init__(self, message: str, field: str | None = None, **extensions: Any) -> None:
+        if field:
+            extensions["field"] = field
+        super().__init__(message, **extensions)
+
+
+class PayloadTooLarge(GatewayError):
+    code, status = "PAYLOAD_TOO_LARGE", 413
+
+
+class InsufficientCredits(GatewayError):
+    code, status = "INSUFFICIENT_CREDITS", 402
+
+    def __init__(self, required: int, available: int) -> None:
+        super().__init__(
+            f"Insufficient credits: {required} required, {available} available",
+            creditsRequired=required,
+            creditsAvailable=available,
+        )
+
+
+class RateLimited(GatewayError):
+    code, status = "RATE_LIMITED", 429
+
+    def __init__(self, limit: str, retry_after: int, message: str | None = None) -> None:
+        super().__init__(
+            message or f"Rate limit exceeded ({limit}); retry after {retry_after} s",
+            retryAfter=retry_after,
+            limit=limit,
+        )
+        self.retry_after = retry_after
+
+
+class NotFound(GatewayError):
+    code, status = "NOT_FOUND", 404
+
+
+class ProviderFailure(GatewayError):
+    code, status = "PROVIDER_ERROR", 502
+
+
+class ServiceUnavailable(GatewayError):
+    code, status = "SERVICE_UNAVAILABLE", 503
+
+
+class InternalError(GatewayError):
+    code, status = "INTERNAL_SERVER_ERROR", 500
+
+
+class ProviderError(Exception):
+    """An upstream failed. `failover` says whether another backend may be tried."""
+
+    failover = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ProviderTimeout(ProviderError):
+    pass
+
+
+class ProviderRateLimited(ProviderError):
+    pass
+
+
+class ProviderUnavailable(ProviderError):
+    pass
+
+
+class ProviderRejected(ProviderError):
+    failover = False

@@ -1,0 +1,1 @@
+"""Jobs: the record, the durable queue and the worker that runs them."""

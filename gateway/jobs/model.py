@@ -1,0 +1,133 @@
+"""The job record as stored in Redis (a hash) and as clients see it (a `Generation`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    stamp = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+@dataclass
+class Job:
+    id: str
+    account: str
+    status: str
+    provider: str  # what the client named: a service or a backend
+    params: dict[str, Any]
+    cost: int
+    created_at: int
+    type: str = "IMAGE"
+    started_at: int | None = None
+    completed_at: int | None = None
+    webhook_url: str | None = None
+    urls: list[str] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 0
+    upstream: dict[str, Any] | None = None  # {backend, id, sent}: resume, never resubmit
+    refunded: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def credit_cost(self) -> int:
+        """What the job finally cost the client (0 once refunded)."""
+        return self.cost - self.refunded
+
+    @property
+    def duration(self) -> float | None:
+        if self.completed_at and self.status == "completed":
+            return round((self.completed_at - self.created_at) / 1000, 3)
+        return None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        def opt_int(name: str) -> int | None:
+            v = h.get(name)
+            return int(v) if v not in (None, "") else None
+
+        return cls(
+            id=h["id"],
+            account=h["account"],
+            status=h["status"],
+            provider=h["provider"],
+            type=h.get("type", "IMAGE"),
+            params=orjson.loads(h["params"]),
+            cost=int(h.get("cost", 0)),
+            created_at=int(h["created_at"]),
+            started_at=opt_int("started_at"),
+            completed_at=opt_int("completed_at"),
+            webhook_url=h.get("webhook_url") or None,
+            urls=orjson.loads(h["urls"]) if h.get("urls") else [],
+            width=opt_int("width"),
+            height=opt_int("height"),
+            metadata=orjson.loads(h["metadata"]) if h.get("metadata") else {},
+            error=h.get("error") or None,
+            attempts=int(h.get("attempts", 0)),
+            upstream=orjson.loads(h["upstream"]) if h.get("upstream") else None,
+            refunded=int(h.get("refunded", 0)),
+        )
+
+    def to_hash(self) -> dict[str, Any]:
+        """The fields written when the job is created."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "account": self.account,
+            "status": self.status,
+            "provider": self.provider,
+            "type": self.type,
+            "params": orjson.dumps(self.params).decode(),
+            "cost": self.cost,
+            "created_at": self.created_at,
+            "webhook_url": self.webhook_url or "",
+        }
+        if self.ended:
+            out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
+            out["completed_at"] = self.completed_at
+        return out
+
+    def public(self) -> dict[str, Any]:
+        """The `Generation` as REST and webhooks send it (GraphQL's fields, camelCase)."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "type": self.type,
+            "provider": self.provider,
+            "url": self.urls[0] if self.urls else None,
+            "urls": self.urls,
+            "width": self.width,
+            "height": self.height,
+            "metadata": self.metadata or None,
+            "creditCost": self.credit_cost,
+            "createdAt": iso(self.created_at),
+            "completedAt": iso(self.completed_at),
+            "webhookUrl": self.webhook_url,
+            "error": self.error,
+            "duration": self.duration,
+        }
+
+
+def outcome_fields(
+    urls: list[str], width: int | None, height: int | None, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "urls": orjson.dumps(urls).decode(),
+        "width": width or "",
+        "height": height or "",
+        "metadata": orjson.dumps(metadata).decode(),
+    }

@@ -1,0 +1,122 @@
+"""Reading and changing job records. State changes that must be atomic go through Lua."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from gateway.jobs.model import Job, outcome_fields
+from gateway.store import keys
+from gateway.store.redis import Scripts, flat
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, scripts: Scripts) -> None:
+        self.redis = redis
+        self.scripts = scripts
+
+    async def get(self, account: str, job_id: str) -> Job | None:
+        if not job_id or len(job_id) > 64:
+            return None
+        h = await self.redis.hgetall(keys.job(account, job_id))
+        return Job.from_hash(h) if h else None
+
+    async def get_by_key(self, job_key: str) -> Job | None:
+        h = await self.redis.hgetall(job_key)
+        return Job.from_hash(h) if h else None
+
+    async def status(self, account: str, job_id: str) -> str | None:
+        status: str | None = await self.redis.hget(keys.job(account, job_id), "status")
+        return status
+
+    async def list(
+        self, account: str, first: int, after: str | None, status: str | None
+    ) -> tuple[list[Job], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        index = keys.jobs(account)
+        start = 0
+        if after:
+            rank = await self.redis.zrevrank(index, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        found: list[Job] = []
+        batch = max(first, 20)
+        while len(found) <= first:
+            ids = await self.redis.zrevrange(index, start, start + batch - 1)
+            if not ids:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(keys.job(account, job_id))
+                rows = await pipe.execute()
+            for row in rows:
+                if row and (status is None or row.get("status") == status):
+                    found.append(Job.from_hash(row))
+            start += batch
+        return found[:first], len(found) > first
+
+    async def start(self, job: Job, now_ms: int, lease_ms: int) -> tuple[str, int]:
+        before, attempts = await self.scripts.start(
+            keys=[keys.job(job.account, job.id), keys.running(job.account)],
+            args=[now_ms, lease_ms, job.id],
+            client=self.redis,
+        )
+        return str(before), int(attempts)
+
+    async def save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
+        """Record the upstream's job id before waiting on it, so a takeover resumes it."""
+        job.upstream = upstream
+        await self.redis.hset(
+            keys.job(job.account, job.id), "upstream", orjson.dumps(upstream).decode()
+        )
+
+    async def save_progress(self, job: Job, metadata: dict[str, Any]) -> None:
+        job.metadata = metadata
+        await self.redis.hset(
+            keys.job(job.account, job.id), "metadata", orjson.dumps(metadata).decode()
+        )
+
+    async def finish(
+        self,
+        job: Job,
+        status: str,
+        now_ms: int,
+        *,
+        refund: bool,
+        urls: list[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """End the job once; True when this call ended it (False: it had already ended)."""
+        fields: dict[str, Any] = {}
+        if urls is not None:
+            fields.update(outcome_fields(urls, width, height, metadata or {}))
+        elif metadata is not None:
+            fields["metadata"] = orjson.dumps(metadata).decode()
+        if error:
+            fields["error"] = error
+        done, _ = await self.scripts.finish(
+            keys=[
+                keys.job(job.account, job.id),
+                keys.running(job.account),
+                keys.account(job.account),
+                keys.ledger(job.account),
+            ],
+            args=[status, now_ms, job.id, 1 if refund else 0, *flat(fields)],
+            client=self.redis,
+        )
+        return bool(done)
+
+    async def renew_leases(self, jobs: list[Job], until_ms: int) -> None:
+        """Keep the concurrency slots of running jobs (one pipeline for all of them)."""
+        if not jobs:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.zadd(keys.running(job.account), {job.id: until_ms}, xx=True)
+            await pipe.execute()

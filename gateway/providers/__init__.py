@@ -1,0 +1,1 @@
+"""Backends: one small class per upstream behind the `Provider` protocol."""

@@ -1,0 +1,218 @@
+"""flux-krea.pro: the synchronous REST endpoint `POST {base}/generate` (base includes `/v1`).
+
+Parameter mapping, ours -> flux-krea's, brought into the upstream's documented ranges:
+
+    prompt      -> prompt               1-1000 characters; outside -> ProviderRejected, not sent
+    width       -> width                clamped to 512-2048
+    height      -> height               clamped to 512-2048
+    guidance    -> guidance_scale       clamped to 1.0-20.0     (only when set; upstream: 7.5)
+    steps       -> num_inference_steps  clamped to 1-50         (only when set; upstream: 4)
+    seed        -> seed                 0-2147483647, taken modulo 2**31 (only when set)
+    num_images  -> num_images           clamped to 1-4
+    output_format, aspect_ratio, quality: not sent (no such parameters; the upstream
+    always answers with JPEG URLs on its CDN).
+
+Upstream answers -> our errors: 400 -> ProviderRejected; 401 (our key) and 403 (our
+permissions or quota) -> ProviderUnavailable; 429 -> retried honouring Retry-After, then
+ProviderRateLimited; 5xx -> ProviderUnavailable, never re-sent (the upstream may already
+be generating, and would charge twice); a 200 that is not `"status": "success"` with
+images, or is not JSON -> ProviderUnavailable.
+
+The guide also documents `POST /generate/async`, which reports only to a webhook and has
+no status endpoint to poll; this adapter therefore uses the synchronous endpoint, and
+`submit` returns the outputs at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import httpx
+
+from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from gateway.providers.base import ImageParams, Output, Polled, Submitted
+from gateway.providers.http import download, json_body, request
+
+UPSTREAM = "flux-krea"
+DEFAULT_BASE_URL = "https://api.flux-krea.pro/v1"
+
+PROMPT_MAX = 1000
+SIZE_MIN, SIZE_MAX = 512, 2048
+GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
+STEPS_MIN, STEPS_MAX = 1, 50
+SEED_MODULUS = 2**31  # seeds are 0-2147483647
+IMAGES_MIN, IMAGES_MAX = 1, 4
+
+#: by the extension of the image URL (the guide shows `.jpg`)
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+}
+
+
+def _clamp(value: Any, low: Any, high: Any) -> Any:
+    return max(low, min(high, value))
+
+
+class _BearerAuth(httpx.Auth):
+    """`Authorization: Bearer`, remembering the response to the last attempt.
+
+    `http.request()` turns an unsuccessful answer into a ProviderError; the response kept
+    here lets `submit` still read the body of a 401/403 (e.g. its `error_code`).
+    """
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.response: httpx.Response | None = None
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self.response = None
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        self.response = yield request
+
+
+class FluxKreaProvider:
+    name = "fluxkrea"
+    poll_interval = 1.0
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def status(self) -> tuple[bool, str]:
+        if not self.api_key:
+            return False, "GATEWAY_FLUXKREA_API_KEY is not set"
+        return True, "ok"
+
+    def body_for(self, params: ImageParams) -> dict[str, Any]:
+        """The JSON body for `POST /generate`; raises ProviderRejected for a bad prompt."""
+        if not 1 <= len(params.prompt) <= PROMPT_MAX:
+            raise ProviderRejected(
+                f"flux-krea accepts prompts of 1-{PROMPT_MAX} characters, "
+                f"this one has {len(params.prompt)}"
+            )
+        body: dict[str, Any] = {
+            "prompt": params.prompt,
+            "width": _clamp(params.width, SIZE_MIN, SIZE_MAX),
+            "height": _clamp(params.height, SIZE_MIN, SIZE_MAX),
+        }
+        if params.guidance is not None:
+            body["guidance_scale"] = float(_clamp(params.guidance, GUIDANCE_MIN, GUIDANCE_MAX))
+        if params.steps is not None:
+            body["num_inference_steps"] = _clamp(params.steps, STEPS_MIN, STEPS_MAX)
+        if params.seed is not None:
+            body["seed"] = params.seed % SEED_MODULUS
+        body["num_images"] = _clamp(params.num_images, IMAGES_MIN, IMAGES_MAX)
+        return body
+
+    async def submit(self, params: ImageParams) -> Submitted:
+        body = self.body_for(params)
+        if not self.api_key:
+            raise ProviderUnavailable("GATEWAY_FLUXKREA_API_KEY is not set")
+        auth = _BearerAuth(self.api_key)
+        try:
+            response = await request(
+                self.client,
+                "POST",
+                f"{self.base_url}/generate",
+                upstream=UPSTREAM,
+                idempotent=False,  # a re-sent generate could be charged twice
+                timeout=self.timeout,
+                json=body,
+                auth=auth,
+            )
+        except ProviderUnavailable as exc:
+            refined = _refine(exc, auth.response)
+            if refined is exc:
+                raise
+            raise refined from exc
+
+        data = json_body(response, UPSTREAM)
+        if not isinstance(data, dict):
+            raise ProviderUnavailable("flux-krea answered with something other than an object")
+        if data.get("status") != "success":
+            detail = data.get("message") or data.get("error") or ""
+            raise ProviderUnavailable(
+                f"flux-krea answered status {data.get('status')!r}"
+                + (f": {str(detail)[:200]}" if detail else "")
+            )
+        images = data.get("images")
+        if not isinstance(images, list) or not images:
+            raise ProviderUnavailable("flux-krea answered success without images")
+        outputs = [_output(image, body, response.url) for image in images]
+        return Submitted(
+            upstream_id=None,
+            outputs=outputs,
+            sent=body,
+            metadata={
+                "upstream_request_id": data.get("request_id"),
+                "generation_time": data.get("generation_time"),
+                "upstream_credits_used": data.get("credits_used"),
+            },
+        )
+
+    async def poll(self, upstream_id: str) -> Polled:
+        """Never needed: `submit` uses the synchronous endpoint and returns the outputs."""
+        raise ProviderUnavailable("flux-krea jobs complete synchronously")
+
+    async def cancel(self, upstream_id: str) -> None:
+        """Nothing to cancel: a flux-krea job is over when `submit` returns."""
+        return None
+
+    async def fetch(self, output: Output) -> bytes:
+        """Download the image: CDN URLs may expire, so the worker keeps its own copy."""
+        if output.data is not None:
+            return output.data
+        if not output.url:
+            raise ProviderUnavailable("flux-krea output has no URL")
+        return await download(self.client, output.url, upstream=UPSTREAM)
+
+
+def _refine(exc: ProviderUnavailable, response: httpx.Response | None) -> ProviderError:
+    """A clearer message for our own credential and quota trouble (401, 403)."""
+    if response is None or response.status_code not in (401, 403):
+        return exc
+    if response.status_code == 401:
+        return ProviderUnavailable(
+            f"flux-krea refused our API key (check GATEWAY_FLUXKREA_API_KEY): {exc.message}"
+        )
+    try:
+        payload = response.json()
+    except ValueError:
+        return exc
+    code = payload.get("error_code") if isinstance(payload, dict) else None
+    if isinstance(code, str) and "quota_exceeded" in code:
+        return ProviderUnavailable(f"flux-krea quota exceeded on our account: {exc.message}")
+    return exc
+
+
+def _output(image: Any, body: dict[str, Any], base: httpx.URL) -> Output:
+    if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
+        raise ProviderUnavailable("flux-krea answered an image without a URL")
+    url = str(base.join(image["url"]))  # absolute URLs pass through unchanged
+
+    def integer(key: str) -> int | None:
+        value = image.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    suffix = httpx.URL(url).path.rsplit("/", 1)[-1]
+    extension = suffix[suffix.rfind(".") :].lower() if "." in suffix else ""
+    return Output(
+        url=url,
+        content_type=CONTENT_TYPES.get(extension),
+        width=integer("width") or body["width"],
+        height=integer("height") or body["height"],
+        seed=integer("seed"),
+    )

@@ -1,0 +1,80 @@
+-- admit: the one gate every generation request passes, in a single atomic step.
+-- Either every limit is checked and taken together (rate window, day, concurrency
+-- slot, credits) and the job is recorded and queued, or nothing changes at all.
+--
+-- The per-minute limit is a sliding log (a sorted set of admission times), not GCRA:
+-- the contract promises at most N in ANY 60-second window, which a sliding log states
+-- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
+--
+-- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue
+-- ARGV: 1 now_ms, 2 rpm, 3 concurrency, 4 daily (-1: unlimited), 5 cost, 6 job_id,
+--       7 lease_ms, 8 ms_to_day_end, 9 idem_hash ('' = none), 10 hold_slot (0/1),
+--       11 enqueue (0/1), 12.. job hash fields (name, value, ...)
+local now = tonumber(ARGV[1])
+local rpm, conc, daily = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local cost, job_id = tonumber(ARGV[5]), ARGV[6]
+local lease, day_left = tonumber(ARGV[7]), tonumber(ARGV[8])
+local idem_hash, hold, enqueue = ARGV[9], ARGV[10] == '1', ARGV[11] == '1'
+
+local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked')
+if not acct[1] or acct[2] == '1' then return {'revoked'} end
+local balance = tonumber(acct[1])
+
+if idem_hash ~= '' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then
+    local sep = string.find(prior, '|', 1, true)
+    if string.sub(prior, sep + 1) == idem_hash then
+      return {'duplicate', string.sub(prior, 1, sep - 1)}
+    end
+    return {'idempotency_mismatch'}
+  end
+end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+local used = redis.call('ZCARD', KEYS[2])
+if rpm >= 0 and used >= rpm then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local wait = 1000
+  if oldest[2] then wait = tonumber(oldest[2]) + 60000 - now end
+  return {'limited', 'minute', wait, used}
+end
+
+local today = tonumber(redis.call('GET', KEYS[3]) or '0')
+if daily >= 0 and today >= daily then
+  return {'limited', 'day', day_left, used}
+end
+
+if hold then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if conc >= 0 and redis.call('ZCARD', KEYS[4]) >= conc then
+    local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    local wait = 1000
+    if first[2] then wait = math.min(tonumber(first[2]) - now, 5000) end
+    return {'limited', 'concurrency', wait, used}
+  end
+end
+
+if balance < cost then return {'credits', cost, balance} end
+
+-- Everything is allowed: take it all.
+redis.call('ZADD', KEYS[2], now, job_id)
+redis.call('PEXPIRE', KEYS[2], 60000)
+redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
+if hold then redis.call('ZADD', KEYS[4], now + lease, job_id) end
+if cost > 0 then
+  balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
+  redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
+    'balance', balance)
+end
+local fields = {}
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[6], unpack(fields))
+redis.call('ZADD', KEYS[7], now, job_id)
+if idem_hash ~= '' then
+  redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
+end
+if enqueue then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end
+local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {'ok', used + 1, tonumber(oldest[2]) + 60000, balance}

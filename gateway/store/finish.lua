@@ -1,0 +1,24 @@
+-- finish: a job ends (completed, failed or cancelled), exactly once.
+-- Frees its concurrency slot and, for failed or cancelled, refunds its whole charge.
+-- Ending an ended job changes nothing, so a second worker or a late cancel is harmless.
+-- KEYS: 1 job, 2 running, 3 account, 4 ledger
+-- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5.. job hash fields
+-- Returns {1, balance} when this call ended the job, {0, status} otherwise.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0, 'missing'} end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then
+  return {0, status}
+end
+local fields = {'status', ARGV[1], 'completed_at', ARGV[2]}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZREM', KEYS[2], ARGV[3])
+local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
+local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
+if ARGV[4] == '1' and cost > 0 then
+  balance = redis.call('HINCRBY', KEYS[3], 'credits', cost)
+  redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
+    'balance', balance)
+  redis.call('HSET', KEYS[1], 'refunded', cost)
+end
+return {1, balance}

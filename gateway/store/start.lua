@@ -1,0 +1,14 @@
+-- start: a worker takes a job. Marks it processing, counts the attempt and
+-- (re)takes its concurrency slot as a lease the worker keeps renewing.
+-- KEYS: 1 job, 2 running   ARGV: 1 now_ms, 2 lease_ms, 3 job_id
+-- Returns {status, attempts}; a job already ended is left untouched.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then
+  return {status, 0}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'processing')
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+return {status, attempts}

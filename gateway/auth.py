@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -40,6 +41,21 @@ class Principal:
             "X-RateLimit-Remaining": str(max(0, self.limits.rpm - self.window_used)),
             "X-RateLimit-Reset": str(self.window_reset),
         }
+
+
+def api_key_from(headers: Any, params: dict[str, Any] | None = None) -> str | None:
+    """`Authorization: Bearer KEY` or `X-API-Key: KEY` (or the same in connection params)."""
+    sources = [headers]
+    if params:
+        sources.insert(0, {str(k).lower(): v for k, v in params.items()})
+    for source in sources:
+        auth = source.get("authorization")
+        if isinstance(auth, str) and auth[:7].lower() == "bearer ":
+            return auth[7:].strip()
+        key = source.get("x-api-key")
+        if isinstance(key, str) and key:
+            return key.strip()
+    return None
 
 
 def new_key(account: str) -> tuple[str, str]:

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(default=30.0, gt=0)
     job_deadline_seconds: float = Field(default=900.0, gt=0)
     retention_days: float = Field(default=7.0, gt=0)
+    backend_concurrency: int = Field(
+        default=256, ge=1, description="upstream calls in flight per backend"
+    )
+    inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
     # HTTP guards
     max_body_bytes: int = 64 * 1024

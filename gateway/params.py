@@ -98,7 +98,7 @@ class GenerationRequest(BaseModel):
 
 
 def _side(x: float) -> int:
-    return max(MIN_SIDE, min(MAX_SIDE, int(round(x / 16)) * 16))
+    return max(MIN_SIDE, min(MAX_SIDE, round(x / 16) * 16))
 
 
 # The client's spelling of each field, per input shape, for error messages.

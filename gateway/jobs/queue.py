@@ -12,6 +12,7 @@ run harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -48,10 +49,8 @@ class Queue:
             )
             if not reply or not reply[0][1]:
                 self.wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), block_ms / 1000)
-                except TimeoutError:
-                    pass
                 return []
         return [(entry_id, fields["job"]) for _, entries in reply for entry_id, fields in entries]
 

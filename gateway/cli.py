@@ -1,0 +1,265 @@
+"""The `gateway` command (CONTRACT §3): serve, worker, keys, credits, generate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import httpx
+import structlog
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gateway.accounts import Accounts
+from gateway.config import Settings, load_settings
+from gateway.errors import GatewayError
+from gateway.store.redis import Scripts, connect
+
+app = typer.Typer(no_args_is_help=True, help="Image-generation gateway.")
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
+credits_app = typer.Typer(no_args_is_help=True, help="Change a key's credit balance.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _shared_store(settings: Settings) -> None:
+    if not settings.redis_url:
+        err.print(
+            "[red]GATEWAY_REDIS_URL is not set.[/red] Without it the gateway uses an embedded "
+            "store inside one process, which this command cannot reach or share. "
+            "Point GATEWAY_REDIS_URL at the Redis your gateway uses."
+        )
+        raise typer.Exit(2)
+
+
+def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]]) -> T:
+    _shared_store(settings)
+
+    async def run() -> T:
+        redis = connect(settings.redis_url)
+        try:
+            scripts = Scripts.register(redis)
+            return await action(Accounts(redis, scripts, settings))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except GatewayError as exc:
+        err.print(f"[red]{exc.code}:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="listen address")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port")] = None,
+) -> None:
+    """Serve the API (GraphQL and REST); runs in-process workers too."""
+    import uvicorn
+
+    from gateway.app import build_app
+
+    settings = _settings(host=host, port=port)
+    _configure_logging()
+    if not settings.redis_url:
+        err.print("[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
+                  "nothing kept after exit.[/yellow]")
+    uvicorn.run(
+        build_app(settings), host=settings.host, port=settings.port,
+        log_level="warning", proxy_headers=True, server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Run jobs only (several may share one Redis with any number of gateways)."""
+    from gateway.runtime import runtime
+
+    settings = _settings()
+    _shared_store(settings)
+    _configure_logging()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with runtime(settings) as rt:
+            structlog.get_logger("gateway").info("worker started", consumer=rt.worker.consumer)
+            await rt.worker.run(stop, grace=settings.shutdown_grace_seconds)
+
+    asyncio.run(main())
+
+
+@keys_app.command("create")
+def keys_create(
+    plan: Annotated[str, typer.Option(help="free, starter, pro or enterprise")] = "free",
+    credits: Annotated[int, typer.Option(help="initial credits")] = 0,
+    name: Annotated[str, typer.Option(help="a label")] = "",
+    rpm: Annotated[int | None, typer.Option(help="own generations/minute")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="own concurrent jobs")] = None,
+    daily: Annotated[int | None, typer.Option(help="own generations/day")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    made = _with_accounts(
+        _settings(),
+        lambda a: a.create(plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily),
+    )
+    if as_json:
+        print(json.dumps(made))
+    else:
+        console.print(f"API key: {made['key']}")
+        console.print(f"id {made['id']}, plan {plan}, {credits} credits, "
+                      f"webhook secret {made['webhookSecret']}")
+        console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List keys (never the keys themselves)."""
+    infos = _with_accounts(_settings(), lambda a: a.list())
+    if as_json:
+        print(json.dumps([i.as_dict() for i in infos]))
+        return
+    table = Table("id", "name", "plan", "credits", "rpm", "concurrency", "daily", "revoked")
+    for i in infos:
+        table.add_row(i.id, i.name, i.plan, str(i.credits), *(
+            "" if v is None else str(v) for v in (i.rpm, i.concurrency, i.daily)
+        ), "yes" if i.revoked else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Revoke a key: it is refused from the next request on."""
+    _with_accounts(_settings(), lambda a: a.revoke(key_id))
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    plan: Annotated[str | None, typer.Option()] = None,
+    rpm: Annotated[int | None, typer.Option(help="negative: unlimited")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="negative: unlimited")] = None,
+    daily: Annotated[int | None, typer.Option(help="negative: unlimited")] = None,
+) -> None:
+    """Change a key's plan or its own limits."""
+    info = _with_accounts(
+        _settings(),
+        lambda a: a.update(key_id, plan=plan, rpm=rpm, concurrency=concurrency, daily=daily),
+    )
+    console.print(json.dumps(info.as_dict()))
+
+
+@credits_app.command("add")
+def credits_add(
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    amount: Annotated[int, typer.Argument(metavar="N", help="negative: a correction")],
+) -> None:
+    """Add credits to a key (recorded in its ledger)."""
+    reason = "topup" if amount >= 0 else "correction"
+    balance = _with_accounts(_settings(), lambda a: a.add_credits(key_id, amount, reason))
+    console.print(f"balance of {key_id}: {balance}")
+
+
+GENERATE = """mutation($input: ImageGenerationInput!) {
+  generateImage(input: $input) { id status creditCost }
+}"""
+POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument()],
+    provider: Annotated[str, typer.Option(help="service or backend")] = "flux-krea",
+    width: Annotated[int, typer.Option()] = 1024,
+    height: Annotated[int, typer.Option()] = 1024,
+    seed: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[Path | None, typer.Option(help="where to save the image")] = None,
+) -> None:
+    """Generate an image through a running gateway (GATEWAY_URL, GATEWAY_API_KEY)."""
+    base = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
+    key = os.environ.get("GATEWAY_API_KEY")
+    if not key:
+        err.print("[red]GATEWAY_API_KEY is not set[/red]")
+        raise typer.Exit(2)
+    variables = {"input": {"service": provider, "prompt": prompt, "width": width,
+                           "height": height, "seed": seed}}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
+                      timeout=30) as client:
+        try:
+            job = _graphql(client, GENERATE, variables)["generateImage"]
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                          TimeElapsedColumn(), console=err) as progress:
+                task = progress.add_task(f"{job['id']}: {job['status']}")
+                while job["status"] in ("queued", "processing"):
+                    time.sleep(1.0)
+                    job = _graphql(client, POLL, {"id": job["id"]})["job"]
+                    progress.update(task, description=f"{job['id']}: {job['status']}")
+            if job["status"] != "completed":
+                err.print(f"[red]{job['status']}:[/red] {job.get('error') or ''}")
+                raise typer.Exit(1)
+            image = client.get(job["url"])
+            image.raise_for_status()
+        except httpx.HTTPError as exc:
+            err.print(f"[red]cannot reach the gateway at {base}:[/red] {exc}")
+            raise typer.Exit(1) from None
+    target = out or Path(job["url"].rsplit("/", 1)[-1])
+    target.write_bytes(image.content)
+    meta = job.get("metadata") or {}
+    console.print(f"saved {target} ({meta.get('width')}x{meta.get('height')}, "
+                  f"backend {meta.get('backend')}, seed {meta.get('seed')})")
+
+
+def _graphql(client: httpx.Client, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/graphql", json={"query": query, "variables": variables})
+    with contextlib.suppress(ValueError):
+        body = response.json()
+        if body.get("errors"):
+            first = body["errors"][0]
+            code = (first.get("extensions") or {}).get("code", "")
+            err.print(f"[red]{code}:[/red] {first.get('message')}")
+            raise typer.Exit(1)
+        if body.get("data"):
+            return dict(body["data"])
+    response.raise_for_status()
+    raise typer.Exit(1)

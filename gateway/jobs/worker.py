@@ -1,0 +1,265 @@
+"""run(job): take a queued job, route it to a backend, store its images, finish it.
+
+One fetch loop per process reads as many queue entries as it has free slots; each job
+runs as a task (no thread per job). A heartbeat keeps the entries and the concurrency
+leases of running jobs alive; entries whose worker went silent for a lease are claimed
+again. A job that has been started `job_max_tries` times without ending (it keeps
+killing workers) is failed and refunded. Only this module decides between retrying and
+failing with a refund.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from PIL import Image
+
+from gateway.artifacts import ArtifactStore
+from gateway.config import Settings
+from gateway.errors import ProviderError
+from gateway.events import Events
+from gateway.jobs.model import TERMINAL, Job
+from gateway.jobs.queue import Queue
+from gateway.jobs.store import JobStore
+from gateway.providers.base import ImageParams, Output
+from gateway.routing import JobCancelled, JobFailed, Result, Router
+
+log = structlog.get_logger("gateway.worker")
+
+_PIL = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_FROM_PIL = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+
+def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
+    """Check the bytes are an image; convert to the requested format; return its size."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if _FROM_PIL.get(image.format or "") == fmt:
+            image.verify()
+            return data, width, height
+        out = io.BytesIO()
+        converted = image.convert("RGB") if fmt == "jpg" else image
+        converted.save(out, _PIL[fmt], quality=92)
+        return out.getvalue(), width, height
+
+
+@dataclass
+class Running:
+    job: Job | None
+    entry_id: str
+    task: asyncio.Task[None]
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: JobStore,
+        queue: Queue,
+        router: Router,
+        artifacts: ArtifactStore,
+        events: Events,
+        consumer: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.router = router
+        self.artifacts = artifacts
+        self.events = events
+        self.consumer = consumer
+        self.clock = clock
+        self.capacity = settings.workers
+        self.lease_ms = int(settings.job_lease_seconds * 1000)
+        self.running: dict[str, Running] = {}
+        self.freed = asyncio.Event()
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- the loops ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, grace: float = 10.0) -> None:
+        """Fetch and run jobs until `stop` is set; then let running jobs finish for
+        `grace` seconds. Jobs still running after that stay pending in the queue (their
+        upstream ids stored) and are resumed by another worker."""
+        await self.queue.ensure_group()
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        try:
+            while not stop.is_set():
+                free = self.capacity - len(self.running)
+                if free <= 0:
+                    self.freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.freed.wait(), 1.0)
+                    continue
+                try:
+                    entries = await self.queue.read(self.consumer, free, block_ms=1000)
+                except Exception as exc:  # Redis away: keep the loop alive, try again
+                    log.warning("queue read failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                for entry_id, job_key in entries:
+                    self._spawn(entry_id, job_key)
+        finally:
+            tasks = [r.task for r in self.running.values()]
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=grace)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    def _spawn(self, entry_id: str, job_key: str) -> None:
+        if entry_id in self.running:
+            return
+        task = asyncio.create_task(self.process(entry_id, job_key))
+        self.running[entry_id] = Running(None, entry_id, task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.running.pop(entry_id, None)
+            self.freed.set()
+
+        task.add_done_callback(done)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        period = self.settings.job_lease_seconds / 3
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+            try:
+                await self.beat()
+            except Exception as exc:
+                log.warning("heartbeat failed", error=str(exc))
+
+    async def beat(self) -> None:
+        """Renew what this worker runs; take over what silent workers left behind."""
+        running = list(self.running.values())
+        await self.queue.touch(self.consumer, [r.entry_id for r in running])
+        await self.store.renew_leases(
+            [r.job for r in running if r.job is not None], self.now_ms() + self.lease_ms
+        )
+        free = self.capacity - len(self.running)
+        if free > 0:
+            for entry_id, job_key, _ in await self.queue.reclaim(
+                self.consumer, self.lease_ms, free
+            ):
+                log.info("reclaimed job", entry=entry_id, job=job_key)
+                self._spawn(entry_id, job_key)
+
+    # -- one job -----------------------------------------------------------------------
+
+    async def process(self, entry_id: str, job_key: str) -> None:
+        job = await self.store.get_by_key(job_key)
+        if job is None or job.ended:
+            await self.queue.ack(entry_id)
+            return
+        before, attempts = await self.store.start(job, self.now_ms(), self.lease_ms)
+        if before in TERMINAL or before == "missing":
+            await self.queue.ack(entry_id)
+            return
+        if entry_id in self.running:
+            self.running[entry_id].job = job
+        bound = log.bind(job_id=job.id, attempt=attempts)
+        if attempts > self.settings.job_max_tries:
+            await self._end(job, "failed", error=f"gave up after {attempts - 1} attempts")
+            await self.queue.ack(entry_id)
+            return
+        job.status, job.attempts = "processing", attempts
+        await self.events.publish(job)
+        try:
+            result = await self.router.execute(
+                job.provider,
+                ImageParams(**job.params),
+                resume=job.upstream,
+                save_upstream=lambda up: self.store.save_upstream(job, up),
+                progress=lambda meta: self._progress(job, meta),
+                cancelled=lambda: self._cancelled(job),
+                deadline=self.router.clock()
+                + self.settings.job_deadline_seconds
+                - (self.clock() - job.created_at / 1000),
+            )
+            await self._complete(job, result)
+        except JobCancelled:
+            await self._end(job, "cancelled")
+        except JobFailed as exc:
+            bound.info("job failed", error=str(exc))
+            await self._end(job, "failed", error=str(exc))
+        except asyncio.CancelledError:
+            bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
+            raise
+        except Exception:
+            bound.exception("job crashed")
+            await self._end(job, "failed", error="internal error while running the job")
+        await self.queue.ack(entry_id)
+
+    async def _cancelled(self, job: Job) -> bool:
+        return await self.store.status(job.account, job.id) == "cancelled"
+
+    async def _progress(self, job: Job, meta: dict[str, Any]) -> None:
+        await self.store.save_progress(job, {**job.metadata, **meta})
+        await self.events.publish(job)
+
+    async def _complete(self, job: Job, result: Result) -> None:
+        fmt = job.params.get("output_format", "png")
+        urls: list[str] = []
+        sizes: list[tuple[int, int]] = []
+        seeds: list[int | None] = []
+        for output in result.outputs:
+            url, width, height = await self._store_output(result, output, fmt)
+            urls.append(url)
+            sizes.append((width, height))
+            seeds.append(output.seed)
+        if not urls:
+            raise JobFailed(f"{result.backend} returned no images")
+        now = self.now_ms()
+        width, height = sizes[0]
+        seed = seeds[0] if seeds[0] is not None else job.params.get("seed")
+        metadata = {
+            **{k: v for k, v in result.metadata.items() if v is not None},
+            "width": width,
+            "height": height,
+            "seed": seed,
+            "seeds": [s if s is not None else seed for s in seeds],
+            "backend": result.backend,
+            "cached": False,
+            "duration": round((now - job.created_at) / 1000, 3),
+            "attempts": job.attempts,
+        }
+        ended = await self.store.finish(
+            job, "completed", now, refund=False,
+            urls=urls, width=width, height=height, metadata=metadata,
+        )
+        if not ended:  # cancelled meanwhile: the images are nobody's
+            await self.artifacts.delete(urls)
+        await self._publish_final(job)
+
+    async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
+        try:
+            data = await result.provider.fetch(output)
+        except ProviderError as exc:
+            raise JobFailed(f"{result.backend}: {exc.message}") from exc
+        try:
+            data, width, height = await asyncio.to_thread(normalize_image, data, fmt)
+        except (OSError, ValueError) as exc:
+            raise JobFailed(f"{result.backend} returned an unreadable image") from exc
+        return await self.artifacts.put(data, fmt), width, height
+
+    async def _end(self, job: Job, status: str, error: str | None = None) -> None:
+        await self.store.finish(job, status, self.now_ms(), refund=True, error=error)
+        await self._publish_final(job)
+
+    async def _publish_final(self, job: Job) -> None:
+        fresh = await self.store.get(job.account, job.id)
+        if fresh is not None:
+            await self.events.publish(fresh)

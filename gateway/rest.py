@@ -1,0 +1,109 @@
+"""REST: `POST /v1/text_to_image`, `GET /v1/jobs/{id}`, cancel, health (CONTRACT §6).
+
+The same `Gateway` methods as GraphQL; errors as `{"error": {"code", "message", ...}}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.auth import Principal, api_key_from
+from gateway.errors import BadUserInput, GatewayError, NotFound
+from gateway.params import from_image_input
+from gateway.service import Gateway
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    extra = {k: v for k, v in exc.extensions.items() if k != "code"}
+    headers = dict(headers or {})
+    if "retryAfter" in extra:
+        headers["Retry-After"] = str(extra["retryAfter"])
+    body = {"error": {"code": exc.code, "message": exc.message, **extra}}
+    return ORJSONResponse(body, status_code=exc.status, headers=headers)
+
+
+Handler = Callable[[Request, Gateway, Principal], Awaitable[tuple[int, Any, Principal]]]
+
+
+def endpoint(handler: Handler, *, read: bool) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate, run, answer JSON with the rate-limit headers; map errors once."""
+
+    async def run(request: Request) -> Response:
+        gateway: Gateway = request.app.state.gateway
+        headers: dict[str, str] = {}
+        try:
+            principal = await gateway.authenticate(api_key_from(request.headers), read=read)
+            headers = principal.rate_headers()
+            status, body, principal = await handler(request, gateway, principal)
+            headers = principal.rate_headers()
+        except GatewayError as exc:
+            return error_response(exc, headers)
+        return ORJSONResponse(body, status_code=status, headers=headers)
+
+    return run
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadUserInput("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadUserInput("the body must be a JSON object")
+    return body
+
+
+async def text_to_image(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    generation = from_image_input(await _json(request))
+    job, principal = await gateway.generate(principal, generation)
+    return 202, job.public(), principal
+
+
+async def get_job(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    job = await gateway.job(principal, request.path_params["job_id"])
+    if job is None:
+        raise NotFound("no such job")
+    return 200, job.public(), principal
+
+
+async def cancel_job(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    job = await gateway.cancel(principal, request.path_params["job_id"])
+    return 200, job.public(), principal
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    checks = await gateway.ready()
+    ok = all(checks.values())
+    return ORJSONResponse({"status": "ok" if ok else "unavailable", **checks},
+                          status_code=200 if ok else 503)
+
+
+routes = [
+    Route("/v1/text_to_image", endpoint(text_to_image, read=False), methods=["POST"]),
+    Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
+    Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,80 @@
+"""Everything a gateway or worker process owns, built once from `Settings` and closed
+in order: the Redis client and scripts, the upstream HTTP client, the backends, the
+router, the artifact store and the queue. `gateway serve` and `gateway worker` share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.artifacts import LocalArtifactStore
+from gateway.config import Settings
+from gateway.jobs.queue import Queue
+from gateway.jobs.worker import Worker
+from gateway.providers import build_providers
+from gateway.routing import Router
+from gateway.service import Gateway
+from gateway.store.redis import Scripts, connect
+
+
+@dataclass
+class Runtime:
+    gateway: Gateway
+    worker: Worker
+
+
+@contextlib.asynccontextmanager
+async def runtime(
+    settings: Settings, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Runtime]:
+    redis = connect(settings.redis_url)
+    client = httpx.AsyncClient(
+        timeout=settings.upstream_timeout,
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        follow_redirects=False,
+    )
+    try:
+        scripts = Scripts.register(redis)
+        await scripts.load()
+        router = Router(
+            build_providers(settings, client),
+            settings.routes,
+            dev=settings.dev,
+            backend_concurrency=settings.backend_concurrency,
+        )
+        queue = Queue(redis, blocking=settings.redis_url is not None)
+        await queue.ensure_group()
+        artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
+        gateway = Gateway(
+            settings=settings, redis=redis, scripts=scripts, router=router,
+            artifacts=artifacts, queue=queue, clock=clock,
+        )
+        worker = Worker(
+            settings=settings, store=gateway.store, queue=queue, router=router,
+            artifacts=artifacts, events=gateway.events,
+            consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}", clock=clock,
+        )
+        yield Runtime(gateway, worker)
+    finally:
+        await client.aclose()
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(worker: Worker, grace: float) -> AsyncIterator[asyncio.Event]:
+    """Run the worker loop in the background until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, grace=grace))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await task

@@ -1,0 +1,217 @@
+"""The gateway's operations, one code path for GraphQL and REST.
+
+Resolvers and REST handlers stay thin: they turn their input into a
+`GenerationRequest` and call these methods, which raise only `GatewayError`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway import pricing
+from gateway.accounts import Accounts
+from gateway.admission import Admitted, admit, utc_day
+from gateway.artifacts import ArtifactStore
+from gateway.auth import Principal, authenticate
+from gateway.config import Settings
+from gateway.errors import NotFound, ServiceUnavailable
+from gateway.events import Events
+from gateway.jobs.model import Job
+from gateway.jobs.queue import Queue
+from gateway.jobs.store import JobStore
+from gateway.params import SEED_MAX, GenerationRequest
+from gateway.routing import Router
+from gateway.store import keys
+from gateway.store.redis import Scripts
+from gateway.urlguard import check_url
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Redis unreachable: fail closed with a clear 503, nothing charged."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise ServiceUnavailable("the job store is unreachable; nothing was charged") from exc
+
+
+@dataclass(frozen=True)
+class Estimate:
+    credits: int
+    width: int
+    height: int
+    num_images: int
+    backends: list[str]
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        router: Router,
+        artifacts: ArtifactStore,
+        queue: Queue,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.scripts = scripts
+        self.router = router
+        self.artifacts = artifacts
+        self.queue = queue
+        self.clock = clock
+        self.store = JobStore(redis, scripts)
+        self.events = Events(redis, self.store)
+        self.accounts = Accounts(redis, scripts, settings)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def authenticate(self, key: str | None, *, read: bool = False) -> Principal:
+        with store_errors():
+            return await authenticate(
+                self.redis, self.scripts, self.settings, key, self.now_ms(), read=read
+            )
+
+    def estimate(self, request: GenerationRequest) -> Estimate:
+        backends = self.router.route(request.provider)
+        width, height = request.size()
+        credits = pricing.cost(width, height, request.num_images)
+        return Estimate(credits, width, height, request.num_images, backends)
+
+    async def generate(
+        self, principal: Principal, request: GenerationRequest
+    ) -> tuple[Job, Principal]:
+        """Validate, price, admit (one Lua call) and enqueue; the job and updated principal."""
+        self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
+        if request.webhook_url:
+            await check_url(request.webhook_url, self.settings.allow_cidrs)
+        estimate = self.estimate(request)
+        # A seed is fixed at admission, so a retry or failover makes the same picture.
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX)
+        params = dataclasses.asdict(request.image_params(seed))
+        now = self.now_ms()
+        job = Job(
+            id=secrets.token_hex(12),
+            account=principal.account,
+            status="queued",
+            provider=request.provider,
+            params=params,
+            cost=estimate.credits,
+            created_at=now,
+            webhook_url=request.webhook_url,
+        )
+        idempotency = (
+            (request.idempotency_key, request.fingerprint()) if request.idempotency_key else None
+        )
+        with store_errors():
+            verdict = await admit(
+                self.redis, self.scripts, principal, job,
+                now_ms=now,
+                lease_ms=int(self.settings.job_lease_seconds * 1000),
+                idempotency=idempotency,
+            )
+            if not isinstance(verdict, Admitted):
+                earlier = await self.store.get(principal.account, verdict.job_id)
+                if earlier is None:
+                    raise NotFound("the job of this idempotencyKey no longer exists")
+                return earlier, principal
+        self.queue.notify()
+        principal = dataclasses.replace(
+            principal,
+            credits=verdict.balance,
+            window_used=verdict.window_used,
+            window_reset=verdict.window_reset,
+        )
+        return job, principal
+
+    async def job(self, principal: Principal, job_id: str) -> Job | None:
+        with store_errors():
+            return await self.store.get(principal.account, job_id)
+
+    async def jobs(
+        self, principal: Principal, first: int, after: str | None, status: str | None
+    ) -> tuple[list[Job], bool]:
+        with store_errors():
+            return await self.store.list(principal.account, first, after, status)
+
+    async def cancel(self, principal: Principal, job_id: str) -> Job:
+        """Cancel a job that has not ended: refunded at once, its slot freed.
+
+        A queued job never starts; a running one is stopped by its worker at its next
+        poll (and cancelled upstream where the provider allows).
+        """
+        with store_errors():
+            job = await self.store.get(principal.account, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if not job.ended:
+                await self.store.finish(
+                    job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
+                )
+                job = await self.store.get(principal.account, job_id) or job
+                await self.events.publish(job)
+            return job
+
+    async def follow(self, principal: Principal, job_id: str) -> AsyncIterator[Job]:
+        job = await self.job(principal, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        async for update in self.events.follow(principal.account, job_id):
+            yield update
+
+    async def me(self, principal: Principal) -> dict[str, Any]:
+        """Plan, balance, and each limit with its use and reset time."""
+        now = self.now_ms()
+        account = principal.account
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.account(account), "credits")
+                pipe.get(keys.day(account, utc_day(now)))
+                pipe.zcount(keys.running(account), now, "+inf")
+                pipe.get(keys.reads(account, now // 60000))
+                credits, today, running, reads = await pipe.execute()
+        limits = principal.limits
+        day_reset = (now // 86_400_000 + 1) * 86_400
+
+        def usage(name: str, limit: int | None, used: int, reset: int | None) -> dict[str, Any]:
+            remaining = None if limit is None else max(0, limit - used)
+            return {"name": name, "limit": limit, "used": used, "remaining": remaining,
+                    "reset": reset}
+
+        return {
+            "id": account,
+            "name": principal.name,
+            "plan": principal.plan,
+            "credits": int(credits or 0),
+            "limits": [
+                usage("minute", limits.rpm, principal.window_used, principal.window_reset),
+                usage("day", limits.daily, int(today or 0), day_reset),
+                usage("concurrency", limits.concurrency, int(running or 0), None),
+                usage("read", self.settings.read_rpm, int(reads or 0),
+                      (now // 60000 + 1) * 60),
+            ],
+        }
+
+    def providers(self) -> list[dict[str, Any]]:
+        return self.router.describe()
+
+    async def ready(self) -> dict[str, bool]:
+        try:
+            redis_ok = bool(await self.redis.ping())
+        except Exception:
+            redis_ok = False
+        return {"redis": redis_ok, "storage": await self.artifacts.ready()}

@@ -1,0 +1,61 @@
+"""The GraphQL layer of the gateway (types, inputs, resolvers, context, view).
+
+Not the PyPI library of the same name: a test proves `import schema` is this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import (
+    MaskErrors,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    ValidationCache,
+)
+
+from gateway.errors import GatewayError
+from schema.mutations import Mutation
+from schema.queries import Query
+from schema.subscriptions import Subscription
+
+IS_GATEWAY_SCHEMA = True
+SDL_PATH = Path(__file__).with_name("schema.graphql")
+
+MAX_DEPTH = 8
+MAX_ALIASES = 15
+MAX_TOKENS = 2_000
+CACHE_SIZE = 512
+
+
+def should_mask(error: GraphQLError) -> bool:
+    """Mask unexpected errors raised while resolving; keep our coded ones and the
+    parse and validation errors (which carry no original error)."""
+    original = error.original_error
+    if original is None:
+        return False
+    return not isinstance(original, GatewayError)
+
+
+def build_schema() -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=[
+            MaxTokensLimiter(max_token_count=MAX_TOKENS),
+            QueryDepthLimiter(max_depth=MAX_DEPTH),
+            MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+            ParserCache(maxsize=CACHE_SIZE),
+            ValidationCache(maxsize=CACHE_SIZE),
+            MaskErrors(should_mask_error=should_mask),
+        ],
+    )
+
+
+def sdl() -> str:
+    return build_schema().as_str() + "\n"

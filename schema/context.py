@@ -1,0 +1,58 @@
+"""The per-request context: the gateway, and the caller, authenticated once, lazily."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from gateway.auth import Principal, api_key_from
+from gateway.errors import Forbidden, Unauthenticated
+from gateway.service import Gateway
+
+
+@dataclass
+class Context:
+    gateway: Gateway
+    request: Request | WebSocket
+    response: Response | WebSocket | None
+    connection_params: dict[str, Any] | None = None
+    principal: Principal | None = field(default=None)
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    _auth: asyncio.Future[Principal] | None = None
+
+    def api_key(self) -> str | None:
+        return api_key_from(self.request.headers, self.connection_params)
+
+    async def caller(self, *, read: bool = False) -> Principal:
+        """The authenticated caller (one Redis round trip, once per request)."""
+        if self._auth is None:  # fields resolve concurrently: share one lookup
+            self._auth = asyncio.ensure_future(self._authenticate(read))
+        return await self._auth
+
+    async def _authenticate(self, read: bool) -> Principal:
+        principal = await self.gateway.authenticate(self.api_key(), read=read)
+        self.set_principal(principal)
+        return principal
+
+    def set_principal(self, principal: Principal) -> None:
+        self.principal = principal
+        self.rate_headers = principal.rate_headers()
+        if isinstance(self.response, Response):
+            for name, value in self.rate_headers.items():
+                self.response.headers[name] = value
+
+    def require_admin(self) -> None:
+        token = self.gateway.settings.admin_token
+        if token is None:
+            raise Forbidden("the admin API is off (GATEWAY_ADMIN_TOKEN is not set)")
+        given = self.api_key()
+        if not given:
+            raise Unauthenticated("Missing admin token")
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise Forbidden("not an admin token")

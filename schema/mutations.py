@@ -1,0 +1,87 @@
+"""Mutation resolvers: turn the input into a `GenerationRequest`, call the gateway."""
+
+from __future__ import annotations
+
+import strawberry
+
+from gateway.params import GenerationRequest, from_generate_input, from_image_input
+from schema.context import Context
+from schema.inputs import GenerateInput, ImageGenerationInput, as_dict
+from schema.types import ApiKey, CreatedKey, Generation
+
+Info = strawberry.Info[Context, None]
+
+
+async def _generate(info: Info, request: GenerationRequest) -> Generation:
+    ctx = info.context
+    job, principal = await ctx.gateway.generate(await ctx.caller(), request)
+    ctx.set_principal(principal)
+    return Generation.of(job)
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Doitong's form: {type, provider, input: {text}, options}.")
+    async def generate(self, info: Info, input: GenerateInput) -> Generation:
+        return await _generate(info, from_generate_input(as_dict(input)))
+
+    @strawberry.mutation(description="The flat form: {service, prompt, width, height, ...}.")
+    async def generate_image(self, info: Info, input: ImageGenerationInput) -> Generation:
+        return await _generate(info, from_image_input(as_dict(input)))
+
+    @strawberry.mutation(description="Cancel a job that has not ended; refunded in full.")
+    async def cancel_job(self, info: Info, id: strawberry.ID) -> Generation:
+        ctx = info.context
+        return Generation.of(await ctx.gateway.cancel(await ctx.caller(), str(id)))
+
+    @strawberry.mutation(description="Admin: create an API key (shown once).")
+    async def create_key(
+        self,
+        info: Info,
+        plan: str,
+        credits: int = 0,
+        name: str = "",
+        rpm: int | None = None,
+        concurrency: int | None = None,
+        daily: int | None = None,
+    ) -> CreatedKey:
+        info.context.require_admin()
+        made = await info.context.gateway.accounts.create(
+            plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily
+        )
+        return CreatedKey(
+            id=strawberry.ID(made["id"]), key=made["key"], plan=made["plan"],
+            credits=made["credits"], webhook_secret=made["webhookSecret"],
+        )
+
+    @strawberry.mutation(
+        description="Admin: change a key's plan and limits (a negative limit: unlimited)."
+    )
+    async def update_key(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        plan: str | None = None,
+        rpm: int | None = None,
+        concurrency: int | None = None,
+        daily: int | None = None,
+    ) -> ApiKey:
+        info.context.require_admin()
+        a = await info.context.gateway.accounts.update(
+            str(id), plan=plan, rpm=rpm, concurrency=concurrency, daily=daily
+        )
+        return ApiKey(
+            id=strawberry.ID(a.id), name=a.name, plan=a.plan, credits=a.credits,
+            revoked=a.revoked, rpm=a.rpm, concurrency=a.concurrency, daily=a.daily,
+        )
+
+    @strawberry.mutation(description="Admin: add (or, negative, remove) credits; the balance.")
+    async def add_credits(self, info: Info, id: strawberry.ID, amount: int) -> int:
+        info.context.require_admin()
+        return await info.context.gateway.accounts.add_credits(str(id), amount, "admin")
+
+    @strawberry.mutation(description="Admin: revoke an API key.")
+    async def revoke_key(self, info: Info, id: strawberry.ID) -> bool:
+        info.context.require_admin()
+        await info.context.gateway.accounts.revoke(str(id))
+        return True

@@ -1,0 +1,82 @@
+"""Query resolvers: thin, typed; the work is in `gateway.service`."""
+
+from __future__ import annotations
+
+import strawberry
+
+from gateway.errors import BadUserInput
+from gateway.jobs.model import TERMINAL
+from gateway.params import from_generate_input
+from schema.context import Context
+from schema.inputs import GenerateInput, as_dict
+from schema.types import (
+    ApiKey,
+    Estimate,
+    Generation,
+    GenerationPage,
+    Me,
+    PageInfo,
+    ProviderInfo,
+)
+
+Info = strawberry.Info[Context, None]
+STATUSES = {"queued", "processing", *TERMINAL}
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="One of the caller's jobs; null for another key's or none.")
+    async def job(self, info: Info, id: strawberry.ID) -> Generation | None:
+        ctx = info.context
+        job = await ctx.gateway.job(await ctx.caller(read=True), str(id))
+        return Generation.of(job) if job else None
+
+    @strawberry.field(description="The caller's jobs, newest first.")
+    async def jobs(
+        self,
+        info: Info,
+        first: int = 20,
+        after: str | None = None,
+        status: str | None = None,
+    ) -> GenerationPage:
+        if not 1 <= first <= 100:
+            raise BadUserInput("first must be between 1 and 100", field="first")
+        if status is not None and status not in STATUSES:
+            raise BadUserInput(f"status must be one of {sorted(STATUSES)}", field="status")
+        ctx = info.context
+        jobs, more = await ctx.gateway.jobs(await ctx.caller(read=True), first, after, status)
+        return GenerationPage(
+            nodes=[Generation.of(j) for j in jobs],
+            page_info=PageInfo(has_next_page=more, end_cursor=jobs[-1].id if jobs else None),
+        )
+
+    @strawberry.field(description="Plan, credit balance, and each limit's use.")
+    async def me(self, info: Info) -> Me:
+        ctx = info.context
+        return Me.of(await ctx.gateway.me(await ctx.caller(read=True)))
+
+    @strawberry.field(description="The credit cost of a request, without running it.")
+    async def estimate(self, info: Info, input: GenerateInput) -> Estimate:
+        ctx = info.context
+        await ctx.caller(read=True)
+        e = ctx.gateway.estimate(from_generate_input(as_dict(input)))
+        return Estimate(
+            credits=e.credits, width=e.width, height=e.height,
+            num_images=e.num_images, backends=e.backends,
+        )
+
+    @strawberry.field(description="Services and backends, enabled or not, and why.")
+    def providers(self, info: Info) -> list[ProviderInfo]:
+        return [ProviderInfo(**p) for p in info.context.gateway.providers()]
+
+    @strawberry.field(description="Admin: every API key (needs GATEWAY_ADMIN_TOKEN).")
+    async def keys(self, info: Info) -> list[ApiKey]:
+        info.context.require_admin()
+        accounts = await info.context.gateway.accounts.list()
+        return [
+            ApiKey(
+                id=strawberry.ID(a.id), name=a.name, plan=a.plan, credits=a.credits,
+                revoked=a.revoked, rpm=a.rpm, concurrency=a.concurrency, daily=a.daily,
+            )
+            for a in accounts
+        ]

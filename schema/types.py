@@ -1,0 +1,139 @@
+"""GraphQL output types: `Generation` (CONTRACT §4) and friends."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import strawberry
+from strawberry.scalars import JSON
+
+from gateway.jobs.model import Job, iso
+
+
+@strawberry.enum
+class GenerationType(Enum):
+    IMAGE = "IMAGE"
+
+
+@strawberry.type
+class Generation:
+    id: strawberry.ID
+    status: str = strawberry.field(
+        description="queued, processing, completed, failed or cancelled"
+    )
+    type: GenerationType
+    provider: str = strawberry.field(description="the service or backend the request named")
+    url: str | None = strawberry.field(description="the first output")
+    urls: list[str]
+    width: int | None
+    height: int | None
+    metadata: JSON | None = strawberry.field(
+        description="width, height, seed, backend, cached, duration, upstream details"
+    )
+    credit_cost: int = strawberry.field(description="credits charged (0 once refunded)")
+    created_at: str
+    completed_at: str | None
+    webhook_url: str | None
+    error: str | None = strawberry.field(description="why the job failed, when it did")
+    duration: float | None = strawberry.field(description="seconds from request to completion")
+
+    @classmethod
+    def of(cls, job: Job) -> Generation:
+        return cls(
+            id=strawberry.ID(job.id),
+            status=job.status,
+            type=GenerationType(job.type),
+            provider=job.provider,
+            url=job.urls[0] if job.urls else None,
+            urls=job.urls,
+            width=job.width,
+            height=job.height,
+            metadata=job.metadata or None,
+            credit_cost=job.credit_cost,
+            created_at=iso(job.created_at) or "",
+            completed_at=iso(job.completed_at),
+            webhook_url=job.webhook_url,
+            error=job.error,
+            duration=job.duration,
+        )
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class GenerationPage:
+    nodes: list[Generation]
+    page_info: PageInfo
+
+
+@strawberry.type
+class LimitUsage:
+    name: str = strawberry.field(description="minute, day, concurrency or read")
+    limit: int | None = strawberry.field(description="null: unlimited")
+    used: int
+    remaining: int | None
+    reset: int | None = strawberry.field(description="unix seconds when use falls back")
+
+
+@strawberry.type
+class Me:
+    id: strawberry.ID
+    name: str
+    plan: str
+    credits: int
+    limits: list[LimitUsage]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Me:
+        return cls(
+            id=strawberry.ID(data["id"]),
+            name=data["name"],
+            plan=data["plan"],
+            credits=data["credits"],
+            limits=[LimitUsage(**u) for u in data["limits"]],
+        )
+
+
+@strawberry.type
+class Estimate:
+    credits: int
+    width: int
+    height: int
+    num_images: int
+    backends: list[str]
+
+
+@strawberry.type
+class ProviderInfo:
+    name: str
+    kind: str = strawberry.field(description="service or backend")
+    enabled: bool
+    reason: str
+    backends: list[str] = strawberry.field(description="a service's route, in order")
+    circuit: str = strawberry.field(description="closed, open (cooling down) or half-open")
+
+
+@strawberry.type
+class ApiKey:
+    id: strawberry.ID
+    name: str
+    plan: str
+    credits: int
+    revoked: bool
+    rpm: int | None
+    concurrency: int | None
+    daily: int | None
+
+
+@strawberry.type
+class CreatedKey:
+    id: strawberry.ID
+    key: str = strawberry.field(description="shown once, never stored")
+    plan: str
+    credits: int
+    webhook_secret: str

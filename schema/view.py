@@ -1,0 +1,118 @@
+"""The GraphQL endpoint: Strawberry's ASGI view with the contract's HTTP behaviour.
+
+- The context authenticates lazily and puts X-RateLimit-* on the response.
+- Errors always carry `extensions.code`; unexpected ones are masked by `MaskErrors`.
+- When every field failed with a coded error, the HTTP status is that code's (429 adds
+  Retry-After); parse and validation failures are 400 BAD_USER_INPUT.
+- Malformed bodies get a JSON error, not Strawberry's plain text.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from cross_web import HTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLHTTPResponse
+from strawberry.types import ExecutionResult
+
+from gateway.errors import GatewayError
+from schema.context import Context
+
+STATUS = {
+    "UNAUTHENTICATED": 401,
+    "FORBIDDEN": 403,
+    "BAD_USER_INPUT": 400,
+    "PAYLOAD_TOO_LARGE": 413,
+    "INSUFFICIENT_CREDITS": 402,
+    "RATE_LIMITED": 429,
+    "NOT_FOUND": 404,
+    "PROVIDER_ERROR": 502,
+    "SERVICE_UNAVAILABLE": 503,
+    "INTERNAL_SERVER_ERROR": 500,
+}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"data": None, "errors": [{"message": message, "extensions": {"code": code}}]}
+
+
+class GraphQLView(GraphQL[Context, None]):
+    def __init__(self, schema: Any) -> None:
+        super().__init__(
+            schema,
+            graphql_ide="graphiql",
+            keep_alive=True,
+            keep_alive_interval=15,
+            connection_init_wait_timeout=timedelta(seconds=10),
+            max_subscriptions_per_connection=10,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self.run(Request(scope, receive))
+        except (HTTPException, StarletteHTTPException) as exc:
+            status = exc.status_code
+            message = str(getattr(exc, "reason", None) or getattr(exc, "detail", ""))
+            response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
+        except GatewayError as exc:  # raised while building the context
+            response = JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+        await response(scope, receive, send)
+
+    async def get_context(
+        self, request: Request | WebSocket, response: Response | WebSocket
+    ) -> Context:
+        ctx = Context(gateway=request.scope["app"].state.gateway, request=request,
+                      response=response)
+        request.scope.setdefault("state", {})["graphql_context"] = ctx
+        return ctx
+
+    async def on_ws_connect(self, context: Context) -> None:
+        try:
+            await context.caller(read=True)
+        except GatewayError as exc:
+            raise ConnectionRejectionError({"code": exc.code, "message": exc.message}) from None
+
+    async def process_result(
+        self, request: Request, result: ExecutionResult
+    ) -> GraphQLHTTPResponse:
+        body: GraphQLHTTPResponse = {"data": result.data}
+        if result.errors:
+            errors = []
+            for error in result.errors:
+                formatted = error.formatted
+                ext = dict(formatted.get("extensions") or {})
+                if "code" not in ext:
+                    masked = error.original_error is not None
+                    ext["code"] = "INTERNAL_SERVER_ERROR" if masked else "BAD_USER_INPUT"
+                formatted["extensions"] = ext
+                errors.append(formatted)
+            body["errors"] = errors  # type: ignore[typeddict-item]
+            self._set_status(request, result, errors)
+        if result.extensions:
+            body["extensions"] = result.extensions
+        return body
+
+    def _set_status(
+        self, request: Request, result: ExecutionResult, errors: list[dict[str, Any]]
+    ) -> None:
+        ctx: Context | None = request.scope.get("state", {}).get("graphql_context")
+        if ctx is None or not isinstance(ctx.response, Response):
+            return
+        every_field_failed = not result.data or all(v is None for v in result.data.values())
+        if not every_field_failed:
+            return
+        first = errors[0]["extensions"]
+        ctx.response.status_code = STATUS.get(first["code"], 400)
+        if first["code"] == "RATE_LIMITED" and "retryAfter" in first:
+            ctx.response.headers["Retry-After"] = str(first["retryAfter"])

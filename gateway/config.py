@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     backend_concurrency: int = Field(
         default=256, ge=1, description="upstream calls in flight per backend"
     )
+    poll_interval: float | None = Field(
+        default=None, gt=0, description="override every backend's recommended poll pace (s)"
+    )
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 

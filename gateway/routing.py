@@ -81,12 +81,14 @@ class Router:
         threshold: int = 3,
         cooldown: float = 30.0,
         backend_concurrency: int = 256,
+        poll_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.providers = providers
         self.routes = routes
         self.dev = dev
         self.clock = clock
+        self.poll_interval = poll_interval
         self.breakers = {name: Breaker(threshold, cooldown) for name in providers}
         # Bounds the upstream calls in flight per backend, not the jobs waiting on it.
         self.slots = {name: asyncio.Semaphore(backend_concurrency) for name in providers}
@@ -251,7 +253,7 @@ class Router:
     ) -> Polled:
         """Poll at the provider's pace, slowing down on long jobs; no thread per job."""
         started = self.clock()
-        interval = provider.poll_interval
+        interval = self.poll_interval or provider.poll_interval
         errors_in_a_row = 0
         last_status = ""
         while True:

@@ -49,6 +49,7 @@ async def runtime(
             settings.routes,
             dev=settings.dev,
             backend_concurrency=settings.backend_concurrency,
+            poll_interval=settings.poll_interval,
         )
         queue = Queue(redis, blocking=settings.redis_url is not None)
         await queue.ensure_group()

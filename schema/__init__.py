@@ -47,12 +47,13 @@ def build_schema() -> strawberry.Schema:
         mutation=Mutation,
         subscription=Subscription,
         extensions=[
-            MaxTokensLimiter(max_token_count=MAX_TOKENS),
-            QueryDepthLimiter(max_depth=MAX_DEPTH),
-            MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
-            ParserCache(maxsize=CACHE_SIZE),
-            ValidationCache(maxsize=CACHE_SIZE),
-            MaskErrors(should_mask_error=should_mask),
+            # Factories: a fresh extension per request; the caches live at module level.
+            lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+            lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+            lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+            lambda: ParserCache(maxsize=CACHE_SIZE),
+            lambda: ValidationCache(maxsize=CACHE_SIZE),
+            lambda: MaskErrors(should_mask_error=should_mask),
         ],
     )
 

@@ -1,0 +1,45 @@
+# One entry point for tooling. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint schema bench redis-server clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+## Serve on http://127.0.0.1:8000 with the embedded store, in dev mode (prints a demo key).
+run: $(STAMP)
+	GATEWAY_DEV=1 $(BIN)/gateway serve
+
+## Install redis-server if missing, then lint and run the whole suite against it.
+test: $(STAMP) redis-server
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy gateway schema
+
+## Rewrite schema/schema.graphql from the code.
+schema: $(STAMP)
+	$(BIN)/python -m schema
+
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

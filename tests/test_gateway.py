@@ -1,0 +1,338 @@
+"""The gateway end to end: seed 001's examples, REST, auth, isolation, bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import RedisServer
+from tests.harness import GENERATE, gateway
+
+SEED_QUERY = """
+mutation Generate($input: GenerateInput!) {
+  generate(input: $input) {
+    id
+    status
+    type
+    provider
+    url
+    metadata
+    creditCost
+  }
+}
+"""
+SEED_VARIABLES = {
+    "input": {
+        "type": "IMAGE",
+        "provider": "flux-krea",
+        "input": {"text": "A futuristic city with flying cars and neon lights"},
+        "options": {"width": 1024, "height": 1024},
+    }
+}
+
+
+async def test_seed_python_example_runs_to_a_stored_image_in_dev_mode(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, dev=True) as gw:
+        key = await gw.key("free", credits=100)
+        r = await gw.gql(SEED_QUERY, SEED_VARIABLES, key)
+        assert r.status_code == 200
+        job = r.json()["data"]["generate"]
+        assert job["status"] == "queued"
+        assert job["type"] == "IMAGE" and job["provider"] == "flux-krea"
+        assert job["creditCost"] == 20
+        assert r.headers["X-RateLimit-Limit"] == "10"
+        assert r.headers["X-RateLimit-Remaining"] == "9"
+        assert int(r.headers["X-RateLimit-Reset"]) > 0
+
+        done = await gw.wait(key, job["id"])
+        assert done["status"] == "completed", done["error"]
+        meta = done["metadata"]
+        # No upstream has credentials: dev mode's local preview made it, and says so.
+        assert meta["backend"] == "local"
+        assert meta["cached"] is False
+        assert isinstance(meta["seed"], int) and meta["duration"] >= 0
+        assert (meta["width"], meta["height"]) == (1024, 1024)
+        assert done["url"].startswith(gw.base + "/outputs/")
+
+        image = await gw.http.get(done["url"])
+        assert image.status_code == 200
+        assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
+        me = await gw.gql("{ me { credits } }", key=key)
+        assert me.json()["data"]["me"]["credits"] == 80
+
+
+async def test_seed_javascript_example_generate_image(redis_url: str, storage_dir: Path) -> None:
+    query = """mutation GenerateImage($input: ImageGenerationInput!) {
+        generateImage(input: $input) { id url width height } }"""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        r = await gw.gql(query, {"input": {"service": "local", "prompt": "a lake",
+                                           "width": 768, "height": 512}}, key)
+        job = r.json()["data"]["generateImage"]
+        done = await gw.wait(key, job["id"])
+        assert (done["width"], done["height"]) == (768, 512)
+        image = await gw.http.get(done["url"])
+        assert Image.open(io.BytesIO(image.content)).size == (768, 512)
+
+
+async def test_same_seed_same_picture_different_seed_different_picture(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        urls = []
+        for seed in (7, 7, 8):
+            r = await gw.generate(key, "a quiet harbour", seed=seed, width=512, height=512)
+            done = await gw.wait(key, r.json()["data"]["generate"]["id"])
+            assert done["metadata"]["seed"] == seed
+            urls.append((await gw.http.get(done["url"])).content)
+        assert urls[0] == urls[1]
+        assert urls[0] != urls[2]
+
+
+async def test_output_formats_and_several_images(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        r = await gw.generate(key, "tiles", width=512, height=512, numImages=3,
+                              outputFormat="webp")
+        job = r.json()["data"]["generate"]
+        assert job["creditCost"] == 30
+        done = await gw.wait(key, job["id"])
+        assert len(done["urls"]) == 3 and done["url"] == done["urls"][0]
+        for url in done["urls"]:
+            assert url.endswith(".webp")
+            assert Image.open(io.BytesIO((await gw.http.get(url)).content)).format == "WEBP"
+
+
+async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key, other = await gw.key(), await gw.key()
+        r = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                               json={"service": "local", "prompt": "a kite", "width": 512,
+                                     "height": 640, "outputFormat": "jpg"})
+        assert r.status_code == 202
+        assert r.headers["X-RateLimit-Remaining"] == "59"
+        job = r.json()
+        assert job["status"] == "queued" and job["creditCost"] == 11
+        done = await gw.wait(key, job["id"])
+        got = await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key})
+        assert got.status_code == 200
+        assert got.json()["status"] == "completed" == done["status"]
+        assert got.json()["url"].endswith(".jpg")
+
+        # Another key's job does not exist for this key: 404 over REST, null over GraphQL.
+        hidden = await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": other})
+        assert hidden.status_code == 404
+        assert hidden.json()["error"]["code"] == "NOT_FOUND"
+        assert await gw.job(other, job["id"]) is None
+        assert await gw.job(key, "nope") is None
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer gk_abc_notarealsecret"},
+    {"X-API-Key": "garbage"},
+    {"Authorization": "Basic Zm9vOmJhcg=="},
+])
+async def test_missing_or_bad_key_is_401(
+    redis_url: str, storage_dir: Path, headers: dict[str, str]
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        r = await gw.http.post("/graphql", headers=headers, json={"query": "{ me { plan } }"})
+        assert r.status_code == 401
+        assert r.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        rest = await gw.http.post("/v1/text_to_image", headers=headers,
+                                  json={"service": "local", "prompt": "x"})
+        assert rest.status_code == 401
+        assert rest.json()["error"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_revoked_key_is_refused_and_its_secret_is_not_stored(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        account = gw.keys[key]["id"]
+        raw = await gw.accounts.redis.hgetall(f"gw:{{a:{account}}}:account")
+        secret = key.split("_", 2)[2]
+        assert secret not in str(raw)  # only its hash is kept
+        assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+        await gw.accounts.revoke(account)
+        r = await gw.gql("{ me { plan } }", key=key)
+        assert r.status_code == 401
+
+
+BAD_INPUTS = [
+    ({"options": {"width": 4096, "height": 1024}}, "options.width"),
+    ({"options": {"height": 100}}, "options.height"),
+    ({"input": {"text": ""}}, "input.text"),
+    ({"input": {"text": "x" * 1001}}, "input.text"),
+    ({"options": {"numImages": 5}}, "options.numImages"),
+    ({"options": {"outputFormat": "gif"}}, "options.outputFormat"),
+    ({"options": {"aspectRatio": "7:5"}}, "options.aspectRatio"),
+    ({"options": {"steps": 0}}, "options.steps"),
+    ({"options": {"seed": -1}}, "options.seed"),
+    ({"provider": "dall-e"}, "provider"),
+    ({"webhookUrl": "http://127.0.0.1:9/hook"}, "webhookUrl"),
+    ({"webhookUrl": "http://169.254.169.254/latest"}, "webhookUrl"),
+    ({"webhookUrl": "ftp://example.com/x"}, "webhookUrl"),
+]
+
+
+async def test_bad_input_is_400_naming_the_field_and_charges_nothing(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key("free", credits=100)
+        for change, field in BAD_INPUTS:
+            variables = {"input": {"type": "IMAGE", "provider": "local",
+                                   "input": {"text": "ok"}, "options": {}, **change}}
+            r = await gw.gql(GENERATE, variables, key)
+            assert r.status_code == 400, (change, r.text)
+            error = r.json()["errors"][0]
+            assert error["extensions"]["code"] == "BAD_USER_INPUT", error
+            assert error["extensions"]["field"] == field, error
+        me = (await gw.gql("{ me { credits limits { name used } } }", key=key)).json()
+        assert me["data"]["me"]["credits"] == 100
+        assert me["data"]["me"]["limits"][0] == {"name": "minute", "used": 0}
+
+
+async def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        auth = {"Authorization": f"Bearer {key}"}
+        cases: list[tuple[dict[str, object], int, str]] = [
+            ({"content": b"{not json", "headers": {"content-type": "application/json"}},
+             400, "BAD_USER_INPUT"),
+            ({"json": {"query": "{ me { plan "}}, 400, "BAD_USER_INPUT"),
+            ({"json": {"query": "{ nope }"}}, 400, "BAD_USER_INPUT"),
+            ({"json": {"query": GENERATE, "variables": {"input": {"provider": 3}}}},
+             400, "BAD_USER_INPUT"),
+            ({"json": {"query": GENERATE, "variables": "x"}}, 400, "BAD_USER_INPUT"),
+            ({"json": {"query": "{ " + " ".join(f"a{i}: me {{ plan }}" for i in range(40))
+                       + " }"}}, 400, "BAD_USER_INPUT"),
+            ({"json": {"query": "{ jobs { nodes { metadata } pageInfo { endCursor } } }",
+                       "variables": None}}, 200, ""),
+            ({"content": b"x" * 70_000, "headers": {"content-type": "application/json"}},
+             413, "PAYLOAD_TOO_LARGE"),
+        ]
+        for kwargs, status, code in cases:
+            headers = {**auth, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+            r = await gw.http.post("/graphql", headers=headers, **kwargs)  # type: ignore[arg-type]
+            assert r.status_code == status, (kwargs, r.text)
+            if code:
+                assert r.json()["errors"][0]["extensions"]["code"] == code, r.text
+        rest = await gw.http.post("/v1/text_to_image", headers=auth, content=b"[1,2")
+        assert rest.status_code == 400 and rest.json()["error"]["code"] == "BAD_USER_INPUT"
+        rest = await gw.http.post("/v1/text_to_image", headers=auth,
+                                  json={"service": "local", "prompt": "x", "width": "big"})
+        assert rest.status_code == 400 and rest.json()["error"]["field"] == "width"
+        # Still serving.
+        assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+
+
+async def test_alias_limit_holds_through_fragments(redis_url: str, storage_dir: Path) -> None:
+    fragment_bomb = ("query { ...A } fragment A on Query { " +
+                     " ".join(f"m{i}: me {{ plan }}" for i in range(30)) + " }")
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        r = await gw.gql(fragment_bomb, key=key)
+        assert r.status_code == 400
+        assert "aliases" in r.json()["errors"][0]["message"].lower()
+
+
+async def test_cancel_a_queued_job_refunds_and_frees_its_slot(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=40)
+        first = (await gw.generate(key, width=1024, height=1024)).json()["data"]["generate"]
+        refused = await gw.generate(key)
+        assert refused.status_code == 429
+        assert refused.json()["errors"][0]["extensions"]["limit"] == "concurrency"
+        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
+                         {"id": first["id"]}, key)
+        assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 40
+        again = await gw.generate(key)
+        assert again.status_code == 200, again.text
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert [e["reason"] for e in ledger] == ["initial", "charge", "refund", "charge"]
+        assert sum(int(e["delta"]) for e in ledger) == 20
+
+
+async def test_providers_lists_services_and_why_backends_are_off(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        r = await gw.gql("{ providers { name kind enabled reason backends circuit } }")
+        rows = {p["name"]: p for p in r.json()["data"]["providers"]}
+        assert rows["krea"]["enabled"] is False
+        assert "GATEWAY_KREA_API_TOKEN" in rows["krea"]["reason"]
+        assert rows["local"]["enabled"] is True
+        assert rows["flux-krea"]["backends"] == ["fluxkrea", "segmind", "krea"]
+        assert rows["flux-krea"]["enabled"] is False
+        key = await gw.key()
+        # No backend of flux-krea is configured and this is not dev mode: 503, no charge.
+        r = await gw.generate(key, provider="flux-krea")
+        assert r.status_code == 503
+        assert r.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+
+
+async def test_health_and_readiness(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        assert (await gw.http.get("/healthz")).json() == {"status": "ok"}
+        ready = await gw.http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] is True
+        assert (await gw.http.get("/outputs/../../etc/passwd")).status_code == 404
+        assert (await gw.http.get("/outputs/")).status_code == 404
+
+
+async def test_embedded_store_serves_without_a_redis_server(storage_dir: Path) -> None:
+    async with gateway(None, storage_dir, dev=True) as gw:
+        key = await gw.key()
+        r = await gw.gql(SEED_QUERY, SEED_VARIABLES, key)
+        done = await gw.wait(key, r.json()["data"]["generate"]["id"])
+        assert done["status"] == "completed"
+        assert (await gw.http.get(done["url"])).status_code == 200
+
+
+def test_graphql_errors_never_leak_internals() -> None:
+    from graphql import GraphQLError
+
+    from gateway.errors import BadUserInput
+    from schema import should_mask
+
+    assert should_mask(GraphQLError("boom", original_error=KeyError("redis://secret")))
+    assert not should_mask(GraphQLError("x", original_error=BadUserInput("x")))
+    assert not should_mask(GraphQLError("Syntax Error"))
+
+
+async def test_redis_going_away_fails_closed_with_503_then_recovers(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir) as gw:
+            key = await gw.key(credits=100)
+            assert (await gw.generate(key)).status_code == 200
+            server.stop()
+            r = await gw.generate(key)
+            assert r.status_code == 503
+            assert r.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+            rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                                      json={"service": "local", "prompt": "x"})
+            assert rest.status_code == 503
+            assert (await gw.http.get("/readyz")).status_code == 503
+            assert (await gw.http.get("/healthz")).status_code == 200
+    finally:
+        server.stop()

@@ -190,7 +190,7 @@ def keys_update(
     console.print(json.dumps(info.as_dict()))
 
 
-@credits_app.command("add")
+@credits_app.command("add", context_settings={"ignore_unknown_options": True})
 def credits_add(
     key_id: Annotated[str, typer.Argument(metavar="ID")],
     amount: Annotated[int, typer.Argument(metavar="N", help="negative: a correction")],

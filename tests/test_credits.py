@@ -1,0 +1,61 @@
+"""Credits: exact under concurrency, refunded in full when a job fails."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.harness import gateway
+
+
+async def test_fifty_racing_requests_for_the_last_credits(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        # Enough for exactly five 1024x1024 images (20 each); no limit but credits.
+        key = await gw.key("enterprise", credits=100)
+        replies = await asyncio.gather(
+            *(gw.generate(key, f"race {i}", width=1024, height=1024) for i in range(50))
+        )
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(200) == 5
+        assert statuses.count(402) == 45
+        refused = next(r for r in replies if r.status_code == 402).json()["errors"][0]
+        assert refused["extensions"]["code"] == "INSUFFICIENT_CREDITS"
+        assert refused["extensions"]["creditsRequired"] == 20
+        me = (await gw.gql("{ me { credits limits { name used } } }", key=key)).json()
+        assert me["data"]["me"]["credits"] == 0
+        # Refused requests counted nothing.
+        assert {"name": "minute", "used": 5} in me["data"]["me"]["limits"]
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert sum(int(e["delta"]) for e in ledger) == 0
+        assert [e["reason"] for e in ledger].count("charge") == 5
+
+
+async def test_a_failed_job_is_refunded_exactly_once(redis_url: str, storage_dir: Path) -> None:
+    # flux-krea routed to a backend that cannot be reached: every attempt fails.
+    async with gateway(
+        redis_url, storage_dir,
+        fluxkrea_api_key="k", fluxkrea_api_base="http://127.0.0.1:9/v1",
+        routes={"flux-krea": ["fluxkrea"]},
+    ) as gw:
+        key = await gw.key(credits=50)
+        job = (await gw.generate(key, provider="flux-krea", width=512, height=512)).json()
+        job = job["data"]["generate"]
+        assert job["creditCost"] == 10
+        done = await gw.wait(key, job["id"])
+        assert done["status"] == "failed"
+        assert "fluxkrea" in done["error"] and "unreachable" in done["error"]
+        assert done["creditCost"] == 0
+        me = (await gw.gql("{ me { credits limits { name used } } }", key=key)).json()
+        assert me["data"]["me"]["credits"] == 50
+        assert {"name": "concurrency", "used": 0} in me["data"]["me"]["limits"]
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert [(e["reason"], int(e["delta"])) for e in ledger] == [
+            ("initial", 50), ("charge", -10), ("refund", 10)
+        ]
+        # Cancelling the failed job afterwards refunds nothing more.
+        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status } }",
+                         {"id": job["id"]}, key)
+        assert r.json()["data"]["cancelJob"]["status"] == "failed"
+        assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 3

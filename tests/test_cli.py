@@ -96,3 +96,5 @@ def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Pat
         proc.terminate()
         # uvicorn shuts down gracefully, then re-raises SIGTERM as its exit status.
         assert proc.wait(20) in (0, -15)
+        if proc.stdout:
+            proc.stdout.close()

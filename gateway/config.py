@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
+    # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered)
+    webhook_retry_delays: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 1800.0]
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    webhook_concurrency: int = Field(default=64, ge=1)
+
     # HTTP guards
     max_body_bytes: int = 64 * 1024
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")

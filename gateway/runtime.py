@@ -23,6 +23,7 @@ from gateway.providers import build_providers
 from gateway.routing import Router
 from gateway.service import Gateway
 from gateway.store.redis import Scripts, connect
+from gateway.webhooks import Webhooks
 
 
 @dataclass
@@ -58,9 +59,14 @@ async def runtime(
             settings=settings, redis=redis, scripts=scripts, router=router,
             artifacts=artifacts, queue=queue, clock=clock,
         )
+        webhooks = Webhooks(
+            redis=redis, scripts=scripts, store=gateway.store, client=client,
+            settings=settings, clock=clock,
+        )
+        gateway.webhooks = webhooks
         worker = Worker(
             settings=settings, store=gateway.store, queue=queue, router=router,
-            artifacts=artifacts, events=gateway.events,
+            artifacts=artifacts, events=gateway.events, webhooks=webhooks,
             consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}", clock=clock,
         )
         yield Runtime(gateway, worker)

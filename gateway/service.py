@@ -34,6 +34,7 @@ from gateway.routing import Router
 from gateway.store import keys
 from gateway.store.redis import Scripts
 from gateway.urlguard import check_url
+from gateway.webhooks import Webhooks
 
 
 @contextlib.contextmanager
@@ -76,6 +77,7 @@ class Gateway:
         self.store = JobStore(redis, scripts)
         self.events = Events(redis, self.store)
         self.accounts = Accounts(redis, scripts, settings)
+        self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -205,6 +207,21 @@ class Gateway:
                       (now // 60000 + 1) * 60),
             ],
         }
+
+    async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[dict[str, Any]]:
+        assert self.webhooks is not None
+        with store_errors():
+            if await self.store.get(principal.account, job_id) is None:
+                raise NotFound(f"no job {job_id}")
+            return await self.webhooks.attempts(principal.account, job_id)
+
+    async def resend_webhook(self, principal: Principal, job_id: str) -> None:
+        assert self.webhooks is not None
+        with store_errors():
+            job = await self.store.get(principal.account, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            await self.webhooks.resend(job)
 
     def providers(self) -> list[dict[str, Any]]:
         return self.router.describe()

@@ -34,6 +34,12 @@ class Mutation:
         ctx = info.context
         return Generation.of(await ctx.gateway.cancel(await ctx.caller(), str(id)))
 
+    @strawberry.mutation(description="Deliver an ended job's webhook again.")
+    async def resend_webhook(self, info: Info, id: strawberry.ID) -> bool:
+        ctx = info.context
+        await ctx.gateway.resend_webhook(await ctx.caller(), str(id))
+        return True
+
     @strawberry.mutation(description="Admin: create an API key (shown once).")
     async def create_key(
         self,

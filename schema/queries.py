@@ -17,6 +17,7 @@ from schema.types import (
     Me,
     PageInfo,
     ProviderInfo,
+    WebhookDelivery,
 )
 
 Info = strawberry.Info[Context, None]
@@ -68,6 +69,18 @@ class Query:
     @strawberry.field(description="Services and backends, enabled or not, and why.")
     def providers(self, info: Info) -> list[ProviderInfo]:
         return [ProviderInfo(**p) for p in info.context.gateway.providers()]
+
+    @strawberry.field(description="Every delivery attempt of a job's webhook.")
+    async def webhook_deliveries(self, info: Info, id: strawberry.ID) -> list[WebhookDelivery]:
+        ctx = info.context
+        rows = await ctx.gateway.webhook_deliveries(await ctx.caller(read=True), str(id))
+        return [
+            WebhookDelivery(
+                attempt=r["attempt"], at=r["at"], status_code=r["statusCode"],
+                error=r["error"], success=r["success"], duration_ms=r["durationMs"],
+            )
+            for r in rows
+        ]
 
     @strawberry.field(description="Admin: every API key (needs GATEWAY_ADMIN_TOKEN).")
     async def keys(self, info: Info) -> list[ApiKey]:

@@ -137,3 +137,13 @@ class CreatedKey:
     plan: str
     credits: int
     webhook_secret: str
+
+
+@strawberry.type
+class WebhookDelivery:
+    attempt: int
+    at: str | None
+    status_code: int | None
+    error: str | None
+    success: bool
+    duration_ms: int

@@ -106,6 +106,7 @@ class JobStore:
                 keys.running(job.account),
                 keys.account(job.account),
                 keys.ledger(job.account),
+                keys.WEBHOOKS,
             ],
             args=[status, now_ms, job.id, 1 if refund else 0, *flat(fields)],
             client=self.redis,

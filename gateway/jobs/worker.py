@@ -30,6 +30,7 @@ from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
+from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
 
@@ -68,8 +69,10 @@ class Worker:
         artifacts: ArtifactStore,
         events: Events,
         consumer: str,
+        webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.webhooks = webhooks
         self.settings = settings
         self.store = store
         self.queue = queue
@@ -94,6 +97,7 @@ class Worker:
         upstream ids stored) and are resumed by another worker."""
         await self.queue.ensure_group()
         heartbeat = asyncio.create_task(self._heartbeat(stop))
+        deliveries = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks else None
         try:
             while not stop.is_set():
                 free = self.capacity - len(self.running)
@@ -119,6 +123,8 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            if deliveries:
+                await deliveries
 
     def _spawn(self, entry_id: str, job_key: str) -> None:
         if entry_id in self.running:

@@ -1,7 +1,9 @@
 -- finish: a job ends (completed, failed or cancelled), exactly once.
 -- Frees its concurrency slot and, for failed or cancelled, refunds its whole charge.
+-- A job with a webhook URL is put on the delivery schedule in the same step, so an
+-- ended job's webhook is never forgotten.
 -- Ending an ended job changes nothing, so a second worker or a late cancel is harmless.
--- KEYS: 1 job, 2 running, 3 account, 4 ledger
+-- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5.. job hash fields
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -20,5 +22,9 @@ if ARGV[4] == '1' and cost > 0 then
   redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
     'balance', balance)
   redis.call('HSET', KEYS[1], 'refunded', cost)
+end
+local hook = redis.call('HGET', KEYS[1], 'webhook_url')
+if hook and hook ~= '' then
+  redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1])
 end
 return {1, balance}

@@ -10,6 +10,7 @@ PREFIX = "gw"
 ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids
 QUEUE = f"{PREFIX}:queue"  # stream of jobs to run
 QUEUE_GROUP = "workers"
+WEBHOOKS = f"{PREFIX}:webhooks"  # sorted set: job key -> when its next delivery is due (ms)
 
 
 def _tag(account: str) -> str:
@@ -59,3 +60,8 @@ def reads(account_id: str, minute: int) -> str:
 def events(account_id: str, job_id: str) -> str:
     """Pub/sub channel of one job's updates."""
     return f"{_tag(account_id)}:events:{job_id}"
+
+
+def webhook_log(account_id: str, job_id: str) -> str:
+    """List: every delivery attempt of one job's webhook (JSON)."""
+    return f"{_tag(account_id)}:whlog:{job_id}"

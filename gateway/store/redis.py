@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 HERE = Path(__file__).parent
+NAMES = ("admit", "start", "finish", "credit", "auth", "claim")
 
 
 def connect(redis_url: str | None) -> aioredis.Redis:
@@ -39,17 +40,19 @@ class Scripts:
     finish: AsyncScript
     credit: AsyncScript
     auth: AsyncScript
+    claim: AsyncScript
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
         def load(name: str) -> AsyncScript:
             return client.register_script((HERE / f"{name}.lua").read_text())
 
-        return cls(*(load(n) for n in ("admit", "start", "finish", "credit", "auth")))
+        return cls(*(load(n) for n in NAMES))
 
     async def load(self) -> None:
         """SCRIPT LOAD each once at start-up, so requests send only EVALSHA."""
-        for script in (self.admit, self.start, self.finish, self.credit, self.auth):
+        for name in NAMES:
+            script = getattr(self, name)
             script.sha = await script.registered_client.script_load(script.script)
 
 

@@ -1,0 +1,202 @@
+"""deliver(): signed webhook POSTs with retries, off the job path (CONTRACT §8).
+
+An ended job with a `webhookUrl` is put on a Redis schedule by `finish.lua` in the same
+step that ends it. Deliverers claim due entries with a lease (`claim.lua`), so a slow
+receiver never holds a job worker and a deliverer that dies loses nothing. Every attempt
+is logged for the key's owner; non-2xx answers and timeouts are retried on a schedule
+(first retry within 10 s); redirects are not followed.
+
+Signatures: `X-Doitong-Signature: sha256=HEX` (HMAC-SHA256 of the raw body keyed with the
+secret string as printed) and the Standard Webhooks headers via `standardwebhooks`.
+The URL is checked again at delivery and the request goes to the address that check
+resolved (DNS rebinding cannot swap it for a private one in between).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from standardwebhooks.webhooks import Webhook
+
+from gateway.config import Settings
+from gateway.errors import BadUserInput
+from gateway.jobs.model import Job, iso
+from gateway.jobs.store import JobStore
+from gateway.store import keys
+from gateway.store.redis import Scripts
+from gateway.urlguard import check_url
+
+log = structlog.get_logger("gateway.webhooks")
+
+
+def payload(job: Job) -> bytes:
+    meta = job.metadata or {}
+    return orjson.dumps({
+        "id": job.id,
+        "status": job.status,
+        "url": job.urls[0] if job.urls else None,
+        "service": job.provider,
+        "createdAt": iso(job.created_at),
+        "completedAt": iso(job.completed_at),
+        "metadata": {
+            "duration": meta.get("duration"),
+            "width": meta.get("width", job.width),
+            "height": meta.get("height", job.height),
+        },
+        "error": job.error,
+    })
+
+
+def signed_headers(secret: str, msg_id: str, body: bytes, now: float) -> dict[str, str]:
+    doitong = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    stamp = datetime.fromtimestamp(now, tz=UTC)
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": "image-gateway-webhooks",
+        "X-Doitong-Signature": f"sha256={doitong}",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now)),
+        "webhook-signature": Webhook(secret).sign(msg_id, stamp, body.decode()),
+    }
+
+
+def pinned(
+    url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """The URL rewritten to the checked address, with the Host header and TLS name kept."""
+    parts = urlsplit(url)
+    host = str(address) if address.version == 4 else f"[{address}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return target, headers, extensions
+
+
+class Webhooks:
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        store: JobStore,
+        client: httpx.AsyncClient,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.delays = settings.webhook_retry_delays
+        self.slots = asyncio.Semaphore(settings.webhook_concurrency)
+        self.inflight: set[asyncio.Task[None]] = set()
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def run(self, stop: asyncio.Event, period: float = 0.25) -> None:
+        while not stop.is_set():
+            try:
+                await self.dispatch()
+            except Exception as exc:
+                log.warning("webhook dispatch failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+        if self.inflight:
+            await asyncio.wait(self.inflight, timeout=self.settings.webhook_timeout)
+
+    async def dispatch(self) -> None:
+        free = self.settings.webhook_concurrency - len(self.inflight)
+        if free <= 0:
+            return
+        lease = int((self.settings.webhook_timeout + 5) * 1000)
+        due = await self.scripts.claim(
+            keys=[keys.WEBHOOKS], args=[self.now_ms(), lease, free], client=self.redis
+        )
+        for job_key in due:
+            task = asyncio.create_task(self.deliver(str(job_key)))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+
+    async def deliver(self, job_key: str) -> bool:
+        """One attempt; schedules the next one or ends the delivery. True on success."""
+        job = await self.store.get_by_key(job_key)
+        if job is None or not job.webhook_url:
+            await self.redis.zrem(keys.WEBHOOKS, job_key)
+            return False
+        attempt = int(await self.redis.hincrby(job_key, "webhook_attempts", 1))
+        secret = await self.redis.hget(keys.account(job.account), "webhook_secret") or ""
+        body = payload(job)
+        headers = signed_headers(secret, f"msg_{job.id}", body, self.clock())
+        started = self.now_ms()
+        status: int | None = None
+        error: str | None = None
+        try:
+            addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
+            target, host, extensions = pinned(job.webhook_url, addresses[0])
+            async with self.slots:
+                response = await self.client.post(
+                    target, content=body, headers={**headers, **host},
+                    extensions=extensions, timeout=self.settings.webhook_timeout,
+                )
+            status = response.status_code
+            if not response.is_success:
+                error = f"HTTP {status}"
+        except BadUserInput as exc:
+            error = exc.message
+        except httpx.TimeoutException:
+            error = "timed out"
+        except httpx.HTTPError as exc:
+            error = f"connection failed: {type(exc).__name__}"
+        ok = error is None
+        record = {"attempt": attempt, "at": iso(started), "statusCode": status,
+                  "error": error, "success": ok,
+                  "durationMs": self.now_ms() - started}
+        log_key = keys.webhook_log(job.account, job.id)
+        retention = int(self.settings.retention_days * 86400)
+        final = ok or attempt > len(self.delays)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(log_key, orjson.dumps(record))
+            pipe.expire(log_key, retention)
+            if final:
+                pipe.zrem(keys.WEBHOOKS, job_key)
+                pipe.hset(job_key, "webhook_status", "delivered" if ok else "failed")
+            else:
+                delay = self.delays[attempt - 1] * random.uniform(0.8, 1.0)
+                pipe.zadd(keys.WEBHOOKS, {job_key: self.now_ms() + int(delay * 1000)})
+                pipe.hset(job_key, "webhook_status", "retrying")
+            await pipe.execute()
+        return ok
+
+    async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:
+        rows = await self.redis.lrange(keys.webhook_log(account, job_id), 0, -1)
+        return [orjson.loads(r) for r in rows]
+
+    async def resend(self, job: Job) -> None:
+        """Deliver an ended job's webhook again (a fresh round of attempts)."""
+        if not job.webhook_url:
+            raise BadUserInput("this job has no webhookUrl", field="id")
+        if not job.ended:
+            raise BadUserInput("the job has not ended yet", field="id")
+        key = keys.job(job.account, job.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "webhook_attempts", 0)
+            pipe.zadd(keys.WEBHOOKS, {key: self.now_ms()})
+            await pipe.execute()

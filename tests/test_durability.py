@@ -1,0 +1,186 @@
+"""Accepted jobs survive crashed and stopped workers and a Redis restart (CONTRACT §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.store import keys
+from tests.conftest import RedisServer
+from tests.emulators.krea import KreaEmulator
+from tests.harness import Harness, gateway
+from tests.servers import serve
+
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def start_worker(
+    redis_url: str, krea_base: str, storage: Path, **extra: str
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_KREA_API_BASE": krea_base,
+        "GATEWAY_KREA_API_TOKEN": "test-token",
+        "GATEWAY_STORAGE_DIR": str(storage),
+        "GATEWAY_POLL_INTERVAL": "0.05",
+        "GATEWAY_JOB_LEASE_SECONDS": "1.5",
+        **extra,
+    })
+    return subprocess.Popen([GATEWAY, "worker"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def until(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def submit(gw: Harness, key: str, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        r = await gw.generate(key, f"durable {i}", provider="flux-dev", width=512, height=512)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["data"]["generate"]["id"])
+    return ids
+
+
+async def jobs_state(gw: Harness, key: str, ids: list[str]) -> list[dict[str, str]]:
+    account = gw.keys[key]["id"]
+    async with gw.accounts.redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hgetall(keys.job(account, job_id))
+        return list(await pipe.execute())
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+async def check_outcome(gw: Harness, key: str, ids: list[str], emu: KreaEmulator) -> None:
+    rows = await jobs_state(gw, key, ids)
+    assert all(r["status"] == "completed" for r in rows), [r["status"] for r in rows]
+    # Every upstream job was resumed, never submitted twice.
+    assert emu.submissions == len(ids)
+    # Credits match outcomes: every job charged once, none refunded.
+    ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+    assert [e["reason"] for e in ledger].count("charge") == len(ids)
+    assert "refund" not in [e["reason"] for e in ledger]
+    me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+    assert me["credits"] == 10_000 - 10 * len(ids)
+
+
+async def test_kill_9_worker_mid_run_loses_nothing_and_pays_upstream_once(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)  # jobs run until the test lets them end
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, inprocess_workers=False,
+        krea_api_base=krea, krea_api_token="test-token",
+    ) as gw:
+        key = await gw.key("enterprise", credits=10_000)
+        ids = await submit(gw, key, 20)
+        first = start_worker(redis_url, krea, storage_dir)
+        try:
+            async def all_accepted_upstream() -> bool:
+                return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
+
+            await until(all_accepted_upstream)
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+            emu.steps_to_complete = 1  # upstream finishes them now
+            second = start_worker(redis_url, krea, storage_dir)
+            try:
+                async def all_ended() -> bool:
+                    return all(r["status"] in TERMINAL for r in await jobs_state(gw, key, ids))
+
+                await until(all_ended)
+            finally:
+                stop(second)
+        finally:
+            stop(first)
+        await check_outcome(gw, key, ids, emu)
+        rows = await jobs_state(gw, key, ids)
+        assert all(int(r["attempts"]) == 2 for r in rows)
+
+
+async def test_sigterm_hands_running_jobs_over(redis_url: str, storage_dir: Path) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, inprocess_workers=False,
+        krea_api_base=krea, krea_api_token="test-token",
+    ) as gw:
+        key = await gw.key("enterprise", credits=10_000)
+        ids = await submit(gw, key, 10)
+        first = start_worker(redis_url, krea, storage_dir, GATEWAY_SHUTDOWN_GRACE_SECONDS="0.2")
+        try:
+            async def all_accepted_upstream() -> bool:
+                return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
+
+            await until(all_accepted_upstream)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(20) == 0  # a clean exit
+            emu.steps_to_complete = 1
+            second = start_worker(redis_url, krea, storage_dir)
+            try:
+                async def all_ended() -> bool:
+                    return all(r["status"] in TERMINAL for r in await jobs_state(gw, key, ids))
+
+                await until(all_ended)
+            finally:
+                stop(second)
+        finally:
+            stop(first)
+        await check_outcome(gw, key, ids, emu)
+
+
+async def test_redis_restart_with_aof_loses_no_accepted_job(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    emu = KreaEmulator(steps_to_complete=10**9)
+    try:
+        async with serve(emu.app) as krea, gateway(
+            server.url, storage_dir, inprocess_workers=False,
+            krea_api_base=krea, krea_api_token="test-token",
+        ) as gw:
+            key = await gw.key("enterprise", credits=10_000)
+            ids = await submit(gw, key, 10)
+            worker = start_worker(server.url, krea, storage_dir)
+            try:
+                async def all_accepted_upstream() -> bool:
+                    return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
+
+                await until(all_accepted_upstream)
+                # Redis goes away mid-run and comes back from its append-only file.
+                port = server.port
+                server.stop()
+                server.port = port
+                server.start()
+                emu.steps_to_complete = 1
+
+                async def all_ended() -> bool:
+                    try:
+                        rows = await jobs_state(gw, key, ids)
+                    except Exception:
+                        return False
+                    return all(r.get("status") in TERMINAL for r in rows)
+
+                await until(all_ended, timeout=90)
+            finally:
+                stop(worker)
+            await check_outcome(gw, key, ids, emu)
+    finally:
+        server.stop()

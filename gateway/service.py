@@ -74,7 +74,7 @@ class Gateway:
         self.artifacts = artifacts
         self.queue = queue
         self.clock = clock
-        self.store = JobStore(redis, scripts)
+        self.store = JobStore(redis, scripts, settings.retention_days)
         self.events = Events(redis, self.store)
         self.accounts = Accounts(redis, scripts, settings)
         self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client

@@ -184,3 +184,66 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
             await check_outcome(gw, key, ids, emu)
     finally:
         server.stop()
+
+
+async def test_cancel_while_running_stops_upstream_refunds_and_frees_the_slot(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token",
+    ) as gw:
+        key = await gw.key("free", credits=100)
+        [job_id] = await submit(gw, key, 1)
+
+        async def running_upstream() -> bool:
+            return bool((await jobs_state(gw, key, [job_id]))[0].get("upstream"))
+
+        await until(running_upstream)
+        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
+                         {"id": job_id}, key)
+        assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}
+        me = (await gw.gql("{ me { credits limits { name used } } }", key=key)).json()
+        assert me["data"]["me"]["credits"] == 100
+        assert {"name": "concurrency", "used": 0} in me["data"]["me"]["limits"]
+        # The worker notices at its next poll and stops polling the upstream job.
+        async def stopped() -> bool:
+            before = len(emu.requests)
+            await asyncio.sleep(0.3)
+            return len(emu.requests) == before
+
+        await until(stopped)
+        # The free key's one slot is free: a new job is admitted at once.
+        again = await gw.generate(key, provider="local", width=512, height=512)
+        assert again.status_code == 200, again.text
+
+
+async def test_retention_removes_records_and_outputs_together(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, retention_days=1 / 86400) as gw:  # one second
+        key = await gw.key()
+        r = await gw.generate(key, provider="local", width=512, height=512)
+        job_id = r.json()["data"]["generate"]["id"]
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed"
+
+        async def expired() -> bool:
+            return await gw.job(key, job_id) is None
+
+        await until(expired)
+        listed = (await gw.gql("{ jobs { nodes { id } } }", key=key)).json()
+        assert listed["data"]["jobs"]["nodes"] == []
+
+
+async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir: Path) -> None:
+    from gateway.artifacts import LocalArtifactStore
+
+    store = LocalArtifactStore(storage_dir, "http://gw")
+    old = await store.put(b"old", "png")
+    new = await store.put(b"new", "png")
+    old_path = storage_dir / old.rsplit("/", 1)[1]
+    os.utime(old_path, (time.time() - 10 * 86400, time.time() - 10 * 86400))
+    assert await store.sweep(time.time() - 7 * 86400) == 1
+    assert not old_path.exists()
+    assert (storage_dir / new.rsplit("/", 1)[1]).read_bytes() == b"new"

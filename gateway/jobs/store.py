@@ -13,9 +13,12 @@ from gateway.store.redis import Scripts, flat
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, scripts: Scripts) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, scripts: Scripts, retention_days: float = 7.0
+    ) -> None:
         self.redis = redis
         self.scripts = scripts
+        self.retention_ms = int(retention_days * 86_400_000)
 
     async def get(self, account: str, job_id: str) -> Job | None:
         if not job_id or len(job_id) > 64:
@@ -34,7 +37,9 @@ class JobStore:
     async def list(
         self, account: str, first: int, after: str | None, status: str | None
     ) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+        """Newest first; `after` is the id of the last job of the previous page.
+
+        Records expire with their outputs; their index entries are dropped here."""
         index = keys.jobs(account)
         start = 0
         if after:
@@ -52,6 +57,10 @@ class JobStore:
                 for job_id in ids:
                     pipe.hgetall(keys.job(account, job_id))
                 rows = await pipe.execute()
+            gone = [job_id for job_id, row in zip(ids, rows, strict=True) if not row]
+            if gone:
+                await self.redis.zrem(index, *gone)
+                start -= len(gone)
             for row in rows:
                 if row and (status is None or row.get("status") == status):
                     found.append(Job.from_hash(row))
@@ -108,7 +117,7 @@ class JobStore:
                 keys.ledger(job.account),
                 keys.WEBHOOKS,
             ],
-            args=[status, now_ms, job.id, 1 if refund else 0, *flat(fields)],
+            args=[status, now_ms, job.id, 1 if refund else 0, self.retention_ms, *flat(fields)],
             client=self.redis,
         )
         return bool(done)

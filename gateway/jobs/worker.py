@@ -34,6 +34,7 @@ from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
 
+SWEEP_EVERY = 3600.0
 _PIL = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _FROM_PIL = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
@@ -84,6 +85,7 @@ class Worker:
         self.capacity = settings.workers
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.running: dict[str, Running] = {}
+        self.last_sweep = 0.0
         self.freed = asyncio.Event()
 
     def now_ms(self) -> int:
@@ -145,6 +147,8 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), period)
             try:
                 await self.beat()
+                if self.clock() - self.last_sweep > SWEEP_EVERY:
+                    await self.sweep()
             except Exception as exc:
                 log.warning("heartbeat failed", error=str(exc))
 
@@ -162,6 +166,17 @@ class Worker:
             ):
                 log.info("reclaimed job", entry=entry_id, job=job_key)
                 self._spawn(entry_id, job_key)
+
+    async def sweep(self) -> int:
+        """Remove outputs past retention. Their job records expire first (they are set
+        to live `retention` from completion, the files an hour longer), so `jobs` never
+        lists a job whose images are gone."""
+        self.last_sweep = self.clock()
+        cutoff = self.clock() - self.settings.retention_days * 86400 - SWEEP_EVERY
+        removed = await self.artifacts.sweep(cutoff)
+        if removed:
+            log.info("swept outputs past retention", removed=removed)
+        return removed
 
     # -- one job -----------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 -- ended job's webhook is never forgotten.
 -- Ending an ended job changes nothing, so a second worker or a late cancel is harmless.
 -- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule
--- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5.. job hash fields
+-- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6.. job hash fields
+-- The record then lives for the retention time, like its outputs.
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, 'missing'} end
@@ -12,7 +13,7 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
 local fields = {'status', ARGV[1], 'completed_at', ARGV[2]}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZREM', KEYS[2], ARGV[3])
 local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
@@ -27,4 +28,5 @@ local hook = redis.call('HGET', KEYS[1], 'webhook_url')
 if hook and hook ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1])
 end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {1, balance}

@@ -5,12 +5,12 @@ The same `Gateway` methods as GraphQL; errors as `{"error": {"code", "message", 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.auth import Principal, api_key_from
@@ -88,6 +88,28 @@ async def cancel_job(
     return 200, job.public(), principal
 
 
+async def job_events(request: Request) -> Response:
+    """The job's updates as Server-Sent Events: current state first, then each change."""
+    gateway: Gateway = request.app.state.gateway
+    try:
+        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+        job_id = request.path_params["job_id"]
+        if await gateway.job(principal, job_id) is None:
+            raise NotFound("no such job")
+    except GatewayError as exc:
+        return error_response(exc)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for job in gateway.follow(principal, job_id):
+            yield b"event: update\ndata: " + orjson.dumps(job.public()) + b"\n\n"
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                 **principal.rate_headers()},
+    )
+
+
 async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
@@ -104,6 +126,7 @@ routes = [
     Route("/v1/text_to_image", endpoint(text_to_image, read=False), methods=["POST"]),
     Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
+    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

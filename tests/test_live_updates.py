@@ -1,0 +1,108 @@
+"""Live job updates: GraphQL subscriptions over graphql-transport-ws, and SSE.
+
+The job runs in a separate `gateway worker` process; updates reach the gateway
+process through Redis pub/sub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from tests.emulators.krea import KreaEmulator
+from tests.harness import gateway
+from tests.servers import serve
+from tests.test_durability import start_worker, stop, submit
+
+SUBSCRIBE = "subscription($id: ID!) { jobUpdates(id: $id) { id status metadata url } }"
+
+
+async def subscribe(base: str, key: str, job_id: str) -> list[dict[str, Any]]:
+    """Run one subscription to its end; the `next` payloads, or the error."""
+    url = base.replace("http://", "ws://") + "/graphql"
+    out: list[dict[str, Any]] = []
+    async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+        await ws.send(json.dumps({"type": "connection_init",
+                                  "payload": {"Authorization": f"Bearer {key}"}}))
+        assert json.loads(await ws.recv())["type"] == "connection_ack"
+        await ws.send(json.dumps({"id": "1", "type": "subscribe",
+                                  "payload": {"query": SUBSCRIBE, "variables": {"id": job_id}}}))
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == "next":
+                out.append(message["payload"])
+            elif message["type"] in ("complete", "error"):
+                if message["type"] == "error":
+                    out.append({"errors": message["payload"]})
+                return out
+
+
+async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_process(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, inprocess_workers=False,
+        krea_api_base=krea, krea_api_token="test-token",
+    ) as gw:
+        key, other = await gw.key(), await gw.key()
+        [job_id] = await submit(gw, key, 1)
+        worker = start_worker(redis_url, krea, storage_dir)
+        try:
+            sub = asyncio.create_task(subscribe(gw.base, key, job_id))
+            sse_events: list[dict[str, Any]] = []
+
+            async def read_sse() -> None:
+                async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                          headers={"X-API-Key": key}) as r:
+                    assert r.status_code == 200
+                    assert r.headers["content-type"].startswith("text/event-stream")
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            sse_events.append(json.loads(line[6:]))
+
+            sse = asyncio.create_task(read_sse())
+            # Let the upstream job walk its lifecycle, then finish.
+            while not any(j.polls >= 3 for j in emu.jobs.values()):
+                await asyncio.sleep(0.02)
+            emu.steps_to_complete = 6
+            updates = await asyncio.wait_for(sub, 60)
+            await asyncio.wait_for(sse, 60)
+        finally:
+            stop(worker)
+
+        statuses = [u["data"]["jobUpdates"]["status"] for u in updates]
+        assert statuses[0] in ("queued", "processing")
+        assert "processing" in statuses
+        assert statuses[-1] == "completed"
+        assert updates[-1]["data"]["jobUpdates"]["url"]
+        upstream = [u["data"]["jobUpdates"]["metadata"] or {} for u in updates]
+        assert any(m.get("upstreamStatus") for m in upstream)  # Krea's own progress
+
+        sse_statuses = [e["status"] for e in sse_events]
+        assert sse_statuses[-1] == "completed" and "processing" in sse_statuses
+
+        # Only the owner may follow a job.
+        refused = await subscribe(gw.base, other, job_id)
+        assert refused[0]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+        r = await gw.http.get(f"/v1/jobs/{job_id}/events", headers={"X-API-Key": other})
+        assert r.status_code == 404
+
+
+async def test_subscription_with_a_bad_key_is_refused_at_connection(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+            await ws.send(json.dumps({"type": "connection_init",
+                                      "payload": {"Authorization": "Bearer gk_x_y"}}))
+            try:
+                await ws.recv()
+                raise AssertionError("connection was not closed")
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 4403

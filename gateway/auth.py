@@ -109,21 +109,20 @@ async def authenticate(
         raise Unauthenticated("Invalid API key")
     account, secret = parsed
     minute = now_ms // 60000
+    given = hash_secret(secret)
     raw, used, oldest, reads = await scripts.auth(
         keys=[keys.account(account), keys.rate(account), keys.reads(account, minute)],
-        args=[now_ms, 1 if read else 0],
+        args=[now_ms, 1 if read else 0, given],
         client=redis,
     )
     fields = dict(zip(raw[::2], raw[1::2], strict=True))
     stored = fields.get("key_hash", "")
     # compare_digest runs even for unknown accounts, so timing tells nothing.
-    ok = hmac.compare_digest(stored or "0" * 64, hash_secret(secret))
+    ok = hmac.compare_digest(stored or "0" * 64, given)
     if not ok or not stored or fields.get("revoked") == "1":
         raise Unauthenticated("Invalid API key")
-    if read and reads > settings.read_rpm:
-        raise RateLimited("read", 60 - (now_ms // 1000) % 60)
     oldest_ms = int(oldest) if int(oldest) else now_ms
-    return Principal(
+    principal = Principal(
         account=account,
         name=fields.get("name", ""),
         plan=fields.get("plan", ""),
@@ -133,3 +132,8 @@ async def authenticate(
         window_used=int(used),
         window_reset=(oldest_ms + 60000 + 999) // 1000,
     )
+    if read and reads > settings.read_rpm:
+        refused = RateLimited("read", 60 - (now_ms // 1000) % 60)
+        refused.headers = principal.rate_headers()
+        raise refused
+    return principal

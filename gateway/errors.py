@@ -32,6 +32,7 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.extensions: dict[str, Any] = {"code": self.code, **extensions}
+        self.headers: dict[str, str] = {}  # e.g. X-RateLimit-* of the refused key
 
 
 class Unauthenticated(GatewayError):

@@ -287,7 +287,7 @@ class Router:
                 return polled
             if polled.upstream_status and polled.upstream_status != last_status:
                 last_status = polled.upstream_status
-                pass  # await progress({"upstreamStatus": last_status, **polled.metadata})
+                await progress({"upstreamStatus": last_status, **polled.metadata})
             if self.clock() - started > 30:
                 interval = min(interval * 1.5, 10.0)
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))

@@ -123,7 +123,9 @@ class Gateway:
             verdict = await admit(
                 self.redis, self.scripts, principal, job,
                 now_ms=now,
-                lease_ms=int(self.settings.job_lease_seconds * 1000),
+                # A queued job holds its slot until it ends (bounded by the deadline);
+                # once a worker starts it, the slot becomes a short lease it renews.
+                lease_ms=int(self.settings.job_deadline_seconds * 1000),
                 idempotency=idempotency,
             )
             if not isinstance(verdict, Admitted):

@@ -17,6 +17,7 @@ from strawberry.extensions import (
     QueryDepthLimiter,
     ValidationCache,
 )
+from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
 from schema.mutations import Mutation
@@ -41,8 +42,18 @@ def should_mask(error: GraphQLError) -> bool:
     return not isinstance(original, GatewayError)
 
 
+class GatewaySchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """Log only unexpected errors: a refusal (429, 402, 400...) is not an incident."""
+        unexpected = [e for e in errors if should_mask(e)]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
 def build_schema() -> strawberry.Schema:
-    return strawberry.Schema(
+    return GatewaySchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,

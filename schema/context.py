@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from gateway.auth import Principal, api_key_from
-from gateway.errors import Forbidden, Unauthenticated
+from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.service import Gateway
 
 
@@ -36,15 +36,22 @@ class Context:
         return await self._auth
 
     async def _authenticate(self, read: bool) -> Principal:
-        principal = await self.gateway.authenticate(self.api_key(), read=read)
+        try:
+            principal = await self.gateway.authenticate(self.api_key(), read=read)
+        except GatewayError as exc:
+            self._add_headers(exc.headers)
+            raise
         self.set_principal(principal)
         return principal
 
     def set_principal(self, principal: Principal) -> None:
         self.principal = principal
         self.rate_headers = principal.rate_headers()
+        self._add_headers(self.rate_headers)
+
+    def _add_headers(self, headers: dict[str, str]) -> None:
         if isinstance(self.response, Response):
-            for name, value in self.rate_headers.items():
+            for name, value in headers.items():
                 self.response.headers[name] = value
 
     def require_admin(self) -> None:

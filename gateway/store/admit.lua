@@ -34,9 +34,11 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
 local used = redis.call('ZCARD', KEYS[2])
 if rpm >= 0 and used >= rpm then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  -- Room comes when the window holds rpm - 1: when its (used - rpm + 1)th oldest leaves
+  -- (the oldest itself, unless the key's limit was lowered with more than that in it).
+  local nth = redis.call('ZRANGE', KEYS[2], used - rpm, used - rpm, 'WITHSCORES')
   local wait = 1000
-  if oldest[2] then wait = tonumber(oldest[2]) + 60000 - now end
+  if nth[2] then wait = tonumber(nth[2]) + 60000 - now end
   return {'limited', 'minute', wait, used}
 end
 

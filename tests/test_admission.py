@@ -1,0 +1,680 @@
+"""Admission as a client meets it: per-minute, daily, concurrency and read limits,
+credits under races across two gateway processes, idempotency, per-key overrides.
+
+Time moves with the injectable `Clock`, never by sleeping; waits are on conditions
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.accounts import Accounts
+from gateway.config import load_settings
+from gateway.jobs.store import JobStore
+from gateway.store import keys as rkeys
+from gateway.store.redis import Scripts, connect
+from tests.emulators.fluxkrea import FluxKreaEmulator
+from tests.harness import GENERATE, Clock, Harness, gateway
+from tests.servers import free_port, serve
+
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+DAY = 86_400
+ME = "{ me { credits limits { name limit used remaining reset } } }"
+CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
+UPDATE_KEY = "mutation($id: ID!, $rpm: Int) { updateKey(id: $id, rpm: $rpm) { id rpm } }"
+ESTIMATE = """query($input: GenerateInput!) {
+  estimate(input: $input) { credits width height numImages } }"""
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The first GraphQL error's extensions (and message), asserting there is one."""
+    body = response.json()
+    assert body.get("errors"), response.text
+    error = body["errors"][0]
+    return {"message": error["message"], **error["extensions"]}
+
+
+def job_id(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(response.json()["data"]["generate"]["id"])
+
+
+def assert_rate_limited(response: httpx.Response, limit: str) -> int:
+    """A 429 as the contract states it; returns its retryAfter (seconds)."""
+    assert response.status_code == 429, response.text
+    error = error_of(response)
+    assert error["code"] == "RATE_LIMITED", error
+    assert error["limit"] == limit, error
+    retry_after = error["retryAfter"]
+    assert isinstance(retry_after, int) and retry_after > 0, error
+    assert response.headers["Retry-After"] == str(retry_after)
+    return retry_after
+
+
+async def limits_of(gw: Harness, key: str) -> dict[str, dict[str, Any]]:
+    r = await gw.gql(ME, key=key)
+    assert r.status_code == 200, r.text
+    return {row["name"]: row for row in r.json()["data"]["me"]["limits"]}
+
+
+async def credits_of(gw: Harness, key: str) -> int:
+    r = await gw.gql(ME, key=key)
+    assert r.status_code == 200, r.text
+    return int(r.json()["data"]["me"]["credits"])
+
+
+def next_utc_midnight(now: float) -> int:
+    return (int(now) // DAY + 1) * DAY
+
+
+async def until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Await `condition()` (sync or async) becoming true, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# -- 1. the per-minute limit -------------------------------------------------------------
+
+
+async def test_free_plan_admits_ten_a_minute_then_429_until_retry_after(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
+        # A free key's plan limit is 10/minute; concurrency is raised so that only the
+        # minute window is in play (queued jobs hold a slot while no worker runs).
+        key = await gw.key("free", credits=1000, concurrency=100)
+        resets = set()
+        for i in range(10):
+            r = await gw.generate(key, f"fox {i}", width=512, height=512)
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RateLimit-Limit"] == "10"
+            assert r.headers["X-RateLimit-Remaining"] == str(9 - i)
+            resets.add(int(r.headers["X-RateLimit-Reset"]))
+        # The window slides from the first admission: its reset stays put.
+        assert len(resets) == 1
+        reset = resets.pop()
+        assert clock() < reset <= clock() + 61
+
+        refused = await gw.generate(key, "one too many")
+        retry_after = assert_rate_limited(refused, "minute")
+        assert retry_after <= 60
+        assert refused.headers["X-RateLimit-Limit"] == "10"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert int(refused.headers["X-RateLimit-Reset"]) == reset
+        # Refused: charged nothing, counted nothing.
+        assert await credits_of(gw, key) == 1000 - 10 * 10
+        assert (await limits_of(gw, key))["minute"]["used"] == 10
+
+        # A client that honours Retry-After gets in.
+        clock.advance(retry_after)
+        again = await gw.generate(key, "after waiting")
+        assert again.status_code == 200, again.text
+
+        # A whole minute later the full allowance is back.
+        clock.advance(61)
+        for i in range(10):
+            r = await gw.generate(key, f"next minute {i}")
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RateLimit-Remaining"] == str(9 - i)
+        assert_rate_limited(await gw.generate(key, "too many again"), "minute")
+
+
+async def test_the_minute_window_slides_rather_than_resetting_on_the_clock_minute(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=1000, concurrency=100)
+        for i in range(5):
+            assert (await gw.generate(key, f"early {i}")).status_code == 200
+        clock.advance(30)
+        for i in range(5):
+            assert (await gw.generate(key, f"late {i}")).status_code == 200
+        # 40 s after the first five: all ten are within the last 60 s.
+        clock.advance(10)
+        retry_after = assert_rate_limited(await gw.generate(key, "x"), "minute")
+        assert 19 <= retry_after <= 21  # the first five leave the window at t = 60
+        # t = 61: the first five have left, the last five have not.
+        clock.advance(21)
+        for i in range(5):
+            r = await gw.generate(key, f"again {i}")
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RateLimit-Remaining"] == str(4 - i)
+        assert_rate_limited(await gw.generate(key, "y"), "minute")
+
+
+# -- 2. concurrency ----------------------------------------------------------------------
+
+
+class GatedFluxKrea(FluxKreaEmulator):
+    """The flux-krea emulator, holding every generation until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__(api_key="test-key")
+        self.gate = asyncio.Event()
+        self.arrived = 0
+
+    async def _generate(self, request: Request) -> Response:
+        self.arrived += 1
+        await self.gate.wait()
+        return await super()._generate(request)
+
+
+@contextlib.asynccontextmanager
+async def gated_upstream() -> AsyncIterator[tuple[GatedFluxKrea, str]]:
+    emu = GatedFluxKrea()
+    try:
+        async with serve(emu.app) as base:
+            yield emu, base
+    finally:
+        emu.gate.set()  # never leave a handler hanging at shutdown
+
+
+async def test_a_second_job_waits_for_the_first_to_end_on_a_free_key(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gated_upstream() as (emu, upstream), gateway(
+        redis_url, storage_dir,
+        fluxkrea_api_key="test-key", fluxkrea_api_base=f"{upstream}/v1",
+        routes={"flux-krea": ["fluxkrea"]}, url_allow_cidrs="127.0.0.0/8",
+    ) as gw:
+        key = await gw.key("free", credits=100)
+        first = job_id(await gw.generate(key, "first", provider="flux-krea",
+                                         width=512, height=512))
+        await until(lambda: emu.arrived == 1, what="the first job to reach the upstream")
+        assert (await gw.job(key, first))["status"] == "processing"  # type: ignore[index]
+
+        refused = await gw.generate(key, "second", provider="flux-krea")
+        retry_after = assert_rate_limited(refused, "concurrency")
+        assert retry_after <= 30
+        limits = await limits_of(gw, key)
+        assert limits["concurrency"]["used"] == 1 and limits["concurrency"]["remaining"] == 0
+        assert limits["minute"]["used"] == 1  # the refused one counted nothing
+        assert await credits_of(gw, key) == 90
+
+        emu.gate.set()
+        done = await gw.wait(key, first)
+        assert done["status"] == "completed", done["error"]
+        assert (await limits_of(gw, key))["concurrency"]["used"] == 0
+        second = await gw.generate(key, "second", provider="flux-krea")
+        assert second.status_code == 200, second.text
+        assert (await gw.wait(key, job_id(second)))["status"] == "completed"
+
+
+async def test_cancelling_a_running_job_frees_its_slot_at_once(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gated_upstream() as (emu, upstream), gateway(
+        redis_url, storage_dir,
+        fluxkrea_api_key="test-key", fluxkrea_api_base=f"{upstream}/v1",
+        routes={"flux-krea": ["fluxkrea"]}, url_allow_cidrs="127.0.0.0/8",
+    ) as gw:
+        key = await gw.key("free", credits=100)
+        first = job_id(await gw.generate(key, "first", provider="flux-krea"))
+        await until(lambda: emu.arrived == 1, what="the first job to reach the upstream")
+        assert_rate_limited(await gw.generate(key, "second", provider="flux-krea"),
+                            "concurrency")
+        r = await gw.gql(CANCEL, {"id": first}, key)
+        assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
+        # The upstream still holds the first request: the slot is free all the same.
+        second = await gw.generate(key, "second", provider="flux-krea", width=512, height=512)
+        assert second.status_code == 200, second.text
+        assert await credits_of(gw, key) == 90  # first refunded, second charged
+        emu.gate.set()
+        assert (await gw.wait(key, job_id(second)))["status"] == "completed"
+        assert (await gw.job(key, first))["status"] == "cancelled"  # type: ignore[index]
+
+
+# -- 3. a dead worker's lease ------------------------------------------------------------
+
+
+async def test_a_killed_workers_slot_comes_back_after_its_lease(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
+                       job_lease_seconds=5) as gw:
+        key = await gw.key("free", credits=100)
+        account = gw.keys[key]["id"]
+        first = job_id(await gw.generate(key, "doomed"))
+        # 3 s later a worker takes the job (as `gateway worker` does: a 5 s lease on the
+        # slot, from now) and then dies without renewing it or ending the job.
+        clock.advance(3)
+        store = JobStore(gw.accounts.redis, gw.accounts.scripts)
+        job = await store.get(account, first)
+        assert job is not None
+        assert await store.start(job, int(clock() * 1000), 5000) == ("queued", 1)
+
+        retry_after = assert_rate_limited(await gw.generate(key, "blocked"), "concurrency")
+        assert retry_after <= 5
+        # Past the lease taken at admission, but within the worker's: still held.
+        clock.advance(3)
+        assert_rate_limited(await gw.generate(key, "still blocked"), "concurrency")
+        assert (await limits_of(gw, key))["concurrency"]["used"] == 1
+        # Past the worker's lease: nothing renews it, so the slot is free again.
+        clock.advance(3)
+        assert (await limits_of(gw, key))["concurrency"]["used"] == 0
+        r = await gw.generate(key, "after the lease")
+        assert r.status_code == 200, r.text
+
+
+# -- 4. the daily limit ------------------------------------------------------------------
+
+
+async def test_the_daily_limit_rolls_over_at_utc_midnight(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=1000, rpm=100, concurrency=100, daily=3)
+        for i in range(3):
+            assert (await gw.generate(key, f"today {i}")).status_code == 200
+        refused = await gw.generate(key, "one more today")
+        retry_after = assert_rate_limited(refused, "day")
+        to_midnight = next_utc_midnight(clock()) - clock()
+        assert abs(retry_after - to_midnight) <= 2
+        day = (await limits_of(gw, key))["day"]
+        assert (day["limit"], day["used"], day["remaining"]) == (3, 3, 0)
+        assert day["reset"] == next_utc_midnight(clock())
+
+        # One second before midnight: still today.
+        clock.advance(to_midnight - 1)
+        assert_rate_limited(await gw.generate(key, "not yet"), "day")
+        # Just after midnight UTC: a new day.
+        clock.advance(2)
+        r = await gw.generate(key, "tomorrow")
+        assert r.status_code == 200, r.text
+        day = (await limits_of(gw, key))["day"]
+        assert (day["used"], day["remaining"]) == (1, 2)
+        assert day["reset"] == next_utc_midnight(clock())
+        assert await credits_of(gw, key) == 1000 - 4 * 20  # 1024x1024 by default
+
+
+# -- 5. two gateway processes, one key, a storm of requests --------------------------------
+
+
+def start_gateway_process(redis_url: str, storage_dir: Path, log: Path) -> tuple[
+    subprocess.Popen[bytes], str
+]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_PORT": str(port),
+                "GATEWAY_STORAGE_DIR": str(storage_dir), "GATEWAY_INPROCESS_WORKERS": "0"})
+    with log.open("wb") as out:
+        proc = subprocess.Popen([GATEWAY, "serve"], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def two_gateways(
+    redis_url: str, storage_dir: Path, tmp_path: Path
+) -> Iterator[list[str]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    bases: list[str] = []
+    try:
+        for i in range(2):
+            proc, base = start_gateway_process(redis_url, storage_dir, tmp_path / f"gw{i}.log")
+            procs.append(proc)
+            bases.append(base)
+        deadline = time.monotonic() + 30
+        for i, (proc, base) in enumerate(zip(procs, bases, strict=True)):
+            while True:
+                assert proc.poll() is None, (tmp_path / f"gw{i}.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "gateway serve did not become ready"
+                time.sleep(0.05)
+        yield bases
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+async def storm(bases: list[str], key: str, n: int) -> list[httpx.Response]:
+    """`n` generation requests at once, alternating between the gateway processes."""
+    body = {"query": GENERATE, "variables": {"input": {
+        "type": "IMAGE", "provider": "local", "input": {"text": "storm"},
+        "options": {"width": 512, "height": 512}}}}
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return list(await asyncio.gather(*(
+            client.post(f"{bases[i % len(bases)]}/graphql", json=body, headers=headers)
+            for i in range(n)
+        )))
+
+
+async def check_books(accounts: Accounts, account: str, admitted: int, cost: int) -> int:
+    """The ledger balances to the account's credits and never went below zero."""
+    balance = (await accounts.get(account)).credits
+    ledger = await accounts.ledger(account)
+    charges = [-int(e["delta"]) for e in ledger if e["reason"] == "charge"]
+    refunds = [int(e["delta"]) for e in ledger if e["reason"] == "refund"]
+    topups = [int(e["delta"]) for e in ledger if e["reason"] not in ("charge", "refund")]
+    assert charges == [cost] * admitted
+    assert balance >= 0
+    assert all(int(e["balance"]) >= 0 for e in ledger)
+    assert balance + sum(charges) - sum(refunds) == sum(topups)
+    jobs = await accounts.redis.zcard(rkeys.jobs(account))
+    assert jobs == admitted  # nothing refused left a job behind
+    return balance
+
+
+async def test_two_processes_admit_exactly_the_minute_limit_from_one_key(
+    redis_url: str, two_gateways: list[str]
+) -> None:
+    settings = load_settings(redis_url=redis_url)
+    redis = connect(redis_url)
+    accounts = Accounts(redis, Scripts.register(redis), settings)
+    try:
+        # Minute limit first: 50 a minute, credits for 70 images (10 each at 512x512).
+        made = await accounts.create("enterprise", 700, rpm=50, concurrency=1000, daily=1000)
+        replies = await storm(two_gateways, made["key"], 200)
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == 50, sorted(set(statuses))
+        assert statuses.count(429) == 150
+        assert {error_of(r)["limit"] for r in replies if r.status_code == 429} == {"minute"}
+        ids = {r.json()["data"]["generate"]["id"] for r in replies if r.status_code == 200}
+        assert len(ids) == 50
+        # Both processes answered their half (which of them admitted is a race).
+        served = [str(r.request.url).removesuffix("/graphql") for r in replies]
+        assert [served.count(base) for base in two_gateways] == [100, 100]
+        remaining = sorted(int(r.headers["X-RateLimit-Remaining"])
+                           for r in replies if r.status_code == 200)
+        assert remaining == list(range(50))  # each admission saw its own place in the window
+        assert await check_books(accounts, made["id"], admitted=50, cost=10) == 200
+
+        # Credits first: enough for 30 images, the minute limit (50) not reached.
+        made = await accounts.create("enterprise", 300, rpm=50, concurrency=1000, daily=1000)
+        replies = await storm(two_gateways, made["key"], 200)
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == 30, sorted(set(statuses))
+        assert statuses.count(402) == 170
+        refused = error_of(next(r for r in replies if r.status_code == 402))
+        assert refused["code"] == "INSUFFICIENT_CREDITS"
+        assert (refused["creditsRequired"], refused["creditsAvailable"]) == (10, 0)
+        assert await check_books(accounts, made["id"], admitted=30, cost=10) == 0
+    finally:
+        await redis.aclose()
+
+
+# -- 6. idempotency ----------------------------------------------------------------------
+
+
+async def test_idempotency_key_makes_concurrent_retries_one_job(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        # A free key: one slot, ten a minute; retries of one request take neither.
+        key = await gw.key("free", credits=100)
+        variables = {"input": {"type": "IMAGE", "provider": "local",
+                               "input": {"text": "same"}, "idempotencyKey": "order-17",
+                               "options": {"width": 1024, "height": 1024}}}
+        replies = await asyncio.gather(*(gw.gql(GENERATE, variables, key) for _ in range(20)))
+        assert [r.status_code for r in replies] == [200] * 20, replies[0].text
+        assert len({job_id(r) for r in replies}) == 1
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert [(e["reason"], int(e["delta"])) for e in ledger] == [
+            ("initial", 100), ("charge", -20)
+        ]
+        limits = await limits_of(gw, key)
+        assert limits["minute"]["used"] == 1 and limits["day"]["used"] == 1
+
+        # The same key asking for something else is a client bug: 400, nothing taken.
+        changed = {"input": {**variables["input"], "input": {"text": "different"}}}
+        r = await gw.gql(GENERATE, changed, key)
+        assert r.status_code == 400, r.text
+        error = error_of(r)
+        assert error["code"] == "BAD_USER_INPUT" and error["field"] == "idempotencyKey"
+        assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 2
+        # Another idempotency key is another request (and meets the concurrency limit).
+        other = {"input": {**variables["input"], "idempotencyKey": "order-18"}}
+        assert_rate_limited(await gw.gql(GENERATE, other, key), "concurrency")
+
+
+# -- 7. reads --------------------------------------------------------------------------
+
+
+async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
+                       read_rpm=5) as gw:
+        key = await gw.key("free", credits=100)
+        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
+        for i in range(5):
+            r = await gw.gql("{ me { plan } }", key=key)
+            assert r.status_code == 200, (i, r.text)
+        refused = await gw.gql("{ me { plan } }", key=key)
+        retry_after = assert_rate_limited(refused, "read")
+        assert retry_after <= 60
+        # A refused read is still an authenticated response: it carries the key's limits.
+        assert refused.headers["X-RateLimit-Limit"] == "10"
+        assert refused.headers["X-RateLimit-Remaining"] == "10"
+        rest = await gw.http.get("/v1/jobs/x", headers={"X-API-Key": key})
+        assert rest.status_code == 429 and rest.headers["X-RateLimit-Limit"] == "10"
+        # Generating is not a read: still admitted.
+        r = await gw.generate(key, "while reads are limited")
+        assert r.status_code == 200, r.text
+        assert r.headers["X-RateLimit-Remaining"] == "9"
+        # Polling the job is a read, and is refused too.
+        polled = await gw.gql("query($id: ID!) { job(id: $id) { status } }",
+                              {"id": job_id(r)}, key)
+        assert_rate_limited(polled, "read")
+        clock.advance(retry_after)
+        assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+
+
+async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Knowing a key's account id (its visible prefix) is not enough to starve it."""
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
+                       read_rpm=5) as gw:
+        key = await gw.key("free", credits=100)
+        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
+        forged = "_".join(key.split("_", 2)[:2]) + "_" + "x" * 43
+        for _ in range(10):
+            r = await gw.gql("{ me { plan } }", key=forged)
+            assert r.status_code == 401, r.text
+        for i in range(5):
+            r = await gw.gql("{ me { plan } }", key=key)
+            assert r.status_code == 200, (i, r.text)
+        assert_rate_limited(await gw.gql("{ me { plan } }", key=key), "read")
+
+
+async def test_polling_every_two_seconds_never_exhausts_a_plan(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=100)
+        first = job_id(await gw.generate(key, "polled"))
+        for _ in range(90):  # three minutes of polling every 2 s
+            assert (await gw.job(key, first)) is not None
+            clock.advance(2)
+
+
+# -- 8. per-key overrides and the admin API -------------------------------------------------
+
+
+async def test_admin_raises_a_keys_limit_and_only_the_admin_may(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False,
+                       admin_token="adm") as gw:
+        key = await gw.key("enterprise", credits=1000, rpm=2)
+        account = gw.keys[key]["id"]
+        for _ in range(2):
+            assert (await gw.generate(key)).status_code == 200
+        r = await gw.generate(key)
+        assert_rate_limited(r, "minute")
+        assert r.headers["X-RateLimit-Limit"] == "2"
+
+        # Not with the key's own API key, not without a token, not with a wrong one.
+        as_user = await gw.gql(UPDATE_KEY, {"id": account, "rpm": 100}, key)
+        assert as_user.status_code == 403 and error_of(as_user)["code"] == "FORBIDDEN"
+        anonymous = await gw.gql(UPDATE_KEY, {"id": account, "rpm": 100})
+        assert anonymous.status_code == 401
+        assert error_of(anonymous)["code"] == "UNAUTHENTICATED"
+        wrong = await gw.gql(UPDATE_KEY, {"id": account, "rpm": 100}, "admx")
+        assert wrong.status_code == 403 and error_of(wrong)["code"] == "FORBIDDEN"
+        assert_rate_limited(await gw.generate(key), "minute")
+
+        r = await gw.gql(UPDATE_KEY, {"id": account, "rpm": 5}, "adm")
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["updateKey"] == {"id": account, "rpm": 5}
+        for i in range(3):
+            r = await gw.generate(key)
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RateLimit-Limit"] == "5"
+            assert r.headers["X-RateLimit-Remaining"] == str(2 - i)
+        assert_rate_limited(await gw.generate(key), "minute")
+        limits = await limits_of(gw, key)
+        assert (limits["minute"]["limit"], limits["minute"]["used"]) == (5, 5)
+
+        # An unknown key id is a 404, not a new account.
+        missing = await gw.gql(UPDATE_KEY, {"id": "nope", "rpm": 5}, "adm")
+        assert error_of(missing)["code"] == "NOT_FOUND"
+
+
+async def test_after_a_limit_is_lowered_retry_after_says_when_a_request_gets_in(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
+                       admin_token="adm") as gw:
+        key = await gw.key("enterprise", credits=1000, rpm=5)
+        for _ in range(5):  # one every 10 s: at t = 0, 10, 20, 30, 40
+            assert (await gw.generate(key)).status_code == 200
+            clock.advance(10)
+        # t = 50: five in the window. Down to 2 a minute: four must leave first, the
+        # fourth (t = 30) at t = 90, so the answer is 40 s, not the oldest's 10 s.
+        r = await gw.gql(UPDATE_KEY, {"id": gw.keys[key]["id"], "rpm": 2}, "adm")
+        assert r.json()["data"]["updateKey"]["rpm"] == 2
+        retry_after = assert_rate_limited(await gw.generate(key), "minute")
+        assert 39 <= retry_after <= 41
+        clock.advance(retry_after - 2)
+        assert_rate_limited(await gw.generate(key), "minute")
+        clock.advance(2)
+        r = await gw.generate(key)
+        assert r.status_code == 200, r.text
+
+
+async def test_admin_api_is_off_without_an_admin_token(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("enterprise", credits=100, rpm=2)
+        r = await gw.gql(UPDATE_KEY, {"id": gw.keys[key]["id"], "rpm": 5}, key)
+        assert r.status_code == 403 and error_of(r)["code"] == "FORBIDDEN"
+
+
+# -- 9. me and estimate -------------------------------------------------------------------
+
+
+async def test_me_reports_each_limit_as_admitted(redis_url: str, storage_dir: Path) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
+        key = await gw.key("starter", credits=200)  # 30/min, 3 at once, 1000/day
+        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: reads do not roll over
+        replies = [await gw.generate(key, f"job {i}", width=512, height=512) for i in range(2)]
+        first_reset = int(replies[0].headers["X-RateLimit-Reset"])
+        await gw.gql(CANCEL, {"id": job_id(replies[0])}, key)
+        me = (await gw.gql(ME, key=key)).json()["data"]["me"]
+        now = clock()
+        assert me["credits"] == 200 - 10  # the cancelled one was refunded
+        limits = {row["name"]: row for row in me["limits"]}
+        assert [row["name"] for row in me["limits"]] == ["minute", "day", "concurrency", "read"]
+        assert limits["minute"] == {"name": "minute", "limit": 30, "used": 2, "remaining": 28,
+                                    "reset": first_reset}
+        assert now < first_reset <= now + 61
+        # A cancelled job still counts against the minute and the day, not the slots.
+        assert limits["day"] == {"name": "day", "limit": 1000, "used": 2, "remaining": 998,
+                                 "reset": next_utc_midnight(now)}
+        assert {k: limits["concurrency"][k] for k in ("limit", "used", "remaining")} == {
+            "limit": 3, "used": 1, "remaining": 2}
+        # Reads: the two cancelJob/generate mutations are not reads; this `me` is the first.
+        read = limits["read"]
+        assert (read["limit"], read["used"], read["remaining"]) == (600, 1, 599)
+        assert read["reset"] == math.floor(now / 60) * 60 + 60
+
+        # A minute later the window is empty again; the day is not.
+        clock.advance(61)
+        limits = await limits_of(gw, key)
+        assert (limits["minute"]["used"], limits["minute"]["remaining"]) == (0, 30)
+        assert limits["day"]["used"] == 2
+
+
+@pytest.mark.parametrize(("options", "credits"), [
+    ({"width": 512, "height": 512}, 10),
+    ({"width": 1024, "height": 1024}, 20),
+    ({"width": 2048, "height": 2048}, 30),
+    ({"width": 1024, "height": 1024, "numImages": 3}, 60),
+    ({"width": 2048, "height": 2048, "numImages": 4}, 120),
+    ({"width": 768, "height": 768}, 14),  # (768² - 512²) / (1024² - 512²) = 5/12 -> 14.17
+])
+async def test_estimate_quotes_the_contract_price_and_takes_nothing(
+    redis_url: str, storage_dir: Path, options: dict[str, int], credits: int
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=50)
+        variables = {"input": {"type": "IMAGE", "provider": "local",
+                               "input": {"text": "how much?"}, "options": options}}
+        for _ in range(12):  # more than a free key may generate in a minute
+            r = await gw.gql(ESTIMATE, variables, key)
+            assert r.status_code == 200, r.text
+            quote = r.json()["data"]["estimate"]
+            assert quote["credits"] == credits
+            assert (quote["width"], quote["height"]) == (options["width"], options["height"])
+            assert quote["numImages"] == options.get("numImages", 1)
+        me = (await gw.gql(ME, key=key)).json()["data"]["me"]
+        assert me["credits"] == 50
+        used = {row["name"]: row["used"] for row in me["limits"]}
+        assert (used["minute"], used["day"], used["concurrency"]) == (0, 0, 0)
+        assert await gw.accounts.ledger(gw.keys[key]["id"]) == [
+            {"delta": "50", "reason": "initial", "job": "", "balance": "50"}
+        ]
+        # What the estimate said is what a generation is charged, when it can be paid.
+        r = await gw.generate(key, "how much?", **options)
+        if credits <= 50:
+            assert r.json()["data"]["generate"]["creditCost"] == credits
+            assert await credits_of(gw, key) == 50 - credits
+        else:
+            error = error_of(r)
+            assert error["code"] == "INSUFFICIENT_CREDITS"
+            assert (error["creditsRequired"], error["creditsAvailable"]) == (credits, 50)

@@ -1,0 +1,402 @@
+"""Routing end to end: the real gateway against the three upstream emulators over loopback.
+
+Failover on upstream trouble (5xx, 429), none on the user's own bad input, circuit
+breakers, backends without credentials, resuming a stored upstream job instead of paying
+for it twice, and Krea's lifecycle statuses as progress (CONTRACT §5, §10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from PIL import Image
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.store import keys
+from tests.emulators.fluxkrea import FluxKreaEmulator
+from tests.emulators.krea import LIFECYCLE, KreaEmulator
+from tests.emulators.segmind import SegmindEmulator
+from tests.harness import Harness, gateway
+from tests.servers import serve
+
+PROVIDERS = "{ providers { name kind enabled reason circuit } }"
+
+
+class HoldingKrea(KreaEmulator):
+    """Krea's emulator, able to hold its jobs at one lifecycle status while a test looks.
+
+    While `hold_at` is set, a pending job's poll answers that status (or an earlier one)
+    again and again instead of advancing; clearing it lets the lifecycle go on.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.hold_at: str | None = None
+        super().__init__(**kwargs)
+
+    async def _job(self, request: Request) -> Response:
+        if self.hold_at is not None:
+            index = LIFECYCLE.index(self.hold_at)
+            job = self.jobs.get(request.path_params["job_id"])
+            if job is not None and job.completed_at is None and job.polls >= index:
+                job.polls = index - 1  # the emulator adds one: the same status again
+        return await super()._job(request)
+
+
+@dataclass
+class Upstreams:
+    fluxkrea: FluxKreaEmulator
+    segmind: SegmindEmulator
+    krea: HoldingKrea
+    settings: dict[str, Any]
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[Upstreams]:
+    fluxkrea = FluxKreaEmulator(api_key="test-key")
+    segmind = SegmindEmulator(api_key="test-key")
+    krea = HoldingKrea(token="test-token")
+    async with serve(fluxkrea.app) as fb, serve(segmind.app) as sb, serve(krea.app) as kb:
+        yield Upstreams(fluxkrea, segmind, krea, {
+            "fluxkrea_api_base": f"{fb}/v1", "fluxkrea_api_key": "test-key",
+            "segmind_api_base": sb, "segmind_api_key": "test-key",
+            "krea_api_base": kb, "krea_api_token": "test-token",
+        })  # fmt: skip
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def submit(gw: Harness, key: str, provider: str = "flux-krea", **options: Any) -> str:
+    options.setdefault("width", 1024)
+    options.setdefault("height", 1024)
+    r = await gw.generate(key, "a red fox in the snow", provider=provider, **options)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "errors" not in body, body
+    return str(body["data"]["generate"]["id"])
+
+
+async def providers(gw: Harness, key: str) -> dict[str, dict[str, Any]]:
+    r = await gw.gql(PROVIDERS, key=key)
+    assert r.status_code == 200, r.text
+    return {p["name"]: p for p in r.json()["data"]["providers"]}
+
+
+async def credits(gw: Harness, key: str) -> int:
+    r = await gw.gql("{ me { credits } }", key=key)
+    return int(r.json()["data"]["me"]["credits"])
+
+
+async def image_size(gw: Harness, url: str) -> tuple[int, int]:
+    assert url.startswith(gw.base + "/outputs/"), url  # ours, not the upstream's
+    r = await gw.http.get(url)
+    assert r.status_code == 200
+    return Image.open(io.BytesIO(r.content)).size
+
+
+def job_key(gw: Harness, key: str, job_id: str) -> str:
+    return keys.job(gw.keys[key]["id"], job_id)
+
+
+# -- 1. failover ---------------------------------------------------------------------------
+
+
+async def test_flux_krea_500s_fail_over_to_segmind_and_the_image_is_ours(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(5, 500)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key)
+        done = await gw.wait(key, job_id)
+
+        assert done["status"] == "completed", done["error"]
+        meta = done["metadata"]
+        assert meta["backend"] == "segmind"
+        # A 500 on a generate may hide a paid job: it is not sent again, it fails over.
+        assert up.fluxkrea.submissions == 1
+        assert up.segmind.submissions == 1
+        assert up.krea.submissions == 0
+        (segmind_id,) = up.segmind.jobs
+        assert meta["upstreamId"] == segmind_id
+        assert meta["sent"]["prompt"] == "a red fox in the snow"
+        assert meta["sent"]["aspect_ratio"] == "1:1"
+        assert (meta["width"], meta["height"]) == (1024, 1024)
+        assert (done["width"], done["height"]) == (1024, 1024)
+
+        assert await image_size(gw, done["url"]) == (1024, 1024)
+        assert done["creditCost"] == 20
+        assert await credits(gw, key) == 980
+
+
+# -- 2. 429s fail over; the user's own bad input does not -----------------------------------
+
+
+@pytest.mark.parametrize("retry_after", [0.05, 60])
+async def test_a_429_storm_fails_over_without_holding_the_job(
+    up: Upstreams, redis_url: str, storage_dir: Path, retry_after: float
+) -> None:
+    up.fluxkrea.rate_limit_next(50, retry_after=retry_after)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key()
+        started = time.monotonic()
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "segmind"
+        assert await image_size(gw, done["url"]) == (512, 512)
+        # Retries are bounded, and a long Retry-After is not waited out: the next
+        # backend serves the job instead (well under the 60 s the upstream asked for).
+        assert 1 <= up.fluxkrea.submissions <= 3
+        assert time.monotonic() - started < 10
+
+
+async def test_upstream_refusing_the_users_input_fails_the_job_without_failover(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(1, 400)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key)
+        done = await gw.wait(key, job_id)
+
+        assert done["status"] == "failed"
+        assert "flux-krea answered 400" in done["error"]
+        assert "injected failure" in done["error"]  # the upstream's own words
+        assert up.fluxkrea.submissions == 1
+        assert up.segmind.submissions == 0
+        assert up.krea.submissions == 0
+        assert await credits(gw, key) == 1000  # refunded in full
+
+
+async def test_users_bad_input_does_not_open_the_circuit_for_everyone(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(3, 400)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key()
+        for _ in range(3):
+            done = await gw.wait(key, await submit(gw, key))
+            assert done["status"] == "failed"
+        assert (await providers(gw, key))["fluxkrea"]["circuit"] == "closed"
+        done = await gw.wait(key, await submit(gw, key))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "fluxkrea"
+        assert up.fluxkrea.submissions == 4
+        assert up.segmind.submissions == 0
+
+
+# -- 3. circuit breaker ----------------------------------------------------------------------
+
+
+async def test_three_failures_open_the_circuit_and_the_next_job_skips_the_backend(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(1000, 503)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key()
+        before = await providers(gw, key)
+        assert before["fluxkrea"]["circuit"] == "closed"
+        assert before["fluxkrea"]["enabled"] is True
+
+        for n in range(1, 4):
+            done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+            assert done["status"] == "completed", done["error"]
+            assert done["metadata"]["backend"] == "segmind"
+            assert up.fluxkrea.submissions == n
+            state = (await providers(gw, key))["fluxkrea"]["circuit"]
+            assert state == ("open" if n == 3 else "closed"), (n, state)
+
+        listed = await providers(gw, key)
+        fluxkrea = listed["fluxkrea"]
+        assert fluxkrea["circuit"] == "open"
+        assert "3 failures in a row" in fluxkrea["reason"]
+        assert "503" in fluxkrea["reason"]
+        assert listed["segmind"]["circuit"] == "closed"
+        assert listed["flux-krea"]["enabled"] is True
+
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "segmind"
+        assert up.fluxkrea.submissions == 3  # the broken backend saw nothing new
+        assert len(up.fluxkrea.requests) == 3
+        assert up.segmind.submissions == 4
+
+
+# -- 4. a backend without credentials -------------------------------------------------------
+
+
+async def test_backend_without_credentials_is_not_tried_and_says_why(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    settings = {**up.settings, "fluxkrea_api_key": None}
+    async with gateway(redis_url, storage_dir, **settings) as gw:
+        key = await gw.key()
+        listed = await providers(gw, key)
+        assert listed["fluxkrea"]["enabled"] is False
+        assert "GATEWAY_FLUXKREA_API_KEY" in listed["fluxkrea"]["reason"]
+        assert listed["segmind"]["enabled"] is True
+        assert listed["flux-krea"]["enabled"] is True
+
+        for _ in range(3):
+            done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+            assert done["status"] == "completed", done["error"]
+            assert done["metadata"]["backend"] == "segmind"
+        assert up.fluxkrea.requests == []
+        # Never tried, so never counted as failing: it still says why it is off.
+        after = (await providers(gw, key))["fluxkrea"]
+        assert after["circuit"] == "closed"
+        assert after["reason"] == listed["fluxkrea"]["reason"]
+
+
+async def test_pinned_backend_without_credentials_says_which_variable_is_missing(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    settings = {**up.settings, "krea_api_token": None}
+    async with gateway(redis_url, storage_dir, **settings) as gw:
+        key = await gw.key(credits=1000)
+        listed = await providers(gw, key)
+        assert listed["krea"]["enabled"] is False
+        assert "GATEWAY_KREA_API_TOKEN" in listed["krea"]["reason"]
+        assert listed["flux-dev"]["enabled"] is False
+        assert "GATEWAY_KREA_API_TOKEN" in listed["flux-dev"]["reason"]
+
+        r = await gw.generate(key, "a red fox", provider="flux-dev", width=512, height=512)
+        body = r.json()
+        if "errors" in body:  # refused up front
+            assert body["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE", body
+            assert "GATEWAY_KREA_API_TOKEN" in body["errors"][0]["message"]
+        else:  # or accepted, then failed with the reason and refunded
+            done = await gw.wait(key, body["data"]["generate"]["id"])
+            assert done["status"] == "failed"
+            assert "GATEWAY_KREA_API_TOKEN" in done["error"]
+        assert up.krea.requests == []
+        assert await credits(gw, key) == 1000
+
+
+# -- 5. resume, never resubmit ---------------------------------------------------------------
+
+
+async def test_a_job_krea_accepted_is_resumed_by_another_process_not_submitted_again(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    settings = {**up.settings, "job_lease_seconds": 1.0, "shutdown_grace_seconds": 0.0}
+    up.krea.hold_at = "processing"
+    async with gateway(redis_url, storage_dir, **settings) as first:
+        key = await first.key(credits=1000)
+        job_id = await submit(first, key, provider="flux-dev", width=768, height=512)
+        hash_key = job_key(first, key, job_id)
+
+        async def stored() -> Any:
+            raw = await first.accounts.redis.hget(hash_key, "upstream")
+            return orjson.loads(raw) if raw else None
+
+        upstream = await until(stored, "the upstream id to be stored")
+
+        async def polled() -> bool:
+            return bool(up.krea.received("GET", "/jobs/"))
+
+        await until(polled, "a first poll")
+        assert (await first.job(key, job_id))["status"] == "processing"
+    # The first process is gone mid-job (its worker cancelled, nothing acknowledged).
+    (krea_id,) = up.krea.jobs
+    assert upstream["backend"] == "krea" and upstream["id"] == krea_id
+    assert up.krea.submissions == 1
+    polls_before = len(up.krea.received("GET", "/jobs/"))
+
+    up.krea.hold_at = None
+    up.krea.steps_to_complete = 1  # Krea has finished meanwhile
+    async with gateway(redis_url, storage_dir, **settings) as second:
+        done = await second.wait(key, job_id, timeout=20)
+        assert done["status"] == "completed", done["error"]
+        meta = done["metadata"]
+        assert meta["backend"] == "krea"
+        assert meta["upstreamId"] == krea_id
+        assert meta["sent"] == up.krea.jobs[krea_id].body
+        assert up.krea.submissions == 1  # polled, never submitted again
+        assert len(up.krea.received("GET", "/jobs/")) > polls_before
+        assert await image_size(second, done["url"]) == (768, 512)
+        assert await credits(second, key) == 1000 - done["creditCost"]  # charged once
+
+
+async def test_a_stored_upstream_id_is_polled_by_a_fresh_worker(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """The same guarantee without a takeover: a queued job whose upstream id is stored."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, **up.settings) as gw:
+        key = await gw.key()
+        job_id = await submit(gw, key, provider="flux-dev", width=512, height=640)
+        # A Krea job made outside the gateway, as a worker that died would have left it.
+        r = await gw.http.post(
+            up.settings["krea_api_base"] + "/generate/image/bfl/flux-1-dev",
+            headers={"Authorization": "Bearer test-token"},
+            json={"prompt": "a red fox in the snow", "width": 512, "height": 640},
+        )
+        assert r.status_code == 200, r.text
+        krea_id = r.json()["job_id"]
+        upstream = {"backend": "krea", "id": krea_id, "sent": {"prompt": "a red fox"}}
+        await gw.accounts.redis.hset(
+            job_key(gw, key, job_id), "upstream", orjson.dumps(upstream).decode()
+        )
+        assert (await gw.job(key, job_id))["status"] == "queued"
+    assert up.krea.submissions == 1
+
+    async with gateway(redis_url, storage_dir, **up.settings) as gw2:
+        done = await gw2.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "krea"
+        assert done["metadata"]["upstreamId"] == krea_id
+        assert up.krea.submissions == 1
+        assert await image_size(gw2, done["url"]) == (512, 640)
+
+
+# -- 6. Krea's lifecycle ------------------------------------------------------------------
+
+
+async def test_krea_lifecycle_statuses_show_as_progress_until_completed(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.krea.hold_at = "sampling"
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key()
+        job_id = await submit(gw, key, provider="flux-dev", width=768, height=512)
+
+        async def sampling() -> dict[str, Any] | None:
+            job = await gw.job(key, job_id)
+            assert job is not None and job["status"] in ("queued", "processing"), job
+            meta = job["metadata"] or {}
+            return job if meta.get("upstreamStatus") == "sampling" else None
+
+        running = await until(sampling, "upstreamStatus sampling")
+        assert running["status"] == "processing"
+        (krea_id,) = up.krea.jobs
+        assert up.krea.jobs[krea_id].status == "sampling"
+
+        up.krea.hold_at = None
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        meta = done["metadata"]
+        assert meta["backend"] == "krea"
+        assert meta["upstreamId"] == krea_id
+        assert meta["sent"] == up.krea.jobs[krea_id].body
+        assert meta["sent"]["width"] == 768 and meta["sent"]["height"] == 512
+        # Every documented status was polled through, in order, to the end.
+        assert up.krea.jobs[krea_id].status == "completed"
+        assert up.krea.jobs[krea_id].polls == len(LIFECYCLE)
+        assert await image_size(gw, done["url"]) == (768, 512)

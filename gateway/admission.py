@@ -27,6 +27,8 @@ class Admitted:
     window_used: int
     window_reset: int  # unix seconds
     balance: int
+    mode: str = "run"  # run | hit (served from cache) | follow (waits for an identical job)
+    outcome: dict[str, str] | None = None  # a hit's stored fields (urls, width, ...)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ async def admit(
     idempotency: tuple[str, str] | None = None,
     hold_slot: bool = True,
     enqueue: bool = True,
+    cache_digest: str | None = None,
+    retention_ms: int = 7 * DAY_MS,
 ) -> Admitted | Duplicate:
     account = principal.account
     limits = principal.limits
@@ -67,6 +71,9 @@ async def admit(
             keys.jobs(account),
             keys.idempotency(account, idem_key),
             keys.QUEUE,
+            keys.cache_entry(cache_digest or ""),
+            keys.inflight(cache_digest or ""),
+            keys.followers(cache_digest or ""),
         ],
         args=[
             now_ms,
@@ -80,13 +87,20 @@ async def admit(
             idem_hash,
             1 if hold_slot else 0,
             1 if enqueue else 0,
+            1 if cache_digest else 0,
+            retention_ms,
             *flat(job.to_hash()),
         ],
         client=redis,
     )
     verdict = reply[0]
     if verdict == "ok":
-        return Admitted(int(reply[1]), math.ceil(int(reply[2]) / 1000), int(reply[3]))
+        outcome = None
+        if len(reply) > 5:
+            outcome = dict(zip(("urls", "width", "height", "metadata"), reply[5:], strict=True))
+        return Admitted(
+            int(reply[1]), math.ceil(int(reply[2]) / 1000), int(reply[3]), str(reply[4]), outcome
+        )
     if verdict == "duplicate":
         return Duplicate(str(reply[1]))
     if verdict == "limited":

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
+    # Result cache (CONTRACT §9)
+    cache_enabled: bool = True
+    cache_disabled_services: list[str] = Field(default_factory=list)
+
     # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered)
     webhook_retry_delays: list[float] = Field(
         default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 1800.0]

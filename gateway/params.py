@@ -90,6 +90,20 @@ class GenerationRequest(BaseModel):
             quality=self.quality,
         )
 
+    def cache_key(self) -> str:
+        """SHA-256 of everything that changes the picture, normalized: the same request
+        spelled differently (key order, defaults written out) gives the same key."""
+        width, height = self.size()
+        data = {
+            "provider": self.provider, "prompt": self.prompt, "width": width,
+            "height": height, "seed": self.seed, "steps": self.steps,
+            "guidance": None if self.guidance is None else float(self.guidance),
+            "num_images": self.num_images, "output_format": self.output_format,
+            "aspect_ratio": self.aspect_ratio, "quality": self.quality,
+            "version": self.version,
+        }
+        return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
     def fingerprint(self) -> str:
         """Hash of what the request asks for (for idempotency keys), not how it is spelled."""
         data = self.model_dump(exclude={"idempotency_key"})

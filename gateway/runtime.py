@@ -66,7 +66,7 @@ async def runtime(
         gateway.webhooks = webhooks
         worker = Worker(
             settings=settings, store=gateway.store, queue=queue, router=router,
-            artifacts=artifacts, events=gateway.events, webhooks=webhooks,
+            artifacts=artifacts, events=gateway.events, webhooks=webhooks, cache=gateway.cache,
             consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}", clock=clock,
         )
         yield Runtime(gateway, worker)

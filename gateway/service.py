@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,6 +24,7 @@ from gateway.accounts import Accounts
 from gateway.admission import Admitted, admit, utc_day
 from gateway.artifacts import ArtifactStore
 from gateway.auth import Principal, authenticate
+from gateway.cache import Cache
 from gateway.config import Settings
 from gateway.errors import NotFound, ServiceUnavailable
 from gateway.events import Events
@@ -77,6 +79,7 @@ class Gateway:
         self.store = JobStore(redis, scripts, settings.retention_days)
         self.events = Events(redis, self.store)
         self.accounts = Accounts(redis, scripts, settings)
+        self.cache = Cache(redis, scripts, settings)
         self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client
 
     def now_ms(self) -> int:
@@ -115,6 +118,7 @@ class Gateway:
             cost=estimate.credits,
             created_at=now,
             webhook_url=request.webhook_url,
+            cache_key=self.cache.digest(request),
         )
         idempotency = (
             (request.idempotency_key, request.fingerprint()) if request.idempotency_key else None
@@ -127,13 +131,24 @@ class Gateway:
                 # once a worker starts it, the slot becomes a short lease it renews.
                 lease_ms=int(self.settings.job_deadline_seconds * 1000),
                 idempotency=idempotency,
+                cache_digest=job.cache_key,
+                retention_ms=self.cache.retention_ms,
             )
             if not isinstance(verdict, Admitted):
                 earlier = await self.store.get(principal.account, verdict.job_id)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
                 return earlier, principal
-        self.queue.notify()
+        if verdict.mode == "run":
+            self.queue.notify()
+        else:
+            job.cost = 0  # a cache hit or a request coalesced into one in flight
+        if verdict.outcome:
+            job.status, job.completed_at = "completed", now
+            job.urls = orjson.loads(verdict.outcome["urls"])
+            job.width = int(verdict.outcome["width"])
+            job.height = int(verdict.outcome["height"])
+            job.metadata = orjson.loads(verdict.outcome["metadata"])
         principal = dataclasses.replace(
             principal,
             credits=verdict.balance,
@@ -168,6 +183,12 @@ class Gateway:
                 )
                 job = await self.store.get(principal.account, job_id) or job
                 await self.events.publish(job)
+                if job.cache_key:
+                    for key in await self.cache.release(job, self.now_ms()):
+                        self.queue.notify()
+                        follower = await self.store.get_by_key(key)
+                        if follower:
+                            await self.events.publish(follower)
             return job
 
     async def follow(self, principal: Principal, job_id: str) -> AsyncIterator[Job]:
@@ -196,7 +217,9 @@ class Gateway:
             return {"name": name, "limit": limit, "used": used, "remaining": remaining,
                     "reset": reset}
 
+        cache = await self.cache.stats(account)
         return {
+            "cache": cache,
             "id": account,
             "name": principal.name,
             "plan": principal.plan,

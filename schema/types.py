@@ -81,12 +81,21 @@ class LimitUsage:
 
 
 @strawberry.type
+class CacheStats:
+    hits: int
+    misses: int
+    coalesced: int = strawberry.field(description="requests that waited for an identical one")
+    credits_saved: int
+
+
+@strawberry.type
 class Me:
     id: strawberry.ID
     name: str
     plan: str
     credits: int
     limits: list[LimitUsage]
+    cache: CacheStats
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Me:
@@ -96,6 +105,7 @@ class Me:
             plan=data["plan"],
             credits=data["credits"],
             limits=[LimitUsage(**u) for u in data["limits"]],
+            cache=CacheStats(**data["cache"]),
         )
 
 

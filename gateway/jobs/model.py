@@ -39,6 +39,7 @@ class Job:
     attempts: int = 0
     upstream: dict[str, Any] | None = None  # {backend, id, sent}: resume, never resubmit
     refunded: int = 0
+    cache_key: str | None = None  # digest of a cacheable request's parameters
 
     @property
     def ended(self) -> bool:
@@ -81,6 +82,7 @@ class Job:
             attempts=int(h.get("attempts", 0)),
             upstream=orjson.loads(h["upstream"]) if h.get("upstream") else None,
             refunded=int(h.get("refunded", 0)),
+            cache_key=h.get("cache_key") or None,
         )
 
     def to_hash(self) -> dict[str, Any]:
@@ -95,6 +97,7 @@ class Job:
             "cost": self.cost,
             "created_at": self.created_at,
             "webhook_url": self.webhook_url or "",
+            "cache_key": self.cache_key or "",
         }
         if self.ended:
             out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))

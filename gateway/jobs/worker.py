@@ -22,6 +22,7 @@ import structlog
 from PIL import Image
 
 from gateway.artifacts import ArtifactStore
+from gateway.cache import Cache
 from gateway.config import Settings
 from gateway.errors import ProviderError
 from gateway.events import Events
@@ -70,10 +71,12 @@ class Worker:
         artifacts: ArtifactStore,
         events: Events,
         consumer: str,
+        cache: Cache,
         webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.webhooks = webhooks
+        self.cache = cache
         self.settings = settings
         self.store = store
         self.queue = queue
@@ -263,6 +266,10 @@ class Worker:
         )
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self.artifacts.delete(urls)
+        elif job.cache_key:
+            job.completed_at = now
+            for key in await self.cache.settle(job, urls, width, height, metadata):
+                await self._publish_key(key)
         await self._publish_final(job)
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
@@ -279,6 +286,15 @@ class Worker:
     async def _end(self, job: Job, status: str, error: str | None = None) -> None:
         await self.store.finish(job, status, self.now_ms(), refund=True, error=error)
         await self._publish_final(job)
+        if job.cache_key:  # the identical requests waiting for it must not fail with it
+            for key in await self.cache.release(job, self.now_ms()):
+                self.queue.notify()
+                await self._publish_key(key)
+
+    async def _publish_key(self, job_key: str) -> None:
+        job = await self.store.get_by_key(job_key)
+        if job is not None:
+            await self.events.publish(job)
 
     async def _publish_final(self, job: Job) -> None:
         fresh = await self.store.get(job.account, job.id)

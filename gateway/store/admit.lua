@@ -6,15 +6,26 @@
 -- the contract promises at most N in ANY 60-second window, which a sliding log states
 -- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
 --
--- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue
+-- A cacheable request (ARGV 12 = '1') is decided here too, in the same round trip:
+--   hit     the result cache holds it: a new job, completed at once, cost 0, no slot;
+--   follow  an identical job is in flight: a new job that waits for it (cost 0, no
+--           slot, not queued); the leader's worker completes it (settle.lua);
+--   run     otherwise, an ordinary job, which becomes the in-flight leader.
+-- Hits and followers count against the minute and day limits like any request.
+--
+-- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
+--       10 cache entry, 11 in-flight leader, 12 followers
 -- ARGV: 1 now_ms, 2 rpm, 3 concurrency, 4 daily (-1: unlimited), 5 cost, 6 job_id,
 --       7 lease_ms, 8 ms_to_day_end, 9 idem_hash ('' = none), 10 hold_slot (0/1),
---       11 enqueue (0/1), 12.. job hash fields (name, value, ...)
+--       11 enqueue (0/1), 12 cacheable (0/1), 13 retention_ms,
+--       14.. job hash fields (name, value, ...)
 local now = tonumber(ARGV[1])
 local rpm, conc, daily = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost, job_id = tonumber(ARGV[5]), ARGV[6]
 local lease, day_left = tonumber(ARGV[7]), tonumber(ARGV[8])
 local idem_hash, hold, enqueue = ARGV[9], ARGV[10] == '1', ARGV[11] == '1'
+local cacheable, retention = ARGV[12] == '1', tonumber(ARGV[13])
+local price = cost
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked')
 if not acct[1] or acct[2] == '1' then return {'revoked'} end
@@ -47,6 +58,22 @@ if daily >= 0 and today >= daily then
   return {'limited', 'day', day_left, used}
 end
 
+local mode = 'run'
+local entry = nil
+if cacheable then
+  entry = redis.call('HGETALL', KEYS[10])
+  if #entry > 0 then
+    mode = 'hit'
+  else
+    local leader = redis.call('GET', KEYS[11])
+    if leader then
+      local state = redis.call('HGET', leader, 'status')
+      if state == 'queued' or state == 'processing' then mode = 'follow' end
+    end
+  end
+  if mode ~= 'run' then hold, enqueue, cost = false, false, 0 end
+end
+
 if hold then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   if conc >= 0 and redis.call('ZCARD', KEYS[4]) >= conc then
@@ -71,12 +98,38 @@ if cost > 0 then
     'balance', balance)
 end
 local fields = {}
-for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[6], unpack(fields))
+local outcome = {}
+if mode == 'hit' then
+  local e = {}
+  for i = 1, #entry, 2 do e[entry[i]] = entry[i + 1] end
+  local meta = cjson.decode(e['metadata'])
+  meta['cached'] = true
+  meta['duration'] = 0
+  e['metadata'] = cjson.encode(meta)
+  redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
+    'price', price, 'urls', e['urls'], 'width', e['width'], 'height', e['height'],
+    'metadata', e['metadata'])
+  redis.call('PEXPIRE', KEYS[6], retention)
+  redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
+  redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
+  outcome = {e['urls'], e['width'], e['height'], e['metadata']}
+elseif mode == 'follow' then
+  redis.call('HSET', KEYS[6], 'cost', 0, 'price', price)
+  redis.call('RPUSH', KEYS[12], KEYS[6])
+  redis.call('PEXPIRE', KEYS[12], lease)
+  redis.call('HINCRBY', KEYS[1], 'cache_coalesced', 1)
+  redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
+elseif cacheable then
+  redis.call('SET', KEYS[11], KEYS[6], 'PX', lease)
+  redis.call('HSET', KEYS[6], 'price', price)
+  redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
+end
 redis.call('ZADD', KEYS[7], now, job_id)
 if idem_hash ~= '' then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end
 if enqueue then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {'ok', used + 1, tonumber(oldest[2]) + 60000, balance}
+return {'ok', used + 1, tonumber(oldest[2]) + 60000, balance, mode, unpack(outcome)}

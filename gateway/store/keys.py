@@ -65,3 +65,18 @@ def events(account_id: str, job_id: str) -> str:
 def webhook_log(account_id: str, job_id: str) -> str:
     """List: every delivery attempt of one job's webhook (JSON)."""
     return f"{_tag(account_id)}:whlog:{job_id}"
+
+
+def cache_entry(digest: str) -> str:
+    """Hash: the outcome of a completed cacheable request (shared by all keys)."""
+    return f"{PREFIX}:cache:{digest}"
+
+
+def inflight(digest: str) -> str:
+    """String: the job key of the identical request now running (the leader)."""
+    return f"{PREFIX}:inflight:{digest}"
+
+
+def followers(digest: str) -> str:
+    """List: job keys waiting for the leader's outcome."""
+    return f"{PREFIX}:followers:{digest}"

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 HERE = Path(__file__).parent
-NAMES = ("admit", "start", "finish", "credit", "auth", "claim")
+NAMES = ("admit", "start", "finish", "credit", "auth", "claim", "settle", "promote")
 
 
 def connect(redis_url: str | None) -> aioredis.Redis:
@@ -41,6 +41,8 @@ class Scripts:
     credit: AsyncScript
     auth: AsyncScript
     claim: AsyncScript
+    settle: AsyncScript
+    promote: AsyncScript
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:

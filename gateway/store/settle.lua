@@ -1,0 +1,29 @@
+-- settle: a cacheable job completed. Store its outcome as the cache entry (living as
+-- long as the outputs), stop it being the in-flight leader, and complete every job that
+-- waited for it with the same outputs, in one step so no waiter is ever forgotten.
+-- KEYS: 1 cache entry, 2 in-flight leader, 3 followers, 4 webhook schedule
+-- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata
+-- Returns the keys of the followers it completed.
+local now, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'urls', ARGV[4], 'width', ARGV[5], 'height', ARGV[6],
+  'metadata', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], retention)
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+local followers = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3])
+local meta = cjson.decode(ARGV[7])
+meta['cached'] = true
+meta['coalesced'] = true
+local done = {}
+for _, key in ipairs(followers) do
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'webhook_url')
+  if f[1] == 'queued' then
+    meta['duration'] = (now - tonumber(f[2])) / 1000
+    redis.call('HSET', key, 'status', 'completed', 'completed_at', now, 'urls', ARGV[4],
+      'width', ARGV[5], 'height', ARGV[6], 'metadata', cjson.encode(meta))
+    redis.call('PEXPIRE', key, retention)
+    if f[3] and f[3] ~= '' then redis.call('ZADD', KEYS[4], 'NX', now, key) end
+    done[#done + 1] = key
+  end
+end
+return done

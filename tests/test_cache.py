@@ -1,0 +1,196 @@
+"""Result cache by parameter hash, and coalescing of identical requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.emulators.krea import KreaEmulator
+from tests.harness import GENERATE, Harness, gateway
+from tests.servers import free_port, serve
+from tests.test_durability import jobs_state, until
+
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+
+
+def krea_settings(base: str) -> dict[str, Any]:
+    return {"krea_api_base": base, "krea_api_token": "test-token"}
+
+
+async def gen(gw: Harness, key: str, **options: Any) -> dict[str, Any]:
+    r = await gw.generate(key, options.pop("prompt", "a red kite over dunes"),
+                          provider=options.pop("provider", "flux-dev"), **options)
+    assert r.status_code == 200, r.text
+    return dict(r.json()["data"]["generate"])
+
+
+async def test_a_seeded_request_twice_costs_one_upstream_call(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=2)
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
+                                               **krea_settings(krea)) as gw:
+        key, other = await gw.key(), await gw.key()
+        first = await gen(gw, key, seed=42, width=1024, height=768)
+        assert first["creditCost"] == 17
+        done = await gw.wait(key, first["id"])
+        assert done["metadata"]["cached"] is False
+
+        # Another key with the same request: served from cache at once, for nothing.
+        second = await gen(gw, other, seed=42, width=1024, height=768)
+        assert second["status"] == "completed"
+        assert second["creditCost"] == 0
+        assert second["metadata"]["cached"] is True
+        assert second["id"] != first["id"]
+        assert emu.submissions == 1
+        a = await gw.http.get(done["url"])
+        b = await gw.http.get(second["url"])
+        assert a.content == b.content and len(a.content) > 0
+
+        # The same request spelled differently: other key order, defaults written out.
+        variables = {"input": {"options": {"cache": True, "outputFormat": "png", "numImages": 1,
+                                           "height": 768, "seed": 42, "width": 1024},
+                               "input": {"text": "a red kite over dunes"},
+                               "provider": "flux-dev", "type": "IMAGE"}}
+        r = await gw.gql(GENERATE, variables, other)
+        assert r.json()["data"]["generate"]["metadata"]["cached"] is True
+
+        # Anything that changes the picture misses.
+        for change in ({"seed": 43}, {"width": 768}, {"prompt": "a blue kite"},
+                       {"steps": 10}, {"outputFormat": "jpg"}):
+            options = {"seed": 42, "width": 1024, "height": 768, **change}
+            missed = await gen(gw, other, **options)
+            assert missed["status"] == "queued", change
+            assert missed["creditCost"] > 0
+            await gw.wait(other, missed["id"])
+        assert emu.submissions == 6
+
+        me = (await gw.gql("{ me { credits cache { hits misses creditsSaved } } }",
+                           key=other)).json()["data"]["me"]
+        assert me["cache"] == {"hits": 2, "misses": 5, "creditsSaved": 34}
+        ledger = await gw.accounts.ledger(gw.keys[other]["id"])
+        assert [e["reason"] for e in ledger].count("charge") == 5
+
+
+async def test_cache_false_bypasses_and_no_seed_means_a_new_picture(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        first = await gen(gw, key, provider="local", seed=5, width=512, height=512)
+        await gw.wait(key, first["id"])
+        bypass = await gen(gw, key, provider="local", seed=5, width=512, height=512,
+                           cache=False)
+        assert bypass["status"] == "queued" and bypass["creditCost"] == 10
+        unseeded = [await gen(gw, key, provider="local", width=512, height=512)
+                    for _ in range(2)]
+        assert all(j["status"] == "queued" for j in unseeded)
+        # cache: true without a seed: the second identical request reuses the first.
+        opted = await gen(gw, key, provider="local", prompt="opt in", cache=True)
+        await gw.wait(key, opted["id"])
+        again = await gen(gw, key, provider="local", prompt="opt in", cache=True)
+        assert again["status"] == "completed" and again["creditCost"] == 0
+
+
+async def test_cache_can_be_turned_off_per_service(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir, cache_disabled_services=["local"]) as gw:
+        key = await gw.key()
+        first = await gen(gw, key, provider="local", seed=1, width=512, height=512)
+        await gw.wait(key, first["id"])
+        second = await gen(gw, key, provider="local", seed=1, width=512, height=512)
+        assert second["status"] == "queued" and second["creditCost"] == 10
+
+
+def start_gateway(
+    redis_url: str, krea: str, storage: Path, port: int
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_PORT": str(port),
+                "GATEWAY_KREA_API_BASE": krea, "GATEWAY_KREA_API_TOKEN": "test-token",
+                "GATEWAY_STORAGE_DIR": str(storage), "GATEWAY_POLL_INTERVAL": "0.05"})
+    return subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    port = free_port()
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
+                                               **krea_settings(krea)) as gw:
+        other = start_gateway(redis_url, krea, storage_dir, port)
+        try:
+            key = await gw.key(credits=1000)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as b:
+                async def ready() -> bool:
+                    try:
+                        return (await b.get("/readyz")).status_code == 200
+                    except httpx.HTTPError:
+                        return False
+
+                await until(ready)
+                query = ("mutation($i: ImageGenerationInput!) "
+                         "{ generateImage(input: $i) { id creditCost } }")
+                body = {"query": query, "variables": {"i": {
+                    "service": "flux-dev", "prompt": "one harbour", "seed": 9}}}
+                headers = {"Authorization": f"Bearer {key}"}
+                replies = await asyncio.gather(*(
+                    (gw.http if i % 2 else b).post("/graphql", json=body, headers=headers)
+                    for i in range(20)
+                ))
+            jobs = [r.json()["data"]["generateImage"] for r in replies]
+            assert sorted(j["creditCost"] for j in jobs) == [0] * 19 + [20]
+            emu.steps_to_complete = 1
+            ids = [j["id"] for j in jobs]
+
+            async def all_done() -> bool:
+                return all(r["status"] == "completed" for r in await jobs_state(gw, key, ids))
+
+            await until(all_done)
+        finally:
+            other.terminate()
+            other.wait(20)
+        assert emu.submissions == 1
+        done = [await gw.job(key, i) for i in ids]
+        assert len({d["url"] for d in done if d}) == 1
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert [e["reason"] for e in ledger].count("charge") == 1
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 980
+
+
+async def test_when_the_leader_fails_a_waiter_runs_in_its_place(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
+                                               **krea_settings(krea)) as gw:
+        key, other = await gw.key(credits=100), await gw.key(credits=100)
+        leader = await gen(gw, key, seed=3)
+        waiters = [await gen(gw, other, seed=3) for _ in range(2)]
+        assert [w["creditCost"] for w in waiters] == [0, 0]
+
+        async def submitted() -> bool:
+            return len(emu.jobs) == 1
+
+        await until(submitted)
+        next(iter(emu.jobs.values())).outcome = "failed"
+        emu.steps_to_complete = 1
+        done = await gw.wait(key, leader["id"])
+        assert done["status"] == "failed" and done["creditCost"] == 0
+        finished = [await gw.wait(other, w["id"]) for w in waiters]
+        assert [f["status"] for f in finished] == ["completed", "completed"]
+        assert emu.submissions == 2  # the failed leader's and one retry: not one per waiter
+        # The waiter that ran paid for it; the one that waited for it did not.
+        assert sorted(f["creditCost"] for f in finished) == [0, 20]
+        me = (await gw.gql("{ me { credits } }", key=other)).json()["data"]["me"]
+        assert me["credits"] == 80
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 100

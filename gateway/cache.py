@@ -62,20 +62,22 @@ class Cache:
             return []
         changed: list[str] = []
         while True:
-            follower = await self.redis.lpop(keys.followers(job.cache_key))
+            # Peek, promote, then remove: a crash in between leaves the waiter listed.
+            follower = await self.redis.lindex(keys.followers(job.cache_key), 0)
             if follower is None:
                 await self.redis.delete(inflight)
                 return changed
             row = await self.redis.hmget(follower, "account", "id")
-            if not row[0]:
-                continue
-            account, job_id = row
-            verdict = await self.scripts.promote(
-                keys=[follower, keys.account(account), keys.ledger(account), keys.QUEUE,
-                      inflight, keys.WEBHOOKS],
-                args=[now_ms, self.lease_ms, job_id, self.retention_ms],
-                client=self.redis,
-            )
+            verdict = "skip"
+            if row[0]:
+                account, job_id = row
+                verdict = await self.scripts.promote(
+                    keys=[follower, keys.account(account), keys.ledger(account), keys.QUEUE,
+                          inflight, keys.WEBHOOKS],
+                    args=[now_ms, self.lease_ms, job_id, self.retention_ms],
+                    client=self.redis,
+                )
+            await self.redis.lrem(keys.followers(job.cache_key), 1, follower)
             if verdict != "skip":
                 changed.append(str(follower))
             if verdict == "promoted":

@@ -14,6 +14,7 @@ a shared breaker would add a Redis round trip to every upstream call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -260,18 +261,10 @@ class Router:
         last_status = ""
         while True:
             if await cancelled():
-                try:
-                    async with self.slots[backend]:
-                        await provider.cancel(upstream_id)
-                except ProviderError:
-                    pass  # best effort: the job is cancelled on our side regardless
+                await self._cancel_upstream(backend, provider, upstream_id)
                 raise JobCancelled("cancelled by the client")
             if self.clock() >= deadline:
-                try:
-                    async with self.slots[backend]:
-                        await provider.cancel(upstream_id)
-                except ProviderError:
-                    pass
+                await self._cancel_upstream(backend, provider, upstream_id)
                 raise ProviderTimeout(f"{backend} did not finish in time")
             try:
                 async with self.slots[backend]:
@@ -291,3 +284,9 @@ class Router:
             if self.clock() - started > 30:
                 interval = min(interval * 1.5, 10.0)
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+
+    async def _cancel_upstream(self, backend: str, provider: Provider, upstream_id: str) -> None:
+        """Best effort: the job ends on our side whatever the upstream answers."""
+        with contextlib.suppress(ProviderError):
+            async with self.slots[backend]:
+                await provider.cancel(upstream_id)

@@ -32,7 +32,6 @@ redis-server:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway schema
 
 ## Rewrite schema/schema.graphql from the code.
 schema: $(STAMP)

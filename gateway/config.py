@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     backend_concurrency: int = Field(
         default=256, ge=1, description="upstream calls in flight per backend"
     )
+    breaker_threshold: int = Field(default=3, ge=1, description="failures in a row that open")
+    breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     poll_interval: float | None = Field(
         default=None, gt=0, description="override every backend's recommended poll pace (s)"
     )

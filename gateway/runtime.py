@@ -51,6 +51,8 @@ async def runtime(
             dev=settings.dev,
             backend_concurrency=settings.backend_concurrency,
             poll_interval=settings.poll_interval,
+            threshold=settings.breaker_threshold,
+            cooldown=settings.breaker_cooldown_seconds,
         )
         queue = Queue(redis, blocking=settings.redis_url is not None)
         await queue.ensure_group()

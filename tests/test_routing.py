@@ -239,6 +239,53 @@ async def test_three_failures_open_the_circuit_and_the_next_job_skips_the_backen
         assert up.segmind.submissions == 4
 
 
+async def test_an_open_circuit_is_tried_again_after_its_cool_down_and_closes(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(3, 503)
+    async with gateway(redis_url, storage_dir, breaker_cooldown_seconds=0.5,
+                       **up.settings) as gw:
+        key = await gw.key()
+        for _ in range(3):
+            await gw.wait(key, await submit(gw, key, width=512, height=512))
+
+        async def half_open() -> bool:
+            return (await providers(gw, key))["fluxkrea"]["circuit"] == "half-open"
+
+        await until(half_open, "the cool-down to pass")
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["metadata"]["backend"] == "fluxkrea"  # the trial went to it, and it healed
+        assert (await providers(gw, key))["fluxkrea"]["circuit"] == "closed"
+
+
+async def test_an_upstream_that_hangs_times_out_and_fails_over(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.stall = 3
+    async with gateway(redis_url, storage_dir, upstream_timeout=0.5, **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "segmind"
+        assert up.fluxkrea.submissions == 1  # a submission that may have landed: not re-sent
+
+
+async def test_a_job_that_fails_everywhere_says_why_and_is_refunded(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.fluxkrea.fail_next(1000, 502)
+    up.segmind.fail_jobs = True
+    up.krea.fail_jobs = True
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=100)
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "failed"
+        for backend in ("fluxkrea", "segmind", "krea"):
+            assert f"{backend}:" in done["error"], done["error"]
+        assert done["creditCost"] == 0
+        assert await credits(gw, key) == 100
+
+
 # -- 4. a backend without credentials -------------------------------------------------------
 
 

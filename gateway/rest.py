@@ -110,6 +110,20 @@ async def job_events(request: Request) -> Response:
     )
 
 
+async def upstream_callback(request: Request) -> Response:
+    """An upstream reports a job to the URL we gave it (flux-krea's async webhook)."""
+    gateway: Gateway = request.app.state.gateway
+    try:
+        body = await _json(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    if gateway.inbox is None or not await gateway.inbox.deliver(
+        request.path_params["token"], body
+    ):
+        return error_response(NotFound("unknown callback"))
+    return ORJSONResponse({"status": "received"})
+
+
 async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
@@ -127,6 +141,7 @@ routes = [
     Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+    Route("/v1/callbacks/{backend}/{token}", upstream_callback, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.artifacts import LocalArtifactStore
+from gateway.callbacks import RedisInbox
 from gateway.config import Settings
 from gateway.jobs.queue import Queue
 from gateway.jobs.worker import Worker
@@ -45,8 +46,10 @@ async def runtime(
     try:
         scripts = Scripts.register(redis)
         await scripts.load()
+        # Upstreams can call us back only at a URL they can reach: the public one.
+        inbox = RedisInbox(redis, settings.base_url, settings.job_deadline_seconds)
         router = Router(
-            build_providers(settings, client),
+            build_providers(settings, client, inbox if settings.public_url else None),
             settings.routes,
             dev=settings.dev,
             backend_concurrency=settings.backend_concurrency,
@@ -66,6 +69,7 @@ async def runtime(
             settings=settings, clock=clock,
         )
         gateway.webhooks = webhooks
+        gateway.inbox = inbox
         worker = Worker(
             settings=settings, store=gateway.store, queue=queue, router=router,
             artifacts=artifacts, events=gateway.events, webhooks=webhooks, cache=gateway.cache,

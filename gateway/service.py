@@ -25,6 +25,7 @@ from gateway.admission import Admitted, admit, utc_day
 from gateway.artifacts import ArtifactStore
 from gateway.auth import Principal, authenticate
 from gateway.cache import Cache
+from gateway.callbacks import RedisInbox
 from gateway.config import Settings
 from gateway.errors import NotFound, ServiceUnavailable
 from gateway.events import Events
@@ -81,6 +82,7 @@ class Gateway:
         self.accounts = Accounts(redis, scripts, settings)
         self.cache = Cache(redis, scripts, settings)
         self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client
+        self.inbox: RedisInbox | None = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

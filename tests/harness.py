@@ -86,12 +86,20 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    redis_url: str | None, storage_dir: Path, clock: Clock | None = None, **overrides: Any
+    redis_url: str | None,
+    storage_dir: Path,
+    clock: Clock | None = None,
+    *,
+    public: bool = False,
+    **overrides: Any,
 ) -> AsyncIterator[Harness]:
+    """`public`: the gateway has a public URL (its own), so upstreams may call it back."""
     clock = clock or Clock()
     overrides.setdefault("poll_interval", 0.02)
     overrides.setdefault("shutdown_grace_seconds", 2.0)
     port = free_port()
+    if public:
+        overrides["public_url"] = f"http://127.0.0.1:{port}"
     settings = load_settings(
         redis_url=redis_url, storage_dir=storage_dir, port=port, **overrides
     )

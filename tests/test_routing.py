@@ -286,6 +286,33 @@ async def test_a_job_that_fails_everywhere_says_why_and_is_refunded(
         assert await credits(gw, key) == 100
 
 
+async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_public_url(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, width=768, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "fluxkrea"
+        assert done["metadata"]["sent"]["async"] is True
+        sent = up.fluxkrea.requests[0]
+        assert sent["path"] == "/v1/generate/async"
+        assert sent["json"]["webhook_url"].startswith(gw.base + "/v1/callbacks/fluxkrea/")
+        assert [status for _, _, status in up.fluxkrea.callbacks] == [200]
+        assert await image_size(gw, done["url"]) == (768, 512)
+
+        # Only a callback URL the gateway handed out accepts a report.
+        forged = await gw.http.post("/v1/callbacks/fluxkrea/" + "A" * 32,
+                                    json={"status": "completed", "images": []})
+        assert forged.status_code == 404
+
+        # A failure reported by callback fails over like any other upstream failure.
+        up.fluxkrea.fail_async = True
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "segmind"
+
+
 # -- 4. a backend without credentials -------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from gateway.config import Settings
-from gateway.providers.base import Provider
+from gateway.providers.base import CallbackInbox, Provider
 from gateway.providers.fluxkrea import FluxKreaProvider
 from gateway.providers.krea import KreaProvider
 from gateway.providers.local import LocalProvider
@@ -16,13 +16,17 @@ def _secret(value: object) -> str | None:
     return value.get_secret_value() if value is not None else None  # type: ignore[attr-defined]
 
 
-def build_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
-    """Every backend, configured from settings; those without credentials say so."""
+def build_providers(
+    settings: Settings, client: httpx.AsyncClient, inbox: CallbackInbox | None = None
+) -> dict[str, Provider]:
+    """Every backend, configured from settings; those without credentials say so.
+
+    With an inbox (the gateway has a public URL), flux-krea reports by callback."""
     timeout = settings.upstream_timeout
     return {
         "fluxkrea": FluxKreaProvider(
             client, base_url=settings.fluxkrea_api_base,
-            api_key=_secret(settings.fluxkrea_api_key), timeout=timeout,
+            api_key=_secret(settings.fluxkrea_api_key), timeout=timeout, inbox=inbox,
         ),
         "segmind": SegmindProvider(
             client, base_url=settings.segmind_api_base,

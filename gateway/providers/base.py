@@ -81,3 +81,17 @@ class Provider(Protocol):
     async def fetch(self, output: Output) -> bytes:
         """The bytes of an output (download it when the upstream gave a URL)."""
         ...
+
+
+class CallbackInbox(Protocol):
+    """Where upstream callbacks (webhooks to us) wait for the job that expects them.
+
+    A backend whose upstream reports by callback `expect`s a token before submitting,
+    gives the upstream a URL carrying it, and `take`s the delivered body while polling.
+    """
+
+    def url_for(self, backend: str, token: str) -> str: ...
+
+    async def expect(self, token: str) -> None: ...
+
+    async def take(self, token: str) -> dict[str, Any] | None: ...

@@ -18,20 +18,24 @@ ProviderRateLimited; 5xx -> ProviderUnavailable, never re-sent (the upstream may
 be generating, and would charge twice); a 200 that is not `"status": "success"` with
 images, or is not JSON -> ProviderUnavailable.
 
-The guide also documents `POST /generate/async`, which reports only to a webhook and has
-no status endpoint to poll; this adapter therefore uses the synchronous endpoint, and
-`submit` returns the outputs at once.
+Given a callback inbox (the gateway has a public URL), the adapter uses the guide's
+`POST /generate/async` instead: the upstream reports the result to our callback URL
+(`/v1/callbacks/fluxkrea/<token>`, the token unguessable) and `poll` reads the inbox, so
+no connection is held open during generation. The upstream has no status endpoint: a
+callback that never comes ends in the job's deadline. Without an inbox, the
+synchronous endpoint is used and `submit` returns the outputs at once.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Generator
 from typing import Any
 
 import httpx
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
-from gateway.providers.base import ImageParams, Output, Polled, Submitted
+from gateway.providers.base import CallbackInbox, ImageParams, Output, Polled, Submitted
 from gateway.providers.http import download, json_body, request
 
 UPSTREAM = "flux-krea"
@@ -85,7 +89,9 @@ class FluxKreaProvider:
         base_url: str = DEFAULT_BASE_URL,
         api_key: str | None,
         timeout: float = 30.0,
+        inbox: CallbackInbox | None = None,
     ) -> None:
+        self.inbox = inbox
         self.client = client
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -117,16 +123,15 @@ class FluxKreaProvider:
         body["num_images"] = _clamp(params.num_images, IMAGES_MIN, IMAGES_MAX)
         return body
 
-    async def submit(self, params: ImageParams) -> Submitted:
-        body = self.body_for(params)
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         if not self.api_key:
             raise ProviderUnavailable("GATEWAY_FLUXKREA_API_KEY is not set")
         auth = _BearerAuth(self.api_key)
         try:
-            response = await request(
+            return await request(
                 self.client,
                 "POST",
-                f"{self.base_url}/generate",
+                f"{self.base_url}{path}",
                 upstream=UPSTREAM,
                 idempotent=False,  # a re-sent generate could be charged twice
                 timeout=self.timeout,
@@ -139,6 +144,11 @@ class FluxKreaProvider:
                 raise
             raise refined from exc
 
+    async def submit(self, params: ImageParams) -> Submitted:
+        body = self.body_for(params)
+        if self.inbox is not None:
+            return await self._submit_async(body)
+        response = await self._post("/generate", body)
         data = json_body(response, UPSTREAM)
         if not isinstance(data, dict):
             raise ProviderUnavailable("flux-krea answered with something other than an object")
@@ -163,9 +173,41 @@ class FluxKreaProvider:
             },
         )
 
+    async def _submit_async(self, body: dict[str, Any]) -> Submitted:
+        assert self.inbox is not None
+        token = secrets.token_urlsafe(24)
+        await self.inbox.expect(token)
+        sent = {**body, "webhook_url": self.inbox.url_for(self.name, token),
+                "callback_data": {"token": token}}
+        response = await self._post("/generate/async", sent)
+        data = json_body(response, UPSTREAM)
+        request_id = data.get("request_id") if isinstance(data, dict) else None
+        return Submitted(
+            upstream_id=token,
+            sent={**body, "async": True},
+            metadata={"upstream_request_id": request_id},
+        )
+
     async def poll(self, upstream_id: str) -> Polled:
-        """Never needed: `submit` uses the synchronous endpoint and returns the outputs."""
-        raise ProviderUnavailable("flux-krea jobs complete synchronously")
+        """Async mode: what the upstream reported to our callback URL, if it has."""
+        if self.inbox is None:
+            raise ProviderUnavailable("flux-krea jobs complete synchronously")
+        report = await self.inbox.take(upstream_id)
+        if not report:
+            return Polled(state="pending", upstream_status="queued")
+        status = report.get("status")
+        meta = {"upstream_request_id": report.get("request_id")}
+        if status == "failed":
+            return Polled(state="failed", upstream_status="failed", metadata=meta,
+                          error=f"flux-krea: {str(report.get('error') or 'failed')[:200]}")
+        images = report.get("images")
+        if status != "completed" or not isinstance(images, list) or not images:
+            return Polled(state="failed", upstream_status=str(status), metadata=meta,
+                          error="flux-krea reported an unusable result")
+        base = httpx.URL(self.base_url + "/")
+        defaults = {"width": None, "height": None}
+        return Polled(state="completed", upstream_status="completed", metadata=meta,
+                      outputs=[_output(image, defaults, base) for image in images])
 
     async def cancel(self, upstream_id: str) -> None:
         """Nothing to cancel: a flux-krea job is over when `submit` returns."""

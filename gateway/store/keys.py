@@ -80,3 +80,8 @@ def inflight(digest: str) -> str:
 def followers(digest: str) -> str:
     """List: job keys waiting for the leader's outcome."""
     return f"{PREFIX}:followers:{digest}"
+
+
+def callback(token: str) -> str:
+    """String: what an upstream reported to the callback URL carrying `token`."""
+    return f"{PREFIX}:callback:{token}"

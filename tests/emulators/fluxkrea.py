@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -102,9 +103,15 @@ class FluxKreaEmulator:
         self._answer: Any = None
         #: image id -> (width, height, RGB colour)
         self.images: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
+        #: async jobs report `failed` to their webhook instead of `completed`
+        self.fail_async = False
+        #: (webhook URL, body, our answer's status) of every report sent
+        self.callbacks: list[tuple[str, dict[str, Any], int]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.app = Starlette(
             routes=[
                 Route("/v1/generate", self._generate, methods=["POST"]),
+                Route("/v1/generate/async", self._generate_async, methods=["POST"]),
                 Route("/images/generated/{image_id}.jpg", self._image, methods=["GET"]),
             ]
         )
@@ -174,12 +181,23 @@ class FluxKreaEmulator:
             self._answer_count -= 1
             return JSONResponse(self._answer)
 
+        images = self._make_images(payload, str(request.base_url).rstrip("/"))
+        return JSONResponse(
+            {
+                "status": "success",
+                "request_id": str(uuid.uuid4()),
+                "images": images,
+                "generation_time": round(time.monotonic() - started, 3),
+                "credits_used": len(images),
+            }
+        )
+
+    def _make_images(self, payload: dict[str, Any], base: str) -> list[dict[str, Any]]:
         width = payload.get("width", 1024)
         height = payload.get("height", 1024)
         seed = payload.get("seed")
         if seed is None:
             seed = random.randint(0, SEED_MAX)
-        base = str(request.base_url).rstrip("/")
         images = []
         for i in range(payload.get("num_images", 1)):
             image_seed = (seed + i) % (SEED_MAX + 1)
@@ -195,15 +213,44 @@ class FluxKreaEmulator:
                     "height": height,
                 }
             )
-        return JSONResponse(
-            {
-                "status": "success",
-                "request_id": str(uuid.uuid4()),
-                "images": images,
-                "generation_time": round(time.monotonic() - started, 3),
-                "credits_used": len(images),
-            }
-        )
+        return images
+
+    async def _generate_async(self, request: Request) -> Response:
+        """`POST /generate/async`: accepted now, reported later to `webhook_url` only."""
+        try:
+            payload: Any = json.loads(await request.body())
+        except ValueError:
+            payload = None
+        self._record(request, payload)
+        self.submissions += 1
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Invalid or missing API key")
+        if not isinstance(payload, dict) or not isinstance(payload.get("webhook_url"), str):
+            return _error(400, "webhook_url is required")
+        params = {k: v for k, v in payload.items() if k not in ("webhook_url", "callback_data")}
+        problem = validate(params)
+        if problem:
+            return _error(400, problem)
+        request_id = str(uuid.uuid4())
+        base = str(request.base_url).rstrip("/")
+        task = asyncio.create_task(self._report(request_id, payload, params, base))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return JSONResponse({"status": "queued", "request_id": request_id}, status_code=202)
+
+    async def _report(
+        self, request_id: str, payload: dict[str, Any], params: dict[str, Any], base: str
+    ) -> None:
+        await asyncio.sleep(self.delay)
+        body: dict[str, Any] = {"request_id": request_id,
+                                "callback_data": payload.get("callback_data", {})}
+        if self.fail_async:
+            body.update(status="failed", error="generation failed (emulated)")
+        else:
+            body.update(status="completed", images=self._make_images(params, base))
+        async with httpx.AsyncClient() as client:
+            response = await client.post(payload["webhook_url"], json=body, timeout=10)
+        self.callbacks.append((payload["webhook_url"], body, response.status_code))
 
     async def _image(self, request: Request) -> Response:
         self._record(request, None)

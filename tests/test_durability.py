@@ -247,3 +247,37 @@ async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir:
     assert await store.sweep(time.time() - 7 * 86400) == 1
     assert not old_path.exists()
     assert (storage_dir / new.rsplit("/", 1)[1]).read_bytes() == b"new"
+
+
+async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
+    redis_url: str, storage_dir: Path
+) -> None:
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, inprocess_workers=False,
+        krea_api_base=krea, krea_api_token="test-token",
+    ) as gw:
+        key = await gw.key("enterprise", credits=100)
+        [job_id] = await submit(gw, key, 1)
+        for _ in range(2):  # each worker takes the job and dies with it
+            worker = start_worker(redis_url, krea, storage_dir, GATEWAY_JOB_MAX_TRIES="2")
+            attempts_before = int((await jobs_state(gw, key, [job_id]))[0].get("attempts", 0))
+
+            async def taken(before: int = attempts_before) -> bool:
+                row = (await jobs_state(gw, key, [job_id]))[0]
+                return int(row.get("attempts", 0)) > before and bool(row.get("upstream"))
+
+            await until(taken)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        last = start_worker(redis_url, krea, storage_dir, GATEWAY_JOB_MAX_TRIES="2")
+        try:
+            done = await gw.wait(key, job_id, timeout=60)
+        finally:
+            stop(last)
+        assert done["status"] == "failed"
+        assert "gave up after 2 attempts" in done["error"]
+        assert done["creditCost"] == 0
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 100
+        assert emu.submissions == 1  # the second worker resumed the upstream job

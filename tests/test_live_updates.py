@@ -1,4 +1,4 @@
-"""Live job updates: GraphQL subscriptions over graphql-transport-ws, and SSE.
+"""Live job updates: GraphQL subscriptions over graphql-transport-ws (the `gql` client), and SSE.
 
 The job runs in a separate `gateway worker` process; updates reach the gateway
 process through Redis pub/sub.
@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import websockets
+from gql import Client, GraphQLRequest
+from gql.transport.exceptions import TransportQueryError
+from gql.transport.websockets import WebsocketsTransport
 
 from tests.emulators.krea import KreaEmulator
 from tests.harness import gateway
@@ -22,23 +25,22 @@ SUBSCRIBE = "subscription($id: ID!) { jobUpdates(id: $id) { id status metadata u
 
 
 async def subscribe(base: str, key: str, job_id: str) -> list[dict[str, Any]]:
-    """Run one subscription to its end; the `next` payloads, or the error."""
-    url = base.replace("http://", "ws://") + "/graphql"
+    """Run one subscription to its end with the `gql` client over graphql-transport-ws;
+    the results, or the error."""
+    transport = WebsocketsTransport(
+        url=base.replace("http://", "ws://") + "/graphql",
+        init_payload={"Authorization": f"Bearer {key}"},
+        subprotocols=[WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL],
+    )
     out: list[dict[str, Any]] = []
-    async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
-        await ws.send(json.dumps({"type": "connection_init",
-                                  "payload": {"Authorization": f"Bearer {key}"}}))
-        assert json.loads(await ws.recv())["type"] == "connection_ack"
-        await ws.send(json.dumps({"id": "1", "type": "subscribe",
-                                  "payload": {"query": SUBSCRIBE, "variables": {"id": job_id}}}))
-        while True:
-            message = json.loads(await ws.recv())
-            if message["type"] == "next":
-                out.append(message["payload"])
-            elif message["type"] in ("complete", "error"):
-                if message["type"] == "error":
-                    out.append({"errors": message["payload"]})
-                return out
+    request = GraphQLRequest(SUBSCRIBE, variable_values={"id": job_id})
+    try:
+        async with Client(transport=transport) as session:
+            async for result in session.subscribe(request):
+                out.append({"data": result})
+    except TransportQueryError as exc:
+        out.append({"errors": exc.errors})
+    return out
 
 
 async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_process(

@@ -74,6 +74,7 @@ async def admit(
             keys.cache_entry(cache_digest or ""),
             keys.inflight(cache_digest or ""),
             keys.followers(cache_digest or ""),
+            keys.COALESCING,
         ],
         args=[
             now_ms,

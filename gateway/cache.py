@@ -45,7 +45,7 @@ class Cache:
         assert job.cache_key
         done = await self.scripts.settle(
             keys=[keys.cache_entry(job.cache_key), keys.inflight(job.cache_key),
-                  keys.followers(job.cache_key), keys.WEBHOOKS],
+                  keys.followers(job.cache_key), keys.WEBHOOKS, keys.COALESCING],
             args=[keys.job(job.account, job.id), job.completed_at or 0, self.retention_ms,
                   orjson.dumps(urls).decode(), width, height,
                   orjson.dumps(metadata).decode()],
@@ -60,12 +60,32 @@ class Cache:
         inflight = keys.inflight(job.cache_key)
         if await self.redis.get(inflight) != keys.job(job.account, job.id):
             return []
+        return await self._promote_next(job.cache_key, now_ms)
+
+    async def rescue(self, now_ms: int) -> list[str]:
+        """Followers whose leader ended without releasing them (its worker died at that
+        instant), or whose leader record is gone: promote one of them. Run periodically."""
+        changed: list[str] = []
+        for inflight in await self.redis.smembers(keys.COALESCING):
+            digest = str(inflight).rsplit(":", 1)[-1]
+            leader = await self.redis.get(inflight)
+            status = await self.redis.hget(leader, "status") if leader else None
+            if status in ("queued", "processing"):
+                continue
+            if leader and not await self.redis.delete(inflight):
+                continue
+            changed += await self._promote_next(digest, now_ms)
+        return changed
+
+    async def _promote_next(self, digest: str, now_ms: int) -> list[str]:
+        inflight, waiting = keys.inflight(digest), keys.followers(digest)
         changed: list[str] = []
         while True:
             # Peek, promote, then remove: a crash in between leaves the waiter listed.
-            follower = await self.redis.lindex(keys.followers(job.cache_key), 0)
+            follower = await self.redis.lindex(waiting, 0)
             if follower is None:
                 await self.redis.delete(inflight)
+                await self.redis.srem(keys.COALESCING, inflight)
                 return changed
             row = await self.redis.hmget(follower, "account", "id")
             verdict = "skip"
@@ -77,7 +97,7 @@ class Cache:
                     args=[now_ms, self.lease_ms, job_id, self.retention_ms],
                     client=self.redis,
                 )
-            await self.redis.lrem(keys.followers(job.cache_key), 1, follower)
+            await self.redis.lrem(waiting, 1, follower)
             if verdict != "skip":
                 changed.append(str(follower))
             if verdict == "promoted":

@@ -194,3 +194,27 @@ async def test_when_the_leader_fails_a_waiter_runs_in_its_place(
         assert me["credits"] == 80
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 100
+
+
+async def test_waiters_of_a_leader_whose_worker_died_are_rescued(
+    redis_url: str, storage_dir: Path
+) -> None:
+    from gateway.jobs.store import JobStore
+    from gateway.store.redis import Scripts
+
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=100)
+        leader = await gen(gw, key, provider="local", seed=11, width=512, height=512)
+        waiter = await gen(gw, key, provider="local", seed=11, width=512, height=512)
+        assert waiter["creditCost"] == 0
+        # A worker ended the leader (failed) and died before releasing its waiters.
+        redis = gw.accounts.redis
+        store = JobStore(redis, Scripts.register(redis))
+        job = await store.get(gw.keys[key]["id"], leader["id"])
+        assert job is not None
+        await store.finish(job, "failed", 0, refund=True, error="worker died")
+    async with gateway(redis_url, storage_dir, job_lease_seconds=0.3) as gw2:
+        gw2.keys.update(gw.keys)
+        done = await gw2.wait(key, waiter["id"])
+        assert done["status"] == "completed"
+        assert done["creditCost"] == 10  # it ran in the leader's place, and paid for it

@@ -150,6 +150,9 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), period)
             try:
                 await self.beat()
+                for key in await self.cache.rescue(self.now_ms()):
+                    self.queue.notify()
+                    await self._publish_key(key)
                 if self.clock() - self.last_sweep > SWEEP_EVERY:
                     await self.sweep()
             except Exception as exc:

@@ -14,7 +14,7 @@
 -- Hits and followers count against the minute and day limits like any request.
 --
 -- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
---       10 cache entry, 11 in-flight leader, 12 followers
+--       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders
 -- ARGV: 1 now_ms, 2 rpm, 3 concurrency, 4 daily (-1: unlimited), 5 cost, 6 job_id,
 --       7 lease_ms, 8 ms_to_day_end, 9 idem_hash ('' = none), 10 hold_slot (0/1),
 --       11 enqueue (0/1), 12 cacheable (0/1), 13 retention_ms,
@@ -119,6 +119,7 @@ elseif mode == 'follow' then
   redis.call('HSET', KEYS[6], 'cost', 0, 'price', price)
   redis.call('RPUSH', KEYS[12], KEYS[6])
   redis.call('PEXPIRE', KEYS[12], lease)
+  redis.call('SADD', KEYS[13], KEYS[11])  -- watched, should its leader's worker die
   redis.call('HINCRBY', KEYS[1], 'cache_coalesced', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif cacheable then

@@ -10,6 +10,7 @@ PREFIX = "gw"
 ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids
 QUEUE = f"{PREFIX}:queue"  # stream of jobs to run
 QUEUE_GROUP = "workers"
+COALESCING = f"{PREFIX}:coalescing"  # set: in-flight keys that have followers
 WEBHOOKS = f"{PREFIX}:webhooks"  # sorted set: job key -> when its next delivery is due (ms)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.artifacts import ArtifactStore
 from gateway.cache import Cache
@@ -225,6 +227,11 @@ class Worker:
         except asyncio.CancelledError:
             bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
             raise
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # The store went away mid-job: not the job's fault. Leave its entry pending;
+            # it is claimed again after its lease and resumes its upstream job.
+            bound.warning("store unreachable; job left for a retry", error=str(exc))
+            return
         except Exception:
             bound.exception("job crashed")
             await self._end(job, "failed", error="internal error while running the job")

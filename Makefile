@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint schema bench redis-server clean
+.PHONY: run test lint schema bench redis-server wrk clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,17 @@ lint: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/python -m schema
 
-bench: $(STAMP) redis-server
+## Micro-benchmarks (admission) and HTTP load against the served gateway (see BENCHMARKS.md).
+bench: $(STAMP) redis-server wrk
 	$(BIN)/python -m bench
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
+	@wrk --version 2>&1 | head -1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

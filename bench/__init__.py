@@ -4,6 +4,10 @@ A scenario is an async function `(ctx: Context) -> list[Row]` registered with
 `@scenario("name")` in a module listed in `MODULES`; it measures against the private
 redis-server the runner starts on a free port (never the developer's own Redis). Add a
 scenario by writing such a function; add a module by appending it to `MODULES`.
+
+A scenario may return rows of its own dataclass instead of `Row` (the HTTP scenarios do):
+register how to print them with `@renderer(ThatRow)`; the runner prints one table per
+kind of row. Such a row needs a `rates` list (one entry per timed round).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool
 
-MODULES = ["bench.admission"]
+MODULES = ["bench.admission", "bench.http"]
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Context:
     redis_url: str
     rounds: int = 5
     quick: bool = False  # fewer operations per round (a smoke run)
+    duration: int = 5  # seconds of load per timed HTTP round (whole: wrk takes no fractions)
 
 
 @dataclass
@@ -48,12 +53,14 @@ class Row:
         return statistics.median(self.rates)
 
 
-Scenario = Callable[[Context], Awaitable[list[Row]]]
+Scenario = Callable[[Context], Awaitable[list[Any]]]
+Renderer = Callable[[list[Any], int], str]
 
 
 @dataclass
 class Registry:
     scenarios: dict[str, Scenario] = field(default_factory=dict)
+    renderers: dict[type, Renderer] = field(default_factory=dict)
 
 
 REGISTRY = Registry()
@@ -65,6 +72,25 @@ def scenario(name: str) -> Callable[[Scenario], Scenario]:
         return fn
 
     return register
+
+
+def renderer(kind: type) -> Callable[[Renderer], Renderer]:
+    """How to print rows of `kind`: `(rows, rounds) -> text`."""
+
+    def register(fn: Renderer) -> Renderer:
+        REGISTRY.renderers[kind] = fn
+        return fn
+
+    return register
+
+
+def render(rows: list[Any], rounds: int) -> str:
+    """One table per kind of row, in the order the kinds first appear."""
+    kinds: dict[type, list[Any]] = {}
+    for row in rows:
+        kinds.setdefault(type(row), []).append(row)
+    return "\n\n".join(REGISTRY.renderers.get(kind, table)(group, rounds)
+                        for kind, group in kinds.items())
 
 
 # -- a private redis-server --------------------------------------------------------------

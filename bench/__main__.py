@@ -1,7 +1,8 @@
-"""`python -m bench [SCENARIO ...] [--rounds N] [--quick] [--list]` (`make bench`).
+"""`python -m bench [SCENARIO ...] [--rounds N] [--duration S] [--quick] [--list]` (`make bench`).
 
 Starts a private redis-server on a free port, runs the chosen scenarios (all by
-default) one after another, and prints one table.
+default) one after another, and prints one table per kind of result (admission
+scenarios, HTTP scenarios).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import argparse
 import asyncio
 import importlib
 import time
+from typing import Any
 
-from bench import MODULES, REGISTRY, Context, Row, redis_server, table
+from bench import MODULES, REGISTRY, Context, redis_server, render
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which to run (default: all of {', '.join(names)})")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case")
-    parser.add_argument("--quick", action="store_true", help="few operations: a smoke run")
+    parser.add_argument("--duration", type=int, default=5,
+                        help="seconds of load per timed round of the HTTP scenarios")
+    parser.add_argument("--quick", action="store_true",
+                        help="few operations, short rounds: a smoke run")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -33,20 +38,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {unknown}; choose from {names}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 (whole seconds: wrk takes no fractions)")
     chosen = args.scenarios or names
 
     started = time.monotonic()
     with redis_server() as url:
-        ctx = Context(redis_url=url, rounds=args.rounds, quick=args.quick)
+        ctx = Context(redis_url=url, rounds=args.rounds, quick=args.quick,
+                      duration=args.duration)
 
-        async def run_all() -> list[Row]:
-            rows: list[Row] = []
+        async def run_all() -> list[Any]:
+            rows: list[Any] = []
             for name in chosen:
                 rows += await REGISTRY.scenarios[name](ctx)
             return rows
 
         rows = asyncio.run(run_all())
-    print(table(rows, args.rounds))
+    print(render(rows, args.rounds))
     print(f"\n{sum(len(r.rates) for r in rows)} rounds in {time.monotonic() - started:.1f} s "
           "against a private redis-server on loopback")
     return 0

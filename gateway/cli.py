@@ -103,6 +103,7 @@ def serve(
     uvicorn.run(
         build_app(settings), host=settings.host, port=settings.port,
         log_level="warning", proxy_headers=True, server_header=False,
+        loop="uvloop", http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
 

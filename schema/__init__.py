@@ -10,13 +10,14 @@ from pathlib import Path
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import (
+    AddValidationRules,
     MaskErrors,
-    MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
-    QueryDepthLimiter,
     ValidationCache,
 )
+from strawberry.extensions.max_aliases import create_validator as alias_validator
+from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
 from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
@@ -52,6 +53,12 @@ class GatewaySchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
+LIMIT_RULES = [
+    depth_validator(MAX_DEPTH, None),
+    alias_validator(MAX_ALIASES),
+]
+
+
 def build_schema() -> strawberry.Schema:
     return GatewaySchema(
         query=Query,
@@ -60,8 +67,9 @@ def build_schema() -> strawberry.Schema:
         extensions=[
             # Factories: a fresh extension per request; the caches live at module level.
             lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-            lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
-            lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+            # The depth and alias rules are built once: the validation cache is keyed by
+            # the rule classes, and a new class per request would never hit.
+            lambda: AddValidationRules(LIMIT_RULES),
             lambda: ParserCache(maxsize=CACHE_SIZE),
             lambda: ValidationCache(maxsize=CACHE_SIZE),
             lambda: MaskErrors(should_mask_error=should_mask),

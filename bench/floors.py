@@ -1,0 +1,113 @@
+"""Floors for the HTTP benchmarks: the least a framework can do for the same request.
+
+Each is served like the gateway (`python -m uvicorn bench.floors:NAME`, one worker,
+uvloop and httptools when installed) so that a ratio against it measures the gateway's
+own work, not the framework's:
+
+- `starlette_app`: a bare Starlette JSON POST route at `/v1/text_to_image` (parse the
+  body, answer a small JSON object with 202), the floor of `POST /v1/text_to_image`.
+- `strawberry_app`: a trivial Strawberry schema at `/graphql` with only the
+  `ParserCache` and `ValidationCache` extensions, whose `generate` mutation and `job`
+  query accept the very documents the gateway's clients send (the seed's Doitong
+  `generate`, the polling client's `job`) and answer constants: the floor of the
+  gateway's GraphQL endpoint.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from enum import Enum
+
+import strawberry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from strawberry.asgi import GraphQL
+from strawberry.extensions import ParserCache, ValidationCache
+from strawberry.scalars import JSON
+
+# -- bare Starlette -----------------------------------------------------------------------
+
+
+async def text_to_image(request: Request) -> Response:
+    body = await request.json()
+    return JSONResponse(
+        {"id": secrets.token_hex(12), "status": "queued", "type": "IMAGE",
+         "provider": body.get("service"), "url": None, "urls": [], "creditCost": 20,
+         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        status_code=202,
+    )
+
+
+starlette_app = Starlette(routes=[Route("/v1/text_to_image", text_to_image, methods=["POST"])])
+
+
+# -- trivial Strawberry ---------------------------------------------------------------------
+
+
+@strawberry.enum
+class GenerationType(Enum):
+    IMAGE = "IMAGE"
+
+
+@strawberry.input
+class TextInput:
+    text: str
+
+
+@strawberry.input
+class GenerateOptions:
+    width: int | None = None
+    height: int | None = None
+
+
+@strawberry.input
+class GenerateInput:
+    type: GenerationType
+    provider: str
+    input: TextInput
+    options: GenerateOptions | None = None
+
+
+@strawberry.type
+class Generation:
+    id: strawberry.ID
+    status: str
+    type: GenerationType
+    provider: str
+    url: str | None
+    metadata: JSON | None
+    credit_cost: int
+    error: str | None
+
+
+def constant(provider: str, id: str | None = None) -> Generation:
+    return Generation(id=strawberry.ID(id or secrets.token_hex(12)), status="queued",
+                      type=GenerationType.IMAGE, provider=provider, url=None, metadata=None,
+                      credit_cost=20, error=None)
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    async def job(self, id: strawberry.ID) -> Generation | None:
+        return constant("local", str(id))
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation
+    async def generate(self, input: GenerateInput) -> Generation:
+        return constant(input.provider)
+
+
+schema = strawberry.Schema(
+    query=Query,
+    mutation=Mutation,
+    extensions=[lambda: ParserCache(maxsize=512), lambda: ValidationCache(maxsize=512)],
+)
+strawberry_app = Starlette(
+    routes=[Route("/graphql", GraphQL(schema, graphql_ide=None), methods=["GET", "POST"])]
+)

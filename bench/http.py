@@ -1,0 +1,509 @@
+"""HTTP throughput of the served gateway, as a ratio against framework floors.
+
+Everything runs as real processes on 127.0.0.1: the runner's private redis-server, the
+gateway (`gateway serve`, with `GATEWAY_INPROCESS_WORKERS=0` so only the API path is
+measured and jobs stay queued), and two floors from `bench/floors.py` served by uvicorn
+the same way (one worker, uvloop and httptools). Load comes from wrk
+(`wrk -t2 -c64 -d5s --timeout=10s -s CASE.lua --latency URL`); its Lua script sets the
+POST body and headers and prints the exact counts and percentiles when done.
+
+Cases, round-robin within each round (the median of the rounds is reported):
+- floor: starlette   a bare Starlette JSON POST route
+- floor: strawberry  a trivial Strawberry `generate` mutation (ParserCache +
+                     ValidationCache), sent the very document the gateway gets
+- gateway: generate  the seed's Doitong `generate` mutation, provider "local"
+- gateway: REST      `POST /v1/text_to_image`
+- gateway: job       the `job` query the shipped polling client sends, one job id
+
+Per case: requests/s, p50 and p99 latency, server CPU per request (utime + stime of the
+serving process from /proc/PID/stat), Redis's CPU and commands per request (its
+/proc/PID/stat and `INFO commandstats`), and the process's RSS (VmRSS) at rest after
+the load. Server-side figures are read once the server is idle again and divided by the
+requests it handled: those wrk completed plus the one each of its connections still had
+in flight when it stopped (a saturated server has one queued for every connection).
+
+The gateway's enterprise key has a huge balance and no limits, and its per-key read limit
+is raised (`GATEWAY_READ_RPM`) so that polling at full speed is measured, not refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from bench import Context, command_stats, free_port, renderer, scenario
+from gateway.store import keys
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+THREADS, CONNECTIONS = 2, 64
+QUIET = 0.15  # seconds without CPU use that mean a server is idle
+TIMEOUT = 10  # wrk's default (2 s) would drop the slowest answers from the percentiles
+HUGE_CREDITS = 1_000_000_000
+
+GENERATE = ("mutation Generate($input: GenerateInput!) { generate(input: $input) "
+            "{ id status type provider url metadata creditCost } }")
+GENERATE_VARIABLES = {"input": {
+    "type": "IMAGE", "provider": "local",
+    "input": {"text": "A futuristic city with flying cars and neon lights"},
+    "options": {"width": 1024, "height": 1024},
+}}
+TEXT_TO_IMAGE = {"service": "local", "prompt": "A futuristic city with flying cars and neon lights",
+                 "width": 1024, "height": 1024}
+# What `gateway generate` sends while it waits (gateway/cli.py, POLL).
+POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
+
+STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
+GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
+# (case, its floor, the share of the floor's req/s the issue asks for, or None)
+TARGETS = [(GENERATE_CASE, STRAWBERRY, 0.80), (REST_CASE, STARLETTE, 0.50),
+           (JOB_CASE, STRAWBERRY, None)]
+RSS_TARGET_MB = 100
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kb(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def loop_and_parser(pid: int) -> str:
+    """Which event loop and HTTP parser the process has loaded (from its memory map)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    loop = "uvloop" if "/uvloop/" in maps else "asyncio"
+    parser = "httptools" if "/httptools/" in maps else "h11"
+    return f"{loop}+{parser}"
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss_mb(self) -> float:
+        return status_kb(self.pid, "VmRSS") / 1024
+
+    def peak_mb(self) -> float:
+        return status_kb(self.pid, "VmHWM") / 1024
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.proc.returncode}:\n"
+                                 + self.log.read_text()[-3000:])
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.5
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} did not listen on {self.port} in {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def gateway_env(redis_url: str, port: int, storage: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        GATEWAY_REDIS_URL=redis_url,
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(port),
+        GATEWAY_STORAGE_DIR=str(storage),
+        GATEWAY_INPROCESS_WORKERS="0",
+        GATEWAY_READ_RPM=str(10**9),
+    )
+    return env
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> Server:
+    log = workdir / f"{name.replace(' ', '_').replace(':', '')}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, proc, port, log)
+    server.wait_ready()
+    return server
+
+
+def floor(name: str, app: str, workdir: Path) -> Server:
+    port = free_port()
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "auto"
+    try:
+        import httptools  # noqa: F401
+
+        http = "httptools"
+    except ImportError:
+        http = "auto"
+    argv = [str(BIN / "python"), "-m", "uvicorn", f"bench.floors:{app}",
+            "--host", "127.0.0.1", "--port", str(port), "--loop", loop, "--http", http,
+            "--workers", "1", "--log-level", "warning", "--no-server-header"]
+    return spawn(name, argv, dict(os.environ), port, workdir)
+
+
+def gateway_binary() -> str:
+    candidate = BIN / "gateway"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("gateway")
+    if not found:
+        raise SystemExit("the `gateway` console script is not installed (make installs it)")
+    return found
+
+
+def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [gateway_binary(), "keys", "create", "--plan", "enterprise",
+         "--credits", str(HUGE_CREDITS), "--name", "bench", "--json"],
+        env=gateway_env(redis_url, 0, storage), cwd=ROOT, capture_output=True, text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"gateway keys create failed:\n{out.stdout}{out.stderr}")
+    made: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return made
+
+
+@contextlib.contextmanager
+def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path]]:
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        workdir = Path(tmp)
+        storage = workdir / "outputs"
+        started: dict[str, Server] = {}
+        try:
+            made = create_key(redis_url, storage)
+            port = free_port()
+            started["gateway"] = spawn("gateway", [gateway_binary(), "serve"],
+                                       gateway_env(redis_url, port, storage), port, workdir)
+            started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir)
+            started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir)
+            yield started, made, workdir
+        finally:
+            for server in reversed(started.values()):
+                server.stop()
+
+
+# -- wrk --------------------------------------------------------------------------------------
+
+DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, " ..
+    "\\"connect\\": %d, \\"read\\": %d, \\"write\\": %d, \\"status\\": %d, " ..
+    "\\"timeout\\": %d, \\"p50_us\\": %.0f, \\"p99_us\\": %.0f}\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def lua_script(body: bytes, headers: dict[str, str]) -> str:
+    text = body.decode()
+    assert "]==]" not in text
+    lines = ['wrk.method = "POST"', f"wrk.body = [==[{text}]==]"]
+    for name, value in headers.items():
+        lines.append(f'wrk.headers["{name}"] = "{value}"')
+    return "\n".join(lines) + "\n" + DONE
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: int  # non-2xx/3xx answers, plus socket errors
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+async def wrk(url: str, script: Path, seconds: float) -> WrkResult:
+    binary = shutil.which("wrk")
+    if not binary:
+        raise SystemExit("wrk is not installed (make bench installs it: apt-get install wrk)")
+    proc = await asyncio.create_subprocess_exec(
+        binary, f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
+        f"--timeout={TIMEOUT}s", "-s", str(script), "--latency", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    text = out.decode()
+    match = re.search(r"^WRKJSON (\{.*\})$", text, re.MULTILINE)
+    if proc.returncode != 0 or not match:
+        raise SystemExit(f"wrk failed ({proc.returncode}):\n{text}")
+    r = json.loads(match.group(1))
+    return WrkResult(
+        requests=r["requests"], seconds=r["duration_us"] / 1e6,
+        errors=r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"],
+        p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+    )
+
+
+# -- cases --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    server: Server
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    expect: int  # the status a correct answer has
+    script: Path = field(init=False)
+
+    def write_script(self, workdir: Path) -> None:
+        self.script = workdir / f"{self.name.replace(' ', '_').replace(':', '')}.lua"
+        self.script.write_text(lua_script(self.body, self.headers))
+
+    def check(self, client: httpx.Client) -> dict[str, Any]:
+        """One request by hand: the answer must be the right one, not an error."""
+        response = client.post(self.server.url(self.path), content=self.body,
+                               headers=self.headers)
+        body: dict[str, Any] = response.json()
+        if response.status_code != self.expect or body.get("errors") or body.get("error"):
+            raise SystemExit(f"{self.name}: {response.status_code} {response.text[:500]}")
+        return body
+
+
+@dataclass
+class HttpRow:
+    case: str
+    rates: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # server CPU per request
+    cpu_share: list[float] = field(default_factory=list)  # server CPU / wall time
+    redis_us: list[float] = field(default_factory=list)  # redis-server CPU per request
+    redis_cmds: list[float] = field(default_factory=list)  # commands executed per request
+    commands: dict[str, int] = field(default_factory=dict)  # summed over the rounds
+    requests: int = 0  # completed, as wrk counted them
+    handled: int = 0  # completed, plus those in flight when wrk stopped
+    errors: int = 0
+    rss_mb: float = 0.0  # at rest after the load
+    loaded: str = ""  # event loop + HTTP parser the server runs
+    summary: list[str] = field(default_factory=list)  # lines printed under the table
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+async def wait_idle(pid: int, timeout: float = 10.0) -> None:
+    """Until the process has used no CPU for QUIET seconds (clock ticks are 10 ms)."""
+    deadline = time.monotonic() + timeout
+    last, quiet = cpu_seconds(pid), 0
+    while quiet < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(QUIET / 3)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now == last else 0
+        last = now
+
+
+def redis_pid_of(info: dict[str, Any]) -> int:
+    return int(info["process_id"])
+
+
+async def measure(case: Case, row: HttpRow, admin: aioredis.Redis, redis_pid: int,
+                  seconds: float) -> None:
+    before_stats = await command_stats(admin)
+    cpu0, rcpu0 = cpu_seconds(case.server.pid), cpu_seconds(redis_pid)
+    start = time.monotonic()
+    result = await wrk(case.server.url(case.path), case.script, seconds)
+    await wait_idle(case.server.pid)  # the requests still in flight when wrk stopped
+    busy_for = time.monotonic() - start - QUIET
+    cpu1, rcpu1 = cpu_seconds(case.server.pid), cpu_seconds(redis_pid)
+    stats = (await command_stats(admin) - before_stats).without("info")
+    # The server worked for every request wrk completed, and for the one each connection
+    # still had in flight when wrk stopped (the server is saturated, so each had one).
+    n = result.requests + CONNECTIONS
+    row.rates.append(result.rate)
+    row.p50.append(result.p50_ms)
+    row.p99.append(result.p99_ms)
+    row.cpu_ms.append((cpu1 - cpu0) * 1000 / n)
+    row.cpu_share.append((cpu1 - cpu0) / busy_for)
+    row.redis_us.append((rcpu1 - rcpu0) * 1e6 / n)
+    row.redis_cmds.append(sum(stats.calls.values()) / n)
+    for name, calls in stats.calls.items():
+        if calls:
+            row.commands[name] = row.commands.get(name, 0) + calls
+    row.requests += result.requests
+    row.handled += n
+    row.errors += result.errors
+
+
+@scenario("http")
+async def http(ctx: Context) -> list[HttpRow]:
+    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
+    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
+    warmup = 1
+    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    await admin.flushall()
+    redis_pid = redis_pid_of(await admin.info("server"))
+    try:
+        with servers(ctx.redis_url) as (procs, made, workdir), httpx.Client(timeout=30) as client:
+            gateway = procs["gateway"]
+            rss_start = gateway.rss_mb()
+            auth = {"Content-Type": "application/json", "Authorization": f"Bearer {made['key']}"}
+            plain = {"Content-Type": "application/json"}
+            generate = json.dumps({"query": GENERATE, "variables": GENERATE_VARIABLES}).encode()
+            rest = json.dumps(TEXT_TO_IMAGE).encode()
+            cases = [
+                Case(STARLETTE, procs[STARLETTE], "/v1/text_to_image", rest, plain, 202),
+                Case(STRAWBERRY, procs[STRAWBERRY], "/graphql", generate, plain, 200),
+                Case(GENERATE_CASE, gateway, "/graphql", generate, auth, 200),
+                Case(REST_CASE, gateway, "/v1/text_to_image", rest, auth, 202),
+            ]
+            job_id = cases[2].check(client)["data"]["generate"]["id"]
+            poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
+            cases.append(Case(JOB_CASE, gateway, "/graphql", poll, auth, 200))
+            for case in cases:
+                case.write_script(workdir)
+                case.check(client)
+            rss_first = gateway.rss_mb()  # at rest, after the first few requests
+
+            rows = {case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
+                    for case in cases}
+            generations = [3, 3]  # the checks and the job polled: (fewest, most) recorded
+            for case in cases:  # warm-up: connection pools filled, caches hot
+                done = await wrk(case.server.url(case.path), case.script, warmup)
+                if case.name in (GENERATE_CASE, REST_CASE):
+                    generations[0] += done.requests
+                    generations[1] += done.requests + CONNECTIONS
+            for _ in range(rounds):
+                for case in cases:
+                    await measure(case, rows[case.name], admin, redis_pid, seconds)
+
+            await asyncio.sleep(1.0)  # at rest again
+            for case in cases:
+                rows[case.name].rss_mb = case.server.rss_mb()
+            summary = [
+                f"gateway RSS at rest: {rss_start:.1f} MB after start, {rss_first:.1f} MB after "
+                f"its first requests, {gateway.rss_mb():.1f} MB after the load (peak "
+                f"{gateway.peak_mb():.1f} MB); target under {RSS_TARGET_MB} MB: "
+                + ("met" if gateway.rss_mb() < RSS_TARGET_MB else "NOT met"),
+                f"floors at rest after the load: starlette {procs[STARLETTE].rss_mb():.1f} MB, "
+                f"strawberry {procs[STRAWBERRY].rss_mb():.1f} MB",
+            ]
+            for name in (GENERATE_CASE, REST_CASE):
+                generations[0] += rows[name].requests
+                generations[1] += rows[name].handled
+            jobs = await admin.zcard(keys.jobs(made["id"]))
+            fewest, most = generations
+            summary.append(
+                f"jobs recorded in Redis: {jobs:,}; expected {fewest:,} (answers wrk received) "
+                f"to {most:,} (plus the requests in flight when it stopped): "
+                + ("ok" if fewest <= jobs <= most else "MISMATCH")
+            )
+    finally:
+        await admin.flushall()
+        await admin.aclose()
+
+    out = list(rows.values())
+    for case, floor_name, target in TARGETS:
+        share = rows[case].median / rows[floor_name].median
+        verdict = "" if target is None else (
+            f"; target {target:.0%}: " + ("met" if share >= target else "NOT met"))
+        summary.append(f"{case}: {share:.0%} of {floor_name}'s req/s{verdict}")
+    out[-1].summary = summary
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _pct(row: HttpRow, rows: dict[str, HttpRow], floor_name: str) -> str:
+    if row.case.startswith("floor") or floor_name not in rows:
+        return ""
+    return f"{row.median / rows[floor_name].median:.0%}"
+
+
+@renderer(HttpRow)
+def http_table(rows: list[HttpRow], rounds: int) -> str:
+    by_name = {r.case: r for r in rows}
+    med = statistics.median
+    head = ("HTTP case", f"req/s (median of {len(rows[0].rates)})", "min..max",
+            "% starlette", "% strawberry", "p50 ms", "p99 ms", "CPU ms/req", "CPU busy",
+            "Redis µs/req", "Redis cmds/req", "RSS MB", "server", "notes")
+    body = []
+    for r in rows:
+        total = max(1, r.handled)
+        floor_row = r.case.startswith("floor")
+        # EVALSHA is always top level (a script cannot call it): one round trip each.
+        others = sorted(((k, v) for k, v in r.commands.items() if k != "evalsha"),
+                        key=lambda kv: -kv[1])
+        top = [("evalsha", r.commands.get("evalsha", 0)), *others[:2]]
+        notes = "" if floor_row else ", ".join(f"{k} {v / total:.2f}/req" for k, v in top)
+        if r.errors:
+            notes = f"{r.errors} errors! {notes}"
+        redis_us = "" if floor_row else f"{med(r.redis_us):.0f}"
+        redis_cmds = "" if floor_row else f"{med(r.redis_cmds):.1f}"
+        body.append((
+            r.case, f"{r.median:,.0f}", f"{min(r.rates):,.0f}..{max(r.rates):,.0f}",
+            _pct(r, by_name, STARLETTE), _pct(r, by_name, STRAWBERRY),
+            f"{med(r.p50):.1f}", f"{med(r.p99):.1f}", f"{med(r.cpu_ms):.3f}",
+            f"{med(r.cpu_share):.0%}", redis_us, redis_cmds,
+            f"{r.rss_mb:.1f}", r.loaded, notes,
+        ))
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+
+    def fmt(line: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.rjust(w) if 1 <= i <= 11 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    summary = [line for r in rows for line in r.summary]
+    return "\n".join([fmt(head), rule, *(fmt(line) for line in body), "", *summary])

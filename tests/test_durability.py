@@ -62,6 +62,28 @@ async def jobs_state(gw: Harness, key: str, ids: list[str]) -> list[dict[str, st
         return list(await pipe.execute())
 
 
+async def accepted_upstream(gw: Harness, key: str, ids: list[str]) -> None:
+    """Wait until every job's upstream id is stored (the upstream has accepted it)."""
+
+    async def check() -> bool:
+        return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
+
+    await until(check)
+
+
+async def all_ended(gw: Harness, key: str, ids: list[str], timeout: float = 60.0) -> None:
+    """Wait until every job is terminal (tolerating a store that is coming back)."""
+
+    async def check() -> bool:
+        try:
+            rows = await jobs_state(gw, key, ids)
+        except Exception:
+            return False
+        return all(r.get("status") in TERMINAL for r in rows)
+
+    await until(check, timeout)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -93,19 +115,13 @@ async def test_kill_9_worker_mid_run_loses_nothing_and_pays_upstream_once(
         ids = await submit(gw, key, 20)
         first = start_worker(redis_url, krea, storage_dir)
         try:
-            async def all_accepted_upstream() -> bool:
-                return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
-
-            await until(all_accepted_upstream)
+            await accepted_upstream(gw, key, ids)
             first.send_signal(signal.SIGKILL)
             first.wait(10)
             emu.steps_to_complete = 1  # upstream finishes them now
             second = start_worker(redis_url, krea, storage_dir)
             try:
-                async def all_ended() -> bool:
-                    return all(r["status"] in TERMINAL for r in await jobs_state(gw, key, ids))
-
-                await until(all_ended)
+                await all_ended(gw, key, ids)
             finally:
                 stop(second)
         finally:
@@ -125,19 +141,13 @@ async def test_sigterm_hands_running_jobs_over(redis_url: str, storage_dir: Path
         ids = await submit(gw, key, 10)
         first = start_worker(redis_url, krea, storage_dir, GATEWAY_SHUTDOWN_GRACE_SECONDS="0.2")
         try:
-            async def all_accepted_upstream() -> bool:
-                return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
-
-            await until(all_accepted_upstream)
+            await accepted_upstream(gw, key, ids)
             first.send_signal(signal.SIGTERM)
             assert first.wait(20) == 0  # a clean exit
             emu.steps_to_complete = 1
             second = start_worker(redis_url, krea, storage_dir)
             try:
-                async def all_ended() -> bool:
-                    return all(r["status"] in TERMINAL for r in await jobs_state(gw, key, ids))
-
-                await until(all_ended)
+                await all_ended(gw, key, ids)
             finally:
                 stop(second)
         finally:
@@ -160,10 +170,7 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
             ids = await submit(gw, key, 10)
             worker = start_worker(server.url, krea, storage_dir)
             try:
-                async def all_accepted_upstream() -> bool:
-                    return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
-
-                await until(all_accepted_upstream)
+                await accepted_upstream(gw, key, ids)
                 # Redis goes away mid-run and comes back from its append-only file.
                 port = server.port
                 server.stop()
@@ -171,14 +178,7 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
                 server.start()
                 emu.steps_to_complete = 1
 
-                async def all_ended() -> bool:
-                    try:
-                        rows = await jobs_state(gw, key, ids)
-                    except Exception:
-                        return False
-                    return all(r.get("status") in TERMINAL for r in rows)
-
-                await until(all_ended, timeout=90)
+                await all_ended(gw, key, ids, timeout=90)
             finally:
                 stop(worker)
             await check_outcome(gw, key, ids, emu)
@@ -196,10 +196,7 @@ async def test_cancel_while_running_stops_upstream_refunds_and_frees_the_slot(
         key = await gw.key("free", credits=100)
         [job_id] = await submit(gw, key, 1)
 
-        async def running_upstream() -> bool:
-            return bool((await jobs_state(gw, key, [job_id]))[0].get("upstream"))
-
-        await until(running_upstream)
+        await accepted_upstream(gw, key, [job_id])
         r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
                          {"id": job_id}, key)
         assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}

@@ -120,3 +120,14 @@ class ProviderUnavailable(ProviderError):
 
 class ProviderRejected(ProviderError):
     failover = False
+
+
+def _codes(cls: type[GatewayError]) -> dict[str, int]:
+    out = {cls.code: cls.status}
+    for sub in cls.__subclasses__():
+        out.update(_codes(sub))
+    return out
+
+
+#: HTTP status of each error code (CONTRACT §7), from the classes above.
+STATUS_BY_CODE: dict[str, int] = _codes(GatewayError)

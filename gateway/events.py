@@ -20,6 +20,13 @@ class Events:
     async def publish(self, job: Job) -> None:
         await self.redis.publish(keys.events(job.account, job.id), orjson.dumps(job.public()))
 
+    async def publish_stored(self, *job_keys: str) -> None:
+        """Publish jobs as stored now (after a script changed them)."""
+        for job_key in job_keys:
+            job = await self.store.get_by_key(job_key)
+            if job is not None:
+                await self.publish(job)
+
     async def follow(self, account: str, job_id: str) -> AsyncIterator[Job]:
         """The job's current state, then each change, ending with its terminal state.
 
@@ -31,19 +38,19 @@ class Events:
             job = await self.store.get(account, job_id)
             if job is None:
                 return
-            last = job.status
             yield job
             while not job.ended:
+                # A message says when to look; the record says what is true. Without news
+                # for a while, look anyway, so a missed message cannot hang the stream.
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                if message is None:
-                    # No news: re-read, so a missed message cannot leave the stream hanging.
-                    fresh = await self.store.get(account, job_id)
-                    if fresh is None:
-                        return
-                    if fresh.status == last and fresh.metadata == job.metadata:
-                        continue
-                job = await self.store.get(account, job_id) or job
-                last = job.status
+                fresh = await self.store.get(account, job_id)
+                if fresh is None:
+                    return
+                if message is None and (fresh.status, fresh.metadata) == (
+                    job.status, job.metadata
+                ):
+                    continue
+                job = fresh
                 yield job
         finally:
             await pubsub.unsubscribe()

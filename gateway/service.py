@@ -185,12 +185,11 @@ class Gateway:
                 )
                 job = await self.store.get(principal.account, job_id) or job
                 await self.events.publish(job)
-                if job.cache_key:
-                    for key in await self.cache.release(job, self.now_ms()):
+                if job.cache_key:  # a waiter runs in its place
+                    promoted = await self.cache.release(job, self.now_ms())
+                    if promoted:
                         self.queue.notify()
-                        follower = await self.store.get_by_key(key)
-                        if follower:
-                            await self.events.publish(follower)
+                        await self.events.publish_stored(*promoted)
             return job
 
     async def follow(self, principal: Principal, job_id: str) -> AsyncIterator[Job]:

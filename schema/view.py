@@ -23,21 +23,8 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
 
-from gateway.errors import GatewayError
+from gateway.errors import STATUS_BY_CODE, GatewayError
 from schema.context import Context
-
-STATUS = {
-    "UNAUTHENTICATED": 401,
-    "FORBIDDEN": 403,
-    "BAD_USER_INPUT": 400,
-    "PAYLOAD_TOO_LARGE": 413,
-    "INSUFFICIENT_CREDITS": 402,
-    "RATE_LIMITED": 429,
-    "NOT_FOUND": 404,
-    "PROVIDER_ERROR": 502,
-    "SERVICE_UNAVAILABLE": 503,
-    "INTERNAL_SERVER_ERROR": 500,
-}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -113,6 +100,6 @@ class GraphQLView(GraphQL[Context, None]):
         if not every_field_failed:
             return
         first = errors[0]["extensions"]
-        ctx.response.status_code = STATUS.get(first["code"], 400)
+        ctx.response.status_code = STATUS_BY_CODE.get(first["code"], 400)
         if first["code"] == "RATE_LIMITED" and "retryAfter" in first:
             ctx.response.headers["Retry-After"] = str(first["retryAfter"])

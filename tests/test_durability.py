@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.store import keys
 from tests.conftest import RedisServer
@@ -36,6 +40,20 @@ def start_worker(
     })
     return subprocess.Popen([GATEWAY, "worker"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+@contextlib.asynccontextmanager
+async def held_krea(
+    redis_url: str, storage_dir: Path, **overrides: Any
+) -> AsyncIterator[tuple[KreaEmulator, str, Harness]]:
+    """A Krea emulator whose jobs run until the test lets them end (`steps_to_complete`),
+    and a gateway routed to it (no in-process workers unless asked for)."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    overrides.setdefault("inprocess_workers", False)
+    async with serve(emu.app) as krea, gateway(
+        redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token", **overrides
+    ) as gw:
+        yield emu, krea, gw
 
 
 async def until(predicate: Any, timeout: float = 60.0) -> None:
@@ -103,21 +121,21 @@ async def check_outcome(gw: Harness, key: str, ids: list[str], emu: KreaEmulator
     assert me["credits"] == 10_000 - 10 * len(ids)
 
 
-async def test_kill_9_worker_mid_run_loses_nothing_and_pays_upstream_once(
-    redis_url: str, storage_dir: Path
+@pytest.mark.parametrize(("how", "jobs", "exit_code"), [
+    (signal.SIGKILL, 20, -signal.SIGKILL),  # crashed: its jobs are claimed after the lease
+    (signal.SIGTERM, 10, 0),  # stopped: a clean exit, running jobs handed over
+], ids=["kill-9", "sigterm"])
+async def test_a_worker_stopped_mid_run_loses_nothing_and_pays_upstream_once(
+    redis_url: str, storage_dir: Path, how: signal.Signals, jobs: int, exit_code: int
 ) -> None:
-    emu = KreaEmulator(steps_to_complete=10**9)  # jobs run until the test lets them end
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, inprocess_workers=False,
-        krea_api_base=krea, krea_api_token="test-token",
-    ) as gw:
+    async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
         key = await gw.key("enterprise", credits=10_000)
-        ids = await submit(gw, key, 20)
-        first = start_worker(redis_url, krea, storage_dir)
+        ids = await submit(gw, key, jobs)
+        first = start_worker(redis_url, krea, storage_dir, GATEWAY_SHUTDOWN_GRACE_SECONDS="0.2")
         try:
             await accepted_upstream(gw, key, ids)
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
+            first.send_signal(how)
+            assert first.wait(20) == exit_code
             emu.steps_to_complete = 1  # upstream finishes them now
             second = start_worker(redis_url, krea, storage_dir)
             try:
@@ -128,31 +146,7 @@ async def test_kill_9_worker_mid_run_loses_nothing_and_pays_upstream_once(
             stop(first)
         await check_outcome(gw, key, ids, emu)
         rows = await jobs_state(gw, key, ids)
-        assert all(int(r["attempts"]) == 2 for r in rows)
-
-
-async def test_sigterm_hands_running_jobs_over(redis_url: str, storage_dir: Path) -> None:
-    emu = KreaEmulator(steps_to_complete=10**9)
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, inprocess_workers=False,
-        krea_api_base=krea, krea_api_token="test-token",
-    ) as gw:
-        key = await gw.key("enterprise", credits=10_000)
-        ids = await submit(gw, key, 10)
-        first = start_worker(redis_url, krea, storage_dir, GATEWAY_SHUTDOWN_GRACE_SECONDS="0.2")
-        try:
-            await accepted_upstream(gw, key, ids)
-            first.send_signal(signal.SIGTERM)
-            assert first.wait(20) == 0  # a clean exit
-            emu.steps_to_complete = 1
-            second = start_worker(redis_url, krea, storage_dir)
-            try:
-                await all_ended(gw, key, ids)
-            finally:
-                stop(second)
-        finally:
-            stop(first)
-        await check_outcome(gw, key, ids, emu)
+        assert all(int(r["attempts"]) == 2 for r in rows)  # resumed, each once
 
 
 async def test_redis_restart_with_aof_loses_no_accepted_job(
@@ -160,12 +154,8 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
 ) -> None:
     server = RedisServer(tmp_path, appendonly=True)
     server.start()
-    emu = KreaEmulator(steps_to_complete=10**9)
     try:
-        async with serve(emu.app) as krea, gateway(
-            server.url, storage_dir, inprocess_workers=False,
-            krea_api_base=krea, krea_api_token="test-token",
-        ) as gw:
+        async with held_krea(server.url, storage_dir) as (emu, krea, gw):
             key = await gw.key("enterprise", credits=10_000)
             ids = await submit(gw, key, 10)
             worker = start_worker(server.url, krea, storage_dir)
@@ -189,10 +179,7 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
 async def test_cancel_while_running_stops_upstream_refunds_and_frees_the_slot(
     redis_url: str, storage_dir: Path
 ) -> None:
-    emu = KreaEmulator(steps_to_complete=10**9)
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token",
-    ) as gw:
+    async with held_krea(redis_url, storage_dir, inprocess_workers=True) as (emu, _, gw):
         key = await gw.key("free", credits=100)
         [job_id] = await submit(gw, key, 1)
 
@@ -249,11 +236,7 @@ async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir:
 async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
     redis_url: str, storage_dir: Path
 ) -> None:
-    emu = KreaEmulator(steps_to_complete=10**9)
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, inprocess_workers=False,
-        krea_api_base=krea, krea_api_token="test-token",
-    ) as gw:
+    async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
         key = await gw.key("enterprise", credits=100)
         [job_id] = await submit(gw, key, 1)
         for _ in range(2):  # each worker takes the job and dies with it

@@ -16,10 +16,8 @@ from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
 
-from tests.emulators.krea import KreaEmulator
 from tests.harness import gateway
-from tests.servers import serve
-from tests.test_durability import start_worker, stop, submit
+from tests.test_durability import held_krea, start_worker, stop, submit
 
 SUBSCRIBE = "subscription($id: ID!) { jobUpdates(id: $id) { id status metadata url } }"
 
@@ -46,11 +44,7 @@ async def subscribe(base: str, key: str, job_id: str) -> list[dict[str, Any]]:
 async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_process(
     redis_url: str, storage_dir: Path
 ) -> None:
-    emu = KreaEmulator(steps_to_complete=10**9)
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, inprocess_workers=False,
-        krea_api_base=krea, krea_api_token="test-token",
-    ) as gw:
+    async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
         key, other = await gw.key(), await gw.key()
         [job_id] = await submit(gw, key, 1)
         worker = start_worker(redis_url, krea, storage_dir)

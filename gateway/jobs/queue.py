@@ -67,22 +67,13 @@ class Queue:
                 keys.QUEUE, keys.QUEUE_GROUP, consumer, 0, entry_ids, justid=True
             )
 
-    async def reclaim(
-        self, consumer: str, min_idle_ms: int, count: int
-    ) -> list[tuple[str, str, int]]:
-        """Entries whose worker went silent, as (entry id, job key, times delivered)."""
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:
+        """Entries whose worker went silent, as (entry id, job key). How often a job was
+        tried is counted on the job itself (`start.lua`), not here."""
         reply = await self.redis.xautoclaim(
             keys.QUEUE, keys.QUEUE_GROUP, consumer, min_idle_ms, "0-0", count=count
         )
-        claimed = [(eid, f["job"]) for eid, f in reply[1] if f]
         deleted = reply[2] if len(reply) > 2 else []
         for entry_id in deleted:  # trimmed away under us: nothing to run
             await self.redis.xack(keys.QUEUE, keys.QUEUE_GROUP, entry_id)
-        if not claimed:
-            return []
-        pending = await self.redis.xpending_range(
-            keys.QUEUE, keys.QUEUE_GROUP, min=claimed[0][0], max=claimed[-1][0],
-            count=len(claimed) * 2, consumername=consumer,
-        )
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        return [(eid, job_key, deliveries.get(eid, 1)) for eid, job_key in claimed]
+        return [(eid, f["job"]) for eid, f in reply[1] if f]

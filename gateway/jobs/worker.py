@@ -33,6 +33,7 @@ from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
+from gateway.store import keys
 from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
@@ -152,9 +153,7 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), period)
             try:
                 await self.beat()
-                for key in await self.cache.rescue(self.now_ms()):
-                    self.queue.notify()
-                    await self._publish_key(key)
+                await self._announce(await self.cache.rescue(self.now_ms()))
                 if self.clock() - self.last_sweep > SWEEP_EVERY:
                     await self.sweep()
             except Exception as exc:
@@ -169,7 +168,7 @@ class Worker:
         )
         free = self.capacity - len(self.running)
         if free > 0:
-            for entry_id, job_key, _ in await self.queue.reclaim(
+            for entry_id, job_key in await self.queue.reclaim(
                 self.consumer, self.lease_ms, free
             ):
                 log.info("reclaimed job", entry=entry_id, job=job_key)
@@ -278,9 +277,8 @@ class Worker:
             await self.artifacts.delete(urls)
         elif job.cache_key:
             job.completed_at = now
-            for key in await self.cache.settle(job, urls, width, height, metadata):
-                await self._publish_key(key)
-        await self._publish_final(job)
+            await self._announce(await self.cache.settle(job, urls, width, height, metadata))
+        await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
         try:
@@ -295,18 +293,12 @@ class Worker:
 
     async def _end(self, job: Job, status: str, error: str | None = None) -> None:
         await self.store.finish(job, status, self.now_ms(), refund=True, error=error)
-        await self._publish_final(job)
+        await self.events.publish_stored(keys.job(job.account, job.id))
         if job.cache_key:  # the identical requests waiting for it must not fail with it
-            for key in await self.cache.release(job, self.now_ms()):
-                self.queue.notify()
-                await self._publish_key(key)
+            await self._announce(await self.cache.release(job, self.now_ms()))
 
-    async def _publish_key(self, job_key: str) -> None:
-        job = await self.store.get_by_key(job_key)
-        if job is not None:
-            await self.events.publish(job)
-
-    async def _publish_final(self, job: Job) -> None:
-        fresh = await self.store.get(job.account, job.id)
-        if fresh is not None:
-            await self.events.publish(fresh)
+    async def _announce(self, job_keys: list[str]) -> None:
+        """Jobs the cache completed or promoted: wake the fetcher, tell their followers."""
+        if job_keys:
+            self.queue.notify()
+            await self.events.publish_stored(*job_keys)

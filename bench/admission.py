@@ -97,7 +97,7 @@ class Bench:
         await one_round(max(1, per_task // 4))  # warm-up: opens the pool's connections
         rates, sent, stats = [], 0, EMPTY_STATS
         for _ in range(self.ctx.rounds):
-            await self.admin.delete(keys.QUEUE)  # keep the queue stream from growing
+            await self.admin.delete(keys.queue(0))  # keep the queue stream from growing
             before, before_sent = await command_stats(self.admin), CountingConnection.sent
             rates.append(ops / await one_round())
             sent += CountingConnection.sent - before_sent

@@ -56,13 +56,18 @@ class Accounts:
         rpm: int | None = None,
         concurrency: int | None = None,
         daily: int | None = None,
+        shard: int | None = None,
     ) -> dict[str, Any]:
-        """Create an account and its key; the key is returned here and never again."""
+        """Create an account and its key; the key is returned here and never again.
+
+        The account lands in `shard`, or in a random one of the configured shards."""
         if plan not in self.settings.plans:
             raise BadUserInput(f"unknown plan {plan!r}", field="plan")
         if credits < 0:
             raise BadUserInput("credits must not be negative", field="credits")
-        account = secrets.token_hex(6)
+        if shard is None:
+            shard = secrets.randbelow(self.settings.redis_shards)
+        account = keys.account_id(secrets.token_hex(6), shard)
         key, key_hash = new_key(account)
         webhook_secret = new_webhook_secret()
         fields = {
@@ -78,9 +83,11 @@ class Accounts:
             "concurrency": _limit_field(concurrency),
             "daily": _limit_field(daily),
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.account(account), mapping=fields)
+        # Two slots on a Cluster, so no MULTI: indexed first, and `list` skips an id
+        # whose record was never written.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(keys.ACCOUNTS, account)
+            pipe.hset(keys.account(account), mapping=fields)
             await pipe.execute()
         if credits:
             await self.add_credits(account, credits, "initial")

@@ -60,6 +60,8 @@ async def admit(
     limits = principal.limits
     idem_key, idem_hash = idempotency or ("", "")
     ms_to_day_end = DAY_MS - now_ms % DAY_MS
+    shard = keys.shard_of(account)
+    digest = cache_digest or ""
     reply = await scripts.admit(
         keys=[
             keys.account(account),
@@ -70,11 +72,11 @@ async def admit(
             keys.job(account, job.id),
             keys.jobs(account),
             keys.idempotency(account, idem_key),
-            keys.QUEUE,
-            keys.cache_entry(cache_digest or ""),
-            keys.inflight(cache_digest or ""),
-            keys.followers(cache_digest or ""),
-            keys.COALESCING,
+            keys.queue(shard),
+            keys.cache_entry(shard, digest),
+            keys.inflight(shard, digest),
+            keys.followers(shard, digest),
+            keys.coalescing(shard),
         ],
         args=[
             now_ms,

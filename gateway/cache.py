@@ -2,8 +2,12 @@
 
 The lookup itself happens inside admission (`admit.lua`), in the same round trip as
 the limits: a hit becomes a completed job at once, an identical request in flight
-makes the new job a follower of it. This module holds the rest: which requests are
-cacheable, and what a leader's worker does when it ends.
+makes the new job a follower of it. Entries are copied into every shard of the
+keyspace (see `store/keys.py`); coalescing joins requests of the same shard, so with
+several shards two accounts of different shards may each run an identical request
+(each paying for its own) until the first one completes and is cached.
+This module holds the rest: which requests are cacheable, and what a leader's worker
+does when it ends.
 """
 
 from __future__ import annotations
@@ -41,59 +45,75 @@ class Cache:
     async def settle(
         self, job: Job, urls: list[str], width: int, height: int, metadata: dict[str, Any]
     ) -> list[str]:
-        """The leader completed: store the entry, complete its followers; their keys."""
+        """The leader completed: store the entry, complete its followers; their keys.
+
+        The entry is written into the leader's shard with its followers (one script),
+        then copied into every other shard, so any key's admission finds it in its own
+        slot. A copy lost to a crash costs a cache miss, never a wrong result."""
         assert job.cache_key
+        shard, digest = keys.shard_of(job.account), job.cache_key
+        entry = {"urls": orjson.dumps(urls).decode(), "width": width, "height": height,
+                 "metadata": orjson.dumps(metadata).decode()}
         done = await self.scripts.settle(
-            keys=[keys.cache_entry(job.cache_key), keys.inflight(job.cache_key),
-                  keys.followers(job.cache_key), keys.WEBHOOKS, keys.COALESCING],
+            keys=[keys.cache_entry(shard, digest), keys.inflight(shard, digest),
+                  keys.followers(shard, digest), keys.webhooks(shard), keys.coalescing(shard)],
             args=[keys.job(job.account, job.id), job.completed_at or 0, self.retention_ms,
-                  orjson.dumps(urls).decode(), width, height,
-                  orjson.dumps(metadata).decode()],
+                  entry["urls"], width, height, entry["metadata"]],
             client=self.redis,
         )
+        others = [n for n in range(self.settings.redis_shards) if n != shard]
+        if others:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n in others:
+                    pipe.hset(keys.cache_entry(n, digest), mapping=entry)
+                    pipe.pexpire(keys.cache_entry(n, digest), self.retention_ms)
+                await pipe.execute()
         return [str(k) for k in done]
 
     async def release(self, job: Job, now_ms: int) -> list[str]:
         """The leader failed or was cancelled: let the first waiter that can pay run in its
         place (the others keep waiting, now for it). The keys of jobs that changed."""
         assert job.cache_key
-        inflight = keys.inflight(job.cache_key)
-        if await self.redis.get(inflight) != keys.job(job.account, job.id):
+        shard = keys.shard_of(job.account)
+        if await self.redis.get(keys.inflight(shard, job.cache_key)) != keys.job(
+            job.account, job.id
+        ):
             return []
-        return await self._promote_next(job.cache_key, now_ms)
+        return await self._promote_next(shard, job.cache_key, now_ms)
 
     async def rescue(self, now_ms: int) -> list[str]:
         """Followers whose leader ended without releasing them (its worker died at that
         instant), or whose leader record is gone: promote one of them. Run periodically."""
         changed: list[str] = []
-        for inflight in await self.redis.smembers(keys.COALESCING):
-            digest = str(inflight).rsplit(":", 1)[-1]
-            leader = await self.redis.get(inflight)
-            status = await self.redis.hget(leader, "status") if leader else None
-            if status in ("queued", "processing"):
-                continue
-            if leader and not await self.redis.delete(inflight):
-                continue
-            changed += await self._promote_next(digest, now_ms)
+        for shard in range(self.settings.redis_shards):
+            for inflight in await self.redis.smembers(keys.coalescing(shard)):
+                digest = str(inflight).rsplit(":", 1)[-1]
+                leader = await self.redis.get(inflight)
+                status = await self.redis.hget(leader, "status") if leader else None
+                if status in ("queued", "processing"):
+                    continue
+                if leader and not await self.redis.delete(inflight):
+                    continue
+                changed += await self._promote_next(shard, digest, now_ms)
         return changed
 
-    async def _promote_next(self, digest: str, now_ms: int) -> list[str]:
-        inflight, waiting = keys.inflight(digest), keys.followers(digest)
+    async def _promote_next(self, shard: int, digest: str, now_ms: int) -> list[str]:
+        inflight, waiting = keys.inflight(shard, digest), keys.followers(shard, digest)
         changed: list[str] = []
         while True:
             # Peek, promote, then remove: a crash in between leaves the waiter listed.
             follower = await self.redis.lindex(waiting, 0)
             if follower is None:
                 await self.redis.delete(inflight)
-                await self.redis.srem(keys.COALESCING, inflight)
+                await self.redis.srem(keys.coalescing(shard), inflight)
                 return changed
             row = await self.redis.hmget(follower, "account", "id")
             verdict = "skip"
             if row[0]:
                 account, job_id = row
                 verdict = await self.scripts.promote(
-                    keys=[follower, keys.account(account), keys.ledger(account), keys.QUEUE,
-                          inflight, keys.WEBHOOKS],
+                    keys=[follower, keys.account(account), keys.ledger(account),
+                          keys.queue(shard), inflight, keys.webhooks(shard)],
                     args=[now_ms, self.lease_ms, job_id, self.retention_ms],
                     client=self.redis,
                 )

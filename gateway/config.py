@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
     redis_url: str | None = None
+    redis_shards: int = Field(
+        default=1, ge=1, le=1024,
+        description="hash-tag shards of the keyspace; on Redis Cluster, several per node",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None

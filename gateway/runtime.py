@@ -57,7 +57,7 @@ async def runtime(
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown_seconds,
         )
-        queue = Queue(redis, blocking=settings.redis_url is not None)
+        queue = Queue(redis, blocking=settings.redis_url is not None, shards=settings.redis_shards)
         await queue.ensure_group()
         artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
         gateway = Gateway(

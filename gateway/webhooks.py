@@ -127,19 +127,25 @@ class Webhooks:
         if free <= 0:
             return
         lease = int((self.settings.webhook_timeout + 5) * 1000)
-        due = await self.scripts.claim(
-            keys=[keys.WEBHOOKS], args=[self.now_ms(), lease, free], client=self.redis
-        )
-        for job_key in due:
-            task = asyncio.create_task(self.deliver(str(job_key)))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+        for shard in range(self.settings.redis_shards):
+            due = await self.scripts.claim(
+                keys=[keys.webhooks(shard)], args=[self.now_ms(), lease, free],
+                client=self.redis,
+            )
+            for job_key in due:
+                task = asyncio.create_task(self.deliver(str(job_key)))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+            free -= len(due)
+            if free <= 0:
+                return
 
     async def deliver(self, job_key: str) -> bool:
         """One attempt; schedules the next one or ends the delivery. True on success."""
+        schedule = keys.webhooks(keys.shard_of_key(job_key))
         job = await self.store.get_by_key(job_key)
         if job is None or not job.webhook_url:
-            await self.redis.zrem(keys.WEBHOOKS, job_key)
+            await self.redis.zrem(schedule, job_key)
             return False
         attempt = int(await self.redis.hincrby(job_key, "webhook_attempts", 1))
         secret = await self.redis.hget(keys.account(job.account), "webhook_secret") or ""
@@ -176,11 +182,11 @@ class Webhooks:
             pipe.rpush(log_key, orjson.dumps(record))
             pipe.expire(log_key, retention)
             if final:
-                pipe.zrem(keys.WEBHOOKS, job_key)
+                pipe.zrem(schedule, job_key)
                 pipe.hset(job_key, "webhook_status", "delivered" if ok else "failed")
             else:
                 delay = self.delays[attempt - 1] * random.uniform(0.8, 1.0)
-                pipe.zadd(keys.WEBHOOKS, {job_key: self.now_ms() + int(delay * 1000)})
+                pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
                 pipe.hset(job_key, "webhook_status", "retrying")
             await pipe.execute()
         return ok
@@ -198,5 +204,5 @@ class Webhooks:
         key = keys.job(job.account, job.id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, "webhook_attempts", 0)
-            pipe.zadd(keys.WEBHOOKS, {key: self.now_ms()})
+            pipe.zadd(keys.webhooks(keys.shard_of(job.account)), {key: self.now_ms()})
             await pipe.execute()

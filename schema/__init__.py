@@ -35,12 +35,22 @@ CACHE_SIZE = 512
 
 
 def should_mask(error: GraphQLError) -> bool:
-    """Mask unexpected errors raised while resolving; keep our coded ones and the
-    parse and validation errors (which carry no original error)."""
+    """Mask unexpected errors raised while resolving (they have a path); keep our coded
+    ones and the request's own parse, validation and variable errors, which describe
+    only what the client sent."""
     original = error.original_error
-    if original is None:
+    if original is None or not error.path:
         return False
     return not isinstance(original, GatewayError)
+
+
+class MaskUnexpected(MaskErrors):
+    """Strawberry's masking, with the contract's code: a masked error is ours (500)."""
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        masked = super().anonymise_error(error)
+        masked.extensions = {"code": "INTERNAL_SERVER_ERROR"}
+        return masked
 
 
 class GatewaySchema(strawberry.Schema):
@@ -72,7 +82,7 @@ def build_schema() -> strawberry.Schema:
             lambda: AddValidationRules(LIMIT_RULES),
             lambda: ParserCache(maxsize=CACHE_SIZE),
             lambda: ValidationCache(maxsize=CACHE_SIZE),
-            lambda: MaskErrors(should_mask_error=should_mask),
+            lambda: MaskUnexpected(should_mask_error=should_mask),
         ],
     )
 

@@ -80,8 +80,9 @@ class GraphQLView(GraphQL[Context, None]):
                 formatted = error.formatted
                 ext = dict(formatted.get("extensions") or {})
                 if "code" not in ext:
-                    masked = error.original_error is not None
-                    ext["code"] = "INTERNAL_SERVER_ERROR" if masked else "BAD_USER_INPUT"
+                    # Uncoded: the request's own (parse, validation, variables), unless it
+                    # arose while resolving (masked ones already say INTERNAL_SERVER_ERROR).
+                    ext["code"] = "INTERNAL_SERVER_ERROR" if error.path else "BAD_USER_INPUT"
                 formatted["extensions"] = ext
                 errors.append(formatted)
             body["errors"] = errors  # type: ignore[typeddict-item]

@@ -1,4 +1,9 @@
-"""Test fixtures: a real redis-server per session (flushed per test)."""
+"""Test fixtures: a real redis-server per session (flushed per test).
+
+The server runs in cluster mode as a one-node Redis Cluster owning every slot: a plain
+client works as against any Redis, while the server refuses any command or script
+whose keys span two hash slots (CROSSSLOT). So every test also proves the keyspace
+layout (`gateway/store/keys.py`), and `redis_url` checks no such refusal happened."""
 
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ from tests.servers import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False, cluster: bool = True) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -35,6 +41,9 @@ class RedisServer:
         args += ["--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no"]
         if self.appendonly:
             args += ["--appendfsync", "always"]  # every write on disk before its reply
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file",
+                     str(self.workdir / f"nodes-{self.port}.conf")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
@@ -46,7 +55,27 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
+        if self.cluster:
+            self._own_every_slot(client, deadline)
         client.close()
+
+    @staticmethod
+    def _own_every_slot(client: redis.Redis, deadline: float) -> None:
+        """A fresh node takes all 16384 slots; a restarted one has them in nodes.conf."""
+        if b"cluster_slots_assigned:16384" not in client.execute_command("CLUSTER", "INFO"):
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the one-node Redis Cluster did not come up")
+            time.sleep(0.02)
+
+    def cross_slot_refusals(self) -> int:
+        client = redis.Redis(port=self.port)
+        try:
+            stats = client.info("errorstats")
+        finally:
+            client.close()
+        return int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
 
     def stop(self) -> None:
         if self.proc:
@@ -65,11 +94,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client = redis.Redis(port=redis_server.port)
     client.flushall()
+    client.config_resetstat()
     client.close()
-    return redis_server.url
+    yield redis_server.url
+    assert redis_server.cross_slot_refusals() == 0, "a command spanned two hash slots"
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
         job_key = keys.job(gw.keys[key]["id"], job["id"])
 
         async def settled() -> bool:
-            return await gw.accounts.redis.zscore(keys.WEBHOOKS, job_key) is None
+            return await gw.accounts.redis.zscore(keys.webhooks(0), job_key) is None
 
         await until(settled)
         assert [s for _, _, s in receiver.calls] == [500, 500, 200]

@@ -21,59 +21,100 @@ from gateway.store import keys
 
 
 class Queue:
-    def __init__(self, redis: aioredis.Redis, *, blocking: bool) -> None:
+    """The queue's streams, one per shard of the keyspace (see `store/keys.py`).
+
+    Entries are handed out as opaque handles, `"<shard>/<entry id>"`: entry ids of two
+    streams may be equal. A single stream on a real Redis is read with a blocking
+    XREADGROUP; several streams are swept with one pipeline of non-blocking reads (each
+    touches one slot, as Redis Cluster requires), and an idle sweep waits `idle_ms` or
+    until this process enqueues something."""
+
+    def __init__(
+        self, redis: aioredis.Redis, *, blocking: bool, shards: int = 1, idle_ms: int = 100
+    ) -> None:
         self.redis = redis
         self.blocking = blocking  # the embedded store cannot block: poll + local wake-up
+        self.streams = [keys.queue(n) for n in range(shards)]
+        self.idle_ms = idle_ms
+        self.next_shard = 0
         self.wakeup = asyncio.Event()
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(keys.QUEUE, keys.QUEUE_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, keys.QUEUE_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def notify(self) -> None:
         """A job was just enqueued by this process."""
         self.wakeup.set()
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str]]:
-        """Up to `count` new entries as (entry id, job key); waits up to `block_ms`."""
-        if self.blocking:
+        """Up to `count` new entries as (handle, job key); waits up to `block_ms`."""
+        if self.blocking and len(self.streams) == 1:
             reply = await self.redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {keys.QUEUE: ">"}, count=count, block=block_ms
+                keys.QUEUE_GROUP, consumer, {self.streams[0]: ">"}, count=count,
+                block=block_ms,
             )
-        else:
-            reply = await self.redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {keys.QUEUE: ">"}, count=count
-            )
-            if not reply or not reply[0][1]:
-                self.wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), block_ms / 1000)
-                return []
-        return [(entry_id, fields["job"]) for _, entries in reply for entry_id, fields in entries]
+            return [(f"0/{eid}", fields["job"]) for _, got in reply for eid, fields in got]
+        # Share `count` among up to `count` shards, starting where the last sweep stopped.
+        width = min(len(self.streams), count)
+        shards = [(self.next_shard + i) % len(self.streams) for i in range(width)]
+        self.next_shard = (self.next_shard + width) % len(self.streams)
+        self.wakeup.clear()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, shard in enumerate(shards):
+                share = count // width + (1 if i < count % width else 0)
+                pipe.xreadgroup(
+                    keys.QUEUE_GROUP, consumer, {self.streams[shard]: ">"}, count=share
+                )
+            replies = await pipe.execute()
+        found = [
+            (f"{shard}/{eid}", fields["job"])
+            for shard, reply in zip(shards, replies, strict=True)
+            for _, got in (reply or [])
+            for eid, fields in got
+        ]
+        if not found:
+            wait_ms = self.idle_ms if self.blocking else block_ms
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), min(wait_ms, block_ms) / 1000)
+        return found
 
-    async def ack(self, entry_id: str) -> None:
+    def _split(self, handle: str) -> tuple[str, str]:
+        shard, _, entry_id = handle.partition("/")
+        return self.streams[int(shard)], entry_id
+
+    async def ack(self, handle: str) -> None:
+        stream, entry_id = self._split(handle)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.QUEUE, keys.QUEUE_GROUP, entry_id)
-            pipe.xdel(keys.QUEUE, entry_id)
+            pipe.xack(stream, keys.QUEUE_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()
 
-    async def touch(self, consumer: str, entry_ids: list[str]) -> None:
+    async def touch(self, consumer: str, handles: list[str]) -> None:
         """Reset the idle time of entries this worker is still running."""
-        if entry_ids:
-            await self.redis.xclaim(
-                keys.QUEUE, keys.QUEUE_GROUP, consumer, 0, entry_ids, justid=True
-            )
+        by_stream: dict[str, list[str]] = {}
+        for handle in handles:
+            stream, entry_id = self._split(handle)
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, entry_ids in by_stream.items():
+            await self.redis.xclaim(stream, keys.QUEUE_GROUP, consumer, 0, entry_ids, justid=True)
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:
-        """Entries whose worker went silent, as (entry id, job key). How often a job was
+        """Entries whose worker went silent, as (handle, job key). How often a job was
         tried is counted on the job itself (`start.lua`), not here."""
-        reply = await self.redis.xautoclaim(
-            keys.QUEUE, keys.QUEUE_GROUP, consumer, min_idle_ms, "0-0", count=count
-        )
-        deleted = reply[2] if len(reply) > 2 else []
-        for entry_id in deleted:  # trimmed away under us: nothing to run
-            await self.redis.xack(keys.QUEUE, keys.QUEUE_GROUP, entry_id)
-        return [(eid, f["job"]) for eid, f in reply[1] if f]
+        found: list[tuple[str, str]] = []
+        for shard, stream in enumerate(self.streams):
+            if len(found) >= count:
+                break
+            reply = await self.redis.xautoclaim(
+                stream, keys.QUEUE_GROUP, consumer, min_idle_ms, "0-0", count=count - len(found)
+            )
+            deleted = reply[2] if len(reply) > 2 else []
+            for entry_id in deleted:  # trimmed away under us: nothing to run
+                await self.redis.xack(stream, keys.QUEUE_GROUP, entry_id)
+            found += [(f"{shard}/{eid}", f["job"]) for eid, f in reply[1] if f]
+        return found

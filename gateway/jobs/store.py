@@ -115,7 +115,7 @@ class JobStore:
                 keys.running(job.account),
                 keys.account(job.account),
                 keys.ledger(job.account),
-                keys.WEBHOOKS,
+                keys.webhooks(keys.shard_of(job.account)),
             ],
             args=[status, now_ms, job.id, 1 if refund else 0, self.retention_ms, *flat(fields)],
             client=self.redis,

@@ -1,21 +1,87 @@
-"""Every Redis key in one place.
+"""Every Redis key in one place, laid out for Redis Cluster.
 
-Everything that belongs to one account is hash-tagged `{a:ID}` so that a single Lua
-script may touch it all (one slot in Redis Cluster). The job queue is global.
+The keyspace is cut into `shards` (setting `redis_shards`, default 1). Every key of
+an account, and every shared structure its requests touch (the job queue, the webhook
+schedule, the in-flight coalescing state, the result cache), carries its shard's hash
+tag `{sN}`, so each Lua script and each MULTI touches one slot: one admission is one
+slot. An account's shard is part of its id (`<hex>s<N>`; a plain hex id is shard 0), so
+raising the setting later never moves an existing account.
+
+Why shards and not a tag per account: the queue, the schedule and the cache are shared
+by many accounts, and a script can only write keys of one slot. A shard is the unit a
+Cluster spreads over its nodes; with more shards than nodes, load spreads evenly.
+Only two kinds of key live outside any shard: the account index and the callback inbox,
+both touched one key at a time.
 """
 
 from __future__ import annotations
 
 PREFIX = "gw"
-ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids
-QUEUE = f"{PREFIX}:queue"  # stream of jobs to run
+ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids (single-key commands only)
 QUEUE_GROUP = "workers"
-COALESCING = f"{PREFIX}:coalescing"  # set: in-flight keys that have followers
-WEBHOOKS = f"{PREFIX}:webhooks"  # sorted set: job key -> when its next delivery is due (ms)
+
+
+def shard_of(account_id: str) -> int:
+    """The shard written into an account id (`<hex>s<N>`); 0 for a plain id."""
+    _, sep, tail = account_id.rpartition("s")
+    return int(tail) if sep and tail.isascii() and tail.isdigit() and len(tail) < 5 else 0
+
+
+def shard_of_key(key: str) -> int:
+    """The shard of any key made here (its `{sN}` tag)."""
+    start = key.find("{s")
+    end = key.find("}", start)
+    tag = key[start + 2 : end] if start >= 0 and end > start else ""
+    return int(tag) if tag.isascii() and tag.isdigit() else 0
+
+
+def account_id(random_hex: str, shard: int) -> str:
+    return random_hex if shard == 0 else f"{random_hex}s{shard}"
+
+
+def _shard(shard: int) -> str:
+    return f"{PREFIX}:{{s{shard}}}"
 
 
 def _tag(account: str) -> str:
-    return f"{PREFIX}:{{a:{account}}}"
+    return f"{_shard(shard_of(account))}:a:{account}"
+
+
+# -- shared by the accounts of one shard -----------------------------------------------
+
+
+def queue(shard: int) -> str:
+    """Stream of jobs to run, read through the consumer group `QUEUE_GROUP`."""
+    return f"{_shard(shard)}:queue"
+
+
+def webhooks(shard: int) -> str:
+    """Sorted set: job key -> when its next webhook delivery is due (ms)."""
+    return f"{_shard(shard)}:webhooks"
+
+
+def coalescing(shard: int) -> str:
+    """Set: in-flight leader keys that have followers waiting."""
+    return f"{_shard(shard)}:coalescing"
+
+
+def cache_entry(shard: int, digest: str) -> str:
+    """Hash: the outcome of a completed cacheable request. Written into every shard, so
+    the cache is shared by all keys (CONTRACT §9)."""
+    return f"{_shard(shard)}:cache:{digest}"
+
+
+def inflight(shard: int, digest: str) -> str:
+    """String: the job key of the identical request now running (the leader)."""
+    return f"{_shard(shard)}:inflight:{digest}"
+
+
+def followers(shard: int, digest: str) -> str:
+    """List: job keys waiting for the leader's outcome."""
+    return f"{_shard(shard)}:followers:{digest}"
+
+
+# -- one account ---------------------------------------------------------------------
 
 
 def account(account_id: str) -> str:
@@ -68,19 +134,7 @@ def webhook_log(account_id: str, job_id: str) -> str:
     return f"{_tag(account_id)}:whlog:{job_id}"
 
 
-def cache_entry(digest: str) -> str:
-    """Hash: the outcome of a completed cacheable request (shared by all keys)."""
-    return f"{PREFIX}:cache:{digest}"
-
-
-def inflight(digest: str) -> str:
-    """String: the job key of the identical request now running (the leader)."""
-    return f"{PREFIX}:inflight:{digest}"
-
-
-def followers(digest: str) -> str:
-    """List: job keys waiting for the leader's outcome."""
-    return f"{PREFIX}:followers:{digest}"
+# -- outside any shard -----------------------------------------------------------------
 
 
 def callback(token: str) -> str:

@@ -1,0 +1,131 @@
+"""The keyspace on Redis Cluster: every script and transaction stays in one hash slot.
+
+These run with the keyspace cut into 4 shards against the suite's one-node Redis
+Cluster (see conftest), which refuses any command whose keys span two slots; the
+`redis_url` fixture then checks that no refusal happened at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.crc import key_slot
+
+from gateway.jobs.store import JobStore
+from gateway.store import keys
+from gateway.store.redis import Scripts
+from tests.harness import GENERATE, Harness, gateway
+from tests.servers import serve
+from tests.test_webhooks import FAST, Receiver, until
+
+SHARDS = {"redis_shards": 4}
+
+
+def test_an_account_id_names_its_shard() -> None:
+    assert keys.shard_of("a1b2c3d4e5f6") == 0  # a plain id (and every id before shards)
+    assert keys.shard_of("a1b2c3d4e5f6s3") == 3
+    assert keys.account_id("a1b2c3d4e5f6", 0) == "a1b2c3d4e5f6"
+    assert keys.shard_of(keys.account_id("a1b2c3d4e5f6", 17)) == 17
+    for hostile in ("s", "xs", "as99999999", "s-1", "s٣", ""):
+        assert keys.shard_of(hostile) == 0
+    job_key = keys.job("a1b2c3d4e5f6s2", "j1")
+    assert keys.shard_of_key(job_key) == 2
+    # Everything one admission touches is in one slot; two shards are two slots.
+    slots = {key_slot(k.encode()) for k in (
+        job_key, keys.account("a1b2c3d4e5f6s2"), keys.queue(2), keys.webhooks(2),
+        keys.cache_entry(2, "d"), keys.inflight(2, "d"), keys.coalescing(2),
+    )}
+    assert len(slots) == 1
+    assert key_slot(keys.queue(1).encode()) not in slots
+
+
+async def generate(
+    gw: Harness, key: str, webhook: str | None = None, **options: object
+) -> dict[str, Any]:
+    variables = {"input": {"type": "IMAGE", "provider": "local", "webhookUrl": webhook,
+                           "input": {"text": "a harbour at dawn"},
+                           "options": {"width": 512, "height": 512, **options}}}
+    body = (await gw.gql(GENERATE, variables, key)).json()
+    assert "errors" not in body, body
+    return dict(body["data"]["generate"])
+
+
+async def test_jobs_of_every_shard_run_and_deliver_their_webhooks(
+    redis_url: str, storage_dir: Path
+) -> None:
+    receiver = Receiver(failures=1)
+    async with serve(receiver.app) as hook, gateway(
+        redis_url, storage_dir, **SHARDS, **FAST
+    ) as gw:
+        made = [await gw.key(credits=100, shard=n) for n in range(4)]
+        assert [keys.shard_of(gw.keys[k]["id"]) for k in made] == [0, 1, 2, 3]
+        jobs = [await generate(gw, k, webhook=f"{hook}/hook") for k in made]
+        done = [await gw.wait(k, j["id"]) for k, j in zip(made, jobs, strict=True)]
+        assert [d["status"] for d in done] == ["completed"] * 4
+
+        async def delivered() -> bool:
+            return len([c for c in receiver.calls if c[2] == 200]) == 4
+
+        await until(delivered)  # the failed first attempt was retried from its own shard
+        for key in made:
+            me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+            assert me["credits"] == 90
+        listed = (await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=made[3])).json()
+        assert [n["id"] for n in listed["data"]["jobs"]["nodes"]] == [jobs[3]["id"]]
+
+        # The shards are spread over slots, and no key lives outside a shard but the
+        # account index and callback tokens (both used one key at a time).
+        client = redis.Redis.from_url(redis_url)
+        try:
+            names = [k.decode() for k in client.keys("*")]
+        finally:
+            client.close()
+        untagged = [k for k in names if "{s" not in k]
+        assert untagged == [keys.ACCOUNTS]
+        tags = {k[k.index("{") : k.index("}") + 1] for k in names if "{s" in k}
+        assert tags == {"{s0}", "{s1}", "{s2}", "{s3}"}
+        assert len({key_slot(t.encode()) for t in tags}) == 4
+
+
+async def test_a_cached_result_is_shared_by_keys_of_other_shards(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, **SHARDS) as gw:
+        first, second, third = [await gw.key(credits=100, shard=n) for n in (1, 3, 0)]
+        leader = await generate(gw, first, seed=7)
+        assert (await gw.wait(first, leader["id"]))["status"] == "completed"
+        for key in (second, third):
+            hit = await generate(gw, key, seed=7)
+            assert hit["status"] == "completed" and hit["creditCost"] == 0
+            assert hit["url"] == (await gw.job(first, leader["id"]) or {})["url"]
+
+
+async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
+    redis_url: str, storage_dir: Path
+) -> None:
+    # No workers at first: the leader and its waiters stay queued in shard 2.
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, **SHARDS) as gw:
+        key, other = await gw.key(credits=100, shard=2), await gw.key(credits=100, shard=2)
+        leader = await generate(gw, key, seed=5)
+        waiter = await generate(gw, other, seed=5)
+        assert waiter["creditCost"] == 0 and waiter["status"] == "queued"
+        failing = await generate(gw, key, seed=6)
+        rescued = await generate(gw, other, seed=6)
+        # A worker ended the second leader (failed) and died before releasing its waiter.
+        client = gw.accounts.redis
+        store = JobStore(client, Scripts.register(client))
+        job = await store.get(gw.keys[key]["id"], failing["id"])
+        assert job is not None
+        await store.finish(job, "failed", 0, refund=True, error="worker died")
+    async with gateway(redis_url, storage_dir, job_lease_seconds=0.3, **SHARDS) as gw2:
+        gw2.keys.update(gw.keys)
+        assert (await gw2.wait(key, leader["id"]))["creditCost"] == 10
+        settled = await gw2.wait(other, waiter["id"])
+        assert settled["status"] == "completed" and settled["creditCost"] == 0
+        assert settled["metadata"]["coalesced"] is True
+        promoted = await gw2.wait(other, rescued["id"])
+        assert promoted["status"] == "completed" and promoted["creditCost"] == 10
+        me = (await gw2.gql("{ me { credits } }", key=other)).json()["data"]["me"]
+        assert me["credits"] == 90

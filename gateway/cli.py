@@ -71,7 +71,7 @@ def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]
     _shared_store(settings)
 
     async def run() -> T:
-        redis = connect(settings.redis_url)
+        redis = await connect(settings.redis_url)
         try:
             scripts = Scripts.register(redis)
             return await action(Accounts(redis, scripts, settings))

@@ -37,7 +37,7 @@ class Runtime:
 async def runtime(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Runtime]:
-    redis = connect(settings.redis_url)
+    redis = await connect(settings.redis_url)
     client = httpx.AsyncClient(
         timeout=settings.upstream_timeout,
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),

@@ -16,8 +16,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import pricing
 from gateway.accounts import Accounts
@@ -35,7 +33,7 @@ from gateway.jobs.store import JobStore
 from gateway.params import SEED_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.redis import UNREACHABLE, Scripts
 from gateway.urlguard import check_url
 from gateway.webhooks import Webhooks
 
@@ -45,7 +43,7 @@ def store_errors() -> Iterator[None]:
     """Redis unreachable: fail closed with a clear 503, nothing charged."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (*UNREACHABLE, OSError) as exc:
         raise ServiceUnavailable("the job store is unreachable; nothing was charged") from exc
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.servers import free_port
+from tests.servers import free_cluster_port, free_port
 
 
 class RedisServer:
     def __init__(self, workdir: Path, appendonly: bool = False, cluster: bool = True) -> None:
-        self.port = free_port()
+        self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
         self.appendonly = appendonly
         self.cluster = cluster
@@ -33,7 +33,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, claim_slots: bool = True) -> None:
         binary = shutil.which("redis-server")
         if not binary:
             raise RuntimeError("redis-server is not installed: run `make test`")
@@ -55,7 +55,7 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        if self.cluster:
+        if self.cluster and claim_slots:
             self._own_every_slot(client, deadline)
         client.close()
 
@@ -82,6 +82,63 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+class ThreeNodeCluster:
+    """A real Redis Cluster of three primaries on loopback, the slots split in three."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.nodes = [RedisServer(workdir) for _ in range(3)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(claim_slots=False)
+        clients = [redis.Redis(port=n.port) for n in self.nodes]
+        try:
+            for client, (lo, hi) in zip(clients, ((0, 5460), (5461, 10922), (10923, 16383)),
+                                        strict=True):
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            deadline = time.monotonic() + 20
+            while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                          and len(c.execute_command("CLUSTER", "NODES").splitlines()) == 3
+                          for c in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the three-node Redis Cluster did not come up")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            client.flushall()
+            client.config_resetstat()
+            client.close()
+
+    def cross_slot_refusals(self) -> int:
+        return sum(n.cross_slot_refusals() for n in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def three_node_cluster() -> Iterator[ThreeNodeCluster]:
+    with tempfile.TemporaryDirectory() as d:
+        cluster = ThreeNodeCluster(Path(d))
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ async def gateway(
     )
     app = build_app(settings, clock=clock)
     async with serve(app, port=port) as base:
-        redis = connect(redis_url) if redis_url else app.state.gateway.redis
+        redis = await connect(redis_url) if redis_url else app.state.gateway.redis
         accounts = Accounts(redis, Scripts.register(redis), settings)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
             yield Harness(base, settings, http, accounts, clock)

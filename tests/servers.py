@@ -16,6 +16,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose Redis Cluster bus port (the port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 @contextlib.asynccontextmanager
 async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
     """Run `app` with uvicorn on 127.0.0.1; yield its base URL (no trailing slash)."""

@@ -398,7 +398,7 @@ async def test_two_processes_admit_exactly_the_minute_limit_from_one_key(
     redis_url: str, two_gateways: list[str]
 ) -> None:
     settings = load_settings(redis_url=redis_url)
-    redis = connect(redis_url)
+    redis = await connect(redis_url)
     accounts = Accounts(redis, Scripts.register(redis), settings)
     try:
         # Minute limit first: 50 a minute, credits for 70 images (10 each at 512x512).

@@ -1,26 +1,40 @@
 """The keyspace on Redis Cluster: every script and transaction stays in one hash slot.
 
-These run with the keyspace cut into 4 shards against the suite's one-node Redis
-Cluster (see conftest), which refuses any command whose keys span two slots; the
-`redis_url` fixture then checks that no refusal happened at all.
+These run with the keyspace cut into 4 shards, against the suite's one-node Redis
+Cluster (see conftest) and against a real three-node Cluster, whose nodes refuse any
+command whose keys span two slots (and redirect any sent to the wrong node); each test
+then checks that no refusal happened at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import redis
+import pytest
 from redis.crc import key_slot
 
 from gateway.jobs.store import JobStore
 from gateway.store import keys
 from gateway.store.redis import Scripts
+from tests.conftest import ThreeNodeCluster
 from tests.harness import GENERATE, Harness, gateway
 from tests.servers import serve
 from tests.test_webhooks import FAST, Receiver, until
 
 SHARDS = {"redis_shards": 4}
+
+
+@pytest.fixture(params=["one-node", "three-nodes"])
+def cluster_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "one-node":
+        yield request.getfixturevalue("redis_url")
+        return
+    cluster: ThreeNodeCluster = request.getfixturevalue("three_node_cluster")
+    cluster.flush()
+    yield cluster.url
+    assert cluster.cross_slot_refusals() == 0, "a command spanned two hash slots"
 
 
 def test_an_account_id_names_its_shard() -> None:
@@ -53,11 +67,11 @@ async def generate(
 
 
 async def test_jobs_of_every_shard_run_and_deliver_their_webhooks(
-    redis_url: str, storage_dir: Path
+    cluster_url: str, storage_dir: Path
 ) -> None:
     receiver = Receiver(failures=1)
     async with serve(receiver.app) as hook, gateway(
-        redis_url, storage_dir, **SHARDS, **FAST
+        cluster_url, storage_dir, **SHARDS, **FAST
     ) as gw:
         made = [await gw.key(credits=100, shard=n) for n in range(4)]
         assert [keys.shard_of(gw.keys[k]["id"]) for k in made] == [0, 1, 2, 3]
@@ -77,11 +91,8 @@ async def test_jobs_of_every_shard_run_and_deliver_their_webhooks(
 
         # The shards are spread over slots, and no key lives outside a shard but the
         # account index and callback tokens (both used one key at a time).
-        client = redis.Redis.from_url(redis_url)
-        try:
-            names = [k.decode() for k in client.keys("*")]
-        finally:
-            client.close()
+        client: Any = gw.accounts.redis
+        names = [str(k) for k in await client.keys("*", target_nodes=client.PRIMARIES)]
         untagged = [k for k in names if "{s" not in k]
         assert untagged == [keys.ACCOUNTS]
         tags = {k[k.index("{") : k.index("}") + 1] for k in names if "{s" in k}
@@ -90,9 +101,9 @@ async def test_jobs_of_every_shard_run_and_deliver_their_webhooks(
 
 
 async def test_a_cached_result_is_shared_by_keys_of_other_shards(
-    redis_url: str, storage_dir: Path
+    cluster_url: str, storage_dir: Path
 ) -> None:
-    async with gateway(redis_url, storage_dir, **SHARDS) as gw:
+    async with gateway(cluster_url, storage_dir, **SHARDS) as gw:
         first, second, third = [await gw.key(credits=100, shard=n) for n in (1, 3, 0)]
         leader = await generate(gw, first, seed=7)
         assert (await gw.wait(first, leader["id"]))["status"] == "completed"
@@ -103,10 +114,10 @@ async def test_a_cached_result_is_shared_by_keys_of_other_shards(
 
 
 async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
-    redis_url: str, storage_dir: Path
+    cluster_url: str, storage_dir: Path
 ) -> None:
     # No workers at first: the leader and its waiters stay queued in shard 2.
-    async with gateway(redis_url, storage_dir, inprocess_workers=False, **SHARDS) as gw:
+    async with gateway(cluster_url, storage_dir, inprocess_workers=False, **SHARDS) as gw:
         key, other = await gw.key(credits=100, shard=2), await gw.key(credits=100, shard=2)
         leader = await generate(gw, key, seed=5)
         waiter = await generate(gw, other, seed=5)
@@ -119,7 +130,7 @@ async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
         job = await store.get(gw.keys[key]["id"], failing["id"])
         assert job is not None
         await store.finish(job, "failed", 0, refund=True, error="worker died")
-    async with gateway(redis_url, storage_dir, job_lease_seconds=0.3, **SHARDS) as gw2:
+    async with gateway(cluster_url, storage_dir, job_lease_seconds=0.3, **SHARDS) as gw2:
         gw2.keys.update(gw.keys)
         assert (await gw2.wait(key, leader["id"]))["creditCost"] == 10
         settled = await gw2.wait(other, waiter["id"])

@@ -20,8 +20,6 @@ from typing import Any
 
 import structlog
 from PIL import Image
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.artifacts import ArtifactStore
 from gateway.cache import Cache
@@ -34,6 +32,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
 from gateway.store import keys
+from gateway.store.redis import UNREACHABLE
 from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
@@ -226,7 +225,7 @@ class Worker:
         except asyncio.CancelledError:
             bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
             raise
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except UNREACHABLE as exc:
             # The store went away mid-job: not the job's fault. Leave its entry pending;
             # it is claimed again after its lease and resumes its upstream job.
             bound.warning("store unreachable; job left for a retry", error=str(exc))

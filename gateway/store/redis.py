@@ -4,33 +4,61 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 HERE = Path(__file__).parent
+# The store cannot be reached (or a Cluster is between owners of a slot): a request
+# fails closed with 503, a worker leaves its job for a retry.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError,
+    RedisClusterException, ClusterDownError, TryAgainError,
+)
 NAMES = ("admit", "start", "finish", "credit", "auth", "claim", "settle", "promote")
 
 
-def connect(redis_url: str | None) -> aioredis.Redis:
+async def connect(redis_url: str | None) -> aioredis.Redis:
     """A client for `redis_url`, or the embedded store when it is unset.
 
-    The embedded store (fakeredis with Lua) lives inside one process: fine for
-    `make run`, never for several processes.
+    A node with cluster mode on gets a Redis Cluster client, which sends each command to
+    the node owning its slot (the keyspace keeps every script in one slot: see
+    `keys.py`). The embedded store (fakeredis with Lua) lives inside one process: fine
+    for `make run`, never for several processes.
     """
-    if redis_url:
-        return aioredis.Redis.from_url(
-            redis_url,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            socket_timeout=10,
-            health_check_interval=15,
-            retry_on_timeout=True,
-        )
-    import fakeredis  # only the embedded store needs it
+    if not redis_url:
+        import fakeredis  # only the embedded store needs it
 
-    return fakeredis.FakeAsyncRedis(decode_responses=True)
+        return fakeredis.FakeAsyncRedis(decode_responses=True)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+        "health_check_interval": 15,
+        "retry_on_timeout": True,
+    }
+    client = aioredis.Redis.from_url(redis_url, **options)
+    try:
+        clustered = (await client.info("cluster")).get("cluster_enabled") == 1
+    except RedisError:
+        return client  # unreachable now: a plain client, which reconnects when it can
+    if not clustered:
+        return client
+    await client.aclose()
+    for plain_only in ("health_check_interval", "retry_on_timeout"):
+        options.pop(plain_only)
+    cluster: Any = RedisCluster.from_url(redis_url, **options)
+    return cast(aioredis.Redis, cluster)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ Cases:
   refuse), at 1, 16 and 64 tasks.
 - admit, one key: every task on one hot key (one rate window, one slot set).
 - refused (minute): a key whose minute window is full: the cost of saying no.
-- auth + admit: what one generation request asks of the store (authenticate, admit).
+- auth + admit: what one generation request asks of the store (the key is checked
+  inside admission: one round trip).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from bench import (
     scenario,
 )
 from gateway.accounts import Accounts
-from gateway.admission import admit
-from gateway.auth import Principal, authenticate
+from gateway.admission import admit, plan_table
+from gateway.auth import credentials
 from gateway.config import Settings, load_settings
 from gateway.errors import RateLimited
 from gateway.jobs.model import Job
@@ -58,6 +59,13 @@ def new_job(account: str) -> Job:
                params=PARAMS, cost=20, created_at=now_ms())
 
 
+@dataclass(frozen=True)
+class Caller:
+    key: str
+    account: str
+    secret_hash: str
+
+
 @dataclass
 class Bench:
     ctx: Context
@@ -71,11 +79,18 @@ class Bench:
     def ops_per_round(self) -> int:
         return 200 if self.ctx.quick else 1000
 
-    async def key(self, **limits: int) -> tuple[str, Principal]:
+    @property
+    def plans(self) -> str:
+        return plan_table(self.settings.plans)
+
+    async def key(self, **limits: int) -> Caller:
         made = await self.accounts.create("enterprise", 10**12, name="bench", **limits)
-        principal = await authenticate(self.client, self.scripts, self.settings, made["key"],
-                                       now_ms())
-        return made["key"], principal
+        account, secret_hash = credentials(made["key"])
+        return Caller(made["key"], account, secret_hash)
+
+    async def admit(self, caller: Caller) -> None:
+        await admit(self.client, self.scripts, caller.secret_hash, new_job(caller.account),
+                    plans=self.plans, now_ms=now_ms(), lease_ms=LEASE_MS)
 
     async def measure(
         self, scenario_name: str, case: str, tasks: int,
@@ -137,21 +152,18 @@ async def admit_rate(ctx: Context) -> list[Row]:
     rows = []
     try:
         for tasks in (1, 16, 64):
-            principals = [(await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE))[1]
-                          for _ in range(tasks)]
+            callers = [await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE)
+                       for _ in range(tasks)]
 
-            async def op(task: int, principals: list[Principal] = principals) -> None:
-                principal = principals[task]
-                await admit(bench.client, bench.scripts, principal, new_job(principal.account),
-                            now_ms=now_ms(), lease_ms=LEASE_MS)
+            async def op(task: int, callers: list[Caller] = callers) -> None:
+                await bench.admit(callers[task])
 
             rows.append(await bench.measure("admit", f"many keys, {tasks} tasks", tasks, op))
 
-        _, hot = await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE)
+        hot = await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE)
 
         async def hot_op(task: int) -> None:
-            await admit(bench.client, bench.scripts, hot, new_job(hot.account),
-                        now_ms=now_ms(), lease_ms=LEASE_MS)
+            await bench.admit(hot)
 
         rows.append(await bench.measure("admit", "one key, 64 tasks", 64, hot_op))
     finally:
@@ -163,15 +175,13 @@ async def admit_rate(ctx: Context) -> list[Row]:
 async def refused_rate(ctx: Context) -> list[Row]:
     bench = await setup(ctx)
     try:
-        _, full = await bench.key(rpm=10, concurrency=HUGE, daily=HUGE)
+        full = await bench.key(rpm=10, concurrency=HUGE, daily=HUGE)
         for _ in range(10):  # fill the minute window
-            await admit(bench.client, bench.scripts, full, new_job(full.account),
-                        now_ms=now_ms(), lease_ms=LEASE_MS)
+            await bench.admit(full)
 
         async def op(task: int) -> None:
             try:
-                await admit(bench.client, bench.scripts, full, new_job(full.account),
-                            now_ms=now_ms(), lease_ms=LEASE_MS)
+                await bench.admit(full)
             except RateLimited:
                 return
             raise AssertionError("a full minute window admitted a job")
@@ -183,15 +193,15 @@ async def refused_rate(ctx: Context) -> list[Row]:
 
 @scenario("auth+admit")
 async def request_rate(ctx: Context) -> list[Row]:
+    """What a generation request asks of Redis: the key is checked inside admission."""
     bench = await setup(ctx)
     try:
         made = [await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE) for _ in range(64)]
 
         async def op(task: int) -> None:
-            principal = await authenticate(bench.client, bench.scripts, bench.settings,
-                                           made[task][0], now_ms())
-            await admit(bench.client, bench.scripts, principal, new_job(principal.account),
-                        now_ms=now_ms(), lease_ms=LEASE_MS)
+            account, secret_hash = credentials(made[task].key)
+            await admit(bench.client, bench.scripts, secret_hash, new_job(account),
+                        plans=bench.plans, now_ms=now_ms(), lease_ms=LEASE_MS)
 
         return [await bench.measure("auth+admit", "many keys, 64 tasks", 64, op)]
     finally:

@@ -1,8 +1,9 @@
-"""admit(): may this key start this job now, and can it pay? One Lua call decides.
+"""admit(): is this key valid, may it start this job now, and can it pay? One Lua call.
 
-The rate window, the daily count, the concurrency slot and the credit reservation are
-checked and taken together by `store/admit.lua`, which also records and enqueues the
-job; a refused request takes nothing (see the script for the window's design).
+The key check, the rate window, the daily count, the concurrency slot and the credit
+reservation are decided and taken together by `store/admit.lua`, which also records
+and enqueues the job; a refused request takes nothing (see the script for the window's
+design). A generation request thus costs one Redis round trip in all.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from gateway.auth import Principal
-from gateway.errors import BadUserInput, InsufficientCredits, RateLimited, Unauthenticated
+from gateway.config import PlanLimits
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    InsufficientCredits,
+    RateLimited,
+    Unauthenticated,
+)
 from gateway.jobs.model import Job
 from gateway.store import keys
 from gateway.store.redis import Scripts, flat
@@ -24,9 +33,7 @@ DAY_MS = 86_400_000
 
 @dataclass(frozen=True)
 class Admitted:
-    window_used: int
-    window_reset: int  # unix seconds
-    balance: int
+    principal: Principal  # the caller as admission saw it: balance and window after it
     mode: str = "run"  # run | hit (served from cache) | follow (waits for an identical job)
     outcome: dict[str, str] | None = None  # a hit's stored fields (urls, width, ...)
 
@@ -35,6 +42,7 @@ class Admitted:
 class Duplicate:
     """An idempotency key seen before with the same parameters: the earlier job."""
 
+    principal: Principal
     job_id: str
 
 
@@ -42,12 +50,24 @@ def utc_day(now_ms: int) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now_ms / 1000))
 
 
+def plan_table(plans: dict[str, PlanLimits]) -> str:
+    """The plans as admit.lua reads them: `name:rpm:concurrency:daily;...` (-1: none)."""
+
+    def n(v: int | None) -> int:
+        return -1 if v is None else v
+
+    return ";".join(
+        f"{name}:{n(p.rpm)}:{n(p.concurrency)}:{n(p.daily)}" for name, p in plans.items()
+    )
+
+
 async def admit(
     redis: aioredis.Redis,
     scripts: Scripts,
-    principal: Principal,
+    secret_hash: str,
     job: Job,
     *,
+    plans: str,
     now_ms: int,
     lease_ms: int,
     idempotency: tuple[str, str] | None = None,
@@ -56,8 +76,9 @@ async def admit(
     cache_digest: str | None = None,
     retention_ms: int = 7 * DAY_MS,
 ) -> Admitted | Duplicate:
-    account = principal.account
-    limits = principal.limits
+    """Check the key (its account is `job.account`, its secret's hash `secret_hash`) and
+    admit `job`: one round trip. Refusals raise, carrying the key's X-RateLimit-* headers."""
+    account = job.account
     idem_key, idem_hash = idempotency or ("", "")
     ms_to_day_end = DAY_MS - now_ms % DAY_MS
     shard = keys.shard_of(account)
@@ -80,9 +101,9 @@ async def admit(
         ],
         args=[
             now_ms,
-            -1 if limits.rpm is None else limits.rpm,
-            -1 if limits.concurrency is None else limits.concurrency,
-            -1 if limits.daily is None else limits.daily,
+            secret_hash,
+            plans,
+            "",
             job.cost,
             job.id,
             lease_ms,
@@ -97,22 +118,35 @@ async def admit(
         client=redis,
     )
     verdict = reply[0]
+    if verdict == "unauthenticated":
+        raise Unauthenticated("Invalid API key")
+
+    def limit(v: Any) -> int | None:
+        return None if int(v) < 0 else int(v)
+
+    principal = Principal(
+        account=account, name="", plan=str(reply[7]), credits=int(reply[6]),
+        limits=PlanLimits(rpm=limit(reply[1]), concurrency=limit(reply[2]),
+                          daily=limit(reply[3])),
+        webhook_secret="", window_used=int(reply[4]),
+        window_reset=math.ceil((int(reply[5]) + 60000) / 1000),
+    )
+    rest = reply[8:]
     if verdict == "ok":
         outcome = None
-        if len(reply) > 5:
-            outcome = dict(zip(("urls", "width", "height", "metadata"), reply[5:], strict=True))
-        return Admitted(
-            int(reply[1]), math.ceil(int(reply[2]) / 1000), int(reply[3]), str(reply[4]), outcome
-        )
+        if len(rest) > 1:
+            outcome = dict(zip(("urls", "width", "height", "metadata"), rest[1:], strict=True))
+        return Admitted(principal, str(rest[0]), outcome)
     if verdict == "duplicate":
-        return Duplicate(str(reply[1]))
+        return Duplicate(principal, str(rest[0]))
+    refusal: GatewayError
     if verdict == "limited":
-        which, wait_ms = str(reply[1]), int(reply[2])
-        raise RateLimited(which, max(1, math.ceil(wait_ms / 1000)))
-    if verdict == "credits":
-        raise InsufficientCredits(int(reply[1]), int(reply[2]))
-    if verdict == "idempotency_mismatch":
-        raise BadUserInput(
+        refusal = RateLimited(str(rest[0]), max(1, math.ceil(int(rest[1]) / 1000)))
+    elif verdict == "credits":
+        refusal = InsufficientCredits(int(rest[0]), principal.credits)
+    else:  # idempotency_mismatch
+        refusal = BadUserInput(
             "idempotencyKey was already used with different parameters", field="idempotencyKey"
         )
-    raise Unauthenticated("Invalid API key")
+    refusal.headers = principal.rate_headers()
+    raise refusal

@@ -75,6 +75,16 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+def credentials(key: str | None) -> tuple[str, str]:
+    """(account id, SHA-256 of the secret) of a well-formed key; Unauthenticated if not."""
+    if not key:
+        raise Unauthenticated("Missing API key: send Authorization: Bearer KEY or X-API-Key")
+    parsed = parse_key(key)
+    if parsed is None:
+        raise Unauthenticated("Invalid API key")
+    return parsed[0], hash_secret(parsed[1])
+
+
 def limits_of(fields: dict[str, str], settings: Settings) -> PlanLimits:
     """The plan's limits with the key's own overrides (-1 stored means unlimited)."""
     base = settings.plans.get(fields.get("plan", ""), PlanLimits())
@@ -102,14 +112,8 @@ async def authenticate(
     *,
     read: bool = False,
 ) -> Principal:
-    if not key:
-        raise Unauthenticated("Missing API key: send Authorization: Bearer KEY or X-API-Key")
-    parsed = parse_key(key)
-    if parsed is None:
-        raise Unauthenticated("Invalid API key")
-    account, secret = parsed
+    account, given = credentials(key)
     minute = now_ms // 60000
-    given = hash_secret(secret)
     raw, used, oldest, reads = await scripts.auth(
         keys=[keys.account(account), keys.rate(account), keys.reads(account, minute)],
         args=[now_ms, 1 if read else 0, given],

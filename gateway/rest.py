@@ -64,12 +64,19 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def text_to_image(
-    request: Request, gateway: Gateway, principal: Principal
-) -> tuple[int, Any, Principal]:
-    generation = from_image_input(await _json(request))
-    job, principal = await gateway.generate(principal, generation)
-    return 202, job.public(), principal
+async def text_to_image(request: Request) -> Response:
+    """Key check and admission in one round trip (see `Gateway.generate`)."""
+    gateway: Gateway = request.app.state.gateway
+    api_key = api_key_from(request.headers)
+    try:
+        try:
+            generation = from_image_input(await _json(request))
+        except GatewayError as exc:
+            await gateway.refuse(api_key, exc)
+        job, principal = await gateway.generate(api_key, generation)
+    except GatewayError as exc:
+        return error_response(exc)
+    return ORJSONResponse(job.public(), status_code=202, headers=principal.rate_headers())
 
 
 async def get_job(
@@ -137,7 +144,7 @@ async def readyz(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/text_to_image", endpoint(text_to_image, read=False), methods=["POST"]),
+    Route("/v1/text_to_image", text_to_image, methods=["POST"]),
     Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),

@@ -12,20 +12,20 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import redis.asyncio as aioredis
 
 from gateway import pricing
 from gateway.accounts import Accounts
-from gateway.admission import Admitted, admit, utc_day
+from gateway.admission import Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
-from gateway.auth import Principal, authenticate
+from gateway.auth import Principal, authenticate, credentials
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
-from gateway.errors import NotFound, ServiceUnavailable
+from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.events import Events
 from gateway.jobs.model import Job
 from gateway.jobs.queue import Queue
@@ -79,6 +79,7 @@ class Gateway:
         self.events = Events(redis, self.store)
         self.accounts = Accounts(redis, scripts, settings)
         self.cache = Cache(redis, scripts, settings)
+        self.plans = plan_table(settings.plans)
         self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client
         self.inbox: RedisInbox | None = None
 
@@ -91,6 +92,13 @@ class Gateway:
                 self.redis, self.scripts, self.settings, key, self.now_ms(), read=read
             )
 
+    async def refuse(self, api_key: str | None, exc: GatewayError) -> NoReturn:
+        """A generation request refused before admission (bad input, nothing routable):
+        a bad key still gets its 401, a good one its X-RateLimit-* headers."""
+        principal = await self.authenticate(api_key)
+        exc.headers = {**principal.rate_headers(), **exc.headers}
+        raise exc
+
     def estimate(self, request: GenerationRequest) -> Estimate:
         backends = self.router.route(request.provider)
         width, height = request.size()
@@ -98,20 +106,25 @@ class Gateway:
         return Estimate(credits, width, height, request.num_images, backends)
 
     async def generate(
-        self, principal: Principal, request: GenerationRequest
+        self, api_key: str | None, request: GenerationRequest
     ) -> tuple[Job, Principal]:
-        """Validate, price, admit (one Lua call) and enqueue; the job and updated principal."""
-        self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
-        if request.webhook_url:
-            await check_url(request.webhook_url, self.settings.allow_cidrs)
-        estimate = self.estimate(request)
+        """Check the key, validate, price, admit and enqueue, the key check and admission
+        in one Lua call; the job and the caller as admission left it."""
+        account, secret_hash = credentials(api_key)
+        try:
+            self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
+            if request.webhook_url:
+                await check_url(request.webhook_url, self.settings.allow_cidrs)
+            estimate = self.estimate(request)
+        except GatewayError as exc:
+            await self.refuse(api_key, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX)
         params = dataclasses.asdict(request.image_params(seed))
         now = self.now_ms()
         job = Job(
             id=secrets.token_hex(12),
-            account=principal.account,
+            account=account,
             status="queued",
             provider=request.provider,
             params=params,
@@ -125,7 +138,8 @@ class Gateway:
         )
         with store_errors():
             verdict = await admit(
-                self.redis, self.scripts, principal, job,
+                self.redis, self.scripts, secret_hash, job,
+                plans=self.plans,
                 now_ms=now,
                 # A queued job holds its slot until it ends (bounded by the deadline);
                 # once a worker starts it, the slot becomes a short lease it renews.
@@ -135,10 +149,10 @@ class Gateway:
                 retention_ms=self.cache.retention_ms,
             )
             if not isinstance(verdict, Admitted):
-                earlier = await self.store.get(principal.account, verdict.job_id)
+                earlier = await self.store.get(account, verdict.job_id)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
-                return earlier, principal
+                return earlier, verdict.principal
         if verdict.mode == "run":
             self.queue.notify()
         else:
@@ -149,13 +163,7 @@ class Gateway:
             job.width = int(verdict.outcome["width"])
             job.height = int(verdict.outcome["height"])
             job.metadata = orjson.loads(verdict.outcome["metadata"])
-        principal = dataclasses.replace(
-            principal,
-            credits=verdict.balance,
-            window_used=verdict.window_used,
-            window_reset=verdict.window_reset,
-        )
-        return job, principal
+        return job, verdict.principal
 
     async def job(self, principal: Principal, job_id: str) -> Job | None:
         with store_errors():

@@ -39,7 +39,7 @@ class Context:
         try:
             principal = await self.gateway.authenticate(self.api_key(), read=read)
         except GatewayError as exc:
-            self._add_headers(exc.headers)
+            self.add_headers(exc.headers)
             raise
         self.set_principal(principal)
         return principal
@@ -47,9 +47,9 @@ class Context:
     def set_principal(self, principal: Principal) -> None:
         self.principal = principal
         self.rate_headers = principal.rate_headers()
-        self._add_headers(self.rate_headers)
+        self.add_headers(self.rate_headers)
 
-    def _add_headers(self, headers: dict[str, str]) -> None:
+    def add_headers(self, headers: dict[str, str]) -> None:
         if isinstance(self.response, Response):
             for name, value in headers.items():
                 self.response.headers[name] = value

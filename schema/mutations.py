@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import strawberry
 
+from gateway.errors import GatewayError
 from gateway.params import GenerationRequest, from_generate_input, from_image_input
 from schema.context import Context
 from schema.inputs import GenerateInput, ImageGenerationInput, as_dict
@@ -12,9 +15,18 @@ from schema.types import ApiKey, CreatedKey, Generation
 Info = strawberry.Info[Context, None]
 
 
-async def _generate(info: Info, request: GenerationRequest) -> Generation:
+async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Generation:
+    """Key check and admission in one round trip (see `Gateway.generate`)."""
     ctx = info.context
-    job, principal = await ctx.gateway.generate(await ctx.caller(), request)
+    try:
+        try:
+            request = parse()
+        except GatewayError as exc:
+            await ctx.gateway.refuse(ctx.api_key(), exc)
+        job, principal = await ctx.gateway.generate(ctx.api_key(), request)
+    except GatewayError as exc:
+        ctx.add_headers(exc.headers)
+        raise
     ctx.set_principal(principal)
     return Generation.of(job)
 
@@ -23,11 +35,11 @@ async def _generate(info: Info, request: GenerationRequest) -> Generation:
 class Mutation:
     @strawberry.mutation(description="Doitong's form: {type, provider, input: {text}, options}.")
     async def generate(self, info: Info, input: GenerateInput) -> Generation:
-        return await _generate(info, from_generate_input(as_dict(input)))
+        return await _generate(info, lambda: from_generate_input(as_dict(input)))
 
     @strawberry.mutation(description="The flat form: {service, prompt, width, height, ...}.")
     async def generate_image(self, info: Info, input: ImageGenerationInput) -> Generation:
-        return await _generate(info, from_image_input(as_dict(input)))
+        return await _generate(info, lambda: from_image_input(as_dict(input)))
 
     @strawberry.mutation(description="Cancel a job that has not ended; refunded in full.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Generation:

@@ -159,13 +159,45 @@ async def test_revoked_key_is_refused_and_its_secret_is_not_stored(
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
         account = gw.keys[key]["id"]
-        raw = await gw.accounts.redis.hgetall(f"gw:{{a:{account}}}:account")
+        raw = await gw.accounts.redis.hgetall(keys.account(account))
         secret = key.split("_", 2)[2]
-        assert secret not in str(raw)  # only its hash is kept
+        assert raw["key_hash"] and secret not in str(raw)  # only its hash is kept
         assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
         await gw.accounts.revoke(account)
         r = await gw.gql("{ me { plan } }", key=key)
         assert r.status_code == 401
+        assert (await gw.generate(key)).status_code == 401
+        rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                                  json={"service": "local", "prompt": "x"})
+        assert rest.status_code == 401
+
+
+async def test_generation_checks_the_secret_with_admission_and_refusals_take_nothing(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=100)
+        account = gw.keys[key]["id"]
+        forged = f"gk_{account}_{'A' * 43}"  # the real account id, a wrong secret
+        for attempt in (forged, key[:-1] + ("B" if key[-1] != "B" else "C"), f"gk_{account}_"):
+            assert (await gw.generate(attempt)).status_code == 401
+            rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": attempt},
+                                      json={"service": "local", "prompt": "x"})
+            assert rest.status_code == 401 and "X-RateLimit-Limit" not in rest.headers
+        # Bad input from a bad key is still a 401; from the real key a 400 with its headers.
+        bad = {"service": "local", "prompt": "x", "width": 4096}
+        rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": forged}, json=bad)
+        assert rest.status_code == 401
+        rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=bad)
+        assert rest.status_code == 400 and rest.headers["X-RateLimit-Remaining"] == "10"
+        r = await gw.generate(key, provider="dall-e")
+        assert r.status_code == 400 and r.headers["X-RateLimit-Limit"] == "10"
+        # Nothing above was charged or counted; the real key is admitted at once.
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 100
+        ok = await gw.generate(key)
+        assert ok.status_code == 200 and ok.headers["X-RateLimit-Remaining"] == "9"
+        assert [e["reason"] for e in await gw.accounts.ledger(account)] == ["initial", "charge"]
 
 
 BAD_INPUTS = [

@@ -13,49 +13,83 @@
 --   run     otherwise, an ordinary job, which becomes the in-flight leader.
 -- Hits and followers count against the minute and day limits like any request.
 --
+-- The key is checked here too (so a generation request costs one round trip, not two):
+-- ARGV 2 is the SHA-256 of the secret the caller sent, compared with the stored one in
+-- constant time (every byte is looked at whatever the first difference). The limits are
+-- the account's plan's (ARGV 3: `name:rpm:concurrency:daily;...`, -1 = unlimited, from
+-- the settings) with the key's own overrides (its `rpm`, `concurrency`, `daily` fields).
+--
 -- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
 --       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders
--- ARGV: 1 now_ms, 2 rpm, 3 concurrency, 4 daily (-1: unlimited), 5 cost, 6 job_id,
+-- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 (unused), 5 cost, 6 job_id,
 --       7 lease_ms, 8 ms_to_day_end, 9 idem_hash ('' = none), 10 hold_slot (0/1),
 --       11 enqueue (0/1), 12 cacheable (0/1), 13 retention_ms,
 --       14.. job hash fields (name, value, ...)
+-- Returns {verdict, rpm, concurrency, daily, window used, window oldest_ms, balance,
+--          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
+--          'credits' cost; 'duplicate' the earlier job id; 'unauthenticated' nothing.
 local now = tonumber(ARGV[1])
-local rpm, conc, daily = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost, job_id = tonumber(ARGV[5]), ARGV[6]
 local lease, day_left = tonumber(ARGV[7]), tonumber(ARGV[8])
 local idem_hash, hold, enqueue = ARGV[9], ARGV[10] == '1', ARGV[11] == '1'
 local cacheable, retention = ARGV[12] == '1', tonumber(ARGV[13])
 local price = cost
 
-local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked')
-if not acct[1] or acct[2] == '1' then return {'revoked'} end
+local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
+  'concurrency', 'daily')
+local given, stored = ARGV[2], acct[3] or ''
+local diff = 0
+if #stored ~= #given then diff, stored = 1, string.rep('0', #given) end
+for i = 1, #given do
+  diff = diff + math.abs(string.byte(stored, i) - string.byte(given, i))
+end
+if diff ~= 0 or not acct[1] or acct[2] == '1' then return {'unauthenticated'} end
 local balance = tonumber(acct[1])
+local plan = acct[4] or ''
+
+local rpm, conc, daily = -1, -1, -1
+for name, r, c, d in string.gmatch(ARGV[3], '([^:;]+):(-?%d+):(-?%d+):(-?%d+)') do
+  if name == plan then rpm, conc, daily = tonumber(r), tonumber(c), tonumber(d) end
+end
+local function own(raw, default)
+  if not raw or raw == '' then return default end
+  local v = tonumber(raw)
+  if v < 0 then return -1 end
+  return v
+end
+rpm, conc, daily = own(acct[5], rpm), own(acct[6], conc), own(acct[7], daily)
+
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+local used = redis.call('ZCARD', KEYS[2])
+local function reply(verdict, window_used, ...)
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {verdict, rpm, conc, daily, window_used, tonumber(oldest[2] or now), balance, plan,
+    ...}
+end
 
 if idem_hash ~= '' then
   local prior = redis.call('GET', KEYS[8])
   if prior then
     local sep = string.find(prior, '|', 1, true)
     if string.sub(prior, sep + 1) == idem_hash then
-      return {'duplicate', string.sub(prior, 1, sep - 1)}
+      return reply('duplicate', used, string.sub(prior, 1, sep - 1))
     end
-    return {'idempotency_mismatch'}
+    return reply('idempotency_mismatch', used)
   end
 end
 
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
-local used = redis.call('ZCARD', KEYS[2])
 if rpm >= 0 and used >= rpm then
   -- Room comes when the window holds rpm - 1: when its (used - rpm + 1)th oldest leaves
   -- (the oldest itself, unless the key's limit was lowered with more than that in it).
   local nth = redis.call('ZRANGE', KEYS[2], used - rpm, used - rpm, 'WITHSCORES')
   local wait = 1000
   if nth[2] then wait = tonumber(nth[2]) + 60000 - now end
-  return {'limited', 'minute', wait, used}
+  return reply('limited', used, 'minute', wait)
 end
 
 local today = tonumber(redis.call('GET', KEYS[3]) or '0')
 if daily >= 0 and today >= daily then
-  return {'limited', 'day', day_left, used}
+  return reply('limited', used, 'day', day_left)
 end
 
 local mode = 'run'
@@ -80,11 +114,11 @@ if hold then
     local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local wait = 1000
     if first[2] then wait = math.min(tonumber(first[2]) - now, 5000) end
-    return {'limited', 'concurrency', wait, used}
+    return reply('limited', used, 'concurrency', wait)
   end
 end
 
-if balance < cost then return {'credits', cost, balance} end
+if balance < cost then return reply('credits', used, cost) end
 
 -- Everything is allowed: take it all.
 redis.call('ZADD', KEYS[2], now, job_id)
@@ -132,5 +166,4 @@ if idem_hash ~= '' then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end
 if enqueue then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end
-local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {'ok', used + 1, tonumber(oldest[2]) + 60000, balance, mode, unpack(outcome)}
+return reply('ok', used + 1, mode, unpack(outcome))

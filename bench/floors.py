@@ -111,3 +111,12 @@ schema = strawberry.Schema(
 strawberry_app = Starlette(
     routes=[Route("/graphql", GraphQL(schema, graphql_ide=None), methods=["GET", "POST"])]
 )
+
+
+async def upstream_job(request: Request) -> Response:
+    """What a provider answers a poll with (Krea's `GET /jobs/{id}` shape, seed 002)."""
+    return JSONResponse({"job_id": request.path_params["job_id"], "status": "processing",
+                         "created_at": "2026-12-01T00:00:00Z", "result": None})
+
+
+upstream_app = Starlette(routes=[Route("/jobs/{job_id}", upstream_job, methods=["GET"])])

@@ -21,7 +21,7 @@ from strawberry.extensions.query_depth_limiter import create_validator as depth_
 from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
-from schema.mutations import Mutation
+from schema.mutations import Mutation, install_raw_resolvers
 from schema.queries import Query
 from schema.subscriptions import Subscription
 
@@ -70,7 +70,7 @@ LIMIT_RULES = [
 
 
 def build_schema() -> strawberry.Schema:
-    return GatewaySchema(
+    schema = GatewaySchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
@@ -85,6 +85,8 @@ def build_schema() -> strawberry.Schema:
             lambda: MaskUnexpected(should_mask_error=should_mask),
         ],
     )
+    install_raw_resolvers(schema)
+    return schema
 
 
 def sdl() -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import strawberry
 
@@ -29,6 +30,42 @@ async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Gener
         raise
     ctx.set_principal(principal)
     return Generation.of(job)
+
+
+def _doitong(raw: dict[str, Any]) -> dict[str, Any]:
+    """graphql-core's coerced `GenerateInput` (GraphQL names) as `from_generate_input`
+    reads it (Python names)."""
+    options = raw.get("options") or {}
+    return {
+        "provider": raw.get("provider"),
+        "input": raw.get("input"),
+        "options": {_OPTIONS.get(k, k): v for k, v in options.items()},
+        "webhook_url": raw.get("webhookUrl"),
+        "idempotency_key": raw.get("idempotencyKey"),
+    }
+
+
+_OPTIONS = {"numImages": "num_images", "outputFormat": "output_format",
+            "aspectRatio": "aspect_ratio"}
+
+
+def install_raw_resolvers(schema: strawberry.Schema) -> None:
+    """`generate` and `generateImage` take graphql-core's coerced input as it is.
+
+    Strawberry would first build its input objects from it (and `as_dict` take them
+    apart again): the largest cost of a generation request after its Redis round trip
+    (BENCHMARKS.md). The types, validation and errors are the schema's as declared below.
+    """
+    fields = schema._schema.mutation_type.fields
+
+    def generate(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
+        return _generate(info, lambda: from_generate_input(_doitong(input)))
+
+    def generate_image(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
+        return _generate(info, lambda: from_image_input(input))
+
+    fields["generate"].resolve = generate
+    fields["generateImage"].resolve = generate_image
 
 
 @strawberry.type

@@ -21,6 +21,7 @@ from gateway.config import Settings
 from gateway.jobs.queue import Queue
 from gateway.jobs.worker import Worker
 from gateway.providers import build_providers
+from gateway.providers.http import upstream_client
 from gateway.routing import Router
 from gateway.service import Gateway
 from gateway.store.redis import Scripts, connect
@@ -38,11 +39,9 @@ async def runtime(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Runtime]:
     redis = await connect(settings.redis_url)
-    client = httpx.AsyncClient(
-        timeout=settings.upstream_timeout,
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        follow_redirects=False,
-    )
+    client = upstream_client(settings.upstream_timeout)
+    # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
+    hooks = httpx.AsyncClient(timeout=settings.webhook_timeout, follow_redirects=False)
     try:
         scripts = Scripts.register(redis)
         await scripts.load()
@@ -65,7 +64,7 @@ async def runtime(
             artifacts=artifacts, queue=queue, clock=clock,
         )
         webhooks = Webhooks(
-            redis=redis, scripts=scripts, store=gateway.store, client=client,
+            redis=redis, scripts=scripts, store=gateway.store, client=hooks,
             settings=settings, clock=clock,
         )
         gateway.webhooks = webhooks
@@ -78,6 +77,7 @@ async def runtime(
         yield Runtime(gateway, worker)
     finally:
         await client.aclose()
+        await hooks.aclose()
         await redis.aclose()
 
 

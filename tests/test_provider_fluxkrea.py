@@ -18,6 +18,7 @@ from gateway.errors import (
 )
 from gateway.providers.base import ImageParams, Provider
 from gateway.providers.fluxkrea import FluxKreaProvider
+from gateway.providers.http import upstream_client
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.servers import serve
 
@@ -35,7 +36,7 @@ async def base(emu: FluxKreaEmulator) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+    async with upstream_client(30.0) as c:
         yield c
 
 

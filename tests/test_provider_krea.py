@@ -16,6 +16,7 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import ImageParams, Polled, Provider
+from gateway.providers.http import upstream_client
 from gateway.providers.krea import KreaProvider
 from tests.emulators.krea import KreaEmulator
 from tests.servers import serve
@@ -38,7 +39,7 @@ class Krea:
 @pytest.fixture
 async def krea() -> AsyncIterator[Krea]:
     emu = KreaEmulator(token=TOKEN)
-    async with serve(emu.app) as base, httpx.AsyncClient() as client:
+    async with serve(emu.app) as base, upstream_client(30.0) as client:
         yield Krea(emu, base, client, KreaProvider(client, base_url=base, token=TOKEN))
 
 

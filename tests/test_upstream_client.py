@@ -1,0 +1,90 @@
+"""The upstream client (httpx over aiohttp's transport) against real sockets: which
+failure it reports decides whether a submit may be sent again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.errors import ProviderTimeout, ProviderUnavailable
+from gateway.providers.http import request, upstream_client
+from tests.servers import free_port
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    reply: bytes | None, hold: float = 0.0, gets: bytes | None = None
+) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A TCP server that reads each request, then answers `reply` (None: hangs up);
+    a GET gets `gets` instead when set, on a connection kept open."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            seen.append(head)
+            if gets is not None and head.startswith(b"GET"):
+                writer.write(gets)
+                await writer.drain()
+                continue
+            if hold:
+                await asyncio.sleep(hold)
+            if reply is not None:
+                writer.write(reply)
+                await writer.drain()
+            break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_refused_connection_is_unreachable_and_a_submit_may_be_retried() -> None:
+    async with upstream_client(5.0) as client:
+        with pytest.raises(ProviderUnavailable, match="unreachable"):
+            await request(client, "POST", f"http://127.0.0.1:{free_port()}/submit",
+                          upstream="up", idempotent=False, attempts=2)
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new connection", "kept-alive one"])
+async def test_a_connection_cut_after_the_submit_is_never_sent_again(warm: bool) -> None:
+    async with raw_server(None, gets=OK) as (base, seen), upstream_client(5.0) as client:
+        if warm:  # the submit then goes out on a pooled connection
+            await request(client, "GET", f"{base}/poll", upstream="up", idempotent=True)
+        with pytest.raises(ProviderUnavailable, match="connection failed"):
+            await request(client, "POST", f"{base}/submit", upstream="up",
+                          idempotent=False, json={"prompt": "x"})
+        # The upstream may have taken it: sending it again could pay for it twice.
+        assert [h.split(b" ")[0] for h in seen].count(b"POST") == 1
+
+
+async def test_a_silent_upstream_is_a_timeout() -> None:
+    async with raw_server(b"HTTP/1.1 200 OK\r\n\r\n", hold=2.0) as (base, seen), \
+            upstream_client(0.3) as client:
+        with pytest.raises(ProviderTimeout):
+            await request(client, "POST", f"{base}/submit", upstream="up", idempotent=False)
+        assert len(seen) == 1
+
+
+async def test_an_answer_is_read_whole() -> None:
+    body = b'{"job_id": "j1", "status": "processing"}'
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    async with raw_server(reply) as (base, _), upstream_client(5.0) as client:
+        response = await request(client, "GET", f"{base}/jobs/j1", upstream="up",
+                                 idempotent=True)
+        assert response.json() == {"job_id": "j1", "status": "processing"}

@@ -15,6 +15,7 @@ own work, not the framework's:
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from enum import Enum
@@ -120,3 +121,52 @@ async def upstream_job(request: Request) -> Response:
 
 
 upstream_app = Starlette(routes=[Route("/jobs/{job_id}", upstream_job, methods=["GET"])])
+
+
+class SlowKrea:
+    """Krea's job protocol (seeds 002, 003) with every job taking `SLOW_KREA_SECONDS`
+    (default 20): what thousands of jobs waiting upstream look like to a worker."""
+
+    def __init__(self, seconds: float) -> None:
+        import io
+
+        from PIL import Image
+
+        self.seconds = seconds
+        self.created: dict[str, float] = {}
+        self.polls = 0
+        out = io.BytesIO()
+        Image.new("RGB", (64, 64), (40, 90, 160)).save(out, "PNG")
+        self.png = out.getvalue()
+        self.app = Starlette(routes=[
+            Route("/generate/image/{model:path}", self.submit, methods=["POST"]),
+            Route("/jobs/{job_id}", self.job, methods=["GET"]),
+            Route("/files/{name}", self.file, methods=["GET"]),
+            Route("/stats", self.stats, methods=["GET"]),
+        ])
+
+    async def submit(self, request: Request) -> Response:
+        job_id = f"j{len(self.created)}"
+        self.created[job_id] = time.monotonic()
+        return JSONResponse({"job_id": job_id, "status": "queued",
+                             "created_at": "2026-12-01T00:00:00Z"})
+
+    async def job(self, request: Request) -> Response:
+        self.polls += 1
+        job_id = request.path_params["job_id"]
+        done = time.monotonic() - self.created.get(job_id, 0.0) >= self.seconds
+        body = {"job_id": job_id, "status": "completed" if done else "processing",
+                "created_at": "2026-12-01T00:00:00Z",
+                "completed_at": "2026-12-01T00:00:20Z" if done else None,
+                "result": {"urls": [str(request.url_for("file", name=f"{job_id}.png"))]}
+                if done else None}
+        return JSONResponse(body)
+
+    async def file(self, request: Request) -> Response:
+        return Response(self.png, media_type="image/png")
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse({"submitted": len(self.created), "polls": self.polls})
+
+
+slow_krea_app = SlowKrea(float(os.environ.get("SLOW_KREA_SECONDS", "20"))).app

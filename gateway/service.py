@@ -33,7 +33,7 @@ from gateway.jobs.store import JobStore
 from gateway.params import SEED_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
-from gateway.store.redis import UNREACHABLE, Scripts
+from gateway.store.redis import Scripts, store_trouble
 from gateway.urlguard import check_url
 from gateway.webhooks import Webhooks
 
@@ -43,8 +43,10 @@ def store_errors() -> Iterator[None]:
     """Redis unreachable: fail closed with a clear 503, nothing charged."""
     try:
         yield
-    except (*UNREACHABLE, OSError) as exc:
-        raise ServiceUnavailable("the job store is unreachable; nothing was charged") from exc
+    except Exception as exc:
+        if isinstance(exc, OSError) or store_trouble(exc):
+            raise ServiceUnavailable("the job store is unreachable; nothing was charged") from exc
+        raise
 
 
 @dataclass(frozen=True)

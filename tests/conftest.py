@@ -150,6 +150,28 @@ def redis_server() -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def plain_redis_server() -> Iterator[RedisServer]:
+    """A Redis not in cluster mode, for what differs there (the gateway's plain client)."""
+    with tempfile.TemporaryDirectory() as d:
+        server = RedisServer(Path(d), cluster=False)
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture(params=["cluster-node", "plain"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The suite's Redis (a one-node Cluster), then a plain one."""
+    if request.param == "cluster-node":
+        return str(request.getfixturevalue("redis_url"))
+    server: RedisServer = request.getfixturevalue("plain_redis_server")
+    client = redis.Redis(port=server.port)
+    client.flushall()
+    client.close()
+    return server.url
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client = redis.Redis(port=redis_server.port)

@@ -35,7 +35,10 @@ async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
     """Run `app` with uvicorn on 127.0.0.1; yield its base URL (no trailing slash)."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio",
+        # As `gateway serve` does: a request still running at shutdown cannot hold it up
+        # forever (uvicorn would otherwise wait for it before the lifespan ends).
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -678,3 +678,24 @@ async def test_estimate_quotes_the_contract_price_and_takes_nothing(
             error = error_of(r)
             assert error["code"] == "INSUFFICIENT_CREDITS"
             assert (error["creditsRequired"], error["creditsAvailable"]) == (credits, 50)
+
+
+async def test_a_burst_larger_than_the_redis_pool_is_admitted_not_refused(
+    any_redis_url: str, storage_dir: Path
+) -> None:
+    # More requests in flight at once than redis-py's default pool has connections (100):
+    # each waits for a connection instead of failing with a 503.
+    async with gateway(any_redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("enterprise", credits=10**6)
+        body = {"service": "local", "prompt": "a burst", "width": 512, "height": 512}
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(base_url=gw.base, limits=limits, timeout=60) as client:
+            answers = await asyncio.gather(*(
+                client.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+                for _ in range(300)
+            ))
+        assert [r.status_code for r in answers].count(202) == 300, {
+            r.status_code for r in answers
+        }
+        me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
+        assert me["credits"] == 10**6 - 300 * 10

@@ -110,7 +110,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 async def check_outcome(gw: Harness, key: str, ids: list[str], emu: KreaEmulator) -> None:
     rows = await jobs_state(gw, key, ids)
-    assert all(r["status"] == "completed" for r in rows), [r["status"] for r in rows]
+    assert all(r["status"] == "completed" for r in rows), [
+        (r["status"], r.get("error")) for r in rows if r["status"] != "completed"
+    ]
     # Every upstream job was resumed, never submitted twice.
     assert emu.submissions == len(ids)
     # Credits match outcomes: every job charged once, none refunded.
@@ -261,3 +263,18 @@ async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 100
         assert emu.submissions == 1  # the second worker resumed the upstream job
+
+
+def test_a_failure_inside_the_redis_client_is_the_stores_not_the_jobs() -> None:
+    # redis-py's cluster client, while a node restarts, can send on a connection it has
+    # just dropped: AttributeError from inside redis-py. The job must wait for a retry.
+    from gateway.store.redis import store_trouble
+
+    inside: dict[str, Any] = {"__name__": "redis.asyncio.connection"}
+    exec("def send(writer):\n    writer.writelines([b'PING'])", inside)
+    with pytest.raises(AttributeError) as dropped:
+        inside["send"](None)
+    assert store_trouble(dropped.value)
+    with pytest.raises(ValueError) as ours:
+        int("not a number")
+    assert not store_trouble(ours.value)  # a bug of our own still fails the job

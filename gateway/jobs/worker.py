@@ -32,7 +32,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
 from gateway.store import keys
-from gateway.store.redis import UNREACHABLE
+from gateway.store.redis import store_trouble
 from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
@@ -225,12 +225,12 @@ class Worker:
         except asyncio.CancelledError:
             bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
             raise
-        except UNREACHABLE as exc:
-            # The store went away mid-job: not the job's fault. Leave its entry pending;
-            # it is claimed again after its lease and resumes its upstream job.
-            bound.warning("store unreachable; job left for a retry", error=str(exc))
-            return
-        except Exception:
+        except Exception as exc:
+            if store_trouble(exc):
+                # The store went away mid-job: not the job's fault. Leave its entry
+                # pending; it is claimed again after its lease and resumes upstream.
+                bound.warning("store unreachable; job left for a retry", error=repr(exc))
+                return
             bound.exception("job crashed")
             await self._end(job, "failed", error="internal error while running the job")
         await self.queue.ack(entry_id)

@@ -28,6 +28,23 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError, RedisTimeoutError,
     RedisClusterException, ClusterDownError, TryAgainError,
 )
+
+MAX_CONNECTIONS = 1024  # per process (per node on a Cluster)
+
+
+def store_trouble(exc: BaseException) -> bool:
+    """The store failed us, not the job: unreachable, or redis-py itself broke mid-call
+    (its cluster client can use a connection it just dropped while a node restarts,
+    raising AttributeError from deep inside). Such a job is left for a retry."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+    return module == "redis" or module.startswith("redis.")
+
+
 NAMES = ("admit", "start", "finish", "credit", "auth", "claim", "settle", "promote")
 
 
@@ -64,7 +81,12 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
         "retry_on_timeout": True,
         "connection_class": HiredisPacked,
     }
-    client = aioredis.Redis.from_url(redis_url, **options)
+    # Waits for a free connection when all are busy (redis-py's default pool has 100 and
+    # refuses the 101st command outright: a burst of jobs starting would fail).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=MAX_CONNECTIONS, timeout=10, **options
+    )
+    client = aioredis.Redis(connection_pool=pool)
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:
@@ -74,7 +96,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     await client.aclose()
     for plain_only in ("health_check_interval", "retry_on_timeout"):
         options.pop(plain_only)
-    cluster: Any = RedisCluster.from_url(redis_url, **options)
+    cluster: Any = RedisCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
     return cast(aioredis.Redis, cluster)
 
 

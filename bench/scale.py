@@ -1,0 +1,152 @@
+"""Thousands of jobs in flight in one worker process, waiting on a slow upstream.
+
+A Krea-shaped upstream (`bench/floors.py:SlowKrea`, every job done 20 s after its
+submission) is served by uvicorn; one `gateway worker` process with
+`GATEWAY_WORKERS=N` takes N jobs admitted up front (provider `flux-dev`, routed to
+krea) and polls each at Krea's documented pace (every 2 s). Sampled once a second from
+/proc: the worker's CPU (user + system) and RSS; the jobs' states from Redis. Reported:
+whether every job completed, how long the last took, the worker's peak RSS, its CPU
+while every job was waiting upstream (in cores: 1.0 is one core busy) and over the run,
+and the upstream's polls per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from bench import Context, renderer, scenario
+from bench.http import ROOT, cpu_seconds, floor, gateway_binary, gateway_env, status_kb
+from gateway.config import load_settings
+from gateway.params import from_image_input
+from gateway.runtime import runtime
+from gateway.store import keys
+
+JOB_SECONDS = 20.0
+RSS_TARGET_MB, CPU_TARGET_CORES = 300, 1.0
+
+
+@dataclass
+class ScaleRow:
+    jobs: int
+    completed: int = 0
+    last_done_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    waiting_cores: float = 0.0  # CPU while every job waits upstream
+    run_cores: float = 0.0  # CPU over the whole run
+    polls_per_job: float = 0.0
+    rates: list[float] = field(default_factory=list)  # completions/s (the runner needs it)
+
+
+async def admit_all(redis_url: str, storage: Path, base: str, jobs: int) -> tuple[str, list[str]]:
+    settings = load_settings(redis_url=redis_url, storage_dir=storage, inprocess_workers=False,
+                             krea_api_base=base, krea_api_token="bench",
+                             routes={"flux-dev": ["krea"]})
+    async with runtime(settings) as rt:
+        made = await rt.gateway.accounts.create("enterprise", 10**9, name="scale",
+                                                rpm=-1, concurrency=-1, daily=-1)
+        request = from_image_input({"service": "flux-dev", "prompt": "a slow harbour",
+                                    "width": 512, "height": 512})
+        ids = []
+        for start in range(0, jobs, 50):
+            batch = await asyncio.gather(*(rt.gateway.generate(made["key"], request)
+                                           for _ in range(min(50, jobs - start))))
+            ids += [job.id for job, _ in batch]
+        return str(made["id"]), ids
+
+
+async def count_completed(redis_url: str, account: str, ids: list[str]) -> int:
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(account, job_id), "status")
+            states = await pipe.execute()
+    finally:
+        await redis.aclose()
+    return sum(1 for s in states if s == "completed")
+
+
+@scenario("scale")
+async def scale(ctx: Context) -> list[ScaleRow]:
+    jobs = int(os.environ.get("BENCH_SCALE_JOBS", 500 if ctx.quick else 10_000))
+    row = ScaleRow(jobs)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        workdir = Path(tmp)
+        storage = workdir / "outputs"
+        os.environ["SLOW_KREA_SECONDS"] = str(JOB_SECONDS)
+        upstream = floor("slow krea", "slow_krea_app", workdir)
+        worker: subprocess.Popen[bytes] | None = None
+        try:
+            account, ids = await admit_all(ctx.redis_url, storage, upstream.url(""), jobs)
+            env = gateway_env(ctx.redis_url, 0, storage)
+            env.update(GATEWAY_WORKERS=str(jobs), GATEWAY_KREA_API_BASE=upstream.url(""),
+                       GATEWAY_KREA_API_TOKEN="bench", GATEWAY_ROUTES='{"flux-dev": ["krea"]}',
+                       GATEWAY_BACKEND_CONCURRENCY="512")
+            with (workdir / "worker.log").open("wb") as log:
+                worker = subprocess.Popen([gateway_binary(), "worker"], env=env, cwd=ROOT,
+                                          stdout=log, stderr=subprocess.STDOUT)
+            started, cpu0 = time.monotonic(), cpu_seconds(worker.pid)
+            waiting: list[float] = []
+            last_cpu, last_t = cpu0, started
+            deadline = started + JOB_SECONDS * 6 + 60
+            while time.monotonic() < deadline and worker.poll() is None:
+                await asyncio.sleep(1.0)
+                now, cpu = time.monotonic(), cpu_seconds(worker.pid)
+                row.peak_rss_mb = max(row.peak_rss_mb, status_kb(worker.pid, "VmRSS") / 1024)
+                if 5 <= now - started <= JOB_SECONDS - 2:  # all submitted, none done yet
+                    waiting.append((cpu - last_cpu) / (now - last_t))
+                last_cpu, last_t = cpu, now
+                if int(now - started) % 5 == 0:
+                    async with httpx.AsyncClient() as client:
+                        seen = (await client.get(upstream.url("/stats"))).json()
+                    print(f"  t={now - started:5.1f}s upstream {seen}, worker "
+                          f"{status_kb(worker.pid, 'VmRSS') / 1024:.0f} MB", flush=True)
+                if now - started >= JOB_SECONDS:
+                    row.completed = await count_completed(ctx.redis_url, account, ids)
+                    if row.completed == jobs:
+                        break
+            row.last_done_s = time.monotonic() - started
+            row.run_cores = (cpu_seconds(worker.pid) - cpu0) / row.last_done_s
+            row.waiting_cores = statistics.median(waiting) if waiting else 0.0
+            async with httpx.AsyncClient() as client:
+                stats = (await client.get(upstream.url("/stats"))).json()
+            row.polls_per_job = stats["polls"] / max(1, stats["submitted"])
+            row.rates = [row.completed / row.last_done_s]
+        finally:
+            if worker is not None and worker.poll() is None:
+                worker.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.wait(30)
+                if worker.poll() is None:
+                    worker.kill()
+            upstream.stop()
+    return [row]
+
+
+@renderer(ScaleRow)
+def scale_table(rows: list[ScaleRow], rounds: int) -> str:
+    lines = []
+    for r in rows:
+        lines += [
+            f"jobs in flight in one worker: {r.jobs:,} (each done {JOB_SECONDS:.0f} s after "
+            f"submission, polled at Krea's 2 s pace)",
+            f"completed: {r.completed:,} of {r.jobs:,}; the last after {r.last_done_s:.1f} s",
+            f"worker peak RSS: {r.peak_rss_mb:.0f} MB (target < {RSS_TARGET_MB} MB: "
+            f"{'met' if r.peak_rss_mb < RSS_TARGET_MB else 'NOT met'})",
+            f"worker CPU while all wait upstream: {r.waiting_cores:.2f} cores (target < "
+            f"{CPU_TARGET_CORES:.0f}: {'met' if r.waiting_cores < CPU_TARGET_CORES else 'NOT met'})"
+            f"; over the run: {r.run_cores:.2f} cores",
+            f"upstream polls per job: {r.polls_per_job:.1f}",
+        ]
+    return "\n".join(lines)

@@ -30,10 +30,6 @@ class JobStore:
         h = await self.redis.hgetall(job_key)
         return Job.from_hash(h) if h else None
 
-    async def status(self, account: str, job_id: str) -> str | None:
-        status: str | None = await self.redis.hget(keys.job(account, job_id), "status")
-        return status
-
     async def list(
         self, account: str, first: int, after: str | None, status: str | None
     ) -> tuple[list[Job], bool]:
@@ -116,11 +112,23 @@ class JobStore:
                 keys.account(job.account),
                 keys.ledger(job.account),
                 keys.webhooks(keys.shard_of(job.account)),
+                keys.cancellations(keys.shard_of(job.account)),
             ],
             args=[status, now_ms, job.id, 1 if refund else 0, self.retention_ms, *flat(fields)],
             client=self.redis,
         )
         return bool(done)
+
+    async def recently_cancelled(self, shards: int, now_ms: int) -> set[str]:
+        """Keys of jobs cancelled while running in the last minute (a window wide enough
+        for clocks that differ between processes); the log keeps ten minutes."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(shards):
+                log = keys.cancellations(shard)
+                pipe.zrangebyscore(log, now_ms - 60_000, "+inf")
+                pipe.zremrangebyscore(log, "-inf", now_ms - 600_000)
+            replies = await pipe.execute()
+        return {str(k) for got in replies[::2] for k in got}
 
     async def renew_leases(self, jobs: list[Job], until_ms: int) -> None:
         """Keep the concurrency slots of running jobs (one pipeline for all of them)."""

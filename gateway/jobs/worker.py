@@ -92,6 +92,7 @@ class Worker:
         self.running: dict[str, Running] = {}
         self.last_sweep = 0.0
         self.freed = asyncio.Event()
+        self.cancelled: set[str] = set()  # keys of running jobs cancelled by their owner
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -104,6 +105,7 @@ class Worker:
         upstream ids stored) and are resumed by another worker."""
         await self.queue.ensure_group()
         heartbeat = asyncio.create_task(self._heartbeat(stop))
+        watcher = asyncio.create_task(self._watch_cancellations(stop))
         deliveries = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks else None
         try:
             while not stop.is_set():
@@ -129,7 +131,8 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(heartbeat, watcher, return_exceptions=True)
             if deliveries:
                 await deliveries
 
@@ -209,7 +212,7 @@ class Worker:
                 job.provider,
                 ImageParams(**job.params),
                 resume=job.upstream,
-                save_upstream=lambda up: self.store.save_upstream(job, up),
+                save_upstream=lambda up: self._save_upstream(job, up),
                 progress=lambda meta: self._progress(job, meta),
                 cancelled=lambda: self._cancelled(job),
                 deadline=self.router.clock()
@@ -235,8 +238,44 @@ class Worker:
             await self._end(job, "failed", error="internal error while running the job")
         await self.queue.ack(entry_id)
 
+    async def _save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
+        """Record the upstream's job id, retrying while the store is in trouble: the
+        upstream has taken (and will bill) the job, so giving up here would submit it
+        again on the retry. Bounded by the job's deadline."""
+        give_up = job.created_at / 1000 + self.settings.job_deadline_seconds
+        delay = 0.2
+        while True:
+            try:
+                await self.store.save_upstream(job, upstream)
+                return
+            except Exception as exc:
+                if not store_trouble(exc) or self.clock() + delay > give_up:
+                    raise
+                log.warning("could not store the upstream id yet; retrying",
+                            job_id=job.id, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _watch_cancellations(self, stop: asyncio.Event, period: float = 1.0) -> None:
+        """Read the shards' cancellation logs once a `period`: one round trip for every
+        running job, where a status read per job per poll cost thousands a second."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+            if not self.running:
+                continue
+            try:
+                found = await self.store.recently_cancelled(
+                    self.settings.redis_shards, self.now_ms()
+                )
+            except Exception as exc:
+                log.warning("reading cancellations failed", error=repr(exc))
+                continue
+            running = {keys.job(r.job.account, r.job.id) for r in self.running.values() if r.job}
+            self.cancelled = (self.cancelled & running) | (found & running)
+
     async def _cancelled(self, job: Job) -> bool:
-        return await self.store.status(job.account, job.id) == "cancelled"
+        return keys.job(job.account, job.id) in self.cancelled
 
     async def _progress(self, job: Job, meta: dict[str, Any]) -> None:
         await self.store.save_progress(job, {**job.metadata, **meta})

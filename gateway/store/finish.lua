@@ -3,7 +3,9 @@
 -- A job with a webhook URL is put on the delivery schedule in the same step, so an
 -- ended job's webhook is never forgotten.
 -- Ending an ended job changes nothing, so a second worker or a late cancel is harmless.
--- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule
+-- A running job that is cancelled is announced on its shard's cancellation log, which
+-- workers read once a second instead of each job checking its status on every poll.
+-- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6.. job hash fields
 -- The record then lives for the retention time, like its outputs.
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
@@ -27,6 +29,9 @@ end
 local hook = redis.call('HGET', KEYS[1], 'webhook_url')
 if hook and hook ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1])
+end
+if ARGV[1] == 'cancelled' and status == 'processing' then
+  redis.call('ZADD', KEYS[6], ARGV[2], KEYS[1])
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {1, balance}

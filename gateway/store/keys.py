@@ -60,6 +60,11 @@ def webhooks(shard: int) -> str:
     return f"{_shard(shard)}:webhooks"
 
 
+def cancellations(shard: int) -> str:
+    """Sorted set: job key -> when it was cancelled while running (ms), for workers."""
+    return f"{_shard(shard)}:cancellations"
+
+
 def coalescing(shard: int) -> str:
     """Set: in-flight leader keys that have followers waiting."""
     return f"{_shard(shard)}:coalescing"

@@ -38,6 +38,7 @@ from gateway.webhooks import Webhooks
 log = structlog.get_logger("gateway.worker")
 
 SWEEP_EVERY = 3600.0
+FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, not a herd
 _PIL = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _FROM_PIL = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
@@ -109,7 +110,7 @@ class Worker:
         deliveries = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks else None
         try:
             while not stop.is_set():
-                free = self.capacity - len(self.running)
+                free = min(self.capacity - len(self.running), FETCH_BATCH)
                 if free <= 0:
                     self.freed.clear()
                     with contextlib.suppress(TimeoutError):

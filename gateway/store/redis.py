@@ -84,7 +84,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     # Waits for a free connection when all are busy (redis-py's default pool has 100 and
     # refuses the 101st command outright: a burst of jobs starting would fail).
     pool = aioredis.BlockingConnectionPool.from_url(
-        redis_url, max_connections=MAX_CONNECTIONS, timeout=10, **options
+        redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
     client = aioredis.Redis(connection_pool=pool)
     try:

@@ -86,7 +86,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
-    client = aioredis.Redis(connection_pool=pool)
+    client = aioredis.Redis.from_pool(pool)  # owns the pool: closing the client closes it
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from bench import Context, renderer, scenario
 from bench.http import ROOT, cpu_seconds, floor, gateway_binary, gateway_env, status_kb
 from gateway.config import load_settings
-from gateway.params import from_image_input
+from gateway.params import GenerationRequest, from_image_input
 from gateway.runtime import runtime
 from gateway.store import keys
 
@@ -55,8 +55,11 @@ async def admit_all(redis_url: str, storage: Path, base: str, jobs: int) -> tupl
     async with runtime(settings) as rt:
         made = await rt.gateway.accounts.create("enterprise", 10**9, name="scale",
                                                 rpm=-1, concurrency=-1, daily=-1)
-        request = from_image_input({"service": "flux-dev", "prompt": "a slow harbour",
-                                    "width": 512, "height": 512})
+
+        async def request() -> GenerationRequest:
+            return from_image_input({"service": "flux-dev", "prompt": "a slow harbour",
+                                     "width": 512, "height": 512})
+
         ids = []
         for start in range(0, jobs, 50):
             batch = await asyncio.gather(*(rt.gateway.generate(made["key"], request)
@@ -65,15 +68,11 @@ async def admit_all(redis_url: str, storage: Path, base: str, jobs: int) -> tupl
         return str(made["id"]), ids
 
 
-async def count_completed(redis_url: str, account: str, ids: list[str]) -> int:
-    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.job(account, job_id), "status")
-            states = await pipe.execute()
-    finally:
-        await redis.aclose()
+async def count_completed(redis: aioredis.Redis, account: str, ids: list[str]) -> int:
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(keys.job(account, job_id), "status")
+        states = await pipe.execute()
     return sum(1 for s in states if s == "completed")
 
 
@@ -87,6 +86,8 @@ async def scale(ctx: Context) -> list[ScaleRow]:
         os.environ["SLOW_KREA_SECONDS"] = str(JOB_SECONDS)
         upstream = floor("slow krea", "slow_krea_app", workdir)
         worker: subprocess.Popen[bytes] | None = None
+        redis = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
+        client = httpx.AsyncClient()
         try:
             account, ids = await admit_all(ctx.redis_url, storage, upstream.url(""), jobs)
             env = gateway_env(ctx.redis_url, 0, storage)
@@ -108,22 +109,22 @@ async def scale(ctx: Context) -> list[ScaleRow]:
                     waiting.append((cpu - last_cpu) / (now - last_t))
                 last_cpu, last_t = cpu, now
                 if int(now - started) % 5 == 0:
-                    async with httpx.AsyncClient() as client:
-                        seen = (await client.get(upstream.url("/stats"))).json()
+                    seen = (await client.get(upstream.url("/stats"))).json()
                     print(f"  t={now - started:5.1f}s upstream {seen}, worker "
                           f"{status_kb(worker.pid, 'VmRSS') / 1024:.0f} MB", flush=True)
                 if now - started >= JOB_SECONDS:
-                    row.completed = await count_completed(ctx.redis_url, account, ids)
+                    row.completed = await count_completed(redis, account, ids)
                     if row.completed == jobs:
                         break
             row.last_done_s = time.monotonic() - started
             row.run_cores = (cpu_seconds(worker.pid) - cpu0) / row.last_done_s
             row.waiting_cores = statistics.median(waiting) if waiting else 0.0
-            async with httpx.AsyncClient() as client:
-                stats = (await client.get(upstream.url("/stats"))).json()
+            stats = (await client.get(upstream.url("/stats"))).json()
             row.polls_per_job = stats["polls"] / max(1, stats["submitted"])
             row.rates = [row.completed / row.last_done_s]
         finally:
+            await client.aclose()
+            await redis.aclose()
             if worker is not None and worker.poll() is None:
                 worker.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):

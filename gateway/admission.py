@@ -103,7 +103,6 @@ async def admit(
             now_ms,
             secret_hash,
             plans,
-            "",
             job.cost,
             job.id,
             lease_ms,

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from gateway.auth import Principal, api_key_from
 from gateway.errors import BadUserInput, GatewayError, NotFound
-from gateway.params import from_image_input
+from gateway.params import GenerationRequest, from_image_input
 from gateway.service import Gateway
 
 
@@ -67,13 +67,12 @@ async def _json(request: Request) -> dict[str, Any]:
 async def text_to_image(request: Request) -> Response:
     """Key check and admission in one round trip (see `Gateway.generate`)."""
     gateway: Gateway = request.app.state.gateway
-    api_key = api_key_from(request.headers)
+
+    async def parse() -> GenerationRequest:
+        return from_image_input(await _json(request))
+
     try:
-        try:
-            generation = from_image_input(await _json(request))
-        except GatewayError as exc:
-            await gateway.refuse(api_key, exc)
-        job, principal = await gateway.generate(api_key, generation)
+        job, principal = await gateway.generate(api_key_from(request.headers), parse)
     except GatewayError as exc:
         return error_response(exc)
     return ORJSONResponse(job.public(), status_code=202, headers=principal.rate_headers())

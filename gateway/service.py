@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -94,7 +94,7 @@ class Gateway:
                 self.redis, self.scripts, self.settings, key, self.now_ms(), read=read
             )
 
-    async def refuse(self, api_key: str | None, exc: GatewayError) -> NoReturn:
+    async def _refuse(self, api_key: str | None, exc: GatewayError) -> NoReturn:
         """A generation request refused before admission (bad input, nothing routable):
         a bad key still gets its 401, a good one its X-RateLimit-* headers."""
         principal = await self.authenticate(api_key)
@@ -108,18 +108,22 @@ class Gateway:
         return Estimate(credits, width, height, request.num_images, backends)
 
     async def generate(
-        self, api_key: str | None, request: GenerationRequest
+        self, api_key: str | None, parse: Callable[[], Awaitable[GenerationRequest]]
     ) -> tuple[Job, Principal]:
-        """Check the key, validate, price, admit and enqueue, the key check and admission
-        in one Lua call; the job and the caller as admission left it."""
+        """Check the key, parse and validate the input, price, admit and enqueue, the key
+        check and admission in one Lua call; the job and the caller as admission left it.
+
+        `parse` reads the caller's input (GraphQL or REST): a refusal before admission
+        is answered here, once, with the key still checked."""
         account, secret_hash = credentials(api_key)
         try:
+            request = await parse()
             self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
             if request.webhook_url:
                 await check_url(request.webhook_url, self.settings.allow_cidrs)
             estimate = self.estimate(request)
         except GatewayError as exc:
-            await self.refuse(api_key, exc)
+            await self._refuse(api_key, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX)
         params = dataclasses.asdict(request.image_params(seed))

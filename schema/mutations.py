@@ -19,12 +19,12 @@ Info = strawberry.Info[Context, None]
 async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Generation:
     """Key check and admission in one round trip (see `Gateway.generate`)."""
     ctx = info.context
+
+    async def parsed() -> GenerationRequest:
+        return parse()
+
     try:
-        try:
-            request = parse()
-        except GatewayError as exc:
-            await ctx.gateway.refuse(ctx.api_key(), exc)
-        job, principal = await ctx.gateway.generate(ctx.api_key(), request)
+        job, principal = await ctx.gateway.generate(ctx.api_key(), parsed)
     except GatewayError as exc:
         ctx.add_headers(exc.headers)
         raise

@@ -6,7 +6,7 @@
 -- the contract promises at most N in ANY 60-second window, which a sliding log states
 -- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
 --
--- A cacheable request (ARGV 12 = '1') is decided here too, in the same round trip:
+-- A cacheable request (ARGV 11 = '1') is decided here too, in the same round trip:
 --   hit     the result cache holds it: a new job, completed at once, cost 0, no slot;
 --   follow  an identical job is in flight: a new job that waits for it (cost 0, no
 --           slot, not queued); the leader's worker completes it (settle.lua);
@@ -21,18 +21,17 @@
 --
 -- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
 --       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders
--- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 (unused), 5 cost, 6 job_id,
---       7 lease_ms, 8 ms_to_day_end, 9 idem_hash ('' = none), 10 hold_slot (0/1),
---       11 enqueue (0/1), 12 cacheable (0/1), 13 retention_ms,
---       14.. job hash fields (name, value, ...)
+-- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 cost, 5 job_id, 6 lease_ms,
+--       7 ms_to_day_end, 8 idem_hash ('' = none), 9 hold_slot (0/1), 10 enqueue (0/1),
+--       11 cacheable (0/1), 12 retention_ms, 13.. job hash fields (name, value, ...)
 -- Returns {verdict, rpm, concurrency, daily, window used, window oldest_ms, balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id; 'unauthenticated' nothing.
 local now = tonumber(ARGV[1])
-local cost, job_id = tonumber(ARGV[5]), ARGV[6]
-local lease, day_left = tonumber(ARGV[7]), tonumber(ARGV[8])
-local idem_hash, hold, enqueue = ARGV[9], ARGV[10] == '1', ARGV[11] == '1'
-local cacheable, retention = ARGV[12] == '1', tonumber(ARGV[13])
+local cost, job_id = tonumber(ARGV[4]), ARGV[5]
+local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
+local idem_hash, hold, enqueue = ARGV[8], ARGV[9] == '1', ARGV[10] == '1'
+local cacheable, retention = ARGV[11] == '1', tonumber(ARGV[12])
 local price = cost
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
@@ -132,7 +131,7 @@ if cost > 0 then
     'balance', balance)
 end
 local fields = {}
-for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[6], unpack(fields))
 local outcome = {}
 if mode == 'hit' then

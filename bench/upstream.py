@@ -2,9 +2,10 @@
 
 A provider's poll (Krea's `GET /jobs/{id}` shape, `bench/floors.py:upstream_app`) is
 served by uvicorn in its own process on loopback; this process sends it with the
-gateway's own client (`gateway.providers.http.upstream_client`: httpx over aiohttp's
-transport) and, for reference in the same rounds, with plain httpx (httpcore's pool)
-and with a bare aiohttp session (the floor). Each round sends a fixed number of calls
+gateway's own client (`gateway.providers.http.UpstreamClient` through `request()`, the
+retrying helper every adapter uses, over an aiohttp session) and, for reference in the
+same rounds, with plain httpx (httpcore's pool) and with a bare aiohttp session (the
+floor). Each round sends a fixed number of calls
 from 1 and from 64 tasks; the figure is this process's CPU time (user + system) per
 call, the median over rounds, and the calls per second.
 """
@@ -24,7 +25,7 @@ import httpx
 
 from bench import Context, renderer, scenario
 from bench.http import floor
-from gateway.providers.http import upstream_client
+from gateway.providers.http import request, upstream_client
 
 TARGET_MS = 0.5  # the issue's bound at 64 in flight
 
@@ -63,7 +64,7 @@ async def upstream_cost(ctx: Context) -> list[UpstreamRow]:
         session = aiohttp.ClientSession()
 
         async def via_gateway() -> None:
-            (await gateway.get(url)).raise_for_status()
+            await request(gateway, "GET", url, upstream="bench", idempotent=True)
 
         async def via_httpx() -> None:
             (await plain.get(url)).raise_for_status()
@@ -73,7 +74,7 @@ async def upstream_cost(ctx: Context) -> list[UpstreamRow]:
                 response.raise_for_status()
                 await response.read()
 
-        clients = {"gateway (httpx over aiohttp)": via_gateway, "httpx (httpcore)": via_httpx,
+        clients = {"gateway (request() over aiohttp)": via_gateway, "httpx (httpcore)": via_httpx,
                    "aiohttp session (floor)": via_aiohttp}
         rows = {(name, n): UpstreamRow(name, n) for name in clients for n in (1, 64)}
         try:

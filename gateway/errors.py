@@ -104,6 +104,8 @@ class ProviderError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: the unsuccessful upstream answer behind it, when there was one
+        self.answer: Any = None
 
 
 class ProviderTimeout(ProviderError):

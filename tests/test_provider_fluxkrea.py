@@ -6,7 +6,6 @@ import io
 import uuid
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -18,7 +17,7 @@ from gateway.errors import (
 )
 from gateway.providers.base import ImageParams, Provider
 from gateway.providers.fluxkrea import FluxKreaProvider
-from gateway.providers.http import upstream_client
+from gateway.providers.http import UpstreamClient, upstream_client
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.servers import serve
 
@@ -35,19 +34,19 @@ async def base(emu: FluxKreaEmulator) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[UpstreamClient]:
     async with upstream_client(30.0) as c:
         yield c
 
 
 def make(
-    client: httpx.AsyncClient, base: str, *, api_key: str | None = "test-key", timeout: float = 5.0
+    client: UpstreamClient, base: str, *, api_key: str | None = "test-key", timeout: float = 5.0
 ) -> FluxKreaProvider:
     return FluxKreaProvider(client, base_url=f"{base}/v1", api_key=api_key, timeout=timeout)
 
 
 async def test_sends_translated_parameters_with_bearer_auth(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     provider = make(client, base)
     params = ImageParams(
@@ -76,7 +75,7 @@ async def test_sends_translated_parameters_with_bearer_auth(
 
 
 async def test_out_of_range_values_are_brought_into_flux_krea_ranges(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
 ) -> None:
     provider = FluxKreaProvider(client, base_url="http://127.0.0.1:9/v1", api_key="k")
     body = provider.body_for(
@@ -102,7 +101,7 @@ async def test_out_of_range_values_are_brought_into_flux_krea_ranges(
 
 
 async def test_outputs_are_real_jpegs_of_the_requested_size(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     provider = make(client, base)
     submitted = await provider.submit(ImageParams(prompt="a red fox", width=768, height=576))
@@ -123,7 +122,7 @@ async def test_outputs_are_real_jpegs_of_the_requested_size(
 
 
 async def test_num_images_three_gives_three_fetchable_outputs(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     provider = make(client, base)
     submitted = await provider.submit(ImageParams(prompt="tiles", width=512, height=512,
@@ -137,7 +136,7 @@ async def test_num_images_three_gives_three_fetchable_outputs(
 
 
 async def test_generation_delay_is_awaited(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.delay = 0.2
     submitted = await make(client, base).submit(ImageParams(prompt="slow", width=512, height=512))
@@ -145,7 +144,7 @@ async def test_generation_delay_is_awaited(
 
 
 async def test_upstream_400_is_the_users_fault(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.fail_next(1, status=400)
     with pytest.raises(ProviderRejected, match="injected failure") as info:
@@ -156,7 +155,7 @@ async def test_upstream_400_is_the_users_fault(
 
 @pytest.mark.parametrize("prompt", ["", "x" * 1001])
 async def test_out_of_range_prompt_is_rejected_without_a_request(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient, prompt: str
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient, prompt: str
 ) -> None:
     with pytest.raises(ProviderRejected, match="1-1000 characters"):
         await make(client, base).submit(ImageParams(prompt=prompt))
@@ -164,14 +163,14 @@ async def test_out_of_range_prompt_is_rejected_without_a_request(
 
 
 async def test_longest_allowed_prompt_is_sent(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     await make(client, base).submit(ImageParams(prompt="x" * 1000, width=512, height=512))
     assert emu.submissions == 1
 
 
 async def test_bad_key_is_our_problem(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     with pytest.raises(ProviderUnavailable, match="refused our API key"):
         await make(client, base, api_key="wrong").submit(ImageParams(prompt="x"))
@@ -180,7 +179,7 @@ async def test_bad_key_is_our_problem(
 
 
 async def test_quota_exceeded_is_unavailable_and_says_quota(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.quota_exceeded = True
     with pytest.raises(ProviderUnavailable, match="quota") as info:
@@ -190,7 +189,7 @@ async def test_quota_exceeded_is_unavailable_and_says_quota(
 
 
 async def test_other_403_is_unavailable_without_blaming_quota(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.fail_next(1, status=403)
     with pytest.raises(ProviderUnavailable) as info:
@@ -200,7 +199,7 @@ async def test_other_403_is_unavailable_without_blaming_quota(
 
 
 async def test_429_waits_for_retry_after_then_succeeds(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.rate_limit_next(1, retry_after=1)
     submitted = await make(client, base).submit(ImageParams(prompt="x", width=512, height=512))
@@ -211,7 +210,7 @@ async def test_429_waits_for_retry_after_then_succeeds(
 
 
 async def test_429_that_persists_is_rate_limited(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.rate_limit_next(10, retry_after=0)
     with pytest.raises(ProviderRateLimited):
@@ -220,7 +219,7 @@ async def test_429_that_persists_is_rate_limited(
 
 
 async def test_500_on_submit_is_not_retried(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.fail_next(1, status=500)
     with pytest.raises(ProviderUnavailable, match="500"):
@@ -229,7 +228,7 @@ async def test_500_on_submit_is_not_retried(
 
 
 async def test_malformed_json_is_unavailable(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.malformed_next(1)
     with pytest.raises(ProviderUnavailable, match="malformed"):
@@ -248,7 +247,7 @@ async def test_malformed_json_is_unavailable(
     ],
 )
 async def test_answer_without_images_is_unavailable(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient, body: object
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient, body: object
 ) -> None:
     emu.answer_next(1, body)
     with pytest.raises(ProviderUnavailable):
@@ -257,7 +256,7 @@ async def test_answer_without_images_is_unavailable(
 
 
 async def test_stall_beyond_timeout_is_a_timeout_and_not_resent(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.stall = 30
     with pytest.raises(ProviderTimeout):
@@ -266,7 +265,7 @@ async def test_stall_beyond_timeout_is_a_timeout_and_not_resent(
 
 
 async def test_without_key_the_backend_is_disabled(
-    emu: FluxKreaEmulator, base: str, client: httpx.AsyncClient
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     provider = make(client, base, api_key=None)
     assert provider.status() == (False, "GATEWAY_FLUXKREA_API_KEY is not set")
@@ -276,7 +275,7 @@ async def test_without_key_the_backend_is_disabled(
     assert make(client, base).status() == (True, "ok")
 
 
-async def test_is_a_provider_that_never_polls(client: httpx.AsyncClient) -> None:
+async def test_is_a_provider_that_never_polls(client: UpstreamClient) -> None:
     provider = FluxKreaProvider(client, base_url="http://127.0.0.1:9/v1", api_key="k")
     assert isinstance(provider, Provider)
     assert provider.name == "fluxkrea"

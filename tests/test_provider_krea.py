@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 import pytest
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from gateway.errors import (
     ProviderRejected,
@@ -16,7 +20,7 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import ImageParams, Polled, Provider
-from gateway.providers.http import upstream_client
+from gateway.providers.http import UpstreamClient, upstream_client
 from gateway.providers.krea import KreaProvider
 from tests.emulators.krea import KreaEmulator
 from tests.servers import serve
@@ -28,7 +32,7 @@ TOKEN = "test-token"
 class Krea:
     emu: KreaEmulator
     base: str
-    client: httpx.AsyncClient
+    client: UpstreamClient
     provider: KreaProvider
 
     def adapter(self, **kwargs: object) -> KreaProvider:
@@ -282,6 +286,18 @@ async def test_malformed_json_is_unavailable(krea: Krea, step: str) -> None:
             await krea.provider.poll(submitted.upstream_id or "")
 
 
+@contextlib.asynccontextmanager
+async def answering(answer: object) -> AsyncIterator[str]:
+    """A server that answers every request with `answer` as JSON (a broken upstream)."""
+
+    async def reply(request: Request) -> JSONResponse:
+        return JSONResponse(answer)
+
+    app = Starlette(routes=[Route("/{path:path}", reply, methods=["GET", "POST"])])
+    async with serve(app) as base:
+        yield base
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -291,9 +307,8 @@ async def test_malformed_json_is_unavailable(krea: Krea, step: str) -> None:
     ],
 )
 async def test_answer_missing_a_field_is_unavailable(answer: object) -> None:
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
-    async with httpx.AsyncClient(transport=transport) as client:
-        provider = KreaProvider(client, base_url="http://krea.test", token=TOKEN)
+    async with answering(answer) as base, upstream_client(5.0) as client:
+        provider = KreaProvider(client, base_url=base, token=TOKEN)
         with pytest.raises(ProviderUnavailable):
             await provider.submit(ImageParams(prompt="p"))
 
@@ -306,9 +321,8 @@ async def test_completed_job_without_urls_is_unavailable() -> None:
         "completed_at": "2025-01-15T10:30:25.000Z",
         "result": None,
     }
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
-    async with httpx.AsyncClient(transport=transport) as client:
-        provider = KreaProvider(client, base_url="http://krea.test", token=TOKEN)
+    async with answering(answer) as base, upstream_client(5.0) as client:
+        provider = KreaProvider(client, base_url=base, token=TOKEN)
         with pytest.raises(ProviderUnavailable, match=r"result\.urls"):
             await provider.poll(answer["job_id"])
 

@@ -1,4 +1,4 @@
-"""The upstream client (httpx over aiohttp's transport) against real sockets: which
+"""The upstream client (an aiohttp session) against real sockets: which
 failure it reports decides whether a submit may be sent again."""
 
 from __future__ import annotations

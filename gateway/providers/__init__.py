@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import httpx
-
 from gateway.config import Settings
 from gateway.providers.base import CallbackInbox, Provider
 from gateway.providers.fluxkrea import FluxKreaProvider
+from gateway.providers.http import UpstreamClient
 from gateway.providers.krea import KreaProvider
 from gateway.providers.local import LocalProvider
 from gateway.providers.segmind import SegmindProvider
@@ -17,7 +16,7 @@ def _secret(value: object) -> str | None:
 
 
 def build_providers(
-    settings: Settings, client: httpx.AsyncClient, inbox: CallbackInbox | None = None
+    settings: Settings, client: UpstreamClient, inbox: CallbackInbox | None = None
 ) -> dict[str, Provider]:
     """Every backend, configured from settings; those without credentials say so.
 

@@ -1,7 +1,7 @@
 """The protocol every backend implements, and the values it exchanges with the worker.
 
 A backend knows its upstream's protocol and nothing else: no Redis, credits or GraphQL.
-It receives its `httpx.AsyncClient` (so tests can point it at an emulator) and raises
+It receives its `UpstreamClient` (so tests can point it at an emulator) and raises
 only the `ProviderError` subclasses of `gateway.errors`.
 """
 

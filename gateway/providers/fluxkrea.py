@@ -29,14 +29,12 @@ synchronous endpoint is used and `submit` returns the outputs at once.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Generator
 from typing import Any
-
-import httpx
+from urllib.parse import urljoin, urlsplit
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from gateway.providers.base import CallbackInbox, ImageParams, Output, Polled, Submitted
-from gateway.providers.http import download, json_body, request
+from gateway.providers.http import Answer, UpstreamClient, download, json_body, request
 
 UPSTREAM = "flux-krea"
 DEFAULT_BASE_URL = "https://api.flux-krea.pro/v1"
@@ -61,30 +59,13 @@ def _clamp(value: Any, low: Any, high: Any) -> Any:
     return max(low, min(high, value))
 
 
-class _BearerAuth(httpx.Auth):
-    """`Authorization: Bearer`, remembering the response to the last attempt.
-
-    `http.request()` turns an unsuccessful answer into a ProviderError; the response kept
-    here lets `submit` still read the body of a 401/403 (e.g. its `error_code`).
-    """
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self.response: httpx.Response | None = None
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        self.response = None
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        self.response = yield request
-
-
 class FluxKreaProvider:
     name = "fluxkrea"
     poll_interval = 1.0
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         base_url: str = DEFAULT_BASE_URL,
         api_key: str | None,
@@ -123,10 +104,9 @@ class FluxKreaProvider:
         body["num_images"] = _clamp(params.num_images, IMAGES_MIN, IMAGES_MAX)
         return body
 
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, path: str, body: dict[str, Any]) -> Answer:
         if not self.api_key:
             raise ProviderUnavailable("GATEWAY_FLUXKREA_API_KEY is not set")
-        auth = _BearerAuth(self.api_key)
         try:
             return await request(
                 self.client,
@@ -136,10 +116,10 @@ class FluxKreaProvider:
                 idempotent=False,  # a re-sent generate could be charged twice
                 timeout=self.timeout,
                 json=body,
-                auth=auth,
+                headers={"Authorization": f"Bearer {self.api_key}"},
             )
         except ProviderUnavailable as exc:
-            refined = _refine(exc, auth.response)
+            refined = _refine(exc, exc.answer)
             if refined is exc:
                 raise
             raise refined from exc
@@ -204,7 +184,7 @@ class FluxKreaProvider:
         if status != "completed" or not isinstance(images, list) or not images:
             return Polled(state="failed", upstream_status=str(status), metadata=meta,
                           error="flux-krea reported an unusable result")
-        base = httpx.URL(self.base_url + "/")
+        base = self.base_url + "/"
         defaults = {"width": None, "height": None}
         return Polled(state="completed", upstream_status="completed", metadata=meta,
                       outputs=[_output(image, defaults, base) for image in images])
@@ -222,7 +202,7 @@ class FluxKreaProvider:
         return await download(self.client, output.url, upstream=UPSTREAM)
 
 
-def _refine(exc: ProviderUnavailable, response: httpx.Response | None) -> ProviderError:
+def _refine(exc: ProviderUnavailable, response: Answer | None) -> ProviderError:
     """A clearer message for our own credential and quota trouble (401, 403)."""
     if response is None or response.status_code not in (401, 403):
         return exc
@@ -240,16 +220,16 @@ def _refine(exc: ProviderUnavailable, response: httpx.Response | None) -> Provid
     return exc
 
 
-def _output(image: Any, body: dict[str, Any], base: httpx.URL) -> Output:
+def _output(image: Any, body: dict[str, Any], base: str) -> Output:
     if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
         raise ProviderUnavailable("flux-krea answered an image without a URL")
-    url = str(base.join(image["url"]))  # absolute URLs pass through unchanged
+    url = urljoin(base, image["url"])  # absolute URLs pass through unchanged
 
     def integer(key: str) -> int | None:
         value = image.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    suffix = httpx.URL(url).path.rsplit("/", 1)[-1]
+    suffix = urlsplit(url).path.rsplit("/", 1)[-1]
     extension = suffix[suffix.rfind(".") :].lower() if "." in suffix else ""
     return Output(
         url=url,

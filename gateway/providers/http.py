@@ -1,8 +1,12 @@
-"""Shared HTTP plumbing for upstream adapters: retries, backoff and error translation.
+"""Shared HTTP plumbing for upstream adapters: the client, retries, backoff and errors.
 
-Hand-written because the policy is the product's: a request the upstream may already
-have accepted (a submit answered with 5xx, or cut off mid-flight) is never re-sent,
+The policy is the product's, hence by hand: a request the upstream may already have
+accepted (a submit answered with 5xx, or cut off after it was sent) is never re-sent,
 since that could pay for the job twice.
+
+The client is a thin owner of an `aiohttp.ClientSession`: a worker polls thousands of
+jobs a second, and aiohttp costs about a quarter of httpx's CPU per call at that rate
+(`python -m bench upstream`, BENCHMARKS.md). Answers are read whole into `Answer`.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import asyncio
 import email.utils
 import random
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 from gateway.errors import (
     ProviderError,
@@ -29,38 +33,90 @@ from gateway.errors import (
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-class UpstreamTransport(AiohttpTransport):
-    """httpx-aiohttp's transport, with its connection errors told apart.
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's answer, read whole."""
 
-    It maps every aiohttp connection error to `httpx.ConnectTimeout`. Which one it was
-    decides a retry here: a connection that was never made (`ConnectError`) may be
-    retried even for a submit, one cut after the request went out (`ReadError`) never.
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    content: bytes
+    url: str
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON; raises ValueError when it is not."""
+        return orjson.loads(self.content)
+
+
+class UpstreamClient:
+    """The HTTP client every backend gets (tests point backends at emulators with it).
+
+    Redirects are not followed; `timeout` bounds a whole call (connect, send, answer).
+    The session is opened on first use, inside the running event loop.
     """
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await super().handle_async_request(request)
-        except httpx.ConnectTimeout as exc:
-            cause = exc.__cause__
-            if isinstance(cause, aiohttp.ClientConnectorError):
-                raise httpx.ConnectError(str(exc), request=request) from cause
-            if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
-                cause, aiohttp.ServerTimeoutError
-            ):
-                raise httpx.ReadError(str(exc), request=request) from cause
-            raise
+    def __init__(self, timeout: float, *, max_connections: int = 512) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        timeout: float | None = None,
+    ) -> Answer:
+        """One call, no retry. Raises aiohttp's errors (`request()` below sorts them)."""
+        kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
+        if json is not None:
+            kwargs["data"] = orjson.dumps(json)
+            kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        async with self._open().request(method, url, **kwargs) as response:
+            content = await response.read()
+            return Answer(response.status, response.headers, content, str(response.url))
+
+    async def get(self, url: str, **kwargs: Any) -> Answer:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> Answer:
+        return await self.request("POST", url, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
 
 
-def upstream_client(timeout: float) -> httpx.AsyncClient:
-    """The client every backend gets: the httpx API over aiohttp's transport (a fifth of
-    httpcore's CPU per call at 64 in flight: BENCHMARKS.md)."""
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
-    return httpx.AsyncClient(
-        transport=UpstreamTransport(limits=limits), timeout=timeout, follow_redirects=False
-    )
+def upstream_client(timeout: float) -> UpstreamClient:
+    return UpstreamClient(timeout)
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
+def retry_after_seconds(response: Answer) -> float | None:
     """Parse `Retry-After` (seconds or an HTTP date)."""
     value = response.headers.get("retry-after")
     if not value:
@@ -81,20 +137,23 @@ def backoff(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
-def error_for(response: httpx.Response, upstream: str) -> ProviderError:
+def error_for(response: Answer, upstream: str) -> ProviderError:
     """Translate an unsuccessful upstream answer into our error tree."""
     status = response.status_code
     detail = _detail(response)
     message = f"{upstream} answered {status}" + (f": {detail}" if detail else "")
+    error: ProviderError
     if status == 429:
-        return ProviderRateLimited(message, retry_after=retry_after_seconds(response))
-    if status in (400, 422):
-        return ProviderRejected(message)
-    # 401/403 (our credentials), 402/406 (our credits), 404, 5xx: not the user's fault.
-    return ProviderUnavailable(message)
+        error = ProviderRateLimited(message, retry_after=retry_after_seconds(response))
+    elif status in (400, 422):
+        error = ProviderRejected(message)
+    else:  # 401/403 (our credentials), 402/406 (our credits), 404, 5xx: not the user's
+        error = ProviderUnavailable(message)
+    error.answer = response  # adapters read their upstream's own meaning of a status
+    return error
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Answer) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -106,7 +165,7 @@ def _detail(response: httpx.Response) -> str:
     return ""
 
 
-def json_body(response: httpx.Response, upstream: str) -> Any:
+def json_body(response: Answer, upstream: str) -> Any:
     try:
         return orjson.loads(response.content)
     except orjson.JSONDecodeError as exc:
@@ -114,7 +173,7 @@ def json_body(response: httpx.Response, upstream: str) -> Any:
 
 
 async def request(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     method: str,
     url: str,
     *,
@@ -124,7 +183,7 @@ async def request(
     timeout: float | None = None,
     max_wait: float = 10.0,
     **kwargs: Any,
-) -> httpx.Response:
+) -> Answer:
     """Send a request with bounded retries; return a 2xx response or raise ProviderError.
 
     Retried: connection failures before sending and 429 always (the upstream did not
@@ -136,17 +195,17 @@ async def request(
         last = attempt == attempts - 1
         try:
             response = await client.request(method, url, **kwargs)
-        except httpx.ConnectError as exc:
+        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
             if last:
                 raise ProviderUnavailable(f"{upstream} unreachable: {exc}") from exc
             await asyncio.sleep(backoff(attempt))
             continue
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
             if last or not idempotent:
                 raise ProviderTimeout(f"{upstream} timed out") from exc
             await asyncio.sleep(backoff(attempt))
             continue
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:  # cut after sending, or a broken answer
             if last or not idempotent:
                 raise ProviderUnavailable(f"{upstream} connection failed: {exc}") from exc
             await asyncio.sleep(backoff(attempt))
@@ -166,7 +225,7 @@ async def request(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def download(client: httpx.AsyncClient, url: str, *, upstream: str) -> bytes:
+async def download(client: UpstreamClient, url: str, *, upstream: str) -> bytes:
     response = await request(client, "GET", url, upstream=upstream, idempotent=True)
     if not response.content:
         raise ProviderUnavailable(f"{upstream} served an empty image")

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import re
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from gateway.providers.base import CONTENT_TYPES, ImageParams, Output, Polled, Submitted
-from gateway.providers.http import download, json_body, request
+from gateway.providers.http import UpstreamClient, download, json_body, request
 
 UPSTREAM = "krea"
 MAX_PROMPT = 1800
@@ -55,7 +54,7 @@ class KreaProvider:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         base_url: str,
         token: str | None,
@@ -204,7 +203,7 @@ def _urls(job: dict[str, Any]) -> list[str]:
 
 
 def _content_type(url: str) -> str | None:
-    path = httpx.URL(url).path.lower()
+    path = urlsplit(url).path.lower()
     suffix = path.rsplit(".", 1)[-1] if "." in path else ""
     return CONTENT_TYPES.get("jpg" if suffix == "jpeg" else suffix)
 

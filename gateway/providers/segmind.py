@@ -38,8 +38,6 @@ import math
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from gateway.errors import ProviderError, ProviderUnavailable
 from gateway.providers.base import (
     CONTENT_TYPES,
@@ -48,7 +46,14 @@ from gateway.providers.base import (
     Polled,
     Submitted,
 )
-from gateway.providers.http import download, error_for, json_body, request
+from gateway.providers.http import (
+    Answer,
+    UpstreamClient,
+    download,
+    error_for,
+    json_body,
+    request,
+)
 
 #: The documented values of `aspect_ratio` ("11 total": the page shows ten "+1 more").
 ASPECT_RATIOS: tuple[str, ...] = (
@@ -131,24 +136,6 @@ def translate(params: ImageParams) -> dict[str, Any]:
     return body
 
 
-class _Tap:
-    """Stands in for the client inside `request()` and keeps the last answer.
-
-    `request()` turns every unsuccessful answer into a generic `ProviderError`; Segmind
-    gives 404, 406 and 422 specific meanings (expired result, no credits, FAILED request
-    with its detail), so the adapter reads the status and body of that answer here.
-    """
-
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
-        self.response: httpx.Response | None = None
-
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        self.response = None
-        self.response = await self._client.request(method, url, **kwargs)
-        return self.response
-
-
 def _error_detail(body: Any) -> str:
     if isinstance(body, dict):
         for key in ("error", "message", "detail", "errors"):
@@ -158,7 +145,7 @@ def _error_detail(body: Any) -> str:
     return ""
 
 
-def _response_detail(response: httpx.Response) -> str:
+def _response_detail(response: Answer) -> str:
     try:
         detail = _error_detail(response.json())
     except ValueError:
@@ -191,7 +178,7 @@ class SegmindProvider:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         base_url: str,
         api_key: str | None,
@@ -221,15 +208,17 @@ class SegmindProvider:
 
     async def _call(
         self, method: str, url: str, *, idempotent: bool, not_found: str, **kwargs: Any
-    ) -> tuple[httpx.Response | None, httpx.Response | None]:
+    ) -> tuple[Answer | None, Answer | None]:
         """(2xx answer, None), or (None, the 422 answer); other failures raise.
 
+        `request()` turns every unsuccessful answer into a generic `ProviderError`;
+        Segmind gives 404, 406 and 422 specific meanings (expired result, no credits, a
+        FAILED request with its detail), read here from the answer the error carries.
         `not_found` is what a 404 means at this URL.
         """
-        tap = _Tap(self.client)
         try:
             response = await request(
-                cast(httpx.AsyncClient, tap),
+                self.client,
                 method,
                 url,
                 upstream="segmind",
@@ -239,8 +228,8 @@ class SegmindProvider:
                 **kwargs,
             )
         except ProviderError as exc:
-            answer = tap.response
-            if answer is None or answer.is_success:
+            answer = exc.answer
+            if answer is None:
                 raise
             status = answer.status_code
             detail = _response_detail(answer)
@@ -260,7 +249,7 @@ class SegmindProvider:
             raise
         return response, None
 
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
+    def _json(self, response: Answer) -> dict[str, Any]:
         body = json_body(response, "segmind")
         if not isinstance(body, dict):
             raise ProviderUnavailable("segmind sent an unexpected answer (not a JSON object)")
@@ -280,7 +269,7 @@ class SegmindProvider:
         )
         if failed is not None:  # 422 on submit: the upstream refused the input
             raise error_for(failed, "segmind")
-        answer = self._json(cast(httpx.Response, response))
+        answer = self._json(cast(Answer, response))
         request_id = answer.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise ProviderUnavailable("segmind accepted the request but sent no request_id")
@@ -295,7 +284,7 @@ class SegmindProvider:
         response, failed = await self._get(self._request_url(upstream_id, "/status"))
         if failed is not None:
             return self._failed(failed, metadata)
-        body = self._json(cast(httpx.Response, response))
+        body = self._json(cast(Answer, response))
         status = str(body.get("status") or "").upper()
         if not status:
             raise ProviderUnavailable("segmind sent a status answer without a status")
@@ -315,7 +304,7 @@ class SegmindProvider:
         # An undocumented state: keep polling; the job deadline bounds the wait.
         return Polled(state="pending", upstream_status=status, metadata=metadata)
 
-    async def _get(self, url: str) -> tuple[httpx.Response | None, httpx.Response | None]:
+    async def _get(self, url: str) -> tuple[Answer | None, Answer | None]:
         return await self._call(
             "GET",
             url,
@@ -328,7 +317,7 @@ class SegmindProvider:
         response, failed = await self._get(self._request_url(upstream_id))
         if failed is not None:
             return self._failed(failed, metadata)
-        body = self._json(cast(httpx.Response, response))
+        body = self._json(cast(Answer, response))
         status = str(body.get("status") or metadata.get("upstream_status") or "").upper()
         metadata["upstream_status"] = status
         metrics = body.get("metrics")
@@ -349,7 +338,7 @@ class SegmindProvider:
         return Polled("completed", status, outputs=outputs, metadata=metadata)
 
     @staticmethod
-    def _failed(response: httpx.Response, metadata: dict[str, Any]) -> Polled:
+    def _failed(response: Answer, metadata: dict[str, Any]) -> Polled:
         try:
             body = response.json()
         except ValueError:

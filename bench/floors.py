@@ -15,10 +15,13 @@ own work, not the framework's:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import time
 from enum import Enum
+from typing import Any
 
 import strawberry
 from starlette.applications import Starlette
@@ -125,7 +128,8 @@ upstream_app = Starlette(routes=[Route("/jobs/{job_id}", upstream_job, methods=[
 
 class SlowKrea:
     """Krea's job protocol (seeds 002, 003) with every job taking `SLOW_KREA_SECONDS`
-    (default 20): what thousands of jobs waiting upstream look like to a worker."""
+    (default 20): what thousands of jobs waiting upstream look like to a worker. A job
+    submitted with `X-Webhook-URL` is reported there when it is done (seed 003)."""
 
     def __init__(self, seconds: float) -> None:
         import io
@@ -135,6 +139,8 @@ class SlowKrea:
         self.seconds = seconds
         self.created: dict[str, float] = {}
         self.polls = 0
+        self.callbacks = 0
+        self.client: Any = None  # an httpx client for the callbacks, opened on first use
         out = io.BytesIO()
         Image.new("RGB", (64, 64), (40, 90, 160)).save(out, "PNG")
         self.png = out.getvalue()
@@ -148,25 +154,42 @@ class SlowKrea:
     async def submit(self, request: Request) -> Response:
         job_id = f"j{len(self.created)}"
         self.created[job_id] = time.monotonic()
+        hook = request.headers.get("x-webhook-url")
+        if hook:
+            body = self.view(job_id, str(request.url_for("file", name=f"{job_id}.png")), True)
+            asyncio.get_running_loop().call_later(
+                self.seconds, lambda: asyncio.ensure_future(self.call_back(hook, body)))
         return JSONResponse({"job_id": job_id, "status": "queued",
                              "created_at": "2026-12-01T00:00:00Z"})
+
+    async def call_back(self, url: str, body: dict[str, Any]) -> None:
+        import httpx
+
+        if self.client is None:
+            self.client = httpx.AsyncClient(timeout=30)
+        self.callbacks += 1
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.post(url, json=body)
+
+    def view(self, job_id: str, url: str, done: bool) -> dict[str, Any]:
+        return {"job_id": job_id, "status": "completed" if done else "processing",
+                "created_at": "2026-12-01T00:00:00Z",
+                "completed_at": "2026-12-01T00:00:20Z" if done else None,
+                "result": {"urls": [url]} if done else None}
 
     async def job(self, request: Request) -> Response:
         self.polls += 1
         job_id = request.path_params["job_id"]
         done = time.monotonic() - self.created.get(job_id, 0.0) >= self.seconds
-        body = {"job_id": job_id, "status": "completed" if done else "processing",
-                "created_at": "2026-12-01T00:00:00Z",
-                "completed_at": "2026-12-01T00:00:20Z" if done else None,
-                "result": {"urls": [str(request.url_for("file", name=f"{job_id}.png"))]}
-                if done else None}
-        return JSONResponse(body)
+        return JSONResponse(self.view(
+            job_id, str(request.url_for("file", name=f"{job_id}.png")), done))
 
     async def file(self, request: Request) -> Response:
         return Response(self.png, media_type="image/png")
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse({"submitted": len(self.created), "polls": self.polls})
+        return JSONResponse({"submitted": len(self.created), "polls": self.polls,
+                             "callbacks": self.callbacks})
 
 
 slow_krea_app = SlowKrea(float(os.environ.get("SLOW_KREA_SECONDS", "20"))).app

@@ -127,7 +127,9 @@ def worker() -> None:
             structlog.get_logger("gateway").info("worker started", consumer=rt.worker.consumer)
             await rt.worker.run(stop, grace=settings.shutdown_grace_seconds)
 
-    asyncio.run(main())
+    import uvloop  # the loop `serve` runs on too: about half the loop's CPU per poll
+
+    uvloop.run(main())
 
 
 @keys_app.command("create")

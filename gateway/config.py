@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     poll_interval: float | None = Field(
         default=None, gt=0, description="override every backend's recommended poll pace (s)"
     )
+    callback_fallback_seconds: float = Field(
+        default=30.0, gt=0,
+        description="poll a job whose upstream calls back this often anyway (s)",
+    )
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 

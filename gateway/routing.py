@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import BACKENDS
 from gateway.errors import (
@@ -30,6 +31,13 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.providers.base import ImageParams, Output, Polled, Provider
+
+if TYPE_CHECKING:
+    from gateway.callbacks import RedisInbox
+
+#: seconds between polls of a job whose upstream will call back: a lost callback only
+#: delays the job by this much
+CALLBACK_FALLBACK = 30.0
 
 
 class JobFailed(Exception):
@@ -83,8 +91,12 @@ class Router:
         cooldown: float = 30.0,
         backend_concurrency: int = 256,
         poll_interval: float | None = None,
+        inbox: RedisInbox | None = None,
+        callback_fallback: float = CALLBACK_FALLBACK,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.inbox = inbox
+        self.callback_fallback = callback_fallback
         self.providers = providers
         self.routes = routes
         self.dev = dev
@@ -254,36 +266,62 @@ class Router:
         cancelled: Callable[[], Awaitable[bool]],
         deadline: float,
     ) -> Polled:
-        """Poll at the provider's pace, slowing down on long jobs; no thread per job."""
+        """Poll at the provider's pace, slowing down on long jobs; no thread per job.
+
+        A job whose upstream calls back is polled once its callback came, and otherwise
+        only every `callback_fallback` seconds (a lost callback is slower, not lost);
+        the wait still notices a cancellation within one poll interval.
+        """
         started = self.clock()
         interval = self.poll_interval or provider.poll_interval
+        tokens = provider.callbacks(upstream_id) if self.inbox is not None else []
+        waiter = await self.inbox.waiter(tokens) if self.inbox is not None and tokens else None
         errors_in_a_row = 0
         last_status = ""
-        while True:
-            if await cancelled():
-                await self._cancel_upstream(backend, provider, upstream_id)
-                raise JobCancelled("cancelled by the client")
-            if self.clock() >= deadline:
-                await self._cancel_upstream(backend, provider, upstream_id)
-                raise ProviderTimeout(f"{backend} did not finish in time")
-            try:
-                async with self.slots[backend]:
-                    polled = await provider.poll(upstream_id)
-                errors_in_a_row = 0
-            except ProviderError:
-                # The upstream has our job: a passing poll failure is no reason to pay twice.
-                errors_in_a_row += 1
-                if errors_in_a_row >= 5:
-                    raise
-                polled = Polled(state="pending")
-            if polled.state != "pending":
-                return polled
-            if polled.upstream_status and polled.upstream_status != last_status:
-                last_status = polled.upstream_status
-                await progress({"upstreamStatus": last_status, **polled.metadata})
-            if self.clock() - started > 30:
-                interval = min(interval * 1.5, 10.0)
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+        polled_at = -math.inf
+        try:
+            if waiter is not None and not await waiter.check():
+                polled_at = started  # the submit's answer is news enough: wait first
+            while True:
+                if await cancelled():
+                    await self._cancel_upstream(backend, provider, upstream_id)
+                    raise JobCancelled("cancelled by the client")
+                if self.clock() >= deadline:
+                    await self._cancel_upstream(backend, provider, upstream_id)
+                    raise ProviderTimeout(f"{backend} did not finish in time")
+                due = (waiter is None or waiter.delivered.is_set()
+                       or self.clock() - polled_at >= self.callback_fallback)
+                if due:
+                    polled_at = self.clock()
+                    try:
+                        async with self.slots[backend]:
+                            polled = await provider.poll(upstream_id)
+                        errors_in_a_row = 0
+                    except ProviderError:
+                        # The upstream has our job: a passing poll failure is no reason
+                        # to pay twice.
+                        errors_in_a_row += 1
+                        if errors_in_a_row >= 5:
+                            raise
+                        polled = Polled(state="pending")
+                    if polled.state != "pending":
+                        return polled
+                    if waiter is not None and waiter.delivered.is_set():
+                        waiter.close()  # called back, still pending: poll at the pace
+                        waiter = None
+                    if polled.upstream_status and polled.upstream_status != last_status:
+                        last_status = polled.upstream_status
+                        await progress({"upstreamStatus": last_status, **polled.metadata})
+                if self.clock() - started > 30:
+                    interval = min(interval * 1.5, 10.0)
+                pause = interval * random.uniform(0.9, 1.1)
+                if waiter is not None:
+                    await waiter.wait(pause)
+                else:
+                    await asyncio.sleep(pause)
+        finally:
+            if waiter is not None:
+                waiter.close()
 
     async def _cancel_upstream(self, backend: str, provider: Provider, upstream_id: str) -> None:
         """Best effort: the job ends on our side whatever the upstream answers."""

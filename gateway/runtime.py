@@ -53,6 +53,8 @@ async def runtime(
             dev=settings.dev,
             backend_concurrency=settings.backend_concurrency,
             poll_interval=settings.poll_interval,
+            inbox=inbox if settings.public_url else None,
+            callback_fallback=settings.callback_fallback_seconds,
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown_seconds,
         )
@@ -76,6 +78,7 @@ async def runtime(
         )
         yield Runtime(gateway, worker)
     finally:
+        await inbox.aclose()
         await client.aclose()
         await hooks.aclose()
         await redis.aclose()

@@ -474,3 +474,79 @@ async def test_krea_lifecycle_statuses_show_as_progress_until_completed(
         assert up.krea.jobs[krea_id].status == "completed"
         assert up.krea.jobs[krea_id].polls == len(LIFECYCLE)
         assert await image_size(gw, done["url"]) == (768, 512)
+
+
+# -- 7. Krea calls back -------------------------------------------------------------------
+
+
+async def test_krea_calls_back_and_the_job_is_read_once_instead_of_polled(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.krea.job_seconds = 1.0  # jobs end by time; the harness polls every 0.02 s
+    async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev", width=768,
+                                               height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "krea"
+        (submitted,) = up.krea.received("POST", "/generate/")
+        hook = submitted.headers["x-webhook-url"]
+        assert hook.startswith(gw.base + "/v1/callbacks/krea/")
+        assert [url for url, _ in up.krea.webhooks_sent] == [hook]
+        (job,) = up.krea.jobs.values()
+        # Woken by the callback, then one authenticated read: not fifty polls.
+        assert job.polls == 1
+        assert await image_size(gw, done["url"]) == (768, 512)
+
+    # The same job without a public URL is polled at the pace.
+    up.krea.jobs.clear()
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
+        assert done["status"] == "completed", done["error"]
+        (job,) = up.krea.jobs.values()
+        assert job.polls > 5
+
+
+async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.krea.job_seconds = 0.2
+    up.krea.drop_webhooks = True
+    async with gateway(redis_url, storage_dir, public=True, callback_fallback_seconds=1.0,
+                       **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
+        assert done["status"] == "completed", done["error"]
+        (job,) = up.krea.jobs.values()
+        assert job.polls == 1  # the fallback poll, a second after the submit
+
+
+async def test_a_forged_krea_callback_completes_nothing(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.krea.job_seconds = 1.5
+    async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
+        key = await gw.key()
+        job_id = await submit(gw, key, provider="flux-dev")
+        (submitted,) = await until(lambda: _async(up.krea.received("POST", "/generate/")),
+                                   "the submission")
+        hook = submitted.headers["x-webhook-url"]
+        unknown = await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={})
+        assert unknown.status_code == 404
+        # Somebody who learnt the real URL claims the job is done, with their image.
+        (job,) = up.krea.jobs.values()
+        forged = {"job_id": job.job_id, "status": "completed",
+                  "created_at": job.created_at, "completed_at": job.created_at,
+                  "result": {"urls": ["http://127.0.0.1:9/evil.png"]}}
+        assert (await gw.http.post(hook, json=forged)).status_code == 200
+        # The gateway reads the job from Krea with its token: still processing.
+        await until(lambda: _async(job.polls >= 1), "a poll after the forged callback")
+        assert (await gw.job(key, job_id))["status"] in ("queued", "processing")
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        assert await image_size(gw, done["url"]) == (1024, 1024)  # Krea's, not theirs
+
+
+async def _async(value: Any) -> Any:
+    return value

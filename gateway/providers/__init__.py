@@ -20,7 +20,7 @@ def build_providers(
 ) -> dict[str, Provider]:
     """Every backend, configured from settings; those without credentials say so.
 
-    With an inbox (the gateway has a public URL), flux-krea reports by callback."""
+    With an inbox (the gateway has a public URL), flux-krea and Krea report by callback."""
     timeout = settings.upstream_timeout
     return {
         "fluxkrea": FluxKreaProvider(
@@ -34,7 +34,7 @@ def build_providers(
         ),
         "krea": KreaProvider(
             client, base_url=settings.krea_api_base, token=_secret(settings.krea_api_token),
-            model_path=settings.krea_model_path, timeout=timeout,
+            model_path=settings.krea_model_path, timeout=timeout, inbox=inbox,
         ),
         "local": LocalProvider(),
     }

@@ -76,6 +76,11 @@ class Provider(Protocol):
 
     async def poll(self, upstream_id: str) -> Polled: ...
 
+    def callbacks(self, upstream_id: str) -> list[str]:
+        """Tokens of the callbacks that announce this job's end ([] when it has none):
+        the worker waits for them instead of polling at the provider's pace."""
+        ...
+
     async def cancel(self, upstream_id: str) -> None: ...
 
     async def fetch(self, output: Output) -> bytes:
@@ -87,7 +92,8 @@ class CallbackInbox(Protocol):
     """Where upstream callbacks (webhooks to us) wait for the job that expects them.
 
     A backend whose upstream reports by callback `expect`s a token before submitting,
-    gives the upstream a URL carrying it, and `take`s the delivered body while polling.
+    gives the upstream a URL carrying it, names it in `callbacks`, and may `take` the
+    delivered body when polling.
     """
 
     def url_for(self, backend: str, token: str) -> str: ...

@@ -168,6 +168,9 @@ class FluxKreaProvider:
             metadata={"upstream_request_id": request_id},
         )
 
+    def callbacks(self, upstream_id: str) -> list[str]:
+        return [upstream_id] if self.inbox is not None else []  # async mode: the token
+
     async def poll(self, upstream_id: str) -> Polled:
         """Async mode: what the upstream reported to our callback URL, if it has."""
         if self.inbox is None:

@@ -12,7 +12,13 @@ Parameter mapping, ours -> Krea's (`POST /generate/image/{model_path}`):
 | num_images         | (one job per image)   | a Krea job makes one image                     |
 | output_format, aspect_ratio, quality | -   | not in Krea's API; width/height carry the size |
 
-Several jobs travel as one opaque `upstream_id`: their ids joined with commas. Polling
+Several jobs travel as one opaque `upstream_id`: their ids joined with commas. Given a
+callback inbox (the gateway has a public URL), each job is submitted with seed 003's
+`X-Webhook-URL` header pointing at `/v1/callbacks/krea/<token>` (a token per job, kept
+in the id as `<job id>:<token>`): the worker then waits for the callback instead of
+polling every 2 s, and polls once when it comes. The callback only wakes; what is true
+is still read from `GET /jobs/{id}` with our token, so a forged callback changes
+nothing. A lost callback costs a slower poll (`Router`), never the job. Polling
 maps every documented status: backlogged, queued, scheduled, processing, sampling and
 intermediate-complete are pending (the word is kept in `upstream_status` and
 `metadata["upstream_status"]` for progress); completed (once `completed_at` is set, as
@@ -24,11 +30,19 @@ failed as soon as one failed.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
-from gateway.providers.base import CONTENT_TYPES, ImageParams, Output, Polled, Submitted
+from gateway.providers.base import (
+    CONTENT_TYPES,
+    CallbackInbox,
+    ImageParams,
+    Output,
+    Polled,
+    Submitted,
+)
 from gateway.providers.http import UpstreamClient, download, json_body, request
 
 UPSTREAM = "krea"
@@ -60,7 +74,9 @@ class KreaProvider:
         token: str | None,
         model_path: str = "bfl/flux-1-dev",
         timeout: float = 30.0,
+        inbox: CallbackInbox | None = None,
     ) -> None:
+        self.inbox = inbox
         self.client = client
         self.base_url = base_url.rstrip("/")
         self.token = token
@@ -101,13 +117,21 @@ class KreaProvider:
         count = max(1, params.num_images)
         url = f"{self.base_url}/generate/image/{self.model_path}"
         job_ids: list[str] = []
+        tokens: list[str] = []
         created: list[str] = []
         sent: list[dict[str, Any]] = []
         for i in range(count):
             job_body = dict(body)
             if params.seed is not None:
                 job_body["seed"] = params.seed + i
+            token = ""
+            job_headers = headers
             try:
+                if self.inbox is not None:
+                    token = secrets.token_urlsafe(24)
+                    await self.inbox.expect(token)
+                    job_headers = {**headers,
+                                   "X-Webhook-URL": self.inbox.url_for(self.name, token)}
                 # Not idempotent: a 5xx or a timeout may hide an accepted (paid) job.
                 response = await request(
                     self.client,
@@ -116,7 +140,7 @@ class KreaProvider:
                     upstream=UPSTREAM,
                     idempotent=False,
                     timeout=self.timeout,
-                    headers=headers,
+                    headers=job_headers,
                     json=job_body,
                 )
                 job = _job(json_body(response, UPSTREAM))
@@ -127,6 +151,7 @@ class KreaProvider:
                 message = f"{exc.message} (accepted krea jobs left running: {job_ids})"
                 raise type(exc)(message, retry_after=exc.retry_after) from exc
             job_ids.append(job["job_id"])
+            tokens.append(token)
             created.append(job["created_at"])
             sent.append(job_body)
         metadata: dict[str, Any] = {
@@ -136,15 +161,19 @@ class KreaProvider:
         if params.seed is not None:
             metadata["seeds"] = [params.seed + i for i in range(count)]
         return Submitted(
-            upstream_id=",".join(job_ids),
+            upstream_id=",".join(
+                f"{job_id}:{token}" if token else job_id
+                for job_id, token in zip(job_ids, tokens, strict=True)
+            ),
             sent=sent[0] if count == 1 else {**sent[0], "num_jobs": count},
             metadata=metadata,
         )
 
+    def callbacks(self, upstream_id: str) -> list[str]:
+        return [token for _, token in _parts(upstream_id) if token]
+
     async def poll(self, upstream_id: str) -> Polled:
-        job_ids = [part.strip() for part in upstream_id.split(",")]
-        if not all(_JOB_ID.match(job_id) for job_id in job_ids):
-            raise ProviderUnavailable(f"not a krea upstream id: {upstream_id!r}")
+        job_ids = [job_id for job_id, _ in _parts(upstream_id)]
         headers = self._headers()
         jobs = []
         for job_id in job_ids:
@@ -172,6 +201,17 @@ class KreaProvider:
         if not output.url:
             raise ProviderUnavailable("krea output has no URL")
         return await download(self.client, output.url, upstream=UPSTREAM)
+
+
+def _parts(upstream_id: str) -> list[tuple[str, str]]:
+    """(job id, callback token or "") for each job of an upstream id."""
+    parts = []
+    for part in upstream_id.split(","):
+        job_id, _, token = part.strip().partition(":")
+        if not _JOB_ID.match(job_id) or (token and not _JOB_ID.match(token)):
+            raise ProviderUnavailable(f"not a krea upstream id: {upstream_id!r}")
+        parts.append((job_id, token))
+    return parts
 
 
 def _job(body: Any) -> dict[str, Any]:

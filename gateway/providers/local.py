@@ -87,6 +87,9 @@ class LocalProvider:
     async def poll(self, upstream_id: str) -> Polled:  # pragma: no cover - never has a job
         return Polled(state="failed", error="local renders synchronously")
 
+    def callbacks(self, upstream_id: str) -> list[str]:
+        return []
+
     async def cancel(self, upstream_id: str) -> None:
         return None
 

@@ -279,6 +279,9 @@ class SegmindProvider:
                 metadata["upstream_status" if key == "status" else key] = answer[key]
         return Submitted(upstream_id=request_id, sent=body, metadata=metadata)
 
+    def callbacks(self, upstream_id: str) -> list[str]:
+        return []  # Segmind's v2 API (seed 004) has no webhook: polled at its pace
+
     async def poll(self, upstream_id: str) -> Polled:
         metadata: dict[str, Any] = {"upstream_request_id": upstream_id}
         response, failed = await self._get(self._request_url(upstream_id, "/status"))

@@ -145,3 +145,7 @@ def webhook_log(account_id: str, job_id: str) -> str:
 def callback(token: str) -> str:
     """String: what an upstream reported to the callback URL carrying `token`."""
     return f"{PREFIX}:callback:{token}"
+
+
+#: pub/sub channel: the token of each delivered callback (wakes the worker waiting on it)
+CALLBACKS = f"{PREFIX}:callbacks"

@@ -11,17 +11,21 @@
   a finished job carries `completed_at`, and when completed `result.urls` with an
   absolute URL of a real PNG served by the emulator at `/files/{job_id}.png`.
 - Unknown job -> 404; bad or missing token -> 401.
+- `X-Webhook-URL` (seed 003): when a job ends, the emulator POSTs the job data (as
+  `GET /jobs/{id}` answers it, results included) to that URL. With `job_seconds` set,
+  jobs end that many seconds after their submission instead of by polls.
 
 Knobs for tests, plain attributes and methods: `requests` (every request received, as
 `(method, path, headers, json)`, with `received_at` holding each one's monotonic time),
 `submissions` (POSTs that reached the generate endpoint), `fail_next`,
-`rate_limit_next`, `malformed_next`, `stall`, `fail_jobs`, `cancel_jobs`, and `jobs`
-(whose `outcome` a test may set per job).
+`rate_limit_next`, `malformed_next`, `stall`, `fail_jobs`, `cancel_jobs`, `job_seconds`,
+`drop_webhooks`, `webhooks_sent`, and `jobs` (whose `outcome` a test may set per job).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 import uuid
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import httpx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -65,6 +70,8 @@ class Job:
     completed_at: str | None = None
     #: how the job ends; None means completed (or failed/cancelled per the emulator knobs)
     outcome: str | None = None
+    webhook_url: str | None = None
+    base_url: str = ""
 
     @property
     def width(self) -> int:
@@ -146,6 +153,13 @@ class KreaEmulator:
         #: jobs end in status failed (or cancelled) instead of completed
         self.fail_jobs = False
         self.cancel_jobs = False
+        #: when set, jobs end this many seconds after submission (polls do not advance them)
+        self.job_seconds: float | None = None
+        #: webhooks are not sent (lost on the way)
+        self.drop_webhooks = False
+        #: (url, body) of every webhook sent
+        self.webhooks_sent: list[tuple[str, dict[str, Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._fail: list[tuple[int, str]] = []
         self._rate_limit: list[int] = []
         self._malformed = 0
@@ -235,29 +249,54 @@ class KreaEmulator:
         problem = validate(body)
         if problem:
             return JSONResponse({"message": problem}, status_code=400)
-        job = Job(job_id=str(uuid.uuid4()), model=model, body=body, created_at=_now())
+        job = Job(job_id=str(uuid.uuid4()), model=model, body=body, created_at=_now(),
+                  webhook_url=request.headers.get("x-webhook-url"),
+                  base_url=str(request.base_url))
         self.jobs[job.job_id] = job
-        return JSONResponse(self._view(job, str(request.base_url)))
+        if self.job_seconds is not None:
+            asyncio.get_running_loop().call_later(self.job_seconds, self._end_soon, job)
+        return JSONResponse(self._view(job, job.base_url))
 
     async def _job(self, request: Request) -> Response:
         job = self.jobs.get(request.path_params["job_id"])
         if job is None:
             return JSONResponse({"message": "Job not found"}, status_code=404)
-        if job.completed_at is None:
-            job.polls += 1
+        job.polls += 1
+        if job.completed_at is None and self.job_seconds is not None:
+            job.status = "processing"
+        elif job.completed_at is None:
             if job.polls >= self.steps_to_complete:
-                if job.outcome:
-                    job.status = job.outcome
-                elif self.fail_jobs:
-                    job.status = "failed"
-                elif self.cancel_jobs:
-                    job.status = "cancelled"
-                else:
-                    job.status = "completed"
-                job.completed_at = _now()
+                self._end(job)
             else:
                 job.status = LIFECYCLE[min(job.polls, len(LIFECYCLE) - 1)]
         return JSONResponse(self._view(job, str(request.base_url)))
+
+    def _end(self, job: Job) -> None:
+        if job.outcome:
+            job.status = job.outcome
+        elif self.fail_jobs:
+            job.status = "failed"
+        elif self.cancel_jobs:
+            job.status = "cancelled"
+        else:
+            job.status = "completed"
+        job.completed_at = _now()
+        if job.webhook_url and not self.drop_webhooks:
+            task = asyncio.get_running_loop().create_task(self._call_back(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _end_soon(self, job: Job) -> None:
+        if job.completed_at is None:
+            self._end(job)
+
+    async def _call_back(self, job: Job) -> None:
+        assert job.webhook_url is not None
+        body = self._view(job, job.base_url)
+        self.webhooks_sent.append((job.webhook_url, body))
+        with contextlib.suppress(httpx.HTTPError):
+            async with httpx.AsyncClient(timeout=10) as client:
+                await client.post(job.webhook_url, json=body)
 
     async def _file(self, request: Request) -> Response:
         name = request.path_params["name"]

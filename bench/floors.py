@@ -140,7 +140,7 @@ class SlowKrea:
         self.created: dict[str, float] = {}
         self.polls = 0
         self.callbacks = 0
-        self.client: Any = None  # an httpx client for the callbacks, opened on first use
+        self.session: Any = None  # an aiohttp session for the callbacks, opened on first use
         out = io.BytesIO()
         Image.new("RGB", (64, 64), (40, 90, 160)).save(out, "PNG")
         self.png = out.getvalue()
@@ -163,13 +163,15 @@ class SlowKrea:
                              "created_at": "2026-12-01T00:00:00Z"})
 
     async def call_back(self, url: str, body: dict[str, Any]) -> None:
-        import httpx
+        import aiohttp
 
-        if self.client is None:
-            self.client = httpx.AsyncClient(timeout=30)
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(60))
         self.callbacks += 1
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(url, json=body)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self.session.post(url, json=body) as response:
+                await response.read()
 
     def view(self, job_id: str, url: str, done: bool) -> dict[str, Any]:
         return {"job_id": job_id, "status": "completed" if done else "processing",

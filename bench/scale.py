@@ -93,8 +93,8 @@ async def count_completed(redis: aioredis.Redis, account: str, ids: list[str]) -
 @scenario("scale")
 async def scale(ctx: Context) -> list[ScaleRow]:
     jobs = int(os.environ.get("BENCH_SCALE_JOBS", 500 if ctx.quick else 10_000))
-    return [await run_jobs(ctx, jobs, callbacks=False),
-            await run_jobs(ctx, jobs, callbacks=True)]
+    modes = os.environ.get("BENCH_SCALE_MODES", "polled,callbacks").split(",")
+    return [await run_jobs(ctx, jobs, callbacks=mode == "callbacks") for mode in modes]
 
 
 async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
@@ -110,7 +110,7 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
         worker: subprocess.Popen[bytes] | None = None
         redis = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
         await redis.flushall()
-        client = httpx.AsyncClient()
+        client = httpx.AsyncClient(timeout=60)
         try:
             account, ids = await admit_all(ctx.redis_url, storage, upstream.url(""), jobs)
             env = gateway_env(ctx.redis_url, 0, storage)

@@ -28,25 +28,46 @@ TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 log = structlog.get_logger("gateway.callbacks")
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Waiter:
     """Wakes when one of its tokens is delivered. Made by `RedisInbox.waiter`."""
 
     def __init__(self, inbox: RedisInbox, tokens: list[str]) -> None:
         self.inbox = inbox
         self.tokens = tokens
-        self.delivered = asyncio.Event()
+        self.delivered = False
+        self._woken: asyncio.Future[None] | None = None
 
     async def check(self) -> bool:
         """Whether a delivery came before this waiter listened (one read per token)."""
         for token in self.tokens:
             if await self.inbox.redis.strlen(keys.callback(token)):
-                self.delivered.set()
-        return self.delivered.is_set()
+                self.wake()
+        return self.delivered
 
     async def wait(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.delivered.wait(), timeout)
-        return self.delivered.is_set()
+        """Until delivered or `timeout`. A timer and a future, not `wait_for`'s task:
+        thousands of jobs wait at once."""
+        if self.delivered:
+            return True
+        loop = asyncio.get_running_loop()
+        woken = self._woken = loop.create_future()
+        timer = loop.call_later(timeout, _wake, woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self._woken = None
+        return self.delivered
+
+    def wake(self) -> None:
+        self.delivered = True
+        if self._woken is not None:
+            _wake(self._woken)
 
     def close(self) -> None:
         for token in self.tokens:
@@ -115,7 +136,7 @@ class RedisInbox:
                 for token, waiters in list(self.waiting.items()):
                     if await self.redis.strlen(keys.callback(token)):
                         for waiter in waiters:
-                            waiter.delivered.set()
+                            waiter.wake()
                 delay = 0.5
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
@@ -124,7 +145,7 @@ class RedisInbox:
                         continue
                     token = message["data"]
                     for waiter in self.waiting.get(token, ()):
-                        waiter.delivered.set()
+                        waiter.wake()
             except Exception as exc:
                 self._subscribed.clear()
                 if not store_trouble(exc):

@@ -289,7 +289,7 @@ class Router:
                 if self.clock() >= deadline:
                     await self._cancel_upstream(backend, provider, upstream_id)
                     raise ProviderTimeout(f"{backend} did not finish in time")
-                due = (waiter is None or waiter.delivered.is_set()
+                due = (waiter is None or waiter.delivered
                        or self.clock() - polled_at >= self.callback_fallback)
                 if due:
                     polled_at = self.clock()
@@ -306,7 +306,7 @@ class Router:
                         polled = Polled(state="pending")
                     if polled.state != "pending":
                         return polled
-                    if waiter is not None and waiter.delivered.is_set():
+                    if waiter is not None and waiter.delivered:
                         waiter.close()  # called back, still pending: poll at the pace
                         waiter = None
                     if polled.upstream_status and polled.upstream_status != last_status:

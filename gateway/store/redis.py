@@ -8,7 +8,6 @@ from typing import Any, cast
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection as AsyncConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
@@ -20,6 +19,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.store.batching import BatchingCluster, BatchingRedis
 
 HERE = Path(__file__).parent
 # The store cannot be reached (or a Cluster is between owners of a slot): a request
@@ -86,7 +87,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
-    client = aioredis.Redis.from_pool(pool)  # owns the pool: closing the client closes it
+    client = BatchingRedis.from_pool(pool)  # owns the pool: closing the client closes it
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:
@@ -96,7 +97,8 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     await client.aclose()
     for plain_only in ("health_check_interval", "retry_on_timeout"):
         options.pop(plain_only)
-    cluster: Any = RedisCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
+    cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS,
+                                            **options)
     return cast(aioredis.Redis, cluster)
 
 

@@ -181,15 +181,17 @@ def scale_table(rows: list[ScaleRow], rounds: int) -> str:
     for r in rows:
         how = ("Krea calls back (X-Webhook-URL), polled once then" if r.callbacks
                else f"polled at Krea's {PACE_SECONDS:.0f} s pace")
-        cores_ok = r.waiting_cores < CPU_TARGET_CORES
+        # Polled, the worker must keep the pace: judged by its CPU per poll at the full
+        # pace (a saturated worker polls less often and would look cheaper than it is).
+        at_pace = r.poll_cpu_ms / 1000 * r.jobs / PACE_SECONDS
+        cores_ok = (r.waiting_cores if r.callbacks else at_pace) < CPU_TARGET_CORES
         lines += [
             f"{r.jobs:,} jobs in flight in one worker, each done {JOB_SECONDS:.0f} s after "
             f"submission, {how}:",
             f"  completed: {r.completed:,} of {r.jobs:,}; the last after {r.last_done_s:.1f} s",
             f"  worker peak RSS: {r.peak_rss_mb:.0f} MB (target < {RSS_TARGET_MB} MB: "
             f"{'met' if r.peak_rss_mb < RSS_TARGET_MB else 'NOT met'})",
-            f"  worker CPU while all wait upstream: {r.waiting_cores:.3f} cores (target < "
-            f"{CPU_TARGET_CORES:.0f}: {'met' if cores_ok else 'NOT met'}); over the run: "
+            f"  worker CPU while all wait upstream: {r.waiting_cores:.3f} cores; over the run: "
             f"{r.run_cores:.2f} cores",
             f"  upstream polls per job: {r.polls_per_job:.1f}"
             + ("" if r.callbacks else f" (the pace asks {JOB_SECONDS / PACE_SECONDS:.0f})"),
@@ -197,9 +199,11 @@ def scale_table(rows: list[ScaleRow], rounds: int) -> str:
         if not r.callbacks and not math.isnan(r.poll_cpu_ms):
             lines.append(
                 f"  worker CPU per poll while all wait: {r.poll_cpu_ms:.3f} ms; at the full "
-                f"pace ({r.jobs:,} jobs / {PACE_SECONDS:.0f} s) that is "
-                f"{r.poll_cpu_ms / 1000 * r.jobs / PACE_SECONDS:.2f} cores")
+                f"pace ({r.jobs:,} jobs / {PACE_SECONDS:.0f} s) that is {at_pace:.2f} cores")
         if r.callbacks:
             lines.append(f"  API process receiving the callbacks: "
                          f"{r.api_cpu_ms_per_job:.2f} ms CPU per job")
+        lines.append(f"  target: under {CPU_TARGET_CORES:.0f} core "
+                     f"{'while waiting' if r.callbacks else 'at the pace'}: "
+                     f"{'met' if cores_ok else 'NOT met'}")
     return "\n".join(lines)

@@ -65,13 +65,16 @@ class UpstreamClient:
     def __init__(self, timeout: float, *, max_connections: int = 512) -> None:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_connections = max_connections
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, skip_auto_headers=("User-Agent",)
+                connector=connector, timeout=self.timeout, skip_auto_headers=("User-Agent",),
+                # An upstream's cookies are nobody's business here (and cost every call).
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -89,8 +92,9 @@ class UpstreamClient:
         if json is not None:
             kwargs["data"] = orjson.dumps(json)
             kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
-        if timeout is not None:
-            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        if timeout is not None and timeout != self.timeout.total:
+            kwargs["timeout"] = self._timeouts.get(timeout) or self._timeouts.setdefault(
+                timeout, aiohttp.ClientTimeout(total=timeout))
         async with self._open().request(method, url, **kwargs) as response:
             content = await response.read()
             return Answer(response.status, response.headers, content, str(response.url))

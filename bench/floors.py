@@ -126,6 +126,19 @@ async def upstream_job(request: Request) -> Response:
 upstream_app = Starlette(routes=[Route("/jobs/{job_id}", upstream_job, methods=["GET"])])
 
 
+async def openai_images(request: Request) -> Response:
+    """OpenAI's `POST /v1/images/generations`, answered at once: the upstream a LiteLLM
+    proxy calls for the peer case (`bench/peer.py`)."""
+    await request.body()
+    return JSONResponse({"created": int(time.time()),
+                         "data": [{"url": "http://127.0.0.1/images/bench.png"}]})
+
+
+openai_app = Starlette(routes=[
+    Route("/v1/images/generations", openai_images, methods=["POST"]),
+])
+
+
 class SlowKrea:
     """Krea's job protocol (seeds 002, 003) with every job taking `SLOW_KREA_SECONDS`
     (default 20): what thousands of jobs waiting upstream look like to a worker. A job

@@ -14,6 +14,11 @@ Cases, round-robin within each round (the median of the rounds is reported):
 - gateway: generate  the seed's Doitong `generate` mutation, provider "local"
 - gateway: REST      `POST /v1/text_to_image`
 - gateway: job       the `job` query the shipped polling client sends, one job id
+- gateway: cache hit the `generate` of a seeded request already completed once (a worker
+                     runs it before the rounds): answered from the cache, cost 0
+- peer: litellm      optional: a LiteLLM proxy's image request to a fake upstream that
+                     answers at once (`bench/peer.py`); skipped, saying why, when LiteLLM
+                     does not install
 
 Per case: requests/s, p50 and p99 latency, server CPU per request (utime + stime of the
 serving process from /proc/PID/stat), Redis's CPU and commands per request (its
@@ -68,14 +73,18 @@ GENERATE_VARIABLES = {"input": {
 }}
 TEXT_TO_IMAGE = {"service": "local", "prompt": "A futuristic city with flying cars and neon lights",
                  "width": 1024, "height": 1024}
+CACHEABLE_VARIABLES = {"input": {**GENERATE_VARIABLES["input"], "options": {
+    **GENERATE_VARIABLES["input"]["options"], "seed": 7}}}  # a seed: the same picture
 # What `gateway generate` sends while it waits (gateway/cli.py, POLL).
 POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
 
 STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
 GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
-# (case, its floor, the share of the floor's req/s the issue asks for, or None)
+CACHE_CASE, PEER = "gateway: cache hit", "peer: litellm"
+# (case, its reference, the share of the reference's req/s the issue asks for, or None)
 TARGETS = [(GENERATE_CASE, STRAWBERRY, 0.80), (REST_CASE, STARLETTE, 0.50),
-           (JOB_CASE, STRAWBERRY, None)]
+           (JOB_CASE, STRAWBERRY, None), (CACHE_CASE, GENERATE_CASE, 1.0),
+           (GENERATE_CASE, PEER, 25.0)]
 RSS_TARGET_MB = 100
 
 
@@ -214,7 +223,11 @@ def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path]]:
+def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path, str]]:
+    """The gateway, the floors and the peer when it runs; the last item says why the
+    peer does not ("" when it does)."""
+    from bench import peer
+
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         workdir = Path(tmp)
         storage = workdir / "outputs"
@@ -226,10 +239,38 @@ def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any],
                                        gateway_env(redis_url, port, storage), port, workdir)
             started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir)
             started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir)
-            yield started, made, workdir
+            peers, why_not = peer.start(workdir)
+            for server in peers:
+                started[server.name] = server
+            yield started, made, workdir, why_not
         finally:
             for server in reversed(started.values()):
                 server.stop()
+
+
+def complete_one(redis_url: str, storage: Path, client: httpx.Client, gateway: Server,
+                 body: bytes, headers: dict[str, str]) -> None:
+    """Run one generation to its end with a worker process, so the next is a cache hit."""
+    job = client.post(gateway.url("/graphql"), content=body, headers=headers).json()
+    job_id = job["data"]["generate"]["id"]
+    with (storage.parent / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([gateway_binary(), "worker"],
+                                  env=gateway_env(redis_url, 0, storage), cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            answer = client.post(gateway.url("/graphql"), content=poll, headers=headers).json()
+            status = answer["data"]["job"]["status"]
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise SystemExit(f"the job to cache ended {status}: {answer}")
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        worker.wait(30)
 
 
 # -- wrk --------------------------------------------------------------------------------------
@@ -392,7 +433,8 @@ async def http(ctx: Context) -> list[HttpRow]:
     await admin.flushall()
     redis_pid = redis_pid_of(await admin.info("server"))
     try:
-        with servers(ctx.redis_url) as (procs, made, workdir), httpx.Client(timeout=30) as client:
+        with servers(ctx.redis_url) as (procs, made, workdir, peer_missing), \
+                httpx.Client(timeout=30) as client:
             gateway = procs["gateway"]
             rss_start = gateway.rss_mb()
             auth = {"Content-Type": "application/json", "Authorization": f"Bearer {made['key']}"}
@@ -408,9 +450,21 @@ async def http(ctx: Context) -> list[HttpRow]:
             job_id = cases[2].check(client)["data"]["generate"]["id"]
             poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
             cases.append(Case(JOB_CASE, gateway, "/graphql", poll, auth, 200))
+            cacheable = json.dumps({"query": GENERATE, "variables": CACHEABLE_VARIABLES}).encode()
+            complete_one(ctx.redis_url, workdir / "outputs", client, gateway, cacheable, auth)
+            cases.append(Case(CACHE_CASE, gateway, "/graphql", cacheable, auth, 200))
+            if PEER in procs:
+                from bench import peer
+
+                cases.append(Case(PEER, procs[PEER], "/v1/images/generations",
+                                  json.dumps(peer.BODY).encode(),
+                                  {**plain, "Authorization": f"Bearer {peer.MASTER_KEY}"}, 200))
             for case in cases:
                 case.write_script(workdir)
-                case.check(client)
+                answer = case.check(client)
+                if case.name == CACHE_CASE and not answer["data"]["generate"]["metadata"].get(
+                        "cached"):
+                    raise SystemExit(f"{CACHE_CASE}: not answered from the cache: {answer}")
             rss_first = gateway.rss_mb()  # at rest, after the first few requests
 
             rows = {case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
@@ -451,11 +505,18 @@ async def http(ctx: Context) -> list[HttpRow]:
         await admin.aclose()
 
     out = list(rows.values())
+    if peer_missing:
+        summary.append(f"{PEER}: skipped: {peer_missing}")
     for case, floor_name, target in TARGETS:
+        if floor_name not in rows:
+            continue
         share = rows[case].median / rows[floor_name].median
+        shown = f"{share:.1f}x" if target and target > 1 else f"{share:.0%}"
+        goal = f"{target:.0f}x" if target and target > 1 else f"{target:.0%}" if target else ""
         verdict = "" if target is None else (
-            f"; target {target:.0%}: " + ("met" if share >= target else "NOT met"))
-        summary.append(f"{case}: {share:.0%} of {floor_name}'s req/s{verdict}")
+            f"; target {goal}: " + ("met" if share >= target else "NOT met"))
+        relation = "" if target and target > 1 else "of "
+        summary.append(f"{case}: {shown} {relation}{floor_name}'s req/s{verdict}")
     out[-1].summary = summary
     return out
 

@@ -5,19 +5,16 @@ Not the PyPI library of the same name: a test proves `import schema` is this pac
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import strawberry
-from graphql import GraphQLError
-from strawberry.extensions import (
-    AddValidationRules,
-    MaskErrors,
-    MaxTokensLimiter,
-    ParserCache,
-    ValidationCache,
-)
+from graphql import GraphQLError, parse
+from strawberry.extensions import MaskErrors
 from strawberry.extensions.max_aliases import create_validator as alias_validator
 from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
+from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
@@ -63,10 +60,43 @@ class GatewaySchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-LIMIT_RULES = [
+# Built once: the validation cache is keyed by the rule classes, and a new class per
+# request would never hit.
+LIMIT_RULES = (
     depth_validator(MAX_DEPTH, None),
     alias_validator(MAX_ALIASES),
-]
+)
+# Bounded, shared by every request: a client cannot grow them with unique documents.
+_parse = functools.lru_cache(maxsize=CACHE_SIZE)(parse)
+_validate = functools.lru_cache(maxsize=CACHE_SIZE)(validate_document)
+
+
+class Guard(MaskUnexpected):
+    """Strawberry's MaxTokensLimiter, AddValidationRules (depth, aliases), ParserCache,
+    ValidationCache and MaskErrors, as one extension. Strawberry enters every hook of
+    every extension on every request; as five extensions that was about a fifth of a
+    cached request's CPU (BENCHMARKS.md)."""
+
+    def __init__(self) -> None:
+        super().__init__(should_mask_error=should_mask)
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.parse_options["max_tokens"] = MAX_TOKENS
+        context.validation_rules = (*context.validation_rules, *LIMIT_RULES)
+        yield from super().on_operation()  # masking, once the result is there
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        context.graphql_document = _parse(context.query, **context.parse_options)
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        context.pre_execution_errors = _validate(
+            context.schema._schema, context.graphql_document, context.validation_rules
+        )
+        yield
 
 
 def build_schema() -> strawberry.Schema:
@@ -74,16 +104,7 @@ def build_schema() -> strawberry.Schema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        extensions=[
-            # Factories: a fresh extension per request; the caches live at module level.
-            lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-            # The depth and alias rules are built once: the validation cache is keyed by
-            # the rule classes, and a new class per request would never hit.
-            lambda: AddValidationRules(LIMIT_RULES),
-            lambda: ParserCache(maxsize=CACHE_SIZE),
-            lambda: ValidationCache(maxsize=CACHE_SIZE),
-            lambda: MaskUnexpected(should_mask_error=should_mask),
-        ],
+        extensions=[Guard],  # a class: a fresh instance per request, caches shared
     )
     install_raw_resolvers(schema)
     return schema

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from cross_web import HTTPException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -55,6 +56,13 @@ class GraphQLView(GraphQL[Context, None]):
         except GatewayError as exc:  # raised while building the context
             response = JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
         await response(scope, receive, send)
+
+    def decode_json(self, data: str | bytes) -> object:
+        return orjson.loads(data)  # its errors are json.JSONDecodeErrors: a 400 as before
+
+    def encode_json(self, data: object) -> str:
+        # A str, not bytes: subscriptions must go out as text frames.
+        return orjson.dumps(data).decode()
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket

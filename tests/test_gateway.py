@@ -382,3 +382,19 @@ async def test_redis_going_away_fails_closed_with_503_then_recovers(
             assert (await gw.http.get("/healthz")).status_code == 200
     finally:
         server.stop()
+
+
+async def test_depth_and_token_limits_refuse_before_anything_runs(
+    redis_url: str, storage_dir: Path
+) -> None:
+    deep = "{ " + "".join(f"f{i} {{ " for i in range(12)) + "x" + " }" * 13
+    huge = "{ me { " + " ".join("plan" for _ in range(2_100)) + " } }"
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        for query, words in ((deep, "depth"), (huge, "tokens")):
+            for _ in range(2):  # the second time from the parse and validation caches
+                r = await gw.gql(query, key=key)
+                assert r.status_code == 400, r.text
+                errors = r.json()["errors"]
+                assert any(words in e["message"].lower() for e in errors), errors
+                assert all(e["extensions"]["code"] == "BAD_USER_INPUT" for e in errors)

@@ -120,7 +120,7 @@ def serve(
     _tune_gc(jobs_in_flight=False)
     uvicorn.run(
         app, host=settings.host, port=settings.port,
-        log_level="warning", proxy_headers=True, server_header=False,
+        log_level="warning", access_log=False, proxy_headers=True, server_header=False,
         loop="uvloop", http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )

@@ -7,7 +7,6 @@ Resolvers and REST handlers stay thin: they turn their input into a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -126,7 +125,7 @@ class Gateway:
             await self._refuse(api_key, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX)
-        params = dataclasses.asdict(request.image_params(seed))
+        params = vars(request.image_params(seed)).copy()  # flat fields: no deep asdict
         now = self.now_ms()
         job = Job(
             id=secrets.token_hex(12),

@@ -39,15 +39,21 @@ class Waiter:
     def __init__(self, inbox: RedisInbox, tokens: list[str]) -> None:
         self.inbox = inbox
         self.tokens = tokens
-        self.delivered = False
+        self.heard: set[str] = set()  # the tokens called back so far
+        self.delivered = False  # a callback came since the waiter's owner last looked
         self._woken: asyncio.Future[None] | None = None
 
     async def check(self) -> bool:
         """Whether a delivery came before this waiter listened (one read per token)."""
         for token in self.tokens:
             if await self.inbox.redis.strlen(keys.callback(token)):
-                self.wake()
+                self.wake(token)
         return self.delivered
+
+    @property
+    def settled(self) -> bool:
+        """Every token has been called back: nothing more will come."""
+        return self.heard.issuperset(self.tokens)
 
     async def wait(self, timeout: float) -> bool:
         """Until delivered or `timeout`. A timer and a future, not `wait_for`'s task:
@@ -64,7 +70,8 @@ class Waiter:
             self._woken = None
         return self.delivered
 
-    def wake(self) -> None:
+    def wake(self, token: str) -> None:
+        self.heard.add(token)
         self.delivered = True
         if self._woken is not None:
             _wake(self._woken)
@@ -136,7 +143,7 @@ class RedisInbox:
                 for token, waiters in list(self.waiting.items()):
                     if await self.redis.strlen(keys.callback(token)):
                         for waiter in waiters:
-                            waiter.wake()
+                            waiter.wake(token)
                 delay = 0.5
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
@@ -145,7 +152,7 @@ class RedisInbox:
                         continue
                     token = message["data"]
                     for waiter in self.waiting.get(token, ()):
-                        waiter.wake()
+                        waiter.wake(token)
             except Exception as exc:
                 self._subscribed.clear()
                 if not store_trouble(exc):

@@ -307,8 +307,11 @@ class Router:
                     if polled.state != "pending":
                         return polled
                     if waiter is not None and waiter.delivered:
-                        waiter.close()  # called back, still pending: poll at the pace
-                        waiter = None
+                        if waiter.settled:  # all called back, still pending: at the pace
+                            waiter.close()
+                            waiter = None
+                        else:  # one job of several done: wait for the others
+                            waiter.delivered = False
                     if polled.upstream_status and polled.upstream_status != last_status:
                         last_status = polled.upstream_status
                         await progress({"upstreamStatus": last_status, **polled.metadata})

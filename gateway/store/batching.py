@@ -3,8 +3,8 @@
 redis-py sends each command on its own round trip and spends 80-180 µs of CPU on it;
 the 64 requests a busy gateway serves at once, or the hundreds of jobs a worker starts
 at once, issue their commands in the same loop turns, and sent as one pipeline each
-costs 20-40 µs (BENCHMARKS.md). redis-py has no
-auto-pipelining (ioredis's `enableAutoPipelining` is the model), hence this class.
+costs 20-40 µs (BENCHMARKS.md). redis-py has no auto-pipelining (ioredis's
+`enableAutoPipelining` is the model), hence this class.
 
 Nothing changes for the caller: each command gets its own reply or its own error (a
 script's NOSCRIPT included, so `AsyncScript` still reloads), a connection failure fails

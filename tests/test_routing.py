@@ -508,6 +508,21 @@ async def test_krea_calls_back_and_the_job_is_read_once_instead_of_polled(
         assert job.polls > 5
 
 
+async def test_two_krea_images_wait_for_both_callbacks(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    up.krea.job_seconds = 1.0
+    up.krea.job_delays = [0.2, 1.2]  # the second image is done a second after the first
+    async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev", numImages=2))
+        assert done["status"] == "completed", done["error"]
+        assert len(done["urls"]) == 2
+        assert len(up.krea.webhooks_sent) == 2
+        # Each callback, one read of both jobs: not a poll every 0.02 s after the first.
+        assert [job.polls for job in up.krea.jobs.values()] == [2, 2]
+
+
 async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:

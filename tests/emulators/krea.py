@@ -155,6 +155,8 @@ class KreaEmulator:
         self.cancel_jobs = False
         #: when set, jobs end this many seconds after submission (polls do not advance them)
         self.job_seconds: float | None = None
+        #: per submitted job in turn, its own `job_seconds` (then `job_seconds` again)
+        self.job_delays: list[float] = []
         #: webhooks are not sent (lost on the way)
         self.drop_webhooks = False
         #: (url, body) of every webhook sent
@@ -254,7 +256,8 @@ class KreaEmulator:
                   base_url=str(request.base_url))
         self.jobs[job.job_id] = job
         if self.job_seconds is not None:
-            asyncio.get_running_loop().call_later(self.job_seconds, self._end_soon, job)
+            delay = self.job_delays.pop(0) if self.job_delays else self.job_seconds
+            asyncio.get_running_loop().call_later(delay, self._end_soon, job)
         return JSONResponse(self._view(job, job.base_url))
 
     async def _job(self, request: Request) -> Response:

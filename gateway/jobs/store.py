@@ -131,10 +131,14 @@ class JobStore:
         return {str(k) for got in replies[::2] for k in got}
 
     async def renew_leases(self, jobs: list[Job], until_ms: int) -> None:
-        """Keep the concurrency slots of running jobs (one pipeline for all of them)."""
+        """Keep the concurrency slots of running jobs: one ZADD per account, all in one
+        pipeline (a worker may run thousands of one account's jobs)."""
         if not jobs:
             return
+        by_account: dict[str, dict[str, int]] = {}
+        for job in jobs:
+            by_account.setdefault(job.account, {})[job.id] = until_ms
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.zadd(keys.running(job.account), {job.id: until_ms}, xx=True)
+            for account, slots in by_account.items():
+                pipe.zadd(keys.running(account), slots, xx=True)
             await pipe.execute()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import time
 from collections.abc import Callable
@@ -215,7 +216,7 @@ class Worker:
                 resume=job.upstream,
                 save_upstream=lambda up: self._save_upstream(job, up),
                 progress=lambda meta: self._progress(job, meta),
-                cancelled=lambda: self._cancelled(job),
+                cancelled=functools.partial(self._cancelled, keys.job(job.account, job.id)),
                 deadline=self.router.clock()
                 + self.settings.job_deadline_seconds
                 - (self.clock() - job.created_at / 1000),
@@ -272,11 +273,13 @@ class Worker:
             except Exception as exc:
                 log.warning("reading cancellations failed", error=repr(exc))
                 continue
+            if not found and not self.cancelled:
+                continue  # the usual second: nothing cancelled, no set of every job built
             running = {keys.job(r.job.account, r.job.id) for r in self.running.values() if r.job}
             self.cancelled = (self.cancelled & running) | (found & running)
 
-    async def _cancelled(self, job: Job) -> bool:
-        return keys.job(job.account, job.id) in self.cancelled
+    async def _cancelled(self, job_key: str) -> bool:
+        return job_key in self.cancelled
 
     async def _progress(self, job: Job, meta: dict[str, Any]) -> None:
         await self.store.save_progress(job, {**job.metadata, **meta})

@@ -97,7 +97,7 @@ class UpstreamClient:
                 timeout, aiohttp.ClientTimeout(total=timeout))
         async with self._open().request(method, url, **kwargs) as response:
             content = await response.read()
-            return Answer(response.status, response.headers, content, str(response.url))
+            return Answer(response.status, response.headers, content, url)  # no redirects
 
     async def get(self, url: str, **kwargs: Any) -> Answer:
         return await self.request("GET", url, **kwargs)

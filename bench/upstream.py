@@ -25,7 +25,7 @@ import httpx
 
 from bench import Context, renderer, scenario
 from bench.http import floor
-from gateway.providers.http import request, upstream_client
+from gateway.providers.http import UpstreamClient, request
 
 TARGET_MS = 0.5  # the bound at 64 in flight
 
@@ -57,7 +57,7 @@ async def upstream_cost(ctx: Context) -> list[UpstreamRow]:
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
         server = floor("upstream", "upstream_app", Path(tmp))
         url = server.url("/jobs/bench")
-        gateway = upstream_client(30.0)
+        gateway = UpstreamClient(30.0)
         plain = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128)
         )

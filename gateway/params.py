@@ -136,8 +136,10 @@ _IMAGE_NAMES = {
 
 
 def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
-    """Doitong's `generate` shape: {type, provider, input: {text}, options: {...}, ...}."""
-    options = dict(data.get("options") or {})
+    """Doitong's `generate` shape: {type, provider, input: {text}, options: {...}, ...},
+    in GraphQL's names (`webhookUrl`, `numImages`) or Python's."""
+    data = {_snake(k): v for k, v in data.items()}
+    options = {_snake(k): v for k, v in (data.get("options") or {}).items()}
     fields: dict[str, Any] = {
         "provider": data.get("provider"),
         "prompt": (data.get("input") or {}).get("text"),

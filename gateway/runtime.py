@@ -21,7 +21,7 @@ from gateway.config import Settings
 from gateway.jobs.queue import Queue
 from gateway.jobs.worker import Worker
 from gateway.providers import build_providers
-from gateway.providers.http import upstream_client
+from gateway.providers.http import UpstreamClient
 from gateway.routing import Router
 from gateway.service import Gateway
 from gateway.store.redis import Scripts, connect
@@ -39,7 +39,7 @@ async def runtime(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Runtime]:
     redis = await connect(settings.redis_url)
-    client = upstream_client(settings.upstream_timeout)
+    client = UpstreamClient(settings.upstream_timeout)
     # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
     hooks = httpx.AsyncClient(timeout=settings.webhook_timeout, follow_redirects=False)
     try:

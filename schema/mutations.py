@@ -32,23 +32,6 @@ async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Gener
     return Generation.of(job)
 
 
-def _doitong(raw: dict[str, Any]) -> dict[str, Any]:
-    """graphql-core's coerced `GenerateInput` (GraphQL names) as `from_generate_input`
-    reads it (Python names)."""
-    options = raw.get("options") or {}
-    return {
-        "provider": raw.get("provider"),
-        "input": raw.get("input"),
-        "options": {_OPTIONS.get(k, k): v for k, v in options.items()},
-        "webhook_url": raw.get("webhookUrl"),
-        "idempotency_key": raw.get("idempotencyKey"),
-    }
-
-
-_OPTIONS = {"numImages": "num_images", "outputFormat": "output_format",
-            "aspectRatio": "aspect_ratio"}
-
-
 def install_raw_resolvers(schema: strawberry.Schema) -> None:
     """`generate` and `generateImage` take graphql-core's coerced input as it is.
 
@@ -59,7 +42,7 @@ def install_raw_resolvers(schema: strawberry.Schema) -> None:
     fields = schema._schema.mutation_type.fields
 
     def generate(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
-        return _generate(info, lambda: from_generate_input(_doitong(input)))
+        return _generate(info, lambda: from_generate_input(input))
 
     def generate_image(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
         return _generate(info, lambda: from_image_input(input))

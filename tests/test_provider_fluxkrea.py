@@ -17,7 +17,7 @@ from gateway.errors import (
 )
 from gateway.providers.base import ImageParams, Provider
 from gateway.providers.fluxkrea import FluxKreaProvider
-from gateway.providers.http import UpstreamClient, upstream_client
+from gateway.providers.http import UpstreamClient
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.servers import serve
 
@@ -35,7 +35,7 @@ async def base(emu: FluxKreaEmulator) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[UpstreamClient]:
-    async with upstream_client(30.0) as c:
+    async with UpstreamClient(30.0) as c:
         yield c
 
 

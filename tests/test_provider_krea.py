@@ -20,7 +20,7 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import ImageParams, Polled, Provider
-from gateway.providers.http import UpstreamClient, upstream_client
+from gateway.providers.http import UpstreamClient
 from gateway.providers.krea import KreaProvider
 from tests.emulators.krea import KreaEmulator
 from tests.servers import serve
@@ -43,7 +43,7 @@ class Krea:
 @pytest.fixture
 async def krea() -> AsyncIterator[Krea]:
     emu = KreaEmulator(token=TOKEN)
-    async with serve(emu.app) as base, upstream_client(30.0) as client:
+    async with serve(emu.app) as base, UpstreamClient(30.0) as client:
         yield Krea(emu, base, client, KreaProvider(client, base_url=base, token=TOKEN))
 
 
@@ -307,7 +307,7 @@ async def answering(answer: object) -> AsyncIterator[str]:
     ],
 )
 async def test_answer_missing_a_field_is_unavailable(answer: object) -> None:
-    async with answering(answer) as base, upstream_client(5.0) as client:
+    async with answering(answer) as base, UpstreamClient(5.0) as client:
         provider = KreaProvider(client, base_url=base, token=TOKEN)
         with pytest.raises(ProviderUnavailable):
             await provider.submit(ImageParams(prompt="p"))
@@ -321,7 +321,7 @@ async def test_completed_job_without_urls_is_unavailable() -> None:
         "completed_at": "2025-01-15T10:30:25.000Z",
         "result": None,
     }
-    async with answering(answer) as base, upstream_client(5.0) as client:
+    async with answering(answer) as base, UpstreamClient(5.0) as client:
         provider = KreaProvider(client, base_url=base, token=TOKEN)
         with pytest.raises(ProviderUnavailable, match=r"result\.urls"):
             await provider.poll(answer["job_id"])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gateway.errors import ProviderRejected, ProviderTimeout, ProviderUnavailable
 from gateway.providers.base import ImageParams, Polled, Provider
-from gateway.providers.http import upstream_client
+from gateway.providers.http import UpstreamClient
 from gateway.providers.segmind import SegmindProvider, translate
 from tests.emulators.segmind import SegmindEmulator, image_size
 from tests.servers import serve
@@ -34,7 +34,7 @@ async def rig(
     timeout: float = 5.0,
 ) -> AsyncIterator[Rig]:
     emu = emu or SegmindEmulator(api_key="test-key")
-    async with serve(emu.app) as base, upstream_client(30.0) as client:
+    async with serve(emu.app) as base, UpstreamClient(30.0) as client:
         provider = SegmindProvider(client, base_url=base, api_key=api_key, timeout=timeout)
         yield Rig(emu, provider, base)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.errors import ProviderTimeout, ProviderUnavailable
-from gateway.providers.http import request, upstream_client
+from gateway.providers.http import UpstreamClient, request
 from tests.servers import free_port
 
 
@@ -51,7 +51,7 @@ async def raw_server(
 
 
 async def test_a_refused_connection_is_unreachable_and_a_submit_may_be_retried() -> None:
-    async with upstream_client(5.0) as client:
+    async with UpstreamClient(5.0) as client:
         with pytest.raises(ProviderUnavailable, match="unreachable"):
             await request(client, "POST", f"http://127.0.0.1:{free_port()}/submit",
                           upstream="up", idempotent=False, attempts=2)
@@ -62,7 +62,7 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
 
 @pytest.mark.parametrize("warm", [False, True], ids=["new connection", "kept-alive one"])
 async def test_a_connection_cut_after_the_submit_is_never_sent_again(warm: bool) -> None:
-    async with raw_server(None, gets=OK) as (base, seen), upstream_client(5.0) as client:
+    async with raw_server(None, gets=OK) as (base, seen), UpstreamClient(5.0) as client:
         if warm:  # the submit then goes out on a pooled connection
             await request(client, "GET", f"{base}/poll", upstream="up", idempotent=True)
         with pytest.raises(ProviderUnavailable, match="connection failed"):
@@ -74,7 +74,7 @@ async def test_a_connection_cut_after_the_submit_is_never_sent_again(warm: bool)
 
 async def test_a_silent_upstream_is_a_timeout() -> None:
     async with raw_server(b"HTTP/1.1 200 OK\r\n\r\n", hold=2.0) as (base, seen), \
-            upstream_client(0.3) as client:
+            UpstreamClient(0.3) as client:
         with pytest.raises(ProviderTimeout):
             await request(client, "POST", f"{base}/submit", upstream="up", idempotent=False)
         assert len(seen) == 1
@@ -84,7 +84,7 @@ async def test_an_answer_is_read_whole() -> None:
     body = b'{"job_id": "j1", "status": "processing"}'
     reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
              + str(len(body)).encode() + b"\r\n\r\n" + body)
-    async with raw_server(reply) as (base, _), upstream_client(5.0) as client:
+    async with raw_server(reply) as (base, _), UpstreamClient(5.0) as client:
         response = await request(client, "GET", f"{base}/jobs/j1", upstream="up",
                                  idempotent=True)
         assert response.json() == {"job_id": "j1", "status": "processing"}

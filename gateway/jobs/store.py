@@ -105,14 +105,15 @@ class JobStore:
             fields["metadata"] = orjson.dumps(metadata).decode()
         if error:
             fields["error"] = error
+        shard = keys.shard_of(job.account)
         done, _ = await self.scripts.finish(
             keys=[
                 keys.job(job.account, job.id),
                 keys.running(job.account),
                 keys.account(job.account),
                 keys.ledger(job.account),
-                keys.webhooks(keys.shard_of(job.account)),
-                keys.cancellations(keys.shard_of(job.account)),
+                keys.webhooks(shard),
+                keys.cancellations(shard),
             ],
             args=[status, now_ms, job.id, 1 if refund else 0, self.retention_ms, *flat(fields)],
             client=self.redis,

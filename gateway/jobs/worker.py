@@ -61,6 +61,7 @@ def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
 class Running:
     job: Job | None
     entry_id: str
+    job_key: str
     task: asyncio.Task[None]
 
 
@@ -142,7 +143,7 @@ class Worker:
         if entry_id in self.running:
             return
         task = asyncio.create_task(self.process(entry_id, job_key))
-        self.running[entry_id] = Running(None, entry_id, task)
+        self.running[entry_id] = Running(None, entry_id, job_key, task)
 
         def done(_: asyncio.Task[None]) -> None:
             self.running.pop(entry_id, None)
@@ -216,7 +217,7 @@ class Worker:
                 resume=job.upstream,
                 save_upstream=lambda up: self._save_upstream(job, up),
                 progress=lambda meta: self._progress(job, meta),
-                cancelled=functools.partial(self._cancelled, keys.job(job.account, job.id)),
+                cancelled=functools.partial(self._cancelled, job_key),
                 deadline=self.router.clock()
                 + self.settings.job_deadline_seconds
                 - (self.clock() - job.created_at / 1000),
@@ -275,7 +276,7 @@ class Worker:
                 continue
             if not found and not self.cancelled:
                 continue  # the usual second: nothing cancelled, no set of every job built
-            running = {keys.job(r.job.account, r.job.id) for r in self.running.values() if r.job}
+            running = {r.job_key for r in self.running.values()}
             self.cancelled = (self.cancelled & running) | (found & running)
 
     async def _cancelled(self, job_key: str) -> bool:

@@ -116,10 +116,6 @@ class UpstreamClient:
         await self.aclose()
 
 
-def upstream_client(timeout: float) -> UpstreamClient:
-    return UpstreamClient(timeout)
-
-
 def retry_after_seconds(response: Answer) -> float | None:
     """Parse `Retry-After` (seconds or an HTTP date)."""
     value = response.headers.get("retry-after")

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import rest
 from gateway.config import Settings
 from gateway.runtime import running_worker, runtime
-from schema import build_schema
+from schema import build_schema, prepared
 from schema.view import GraphQLView
 
 log = structlog.get_logger("gateway")
@@ -86,7 +86,8 @@ class _TooLarge(Exception):
 
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    view = GraphQLView(build_schema())
+    schema = build_schema()
+    view = GraphQLView(schema, prepared(schema))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

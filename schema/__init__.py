@@ -18,8 +18,9 @@ from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
-from schema.mutations import Mutation, install_raw_resolvers
-from schema.queries import Query
+from schema.mutations import RAW_MUTATIONS, Mutation, install_raw_resolvers
+from schema.prepared import Prepared
+from schema.queries import RAW_QUERIES, Query
 from schema.subscriptions import Subscription
 
 IS_GATEWAY_SCHEMA = True
@@ -108,6 +109,15 @@ def build_schema() -> strawberry.Schema:
     )
     install_raw_resolvers(schema)
     return schema
+
+
+def prepared(schema: strawberry.Schema) -> Prepared:
+    """The known-document path (`schema.prepared`), validating and masking as `Guard`."""
+    return Prepared(
+        schema, _parse, _validate, limit_rules=LIMIT_RULES, max_tokens=MAX_TOKENS,
+        mutations=RAW_MUTATIONS, queries=RAW_QUERIES,
+        mask=MaskUnexpected(should_mask_error=should_mask), size=CACHE_SIZE,
+    )
 
 
 def sdl() -> str:

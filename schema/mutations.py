@@ -16,9 +16,8 @@ from schema.types import ApiKey, CreatedKey, Generation
 Info = strawberry.Info[Context, None]
 
 
-async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Generation:
+async def _generate(ctx: Context, parse: Callable[[], GenerationRequest]) -> Generation:
     """Key check and admission in one round trip (see `Gateway.generate`)."""
-    ctx = info.context
 
     async def parsed() -> GenerationRequest:
         return parse()
@@ -32,6 +31,22 @@ async def _generate(info: Info, parse: Callable[[], GenerationRequest]) -> Gener
     return Generation.of(job)
 
 
+async def generate(ctx: Context, args: dict[str, Any]) -> Generation:
+    return await _generate(ctx, lambda: from_generate_input(args["input"]))
+
+
+async def generate_image(ctx: Context, args: dict[str, Any]) -> Generation:
+    return await _generate(ctx, lambda: from_image_input(args["input"]))
+
+
+# Root fields resolved from graphql-core's coerced arguments as they are, by graphql-core
+# (`install_raw_resolvers`) and by a prepared document (`schema.prepared`).
+RAW_MUTATIONS: dict[str, Callable[[Context, dict[str, Any]], Awaitable[Generation]]] = {
+    "generate": generate,
+    "generateImage": generate_image,
+}
+
+
 def install_raw_resolvers(schema: strawberry.Schema) -> None:
     """`generate` and `generateImage` take graphql-core's coerced input as it is.
 
@@ -40,26 +55,21 @@ def install_raw_resolvers(schema: strawberry.Schema) -> None:
     (BENCHMARKS.md). The types, validation and errors are the schema's as declared below.
     """
     fields = schema._schema.mutation_type.fields
-
-    def generate(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
-        return _generate(info, lambda: from_generate_input(input))
-
-    def generate_image(_root: Any, info: Any, input: dict[str, Any]) -> Awaitable[Generation]:
-        return _generate(info, lambda: from_image_input(input))
-
-    fields["generate"].resolve = generate
-    fields["generateImage"].resolve = generate_image
+    for name, resolve in RAW_MUTATIONS.items():
+        fields[name].resolve = (
+            lambda _root, info, _resolve=resolve, **args: _resolve(info.context, args)
+        )
 
 
 @strawberry.type
 class Mutation:
     @strawberry.mutation(description="Doitong's form: {type, provider, input: {text}, options}.")
     async def generate(self, info: Info, input: GenerateInput) -> Generation:
-        return await _generate(info, lambda: from_generate_input(as_dict(input)))
+        return await _generate(info.context, lambda: from_generate_input(as_dict(input)))
 
     @strawberry.mutation(description="The flat form: {service, prompt, width, height, ...}.")
     async def generate_image(self, info: Info, input: ImageGenerationInput) -> Generation:
-        return await _generate(info, lambda: from_image_input(as_dict(input)))
+        return await _generate(info.context, lambda: from_image_input(as_dict(input)))
 
     @strawberry.mutation(description="Cancel a job that has not ended; refunded in full.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Generation:

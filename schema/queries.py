@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import strawberry
 
 from gateway.errors import BadUserInput
@@ -24,13 +27,22 @@ Info = strawberry.Info[Context, None]
 STATUSES = {"queued", "processing", *TERMINAL}
 
 
+async def find_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
+    job = await ctx.gateway.job(await ctx.caller(read=True), str(args["id"]))
+    return Generation.of(job) if job else None
+
+
+# The query a polling client sends, as a prepared document may resolve it (`schema.prepared`).
+RAW_QUERIES: dict[str, Callable[[Context, dict[str, Any]], Awaitable[Generation | None]]] = {
+    "job": find_job,
+}
+
+
 @strawberry.type
 class Query:
     @strawberry.field(description="One of the caller's jobs; null for another key's or none.")
     async def job(self, info: Info, id: strawberry.ID) -> Generation | None:
-        ctx = info.context
-        job = await ctx.gateway.job(await ctx.caller(read=True), str(id))
-        return Generation.of(job) if job else None
+        return await find_job(info.context, {"id": id})
 
     @strawberry.field(description="The caller's jobs, newest first.")
     async def jobs(

@@ -26,6 +26,9 @@ from strawberry.types import ExecutionResult
 
 from gateway.errors import STATUS_BY_CODE, GatewayError
 from schema.context import Context
+from schema.prepared import Prepared
+
+_PLAIN_BODY = frozenset({"query", "variables", "operationName"})
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -33,7 +36,8 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 class GraphQLView(GraphQL[Context, None]):
-    def __init__(self, schema: Any) -> None:
+    def __init__(self, schema: Any, prepared: Prepared | None = None) -> None:
+        self.prepared = prepared
         super().__init__(
             schema,
             graphql_ide="graphiql",
@@ -47,8 +51,13 @@ class GraphQLView(GraphQL[Context, None]):
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        request = Request(scope, receive)
         try:
-            response = await self.run(Request(scope, receive))
+            response = None
+            if self.prepared is not None and scope["method"] == "POST":
+                response = await self._run_prepared(request, self.prepared)
+            if response is None:
+                response = await self.run(request)
         except (HTTPException, StarletteHTTPException) as exc:
             status = exc.status_code
             message = str(getattr(exc, "reason", None) or getattr(exc, "detail", ""))
@@ -56,6 +65,30 @@ class GraphQLView(GraphQL[Context, None]):
         except GatewayError as exc:  # raised while building the context
             response = JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
         await response(scope, receive, send)
+
+    async def _run_prepared(self, request: Request, prepared: Prepared) -> Response | None:
+        """A prepared document's answer, built as `run` builds it; None for anything
+        else (the body is kept: `run` reads it again)."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            return None
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return None
+        if type(data) is not dict or not data.keys() <= _PLAIN_BODY:
+            return None
+        query, variables = data.get("query"), data.get("variables")
+        operation_name = data.get("operationName")
+        if (not isinstance(query, str) or not isinstance(variables, dict | None)
+                or not isinstance(operation_name, str | None)):
+            return None
+        sub_response = await self.get_sub_response(request)
+        context = await self.get_context(request, response=sub_response)
+        result = await prepared.execute(query, operation_name, variables or {}, context)
+        if result is None:
+            return None
+        return self.create_response(await self.process_result(request, result), sub_response)
 
     def decode_json(self, data: str | bytes) -> object:
         return orjson.loads(data)  # its errors are json.JSONDecodeErrors: a 400 as before

@@ -48,6 +48,7 @@ class Harness:
     http: httpx.AsyncClient
     accounts: Accounts
     clock: Clock
+    app: Any = None  # the Starlette app being served
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def key(self, plan: str = "pro", credits: int = 10_000, **limits: Any) -> str:
@@ -108,6 +109,6 @@ async def gateway(
         redis = await connect(redis_url) if redis_url else app.state.gateway.redis
         accounts = Accounts(redis, Scripts.register(redis), settings)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-            yield Harness(base, settings, http, accounts, clock)
+            yield Harness(base, settings, http, accounts, clock, app)
         if redis_url:
             await redis.aclose()

@@ -8,6 +8,7 @@ design). A generation request thus costs one Redis round trip in all.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +48,12 @@ class Duplicate:
 
 
 def utc_day(now_ms: int) -> str:
-    return time.strftime("%Y%m%d", time.gmtime(now_ms / 1000))
+    return _day_name(now_ms // DAY_MS)
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day: int) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(day * 86_400))
 
 
 def plan_table(plans: dict[str, PlanLimits]) -> str:

@@ -7,6 +7,7 @@ backend accepts. A range error names the field as the client spelled it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -160,6 +161,7 @@ def from_image_input(data: dict[str, Any]) -> GenerationRequest:
     return _validate(fields, _IMAGE_NAMES)
 
 
+@functools.lru_cache(maxsize=512)
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 

@@ -7,7 +7,7 @@ Resolvers and REST handlers stay thin: they turn their input into a
 from __future__ import annotations
 
 import contextlib
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -124,11 +124,13 @@ class Gateway:
         except GatewayError as exc:
             await self._refuse(api_key, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
-        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX)
+        # One read of the system's randomness for the job id and the seed.
+        raw = os.urandom(16)
+        seed = request.seed if request.seed is not None else int.from_bytes(raw[12:]) & SEED_MAX
         params = vars(request.image_params(seed)).copy()  # flat fields: no deep asdict
         now = self.now_ms()
         job = Job(
-            id=secrets.token_hex(12),
+            id=raw[:12].hex(),
             account=account,
             status="queued",
             provider=request.provider,

@@ -16,6 +16,8 @@ both touched one key at a time.
 
 from __future__ import annotations
 
+import functools
+
 PREFIX = "gw"
 ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids (single-key commands only)
 QUEUE_GROUP = "workers"
@@ -39,10 +41,13 @@ def account_id(random_hex: str, shard: int) -> str:
     return random_hex if shard == 0 else f"{random_hex}s{shard}"
 
 
+# Cached: an admission builds about eight keys of one account and one shard.
+@functools.lru_cache(maxsize=256)
 def _shard(shard: int) -> str:
     return f"{PREFIX}:{{s{shard}}}"
 
 
+@functools.lru_cache(maxsize=4096)
 def _tag(account: str) -> str:
     return f"{_shard(shard_of(account))}:a:{account}"
 

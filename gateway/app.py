@@ -28,7 +28,7 @@ class BodyLimit:
     """Refuse request bodies over `limit` bytes with 413 PAYLOAD_TOO_LARGE.
 
     Hand-written because no middleware in Starlette does it; it checks Content-Length
-    and counts a chunked body as it streams.
+    and counts a body without one (chunked) as it streams.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -39,9 +39,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._refuse(scope, send)
+        length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await self._refuse(scope, send)
+            else:  # the server reads no more than Content-Length: nothing to count
+                await self.app(scope, receive, send)
             return
         seen = 0
         started = False

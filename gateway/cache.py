@@ -53,12 +53,15 @@ class Cache:
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
         entry = {"urls": orjson.dumps(urls).decode(), "width": width, "height": height,
-                 "metadata": orjson.dumps(metadata).decode()}
+                 "metadata": orjson.dumps(metadata).decode(),
+                 # What a hit's job says, made once here rather than by every hit's script.
+                 "hit_metadata": orjson.dumps({**metadata, "cached": True, "duration": 0}
+                                              ).decode()}
         done = await self.scripts.settle(
             keys=[keys.cache_entry(shard, digest), keys.inflight(shard, digest),
                   keys.followers(shard, digest), keys.webhooks(shard), keys.coalescing(shard)],
             args=[keys.job(job.account, job.id), job.completed_at or 0, self.retention_ms,
-                  entry["urls"], width, height, entry["metadata"]],
+                  entry["urls"], width, height, entry["metadata"], entry["hit_metadata"]],
             client=self.redis,
         )
         others = [n for n in range(self.settings.redis_shards) if n != shard]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,14 @@ async def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
             assert r.status_code == status, (kwargs, r.text)
             if code:
                 assert r.json()["errors"][0]["extensions"]["code"] == code, r.text
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as read
+            for _ in range(3):
+                yield b"x" * 30_000
+
+        r = await gw.http.post("/graphql", content=chunked(),
+                               headers={**auth, "content-type": "application/json"})
+        assert r.status_code == 413 and "content-length" not in r.request.headers
         rest = await gw.http.post("/v1/text_to_image", headers=auth, content=b"[1,2")
         assert rest.status_code == 400 and rest.json()["error"]["code"] == "BAD_USER_INPUT"
         rest = await gw.http.post("/v1/text_to_image", headers=auth,

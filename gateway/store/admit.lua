@@ -132,22 +132,29 @@ if cost > 0 then
 end
 local fields = {}
 for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[6], unpack(fields))
 local outcome = {}
 if mode == 'hit' then
   local e = {}
   for i = 1, #entry, 2 do e[entry[i]] = entry[i + 1] end
-  local meta = cjson.decode(e['metadata'])
-  meta['cached'] = true
-  meta['duration'] = 0
-  e['metadata'] = cjson.encode(meta)
-  redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
-    'price', price, 'urls', e['urls'], 'width', e['width'], 'height', e['height'],
-    'metadata', e['metadata'])
+  local meta = e['hit_metadata']
+  if not meta then  -- an entry stored before settle.lua wrote hit_metadata
+    local m = cjson.decode(e['metadata'])
+    m['cached'] = true
+    m['duration'] = 0
+    meta = cjson.encode(m)
+  end
+  outcome = {e['urls'], e['width'], e['height'], meta}
+  -- One HSET: the later status, completed_at and cost replace the queued job's.
+  for _, v in ipairs({'status', 'completed', 'completed_at', now, 'cost', 0, 'price', price,
+      'urls', e['urls'], 'width', e['width'], 'height', e['height'], 'metadata', meta}) do
+    fields[#fields + 1] = v
+  end
+end
+redis.call('HSET', KEYS[6], unpack(fields))
+if mode == 'hit' then
   redis.call('PEXPIRE', KEYS[6], retention)
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
-  outcome = {e['urls'], e['width'], e['height'], e['metadata']}
 elseif mode == 'follow' then
   redis.call('HSET', KEYS[6], 'cost', 0, 'price', price)
   redis.call('RPUSH', KEYS[12], KEYS[6])

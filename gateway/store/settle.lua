@@ -2,11 +2,12 @@
 -- long as the outputs), stop it being the in-flight leader, and complete every job that
 -- waited for it with the same outputs, in one step so no waiter is ever forgotten.
 -- KEYS: 1 cache entry, 2 in-flight leader, 3 followers, 4 webhook schedule, 5 watched set
--- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata
+-- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata,
+--       8 the metadata a cache hit's job gets (cached, duration 0)
 -- Returns the keys of the followers it completed.
 local now, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'urls', ARGV[4], 'width', ARGV[5], 'height', ARGV[6],
-  'metadata', ARGV[7])
+  'metadata', ARGV[7], 'hit_metadata', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], retention)
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local followers = redis.call('LRANGE', KEYS[3], 0, -1)

@@ -52,3 +52,52 @@ async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+class ReplyCutter:
+    """A TCP proxy in front of a real server that, when armed, lets the next request
+    carrying `marker` through and then cuts the connection instead of relaying the reply:
+    the server did the work, the client never hears of it (a reply lost to the network)."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self.port, self.marker = port, marker
+        self.armed = False
+        self.cut = 0
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[int]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        try:
+            yield int(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+                      ) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+        cutting = asyncio.Event()
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and self.marker in data:
+                    self.armed = False
+                    cutting.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def replies() -> None:
+            while data := await server_r.read(65536):
+                if cutting.is_set():
+                    self.cut += 1
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for writer in (client_w, server_w):
+            writer.close()

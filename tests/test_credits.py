@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
+import redis
+
+from gateway.store import keys
+from gateway.store.redis import HERE
+from tests.conftest import RedisServer
 from tests.harness import gateway
+from tests.servers import ReplyCutter
 
 
 async def test_fifty_racing_requests_for_the_last_credits(
@@ -59,3 +66,33 @@ async def test_a_failed_job_is_refunded_exactly_once(redis_url: str, storage_dir
                          {"id": job["id"]}, key)
         assert r.json()["data"]["cancelJob"]["status"] == "failed"
         assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 3
+
+
+async def test_an_admission_whose_reply_is_lost_is_charged_once(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """The connection drops after Redis ran the admission, before its reply arrived:
+    redis-py sends the command again on a new connection. The job is the same one and
+    it is charged once (admit.lua recognises its own job id)."""
+    redis.Redis(port=plain_redis_server.port).flushall()
+    admit_sha = hashlib.sha1((HERE / "admit.lua").read_bytes()).hexdigest().encode()
+    cutter = ReplyCutter(plain_redis_server.port, admit_sha)
+    async with cutter.running() as port, gateway(
+        f"redis://127.0.0.1:{port}/0", storage_dir, inprocess_workers=False
+    ) as gw:
+        key = await gw.key("pro", credits=100)
+        account = gw.keys[key]["id"]
+        cutter.armed = True
+        r = await gw.generate(key, width=1024, height=1024)
+        assert cutter.cut == 1
+        assert r.status_code == 200, r.text
+        job = r.json()["data"]["generate"]
+        assert job["status"] == "queued" and job["creditCost"] == 20
+        store = gw.accounts.redis
+        assert await store.zrange(keys.jobs(account), 0, -1) == [job["id"]]
+        assert int(await store.hget(keys.account(account), "credits")) == 80
+        ledger = await gw.accounts.ledger(account)
+        assert [e["reason"] for e in ledger].count("charge") == 1
+        me = (await gw.gql("{ me { limits { name used } } }", key=key)).json()
+        assert {"name": "minute", "used": 1} in me["data"]["me"]["limits"]
+        assert {"name": "day", "used": 1} in me["data"]["me"]["limits"]

@@ -26,7 +26,8 @@
 --       11 cacheable (0/1), 12 retention_ms, 13.. job hash fields (name, value, ...)
 -- Returns {verdict, rpm, concurrency, daily, window used, window oldest_ms, balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
---          'credits' cost; 'duplicate' the earlier job id; 'unauthenticated' nothing.
+--          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
+--          this job's own when it was admitted already); 'unauthenticated' nothing.
 local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -65,6 +66,11 @@ local function reply(verdict, window_used, ...)
   return {verdict, rpm, conc, daily, window_used, tonumber(oldest[2] or now), balance, plan,
     ...}
 end
+
+-- A job id is new to every request: finding its job means this very admission ran
+-- already and its reply was lost (redis-py sends a command again when the connection
+-- drops under it). Answer with that job; take nothing twice.
+if redis.call('EXISTS', KEYS[6]) == 1 then return reply('duplicate', used, job_id) end
 
 if idem_hash ~= '' then
   local prior = redis.call('GET', KEYS[8])

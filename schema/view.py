@@ -64,6 +64,10 @@ class GraphQLView(GraphQL[Context, None]):
             response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
         except GatewayError as exc:  # raised while building the context
             response = JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+        finally:
+            # The context refers to the request, whose scope refers to the context: a
+            # cycle that would keep each request's objects alive until the collector ran.
+            scope.get("state", {}).pop("graphql_context", None)
         await response(scope, receive, send)
 
     async def _run_prepared(self, request: Request, prepared: Prepared) -> Response | None:

@@ -12,7 +12,6 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -65,6 +64,16 @@ def plan_table(plans: dict[str, PlanLimits]) -> str:
     return ";".join(
         f"{name}:{n(p.rpm)}:{n(p.concurrency)}:{n(p.daily)}" for name, p in plans.items()
     )
+
+
+@functools.lru_cache(maxsize=256)  # a few plans: one model each, not one per request
+def _limits(rpm: int, concurrency: int, daily: int) -> PlanLimits:
+    """The limits admit.lua reports (-1: none)."""
+
+    def limit(v: int) -> int | None:
+        return None if v < 0 else v
+
+    return PlanLimits(rpm=limit(rpm), concurrency=limit(concurrency), daily=limit(daily))
 
 
 async def admit(
@@ -126,13 +135,9 @@ async def admit(
     if verdict == "unauthenticated":
         raise Unauthenticated("Invalid API key")
 
-    def limit(v: Any) -> int | None:
-        return None if int(v) < 0 else int(v)
-
     principal = Principal(
         account=account, name="", plan=str(reply[7]), credits=int(reply[6]),
-        limits=PlanLimits(rpm=limit(reply[1]), concurrency=limit(reply[2]),
-                          daily=limit(reply[3])),
+        limits=_limits(int(reply[1]), int(reply[2]), int(reply[3])),
         webhook_secret="", window_used=int(reply[4]),
         window_reset=math.ceil((int(reply[5]) + 60000) / 1000),
     )

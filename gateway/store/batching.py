@@ -7,7 +7,7 @@ costs 20-40 µs (BENCHMARKS.md). redis-py has no auto-pipelining (ioredis's
 `enableAutoPipelining` is the model), hence this class.
 
 Nothing changes for the caller: each command gets its own reply or its own error (a
-script's NOSCRIPT included, so `AsyncScript` still reloads), a connection failure fails
+script's NOSCRIPT included, so a `Script` still reloads), a connection failure fails
 every command of its batch alike, and a command issued alone is sent alone. Only the
 plain data commands the gateway uses are batched; blocking reads, SCRIPT LOAD, INFO and
 everything else go out as before.

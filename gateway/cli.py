@@ -87,18 +87,19 @@ def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]
         raise typer.Exit(1) from None
 
 
-def _tune_gc(*, jobs_in_flight: bool) -> None:
-    """Never scan what start-up made (modules, schema, scripts); for a worker, also
-    collect cycles less often.
+def _tune_gc() -> None:
+    """Never scan what start-up made (modules, schema, scripts), and collect cycles only
+    every 50,000 allocations.
 
-    With CPython's default (a young collection every 700 allocations), a worker with
-    10,000 jobs in flight spent over half its CPU in the collector: 0.51 ms per upstream
-    poll, against 0.21-0.23 ms with young collections every 50,000 (`python -m bench
-    scale`, BENCHMARKS.md). Served requests gained nothing measurable from it and the
-    API process held ~15 MB more after load, so `serve` keeps the default pace."""
+    With CPython's default (a young collection every 700 allocations) the collector ran
+    over and over through the objects of the work in flight, which reference counting
+    frees anyway: a worker with 10,000 jobs in flight spent over half its CPU in it
+    (0.51 ms per upstream poll, against 0.21-0.23 ms), and a served process ~8% of a
+    request's CPU (`python -m bench`, BENCHMARKS.md). Requests make no reference cycles
+    (the GraphQL view breaks the one it had), so a served process holds no more memory
+    for it."""
     gc.freeze()
-    if jobs_in_flight:
-        gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(50_000, 20, 100)
 
 
 @app.command()
@@ -117,7 +118,7 @@ def serve(
         err.print("[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
                   "nothing kept after exit.[/yellow]")
     app = build_app(settings)
-    _tune_gc(jobs_in_flight=False)
+    _tune_gc()
     uvicorn.run(
         app, host=settings.host, port=settings.port,
         log_level="warning", access_log=False, proxy_headers=True, server_header=False,
@@ -141,7 +142,7 @@ def worker() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with runtime(settings) as rt:
-            _tune_gc(jobs_in_flight=True)
+            _tune_gc()
             structlog.get_logger("gateway").info("worker started", consumer=rt.worker.consumer)
             await rt.worker.run(stop, grace=settings.shutdown_grace_seconds)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -407,3 +408,36 @@ async def test_depth_and_token_limits_refuse_before_anything_runs(
                 errors = r.json()["errors"]
                 assert any(words in e["message"].lower() for e in errors), errors
                 assert all(e["extensions"]["code"] == "BAD_USER_INPUT" for e in errors)
+
+
+async def test_requests_leave_no_reference_cycles(redis_url: str, storage_dir: Path) -> None:
+    """The served process collects garbage rarely (`gateway/cli.py:_tune_gc`), which holds
+    only while requests make no reference cycles: everything a request made is freed by
+    reference counting when it is answered."""
+    ours = ("gateway", "schema", "starlette", "strawberry", "uvicorn", "graphql", "redis")
+
+    async def requests(key: str) -> None:
+        job = (await gw.generate(key)).json()["data"]["generate"]
+        assert (await gw.job(key, job["id"]))["id"] == job["id"]
+        r = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                               json={"service": "local", "prompt": "a red fox"})
+        assert r.status_code == 202
+        assert (await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key})
+                ).status_code == 200
+
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("enterprise", credits=10**6)
+        await requests(key)  # each document parsed, validated and planned once
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(20):
+                await requests(key)
+            gc.collect()
+            cyclic = [type(o) for o in gc.garbage if type(o).__module__.startswith(ours)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert cyclic == []

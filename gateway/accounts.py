@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -142,7 +143,8 @@ class Accounts:
     async def add_credits(self, account: str, amount: int, reason: str = "topup") -> int:
         try:
             balance = await self.scripts.credit(
-                keys=[keys.account(account), keys.ledger(account)],
+                keys=[keys.account(account), keys.ledger(account),
+                      keys.topup(account, os.urandom(12).hex())],
                 args=[amount, reason],
                 client=self.redis,
             )

@@ -96,3 +96,24 @@ async def test_an_admission_whose_reply_is_lost_is_charged_once(
         me = (await gw.gql("{ me { limits { name used } } }", key=key)).json()
         assert {"name": "minute", "used": 1} in me["data"]["me"]["limits"]
         assert {"name": "day", "used": 1} in me["data"]["me"]["limits"]
+
+
+async def test_a_top_up_whose_reply_is_lost_is_applied_once(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """The same cut for an admin top-up: applied once, one ledger entry."""
+    redis.Redis(port=plain_redis_server.port).flushall()
+    credit_sha = hashlib.sha1((HERE / "credit.lua").read_bytes()).hexdigest().encode()
+    cutter = ReplyCutter(plain_redis_server.port, credit_sha)
+    async with cutter.running() as port, gateway(
+        f"redis://127.0.0.1:{port}/0", storage_dir, inprocess_workers=False
+    ) as gw:
+        key = await gw.key("pro", credits=100)
+        account = gw.keys[key]["id"]
+        cutter.armed = True
+        assert await gw.accounts.add_credits(account, 50) == 150
+        assert cutter.cut == 1
+        assert int(await gw.accounts.redis.hget(keys.account(account), "credits")) == 150
+        ledger = await gw.accounts.ledger(account)
+        assert [(e["reason"], e["delta"]) for e in ledger] == [("initial", "100"),
+                                                                ("topup", "50")]

@@ -130,6 +130,11 @@ def idempotency(account_id: str, key: str) -> str:
     return f"{_tag(account_id)}:idem:{key}"
 
 
+def topup(account_id: str, topup_id: str) -> str:
+    """String, for a day: this top-up was applied (so a re-sent one is not applied twice)."""
+    return f"{_tag(account_id)}:topup:{topup_id}"
+
+
 def reads(account_id: str, minute: int) -> str:
     return f"{_tag(account_id)}:reads:{minute}"
 

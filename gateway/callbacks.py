@@ -46,7 +46,7 @@ class Waiter:
     async def check(self) -> bool:
         """Whether a delivery came before this waiter listened (one read per token)."""
         for token in self.tokens:
-            if await self.inbox.redis.strlen(keys.callback(token)):
+            if await self.inbox.delivered(token):
                 self.wake(token)
         return self.delivered
 
@@ -112,6 +112,10 @@ class RedisInbox:
             await self.redis.publish(keys.CALLBACKS, token)
         return bool(stored)
 
+    async def delivered(self, token: str) -> bool:
+        """Whether the upstream has called back with `token` (an expected token holds "")."""
+        return bool(await self.redis.strlen(keys.callback(token)))
+
     async def take(self, token: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.callback(token))
         return orjson.loads(raw) if raw else None
@@ -141,7 +145,7 @@ class RedisInbox:
                 self._subscribed.set()
                 # Deliveries announced while the subscription was down went unheard.
                 for token, waiters in list(self.waiting.items()):
-                    if await self.redis.strlen(keys.callback(token)):
+                    if await self.delivered(token):
                         for waiter in waiters:
                             waiter.wake(token)
                 delay = 0.5

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import strawberry
-from graphql import GraphQLError, parse
+from graphql import GraphQLError, parse, specified_rules
 from strawberry.extensions import MaskErrors
 from strawberry.extensions.max_aliases import create_validator as alias_validator
 from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
@@ -112,9 +112,14 @@ def build_schema() -> strawberry.Schema:
 
 
 def prepared(schema: strawberry.Schema) -> Prepared:
-    """The known-document path (`schema.prepared`), validating and masking as `Guard`."""
+    """The known-document path (`schema.prepared`): parsed, validated and masked as
+    `Guard` does, sharing its caches."""
+    # What Guard validates with: Strawberry's default rules (graphql-core's) and ours.
+    rules = (*specified_rules, *LIMIT_RULES)
     return Prepared(
-        schema, _parse, _validate, limit_rules=LIMIT_RULES, max_tokens=MAX_TOKENS,
+        schema,
+        parse=lambda query: _parse(query, max_tokens=MAX_TOKENS),
+        validate=lambda document: _validate(schema._schema, document, rules),
         mutations=RAW_MUTATIONS, queries=RAW_QUERIES,
         mask=MaskUnexpected(should_mask_error=should_mask), size=CACHE_SIZE,
     )

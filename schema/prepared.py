@@ -25,6 +25,7 @@ from typing import Any
 
 import strawberry
 from graphql import (
+    DocumentNode,
     FieldNode,
     GraphQLError,
     GraphQLField,
@@ -37,7 +38,6 @@ from graphql import (
     is_list_type,
     is_non_null_type,
     located_error,
-    specified_rules,
 )
 from graphql.execution.values import get_argument_values, get_variable_values
 from strawberry.extensions import MaskErrors
@@ -148,25 +148,20 @@ class Prepared:
     def __init__(
         self,
         schema: strawberry.Schema,
-        parse: Callable[..., Any],
-        validate: Callable[..., list[GraphQLError]],
         *,
-        limit_rules: tuple[Any, ...],
-        max_tokens: int,
+        parse: Callable[[str], DocumentNode],
+        validate: Callable[[DocumentNode], list[GraphQLError]],
         mutations: dict[str, Resolver],
         queries: dict[str, Resolver],
         mask: MaskErrors,
         size: int,
     ) -> None:
+        """`parse` and `validate` are the general path's own (limits and caches)."""
         self.schema = schema
         self.mask = mask
         self.core = schema._schema
         self._parse = parse
         self._validate = validate
-        # Strawberry's default rules and ours, the tuple `Guard` validates with, so that
-        # both paths share one validation cache entry per document.
-        self._rules = (*specified_rules, *limit_rules)
-        self._max_tokens = max_tokens
         self._roots = {OperationType.MUTATION: mutations, OperationType.QUERY: queries}
         self.plan = functools.lru_cache(maxsize=size)(self._plan)
 
@@ -189,10 +184,10 @@ class Prepared:
 
     def _plan(self, query: str) -> Plan | None:
         try:
-            document = self._parse(query, max_tokens=self._max_tokens)
+            document = self._parse(query)
         except GraphQLError:
             return None
-        if self._validate(self.core, document, self._rules):
+        if self._validate(document):
             return None
         if len(document.definitions) != 1:
             return None

@@ -8,9 +8,10 @@ for it twice, and Krea's lifecycle statuses as progress (CONTRACT §5, §10).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,14 @@ async def up() -> AsyncIterator[Upstreams]:
         })  # fmt: skip
 
 
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll `check` (plain or async) until it returns something truthy; fail after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await check()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -544,7 +548,7 @@ async def test_a_forged_krea_callback_completes_nothing(
     async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
         key = await gw.key()
         job_id = await submit(gw, key, provider="flux-dev")
-        (submitted,) = await until(lambda: _async(up.krea.received("POST", "/generate/")),
+        (submitted,) = await until(lambda: up.krea.received("POST", "/generate/"),
                                    "the submission")
         hook = submitted.headers["x-webhook-url"]
         unknown = await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={})
@@ -556,12 +560,8 @@ async def test_a_forged_krea_callback_completes_nothing(
                   "result": {"urls": ["http://127.0.0.1:9/evil.png"]}}
         assert (await gw.http.post(hook, json=forged)).status_code == 200
         # The gateway reads the job from Krea with its token: still processing.
-        await until(lambda: _async(job.polls >= 1), "a poll after the forged callback")
+        await until(lambda: job.polls >= 1, "a poll after the forged callback")
         assert (await gw.job(key, job_id))["status"] in ("queued", "processing")
         done = await gw.wait(key, job_id)
         assert done["status"] == "completed", done["error"]
         assert await image_size(gw, done["url"]) == (1024, 1024)  # Krea's, not theirs
-
-
-async def _async(value: Any) -> Any:
-    return value

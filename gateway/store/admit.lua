@@ -145,10 +145,9 @@ if cost > 0 then
   redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
     'balance', balance)
 end
-local fields = nil  -- the job's fields are ARGV 13.., unless a hit adds its outcome
+redis.call('HSET', KEYS[6], unpack(ARGV, 13))
 local outcome = {}
 if mode == 'hit' then
-  fields = {unpack(ARGV, 13)}
   local e = {}
   for i = 1, #entry, 2 do e[entry[i]] = entry[i + 1] end
   local meta = e['hit_metadata']
@@ -159,18 +158,9 @@ if mode == 'hit' then
     meta = cjson.encode(m)
   end
   outcome = {e['urls'], e['width'], e['height'], meta}
-  -- One HSET: the later status, completed_at and cost replace the queued job's.
-  for _, v in ipairs({'status', 'completed', 'completed_at', now, 'cost', 0, 'price', price,
-      'urls', e['urls'], 'width', e['width'], 'height', e['height'], 'metadata', meta}) do
-    fields[#fields + 1] = v
-  end
-end
-if fields then
-  redis.call('HSET', KEYS[6], unpack(fields))
-else
-  redis.call('HSET', KEYS[6], unpack(ARGV, 13))
-end
-if mode == 'hit' then
+  redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
+    'price', price, 'urls', e['urls'], 'width', e['width'], 'height', e['height'],
+    'metadata', meta)
   redis.call('PEXPIRE', KEYS[6], retention)
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)

@@ -14,6 +14,8 @@ Cases, round-robin within each round (the median of the rounds is reported):
 - gateway: generate  the seed's Doitong `generate` mutation, provider "local"
 - gateway: REST      `POST /v1/text_to_image`
 - gateway: job       the `job` query the shipped polling client sends, one job id
+- gateway: cache miss the same seeded `generate` with a seed no request had (wrk's Lua
+                     counts one up per request): looked up, not found, admitted to run
 - gateway: cache hit the `generate` of a seeded request already completed once (a worker
                      runs it before the rounds): answered from the cache, cost 0
 - peer: litellm      optional: a LiteLLM proxy's image request to a fake upstream that
@@ -80,12 +82,14 @@ POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
 
 STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
 GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
-CACHE_CASE, PEER = "gateway: cache hit", "peer: litellm"
+MISS_CASE, CACHE_CASE, PEER = "gateway: cache miss", "gateway: cache hit", "peer: litellm"
 # (case, its reference, the share of the reference's req/s the issue asks for, or None)
 TARGETS = [(GENERATE_CASE, STRAWBERRY, 0.80), (REST_CASE, STARLETTE, 0.50),
-           (JOB_CASE, STRAWBERRY, None), (CACHE_CASE, GENERATE_CASE, 1.0),
+           (JOB_CASE, STRAWBERRY, None), (CACHE_CASE, MISS_CASE, 1.0),
+           (CACHE_CASE, GENERATE_CASE, None),
            (GENERATE_CASE, PEER, 25.0)]
 RSS_TARGET_MB = 100
+GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE)  # each records a job
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -287,12 +291,36 @@ end
 """
 
 
-def lua_script(body: bytes, headers: dict[str, str]) -> str:
+# Each request with a seed of its own: `SEED` in the body becomes a number that no other
+# request of the run had (each wrk thread counts up from its own base; `first` moves the
+# bases on between runs).
+FRESH_SEEDS = """
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("base", FIRST + threads * 1000000)
+end
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, string.format(template, base + counter))
+end
+"""
+SEED = "SEED"
+
+
+def lua_script(body: bytes, headers: dict[str, str], first: int | None = None) -> str:
+    """wrk's script for one case; with `first`, `"SEED"` in the body is a fresh seed."""
     text = body.decode()
     assert "]==]" not in text
     lines = ['wrk.method = "POST"', f"wrk.body = [==[{text}]==]"]
     for name, value in headers.items():
         lines.append(f'wrk.headers["{name}"] = "{value}"')
+    if first is not None:
+        assert "%" not in text
+        template = text.replace(f'"{SEED}"', "%d")
+        lines += [f"template = [==[{template}]==]",
+                  FRESH_SEEDS.replace("FIRST", str(first))]
     return "\n".join(lines) + "\n" + DONE
 
 
@@ -342,15 +370,21 @@ class Case:
     body: bytes
     headers: dict[str, str]
     expect: int  # the status a correct answer has
+    fresh_seeds: bool = False  # each request a seed of its own (`SEED` in the body)
     script: Path = field(init=False)
+    runs: int = 0
 
     def write_script(self, workdir: Path) -> None:
+        """Before each wrk run: a case with fresh seeds starts where no run has been."""
         self.script = workdir / f"{self.name.replace(' ', '_').replace(':', '')}.lua"
-        self.script.write_text(lua_script(self.body, self.headers))
+        self.runs += 1
+        first = self.runs * 10_000_000 if self.fresh_seeds else None
+        self.script.write_text(lua_script(self.body, self.headers, first))
 
     def check(self, client: httpx.Client) -> dict[str, Any]:
         """One request by hand: the answer must be the right one, not an error."""
-        response = client.post(self.server.url(self.path), content=self.body,
+        body = self.body.replace(f'"{SEED}"'.encode(), b"1") if self.fresh_seeds else self.body
+        response = client.post(self.server.url(self.path), content=body,
                                headers=self.headers)
         body: dict[str, Any] = response.json()
         if response.status_code != self.expect or body.get("errors") or body.get("error"):
@@ -398,6 +432,7 @@ def redis_pid_of(info: dict[str, Any]) -> int:
 
 async def measure(case: Case, row: HttpRow, admin: aioredis.Redis, redis_pid: int,
                   seconds: float) -> None:
+    case.write_script(case.script.parent)
     before_stats = await command_stats(admin)
     cpu0, rcpu0 = cpu_seconds(case.server.pid), cpu_seconds(redis_pid)
     start = time.monotonic()
@@ -452,6 +487,11 @@ async def http(ctx: Context) -> list[HttpRow]:
             cases.append(Case(JOB_CASE, gateway, "/graphql", poll, auth, 200))
             cacheable = json.dumps({"query": GENERATE, "variables": CACHEABLE_VARIABLES}).encode()
             complete_one(ctx.redis_url, workdir / "outputs", client, gateway, cacheable, auth)
+            fresh = json.dumps({"query": GENERATE, "variables": {"input": {
+                **CACHEABLE_VARIABLES["input"], "options": {
+                    **CACHEABLE_VARIABLES["input"]["options"], "seed": SEED}}}}).encode()
+            cases.append(Case(MISS_CASE, gateway, "/graphql", fresh, auth, 200,
+                              fresh_seeds=True))
             cases.append(Case(CACHE_CASE, gateway, "/graphql", cacheable, auth, 200))
             if PEER in procs:
                 from bench import peer
@@ -465,15 +505,18 @@ async def http(ctx: Context) -> list[HttpRow]:
                 if case.name == CACHE_CASE and not answer["data"]["generate"]["metadata"].get(
                         "cached"):
                     raise SystemExit(f"{CACHE_CASE}: not answered from the cache: {answer}")
+                if case.name == MISS_CASE and answer["data"]["generate"]["status"] != "queued":
+                    raise SystemExit(f"{MISS_CASE}: not admitted to run: {answer}")
             rss_first = gateway.rss_mb()  # at rest, after the first few requests
 
             rows = {case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
                     for case in cases}
             # the checks, the job polled and the one cached: (fewest, most) recorded
-            generations = [5, 5]
+            generations = [6, 6]
             for case in cases:  # warm-up: connection pools filled, caches hot
+                case.write_script(workdir)
                 done = await wrk(case.server.url(case.path), case.script, warmup)
-                if case.name in (GENERATE_CASE, REST_CASE, CACHE_CASE):
+                if case.name in GENERATIONS:
                     generations[0] += done.requests
                     generations[1] += done.requests + CONNECTIONS
             for _ in range(rounds):
@@ -491,7 +534,7 @@ async def http(ctx: Context) -> list[HttpRow]:
                 f"floors at rest after the load: starlette {procs[STARLETTE].rss_mb():.1f} MB, "
                 f"strawberry {procs[STRAWBERRY].rss_mb():.1f} MB",
             ]
-            for name in (GENERATE_CASE, REST_CASE, CACHE_CASE):  # a hit records a job too
+            for name in GENERATIONS:  # a hit records a job too
                 generations[0] += rows[name].requests
                 generations[1] += rows[name].handled
             jobs = await admin.zcard(keys.jobs(made["id"]))

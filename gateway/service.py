@@ -120,7 +120,7 @@ class Gateway:
             self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
             if request.webhook_url:
                 await check_url(request.webhook_url, self.settings.allow_cidrs)
-            estimate = self.estimate(request)
+            credits = pricing.cost(*request.size(), request.num_images)
         except GatewayError as exc:
             await self._refuse(api_key, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
@@ -135,7 +135,7 @@ class Gateway:
             status="queued",
             provider=request.provider,
             params=params,
-            cost=estimate.credits,
+            cost=credits,
             created_at=now,
             webhook_url=request.webhook_url,
             cache_key=self.cache.digest(request),

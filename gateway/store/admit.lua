@@ -109,8 +109,8 @@ end
 local mode = 'run'
 local entry = nil
 if cacheable then
-  entry = redis.call('HGETALL', KEYS[10])
-  if #entry > 0 then
+  entry = redis.call('HMGET', KEYS[10], 'urls', 'width', 'height', 'hit_metadata')
+  if entry[1] then
     mode = 'hit'
   else
     local leader = redis.call('GET', KEYS[11])
@@ -148,18 +148,16 @@ end
 redis.call('HSET', KEYS[6], unpack(ARGV, 13))
 local outcome = {}
 if mode == 'hit' then
-  local e = {}
-  for i = 1, #entry, 2 do e[entry[i]] = entry[i + 1] end
-  local meta = e['hit_metadata']
+  local meta = entry[4]
   if not meta then  -- an entry stored before settle.lua wrote hit_metadata
-    local m = cjson.decode(e['metadata'])
+    local m = cjson.decode(redis.call('HGET', KEYS[10], 'metadata'))
     m['cached'] = true
     m['duration'] = 0
     meta = cjson.encode(m)
   end
-  outcome = {e['urls'], e['width'], e['height'], meta}
+  outcome = {entry[1], entry[2], entry[3], meta}
   redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
-    'price', price, 'urls', e['urls'], 'width', e['width'], 'height', e['height'],
+    'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
     'metadata', meta)
   redis.call('PEXPIRE', KEYS[6], retention)
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)

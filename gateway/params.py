@@ -17,7 +17,6 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import BadUserInput
-from gateway.providers.base import ImageParams
 
 ASPECT_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 MIN_SIDE, MAX_SIDE = 512, 2048
@@ -76,20 +75,21 @@ class GenerationRequest(BaseModel):
             return _side(w), _side(h)
         return self.width or 1024, self.height or 1024
 
-    def image_params(self, seed: int | None = None) -> ImageParams:
+    def image_fields(self, seed: int | None = None) -> dict[str, Any]:
+        """The job's `ImageParams` fields, as its record stores them."""
         width, height = self.size()
-        return ImageParams(
-            prompt=self.prompt,
-            width=width,
-            height=height,
-            num_images=self.num_images,
-            seed=self.seed if seed is None else seed,
-            steps=self.steps,
-            guidance=self.guidance,
-            output_format=self.output_format,
-            aspect_ratio=self.aspect_ratio,
-            quality=self.quality,
-        )
+        return {
+            "prompt": self.prompt,
+            "width": width,
+            "height": height,
+            "num_images": self.num_images,
+            "seed": self.seed if seed is None else seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "output_format": self.output_format,
+            "aspect_ratio": self.aspect_ratio,
+            "quality": self.quality,
+        }
 
     def cache_key(self) -> str:
         """SHA-256 of everything that changes the picture, normalized: the same request

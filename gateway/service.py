@@ -127,7 +127,7 @@ class Gateway:
         # One read of the system's randomness for the job id and the seed.
         raw = os.urandom(16)
         seed = request.seed if request.seed is not None else int.from_bytes(raw[12:]) & SEED_MAX
-        params = vars(request.image_params(seed)).copy()  # flat fields: no deep asdict
+        params = request.image_fields(seed)
         now = self.now_ms()
         job = Job(
             id=raw[:12].hex(),

@@ -102,9 +102,12 @@ class Job:
             "params": orjson.dumps(self.params).decode(),
             "cost": self.cost,
             "created_at": self.created_at,
-            "webhook_url": self.webhook_url or "",
-            "cache_key": self.cache_key or "",
         }
+        # Written only when set: every reader takes a missing field for none.
+        if self.webhook_url:
+            out["webhook_url"] = self.webhook_url
+        if self.cache_key:
+            out["cache_key"] = self.cache_key
         if self.ended:
             out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
             out["completed_at"] = self.completed_at

@@ -137,8 +137,9 @@ if balance < cost then return reply('credits', used, cost) end
 -- Everything is allowed: take it all.
 redis.call('ZADD', KEYS[2], now, job_id)
 redis.call('PEXPIRE', KEYS[2], 60000)
-redis.call('INCR', KEYS[3])
-redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
+if redis.call('INCR', KEYS[3]) == 1 then  -- the day's first: it ends an hour after
+  redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
+end
 if hold then redis.call('ZADD', KEYS[4], now + lease, job_id) end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)

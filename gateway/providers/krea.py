@@ -80,6 +80,7 @@ class KreaProvider:
         self.client = client
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self._auth = {"Authorization": f"Bearer {token}"} if token else None
         self.model_path = model_path.strip("/")
         self.timeout = timeout
 
@@ -89,9 +90,9 @@ class KreaProvider:
         return True, "ok"
 
     def _headers(self) -> dict[str, str]:
-        if not self.token:
+        if self._auth is None:
             raise ProviderUnavailable("krea is not configured: GATEWAY_KREA_API_TOKEN is not set")
-        return {"Authorization": f"Bearer {self.token}"}
+        return self._auth  # one dict for every call: nothing changes it
 
     def translate(self, params: ImageParams) -> dict[str, Any]:
         """The body of one job, in Krea's names and ranges (without the per-image seed)."""

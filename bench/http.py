@@ -372,7 +372,7 @@ class Case:
     expect: int  # the status a correct answer has
     fresh_seeds: bool = False  # each request a seed of its own (`SEED` in the body)
     script: Path = field(init=False)
-    runs: int = 0
+    runs: int = field(default=0, init=False)
 
     def write_script(self, workdir: Path) -> None:
         """Before each wrk run: a case with fresh seeds starts where no run has been."""
@@ -383,8 +383,8 @@ class Case:
 
     def check(self, client: httpx.Client) -> dict[str, Any]:
         """One request by hand: the answer must be the right one, not an error."""
-        body = self.body.replace(f'"{SEED}"'.encode(), b"1") if self.fresh_seeds else self.body
-        response = client.post(self.server.url(self.path), content=body,
+        sent = self.body.replace(f'"{SEED}"'.encode(), b"1") if self.fresh_seeds else self.body
+        response = client.post(self.server.url(self.path), content=sent,
                                headers=self.headers)
         body: dict[str, Any] = response.json()
         if response.status_code != self.expect or body.get("errors") or body.get("error"):

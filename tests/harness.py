@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from gateway.accounts import Accounts
 from gateway.app import build_app
 from gateway.config import Settings, load_settings
-from gateway.store.redis import Scripts, connect
-from tests.servers import free_port, serve
+from gateway.store.redis import HERE, Scripts, connect
+from tests.servers import ReplyCutter, free_port, serve
 
 GENERATE = """mutation Generate($input: GenerateInput!) {
   generate(input: $input) {
@@ -112,3 +114,19 @@ async def gateway(
             yield Harness(base, settings, http, accounts, clock, app)
         if redis_url:
             await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def replies_cut(
+    port: int, script: str, storage_dir: Path, **overrides: Any
+) -> AsyncIterator[tuple[ReplyCutter, Harness]]:
+    """A gateway whose Redis (a plain server on `port`, flushed) is reached through a
+    `ReplyCutter` for `script`'s EVALSHA: arm it to cut the next reply."""
+    redis.Redis(port=port).flushall()
+    sha = hashlib.sha1((HERE / script).read_bytes()).hexdigest().encode()
+    cutter = ReplyCutter(port, sha)
+    overrides.setdefault("inprocess_workers", False)
+    async with cutter.running() as proxied, gateway(
+        f"redis://127.0.0.1:{proxied}/0", storage_dir, **overrides
+    ) as gw:
+        yield cutter, gw

@@ -267,9 +267,8 @@ async def test_a_killed_workers_slot_comes_back_after_its_lease(
         # slot, from now) and then dies without renewing it or ending the job.
         clock.advance(3)
         store = JobStore(gw.accounts.redis, gw.accounts.scripts)
-        job = await store.get(account, first)
-        assert job is not None
-        assert await store.start(job, int(clock() * 1000), 5000) == ("queued", 1)
+        job = await store.start(rkeys.job(account, first), int(clock() * 1000), 5000)
+        assert job is not None and (job.status, job.attempts) == ("processing", 1)
 
         retry_after = assert_rate_limited(await gw.generate(key, "blocked"), "concurrency")
         assert retry_after <= 5

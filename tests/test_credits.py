@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import redis
-
 from gateway.store import keys
-from gateway.store.redis import HERE
 from tests.conftest import RedisServer
-from tests.harness import Harness, gateway
-from tests.servers import ReplyCutter
+from tests.harness import gateway, replies_cut
 
 
 async def test_fifty_racing_requests_for_the_last_credits(
@@ -70,28 +63,13 @@ async def test_a_failed_job_is_refunded_exactly_once(redis_url: str, storage_dir
         assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 3
 
 
-@contextlib.asynccontextmanager
-async def replies_cut(
-    server: RedisServer, script: str, storage_dir: Path
-) -> AsyncIterator[tuple[ReplyCutter, Harness]]:
-    """A gateway whose Redis is reached through a `ReplyCutter` for `script`'s EVALSHA
-    (arm it to cut the next reply)."""
-    redis.Redis(port=server.port).flushall()
-    sha = hashlib.sha1((HERE / script).read_bytes()).hexdigest().encode()
-    cutter = ReplyCutter(server.port, sha)
-    async with cutter.running() as port, gateway(
-        f"redis://127.0.0.1:{port}/0", storage_dir, inprocess_workers=False
-    ) as gw:
-        yield cutter, gw
-
-
 async def test_an_admission_whose_reply_is_lost_is_charged_once(
     plain_redis_server: RedisServer, storage_dir: Path
 ) -> None:
     """The connection drops after Redis ran the admission, before its reply arrived:
     redis-py sends the command again on a new connection. The job is the same one and
     it is charged once (admit.lua recognises its own job id)."""
-    async with replies_cut(plain_redis_server, "admit.lua", storage_dir) as (cutter, gw):
+    async with replies_cut(plain_redis_server.port, "admit.lua", storage_dir) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         cutter.armed = True
@@ -114,7 +92,7 @@ async def test_a_top_up_whose_reply_is_lost_is_applied_once(
     plain_redis_server: RedisServer, storage_dir: Path
 ) -> None:
     """The same cut for an admin top-up: applied once, one ledger entry."""
-    async with replies_cut(plain_redis_server, "credit.lua", storage_dir) as (cutter, gw):
+    async with replies_cut(plain_redis_server.port, "credit.lua", storage_dir) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         cutter.armed = True

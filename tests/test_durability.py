@@ -18,7 +18,7 @@ import pytest
 from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.emulators.krea import KreaEmulator
-from tests.harness import Harness, gateway
+from tests.harness import Harness, gateway, replies_cut
 from tests.servers import serve
 
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
@@ -263,6 +263,28 @@ async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 100
         assert emu.submissions == 1  # the second worker resumed the upstream job
+
+
+async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """The connection drops after Redis ran `start.lua`, before its reply arrived:
+    redis-py sends it again. The job is started once: one attempt counted (a second
+    would bring GATEWAY_JOB_MAX_TRIES one nearer), completed, charged once."""
+    async with replies_cut(plain_redis_server.port, "start.lua", storage_dir,
+                           inprocess_workers=True) as (cutter, gw):
+        key = await gw.key("pro", credits=100)
+        account = gw.keys[key]["id"]
+        cutter.armed = True
+        r = await gw.generate(key, width=1024, height=1024)
+        job = r.json()["data"]["generate"]
+        done = await gw.wait(key, job["id"])
+        assert cutter.cut == 1
+        assert done["status"] == "completed" and done["creditCost"] == 20
+        record = await gw.accounts.redis.hgetall(keys.job(account, job["id"]))
+        assert record["attempts"] == "1"
+        assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"] == {
+            "credits": 80}
 
 
 def test_a_failure_inside_the_redis_client_is_the_stores_not_the_jobs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import orjson
@@ -63,13 +64,18 @@ class JobStore:
             start += batch
         return found[:first], len(found) > first
 
-    async def start(self, job: Job, now_ms: int, lease_ms: int) -> tuple[str, int]:
-        before, attempts = await self.scripts.start(
-            keys=[keys.job(job.account, job.id), keys.running(job.account)],
-            args=[now_ms, lease_ms, job.id],
+    async def start(self, job_key: str, now_ms: int, lease_ms: int) -> Job | None:
+        """Take the job (one round trip): its record as started, `attempts` counting this
+        one; None for a job that is missing or has ended."""
+        account, job_id = keys.job_parts(job_key)
+        reply = await self.scripts.start(
+            keys=[job_key, keys.running(account)],
+            # A token of this start: a re-send of it is not counted as another attempt.
+            args=[now_ms, lease_ms, job_id, os.urandom(8).hex()],
             client=self.redis,
         )
-        return str(before), int(attempts)
+        fields = reply[2:]  # after the status before and the attempt (also in the record)
+        return Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
 
     async def save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
         """Record the upstream's job id before waiting on it, so a takeover resumes it."""

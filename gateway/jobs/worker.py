@@ -27,7 +27,7 @@ from gateway.cache import Cache
 from gateway.config import Settings
 from gateway.errors import ProviderError
 from gateway.events import Events
-from gateway.jobs.model import TERMINAL, Job
+from gateway.jobs.model import Job
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
@@ -193,22 +193,17 @@ class Worker:
     # -- one job -----------------------------------------------------------------------
 
     async def process(self, entry_id: str, job_key: str) -> None:
-        job = await self.store.get_by_key(job_key)
-        if job is None or job.ended:
-            await self.queue.ack(entry_id)
-            return
-        before, attempts = await self.store.start(job, self.now_ms(), self.lease_ms)
-        if before in TERMINAL or before == "missing":
+        job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
+        if job is None:  # gone, or ended (cancelled while queued, say)
             await self.queue.ack(entry_id)
             return
         if entry_id in self.running:
             self.running[entry_id].job = job
-        bound = log.bind(job_id=job.id, attempt=attempts)
-        if attempts > self.settings.job_max_tries:
-            await self._end(job, "failed", error=f"gave up after {attempts - 1} attempts")
+        bound = log.bind(job_id=job.id, attempt=job.attempts)
+        if job.attempts > self.settings.job_max_tries:
+            await self._end(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
             await self.queue.ack(entry_id)
             return
-        job.status, job.attempts = "processing", attempts
         await self.events.publish(job)
         try:
             result = await self.router.execute(

@@ -121,6 +121,12 @@ def job(account_id: str, job_id: str) -> str:
     return f"{_tag(account_id)}:job:{job_id}"
 
 
+def job_parts(job_key: str) -> tuple[str, str]:
+    """(account id, job id) of a key made by `job` (the queue carries job keys)."""
+    tag, _, job_id = job_key.rpartition(":job:")
+    return tag.rpartition(":a:")[2], job_id
+
+
 def jobs(account_id: str) -> str:
     """Sorted set: job id -> created (ms), newest last."""
     return f"{_tag(account_id)}:jobs"

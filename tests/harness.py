@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
+from redis import Redis
 
 from gateway.accounts import Accounts
 from gateway.app import build_app
@@ -122,7 +122,7 @@ async def replies_cut(
 ) -> AsyncIterator[tuple[ReplyCutter, Harness]]:
     """A gateway whose Redis (a plain server on `port`, flushed) is reached through a
     `ReplyCutter` for `script`'s EVALSHA: arm it to cut the next reply."""
-    redis.Redis(port=port).flushall()
+    Redis(port=port).flushall()
     sha = hashlib.sha1((HERE / script).read_bytes()).hexdigest().encode()
     cutter = ReplyCutter(port, sha)
     overrides.setdefault("inprocess_workers", False)

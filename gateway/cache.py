@@ -110,16 +110,13 @@ class Cache:
                 await self.redis.delete(inflight)
                 await self.redis.srem(keys.coalescing(shard), inflight)
                 return changed
-            row = await self.redis.hmget(follower, "account", "id")
-            verdict = "skip"
-            if row[0]:
-                account, job_id = row
-                verdict = await self.scripts.promote(
-                    keys=[follower, keys.account(account), keys.ledger(account),
-                          keys.queue(shard), inflight, keys.webhooks(shard)],
-                    args=[now_ms, self.lease_ms, job_id, self.retention_ms],
-                    client=self.redis,
-                )
+            account, job_id = keys.job_parts(follower)  # a record gone is skipped
+            verdict = await self.scripts.promote(
+                keys=[follower, keys.account(account), keys.ledger(account),
+                      keys.queue(shard), inflight, keys.webhooks(shard)],
+                args=[now_ms, self.lease_ms, job_id, self.retention_ms],
+                client=self.redis,
+            )
             await self.redis.lrem(waiting, 1, follower)
             if verdict != "skip":
                 changed.append(str(follower))

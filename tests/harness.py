@@ -17,7 +17,7 @@ from redis import Redis
 from gateway.accounts import Accounts
 from gateway.app import build_app
 from gateway.config import Settings, load_settings
-from gateway.store.redis import HERE, Scripts, connect
+from gateway.store.redis import Scripts, connect, source
 from tests.servers import ReplyCutter, free_port, serve
 
 GENERATE = """mutation Generate($input: GenerateInput!) {
@@ -121,9 +121,10 @@ async def replies_cut(
     port: int, script: str, storage_dir: Path, **overrides: Any
 ) -> AsyncIterator[tuple[ReplyCutter, Harness]]:
     """A gateway whose Redis (a plain server on `port`, flushed) is reached through a
-    `ReplyCutter` for `script`'s EVALSHA: arm it to cut the next reply."""
+    `ReplyCutter` for the EVALSHA of `script` (a name of `store/redis.py:NAMES`): arm it
+    to cut the next reply."""
     Redis(port=port).flushall()
-    sha = hashlib.sha1((HERE / script).read_bytes()).hexdigest().encode()
+    sha = hashlib.sha1(source(script).encode()).hexdigest().encode()
     cutter = ReplyCutter(port, sha)
     overrides.setdefault("inprocess_workers", False)
     async with cutter.running() as proxied, gateway(

@@ -69,7 +69,7 @@ async def test_an_admission_whose_reply_is_lost_is_charged_once(
     """The connection drops after Redis ran the admission, before its reply arrived:
     redis-py sends the command again on a new connection. The job is the same one and
     it is charged once (admit.lua recognises its own job id)."""
-    async with replies_cut(plain_redis_server.port, "admit.lua", storage_dir) as (cutter, gw):
+    async with replies_cut(plain_redis_server.port, "admit", storage_dir) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         cutter.armed = True
@@ -92,7 +92,7 @@ async def test_a_top_up_whose_reply_is_lost_is_applied_once(
     plain_redis_server: RedisServer, storage_dir: Path
 ) -> None:
     """The same cut for an admin top-up: applied once, one ledger entry."""
-    async with replies_cut(plain_redis_server.port, "credit.lua", storage_dir) as (cutter, gw):
+    async with replies_cut(plain_redis_server.port, "credit", storage_dir) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         cutter.armed = True
@@ -102,3 +102,29 @@ async def test_a_top_up_whose_reply_is_lost_is_applied_once(
         ledger = await gw.accounts.ledger(account)
         assert [(e["reason"], e["delta"]) for e in ledger] == [("initial", "100"),
                                                                 ("topup", "50")]
+
+
+async def test_a_promotion_whose_reply_is_lost_is_charged_once(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """The same cut for `promote.lua`: a job that waited for an identical one, promoted
+    to run when that one was cancelled, is charged and queued once."""
+    async with replies_cut(plain_redis_server.port, "promote", storage_dir) as (cutter, gw):
+        key = await gw.key("pro", credits=100)
+        account = gw.keys[key]["id"]
+        leader, follower = [
+            (await gw.generate(key, "a lighthouse", width=1024, height=1024, seed=7)
+             ).json()["data"]["generate"] for _ in range(2)]
+        assert (leader["creditCost"], follower["creditCost"]) == (20, 0)
+        cutter.armed = True
+        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status } }",
+                         {"id": leader["id"]}, key)
+        assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
+        assert cutter.cut == 1
+        store = gw.accounts.redis
+        assert await store.hget(keys.job(account, follower["id"]), "cost") == "20"
+        assert int(await store.hget(keys.account(account), "credits")) == 80
+        ledger = await gw.accounts.ledger(account)
+        assert [e["reason"] for e in ledger] == ["initial", "charge", "refund", "charge"]
+        queued = [fields["job"] for _, fields in await store.xrange(keys.queue(0))]
+        assert queued.count(keys.job(account, follower["id"])) == 1

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -271,7 +272,7 @@ async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
     """The connection drops after Redis ran `start.lua`, before its reply arrived:
     redis-py sends it again. The job is started once: one attempt counted (a second
     would bring GATEWAY_JOB_MAX_TRIES one nearer), completed, charged once."""
-    async with replies_cut(plain_redis_server.port, "start.lua", storage_dir,
+    async with replies_cut(plain_redis_server.port, "start", storage_dir,
                            inprocess_workers=True) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
@@ -285,6 +286,25 @@ async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
         assert record["attempts"] == "1"
         assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"] == {
             "credits": 80}
+
+
+async def test_a_job_end_whose_reply_is_lost_keeps_its_images(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """The same cut for `finish.lua`: the re-sent end must not read as "someone else
+    ended it" (the worker would then delete the images of a completed job)."""
+    async with replies_cut(plain_redis_server.port, "finish", storage_dir,
+                           inprocess_workers=True) as (cutter, gw):
+        key = await gw.key("pro", credits=100)
+        cutter.armed = True
+        r = await gw.generate(key, width=1024, height=1024)
+        done = await gw.wait(key, r.json()["data"]["generate"]["id"])
+        assert cutter.cut == 1
+        assert done["status"] == "completed" and done["creditCost"] == 20
+        image = await gw.http.get(urlsplit(done["url"]).path)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        ledger = await gw.accounts.ledger(gw.keys[key]["id"])
+        assert [e["reason"] for e in ledger] == ["initial", "charge"]
 
 
 def test_a_failure_inside_the_redis_client_is_the_stores_not_the_jobs() -> None:

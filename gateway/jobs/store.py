@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orjson
@@ -69,9 +68,7 @@ class JobStore:
         one; None for a job that is missing or has ended."""
         account, job_id = keys.job_parts(job_key)
         reply = await self.scripts.start(
-            keys=[job_key, keys.running(account)],
-            # A token of this start: a re-send of it is not counted as another attempt.
-            args=[now_ms, lease_ms, job_id, os.urandom(8).hex()],
+            keys=[job_key, keys.running(account)], args=[now_ms, lease_ms, job_id],
             client=self.redis,
         )
         fields = reply[2:]  # after the status before and the attempt (also in the record)

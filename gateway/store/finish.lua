@@ -2,7 +2,8 @@
 -- Frees its concurrency slot and, for failed or cancelled, refunds its whole charge.
 -- A job with a webhook URL is put on the delivery schedule in the same step, so an
 -- ended job's webhook is never forgotten.
--- Ending an ended job changes nothing, so a second worker or a late cancel is harmless.
+-- Ending an ended job changes nothing, so a second worker or a late cancel is harmless;
+-- the same end sent again (once.lua) answers as the first did: this call ended it.
 -- A running job that is cancelled is announced on its shard's cancellation log, which
 -- workers read once a second instead of each job checking its status on every poll.
 -- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log
@@ -11,12 +12,12 @@
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, 'missing'} end
+if again then return {1, tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')} end
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
-local fields = {'status', ARGV[1], 'completed_at', ARGV[2]}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
+mark()
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], unpack(ARGV, 6))
 redis.call('ZREM', KEYS[2], ARGV[3])
 local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
 local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')

@@ -4,8 +4,11 @@
 --       6 webhook schedule
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms
 -- Returns 'promoted', 'poor' (failed: not enough credits) or 'skip' (it had ended).
+-- Runs inside once.lua: sent again, it charges and queues nothing more.
 local f = redis.call('HMGET', KEYS[1], 'status', 'price', 'webhook_url')
+if again then return f[1] == 'failed' and 'poor' or 'promoted' end
 if f[1] ~= 'queued' then return 'skip' end
+mark()
 local price = tonumber(f[2] or '0')
 local credits = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
 if credits < price then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -48,6 +49,10 @@ def store_trouble(exc: BaseException) -> bool:
 
 
 NAMES = ("admit", "start", "finish", "credit", "auth", "claim", "settle", "promote")
+# Each changes one job record and must change it once however often it is sent: run
+# inside once.lua, with a token of its call (admit.lua and credit.lua need no token: a
+# new job id, a new top-up key, are theirs).
+ONCE = frozenset({"start", "finish", "promote"})
 
 
 class HiredisPacked(AsyncConnection):
@@ -110,15 +115,18 @@ class Script:
     every call: ~5% of a REST generation request's CPU. EVALSHA goes to
     `execute_command` itself, past the two wrappers of redis-py's `evalsha`."""
 
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
+    def __init__(self, client: aioredis.Redis, source: str, *, once: bool = False) -> None:
         self.client = client
         self.source = source
+        self.once = once  # wrapped in once.lua: each call carries a token of its own
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     async def __call__(
         self, keys: list[Any], args: list[Any], client: aioredis.Redis | None = None
     ) -> Any:
         client = client or self.client
+        if self.once:  # one token per call: a re-send of the same command carries it too
+            args = [*args, os.urandom(8).hex()]
         try:
             return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted or flushed server; another node of a Cluster
@@ -139,13 +147,19 @@ class Scripts:
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
-        return cls(*(Script(client, (HERE / f"{n}.lua").read_text()) for n in NAMES))
+        return cls(*(Script(client, source(n), once=n in ONCE) for n in NAMES))
 
     async def load(self) -> None:
         """SCRIPT LOAD each once at start-up, so requests send only EVALSHA."""
         for name in NAMES:
             script: Script = getattr(self, name)
             script.sha = await script.client.script_load(script.source)
+
+
+def source(name: str) -> str:
+    """The Lua source Redis runs for the script `name` (what its SHA-1 is taken of)."""
+    text = (HERE / f"{name}.lua").read_text()
+    return (HERE / "once.lua").read_text().replace("-- BODY\n", text) if name in ONCE else text
 
 
 def flat(mapping: dict[str, Any]) -> list[Any]:

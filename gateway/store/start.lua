@@ -1,24 +1,22 @@
 -- start: a worker takes a job. Marks it processing, counts the attempt, (re)takes its
 -- concurrency slot as a lease the worker keeps renewing, and answers with the record:
--- taking a job is one round trip.
--- KEYS: 1 job, 2 running   ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 this start's token
+-- taking a job is one round trip. Runs inside once.lua: sent again, it counts nothing.
+-- KEYS: 1 job, 2 running   ARGV: 1 now_ms, 2 lease_ms, 3 job_id
 -- Returns {status before, attempts, field, value, ...}: the record as started; a job
 -- already ended is left untouched ({status, 0}), a missing one is {'missing', 0}.
--- The token is new to every start: finding it on the job means this very start ran
--- already and its reply was lost (redis-py sends a command again when the connection
--- drops under it). It is answered as it was; its attempt is not counted twice.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {status, 0}
 end
 local attempts
-if redis.call('HGET', KEYS[1], 'start_token') == ARGV[4] then
+if again then
   attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 else
   attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  redis.call('HSET', KEYS[1], 'status', 'processing', 'start_token', ARGV[4])
+  redis.call('HSET', KEYS[1], 'status', 'processing')
   redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
   redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+  mark()
 end
 return {status, attempts, unpack(redis.call('HGETALL', KEYS[1]))}

@@ -6,18 +6,28 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-import orjson
 import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import rest
 from gateway.config import Settings
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
 from gateway.runtime import running_worker, runtime
 from schema import build_schema, prepared
-from schema.view import GraphQLView
+from schema.view import GraphQLView, error_body
 
 log = structlog.get_logger("gateway")
 
@@ -45,7 +55,7 @@ class BodyLimit:
                 length = value
         if length is not None:
             if not length.isdigit() or int(length) > self.limit:
-                await self._refuse(scope, send)
+                await self._refuse(scope, receive, send)
             else:  # the server reads no more than Content-Length: nothing to count
                 await self.app(scope, receive, send)
             return
@@ -70,24 +80,44 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body over {self.limit} bytes"
-        if scope["path"].startswith("/graphql"):
-            body = {"data": None,
-                    "errors": [{"message": message, "extensions": {"code": "PAYLOAD_TOO_LARGE"}}]}
-        else:
-            body = {"error": {"code": "PAYLOAD_TOO_LARGE", "message": message}}
-        raw = orjson.dumps(body)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(raw)).encode())]})
-        await send({"type": "http.response.body", "body": raw})
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLarge(f"request body over {self.limit} bytes")
+        await error_response(scope["path"], error)(scope, receive, send)
 
 
 class _TooLarge(Exception):
     pass
+
+
+def error_response(path: str, exc: GatewayError) -> Response:
+    """An error raised outside a handler (routing, a middleware), in the shape of the
+    API the path belongs to: GraphQL's under /graphql, REST's everywhere else."""
+    if path.startswith("/graphql"):
+        body = error_body(exc.code, exc.message)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return rest.error_response(exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, method not allowed) as JSON."""
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = BadUserInput(str(exc.detail))
+        error.status = exc.status_code
+    error.headers = dict(exc.headers or {})  # 405's Allow
+    return error_response(request.url.path, error)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback by the server; the client learns nothing of it."""
+    return error_response(request.url.path, InternalError("internal server error"))
 
 
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
@@ -114,6 +144,9 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         *rest.routes,
         Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -8,8 +8,10 @@ GatewayError                 a coded error a client may see (`code`, HTTP `statu
 ├── InsufficientCredits      402  with creditsRequired, creditsAvailable
 ├── RateLimited              429  with retryAfter (s) and limit: minute | day | concurrency | read
 ├── NotFound                 404
+├── MethodNotAllowed         405  a route that exists, with another method
 ├── ProviderFailure          502  every backend of the route failed
-└── ServiceUnavailable       503  Redis or storage unreachable, nothing routable
+├── ServiceUnavailable       503  Redis or storage unreachable, nothing routable (retryAfter)
+└── InternalError            500  a bug; nothing internal is said
 
 ProviderError                raised by backends, never seen by clients as such
 ├── ProviderTimeout          the upstream did not answer in time        -> fail over
@@ -88,7 +90,18 @@ class ProviderFailure(GatewayError):
 
 
 class ServiceUnavailable(GatewayError):
+    """With `retryAfter` (and the Retry-After header): a client or an upstream calling
+    back should try again, not give up (RFC 9110 §10.2.3)."""
+
     code, status = "SERVICE_UNAVAILABLE", 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retryAfter=retry_after)
+        self.retry_after = retry_after
+
+
+class MethodNotAllowed(GatewayError):
+    code, status = "METHOD_NOT_ALLOWED", 405
 
 
 class InternalError(GatewayError):

@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.auth import Principal, api_key_from
-from gateway.errors import BadUserInput, GatewayError, NotFound
+from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
 from gateway.params import GenerationRequest, from_image_input
-from gateway.service import Gateway
+from gateway.service import Gateway, store_errors
 
 
 class ORJSONResponse(JSONResponse):
@@ -106,8 +106,14 @@ async def job_events(request: Request) -> Response:
         return error_response(exc)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for job in gateway.follow(principal, job_id):
-            yield b"event: update\ndata: " + orjson.dumps(job.public()) + b"\n\n"
+        try:
+            with store_errors("the job store went away; reconnect to follow the job"):
+                async for job in gateway.follow(principal, job_id):
+                    yield b"event: update\ndata: " + orjson.dumps(job.public()) + b"\n\n"
+        except ServiceUnavailable as exc:
+            # The status line is gone: say why in the stream, and when to reconnect.
+            body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+            yield b"retry: %d\nevent: error\ndata: %b\n\n" % (exc.retry_after * 1000, body)
 
     return StreamingResponse(
         stream(), media_type="text/event-stream",
@@ -121,12 +127,15 @@ async def upstream_callback(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
         body = await _json(request)
+        # Redis away: 503 with Retry-After, so the upstream sends it again later.
+        with store_errors("the gateway cannot take callbacks right now; send it again"):
+            delivered = gateway.inbox is not None and await gateway.inbox.deliver(
+                request.path_params["token"], body
+            )
+        if not delivered:
+            raise NotFound("unknown callback")
     except GatewayError as exc:
         return error_response(exc)
-    if gateway.inbox is None or not await gateway.inbox.deliver(
-        request.path_params["token"], body
-    ):
-        return error_response(NotFound("unknown callback"))
     return ORJSONResponse({"status": "received"})
 
 

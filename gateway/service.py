@@ -38,13 +38,15 @@ from gateway.webhooks import Webhooks
 
 
 @contextlib.contextmanager
-def store_errors() -> Iterator[None]:
-    """Redis unreachable: fail closed with a clear 503, nothing charged."""
+def store_errors(
+    message: str = "the job store is unreachable; nothing was charged",
+) -> Iterator[None]:
+    """Redis unreachable: fail closed with a clear 503 (and Retry-After)."""
     try:
         yield
     except Exception as exc:
         if isinstance(exc, OSError) or store_trouble(exc):
-            raise ServiceUnavailable("the job store is unreachable; nothing was charged") from exc
+            raise ServiceUnavailable(message) from exc
         raise
 
 

@@ -147,5 +147,5 @@ class GraphQLView(GraphQL[Context, None]):
             return
         first = errors[0]["extensions"]
         ctx.response.status_code = STATUS_BY_CODE.get(first["code"], 400)
-        if first["code"] == "RATE_LIMITED" and "retryAfter" in first:
+        if "retryAfter" in first:  # 429, 503
             ctx.response.headers["Retry-After"] = str(first["retryAfter"])

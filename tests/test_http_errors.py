@@ -1,0 +1,160 @@
+"""Every answer is JSON in the caller's protocol's error shape: unrouted paths, wrong
+methods, a bug, and Redis going away under a request, a callback or an event stream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.store import keys
+from tests.conftest import RedisServer
+from tests.harness import JOB, gateway
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/jobs/", 404, "NOT_FOUND"),
+        ("GET", "/v1/nothing", 404, "NOT_FOUND"),
+        ("GET", "/compat/krea/jobs/x", 404, "NOT_FOUND"),
+        ("GET", "/nothing/at/all", 404, "NOT_FOUND"),
+        ("GET", "/outputs/no-such-image.png", 404, "NOT_FOUND"),
+        ("GET", "/v1/text_to_image", 405, "METHOD_NOT_ALLOWED"),
+        ("DELETE", "/v1/jobs/abc", 405, "METHOD_NOT_ALLOWED"),
+        ("PUT", "/v1/callbacks/krea/" + "A" * 32, 405, "METHOD_NOT_ALLOWED"),
+    ],
+)
+async def test_unrouted_rest_paths_answer_json_errors(
+    redis_url: str, storage_dir: Path, method: str, path: str, status: int, code: str
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        r = await gw.http.request(method, path)
+        assert r.status_code == status
+        assert r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == code
+        assert error["message"]
+        if status == 405:
+            assert "Allow" in r.headers
+
+
+async def test_a_wrong_method_on_graphql_answers_in_graphqls_shape(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        r = await gw.http.put("/graphql", json={"query": "{ __typename }"})
+        assert r.status_code == 405
+        assert r.json()["errors"][0]["extensions"]["code"] == "METHOD_NOT_ALLOWED"
+        assert r.json()["data"] is None
+
+
+async def test_a_bug_under_rest_is_a_json_500_that_says_nothing_internal(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                                  json={"service": "local", "prompt": "a fox"})
+        job_id = made.json()["id"]
+        # A record damaged behind the gateway's back (by hand, or a bad migration).
+        await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job_id), "params", "{")
+        r = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"code": "INTERNAL_SERVER_ERROR",
+                                      "message": "internal server error"}}
+        # The server keeps serving.
+        assert (await gw.http.get("/healthz")).status_code == 200
+        assert (await gw.gql(JOB, {"id": job_id}, key)).status_code == 500
+
+
+async def test_redis_away_is_503_with_retry_after_everywhere(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
+            key = await gw.key(credits=100)
+            made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                                      json={"service": "local", "prompt": "a fox"})
+            job_id = made.json()["id"]
+            server.stop()
+            answers = {
+                "rest generate": await gw.http.post(
+                    "/v1/text_to_image", headers={"X-API-Key": key},
+                    json={"service": "local", "prompt": "x"}),
+                "rest job": await gw.http.get(f"/v1/jobs/{job_id}",
+                                              headers={"X-API-Key": key}),
+                "rest cancel": await gw.http.post(f"/v1/jobs/{job_id}/cancel",
+                                                  headers={"X-API-Key": key}),
+                "events": await gw.http.get(f"/v1/jobs/{job_id}/events",
+                                            headers={"X-API-Key": key}),
+                "callback": await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={}),
+            }
+            for name, r in answers.items():
+                assert r.status_code == 503, name
+                assert r.json()["error"]["code"] == "SERVICE_UNAVAILABLE", name
+                assert int(r.headers["Retry-After"]) > 0, name
+            for r in (await gw.generate(key), await gw.gql("{ me { plan } }", key=key)):
+                assert r.status_code == 503
+                assert r.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+                assert int(r.headers["Retry-After"]) > 0
+    finally:
+        server.stop()
+
+
+async def test_an_upstream_callback_refused_while_redis_is_away_is_taken_when_sent_again(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    """The upstream is told to retry (503, Retry-After), and its retry is delivered."""
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False,
+                           public=True) as gw:
+            inbox = gw.app.state.gateway.inbox
+            token = "T" * 32
+            await inbox.expect(token)  # as a job handing its callback URL to Krea does
+            server.stop()
+            report = {"id": "upstream-1", "status": "completed"}
+            refused = await gw.http.post(f"/v1/callbacks/krea/{token}", json=report)
+            assert refused.status_code == 503
+            assert int(refused.headers["Retry-After"]) > 0
+            assert refused.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            server.start(claim_slots=False)  # the same node, its data back from disk
+            for _ in range(500):
+                retried = await gw.http.post(f"/v1/callbacks/krea/{token}", json=report)
+                if retried.status_code != 503:
+                    break
+                await asyncio.sleep(0.02)  # the client reconnecting to the restarted Redis
+            assert retried.status_code == 200
+            assert await inbox.take(token) == report
+    finally:
+        server.stop()
+
+
+async def test_an_event_stream_whose_redis_goes_away_ends_with_an_error_event(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
+            key = await gw.key()
+            made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
+                                      json={"service": "local", "prompt": "a fox"})
+            job_id = made.json()["id"]
+            async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                      headers={"X-API-Key": key}) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "event: update"  # the job as it is: queued
+                server.stop()
+                rest = [line async for line in lines]
+            at = rest.index("event: error")
+            assert '"code":"SERVICE_UNAVAILABLE"' in rest[at + 1]
+            assert any(line.startswith("retry: ") for line in rest)
+    finally:
+        server.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,3 +134,46 @@ async def replies_cut(
         f"redis://127.0.0.1:{proxied}/0", storage_dir, **overrides
     ) as gw:
         yield cutter, gw
+
+
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+
+
+@contextlib.contextmanager
+def gateway_processes(
+    redis_url: str, storage_dir: Path, logs: Path, count: int = 1, **env: str
+) -> Iterator[list[str]]:
+    """`count` real `gateway serve` processes on one Redis, ready; their base URLs.
+    `env`: more GATEWAY_* settings (no in-process workers unless given)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    bases: list[str] = []
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base_env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_STORAGE_DIR": str(storage_dir),
+                     "GATEWAY_INPROCESS_WORKERS": "0", **env})
+    try:
+        for i in range(count):
+            port = free_port()
+            with (logs / f"gw{i}.log").open("wb") as out:
+                procs.append(subprocess.Popen(
+                    [GATEWAY, "serve"], stdout=out, stderr=subprocess.STDOUT,
+                    env={**base_env, "GATEWAY_PORT": str(port)}))
+            bases.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        for i, (proc, base) in enumerate(zip(procs, bases, strict=True)):
+            while True:
+                assert proc.poll() is None, (logs / f"gw{i}.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "gateway serve did not become ready"
+                time.sleep(0.05)
+        yield bases
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

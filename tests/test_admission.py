@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,10 +26,9 @@ from gateway.jobs.store import JobStore
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import GENERATE, Clock, Harness, gateway
-from tests.servers import free_port, serve
+from tests.harness import GENERATE, Clock, Harness, gateway, gateway_processes
+from tests.servers import serve
 
-GATEWAY = str(Path(sys.executable).with_name("gateway"))
 DAY = 86_400
 ME = "{ me { credits limits { name limit used remaining reset } } }"
 CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
@@ -318,49 +314,10 @@ async def test_the_daily_limit_rolls_over_at_utc_midnight(
 # -- 5. two gateway processes, one key, a storm of requests --------------------------------
 
 
-def start_gateway_process(redis_url: str, storage_dir: Path, log: Path) -> tuple[
-    subprocess.Popen[bytes], str
-]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_PORT": str(port),
-                "GATEWAY_STORAGE_DIR": str(storage_dir), "GATEWAY_INPROCESS_WORKERS": "0"})
-    with log.open("wb") as out:
-        proc = subprocess.Popen([GATEWAY, "serve"], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture
-def two_gateways(
-    redis_url: str, storage_dir: Path, tmp_path: Path
-) -> Iterator[list[str]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    bases: list[str] = []
-    try:
-        for i in range(2):
-            proc, base = start_gateway_process(redis_url, storage_dir, tmp_path / f"gw{i}.log")
-            procs.append(proc)
-            bases.append(base)
-        deadline = time.monotonic() + 30
-        for i, (proc, base) in enumerate(zip(procs, bases, strict=True)):
-            while True:
-                assert proc.poll() is None, (tmp_path / f"gw{i}.log").read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "gateway serve did not become ready"
-                time.sleep(0.05)
+def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
+    with gateway_processes(redis_url, storage_dir, tmp_path, count=2) as bases:
         yield bases
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 async def storm(bases: list[str], key: str, n: int) -> list[httpx.Response]:

@@ -148,5 +148,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         routes=routes, lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+    # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.
+    app.router.redirect_slashes = False
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

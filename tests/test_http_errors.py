@@ -17,6 +17,8 @@ from tests.harness import JOB, gateway
     ("method", "path", "status", "code"),
     [
         ("GET", "/v1/jobs/", 404, "NOT_FOUND"),
+        ("GET", "/v1/jobs/abc/", 404, "NOT_FOUND"),  # not a redirect to /v1/jobs/abc
+        ("POST", "/v1/text_to_image/", 404, "NOT_FOUND"),
         ("GET", "/v1/nothing", 404, "NOT_FOUND"),
         ("GET", "/compat/krea/jobs/x", 404, "NOT_FOUND"),
         ("GET", "/nothing/at/all", 404, "NOT_FOUND"),

@@ -1,16 +1,44 @@
-"""Refuse user-supplied URLs that point inside our network (SSRF guard, CONTRACT §8).
+"""Refuse user-supplied URLs (a job's `webhookUrl`) that are malformed or point inside
+our network: a guard against server-side request forgery.
 
-A URL is refused when its host is, or resolves to, a loopback, private, link-local,
-multicast, reserved or cloud-metadata address (IPv4 and IPv6, IPv4-mapped included),
-unless the address falls inside GATEWAY_URL_ALLOW_CIDRS.
+A URL is accepted only in one plain spelling, so that this module, the HTTP client and
+the receiving server cannot read it three different ways:
+
+- `http://` or `https://`, then a host, an optional port (1-65535), then a path and
+  query made of RFC 3986 characters only (unreserved, sub-delimiters, `:@/?`, and
+  well-formed `%XX` escapes). Refused: control characters, spaces, DEL, backslashes,
+  non-ASCII (write a host in its `xn--` form and percent-encode the rest), any other
+  character an HTTP client would re-encode, credentials (`user@`) and fragments (`#`,
+  which is never sent).
+- The host is a bracketed IPv6 literal without a zone id, an IPv4 address written as
+  four decimal numbers, or a DNS name (labels of 1-63 letters, digits, `-` or `_`, at
+  most 253 characters). Other IPv4 spellings (`2130706433`, `0177.0.0.1`, `0x7f.1`,
+  `127.1`), which the system resolver reads as addresses, are refused, as is any name
+  whose last label is a number.
+
+The host's addresses (the literal, or what the name resolves to) are then refused when
+any is loopback, private, link-local, site-local, multicast, reserved, unspecified, not
+globally reachable or a cloud-metadata address, unless it falls inside the operator's
+allow list (`GATEWAY_URL_ALLOW_CIDRS`). IPv6 addresses that carry an IPv4 address are
+judged by it too: IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, which a
+DNS64 resolver gives for IPv4-only names) by that address alone; 6to4 (`2002::/16`),
+Teredo (`2001::/32`: server and client) and IPv4-compatible (`::a.b.c.d`) are refused
+when what they carry is. The local-use NAT64 prefix (`64:ff9b:1::/48`) reaches a
+translator inside the operator's network, so it is refused unless allowed.
+
+`parse_url` gives the one reading every caller uses: the webhook deliverer sends the
+request target (`path?query`) exactly as written and the Host header as written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
-from urllib.parse import urlsplit
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.errors import BadUserInput
 
@@ -18,13 +46,159 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local-use prefix
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1, deprecated
+
+MAX_URL_LENGTH = 2048
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+_SUB_DELIMS = "!$&'()*+,;="
+#: What may follow the authority: RFC 3986 pchar, "/" and "?" ("%" checked as escapes).
+_TARGET_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":@/?%")
+#: What a URL may contain at all: the above and the brackets of an IPv6 literal.
+_URL_CHARS = _TARGET_CHARS | frozenset("[]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_SHAPE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?]*)(?P<rest>.*)\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
+
+
+@dataclass(frozen=True)
+class ParsedUrl:
+    """A URL `parse_url` accepted, in the one reading every caller uses."""
+
+    scheme: str  # "http" or "https", lower case
+    host: str  # as written; an IPv6 literal without its brackets
+    port: int | None  # as written, None when the URL has none
+    literal: Address | None  # the host, when it is an IP address
+    authority: str  # host[:port] exactly as written: the Host header
+    target: str  # path and query exactly as written, "/" first: the request target
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or DEFAULT_PORTS[self.scheme]
+
+
+def parse_url(url: str, field: str = "webhookUrl") -> ParsedUrl:
+    """Parse a user-supplied http(s) URL strictly; anything else is `BadUserInput`."""
+    refuse = _refusal(field)
+    if not isinstance(url, str) or not url:
+        raise refuse("must be an http(s) URL")
+    if len(url) > MAX_URL_LENGTH:
+        raise refuse(f"must be at most {MAX_URL_LENGTH} characters")
+    for position, char in enumerate(url):
+        if char in _URL_CHARS:
+            continue
+        if char == "#":
+            raise refuse("must not have a fragment ('#')")
+        if not char.isascii():
+            raise refuse(
+                f"contains a non-ASCII character at position {position}: percent-encode it"
+                " (and write a host name in its xn-- form)"
+            )
+        if not char.isprintable() or char == " ":
+            raise refuse(f"contains a control character or space at position {position}")
+        raise refuse(f"contains {char!r} at position {position}, which a URL may not hold")
+    if _BAD_ESCAPE.search(url):
+        raise refuse("contains a '%' that is not followed by two hex digits")
+    shape = _SHAPE.match(url)
+    if shape is None or shape["scheme"].lower() not in DEFAULT_PORTS:
+        raise refuse("must be an http(s) URL of the form http(s)://host/path")
+    scheme, authority, rest = shape["scheme"].lower(), shape["authority"], shape["rest"]
+    if "[" in rest or "]" in rest:
+        raise refuse("may hold '[' and ']' only around an IPv6 address")
+    if "@" in authority:
+        raise refuse("must not carry credentials")
+
+    if authority.startswith("["):
+        inside, bracket, after = authority[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise refuse("has a malformed IPv6 address")
+        host, port_text = inside, after[1:] if after else None
+        if "%" in host:
+            raise refuse("must not give an IPv6 zone id")
+        try:
+            literal: Address | None = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise refuse("has a malformed IPv6 address") from None
+    else:
+        host, colon, port_text_ = authority.partition(":")
+        port_text = port_text_ if colon else None
+        literal = _host_name(host, refuse)
+
+    port: int | None = None
+    if port_text is not None:
+        if not _PORT.match(port_text) or not 1 <= int(port_text) <= 65535:
+            raise refuse("has a port that is not a number from 1 to 65535")
+        port = int(port_text)
+    target = rest if rest.startswith("/") else "/" + rest
+    return ParsedUrl(scheme, host, port, literal, authority, target)
+
+
+def _refusal(field: str) -> Callable[[str], BadUserInput]:
+    def refuse(reason: str) -> BadUserInput:
+        return BadUserInput(f"{field} {reason}", field=field)
+
+    return refuse
+
+
+def _host_name(host: str, refuse: Callable[[str], BadUserInput]) -> Address | None:
+    """A host that is not an IPv6 literal: a dotted-quad IPv4 address, or a DNS name."""
+    if not host:
+        raise refuse("has no host")
+    if not _NAME.match(host):
+        raise refuse("has a host name with characters other than letters, digits, '-', '_', '.'")
+    try:
+        return ipaddress.IPv4Address(host)  # four decimal numbers, no leading zeros
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if _NUMERIC_LABEL.match(labels[-1]) or _inet_aton_reads(host):
+        raise refuse("must write an IPv4 address as four decimal numbers (a.b.c.d)")
+    if len(host.removesuffix(".")) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise refuse("has a malformed host name")
+    return None
+
+
+def _inet_aton_reads(host: str) -> bool:
+    """Whether the C library reads `host` as an IPv4 address (`127.1`, `0x7f.1`, ...)."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 transition address carries."""
+    found: list[ipaddress.IPv4Address] = []
+    if addr.ipv4_mapped:
+        found.append(addr.ipv4_mapped)
+    if addr.sixtofour:
+        found.append(addr.sixtofour)
+    if addr.teredo:
+        found.extend(addr.teredo)  # (server, client), the client already un-obfuscated
+    if addr in NAT64 or addr in NAT64_LOCAL or addr in IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return found
 
 
 def is_forbidden(addr: Address, allow: list[Network]) -> bool:
     if any(addr in net for net in allow):
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return is_forbidden(addr.ipv4_mapped, allow)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr in NAT64_LOCAL:
+            return True
+        if any(is_forbidden(inner, allow) for inner in embedded_ipv4(addr)):
+            return True
+        if addr.ipv4_mapped or addr in NAT64:  # stand-ins for the IPv4 address they carry
+            return False
+        if addr.is_site_local:
+            return True
     return (
         addr.is_loopback
         or addr.is_private
@@ -38,6 +212,7 @@ def is_forbidden(addr: Address, allow: list[Network]) -> bool:
 
 
 async def resolve(host: str, port: int) -> list[Address]:
+    """The addresses of a host name; none when it does not resolve or cannot be looked up."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -45,25 +220,29 @@ async def resolve(host: str, port: int) -> list[Address]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (OSError, UnicodeError, ValueError):  # gaierror is an OSError; IDNA a UnicodeError
         return []
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    addresses: list[Address] = []
+    for info in infos:
+        try:
+            addresses.append(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
+        except ValueError:
+            continue
+    return addresses
 
 
 async def check_url(url: str, allow: list[Network], field: str = "webhookUrl") -> list[Address]:
-    """Validate a user-supplied URL; return the addresses it may be fetched from."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise BadUserInput(f"{field} is not a valid URL", field=field) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadUserInput(f"{field} must be an http(s) URL", field=field)
-    if parts.username or parts.password:
-        raise BadUserInput(f"{field} must not carry credentials", field=field)
-    addresses = await resolve(parts.hostname, port)
+    """Validate a user-supplied URL; return the addresses it may be fetched from.
+
+    Raises `BadUserInput` naming `field` for anything `parse_url` refuses, a host that
+    does not resolve, or one with any address that `is_forbidden`."""
+    parsed = parse_url(url, field)
+    if parsed.literal is not None:
+        addresses = [parsed.literal]
+    else:
+        addresses = await resolve(parsed.host, parsed.effective_port)
     if not addresses:
-        raise BadUserInput(f"{field}: host {parts.hostname!r} does not resolve", field=field)
+        raise BadUserInput(f"{field}: host {parsed.host!r} does not resolve", field=field)
     if any(is_forbidden(a, allow) for a in addresses):
         raise BadUserInput(
             f"{field} points at a private, loopback or metadata address", field=field

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -38,7 +37,7 @@ from gateway.jobs.model import Job, iso
 from gateway.jobs.store import JobStore
 from gateway.store import keys
 from gateway.store.redis import Scripts
-from gateway.urlguard import check_url
+from gateway.urlguard import check_url, parse_url
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -77,14 +76,19 @@ def signed_headers(secret: str, msg_id: str, body: bytes, now: float) -> dict[st
 def pinned(
     url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
 ) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """The URL rewritten to the checked address, with the Host header and TLS name kept."""
-    parts = urlsplit(url)
+    """The URL rewritten to the checked address, with the Host header and TLS name kept.
+
+    The request target (path and query) goes out byte for byte as the URL was accepted,
+    through httpcore's `target` extension: httpx would drop `.` and `..` segments, and
+    the receiver be called at another URL than the one stored."""
+    parsed = parse_url(url)
     host = str(address) if address.version == 4 else f"[{address}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
-    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-    return target, headers, extensions
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    headers = {"Host": parsed.authority}
+    extensions: dict[str, Any] = {"target": parsed.target.encode("ascii")}
+    if parsed.scheme == "https":
+        extensions["sni_hostname"] = parsed.host.removesuffix(".").lower()
+    return f"{parsed.scheme}://{netloc}{parsed.target}", headers, extensions
 
 
 class Webhooks:

@@ -89,8 +89,9 @@ def render(rows: list[Any], rounds: int) -> str:
     kinds: dict[type, list[Any]] = {}
     for row in rows:
         kinds.setdefault(type(row), []).append(row)
-    return "\n\n".join(REGISTRY.renderers.get(kind, table)(group, rounds)
-                        for kind, group in kinds.items())
+    return "\n\n".join(
+        REGISTRY.renderers.get(kind, table)(group, rounds) for kind, group in kinds.items()
+    )
 
 
 # -- a private redis-server --------------------------------------------------------------
@@ -111,9 +112,21 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             client = redis.Redis(port=port)
@@ -175,8 +188,10 @@ class CommandStats:
         )
 
     def without(self, *names: str) -> CommandStats:
-        return CommandStats({k: v for k, v in self.calls.items() if k not in names},
-                            {k: v for k, v in self.usec.items() if k not in names})
+        return CommandStats(
+            {k: v for k, v in self.calls.items() if k not in names},
+            {k: v for k, v in self.usec.items() if k not in names},
+        )
 
 
 EMPTY_STATS = CommandStats({}, {})
@@ -195,11 +210,27 @@ async def command_stats(client: aioredis.Redis) -> CommandStats:
 
 
 def table(rows: list[Row], rounds: int) -> str:
-    head = ("scenario", "case", f"ops/s (median of {rounds})", "min..max",
-            "round trips/op", "Redis cmds/op", "Redis µs/op", "notes")
+    head = (
+        "scenario",
+        "case",
+        f"ops/s (median of {rounds})",
+        "min..max",
+        "round trips/op",
+        "Redis cmds/op",
+        "Redis µs/op",
+        "notes",
+    )
     body = [
-        (r.scenario, r.case, f"{r.median:,.0f}", f"{min(r.rates):,.0f}..{max(r.rates):,.0f}",
-         f"{r.round_trips:.2f}", f"{r.redis_commands:.1f}", f"{r.redis_usec:.0f}", r.notes)
+        (
+            r.scenario,
+            r.case,
+            f"{r.median:,.0f}",
+            f"{min(r.rates):,.0f}..{max(r.rates):,.0f}",
+            f"{r.round_trips:.2f}",
+            f"{r.redis_commands:.1f}",
+            f"{r.redis_usec:.0f}",
+            r.notes,
+        )
         for r in rows
     ]
     widths = [max(len(str(line[i])) for line in (head, *body)) for i in range(len(head))]

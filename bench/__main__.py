@@ -21,13 +21,22 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module)  # registers its scenarios
     names = list(REGISTRY.scenarios)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"which to run (default: all of {', '.join(names)})")
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"which to run (default: all of {', '.join(names)})",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case")
-    parser.add_argument("--duration", type=int, default=5,
-                        help="seconds of load per timed round of the HTTP scenarios")
-    parser.add_argument("--quick", action="store_true",
-                        help="few operations, short rounds: a smoke run")
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=5,
+        help="seconds of load per timed round of the HTTP scenarios",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few operations, short rounds: a smoke run"
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -44,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     with redis_server() as url:
-        ctx = Context(redis_url=url, rounds=args.rounds, quick=args.quick,
-                      duration=args.duration)
+        ctx = Context(redis_url=url, rounds=args.rounds, quick=args.quick, duration=args.duration)
 
         async def run_all() -> list[Any]:
             rows: list[Any] = []
@@ -55,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = asyncio.run(run_all())
     print(render(rows, args.rounds))
-    print(f"\n{sum(len(r.rates) for r in rows)} rounds in {time.monotonic() - started:.1f} s "
-          "against a private redis-server on loopback")
+    print(
+        f"\n{sum(len(r.rates) for r in rows)} rounds in {time.monotonic() - started:.1f} s "
+        "against a private redis-server on loopback"
+    )
     return 0
 
 

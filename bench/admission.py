@@ -45,8 +45,16 @@ from gateway.store import keys
 from gateway.store.redis import Scripts
 
 HUGE = 10**9
-PARAMS = {"prompt": "a lighthouse at dusk, volumetric light", "width": 1024, "height": 1024,
-          "num_images": 1, "seed": 1234, "steps": 4, "guidance": 3.5, "output_format": "png"}
+PARAMS = {
+    "prompt": "a lighthouse at dusk, volumetric light",
+    "width": 1024,
+    "height": 1024,
+    "num_images": 1,
+    "seed": 1234,
+    "steps": 4,
+    "guidance": 3.5,
+    "output_format": "png",
+}
 LEASE_MS = 30_000
 
 
@@ -55,8 +63,15 @@ def now_ms() -> int:
 
 
 def new_job(account: str) -> Job:
-    return Job(id=secrets.token_hex(12), account=account, status="queued", provider="local",
-               params=PARAMS, cost=20, created_at=now_ms())
+    return Job(
+        id=secrets.token_hex(12),
+        account=account,
+        status="queued",
+        provider="local",
+        params=PARAMS,
+        cost=20,
+        created_at=now_ms(),
+    )
 
 
 @dataclass(frozen=True)
@@ -89,11 +104,21 @@ class Bench:
         return Caller(made["key"], account, secret_hash)
 
     async def admit(self, caller: Caller) -> None:
-        await admit(self.client, self.scripts, caller.secret_hash, new_job(caller.account),
-                    plans=self.plans, now_ms=now_ms(), lease_ms=LEASE_MS)
+        await admit(
+            self.client,
+            self.scripts,
+            caller.secret_hash,
+            new_job(caller.account),
+            plans=self.plans,
+            now_ms=now_ms(),
+            lease_ms=LEASE_MS,
+        )
 
     async def measure(
-        self, scenario_name: str, case: str, tasks: int,
+        self,
+        scenario_name: str,
+        case: str,
+        tasks: int,
         op: Callable[[int], Awaitable[None]],
     ) -> Row:
         """`op(task)` run by `tasks` tasks: one warm-up round, then the timed rounds."""
@@ -121,7 +146,9 @@ class Bench:
         total = ops * self.ctx.rounds
         scripts = [k for k in TOP_LEVEL if stats.calls.get(k)]
         return Row(
-            scenario_name, case, rates,
+            scenario_name,
+            case,
+            rates,
             round_trips=sent / total,
             redis_commands=sum(stats.calls.values()) / total,
             redis_usec=sum(stats.usec[k] for k in scripts) / total,
@@ -152,8 +179,9 @@ async def admit_rate(ctx: Context) -> list[Row]:
     rows = []
     try:
         for tasks in (1, 16, 64):
-            callers = [await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE)
-                       for _ in range(tasks)]
+            callers = [
+                await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE) for _ in range(tasks)
+            ]
 
             async def op(task: int, callers: list[Caller] = callers) -> None:
                 await bench.admit(callers[task])
@@ -200,8 +228,15 @@ async def request_rate(ctx: Context) -> list[Row]:
 
         async def op(task: int) -> None:
             account, secret_hash = credentials(made[task].key)
-            await admit(bench.client, bench.scripts, secret_hash, new_job(account),
-                        plans=bench.plans, now_ms=now_ms(), lease_ms=LEASE_MS)
+            await admit(
+                bench.client,
+                bench.scripts,
+                secret_hash,
+                new_job(account),
+                plans=bench.plans,
+                now_ms=now_ms(),
+                lease_ms=LEASE_MS,
+            )
 
         return [await bench.measure("auth+admit", "many keys, 64 tasks", 64, op)]
     finally:

@@ -38,9 +38,16 @@ from strawberry.scalars import JSON
 async def text_to_image(request: Request) -> Response:
     body = await request.json()
     return JSONResponse(
-        {"id": secrets.token_hex(12), "status": "queued", "type": "IMAGE",
-         "provider": body.get("service"), "url": None, "urls": [], "creditCost": 20,
-         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        {
+            "id": secrets.token_hex(12),
+            "status": "queued",
+            "type": "IMAGE",
+            "provider": body.get("service"),
+            "url": None,
+            "urls": [],
+            "creditCost": 20,
+            "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
         status_code=202,
     )
 
@@ -88,9 +95,16 @@ class Generation:
 
 
 def constant(provider: str, id: str | None = None) -> Generation:
-    return Generation(id=strawberry.ID(id or secrets.token_hex(12)), status="queued",
-                      type=GenerationType.IMAGE, provider=provider, url=None, metadata=None,
-                      credit_cost=20, error=None)
+    return Generation(
+        id=strawberry.ID(id or secrets.token_hex(12)),
+        status="queued",
+        type=GenerationType.IMAGE,
+        provider=provider,
+        url=None,
+        metadata=None,
+        credit_cost=20,
+        error=None,
+    )
 
 
 @strawberry.type
@@ -119,8 +133,14 @@ strawberry_app = Starlette(
 
 async def upstream_job(request: Request) -> Response:
     """What a provider answers a poll with (Krea's `GET /jobs/{id}` shape, seed 002)."""
-    return JSONResponse({"job_id": request.path_params["job_id"], "status": "processing",
-                         "created_at": "2026-12-01T00:00:00Z", "result": None})
+    return JSONResponse(
+        {
+            "job_id": request.path_params["job_id"],
+            "status": "processing",
+            "created_at": "2026-12-01T00:00:00Z",
+            "result": None,
+        }
+    )
 
 
 upstream_app = Starlette(routes=[Route("/jobs/{job_id}", upstream_job, methods=["GET"])])
@@ -130,13 +150,16 @@ async def openai_images(request: Request) -> Response:
     """OpenAI's `POST /v1/images/generations`, answered at once: the upstream a LiteLLM
     proxy calls for the peer case (`bench/peer.py`)."""
     await request.body()
-    return JSONResponse({"created": int(time.time()),
-                         "data": [{"url": "http://127.0.0.1/images/bench.png"}]})
+    return JSONResponse(
+        {"created": int(time.time()), "data": [{"url": "http://127.0.0.1/images/bench.png"}]}
+    )
 
 
-openai_app = Starlette(routes=[
-    Route("/v1/images/generations", openai_images, methods=["POST"]),
-])
+openai_app = Starlette(
+    routes=[
+        Route("/v1/images/generations", openai_images, methods=["POST"]),
+    ]
+)
 
 
 class SlowKrea:
@@ -157,12 +180,14 @@ class SlowKrea:
         out = io.BytesIO()
         Image.new("RGB", (64, 64), (40, 90, 160)).save(out, "PNG")
         self.png = out.getvalue()
-        self.app = Starlette(routes=[
-            Route("/generate/image/{model:path}", self.submit, methods=["POST"]),
-            Route("/jobs/{job_id}", self.job, methods=["GET"]),
-            Route("/files/{name}", self.file, methods=["GET"]),
-            Route("/stats", self.stats, methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/generate/image/{model:path}", self.submit, methods=["POST"]),
+                Route("/jobs/{job_id}", self.job, methods=["GET"]),
+                Route("/files/{name}", self.file, methods=["GET"]),
+                Route("/stats", self.stats, methods=["GET"]),
+            ]
+        )
 
     async def submit(self, request: Request) -> Response:
         job_id = f"j{len(self.created)}"
@@ -171,40 +196,48 @@ class SlowKrea:
         if hook:
             body = self.view(job_id, str(request.url_for("file", name=f"{job_id}.png")), True)
             asyncio.get_running_loop().call_later(
-                self.seconds, lambda: asyncio.ensure_future(self.call_back(hook, body)))
-        return JSONResponse({"job_id": job_id, "status": "queued",
-                             "created_at": "2026-12-01T00:00:00Z"})
+                self.seconds, lambda: asyncio.ensure_future(self.call_back(hook, body))
+            )
+        return JSONResponse(
+            {"job_id": job_id, "status": "queued", "created_at": "2026-12-01T00:00:00Z"}
+        )
 
     async def call_back(self, url: str, body: dict[str, Any]) -> None:
         import aiohttp
 
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(60))
+                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(60)
+            )
         self.callbacks += 1
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             async with self.session.post(url, json=body) as response:
                 await response.read()
 
     def view(self, job_id: str, url: str, done: bool) -> dict[str, Any]:
-        return {"job_id": job_id, "status": "completed" if done else "processing",
-                "created_at": "2026-12-01T00:00:00Z",
-                "completed_at": "2026-12-01T00:00:20Z" if done else None,
-                "result": {"urls": [url]} if done else None}
+        return {
+            "job_id": job_id,
+            "status": "completed" if done else "processing",
+            "created_at": "2026-12-01T00:00:00Z",
+            "completed_at": "2026-12-01T00:00:20Z" if done else None,
+            "result": {"urls": [url]} if done else None,
+        }
 
     async def job(self, request: Request) -> Response:
         self.polls += 1
         job_id = request.path_params["job_id"]
         done = time.monotonic() - self.created.get(job_id, 0.0) >= self.seconds
-        return JSONResponse(self.view(
-            job_id, str(request.url_for("file", name=f"{job_id}.png")), done))
+        return JSONResponse(
+            self.view(job_id, str(request.url_for("file", name=f"{job_id}.png")), done)
+        )
 
     async def file(self, request: Request) -> Response:
         return Response(self.png, media_type="image/png")
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse({"submitted": len(self.created), "polls": self.polls,
-                             "callbacks": self.callbacks})
+        return JSONResponse(
+            {"submitted": len(self.created), "polls": self.polls, "callbacks": self.callbacks}
+        )
 
 
 slow_krea_app = SlowKrea(float(os.environ.get("SLOW_KREA_SECONDS", "20"))).app

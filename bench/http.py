@@ -66,17 +66,30 @@ QUIET = 0.15  # seconds without CPU use that mean a server is idle
 TIMEOUT = 10  # wrk's default (2 s) would drop the slowest answers from the percentiles
 HUGE_CREDITS = 1_000_000_000
 
-GENERATE = ("mutation Generate($input: GenerateInput!) { generate(input: $input) "
-            "{ id status type provider url metadata creditCost } }")
-GENERATE_VARIABLES = {"input": {
-    "type": "IMAGE", "provider": "local",
-    "input": {"text": "A futuristic city with flying cars and neon lights"},
-    "options": {"width": 1024, "height": 1024},
-}}
-TEXT_TO_IMAGE = {"service": "local", "prompt": "A futuristic city with flying cars and neon lights",
-                 "width": 1024, "height": 1024}
-CACHEABLE_VARIABLES = {"input": {**GENERATE_VARIABLES["input"], "options": {
-    **GENERATE_VARIABLES["input"]["options"], "seed": 7}}}  # a seed: the same picture
+GENERATE = (
+    "mutation Generate($input: GenerateInput!) { generate(input: $input) "
+    "{ id status type provider url metadata creditCost } }"
+)
+GENERATE_VARIABLES = {
+    "input": {
+        "type": "IMAGE",
+        "provider": "local",
+        "input": {"text": "A futuristic city with flying cars and neon lights"},
+        "options": {"width": 1024, "height": 1024},
+    }
+}
+TEXT_TO_IMAGE = {
+    "service": "local",
+    "prompt": "A futuristic city with flying cars and neon lights",
+    "width": 1024,
+    "height": 1024,
+}
+CACHEABLE_VARIABLES = {
+    "input": {
+        **GENERATE_VARIABLES["input"],
+        "options": {**GENERATE_VARIABLES["input"]["options"], "seed": 7},
+    }
+}  # a seed: the same picture
 # What `gateway generate` sends while it waits (gateway/cli.py, POLL).
 POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
 
@@ -84,10 +97,14 @@ STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
 GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
 MISS_CASE, CACHE_CASE, PEER = "gateway: cache miss", "gateway: cache hit", "peer: litellm"
 # (case, its reference, the share of the reference's req/s the issue asks for, or None)
-TARGETS = [(GENERATE_CASE, STRAWBERRY, 0.80), (REST_CASE, STARLETTE, 0.50),
-           (JOB_CASE, STRAWBERRY, None), (CACHE_CASE, MISS_CASE, 1.0),
-           (CACHE_CASE, GENERATE_CASE, None),
-           (GENERATE_CASE, PEER, 25.0)]
+TARGETS = [
+    (GENERATE_CASE, STRAWBERRY, 0.80),
+    (REST_CASE, STARLETTE, 0.50),
+    (JOB_CASE, STRAWBERRY, None),
+    (CACHE_CASE, MISS_CASE, 1.0),
+    (CACHE_CASE, GENERATE_CASE, None),
+    (GENERATE_CASE, PEER, 25.0),
+]
 RSS_TARGET_MB = 100
 GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE)  # each records a job
 
@@ -98,7 +115,7 @@ GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE)  # each records 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2:].split()
+    fields = raw[raw.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -141,10 +158,13 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with {self.proc.returncode}:\n"
-                                 + self.log.read_text()[-3000:])
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+                raise SystemExit(
+                    f"{self.name} exited with {self.proc.returncode}:\n"
+                    + self.log.read_text()[-3000:]
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return
             if time.monotonic() > deadline:
@@ -197,9 +217,25 @@ def floor(name: str, app: str, workdir: Path) -> Server:
         http = "httptools"
     except ImportError:
         http = "auto"
-    argv = [str(BIN / "python"), "-m", "uvicorn", f"bench.floors:{app}",
-            "--host", "127.0.0.1", "--port", str(port), "--loop", loop, "--http", http,
-            "--workers", "1", "--log-level", "warning", "--no-server-header"]
+    argv = [
+        str(BIN / "python"),
+        "-m",
+        "uvicorn",
+        f"bench.floors:{app}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        loop,
+        "--http",
+        http,
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "--no-server-header",
+    ]
     return spawn(name, argv, dict(os.environ), port, workdir)
 
 
@@ -215,9 +251,22 @@ def gateway_binary() -> str:
 
 def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
     out = subprocess.run(
-        [gateway_binary(), "keys", "create", "--plan", "enterprise",
-         "--credits", str(HUGE_CREDITS), "--name", "bench", "--json"],
-        env=gateway_env(redis_url, 0, storage), cwd=ROOT, capture_output=True, text=True,
+        [
+            gateway_binary(),
+            "keys",
+            "create",
+            "--plan",
+            "enterprise",
+            "--credits",
+            str(HUGE_CREDITS),
+            "--name",
+            "bench",
+            "--json",
+        ],
+        env=gateway_env(redis_url, 0, storage),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         check=False,
     )
     if out.returncode != 0:
@@ -239,8 +288,13 @@ def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any],
         try:
             made = create_key(redis_url, storage)
             port = free_port()
-            started["gateway"] = spawn("gateway", [gateway_binary(), "serve"],
-                                       gateway_env(redis_url, port, storage), port, workdir)
+            started["gateway"] = spawn(
+                "gateway",
+                [gateway_binary(), "serve"],
+                gateway_env(redis_url, port, storage),
+                port,
+                workdir,
+            )
             started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir)
             started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir)
             peers, why_not = peer.start(workdir)
@@ -252,15 +306,25 @@ def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any],
                 server.stop()
 
 
-def complete_one(redis_url: str, storage: Path, client: httpx.Client, gateway: Server,
-                 body: bytes, headers: dict[str, str]) -> None:
+def complete_one(
+    redis_url: str,
+    storage: Path,
+    client: httpx.Client,
+    gateway: Server,
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
     """Run one generation to its end with a worker process, so the next is a cache hit."""
     job = client.post(gateway.url("/graphql"), content=body, headers=headers).json()
     job_id = job["data"]["generate"]["id"]
     with (storage.parent / "worker.log").open("wb") as log:
-        worker = subprocess.Popen([gateway_binary(), "worker"],
-                                  env=gateway_env(redis_url, 0, storage), cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [gateway_binary(), "worker"],
+            env=gateway_env(redis_url, 0, storage),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
         deadline = time.monotonic() + 60
@@ -319,8 +383,7 @@ def lua_script(body: bytes, headers: dict[str, str], first: int | None = None) -
     if first is not None:
         assert "%" not in text
         template = text.replace(f'"{SEED}"', "%d")
-        lines += [f"template = [==[{template}]==]",
-                  FRESH_SEEDS.replace("FIRST", str(first))]
+        lines += [f"template = [==[{template}]==]", FRESH_SEEDS.replace("FIRST", str(first))]
     return "\n".join(lines) + "\n" + DONE
 
 
@@ -342,9 +405,17 @@ async def wrk(url: str, script: Path, seconds: float) -> WrkResult:
     if not binary:
         raise SystemExit("wrk is not installed (make bench installs it: apt-get install wrk)")
     proc = await asyncio.create_subprocess_exec(
-        binary, f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-        f"--timeout={TIMEOUT}s", "-s", str(script), "--latency", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        binary,
+        f"-t{THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={TIMEOUT}s",
+        "-s",
+        str(script),
+        "--latency",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
     text = out.decode()
@@ -353,9 +424,11 @@ async def wrk(url: str, script: Path, seconds: float) -> WrkResult:
         raise SystemExit(f"wrk failed ({proc.returncode}):\n{text}")
     r = json.loads(match.group(1))
     return WrkResult(
-        requests=r["requests"], seconds=r["duration_us"] / 1e6,
+        requests=r["requests"],
+        seconds=r["duration_us"] / 1e6,
         errors=r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"],
-        p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+        p50_ms=r["p50_us"] / 1000,
+        p99_ms=r["p99_us"] / 1000,
     )
 
 
@@ -384,8 +457,7 @@ class Case:
     def check(self, client: httpx.Client) -> dict[str, Any]:
         """One request by hand: the answer must be the right one, not an error."""
         sent = self.body.replace(f'"{SEED}"'.encode(), b"1") if self.fresh_seeds else self.body
-        response = client.post(self.server.url(self.path), content=sent,
-                               headers=self.headers)
+        response = client.post(self.server.url(self.path), content=sent, headers=self.headers)
         body: dict[str, Any] = response.json()
         if response.status_code != self.expect or body.get("errors") or body.get("error"):
             raise SystemExit(f"{self.name}: {response.status_code} {response.text[:500]}")
@@ -430,8 +502,9 @@ def redis_pid_of(info: dict[str, Any]) -> int:
     return int(info["process_id"])
 
 
-async def measure(case: Case, row: HttpRow, admin: aioredis.Redis, redis_pid: int,
-                  seconds: float) -> None:
+async def measure(
+    case: Case, row: HttpRow, admin: aioredis.Redis, redis_pid: int, seconds: float
+) -> None:
     case.write_script(case.script.parent)
     before_stats = await command_stats(admin)
     cpu0, rcpu0 = cpu_seconds(case.server.pid), cpu_seconds(redis_pid)
@@ -468,8 +541,10 @@ async def http(ctx: Context) -> list[HttpRow]:
     await admin.flushall()
     redis_pid = redis_pid_of(await admin.info("server"))
     try:
-        with servers(ctx.redis_url) as (procs, made, workdir, peer_missing), \
-                httpx.Client(timeout=30) as client:
+        with (
+            servers(ctx.redis_url) as (procs, made, workdir, peer_missing),
+            httpx.Client(timeout=30) as client,
+        ):
             gateway = procs["gateway"]
             rss_start = gateway.rss_mb()
             auth = {"Content-Type": "application/json", "Authorization": f"Bearer {made['key']}"}
@@ -487,30 +562,47 @@ async def http(ctx: Context) -> list[HttpRow]:
             cases.append(Case(JOB_CASE, gateway, "/graphql", poll, auth, 200))
             cacheable = json.dumps({"query": GENERATE, "variables": CACHEABLE_VARIABLES}).encode()
             complete_one(ctx.redis_url, workdir / "outputs", client, gateway, cacheable, auth)
-            fresh = json.dumps({"query": GENERATE, "variables": {"input": {
-                **CACHEABLE_VARIABLES["input"], "options": {
-                    **CACHEABLE_VARIABLES["input"]["options"], "seed": SEED}}}}).encode()
-            cases.append(Case(MISS_CASE, gateway, "/graphql", fresh, auth, 200,
-                              fresh_seeds=True))
+            fresh = json.dumps(
+                {
+                    "query": GENERATE,
+                    "variables": {
+                        "input": {
+                            **CACHEABLE_VARIABLES["input"],
+                            "options": {**CACHEABLE_VARIABLES["input"]["options"], "seed": SEED},
+                        }
+                    },
+                }
+            ).encode()
+            cases.append(Case(MISS_CASE, gateway, "/graphql", fresh, auth, 200, fresh_seeds=True))
             cases.append(Case(CACHE_CASE, gateway, "/graphql", cacheable, auth, 200))
             if PEER in procs:
                 from bench import peer
 
-                cases.append(Case(PEER, procs[PEER], "/v1/images/generations",
-                                  json.dumps(peer.BODY).encode(),
-                                  {**plain, "Authorization": f"Bearer {peer.MASTER_KEY}"}, 200))
+                cases.append(
+                    Case(
+                        PEER,
+                        procs[PEER],
+                        "/v1/images/generations",
+                        json.dumps(peer.BODY).encode(),
+                        {**plain, "Authorization": f"Bearer {peer.MASTER_KEY}"},
+                        200,
+                    )
+                )
             for case in cases:
                 case.write_script(workdir)
                 answer = case.check(client)
                 if case.name == CACHE_CASE and not answer["data"]["generate"]["metadata"].get(
-                        "cached"):
+                    "cached"
+                ):
                     raise SystemExit(f"{CACHE_CASE}: not answered from the cache: {answer}")
                 if case.name == MISS_CASE and answer["data"]["generate"]["status"] != "queued":
                     raise SystemExit(f"{MISS_CASE}: not admitted to run: {answer}")
             rss_first = gateway.rss_mb()  # at rest, after the first few requests
 
-            rows = {case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
-                    for case in cases}
+            rows = {
+                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
+                for case in cases
+            }
             # the checks, the job polled and the one cached: (fewest, most) recorded
             generations = [6, 6]
             for case in cases:  # warm-up: connection pools filled, caches hot
@@ -557,8 +649,11 @@ async def http(ctx: Context) -> list[HttpRow]:
         share = rows[case].median / rows[floor_name].median
         shown = f"{share:.1f}x" if target and target > 1 else f"{share:.0%}"
         goal = f"{target:.0f}x" if target and target > 1 else f"{target:.0%}" if target else ""
-        verdict = "" if target is None else (
-            f"; target {goal}: " + ("met" if share >= target else "NOT met"))
+        verdict = (
+            ""
+            if target is None
+            else (f"; target {goal}: " + ("met" if share >= target else "NOT met"))
+        )
         relation = "" if target and target > 1 else "of "
         summary.append(f"{case}: {shown} {relation}{floor_name}'s req/s{verdict}")
     out[-1].summary = summary
@@ -578,29 +673,54 @@ def _pct(row: HttpRow, rows: dict[str, HttpRow], floor_name: str) -> str:
 def http_table(rows: list[HttpRow], rounds: int) -> str:
     by_name = {r.case: r for r in rows}
     med = statistics.median
-    head = ("HTTP case", f"req/s (median of {len(rows[0].rates)})", "min..max",
-            "% starlette", "% strawberry", "p50 ms", "p99 ms", "CPU ms/req", "CPU busy",
-            "Redis µs/req", "Redis cmds/req", "RSS MB", "server", "notes")
+    head = (
+        "HTTP case",
+        f"req/s (median of {len(rows[0].rates)})",
+        "min..max",
+        "% starlette",
+        "% strawberry",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/req",
+        "CPU busy",
+        "Redis µs/req",
+        "Redis cmds/req",
+        "RSS MB",
+        "server",
+        "notes",
+    )
     body = []
     for r in rows:
         total = max(1, r.handled)
         floor_row = r.case.startswith(("floor", "peer"))  # not ours: no Redis figures
         # EVALSHA is always top level (a script cannot call it): one round trip each.
-        others = sorted(((k, v) for k, v in r.commands.items() if k != "evalsha"),
-                        key=lambda kv: -kv[1])
+        others = sorted(
+            ((k, v) for k, v in r.commands.items() if k != "evalsha"), key=lambda kv: -kv[1]
+        )
         top = [("evalsha", r.commands.get("evalsha", 0)), *others[:2]]
         notes = "" if floor_row else ", ".join(f"{k} {v / total:.2f}/req" for k, v in top)
         if r.errors:
             notes = f"{r.errors} errors! {notes}"
         redis_us = "" if floor_row else f"{med(r.redis_us):.0f}"
         redis_cmds = "" if floor_row else f"{med(r.redis_cmds):.1f}"
-        body.append((
-            r.case, f"{r.median:,.0f}", f"{min(r.rates):,.0f}..{max(r.rates):,.0f}",
-            _pct(r, by_name, STARLETTE), _pct(r, by_name, STRAWBERRY),
-            f"{med(r.p50):.1f}", f"{med(r.p99):.1f}", f"{med(r.cpu_ms):.3f}",
-            f"{med(r.cpu_share):.0%}", redis_us, redis_cmds,
-            f"{r.rss_mb:.1f}", r.loaded, notes,
-        ))
+        body.append(
+            (
+                r.case,
+                f"{r.median:,.0f}",
+                f"{min(r.rates):,.0f}..{max(r.rates):,.0f}",
+                _pct(r, by_name, STARLETTE),
+                _pct(r, by_name, STRAWBERRY),
+                f"{med(r.p50):.1f}",
+                f"{med(r.p99):.1f}",
+                f"{med(r.cpu_ms):.3f}",
+                f"{med(r.cpu_share):.0%}",
+                redis_us,
+                redis_cmds,
+                f"{r.rss_mb:.1f}",
+                r.loaded,
+                notes,
+            )
+        )
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
 
     def fmt(line: tuple[str, ...]) -> str:

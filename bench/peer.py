@@ -21,8 +21,11 @@ from bench.http import ROOT, Server, floor, spawn
 VENV = ROOT / ".bench" / "litellm"
 MASTER_KEY = "sk-bench"
 MODEL = "image"
-BODY = {"model": MODEL, "prompt": "A futuristic city with flying cars and neon lights",
-        "size": "1024x1024"}
+BODY = {
+    "model": MODEL,
+    "prompt": "A futuristic city with flying cars and neon lights",
+    "size": "1024x1024",
+}
 
 
 def litellm_binary() -> tuple[Path | None, str]:
@@ -34,13 +37,19 @@ def litellm_binary() -> tuple[Path | None, str]:
     binary = VENV / "bin" / "litellm"
     if binary.exists():
         return binary, ""
-    print(f"installing litellm[proxy] into {VENV} (once; set BENCH_LITELLM to reuse one)",
-          flush=True)
-    made = subprocess.run([sys.executable, "-m", "venv", str(VENV)], capture_output=True,
-                          text=True, check=False)
+    print(
+        f"installing litellm[proxy] into {VENV} (once; set BENCH_LITELLM to reuse one)", flush=True
+    )
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(VENV)], capture_output=True, text=True, check=False
+    )
     if made.returncode == 0:
-        made = subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet",
-                               "litellm[proxy]"], capture_output=True, text=True, check=False)
+        made = subprocess.run(
+            [str(VENV / "bin" / "pip"), "install", "--quiet", "litellm[proxy]"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if made.returncode != 0 or not binary.exists():
         return None, "litellm[proxy] did not install: " + (made.stderr or made.stdout)[-300:]
     return binary, ""
@@ -65,8 +74,17 @@ def start(workdir: Path) -> tuple[list[Server], str]:
     )
     port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-            "--num_workers", "1"]
+    argv = [
+        str(binary),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
     try:
         proxy = spawn("peer: litellm", argv, env, port, workdir)
     except SystemExit as exc:

@@ -63,21 +63,29 @@ class ScaleRow:
 
 
 async def admit_all(redis_url: str, storage: Path, base: str, jobs: int) -> tuple[str, list[str]]:
-    settings = load_settings(redis_url=redis_url, storage_dir=storage, inprocess_workers=False,
-                             krea_api_base=base, krea_api_token="bench",
-                             routes={"flux-dev": ["krea"]})
+    settings = load_settings(
+        redis_url=redis_url,
+        storage_dir=storage,
+        inprocess_workers=False,
+        krea_api_base=base,
+        krea_api_token="bench",
+        routes={"flux-dev": ["krea"]},
+    )
     async with runtime(settings) as rt:
-        made = await rt.gateway.accounts.create("enterprise", 10**9, name="scale",
-                                                rpm=-1, concurrency=-1, daily=-1)
+        made = await rt.gateway.accounts.create(
+            "enterprise", 10**9, name="scale", rpm=-1, concurrency=-1, daily=-1
+        )
 
         async def request() -> GenerationRequest:
-            return from_image_input({"service": "flux-dev", "prompt": "a slow harbour",
-                                     "width": 512, "height": 512})
+            return from_image_input(
+                {"service": "flux-dev", "prompt": "a slow harbour", "width": 512, "height": 512}
+            )
 
         ids = []
         for start in range(0, jobs, 50):
-            batch = await asyncio.gather(*(rt.gateway.generate(made["key"], request)
-                                           for _ in range(min(50, jobs - start))))
+            batch = await asyncio.gather(
+                *(rt.gateway.generate(made["key"], request) for _ in range(min(50, jobs - start)))
+            )
             ids += [job.id for job, _ in batch]
         return str(made["id"]), ids
 
@@ -114,16 +122,25 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
         try:
             account, ids = await admit_all(ctx.redis_url, storage, upstream.url(""), jobs)
             env = gateway_env(ctx.redis_url, 0, storage)
-            env.update(GATEWAY_WORKERS=str(jobs), GATEWAY_KREA_API_BASE=upstream.url(""),
-                       GATEWAY_KREA_API_TOKEN="bench", GATEWAY_ROUTES='{"flux-dev": ["krea"]}',
-                       GATEWAY_BACKEND_CONCURRENCY="512")
+            env.update(
+                GATEWAY_WORKERS=str(jobs),
+                GATEWAY_KREA_API_BASE=upstream.url(""),
+                GATEWAY_KREA_API_TOKEN="bench",
+                GATEWAY_ROUTES='{"flux-dev": ["krea"]}',
+                GATEWAY_BACKEND_CONCURRENCY="512",
+            )
             if callbacks:
                 port = free_port()
                 env.update(GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}", GATEWAY_PORT=str(port))
                 api = spawn("gateway", [gateway_binary(), "serve"], env, port, workdir)
             with (workdir / "worker.log").open("wb") as log:
-                worker = subprocess.Popen([gateway_binary(), "worker"], env=env, cwd=ROOT,
-                                          stdout=log, stderr=subprocess.STDOUT)
+                worker = subprocess.Popen(
+                    [gateway_binary(), "worker"],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             started, cpu0 = time.monotonic(), cpu_seconds(worker.pid)
             api_cpu0 = cpu_seconds(api.pid) if api else 0.0
             waiting: list[float] = []
@@ -143,8 +160,11 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
                     window.append((cpu, seen["polls"]))
                 last_cpu, last_t = cpu, now
                 if int(now - started) % 5 == 0:
-                    print(f"  t={now - started:5.1f}s upstream {seen}, worker "
-                          f"{status_kb(worker.pid, 'VmRSS') / 1024:.0f} MB", flush=True)
+                    print(
+                        f"  t={now - started:5.1f}s upstream {seen}, worker "
+                        f"{status_kb(worker.pid, 'VmRSS') / 1024:.0f} MB",
+                        flush=True,
+                    )
                 if now - started >= JOB_SECONDS:
                     row.completed = await count_completed(redis, account, ids)
                     if row.completed == jobs:
@@ -153,8 +173,9 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
             row.run_cores = (cpu_seconds(worker.pid) - cpu0) / row.last_done_s
             row.waiting_cores = statistics.median(waiting) if waiting else math.nan
             if len(window) >= 2 and window[-1][1] > window[0][1]:
-                row.poll_cpu_ms = ((window[-1][0] - window[0][0])
-                                   / (window[-1][1] - window[0][1]) * 1000)
+                row.poll_cpu_ms = (
+                    (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1]) * 1000
+                )
             if api:
                 row.api_cpu_ms_per_job = (cpu_seconds(api.pid) - api_cpu0) / jobs * 1000
             stats = (await client.get(upstream.url("/stats"))).json()
@@ -179,8 +200,11 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
 def scale_table(rows: list[ScaleRow], rounds: int) -> str:
     lines = []
     for r in rows:
-        how = ("Krea calls back (X-Webhook-URL), polled once then" if r.callbacks
-               else f"polled at Krea's {PACE_SECONDS:.0f} s pace")
+        how = (
+            "Krea calls back (X-Webhook-URL), polled once then"
+            if r.callbacks
+            else f"polled at Krea's {PACE_SECONDS:.0f} s pace"
+        )
         # Polled, the worker must keep the pace: judged by its CPU per poll at the full
         # pace (a saturated worker polls less often and would look cheaper than it is).
         at_pace = r.poll_cpu_ms / 1000 * r.jobs / PACE_SECONDS
@@ -199,11 +223,15 @@ def scale_table(rows: list[ScaleRow], rounds: int) -> str:
         if not r.callbacks and not math.isnan(r.poll_cpu_ms):
             lines.append(
                 f"  worker CPU per poll while all wait: {r.poll_cpu_ms:.3f} ms; at the full "
-                f"pace ({r.jobs:,} jobs / {PACE_SECONDS:.0f} s) that is {at_pace:.2f} cores")
+                f"pace ({r.jobs:,} jobs / {PACE_SECONDS:.0f} s) that is {at_pace:.2f} cores"
+            )
         if r.callbacks:
-            lines.append(f"  API process receiving the callbacks: "
-                         f"{r.api_cpu_ms_per_job:.2f} ms CPU per job")
-        lines.append(f"  target: under {CPU_TARGET_CORES:.0f} core "
-                     f"{'while waiting' if r.callbacks else 'at the pace'}: "
-                     f"{'met' if cores_ok else 'NOT met'}")
+            lines.append(
+                f"  API process receiving the callbacks: {r.api_cpu_ms_per_job:.2f} ms CPU per job"
+            )
+        lines.append(
+            f"  target: under {CPU_TARGET_CORES:.0f} core "
+            f"{'while waiting' if r.callbacks else 'at the pace'}: "
+            f"{'met' if cores_ok else 'NOT met'}"
+        )
     return "\n".join(lines)

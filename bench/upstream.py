@@ -74,8 +74,11 @@ async def upstream_cost(ctx: Context) -> list[UpstreamRow]:
                 response.raise_for_status()
                 await response.read()
 
-        clients = {"gateway (request() over aiohttp)": via_gateway, "httpx (httpcore)": via_httpx,
-                   "aiohttp session (floor)": via_aiohttp}
+        clients = {
+            "gateway (request() over aiohttp)": via_gateway,
+            "httpx (httpcore)": via_httpx,
+            "aiohttp session (floor)": via_aiohttp,
+        }
         rows = {(name, n): UpstreamRow(name, n) for name in clients for n in (1, 64)}
         try:
             for call in clients.values():  # warm-up: connections open, code paths hot
@@ -96,16 +99,27 @@ async def upstream_cost(ctx: Context) -> list[UpstreamRow]:
 @renderer(UpstreamRow)
 def upstream_table(rows: list[UpstreamRow], rounds: int) -> str:
     floor_cpu = {r.inflight: statistics.median(r.cpu_ms) for r in rows if "floor" in r.client}
-    lines = [("client", "in flight", "calls/s", "CPU ms/call", "vs floor", "target"),
-             ("------", "---------", "-------", "-----------", "--------", "------")]
+    lines = [
+        ("client", "in flight", "calls/s", "CPU ms/call", "vs floor", "target"),
+        ("------", "---------", "-------", "-----------", "--------", "------"),
+    ]
     for r in rows:
         cpu = statistics.median(r.cpu_ms)
         target = ""
         if r.client.startswith("gateway") and r.inflight == 64:
             target = f"{'met' if cpu <= TARGET_MS else 'NOT met'} (<= {TARGET_MS} ms)"
-        lines.append((r.client, str(r.inflight), f"{statistics.median(r.rates):,.0f}",
-                      f"{cpu:.3f}", f"{cpu / floor_cpu[r.inflight]:.1f}x", target))
+        lines.append(
+            (
+                r.client,
+                str(r.inflight),
+                f"{statistics.median(r.rates):,.0f}",
+                f"{cpu:.3f}",
+                f"{cpu / floor_cpu[r.inflight]:.1f}x",
+                target,
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    body = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
-                     for line in lines)
+    body = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines
+    )
     return f"{body}\n\nmedians of {rounds} rounds; CPU of the calling process only"

@@ -143,8 +143,11 @@ class Accounts:
     async def add_credits(self, account: str, amount: int, reason: str = "topup") -> int:
         try:
             balance = await self.scripts.credit(
-                keys=[keys.account(account), keys.ledger(account),
-                      keys.topup(account, os.urandom(12).hex())],
+                keys=[
+                    keys.account(account),
+                    keys.ledger(account),
+                    keys.topup(account, os.urandom(12).hex()),
+                ],
                 args=[amount, reason],
                 client=self.redis,
             )

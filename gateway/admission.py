@@ -136,9 +136,13 @@ async def admit(
         raise Unauthenticated("Invalid API key")
 
     principal = Principal(
-        account=account, name="", plan=str(reply[7]), credits=int(reply[6]),
+        account=account,
+        name="",
+        plan=str(reply[7]),
+        credits=int(reply[6]),
         limits=_limits(int(reply[1]), int(reply[2]), int(reply[3])),
-        webhook_secret="", window_used=int(reply[4]),
+        webhook_secret="",
+        window_used=int(reply[4]),
         window_reset=math.ceil((int(reply[5]) + 60000) / 1000),
     )
     rest = reply[8:]

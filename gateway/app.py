@@ -145,7 +145,8 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs"),
     ]
     app = Starlette(
-        routes=routes, lifespan=lifespan,
+        routes=routes,
+        lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.

@@ -52,16 +52,32 @@ class Cache:
         slot. A copy lost to a crash costs a cache miss, never a wrong result."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
-        entry = {"urls": orjson.dumps(urls).decode(), "width": width, "height": height,
-                 "metadata": orjson.dumps(metadata).decode(),
-                 # What a hit's job says, made once here rather than by every hit's script.
-                 "hit_metadata": orjson.dumps({**metadata, "cached": True, "duration": 0}
-                                              ).decode()}
+        entry = {
+            "urls": orjson.dumps(urls).decode(),
+            "width": width,
+            "height": height,
+            "metadata": orjson.dumps(metadata).decode(),
+            # What a hit's job says, made once here rather than by every hit's script.
+            "hit_metadata": orjson.dumps({**metadata, "cached": True, "duration": 0}).decode(),
+        }
         done = await self.scripts.settle(
-            keys=[keys.cache_entry(shard, digest), keys.inflight(shard, digest),
-                  keys.followers(shard, digest), keys.webhooks(shard), keys.coalescing(shard)],
-            args=[keys.job(job.account, job.id), job.completed_at or 0, self.retention_ms,
-                  entry["urls"], width, height, entry["metadata"], entry["hit_metadata"]],
+            keys=[
+                keys.cache_entry(shard, digest),
+                keys.inflight(shard, digest),
+                keys.followers(shard, digest),
+                keys.webhooks(shard),
+                keys.coalescing(shard),
+            ],
+            args=[
+                keys.job(job.account, job.id),
+                job.completed_at or 0,
+                self.retention_ms,
+                entry["urls"],
+                width,
+                height,
+                entry["metadata"],
+                entry["hit_metadata"],
+            ],
             client=self.redis,
         )
         others = [n for n in range(self.settings.redis_shards) if n != shard]
@@ -112,8 +128,14 @@ class Cache:
                 return changed
             account, job_id = keys.job_parts(follower)  # a record gone is skipped
             verdict = await self.scripts.promote(
-                keys=[follower, keys.account(account), keys.ledger(account),
-                      keys.queue(shard), inflight, keys.webhooks(shard)],
+                keys=[
+                    follower,
+                    keys.account(account),
+                    keys.ledger(account),
+                    keys.queue(shard),
+                    inflight,
+                    keys.webhooks(shard),
+                ],
                 args=[now_ms, self.lease_ms, job_id, self.retention_ms],
                 client=self.redis,
             )
@@ -125,7 +147,10 @@ class Cache:
 
     async def stats(self, account: str) -> dict[str, int]:
         raw = await self.redis.hmget(
-            keys.account(account), "cache_hits", "cache_misses", "cache_coalesced",
+            keys.account(account),
+            "cache_hits",
+            "cache_misses",
+            "cache_coalesced",
             "credits_saved",
         )
         hits, misses, coalesced, saved = (int(v or 0) for v in raw)

@@ -150,8 +150,7 @@ class RedisInbox:
                             waiter.wake(token)
                 delay = 0.5
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=30.0)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
                     if message is None:
                         continue
                     token = message["data"]

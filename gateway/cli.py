@@ -115,17 +115,25 @@ def serve(
     settings = _settings(host=host, port=port)
     _configure_logging()
     if not settings.redis_url:
-        err.print("[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
-                  "nothing kept after exit.[/yellow]")
+        err.print(
+            "[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
+            "nothing kept after exit.[/yellow]"
+        )
     app = build_app(settings)
     _tune_gc()
     uvicorn.run(
-        app, host=settings.host, port=settings.port,
+        app,
+        host=settings.host,
+        port=settings.port,
         # Nothing reads the client's address or scheme (public URLs come from
         # GATEWAY_PUBLIC_URL): uvicorn's X-Forwarded-* rewriting, on by default, would
         # only cost every request (~2% of a REST generation's CPU).
-        log_level="warning", access_log=False, proxy_headers=False, server_header=False,
-        loop="uvloop", http="httptools",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        loop="uvloop",
+        http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
 
@@ -173,8 +181,10 @@ def keys_create(
         print(json.dumps(made))
     else:
         console.print(f"API key: {made['key']}")
-        console.print(f"id {made['id']}, plan {plan}, {credits} credits, "
-                      f"webhook secret {made['webhookSecret']}")
+        console.print(
+            f"id {made['id']}, plan {plan}, {credits} credits, "
+            f"webhook secret {made['webhookSecret']}"
+        )
         console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
 
 
@@ -187,9 +197,14 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     table = Table("id", "name", "plan", "credits", "rpm", "concurrency", "daily", "revoked")
     for i in infos:
-        table.add_row(i.id, i.name, i.plan, str(i.credits), *(
-            "" if v is None else str(v) for v in (i.rpm, i.concurrency, i.daily)
-        ), "yes" if i.revoked else "")
+        table.add_row(
+            i.id,
+            i.name,
+            i.plan,
+            str(i.credits),
+            *("" if v is None else str(v) for v in (i.rpm, i.concurrency, i.daily)),
+            "yes" if i.revoked else "",
+        )
     console.print(table)
 
 
@@ -248,14 +263,23 @@ def generate(
     if not key:
         err.print("[red]GATEWAY_API_KEY is not set[/red]")
         raise typer.Exit(2)
-    variables = {"input": {"service": provider, "prompt": prompt, "width": width,
-                           "height": height, "seed": seed}}
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
-                      timeout=30) as client:
+    variables = {
+        "input": {
+            "service": provider,
+            "prompt": prompt,
+            "width": width,
+            "height": height,
+            "seed": seed,
+        }
+    }
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as client:
         try:
             job = _graphql(client, GENERATE, variables)["generateImage"]
-            with Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                          TimeElapsedColumn(), console=err) as progress:
+            with Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err
+            ) as progress:
                 task = progress.add_task(f"{job['id']}: {job['status']}")
                 while job["status"] in ("queued", "processing"):
                     time.sleep(1.0)
@@ -272,8 +296,10 @@ def generate(
     target = out or Path(job["url"].rsplit("/", 1)[-1])
     target.write_bytes(image.content)
     meta = job.get("metadata") or {}
-    console.print(f"saved {target} ({meta.get('width')}x{meta.get('height')}, "
-                  f"backend {meta.get('backend')}, seed {meta.get('seed')})")
+    console.print(
+        f"saved {target} ({meta.get('width')}x{meta.get('height')}, "
+        f"backend {meta.get('backend')}, seed {meta.get('seed')})"
+    )
 
 
 def _graphql(client: httpx.Client, query: str, variables: dict[str, Any]) -> dict[str, Any]:

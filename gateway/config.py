@@ -41,7 +41,9 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     redis_shards: int = Field(
-        default=1, ge=1, le=1024,
+        default=1,
+        ge=1,
+        le=1024,
         description="hash-tag shards of the keyspace; on Redis Cluster, several per node",
     )
     host: str = "127.0.0.1"
@@ -79,7 +81,8 @@ class Settings(BaseSettings):
         default=None, gt=0, description="override every backend's recommended poll pace (s)"
     )
     callback_fallback_seconds: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="poll a job whose upstream calls back this often anyway (s)",
     )
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")

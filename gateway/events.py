@@ -46,9 +46,7 @@ class Events:
                 fresh = await self.store.get(account, job_id)
                 if fresh is None:
                     return
-                if message is None and (fresh.status, fresh.metadata) == (
-                    job.status, job.metadata
-                ):
+                if message is None and (fresh.status, fresh.metadata) == (job.status, job.metadata):
                     continue
                 job = fresh
                 yield job

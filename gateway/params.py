@@ -96,11 +96,17 @@ class GenerationRequest(BaseModel):
         spelled differently (key order, defaults written out) gives the same key."""
         width, height = self.size()
         data = {
-            "provider": self.provider, "prompt": self.prompt, "width": width,
-            "height": height, "seed": self.seed, "steps": self.steps,
+            "provider": self.provider,
+            "prompt": self.prompt,
+            "width": width,
+            "height": height,
+            "seed": self.seed,
+            "steps": self.steps,
             "guidance": None if self.guidance is None else float(self.guidance),
-            "num_images": self.num_images, "output_format": self.output_format,
-            "aspect_ratio": self.aspect_ratio, "quality": self.quality,
+            "num_images": self.num_images,
+            "output_format": self.output_format,
+            "aspect_ratio": self.aspect_ratio,
+            "quality": self.quality,
             "version": self.version,
         }
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()

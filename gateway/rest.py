@@ -116,9 +116,13 @@ async def job_events(request: Request) -> Response:
             yield b"retry: %d\nevent: error\ndata: %b\n\n" % (exc.retry_after * 1000, body)
 
     return StreamingResponse(
-        stream(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                 **principal.rate_headers()},
+        stream(),
+        media_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **principal.rate_headers(),
+        },
     )
 
 
@@ -147,8 +151,9 @@ async def readyz(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     checks = await gateway.ready()
     ok = all(checks.values())
-    return ORJSONResponse({"status": "ok" if ok else "unavailable", **checks},
-                          status_code=200 if ok else 503)
+    return ORJSONResponse(
+        {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+    )
 
 
 routes = [

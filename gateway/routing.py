@@ -124,9 +124,7 @@ class Router:
         """The route's enabled backends; none at all means the service is unavailable."""
         backends = [b for b in self.route(name) if b in self.providers and self._on(b)]
         if not backends:
-            raise ServiceUnavailable(
-                f"no backend of {name!r} is enabled: {self._why_off(name)}"
-            )
+            raise ServiceUnavailable(f"no backend of {name!r} is enabled: {self._why_off(name)}")
         return backends
 
     def _on(self, backend: str) -> bool:
@@ -153,14 +151,16 @@ class Router:
         for service in self.routes:
             route = self.route(service)
             on = [b for b in route if b in self.providers and self._on(b)]
-            out.append({
-                "name": service,
-                "kind": "service",
-                "enabled": bool(on),
-                "reason": "ok" if on else self._why_off(service),
-                "backends": route,
-                "circuit": "closed",
-            })
+            out.append(
+                {
+                    "name": service,
+                    "kind": "service",
+                    "enabled": bool(on),
+                    "reason": "ok" if on else self._why_off(service),
+                    "backends": route,
+                    "circuit": "closed",
+                }
+            )
         for name, provider in self.providers.items():
             enabled, reason = provider.status()
             breaker = self.breakers[name]
@@ -168,14 +168,16 @@ class Router:
             if breaker.opened_at is not None:
                 circuit = "half-open" if breaker.allows(now) else "open"
                 reason = f"{breaker.failures} failures in a row, last: {breaker.reason}"
-            out.append({
-                "name": name,
-                "kind": "backend",
-                "enabled": enabled,
-                "reason": reason,
-                "backends": [name],
-                "circuit": circuit,
-            })
+            out.append(
+                {
+                    "name": name,
+                    "kind": "backend",
+                    "enabled": enabled,
+                    "reason": reason,
+                    "backends": [name],
+                    "circuit": circuit,
+                }
+            )
         return out
 
     # -- running a job ---------------------------------------------------------------
@@ -198,15 +200,22 @@ class Router:
             raise JobFailed(exc.message) from None
         if resume and resume.get("backend") in order:
             # Backends before the stored one already failed this job: do not retry them.
-            order = order[order.index(resume["backend"]):]
+            order = order[order.index(resume["backend"]) :]
         errors: list[str] = []
         for backend in order:
             provider = self.providers[backend]
             upstream_id = resume.get("id") if resume and resume.get("backend") == backend else None
             try:
                 result = await self._attempt(
-                    backend, provider, params, upstream_id, resume,
-                    save_upstream, progress, cancelled, deadline,
+                    backend,
+                    provider,
+                    params,
+                    upstream_id,
+                    resume,
+                    save_upstream,
+                    progress,
+                    cancelled,
+                    deadline,
                 )
             except ProviderError as exc:
                 if not exc.failover:
@@ -253,7 +262,9 @@ class Router:
         if polled.state == "failed":
             raise ProviderUnavailable(polled.error or f"{backend} job failed")
         return Result(
-            backend, provider, polled.outputs,
+            backend,
+            provider,
+            polled.outputs,
             {**metadata, **polled.metadata, "upstreamId": upstream_id, "sent": sent},
         )
 
@@ -289,8 +300,11 @@ class Router:
                 if self.clock() >= deadline:
                     await self._cancel_upstream(backend, provider, upstream_id)
                     raise ProviderTimeout(f"{backend} did not finish in time")
-                due = (waiter is None or waiter.delivered
-                       or self.clock() - polled_at >= self.callback_fallback)
+                due = (
+                    waiter is None
+                    or waiter.delivered
+                    or self.clock() - polled_at >= self.callback_fallback
+                )
                 if due:
                     polled_at = self.clock()
                     try:

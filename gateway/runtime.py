@@ -62,19 +62,35 @@ async def runtime(
         await queue.ensure_group()
         artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
         gateway = Gateway(
-            settings=settings, redis=redis, scripts=scripts, router=router,
-            artifacts=artifacts, queue=queue, clock=clock,
+            settings=settings,
+            redis=redis,
+            scripts=scripts,
+            router=router,
+            artifacts=artifacts,
+            queue=queue,
+            clock=clock,
         )
         webhooks = Webhooks(
-            redis=redis, scripts=scripts, store=gateway.store, client=hooks,
-            settings=settings, clock=clock,
+            redis=redis,
+            scripts=scripts,
+            store=gateway.store,
+            client=hooks,
+            settings=settings,
+            clock=clock,
         )
         gateway.webhooks = webhooks
         gateway.inbox = inbox
         worker = Worker(
-            settings=settings, store=gateway.store, queue=queue, router=router,
-            artifacts=artifacts, events=gateway.events, webhooks=webhooks, cache=gateway.cache,
-            consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}", clock=clock,
+            settings=settings,
+            store=gateway.store,
+            queue=queue,
+            router=router,
+            artifacts=artifacts,
+            events=gateway.events,
+            webhooks=webhooks,
+            cache=gateway.cache,
+            consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}",
+            clock=clock,
         )
         yield Runtime(gateway, worker)
     finally:

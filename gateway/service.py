@@ -147,7 +147,10 @@ class Gateway:
         )
         with store_errors():
             verdict = await admit(
-                self.redis, self.scripts, secret_hash, job,
+                self.redis,
+                self.scripts,
+                secret_hash,
+                job,
                 plans=self.plans,
                 now_ms=now,
                 # A queued job holds its slot until it ends (bounded by the deadline);
@@ -230,8 +233,13 @@ class Gateway:
 
         def usage(name: str, limit: int | None, used: int, reset: int | None) -> dict[str, Any]:
             remaining = None if limit is None else max(0, limit - used)
-            return {"name": name, "limit": limit, "used": used, "remaining": remaining,
-                    "reset": reset}
+            return {
+                "name": name,
+                "limit": limit,
+                "used": used,
+                "remaining": remaining,
+                "reset": reset,
+            }
 
         cache = await self.cache.stats(account)
         return {
@@ -244,8 +252,7 @@ class Gateway:
                 usage("minute", limits.rpm, principal.window_used, principal.window_reset),
                 usage("day", limits.daily, int(today or 0), day_reset),
                 usage("concurrency", limits.concurrency, int(running or 0), None),
-                usage("read", self.settings.read_rpm, int(reads or 0),
-                      (now // 60000 + 1) * 60),
+                usage("read", self.settings.read_rpm, int(reads or 0), (now // 60000 + 1) * 60),
             ],
         }
 

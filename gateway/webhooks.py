@@ -44,20 +44,22 @@ log = structlog.get_logger("gateway.webhooks")
 
 def payload(job: Job) -> bytes:
     meta = job.metadata or {}
-    return orjson.dumps({
-        "id": job.id,
-        "status": job.status,
-        "url": job.urls[0] if job.urls else None,
-        "service": job.provider,
-        "createdAt": iso(job.created_at),
-        "completedAt": iso(job.completed_at),
-        "metadata": {
-            "duration": meta.get("duration"),
-            "width": meta.get("width", job.width),
-            "height": meta.get("height", job.height),
-        },
-        "error": job.error,
-    })
+    return orjson.dumps(
+        {
+            "id": job.id,
+            "status": job.status,
+            "url": job.urls[0] if job.urls else None,
+            "service": job.provider,
+            "createdAt": iso(job.created_at),
+            "completedAt": iso(job.completed_at),
+            "metadata": {
+                "duration": meta.get("duration"),
+                "width": meta.get("width", job.width),
+                "height": meta.get("height", job.height),
+            },
+            "error": job.error,
+        }
+    )
 
 
 def signed_headers(secret: str, msg_id: str, body: bytes, now: float) -> dict[str, str]:
@@ -133,7 +135,8 @@ class Webhooks:
         lease = int((self.settings.webhook_timeout + 5) * 1000)
         for shard in range(self.settings.redis_shards):
             due = await self.scripts.claim(
-                keys=[keys.webhooks(shard)], args=[self.now_ms(), lease, free],
+                keys=[keys.webhooks(shard)],
+                args=[self.now_ms(), lease, free],
                 client=self.redis,
             )
             for job_key in due:
@@ -163,8 +166,11 @@ class Webhooks:
             target, host, extensions = pinned(job.webhook_url, addresses[0])
             async with self.slots:
                 response = await self.client.post(
-                    target, content=body, headers={**headers, **host},
-                    extensions=extensions, timeout=self.settings.webhook_timeout,
+                    target,
+                    content=body,
+                    headers={**headers, **host},
+                    extensions=extensions,
+                    timeout=self.settings.webhook_timeout,
                 )
             status = response.status_code
             if not response.is_success:
@@ -176,9 +182,14 @@ class Webhooks:
         except httpx.HTTPError as exc:
             error = f"connection failed: {type(exc).__name__}"
         ok = error is None
-        record = {"attempt": attempt, "at": iso(started), "statusCode": status,
-                  "error": error, "success": ok,
-                  "durationMs": self.now_ms() - started}
+        record = {
+            "attempt": attempt,
+            "at": iso(started),
+            "statusCode": status,
+            "error": error,
+            "success": ok,
+            "durationMs": self.now_ms() - started,
+        }
         log_key = keys.webhook_log(job.account, job.id)
         retention = int(self.settings.retention_days * 86400)
         final = ok or attempt > len(self.delays)

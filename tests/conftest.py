@@ -42,8 +42,12 @@ class RedisServer:
         if self.appendonly:
             args += ["--appendfsync", "always"]  # every write on disk before its reply
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file",
-                     str(self.workdir / f"nodes-{self.port}.conf")]
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.workdir / f"nodes-{self.port}.conf"),
+            ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
@@ -99,15 +103,18 @@ class ThreeNodeCluster:
             node.start(claim_slots=False)
         clients = [redis.Redis(port=n.port) for n in self.nodes]
         try:
-            for client, (lo, hi) in zip(clients, ((0, 5460), (5461, 10922), (10923, 16383)),
-                                        strict=True):
+            for client, (lo, hi) in zip(
+                clients, ((0, 5460), (5461, 10922), (10923, 16383)), strict=True
+            ):
                 client.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
             for node in self.nodes[1:]:
                 clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
             deadline = time.monotonic() + 20
-            while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
-                          and len(c.execute_command("CLUSTER", "NODES").splitlines()) == 3
-                          for c in clients):
+            while not all(
+                b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                and len(c.execute_command("CLUSTER", "NODES").splitlines()) == 3
+                for c in clients
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the three-node Redis Cluster did not come up")
                 time.sleep(0.05)

@@ -70,8 +70,14 @@ class Harness:
         )
 
     async def generate(self, key: str, prompt: str = "a red fox", **options: Any) -> httpx.Response:
-        variables = {"input": {"type": "IMAGE", "provider": options.pop("provider", "local"),
-                               "input": {"text": prompt}, "options": options}}
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": options.pop("provider", "local"),
+                "input": {"text": prompt},
+                "options": options,
+            }
+        }
         return await self.gql(GENERATE, variables, key)
 
     async def job(self, key: str, job_id: str) -> dict[str, Any] | None:
@@ -106,9 +112,7 @@ async def gateway(
     port = free_port()
     if public:
         overrides["public_url"] = f"http://127.0.0.1:{port}"
-    settings = load_settings(
-        redis_url=redis_url, storage_dir=storage_dir, port=port, **overrides
-    )
+    settings = load_settings(redis_url=redis_url, storage_dir=storage_dir, port=port, **overrides)
     app = build_app(settings, clock=clock)
     async with serve(app, port=port) as base:
         redis = await connect(redis_url) if redis_url else app.state.gateway.redis
@@ -130,9 +134,10 @@ async def replies_cut(
     sha = hashlib.sha1(source(script).encode()).hexdigest().encode()
     cutter = ReplyCutter(port, sha)
     overrides.setdefault("inprocess_workers", False)
-    async with cutter.running() as proxied, gateway(
-        f"redis://127.0.0.1:{proxied}/0", storage_dir, **overrides
-    ) as gw:
+    async with (
+        cutter.running() as proxied,
+        gateway(f"redis://127.0.0.1:{proxied}/0", storage_dir, **overrides) as gw,
+    ):
         yield cutter, gw
 
 
@@ -148,15 +153,26 @@ def gateway_processes(
     procs: list[subprocess.Popen[bytes]] = []
     bases: list[str] = []
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    base_env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_STORAGE_DIR": str(storage_dir),
-                     "GATEWAY_INPROCESS_WORKERS": "0", **env})
+    base_env.update(
+        {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_STORAGE_DIR": str(storage_dir),
+            "GATEWAY_INPROCESS_WORKERS": "0",
+            **env,
+        }
+    )
     try:
         for i in range(count):
             port = free_port()
             with (logs / f"gw{i}.log").open("wb") as out:
-                procs.append(subprocess.Popen(
-                    [GATEWAY, "serve"], stdout=out, stderr=subprocess.STDOUT,
-                    env={**base_env, "GATEWAY_PORT": str(port)}))
+                procs.append(
+                    subprocess.Popen(
+                        [GATEWAY, "serve"],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**base_env, "GATEWAY_PORT": str(port)},
+                    )
+                )
             bases.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 30
         for i, (proc, base) in enumerate(zip(procs, bases, strict=True)):

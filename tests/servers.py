@@ -35,7 +35,12 @@ async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
     """Run `app` with uvicorn on 127.0.0.1; yield its base URL (no trailing slash)."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio",
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        loop="asyncio",
         # As `gateway serve` does: a request still running at shutdown cannot hold it up
         # forever (uvicorn would otherwise wait for it before the lifespan ends).
         timeout_graceful_shutdown=5,
@@ -73,8 +78,7 @@ class ReplyCutter:
             server.close()
             await server.wait_closed()
 
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
-                      ) -> None:
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
         cutting = asyncio.Event()
 

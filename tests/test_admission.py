@@ -195,14 +195,19 @@ async def gated_upstream() -> AsyncIterator[tuple[GatedFluxKrea, str]]:
 async def test_a_second_job_waits_for_the_first_to_end_on_a_free_key(
     redis_url: str, storage_dir: Path
 ) -> None:
-    async with gated_upstream() as (emu, upstream), gateway(
-        redis_url, storage_dir,
-        fluxkrea_api_key="test-key", fluxkrea_api_base=f"{upstream}/v1",
-        routes={"flux-krea": ["fluxkrea"]}, url_allow_cidrs="127.0.0.0/8",
-    ) as gw:
+    async with (
+        gated_upstream() as (emu, upstream),
+        gateway(
+            redis_url,
+            storage_dir,
+            fluxkrea_api_key="test-key",
+            fluxkrea_api_base=f"{upstream}/v1",
+            routes={"flux-krea": ["fluxkrea"]},
+            url_allow_cidrs="127.0.0.0/8",
+        ) as gw,
+    ):
         key = await gw.key("free", credits=100)
-        first = job_id(await gw.generate(key, "first", provider="flux-krea",
-                                         width=512, height=512))
+        first = job_id(await gw.generate(key, "first", provider="flux-krea", width=512, height=512))
         await until(lambda: emu.arrived == 1, what="the first job to reach the upstream")
         assert (await gw.job(key, first))["status"] == "processing"  # type: ignore[index]
 
@@ -226,16 +231,21 @@ async def test_a_second_job_waits_for_the_first_to_end_on_a_free_key(
 async def test_cancelling_a_running_job_frees_its_slot_at_once(
     redis_url: str, storage_dir: Path
 ) -> None:
-    async with gated_upstream() as (emu, upstream), gateway(
-        redis_url, storage_dir,
-        fluxkrea_api_key="test-key", fluxkrea_api_base=f"{upstream}/v1",
-        routes={"flux-krea": ["fluxkrea"]}, url_allow_cidrs="127.0.0.0/8",
-    ) as gw:
+    async with (
+        gated_upstream() as (emu, upstream),
+        gateway(
+            redis_url,
+            storage_dir,
+            fluxkrea_api_key="test-key",
+            fluxkrea_api_base=f"{upstream}/v1",
+            routes={"flux-krea": ["fluxkrea"]},
+            url_allow_cidrs="127.0.0.0/8",
+        ) as gw,
+    ):
         key = await gw.key("free", credits=100)
         first = job_id(await gw.generate(key, "first", provider="flux-krea"))
         await until(lambda: emu.arrived == 1, what="the first job to reach the upstream")
-        assert_rate_limited(await gw.generate(key, "second", provider="flux-krea"),
-                            "concurrency")
+        assert_rate_limited(await gw.generate(key, "second", provider="flux-krea"), "concurrency")
         r = await gw.gql(CANCEL, {"id": first}, key)
         assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
         # The upstream still holds the first request: the slot is free all the same.
@@ -254,8 +264,9 @@ async def test_a_killed_workers_slot_comes_back_after_its_lease(
     redis_url: str, storage_dir: Path
 ) -> None:
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
-                       job_lease_seconds=5) as gw:
+    async with gateway(
+        redis_url, storage_dir, clock, inprocess_workers=False, job_lease_seconds=5
+    ) as gw:
         key = await gw.key("free", credits=100)
         account = gw.keys[key]["id"]
         first = job_id(await gw.generate(key, "doomed"))
@@ -322,16 +333,28 @@ def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[
 
 async def storm(bases: list[str], key: str, n: int) -> list[httpx.Response]:
     """`n` generation requests at once, alternating between the gateway processes."""
-    body = {"query": GENERATE, "variables": {"input": {
-        "type": "IMAGE", "provider": "local", "input": {"text": "storm"},
-        "options": {"width": 512, "height": 512}}}}
+    body = {
+        "query": GENERATE,
+        "variables": {
+            "input": {
+                "type": "IMAGE",
+                "provider": "local",
+                "input": {"text": "storm"},
+                "options": {"width": 512, "height": 512},
+            }
+        },
+    }
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        return list(await asyncio.gather(*(
-            client.post(f"{bases[i % len(bases)]}/graphql", json=body, headers=headers)
-            for i in range(n)
-        )))
+        return list(
+            await asyncio.gather(
+                *(
+                    client.post(f"{bases[i % len(bases)]}/graphql", json=body, headers=headers)
+                    for i in range(n)
+                )
+            )
+        )
 
 
 async def check_books(accounts: Accounts, account: str, admitted: int, cost: int) -> int:
@@ -369,8 +392,9 @@ async def test_two_processes_admit_exactly_the_minute_limit_from_one_key(
         # Both processes answered their half (which of them admitted is a race).
         served = [str(r.request.url).removesuffix("/graphql") for r in replies]
         assert [served.count(base) for base in two_gateways] == [100, 100]
-        remaining = sorted(int(r.headers["X-RateLimit-Remaining"])
-                           for r in replies if r.status_code == 200)
+        remaining = sorted(
+            int(r.headers["X-RateLimit-Remaining"]) for r in replies if r.status_code == 200
+        )
         assert remaining == list(range(50))  # each admission saw its own place in the window
         assert await check_books(accounts, made["id"], admitted=50, cost=10) == 200
 
@@ -397,15 +421,22 @@ async def test_idempotency_key_makes_concurrent_retries_one_job(
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         # A free key: one slot, ten a minute; retries of one request take neither.
         key = await gw.key("free", credits=100)
-        variables = {"input": {"type": "IMAGE", "provider": "local",
-                               "input": {"text": "same"}, "idempotencyKey": "order-17",
-                               "options": {"width": 1024, "height": 1024}}}
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": "local",
+                "input": {"text": "same"},
+                "idempotencyKey": "order-17",
+                "options": {"width": 1024, "height": 1024},
+            }
+        }
         replies = await asyncio.gather(*(gw.gql(GENERATE, variables, key) for _ in range(20)))
         assert [r.status_code for r in replies] == [200] * 20, replies[0].text
         assert len({job_id(r) for r in replies}) == 1
         ledger = await gw.accounts.ledger(gw.keys[key]["id"])
         assert [(e["reason"], int(e["delta"])) for e in ledger] == [
-            ("initial", 100), ("charge", -20)
+            ("initial", 100),
+            ("charge", -20),
         ]
         limits = await limits_of(gw, key)
         assert limits["minute"]["used"] == 1 and limits["day"]["used"] == 1
@@ -427,8 +458,7 @@ async def test_idempotency_key_makes_concurrent_retries_one_job(
 
 async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> None:
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
-                       read_rpm=5) as gw:
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
         key = await gw.key("free", credits=100)
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         for i in range(5):
@@ -447,8 +477,7 @@ async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> 
         assert r.status_code == 200, r.text
         assert r.headers["X-RateLimit-Remaining"] == "9"
         # Polling the job is a read, and is refused too.
-        polled = await gw.gql("query($id: ID!) { job(id: $id) { status } }",
-                              {"id": job_id(r)}, key)
+        polled = await gw.gql("query($id: ID!) { job(id: $id) { status } }", {"id": job_id(r)}, key)
         assert_rate_limited(polled, "read")
         clock.advance(retry_after)
         assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
@@ -459,8 +488,7 @@ async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(
 ) -> None:
     """Knowing a key's account id (its visible prefix) is not enough to starve it."""
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
-                       read_rpm=5) as gw:
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
         key = await gw.key("free", credits=100)
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         forged = "_".join(key.split("_", 2)[:2]) + "_" + "x" * 43
@@ -491,8 +519,7 @@ async def test_polling_every_two_seconds_never_exhausts_a_plan(
 async def test_admin_raises_a_keys_limit_and_only_the_admin_may(
     redis_url: str, storage_dir: Path
 ) -> None:
-    async with gateway(redis_url, storage_dir, inprocess_workers=False,
-                       admin_token="adm") as gw:
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, admin_token="adm") as gw:
         key = await gw.key("enterprise", credits=1000, rpm=2)
         account = gw.keys[key]["id"]
         for _ in range(2):
@@ -532,8 +559,9 @@ async def test_after_a_limit_is_lowered_retry_after_says_when_a_request_gets_in(
     redis_url: str, storage_dir: Path
 ) -> None:
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False,
-                       admin_token="adm") as gw:
+    async with gateway(
+        redis_url, storage_dir, clock, inprocess_workers=False, admin_token="adm"
+    ) as gw:
         key = await gw.key("enterprise", credits=1000, rpm=5)
         for _ in range(5):  # one every 10 s: at t = 0, 10, 20, 30, 40
             assert (await gw.generate(key)).status_code == 200
@@ -551,9 +579,7 @@ async def test_after_a_limit_is_lowered_retry_after_says_when_a_request_gets_in(
         assert r.status_code == 200, r.text
 
 
-async def test_admin_api_is_off_without_an_admin_token(
-    redis_url: str, storage_dir: Path
-) -> None:
+async def test_admin_api_is_off_without_an_admin_token(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key("enterprise", credits=100, rpm=2)
         r = await gw.gql(UPDATE_KEY, {"id": gw.keys[key]["id"], "rpm": 5}, key)
@@ -576,14 +602,27 @@ async def test_me_reports_each_limit_as_admitted(redis_url: str, storage_dir: Pa
         assert me["credits"] == 200 - 10  # the cancelled one was refunded
         limits = {row["name"]: row for row in me["limits"]}
         assert [row["name"] for row in me["limits"]] == ["minute", "day", "concurrency", "read"]
-        assert limits["minute"] == {"name": "minute", "limit": 30, "used": 2, "remaining": 28,
-                                    "reset": first_reset}
+        assert limits["minute"] == {
+            "name": "minute",
+            "limit": 30,
+            "used": 2,
+            "remaining": 28,
+            "reset": first_reset,
+        }
         assert now < first_reset <= now + 61
         # A cancelled job still counts against the minute and the day, not the slots.
-        assert limits["day"] == {"name": "day", "limit": 1000, "used": 2, "remaining": 998,
-                                 "reset": next_utc_midnight(now)}
+        assert limits["day"] == {
+            "name": "day",
+            "limit": 1000,
+            "used": 2,
+            "remaining": 998,
+            "reset": next_utc_midnight(now),
+        }
         assert {k: limits["concurrency"][k] for k in ("limit", "used", "remaining")} == {
-            "limit": 3, "used": 1, "remaining": 2}
+            "limit": 3,
+            "used": 1,
+            "remaining": 2,
+        }
         # Reads: the two cancelJob/generate mutations are not reads; this `me` is the first.
         read = limits["read"]
         assert (read["limit"], read["used"], read["remaining"]) == (600, 1, 599)
@@ -596,21 +635,30 @@ async def test_me_reports_each_limit_as_admitted(redis_url: str, storage_dir: Pa
         assert limits["day"]["used"] == 2
 
 
-@pytest.mark.parametrize(("options", "credits"), [
-    ({"width": 512, "height": 512}, 10),
-    ({"width": 1024, "height": 1024}, 20),
-    ({"width": 2048, "height": 2048}, 30),
-    ({"width": 1024, "height": 1024, "numImages": 3}, 60),
-    ({"width": 2048, "height": 2048, "numImages": 4}, 120),
-    ({"width": 768, "height": 768}, 14),  # (768² - 512²) / (1024² - 512²) = 5/12 -> 14.17
-])
+@pytest.mark.parametrize(
+    ("options", "credits"),
+    [
+        ({"width": 512, "height": 512}, 10),
+        ({"width": 1024, "height": 1024}, 20),
+        ({"width": 2048, "height": 2048}, 30),
+        ({"width": 1024, "height": 1024, "numImages": 3}, 60),
+        ({"width": 2048, "height": 2048, "numImages": 4}, 120),
+        ({"width": 768, "height": 768}, 14),  # (768² - 512²) / (1024² - 512²) = 5/12 -> 14.17
+    ],
+)
 async def test_estimate_quotes_the_contract_price_and_takes_nothing(
     redis_url: str, storage_dir: Path, options: dict[str, int], credits: int
 ) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key("free", credits=50)
-        variables = {"input": {"type": "IMAGE", "provider": "local",
-                               "input": {"text": "how much?"}, "options": options}}
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": "local",
+                "input": {"text": "how much?"},
+                "options": options,
+            }
+        }
         for _ in range(12):  # more than a free key may generate in a minute
             r = await gw.gql(ESTIMATE, variables, key)
             assert r.status_code == 200, r.text
@@ -646,12 +694,12 @@ async def test_a_burst_larger_than_the_redis_pool_is_admitted_not_refused(
         body = {"service": "local", "prompt": "a burst", "width": 512, "height": 512}
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
         async with httpx.AsyncClient(base_url=gw.base, limits=limits, timeout=60) as client:
-            answers = await asyncio.gather(*(
-                client.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
-                for _ in range(300)
-            ))
-        assert [r.status_code for r in answers].count(202) == 300, {
-            r.status_code for r in answers
-        }
+            answers = await asyncio.gather(
+                *(
+                    client.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+                    for _ in range(300)
+                )
+            )
+        assert [r.status_code for r in answers].count(202) == 300, {r.status_code for r in answers}
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 10**6 - 300 * 10

@@ -48,7 +48,9 @@ async def test_a_failing_command_fails_alone_in_its_batch(client: Any) -> None:
     await client.set("b:string", "x")
     await client.hset("b:hash", mapping={"f": "v"})
     results = await asyncio.gather(
-        client.hgetall("b:hash"), client.hgetall("b:string"), client.get("b:string"),
+        client.hgetall("b:hash"),
+        client.hgetall("b:string"),
+        client.get("b:string"),
         return_exceptions=True,
     )
     assert results[0] == {"f": "v"}  # the reply callback still makes a dict

@@ -25,8 +25,12 @@ def krea_settings(base: str) -> dict[str, Any]:
 
 
 async def gen(gw: Harness, key: str, **options: Any) -> dict[str, Any]:
-    r = await gw.generate(key, options.pop("prompt", "a red kite over dunes"),
-                          provider=options.pop("provider", "flux-dev"), **options)
+    r = await gw.generate(
+        key,
+        options.pop("prompt", "a red kite over dunes"),
+        provider=options.pop("provider", "flux-dev"),
+        **options,
+    )
     assert r.status_code == 200, r.text
     return dict(r.json()["data"]["generate"])
 
@@ -35,8 +39,7 @@ async def test_a_seeded_request_twice_costs_one_upstream_call(
     redis_url: str, storage_dir: Path
 ) -> None:
     emu = KreaEmulator(steps_to_complete=2)
-    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
-                                               **krea_settings(krea)) as gw:
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
         key, other = await gw.key(), await gw.key()
         first = await gen(gw, key, seed=42, width=1024, height=768)
         assert first["creditCost"] == 17
@@ -65,16 +68,32 @@ async def test_a_seeded_request_twice_costs_one_upstream_call(
         assert (await gw.job(other, older["id"]))["metadata"] == older["metadata"]
 
         # The same request spelled differently: other key order, defaults written out.
-        variables = {"input": {"options": {"cache": True, "outputFormat": "png", "numImages": 1,
-                                           "height": 768, "seed": 42, "width": 1024},
-                               "input": {"text": "a red kite over dunes"},
-                               "provider": "flux-dev", "type": "IMAGE"}}
+        variables = {
+            "input": {
+                "options": {
+                    "cache": True,
+                    "outputFormat": "png",
+                    "numImages": 1,
+                    "height": 768,
+                    "seed": 42,
+                    "width": 1024,
+                },
+                "input": {"text": "a red kite over dunes"},
+                "provider": "flux-dev",
+                "type": "IMAGE",
+            }
+        }
         r = await gw.gql(GENERATE, variables, other)
         assert r.json()["data"]["generate"]["metadata"]["cached"] is True
 
         # Anything that changes the picture misses.
-        for change in ({"seed": 43}, {"width": 768}, {"prompt": "a blue kite"},
-                       {"steps": 10}, {"outputFormat": "jpg"}):
+        for change in (
+            {"seed": 43},
+            {"width": 768},
+            {"prompt": "a blue kite"},
+            {"steps": 10},
+            {"outputFormat": "jpg"},
+        ):
             options = {"seed": 42, "width": 1024, "height": 768, **change}
             missed = await gen(gw, other, **options)
             assert missed["status"] == "queued", change
@@ -82,8 +101,9 @@ async def test_a_seeded_request_twice_costs_one_upstream_call(
             await gw.wait(other, missed["id"])
         assert emu.submissions == 6
 
-        me = (await gw.gql("{ me { credits cache { hits misses creditsSaved } } }",
-                           key=other)).json()["data"]["me"]
+        me = (
+            await gw.gql("{ me { credits cache { hits misses creditsSaved } } }", key=other)
+        ).json()["data"]["me"]
         assert me["cache"] == {"hits": 3, "misses": 5, "creditsSaved": 51}
         ledger = await gw.accounts.ledger(gw.keys[other]["id"])
         assert [e["reason"] for e in ledger].count("charge") == 5
@@ -96,11 +116,9 @@ async def test_cache_false_bypasses_and_no_seed_means_a_new_picture(
         key = await gw.key()
         first = await gen(gw, key, provider="local", seed=5, width=512, height=512)
         await gw.wait(key, first["id"])
-        bypass = await gen(gw, key, provider="local", seed=5, width=512, height=512,
-                           cache=False)
+        bypass = await gen(gw, key, provider="local", seed=5, width=512, height=512, cache=False)
         assert bypass["status"] == "queued" and bypass["creditCost"] == 10
-        unseeded = [await gen(gw, key, provider="local", width=512, height=512)
-                    for _ in range(2)]
+        unseeded = [await gen(gw, key, provider="local", width=512, height=512) for _ in range(2)]
         assert all(j["status"] == "queued" for j in unseeded)
         # cache: true without a seed: the second identical request reuses the first.
         opted = await gen(gw, key, provider="local", prompt="opt in", cache=True)
@@ -118,15 +136,21 @@ async def test_cache_can_be_turned_off_per_service(redis_url: str, storage_dir: 
         assert second["status"] == "queued" and second["creditCost"] == 10
 
 
-def start_gateway(
-    redis_url: str, krea: str, storage: Path, port: int
-) -> subprocess.Popen[bytes]:
+def start_gateway(redis_url: str, krea: str, storage: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_REDIS_URL": redis_url, "GATEWAY_PORT": str(port),
-                "GATEWAY_KREA_API_BASE": krea, "GATEWAY_KREA_API_TOKEN": "test-token",
-                "GATEWAY_STORAGE_DIR": str(storage), "GATEWAY_POLL_INTERVAL": "0.05"})
-    return subprocess.Popen([GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env.update(
+        {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_KREA_API_BASE": krea,
+            "GATEWAY_KREA_API_TOKEN": "test-token",
+            "GATEWAY_STORAGE_DIR": str(storage),
+            "GATEWAY_POLL_INTERVAL": "0.05",
+        }
+    )
+    return subprocess.Popen(
+        [GATEWAY, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job(
@@ -134,12 +158,12 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
 ) -> None:
     emu = KreaEmulator(steps_to_complete=10**9)
     port = free_port()
-    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
-                                               **krea_settings(krea)) as gw:
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
         other = start_gateway(redis_url, krea, storage_dir, port)
         try:
             key = await gw.key(credits=1000)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as b:
+
                 async def ready() -> bool:
                     try:
                         return (await b.get("/readyz")).status_code == 200
@@ -147,15 +171,21 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
                         return False
 
                 await until(ready)
-                query = ("mutation($i: ImageGenerationInput!) "
-                         "{ generateImage(input: $i) { id creditCost } }")
-                body = {"query": query, "variables": {"i": {
-                    "service": "flux-dev", "prompt": "one harbour", "seed": 9}}}
+                query = (
+                    "mutation($i: ImageGenerationInput!) "
+                    "{ generateImage(input: $i) { id creditCost } }"
+                )
+                body = {
+                    "query": query,
+                    "variables": {"i": {"service": "flux-dev", "prompt": "one harbour", "seed": 9}},
+                }
                 headers = {"Authorization": f"Bearer {key}"}
-                replies = await asyncio.gather(*(
-                    (gw.http if i % 2 else b).post("/graphql", json=body, headers=headers)
-                    for i in range(20)
-                ))
+                replies = await asyncio.gather(
+                    *(
+                        (gw.http if i % 2 else b).post("/graphql", json=body, headers=headers)
+                        for i in range(20)
+                    )
+                )
             jobs = [r.json()["data"]["generateImage"] for r in replies]
             assert sorted(j["creditCost"] for j in jobs) == [0] * 19 + [20]
             emu.steps_to_complete = 1
@@ -181,8 +211,7 @@ async def test_when_the_leader_fails_a_waiter_runs_in_its_place(
     redis_url: str, storage_dir: Path
 ) -> None:
     emu = KreaEmulator(steps_to_complete=10**9)
-    async with serve(emu.app) as krea, gateway(redis_url, storage_dir,
-                                               **krea_settings(krea)) as gw:
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
         key, other = await gw.key(credits=100), await gw.key(credits=100)
         leader = await gen(gw, key, seed=3)
         waiters = [await gen(gw, other, seed=3) for _ in range(2)]

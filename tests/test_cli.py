@@ -19,14 +19,16 @@ GATEWAY = str(Path(sys.executable).with_name("gateway"))
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     full.update(env or {})
-    return subprocess.run([GATEWAY, *args], capture_output=True, text=True, env=full,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [GATEWAY, *args], capture_output=True, text=True, env=full, timeout=60, check=False
+    )
 
 
 def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
     env = {"GATEWAY_REDIS_URL": redis_url}
-    made = run("keys", "create", "--plan", "starter", "--credits", "50", "--name", "ci",
-               "--json", env=env)
+    made = run(
+        "keys", "create", "--plan", "starter", "--credits", "50", "--name", "ci", "--json", env=env
+    )
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)
     assert set(key) == {"id", "key", "plan", "credits", "webhookSecret"}
@@ -58,29 +60,46 @@ def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Pat
     """What `make run` does: embedded store, dev mode, a printed demo key."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_DEV": "1", "GATEWAY_PORT": str(port),
-                "GATEWAY_STORAGE_DIR": str(tmp_path / "out")})
-    proc = subprocess.Popen([GATEWAY, "serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    env.update(
+        {
+            "GATEWAY_DEV": "1",
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_STORAGE_DIR": str(tmp_path / "out"),
+        }
+    )
+    proc = subprocess.Popen(
+        [GATEWAY, "serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("API key: "), line
         key = line.split(": ", 1)[1].strip()
         base = f"http://127.0.0.1:{port}"
-        query = ("mutation Generate($input: GenerateInput!) { generate(input: $input) "
-                 "{ id status type provider url metadata creditCost } }")
-        variables = {"input": {"type": "IMAGE", "provider": "flux-krea",
-                               "input": {"text": "A futuristic city"},
-                               "options": {"width": 1024, "height": 1024}}}
+        query = (
+            "mutation Generate($input: GenerateInput!) { generate(input: $input) "
+            "{ id status type provider url metadata creditCost } }"
+        )
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": "flux-krea",
+                "input": {"text": "A futuristic city"},
+                "options": {"width": 1024, "height": 1024},
+            }
+        }
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
             job = c.post("/graphql", json={"query": query, "variables": variables}).json()
             job_id = job["data"]["generate"]["id"]
             deadline = time.monotonic() + 30
             while True:
-                got = c.post("/graphql", json={
-                    "query": "query($id: ID!) { job(id: $id) { status url } }",
-                    "variables": {"id": job_id}}).json()["data"]["job"]
+                got = c.post(
+                    "/graphql",
+                    json={
+                        "query": "query($id: ID!) { job(id: $id) { status url } }",
+                        "variables": {"id": job_id},
+                    },
+                ).json()["data"]["job"]
                 if got["status"] == "completed":
                     break
                 assert time.monotonic() < deadline
@@ -88,8 +107,17 @@ def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Pat
             assert c.get(got["url"]).headers["content-type"] == "image/png"
 
         out = tmp_path / "city.png"
-        gen = run("generate", "a city", "--width", "512", "--height", "512", "--out", str(out),
-                  env={"GATEWAY_URL": base, "GATEWAY_API_KEY": key})
+        gen = run(
+            "generate",
+            "a city",
+            "--width",
+            "512",
+            "--height",
+            "512",
+            "--out",
+            str(out),
+            env={"GATEWAY_URL": base, "GATEWAY_API_KEY": key},
+        )
         assert gen.returncode == 0, gen.stderr
         assert out.read_bytes().startswith(b"\x89PNG")
     finally:

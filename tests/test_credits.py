@@ -37,8 +37,10 @@ async def test_fifty_racing_requests_for_the_last_credits(
 async def test_a_failed_job_is_refunded_exactly_once(redis_url: str, storage_dir: Path) -> None:
     # flux-krea routed to a backend that cannot be reached: every attempt fails.
     async with gateway(
-        redis_url, storage_dir,
-        fluxkrea_api_key="k", fluxkrea_api_base="http://127.0.0.1:9/v1",
+        redis_url,
+        storage_dir,
+        fluxkrea_api_key="k",
+        fluxkrea_api_base="http://127.0.0.1:9/v1",
         routes={"flux-krea": ["fluxkrea"]},
     ) as gw:
         key = await gw.key(credits=50)
@@ -54,11 +56,14 @@ async def test_a_failed_job_is_refunded_exactly_once(redis_url: str, storage_dir
         assert {"name": "concurrency", "used": 0} in me["data"]["me"]["limits"]
         ledger = await gw.accounts.ledger(gw.keys[key]["id"])
         assert [(e["reason"], int(e["delta"])) for e in ledger] == [
-            ("initial", 50), ("charge", -10), ("refund", 10)
+            ("initial", 50),
+            ("charge", -10),
+            ("refund", 10),
         ]
         # Cancelling the failed job afterwards refunds nothing more.
-        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status } }",
-                         {"id": job["id"]}, key)
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job["id"]}, key
+        )
         assert r.json()["data"]["cancelJob"]["status"] == "failed"
         assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 3
 
@@ -100,8 +105,7 @@ async def test_a_top_up_whose_reply_is_lost_is_applied_once(
         assert cutter.cut == 1
         assert int(await gw.accounts.redis.hget(keys.account(account), "credits")) == 150
         ledger = await gw.accounts.ledger(account)
-        assert [(e["reason"], e["delta"]) for e in ledger] == [("initial", "100"),
-                                                                ("topup", "50")]
+        assert [(e["reason"], e["delta"]) for e in ledger] == [("initial", "100"), ("topup", "50")]
 
 
 async def test_a_promotion_whose_reply_is_lost_is_charged_once(
@@ -113,12 +117,16 @@ async def test_a_promotion_whose_reply_is_lost_is_charged_once(
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         leader, follower = [
-            (await gw.generate(key, "a lighthouse", width=1024, height=1024, seed=7)
-             ).json()["data"]["generate"] for _ in range(2)]
+            (await gw.generate(key, "a lighthouse", width=1024, height=1024, seed=7)).json()[
+                "data"
+            ]["generate"]
+            for _ in range(2)
+        ]
         assert (leader["creditCost"], follower["creditCost"]) == (20, 0)
         cutter.armed = True
-        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status } }",
-                         {"id": leader["id"]}, key)
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": leader["id"]}, key
+        )
         assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
         assert cutter.cut == 1
         store = gw.accounts.redis

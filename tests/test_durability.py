@@ -30,17 +30,20 @@ def start_worker(
     redis_url: str, krea_base: str, storage: Path, **extra: str
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({
-        "GATEWAY_REDIS_URL": redis_url,
-        "GATEWAY_KREA_API_BASE": krea_base,
-        "GATEWAY_KREA_API_TOKEN": "test-token",
-        "GATEWAY_STORAGE_DIR": str(storage),
-        "GATEWAY_POLL_INTERVAL": "0.05",
-        "GATEWAY_JOB_LEASE_SECONDS": "1.5",
-        **extra,
-    })
-    return subprocess.Popen([GATEWAY, "worker"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env.update(
+        {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_KREA_API_BASE": krea_base,
+            "GATEWAY_KREA_API_TOKEN": "test-token",
+            "GATEWAY_STORAGE_DIR": str(storage),
+            "GATEWAY_POLL_INTERVAL": "0.05",
+            "GATEWAY_JOB_LEASE_SECONDS": "1.5",
+            **extra,
+        }
+    )
+    return subprocess.Popen(
+        [GATEWAY, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 @contextlib.asynccontextmanager
@@ -51,9 +54,12 @@ async def held_krea(
     and a gateway routed to it (no in-process workers unless asked for)."""
     emu = KreaEmulator(steps_to_complete=10**9)
     overrides.setdefault("inprocess_workers", False)
-    async with serve(emu.app) as krea, gateway(
-        redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token", **overrides
-    ) as gw:
+    async with (
+        serve(emu.app) as krea,
+        gateway(
+            redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token", **overrides
+        ) as gw,
+    ):
         yield emu, krea, gw
 
 
@@ -124,10 +130,14 @@ async def check_outcome(gw: Harness, key: str, ids: list[str], emu: KreaEmulator
     assert me["credits"] == 10_000 - 10 * len(ids)
 
 
-@pytest.mark.parametrize(("how", "jobs", "exit_code"), [
-    (signal.SIGKILL, 20, -signal.SIGKILL),  # crashed: its jobs are claimed after the lease
-    (signal.SIGTERM, 10, 0),  # stopped: a clean exit, running jobs handed over
-], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize(
+    ("how", "jobs", "exit_code"),
+    [
+        (signal.SIGKILL, 20, -signal.SIGKILL),  # crashed: its jobs are claimed after the lease
+        (signal.SIGTERM, 10, 0),  # stopped: a clean exit, running jobs handed over
+    ],
+    ids=["kill-9", "sigterm"],
+)
 async def test_a_worker_stopped_mid_run_loses_nothing_and_pays_upstream_once(
     redis_url: str, storage_dir: Path, how: signal.Signals, jobs: int, exit_code: int
 ) -> None:
@@ -187,12 +197,14 @@ async def test_cancel_while_running_stops_upstream_refunds_and_frees_the_slot(
         [job_id] = await submit(gw, key, 1)
 
         await accepted_upstream(gw, key, [job_id])
-        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
-                         {"id": job_id}, key)
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }", {"id": job_id}, key
+        )
         assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}
         me = (await gw.gql("{ me { credits limits { name used } } }", key=key)).json()
         assert me["data"]["me"]["credits"] == 100
         assert {"name": "concurrency", "used": 0} in me["data"]["me"]["limits"]
+
         # The worker notices at its next poll and stops polling the upstream job.
         async def stopped() -> bool:
             before = len(emu.requests)
@@ -272,8 +284,9 @@ async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
     """The connection drops after Redis ran `start.lua`, before its reply arrived:
     redis-py sends it again. The job is started once: one attempt counted (a second
     would bring GATEWAY_JOB_MAX_TRIES one nearer), completed, charged once."""
-    async with replies_cut(plain_redis_server.port, "start", storage_dir,
-                           inprocess_workers=True) as (cutter, gw):
+    async with replies_cut(
+        plain_redis_server.port, "start", storage_dir, inprocess_workers=True
+    ) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         account = gw.keys[key]["id"]
         cutter.armed = True
@@ -284,8 +297,7 @@ async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
         assert done["status"] == "completed" and done["creditCost"] == 20
         record = await gw.accounts.redis.hgetall(keys.job(account, job["id"]))
         assert record["attempts"] == "1"
-        assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"] == {
-            "credits": 80}
+        assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"] == {"credits": 80}
 
 
 async def test_a_job_end_whose_reply_is_lost_keeps_its_images(
@@ -293,8 +305,9 @@ async def test_a_job_end_whose_reply_is_lost_keeps_its_images(
 ) -> None:
     """The same cut for `finish.lua`: the re-sent end must not read as "someone else
     ended it" (the worker would then delete the images of a completed job)."""
-    async with replies_cut(plain_redis_server.port, "finish", storage_dir,
-                           inprocess_workers=True) as (cutter, gw):
+    async with replies_cut(
+        plain_redis_server.port, "finish", storage_dir, inprocess_workers=True
+    ) as (cutter, gw):
         key = await gw.key("pro", credits=100)
         cutter.armed = True
         r = await gw.generate(key, width=1024, height=1024)

@@ -74,8 +74,11 @@ async def test_seed_javascript_example_generate_image(redis_url: str, storage_di
         generateImage(input: $input) { id url width height } }"""
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
-        r = await gw.gql(query, {"input": {"service": "local", "prompt": "a lake",
-                                           "width": 768, "height": 512}}, key)
+        r = await gw.gql(
+            query,
+            {"input": {"service": "local", "prompt": "a lake", "width": 768, "height": 512}},
+            key,
+        )
         job = r.json()["data"]["generateImage"]
         done = await gw.wait(key, job["id"])
         assert (done["width"], done["height"]) == (768, 512)
@@ -101,8 +104,7 @@ async def test_same_seed_same_picture_different_seed_different_picture(
 async def test_output_formats_and_several_images(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
-        r = await gw.generate(key, "tiles", width=512, height=512, numImages=3,
-                              outputFormat="webp")
+        r = await gw.generate(key, "tiles", width=512, height=512, numImages=3, outputFormat="webp")
         job = r.json()["data"]["generate"]
         assert job["creditCost"] == 30
         done = await gw.wait(key, job["id"])
@@ -115,9 +117,17 @@ async def test_output_formats_and_several_images(redis_url: str, storage_dir: Pa
 async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir) as gw:
         key, other = await gw.key(), await gw.key()
-        r = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                               json={"service": "local", "prompt": "a kite", "width": 512,
-                                     "height": 640, "outputFormat": "jpg"})
+        r = await gw.http.post(
+            "/v1/text_to_image",
+            headers={"X-API-Key": key},
+            json={
+                "service": "local",
+                "prompt": "a kite",
+                "width": 512,
+                "height": 640,
+                "outputFormat": "jpg",
+            },
+        )
         assert r.status_code == 202
         assert r.headers["X-RateLimit-Remaining"] == "59"
         job = r.json()
@@ -136,12 +146,15 @@ async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> 
         assert await gw.job(key, "nope") is None
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer gk_abc_notarealsecret"},
-    {"X-API-Key": "garbage"},
-    {"Authorization": "Basic Zm9vOmJhcg=="},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer gk_abc_notarealsecret"},
+        {"X-API-Key": "garbage"},
+        {"Authorization": "Basic Zm9vOmJhcg=="},
+    ],
+)
 async def test_missing_or_bad_key_is_401(
     redis_url: str, storage_dir: Path, headers: dict[str, str]
 ) -> None:
@@ -149,8 +162,9 @@ async def test_missing_or_bad_key_is_401(
         r = await gw.http.post("/graphql", headers=headers, json={"query": "{ me { plan } }"})
         assert r.status_code == 401
         assert r.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
-        rest = await gw.http.post("/v1/text_to_image", headers=headers,
-                                  json={"service": "local", "prompt": "x"})
+        rest = await gw.http.post(
+            "/v1/text_to_image", headers=headers, json={"service": "local", "prompt": "x"}
+        )
         assert rest.status_code == 401
         assert rest.json()["error"]["code"] == "UNAUTHENTICATED"
 
@@ -169,8 +183,11 @@ async def test_revoked_key_is_refused_and_its_secret_is_not_stored(
         r = await gw.gql("{ me { plan } }", key=key)
         assert r.status_code == 401
         assert (await gw.generate(key)).status_code == 401
-        rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                                  json={"service": "local", "prompt": "x"})
+        rest = await gw.http.post(
+            "/v1/text_to_image",
+            headers={"X-API-Key": key},
+            json={"service": "local", "prompt": "x"},
+        )
         assert rest.status_code == 401
 
 
@@ -183,8 +200,11 @@ async def test_generation_checks_the_secret_with_admission_and_refusals_take_not
         forged = f"gk_{account}_{'A' * 43}"  # the real account id, a wrong secret
         for attempt in (forged, key[:-1] + ("B" if key[-1] != "B" else "C"), f"gk_{account}_"):
             assert (await gw.generate(attempt)).status_code == 401
-            rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": attempt},
-                                      json={"service": "local", "prompt": "x"})
+            rest = await gw.http.post(
+                "/v1/text_to_image",
+                headers={"X-API-Key": attempt},
+                json={"service": "local", "prompt": "x"},
+            )
             assert rest.status_code == 401 and "X-RateLimit-Limit" not in rest.headers
         # Bad input from a bad key is still a 401; from the real key a 400 with its headers.
         bad = {"service": "local", "prompt": "x", "width": 4096}
@@ -225,8 +245,15 @@ async def test_bad_input_is_400_naming_the_field_and_charges_nothing(
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key("free", credits=100)
         for change, field in BAD_INPUTS:
-            variables = {"input": {"type": "IMAGE", "provider": "local",
-                                   "input": {"text": "ok"}, "options": {}, **change}}
+            variables = {
+                "input": {
+                    "type": "IMAGE",
+                    "provider": "local",
+                    "input": {"text": "ok"},
+                    "options": {},
+                    **change,
+                }
+            }
             r = await gw.gql(GENERATE, variables, key)
             assert r.status_code == 400, (change, r.text)
             error = r.json()["errors"][0]
@@ -244,19 +271,43 @@ async def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
         key = await gw.key()
         auth = {"Authorization": f"Bearer {key}"}
         cases: list[tuple[dict[str, object], int, str]] = [
-            ({"content": b"{not json", "headers": {"content-type": "application/json"}},
-             400, "BAD_USER_INPUT"),
+            (
+                {"content": b"{not json", "headers": {"content-type": "application/json"}},
+                400,
+                "BAD_USER_INPUT",
+            ),
             ({"json": {"query": "{ me { plan "}}, 400, "BAD_USER_INPUT"),
             ({"json": {"query": "{ nope }"}}, 400, "BAD_USER_INPUT"),
-            ({"json": {"query": GENERATE, "variables": {"input": {"provider": 3}}}},
-             400, "BAD_USER_INPUT"),
+            (
+                {"json": {"query": GENERATE, "variables": {"input": {"provider": 3}}}},
+                400,
+                "BAD_USER_INPUT",
+            ),
             ({"json": {"query": GENERATE, "variables": "x"}}, 400, "BAD_USER_INPUT"),
-            ({"json": {"query": "{ " + " ".join(f"a{i}: me {{ plan }}" for i in range(40))
-                       + " }"}}, 400, "BAD_USER_INPUT"),
-            ({"json": {"query": "{ jobs { nodes { metadata } pageInfo { endCursor } } }",
-                       "variables": None}}, 200, ""),
-            ({"content": b"x" * 70_000, "headers": {"content-type": "application/json"}},
-             413, "PAYLOAD_TOO_LARGE"),
+            (
+                {
+                    "json": {
+                        "query": "{ " + " ".join(f"a{i}: me {{ plan }}" for i in range(40)) + " }"
+                    }
+                },
+                400,
+                "BAD_USER_INPUT",
+            ),
+            (
+                {
+                    "json": {
+                        "query": "{ jobs { nodes { metadata } pageInfo { endCursor } } }",
+                        "variables": None,
+                    }
+                },
+                200,
+                "",
+            ),
+            (
+                {"content": b"x" * 70_000, "headers": {"content-type": "application/json"}},
+                413,
+                "PAYLOAD_TOO_LARGE",
+            ),
         ]
         for kwargs, status, code in cases:
             headers = {**auth, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
@@ -269,21 +320,28 @@ async def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
             for _ in range(3):
                 yield b"x" * 30_000
 
-        r = await gw.http.post("/graphql", content=chunked(),
-                               headers={**auth, "content-type": "application/json"})
+        r = await gw.http.post(
+            "/graphql", content=chunked(), headers={**auth, "content-type": "application/json"}
+        )
         assert r.status_code == 413 and "content-length" not in r.request.headers
         rest = await gw.http.post("/v1/text_to_image", headers=auth, content=b"[1,2")
         assert rest.status_code == 400 and rest.json()["error"]["code"] == "BAD_USER_INPUT"
-        rest = await gw.http.post("/v1/text_to_image", headers=auth,
-                                  json={"service": "local", "prompt": "x", "width": "big"})
+        rest = await gw.http.post(
+            "/v1/text_to_image",
+            headers=auth,
+            json={"service": "local", "prompt": "x", "width": "big"},
+        )
         assert rest.status_code == 400 and rest.json()["error"]["field"] == "width"
         # Still serving.
         assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
 
 
 async def test_alias_limit_holds_through_fragments(redis_url: str, storage_dir: Path) -> None:
-    fragment_bomb = ("query { ...A } fragment A on Query { " +
-                     " ".join(f"m{i}: me {{ plan }}" for i in range(30)) + " }")
+    fragment_bomb = (
+        "query { ...A } fragment A on Query { "
+        + " ".join(f"m{i}: me {{ plan }}" for i in range(30))
+        + " }"
+    )
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
         r = await gw.gql(fragment_bomb, key=key)
@@ -300,8 +358,11 @@ async def test_cancel_a_queued_job_refunds_and_frees_its_slot(
         refused = await gw.generate(key)
         assert refused.status_code == 429
         assert refused.json()["errors"][0]["extensions"]["limit"] == "concurrency"
-        r = await gw.gql("mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
-                         {"id": first["id"]}, key)
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }",
+            {"id": first["id"]},
+            key,
+        )
         assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 40
@@ -363,8 +424,14 @@ async def test_an_unexpected_error_is_a_masked_500_and_the_server_keeps_serving(
         assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
         assert "orjson" not in r.text and "Traceback" not in r.text
         # A variable the client got wrong is its own error, and says what is wrong.
-        variables = {"input": {"type": "IMAGE", "provider": "local", "input": {"text": "x"},
-                               "options": {"colour": "red"}}}
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": "local",
+                "input": {"text": "x"},
+                "options": {"colour": "red"},
+            }
+        }
         r = await gw.gql(GENERATE, variables, key)
         assert r.status_code == 400
         assert r.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
@@ -385,8 +452,11 @@ async def test_redis_going_away_fails_closed_with_503_then_recovers(
             r = await gw.generate(key)
             assert r.status_code == 503
             assert r.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
-            rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                                      json={"service": "local", "prompt": "x"})
+            rest = await gw.http.post(
+                "/v1/text_to_image",
+                headers={"X-API-Key": key},
+                json={"service": "local", "prompt": "x"},
+            )
             assert rest.status_code == 503
             assert (await gw.http.get("/readyz")).status_code == 503
             assert (await gw.http.get("/healthz")).status_code == 200
@@ -419,11 +489,15 @@ async def test_requests_leave_no_reference_cycles(redis_url: str, storage_dir: P
     async def requests(key: str) -> None:
         job = (await gw.generate(key)).json()["data"]["generate"]
         assert (await gw.job(key, job["id"]))["id"] == job["id"]
-        r = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                               json={"service": "local", "prompt": "a red fox"})
+        r = await gw.http.post(
+            "/v1/text_to_image",
+            headers={"X-API-Key": key},
+            json={"service": "local", "prompt": "a red fox"},
+        )
         assert r.status_code == 202
-        assert (await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key})
-                ).status_code == 200
+        assert (
+            await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key})
+        ).status_code == 200
 
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key("enterprise", credits=10**6)

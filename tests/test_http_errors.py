@@ -57,15 +57,19 @@ async def test_a_bug_under_rest_is_a_json_500_that_says_nothing_internal(
 ) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key()
-        made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                                  json={"service": "local", "prompt": "a fox"})
+        made = await gw.http.post(
+            "/v1/text_to_image",
+            headers={"X-API-Key": key},
+            json={"service": "local", "prompt": "a fox"},
+        )
         job_id = made.json()["id"]
         # A record damaged behind the gateway's back (by hand, or a bad migration).
         await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job_id), "params", "{")
         r = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
         assert r.status_code == 500
-        assert r.json() == {"error": {"code": "INTERNAL_SERVER_ERROR",
-                                      "message": "internal server error"}}
+        assert r.json() == {
+            "error": {"code": "INTERNAL_SERVER_ERROR", "message": "internal server error"}
+        }
         # The server keeps serving.
         assert (await gw.http.get("/healthz")).status_code == 200
         assert (await gw.gql(JOB, {"id": job_id}, key)).status_code == 500
@@ -79,20 +83,26 @@ async def test_redis_away_is_503_with_retry_after_everywhere(
     try:
         async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
             key = await gw.key(credits=100)
-            made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                                      json={"service": "local", "prompt": "a fox"})
+            made = await gw.http.post(
+                "/v1/text_to_image",
+                headers={"X-API-Key": key},
+                json={"service": "local", "prompt": "a fox"},
+            )
             job_id = made.json()["id"]
             server.stop()
             answers = {
                 "rest generate": await gw.http.post(
-                    "/v1/text_to_image", headers={"X-API-Key": key},
-                    json={"service": "local", "prompt": "x"}),
-                "rest job": await gw.http.get(f"/v1/jobs/{job_id}",
-                                              headers={"X-API-Key": key}),
-                "rest cancel": await gw.http.post(f"/v1/jobs/{job_id}/cancel",
-                                                  headers={"X-API-Key": key}),
-                "events": await gw.http.get(f"/v1/jobs/{job_id}/events",
-                                            headers={"X-API-Key": key}),
+                    "/v1/text_to_image",
+                    headers={"X-API-Key": key},
+                    json={"service": "local", "prompt": "x"},
+                ),
+                "rest job": await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key}),
+                "rest cancel": await gw.http.post(
+                    f"/v1/jobs/{job_id}/cancel", headers={"X-API-Key": key}
+                ),
+                "events": await gw.http.get(
+                    f"/v1/jobs/{job_id}/events", headers={"X-API-Key": key}
+                ),
                 "callback": await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={}),
             }
             for name, r in answers.items():
@@ -114,8 +124,7 @@ async def test_an_upstream_callback_refused_while_redis_is_away_is_taken_when_se
     server = RedisServer(tmp_path, appendonly=True)
     server.start()
     try:
-        async with gateway(server.url, storage_dir, inprocess_workers=False,
-                           public=True) as gw:
+        async with gateway(server.url, storage_dir, inprocess_workers=False, public=True) as gw:
             inbox = gw.app.state.gateway.inbox
             token = "T" * 32
             await inbox.expect(token)  # as a job handing its callback URL to Krea does
@@ -145,11 +154,15 @@ async def test_an_event_stream_whose_redis_goes_away_ends_with_an_error_event(
     try:
         async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
             key = await gw.key()
-            made = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key},
-                                      json={"service": "local", "prompt": "a fox"})
+            made = await gw.http.post(
+                "/v1/text_to_image",
+                headers={"X-API-Key": key},
+                json={"service": "local", "prompt": "a fox"},
+            )
             job_id = made.json()["id"]
-            async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events",
-                                      headers={"X-API-Key": key}) as stream:
+            async with gw.http.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers={"X-API-Key": key}
+            ) as stream:
                 assert stream.status_code == 200
                 lines = stream.aiter_lines()
                 assert await anext(lines) == "event: update"  # the job as it is: queued

@@ -47,10 +47,18 @@ def test_an_account_id_names_its_shard() -> None:
     job_key = keys.job("a1b2c3d4e5f6s2", "j1")
     assert keys.shard_of_key(job_key) == 2
     # Everything one admission touches is in one slot; two shards are two slots.
-    slots = {key_slot(k.encode()) for k in (
-        job_key, keys.account("a1b2c3d4e5f6s2"), keys.queue(2), keys.webhooks(2),
-        keys.cache_entry(2, "d"), keys.inflight(2, "d"), keys.coalescing(2),
-    )}
+    slots = {
+        key_slot(k.encode())
+        for k in (
+            job_key,
+            keys.account("a1b2c3d4e5f6s2"),
+            keys.queue(2),
+            keys.webhooks(2),
+            keys.cache_entry(2, "d"),
+            keys.inflight(2, "d"),
+            keys.coalescing(2),
+        )
+    }
     assert len(slots) == 1
     assert key_slot(keys.queue(1).encode()) not in slots
 
@@ -58,9 +66,15 @@ def test_an_account_id_names_its_shard() -> None:
 async def generate(
     gw: Harness, key: str, webhook: str | None = None, **options: object
 ) -> dict[str, Any]:
-    variables = {"input": {"type": "IMAGE", "provider": "local", "webhookUrl": webhook,
-                           "input": {"text": "a harbour at dawn"},
-                           "options": {"width": 512, "height": 512, **options}}}
+    variables = {
+        "input": {
+            "type": "IMAGE",
+            "provider": "local",
+            "webhookUrl": webhook,
+            "input": {"text": "a harbour at dawn"},
+            "options": {"width": 512, "height": 512, **options},
+        }
+    }
     body = (await gw.gql(GENERATE, variables, key)).json()
     assert "errors" not in body, body
     return dict(body["data"]["generate"])
@@ -70,9 +84,10 @@ async def test_jobs_of_every_shard_run_and_deliver_their_webhooks(
     cluster_url: str, storage_dir: Path
 ) -> None:
     receiver = Receiver(failures=1)
-    async with serve(receiver.app) as hook, gateway(
-        cluster_url, storage_dir, **SHARDS, **FAST
-    ) as gw:
+    async with (
+        serve(receiver.app) as hook,
+        gateway(cluster_url, storage_dir, **SHARDS, **FAST) as gw,
+    ):
         made = [await gw.key(credits=100, shard=n) for n in range(4)]
         assert [keys.shard_of(gw.keys[k]["id"]) for k in made] == [0, 1, 2, 3]
         jobs = [await generate(gw, k, webhook=f"{hook}/hook") for k in made]

@@ -53,8 +53,9 @@ async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_pro
             sse_events: list[dict[str, Any]] = []
 
             async def read_sse() -> None:
-                async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events",
-                                          headers={"X-API-Key": key}) as r:
+                async with gw.http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers={"X-API-Key": key}
+                ) as r:
                     assert r.status_code == 200
                     assert r.headers["content-type"].startswith("text/event-stream")
                     async for line in r.aiter_lines():
@@ -95,8 +96,11 @@ async def test_subscription_with_a_bad_key_is_refused_at_connection(
     async with gateway(redis_url, storage_dir) as gw:
         url = gw.base.replace("http://", "ws://") + "/graphql"
         async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
-            await ws.send(json.dumps({"type": "connection_init",
-                                      "payload": {"Authorization": "Bearer gk_x_y"}}))
+            await ws.send(
+                json.dumps(
+                    {"type": "connection_init", "payload": {"Authorization": "Bearer gk_x_y"}}
+                )
+            )
             try:
                 await ws.recv()
                 raise AssertionError("connection was not closed")

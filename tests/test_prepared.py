@@ -31,8 +31,14 @@ NAMED_JOB = "query Poll($id: ID!) { job(id: $id) { id status urls metadata } }"
 
 
 def doitong(provider: str = "local", **options: Any) -> dict[str, Any]:
-    return {"input": {"type": "IMAGE", "provider": provider, "input": {"text": "a red fox"},
-                      "options": options}}
+    return {
+        "input": {
+            "type": "IMAGE",
+            "provider": provider,
+            "input": {"text": "a red fox"},
+            "options": options,
+        }
+    }
 
 
 def normalized(value: Any) -> Any:
@@ -47,8 +53,13 @@ def normalized(value: Any) -> Any:
 
 
 async def both(
-    gw: Harness, query: str, variables: dict[str, Any] | None, key: str | None, *,
-    prepared: bool = True, operation_name: str | None = None,
+    gw: Harness,
+    query: str,
+    variables: dict[str, Any] | None,
+    key: str | None,
+    *,
+    prepared: bool = True,
+    operation_name: str | None = None,
 ) -> tuple[httpx.Response, httpx.Response]:
     """(the answer as sent, the general path's answer), after checking they agree."""
     view = next(r.endpoint for r in gw.app.routes if isinstance(r, Route) and r.path == "/graphql")
@@ -75,9 +86,23 @@ async def test_successful_documents_answer_alike(redis_url: str, storage_dir: Pa
         sent, _ = await both(gw, EVERY_FIELD, doitong(width=768, height=512), key)
         made = sent.json()["data"]["made"]
         assert list(made) == [
-            "__typename", "id", "again", "status", "type", "provider", "url", "urls", "width",
-            "height", "metadata", "creditCost", "createdAt", "completedAt", "webhookUrl",
-            "error", "duration",
+            "__typename",
+            "id",
+            "again",
+            "status",
+            "type",
+            "provider",
+            "url",
+            "urls",
+            "width",
+            "height",
+            "metadata",
+            "creditCost",
+            "createdAt",
+            "completedAt",
+            "webhookUrl",
+            "error",
+            "duration",
         ]
         assert made["__typename"] == "Generation" and made["again"] == made["id"]
         await both(gw, GENERATE, doitong(), key)
@@ -135,10 +160,14 @@ async def test_unexpected_errors_are_masked_alike(redis_url: str, storage_dir: P
         await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job["id"]), "params", "{")
         sent, _ = await both(gw, JOB, {"id": job["id"]}, key)
         assert sent.status_code == 500
-        assert sent.json()["errors"] == [{
-            "message": "Unexpected error.", "locations": [{"line": 1, "column": 19}],
-            "path": ["job"], "extensions": {"code": "INTERNAL_SERVER_ERROR"},
-        }]
+        assert sent.json()["errors"] == [
+            {
+                "message": "Unexpected error.",
+                "locations": [{"line": 1, "column": 19}],
+                "path": ["job"],
+                "extensions": {"code": "INTERNAL_SERVER_ERROR"},
+            }
+        ]
         assert sent.json()["data"] == {"job": None}
 
 

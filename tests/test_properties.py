@@ -29,11 +29,17 @@ from tests.conftest import RedisServer
 from tests.harness import GATEWAY, gateway_processes
 
 settings.register_profile(
-    "suite", max_examples=120, deadline=None, derandomize=True, database=None,
+    "suite",
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "explore", max_examples=3000, deadline=None,
+    "explore",
+    max_examples=3000,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
@@ -52,8 +58,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Served]:
+def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One real server for the module: dev mode (every service routable, `local` last),
     admin on, in-process workers running what gets admitted."""
     tmp = tmp_path_factory.mktemp("probe")
@@ -61,23 +66,35 @@ def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     redis = redis_server.url
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     made = subprocess.run(
-        [GATEWAY, "keys", "create", "--plan", "enterprise", "--credits", "100000000",
-         "--json"],
-        env={**env, "GATEWAY_REDIS_URL": redis}, capture_output=True, check=True,
+        [GATEWAY, "keys", "create", "--plan", "enterprise", "--credits", "100000000", "--json"],
+        env={**env, "GATEWAY_REDIS_URL": redis},
+        capture_output=True,
+        check=True,
     )
     key = json.loads(made.stdout)["key"]
-    with gateway_processes(
-        redis, tmp / "outputs", tmp, GATEWAY_DEV="1", GATEWAY_INPROCESS_WORKERS="1",
-        GATEWAY_ADMIN_TOKEN=ADMIN, GATEWAY_READ_RPM="1000000",
-    ) as (base,), httpx.Client(timeout=30) as http:
+    with (
+        gateway_processes(
+            redis,
+            tmp / "outputs",
+            tmp,
+            GATEWAY_DEV="1",
+            GATEWAY_INPROCESS_WORKERS="1",
+            GATEWAY_ADMIN_TOKEN=ADMIN,
+            GATEWAY_READ_RPM="1000000",
+        ) as (base,),
+        httpx.Client(timeout=30) as http,
+    ):
         yield Served(base, key, tmp / "gw0.log", http)
 
 
 @pytest.fixture(scope="module")
 def sdl(served: Served) -> str:
     """The live schema, as the server answers introspection."""
-    r = served.http.post(f"{served.base}/graphql", json={"query": get_introspection_query()},
-                         headers={"X-API-Key": served.key})
+    r = served.http.post(
+        f"{served.base}/graphql",
+        json={"query": get_introspection_query()},
+        headers={"X-API-Key": served.key},
+    )
     return print_schema(build_client_schema(r.json()["data"]))
 
 
@@ -102,21 +119,30 @@ def graphql_documents(sdl: str) -> st.SearchStrategy[str]:
 
 
 def test_any_graphql_document_gets_a_json_answer_below_500(served: Served, sdl: str) -> None:
-    credentials = st.sampled_from([
-        {"X-API-Key": served.key}, {"Authorization": f"Bearer {ADMIN}"}, {},
-        {"Authorization": "Bearer gk_not_a_key"},
-    ])
+    credentials = st.sampled_from(
+        [
+            {"X-API-Key": served.key},
+            {"Authorization": f"Bearer {ADMIN}"},
+            {},
+            {"Authorization": "Bearer gk_not_a_key"},
+        ]
+    )
 
     @PROFILE
-    @given(document=graphql_documents(sdl), headers=credentials, method=st.sampled_from(
-        ["POST", "POST", "GET"]))
+    @given(
+        document=graphql_documents(sdl),
+        headers=credentials,
+        method=st.sampled_from(["POST", "POST", "GET"]),
+    )
     def probe(document: str, headers: dict[str, str], method: str) -> None:
         if method == "GET":
-            r = served.http.get(f"{served.base}/graphql", params={"query": document},
-                                headers=headers)
+            r = served.http.get(
+                f"{served.base}/graphql", params={"query": document}, headers=headers
+            )
         else:
-            r = served.http.post(f"{served.base}/graphql", json={"query": document},
-                                 headers=headers)
+            r = served.http.post(
+                f"{served.base}/graphql", json={"query": document}, headers=headers
+            )
         body = check(served, r, document)
         assert "data" in body or "errors" in body, (body, document)
         for error in body.get("errors") or ():
@@ -127,9 +153,23 @@ def test_any_graphql_document_gets_a_json_answer_below_500(served: Served, sdl: 
     check_log(served)
 
 
-FIELDS = ["provider", "width", "height", "version", "quality", "seed",
-          "steps", "guidance", "numImages", "outputFormat", "aspectRatio", "webhookUrl",
-          "idempotencyKey", "cache", "negativePrompt"]
+FIELDS = [
+    "provider",
+    "width",
+    "height",
+    "version",
+    "quality",
+    "seed",
+    "steps",
+    "guidance",
+    "numImages",
+    "outputFormat",
+    "aspectRatio",
+    "webhookUrl",
+    "idempotencyKey",
+    "cache",
+    "negativePrompt",
+]
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -143,18 +183,29 @@ PLAUSIBLE = st.fixed_dictionaries(
 
 
 @PROFILE
-@given(body=st.one_of(
-    PLAUSIBLE.map(json.dumps),
-    JSON.map(json.dumps),
-    st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-), content_type=st.sampled_from(["application/json", "text/plain", "", "application/x-www"
-                                 "-form-urlencoded", "application/json; charset=utf-16"]))
+@given(
+    body=st.one_of(
+        PLAUSIBLE.map(json.dumps),
+        JSON.map(json.dumps),
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+    ),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "text/plain",
+            "",
+            "application/x-www-form-urlencoded",
+            "application/json; charset=utf-16",
+        ]
+    ),
+)
 def _rest_probe(served: Served, body: str, content_type: str) -> None:
     headers = {"X-API-Key": served.key}
     if content_type:
         headers["Content-Type"] = content_type
-    r = served.http.post(f"{served.base}/v1/text_to_image", content=body.encode("utf-8"),
-                         headers=headers)
+    r = served.http.post(
+        f"{served.base}/v1/text_to_image", content=body.encode("utf-8"), headers=headers
+    )
     answer = check(served, r, body)
     if r.status_code >= 400:
         assert answer["error"]["code"] != "INTERNAL_SERVER_ERROR", (answer, body)
@@ -171,8 +222,7 @@ def test_any_rest_body_gets_a_json_answer_below_500(served: Served) -> None:
 
 
 @PROFILE
-@given(job_id=st.text(min_size=1, max_size=60), suffix=st.sampled_from(
-    ["", "/cancel", "/events"]))
+@given(job_id=st.text(min_size=1, max_size=60), suffix=st.sampled_from(["", "/cancel", "/events"]))
 def _job_route_probe(served: Served, job_id: str, suffix: str) -> None:
     method = "POST" if suffix == "/cancel" else "GET"
     path = "/v1/jobs/" + quote(job_id, safe="") + suffix

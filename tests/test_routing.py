@@ -247,8 +247,7 @@ async def test_an_open_circuit_is_tried_again_after_its_cool_down_and_closes(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
     up.fluxkrea.fail_next(3, 503)
-    async with gateway(redis_url, storage_dir, breaker_cooldown_seconds=0.5,
-                       **up.settings) as gw:
+    async with gateway(redis_url, storage_dir, breaker_cooldown_seconds=0.5, **up.settings) as gw:
         key = await gw.key()
         for _ in range(3):
             await gw.wait(key, await submit(gw, key, width=512, height=512))
@@ -306,8 +305,9 @@ async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_public_url(
         assert await image_size(gw, done["url"]) == (768, 512)
 
         # Only a callback URL the gateway handed out accepts a report.
-        forged = await gw.http.post("/v1/callbacks/fluxkrea/" + "A" * 32,
-                                    json={"status": "completed", "images": []})
+        forged = await gw.http.post(
+            "/v1/callbacks/fluxkrea/" + "A" * 32, json={"status": "completed", "images": []}
+        )
         assert forged.status_code == 404
 
         # A failure reported by callback fails over like any other upstream failure.
@@ -489,8 +489,7 @@ async def test_krea_calls_back_and_the_job_is_read_once_instead_of_polled(
     up.krea.job_seconds = 1.0  # jobs end by time; the harness polls every 0.02 s
     async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
         key = await gw.key()
-        done = await gw.wait(key, await submit(gw, key, provider="flux-dev", width=768,
-                                               height=512))
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev", width=768, height=512))
         assert done["status"] == "completed", done["error"]
         assert done["metadata"]["backend"] == "krea"
         (submitted,) = up.krea.received("POST", "/generate/")
@@ -532,8 +531,9 @@ async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
 ) -> None:
     up.krea.job_seconds = 0.2
     up.krea.drop_webhooks = True
-    async with gateway(redis_url, storage_dir, public=True, callback_fallback_seconds=1.0,
-                       **up.settings) as gw:
+    async with gateway(
+        redis_url, storage_dir, public=True, callback_fallback_seconds=1.0, **up.settings
+    ) as gw:
         key = await gw.key()
         done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
         assert done["status"] == "completed", done["error"]
@@ -548,16 +548,19 @@ async def test_a_forged_krea_callback_completes_nothing(
     async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
         key = await gw.key()
         job_id = await submit(gw, key, provider="flux-dev")
-        (submitted,) = await until(lambda: up.krea.received("POST", "/generate/"),
-                                   "the submission")
+        (submitted,) = await until(lambda: up.krea.received("POST", "/generate/"), "the submission")
         hook = submitted.headers["x-webhook-url"]
         unknown = await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={})
         assert unknown.status_code == 404
         # Somebody who learnt the real URL claims the job is done, with their image.
         (job,) = up.krea.jobs.values()
-        forged = {"job_id": job.job_id, "status": "completed",
-                  "created_at": job.created_at, "completed_at": job.created_at,
-                  "result": {"urls": ["http://127.0.0.1:9/evil.png"]}}
+        forged = {
+            "job_id": job.job_id,
+            "status": "completed",
+            "created_at": job.created_at,
+            "completed_at": job.created_at,
+            "result": {"urls": ["http://127.0.0.1:9/evil.png"]},
+        }
         assert (await gw.http.post(hook, json=forged)).status_code == 200
         # The gateway reads the job from Krea with its token: still processing.
         await until(lambda: job.polls >= 1, "a poll after the forged callback")

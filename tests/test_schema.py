@@ -18,10 +18,12 @@ def test_import_schema_is_the_gateway_package_not_the_pypi_library() -> None:
 
 def test_seed_input_shapes_are_in_the_schema() -> None:
     sdl = schema.sdl()
-    for line in ("generate(input: GenerateInput!): Generation!",
-                 "generateImage(input: ImageGenerationInput!): Generation!",
-                 "cancelJob(id: ID!): Generation!",
-                 "jobUpdates(id: ID!): Generation!"):
+    for line in (
+        "generate(input: GenerateInput!): Generation!",
+        "generateImage(input: ImageGenerationInput!): Generation!",
+        "cancelJob(id: ID!): Generation!",
+        "jobUpdates(id: ID!): Generation!",
+    ):
         assert line in sdl
     for name in ("creditCost", "createdAt", "completedAt", "webhookUrl", "urls", "error"):
         assert f"  {name}:" in sdl

@@ -53,8 +53,14 @@ async def raw_server(
 async def test_a_refused_connection_is_unreachable_and_a_submit_may_be_retried() -> None:
     async with UpstreamClient(5.0) as client:
         with pytest.raises(ProviderUnavailable, match="unreachable"):
-            await request(client, "POST", f"http://127.0.0.1:{free_port()}/submit",
-                          upstream="up", idempotent=False, attempts=2)
+            await request(
+                client,
+                "POST",
+                f"http://127.0.0.1:{free_port()}/submit",
+                upstream="up",
+                idempotent=False,
+                attempts=2,
+            )
 
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
@@ -66,15 +72,23 @@ async def test_a_connection_cut_after_the_submit_is_never_sent_again(warm: bool)
         if warm:  # the submit then goes out on a pooled connection
             await request(client, "GET", f"{base}/poll", upstream="up", idempotent=True)
         with pytest.raises(ProviderUnavailable, match="connection failed"):
-            await request(client, "POST", f"{base}/submit", upstream="up",
-                          idempotent=False, json={"prompt": "x"})
+            await request(
+                client,
+                "POST",
+                f"{base}/submit",
+                upstream="up",
+                idempotent=False,
+                json={"prompt": "x"},
+            )
         # The upstream may have taken it: sending it again could pay for it twice.
         assert [h.split(b" ")[0] for h in seen].count(b"POST") == 1
 
 
 async def test_a_silent_upstream_is_a_timeout() -> None:
-    async with raw_server(b"HTTP/1.1 200 OK\r\n\r\n", hold=2.0) as (base, seen), \
-            UpstreamClient(0.3) as client:
+    async with (
+        raw_server(b"HTTP/1.1 200 OK\r\n\r\n", hold=2.0) as (base, seen),
+        UpstreamClient(0.3) as client,
+    ):
         with pytest.raises(ProviderTimeout):
             await request(client, "POST", f"{base}/submit", upstream="up", idempotent=False)
         assert len(seen) == 1
@@ -82,9 +96,12 @@ async def test_a_silent_upstream_is_a_timeout() -> None:
 
 async def test_an_answer_is_read_whole() -> None:
     body = b'{"job_id": "j1", "status": "processing"}'
-    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     async with raw_server(reply) as (base, _), UpstreamClient(5.0) as client:
-        response = await request(client, "GET", f"{base}/jobs/j1", upstream="up",
-                                 idempotent=True)
+        response = await request(client, "GET", f"{base}/jobs/j1", upstream="up", idempotent=True)
         assert response.json() == {"job_id": "j1", "status": "processing"}

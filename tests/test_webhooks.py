@@ -61,10 +61,21 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
     async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **FAST) as gw:
         key = await gw.key()
         secret = gw.keys[key]["webhookSecret"]
-        job = (await gw.gql(
-            """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
-            {"i": {"service": "local", "prompt": "a lighthouse", "width": 512, "height": 512,
-                   "webhookUrl": f"{hook_base}/hook"}}, key)).json()["data"]["generateImage"]
+        job = (
+            await gw.gql(
+                """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
+                {
+                    "i": {
+                        "service": "local",
+                        "prompt": "a lighthouse",
+                        "width": 512,
+                        "height": 512,
+                        "webhookUrl": f"{hook_base}/hook",
+                    }
+                },
+                key,
+            )
+        ).json()["data"]["generateImage"]
         done = await gw.wait(key, job["id"])
         assert done["status"] == "completed"
 
@@ -97,8 +108,12 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
         assert sent["metadata"]["width"] == 512 and sent["metadata"]["duration"] >= 0
         assert sent["createdAt"].endswith("Z") and sent["completedAt"]
 
-        r = await gw.gql("""query($id: ID!) { webhookDeliveries(id: $id) {
-            attempt statusCode success error } }""", {"id": job["id"]}, key)
+        r = await gw.gql(
+            """query($id: ID!) { webhookDeliveries(id: $id) {
+            attempt statusCode success error } }""",
+            {"id": job["id"]},
+            key,
+        )
         attempts = r.json()["data"]["webhookDeliveries"]
         assert attempts == [
             {"attempt": 1, "statusCode": 500, "success": False, "error": "HTTP 500"},
@@ -120,20 +135,29 @@ async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
     redis_url: str, storage_dir: Path
 ) -> None:
     receiver = Receiver(failures=100, status=503)
-    async with serve(receiver.app) as hook_base, gateway(
-        redis_url, storage_dir, inprocess_workers=True,
-        **{**FAST, "webhook_retry_delays": [0.02, 0.02]},
-    ) as gw:
+    async with (
+        serve(receiver.app) as hook_base,
+        gateway(
+            redis_url,
+            storage_dir,
+            inprocess_workers=True,
+            **{**FAST, "webhook_retry_delays": [0.02, 0.02]},
+        ) as gw,
+    ):
         key = await gw.key()
-        job = (await gw.gql(
-            """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
-            {"i": {"service": "local", "prompt": "x", "webhookUrl": f"{hook_base}/hook"}},
-            key)).json()["data"]["generateImage"]
+        job = (
+            await gw.gql(
+                """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
+                {"i": {"service": "local", "prompt": "x", "webhookUrl": f"{hook_base}/hook"}},
+                key,
+            )
+        ).json()["data"]["generateImage"]
         await gw.wait(key, job["id"])
 
         async def gave_up() -> bool:
             status = await gw.accounts.redis.hget(
-                keys.job(gw.keys[key]["id"], job["id"]), "webhook_status")
+                keys.job(gw.keys[key]["id"], job["id"]), "webhook_status"
+            )
             return bool(status == "failed")
 
         await until(gave_up)
@@ -142,19 +166,26 @@ async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
 
 async def test_redirects_are_not_followed(redis_url: str, storage_dir: Path) -> None:
     receiver = Receiver(failures=100, status=302)
-    async with serve(receiver.app) as hook_base, gateway(
-        redis_url, storage_dir, **{**FAST, "webhook_retry_delays": [0.02]}
-    ) as gw:
+    async with (
+        serve(receiver.app) as hook_base,
+        gateway(redis_url, storage_dir, **{**FAST, "webhook_retry_delays": [0.02]}) as gw,
+    ):
         key = await gw.key()
-        job = (await gw.gql(
-            """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
-            {"i": {"service": "local", "prompt": "x", "webhookUrl": f"{hook_base}/hook"}},
-            key)).json()["data"]["generateImage"]
+        job = (
+            await gw.gql(
+                """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
+                {"i": {"service": "local", "prompt": "x", "webhookUrl": f"{hook_base}/hook"}},
+                key,
+            )
+        ).json()["data"]["generateImage"]
         await gw.wait(key, job["id"])
 
         async def attempts() -> list[dict[str, Any]]:
-            r = await gw.gql("query($id: ID!) { webhookDeliveries(id: $id) { statusCode } }",
-                             {"id": job["id"]}, key)
+            r = await gw.gql(
+                "query($id: ID!) { webhookDeliveries(id: $id) { statusCode } }",
+                {"id": job["id"]},
+                key,
+            )
             return list(r.json()["data"]["webhookDeliveries"])
 
         async def two() -> bool:
@@ -164,19 +195,22 @@ async def test_redirects_are_not_followed(redis_url: str, storage_dir: Path) -> 
         assert [a["statusCode"] for a in await attempts()] == [302, 302]
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/hook",
-    "http://10.1.2.3/hook",
-    "http://192.168.0.10/hook",
-    "http://169.254.169.254/latest/meta-data",
-    "http://[::1]/hook",
-    "http://[::ffff:127.0.0.1]/hook",
-    "http://[fe80::1]/hook",
-    "http://[fd00:ec2::254]/",
-    "http://localhost:8080/hook",
-    "http://0.0.0.0/",
-    "http://224.0.0.1/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://[fe80::1]/hook",
+        "http://[fd00:ec2::254]/",
+        "http://localhost:8080/hook",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/",
+    ],
+)
 async def test_private_addresses_are_refused(url: str) -> None:
     with pytest.raises(BadUserInput) as refused:
         await check_url(url, [])

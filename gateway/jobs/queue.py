@@ -55,7 +55,10 @@ class Queue:
         """Up to `count` new entries as (handle, job key); waits up to `block_ms`."""
         if self.blocking and len(self.streams) == 1:
             reply = await self.redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {self.streams[0]: ">"}, count=count,
+                keys.QUEUE_GROUP,
+                consumer,
+                {self.streams[0]: ">"},
+                count=count,
                 block=block_ms,
             )
             return [(f"0/{eid}", fields["job"]) for _, got in reply for eid, fields in got]
@@ -67,9 +70,7 @@ class Queue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for i, shard in enumerate(shards):
                 share = count // width + (1 if i < count % width else 0)
-                pipe.xreadgroup(
-                    keys.QUEUE_GROUP, consumer, {self.streams[shard]: ">"}, count=share
-                )
+                pipe.xreadgroup(keys.QUEUE_GROUP, consumer, {self.streams[shard]: ">"}, count=share)
             replies = await pipe.execute()
         found = [
             (f"{shard}/{eid}", fields["job"])

@@ -68,7 +68,8 @@ class JobStore:
         one; None for a job that is missing or has ended."""
         account, job_id = keys.job_parts(job_key)
         reply = await self.scripts.start(
-            keys=[job_key, keys.running(account)], args=[now_ms, lease_ms, job_id],
+            keys=[job_key, keys.running(account)],
+            args=[now_ms, lease_ms, job_id],
             client=self.redis,
         )
         fields = reply[2:]  # after the status before and the attempt (also in the record)

@@ -173,9 +173,7 @@ class Worker:
         )
         free = self.capacity - len(self.running)
         if free > 0:
-            for entry_id, job_key in await self.queue.reclaim(
-                self.consumer, self.lease_ms, free
-            ):
+            for entry_id, job_key in await self.queue.reclaim(self.consumer, self.lease_ms, free):
                 log.info("reclaimed job", entry=entry_id, job=job_key)
                 self._spawn(entry_id, job_key)
 
@@ -249,8 +247,9 @@ class Worker:
             except Exception as exc:
                 if not store_trouble(exc) or self.clock() + delay > give_up:
                     raise
-                log.warning("could not store the upstream id yet; retrying",
-                            job_id=job.id, error=repr(exc))
+                log.warning(
+                    "could not store the upstream id yet; retrying", job_id=job.id, error=repr(exc)
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -308,8 +307,14 @@ class Worker:
             "attempts": job.attempts,
         }
         ended = await self.store.finish(
-            job, "completed", now, refund=False,
-            urls=urls, width=width, height=height, metadata=metadata,
+            job,
+            "completed",
+            now,
+            refund=False,
+            urls=urls,
+            width=width,
+            height=height,
+            metadata=metadata,
         )
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self.artifacts.delete(urls)

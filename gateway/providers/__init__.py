@@ -24,17 +24,26 @@ def build_providers(
     timeout = settings.upstream_timeout
     return {
         "fluxkrea": FluxKreaProvider(
-            client, base_url=settings.fluxkrea_api_base,
-            api_key=_secret(settings.fluxkrea_api_key), timeout=timeout, inbox=inbox,
+            client,
+            base_url=settings.fluxkrea_api_base,
+            api_key=_secret(settings.fluxkrea_api_key),
+            timeout=timeout,
+            inbox=inbox,
         ),
         "segmind": SegmindProvider(
-            client, base_url=settings.segmind_api_base,
-            api_key=_secret(settings.segmind_api_key), model=settings.segmind_model,
+            client,
+            base_url=settings.segmind_api_base,
+            api_key=_secret(settings.segmind_api_key),
+            model=settings.segmind_model,
             timeout=timeout,
         ),
         "krea": KreaProvider(
-            client, base_url=settings.krea_api_base, token=_secret(settings.krea_api_token),
-            model_path=settings.krea_model_path, timeout=timeout, inbox=inbox,
+            client,
+            base_url=settings.krea_api_base,
+            token=_secret(settings.krea_api_token),
+            model_path=settings.krea_model_path,
+            timeout=timeout,
+            inbox=inbox,
         ),
         "local": LocalProvider(),
     }

@@ -157,8 +157,11 @@ class FluxKreaProvider:
         assert self.inbox is not None
         token = secrets.token_urlsafe(24)
         await self.inbox.expect(token)
-        sent = {**body, "webhook_url": self.inbox.url_for(self.name, token),
-                "callback_data": {"token": token}}
+        sent = {
+            **body,
+            "webhook_url": self.inbox.url_for(self.name, token),
+            "callback_data": {"token": token},
+        }
         response = await self._post("/generate/async", sent)
         data = json_body(response, UPSTREAM)
         request_id = data.get("request_id") if isinstance(data, dict) else None
@@ -181,16 +184,28 @@ class FluxKreaProvider:
         status = report.get("status")
         meta = {"upstream_request_id": report.get("request_id")}
         if status == "failed":
-            return Polled(state="failed", upstream_status="failed", metadata=meta,
-                          error=f"flux-krea: {str(report.get('error') or 'failed')[:200]}")
+            return Polled(
+                state="failed",
+                upstream_status="failed",
+                metadata=meta,
+                error=f"flux-krea: {str(report.get('error') or 'failed')[:200]}",
+            )
         images = report.get("images")
         if status != "completed" or not isinstance(images, list) or not images:
-            return Polled(state="failed", upstream_status=str(status), metadata=meta,
-                          error="flux-krea reported an unusable result")
+            return Polled(
+                state="failed",
+                upstream_status=str(status),
+                metadata=meta,
+                error="flux-krea reported an unusable result",
+            )
         base = self.base_url + "/"
         defaults = {"width": None, "height": None}
-        return Polled(state="completed", upstream_status="completed", metadata=meta,
-                      outputs=[_output(image, defaults, base) for image in images])
+        return Polled(
+            state="completed",
+            upstream_status="completed",
+            metadata=meta,
+            outputs=[_output(image, defaults, base) for image in images],
+        )
 
     async def cancel(self, upstream_id: str) -> None:
         """Nothing to cancel: a flux-krea job is over when `submit` returns."""

@@ -72,7 +72,9 @@ class UpstreamClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, skip_auto_headers=("User-Agent",),
+                connector=connector,
+                timeout=self.timeout,
+                skip_auto_headers=("User-Agent",),
                 # An upstream's cookies are nobody's business here (and cost every call).
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
@@ -94,7 +96,8 @@ class UpstreamClient:
             kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
         if timeout is not None and timeout != self.timeout.total:
             kwargs["timeout"] = self._timeouts.get(timeout) or self._timeouts.setdefault(
-                timeout, aiohttp.ClientTimeout(total=timeout))
+                timeout, aiohttp.ClientTimeout(total=timeout)
+            )
         async with self._open().request(method, url, **kwargs) as response:
             content = await response.read()
             return Answer(response.status, response.headers, content, url)  # no redirects

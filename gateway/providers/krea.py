@@ -131,8 +131,7 @@ class KreaProvider:
                 if self.inbox is not None:
                     token = secrets.token_urlsafe(24)
                     await self.inbox.expect(token)
-                    job_headers = {**headers,
-                                   "X-Webhook-URL": self.inbox.url_for(self.name, token)}
+                    job_headers = {**headers, "X-Webhook-URL": self.inbox.url_for(self.name, token)}
                 # Not idempotent: a 5xx or a timeout may hide an accepted (paid) job.
                 response = await request(
                     self.client,

@@ -44,8 +44,14 @@ def render(prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
     label = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(14, width // 40))
     text = f"local preview · seed {seed}\n{prompt[:60]}"
-    label.multiline_text((width // 40, height // 40), text, fill=(255, 255, 255), font=font,
-                         stroke_width=2, stroke_fill=(0, 0, 0))
+    label.multiline_text(
+        (width // 40, height // 40),
+        text,
+        fill=(255, 255, 255),
+        font=font,
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
     out = io.BytesIO()
     if fmt == "png":
         image.save(out, "PNG", compress_level=1)
@@ -79,8 +85,13 @@ class LocalProvider:
             )
         return Submitted(
             outputs=outputs,
-            sent={"prompt": params.prompt, "seed": seed, "width": params.width,
-                  "height": params.height, "format": params.output_format},
+            sent={
+                "prompt": params.prompt,
+                "seed": seed,
+                "width": params.width,
+                "height": params.height,
+                "format": params.output_format,
+            },
             metadata={"model": "local-preview"},
         )
 

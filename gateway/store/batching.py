@@ -21,12 +21,43 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-BATCHED = frozenset({
-    "EVALSHA", "GET", "SET", "STRLEN", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "INCR",
-    "HGET", "HGETALL", "HSET", "HMGET", "HDEL", "HINCRBY", "HSETNX",
-    "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE", "ZREVRANK", "ZSCORE", "ZCARD",
-    "SADD", "SREM", "SMEMBERS", "SISMEMBER", "XACK", "XADD", "XRANGE", "XLEN", "PUBLISH",
-})
+BATCHED = frozenset(
+    {
+        "EVALSHA",
+        "GET",
+        "SET",
+        "STRLEN",
+        "DEL",
+        "EXISTS",
+        "EXPIRE",
+        "PEXPIRE",
+        "INCR",
+        "HGET",
+        "HGETALL",
+        "HSET",
+        "HMGET",
+        "HDEL",
+        "HINCRBY",
+        "HSETNX",
+        "ZADD",
+        "ZREM",
+        "ZRANGE",
+        "ZRANGEBYSCORE",
+        "ZREVRANGE",
+        "ZREVRANK",
+        "ZSCORE",
+        "ZCARD",
+        "SADD",
+        "SREM",
+        "SMEMBERS",
+        "SISMEMBER",
+        "XACK",
+        "XADD",
+        "XRANGE",
+        "XLEN",
+        "PUBLISH",
+    }
+)
 
 Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 

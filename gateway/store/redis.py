@@ -28,8 +28,11 @@ HERE = Path(__file__).parent
 # The store cannot be reached (or a Cluster is between owners of a slot): a request
 # fails closed with 503, a worker leaves its job for a retry.
 UNREACHABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError,
-    RedisClusterException, ClusterDownError, TryAgainError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    ClusterDownError,
+    TryAgainError,
 )
 
 MAX_CONNECTIONS = 1024  # per process (per node on a Cluster)
@@ -103,8 +106,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     await client.aclose()
     for plain_only in ("health_check_interval", "retry_on_timeout"):
         options.pop(plain_only)
-    cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS,
-                                            **options)
+    cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
     return cast(aioredis.Redis, cluster)
 
 

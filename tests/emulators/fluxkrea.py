@@ -242,8 +242,10 @@ class FluxKreaEmulator:
         self, request_id: str, payload: dict[str, Any], params: dict[str, Any], base: str
     ) -> None:
         await asyncio.sleep(self.delay)
-        body: dict[str, Any] = {"request_id": request_id,
-                                "callback_data": payload.get("callback_data", {})}
+        body: dict[str, Any] = {
+            "request_id": request_id,
+            "callback_data": payload.get("callback_data", {}),
+        }
         if self.fail_async:
             body.update(status="failed", error="generation failed (emulated)")
         else:

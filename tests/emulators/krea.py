@@ -251,9 +251,14 @@ class KreaEmulator:
         problem = validate(body)
         if problem:
             return JSONResponse({"message": problem}, status_code=400)
-        job = Job(job_id=str(uuid.uuid4()), model=model, body=body, created_at=_now(),
-                  webhook_url=request.headers.get("x-webhook-url"),
-                  base_url=str(request.base_url))
+        job = Job(
+            job_id=str(uuid.uuid4()),
+            model=model,
+            body=body,
+            created_at=_now(),
+            webhook_url=request.headers.get("x-webhook-url"),
+            base_url=str(request.base_url),
+        )
         self.jobs[job.job_id] = job
         if self.job_seconds is not None:
             delay = self.job_delays.pop(0) if self.job_delays else self.job_seconds

@@ -1,4 +1,5 @@
 # The gateway: `gateway serve` by default; `gateway worker` for worker-only containers.
+# Runtime dependencies only (requirements.lock; the test tools are in requirements-dev.lock).
 FROM python:3.11-slim AS build
 WORKDIR /app
 COPY requirements.lock ./

@@ -5,19 +5,28 @@ Not the PyPI library of the same name: a test proves `import schema` is this pac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import strawberry
-from graphql import GraphQLError, parse, specified_rules
+from graphql import (
+    ASTValidationRule,
+    DocumentNode,
+    GraphQLError,
+    GraphQLSchema,
+    get_operation_ast,
+    parse,
+    specified_rules,
+)
 from strawberry.extensions import MaskErrors
-from strawberry.extensions.max_aliases import create_validator as alias_validator
-from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
 from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
+from schema import limits
 from schema.mutations import RAW_MUTATIONS, Mutation, install_raw_resolvers
 from schema.prepared import Prepared
 from schema.queries import RAW_QUERIES, Query
@@ -26,9 +35,13 @@ from schema.subscriptions import Subscription
 IS_GATEWAY_SCHEMA = True
 SDL_PATH = Path(__file__).with_name("schema.graphql")
 
-MAX_DEPTH = 8
-MAX_ALIASES = 15
 MAX_TOKENS = 2_000
+# In characters. A client's document is a few hundred (a literal prompt is at most 1,000,
+# `gateway/params.py`), 2,000 tokens fit in about 10,000, and each error with several
+# locations reads the text before them. Bounds a GET's query string and a WebSocket
+# message too, which the HTTP body limit does not.
+MAX_SOURCE_LENGTH = 16 * 1024
+PARSE_OPTIONS = {"max_tokens": MAX_TOKENS, "max_source_length": MAX_SOURCE_LENGTH}
 CACHE_SIZE = 512
 
 
@@ -61,42 +74,84 @@ class GatewaySchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
-# Built once: the validation cache is keyed by the rule classes, and a new class per
-# request would never hit.
-LIMIT_RULES = (
-    depth_validator(MAX_DEPTH, None),
-    alias_validator(MAX_ALIASES),
-)
+def validate(
+    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+) -> list[GraphQLError]:
+    """The document's limits (`schema.limits`), then the rules, graphql-core's and
+    Strawberry's: a document over the limits is refused without the rules, whose work
+    grows with what the limits bound."""
+    return limits.check(document) or validate_document(schema, document, rules)
+
+
+def parse_document(query: str, **options: Any) -> DocumentNode:
+    """graphql-core's parse, of a text that locates its errors quickly."""
+    return parse(limits.IndexedSource(query), **options)
+
+
 # Bounded, shared by every request: a client cannot grow them with unique documents.
-_parse = functools.lru_cache(maxsize=CACHE_SIZE)(parse)
-_validate = functools.lru_cache(maxsize=CACHE_SIZE)(validate_document)
+_parse = functools.lru_cache(maxsize=CACHE_SIZE)(parse_document)
+_validate = functools.lru_cache(maxsize=CACHE_SIZE)(validate)
+
+
+def operation_error(document: DocumentNode, operation_name: str | None) -> GraphQLError | None:
+    """graphql-core's request error for several operations and no operation name, which
+    Strawberry does not give: it runs the first. (A name that names none of them,
+    Strawberry refuses before validation.)"""
+    if operation_name is not None or len(document.definitions) == 1:
+        return None
+    if get_operation_ast(document) is not None:  # one operation, and fragments
+        return None
+    return GraphQLError("Must provide operation name if query contains multiple operations.")
 
 
 class Guard(MaskUnexpected):
-    """Strawberry's MaxTokensLimiter, AddValidationRules (depth, aliases), ParserCache,
-    ValidationCache and MaskErrors, as one extension. Strawberry enters every hook of
-    every extension on every request; as five extensions that was about a fifth of a
-    cached request's CPU (BENCHMARKS.md)."""
+    """Strawberry's MaxTokensLimiter, ParserCache, ValidationCache and MaskErrors, with
+    the document's limits (`schema.limits`, in place of Strawberry's depth and alias
+    validators) and the operation's choice, as one extension. Strawberry enters every
+    hook of every extension on every request; as five extensions that was about a fifth
+    of a cached request's CPU (BENCHMARKS.md)."""
 
     def __init__(self) -> None:
         super().__init__(should_mask_error=should_mask)
+        self.operation_name: str | None = None
 
     def on_operation(self) -> Iterator[None]:
         context = self.execution_context
-        context.parse_options["max_tokens"] = MAX_TOKENS
-        context.validation_rules = (*context.validation_rules, *LIMIT_RULES)
+        # The request's own: once the document is parsed, Strawberry answers the first
+        # operation's name when the request names none.
+        self.operation_name = context.operation_name
+        context.parse_options.update(PARSE_OPTIONS)  # type: ignore[typeddict-item]
+        query = context.query
+        if isinstance(query, str) and len(query) > MAX_SOURCE_LENGTH:
+            # Cut to one character over: graphql-core refuses it all the same
+            # (max_source_length), and locates its error by scanning the text for line
+            # breaks, twice (Strawberry parses a refused document again): for megabytes
+            # in a WebSocket message, tenths of a second.
+            context.query = query[: MAX_SOURCE_LENGTH + 1]
         yield from super().on_operation()  # masking, once the result is there
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
-        context.graphql_document = _parse(context.query, **context.parse_options)
+        # On a syntax error, left unparsed: Strawberry parses it again and reports the
+        # error as a request error. Raised from here, it would end a WebSocket operation
+        # with no error sent to the client, only a traceback in the log.
+        query = context.query
+        if isinstance(query, str):  # else Strawberry's parse says what is wrong
+            with contextlib.suppress(GraphQLError):
+                context.graphql_document = _parse(query, **context.parse_options)
         yield
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
-        context.pre_execution_errors = _validate(
-            context.schema._schema, context.graphql_document, context.validation_rules
-        )
+        document = context.graphql_document
+        assert document is not None  # Strawberry validates only a parsed document
+        errors = _validate(context.schema._schema, document, context.validation_rules)
+        if not errors and (
+            error := operation_error(document, self.operation_name)
+            or limits.variables_error(context.variables)
+        ):
+            errors = [error]
+        context.pre_execution_errors = errors
         yield
 
 
@@ -114,14 +169,16 @@ def build_schema() -> strawberry.Schema:
 def prepared(schema: strawberry.Schema) -> Prepared:
     """The known-document path (`schema.prepared`): parsed, validated and masked as
     `Guard` does, sharing its caches."""
-    # What Guard validates with: Strawberry's default rules (graphql-core's) and ours.
-    rules = (*specified_rules, *LIMIT_RULES)
+    # What Guard validates with: Strawberry's default rules (graphql-core's).
+    rules = tuple(specified_rules)
     return Prepared(
         schema,
-        parse=lambda query: _parse(query, max_tokens=MAX_TOKENS),
+        parse=lambda query: _parse(query, **PARSE_OPTIONS),
         validate=lambda document: _validate(schema._schema, document, rules),
-        mutations=RAW_MUTATIONS, queries=RAW_QUERIES,
-        mask=MaskUnexpected(should_mask_error=should_mask), size=CACHE_SIZE,
+        mutations=RAW_MUTATIONS,
+        queries=RAW_QUERIES,
+        mask=MaskUnexpected(should_mask_error=should_mask),
+        size=CACHE_SIZE,
     )
 
 

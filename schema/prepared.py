@@ -44,6 +44,7 @@ from strawberry.extensions import MaskErrors
 from strawberry.types import ExecutionResult
 from strawberry.types.base import StrawberryObjectDefinition
 
+from schema import limits
 from schema.context import Context
 
 Resolver = Callable[[Context, dict[str, Any]], Awaitable[Any]]
@@ -74,10 +75,14 @@ class Plan:
     leaves: tuple[Leaf, ...]
     variable_definitions: Any
 
-    async def run(self, schema: Any, context: Context, variables: dict[str, Any]
-                  ) -> ExecutionResult | None:
-        """The result, or None (nothing run) when the variables or arguments do not
-        coerce: the general path then reports it as it does."""
+    async def run(
+        self, schema: Any, context: Context, variables: dict[str, Any]
+    ) -> ExecutionResult | None:
+        """The result, or None (nothing run) when the variables are over their limit or
+        the variables or arguments do not coerce: the general path then reports it as it
+        does."""
+        if limits.variables_error(variables) is not None:
+            return None
         coerced = get_variable_values(schema, self.variable_definitions, variables)
         if isinstance(coerced, list):
             return None
@@ -166,7 +171,10 @@ class Prepared:
         self.plan = functools.lru_cache(maxsize=size)(self._plan)
 
     async def execute(
-        self, query: str, operation_name: str | None, variables: dict[str, Any],
+        self,
+        query: str,
+        operation_name: str | None,
+        variables: dict[str, Any],
         context: Context,
     ) -> ExecutionResult | None:
         """The document's result as Strawberry's path would give it (errors logged and
@@ -178,8 +186,9 @@ class Prepared:
         if result is not None and result.errors:
             self.schema.process_errors(result.errors)
             mask = self.mask
-            result.errors = [mask.anonymise_error(e) if mask.should_mask_error(e) else e
-                             for e in result.errors]
+            result.errors = [
+                mask.anonymise_error(e) if mask.should_mask_error(e) else e for e in result.errors
+            ]
         return result
 
     def _plan(self, query: str) -> Plan | None:
@@ -246,6 +255,7 @@ class Prepared:
             field = object_type.fields.get(name)
             if field is None or name not in plain or not is_leaf_type(get_named_type(field.type)):
                 return None
-            leaves[key] = Leaf(key, selection, plain[name], field.type,
-                               f"{object_type.name}.{name}")
+            leaves[key] = Leaf(
+                key, selection, plain[name], field.type, f"{object_type.name}.{name}"
+            )
         return tuple(leaves.values())

@@ -56,8 +56,8 @@ def install_raw_resolvers(schema: strawberry.Schema) -> None:
     """
     fields = schema._schema.mutation_type.fields
     for name, resolve in RAW_MUTATIONS.items():
-        fields[name].resolve = (
-            lambda _root, info, _resolve=resolve, **args: _resolve(info.context, args)
+        fields[name].resolve = lambda _root, info, _resolve=resolve, **args: _resolve(
+            info.context, args
         )
 
 
@@ -98,8 +98,11 @@ class Mutation:
             plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily
         )
         return CreatedKey(
-            id=strawberry.ID(made["id"]), key=made["key"], plan=made["plan"],
-            credits=made["credits"], webhook_secret=made["webhookSecret"],
+            id=strawberry.ID(made["id"]),
+            key=made["key"],
+            plan=made["plan"],
+            credits=made["credits"],
+            webhook_secret=made["webhookSecret"],
         )
 
     @strawberry.mutation(
@@ -119,8 +122,14 @@ class Mutation:
             str(id), plan=plan, rpm=rpm, concurrency=concurrency, daily=daily
         )
         return ApiKey(
-            id=strawberry.ID(a.id), name=a.name, plan=a.plan, credits=a.credits,
-            revoked=a.revoked, rpm=a.rpm, concurrency=a.concurrency, daily=a.daily,
+            id=strawberry.ID(a.id),
+            name=a.name,
+            plan=a.plan,
+            credits=a.credits,
+            revoked=a.revoked,
+            rpm=a.rpm,
+            concurrency=a.concurrency,
+            daily=a.daily,
         )
 
     @strawberry.mutation(description="Admin: add (or, negative, remove) credits; the balance.")

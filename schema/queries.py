@@ -74,8 +74,11 @@ class Query:
         await ctx.caller(read=True)
         e = ctx.gateway.estimate(from_generate_input(as_dict(input)))
         return Estimate(
-            credits=e.credits, width=e.width, height=e.height,
-            num_images=e.num_images, backends=e.backends,
+            credits=e.credits,
+            width=e.width,
+            height=e.height,
+            num_images=e.num_images,
+            backends=e.backends,
         )
 
     @strawberry.field(description="Services and backends, enabled or not, and why.")
@@ -88,8 +91,12 @@ class Query:
         rows = await ctx.gateway.webhook_deliveries(await ctx.caller(read=True), str(id))
         return [
             WebhookDelivery(
-                attempt=r["attempt"], at=r["at"], status_code=r["statusCode"],
-                error=r["error"], success=r["success"], duration_ms=r["durationMs"],
+                attempt=r["attempt"],
+                at=r["at"],
+                status_code=r["statusCode"],
+                error=r["error"],
+                success=r["success"],
+                duration_ms=r["durationMs"],
             )
             for r in rows
         ]
@@ -100,8 +107,14 @@ class Query:
         accounts = await info.context.gateway.accounts.list()
         return [
             ApiKey(
-                id=strawberry.ID(a.id), name=a.name, plan=a.plan, credits=a.credits,
-                revoked=a.revoked, rpm=a.rpm, concurrency=a.concurrency, daily=a.daily,
+                id=strawberry.ID(a.id),
+                name=a.name,
+                plan=a.plan,
+                credits=a.credits,
+                revoked=a.revoked,
+                rpm=a.rpm,
+                concurrency=a.concurrency,
+                daily=a.daily,
             )
             for a in accounts
         ]

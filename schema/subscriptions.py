@@ -15,9 +15,7 @@ Info = strawberry.Info[Context, None]
 @strawberry.type
 class Subscription:
     @strawberry.subscription(description="Every status change of one of the caller's jobs.")
-    async def job_updates(
-        self, info: Info, id: strawberry.ID
-    ) -> AsyncGenerator[Generation, None]:
+    async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Generation, None]:
         ctx = info.context
         principal = await ctx.caller(read=True)
         async for job in ctx.gateway.follow(principal, str(id)):

@@ -19,9 +19,7 @@ class GenerationType(Enum):
 @strawberry.type
 class Generation:
     id: strawberry.ID
-    status: str = strawberry.field(
-        description="queued, processing, completed, failed or cancelled"
-    )
+    status: str = strawberry.field(description="queued, processing, completed, failed or cancelled")
     type: GenerationType
     provider: str = strawberry.field(description="the service or backend the request named")
     url: str | None = strawberry.field(description="the first output")

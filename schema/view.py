@@ -84,8 +84,11 @@ class GraphQLView(GraphQL[Context, None]):
             return None
         query, variables = data.get("query"), data.get("variables")
         operation_name = data.get("operationName")
-        if (not isinstance(query, str) or not isinstance(variables, dict | None)
-                or not isinstance(operation_name, str | None)):
+        if (
+            not isinstance(query, str)
+            or not isinstance(variables, dict | None)
+            or not isinstance(operation_name, str | None)
+        ):
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, response=sub_response)
@@ -104,8 +107,9 @@ class GraphQLView(GraphQL[Context, None]):
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
-        ctx = Context(gateway=request.scope["app"].state.gateway, request=request,
-                      response=response)
+        ctx = Context(
+            gateway=request.scope["app"].state.gateway, request=request, response=response
+        )
         request.scope.setdefault("state", {})["graphql_context"] = ctx
         return ctx
 

@@ -41,11 +41,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,11 +53,11 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from bench import Context, command_stats, free_port, renderer, scenario
+from bench import Context, command_stats, free_port, peer, renderer, scenario
+from bench.serving import BIN, ROOT, Server, cpu_seconds, floor, loop_and_parser, spawn
+from bench.serving import status_kb as status_kb  # bench/scale.py imports it from here
 from gateway.store import keys
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 THREADS, CONNECTIONS = 2, 64
 QUIET = 0.15  # seconds without CPU use that mean a server is idle
 TIMEOUT = 10  # wrk's default (2 s) would drop the slowest answers from the percentiles
@@ -70,7 +67,7 @@ GENERATE = (
     "mutation Generate($input: GenerateInput!) { generate(input: $input) "
     "{ id status type provider url metadata creditCost } }"
 )
-GENERATE_VARIABLES = {
+GENERATE_VARIABLES: dict[str, Any] = {
     "input": {
         "type": "IMAGE",
         "provider": "local",
@@ -84,7 +81,7 @@ TEXT_TO_IMAGE = {
     "width": 1024,
     "height": 1024,
 }
-CACHEABLE_VARIABLES = {
+CACHEABLE_VARIABLES: dict[str, Any] = {
     "input": {
         **GENERATE_VARIABLES["input"],
         "options": {**GENERATE_VARIABLES["input"]["options"], "seed": 7},
@@ -112,75 +109,6 @@ GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE)  # each records 
 # -- processes -------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kb(pid: int, name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def loop_and_parser(pid: int) -> str:
-    """Which event loop and HTTP parser the process has loaded (from its memory map)."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    loop = "uvloop" if "/uvloop/" in maps else "asyncio"
-    parser = "httptools" if "/httptools/" in maps else "h11"
-    return f"{loop}+{parser}"
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def rss_mb(self) -> float:
-        return status_kb(self.pid, "VmRSS") / 1024
-
-    def peak_mb(self) -> float:
-        return status_kb(self.pid, "VmHWM") / 1024
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(
-                    f"{self.name} exited with {self.proc.returncode}:\n"
-                    + self.log.read_text()[-3000:]
-                )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} did not listen on {self.port} in {timeout} s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def gateway_env(redis_url: str, port: int, storage: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
@@ -192,51 +120,6 @@ def gateway_env(redis_url: str, port: int, storage: Path) -> dict[str, str]:
         GATEWAY_READ_RPM=str(10**9),
     )
     return env
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> Server:
-    log = workdir / f"{name.replace(' ', '_').replace(':', '')}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(name, proc, port, log)
-    server.wait_ready()
-    return server
-
-
-def floor(name: str, app: str, workdir: Path) -> Server:
-    port = free_port()
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "auto"
-    try:
-        import httptools  # noqa: F401
-
-        http = "httptools"
-    except ImportError:
-        http = "auto"
-    argv = [
-        str(BIN / "python"),
-        "-m",
-        "uvicorn",
-        f"bench.floors:{app}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--loop",
-        loop,
-        "--http",
-        http,
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-        "--no-server-header",
-    ]
-    return spawn(name, argv, dict(os.environ), port, workdir)
 
 
 def gateway_binary() -> str:
@@ -279,8 +162,6 @@ def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
 def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path, str]]:
     """The gateway, the floors and the peer when it runs; the last item says why the
     peer does not ("" when it does)."""
-    from bench import peer
-
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         workdir = Path(tmp)
         storage = workdir / "outputs"
@@ -576,8 +457,6 @@ async def http(ctx: Context) -> list[HttpRow]:
             cases.append(Case(MISS_CASE, gateway, "/graphql", fresh, auth, 200, fresh_seeds=True))
             cases.append(Case(CACHE_CASE, gateway, "/graphql", cacheable, auth, 200))
             if PEER in procs:
-                from bench import peer
-
                 cases.append(
                     Case(
                         PEER,
@@ -643,10 +522,10 @@ async def http(ctx: Context) -> list[HttpRow]:
     out = list(rows.values())
     if peer_missing:
         summary.append(f"{PEER}: skipped: {peer_missing}")
-    for case, floor_name, target in TARGETS:
+    for case_name, floor_name, target in TARGETS:
         if floor_name not in rows:
             continue
-        share = rows[case].median / rows[floor_name].median
+        share = rows[case_name].median / rows[floor_name].median
         shown = f"{share:.1f}x" if target and target > 1 else f"{share:.0%}"
         goal = f"{target:.0f}x" if target and target > 1 else f"{target:.0%}" if target else ""
         verdict = (
@@ -655,7 +534,7 @@ async def http(ctx: Context) -> list[HttpRow]:
             else (f"; target {goal}: " + ("met" if share >= target else "NOT met"))
         )
         relation = "" if target and target > 1 else "of "
-        summary.append(f"{case}: {shown} {relation}{floor_name}'s req/s{verdict}")
+        summary.append(f"{case_name}: {shown} {relation}{floor_name}'s req/s{verdict}")
     out[-1].summary = summary
     return out
 

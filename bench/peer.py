@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench import free_port
-from bench.http import ROOT, Server, floor, spawn
+from bench.serving import ROOT, Server, floor, spawn
 
 VENV = ROOT / ".bench" / "litellm"
 MASTER_KEY = "sk-bench"

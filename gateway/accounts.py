@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from gateway.auth import new_key
 from gateway.config import Settings
 from gateway.errors import BadUserInput, NotFound
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.redis import decoded, decoded_hash
+from gateway.store.scripts import Scripts
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Accounts:
         account = keys.account_id(secrets.token_hex(6), shard)
         key, key_hash = new_key(account)
         webhook_secret = new_webhook_secret()
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "id": account,
             "name": name,
             "plan": plan,
@@ -84,7 +85,7 @@ class Accounts:
             "concurrency": _limit_field(concurrency),
             "daily": _limit_field(daily),
         }
-        # Two slots on a Cluster, so no MULTI: indexed first, and `list` skips an id
+        # Two slots on a Cluster, so no MULTI: indexed first, and `all` skips an id
         # whose record was never written.
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(keys.ACCOUNTS, account)
@@ -101,17 +102,18 @@ class Accounts:
         }
 
     async def get(self, account: str) -> AccountInfo:
-        fields = await self.redis.hgetall(keys.account(account))
+        fields = decoded_hash(await self.redis.hgetall(keys.account(account)))
         if not fields:
             raise NotFound(f"no key with id {account}")
         return _info(fields)
 
-    async def list(self) -> list[AccountInfo]:
-        ids = sorted(await self.redis.smembers(keys.ACCOUNTS))
+    async def all(self) -> list[AccountInfo]:
+        """Every account, oldest first."""
+        ids = sorted(decoded(i) for i in await self.redis.smembers(keys.ACCOUNTS))
         async with self.redis.pipeline(transaction=False) as pipe:
             for account in ids:
                 pipe.hgetall(keys.account(account))
-            rows = await pipe.execute()
+            rows: list[dict[str, str]] = await pipe.execute()
         return sorted((_info(r) for r in rows if r), key=lambda a: a.created_at)
 
     async def revoke(self, account: str) -> None:
@@ -128,7 +130,7 @@ class Accounts:
     ) -> AccountInfo:
         """Change a key's plan and per-key limits (a negative limit means unlimited)."""
         await self.get(account)
-        fields: dict[str, Any] = {}
+        fields: dict[FieldT, EncodableT] = {}
         if plan is not None:
             if plan not in self.settings.plans:
                 raise BadUserInput(f"unknown plan {plan!r}", field="plan")
@@ -141,25 +143,23 @@ class Accounts:
         return await self.get(account)
 
     async def add_credits(self, account: str, amount: int, reason: str = "topup") -> int:
-        try:
-            balance = await self.scripts.credit(
-                keys=[
-                    keys.account(account),
-                    keys.ledger(account),
-                    keys.topup(account, os.urandom(12).hex()),
-                ],
-                args=[amount, reason],
-                client=self.redis,
-            )
-        except ResponseError as exc:
-            if "unknown account" in str(exc):
-                raise NotFound(f"no key with id {account}") from None
-            raise BadUserInput(str(exc), field="credits") from None
-        return int(balance)
+        reply = await self.scripts.credit(
+            account=keys.account(account),
+            ledger=keys.ledger(account),
+            topup=keys.topup(account, os.urandom(12).hex()),
+            delta=amount,
+            reason=reason,
+            client=self.redis,
+        )
+        if reply.outcome == "unknown":
+            raise NotFound(f"no key with id {account}")
+        if reply.outcome == "negative":
+            raise BadUserInput("balance would go below zero", field="credits")
+        return reply.balance
 
     async def ledger(self, account: str) -> list[dict[str, str]]:
-        entries = await self.redis.xrange(keys.ledger(account))
-        return [fields for _, fields in entries]
+        entries = await self.redis.xrange(keys.ledger(account)) or []
+        return [decoded_hash(fields) for _, fields in entries if fields]
 
 
 def _info(fields: dict[str, str]) -> AccountInfo:

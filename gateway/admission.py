@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway.auth import Principal
+from gateway.auth import Principal, plan_limits
 from gateway.config import PlanLimits
 from gateway.errors import (
     BadUserInput,
@@ -26,7 +26,7 @@ from gateway.errors import (
 )
 from gateway.jobs.model import Job
 from gateway.store import keys
-from gateway.store.redis import Scripts, flat
+from gateway.store.scripts import Scripts
 
 DAY_MS = 86_400_000
 
@@ -56,24 +56,18 @@ def _day_name(day: int) -> str:
 
 
 def plan_table(plans: dict[str, PlanLimits]) -> str:
-    """The plans as admit.lua reads them: `name:rpm:concurrency:daily;...` (-1: none)."""
+    """The plans as admit.lua and auth.lua read them (`store/limits.lua`):
+    `;name:rpm:concurrency:daily;...` (-1: none). Made once, at start-up."""
 
     def n(v: int | None) -> int:
         return -1 if v is None else v
 
-    return ";".join(
-        f"{name}:{n(p.rpm)}:{n(p.concurrency)}:{n(p.daily)}" for name, p in plans.items()
+    for name in plans:
+        if not name or ":" in name or ";" in name:
+            raise ValueError(f"a plan's name cannot be empty or hold ':' or ';': {name!r}")
+    return "".join(
+        f";{name}:{n(p.rpm)}:{n(p.concurrency)}:{n(p.daily)}" for name, p in plans.items()
     )
-
-
-@functools.lru_cache(maxsize=256)  # a few plans: one model each, not one per request
-def _limits(rpm: int, concurrency: int, daily: int) -> PlanLimits:
-    """The limits admit.lua reports (-1: none)."""
-
-    def limit(v: int) -> int | None:
-        return None if v < 0 else v
-
-    return PlanLimits(rpm=limit(rpm), concurrency=limit(concurrency), daily=limit(daily))
 
 
 async def admit(
@@ -86,8 +80,6 @@ async def admit(
     now_ms: int,
     lease_ms: int,
     idempotency: tuple[str, str] | None = None,
-    hold_slot: bool = True,
-    enqueue: bool = True,
     cache_digest: str | None = None,
     retention_ms: int = 7 * DAY_MS,
 ) -> Admitted | Duplicate:
@@ -95,69 +87,59 @@ async def admit(
     admit `job`: one round trip. Refusals raise, carrying the key's X-RateLimit-* headers."""
     account = job.account
     idem_key, idem_hash = idempotency or ("", "")
-    ms_to_day_end = DAY_MS - now_ms % DAY_MS
     shard = keys.shard_of(account)
     digest = cache_digest or ""
     reply = await scripts.admit(
-        keys=[
-            keys.account(account),
-            keys.rate(account),
-            keys.day(account, utc_day(now_ms)),
-            keys.running(account),
-            keys.ledger(account),
-            keys.job(account, job.id),
-            keys.jobs(account),
-            keys.idempotency(account, idem_key),
-            keys.queue(shard),
-            keys.cache_entry(shard, digest),
-            keys.inflight(shard, digest),
-            keys.followers(shard, digest),
-            keys.coalescing(shard),
-        ],
-        args=[
-            now_ms,
-            secret_hash,
-            plans,
-            job.cost,
-            job.id,
-            lease_ms,
-            ms_to_day_end,
-            idem_hash,
-            1 if hold_slot else 0,
-            1 if enqueue else 0,
-            1 if cache_digest else 0,
-            retention_ms,
-            *flat(job.to_hash()),
-        ],
+        account=keys.account(account),
+        rate=keys.rate(account),
+        day=keys.day(account, utc_day(now_ms)),
+        running=keys.running(account),
+        ledger=keys.ledger(account),
+        job=keys.job(account, job.id),
+        jobs=keys.jobs(account),
+        idempotency=keys.idempotency(account, idem_key),
+        queue=keys.queue(shard),
+        cache_entry=keys.cache_entry(shard, digest),
+        inflight=keys.inflight(shard, digest),
+        followers=keys.followers(shard, digest),
+        coalescing=keys.coalescing(shard),
+        now_ms=now_ms,
+        secret_hash=secret_hash,
+        plans=plans,
+        cost=job.cost,
+        job_id=job.id,
+        lease_ms=lease_ms,
+        ms_to_day_end=DAY_MS - now_ms % DAY_MS,
+        idempotency_hash=idem_hash,
+        cacheable=bool(cache_digest),
+        retention_ms=retention_ms,
+        fields=job.to_hash(),
         client=redis,
     )
-    verdict = reply[0]
+    verdict = reply.verdict
     if verdict == "unauthenticated":
         raise Unauthenticated("Invalid API key")
 
     principal = Principal(
         account=account,
         name="",
-        plan=str(reply[7]),
-        credits=int(reply[6]),
-        limits=_limits(int(reply[1]), int(reply[2]), int(reply[3])),
+        plan=reply.plan,
+        credits=reply.balance,
+        limits=plan_limits(reply.rpm, reply.concurrency, reply.daily),
         webhook_secret="",
-        window_used=int(reply[4]),
-        window_reset=math.ceil((int(reply[5]) + 60000) / 1000),
+        window_used=reply.window_used,
+        window_reset=reply.window_reset,
     )
-    rest = reply[8:]
     if verdict == "ok":
-        outcome = None
-        if len(rest) > 1:
-            outcome = dict(zip(("urls", "width", "height", "metadata"), rest[1:], strict=True))
-        return Admitted(principal, str(rest[0]), outcome)
+        outcome = reply.hit._asdict() if reply.hit else None
+        return Admitted(principal, reply.mode, outcome)
     if verdict == "duplicate":
-        return Duplicate(principal, str(rest[0]))
+        return Duplicate(principal, reply.job_id)
     refusal: GatewayError
     if verdict == "limited":
-        refusal = RateLimited(str(rest[0]), max(1, math.ceil(int(rest[1]) / 1000)))
+        refusal = RateLimited(reply.limit, max(1, math.ceil(reply.wait_ms / 1000)))
     elif verdict == "credits":
-        refusal = InsufficientCredits(int(rest[0]), principal.credits)
+        refusal = InsufficientCredits(reply.cost, principal.credits)
     else:  # idempotency_mismatch
         refusal = BadUserInput(
             "idempotencyKey was already used with different parameters", field="idempotencyKey"

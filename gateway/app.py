@@ -1,4 +1,9 @@
-"""build_app(settings): the Starlette application, its routes and its lifespan."""
+"""build_app(settings): the Starlette application, its routes and its lifespan.
+
+The composition root of the served gateway, with `gateway/runtime.py`: the only module
+of `gateway/` that imports the GraphQL layer (`schema/`), which sits on top of the
+domain (`tests/unit/test_layers.py` checks the direction).
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ carries 256 random bits, so a fast hash is enough (no password stretching needed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway.config import PlanLimits, Settings
 from gateway.errors import RateLimited, Unauthenticated
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.scripts import Scripts
 
 KEY_PREFIX = "gk"
 
@@ -85,22 +86,15 @@ def credentials(key: str | None) -> tuple[str, str]:
     return parsed[0], hash_secret(parsed[1])
 
 
-def limits_of(fields: dict[str, str], settings: Settings) -> PlanLimits:
-    """The plan's limits with the key's own overrides (-1 stored means unlimited)."""
-    base = settings.plans.get(fields.get("plan", ""), PlanLimits())
+@functools.lru_cache(maxsize=256)  # a few plans: one model each, not one per request
+def plan_limits(rpm: int, concurrency: int, daily: int) -> PlanLimits:
+    """A key's limits as admit.lua and auth.lua report them (-1: none). Which apply to a
+    key (its plan's, or its own overrides) is decided there, in `store/limits.lua`."""
 
-    def pick(name: str, default: int | None) -> int | None:
-        raw = fields.get(name)
-        if raw in (None, ""):
-            return default
-        value = int(raw)
-        return None if value < 0 else value
+    def limit(v: int) -> int | None:
+        return None if v < 0 else v
 
-    return PlanLimits(
-        rpm=pick("rpm", base.rpm),
-        concurrency=pick("concurrency", base.concurrency),
-        daily=pick("daily", base.daily),
-    )
+    return PlanLimits(rpm=limit(rpm), concurrency=limit(concurrency), daily=limit(daily))
 
 
 async def authenticate(
@@ -110,33 +104,40 @@ async def authenticate(
     key: str | None,
     now_ms: int,
     *,
+    plans: str,
     read: bool = False,
 ) -> Principal:
+    """The caller behind `key` (one round trip). `plans`: admission's `plan_table` of
+    the settings' plans."""
     account, given = credentials(key)
     minute = now_ms // 60000
-    raw, used, oldest, reads = await scripts.auth(
-        keys=[keys.account(account), keys.rate(account), keys.reads(account, minute)],
-        args=[now_ms, 1 if read else 0, given],
+    reply = await scripts.auth(
+        account=keys.account(account),
+        rate=keys.rate(account),
+        reads=keys.reads(account, minute),
+        now_ms=now_ms,
+        count_read=read,
+        secret_hash=given,
+        plans=plans,
         client=redis,
     )
-    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    fields = reply.account
     stored = fields.get("key_hash", "")
     # compare_digest runs even for unknown accounts, so timing tells nothing.
     ok = hmac.compare_digest(stored or "0" * 64, given)
     if not ok or not stored or fields.get("revoked") == "1":
         raise Unauthenticated("Invalid API key")
-    oldest_ms = int(oldest) if int(oldest) else now_ms
     principal = Principal(
         account=account,
         name=fields.get("name", ""),
         plan=fields.get("plan", ""),
         credits=int(fields.get("credits", 0)),
-        limits=limits_of(fields, settings),
+        limits=plan_limits(reply.rpm, reply.concurrency, reply.daily),
         webhook_secret=fields.get("webhook_secret", ""),
-        window_used=int(used),
-        window_reset=(oldest_ms + 60000 + 999) // 1000,
+        window_used=reply.window_used,
+        window_reset=reply.window_reset,
     )
-    if read and reads > settings.read_rpm:
+    if read and reply.reads > settings.read_rpm:
         refused = RateLimited("read", 60 - (now_ms // 1000) % 60)
         refused.headers = principal.rate_headers()
         raise refused

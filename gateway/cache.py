@@ -1,4 +1,4 @@
-"""lookup / settle / release: the result cache and in-flight coalescing (CONTRACT §9).
+"""lookup / settle / release: the result cache and in-flight coalescing.
 
 The lookup itself happens inside admission (`admit.lua`), in the same round trip as
 the limits: a hit becomes a completed job at once, an identical request in flight
@@ -16,12 +16,14 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from gateway.config import Settings
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.redis import decoded
+from gateway.store.scripts import Scripts
 
 
 class Cache:
@@ -52,42 +54,41 @@ class Cache:
         slot. A copy lost to a crash costs a cache miss, never a wrong result."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
-        entry = {
-            "urls": orjson.dumps(urls).decode(),
-            "width": width,
-            "height": height,
-            "metadata": orjson.dumps(metadata).decode(),
-            # What a hit's job says, made once here rather than by every hit's script.
-            "hit_metadata": orjson.dumps({**metadata, "cached": True, "duration": 0}).decode(),
-        }
-        done = await self.scripts.settle(
-            keys=[
-                keys.cache_entry(shard, digest),
-                keys.inflight(shard, digest),
-                keys.followers(shard, digest),
-                keys.webhooks(shard),
-                keys.coalescing(shard),
-            ],
-            args=[
-                keys.job(job.account, job.id),
-                job.completed_at or 0,
-                self.retention_ms,
-                entry["urls"],
-                width,
-                height,
-                entry["metadata"],
-                entry["hit_metadata"],
-            ],
+        encoded_urls = orjson.dumps(urls).decode()
+        encoded_metadata = orjson.dumps(metadata).decode()
+        # What a hit's job says, made once here rather than by every hit's script.
+        hit_metadata = orjson.dumps({**metadata, "cached": True, "duration": 0}).decode()
+        reply = await self.scripts.settle(
+            cache_entry=keys.cache_entry(shard, digest),
+            inflight=keys.inflight(shard, digest),
+            followers=keys.followers(shard, digest),
+            webhooks=keys.webhooks(shard),
+            coalescing=keys.coalescing(shard),
+            leader=keys.job(job.account, job.id),
+            now_ms=job.completed_at or 0,
+            retention_ms=self.retention_ms,
+            urls=encoded_urls,
+            width=width,
+            height=height,
+            metadata=encoded_metadata,
+            hit_metadata=hit_metadata,
             client=self.redis,
         )
         others = [n for n in range(self.settings.redis_shards) if n != shard]
         if others:
+            entry: dict[FieldT, EncodableT] = {  # the fields settle.lua writes
+                "urls": encoded_urls,
+                "width": width,
+                "height": height,
+                "metadata": encoded_metadata,
+                "hit_metadata": hit_metadata,
+            }
             async with self.redis.pipeline(transaction=False) as pipe:
                 for n in others:
                     pipe.hset(keys.cache_entry(n, digest), mapping=entry)
                     pipe.pexpire(keys.cache_entry(n, digest), self.retention_ms)
                 await pipe.execute()
-        return [str(k) for k in done]
+        return reply.completed
 
     async def release(self, job: Job, now_ms: int) -> list[str]:
         """The leader failed or was cancelled: let the first waiter that can pay run in its
@@ -105,8 +106,9 @@ class Cache:
         instant), or whose leader record is gone: promote one of them. Run periodically."""
         changed: list[str] = []
         for shard in range(self.settings.redis_shards):
-            for inflight in await self.redis.smembers(keys.coalescing(shard)):
-                digest = str(inflight).rsplit(":", 1)[-1]
+            for member in await self.redis.smembers(keys.coalescing(shard)):
+                inflight = decoded(member)
+                digest = inflight.rsplit(":", 1)[-1]
                 leader = await self.redis.get(inflight)
                 status = await self.redis.hget(leader, "status") if leader else None
                 if status in ("queued", "processing"):
@@ -121,28 +123,30 @@ class Cache:
         changed: list[str] = []
         while True:
             # Peek, promote, then remove: a crash in between leaves the waiter listed.
-            follower = await self.redis.lindex(waiting, 0)
-            if follower is None:
+            first = await self.redis.lindex(waiting, 0)
+            if first is None:
                 await self.redis.delete(inflight)
                 await self.redis.srem(keys.coalescing(shard), inflight)
                 return changed
+            follower = decoded(first)
             account, job_id = keys.job_parts(follower)  # a record gone is skipped
-            verdict = await self.scripts.promote(
-                keys=[
-                    follower,
-                    keys.account(account),
-                    keys.ledger(account),
-                    keys.queue(shard),
-                    inflight,
-                    keys.webhooks(shard),
-                ],
-                args=[now_ms, self.lease_ms, job_id, self.retention_ms],
+            reply = await self.scripts.promote(
+                job=follower,
+                account=keys.account(account),
+                ledger=keys.ledger(account),
+                queue=keys.queue(shard),
+                inflight=inflight,
+                webhooks=keys.webhooks(shard),
+                now_ms=now_ms,
+                lease_ms=self.lease_ms,
+                job_id=job_id,
+                retention_ms=self.retention_ms,
                 client=self.redis,
             )
             await self.redis.lrem(waiting, 1, follower)
-            if verdict != "skip":
-                changed.append(str(follower))
-            if verdict == "promoted":
+            if reply.verdict != "skip":
+                changed.append(follower)
+            if reply.verdict == "promoted":
                 return changed
 
     async def stats(self, account: str) -> dict[str, int]:

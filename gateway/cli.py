@@ -191,7 +191,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List keys (never the keys themselves)."""
-    infos = _with_accounts(_settings(), lambda a: a.list())
+    infos = _with_accounts(_settings(), lambda a: a.all())
     if as_json:
         print(json.dumps([i.as_dict() for i in infos]))
         return

@@ -1,46 +1,121 @@
 """A generation request, validated and normalized: one code path for GraphQL and REST.
 
-Both API shapes (Doitong's `GenerateInput` and `ImageGenerationInput`) are turned into
-the same `GenerationRequest`; its ranges are the contract's (seed 000's), which every
-backend accepts. A range error names the field as the client spelled it.
+`GenerationRequest` is the one declaration of what a request may say: each field's
+name, type, range, default and meaning. What else names the fields is derived from it:
+the GraphQL inputs (`schema/inputs.py` builds `GenerateOptions`, `ImageGenerationInput`
+and the request fields of `GenerateInput` from it), the spelling errors use, the cache
+key, and `ImageParams`, what a backend receives (a unit test holds its fields to this
+declaration).
+
+Both API shapes (the `generate` shape {provider, input: {text}, options: {...}} and the
+flat `generateImage` / REST shape {service, prompt, width, ...}) become the same
+`GenerationRequest`. Its ranges are ones every backend accepts: each backend brings a
+value into its upstream's own range. An error names the field as the client spelled it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
 import re
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
 
 from gateway.errors import BadUserInput
+from gateway.formats import DEFAULT_FORMAT, OutputFormat, format_named
 
+#: The ratios a client may ask for: the eleven Segmind documents for flux-krea-dev (the
+#: Segmind backend sends them as they are; the others receive the size they give).
 ASPECT_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 MIN_SIDE, MAX_SIDE = 512, 2048
+DEFAULT_SIDE = 1024
+#: the area, in pixels, a size drawn from an aspect ratio has (about)
+RATIO_AREA = 1024 * 1024
 SEED_MAX = 2_147_483_647
+
+Side = Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 
 
 class GenerationRequest(BaseModel):
+    """Every field either shape may give, in the order of the flat GraphQL input.
+
+    The fields of the request itself are `REQUEST_FIELDS`; the others are its options
+    (GraphQL's `GenerateOptions`, in the same order).
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: str = Field(min_length=1, max_length=64)
-    prompt: str = Field(min_length=1, max_length=1000)
-    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
-    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    steps: int | None = Field(default=None, ge=1, le=50)
-    guidance: float | None = Field(default=None, ge=1.0, le=20.0)
-    num_images: int = Field(default=1, ge=1, le=4)
-    output_format: Literal["png", "jpg", "webp"] = "png"
-    aspect_ratio: str | None = None
-    quality: str | None = Field(default=None, max_length=32)
-    version: str | None = Field(default=None, max_length=64)
-    cache: bool | None = None
-    webhook_url: str | None = Field(default=None, max_length=2048)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
+    provider: str = Field(
+        min_length=1,
+        max_length=64,
+        description="The service or backend to run the request (`service` in the flat shape).",
+    )
+    prompt: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="What to draw (`input.text` in the generate shape).",
+    )
+    width: Side = Field(default=None, description="In pixels. Unset: see aspectRatio, else 1024.")
+    height: Side = Field(default=None, description="In pixels. Unset: see aspectRatio, else 1024.")
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A model version: part of the cache key; no backend takes one yet.",
+    )
+    quality: str | None = Field(
+        default=None,
+        max_length=32,
+        description="high, standard or low, for a backend with such a setting (Segmind).",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Called with the job when it ends.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="The same seed and parameters draw the same picture, and make the "
+        "request cacheable. Unset: a random seed.",
+    )
+    steps: int | None = Field(
+        default=None, ge=1, le=50, description="Denoising steps. Unset: the backend's default."
+    )
+    guidance: float | None = Field(
+        default=None,
+        ge=1.0,
+        le=20.0,
+        description="How closely to follow the prompt. Unset: the backend's default.",
+    )
+    num_images: int = Field(
+        default=1, ge=1, le=4, description="How many images; each costs its own credits."
+    )
+    output_format: OutputFormat = Field(
+        default=DEFAULT_FORMAT, description="png, jpg (or jpeg) or webp, in any case."
+    )
+    aspect_ratio: str | None = Field(
+        default=None,
+        description="One of ASPECT_RATIOS: with neither width nor height given, the size is "
+        "this ratio at about one megapixel.",
+    )
+    cache: bool | None = Field(
+        default=None,
+        description="false: never answered from the cache; true: cacheable even without "
+        "a seed. Unset: cacheable when it has a seed.",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Sent again with the same request, the same key gives the same job.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -52,9 +127,8 @@ class GenerationRequest(BaseModel):
     @field_validator("output_format", mode="before")
     @classmethod
     def _format(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.lower()
-            return "jpg" if v == "jpeg" else v
+        if isinstance(v, str) and (found := format_named(v)):
+            return found.name
         return v
 
     @field_validator("aspect_ratio")
@@ -69,46 +143,27 @@ class GenerationRequest(BaseModel):
         if self.width and self.height:
             return self.width, self.height
         if self.aspect_ratio and not (self.width or self.height):
-            a, b = (int(x) for x in self.aspect_ratio.split(":"))
-            w = math.sqrt(1024 * 1024 * a / b)
+            sides = ratio_sides(self.aspect_ratio)
+            assert sides is not None  # validated
+            a, b = sides
+            w = math.sqrt(RATIO_AREA * a / b)
             h = w * b / a
-            return _side(w), _side(h)
-        return self.width or 1024, self.height or 1024
+            return _snap(w), _snap(h)
+        return self.width or DEFAULT_SIDE, self.height or DEFAULT_SIDE
 
     def image_fields(self, seed: int | None = None) -> dict[str, Any]:
         """The job's `ImageParams` fields, as its record stores them."""
-        width, height = self.size()
-        return {
-            "prompt": self.prompt,
-            "width": width,
-            "height": height,
-            "num_images": self.num_images,
-            "seed": self.seed if seed is None else seed,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "output_format": self.output_format,
-            "aspect_ratio": self.aspect_ratio,
-            "quality": self.quality,
-        }
+        values = {name: getattr(self, name) for name in IMAGE_FIELDS}
+        values["width"], values["height"] = self.size()
+        if seed is not None:
+            values["seed"] = seed
+        return values
 
     def cache_key(self) -> str:
         """SHA-256 of everything that changes the picture, normalized: the same request
         spelled differently (key order, defaults written out) gives the same key."""
-        width, height = self.size()
-        data = {
-            "provider": self.provider,
-            "prompt": self.prompt,
-            "width": width,
-            "height": height,
-            "seed": self.seed,
-            "steps": self.steps,
-            "guidance": None if self.guidance is None else float(self.guidance),
-            "num_images": self.num_images,
-            "output_format": self.output_format,
-            "aspect_ratio": self.aspect_ratio,
-            "quality": self.quality,
-            "version": self.version,
-        }
+        data = self.image_fields()
+        data["provider"], data["version"] = self.provider, self.version
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def fingerprint(self) -> str:
@@ -118,33 +173,66 @@ class GenerationRequest(BaseModel):
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _side(x: float) -> int:
+#: The fields of the request itself; the others are its options.
+REQUEST_FIELDS = ("provider", "prompt", "webhook_url", "idempotency_key")
+OPTION_FIELDS = tuple(name for name in GenerationRequest.model_fields if name not in REQUEST_FIELDS)
+#: The flat shape's names that are not the field's own.
+FLAT_NAMES = {"provider": "service"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageParams:
+    """A request as a backend receives it: the fields of `GenerationRequest` that make the
+    picture, with the size resolved and the seed chosen when the client left it open."""
+
+    prompt: str
+    width: int = DEFAULT_SIDE
+    height: int = DEFAULT_SIDE
+    num_images: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    output_format: OutputFormat = DEFAULT_FORMAT
+    aspect_ratio: str | None = None
+    quality: str | None = None
+
+
+IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageParams))
+
+
+def ratio_sides(value: str) -> tuple[float, float] | None:
+    """`"16:9"` -> (16.0, 9.0); None when it is not a `w:h` of positive finite numbers."""
+    left, sep, right = value.partition(":")
+    if not sep:
+        return None
+    try:
+        w, h = float(left), float(right)
+    except ValueError:
+        return None
+    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+        return None
+    return w, h
+
+
+def _snap(x: float) -> int:
+    """A side in pixels: a multiple of 16, within the range."""
     return max(MIN_SIDE, min(MAX_SIDE, round(x / 16) * 16))
 
 
-# The client's spelling of each field, per input shape, for error messages.
+# -- the two shapes ------------------------------------------------------------------------
+
+#: A field's camelCase name, as GraphQL (and the REST documentation) spells it.
+CAMEL_NAMES = {name: to_camel(name) for name in GenerationRequest.model_fields}
+#: The client's spelling of each field, for errors, per shape (options: see below).
 _GENERATE_NAMES = {
-    "provider": "provider",
+    **{name: CAMEL_NAMES[name] for name in REQUEST_FIELDS},
     "prompt": "input.text",
-    "webhook_url": "webhookUrl",
-    "idempotency_key": "idempotencyKey",
 }
-_OPTION_NAMES = {
-    "num_images": "numImages",
-    "output_format": "outputFormat",
-    "aspect_ratio": "aspectRatio",
-}
-_IMAGE_NAMES = {
-    "provider": "service",
-    "webhook_url": "webhookUrl",
-    "idempotency_key": "idempotencyKey",
-    **_OPTION_NAMES,
-}
+_FLAT_ERROR_NAMES = {**CAMEL_NAMES, **FLAT_NAMES}
 
 
 def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
-    """Doitong's `generate` shape: {type, provider, input: {text}, options: {...}, ...},
-    in GraphQL's names (`webhookUrl`, `numImages`) or Python's."""
+    """The `generate` shape: {type, provider, input: {text}, options: {...}, ...}."""
     data = {_snake(k): v for k, v in data.items()}
     options = {_snake(k): v for k, v in (data.get("options") or {}).items()}
     fields: dict[str, Any] = {
@@ -154,32 +242,37 @@ def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
         "idempotency_key": data.get("idempotency_key"),
         **options,
     }
-    names = dict(_GENERATE_NAMES)
-    for key in options:
-        names[key] = "options." + _OPTION_NAMES.get(key, key)
-    return _validate(fields, names)
+
+    def named(key: str) -> str:
+        if key in options:
+            return "options." + CAMEL_NAMES.get(key, key)
+        return _GENERATE_NAMES.get(key, key)
+
+    return _validate(fields, named)
 
 
 def from_image_input(data: dict[str, Any]) -> GenerationRequest:
-    """The `generateImage` / REST shape: {service, prompt, width, height, ...}."""
+    """The flat `generateImage` / REST shape: {service, prompt, width, height, ...}."""
     fields = {_snake(k): v for k, v in data.items()}
-    fields["provider"] = fields.pop("service", None)
-    return _validate(fields, _IMAGE_NAMES)
+    for field, name in FLAT_NAMES.items():
+        fields[field] = fields.pop(name, None)
+    return _validate(fields, lambda key: _FLAT_ERROR_NAMES.get(key, key))
 
 
+# Keys come in GraphQL's (and the REST documentation's) camelCase or in Python's
+# snake_case; both are accepted, since snake_case passes through unchanged.
 @functools.lru_cache(maxsize=512)
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def _validate(fields: dict[str, Any], names: dict[str, str]) -> GenerationRequest:
+def _validate(fields: dict[str, Any], named: Callable[[str], str]) -> GenerationRequest:
     fields = {k: v for k, v in fields.items() if v is not None}
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = str(err["loc"][0]) if err["loc"] else ""
-        field = names.get(key, key)
+        field = named(str(err["loc"][0]) if err["loc"] else "")
         if err["type"] == "missing":
             message = f"{field} is required"
         elif err["type"] == "extra_forbidden":

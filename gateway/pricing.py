@@ -1,20 +1,23 @@
-"""Credits per request (CONTRACT §7)."""
+"""Credits per request: by each image's pixel count, times the number of images."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
-_SMALL, _MID, _LARGE = 512 * 512, 1024 * 1024, 2048 * 2048
+#: (pixels, credits): the price at each size, linear in pixels between two of them
+#: (and beyond the ends, along the nearest pair)
+POINTS = ((512 * 512, 10), (1024 * 1024, 20), (2048 * 2048, 30))
+_PAIRS = tuple(itertools.pairwise(POINTS))
 
 
 def image_cost(width: int, height: int) -> int:
-    """10 at 512x512, linear in pixels to 20 at 1024x1024, then to 30 at 2048x2048."""
+    """10 at 512x512, linear in pixels to 20 at 1024x1024, then to 30 at 2048x2048;
+    rounded to the nearest integer, halves up."""
     px = width * height
-    if px <= _MID:
-        credits = 10 + 10 * (px - _SMALL) / (_MID - _SMALL)
-    else:
-        credits = 20 + 10 * (px - _MID) / (_LARGE - _MID)
-    return math.floor(credits + 0.5)  # nearest integer, halves up
+    (p0, c0), (p1, c1) = next((pair for pair in _PAIRS if px <= pair[1][0]), _PAIRS[-1])
+    credits = c0 + (c1 - c0) * (px - p0) / (p1 - p0)
+    return math.floor(credits + 0.5)
 
 
 def cost(width: int, height: int, num_images: int = 1) -> int:

@@ -133,9 +133,7 @@ async def upstream_callback(request: Request) -> Response:
         body = await _json(request)
         # Redis away: 503 with Retry-After, so the upstream sends it again later.
         with store_errors("the gateway cannot take callbacks right now; send it again"):
-            delivered = gateway.inbox is not None and await gateway.inbox.deliver(
-                request.path_params["token"], body
-            )
+            delivered = await gateway.inbox.deliver(request.path_params["token"], body)
         if not delivered:
             raise NotFound("unknown callback")
     except GatewayError as exc:

@@ -1,72 +1,43 @@
-"""Service -> ordered backends, failover, circuit breakers, and the submit/poll loop.
+"""Service -> ordered backends, and failover along them.
 
 A request names a service (`flux-krea`) or pins a backend (`krea`). The route is the
 service's ordered list of *enabled* backends; a backend without credentials is never
 tried. A job fails over to the next backend on upstream errors (connection, timeout,
 5xx, 429) but not when the upstream refused the user's own input. A backend that fails
-`threshold` times in a row is taken out for `cooldown` seconds (its circuit opens),
-then given one trial. Outside dev mode `local` is never substituted for a real backend.
+`threshold` times in a row is taken out for `cooldown` seconds (its circuit opens,
+`gateway/breaker.py`), then given one trial. Outside dev mode `local` is never
+substituted for a real backend.
 
-The breaker is per process on purpose: each process sees its own failures at once, and
-a shared breaker would add a Redis round trip to every upstream call.
+On each backend a job is submitted (or a stored upstream job resumed, never submitted
+again) and then waited for (`gateway/upstream_wait.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.breaker import Breaker
 from gateway.config import BACKENDS
-from gateway.errors import (
-    BadUserInput,
-    ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
-    ServiceUnavailable,
+from gateway.errors import BadUserInput, ProviderError, ProviderUnavailable, ServiceUnavailable
+from gateway.providers.base import ImageParams, Output, Provider
+from gateway.upstream_wait import (
+    CALLBACK_FALLBACK,
+    Hook,
+    JobCancelled,
+    UpstreamJob,
+    UpstreamWait,
 )
-from gateway.providers.base import ImageParams, Output, Polled, Provider
 
 if TYPE_CHECKING:
     from gateway.callbacks import RedisInbox
 
-#: seconds between polls of a job whose upstream will call back: a lost callback only
-#: delays the job by this much
-CALLBACK_FALLBACK = 30.0
-
 
 class JobFailed(Exception):
     """Every backend of the route failed (or the upstream refused the input)."""
-
-
-class JobCancelled(Exception):
-    """The client cancelled the job while it ran."""
-
-
-@dataclass
-class Breaker:
-    threshold: int
-    cooldown: float
-    failures: int = 0
-    opened_at: float | None = None
-    reason: str = ""
-
-    def allows(self, now: float) -> bool:
-        return self.opened_at is None or now - self.opened_at >= self.cooldown
-
-    def success(self) -> None:
-        self.failures, self.opened_at, self.reason = 0, None, ""
-
-    def failure(self, reason: str, now: float) -> None:
-        self.failures += 1
-        self.reason = reason
-        if self.failures >= self.threshold:
-            self.opened_at = now  # (re)open: a failed half-open trial restarts the cool-down
 
 
 @dataclass
@@ -77,7 +48,15 @@ class Result:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-Hook = Callable[[dict[str, Any]], Awaitable[None]]
+@dataclass(frozen=True)
+class JobRun:
+    """What a job brings to each backend it is tried on."""
+
+    params: ImageParams
+    save_upstream: Hook  # stores the upstream's job id before the wait
+    progress: Hook
+    cancelled: Callable[[], Awaitable[bool]]
+    deadline: float  # on the router's clock
 
 
 class Router:
@@ -95,16 +74,20 @@ class Router:
         callback_fallback: float = CALLBACK_FALLBACK,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.inbox = inbox
-        self.callback_fallback = callback_fallback
         self.providers = providers
         self.routes = routes
         self.dev = dev
         self.clock = clock
-        self.poll_interval = poll_interval
         self.breakers = {name: Breaker(threshold, cooldown) for name in providers}
         # Bounds the upstream calls in flight per backend, not the jobs waiting on it.
         self.slots = {name: asyncio.Semaphore(backend_concurrency) for name in providers}
+        self.upstream = UpstreamWait(
+            slots=self.slots,
+            poll_interval=poll_interval,
+            inbox=inbox,
+            callback_fallback=callback_fallback,
+            clock=clock,
+        )
 
     # -- which backends --------------------------------------------------------------
 
@@ -164,9 +147,8 @@ class Router:
         for name, provider in self.providers.items():
             enabled, reason = provider.status()
             breaker = self.breakers[name]
-            circuit = "closed"
-            if breaker.opened_at is not None:
-                circuit = "half-open" if breaker.allows(now) else "open"
+            circuit = breaker.circuit(now)
+            if circuit != "closed":
                 reason = f"{breaker.failures} failures in a row, last: {breaker.reason}"
             out.append(
                 {
@@ -201,22 +183,12 @@ class Router:
         if resume and resume.get("backend") in order:
             # Backends before the stored one already failed this job: do not retry them.
             order = order[order.index(resume["backend"]) :]
+        job = JobRun(params, save_upstream, progress, cancelled, deadline)
         errors: list[str] = []
         for backend in order:
-            provider = self.providers[backend]
-            upstream_id = resume.get("id") if resume and resume.get("backend") == backend else None
+            stored = resume if resume and resume.get("backend") == backend else None
             try:
-                result = await self._attempt(
-                    backend,
-                    provider,
-                    params,
-                    upstream_id,
-                    resume,
-                    save_upstream,
-                    progress,
-                    cancelled,
-                    deadline,
-                )
+                result = await self._attempt(backend, job, stored=stored)
             except ProviderError as exc:
                 if not exc.failover:
                     # The upstream refused this user's input: the backend is healthy, so
@@ -231,23 +203,16 @@ class Router:
             return result
         raise JobFailed("; ".join(errors) or "no backend could run the job")
 
-    async def _attempt(
-        self,
-        backend: str,
-        provider: Provider,
-        params: ImageParams,
-        upstream_id: str | None,
-        resume: dict[str, Any] | None,
-        save_upstream: Hook,
-        progress: Hook,
-        cancelled: Callable[[], Awaitable[bool]],
-        deadline: float,
-    ) -> Result:
-        sent: dict[str, Any] = (resume or {}).get("sent", {}) if upstream_id else {}
+    async def _attempt(self, backend: str, job: JobRun, *, stored: dict[str, Any] | None) -> Result:
+        """The job on one backend: submitted, or `stored` (this backend's upstream job,
+        saved by an earlier attempt) resumed; then waited for."""
+        provider = self.providers[backend]
+        upstream_id: str | None = stored.get("id") if stored else None
+        sent: dict[str, Any] = stored.get("sent", {}) if stored and upstream_id else {}
         metadata: dict[str, Any] = {}
         if upstream_id is None:
             async with self.slots[backend]:
-                submitted = await provider.submit(params)
+                submitted = await provider.submit(job.params)
             sent, metadata = submitted.sent, dict(submitted.metadata)
             if submitted.outputs is not None:
                 return Result(backend, provider, submitted.outputs, {**metadata, "sent": sent})
@@ -255,8 +220,17 @@ class Router:
             if not upstream_id:
                 raise JobFailed(f"{backend} returned neither outputs nor a job id")
             # Stored before waiting: a worker that takes over polls it, never resubmits.
-            await save_upstream({"backend": backend, "id": upstream_id, "sent": sent})
-        polled = await self._wait(backend, provider, upstream_id, progress, cancelled, deadline)
+            await job.save_upstream({"backend": backend, "id": upstream_id, "sent": sent})
+        polled = await self.upstream.wait(
+            UpstreamJob(
+                backend=backend,
+                provider=provider,
+                upstream_id=upstream_id,
+                progress=job.progress,
+                cancelled=job.cancelled,
+                deadline=job.deadline,
+            )
+        )
         if polled.state == "cancelled":
             raise JobCancelled(f"{backend} cancelled the job")
         if polled.state == "failed":
@@ -267,81 +241,3 @@ class Router:
             polled.outputs,
             {**metadata, **polled.metadata, "upstreamId": upstream_id, "sent": sent},
         )
-
-    async def _wait(
-        self,
-        backend: str,
-        provider: Provider,
-        upstream_id: str,
-        progress: Hook,
-        cancelled: Callable[[], Awaitable[bool]],
-        deadline: float,
-    ) -> Polled:
-        """Poll at the provider's pace, slowing down on long jobs; no thread per job.
-
-        A job whose upstream calls back is polled once its callback came, and otherwise
-        only every `callback_fallback` seconds (a lost callback is slower, not lost);
-        the wait still notices a cancellation within one poll interval.
-        """
-        started = self.clock()
-        interval = self.poll_interval or provider.poll_interval
-        tokens = provider.callbacks(upstream_id) if self.inbox is not None else []
-        waiter = await self.inbox.waiter(tokens) if self.inbox is not None and tokens else None
-        errors_in_a_row = 0
-        last_status = ""
-        polled_at = -math.inf
-        try:
-            if waiter is not None and not await waiter.check():
-                polled_at = started  # the submit's answer is news enough: wait first
-            while True:
-                if await cancelled():
-                    await self._cancel_upstream(backend, provider, upstream_id)
-                    raise JobCancelled("cancelled by the client")
-                if self.clock() >= deadline:
-                    await self._cancel_upstream(backend, provider, upstream_id)
-                    raise ProviderTimeout(f"{backend} did not finish in time")
-                due = (
-                    waiter is None
-                    or waiter.delivered
-                    or self.clock() - polled_at >= self.callback_fallback
-                )
-                if due:
-                    polled_at = self.clock()
-                    try:
-                        async with self.slots[backend]:
-                            polled = await provider.poll(upstream_id)
-                        errors_in_a_row = 0
-                    except ProviderError:
-                        # The upstream has our job: a passing poll failure is no reason
-                        # to pay twice.
-                        errors_in_a_row += 1
-                        if errors_in_a_row >= 5:
-                            raise
-                        polled = Polled(state="pending")
-                    if polled.state != "pending":
-                        return polled
-                    if waiter is not None and waiter.delivered:
-                        if waiter.settled:  # all called back, still pending: at the pace
-                            waiter.close()
-                            waiter = None
-                        else:  # one job of several done: wait for the others
-                            waiter.delivered = False
-                    if polled.upstream_status and polled.upstream_status != last_status:
-                        last_status = polled.upstream_status
-                        await progress({"upstreamStatus": last_status, **polled.metadata})
-                if self.clock() - started > 30:
-                    interval = min(interval * 1.5, 10.0)
-                pause = interval * random.uniform(0.9, 1.1)
-                if waiter is not None:
-                    await waiter.wait(pause)
-                else:
-                    await asyncio.sleep(pause)
-        finally:
-            if waiter is not None:
-                waiter.close()
-
-    async def _cancel_upstream(self, backend: str, provider: Provider, upstream_id: str) -> None:
-        """Best effort: the job ends on our side whatever the upstream answers."""
-        with contextlib.suppress(ProviderError):
-            async with self.slots[backend]:
-                await provider.cancel(upstream_id)

@@ -1,6 +1,11 @@
 """Everything a gateway or worker process owns, built once from `Settings` and closed
-in order: the Redis client and scripts, the upstream HTTP client, the backends, the
-router, the artifact store and the queue. `gateway serve` and `gateway worker` share it.
+in order: the Redis client and scripts, the upstream HTTP clients, the backends, the
+router, the artifact store, the queue, the job store, the service and the worker.
+`gateway serve` and `gateway worker` share it.
+
+With `gateway/app.py` (the web application) and `gateway/cli.py` (the commands), this is
+the composition root: the only modules that wire the parts together. The parts below it
+import none of them, and the domain never imports the GraphQL layer (`schema/`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.artifacts import LocalArtifactStore
+from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
+from gateway.events import Events
 from gateway.jobs.queue import Queue
+from gateway.jobs.store import JobStore
 from gateway.jobs.worker import Worker
 from gateway.providers import build_providers
 from gateway.providers.http import UpstreamClient
@@ -38,22 +46,30 @@ class Runtime:
 async def runtime(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Runtime]:
-    redis = await connect(settings.redis_url)
-    client = UpstreamClient(settings.upstream_timeout)
-    # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
-    hooks = httpx.AsyncClient(timeout=settings.webhook_timeout, follow_redirects=False)
-    try:
+    """Build the parts in order, each given what it needs when it is made; close what
+    was opened, last first, when the block ends or when building fails part way (the
+    error that stopped it is the one raised)."""
+    async with contextlib.AsyncExitStack() as opened:
+        redis = await connect(settings.redis_url)
+        opened.push_async_callback(redis.aclose)
+        client = UpstreamClient(settings.upstream_timeout)
+        opened.push_async_callback(client.aclose)
+        # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
+        hooks = httpx.AsyncClient(timeout=settings.webhook_timeout, follow_redirects=False)
+        opened.push_async_callback(hooks.aclose)
         scripts = Scripts.register(redis)
         await scripts.load()
-        # Upstreams can call us back only at a URL they can reach: the public one.
         inbox = RedisInbox(redis, settings.base_url, settings.job_deadline_seconds)
+        opened.push_async_callback(inbox.aclose)
+        # Upstreams can call us back only at a URL they can reach: the public one.
+        callbacks = inbox if settings.public_url else None
         router = Router(
-            build_providers(settings, client, inbox if settings.public_url else None),
+            build_providers(settings, client, callbacks),
             settings.routes,
             dev=settings.dev,
             backend_concurrency=settings.backend_concurrency,
             poll_interval=settings.poll_interval,
-            inbox=inbox if settings.public_url else None,
+            inbox=callbacks,
             callback_fallback=settings.callback_fallback_seconds,
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown_seconds,
@@ -61,6 +77,17 @@ async def runtime(
         queue = Queue(redis, blocking=settings.redis_url is not None, shards=settings.redis_shards)
         await queue.ensure_group()
         artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
+        store = JobStore(redis, scripts, settings.retention_days)
+        events = Events(redis, store)
+        cache = Cache(redis, scripts, settings)
+        webhooks = Webhooks(
+            redis=redis,
+            scripts=scripts,
+            store=store,
+            client=hooks,
+            settings=settings,
+            clock=clock,
+        )
         gateway = Gateway(
             settings=settings,
             redis=redis,
@@ -68,36 +95,26 @@ async def runtime(
             router=router,
             artifacts=artifacts,
             queue=queue,
+            store=store,
+            events=events,
+            cache=cache,
+            webhooks=webhooks,
+            inbox=inbox,
             clock=clock,
         )
-        webhooks = Webhooks(
-            redis=redis,
-            scripts=scripts,
-            store=gateway.store,
-            client=hooks,
-            settings=settings,
-            clock=clock,
-        )
-        gateway.webhooks = webhooks
-        gateway.inbox = inbox
         worker = Worker(
             settings=settings,
-            store=gateway.store,
+            store=store,
             queue=queue,
             router=router,
             artifacts=artifacts,
-            events=gateway.events,
+            events=events,
             webhooks=webhooks,
-            cache=gateway.cache,
+            cache=cache,
             consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}",
             clock=clock,
         )
         yield Runtime(gateway, worker)
-    finally:
-        await inbox.aclose()
-        await client.aclose()
-        await hooks.aclose()
-        await redis.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -69,22 +69,29 @@ class Gateway:
         router: Router,
         artifacts: ArtifactStore,
         queue: Queue,
+        store: JobStore,
+        events: Events,
+        cache: Cache,
+        webhooks: Webhooks,
+        inbox: RedisInbox,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """Every part comes built (by `gateway/runtime.py`); the job store, events, cache
+        and webhooks are the worker's too."""
         self.settings = settings
         self.redis = redis
         self.scripts = scripts
         self.router = router
         self.artifacts = artifacts
         self.queue = queue
+        self.store = store
+        self.events = events
+        self.cache = cache
+        self.webhooks = webhooks
+        self.inbox = inbox  # receives the upstreams' callbacks (`POST /v1/callbacks/...`)
         self.clock = clock
-        self.store = JobStore(redis, scripts, settings.retention_days)
-        self.events = Events(redis, self.store)
         self.accounts = Accounts(redis, scripts, settings)
-        self.cache = Cache(redis, scripts, settings)
         self.plans = plan_table(settings.plans)
-        self.webhooks: Webhooks | None = None  # set by the runtime, which owns the client
-        self.inbox: RedisInbox | None = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -92,7 +99,13 @@ class Gateway:
     async def authenticate(self, key: str | None, *, read: bool = False) -> Principal:
         with store_errors():
             return await authenticate(
-                self.redis, self.scripts, self.settings, key, self.now_ms(), read=read
+                self.redis,
+                self.scripts,
+                self.settings,
+                key,
+                self.now_ms(),
+                plans=self.plans,
+                read=read,
             )
 
     async def _refuse(self, api_key: str | None, exc: GatewayError) -> NoReturn:
@@ -185,7 +198,7 @@ class Gateway:
         self, principal: Principal, first: int, after: str | None, status: str | None
     ) -> tuple[list[Job], bool]:
         with store_errors():
-            return await self.store.list(principal.account, first, after, status)
+            return await self.store.page(principal.account, first, after, status)
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
         """Cancel a job that has not ended: refunded at once, its slot freed.
@@ -257,14 +270,12 @@ class Gateway:
         }
 
     async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[dict[str, Any]]:
-        assert self.webhooks is not None
         with store_errors():
             if await self.store.get(principal.account, job_id) is None:
                 raise NotFound(f"no job {job_id}")
             return await self.webhooks.attempts(principal.account, job_id)
 
     async def resend_webhook(self, principal: Principal, job_id: str) -> None:
-        assert self.webhooks is not None
         with store_errors():
             job = await self.store.get(principal.account, job_id)
             if job is None:

@@ -134,13 +134,17 @@ class Webhooks:
             return
         lease = int((self.settings.webhook_timeout + 5) * 1000)
         for shard in range(self.settings.redis_shards):
-            due = await self.scripts.claim(
-                keys=[keys.webhooks(shard)],
-                args=[self.now_ms(), lease, free],
-                client=self.redis,
-            )
+            due = (
+                await self.scripts.claim(
+                    schedule=keys.webhooks(shard),
+                    now_ms=self.now_ms(),
+                    lease_ms=lease,
+                    count=free,
+                    client=self.redis,
+                )
+            ).due
             for job_key in due:
-                task = asyncio.create_task(self.deliver(str(job_key)))
+                task = asyncio.create_task(self.deliver(job_key))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
             free -= len(due)

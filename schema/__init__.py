@@ -19,7 +19,6 @@ from graphql import (
     GraphQLSchema,
     get_operation_ast,
     parse,
-    specified_rules,
 )
 from strawberry.extensions import MaskErrors
 from strawberry.schema.schema import validate_document
@@ -27,9 +26,9 @@ from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
 from schema import limits
-from schema.mutations import RAW_MUTATIONS, Mutation, install_raw_resolvers
+from schema.mutations import Mutation
 from schema.prepared import Prepared
-from schema.queries import RAW_QUERIES, Query
+from schema.queries import Query
 from schema.subscriptions import Subscription
 
 IS_GATEWAY_SCHEMA = True
@@ -156,28 +155,27 @@ class Guard(MaskUnexpected):
 
 
 def build_schema() -> strawberry.Schema:
-    schema = GatewaySchema(
+    return GatewaySchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         extensions=[Guard],  # a class: a fresh instance per request, caches shared
     )
-    install_raw_resolvers(schema)
-    return schema
 
 
 def prepared(schema: strawberry.Schema) -> Prepared:
     """The known-document path (`schema.prepared`): parsed, validated and masked as
-    `Guard` does, sharing its caches."""
-    # What Guard validates with: Strawberry's default rules (graphql-core's).
-    rules = tuple(specified_rules)
+    `Guard` does, sharing its caches. Refused (at start) if the schema has extensions
+    other than `Guard`."""
+    # What Guard validates with: the rules of the execution context Strawberry makes for
+    # each request (its defaults, graphql-core's; Guard does not change them).
+    rules = schema._create_execution_context(None, ()).validation_rules
     return Prepared(
         schema,
         parse=lambda query: _parse(query, **PARSE_OPTIONS),
         validate=lambda document: _validate(schema._schema, document, rules),
-        mutations=RAW_MUTATIONS,
-        queries=RAW_QUERIES,
         mask=MaskUnexpected(should_mask_error=should_mask),
+        reproduces=(Guard,),
         size=CACHE_SIZE,
     )
 

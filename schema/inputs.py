@@ -1,15 +1,72 @@
-"""GraphQL inputs in exactly the seed's shapes (seed 001's curl, JavaScript, Python).
+"""GraphQL inputs: the `generate` shape and the flat `generateImage` shape.
 
-Only types live here; ranges are checked once, in `gateway.params`, for GraphQL and
-REST alike, and errors name the field as the client spelled it.
+Their request fields and options are `gateway.params.GenerationRequest`'s, built from it
+in its order, so they are declared once. Only the types live here: ranges are checked
+once, in `gateway.params`, for GraphQL and REST alike, and errors name the field as the
+client spelled it. An optional field is nullable with no GraphQL default of its own
+(`= null`): its default is the request's, applied there. The fields' descriptions are
+not (yet) in the schema: they would add to the published SDL.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import strawberry
+from pydantic.fields import FieldInfo
+
+from gateway.params import FLAT_NAMES, OPTION_FIELDS, GenerationRequest
+
+T = TypeVar("T")
+
+
+def graphql_type(field: FieldInfo) -> Any:
+    """A request field's GraphQL type: its scalar (a Literal of strings is a String),
+    nullable unless the field is required."""
+    kind = _scalar(field.annotation)
+    return kind if field.is_required() else kind | None
+
+
+def _scalar(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        (kind,) = {type(value) for value in typing.get_args(annotation)}
+        return kind
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _scalar(inner)
+    return annotation
+
+
+def request_fields(
+    names: Iterable[str], renames: Mapping[str, str] | None = None
+) -> Callable[[type[T]], type[T]]:
+    """Complete an input class with fields of `GenerationRequest`, in the order of
+    `names`; a name the class annotates itself is the class's own field. `renames`:
+    {field: its name in this input}."""
+
+    def complete(cls: type[T]) -> type[T]:
+        own = dict(inspect.get_annotations(cls))
+        annotations: dict[str, Any] = {}
+        for name in names:
+            if name in own:
+                annotations[name] = own.pop(name)
+                continue
+            field = GenerationRequest.model_fields[name]
+            name = (renames or {}).get(name, name)
+            annotations[name] = graphql_type(field)
+            if not field.is_required():
+                setattr(cls, name, None)
+        assert not own, f"{cls.__name__} does not place {sorted(own)}"
+        cls.__annotations__ = annotations
+        return cls
+
+    return complete
 
 
 @strawberry.enum
@@ -23,47 +80,25 @@ class GenerateText:
 
 
 @strawberry.input
+@request_fields(OPTION_FIELDS)
 class GenerateOptions:
-    width: int | None = None
-    height: int | None = None
-    version: str | None = None
-    quality: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    num_images: int | None = None
-    output_format: str | None = None
-    aspect_ratio: str | None = None
-    cache: bool | None = None
+    """Every option of a request."""
 
 
 @strawberry.input
+@request_fields(("type", "provider", "input", "options", "webhook_url", "idempotency_key"))
 class GenerateInput:
+    """{type, provider, input: {text}, options: {...}, webhookUrl, idempotencyKey}"""
+
     type: GenerateType = GenerateType.IMAGE
-    provider: str
     input: GenerateText
     options: GenerateOptions | None = None
-    webhook_url: str | None = None
-    idempotency_key: str | None = None
 
 
 @strawberry.input
+@request_fields(GenerationRequest.model_fields, renames=FLAT_NAMES)
 class ImageGenerationInput:
-    service: str
-    prompt: str
-    width: int | None = None
-    height: int | None = None
-    version: str | None = None
-    quality: str | None = None
-    webhook_url: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    num_images: int | None = None
-    output_format: str | None = None
-    aspect_ratio: str | None = None
-    cache: bool | None = None
-    idempotency_key: str | None = None
+    """Every field of a request, flat: {service, prompt, width, height, ...}."""
 
 
 def as_dict(value: Any) -> dict[str, Any]:

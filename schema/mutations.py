@@ -1,8 +1,16 @@
-"""Mutation resolvers: turn the input into a `GenerationRequest`, call the gateway."""
+"""Mutation resolvers: turn the input into a `GenerationRequest`, call the gateway.
+
+`generate` and `generateImage` each have one resolver body, `resolve_*`, taking the
+arguments as graphql-core coerced them: the input keyed by the schema's names
+(`webhookUrl`, `numImages`), the only spelling `gateway.params` gets from GraphQL.
+Strawberry's field (its permissions, extensions and argument conversion intact) calls it
+with the input it built given back in that form; a prepared document (`schema.prepared`)
+with graphql-core's own, building no input objects.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import strawberry
@@ -10,7 +18,8 @@ import strawberry
 from gateway.errors import GatewayError
 from gateway.params import GenerationRequest, from_generate_input, from_image_input
 from schema.context import Context
-from schema.inputs import GenerateInput, ImageGenerationInput, as_dict
+from schema.inputs import GenerateInput, ImageGenerationInput
+from schema.prepared import graphql_value, resolved_by
 from schema.types import ApiKey, CreatedKey, Generation
 
 Info = strawberry.Info[Context, None]
@@ -31,45 +40,32 @@ async def _generate(ctx: Context, parse: Callable[[], GenerationRequest]) -> Gen
     return Generation.of(job)
 
 
-async def generate(ctx: Context, args: dict[str, Any]) -> Generation:
+async def resolve_generate(ctx: Context, args: dict[str, Any]) -> Generation:
+    """`Mutation.generate`: `args` as graphql-core coerced them (`schema.prepared`)."""
     return await _generate(ctx, lambda: from_generate_input(args["input"]))
 
 
-async def generate_image(ctx: Context, args: dict[str, Any]) -> Generation:
+async def resolve_generate_image(ctx: Context, args: dict[str, Any]) -> Generation:
+    """`Mutation.generateImage`: `args` as graphql-core coerced them (`schema.prepared`)."""
     return await _generate(ctx, lambda: from_image_input(args["input"]))
-
-
-# Root fields resolved from graphql-core's coerced arguments as they are, by graphql-core
-# (`install_raw_resolvers`) and by a prepared document (`schema.prepared`).
-RAW_MUTATIONS: dict[str, Callable[[Context, dict[str, Any]], Awaitable[Generation]]] = {
-    "generate": generate,
-    "generateImage": generate_image,
-}
-
-
-def install_raw_resolvers(schema: strawberry.Schema) -> None:
-    """`generate` and `generateImage` take graphql-core's coerced input as it is.
-
-    Strawberry would first build its input objects from it (and `as_dict` take them
-    apart again): the largest cost of a generation request after its Redis round trip
-    (BENCHMARKS.md). The types, validation and errors are the schema's as declared below.
-    """
-    fields = schema._schema.mutation_type.fields
-    for name, resolve in RAW_MUTATIONS.items():
-        fields[name].resolve = lambda _root, info, _resolve=resolve, **args: _resolve(
-            info.context, args
-        )
 
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="Doitong's form: {type, provider, input: {text}, options}.")
+    # A prepared document calls the same resolvers, with graphql-core's arguments.
+    @strawberry.mutation(
+        description="Doitong's form: {type, provider, input: {text}, options}.",
+        metadata=resolved_by(resolve_generate),
+    )
     async def generate(self, info: Info, input: GenerateInput) -> Generation:
-        return await _generate(info.context, lambda: from_generate_input(as_dict(input)))
+        return await resolve_generate(info.context, {"input": graphql_value(info, input)})
 
-    @strawberry.mutation(description="The flat form: {service, prompt, width, height, ...}.")
+    @strawberry.mutation(
+        description="The flat form: {service, prompt, width, height, ...}.",
+        metadata=resolved_by(resolve_generate_image),
+    )
     async def generate_image(self, info: Info, input: ImageGenerationInput) -> Generation:
-        return await _generate(info.context, lambda: from_image_input(as_dict(input)))
+        return await resolve_generate_image(info.context, {"input": graphql_value(info, input)})
 
     @strawberry.mutation(description="Cancel a job that has not ended; refunded in full.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Generation:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import strawberry
@@ -11,7 +10,8 @@ from gateway.errors import BadUserInput
 from gateway.jobs.model import TERMINAL
 from gateway.params import from_generate_input
 from schema.context import Context
-from schema.inputs import GenerateInput, as_dict
+from schema.inputs import GenerateInput
+from schema.prepared import graphql_value, resolved_by
 from schema.types import (
     ApiKey,
     Estimate,
@@ -27,22 +27,21 @@ Info = strawberry.Info[Context, None]
 STATUSES = {"queued", "processing", *TERMINAL}
 
 
-async def find_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
+async def resolve_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
+    """`Query.job`, the poll: `args` as graphql-core coerced them (`schema.prepared`)."""
     job = await ctx.gateway.job(await ctx.caller(read=True), str(args["id"]))
     return Generation.of(job) if job else None
 
 
-# The query a polling client sends, as a prepared document may resolve it (`schema.prepared`).
-RAW_QUERIES: dict[str, Callable[[Context, dict[str, Any]], Awaitable[Generation | None]]] = {
-    "job": find_job,
-}
-
-
 @strawberry.type
 class Query:
-    @strawberry.field(description="One of the caller's jobs; null for another key's or none.")
+    # A prepared document calls the same resolver, with graphql-core's arguments.
+    @strawberry.field(
+        description="One of the caller's jobs; null for another key's or none.",
+        metadata=resolved_by(resolve_job),
+    )
     async def job(self, info: Info, id: strawberry.ID) -> Generation | None:
-        return await find_job(info.context, {"id": id})
+        return await resolve_job(info.context, {"id": graphql_value(info, id)})
 
     @strawberry.field(description="The caller's jobs, newest first.")
     async def jobs(
@@ -72,7 +71,7 @@ class Query:
     async def estimate(self, info: Info, input: GenerateInput) -> Estimate:
         ctx = info.context
         await ctx.caller(read=True)
-        e = ctx.gateway.estimate(from_generate_input(as_dict(input)))
+        e = ctx.gateway.estimate(from_generate_input(graphql_value(info, input)))
         return Estimate(
             credits=e.credits,
             width=e.width,
@@ -104,7 +103,7 @@ class Query:
     @strawberry.field(description="Admin: every API key (needs GATEWAY_ADMIN_TOKEN).")
     async def keys(self, info: Info) -> list[ApiKey]:
         info.context.require_admin()
-        accounts = await info.context.gateway.accounts.list()
+        accounts = await info.context.gateway.accounts.all()
         return [
             ApiKey(
                 id=strawberry.ID(a.id),

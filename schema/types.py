@@ -1,4 +1,4 @@
-"""GraphQL output types: `Generation` (CONTRACT §4) and friends."""
+"""GraphQL output types: `Generation` (a job as clients see it) and friends."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Generation:
             urls=job.urls,
             width=job.width,
             height=job.height,
-            metadata=job.metadata or None,
+            metadata=JSON(job.metadata) if job.metadata else None,
             credit_cost=job.credit_cost,
             created_at=iso(job.created_at) or "",
             completed_at=iso(job.completed_at),

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from cross_web import HTTPException
+from graphql import GraphQLFormattedError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -141,7 +142,7 @@ class GraphQLView(GraphQL[Context, None]):
         return body
 
     def _set_status(
-        self, request: Request, result: ExecutionResult, errors: list[dict[str, Any]]
+        self, request: Request, result: ExecutionResult, errors: list[GraphQLFormattedError]
     ) -> None:
         ctx: Context | None = request.scope.get("state", {}).get("graphql_context")
         if ctx is None or not isinstance(ctx.response, Response):

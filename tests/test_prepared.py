@@ -3,20 +3,58 @@
 Each document is sent twice to the served gateway: as clients send it (a prepared
 document takes `schema.prepared`) and with an `extensions` member, which only the general
 path takes. Status, the headers a client reads, and the body must agree (job ids and
-times aside). Each case also asserts which path the first request took.
+times aside). The hand-written cases also assert which path the first request took;
+`test_generated_documents_answer_alike` sends documents Hypothesis makes of the fields the
+prepared path runs, some against job records damaged in Redis. A bounded number of
+examples, derandomised; `HYPOTHESIS_PROFILE=explore` searches further.
+
+The prepared path reproduces Strawberry's and graphql-core's execution as the versions
+in `PROVEN_WITH` do: upgrading either means running this file again (and exploring) and
+reading what changed in their execution before updating the pin.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
+import os
 import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import strawberry
+from graphql import (
+    GraphQLEnumType,
+    GraphQLError,
+    GraphQLInputObjectType,
+    GraphQLInputType,
+    GraphQLList,
+    GraphQLNonNull,
+    StringValueNode,
+    ValidationRule,
+    is_non_null_type,
+    is_required_input_field,
+    print_ast,
+)
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import strategies as st
 from starlette.routing import Route
+from strawberry.extensions import FieldExtension, SchemaExtension
+from strawberry.permission import BasePermission
 
+import schema
 from gateway.store import keys
+from schema import mutations, queries
+from schema.inputs import GenerateInput
+from schema.prepared import graphql_value, resolved_by
+from schema.types import Generation
 from tests.harness import GENERATE, JOB, Harness, gateway
+
+PROVEN_WITH = {"strawberry-graphql": "0.341.2", "graphql-core": "3.3.2"}
 
 SEED = """mutation Generate($input: GenerateInput!) {
   generate(input: $input) { id status type provider url metadata creditCost } }"""
@@ -28,6 +66,26 @@ FLAT = """mutation($input: ImageGenerationInput!) {
 LITERAL = """mutation { generate(input: {type: IMAGE, provider: "local",
   input: {text: "a literal fox"}, options: {width: 512, height: 512}}) { id creditCost } }"""
 NAMED_JOB = "query Poll($id: ID!) { job(id: $id) { id status urls metadata } }"
+ESTIMATE = "query($input: GenerateInput!) { estimate(input: $input) { credits } }"
+
+settings.register_profile(
+    "suite",
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    # Not shrunk: an example is six requests, and shrinking one took minutes; the
+    # failing example is reported as generated (`explore` shrinks).
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "explore",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 def doitong(provider: str = "local", **options: Any) -> dict[str, Any]:
@@ -52,25 +110,30 @@ def normalized(value: Any) -> Any:
     return value
 
 
+def graphql_view(gw: Harness) -> Any:
+    return next(r.endpoint for r in gw.app.routes if isinstance(r, Route) and r.path == "/graphql")
+
+
 async def both(
     gw: Harness,
     query: str,
     variables: dict[str, Any] | None,
     key: str | None,
     *,
-    prepared: bool = True,
+    prepared: bool | None = True,
     operation_name: str | None = None,
 ) -> tuple[httpx.Response, httpx.Response]:
-    """(the answer as sent, the general path's answer), after checking they agree."""
-    view = next(r.endpoint for r in gw.app.routes if isinstance(r, Route) and r.path == "/graphql")
-    assert (view.prepared.plan(query) is not None) is prepared
+    """(the answer as sent, the general path's answer), after checking they agree.
+    `prepared`: whether the first takes the prepared path (None: not checked)."""
+    if prepared is not None:
+        assert (graphql_view(gw).prepared.plan(query) is not None) is prepared
     body: dict[str, Any] = {"query": query, "variables": variables}
     if operation_name:
         body["operationName"] = operation_name
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     sent = await gw.http.post("/graphql", json=body, headers=headers)
     general = await gw.http.post("/graphql", json={**body, "extensions": {}}, headers=headers)
-    assert sent.status_code == general.status_code
+    assert sent.status_code == general.status_code, (sent.text, general.text)
     for name in ("content-type", "retry-after", "x-ratelimit-limit"):
         assert sent.headers.get(name) == general.headers.get(name), name
     assert normalized(sent.json()) == normalized(general.json())
@@ -171,20 +234,449 @@ async def test_unexpected_errors_are_masked_alike(redis_url: str, storage_dir: P
         assert sent.json()["data"] == {"job": None}
 
 
-async def test_other_documents_take_the_general_path(redis_url: str, storage_dir: Path) -> None:
+# A job record's `urls` as damaged in Redis, and the errors' paths: `urls` is
+# `[String!]!`, so a bad item nulls the list, which nulls the job (nullable); `url`, the
+# first item, is `String`, nulled alone.
+DAMAGED_URLS = [
+    ('"https://a.example/1.png"', [["job", "urls"]]),  # not a list
+    ('["https://a.example/1.png", null]', [["job", "urls", 1]]),
+    ('["https://a.example/1.png", {"x": 1}]', [["job", "urls", 1]]),
+    ("[null]", [["job", "urls", 0]]),
+    ('[{"x": 1}, "https://a.example/1.png"]', [["job", "url"], ["job", "urls", 0]]),
+]
+
+
+async def test_null_items_bubble_to_the_nearest_nullable_position_alike(
+    redis_url: str, storage_dir: Path
+) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key()
-        job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
-        for query in (
-            "query($id: ID!) { job(id: $id) { ...F } } fragment F on Generation { id status }",
-            "query($id: ID!) { job(id: $id) { id status @include(if: true) } }",
-            "query($id: ID!) { job(id: $id) { id } me { plan } }",
-            "query($id: ID!) { a: job(id: $id) { id } b: job(id: $id) { id } }",
-            "query { me { plan limits { name } } }",
-            "query($id: ID!) { job(id: $id) { id nope } }",
-            "query($id: ID!) { job(id: $id) { id status ",
+        redis, account = gw.accounts.redis, gw.keys[key]["id"]
+        for stored, paths in DAMAGED_URLS:
+            job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
+            await redis.hset(keys.job(account, job_id), "urls", stored)
+            sent, _ = await both(gw, JOB, {"id": job_id}, key)
+            body = sent.json()
+            assert body["data"] == {"job": None}, stored
+            assert [e["path"] for e in body["errors"]] == paths, stored
+            assert {e["message"] for e in body["errors"]} == {"Unexpected error."}
+        # An error at a field selected twice is located at both selections (the last
+        # job's `urls` is broken too).
+        twice = "query($id: ID!) { job(id: $id) { urls id urls } }"
+        sent, _ = await both(gw, twice, {"id": job_id}, key)
+        assert sent.json()["errors"][0]["locations"] == [
+            {"line": 1, "column": 34},
+            {"line": 1, "column": 42},
+        ]
+        # Only the nullable `url` selected: it alone is null.
+        await redis.hset(keys.job(account, job_id), "urls", '[{"x": 1}]')
+        sent, _ = await both(gw, "query($id: ID!) { job(id: $id) { id url } }", {"id": job_id}, key)
+        assert sent.json()["data"] == {"job": {"id": job_id, "url": None}}
+        assert [e["path"] for e in sent.json()["errors"]] == [["job", "url"]]
+
+
+def test_graphql_core_runs_the_resolvers_strawberry_built() -> None:
+    """None is replaced after the schema is built: Strawberry's permissions, extensions
+    and argument conversion run on the general path for every field."""
+    core = schema.build_schema()._schema
+    for root in (core.query_type, core.mutation_type):
+        assert root is not None
+        for name, field in root.fields.items():
+            assert field.resolve is not None, name
+            assert field.resolve.__module__ == "strawberry.schema.schema_converter", name
+
+
+def recording(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, seen: list[dict[str, Any]]
+) -> None:
+    """`module.name` (a `gateway.params` parser) records what it is given."""
+    real: Callable[[dict[str, Any]], Any] = getattr(module, name)
+
+    def record(data: dict[str, Any]) -> Any:
+        seen.append(copy.deepcopy(data))
+        return real(data)
+
+    monkeypatch.setattr(module, name, record)
+
+
+def graphql_names(value: Any, type_: Any) -> bool:
+    """Whether an input value is keyed by the schema's field names, nested ones too."""
+    while isinstance(type_, GraphQLNonNull | GraphQLList):
+        type_ = type_.of_type
+    if not isinstance(type_, GraphQLInputObjectType) or value is None:
+        return True
+    return value.keys() == type_.fields.keys() and all(
+        graphql_names(v, type_.fields[k].type) for k, v in value.items()
+    )
+
+
+async def test_params_get_the_schemas_names_alike_from_every_path(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, Any]] = []
+    recording(monkeypatch, mutations, "from_generate_input", seen)
+    recording(monkeypatch, mutations, "from_image_input", seen)
+    recording(monkeypatch, queries, "from_generate_input", seen)
+    core = schema.build_schema()._schema
+    doitong_input, flat_input = (
+        core.get_type("GenerateInput"),
+        core.get_type("ImageGenerationInput"),
+    )
+    options = {"width": 768, "numImages": 2, "outputFormat": "JPEG", "aspectRatio": None}
+    hook = "https://93.184.216.34/hook"
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        for query, variables, type_ in (
+            (SEED, {"input": {**doitong(**options)["input"], "webhookUrl": hook}}, doitong_input),
+            (FLAT, {"input": {"service": "local", "prompt": "a fox", **options}}, flat_input),
         ):
-            sent, _ = await both(gw, query, {"id": job_id}, key, prepared=False)
-            assert sent.status_code in (200, 400)
-            if sent.status_code == 200:
-                assert job_id in sent.text or "pro" in sent.text
+            seen.clear()
+            await both(gw, query, variables, key)
+            prepared, general = seen
+            assert prepared == general
+            assert graphql_names(prepared, type_), prepared
+        seen.clear()
+        r = await gw.gql(ESTIMATE, doitong(**options), key)
+        assert r.json()["data"]["estimate"]["credits"] > 0
+        assert len(seen) == 1 and graphql_names(seen[0], doitong_input), seen
+
+
+class Deny(BasePermission):
+    message = "denied"
+
+    def has_permission(self, source: Any, info: strawberry.Info, **kwargs: Any) -> bool:
+        return False
+
+
+class Passing(FieldExtension):
+    async def resolve_async(
+        self, next_: Callable[..., Any], source: Any, info: strawberry.Info, **kwargs: Any
+    ) -> Any:
+        return await next_(source, info, **kwargs)
+
+
+def test_root_fields_with_permissions_or_field_extensions_are_not_prepared() -> None:
+    """Those run only on Strawberry's path: the document goes there."""
+    for extra in ({"permission_classes": [Deny]}, {"extensions": [Passing()]}):
+
+        @strawberry.type
+        class Mutation:
+            @strawberry.mutation(metadata=resolved_by(mutations.resolve_generate), **extra)
+            async def generate(self, info: strawberry.Info, input: GenerateInput) -> Generation:
+                args = {"input": graphql_value(info, input)}
+                return await mutations.resolve_generate(info.context, args)
+
+        guarded = schema.GatewaySchema(
+            query=queries.Query, mutation=Mutation, extensions=[schema.Guard]
+        )
+        assert schema.prepared(guarded).plan(SEED) is None, extra
+    assert schema.prepared(schema.build_schema()).plan(SEED) is not None
+
+
+class Noting(SchemaExtension):
+    def on_execute(self) -> Any:
+        yield
+
+
+def test_a_schema_extension_the_prepared_path_does_not_reproduce_is_refused() -> None:
+    extended = schema.GatewaySchema(
+        query=queries.Query, mutation=mutations.Mutation, extensions=[schema.Guard, Noting]
+    )
+    with pytest.raises(ValueError, match="does not reproduce schema extensions"):
+        schema.prepared(extended)
+    schema.prepared(schema.build_schema())  # the gateway's own: Guard alone
+
+
+class NoJobs(ValidationRule):
+    def enter_field(self, node: Any, *_: Any) -> None:
+        if node.name.value == "job":
+            self.report_error(GraphQLError("no jobs here", node))
+
+
+class Stricter(schema.GatewaySchema):
+    """A schema whose requests are validated with one more rule."""
+
+    def _create_execution_context(self, *args: Any, **kwargs: Any) -> Any:
+        context = super()._create_execution_context(*args, **kwargs)
+        context.validation_rules = (*context.validation_rules, NoJobs)
+        return context
+
+
+async def test_the_prepared_path_validates_with_strawberrys_rules() -> None:
+    stricter = Stricter(query=queries.Query, mutation=mutations.Mutation, extensions=[schema.Guard])
+    assert schema.prepared(stricter).plan(JOB) is None
+    result = await stricter.execute(JOB, variable_values={"id": "x"})
+    assert result.errors and [e.message for e in result.errors] == ["no jobs here"]
+    assert schema.prepared(schema.build_schema()).plan(JOB) is not None
+
+
+def test_the_versions_the_prepared_path_was_proven_against() -> None:
+    found = {name: importlib.metadata.version(name) for name in PROVEN_WITH}
+    assert found == PROVEN_WITH, (
+        "schema/prepared.py reproduces the execution of the versions in PROVEN_WITH. "
+        "After upgrading, run tests/test_prepared.py (also with HYPOTHESIS_PROFILE=explore), "
+        "read what changed in Strawberry's and graphql-core's execution, then update the pin."
+    )
+
+
+# Generated documents: one root field the prepared path runs, leaf selections with
+# aliases and __typename, arguments as literals or variables (with defaults, nulls).
+
+CORE = schema.build_schema()._schema
+ROOTS = {"generate": "mutation", "generateImage": "mutation", "job": "query"}
+LEAVES = [*sorted(CORE.get_type("Generation").fields), "__typename"]  # type: ignore[union-attr]
+# Those a damaged record breaks first, and more often: Hypothesis favours the first.
+SELECTED = ["urls", "url", *LEAVES]
+ALIASES = ["a", "b", "again", "id", "url"]  # some are field names: the rules may refuse
+JOBS = [f"@job{n}@" for n in range(9)]  # the ids of `served`'s jobs, once served
+
+STRINGS = st.one_of(
+    st.sampled_from(["a red fox", "", " ", "png", "JPEG", "webp", "gif", "16:9", "7:3", "k1"]),
+    st.text(max_size=8),
+)
+INTS = st.one_of(
+    st.sampled_from([512, 768, 1024, 2048, 1, 2, 4, 7, 50]),
+    st.integers(-(2**31), 2**31 - 1),
+)
+SCALARS: dict[str, st.SearchStrategy[Any]] = {
+    "String": STRINGS,
+    "Int": INTS,
+    "Float": st.one_of(st.sampled_from([1, 7.5, 20.0, 0.5]), st.floats(-1e6, 1e6, width=32)),
+    "Boolean": st.booleans(),
+    "ID": st.sampled_from(JOBS),
+}
+
+
+def mostly(*usual: Any, other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """One of `usual` (the last of them out of the gateway's range) or, less often, `other`."""
+    return st.one_of(st.sampled_from(usual), st.sampled_from(usual), other)
+
+
+# By input field name: values the gateway admits, most of the time, so that generated
+# requests succeed about as often as they are refused.
+BY_FIELD: dict[str, st.SearchStrategy[Any]] = {
+    "provider": st.sampled_from(["local", "local", "local", "no-such-provider"]),
+    "service": st.sampled_from(["local", "local", "local", "no-such-provider"]),
+    "text": mostly("a red fox", "a fox", "", other=STRINGS),
+    "prompt": mostly("a red fox", "a fox", " ", other=STRINGS),
+    "width": mostly(512, 768, 1024, 2048, 100, other=INTS),
+    "height": mostly(512, 640, 1024, 4000, other=INTS),
+    "seed": mostly(0, 7, 2**31 - 1, -1, other=INTS),
+    "steps": mostly(1, 20, 50, 51, other=INTS),
+    "guidance": mostly(1, 7.5, 20.0, 21, other=st.floats(-1e6, 1e6, width=32)),
+    "numImages": mostly(1, 2, 4, 5, other=INTS),
+    "outputFormat": mostly("png", "JPEG", "webp", "gif", other=STRINGS),
+    "aspectRatio": mostly("1:1", "16:9", "9:21", "7:3", other=STRINGS),
+    "webhookUrl": st.sampled_from(["https://93.184.216.34/hook", "http://127.0.0.1/x", "no"]),
+    "cache": st.just(False),  # a cached or coalesced second request would cost nothing
+}
+
+
+def values(type_: GraphQLInputType, name: str = "") -> st.SearchStrategy[Any]:
+    """Variable values (JSON) of `type_`; the gateway's own ranges often met."""
+    if is_non_null_type(type_):
+        return _values(type_.of_type, name)  # type: ignore[union-attr]
+    if name == "cache":
+        return BY_FIELD[name]
+    return st.one_of(st.none(), _values(type_, name))
+
+
+def _values(type_: Any, name: str) -> st.SearchStrategy[Any]:
+    if name in BY_FIELD:
+        return BY_FIELD[name]
+    if isinstance(type_, GraphQLInputObjectType):
+        fields = type_.fields.items()
+        required = {n: values(f.type, n) for n, f in fields if is_required_input_field(f)}
+        optional = {n: values(f.type, n) for n, f in fields if not is_required_input_field(f)}
+        if "cache" in optional:
+            required["cache"] = optional.pop("cache")
+        return st.fixed_dictionaries(required, optional=optional)
+    if isinstance(type_, GraphQLList):
+        return st.lists(values(type_.of_type), max_size=3)
+    if isinstance(type_, GraphQLEnumType):
+        return st.sampled_from(sorted(type_.values))
+    return SCALARS[type_.name]
+
+
+def literal(value: Any, type_: Any) -> str:
+    """`value` (JSON, as `values` makes it) as a GraphQL literal of `type_`."""
+    while isinstance(type_, GraphQLNonNull):
+        type_ = type_.of_type
+    if value is None:
+        return "null"
+    if isinstance(type_, GraphQLInputObjectType):
+        fields = ", ".join(f"{k}: {literal(v, type_.fields[k].type)}" for k, v in value.items())
+        return "{" + fields + "}"
+    if isinstance(type_, GraphQLList):
+        return "[" + ", ".join(literal(v, type_.of_type) for v in value) + "]"
+    if isinstance(type_, GraphQLEnumType):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return print_ast(StringValueNode(value=value))
+
+
+@dataclass
+class Case:
+    root: str
+    query: str
+    variables: dict[str, Any] | None
+    operation_name: str | None
+    caller: str  # "key", "none" or "bad"
+
+
+@st.composite
+def documents(draw: st.DrawFn, root: str) -> Case:
+    root_type = CORE.mutation_type if ROOTS[root] == "mutation" else CORE.query_type
+    assert root_type is not None
+    ((argument, arg),) = root_type.fields[root].args.items()
+    definitions: list[str] = []
+    variables: dict[str, Any] = {}
+
+    def written(value: Any, type_: Any, *, top: bool) -> str:
+        """The argument (or an input field) as a literal, or a variable sent or not."""
+        how = draw(
+            st.sampled_from(
+                ["literal", "variable", "default"] if top else ["literal"] * 5 + ["variable"]
+            )
+        )
+        named = type_.of_type if isinstance(type_, GraphQLNonNull) else type_
+        if how == "literal":
+            if isinstance(named, GraphQLInputObjectType) and isinstance(value, dict):
+                fields = ", ".join(
+                    f"{k}: {written(v, named.fields[k].type, top=False)}" for k, v in value.items()
+                )
+                return "{" + fields + "}"
+            return literal(value, type_)
+        name = f"v{len(definitions)}"
+        if how == "variable":
+            definitions.append(f"${name}: {type_}")
+            variables[name] = value
+        else:
+            default = draw(values(named, ""))
+            definitions.append(f"${name}: {named} = {literal(default, named)}")
+            sent = draw(st.sampled_from(["value", "value", "omitted", "null"]))
+            if sent != "omitted":
+                variables[name] = value if sent == "value" else None
+        return f"${name}"
+
+    value = draw(values(arg.type, argument))
+    written_argument = written(value, arg.type, top=True)
+    selected = draw(
+        st.lists(
+            st.tuples(st.sampled_from(SELECTED), st.sampled_from([None, None, None, *ALIASES])),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    selection = " ".join(f"{alias}: {name}" if alias else name for name, alias in selected)
+    root_alias = draw(st.sampled_from(["", "", "made: "]))
+    operation_name = draw(st.sampled_from([None, None, "Op"]))
+    head = ROOTS[root] + (f" {operation_name}" if operation_name else "")
+    if definitions:
+        head += "(" + ", ".join(definitions) + ")"
+    query = f"{head} {{ {root_alias}{root}({argument}: {written_argument}) {{ {selection} }} }}"
+    sent_name = draw(
+        st.sampled_from(
+            [None, operation_name, operation_name, "Other"] if operation_name else [None]
+        )
+    )
+    caller = draw(st.sampled_from(["key"] * 8 + ["none", "bad"]))
+    return Case(
+        root, query, variables if variables or draw(st.booleans()) else None, sent_name, caller
+    )
+
+
+def with_jobs(value: Any, jobs: list[str]) -> Any:
+    """`value` with each job placeholder replaced by that job's id."""
+    if isinstance(value, dict):
+        return {k: with_jobs(v, jobs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_jobs(v, jobs) for v in value]
+    if isinstance(value, str):
+        for index, placeholder in enumerate(JOBS):
+            value = value.replace(placeholder, jobs[index])
+    return value
+
+
+@dataclass
+class Served:
+    gw: Harness
+    key: str
+    jobs: list[str]  # in JOBS' order
+    seen: list[dict[str, Any]]  # what gateway.params was given
+
+
+@pytest.fixture
+async def served(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    """A gateway, an unlimited key, and its jobs as `JOBS` names them: damaged ones
+    (`DAMAGED_URLS`, a record that does not decode), a healthy one, another key's, none."""
+    seen: list[dict[str, Any]] = []
+    recording(monkeypatch, mutations, "from_generate_input", seen)
+    recording(monkeypatch, mutations, "from_image_input", seen)
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, read_rpm=10**6) as gw:
+        made = await gw.accounts.create("enterprise", 10**9, rpm=-1, concurrency=-1, daily=-1)
+        key, account = str(made["key"]), str(made["id"])
+        jobs = []  # the damaged first: Hypothesis favours the first
+        for damage in [*(stored for stored, _ in DAMAGED_URLS), "params", None]:
+            job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
+            record = keys.job(account, job_id)
+            if damage == "params":
+                await gw.accounts.redis.hset(record, "params", "{")
+            elif damage is not None:
+                await gw.accounts.redis.hset(record, "urls", damage)
+            jobs.append(job_id)
+        other = await gw.key()
+        jobs.append((await gw.generate(other)).json()["data"]["generate"]["id"])
+        jobs.append("0" * 24)
+        assert len(jobs) == len(JOBS)
+        yield Served(gw, key, jobs, seen)
+
+
+def cases() -> st.SearchStrategy[tuple[Case, ...]]:
+    """A document of each root field the prepared path runs."""
+    return st.tuples(*(documents(root) for root in ROOTS))
+
+
+@settings(PROFILE)
+@given(trio=cases())
+async def test_generated_documents_answer_alike(served: Served, trio: tuple[Case, ...]) -> None:
+    for case in trio:
+        await answer_alike(served, case)
+
+
+async def answer_alike(served: Served, case: Case) -> None:
+    query = with_jobs(case.query, served.jobs)
+    variables = with_jobs(case.variables, served.jobs)
+    key = {"key": served.key, "none": None, "bad": "gk_nobody_secret"}[case.caller]
+    served.seen.clear()
+    sent, _ = await both(
+        served.gw, query, variables, key, prepared=None, operation_name=case.operation_name
+    )
+    planned = graphql_view(served.gw).prepared.plan(query) is not None
+    code = (sent.json().get("errors") or [{}])[0].get("extensions", {}).get("code")
+    event(f"{case.root}, {'prepared' if planned else 'general'}: {sent.status_code} {code}")
+    # Each path gave gateway.params the same input, keyed by the schema's names.
+    assert len(served.seen) in (0, 2), served.seen
+    if served.seen:
+        assert served.seen[0] == served.seen[1]
+        (argument,) = CORE.mutation_type.fields[case.root].args.values()  # type: ignore[union-attr]
+        assert graphql_names(served.seen[0], argument.type), served.seen[0]
+
+
+def test_generated_documents_mostly_take_the_prepared_path() -> None:
+    """The generated documents exercise the prepared path: most are planned."""
+    prepared = schema.prepared(schema.build_schema())
+    planned: list[bool] = []
+
+    @settings(PROFILE)
+    @given(trio=cases())
+    def plan(trio: tuple[Case, ...]) -> None:
+        planned.extend(prepared.plan(case.query) is not None for case in trio)
+
+    plan()
+    assert sum(planned) >= len(planned) / 2, f"{sum(planned)} of {len(planned)} planned"

@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import StreamIdT, XReadGroupResponse
 
 from gateway.store import keys
+
+
+def by_stream(reply: XReadGroupResponse | None) -> list[list[Any]]:
+    """An XREADGROUP reply as our clients get it (RESP2, decoded): `[[stream, [(entry
+    id, fields), ...]], ...]`, empty when nothing came. redis-py's type also allows the
+    RESP3 map, which they never ask for."""
+    return cast(list[list[Any]], reply or [])
 
 
 class Queue:
@@ -61,7 +70,9 @@ class Queue:
                 count=count,
                 block=block_ms,
             )
-            return [(f"0/{eid}", fields["job"]) for _, got in reply for eid, fields in got]
+            return [
+                (f"0/{eid}", fields["job"]) for _, got in by_stream(reply) for eid, fields in got
+            ]
         # Share `count` among up to `count` shards, starting where the last sweep stopped.
         width = min(len(self.streams), count)
         shards = [(self.next_shard + i) % len(self.streams) for i in range(width)]
@@ -75,7 +86,7 @@ class Queue:
         found = [
             (f"{shard}/{eid}", fields["job"])
             for shard, reply in zip(shards, replies, strict=True)
-            for _, got in (reply or [])
+            for _, got in by_stream(reply)
             for eid, fields in got
         ]
         if not found:
@@ -97,11 +108,11 @@ class Queue:
 
     async def touch(self, consumer: str, handles: list[str]) -> None:
         """Reset the idle time of entries this worker is still running."""
-        by_stream: dict[str, list[str]] = {}
+        per_stream: dict[str, list[StreamIdT]] = {}
         for handle in handles:
             stream, entry_id = self._split(handle)
-            by_stream.setdefault(stream, []).append(entry_id)
-        for stream, entry_ids in by_stream.items():
+            per_stream.setdefault(stream, []).append(entry_id)
+        for stream, entry_ids in per_stream.items():
             await self.redis.xclaim(stream, keys.QUEUE_GROUP, consumer, 0, entry_ids, justid=True)
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:

@@ -9,7 +9,8 @@ import redis.asyncio as aioredis
 
 from gateway.jobs.model import Job, outcome_fields
 from gateway.store import keys
-from gateway.store.redis import Scripts, flat
+from gateway.store.redis import decoded_hash, decoded_members
+from gateway.store.scripts import Scripts
 
 
 class JobStore:
@@ -23,14 +24,14 @@ class JobStore:
     async def get(self, account: str, job_id: str) -> Job | None:
         if not job_id or len(job_id) > 64:
             return None
-        h = await self.redis.hgetall(keys.job(account, job_id))
+        h = decoded_hash(await self.redis.hgetall(keys.job(account, job_id)))
         return Job.from_hash(h) if h else None
 
     async def get_by_key(self, job_key: str) -> Job | None:
-        h = await self.redis.hgetall(job_key)
+        h = decoded_hash(await self.redis.hgetall(job_key))
         return Job.from_hash(h) if h else None
 
-    async def list(
+    async def page(
         self, account: str, first: int, after: str | None, status: str | None
     ) -> tuple[list[Job], bool]:
         """Newest first; `after` is the id of the last job of the previous page.
@@ -40,19 +41,19 @@ class JobStore:
         start = 0
         if after:
             rank = await self.redis.zrevrank(index, after)
-            if rank is None:
+            if not isinstance(rank, int):  # not in the index (no score asked: never a list)
                 return [], False
             start = rank + 1
         found: list[Job] = []
         batch = max(first, 20)
         while len(found) <= first:
-            ids = await self.redis.zrevrange(index, start, start + batch - 1)
+            ids = decoded_members(await self.redis.zrevrange(index, start, start + batch - 1))
             if not ids:
                 break
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.hgetall(keys.job(account, job_id))
-                rows = await pipe.execute()
+                rows: list[dict[str, str]] = await pipe.execute()
             gone = [job_id for job_id, row in zip(ids, rows, strict=True) if not row]
             if gone:
                 await self.redis.zrem(index, *gone)
@@ -68,12 +69,14 @@ class JobStore:
         one; None for a job that is missing or has ended."""
         account, job_id = keys.job_parts(job_key)
         reply = await self.scripts.start(
-            keys=[job_key, keys.running(account)],
-            args=[now_ms, lease_ms, job_id],
+            job=job_key,
+            running=keys.running(account),
+            now_ms=now_ms,
+            lease_ms=lease_ms,
+            job_id=job_id,
             client=self.redis,
         )
-        fields = reply[2:]  # after the status before and the attempt (also in the record)
-        return Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
+        return Job.from_hash(reply.record) if reply.record else None
 
     async def save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
         """Record the upstream's job id before waiting on it, so a takeover resumes it."""
@@ -110,19 +113,22 @@ class JobStore:
         if error:
             fields["error"] = error
         shard = keys.shard_of(job.account)
-        done, _ = await self.scripts.finish(
-            keys=[
-                keys.job(job.account, job.id),
-                keys.running(job.account),
-                keys.account(job.account),
-                keys.ledger(job.account),
-                keys.webhooks(shard),
-                keys.cancellations(shard),
-            ],
-            args=[status, now_ms, job.id, 1 if refund else 0, self.retention_ms, *flat(fields)],
+        reply = await self.scripts.finish(
+            job=keys.job(job.account, job.id),
+            running=keys.running(job.account),
+            account=keys.account(job.account),
+            ledger=keys.ledger(job.account),
+            webhooks=keys.webhooks(shard),
+            cancellations=keys.cancellations(shard),
+            status=status,
+            now_ms=now_ms,
+            job_id=job.id,
+            refund=refund,
+            retention_ms=self.retention_ms,
+            fields=fields,
             client=self.redis,
         )
-        return bool(done)
+        return reply.ended
 
     async def recently_cancelled(self, shards: int, now_ms: int) -> set[str]:
         """Keys of jobs cancelled while running in the last minute (a window wide enough
@@ -132,7 +138,7 @@ class JobStore:
                 log = keys.cancellations(shard)
                 pipe.zrangebyscore(log, now_ms - 60_000, "+inf")
                 pipe.zremrangebyscore(log, "-inf", now_ms - 600_000)
-            replies = await pipe.execute()
+            replies: list[Any] = await pipe.execute()
         return {str(k) for got in replies[::2] for k in got}
 
     async def renew_leases(self, jobs: list[Job], until_ms: int) -> None:

@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from PIL import Image
 
 from gateway.artifacts import ArtifactStore
 from gateway.cache import Cache
 from gateway.config import Settings
 from gateway.errors import ProviderError
 from gateway.events import Events
+from gateway.images import UnreadableImage, normalize_image
 from gateway.jobs.model import Job
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
@@ -40,21 +39,6 @@ log = structlog.get_logger("gateway.worker")
 
 SWEEP_EVERY = 3600.0
 FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, not a herd
-_PIL = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-_FROM_PIL = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-
-
-def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
-    """Check the bytes are an image; convert to the requested format; return its size."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if _FROM_PIL.get(image.format or "") == fmt:
-            image.verify()
-            return data, width, height
-        out = io.BytesIO()
-        converted = image.convert("RGB") if fmt == "jpg" else image
-        converted.save(out, _PIL[fmt], quality=92)
-        return out.getvalue(), width, height
 
 
 @dataclass
@@ -191,7 +175,18 @@ class Worker:
     # -- one job -----------------------------------------------------------------------
 
     async def process(self, entry_id: str, job_key: str) -> None:
-        job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
+        try:
+            job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
+        except Exception as exc:
+            if store_trouble(exc):
+                raise  # left pending: taken again once its lease has passed
+            # Redis refused to start it (a Lua error, WRONGTYPE): so would every retry.
+            log.exception("job could not be started; failing it", job=job_key)
+            job = await self.store.get_by_key(job_key)
+            if job is not None and not job.ended:
+                await self._end(job, "failed", error="internal error while starting the job")
+            await self.queue.ack(entry_id)
+            return
         if job is None:  # gone, or ended (cancelled while queued, say)
             await self.queue.ack(entry_id)
             return
@@ -330,7 +325,7 @@ class Worker:
             raise JobFailed(f"{result.backend}: {exc.message}") from exc
         try:
             data, width, height = await asyncio.to_thread(normalize_image, data, fmt)
-        except (OSError, ValueError) as exc:
+        except UnreadableImage as exc:
             raise JobFailed(f"{result.backend} returned an unreadable image") from exc
         return await self.artifacts.put(data, fmt), width, height
 

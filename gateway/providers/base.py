@@ -2,33 +2,31 @@
 
 A backend knows its upstream's protocol and nothing else: no Redis, credits or GraphQL.
 It receives its `UpstreamClient` (so tests can point it at an emulator) and raises
-only the `ProviderError` subclasses of `gateway.errors`.
+only the `ProviderError` subclasses of `gateway.errors`. What HTTP backends share is
+`gateway.providers.http.HTTPBackend`; the helpers at the end write an upstream's
+request body from our `ImageParams`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-OutputFormat = Literal["png", "jpg", "webp"]
+from gateway.params import ImageParams
 
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+__all__ = [
+    "CallbackInbox",
+    "ImageParams",  # declared with the request it comes from, in `gateway.params`
+    "Output",
+    "Polled",
+    "Provider",
+    "Submitted",
+    "clamp",
+    "only_set",
+]
 
-
-@dataclass(frozen=True)
-class ImageParams:
-    """Normalized request, in the gateway's own names and ranges (CONTRACT §4)."""
-
-    prompt: str
-    width: int = 1024
-    height: int = 1024
-    num_images: int = 1
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    output_format: OutputFormat = "png"
-    aspect_ratio: str | None = None
-    quality: str | None = None
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,3 +99,16 @@ class CallbackInbox(Protocol):
     async def expect(self, token: str) -> None: ...
 
     async def take(self, token: str) -> dict[str, Any] | None: ...
+
+
+# -- mapping our parameters to an upstream's -----------------------------------------------
+
+
+def clamp(value: float | None, low: float, high: float, kind: Callable[[float], T]) -> T | None:
+    """`value` brought into [low, high] as `kind`; None (not sent) when it is unset."""
+    return None if value is None else kind(max(low, min(high, value)))
+
+
+def only_set(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream request body: the fields that are set (None: left to its default)."""
+    return {name: value for name, value in fields.items() if value is not None}

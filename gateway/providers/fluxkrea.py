@@ -1,16 +1,8 @@
 """flux-krea.pro: the synchronous REST endpoint `POST {base}/generate` (base includes `/v1`).
 
-Parameter mapping, ours -> flux-krea's, brought into the upstream's documented ranges:
-
-    prompt      -> prompt               1-1000 characters; outside -> ProviderRejected, not sent
-    width       -> width                clamped to 512-2048
-    height      -> height               clamped to 512-2048
-    guidance    -> guidance_scale       clamped to 1.0-20.0     (only when set; upstream: 7.5)
-    steps       -> num_inference_steps  clamped to 1-50         (only when set; upstream: 4)
-    seed        -> seed                 0-2147483647, taken modulo 2**31 (only when set)
-    num_images  -> num_images           clamped to 1-4
-    output_format, aspect_ratio, quality: not sent (no such parameters; the upstream
-    always answers with JPEG URLs on its CDN).
+Parameters, ours -> flux-krea's: see `translate`; output_format, aspect_ratio and
+quality are not sent (no such parameters; the upstream always answers with JPEG URLs on
+its CDN, and the worker converts). flux-krea's images -> ours: see `_output`.
 
 Upstream answers -> our errors: 400 -> ProviderRejected; 401 (our key) and 403 (our
 permissions or quota) -> ProviderUnavailable; 429 -> retried honouring Retry-After, then
@@ -18,10 +10,10 @@ ProviderRateLimited; 5xx -> ProviderUnavailable, never re-sent (the upstream may
 be generating, and would charge twice); a 200 that is not `"status": "success"` with
 images, or is not JSON -> ProviderUnavailable.
 
-Given a callback inbox (the gateway has a public URL), the adapter uses the guide's
-`POST /generate/async` instead: the upstream reports the result to our callback URL
-(`/v1/callbacks/fluxkrea/<token>`, the token unguessable) and `poll` reads the inbox, so
-no connection is held open during generation. The upstream has no status endpoint: a
+Given a callback inbox (the gateway has a public URL), the adapter uses the `POST
+/generate/async` of flux-krea's API guide instead: the upstream reports the result to our
+callback URL (`/v1/callbacks/fluxkrea/<token>`, the token unguessable) and `poll` reads
+the inbox, so no connection is held open during generation. The upstream has no status endpoint: a
 callback that never comes ends in the job's deadline. Without an inbox, the
 synchronous endpoint is used and `submit` returns the outputs at once.
 """
@@ -30,37 +22,52 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
-from gateway.providers.base import CallbackInbox, ImageParams, Output, Polled, Submitted
-from gateway.providers.http import Answer, UpstreamClient, download, json_body, request
+from gateway.formats import content_type_of_url
+from gateway.providers.base import (
+    CallbackInbox,
+    ImageParams,
+    Output,
+    Polled,
+    Submitted,
+    clamp,
+    only_set,
+)
+from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, json_body
 
-UPSTREAM = "flux-krea"
 DEFAULT_BASE_URL = "https://api.flux-krea.pro/v1"
 
 PROMPT_MAX = 1000
-SIZE_MIN, SIZE_MAX = 512, 2048
-GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
-STEPS_MIN, STEPS_MAX = 1, 50
 SEED_MODULUS = 2**31  # seeds are 0-2147483647
-IMAGES_MIN, IMAGES_MAX = 1, 4
-
-#: by the extension of the image URL (the guide shows `.jpg`)
-CONTENT_TYPES = {
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".webp": "image/webp",
-}
 
 
-def _clamp(value: Any, low: Any, high: Any) -> Any:
-    return max(low, min(high, value))
+def translate(params: ImageParams) -> dict[str, Any]:
+    """The JSON body for `POST /generate`, in flux-krea's ranges (unset optionals are left
+    to its defaults); raises ProviderRejected for a prompt it would refuse."""
+    if not 1 <= len(params.prompt) <= PROMPT_MAX:
+        raise ProviderRejected(
+            f"flux-krea accepts prompts of 1-{PROMPT_MAX} characters, "
+            f"this one has {len(params.prompt)}"
+        )
+    return only_set(
+        {
+            "prompt": params.prompt,
+            "width": clamp(params.width, 512, 2048, int),
+            "height": clamp(params.height, 512, 2048, int),
+            "guidance_scale": clamp(params.guidance, 1.0, 20.0, float),  # upstream: 7.5
+            "num_inference_steps": clamp(params.steps, 1, 50, int),  # upstream: 4
+            "seed": None if params.seed is None else params.seed % SEED_MODULUS,
+            "num_images": clamp(params.num_images, 1, 4, int),
+        }
+    )
 
 
-class FluxKreaProvider:
+class FluxKreaProvider(HTTPBackend):
     name = "fluxkrea"
+    upstream = "flux-krea"
+    credential_setting = "GATEWAY_FLUXKREA_API_KEY"
     poll_interval = 1.0
 
     def __init__(
@@ -72,52 +79,15 @@ class FluxKreaProvider:
         timeout: float = 30.0,
         inbox: CallbackInbox | None = None,
     ) -> None:
+        super().__init__(client, base_url=base_url, credential=api_key, timeout=timeout)
         self.inbox = inbox
-        self.client = client
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.timeout = timeout
 
-    def status(self) -> tuple[bool, str]:
-        if not self.api_key:
-            return False, "GATEWAY_FLUXKREA_API_KEY is not set"
-        return True, "ok"
-
-    def body_for(self, params: ImageParams) -> dict[str, Any]:
-        """The JSON body for `POST /generate`; raises ProviderRejected for a bad prompt."""
-        if not 1 <= len(params.prompt) <= PROMPT_MAX:
-            raise ProviderRejected(
-                f"flux-krea accepts prompts of 1-{PROMPT_MAX} characters, "
-                f"this one has {len(params.prompt)}"
-            )
-        body: dict[str, Any] = {
-            "prompt": params.prompt,
-            "width": _clamp(params.width, SIZE_MIN, SIZE_MAX),
-            "height": _clamp(params.height, SIZE_MIN, SIZE_MAX),
-        }
-        if params.guidance is not None:
-            body["guidance_scale"] = float(_clamp(params.guidance, GUIDANCE_MIN, GUIDANCE_MAX))
-        if params.steps is not None:
-            body["num_inference_steps"] = _clamp(params.steps, STEPS_MIN, STEPS_MAX)
-        if params.seed is not None:
-            body["seed"] = params.seed % SEED_MODULUS
-        body["num_images"] = _clamp(params.num_images, IMAGES_MIN, IMAGES_MAX)
-        return body
+    body_for = staticmethod(translate)
 
     async def _post(self, path: str, body: dict[str, Any]) -> Answer:
-        if not self.api_key:
-            raise ProviderUnavailable("GATEWAY_FLUXKREA_API_KEY is not set")
         try:
-            return await request(
-                self.client,
-                "POST",
-                f"{self.base_url}{path}",
-                upstream=UPSTREAM,
-                idempotent=False,  # a re-sent generate could be charged twice
-                timeout=self.timeout,
-                json=body,
-                headers={"Authorization": f"Bearer {self.api_key}"},
-            )
+            # Not idempotent: a re-sent generate could be charged twice.
+            return await self.send("POST", f"{self.base_url}{path}", idempotent=False, json=body)
         except ProviderUnavailable as exc:
             refined = _refine(exc, exc.answer)
             if refined is exc:
@@ -125,13 +95,11 @@ class FluxKreaProvider:
             raise refined from exc
 
     async def submit(self, params: ImageParams) -> Submitted:
-        body = self.body_for(params)
+        body = translate(params)
         if self.inbox is not None:
             return await self._submit_async(body)
         response = await self._post("/generate", body)
-        data = json_body(response, UPSTREAM)
-        if not isinstance(data, dict):
-            raise ProviderUnavailable("flux-krea answered with something other than an object")
+        data = self.json_object(response)
         if data.get("status") != "success":
             detail = data.get("message") or data.get("error") or ""
             raise ProviderUnavailable(
@@ -163,7 +131,7 @@ class FluxKreaProvider:
             "callback_data": {"token": token},
         }
         response = await self._post("/generate/async", sent)
-        data = json_body(response, UPSTREAM)
+        data = json_body(response, self.upstream)
         request_id = data.get("request_id") if isinstance(data, dict) else None
         return Submitted(
             upstream_id=token,
@@ -207,18 +175,6 @@ class FluxKreaProvider:
             outputs=[_output(image, defaults, base) for image in images],
         )
 
-    async def cancel(self, upstream_id: str) -> None:
-        """Nothing to cancel: a flux-krea job is over when `submit` returns."""
-        return None
-
-    async def fetch(self, output: Output) -> bytes:
-        """Download the image: CDN URLs may expire, so the worker keeps its own copy."""
-        if output.data is not None:
-            return output.data
-        if not output.url:
-            raise ProviderUnavailable("flux-krea output has no URL")
-        return await download(self.client, output.url, upstream=UPSTREAM)
-
 
 def _refine(exc: ProviderUnavailable, response: Answer | None) -> ProviderError:
     """A clearer message for our own credential and quota trouble (401, 403)."""
@@ -239,6 +195,8 @@ def _refine(exc: ProviderUnavailable, response: Answer | None) -> ProviderError:
 
 
 def _output(image: Any, body: dict[str, Any], base: str) -> Output:
+    """One of flux-krea's `images` as ours: its URL resolved against `base`, its size
+    (else the size `body` asked for) and its seed."""
     if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
         raise ProviderUnavailable("flux-krea answered an image without a URL")
     url = urljoin(base, image["url"])  # absolute URLs pass through unchanged
@@ -247,11 +205,9 @@ def _output(image: Any, body: dict[str, Any], base: str) -> Output:
         value = image.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    suffix = urlsplit(url).path.rsplit("/", 1)[-1]
-    extension = suffix[suffix.rfind(".") :].lower() if "." in suffix else ""
     return Output(
         url=url,
-        content_type=CONTENT_TYPES.get(extension),
+        content_type=content_type_of_url(url),
         width=integer("width") or body["width"],
         height=integer("height") or body["height"],
         seed=integer("seed"),

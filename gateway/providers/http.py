@@ -1,12 +1,13 @@
-"""Shared HTTP plumbing for upstream adapters: the client, retries, backoff and errors.
+"""Shared HTTP plumbing for upstream adapters: the client, retries, backoff and errors,
+and `HTTPBackend`, what every HTTP backend does the same way.
 
 The policy is the product's, hence by hand: a request the upstream may already have
 accepted (a submit answered with 5xx, or cut off after it was sent) is never re-sent,
 since that could pay for the job twice.
 
 The client is a thin owner of an `aiohttp.ClientSession`: a worker polls thousands of
-jobs a second, and aiohttp costs about a quarter of httpx's CPU per call at that rate
-(`python -m bench upstream`, BENCHMARKS.md). Answers are read whole into `Answer`.
+jobs a second, and aiohttp costs far less CPU per call than httpx at that rate (`python
+-m bench upstream` measures it; BENCHMARKS.md). Answers are read whole into `Answer`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gateway.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from gateway.providers.base import Output
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -233,3 +235,93 @@ async def download(client: UpstreamClient, url: str, *, upstream: str) -> bytes:
     if not response.content:
         raise ProviderUnavailable(f"{upstream} served an empty image")
     return response.content
+
+
+class HTTPBackend:
+    """What the HTTP backends share: an upstream reached with one credential (whose
+    setting enables the backend), its errors named after it, and its outputs downloaded.
+
+    A subclass names itself and its upstream, says which setting holds the credential
+    and how a request carries it (`auth`), and maps our parameters to its upstream's.
+    """
+
+    #: ours: routes, callback URLs
+    name: str
+    #: how messages name the upstream
+    upstream: str
+    #: the setting whose value enables the backend
+    credential_setting: str
+
+    def __init__(
+        self, client: UpstreamClient, *, base_url: str, credential: str | None, timeout: float
+    ) -> None:
+        self.client = client
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        # The credential as it is sent: one dict for every call, since nothing changes it.
+        self._auth = self.auth(credential) if credential else None
+
+    def auth(self, credential: str) -> dict[str, str]:
+        """The headers that carry the credential."""
+        return {"Authorization": f"Bearer {credential}"}
+
+    def status(self) -> tuple[bool, str]:
+        if self._auth is None:
+            return False, f"{self.credential_setting} is not set"
+        return True, "ok"
+
+    def headers(self) -> dict[str, str]:
+        """The credential's headers; unavailable (nothing is sent) when it is not set."""
+        if self._auth is None:
+            raise ProviderUnavailable(
+                f"{self.upstream} is not configured: {self.credential_setting} is not set"
+            )
+        return self._auth
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Answer:
+        """`request()` to this upstream, with its credential (or the given headers)."""
+        return await request(
+            self.client,
+            method,
+            url,
+            upstream=self.upstream,
+            idempotent=idempotent,
+            timeout=self.timeout,
+            headers=self.headers() if headers is None else headers,
+            **kwargs,
+        )
+
+    def json_object(self, response: Answer) -> dict[str, Any]:
+        """The answer's JSON object; malformed or anything else -> unavailable."""
+        body = json_body(response, self.upstream)
+        if not isinstance(body, dict):
+            raise ProviderUnavailable(
+                f"{self.upstream} answered with something other than a JSON object"
+            )
+        return body
+
+    def callbacks(self, upstream_id: str) -> list[str]:
+        return []
+
+    async def cancel(self, upstream_id: str) -> None:
+        """No-op: none of our upstreams documents a way to cancel a job (see each backend).
+
+        The job runs to its end upstream; the worker simply stops waiting for it.
+        """
+
+    async def fetch(self, output: Output) -> bytes:
+        """The image's bytes, downloaded now: upstream URLs expire, so the worker keeps
+        its own copy."""
+        if output.data is not None:
+            return output.data
+        if not output.url:
+            raise ProviderUnavailable(f"{self.upstream} output has neither data nor URL")
+        return await download(self.client, output.url, upstream=self.upstream)

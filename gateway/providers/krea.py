@@ -1,30 +1,24 @@
-"""Krea's job API (seeds 002 and 003): submit a job, poll `/jobs/{id}`, download the URLs.
+"""Krea's job API: submit a job, poll `/jobs/{id}`, download the URLs (Krea's API
+reference and its getting-started guide).
 
-Parameter mapping, ours -> Krea's (`POST /generate/image/{model_path}`):
-
-| ours (ImageParams) | Krea                  | notes                                          |
-|--------------------|-----------------------|------------------------------------------------|
-| prompt             | prompt                | at most 1800 characters, else ProviderRejected |
-| width, height      | width, height         | clamped to 512-2368                            |
-| steps              | steps                 | only when set; clamped to 1-100                |
-| guidance           | guidance_scale_flux   | only when set; clamped to 0-24                 |
-| seed               | seed                  | only when set; image i gets seed + i           |
-| num_images         | (one job per image)   | a Krea job makes one image                     |
-| output_format, aspect_ratio, quality | -   | not in Krea's API; width/height carry the size |
+Parameters, ours -> Krea's (`POST /generate/image/{model_path}`): see `translate`. A Krea
+job makes one image, so `num_images` becomes that many jobs, image i with seed + i; our
+output_format, aspect_ratio and quality have no Krea counterpart (width and height carry
+the size, and the worker converts the format). Krea's answer -> ours: see `_combine`.
 
 Several jobs travel as one opaque `upstream_id`: their ids joined with commas. Given a
-callback inbox (the gateway has a public URL), each job is submitted with seed 003's
-`X-Webhook-URL` header pointing at `/v1/callbacks/krea/<token>` (a token per job, kept
-in the id as `<job id>:<token>`): the worker then waits for the callback instead of
-polling every 2 s, and polls once when it comes. The callback only wakes; what is true
-is still read from `GET /jobs/{id}` with our token, so a forged callback changes
-nothing. A lost callback costs a slower poll (`Router`), never the job. Polling
-maps every documented status: backlogged, queued, scheduled, processing, sampling and
-intermediate-complete are pending (the word is kept in `upstream_status` and
+callback inbox (the gateway has a public URL), each job is submitted with the
+`X-Webhook-URL` header of Krea's API reference pointing at `/v1/callbacks/krea/<token>`
+(a token per job, kept in the id as `<job id>:<token>`): the worker then waits for the
+callback instead of polling every 2 s, and polls once when it comes. The callback only
+wakes; what is true is still read from `GET /jobs/{id}` with our token, so a forged
+callback changes nothing. A lost callback costs a slower poll (`Router`), never the job.
+Polling maps every documented status: backlogged, queued, scheduled, processing, sampling
+and intermediate-complete are pending (the word is kept in `upstream_status` and
 `metadata["upstream_status"]` for progress); completed (once `completed_at` is set, as
-seed 002's polling loop checks) is completed with one output per `result.urls`;
-failed and cancelled are terminal. A set of jobs is completed only when all are, and
-failed as soon as one failed.
+the guide's polling loop checks) is completed with one output per `result.urls`; failed
+and cancelled are terminal. A set of jobs is completed only when all are, and failed as
+soon as one failed. Krea documents no way to cancel a job.
 """
 
 from __future__ import annotations
@@ -32,39 +26,50 @@ from __future__ import annotations
 import re
 import secrets
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from gateway.formats import content_type_of_url
 from gateway.providers.base import (
-    CONTENT_TYPES,
     CallbackInbox,
     ImageParams,
     Output,
     Polled,
     Submitted,
+    clamp,
+    only_set,
 )
-from gateway.providers.http import UpstreamClient, download, json_body, request
+from gateway.providers.http import HTTPBackend, UpstreamClient
 
-UPSTREAM = "krea"
 MAX_PROMPT = 1800
-SIZE_RANGE = (512, 2368)
-STEPS_RANGE = (1, 100)
-GUIDANCE_RANGE = (0.0, 24.0)
 
-# Documented statuses, in lifecycle order (seed 003's enum).
+# Documented statuses, in lifecycle order (the job status enum of Krea's API reference).
 PENDING = ("backlogged", "queued", "scheduled", "processing", "sampling", "intermediate-complete")
 TERMINAL = ("completed", "failed", "cancelled")
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
-def _clamp(value: float, bounds: tuple[float, float]) -> float:
-    return max(bounds[0], min(bounds[1], value))
+def translate(params: ImageParams) -> dict[str, Any]:
+    """The body of one job, in Krea's names and ranges (without the per-image seed)."""
+    if len(params.prompt) > MAX_PROMPT:
+        raise ProviderRejected(
+            f"krea accepts prompts of at most {MAX_PROMPT} characters (got {len(params.prompt)})"
+        )
+    return only_set(
+        {
+            "prompt": params.prompt,
+            "width": clamp(params.width, 512, 2368, int),
+            "height": clamp(params.height, 512, 2368, int),
+            "steps": clamp(params.steps, 1, 100, int),
+            "guidance_scale_flux": clamp(params.guidance, 0.0, 24.0, float),
+        }
+    )
 
 
-class KreaProvider:
-    name = "krea"
-    poll_interval = 2.0  # seed 002: "Poll /jobs/{job_id} every 2 seconds"
+class KreaProvider(HTTPBackend):
+    name = upstream = "krea"
+    credential_setting = "GATEWAY_KREA_API_TOKEN"
+    poll_interval = 2.0  # Krea's guide: "Poll /jobs/{job_id} every 2 seconds"
 
     def __init__(
         self,
@@ -76,45 +81,13 @@ class KreaProvider:
         timeout: float = 30.0,
         inbox: CallbackInbox | None = None,
     ) -> None:
+        super().__init__(client, base_url=base_url, credential=token, timeout=timeout)
         self.inbox = inbox
-        self.client = client
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self._auth = {"Authorization": f"Bearer {token}"} if token else None
         self.model_path = model_path.strip("/")
-        self.timeout = timeout
-
-    def status(self) -> tuple[bool, str]:
-        if not self.token:
-            return False, "GATEWAY_KREA_API_TOKEN is not set"
-        return True, "ok"
-
-    def _headers(self) -> dict[str, str]:
-        if self._auth is None:
-            raise ProviderUnavailable("krea is not configured: GATEWAY_KREA_API_TOKEN is not set")
-        return self._auth  # one dict for every call: nothing changes it
-
-    def translate(self, params: ImageParams) -> dict[str, Any]:
-        """The body of one job, in Krea's names and ranges (without the per-image seed)."""
-        if len(params.prompt) > MAX_PROMPT:
-            raise ProviderRejected(
-                f"krea accepts prompts of at most {MAX_PROMPT} characters "
-                f"(got {len(params.prompt)})"
-            )
-        body: dict[str, Any] = {
-            "prompt": params.prompt,
-            "width": int(_clamp(params.width, SIZE_RANGE)),
-            "height": int(_clamp(params.height, SIZE_RANGE)),
-        }
-        if params.steps is not None:
-            body["steps"] = int(_clamp(params.steps, STEPS_RANGE))
-        if params.guidance is not None:
-            body["guidance_scale_flux"] = float(_clamp(params.guidance, GUIDANCE_RANGE))
-        return body
 
     async def submit(self, params: ImageParams) -> Submitted:
-        body = self.translate(params)
-        headers = self._headers()
+        body = translate(params)
+        headers = self.headers()
         count = max(1, params.num_images)
         url = f"{self.base_url}/generate/image/{self.model_path}"
         job_ids: list[str] = []
@@ -133,17 +106,10 @@ class KreaProvider:
                     await self.inbox.expect(token)
                     job_headers = {**headers, "X-Webhook-URL": self.inbox.url_for(self.name, token)}
                 # Not idempotent: a 5xx or a timeout may hide an accepted (paid) job.
-                response = await request(
-                    self.client,
-                    "POST",
-                    url,
-                    upstream=UPSTREAM,
-                    idempotent=False,
-                    timeout=self.timeout,
-                    headers=job_headers,
-                    json=job_body,
+                response = await self.send(
+                    "POST", url, idempotent=False, headers=job_headers, json=job_body
                 )
-                job = _job(json_body(response, UPSTREAM))
+                job = _job(self.json_object(response))
             except ProviderError as exc:
                 if not job_ids:
                     raise
@@ -174,33 +140,11 @@ class KreaProvider:
 
     async def poll(self, upstream_id: str) -> Polled:
         job_ids = [job_id for job_id, _ in _parts(upstream_id)]
-        headers = self._headers()
         jobs = []
         for job_id in job_ids:
-            response = await request(
-                self.client,
-                "GET",
-                f"{self.base_url}/jobs/{job_id}",
-                upstream=UPSTREAM,
-                idempotent=True,
-                timeout=self.timeout,
-                headers=headers,
-            )
-            jobs.append(_job(json_body(response, UPSTREAM)))
+            response = await self.send("GET", f"{self.base_url}/jobs/{job_id}", idempotent=True)
+            jobs.append(_job(self.json_object(response)))
         return _combine(jobs)
-
-    async def cancel(self, upstream_id: str) -> None:
-        """No-op: seeds 002 and 003 document no way to cancel a Krea job.
-
-        The job runs to its end upstream; the worker simply stops polling it.
-        """
-
-    async def fetch(self, output: Output) -> bytes:
-        if output.data is not None:
-            return output.data
-        if not output.url:
-            raise ProviderUnavailable("krea output has no URL")
-        return await download(self.client, output.url, upstream=UPSTREAM)
 
 
 def _parts(upstream_id: str) -> list[tuple[str, str]]:
@@ -214,10 +158,9 @@ def _parts(upstream_id: str) -> list[tuple[str, str]]:
     return parts
 
 
-def _job(body: Any) -> dict[str, Any]:
-    """Check the fields every job answer carries (seed 003); malformed -> unavailable."""
-    if not isinstance(body, dict):
-        raise ProviderUnavailable("krea answered with something other than a job object")
+def _job(body: dict[str, Any]) -> dict[str, Any]:
+    """Check the fields every job answer carries (Krea's API reference); malformed ->
+    unavailable."""
     job_id, status, created_at = body.get("job_id"), body.get("status"), body.get("created_at")
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise ProviderUnavailable(f"krea answered without a usable job_id: {job_id!r}")
@@ -242,14 +185,8 @@ def _urls(job: dict[str, Any]) -> list[str]:
     return urls
 
 
-def _content_type(url: str) -> str | None:
-    path = urlsplit(url).path.lower()
-    suffix = path.rsplit(".", 1)[-1] if "." in path else ""
-    return CONTENT_TYPES.get("jpg" if suffix == "jpeg" else suffix)
-
-
 def _state(job: dict[str, Any]) -> str:
-    """Our state for one job. Seed 002's loop: a job is over once `completed_at` is set."""
+    """Our state for one job. The guide's loop: a job is over once `completed_at` is set."""
     status = job["status"]
     if status in ("failed", "cancelled"):
         return status
@@ -290,7 +227,9 @@ def _combine(jobs: list[dict[str, Any]]) -> Polled:
         )
     if all(state == "completed" for state in states):
         outputs = [
-            Output(url=url, content_type=_content_type(url)) for job in jobs for url in _urls(job)
+            Output(url=url, content_type=content_type_of_url(url))
+            for job in jobs
+            for url in _urls(job)
         ]
         if not outputs:
             metadata["upstream_status"] = "completed"

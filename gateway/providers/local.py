@@ -11,12 +11,12 @@ import asyncio
 import hashlib
 import io
 import random
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gateway.providers.base import CONTENT_TYPES, ImageParams, Output, Polled, Submitted
-
-_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+from gateway.formats import FORMATS
+from gateway.providers.base import ImageParams, Output, Polled, Submitted
 
 
 def render(prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
@@ -56,8 +56,19 @@ def render(prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
     if fmt == "png":
         image.save(out, "PNG", compress_level=1)
     else:
-        image.save(out, _PIL_FORMATS[fmt], quality=90)
+        image.save(out, FORMATS[fmt].pil, quality=90)
     return out.getvalue()
+
+
+def translate(params: ImageParams) -> dict[str, Any]:
+    """What `render` draws (image i with seed + i): the size and format exactly as asked."""
+    return {
+        "prompt": params.prompt,
+        "seed": params.seed if params.seed is not None else 0,
+        "width": params.width,
+        "height": params.height,
+        "format": params.output_format,
+    }
 
 
 class LocalProvider:
@@ -68,32 +79,21 @@ class LocalProvider:
         return True, "built in (offline preview renderer, not Flux)"
 
     async def submit(self, params: ImageParams) -> Submitted:
-        seed = params.seed if params.seed is not None else 0
+        sent = translate(params)
+        seed, width, height, fmt = sent["seed"], sent["width"], sent["height"], sent["format"]
         outputs = []
         for i in range(params.num_images):
-            data = await asyncio.to_thread(
-                render, params.prompt, seed + i, params.width, params.height, params.output_format
-            )
+            data = await asyncio.to_thread(render, sent["prompt"], seed + i, width, height, fmt)
             outputs.append(
                 Output(
                     data=data,
-                    content_type=CONTENT_TYPES[params.output_format],
-                    width=params.width,
-                    height=params.height,
+                    content_type=FORMATS[fmt].content_type,
+                    width=width,
+                    height=height,
                     seed=seed + i,
                 )
             )
-        return Submitted(
-            outputs=outputs,
-            sent={
-                "prompt": params.prompt,
-                "seed": seed,
-                "width": params.width,
-                "height": params.height,
-                "format": params.output_format,
-            },
-            metadata={"model": "local-preview"},
-        )
+        return Submitted(outputs=outputs, sent=sent, metadata={"model": "local-preview"})
 
     async def poll(self, upstream_id: str) -> Polled:  # pragma: no cover - never has a job
         return Polled(state="failed", error="local renders synchronously")

@@ -1,33 +1,17 @@
-"""Segmind serverless API (`flux-krea-dev`), through its v2 asynchronous queue.
+"""Segmind serverless API (`flux-krea-dev`), through its v2 asynchronous queue
+(Segmind's v2 async API docs).
 
 Protocol: `POST /v2/{model}` queues a request and answers `request_id`; `GET
 /v2/requests/{id}/status` says QUEUED, PROCESSING, COMPLETED or FAILED; `GET
 /v2/requests/{id}` is the result (`output`: image URL(s), `metrics`). A FAILED request is
 served as HTTP 422 carrying the error detail (content/RAI blocks included); an unknown or
 expired id (results are kept one hour) is a 404; 406 means our Segmind account is out of
-credits. Segmind documents no cancel endpoint. Auth: header `x-api-key`.
+credits. Auth: header `x-api-key`. Segmind documents no webhook (requests are polled at
+its pace) and no cancel endpoint: an abandoned request still runs, and is billed,
+upstream.
 
-Parameter mapping (ours -> Segmind's):
-
-==================  ======================================================================
-ImageParams         Segmind body
-==================  ======================================================================
-prompt              prompt
-aspect_ratio        aspect_ratio, when one of the 11 documented ratios; another "w:h" is
-                    snapped to the nearest documented one
-width, height       aspect_ratio (when aspect_ratio is not given): the documented ratio
-                    nearest to width/height in log-ratio space; and megapixels: "1" or
-                    "0.25", whichever is nearer to width*height/1e6 in log space (so
-                    1024x576 asks for "1", 512x512 for "0.25"); sent as a string, as in
-                    Segmind's own example
-num_images          num_outputs (clamped to 1-4)
-output_format       output_format (png, jpg, webp: same names)
-quality             output_quality: "high" -> 100, "standard" or unset -> 90 (Segmind's
-                    default), "low" -> 75
-guidance            guidance, clamped to 0-10 (only when set)
-steps               num_inference_steps, clamped to 1-50 (only when set)
-seed                seed (only when set)
-==================  ======================================================================
+Parameters, ours -> Segmind's: see `translate`. Segmind's answer -> ours: `output`, a URL,
+a list of them or objects with a `url` (see `_output_urls`), each an `Output`.
 """
 
 from __future__ import annotations
@@ -39,36 +23,11 @@ from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from gateway.errors import ProviderError, ProviderUnavailable
-from gateway.providers.base import (
-    CONTENT_TYPES,
-    ImageParams,
-    Output,
-    Polled,
-    Submitted,
-)
-from gateway.providers.http import (
-    Answer,
-    UpstreamClient,
-    download,
-    error_for,
-    json_body,
-    request,
-)
+from gateway.formats import content_type_of_url
+from gateway.params import ASPECT_RATIOS, ratio_sides
+from gateway.providers.base import ImageParams, Output, Polled, Submitted, clamp, only_set
+from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, error_for
 
-#: The documented values of `aspect_ratio` ("11 total": the page shows ten "+1 more").
-ASPECT_RATIOS: tuple[str, ...] = (
-    "1:1",
-    "16:9",
-    "21:9",
-    "3:2",
-    "2:3",
-    "4:5",
-    "5:4",
-    "3:4",
-    "4:3",
-    "9:16",
-    "9:21",
-)
 #: The documented values of `megapixels`, as Segmind's example sends them.
 MEGAPIXELS: tuple[str, ...] = ("1", "0.25")
 QUALITY: dict[str, int] = {"high": 100, "standard": 90, "low": 75}
@@ -77,18 +36,33 @@ DEFAULT_QUALITY = 90
 PENDING = frozenset({"QUEUED", "PROCESSING"})
 
 
+def translate(params: ImageParams) -> dict[str, Any]:
+    """Our normalized parameters -> Segmind's request body; unset optionals are left to
+    Segmind's defaults."""
+    return only_set(
+        {
+            "prompt": params.prompt,
+            # One of the documented ratios (ours are the same eleven); the size says
+            # which when no ratio is given.
+            "aspect_ratio": choose_aspect_ratio(params),
+            # "1" or "0.25", whichever is nearer to the size's area (as a string, as in
+            # Segmind's own example): 1024x576 asks for "1", 512x512 for "0.25".
+            "megapixels": choose_megapixels(params.width, params.height),
+            "num_outputs": clamp(params.num_images, 1, 4, int),  # never Segmind's default 2
+            "output_format": params.output_format,  # png, jpg, webp: the same names
+            # high 100, standard or unset 90 (Segmind's default), low 75
+            "output_quality": QUALITY.get(params.quality or "standard", DEFAULT_QUALITY),
+            "guidance": clamp(params.guidance, 0.0, 10.0, float),
+            "num_inference_steps": clamp(params.steps, 1, 50, int),
+            "seed": params.seed,
+        }
+    )
+
+
 def _ratio(value: str) -> float | None:
     """`"16:9"` -> 16/9; None when it is not a positive `w:h`."""
-    left, sep, right = value.partition(":")
-    if not sep:
-        return None
-    try:
-        w, h = float(left), float(right)
-    except ValueError:
-        return None
-    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
-        return None
-    return w / h
+    sides = ratio_sides(value)
+    return None if sides is None else sides[0] / sides[1]
 
 
 def nearest_aspect_ratio(ratio: float) -> str:
@@ -98,6 +72,8 @@ def nearest_aspect_ratio(ratio: float) -> str:
 
 
 def choose_aspect_ratio(params: ImageParams) -> str:
+    """The ratio asked for when documented, else the documented one nearest to it (or,
+    without a usable ratio, to width/height), in log-ratio space."""
     if params.aspect_ratio:
         if params.aspect_ratio in ASPECT_RATIOS:
             return params.aspect_ratio
@@ -111,29 +87,6 @@ def choose_megapixels(width: int, height: int) -> str:
     """ "1" or "0.25", whichever is nearer to width*height/1e6 (log space)."""
     target = math.log(max(width * height, 1) / 1e6)
     return min(MEGAPIXELS, key=lambda mp: abs(math.log(float(mp)) - target))
-
-
-def _clamp(value: float, low: float, high: float) -> float:
-    return max(low, min(high, value))
-
-
-def translate(params: ImageParams) -> dict[str, Any]:
-    """Our normalized parameters -> Segmind's request body (see the module docstring)."""
-    body: dict[str, Any] = {
-        "prompt": params.prompt,
-        "aspect_ratio": choose_aspect_ratio(params),
-        "megapixels": choose_megapixels(params.width, params.height),
-        "num_outputs": int(_clamp(params.num_images, 1, 4)),
-        "output_format": params.output_format,
-        "output_quality": QUALITY.get(params.quality or "standard", DEFAULT_QUALITY),
-    }
-    if params.guidance is not None:
-        body["guidance"] = _clamp(float(params.guidance), 0.0, 10.0)
-    if params.steps is not None:
-        body["num_inference_steps"] = int(_clamp(params.steps, 1, 50))
-    if params.seed is not None:
-        body["seed"] = params.seed
-    return body
 
 
 def _error_detail(body: Any) -> str:
@@ -153,12 +106,6 @@ def _response_detail(response: Answer) -> str:
     return detail or response.text.strip()[:1000]
 
 
-def _content_type(url: str) -> str | None:
-    path = urlsplit(url).path.lower()
-    ext = path.rsplit(".", 1)[-1] if "." in path.rsplit("/", 1)[-1] else ""
-    return CONTENT_TYPES.get("jpg" if ext == "jpeg" else ext)
-
-
 def _output_urls(value: Any) -> list[str]:
     """`output` as a URL string, a list of them, or objects with a `url`."""
     if isinstance(value, str):
@@ -171,8 +118,9 @@ def _output_urls(value: Any) -> list[str]:
     return []
 
 
-class SegmindProvider:
-    name = "segmind"
+class SegmindProvider(HTTPBackend):
+    name = upstream = "segmind"
+    credential_setting = "GATEWAY_SEGMIND_API_KEY"
     #: Segmind's SDK polls every 1.0 s
     poll_interval = 1.0
 
@@ -185,23 +133,13 @@ class SegmindProvider:
         model: str = "flux-krea-dev",
         timeout: float = 30.0,
     ) -> None:
-        self.client = client
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key or None
+        super().__init__(client, base_url=base_url, credential=api_key, timeout=timeout)
         self.model = model
-        self.timeout = timeout
 
-    def status(self) -> tuple[bool, str]:
-        if not self.api_key:
-            return False, "GATEWAY_SEGMIND_API_KEY is not set"
-        return True, "ok"
+    def auth(self, credential: str) -> dict[str, str]:
+        return {"x-api-key": credential, "accept": "application/json"}
 
     # -- HTTP -------------------------------------------------------------------------
-
-    def _headers(self) -> dict[str, str]:
-        if not self.api_key:
-            raise ProviderUnavailable("segmind is disabled: GATEWAY_SEGMIND_API_KEY is not set")
-        return {"x-api-key": self.api_key, "accept": "application/json"}
 
     def _request_url(self, request_id: str, suffix: str = "") -> str:
         return f"{self.base_url}/v2/requests/{quote(request_id, safe='')}{suffix}"
@@ -217,16 +155,7 @@ class SegmindProvider:
         `not_found` is what a 404 means at this URL.
         """
         try:
-            response = await request(
-                self.client,
-                method,
-                url,
-                upstream="segmind",
-                idempotent=idempotent,
-                timeout=self.timeout,
-                headers=self._headers(),
-                **kwargs,
-            )
+            response = await self.send(method, url, idempotent=idempotent, **kwargs)
         except ProviderError as exc:
             answer = exc.answer
             if answer is None:
@@ -249,12 +178,6 @@ class SegmindProvider:
             raise
         return response, None
 
-    def _json(self, response: Answer) -> dict[str, Any]:
-        body = json_body(response, "segmind")
-        if not isinstance(body, dict):
-            raise ProviderUnavailable("segmind sent an unexpected answer (not a JSON object)")
-        return body
-
     # -- Provider -----------------------------------------------------------------------
 
     async def submit(self, params: ImageParams) -> Submitted:
@@ -268,8 +191,8 @@ class SegmindProvider:
             json=body,
         )
         if failed is not None:  # 422 on submit: the upstream refused the input
-            raise error_for(failed, "segmind")
-        answer = self._json(cast(Answer, response))
+            raise error_for(failed, self.upstream)
+        answer = self.json_object(cast(Answer, response))
         request_id = answer.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise ProviderUnavailable("segmind accepted the request but sent no request_id")
@@ -279,15 +202,12 @@ class SegmindProvider:
                 metadata["upstream_status" if key == "status" else key] = answer[key]
         return Submitted(upstream_id=request_id, sent=body, metadata=metadata)
 
-    def callbacks(self, upstream_id: str) -> list[str]:
-        return []  # Segmind's v2 API (seed 004) has no webhook: polled at its pace
-
     async def poll(self, upstream_id: str) -> Polled:
         metadata: dict[str, Any] = {"upstream_request_id": upstream_id}
         response, failed = await self._get(self._request_url(upstream_id, "/status"))
         if failed is not None:
             return self._failed(failed, metadata)
-        body = self._json(cast(Answer, response))
+        body = self.json_object(cast(Answer, response))
         status = str(body.get("status") or "").upper()
         if not status:
             raise ProviderUnavailable("segmind sent a status answer without a status")
@@ -320,7 +240,7 @@ class SegmindProvider:
         response, failed = await self._get(self._request_url(upstream_id))
         if failed is not None:
             return self._failed(failed, metadata)
-        body = self._json(cast(Answer, response))
+        body = self.json_object(cast(Answer, response))
         status = str(body.get("status") or metadata.get("upstream_status") or "").upper()
         metadata["upstream_status"] = status
         metrics = body.get("metrics")
@@ -365,20 +285,4 @@ class SegmindProvider:
             return Output(data=data, content_type=media_type)
         if urlsplit(url).scheme not in ("http", "https"):
             raise ProviderUnavailable(f"segmind sent an unusable output URL: {url[:100]!r}")
-        return Output(url=url, content_type=_content_type(url))
-
-    async def cancel(self, upstream_id: str) -> None:
-        """No-op: Segmind documents no way to cancel a queued request.
-
-        An abandoned request still runs (and is billed) upstream; its result expires after
-        one hour.
-        """
-        return None
-
-    async def fetch(self, output: Output) -> bytes:
-        """Download the image now: Segmind's output URLs expire after an hour."""
-        if output.data is not None:
-            return output.data
-        if not output.url:
-            raise ProviderUnavailable("segmind output has neither data nor URL")
-        return await download(self.client, output.url, upstream="segmind")
+        return Output(url=url, content_type=content_type_of_url(url))

@@ -6,7 +6,7 @@
 -- the contract promises at most N in ANY 60-second window, which a sliding log states
 -- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
 --
--- A cacheable request (ARGV 11 = '1') is decided here too, in the same round trip:
+-- A cacheable request (ARGV 9 = '1') is decided here too, in the same round trip:
 --   hit     the result cache holds it: a new job, completed at once, cost 0, no slot;
 --   follow  an identical job is in flight: a new job that waits for it (cost 0, no
 --           slot, not queued); the leader's worker completes it (settle.lua);
@@ -15,24 +15,25 @@
 --
 -- The key is checked here too (so a generation request costs one round trip, not two):
 -- ARGV 2 is the SHA-256 of the secret the caller sent, compared with the stored one in
--- constant time (see `same` below). The limits are
--- the account's plan's (ARGV 3: `name:rpm:concurrency:daily;...`, -1 = unlimited, from
--- the settings) with the key's own overrides (its `rpm`, `concurrency`, `daily` fields).
+-- constant time (see `same` below). Its limits are read as auth.lua reads them (the
+-- plan table ARGV 3 and the key's own overrides: limits.lua).
 --
+-- Called through `Admit` in scripts.py, which names each key and argument below and
+-- decodes the reply.
 -- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
 --       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders
 -- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 cost, 5 job_id, 6 lease_ms,
---       7 ms_to_day_end, 8 idem_hash ('' = none), 9 hold_slot (0/1), 10 enqueue (0/1),
---       11 cacheable (0/1), 12 retention_ms, 13.. job hash fields (name, value, ...)
--- Returns {verdict, rpm, concurrency, daily, window used, window oldest_ms, balance,
+--       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
+--       11.. job hash fields (name, value, ...)
+-- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
 --          this job's own when it was admitted already); 'unauthenticated' nothing.
+-- include: limits.lua
 local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
-local idem_hash, hold, enqueue = ARGV[8], ARGV[9] == '1', ARGV[10] == '1'
-local cacheable, retention = ARGV[11] == '1', tonumber(ARGV[12])
+local idem_hash, cacheable, retention = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
 local price = cost
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
@@ -55,24 +56,11 @@ if not same(acct[3] or '', ARGV[2]) or not acct[1] or acct[2] == '1' then
 end
 local balance = tonumber(acct[1])
 local plan = acct[4] or ''
+local rpm, conc, daily = key_limits(ARGV[3], plan, acct[5], acct[6], acct[7])
 
-local rpm, conc, daily = -1, -1, -1
-for name, r, c, d in string.gmatch(ARGV[3], '([^:;]+):(-?%d+):(-?%d+):(-?%d+)') do
-  if name == plan then rpm, conc, daily = tonumber(r), tonumber(c), tonumber(d) end
-end
-local function own(raw, default)
-  if not raw or raw == '' then return default end
-  local v = tonumber(raw)
-  if v < 0 then return -1 end
-  return v
-end
-rpm, conc, daily = own(acct[5], rpm), own(acct[6], conc), own(acct[7], daily)
-
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
-local used = redis.call('ZCARD', KEYS[2])
-local function reply(verdict, window_used, ...)
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {verdict, rpm, conc, daily, window_used, tonumber(oldest[2] or now), balance, plan,
+local used = window_used(KEYS[2], now)
+local function reply(verdict, window, ...)
+  return {verdict, rpm, conc, daily, window, window_reset(KEYS[2], now), balance, plan,
     ...}
 end
 
@@ -106,9 +94,12 @@ if daily >= 0 and today >= daily then
   return reply('limited', used, 'day', day_left)
 end
 
+-- A job that runs holds a concurrency slot and is queued; a hit or a follower neither
+-- (and costs nothing: `price` is what it would have cost).
 local mode = 'run'
 local entry = nil
 if cacheable then
+  -- settle.lua writes every field of an entry at once, `hit_metadata` among them
   entry = redis.call('HMGET', KEYS[10], 'urls', 'width', 'height', 'hit_metadata')
   if entry[1] then
     mode = 'hit'
@@ -119,10 +110,11 @@ if cacheable then
       if state == 'queued' or state == 'processing' then mode = 'follow' end
     end
   end
-  if mode ~= 'run' then hold, enqueue, cost = false, false, 0 end
+  if mode ~= 'run' then cost = 0 end
 end
+local run = mode == 'run'
 
-if hold then
+if run then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   if conc >= 0 and redis.call('ZCARD', KEYS[4]) >= conc then
     local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
@@ -140,26 +132,19 @@ redis.call('PEXPIRE', KEYS[2], 60000)
 if redis.call('INCR', KEYS[3]) == 1 then  -- the day's first: it ends an hour after
   redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
 end
-if hold then redis.call('ZADD', KEYS[4], now + lease, job_id) end
+if run then redis.call('ZADD', KEYS[4], now + lease, job_id) end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
   redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
     'balance', balance)
 end
-redis.call('HSET', KEYS[6], unpack(ARGV, 13))
+redis.call('HSET', KEYS[6], unpack(ARGV, 11))
 local outcome = {}
 if mode == 'hit' then
-  local meta = entry[4]
-  if not meta then  -- an entry stored before settle.lua wrote hit_metadata
-    local m = cjson.decode(redis.call('HGET', KEYS[10], 'metadata'))
-    m['cached'] = true
-    m['duration'] = 0
-    meta = cjson.encode(m)
-  end
-  outcome = {entry[1], entry[2], entry[3], meta}
+  outcome = {entry[1], entry[2], entry[3], entry[4]}
   redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
     'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
-    'metadata', meta)
+    'metadata', entry[4])
   redis.call('PEXPIRE', KEYS[6], retention)
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
@@ -179,5 +164,5 @@ redis.call('ZADD', KEYS[7], now, job_id)
 if idem_hash ~= '' then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end
-if enqueue then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end
+if run then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end
 return reply('ok', used + 1, mode, unpack(outcome))

@@ -1,23 +1,29 @@
--- auth: the account behind a key, and the per-minute window's use for the
+-- auth: the account behind a key, its limits and the per-minute window's use for the
 -- X-RateLimit-* headers, in one round trip. Reads also count against their own,
 -- more generous fixed-window limit.
 -- Only a request with the key's own secret (ARGV[3]: its SHA-256) on a key that is not
 -- revoked counts a read: someone who knows just the account id cannot use up its reads.
 -- (The caller still decides with a constant-time comparison; this only gates counting.)
--- KEYS: 1 account, 2 rate, 3 reads   ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash
--- Returns {flat account hash, used, oldest_ms, reads}
+-- The limits are read as admit.lua reads them (the plan table ARGV[4] and the key's own
+-- overrides: limits.lua).
+-- Called through `Auth` in scripts.py, which names each key and argument and decodes
+-- the reply.
+-- KEYS: 1 account, 2 rate, 3 reads
+-- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table
+-- Returns {flat account hash, window used, window reset (unix s), reads, rpm, concurrency,
+--          daily}; {{}} for an unknown account.
+-- include: limits.lua
 local acct = redis.call('HGETALL', KEYS[1])
-if #acct == 0 then return {acct, 0, 0, 0} end
+if #acct == 0 then return {acct} end
 local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
-local used = redis.call('ZCARD', KEYS[2])
-local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local fields = {}
+for i = 1, #acct, 2 do fields[acct[i]] = acct[i + 1] end
+local rpm, conc, daily = key_limits(ARGV[4], fields['plan'] or '', fields['rpm'],
+  fields['concurrency'], fields['daily'])
+local used = window_used(KEYS[2], now)
 local reads = 0
-if ARGV[2] == '1' then
-  local owner = redis.call('HMGET', KEYS[1], 'key_hash', 'revoked')
-  if owner[1] == ARGV[3] and owner[2] ~= '1' then
-    reads = redis.call('INCR', KEYS[3])
-    if reads == 1 then redis.call('PEXPIRE', KEYS[3], 61000) end
-  end
+if ARGV[2] == '1' and fields['key_hash'] == ARGV[3] and fields['revoked'] ~= '1' then
+  reads = redis.call('INCR', KEYS[3])
+  if reads == 1 then redis.call('PEXPIRE', KEYS[3], 61000) end
 end
-return {acct, used, oldest[2] or 0, reads}
+return {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily}

@@ -1,17 +1,19 @@
 -- credit: a top-up (or a negative correction) recorded in the ledger, applied once.
+-- Called through `Credit` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 account, 2 ledger, 3 this top-up's own key   ARGV: 1 delta, 2 reason
--- Returns the new balance, or {err} when the account is unknown or would go negative.
-if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('unknown account') end
+-- Returns {'ok', balance}; {'unknown', 0} when the account is unknown, {'negative',
+-- balance} when it would go below zero (then nothing changes).
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', 0} end
 -- The top-up's key exists once it was applied: this is the same top-up sent again
 -- (redis-py re-sends a command when the connection drops before its reply). Once only.
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  return tonumber(redis.call('HGET', KEYS[1], 'credits') or '0')
+  return {'ok', tonumber(redis.call('HGET', KEYS[1], 'credits') or '0')}
 end
 local balance = tonumber(redis.call('HGET', KEYS[1], 'credits') or '0')
 local delta = tonumber(ARGV[1])
-if balance + delta < 0 then return redis.error_reply('balance would go below zero') end
+if balance + delta < 0 then return {'negative', balance} end
 balance = redis.call('HINCRBY', KEYS[1], 'credits', delta)
 redis.call('XADD', KEYS[2], '*', 'delta', delta, 'reason', ARGV[2], 'job', '',
   'balance', balance)
 redis.call('SET', KEYS[3], '1', 'PX', 86400000)
-return balance
+return {'ok', balance}

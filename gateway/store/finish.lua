@@ -6,6 +6,7 @@
 -- the same end sent again (once.lua) answers as the first did: this call ended it.
 -- A running job that is cancelled is announced on its shard's cancellation log, which
 -- workers read once a second instead of each job checking its status on every poll.
+-- Called through `Finish` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6.. job hash fields
 -- The record then lives for the retention time, like its outputs.

@@ -77,7 +77,7 @@ def coalescing(shard: int) -> str:
 
 def cache_entry(shard: int, digest: str) -> str:
     """Hash: the outcome of a completed cacheable request. Written into every shard, so
-    the cache is shared by all keys (CONTRACT §9)."""
+    the cache is shared by all keys."""
     return f"{_shard(shard)}:cache:{digest}"
 
 

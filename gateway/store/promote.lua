@@ -1,5 +1,6 @@
 -- promote: the in-flight leader failed or was cancelled; a job that waited for it runs
 -- in its place (charged now, what it would have cost) instead of failing with it.
+-- Called through `Promote` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 follower job, 2 its account, 3 its ledger, 4 queue, 5 in-flight leader,
 --       6 webhook schedule
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms

@@ -1,11 +1,12 @@
-"""The Redis connection (a real server, or the embedded fakeredis store) and the scripts."""
+"""The Redis connection (a real server, or the embedded fakeredis store), and what a
+failure of the store means.
+
+The Lua scripts are in `scripts.py`; `Scripts`, `Script`, `source`, `NAMES` and `flat`
+are re-exported here, where they used to live."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -14,7 +15,8 @@ from redis.asyncio.connection import Connection as AsyncConnection
 from redis.exceptions import (
     ClusterDownError,
     DataError,
-    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     TryAgainError,
@@ -23,27 +25,52 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.batching import BatchingCluster, BatchingRedis
+from gateway.store.scripts import NAMES as NAMES
+from gateway.store.scripts import Script as Script
+from gateway.store.scripts import Scripts as Scripts
+from gateway.store.scripts import flat as flat
+from gateway.store.scripts import source as source
 
-HERE = Path(__file__).parent
-# The store cannot be reached (or a Cluster is between owners of a slot): a request
-# fails closed with 503, a worker leaves its job for a retry.
+# The store cannot serve us now: unreachable (refused, reset, timed out, still loading
+# its data), a Cluster between owners of a slot (CLUSTERDOWN, TRYAGAIN, a slot no node
+# covers), a primary turned replica by a failover (READONLY), or full (OOM). Sent again
+# later, the same command may well succeed: a request fails closed with 503, a worker
+# leaves its job for a retry.
 UNREACHABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
+    RedisConnectionError,  # BusyLoadingError and MaxConnectionsError among them
     RedisTimeoutError,
-    RedisClusterException,
+    RedisClusterException,  # the cluster client finds no node for a slot, or none at all
     ClusterDownError,
     TryAgainError,
+    ReadOnlyError,
+    OutOfMemoryError,
 )
 
 MAX_CONNECTIONS = 1024  # per process (per node on a Cluster)
 
 
 def store_trouble(exc: BaseException) -> bool:
-    """The store failed us, not the job: unreachable, or redis-py itself broke mid-call
-    (its cluster client can use a connection it just dropped while a node restarts,
-    raising AttributeError from deep inside). Such a job is left for a retry."""
+    """The store failed us, not the request or the job: told by the exception's type.
+
+    True for the `UNREACHABLE` kinds above. Any other `ResponseError` is a bug, not
+    trouble: Redis ran the command and refused it (a Lua runtime error in one of our
+    scripts, WRONGTYPE on a key holding another kind of value); sent again it fails the
+    same way. The API answers it with a masked 500, a worker fails the job with a refund.
+
+    redis-py can raise AttributeError (or TypeError) instead of ConnectionError when a
+    connection is torn down under it: `HiredisPacked` turns those raised while writing
+    into the ConnectionError they are (see there), so they are retried, and classified
+    by type. Its Cluster client can still raise AttributeError from its own bookkeeping
+    while a node is replaced (redis-py issues #3815, #3835), which no type tells apart:
+    an AttributeError raised from inside redis-py's own code counts as trouble too
+    (nothing of ours runs there; any other exception raised there is classified by its
+    type alone)."""
     if isinstance(exc, UNREACHABLE):
         return True
+    return isinstance(exc, AttributeError) and _raised_in_redis_py(exc)
+
+
+def _raised_in_redis_py(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
@@ -51,11 +78,25 @@ def store_trouble(exc: BaseException) -> bool:
     return module == "redis" or module.startswith("redis.")
 
 
-NAMES = ("admit", "start", "finish", "credit", "auth", "claim", "settle", "promote")
-# Each changes one job record and must change it once however often it is sent: run
-# inside once.lua, with a token of its call (admit.lua and credit.lua need no token: a
-# new job id, a new top-up key, are theirs).
-ONCE = frozenset({"start", "finish", "promote"})
+# Every client `connect` makes decodes replies (decode_responses=True, the embedded store
+# too), where redis-py's types say `bytes | str` for what is always a str here. These
+# say so, once, at no cost (a cast, not a copy: job polls read whole hashes).
+
+
+def decoded(value: bytes | str) -> str:
+    """A string reply of a client made by `connect`."""
+    return cast(str, value)
+
+
+def decoded_members(value: Sequence[object]) -> list[str]:
+    """The members of a range of a sorted set or a list (without scores) read by a client
+    made by `connect`."""
+    return cast(list[str], value)
+
+
+def decoded_hash(value: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """A hash (HGETALL, a stream entry's fields) read by a client made by `connect`."""
+    return cast(dict[str, str], value)
 
 
 class HiredisPacked(AsyncConnection):
@@ -69,6 +110,19 @@ class HiredisPacked(AsyncConnection):
             return [hiredis.pack_command(args)]
         except TypeError as exc:
             raise DataError(str(exc)) from None
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """redis-py's, with the error a write on a connection torn down under it raises
+        (AttributeError or TypeError from asyncio's transport: redis-py issue #4287)
+        turned into the ConnectionError it is, so that redis-py retries the command on a
+        new connection and `store_trouble` knows it by its type. redis-py has already
+        closed the connection by then (as it does on any error while writing)."""
+        try:
+            await super().send_packed_command(command, check_health)
+        except (AttributeError, TypeError) as exc:
+            raise RedisConnectionError(f"the connection was closed under a write: {exc}") from exc
 
 
 async def connect(redis_url: str | None) -> aioredis.Redis:
@@ -108,66 +162,3 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
         options.pop(plain_only)
     cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
     return cast(aioredis.Redis, cluster)
-
-
-class Script:
-    """A Lua script run by EVALSHA, loaded again when the server has lost it (NOSCRIPT).
-
-    redis-py's `AsyncScript` does the same, but imports and checks for a pipeline on
-    every call: ~5% of a REST generation request's CPU. EVALSHA goes to
-    `execute_command` itself, past the two wrappers of redis-py's `evalsha`."""
-
-    def __init__(self, client: aioredis.Redis, source: str, *, once: bool = False) -> None:
-        self.client = client
-        self.source = source
-        self.once = once  # wrapped in once.lua: each call carries a token of its own
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    async def __call__(
-        self, keys: list[Any], args: list[Any], client: aioredis.Redis | None = None
-    ) -> Any:
-        client = client or self.client
-        if self.once:  # one token per call: a re-send of the same command carries it too
-            args = [*args, os.urandom(8).hex()]
-        try:
-            return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or flushed server; another node of a Cluster
-            self.sha = await client.script_load(self.source)
-            return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-
-@dataclass(frozen=True)
-class Scripts:
-    admit: Script
-    start: Script
-    finish: Script
-    credit: Script
-    auth: Script
-    claim: Script
-    settle: Script
-    promote: Script
-
-    @classmethod
-    def register(cls, client: aioredis.Redis) -> Scripts:
-        return cls(*(Script(client, source(n), once=n in ONCE) for n in NAMES))
-
-    async def load(self) -> None:
-        """SCRIPT LOAD each once at start-up, so requests send only EVALSHA."""
-        for name in NAMES:
-            script: Script = getattr(self, name)
-            script.sha = await script.client.script_load(script.source)
-
-
-def source(name: str) -> str:
-    """The Lua source Redis runs for the script `name` (what its SHA-1 is taken of)."""
-    text = (HERE / f"{name}.lua").read_text()
-    return (HERE / "once.lua").read_text().replace("-- BODY\n", text) if name in ONCE else text
-
-
-def flat(mapping: dict[str, Any]) -> list[Any]:
-    """A dict as the flat name, value, ... list HSET and our scripts take."""
-    out: list[Any] = []
-    for k, v in mapping.items():
-        if v is not None:
-            out += [k, v]
-    return out

@@ -1,6 +1,7 @@
 -- settle: a cacheable job completed. Store its outcome as the cache entry (living as
 -- long as the outputs), stop it being the in-flight leader, and complete every job that
 -- waited for it with the same outputs, in one step so no waiter is ever forgotten.
+-- Called through `Settle` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 cache entry, 2 in-flight leader, 3 followers, 4 webhook schedule, 5 watched set
 -- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata,
 --       8 the metadata a cache hit's job gets (cached, duration 0)

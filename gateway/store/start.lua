@@ -1,6 +1,7 @@
 -- start: a worker takes a job. Marks it processing, counts the attempt, (re)takes its
 -- concurrency slot as a lease the worker keeps renewing, and answers with the record:
 -- taking a job is one round trip. Runs inside once.lua: sent again, it counts nothing.
+-- Called through `Start` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 job, 2 running   ARGV: 1 now_ms, 2 lease_ms, 3 job_id
 -- Returns {status before, attempts, field, value, ...}: the record as started; a job
 -- already ended is left untouched ({status, 0}), a missing one is {'missing', 0}.

@@ -1,0 +1,574 @@
+"""The Lua scripts (`gateway/store/*.lua`), each behind a typed call.
+
+Every script has a wrapper class here named after it (`Admit` runs `admit.lua`): its
+KEYS and ARGV go in as keyword-only arguments named as the script's header names them,
+and its reply comes out decoded into a `NamedTuple` built by keyword. A caller never
+lists arguments or indexes a reply by position: those positions are written once, in
+the wrapper, as the header of its script (KEYS, ARGV, Returns) states them.
+
+`Scripts` holds one of each, as attributes named after their files; it checks at
+start-up that each attribute runs the file of its own name. A wrapper sends one EVALSHA
+and nothing else: admission, the hottest path, stays one round trip.
+
+A script's source is its file with its includes spliced in (`-- include: NAME.lua`
+lines; `limits.lua` is shared by admit.lua and auth.lua) and, for the scripts that
+change one job record, wrapped in `once.lua`. A file or a marker that is not there
+fails at start-up, not at the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+HERE = Path(__file__).parent
+INCLUDE = re.compile(r"^-- include: ([a-z_]+)\.lua\n", re.MULTILINE)
+BODY = "-- BODY\n"  # where once.lua takes the script it wraps
+
+
+class ScriptSourceError(RuntimeError):
+    """A script's file, an included file or once.lua's marker is missing."""
+
+
+def _read(name: str) -> str:
+    path = HERE / f"{name}.lua"
+    if not path.is_file():
+        raise ScriptSourceError(f"no Lua script {path}")
+    return path.read_text()
+
+
+@functools.cache
+def source(name: str) -> str:
+    """The Lua source Redis runs for the script `name` (what its SHA-1 is taken of)."""
+    if name not in BY_NAME:
+        raise ScriptSourceError(f"no script named {name!r}; the scripts are {NAMES}")
+    text = INCLUDE.sub(lambda m: _read(m[1]), _read(name))
+    if not BY_NAME[name].once:
+        return text
+    wrapper = _read("once")
+    if wrapper.count(BODY) != 1:
+        raise ScriptSourceError(f"once.lua must hold one {BODY.strip()!r} line, for {name}.lua")
+    return wrapper.replace(BODY, text)
+
+
+def flat(mapping: dict[str, Any]) -> list[Any]:
+    """A dict as the flat name, value, ... list HSET and our scripts take (None left out)."""
+    out: list[Any] = []
+    for k, v in mapping.items():
+        if v is not None:
+            out += [k, v]
+    return out
+
+
+class Script:
+    """One Lua script run by EVALSHA, loaded again when the server has lost it (NOSCRIPT).
+
+    redis-py's `AsyncScript` does the same, but imports and checks for a pipeline on
+    every call, on the hottest path there is. EVALSHA goes to `execute_command` itself,
+    past the two wrappers of redis-py's `evalsha`.
+
+    A subclass names its file (`name`) and whether it runs inside once.lua (`once`), and
+    gives the typed `__call__` that builds the arguments and decodes the reply."""
+
+    name: ClassVar[str]
+    once: ClassVar[bool] = False  # changes one job record: each call carries a token
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.source = source(self.name)
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    async def load(self) -> None:
+        self.sha = str(await self.client.script_load(self.source))
+
+    async def run(self, numkeys: int, argv: list[Any], client: aioredis.Redis | None) -> Any:
+        """EVALSHA with the first `numkeys` of `argv` as KEYS, the rest as ARGV."""
+        client = client or self.client
+        if self.once:  # one token per call: a re-send of the same command carries it too
+            argv.append(os.urandom(8).hex())
+        try:
+            return await client.execute_command("EVALSHA", self.sha, numkeys, *argv)
+        except NoScriptError:  # a restarted or flushed server; another node of a Cluster
+            self.sha = str(await client.script_load(self.source))
+            return await client.execute_command("EVALSHA", self.sha, numkeys, *argv)
+
+
+# -- admit.lua -----------------------------------------------------------------------
+
+
+class Hit(NamedTuple):
+    """A cache hit's outcome, as the cache entry stores it."""
+
+    urls: str  # JSON list
+    width: str
+    height: str
+    metadata: str  # JSON: what a hit's job says (cached, duration 0)
+
+
+class AdmitReply(NamedTuple):
+    verdict: str  # ok | limited | credits | duplicate | idempotency_mismatch | unauthenticated
+    # The key as admission saw it (every verdict but unauthenticated):
+    rpm: int = -1  # its limits: its plan's with its own overrides (-1: none)
+    concurrency: int = -1
+    daily: int = -1
+    window_used: int = 0  # generations admitted in the last 60 s (this one included)
+    window_reset: int = 0  # unix seconds when the oldest of those leaves the window
+    balance: int = 0  # credits, after this admission's charge
+    plan: str = ""
+    # By verdict:
+    mode: str = ""  # ok: run | hit (served from cache) | follow (waits for an identical job)
+    hit: Hit | None = None  # ok, mode hit: the stored outcome
+    limit: str = ""  # limited: minute | day | concurrency
+    wait_ms: int = 0  # limited: until there is room
+    cost: int = 0  # credits: what the job costs
+    job_id: str = ""  # duplicate: the earlier job's id
+
+
+UNAUTHENTICATED = AdmitReply(verdict="unauthenticated")
+
+
+class Admit(Script):
+    """admit.lua: check the key and every limit, charge, record and queue the job."""
+
+    name = "admit"
+
+    async def __call__(
+        self,
+        *,
+        account: str,
+        rate: str,
+        day: str,
+        running: str,
+        ledger: str,
+        job: str,
+        jobs: str,
+        idempotency: str,
+        queue: str,
+        cache_entry: str,
+        inflight: str,
+        followers: str,
+        coalescing: str,
+        now_ms: int,
+        secret_hash: str,
+        plans: str,
+        cost: int,
+        job_id: str,
+        lease_ms: int,
+        ms_to_day_end: int,
+        idempotency_hash: str,
+        cacheable: bool,
+        retention_ms: int,
+        fields: dict[str, Any],
+        client: aioredis.Redis | None = None,
+    ) -> AdmitReply:
+        argv = [
+            account,
+            rate,
+            day,
+            running,
+            ledger,
+            job,
+            jobs,
+            idempotency,
+            queue,
+            cache_entry,
+            inflight,
+            followers,
+            coalescing,
+            now_ms,
+            secret_hash,
+            plans,
+            cost,
+            job_id,
+            lease_ms,
+            ms_to_day_end,
+            idempotency_hash,
+            1 if cacheable else 0,
+            retention_ms,
+            *flat(fields),
+        ]
+        return self.decode(await self.run(13, argv, client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> AdmitReply:
+        """admit.lua's reply (its integers come as ints, its strings as strs)."""
+        if len(reply) == 1:
+            return UNAUTHENTICATED
+        verdict, rpm, concurrency, daily, window_used, window_reset, balance, plan, *tail = reply
+        mode = limit = job_id = ""
+        hit = None
+        wait_ms = cost = 0
+        if verdict == "ok":
+            mode = tail[0]
+            if len(tail) > 1:
+                urls, width, height, metadata = tail[1:]
+                hit = Hit(urls=urls, width=width, height=height, metadata=metadata)
+        elif verdict == "limited":
+            limit, wait_ms = tail
+        elif verdict == "credits":
+            (cost,) = tail
+        elif verdict == "duplicate":
+            (job_id,) = tail
+        return AdmitReply(
+            verdict=verdict,
+            rpm=rpm,
+            concurrency=concurrency,
+            daily=daily,
+            window_used=window_used,
+            window_reset=window_reset,
+            balance=balance,
+            plan=plan,
+            mode=mode,
+            hit=hit,
+            limit=limit,
+            wait_ms=wait_ms,
+            cost=cost,
+            job_id=job_id,
+        )
+
+
+# -- auth.lua ------------------------------------------------------------------------
+
+
+class AuthReply(NamedTuple):
+    account: dict[str, str]  # the account's hash; empty for an unknown account
+    window_used: int = 0  # generations admitted in the last 60 s
+    window_reset: int = 0  # unix seconds when the oldest of those leaves the window
+    reads: int = 0  # reads counted this minute (this one included); 0 when not counted
+    rpm: int = -1  # the key's limits: its plan's with its own overrides (-1: none)
+    concurrency: int = -1
+    daily: int = -1
+
+
+class Auth(Script):
+    """auth.lua: the account behind a key, its limits and window; counts a read."""
+
+    name = "auth"
+
+    async def __call__(
+        self,
+        *,
+        account: str,
+        rate: str,
+        reads: str,
+        now_ms: int,
+        count_read: bool,
+        secret_hash: str,
+        plans: str,
+        client: aioredis.Redis | None = None,
+    ) -> AuthReply:
+        argv = [account, rate, reads, now_ms, 1 if count_read else 0, secret_hash, plans]
+        return self.decode(await self.run(3, argv, client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> AuthReply:
+        raw = reply[0]
+        account = dict(zip(raw[::2], raw[1::2], strict=True))
+        if len(reply) == 1:  # an unknown account
+            return AuthReply(account=account)
+        _, window_used, window_reset, reads, rpm, concurrency, daily = reply
+        return AuthReply(
+            account=account,
+            window_used=window_used,
+            window_reset=window_reset,
+            reads=reads,
+            rpm=rpm,
+            concurrency=concurrency,
+            daily=daily,
+        )
+
+
+# -- start.lua -----------------------------------------------------------------------
+
+
+class StartReply(NamedTuple):
+    status: str  # the job's status before this call; 'missing' when there is no record
+    attempts: int  # counting this one; 0 when the job was not started (missing or ended)
+    record: dict[str, str]  # the record as started; empty when it was not started
+
+
+class Start(Script):
+    """start.lua: a worker takes a job: processing, an attempt counted, its slot leased."""
+
+    name = "start"
+    once = True
+
+    async def __call__(
+        self,
+        *,
+        job: str,
+        running: str,
+        now_ms: int,
+        lease_ms: int,
+        job_id: str,
+        client: aioredis.Redis | None = None,
+    ) -> StartReply:
+        return self.decode(await self.run(2, [job, running, now_ms, lease_ms, job_id], client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> StartReply:
+        return StartReply(
+            status=str(reply[0]),
+            attempts=int(reply[1]),
+            record=dict(zip(reply[2::2], reply[3::2], strict=True)),
+        )
+
+
+# -- finish.lua ----------------------------------------------------------------------
+
+
+class FinishReply(NamedTuple):
+    ended: bool  # this call ended the job (or was the call that had, sent again)
+    balance: int = 0  # ended: the account's credits after any refund
+    status: str = ""  # not ended: why ('missing', or the status it had ended with)
+
+
+class Finish(Script):
+    """finish.lua: a job ends once; its slot is freed and, when asked, its charge refunded."""
+
+    name = "finish"
+    once = True
+
+    async def __call__(
+        self,
+        *,
+        job: str,
+        running: str,
+        account: str,
+        ledger: str,
+        webhooks: str,
+        cancellations: str,
+        status: str,
+        now_ms: int,
+        job_id: str,
+        refund: bool,
+        retention_ms: int,
+        fields: dict[str, Any],
+        client: aioredis.Redis | None = None,
+    ) -> FinishReply:
+        argv = [
+            job,
+            running,
+            account,
+            ledger,
+            webhooks,
+            cancellations,
+            status,
+            now_ms,
+            job_id,
+            1 if refund else 0,
+            retention_ms,
+            *flat(fields),
+        ]
+        return self.decode(await self.run(6, argv, client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> FinishReply:
+        if int(reply[0]) == 1:
+            return FinishReply(ended=True, balance=int(reply[1]))
+        return FinishReply(ended=False, status=str(reply[1]))
+
+
+# -- credit.lua ----------------------------------------------------------------------
+
+
+class CreditReply(NamedTuple):
+    outcome: str  # ok | unknown (no such account) | negative (refused: below zero)
+    balance: int  # the balance after it (ok), or as it stays (negative)
+
+
+class Credit(Script):
+    """credit.lua: a top-up or a correction, applied once, in the ledger."""
+
+    name = "credit"
+
+    async def __call__(
+        self,
+        *,
+        account: str,
+        ledger: str,
+        topup: str,
+        delta: int,
+        reason: str,
+        client: aioredis.Redis | None = None,
+    ) -> CreditReply:
+        return self.decode(await self.run(3, [account, ledger, topup, delta, reason], client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> CreditReply:
+        return CreditReply(outcome=str(reply[0]), balance=int(reply[1]))
+
+
+# -- claim.lua -----------------------------------------------------------------------
+
+
+class ClaimReply(NamedTuple):
+    due: list[str]  # the job keys whose webhook delivery is due, now leased
+
+
+class Claim(Script):
+    """claim.lua: take due webhook deliveries, each leased for a while."""
+
+    name = "claim"
+
+    async def __call__(
+        self,
+        *,
+        schedule: str,
+        now_ms: int,
+        lease_ms: int,
+        count: int,
+        client: aioredis.Redis | None = None,
+    ) -> ClaimReply:
+        return self.decode(await self.run(1, [schedule, now_ms, lease_ms, count], client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> ClaimReply:
+        return ClaimReply(due=[str(k) for k in reply])
+
+
+# -- settle.lua ----------------------------------------------------------------------
+
+
+class SettleReply(NamedTuple):
+    completed: list[str]  # the keys of the waiting jobs it completed
+
+
+class Settle(Script):
+    """settle.lua: a cacheable job completed: store the entry, complete its followers."""
+
+    name = "settle"
+
+    async def __call__(
+        self,
+        *,
+        cache_entry: str,
+        inflight: str,
+        followers: str,
+        webhooks: str,
+        coalescing: str,
+        leader: str,
+        now_ms: int,
+        retention_ms: int,
+        urls: str,
+        width: int,
+        height: int,
+        metadata: str,
+        hit_metadata: str,
+        client: aioredis.Redis | None = None,
+    ) -> SettleReply:
+        argv = [
+            cache_entry,
+            inflight,
+            followers,
+            webhooks,
+            coalescing,
+            leader,
+            now_ms,
+            retention_ms,
+            urls,
+            width,
+            height,
+            metadata,
+            hit_metadata,
+        ]
+        return self.decode(await self.run(5, argv, client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> SettleReply:
+        return SettleReply(completed=[str(k) for k in reply])
+
+
+# -- promote.lua ---------------------------------------------------------------------
+
+
+class PromoteReply(NamedTuple):
+    verdict: str  # promoted | poor (failed: not enough credits) | skip (it had ended)
+
+
+class Promote(Script):
+    """promote.lua: a job that waited for a failed leader runs in its place."""
+
+    name = "promote"
+    once = True
+
+    async def __call__(
+        self,
+        *,
+        job: str,
+        account: str,
+        ledger: str,
+        queue: str,
+        inflight: str,
+        webhooks: str,
+        now_ms: int,
+        lease_ms: int,
+        job_id: str,
+        retention_ms: int,
+        client: aioredis.Redis | None = None,
+    ) -> PromoteReply:
+        argv = [
+            job,
+            account,
+            ledger,
+            queue,
+            inflight,
+            webhooks,
+            now_ms,
+            lease_ms,
+            job_id,
+            retention_ms,
+        ]
+        return self.decode(await self.run(6, argv, client))
+
+    @staticmethod
+    def decode(reply: Any) -> PromoteReply:
+        return PromoteReply(verdict=str(reply))
+
+
+# -- the set -------------------------------------------------------------------------
+
+BY_NAME: dict[str, type[Script]] = {
+    kind.name: kind for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote)
+}
+NAMES = tuple(BY_NAME)
+ONCE = frozenset(name for name, kind in BY_NAME.items() if kind.once)
+
+
+class Scripts:
+    """Every script, as an attribute named after its file (`scripts.admit` runs
+    admit.lua). Made at start-up: reads each file, and fails if one is missing."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.admit = Admit(client)
+        self.start = Start(client)
+        self.finish = Finish(client)
+        self.credit = Credit(client)
+        self.auth = Auth(client)
+        self.claim = Claim(client)
+        self.settle = Settle(client)
+        self.promote = Promote(client)
+        self.by_name: dict[str, Script] = {
+            name: value for name, value in vars(self).items() if isinstance(value, Script)
+        }
+        for name, script in self.by_name.items():
+            if script.name != name or type(script) is not BY_NAME.get(name):
+                raise ScriptSourceError(f"Scripts.{name} runs {script.name}.lua")
+        if self.by_name.keys() != BY_NAME.keys():
+            raise ScriptSourceError(f"Scripts holds {sorted(self.by_name)}, not {NAMES}")
+
+    @classmethod
+    def register(cls, client: aioredis.Redis) -> Scripts:
+        return cls(client)
+
+    async def load(self) -> None:
+        """SCRIPT LOAD each once at start-up, so requests send only EVALSHA."""
+        for script in self.by_name.values():
+            await script.load()

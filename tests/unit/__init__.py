@@ -1,0 +1,1 @@
+"""Fast tests: no server process and no network; each runs in milliseconds."""

@@ -18,8 +18,7 @@ run: $(STAMP)
 	GATEWAY_DEV=1 $(BIN)/gateway serve
 
 ## Install redis-server if missing, then lint and run the whole suite against it.
-test: $(STAMP) redis-server
-	$(BIN)/ruff check .
+test: lint redis-server
 	$(BIN)/python -m pytest -q
 
 redis-server:

@@ -132,7 +132,8 @@ strawberry_app = Starlette(
 
 
 async def upstream_job(request: Request) -> Response:
-    """What a provider answers a poll with (Krea's `GET /jobs/{id}` shape, seed 002)."""
+    """What a provider answers a poll with (Krea's `GET /jobs/{id}` shape; see
+    docs/providers/krea.md)."""
     return JSONResponse(
         {
             "job_id": request.path_params["job_id"],
@@ -163,9 +164,9 @@ openai_app = Starlette(
 
 
 class SlowKrea:
-    """Krea's job protocol (seeds 002, 003) with every job taking `SLOW_KREA_SECONDS`
+    """Krea's job protocol (docs/providers/krea.md) with every job taking `SLOW_KREA_SECONDS`
     (default 20): what thousands of jobs waiting upstream look like to a worker. A job
-    submitted with `X-Webhook-URL` is reported there when it is done (seed 003)."""
+    submitted with `X-Webhook-URL` is reported there when it is done."""
 
     def __init__(self, seconds: float) -> None:
         import io

@@ -43,7 +43,9 @@ from gateway.runtime import runtime
 from gateway.store import keys
 
 JOB_SECONDS = float(os.environ.get("BENCH_SCALE_SECONDS", "20"))  # the issue's ~20 s
-PACE_SECONDS = 2.0  # Krea's documented poll interval (seed 002)
+PACE_SECONDS = (
+    2.0  # Krea's documented poll interval (its getting-started guide; docs/providers/krea.md)
+)
 RSS_TARGET_MB, CPU_TARGET_CORES = 300, 1.0
 
 

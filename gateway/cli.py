@@ -1,4 +1,4 @@
-"""The `gateway` command (CONTRACT §3): serve, worker, keys, credits, generate."""
+"""The `gateway` command (docs/api.md#command-line): serve, worker, keys, credits, generate."""
 
 from __future__ import annotations
 

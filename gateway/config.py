@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     inprocess_workers: bool = Field(default=True, description="`gateway serve` runs jobs too")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
-    # Result cache (CONTRACT §9)
+    # Result cache (docs/api.md#cache)
     cache_enabled: bool = True
     cache_disabled_services: list[str] = Field(default_factory=list)
 

@@ -144,5 +144,5 @@ def _codes(cls: type[GatewayError]) -> dict[str, int]:
     return out
 
 
-#: HTTP status of each error code (CONTRACT §7), from the classes above.
+#: HTTP status of each error code (docs/api.md#errors), from the classes above.
 STATUS_BY_CODE: dict[str, int] = _codes(GatewayError)

@@ -1,4 +1,4 @@
-"""REST: `POST /v1/text_to_image`, `GET /v1/jobs/{id}`, cancel, health (CONTRACT §6).
+"""REST: `POST /v1/text_to_image`, `GET /v1/jobs/{id}`, cancel, health (docs/api.md#rest).
 
 The same `Gateway` methods as GraphQL; errors as `{"error": {"code", "message", ...}}`.
 """

@@ -1,4 +1,4 @@
-"""deliver(): signed webhook POSTs with retries, off the job path (CONTRACT §8).
+"""deliver(): signed webhook POSTs with retries, off the job path (docs/api.md#webhooks).
 
 An ended job with a `webhookUrl` is put on a Redis schedule by `finish.lua` in the same
 step that ends it. Deliverers claim due entries with a lease (`claim.lua`), so a slow
@@ -36,7 +36,7 @@ from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, iso
 from gateway.jobs.store import JobStore
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.redis import Scripts, decoded
 from gateway.urlguard import check_url, parse_url
 
 log = structlog.get_logger("gateway.webhooks")
@@ -112,7 +112,7 @@ class Webhooks:
         self.clock = clock
         self.delays = settings.webhook_retry_delays
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
-        self.inflight: set[asyncio.Task[None]] = set()
+        self.inflight: set[asyncio.Task[bool]] = set()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -159,7 +159,7 @@ class Webhooks:
             await self.redis.zrem(schedule, job_key)
             return False
         attempt = int(await self.redis.hincrby(job_key, "webhook_attempts", 1))
-        secret = await self.redis.hget(keys.account(job.account), "webhook_secret") or ""
+        secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
         body = payload(job)
         headers = signed_headers(secret, f"msg_{job.id}", body, self.clock())
         started = self.now_ms()

@@ -1,4 +1,5 @@
-"""Accepted jobs survive crashed and stopped workers and a Redis restart (CONTRACT §10)."""
+"""Accepted jobs survive crashed and stopped workers and a Redis restart
+(docs/api.md#durability)."""
 
 from __future__ import annotations
 

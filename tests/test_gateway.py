@@ -1,4 +1,5 @@
-"""The gateway end to end: seed 001's examples, REST, auth, isolation, bad input."""
+"""The gateway end to end: Doitong's documented examples (docs/providers/doitong.md),
+REST, auth, isolation, bad input."""
 
 from __future__ import annotations
 

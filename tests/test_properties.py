@@ -24,6 +24,7 @@ from graphql import build_client_schema, get_introspection_query, print_schema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_graphql import Mode, from_schema
+from redis import Redis
 
 from tests.conftest import RedisServer
 from tests.harness import GATEWAY, gateway_processes
@@ -64,6 +65,9 @@ def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     tmp = tmp_path_factory.mktemp("probe")
     (tmp / "outputs").mkdir()
     redis = redis_server.url
+    client = Redis(port=redis_server.port)
+    client.flushall()  # no job another test left behind: this server's workers would run it
+    client.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     made = subprocess.run(
         [GATEWAY, "keys", "create", "--plan", "enterprise", "--credits", "100000000", "--json"],

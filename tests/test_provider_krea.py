@@ -1,4 +1,4 @@
-"""The Krea adapter against an emulator of Krea's job API (seeds 002, 003) over real HTTP."""
+"""The Krea adapter against an emulator of Krea's job API (docs/providers/krea.md), over HTTP."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ async def test_submit_clamps_to_krea_ranges_and_omits_unset_options(krea: Krea) 
         {"prompt": "p", "width": 2368, "height": 512, "guidance_scale_flux": 24.0},
         {"prompt": "p", "width": 1024, "height": 1024},
     ]
-    assert len(krea.emu.jobs) == 3  # every clamped body passed seed 003's validation
+    assert len(krea.emu.jobs) == 3  # every clamped body passed Krea's documented validation
 
 
 async def test_submit_uses_the_configured_model_path(krea: Krea) -> None:
@@ -347,7 +347,7 @@ async def test_without_a_token_the_backend_is_disabled_and_says_why(krea: Krea) 
     assert krea.provider.status() == (True, "ok")
 
 
-# -- the emulator keeps to seed 003 ----------------------------------------------------------
+# -- the emulator keeps to Krea's API reference ------------------------------------------
 
 
 async def test_emulator_enforces_seed_003(krea: Krea) -> None:

@@ -2,7 +2,8 @@
 
 Failover on upstream trouble (5xx, 429), none on the user's own bad input, circuit
 breakers, backends without credentials, resuming a stored upstream job instead of paying
-for it twice, and Krea's lifecycle statuses as progress (CONTRACT §5, §10).
+for it twice, and Krea's lifecycle statuses as progress (docs/api.md: services and
+backends, durability).
 """
 
 from __future__ import annotations

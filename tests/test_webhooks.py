@@ -1,4 +1,4 @@
-"""Signed webhooks with retries, and the private-address guard (CONTRACT §8)."""
+"""Signed webhooks with retries, and the private-address guard (docs/api.md#webhooks)."""
 
 from __future__ import annotations
 

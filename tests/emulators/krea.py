@@ -1,9 +1,9 @@
-"""An emulator of Krea's job API, written from seeds 002 and 003.
+"""An emulator of Krea's job API, written from its public docs (docs/providers/krea.md).
 
-- `POST /generate/image/{model_path}` (Bearer auth) validates the body against seed 003's
+- `POST /generate/image/{model_path}` (Bearer auth) validates the body against the API reference's
   ranges (prompt required, at most 1800 characters; steps an integer 1-100; width and
   height 512-2368; guidance_scale_flux 0-24), answers 400 with a JSON message when
-  invalid, and otherwise answers like seed 003: `job_id` (a uuid), status `backlogged`,
+  invalid, and otherwise answers like the API reference: `job_id` (a uuid), status `backlogged`,
   `created_at`, `completed_at: null`, `result: null`.
 - `GET /jobs/{id}` advances the job one documented status per poll: backlogged ->
   queued -> scheduled -> processing -> sampling -> intermediate-complete -> completed.
@@ -11,7 +11,7 @@
   a finished job carries `completed_at`, and when completed `result.urls` with an
   absolute URL of a real PNG served by the emulator at `/files/{job_id}.png`.
 - Unknown job -> 404; bad or missing token -> 401.
-- `X-Webhook-URL` (seed 003): when a job ends, the emulator POSTs the job data (as
+- `X-Webhook-URL`: when a job ends, the emulator POSTs the job data (as
   `GET /jobs/{id}` answers it, results included) to that URL. With `job_seconds` set,
   jobs end that many seconds after their submission instead of by polls.
 

@@ -259,8 +259,8 @@ def from_image_input(data: dict[str, Any]) -> GenerationRequest:
     return _validate(fields, lambda key: _FLAT_ERROR_NAMES.get(key, key))
 
 
-# Keys come in GraphQL's (and the REST documentation's) camelCase or in Python's
-# snake_case; both are accepted, since snake_case passes through unchanged.
+# GraphQL passes its schema's camelCase names; a REST body is the client's own JSON, and
+# takes the documented camelCase or snake_case (which passes through unchanged).
 @functools.lru_cache(maxsize=512)
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

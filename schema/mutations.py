@@ -117,16 +117,7 @@ class Mutation:
         a = await info.context.gateway.accounts.update(
             str(id), plan=plan, rpm=rpm, concurrency=concurrency, daily=daily
         )
-        return ApiKey(
-            id=strawberry.ID(a.id),
-            name=a.name,
-            plan=a.plan,
-            credits=a.credits,
-            revoked=a.revoked,
-            rpm=a.rpm,
-            concurrency=a.concurrency,
-            daily=a.daily,
-        )
+        return ApiKey.of(a)
 
     @strawberry.mutation(description="Admin: add (or, negative, remove) credits; the balance.")
     async def add_credits(self, info: Info, id: strawberry.ID, amount: int) -> int:

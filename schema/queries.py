@@ -104,16 +104,4 @@ class Query:
     async def keys(self, info: Info) -> list[ApiKey]:
         info.context.require_admin()
         accounts = await info.context.gateway.accounts.all()
-        return [
-            ApiKey(
-                id=strawberry.ID(a.id),
-                name=a.name,
-                plan=a.plan,
-                credits=a.credits,
-                revoked=a.revoked,
-                rpm=a.rpm,
-                concurrency=a.concurrency,
-                daily=a.daily,
-            )
-            for a in accounts
-        ]
+        return [ApiKey.of(a) for a in accounts]

@@ -8,6 +8,7 @@ from typing import Any
 import strawberry
 from strawberry.scalars import JSON
 
+from gateway.accounts import AccountInfo
 from gateway.jobs.model import Job, iso
 
 
@@ -136,6 +137,19 @@ class ApiKey:
     rpm: int | None
     concurrency: int | None
     daily: int | None
+
+    @classmethod
+    def of(cls, a: AccountInfo) -> ApiKey:
+        return cls(
+            id=strawberry.ID(a.id),
+            name=a.name,
+            plan=a.plan,
+            credits=a.credits,
+            revoked=a.revoked,
+            rpm=a.rpm,
+            concurrency=a.concurrency,
+            daily=a.daily,
+        )
 
 
 @strawberry.type

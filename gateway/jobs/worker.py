@@ -182,7 +182,14 @@ class Worker:
                 raise  # left pending: taken again once its lease has passed
             # Redis refused to start it (a Lua error, WRONGTYPE): so would every retry.
             log.exception("job could not be started; failing it", job=job_key)
-            job = await self.store.get_by_key(job_key)
+            try:
+                job = await self.store.get_by_key(job_key)
+            except Exception as unreadable:
+                if store_trouble(unreadable):
+                    raise
+                # A record no code can read (damaged by hand): no retry reads it either.
+                log.exception("job record unreadable; left for an operator", job=job_key)
+                job = None
             if job is not None and not job.ended:
                 await self._end(job, "failed", error="internal error while starting the job")
             await self.queue.ack(entry_id)

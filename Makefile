@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+JS := tests/js
 
-.PHONY: run test lint schema bench redis-server wrk clean
+.PHONY: run test lint schema bench redis-server chromium js-clients wrk clean
 
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +18,8 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 run: $(STAMP)
 	GATEWAY_DEV=1 $(BIN)/gateway serve
 
-## Install redis-server if missing, then lint and run the whole suite against it.
-test: lint redis-server
+## Install redis-server, chromium and the JS clients if missing; lint; run the whole suite.
+test: lint redis-server chromium js-clients
 	$(BIN)/python -m pytest -q
 
 redis-server:
@@ -28,6 +29,27 @@ redis-server:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
+
+## The real browser of tests/browser.py (Playwright drives Debian's chromium).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version 2>/dev/null
+
+## The JavaScript clients of tests/test_js_clients.py (Apollo Client, graphql-ws) and
+## tests/test_js_openai.py (OpenAI's `openai` SDK), as
+## tests/js/package-lock.json pins them: `npm ci` when node_modules is missing or older
+## than the lock file. Needs Node 20 and npm.
+js-clients: $(JS)/node_modules/.package-lock.json
+
+$(JS)/node_modules/.package-lock.json: $(JS)/package-lock.json $(JS)/package.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "npm not found: install Node.js 20 with npm (https://nodejs.org)" >&2; exit 1; }
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
 
 ## ruff (lint and format), mypy (config in pyproject.toml).
 lint: $(STAMP)

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool
 
-MODULES = ["bench.admission", "bench.http", "bench.upstream", "bench.scale"]
+MODULES = ["bench.admission", "bench.http", "bench.openai_route", "bench.upstream", "bench.scale"]
 
 
 @dataclass

@@ -37,7 +37,7 @@ from bench import (
 )
 from gateway.accounts import Accounts
 from gateway.admission import admit, plan_table
-from gateway.auth import credentials
+from gateway.auth import Credential, credentials
 from gateway.config import Settings, load_settings
 from gateway.errors import RateLimited
 from gateway.jobs.model import Job
@@ -77,8 +77,7 @@ def new_job(account: str) -> Job:
 @dataclass(frozen=True)
 class Caller:
     key: str
-    account: str
-    secret_hash: str
+    credential: Credential
 
 
 @dataclass
@@ -100,15 +99,14 @@ class Bench:
 
     async def key(self, **limits: int) -> Caller:
         made = await self.accounts.create("enterprise", 10**12, name="bench", **limits)
-        account, secret_hash = credentials(made["key"])
-        return Caller(made["key"], account, secret_hash)
+        return Caller(made["key"], credentials(made["key"]))
 
     async def admit(self, caller: Caller) -> None:
         await admit(
             self.client,
             self.scripts,
-            caller.secret_hash,
-            new_job(caller.account),
+            caller.credential,
+            new_job(caller.credential.account),
             plans=self.plans,
             now_ms=now_ms(),
             lease_ms=LEASE_MS,
@@ -227,12 +225,12 @@ async def request_rate(ctx: Context) -> list[Row]:
         made = [await bench.key(rpm=HUGE, concurrency=HUGE, daily=HUGE) for _ in range(64)]
 
         async def op(task: int) -> None:
-            account, secret_hash = credentials(made[task].key)
+            credential = credentials(made[task].key)
             await admit(
                 bench.client,
                 bench.scripts,
-                secret_hash,
-                new_job(account),
+                credential,
+                new_job(credential.account),
                 plans=bench.plans,
                 now_ms=now_ms(),
                 lease_ms=LEASE_MS,

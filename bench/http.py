@@ -31,12 +31,18 @@ in flight when it stopped (a saturated server has one queued for every connectio
 
 The gateway's enterprise key has a huge balance and no limits, and its per-key read limit
 is raised (`GATEWAY_READ_RPM`) so that polling at full speed is measured, not refused.
+
+Scenario `apq` (`python -m bench apq`; the gateway alone, no floors): `gateway: job`
+against `gateway: job, APQ GET`, the same document as an automatic persisted query, its
+hash alone over GET (registered once before), as Apollo Client's persisted-query link
+sends it with `useGETForHashedQueries`; interleaved in each round like the cases above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -49,6 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import redis.asyncio as aioredis
@@ -93,6 +100,7 @@ POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
 STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
 GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
 MISS_CASE, CACHE_CASE, PEER = "gateway: cache miss", "gateway: cache hit", "peer: litellm"
+APQ_CASE = "gateway: job, APQ GET"
 # (case, its reference, the share of the reference's req/s the issue asks for, or None)
 TARGETS = [
     (GENERATE_CASE, STRAWBERRY, 0.80),
@@ -159,9 +167,11 @@ def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path, str]]:
+def servers(
+    redis_url: str, gateway_only: bool = False
+) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path, str]]:
     """The gateway, the floors and the peer when it runs; the last item says why the
-    peer does not ("" when it does)."""
+    peer does not ("" when it does). `gateway_only`: no floors, no peer."""
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         workdir = Path(tmp)
         storage = workdir / "outputs"
@@ -176,6 +186,9 @@ def servers(redis_url: str) -> Iterator[tuple[dict[str, Server], dict[str, Any],
                 port,
                 workdir,
             )
+            if gateway_only:
+                yield started, made, workdir, "not asked for"
+                return
             started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir)
             started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir)
             peers, why_not = peer.start(workdir)
@@ -254,11 +267,16 @@ end
 SEED = "SEED"
 
 
-def lua_script(body: bytes, headers: dict[str, str], first: int | None = None) -> str:
-    """wrk's script for one case; with `first`, `"SEED"` in the body is a fresh seed."""
+def lua_script(
+    body: bytes, headers: dict[str, str], first: int | None = None, method: str = "POST"
+) -> str:
+    """wrk's script for one case; with `first`, `"SEED"` in the body is a fresh seed.
+    A GET sends no body (its request is in the URL)."""
     text = body.decode()
     assert "]==]" not in text
-    lines = ['wrk.method = "POST"', f"wrk.body = [==[{text}]==]"]
+    lines = [f'wrk.method = "{method}"']
+    if method != "GET":
+        lines.append(f"wrk.body = [==[{text}]==]")
     for name, value in headers.items():
         lines.append(f'wrk.headers["{name}"] = "{value}"')
     if first is not None:
@@ -325,6 +343,7 @@ class Case:
     headers: dict[str, str]
     expect: int  # the status a correct answer has
     fresh_seeds: bool = False  # each request a seed of its own (`SEED` in the body)
+    method: str = "POST"  # GET: `path` carries the request, `body` is empty
     script: Path = field(init=False)
     runs: int = field(default=0, init=False)
 
@@ -333,12 +352,14 @@ class Case:
         self.script = workdir / f"{self.name.replace(' ', '_').replace(':', '')}.lua"
         self.runs += 1
         first = self.runs * 10_000_000 if self.fresh_seeds else None
-        self.script.write_text(lua_script(self.body, self.headers, first))
+        self.script.write_text(lua_script(self.body, self.headers, first, self.method))
 
     def check(self, client: httpx.Client) -> dict[str, Any]:
         """One request by hand: the answer must be the right one, not an error."""
         sent = self.body.replace(f'"{SEED}"'.encode(), b"1") if self.fresh_seeds else self.body
-        response = client.post(self.server.url(self.path), content=sent, headers=self.headers)
+        response = client.request(
+            self.method, self.server.url(self.path), content=sent or None, headers=self.headers
+        )
         body: dict[str, Any] = response.json()
         if response.status_code != self.expect or body.get("errors") or body.get("error"):
             raise SystemExit(f"{self.name}: {response.status_code} {response.text[:500]}")
@@ -536,6 +557,92 @@ async def http(ctx: Context) -> list[HttpRow]:
         relation = "" if target and target > 1 else "of "
         summary.append(f"{case_name}: {shown} {relation}{floor_name}'s req/s{verdict}")
     out[-1].summary = summary
+    return out
+
+
+def persisted_poll(client: httpx.Client, gateway: Server, key: str, job_id: str) -> Case:
+    """The `job` poll as an automatic persisted query: registered once (its text and
+    hash by POST), then sent as Apollo's link sends it, the hash alone over GET."""
+    variables = {"id": job_id}
+    sha = hashlib.sha256(POLL.encode()).hexdigest()
+    persisted = {"persistedQuery": {"version": 1, "sha256Hash": sha}}
+    headers = {"Authorization": f"Bearer {key}"}
+    registered = client.post(
+        gateway.url("/graphql"),
+        json={"query": POLL, "variables": variables, "extensions": persisted},
+        headers=headers,
+    )
+    if registered.status_code != 200 or registered.json().get("errors"):
+        raise SystemExit(f"{APQ_CASE}: registering failed: {registered.text[:500]}")
+    query = urlencode(
+        {
+            "variables": json.dumps(variables, separators=(",", ":")),
+            "extensions": json.dumps(persisted, separators=(",", ":")),
+        }
+    )
+    return Case(APQ_CASE, gateway, f"/graphql?{query}", b"", headers, 200, method="GET")
+
+
+def apq_summary(rows: dict[str, HttpRow]) -> list[str]:
+    """The persisted GET against the text POST: what each costs the server."""
+    if APQ_CASE not in rows or JOB_CASE not in rows:
+        return []
+    apq, text = rows[APQ_CASE], rows[JOB_CASE]
+    apq_cpu, text_cpu = statistics.median(apq.cpu_ms), statistics.median(text.cpu_ms)
+    return [
+        f"{APQ_CASE}: {apq_cpu:.3f} ms CPU/req against the text POST's {text_cpu:.3f} "
+        f"({apq_cpu / text_cpu:.0%}), {apq.median / text.median:.0%} of its req/s; "
+        "target no more CPU: " + ("met" if apq_cpu <= text_cpu else "NOT met")
+    ]
+
+
+@scenario("apq")
+async def apq(ctx: Context) -> list[HttpRow]:
+    """The `job` poll as text over POST and as a persisted query over GET, interleaved
+    in each round: the gateway alone (`python -m bench apq`)."""
+    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
+    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
+    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    await admin.flushall()
+    redis_pid = redis_pid_of(await admin.info("server"))
+    try:
+        with (
+            servers(ctx.redis_url, gateway_only=True) as (procs, made, workdir, _),
+            httpx.Client(timeout=30) as client,
+        ):
+            gateway = procs["gateway"]
+            auth = {"Content-Type": "application/json", "Authorization": f"Bearer {made['key']}"}
+            generate = json.dumps({"query": GENERATE, "variables": GENERATE_VARIABLES}).encode()
+            made_job = Case(GENERATE_CASE, gateway, "/graphql", generate, auth, 200)
+            job_id = made_job.check(client)["data"]["generate"]["id"]
+            poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
+            cases = [
+                Case(JOB_CASE, gateway, "/graphql", poll, auth, 200),
+                persisted_poll(client, gateway, made["key"], job_id),
+            ]
+            for case in cases:
+                case.write_script(workdir)
+                answer = case.check(client)
+                if answer["data"]["job"]["id"] != job_id:
+                    raise SystemExit(f"{case.name}: {answer}")
+            rows = {
+                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
+                for case in cases
+            }
+            for case in cases:  # warm-up: connection pools filled, caches hot
+                case.write_script(workdir)
+                await wrk(case.server.url(case.path), case.script, 1)
+            for _ in range(rounds):
+                for case in cases:
+                    await measure(case, rows[case.name], admin, redis_pid, seconds)
+            await asyncio.sleep(1.0)  # at rest again
+            for case in cases:
+                rows[case.name].rss_mb = case.server.rss_mb()
+    finally:
+        await admin.flushall()
+        await admin.aclose()
+    out = list(rows.values())
+    out[-1].summary = apq_summary(rows)
     return out
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway.auth import Principal, plan_limits
+from gateway.auth import Credential, Principal, TokenGrant, plan_limits
 from gateway.config import PlanLimits
 from gateway.errors import (
     BadUserInput,
+    Forbidden,
     GatewayError,
     InsufficientCredits,
     RateLimited,
@@ -29,6 +30,14 @@ from gateway.store import keys
 from gateway.store.scripts import Scripts
 
 DAY_MS = 86_400_000
+
+
+#: why admit.lua refused a client token (its `forbidden` verdict's rule)
+TOKEN_RULES = {
+    "origin": "this client token is not valid from this origin",
+    "service": "this client token may not use this service",
+    "jobs": "this client token has made all the jobs it may (maxJobs)",
+}
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ def plan_table(plans: dict[str, PlanLimits]) -> str:
 async def admit(
     redis: aioredis.Redis,
     scripts: Scripts,
-    secret_hash: str,
+    credential: Credential,
     job: Job,
     *,
     plans: str,
@@ -82,11 +91,16 @@ async def admit(
     idempotency: tuple[str, str] | None = None,
     cache_digest: str | None = None,
     retention_ms: int = 7 * DAY_MS,
+    origin: str = "",
 ) -> Admitted | Duplicate:
-    """Check the key (its account is `job.account`, its secret's hash `secret_hash`) and
-    admit `job`: one round trip. Refusals raise, carrying the key's X-RateLimit-* headers."""
+    """Check the key or client token (of the account `job.account`) and admit `job`: one
+    round trip. Refusals raise, carrying the key's X-RateLimit-* headers. `origin`: the
+    request's Origin header, which a token restricted to origins must carry."""
     account = job.account
+    token = credential.token
     idem_key, idem_hash = idempotency or ("", "")
+    if token:  # a token's idempotency keys are its own
+        idem_key = f"{token}:{idem_key}"
     shard = keys.shard_of(account)
     digest = cache_digest or ""
     reply = await scripts.admit(
@@ -103,8 +117,11 @@ async def admit(
         inflight=keys.inflight(shard, digest),
         followers=keys.followers(shard, digest),
         coalescing=keys.coalescing(shard),
+        client_token=keys.client_token(account, token),
+        token_jobs=keys.token_jobs(account, token),
+        webhooks=keys.webhooks(shard),
         now_ms=now_ms,
-        secret_hash=secret_hash,
+        secret_hash=credential.secret_hash,
         plans=plans,
         cost=job.cost,
         job_id=job.id,
@@ -113,12 +130,16 @@ async def admit(
         idempotency_hash=idem_hash,
         cacheable=bool(cache_digest),
         retention_ms=retention_ms,
+        token=bool(token),
+        origin=origin.lower(),
+        service=job.provider,
         fields=job.to_hash(),
         client=redis,
     )
     verdict = reply.verdict
     if verdict == "unauthenticated":
-        raise Unauthenticated("Invalid API key")
+        what = "client token: unknown, expired or revoked" if token else "API key"
+        raise Unauthenticated(f"Invalid {what}")
 
     principal = Principal(
         account=account,
@@ -129,6 +150,7 @@ async def admit(
         webhook_secret="",
         window_used=reply.window_used,
         window_reset=reply.window_reset,
+        token=TokenGrant.admitted(token) if token else None,
     )
     if verdict == "ok":
         outcome = reply.hit._asdict() if reply.hit else None
@@ -140,6 +162,8 @@ async def admit(
         refusal = RateLimited(reply.limit, max(1, math.ceil(reply.wait_ms / 1000)))
     elif verdict == "credits":
         refusal = InsufficientCredits(reply.cost, principal.credits)
+    elif verdict == "forbidden":
+        refusal = Forbidden(TOKEN_RULES[reply.rule])
     else:  # idempotency_mismatch
         refusal = BadUserInput(
             "idempotencyKey was already used with different parameters", field="idempotencyKey"

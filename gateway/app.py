@@ -20,8 +20,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import rest
+from gateway import compat, openai_api, pages, rest
 from gateway.config import Settings
+from gateway.cors import CORS
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -128,12 +129,13 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     schema = build_schema()
-    view = GraphQLView(schema, prepared(schema))
+    view = GraphQLView(schema, prepared(schema), allowed_origins=settings.allowed_origins)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with runtime(settings, clock) as rt:
             app.state.gateway = rt.gateway
+            app.state.persisted = rt.persisted
             if settings.dev:
                 made = await rt.gateway.accounts.create("pro", DEMO_CREDITS, name="demo")
                 print(f"API key: {made['key']}", flush=True)
@@ -147,6 +149,9 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         Route("/graphql", view, methods=["GET", "POST"]),
         WebSocketRoute("/graphql", view),
         *rest.routes,
+        *compat.routes,
+        *openai_api.routes,
+        *pages.routes,
         Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs"),
     ]
     app = Starlette(
@@ -157,4 +162,5 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
     # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.
     app.router.redirect_slashes = False
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
     return app

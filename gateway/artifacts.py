@@ -17,6 +17,10 @@ class ArtifactStore(Protocol):
         """Store bytes; return the public URL."""
         ...
 
+    async def read(self, url: str) -> bytes | None:
+        """The bytes stored at a URL `put` returned; None when there are none."""
+        ...
+
     async def delete(self, urls: list[str]) -> None: ...
 
     async def ready(self) -> bool: ...
@@ -41,6 +45,21 @@ class LocalArtifactStore:
         name = f"{secrets.token_urlsafe(18)}.{ext}"
         await asyncio.to_thread(self._write, name, data)
         return f"{self.base_url}/{name}"
+
+    def _path(self, url: str) -> Path | None:
+        prefix, _, name = url.rpartition("/")
+        if prefix != self.base_url or not name or name.startswith("."):
+            return None
+        return self.root / name
+
+    async def read(self, url: str) -> bytes | None:
+        path = self._path(url)
+        if path is None:
+            return None
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
 
     async def delete(self, urls: list[str]) -> None:
         def remove() -> None:

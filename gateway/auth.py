@@ -1,11 +1,13 @@
-"""API key -> Principal: one round trip, hashed keys, constant-time comparison.
+"""API key or client token -> Principal: one round trip, hashed, constant-time comparison.
 
-A key reads `gk_<account>_<secret>`. Only SHA-256 of the secret is stored; the secret
-carries 256 random bits, so a fast hash is enough (no password stretching needed).
+A key reads `gk_<account>_<secret>`, a client token `gct_<account>_<id>_<secret>`
+(docs/api.md#client-tokens). Only SHA-256 of a secret is stored; a secret carries at
+least 192 random bits, so a fast hash is enough (no password stretching needed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -16,11 +18,54 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.config import PlanLimits, Settings
-from gateway.errors import RateLimited, Unauthenticated
+from gateway.errors import Forbidden, RateLimited, Unauthenticated
 from gateway.store import keys
 from gateway.store.scripts import Scripts
 
 KEY_PREFIX = "gk"
+TOKEN_PREFIX = "gct"  # noqa: S105 (a prefix, not a secret)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a well-formed key or token says, before any lookup."""
+
+    account: str
+    secret_hash: str  # SHA-256 of its secret
+    token: str = ""  # a client token's id; '' for an API key
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """A client token as its record stood when the request was authenticated."""
+
+    id: str
+    max_credits: int
+    spent: int
+    max_jobs: int | None
+    jobs: int
+    expires_ms: int
+    origins: tuple[str, ...]  # empty: any
+    services: tuple[str, ...]  # empty: any
+
+    @classmethod
+    def admitted(cls, token_id: str) -> TokenGrant:
+        """A token as admission reports it: its id (the rest is not read back)."""
+        return cls(token_id, 0, 0, None, 0, 0, (), ())
+
+    @classmethod
+    def of(cls, token_id: str, record: dict[str, str]) -> TokenGrant:
+        max_jobs = int(record.get("max_jobs", -1))
+        return cls(
+            id=token_id,
+            max_credits=int(record.get("max_credits", 0)),
+            spent=int(record.get("spent", 0)),
+            max_jobs=None if max_jobs < 0 else max_jobs,
+            jobs=int(record.get("jobs", 0)),
+            expires_ms=int(record.get("expires", 0)),
+            origins=tuple(o for o in record.get("origins", "").split(",") if o),
+            services=tuple(o for o in record.get("services", "").split(",") if o),
+        )
 
 
 @dataclass(frozen=True)
@@ -28,11 +73,20 @@ class Principal:
     account: str
     name: str
     plan: str
-    credits: int
+    credits: int  # the account's balance; a client token's: what is left of its budget
     limits: PlanLimits
     webhook_secret: str
     window_used: int  # generations admitted in the last 60 s
     window_reset: int  # unix seconds when the oldest of those leaves the window
+    token: TokenGrant | None = None  # set when the caller holds a client token
+
+    def token_id(self) -> str:
+        return self.token.id if self.token else ""
+
+    def require_key(self, what: str) -> None:
+        """Refuse a client token what only the key itself may do."""
+        if self.token is not None:
+            raise Forbidden(f"a client token cannot {what}")
 
     def rate_headers(self) -> dict[str, str]:
         if self.limits.rpm is None:
@@ -71,19 +125,28 @@ def hash_secret(secret: str) -> str:
 
 def parse_key(key: str) -> tuple[str, str] | None:
     parts = key.strip().split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1].isalnum() or len(parts[1]) > 32:
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not _account_like(parts[1]):
         return None
     return parts[1], parts[2]
 
 
-def credentials(key: str | None) -> tuple[str, str]:
-    """(account id, SHA-256 of the secret) of a well-formed key; Unauthenticated if not."""
+def _account_like(part: str) -> bool:
+    return part.isascii() and part.isalnum() and len(part) <= 32
+
+
+def credentials(key: str | None) -> Credential:
+    """What a well-formed key or client token names; Unauthenticated if it is neither."""
     if not key:
         raise Unauthenticated("Missing API key: send Authorization: Bearer KEY or X-API-Key")
+    if key.startswith(TOKEN_PREFIX + "_"):
+        parts = key.strip().split("_", 3)
+        if len(parts) != 4 or not _account_like(parts[1]) or not _account_like(parts[2]):
+            raise Unauthenticated("Invalid client token")
+        return Credential(parts[1], hash_secret(parts[3]), token=parts[2])
     parsed = parse_key(key)
     if parsed is None:
         raise Unauthenticated("Invalid API key")
-    return parsed[0], hash_secret(parsed[1])
+    return Credential(parsed[0], hash_secret(parsed[1]))
 
 
 @functools.lru_cache(maxsize=256)  # a few plans: one model each, not one per request
@@ -106,25 +169,39 @@ async def authenticate(
     *,
     plans: str,
     read: bool = False,
+    origin: str | None = None,
 ) -> Principal:
     """The caller behind `key` (one round trip). `plans`: admission's `plan_table` of
-    the settings' plans."""
-    account, given = credentials(key)
+    the settings' plans; `origin`: the request's Origin header, which a client token
+    restricted to origins must carry."""
+    cred = credentials(key)
+    account = cred.account
     minute = now_ms // 60000
     reply = await scripts.auth(
         account=keys.account(account),
         rate=keys.rate(account),
         reads=keys.reads(account, minute),
+        client_token=keys.client_token(account, cred.token),
         now_ms=now_ms,
         count_read=read,
-        secret_hash=given,
+        secret_hash=cred.secret_hash,
         plans=plans,
+        token=bool(cred.token),
         client=redis,
     )
     fields = reply.account
     stored = fields.get("key_hash", "")
-    # compare_digest runs even for unknown accounts, so timing tells nothing.
-    ok = hmac.compare_digest(stored or "0" * 64, given)
+    grant = None
+    if cred.token:
+        # compare_digest runs even for unknown tokens, so timing tells nothing.
+        ok = hmac.compare_digest(reply.token.get("hash") or "0" * 64, cred.secret_hash)
+        grant = TokenGrant.of(cred.token, reply.token)
+        if not ok or reply.token.get("revoked") == "1" or reply.token.get("key_hash") != stored:
+            raise Unauthenticated("Invalid or revoked client token")
+        if grant.expires_ms <= now_ms:
+            raise Unauthenticated("This client token has expired")
+    else:
+        ok = hmac.compare_digest(stored or "0" * 64, cred.secret_hash)
     if not ok or not stored or fields.get("revoked") == "1":
         raise Unauthenticated("Invalid API key")
     principal = Principal(
@@ -136,7 +213,14 @@ async def authenticate(
         webhook_secret=fields.get("webhook_secret", ""),
         window_used=reply.window_used,
         window_reset=reply.window_reset,
+        token=grant,
     )
+    if grant is not None:
+        principal = dataclasses.replace(
+            principal, credits=grant.max_credits - grant.spent, webhook_secret=""
+        )
+        if grant.origins and (origin or "").lower() not in grant.origins:
+            raise Forbidden("this client token is not valid from this origin")
     if read and reply.reads > settings.read_rpm:
         refused = RateLimited("read", 60 - (now_ms // 1000) % 60)
         refused.headers = principal.rate_headers()

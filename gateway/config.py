@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     fluxkrea_api_key: SecretStr | None = None
 
     url_allow_cidrs: str = ""
+    cors_origins: str = Field(
+        default="",
+        description="origins whose pages may call the API (comma-separated, or *); "
+        "unset: none, or any in dev mode",
+    )
 
     # Workers and jobs
     workers: int = Field(default=64, ge=1, description="jobs one process runs at once")
@@ -99,9 +104,22 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=64, ge=1)
 
+    # Answers that wait for their job (docs/api.md#waiting)
+    sync_wait_seconds: float = Field(
+        default=300.0, gt=0, le=3600, description="longest an OpenAI-style request waits"
+    )
+
     # HTTP guards
     max_body_bytes: int = 64 * 1024
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
+
+    # Automatic persisted queries (docs/api.md#persisted-queries), shared in Redis
+    apq_max_documents: int = Field(
+        default=5_000, ge=1, description="documents kept; the least recently used go first"
+    )
+    apq_max_document_bytes: int = Field(
+        default=16 * 1024, ge=1, description="a longer document is refused (413), not stored"
+    )
 
     # Filled from the TOML file named by GATEWAY_CONFIG
     plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
@@ -115,6 +133,16 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        """`cors_origins` as browsers spell an Origin (lower case, no trailing slash);
+        ("*",) for any."""
+        listed = [o.strip().rstrip("/").lower() for o in self.cors_origins.split(",")]
+        origins = tuple(o for o in listed if o)
+        if "*" in origins or (not origins and self.dev):
+            return ("*",)
+        return origins
 
     @property
     def allow_cidrs(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

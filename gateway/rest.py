@@ -1,4 +1,5 @@
-"""REST: `POST /v1/text_to_image`, `GET /v1/jobs/{id}`, cancel, health (docs/api.md#rest).
+"""REST: `POST /v1/text_to_image`, `GET /v1/jobs/{id}`, cancel, events, client tokens,
+health (docs/api.md#rest).
 
 The same `Gateway` methods as GraphQL; errors as `{"error": {"code", "message", ...}}`.
 """
@@ -13,10 +14,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.auth import Principal, api_key_from
-from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
+from gateway.auth import TOKEN_PREFIX, Principal, api_key_from
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    NotFound,
+    ServiceUnavailable,
+    Unauthenticated,
+)
+from gateway.jobs.model import iso
 from gateway.params import GenerationRequest, from_image_input
 from gateway.service import Gateway, store_errors
+from gateway.tokens import spec
 
 
 class ORJSONResponse(JSONResponse):
@@ -43,7 +52,9 @@ def endpoint(handler: Handler, *, read: bool) -> Callable[[Request], Awaitable[R
         gateway: Gateway = request.app.state.gateway
         headers: dict[str, str] = {}
         try:
-            principal = await gateway.authenticate(api_key_from(request.headers), read=read)
+            principal = await gateway.authenticate(
+                api_key_from(request.headers), read=read, origin=request.headers.get("origin")
+            )
             headers = principal.rate_headers()
             status, body, principal = await handler(request, gateway, principal)
             headers = principal.rate_headers()
@@ -54,7 +65,7 @@ def endpoint(handler: Handler, *, read: bool) -> Callable[[Request], Awaitable[R
     return run
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def read_json(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
@@ -64,18 +75,51 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
+PREFER_WAIT_MAX = 60.0
+
+
+def prefer_wait(header: str | None) -> float | None:
+    """Seconds asked for by `Prefer: wait[=N]` (RFC 7240; N at most 60, bare `wait` is
+    60); None without one. A preference it cannot read is ignored, as the RFC says."""
+    if not header:
+        return None
+    for preference in header.split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        if not value:
+            return PREFER_WAIT_MAX
+        try:
+            seconds = float(value.strip().strip('"'))
+        except ValueError:
+            return None
+        if seconds != seconds or seconds < 0:  # NaN, negative
+            return None
+        return min(seconds, PREFER_WAIT_MAX)
+    return None
+
+
 async def text_to_image(request: Request) -> Response:
-    """Key check and admission in one round trip (see `Gateway.generate`)."""
+    """Key check and admission in one round trip (see `Gateway.generate`); with `Prefer:
+    wait`, the answer waits for the job's end (200) or the time asked for (202)."""
     gateway: Gateway = request.app.state.gateway
 
     async def parse() -> GenerationRequest:
-        return from_image_input(await _json(request))
+        return from_image_input(await read_json(request))
 
+    wait = prefer_wait(request.headers.get("prefer"))
     try:
-        job, principal = await gateway.generate(api_key_from(request.headers), parse)
+        job, principal = await gateway.generate(
+            api_key_from(request.headers), parse, request.headers.get("origin", "")
+        )
+        if wait is not None:
+            job = await gateway.wait(job, wait)
     except GatewayError as exc:
         return error_response(exc)
-    return ORJSONResponse(job.public(), status_code=202, headers=principal.rate_headers())
+    headers = principal.rate_headers()
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    return ORJSONResponse(job.public(), status_code=200 if job.ended else 202, headers=headers)
 
 
 async def get_job(
@@ -94,11 +138,27 @@ async def cancel_job(
     return 200, job.public(), principal
 
 
+def _events_credential(request: Request) -> str | None:
+    """The key or token of an events request: its headers, or, since a page's
+    `EventSource` cannot set headers, a client token in `?token=` (never an API key:
+    URLs end up in logs and histories)."""
+    in_url = request.query_params.get("token")
+    if in_url is None:
+        return api_key_from(request.headers)
+    if not in_url.startswith(TOKEN_PREFIX + "_"):
+        raise Unauthenticated(
+            "only a client token may be sent in the URL; send an API key in a header"
+        )
+    return in_url
+
+
 async def job_events(request: Request) -> Response:
     """The job's updates as Server-Sent Events: current state first, then each change."""
     gateway: Gateway = request.app.state.gateway
     try:
-        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+        principal = await gateway.authenticate(
+            _events_credential(request), read=True, origin=request.headers.get("origin")
+        )
         job_id = request.path_params["job_id"]
         if await gateway.job(principal, job_id) is None:
             raise NotFound("no such job")
@@ -126,11 +186,62 @@ async def job_events(request: Request) -> Response:
     )
 
 
+async def create_client_token(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    """`POST /v1/client_tokens` {maxCredits, ttlSeconds, origins, services, maxJobs}."""
+    body = await read_json(request)
+    unknown = body.keys() - TOKEN_FIELDS.keys()
+    if unknown:
+        raise BadUserInput(f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
+    args: dict[str, Any] = {}
+    for name, (arg, kind) in TOKEN_FIELDS.items():
+        value = body.get(name)
+        if value is not None and not _is(value, kind):
+            raise BadUserInput(f"{name} has the wrong type", field=name)
+        args[arg] = value
+    if args["max_credits"] is None:
+        raise BadUserInput("maxCredits is required", field="maxCredits")
+    minted = await gateway.create_client_token(principal, spec(**args))
+    answer = {
+        "token": minted.token,
+        "expiresAt": iso(minted.expires_ms),
+        "maxCredits": minted.max_credits,
+    }
+    return 201, answer, principal
+
+
+#: the JSON fields of `POST /v1/client_tokens`: (argument of `tokens.spec`, type)
+TOKEN_FIELDS: dict[str, tuple[str, type]] = {
+    "maxCredits": ("max_credits", int),
+    "ttlSeconds": ("ttl_seconds", int),
+    "origins": ("origins", list),
+    "services": ("services", list),
+    "maxJobs": ("max_jobs", int),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+async def revoke_client_token(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    """`POST /v1/client_tokens/revoke` {token}: {"revoked": bool}."""
+    token = (await read_json(request)).get("token")
+    if not isinstance(token, str):
+        raise BadUserInput("token is required", field="token")
+    return 200, {"revoked": await gateway.revoke_client_token(principal, token)}, principal
+
+
 async def upstream_callback(request: Request) -> Response:
     """An upstream reports a job to the URL we gave it (flux-krea's async webhook)."""
     gateway: Gateway = request.app.state.gateway
     try:
-        body = await _json(request)
+        body = await read_json(request)
         # Redis away: 503 with Retry-After, so the upstream sends it again later.
         with store_errors("the gateway cannot take callbacks right now; send it again"):
             delivered = await gateway.inbox.deliver(request.path_params["token"], body)
@@ -159,6 +270,8 @@ routes = [
     Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+    Route("/v1/client_tokens", endpoint(create_client_token, read=False), methods=["POST"]),
+    Route("/v1/client_tokens/revoke", endpoint(revoke_client_token, read=False), methods=["POST"]),
     Route("/v1/callbacks/{backend}/{token}", upstream_callback, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

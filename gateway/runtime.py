@@ -25,6 +25,7 @@ from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
 from gateway.events import Events
+from gateway.job_watch import JobWatch
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
 from gateway.jobs.worker import Worker
@@ -32,6 +33,7 @@ from gateway.providers import build_providers
 from gateway.providers.http import UpstreamClient
 from gateway.routing import Router
 from gateway.service import Gateway
+from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import Scripts, connect
 from gateway.webhooks import Webhooks
 
@@ -40,6 +42,7 @@ from gateway.webhooks import Webhooks
 class Runtime:
     gateway: Gateway
     worker: Worker
+    persisted: PersistedQueries  # APQ documents (`schema/persisted.py` serves the protocol)
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +82,8 @@ async def runtime(
         artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
         store = JobStore(redis, scripts, settings.retention_days)
         events = Events(redis, store)
+        watch = JobWatch(redis, store)
+        opened.push_async_callback(watch.aclose)
         cache = Cache(redis, scripts, settings)
         webhooks = Webhooks(
             redis=redis,
@@ -100,6 +105,7 @@ async def runtime(
             cache=cache,
             webhooks=webhooks,
             inbox=inbox,
+            watch=watch,
             clock=clock,
         )
         worker = Worker(
@@ -114,7 +120,12 @@ async def runtime(
             consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}",
             clock=clock,
         )
-        yield Runtime(gateway, worker)
+        persisted = PersistedQueries(
+            scripts,
+            max_documents=settings.apq_max_documents,
+            max_document_bytes=settings.apq_max_document_bytes,
+        )
+        yield Runtime(gateway, worker, persisted)
 
 
 @contextlib.asynccontextmanager

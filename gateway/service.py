@@ -24,8 +24,9 @@ from gateway.auth import Principal, authenticate, credentials
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import Forbidden, GatewayError, NotFound, ServiceUnavailable
 from gateway.events import Events
+from gateway.job_watch import JobWatch
 from gateway.jobs.model import Job
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
@@ -33,6 +34,7 @@ from gateway.params import SEED_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
 from gateway.store.redis import Scripts, store_trouble
+from gateway.tokens import ClientTokens, Minted, TokenSpec
 from gateway.urlguard import check_url
 from gateway.webhooks import Webhooks
 
@@ -74,6 +76,7 @@ class Gateway:
         cache: Cache,
         webhooks: Webhooks,
         inbox: RedisInbox,
+        watch: JobWatch,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Every part comes built (by `gateway/runtime.py`); the job store, events, cache
@@ -89,14 +92,20 @@ class Gateway:
         self.cache = cache
         self.webhooks = webhooks
         self.inbox = inbox  # receives the upstreams' callbacks (`POST /v1/callbacks/...`)
+        self.watch = watch  # answers that wait for their job's end
         self.clock = clock
         self.accounts = Accounts(redis, scripts, settings)
+        self.tokens = ClientTokens(redis)
         self.plans = plan_table(settings.plans)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def authenticate(self, key: str | None, *, read: bool = False) -> Principal:
+    async def authenticate(
+        self, key: str | None, *, read: bool = False, origin: str | None = None
+    ) -> Principal:
+        """The caller holding `key` (an API key or a client token, which may be bound to
+        origins: `origin` is the request's Origin header)."""
         with store_errors():
             return await authenticate(
                 self.redis,
@@ -106,12 +115,13 @@ class Gateway:
                 self.now_ms(),
                 plans=self.plans,
                 read=read,
+                origin=origin,
             )
 
-    async def _refuse(self, api_key: str | None, exc: GatewayError) -> NoReturn:
+    async def _refuse(self, api_key: str | None, origin: str, exc: GatewayError) -> NoReturn:
         """A generation request refused before admission (bad input, nothing routable):
         a bad key still gets its 401, a good one its X-RateLimit-* headers."""
-        principal = await self.authenticate(api_key)
+        principal = await self.authenticate(api_key, origin=origin)
         exc.headers = {**principal.rate_headers(), **exc.headers}
         raise exc
 
@@ -122,22 +132,31 @@ class Gateway:
         return Estimate(credits, width, height, request.num_images, backends)
 
     async def generate(
-        self, api_key: str | None, parse: Callable[[], Awaitable[GenerationRequest]]
+        self,
+        api_key: str | None,
+        parse: Callable[[], Awaitable[GenerationRequest]],
+        origin: str = "",
+        webhook_shape: dict[str, Any] | None = None,
     ) -> tuple[Job, Principal]:
         """Check the key, parse and validate the input, price, admit and enqueue, the key
         check and admission in one Lua call; the job and the caller as admission left it.
 
         `parse` reads the caller's input (GraphQL or REST): a refusal before admission
-        is answered here, once, with the key still checked."""
-        account, secret_hash = credentials(api_key)
+        is answered here, once, with the key still checked. `origin`: the request's
+        Origin header (a client token may be bound to origins). `webhook_shape`: the
+        protocol its webhook speaks when not ours (`Job.webhook_shape`, set by the
+        provider-compatible routes)."""
+        credential = credentials(api_key)
         try:
             request = await parse()
             self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
             if request.webhook_url:
+                if credential.token:
+                    raise Forbidden("a client token cannot set webhookUrl")
                 await check_url(request.webhook_url, self.settings.allow_cidrs)
             credits = pricing.cost(*request.size(), request.num_images)
         except GatewayError as exc:
-            await self._refuse(api_key, exc)
+            await self._refuse(api_key, origin, exc)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
         # One read of the system's randomness for the job id and the seed.
         raw = os.urandom(16)
@@ -146,7 +165,7 @@ class Gateway:
         now = self.now_ms()
         job = Job(
             id=raw[:12].hex(),
-            account=account,
+            account=credential.account,
             status="queued",
             provider=request.provider,
             params=params,
@@ -154,6 +173,8 @@ class Gateway:
             created_at=now,
             webhook_url=request.webhook_url,
             cache_key=self.cache.digest(request),
+            token=credential.token or None,
+            webhook_shape=webhook_shape if request.webhook_url else None,
         )
         idempotency = (
             (request.idempotency_key, request.fingerprint()) if request.idempotency_key else None
@@ -162,7 +183,7 @@ class Gateway:
             verdict = await admit(
                 self.redis,
                 self.scripts,
-                secret_hash,
+                credential,
                 job,
                 plans=self.plans,
                 now_ms=now,
@@ -172,9 +193,10 @@ class Gateway:
                 idempotency=idempotency,
                 cache_digest=job.cache_key,
                 retention_ms=self.cache.retention_ms,
+                origin=origin,
             )
             if not isinstance(verdict, Admitted):
-                earlier = await self.store.get(account, verdict.job_id)
+                earlier = await self.store.get(credential.account, verdict.job_id)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
                 return earlier, verdict.principal
@@ -191,14 +213,20 @@ class Gateway:
         return job, verdict.principal
 
     async def job(self, principal: Principal, job_id: str) -> Job | None:
+        """One of the caller's jobs (a client token's: one made with it), or None."""
         with store_errors():
-            return await self.store.get(principal.account, job_id)
+            job = await self.store.get(principal.account, job_id)
+        if job is None or (principal.token and job.token != principal.token.id):
+            return None
+        return job
 
     async def jobs(
         self, principal: Principal, first: int, after: str | None, status: str | None
     ) -> tuple[list[Job], bool]:
         with store_errors():
-            return await self.store.page(principal.account, first, after, status)
+            return await self.store.page(
+                principal.account, first, after, status, principal.token_id()
+            )
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
         """Cancel a job that has not ended: refunded at once, its slot freed.
@@ -206,10 +234,10 @@ class Gateway:
         A queued job never starts; a running one is stopped by its worker at its next
         poll (and cancelled upstream where the provider allows).
         """
+        job = await self.job(principal, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
         with store_errors():
-            job = await self.store.get(principal.account, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id}")
             if not job.ended:
                 await self.store.finish(
                     job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
@@ -222,6 +250,20 @@ class Gateway:
                         self.queue.notify()
                         await self.events.publish_stored(*promoted)
             return job
+
+    async def wait(self, job: Job, seconds: float) -> Job:
+        """`job` once it has ended, or as it stands after `seconds`: it goes on either
+        way, and so does it when Redis goes away meanwhile (the job was accepted; the
+        caller gets it as it was, to read again by its id)."""
+        if job.ended or seconds <= 0:
+            return job
+        try:
+            ended = await self.watch.until_ended(job.account, job.id, seconds)
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or store_trouble(exc)):
+                raise
+            return job
+        return ended or job
 
     async def follow(self, principal: Principal, job_id: str) -> AsyncIterator[Job]:
         job = await self.job(principal, job_id)
@@ -255,12 +297,15 @@ class Gateway:
             }
 
         cache = await self.cache.stats(account)
+        token = principal.token
         return {
             "cache": cache,
             "id": account,
             "name": principal.name,
             "plan": principal.plan,
-            "credits": int(credits or 0),
+            # a client token sees what is left of its budget, not its account's balance
+            "credits": principal.credits if token else int(credits or 0),
+            "client_token": token,
             "limits": [
                 usage("minute", limits.rpm, principal.window_used, principal.window_reset),
                 usage("day", limits.daily, int(today or 0), day_reset),
@@ -270,17 +315,33 @@ class Gateway:
         }
 
     async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[dict[str, Any]]:
+        principal.require_key("read webhook deliveries")
         with store_errors():
             if await self.store.get(principal.account, job_id) is None:
                 raise NotFound(f"no job {job_id}")
             return await self.webhooks.attempts(principal.account, job_id)
 
     async def resend_webhook(self, principal: Principal, job_id: str) -> None:
+        principal.require_key("resend webhooks")
         with store_errors():
             job = await self.store.get(principal.account, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id}")
             await self.webhooks.resend(job)
+
+    async def create_client_token(self, principal: Principal, wanted: TokenSpec) -> Minted:
+        """A client token for a page, minted by a key (never by a token)."""
+        principal.require_key("mint client tokens")
+        for name in wanted.services:
+            self.router.route(name)  # an unknown service or backend: BAD_USER_INPUT
+        with store_errors("the store is unreachable; no token was made"):
+            return await self.tokens.mint(principal.account, wanted, self.now_ms())
+
+    async def revoke_client_token(self, principal: Principal, token: str) -> bool:
+        """End one of the key's tokens now; False when it is no token of this key's."""
+        principal.require_key("revoke client tokens")
+        with store_errors("the store is unreachable; the token was not revoked"):
+            return await self.tokens.revoke(principal.account, token)
 
     def providers(self) -> list[dict[str, Any]]:
         return self.router.describe()

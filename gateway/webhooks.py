@@ -10,6 +10,11 @@ Signatures: `X-Doitong-Signature: sha256=HEX` (HMAC-SHA256 of the raw body keyed
 secret string as printed) and the Standard Webhooks headers via `standardwebhooks`.
 The URL is checked again at delivery and the request goes to the address that check
 resolved (DNS rebinding cannot swap it for a private one in between).
+
+The body is the gateway's own (`payload`), unless the job was asked for in a provider's
+protocol (`Job.webhook_shape`, set by `/compat/<provider>`): then it is that provider's
+callback, written by the module that speaks the provider (`SHAPES`). Delivery, retries,
+signatures and the URL guard are the same for every shape.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from gateway.config import Settings
 from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, iso
 from gateway.jobs.store import JobStore
+from gateway.providers import fluxkrea, krea
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
 from gateway.urlguard import check_url, parse_url
@@ -42,7 +48,17 @@ from gateway.urlguard import check_url, parse_url
 log = structlog.get_logger("gateway.webhooks")
 
 
+#: a webhook shape's protocol -> the body its receiver expects, from the job and the shape
+SHAPES: dict[str, Callable[[Job, dict[str, Any]], dict[str, Any]]] = {
+    "krea": lambda job, shape: krea.job_view(job),  # Krea's job object (X-Webhook-URL)
+    "fluxkrea": lambda job, shape: fluxkrea.callback_body(job, shape.get("callback_data")),
+}
+
+
 def payload(job: Job) -> bytes:
+    shape = job.webhook_shape
+    if shape and shape.get("protocol") in SHAPES:
+        return orjson.dumps(SHAPES[shape["protocol"]](job, shape))
     meta = job.metadata or {}
     return orjson.dumps(
         {

@@ -29,6 +29,10 @@ class Context:
     def api_key(self) -> str | None:
         return api_key_from(self.request.headers, self.connection_params)
 
+    def origin(self) -> str:
+        """The page's origin (a browser sends it, on the WebSocket upgrade too)."""
+        return self.request.headers.get("origin", "")
+
     async def caller(self, *, read: bool = False) -> Principal:
         """The authenticated caller (one Redis round trip, once per request)."""
         if self._auth is None:  # fields resolve concurrently: share one lookup
@@ -37,7 +41,9 @@ class Context:
 
     async def _authenticate(self, read: bool) -> Principal:
         try:
-            principal = await self.gateway.authenticate(self.api_key(), read=read)
+            principal = await self.gateway.authenticate(
+                self.api_key(), read=read, origin=self.origin()
+            )
         except GatewayError as exc:
             self.add_headers(exc.headers)
             raise

@@ -106,3 +106,16 @@ def as_dict(value: Any) -> dict[str, Any]:
     out = strawberry.asdict(value)
     out.pop("type", None)
     return out
+
+
+@strawberry.input(description="A client token's rules (docs/api.md#client-tokens).")
+class ClientTokenInput:
+    max_credits: int = strawberry.field(description="credits it may spend in all")
+    ttl_seconds: int = strawberry.field(default=900, description="its life: at most 86400")
+    origins: list[str] | None = strawberry.field(
+        default=None, description="pages it may be used from (Origin); null: any"
+    )
+    services: list[str] | None = strawberry.field(
+        default=None, description="services or backends it may use; null: any"
+    )
+    max_jobs: int | None = strawberry.field(default=None, description="jobs it may make")

@@ -16,11 +16,13 @@ from typing import Any
 import strawberry
 
 from gateway.errors import GatewayError
+from gateway.jobs.model import iso
 from gateway.params import GenerationRequest, from_generate_input, from_image_input
+from gateway.tokens import spec
 from schema.context import Context
-from schema.inputs import GenerateInput, ImageGenerationInput
+from schema.inputs import ClientTokenInput, GenerateInput, ImageGenerationInput
 from schema.prepared import graphql_value, resolved_by
-from schema.types import ApiKey, CreatedKey, Generation
+from schema.types import ApiKey, ClientToken, CreatedKey, Generation
 
 Info = strawberry.Info[Context, None]
 
@@ -32,7 +34,7 @@ async def _generate(ctx: Context, parse: Callable[[], GenerationRequest]) -> Gen
         return parse()
 
     try:
-        job, principal = await ctx.gateway.generate(ctx.api_key(), parsed)
+        job, principal = await ctx.gateway.generate(ctx.api_key(), parsed, ctx.origin())
     except GatewayError as exc:
         ctx.add_headers(exc.headers)
         raise
@@ -77,6 +79,32 @@ class Mutation:
         ctx = info.context
         await ctx.gateway.resend_webhook(await ctx.caller(), str(id))
         return True
+
+    @strawberry.mutation(
+        description="A short-lived token for a web page, spending this key's credits "
+        "within its own budget (shown once)."
+    )
+    async def create_client_token(self, info: Info, input: ClientTokenInput) -> ClientToken:
+        ctx = info.context
+        principal = await ctx.caller()
+        wanted = spec(
+            max_credits=input.max_credits,
+            ttl_seconds=input.ttl_seconds,
+            origins=input.origins,
+            services=input.services,
+            max_jobs=input.max_jobs,
+        )
+        minted = await ctx.gateway.create_client_token(principal, wanted)
+        return ClientToken(
+            token=minted.token,
+            expires_at=iso(minted.expires_ms) or "",
+            max_credits=minted.max_credits,
+        )
+
+    @strawberry.mutation(description="End one of this key's client tokens now.")
+    async def revoke_client_token(self, info: Info, token: str) -> bool:
+        ctx = info.context
+        return await ctx.gateway.revoke_client_token(await ctx.caller(), token)
 
     @strawberry.mutation(description="Admin: create an API key (shown once).")
     async def create_key(

@@ -136,6 +136,7 @@ class Leaf:
 @dataclass(frozen=True)
 class Plan:
     operation_name: str | None
+    operation: OperationType  # a query or a mutation
     node: FieldNode
     key: str
     field: GraphQLField
@@ -275,11 +276,16 @@ class Prepared:
         operation_name: str | None,
         variables: dict[str, Any],
         context: Context,
+        *,
+        queries_only: bool = False,
     ) -> ExecutionResult | None:
         """The document's result as Strawberry's path would give it (errors logged and
-        masked alike), or None: not a prepared document, or its input does not coerce."""
+        masked alike), or None: not a prepared document, or its input does not coerce.
+        `queries_only` (a GET): a mutation is None too, for Strawberry's path to refuse."""
         plan = self.plan(query)
         if plan is None or operation_name not in (None, plan.operation_name):
+            return None
+        if queries_only and plan.operation is not OperationType.QUERY:
             return None
         result = await plan.run(self.core, context, variables)
         if result is not None and result.errors:
@@ -321,6 +327,7 @@ class Prepared:
             return None
         return Plan(
             operation_name=operation.name.value if operation.name else None,
+            operation=operation.operation,
             node=node,
             key=node.alias.value if node.alias else node.name.value,
             field=field,

@@ -9,6 +9,7 @@ import strawberry
 from strawberry.scalars import JSON
 
 from gateway.accounts import AccountInfo
+from gateway.auth import TokenGrant
 from gateway.jobs.model import Job, iso
 
 
@@ -87,17 +88,46 @@ class CacheStats:
     credits_saved: int
 
 
+@strawberry.type(description="The client token the caller holds: its rules and its use.")
+class ClientTokenInfo:
+    expires_at: str
+    max_credits: int
+    spent: int = strawberry.field(description="credits charged through it, refunds deducted")
+    max_jobs: int | None = strawberry.field(description="null: no cap")
+    jobs: int
+    origins: list[str] = strawberry.field(description="empty: any")
+    services: list[str] = strawberry.field(description="empty: any")
+
+    @classmethod
+    def of(cls, grant: TokenGrant) -> ClientTokenInfo:
+        return cls(
+            expires_at=iso(grant.expires_ms) or "",
+            max_credits=grant.max_credits,
+            spent=grant.spent,
+            max_jobs=grant.max_jobs,
+            jobs=grant.jobs,
+            origins=list(grant.origins),
+            services=list(grant.services),
+        )
+
+
 @strawberry.type
 class Me:
     id: strawberry.ID
     name: str
     plan: str
-    credits: int
+    credits: int = strawberry.field(
+        description="the balance; for a client token, what is left of its budget"
+    )
     limits: list[LimitUsage]
     cache: CacheStats
+    client_token: ClientTokenInfo | None = strawberry.field(
+        description="set when the caller holds a client token"
+    )
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Me:
+        grant = data["client_token"]
         return cls(
             id=strawberry.ID(data["id"]),
             name=data["name"],
@@ -105,6 +135,7 @@ class Me:
             credits=data["credits"],
             limits=[LimitUsage(**u) for u in data["limits"]],
             cache=CacheStats(**data["cache"]),
+            client_token=ClientTokenInfo.of(grant) if grant else None,
         )
 
 
@@ -150,6 +181,13 @@ class ApiKey:
             concurrency=a.concurrency,
             daily=a.daily,
         )
+
+
+@strawberry.type(description="A client token for a web page (shown once, never stored).")
+class ClientToken:
+    token: str
+    expires_at: str
+    max_credits: int
 
 
 @strawberry.type

@@ -5,15 +5,22 @@
 - When every field failed with a coded error, the HTTP status is that code's (429 adds
   Retry-After); parse and validation failures are 400 BAD_USER_INPUT.
 - Malformed bodies get a JSON error, not Strawberry's plain text.
+- Automatic persisted queries (`schema/persisted.py`): a hash alone runs its stored
+  document, on the prepared path like its text would; queries over GET too.
+- GET answers say how a cache between client and gateway (a CDN) may keep them
+  (`cache_headers`).
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
-from cross_web import HTTPException
+import structlog
+from cross_web import AsyncHTTPRequestAdapter, HTTPException, StarletteRequestAdapter
 from graphql import GraphQLFormattedError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -22,26 +29,161 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.base import BaseRequestProtocol
 from strawberry.types import ExecutionResult
 
-from gateway.errors import STATUS_BY_CODE, GatewayError
+from gateway import pages
+from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError
+from gateway.store.persisted import PersistedQueries
+from gateway.store.redis import store_trouble
+from schema import persisted
 from schema.context import Context
 from schema.prepared import Prepared
 
+log = structlog.get_logger("gateway")
+
 _PLAIN_BODY = frozenset({"query", "variables", "operationName"})
+# The members of a request the prepared path takes: the plain ones, and `extensions`
+# holding only members that change nothing it does: a persisted query (resolved first)
+# and the name and version Apollo Client 4 sends with every request. Any other member (a
+# schema extension could read it) takes Strawberry's path.
+_PREPARED_BODY = _PLAIN_BODY | {"extensions"}
+_PREPARED_EXTENSIONS = frozenset({"persistedQuery", "clientLibrary"})
+# In the request's scope state: the request as read here, its stored document in
+# `query` (a hash sent alone), for Strawberry's path to run instead of reading it again.
+RESOLVED = "graphql_request"
+
+# Headers of GET answers (docs/api.md#persisted-queries): what a shared cache keys on,
+# and how long one may keep an anonymous answer without errors (e.g. `providers`).
+VARY = "Authorization, X-API-Key"
+PUBLIC_MAX_AGE = 10
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"data": None, "errors": [{"message": message, "extensions": {"code": code}}]}
 
 
+class RequestAdapter(StarletteRequestAdapter):
+    """Strawberry's view of a request, which keeps the request (for `RESOLVED`)."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(request)
+        self.request = request
+
+
+def resolved(request: AsyncHTTPRequestAdapter | BaseRequestProtocol) -> dict[str, Any] | None:
+    if not isinstance(request, RequestAdapter):
+        return None
+    data: dict[str, Any] | None = request.request.scope.get("state", {}).get(RESOLVED)
+    return data
+
+
+async def json_body(request: Request) -> dict[str, Any] | None:
+    """A POST's JSON object; None for anything else (Strawberry's path reports it)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return None
+    return data if type(data) is dict else None
+
+
+def query_params(request: Request) -> dict[str, Any] | None:
+    """A GET's request: `query`, `operationName`, and `variables` and `extensions` as
+    JSON (malformed: BAD_USER_INPUT). None without `query` or `extensions`: the GraphiQL
+    page for a browser, else Strawberry's refusal."""
+    raw: bytes = request.scope["query_string"]
+    members = _members(raw) if len(raw) > CACHED_QUERY_STRING else _cached_members(raw)
+    if members is None:
+        return None
+    data: dict[str, Any] = {}
+    for name, value in zip(_GET_MEMBERS, members, strict=True):
+        if value is None or (not value and name in _JSON_MEMBERS):
+            continue
+        if name in _JSON_MEMBERS:
+            try:
+                data[name] = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise BadUserInput(f"`{name}` is not valid JSON", field=name) from None
+        else:
+            data[name] = value
+    return data
+
+
+_GET_MEMBERS = ("query", "operationName", "variables", "extensions")
+_JSON_MEMBERS = frozenset({"variables", "extensions"})
+
+
+def _members(raw: bytes) -> tuple[str | None, ...] | None:
+    """A query string's members, URL-decoded as Starlette decodes them (the last of a
+    name wins); None without `query` or `extensions`."""
+    params = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+    if "query" not in params and "extensions" not in params:
+        return None
+    return tuple(params.get(name) for name in _GET_MEMBERS)
+
+
+# A poller sends one URL again and again (a persisted query's hash, a job's id): its
+# decoding (most of what a GET costs more than a POST) is kept, by the raw query string;
+# bounded, and a long query string is decoded every time. The JSON is decoded anew for
+# each request, so no request sees another's objects.
+_cached_members = functools.lru_cache(maxsize=512)(_members)
+CACHED_QUERY_STRING = 2048
+
+
+def cache_headers(request: Request, response: Response) -> None:
+    """A GET's GraphQL answer: varies with the credentials sent; kept by no cache when it
+    is an error (or set its own), by the caller's alone when credentials were sent
+    (`private`: never a shared cache's; `no-cache`: a poll sees the job as it is now),
+    and briefly by any when neither (`public`)."""
+    raw = response.raw_headers
+    json = cache_control = False
+    vary = -1
+    for index, (name, value) in enumerate(raw):  # one pass: these are few
+        if name == b"content-type":
+            json = value.startswith(b"application/json")
+        elif name == b"cache-control":
+            cache_control = True
+        elif name == b"vary":
+            vary = index
+    if not json:
+        return  # the GraphiQL page
+    if vary < 0:
+        raw.append((b"vary", _VARY))
+    else:
+        raw[vary] = (b"vary", raw[vary][1] + b", " + _VARY)
+    if cache_control:
+        return
+    if response.status_code != 200:
+        raw.append((b"cache-control", b"no-store"))
+    elif "authorization" in request.headers or "x-api-key" in request.headers:
+        raw.append((b"cache-control", b"private, no-cache"))
+    else:
+        raw.append((b"cache-control", f"public, max-age={PUBLIC_MAX_AGE}".encode()))
+
+
+_VARY = VARY.encode()
+
+
 class GraphQLView(GraphQL[Context, None]):
-    def __init__(self, schema: Any, prepared: Prepared | None = None) -> None:
+    request_adapter_class = RequestAdapter
+
+    def __init__(
+        self,
+        schema: Any,
+        prepared: Prepared | None = None,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
+        """`allowed_origins`: the pages on other origins that may open a WebSocket
+        (Strawberry refuses the others' handshakes; its own origin is always allowed)."""
         self.prepared = prepared
         super().__init__(
             schema,
-            graphql_ide="graphiql",
+            allowed_origins=allowed_origins,
+            graphql_ide="graphiql",  # served by render_graphql_ide: no page from a CDN
             keep_alive=True,
             keep_alive_interval=15,
             connection_init_wait_timeout=timedelta(seconds=10),
@@ -54,35 +196,93 @@ class GraphQLView(GraphQL[Context, None]):
             return
         request = Request(scope, receive)
         try:
-            response = None
-            if self.prepared is not None and scope["method"] == "POST":
-                response = await self._run_prepared(request, self.prepared)
-            if response is None:
-                response = await self.run(request)
+            response = await self._answer(request)
         except (HTTPException, StarletteHTTPException) as exc:
             status = exc.status_code
             message = str(getattr(exc, "reason", None) or getattr(exc, "detail", ""))
             response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
-        except GatewayError as exc:  # raised while building the context
-            response = JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+        except GatewayError as exc:  # the request's own (APQ), or building the context
+            body = error_body(exc.code, exc.message)
+            body["errors"][0]["extensions"] = dict(exc.extensions)  # `field` too
+            response = JSONResponse(body, status_code=exc.status, headers=exc.headers)
+            if "retryAfter" in exc.extensions:  # 503: the store is away
+                response.headers["Retry-After"] = str(exc.extensions["retryAfter"])
         finally:
             # The context refers to the request, whose scope refers to the context: a
             # cycle that would keep each request's objects alive until the collector ran.
-            scope.get("state", {}).pop("graphql_context", None)
+            state = scope.get("state", {})
+            state.pop("graphql_context", None)
+            state.pop(RESOLVED, None)
+        if scope["method"] == "GET":
+            cache_headers(request, response)
         await response(scope, receive, send)
 
-    async def _run_prepared(self, request: Request, prepared: Prepared) -> Response | None:
-        """A prepared document's answer, built as `run` builds it; None for anything
-        else (the body is kept: `run` reads it again)."""
-        content_type = request.headers.get("content-type", "")
-        if content_type.partition(";")[0].strip().lower() != "application/json":
-            return None
+    async def _answer(self, request: Request) -> Response:
+        method = request.scope["method"]
+        data = (
+            await json_body(request)
+            if method == "POST"
+            else query_params(request)
+            if method == "GET"
+            else None
+        )
+        if data is None:
+            return await self.run(request)
+        register = None
+        sha = persisted.requested(data.get("extensions"))
+        if sha is not None:
+            store: PersistedQueries = request.app.state.persisted
+            query = data.get("query")
+            if query is None:
+                found = await store.get(sha)
+                if found is None:
+                    body = error_body(persisted.NOT_FOUND_CODE, persisted.NOT_FOUND_MESSAGE)
+                    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+                data["query"] = found
+                request.scope.setdefault("state", {})[RESOLVED] = data
+            elif isinstance(query, str):  # any other type: Strawberry's path reports it
+                persisted.check_text(sha, query, store.max_document_bytes)
+                register = sha
+        response = None
+        if self.prepared is not None:
+            response = await self._run_prepared(request, data, self.prepared)
+        if response is None:
+            response = await self.run(request)
+        if register is not None and response.status_code == 200:
+            await self._register(request, register, data["query"])
+        return response
+
+    async def _register(self, request: Request, sha: str, query: str) -> None:
+        """Store a document sent with its hash, once it has run for an authenticated
+        caller (a document nobody could run is not kept). A store that fails loses only
+        this registration: the answer stands, the client will send the text again."""
+        context: Context | None = request.scope.get("state", {}).get("graphql_context")
+        if context is None:
+            return
+        if context.principal is None:  # a document that read no caller (`providers`)
+            try:
+                await context.caller(read=True)
+            except GatewayError:
+                return
+        store: PersistedQueries = request.app.state.persisted
         try:
-            data = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
+            await store.put(sha, query)
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or store_trouble(exc)):
+                raise
+            log.warning("persisted query not stored", sha=sha, error=repr(exc))
+
+    async def _run_prepared(
+        self, request: Request, data: dict[str, Any], prepared: Prepared
+    ) -> Response | None:
+        """A prepared document's answer, built as `run` builds it; None for anything
+        else (the request is kept: `run` reads it again, or takes it from `RESOLVED`)."""
+        if not data.keys() <= _PREPARED_BODY:
             return None
-        if type(data) is not dict or not data.keys() <= _PLAIN_BODY:
-            return None
+        if "extensions" in data:
+            extensions = data["extensions"]
+            if type(extensions) is not dict or not extensions.keys() <= _PREPARED_EXTENSIONS:
+                return None
         query, variables = data.get("query"), data.get("variables")
         operation_name = data.get("operationName")
         if (
@@ -93,10 +293,41 @@ class GraphQLView(GraphQL[Context, None]):
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, response=sub_response)
-        result = await prepared.execute(query, operation_name, variables or {}, context)
+        result = await prepared.execute(
+            query, operation_name, variables or {}, context, queries_only=request.method == "GET"
+        )
         if result is None:
             return None
         return self.create_response(await self.process_result(request, result), sub_response)
+
+    async def parse_http_body(
+        self, request: AsyncHTTPRequestAdapter
+    ) -> GraphQLRequestData | list[GraphQLRequestData]:
+        data = resolved(request)
+        if data is None:
+            return await super().parse_http_body(request)
+        variables, operation_name = data.get("variables"), data.get("operationName")
+        if not isinstance(variables, dict | None):
+            raise HTTPException(
+                400, "The GraphQL operation's `variables` must be an object or null, if provided."
+            )
+        if not isinstance(operation_name, str | None):
+            raise HTTPException(400, "The GraphQL operation's `operationName` must be a string.")
+        return GraphQLRequestData(
+            query=data["query"],
+            variables=variables,
+            operation_name=operation_name,
+            extensions=data.get("extensions"),
+        )
+
+    def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
+        # A persisted query's GET has no `query`, and may accept */*: not the page.
+        return resolved(request) is None and super().should_render_graphql_ide(request)
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        # Not Strawberry's GraphiQL page, which loads React and GraphiQL from unpkg: the
+        # playground's GraphQL console, served from here like all its assets.
+        return pages.page(request, tab="console")
 
     def decode_json(self, data: str | bytes) -> object:
         return orjson.loads(data)  # its errors are json.JSONDecodeErrors: a 400 as before
@@ -137,6 +368,10 @@ class GraphQLView(GraphQL[Context, None]):
                 errors.append(formatted)
             body["errors"] = errors  # type: ignore[typeddict-item]
             self._set_status(request, result, errors)
+            if request.method == "GET":  # an error is kept by no cache (`cache_headers`)
+                ctx = request.scope.get("state", {}).get("graphql_context")
+                if ctx is not None and isinstance(ctx.response, Response):
+                    ctx.response.headers["Cache-Control"] = "no-store"
         if result.extensions:
             body["extensions"] = result.extensions
         return body

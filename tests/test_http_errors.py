@@ -20,7 +20,7 @@ from tests.harness import JOB, gateway
         ("GET", "/v1/jobs/abc/", 404, "NOT_FOUND"),  # not a redirect to /v1/jobs/abc
         ("POST", "/v1/text_to_image/", 404, "NOT_FOUND"),
         ("GET", "/v1/nothing", 404, "NOT_FOUND"),
-        ("GET", "/compat/krea/jobs/x", 404, "NOT_FOUND"),
+        ("GET", "/compat/nowhere/jobs/x", 404, "NOT_FOUND"),
         ("GET", "/nothing/at/all", 404, "NOT_FOUND"),
         ("GET", "/outputs/no-such-image.png", 404, "NOT_FOUND"),
         ("GET", "/v1/text_to_image", 405, "METHOD_NOT_ALLOWED"),

@@ -79,14 +79,19 @@ def test_admit_replies_are_decoded_by_verdict() -> None:
     assert (credits.cost, credits.balance) == (20, 480)
     duplicate = Admit.decode(["duplicate", *head[1:8], "abc123"])
     assert duplicate.job_id == "abc123"
+    forbidden = Admit.decode(["forbidden", *head[1:8], "origin"])
+    assert (forbidden.verdict, forbidden.rule) == ("forbidden", "origin")
     mismatch = Admit.decode(["idempotency_mismatch", *head[1:8]])
     assert (mismatch.verdict, mismatch.job_id, mismatch.limit) == ("idempotency_mismatch", "", "")
     assert Admit.decode(["unauthenticated"]) == AdmitReply(verdict="unauthenticated")
 
 
 def test_the_other_replies_are_decoded_by_name() -> None:
-    known = Auth.decode([["name", "n", "plan", "pro"], 4, 1_700_000_060, 7, 60, -1, 100])
+    known = Auth.decode(
+        [["name", "n", "plan", "pro"], 4, 1_700_000_060, 7, 60, -1, 100, ["spent", "5"]]
+    )
     assert known.account == {"name": "n", "plan": "pro"}
+    assert known.token == {"spent": "5"}
     assert (known.window_used, known.window_reset, known.reads) == (4, 1_700_000_060, 7)
     assert (known.rpm, known.concurrency, known.daily) == (60, -1, 100)
     assert Auth.decode([[]]).account == {}
@@ -182,6 +187,9 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             inflight=keys.inflight(shard, ""),
             followers=keys.followers(shard, ""),
             coalescing=keys.coalescing(shard),
+            client_token=keys.client_token(a, ""),
+            token_jobs=keys.token_jobs(a, ""),
+            webhooks=keys.webhooks(shard),
             now_ms=1,
             secret_hash="0" * 64,
             plans=";pro:60:2:-1",
@@ -192,6 +200,9 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             idempotency_hash="",
             cacheable=False,
             retention_ms=1000,
+            token=False,
+            origin="",
+            service="local",
             fields={"id": "j1"},
         )
         assert admitted.verdict == "unauthenticated"
@@ -199,10 +210,12 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             account=keys.account(a),
             rate=keys.rate(a),
             reads=keys.reads(a, 0),
+            client_token=keys.client_token(a, ""),
             now_ms=1,
             count_read=True,
             secret_hash="0" * 64,
             plans=";pro:60:2:-1",
+            token=False,
         )
         assert auth.account == {}
         job = keys.job(a, "j1")
@@ -217,6 +230,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             ledger=keys.ledger(a),
             webhooks=keys.webhooks(shard),
             cancellations=keys.cancellations(shard),
+            client_token=keys.client_token(a, ""),
             status="failed",
             now_ms=1,
             job_id="j1",
@@ -286,7 +300,8 @@ async def test_admission_and_auth_read_a_keys_limits_alike(redis_url: str) -> No
             ("pro", {"concurrency": -5}, PlanLimits(rpm=60, daily=10_000)),
         ]:
             key = (await accounts.create(plan, 100, **overrides))["key"]
-            account, secret_hash = credentials(key)
+            credential = credentials(key)
+            account = credential.account
             caller = await authenticate(client, made, settings, key, now, plans=plans)
             job = Job(
                 id=os.urandom(6).hex(),
@@ -298,7 +313,7 @@ async def test_admission_and_auth_read_a_keys_limits_alike(redis_url: str) -> No
                 created_at=now,
             )
             admitted = await admit(
-                client, made, secret_hash, job, plans=plans, now_ms=now, lease_ms=1000
+                client, made, credential, job, plans=plans, now_ms=now, lease_ms=1000
             )
             assert caller.limits == admitted.principal.limits == expected, (plan, overrides)
             assert caller.window_reset == admitted.principal.window_reset == now // 1000 + 60

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,35 @@ async def test_allow_list_exempts_test_receivers() -> None:
     assert [str(a) for a in allowed] == ["127.0.0.1"]
     public = await check_url("http://93.184.215.14/x", [])
     assert [str(a) for a in public] == ["93.184.215.14"]
+
+
+async def test_a_cache_hit_with_a_webhook_is_delivered_once(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A hit ends in the very answer to its request: admission schedules its webhook."""
+    receiver = Receiver()
+    async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **FAST) as gw:
+        key = await gw.key()
+        query = """mutation($i: ImageGenerationInput!) {
+          generateImage(input: $i) { id status metadata } }"""
+        base = {"service": "local", "prompt": "a hit", "width": 512, "height": 512, "seed": 7}
+        first = (await gw.gql(query, {"i": base}, key)).json()["data"]["generateImage"]
+        await gw.wait(key, first["id"])
+        hooked = {**base, "webhookUrl": f"{hook_base}/hook", "idempotencyKey": "hit-1"}
+        for _ in range(2):  # the same request again: one job, one delivery
+            hit = (await gw.gql(query, {"i": hooked}, key)).json()["data"]["generateImage"]
+            assert hit["status"] == "completed" and hit["metadata"]["cached"] is True
+
+        async def delivered() -> bool:
+            return len(receiver.calls) >= 1
+
+        await until(delivered)
+        job_key = keys.job(gw.keys[key]["id"], hit["id"])
+
+        async def settled() -> bool:
+            return await gw.accounts.redis.zscore(keys.webhooks(0), job_key) is None
+
+        await until(settled)
+        assert len(receiver.calls) == 1
+        body = json.loads(receiver.calls[0][1])
+        assert (body["id"], body["status"]) == (hit["id"], "completed")

@@ -46,6 +46,10 @@ class Job:
     upstream: dict[str, Any] | None = None  # {backend, id, sent}: resume, never resubmit
     refunded: int = 0
     cache_key: str | None = None  # digest of a cacheable request's parameters
+    token: str | None = None  # the id of the client token it was made with
+    #: the protocol its webhook speaks, when not the gateway's own (a provider-compatible
+    #: route's: `{"protocol": "krea"}`, `{"protocol": "fluxkrea", "callback_data": ...}`)
+    webhook_shape: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:
@@ -89,6 +93,8 @@ class Job:
             upstream=orjson.loads(h["upstream"]) if h.get("upstream") else None,
             refunded=int(h.get("refunded", 0)),
             cache_key=h.get("cache_key") or None,
+            token=h.get("token") or None,
+            webhook_shape=orjson.loads(h["webhook_shape"]) if h.get("webhook_shape") else None,
         )
 
     def to_hash(self) -> dict[str, Any]:
@@ -108,6 +114,10 @@ class Job:
             out["webhook_url"] = self.webhook_url
         if self.cache_key:
             out["cache_key"] = self.cache_key
+        if self.token:
+            out["token"] = self.token
+        if self.webhook_shape:
+            out["webhook_shape"] = orjson.dumps(self.webhook_shape).decode()
         if self.ended:
             out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
             out["completed_at"] = self.completed_at

@@ -32,12 +32,13 @@ class JobStore:
         return Job.from_hash(h) if h else None
 
     async def page(
-        self, account: str, first: int, after: str | None, status: str | None
+        self, account: str, first: int, after: str | None, status: str | None, token: str = ""
     ) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the id of the last job of the previous page.
+        """Newest first; `after` is the id of the last job of the previous page; `token`:
+        only the jobs made with this client token.
 
         Records expire with their outputs; their index entries are dropped here."""
-        index = keys.jobs(account)
+        index = keys.token_jobs(account, token) if token else keys.jobs(account)
         start = 0
         if after:
             rank = await self.redis.zrevrank(index, after)
@@ -120,6 +121,7 @@ class JobStore:
             ledger=keys.ledger(job.account),
             webhooks=keys.webhooks(shard),
             cancellations=keys.cancellations(shard),
+            client_token=keys.client_token(job.account, job.token or ""),
             status=status,
             now_ms=now_ms,
             job_id=job.id,

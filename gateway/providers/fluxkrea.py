@@ -16,6 +16,13 @@ callback URL (`/v1/callbacks/fluxkrea/<token>`, the token unguessable) and `poll
 the inbox, so no connection is held open during generation. The upstream has no status endpoint: a
 callback that never comes ends in the job's deadline. Without an inbox, the
 synchronous endpoint is used and `submit` returns the outputs at once.
+
+The other direction, flux-krea's protocol spoken by the gateway (`/compat/fluxkrea`,
+plumbing in `gateway/compat/fluxkrea.py`), lives here too, on the same tables: `FIELDS`
+reads a flux-krea request into a `GenerationRequest` (`request_from`); the answer words
+(`SUCCESS`, `QUEUED`, `COMPLETED`, `FAILED`) and the async endpoint's fields
+(`WEBHOOK_URL`, `CALLBACK_DATA`) write the answers and the webhook body as `submit` and
+`poll` read them; `ERRORS` and `QUOTA_EXCEEDED` write errors as `_refine` reads them.
 """
 
 from __future__ import annotations
@@ -24,8 +31,16 @@ import secrets
 from typing import Any
 from urllib.parse import urljoin
 
-from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from gateway.formats import content_type_of_url
+from gateway.jobs.model import Job
+from gateway.params import CAMEL_NAMES, GenerationRequest, from_image_input
 from gateway.providers.base import (
     CallbackInbox,
     ImageParams,
@@ -42,6 +57,33 @@ DEFAULT_BASE_URL = "https://api.flux-krea.pro/v1"
 PROMPT_MAX = 1000
 SEED_MODULUS = 2**31  # seeds are 0-2147483647
 
+#: Our parameter -> flux-krea's field of `POST /generate` (and `/generate/async`), in
+#: the guide's order.
+FIELDS = {
+    "prompt": "prompt",
+    "width": "width",
+    "height": "height",
+    "guidance": "guidance_scale",
+    "steps": "num_inference_steps",
+    "seed": "seed",
+    "num_images": "num_images",
+}
+#: the async endpoint's own fields: where to report, and what to report back with it
+WEBHOOK_URL, CALLBACK_DATA = "webhook_url", "callback_data"
+#: the `status` words of flux-krea's answers: a synchronous generation done, an async
+#: one accepted, and the two outcomes its webhook reports
+SUCCESS, QUEUED, COMPLETED, FAILED = "success", "queued", "completed", "failed"
+#: the guide's error table: status -> error type
+ERRORS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    429: "Rate Limited",
+    500: "Server Error",
+}
+#: the `error_code` of a 403 for quota (the guide's client raises QuotaExceededError)
+QUOTA_EXCEEDED = "quota_exceeded"
+
 
 def translate(params: ImageParams) -> dict[str, Any]:
     """The JSON body for `POST /generate`, in flux-krea's ranges (unset optionals are left
@@ -53,13 +95,13 @@ def translate(params: ImageParams) -> dict[str, Any]:
         )
     return only_set(
         {
-            "prompt": params.prompt,
-            "width": clamp(params.width, 512, 2048, int),
-            "height": clamp(params.height, 512, 2048, int),
-            "guidance_scale": clamp(params.guidance, 1.0, 20.0, float),  # upstream: 7.5
-            "num_inference_steps": clamp(params.steps, 1, 50, int),  # upstream: 4
-            "seed": None if params.seed is None else params.seed % SEED_MODULUS,
-            "num_images": clamp(params.num_images, 1, 4, int),
+            FIELDS["prompt"]: params.prompt,
+            FIELDS["width"]: clamp(params.width, 512, 2048, int),
+            FIELDS["height"]: clamp(params.height, 512, 2048, int),
+            FIELDS["guidance"]: clamp(params.guidance, 1.0, 20.0, float),  # upstream: 7.5
+            FIELDS["steps"]: clamp(params.steps, 1, 50, int),  # upstream: 4
+            FIELDS["seed"]: None if params.seed is None else params.seed % SEED_MODULUS,
+            FIELDS["num_images"]: clamp(params.num_images, 1, 4, int),
         }
     )
 
@@ -100,7 +142,7 @@ class FluxKreaProvider(HTTPBackend):
             return await self._submit_async(body)
         response = await self._post("/generate", body)
         data = self.json_object(response)
-        if data.get("status") != "success":
+        if data.get("status") != SUCCESS:
             detail = data.get("message") or data.get("error") or ""
             raise ProviderUnavailable(
                 f"flux-krea answered status {data.get('status')!r}"
@@ -127,8 +169,8 @@ class FluxKreaProvider(HTTPBackend):
         await self.inbox.expect(token)
         sent = {
             **body,
-            "webhook_url": self.inbox.url_for(self.name, token),
-            "callback_data": {"token": token},
+            WEBHOOK_URL: self.inbox.url_for(self.name, token),
+            CALLBACK_DATA: {"token": token},
         }
         response = await self._post("/generate/async", sent)
         data = json_body(response, self.upstream)
@@ -151,15 +193,15 @@ class FluxKreaProvider(HTTPBackend):
             return Polled(state="pending", upstream_status="queued")
         status = report.get("status")
         meta = {"upstream_request_id": report.get("request_id")}
-        if status == "failed":
+        if status == FAILED:
             return Polled(
                 state="failed",
-                upstream_status="failed",
+                upstream_status=FAILED,
                 metadata=meta,
                 error=f"flux-krea: {str(report.get('error') or 'failed')[:200]}",
             )
         images = report.get("images")
-        if status != "completed" or not isinstance(images, list) or not images:
+        if status != COMPLETED or not isinstance(images, list) or not images:
             return Polled(
                 state="failed",
                 upstream_status=str(status),
@@ -170,7 +212,7 @@ class FluxKreaProvider(HTTPBackend):
         defaults = {"width": None, "height": None}
         return Polled(
             state="completed",
-            upstream_status="completed",
+            upstream_status=COMPLETED,
             metadata=meta,
             outputs=[_output(image, defaults, base) for image in images],
         )
@@ -189,7 +231,7 @@ def _refine(exc: ProviderUnavailable, response: Answer | None) -> ProviderError:
     except ValueError:
         return exc
     code = payload.get("error_code") if isinstance(payload, dict) else None
-    if isinstance(code, str) and "quota_exceeded" in code:
+    if isinstance(code, str) and QUOTA_EXCEEDED in code:
         return ProviderUnavailable(f"flux-krea quota exceeded on our account: {exc.message}")
     return exc
 
@@ -212,3 +254,136 @@ def _output(image: Any, body: dict[str, Any], base: str) -> Output:
         height=integer("height") or body["height"],
         seed=integer("seed"),
     )
+
+
+# -- served: flux-krea's protocol spoken by the gateway (/compat/fluxkrea) --------------------
+
+#: the gateway service flux-krea's endpoints run on (the API has no model parameter)
+SERVICE = "flux-krea"
+#: how our errors name a field (`params.CAMEL_NAMES`, the REST spelling) -> flux-krea's
+_THEIR_NAME = {CAMEL_NAMES[ours]: theirs for ours, theirs in FIELDS.items()}
+_THEIR_NAME |= {"webhookUrl": WEBHOOK_URL, "idempotencyKey": "Idempotency-Key"}
+#: our error codes as the `error_code` of flux-krea's error bodies
+_ERROR_CODES = {
+    "BAD_USER_INPUT": "invalid_request",
+    "UNAUTHENTICATED": "invalid_api_key",
+    "INSUFFICIENT_CREDITS": QUOTA_EXCEEDED,
+    "RATE_LIMITED": "rate_limited",
+}
+
+
+def request_from(
+    body: Any, *, asynchronous: bool, idempotency_key: str | None = None
+) -> tuple[GenerationRequest, Any]:
+    """A flux-krea request (`POST /v1/generate`, or `/v1/generate/async` with its
+    `webhook_url` and `callback_data`) as the gateway's one parameter model, and the
+    `callback_data` to report back (None when synchronous). The guide's ranges are the
+    gateway's own; errors name flux-krea's field."""
+    if not isinstance(body, dict):
+        raise BadUserInput("malformed request: the body must be a JSON object")
+    extra = (WEBHOOK_URL, CALLBACK_DATA) if asynchronous else ()
+    unknown = sorted(body.keys() - {*FIELDS.values(), *extra})
+    if unknown:
+        where = (
+            " (only /v1/generate/async takes it)"
+            if unknown[0] in (WEBHOOK_URL, CALLBACK_DATA)
+            else ""
+        )
+        raise BadUserInput(f"{unknown[0]} is not a known parameter{where}", field=unknown[0])
+    fields: dict[str, Any] = {"service": SERVICE}
+    fields |= {ours: body[theirs] for ours, theirs in FIELDS.items() if theirs in body}
+    if asynchronous:
+        if not isinstance(body.get(WEBHOOK_URL), str) or not body[WEBHOOK_URL]:
+            raise BadUserInput(f"{WEBHOOK_URL} is required", field=WEBHOOK_URL)
+        fields["webhookUrl"] = body[WEBHOOK_URL]
+    if idempotency_key:
+        fields["idempotencyKey"] = idempotency_key
+    try:
+        request = from_image_input(fields)
+    except BadUserInput as exc:
+        raise in_their_names(exc) from None
+    return request, body.get(CALLBACK_DATA) if asynchronous else None
+
+
+def in_their_names(exc: GatewayError) -> GatewayError:
+    """`exc` naming fields as flux-krea does, in its `field` and its message
+    (`webhookUrl` is `webhook_url`, in a client token's refusal too). Idempotent."""
+    ours = exc.extensions.get("field")
+    if not isinstance(ours, str):
+        ours = "webhookUrl" if "webhookUrl" in exc.message else None
+    theirs = _THEIR_NAME.get(ours) if ours else None
+    if ours is None or theirs is None:
+        return exc
+    exc.message = exc.message.replace(ours, theirs, 1)
+    if "field" in exc.extensions:
+        exc.extensions["field"] = theirs
+    return exc
+
+
+def images_of(job: Job) -> list[dict[str, Any]]:
+    """A completed job's outputs as flux-krea's `images` (the gateway's stored copies)."""
+    seeds = job.metadata.get("seeds") or []
+    default = job.metadata.get("seed", job.params.get("seed"))
+    return [
+        {
+            "url": url,
+            "seed": seeds[i] if i < len(seeds) and seeds[i] is not None else default,
+            "width": job.width,
+            "height": job.height,
+        }
+        for i, url in enumerate(job.urls)
+    ]
+
+
+def success_body(job: Job) -> dict[str, Any]:
+    """The synchronous answer to a completed job: the guide's "Successful Response".
+    `request_id` is the gateway's job id, `credits_used` the gateway credits it cost."""
+    return {
+        "status": SUCCESS,
+        "request_id": job.id,
+        "images": images_of(job),
+        "generation_time": job.duration if job.duration is not None else 0.0,
+        "credits_used": job.credit_cost,
+    }
+
+
+def accepted_body(job: Job) -> dict[str, Any]:
+    """The answer to `POST /v1/generate/async`: accepted, reported later."""
+    return {"status": QUEUED, "request_id": job.id}
+
+
+def failure_body(job: Job) -> dict[str, Any]:
+    """A job that ended without images, as the webhook reports it (and the synchronous
+    endpoint answers it, with a 5xx)."""
+    reason = job.error or f"the generation was {job.status}"
+    return {"status": FAILED, "request_id": job.id, "error": reason, "message": reason}
+
+
+def callback_body(job: Job, callback_data: Any) -> dict[str, Any]:
+    """The body POSTed to an async request's `webhook_url` when its job ends: what the
+    guide's handler reads (`request_id`, `status` completed or failed, `images`,
+    `callback_data` as sent, `error`)."""
+    if job.status == "completed":
+        body = {**success_body(job), "status": COMPLETED}
+    else:
+        body = failure_body(job)
+    return {**body, CALLBACK_DATA: callback_data if callback_data is not None else {}}
+
+
+def error_status(exc: GatewayError) -> int:
+    """The HTTP status flux-krea answers this error with: its 403 for quota stands for
+    our 402 (the guide's client turns it into QuotaExceededError); the others are ours."""
+    return 403 if exc.code == "INSUFFICIENT_CREDITS" else exc.status
+
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    """An error as the guide's clients read one: `error` (the type, from its table),
+    `message`, and `error_code` (`quota_exceeded` on the 403 for credits)."""
+    status = error_status(exc)
+    extra = {k: v for k, v in exc.extensions.items() if k != "code"}
+    return {
+        "error": ERRORS.get(status) or ("Server Error" if status >= 500 else "Error"),
+        "message": exc.message,
+        "error_code": _ERROR_CODES.get(exc.code, exc.code.lower()),
+        **extra,
+    }

@@ -19,6 +19,12 @@ and intermediate-complete are pending (the word is kept in `upstream_status` and
 the guide's polling loop checks) is completed with one output per `result.urls`; failed
 and cancelled are terminal. A set of jobs is completed only when all are, and failed as
 soon as one failed. Krea documents no way to cancel a job.
+
+The other direction, Krea's protocol spoken by the gateway (`/compat/krea`, plumbing in
+`gateway/compat/krea.py`), lives here too, on the same tables: `MODELS`, `FIELDS` and
+`RANGES` read a Krea request into a `GenerationRequest` (`request_from`), `STATUSES`
+shows a gateway job as Krea's job object (`job_view`: the answers and the webhook body),
+and `error_body` writes an error as the adapter reads one.
 """
 
 from __future__ import annotations
@@ -27,8 +33,18 @@ import re
 import secrets
 from typing import Any
 
-from gateway.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    NotFound,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from gateway.formats import content_type_of_url
+from gateway.jobs.model import TERMINAL as JOB_TERMINAL
+from gateway.jobs.model import Job, iso
+from gateway.params import CAMEL_NAMES, GenerationRequest, from_image_input
 from gateway.providers.base import (
     CallbackInbox,
     ImageParams,
@@ -41,10 +57,42 @@ from gateway.providers.base import (
 from gateway.providers.http import HTTPBackend, UpstreamClient
 
 MAX_PROMPT = 1800
+DEFAULT_MODEL_PATH = "bfl/flux-1-dev"
 
-# Documented statuses, in lifecycle order (the job status enum of Krea's API reference).
-PENDING = ("backlogged", "queued", "scheduled", "processing", "sampling", "intermediate-complete")
-TERMINAL = ("completed", "failed", "cancelled")
+#: Krea's job statuses (its API reference's enum, in lifecycle order), each with the
+#: gateway job status it means. Read both ways: a Krea job's words as our states
+#: (`_state`), and a gateway job's status as Krea's word (`status_of`). Ours are five of
+#: Krea's own words, each meaning itself.
+STATUSES: dict[str, str] = {
+    "backlogged": "queued",
+    "queued": "queued",
+    "scheduled": "queued",
+    "processing": "processing",
+    "sampling": "processing",
+    "intermediate-complete": "processing",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+PENDING = tuple(word for word, ours in STATUSES.items() if ours not in JOB_TERMINAL)
+TERMINAL = tuple(word for word, ours in STATUSES.items() if ours in JOB_TERMINAL)
+
+#: Our parameter -> Krea's field of `POST /generate/image/{model}` (the seed is set per
+#: job in `submit`), and Krea's documented range of each ranged field.
+FIELDS = {
+    "prompt": "prompt",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "guidance": "guidance_scale_flux",
+    "seed": "seed",
+}
+RANGES: dict[str, tuple[float, float]] = {
+    "width": (512, 2368),
+    "height": (512, 2368),
+    "steps": (1, 100),
+    "guidance_scale_flux": (0, 24),
+}
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -55,13 +103,14 @@ def translate(params: ImageParams) -> dict[str, Any]:
         raise ProviderRejected(
             f"krea accepts prompts of at most {MAX_PROMPT} characters (got {len(params.prompt)})"
         )
+    guidance = FIELDS["guidance"]
     return only_set(
         {
-            "prompt": params.prompt,
-            "width": clamp(params.width, 512, 2368, int),
-            "height": clamp(params.height, 512, 2368, int),
-            "steps": clamp(params.steps, 1, 100, int),
-            "guidance_scale_flux": clamp(params.guidance, 0.0, 24.0, float),
+            FIELDS["prompt"]: params.prompt,
+            FIELDS["width"]: clamp(params.width, *RANGES[FIELDS["width"]], int),
+            FIELDS["height"]: clamp(params.height, *RANGES[FIELDS["height"]], int),
+            FIELDS["steps"]: clamp(params.steps, *RANGES[FIELDS["steps"]], int),
+            guidance: clamp(params.guidance, *RANGES[guidance], float),
         }
     )
 
@@ -77,7 +126,7 @@ class KreaProvider(HTTPBackend):
         *,
         base_url: str,
         token: str | None,
-        model_path: str = "bfl/flux-1-dev",
+        model_path: str = DEFAULT_MODEL_PATH,
         timeout: float = 30.0,
         inbox: CallbackInbox | None = None,
     ) -> None:
@@ -185,13 +234,22 @@ def _urls(job: dict[str, Any]) -> list[str]:
     return urls
 
 
+def _failure(job: dict[str, Any]) -> str | None:
+    """Why a job failed, when it says: `result.error` (where `job_view` writes it), or a
+    top-level error, message or detail."""
+    result = job.get("result")
+    places = [result if isinstance(result, dict) else {}, job]
+    keys = ("error", "message", "detail")
+    return next((p[k] for p in places for k in keys if isinstance(p.get(k), str)), None)
+
+
 def _state(job: dict[str, Any]) -> str:
     """Our state for one job. The guide's loop: a job is over once `completed_at` is set."""
     status = job["status"]
-    if status in ("failed", "cancelled"):
-        return status
+    if STATUSES.get(status) in ("failed", "cancelled"):
+        return str(STATUSES[status])
     if job.get("completed_at"):
-        return "completed" if status == "completed" else "failed"
+        return "completed" if STATUSES.get(status) == "completed" else "failed"
     return "pending"  # the documented pending words, and completed without completed_at
 
 
@@ -209,9 +267,7 @@ def _combine(jobs: list[dict[str, Any]]) -> Polled:
     if "failed" in states:
         index = states.index("failed")
         job = jobs[index]
-        detail = next(
-            (job[k] for k in ("error", "message", "detail") if isinstance(job.get(k), str)), None
-        )
+        detail = _failure(job)
         error = f"krea job {job['job_id']} ended with status {job['status']!r}"
         if detail:
             error += f": {detail}"
@@ -248,3 +304,145 @@ def _combine(jobs: list[dict[str, Any]]) -> Polled:
     upstream_status = min(pending, key=lambda s: PENDING.index(s) if s in PENDING else -1)
     metadata["upstream_status"] = upstream_status
     return Polled(state="pending", upstream_status=upstream_status, metadata=metadata)
+
+
+# -- served: Krea's protocol spoken by the gateway (/compat/krea) ------------------------------
+
+#: Krea's model paths served under /compat/krea, each with the gateway service it runs
+#: on (the seeds show one: the path this adapter submits to by default).
+MODELS = {DEFAULT_MODEL_PATH: "flux-dev"}
+#: Krea's body fields the gateway takes and has no use for: `strength` weighs an input
+#: image it has none of, `relaxedModeAccess` is a Krea billing option.
+IGNORED = ("strength", "relaxedModeAccess")
+#: Krea's inputs the gateway cannot honour (image prompts, style references, LoRAs):
+#: refused when given, rather than silently left out of the picture.
+UNSUPPORTED = ("styleImages", "imageStyleRefs", "styles", "imageUrl")
+#: the header of a Krea request that becomes our `webhookUrl`
+WEBHOOK_HEADER = "X-Webhook-URL"
+#: Krea's words for a job further on than `processing` that still mean processing
+_PAST_PROCESSING = tuple(
+    word for word in PENDING[PENDING.index("processing") + 1 :] if STATUSES[word] == "processing"
+)
+#: how our errors name a field (`params.CAMEL_NAMES`, the REST spelling) -> Krea's name
+_THEIR_NAME = {CAMEL_NAMES[ours]: theirs for ours, theirs in FIELDS.items()}
+_THEIR_NAME |= {"webhookUrl": WEBHOOK_HEADER, "idempotencyKey": "Idempotency-Key"}
+
+
+class UnknownModel(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"Unknown model {model[:100]!r}: this gateway serves {', '.join(sorted(MODELS))}",
+            field="model",
+        )
+
+
+def request_from(
+    model: str,
+    body: Any,
+    *,
+    webhook_url: str | None = None,
+    idempotency_key: str | None = None,
+) -> GenerationRequest:
+    """A Krea generation request (model path, JSON body, `X-Webhook-URL`) as the gateway's
+    one parameter model. A value outside Krea's own range is refused as Krea would;
+    width and height outside the gateway's 512-2048 are refused; steps and guidance
+    within Krea's range but beyond ours are brought into ours. Errors name Krea's field."""
+    service = MODELS.get(model.strip("/"))
+    if service is None:
+        raise UnknownModel(model)
+    if not isinstance(body, dict):
+        raise BadUserInput("body must be a JSON object")
+    known = {*FIELDS.values(), *IGNORED, *UNSUPPORTED}
+    unknown = sorted(body.keys() - known)
+    if unknown:
+        raise BadUserInput(f"{unknown[0]}: not a known parameter", field=unknown[0])
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, [], ""):
+            raise BadUserInput(f"{name}: not supported by this gateway", field=name)
+    if body.get("strength") is not None and not _number(body["strength"]):
+        raise BadUserInput("strength: must be a number", field="strength")
+    if body.get("relaxedModeAccess") not in (None, True, False):
+        raise BadUserInput("relaxedModeAccess: must be a boolean", field="relaxedModeAccess")
+    fields: dict[str, Any] = {"service": service}
+    for ours, theirs in FIELDS.items():
+        value = body.get(theirs)
+        if value is None:
+            continue
+        if theirs in RANGES:
+            low, high = RANGES[theirs]
+            if not _number(value) or not low <= value <= high:
+                raise BadUserInput(f"{theirs}: must be a number, {low} <= x <= {high}", theirs)
+            if ours in ("steps", "guidance"):  # in Krea's range, beyond ours: our nearest
+                value = clamp(value, *_our_range(ours), type(value))
+        fields[ours] = value
+    if webhook_url is not None:
+        fields["webhookUrl"] = webhook_url
+    if idempotency_key:
+        fields["idempotencyKey"] = idempotency_key
+    try:
+        return from_image_input(fields)
+    except BadUserInput as exc:
+        raise in_their_names(exc) from None
+
+
+def in_their_names(exc: GatewayError) -> GatewayError:
+    """`exc` naming fields as Krea does, in its `field` and its message (`webhookUrl` is
+    the `X-Webhook-URL` header, in a client token's refusal too). Idempotent."""
+    ours = exc.extensions.get("field")
+    if not isinstance(ours, str):
+        ours = "webhookUrl" if "webhookUrl" in exc.message else None
+    theirs = _THEIR_NAME.get(ours) if ours else None
+    if ours is None or theirs is None:
+        return exc
+    exc.message = exc.message.replace(ours, theirs, 1)
+    if "field" in exc.extensions:
+        exc.extensions["field"] = theirs
+    return exc
+
+
+def status_of(job: Job) -> str:
+    """A gateway job's status as Krea's word: its own (ours are Krea's words), or, while
+    it runs on Krea, the finer word Krea reported that means the same (sampling,
+    intermediate-complete: never a step back from what was shown)."""
+    word = job.metadata.get("upstreamStatus")
+    on_krea = (job.upstream or {}).get("backend") == KreaProvider.name
+    if job.status == "processing" and on_krea and word in _PAST_PROCESSING:
+        return str(word)
+    return job.status
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The gateway job as Krea's job object: the answer to `POST /generate/...`, `GET` and
+    `DELETE /jobs/{id}`, and the body of the `X-Webhook-URL` callback. `job_id` is the
+    gateway's job id; `result` carries the gateway's stored copies."""
+    result: dict[str, Any] | None = None
+    if job.status == "completed":
+        result = {"urls": list(job.urls)}
+    elif job.status == "failed":
+        result = {"error": job.error or "failed"}
+    return {
+        "job_id": job.id,
+        "status": status_of(job),
+        "created_at": iso(job.created_at),
+        "completed_at": iso(job.completed_at) if job.ended else None,
+        "result": result,
+    }
+
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    """An error as Krea's answers carry one (`message`, what `_failure` and the upstream
+    error reader look for), with our code beside it."""
+    return {"message": exc.message, "code": exc.code}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _our_range(name: str) -> tuple[float, float]:
+    """The gateway's own range of a parameter, as `GenerationRequest` declares it."""
+    low, high = float("-inf"), float("inf")
+    for rule in GenerationRequest.model_fields[name].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return low, high

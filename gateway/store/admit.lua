@@ -7,7 +7,8 @@
 -- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
 --
 -- A cacheable request (ARGV 9 = '1') is decided here too, in the same round trip:
---   hit     the result cache holds it: a new job, completed at once, cost 0, no slot;
+--   hit     the result cache holds it: a new job, completed at once, cost 0, no slot
+--           (its webhook, if it has one, scheduled at once);
 --   follow  an identical job is in flight: a new job that waits for it (cost 0, no
 --           slot, not queued); the leader's worker completes it (settle.lua);
 --   run     otherwise, an ordinary job, which becomes the in-flight leader.
@@ -18,17 +19,27 @@
 -- constant time (see `same` below). Its limits are read as auth.lua reads them (the
 -- plan table ARGV 3 and the key's own overrides: limits.lua).
 --
+-- A client token (ARGV 11 = '1'; docs/api.md#client-tokens) is checked instead of the
+-- key: its own secret, not expired nor revoked, minted by the account's current key on
+-- an account not revoked. Its origins, services and job cap are checked here, and its
+-- budget with the account's credits: both are charged together, so concurrent requests
+-- can never spend more than the budget, in any number of processes.
+--
 -- Called through `Admit` in scripts.py, which names each key and argument below and
 -- decodes the reply.
 -- KEYS: 1 account, 2 rate, 3 day, 4 running, 5 ledger, 6 job, 7 jobs, 8 idem, 9 queue,
---       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders
+--       10 cache entry, 11 in-flight leader, 12 followers, 13 set of waited-on leaders,
+--       14 client token, 15 the token's jobs (both unused for a key), 16 webhook schedule
 -- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 cost, 5 job_id, 6 lease_ms,
 --       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
---       11.. job hash fields (name, value, ...)
+--       11 client token (0/1), 12 the request's Origin ('' = none), 13 the service or
+--       backend asked for, 14.. job hash fields (name, value, ...)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
---          this job's own when it was admitted already); 'unauthenticated' nothing.
+--          this job's own when it was admitted already); 'forbidden' (a token's rule)
+--          origin, service or jobs; 'unauthenticated' nothing. For a token, balance is
+--          what is left of its budget (of the account's credits, if fewer, on 'credits').
 -- include: limits.lua
 local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
@@ -51,16 +62,27 @@ local function same(stored, given)
   end
   return diff == 0
 end
-if not same(acct[3] or '', ARGV[2]) or not acct[1] or acct[2] == '1' then
+local tok = nil
+if ARGV[11] == '1' then
+  tok = redis.call('HMGET', KEYS[14], 'hash', 'key_hash', 'expires', 'revoked',
+    'max_credits', 'spent', 'max_jobs', 'jobs', 'origins', 'services')
+  if not same(tok[1] or '', ARGV[2]) or tok[4] == '1' or tonumber(tok[3] or '0') <= now
+    or tok[2] ~= acct[3] or not acct[1] or acct[2] == '1' then
+    return {'unauthenticated'}
+  end
+elseif not same(acct[3] or '', ARGV[2]) or not acct[1] or acct[2] == '1' then
   return {'unauthenticated'}
 end
 local balance = tonumber(acct[1])
+local left = nil  -- a token's budget not yet spent
+if tok then left = tonumber(tok[5]) - tonumber(tok[6]) end
+local shown = left or balance
 local plan = acct[4] or ''
 local rpm, conc, daily = key_limits(ARGV[3], plan, acct[5], acct[6], acct[7])
 
 local used = window_used(KEYS[2], now)
 local function reply(verdict, window, ...)
-  return {verdict, rpm, conc, daily, window, window_reset(KEYS[2], now), balance, plan,
+  return {verdict, rpm, conc, daily, window, window_reset(KEYS[2], now), shown, plan,
     ...}
 end
 
@@ -77,6 +99,20 @@ if idem_hash ~= '' then
       return reply('duplicate', used, string.sub(prior, 1, sep - 1))
     end
     return reply('idempotency_mismatch', used)
+  end
+end
+
+-- A token's own rules (lists are stored as ',a,b,'; '' = any).
+if tok then
+  local origin, service = ',' .. ARGV[12] .. ',', ',' .. ARGV[13] .. ','
+  if tok[9] ~= '' and (ARGV[12] == '' or not string.find(tok[9], origin, 1, true)) then
+    return reply('forbidden', used, 'origin')
+  end
+  if tok[10] ~= '' and not string.find(tok[10], service, 1, true) then
+    return reply('forbidden', used, 'service')
+  end
+  if tonumber(tok[7]) >= 0 and tonumber(tok[8]) >= tonumber(tok[7]) then
+    return reply('forbidden', used, 'jobs')
   end
 end
 
@@ -124,7 +160,10 @@ if run then
   end
 end
 
-if balance < cost then return reply('credits', used, cost) end
+if balance < cost or (left and left < cost) then
+  if left then shown = math.min(balance, left) end
+  return reply('credits', used, cost)
+end
 
 -- Everything is allowed: take it all.
 redis.call('ZADD', KEYS[2], now, job_id)
@@ -137,8 +176,16 @@ if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
   redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
     'balance', balance)
+  shown = balance
 end
-redis.call('HSET', KEYS[6], unpack(ARGV, 11))
+if tok then
+  shown = left - cost
+  redis.call('HINCRBY', KEYS[14], 'spent', cost)
+  redis.call('HINCRBY', KEYS[14], 'jobs', 1)
+  redis.call('ZADD', KEYS[15], now, job_id)
+  redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
+end
+redis.call('HSET', KEYS[6], unpack(ARGV, 14))
 local outcome = {}
 if mode == 'hit' then
   outcome = {entry[1], entry[2], entry[3], entry[4]}
@@ -146,6 +193,10 @@ if mode == 'hit' then
     'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
     'metadata', entry[4])
   redis.call('PEXPIRE', KEYS[6], retention)
+  -- It ended here, not in finish.lua: its webhook is scheduled here, in the same step.
+  if redis.call('HEXISTS', KEYS[6], 'webhook_url') == 1 then
+    redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6])
+  end
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif mode == 'follow' then

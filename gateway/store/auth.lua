@@ -2,16 +2,18 @@
 -- X-RateLimit-* headers, in one round trip. Reads also count against their own,
 -- more generous fixed-window limit.
 -- Only a request with the key's own secret (ARGV[3]: its SHA-256) on a key that is not
--- revoked counts a read: someone who knows just the account id cannot use up its reads.
+-- revoked (or a live token's own) counts a read: someone who knows just the account id cannot use up its reads.
 -- (The caller still decides with a constant-time comparison; this only gates counting.)
 -- The limits are read as admit.lua reads them (the plan table ARGV[4] and the key's own
 -- overrides: limits.lua).
+-- A client token (ARGV 5 = '1') is read too (KEYS 4) and returned for the caller to
+-- check; it counts a read when its own secret is given on a live token of the key.
 -- Called through `Auth` in scripts.py, which names each key and argument and decodes
 -- the reply.
--- KEYS: 1 account, 2 rate, 3 reads
--- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table
+-- KEYS: 1 account, 2 rate, 3 reads, 4 client token (unused for a key)
+-- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table, 5 client token (0/1)
 -- Returns {flat account hash, window used, window reset (unix s), reads, rpm, concurrency,
---          daily}; {{}} for an unknown account.
+--          daily, flat token hash ({} for a key)}; {{}} for an unknown account.
 -- include: limits.lua
 local acct = redis.call('HGETALL', KEYS[1])
 if #acct == 0 then return {acct} end
@@ -21,9 +23,18 @@ for i = 1, #acct, 2 do fields[acct[i]] = acct[i + 1] end
 local rpm, conc, daily = key_limits(ARGV[4], fields['plan'] or '', fields['rpm'],
   fields['concurrency'], fields['daily'])
 local used = window_used(KEYS[2], now)
+local token = {}
+local own = fields['key_hash'] == ARGV[3]
+if ARGV[5] == '1' then
+  token = redis.call('HGETALL', KEYS[4])
+  local t = {}
+  for i = 1, #token, 2 do t[token[i]] = token[i + 1] end
+  own = t['hash'] == ARGV[3] and t['key_hash'] == fields['key_hash'] and t['revoked'] ~= '1'
+    and tonumber(t['expires'] or '0') > now
+end
 local reads = 0
-if ARGV[2] == '1' and fields['key_hash'] == ARGV[3] and fields['revoked'] ~= '1' then
+if ARGV[2] == '1' and own and fields['revoked'] ~= '1' then
   reads = redis.call('INCR', KEYS[3])
   if reads == 1 then redis.call('PEXPIRE', KEYS[3], 61000) end
 end
-return {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily}
+return {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily, token}

@@ -7,7 +7,9 @@
 -- A running job that is cancelled is announced on its shard's cancellation log, which
 -- workers read once a second instead of each job checking its status on every poll.
 -- Called through `Finish` in scripts.py (named keys and arguments, a typed reply).
--- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log
+-- A refunded job made with a client token gives its charge back to the token's budget.
+-- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log,
+--       7 the client token the job was made with (the job's `token`; unused without)
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6.. job hash fields
 -- The record then lives for the retention time, like its outputs.
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
@@ -27,6 +29,9 @@ if ARGV[4] == '1' and cost > 0 then
   redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
     'balance', balance)
   redis.call('HSET', KEYS[1], 'refunded', cost)
+  if redis.call('HEXISTS', KEYS[1], 'token') == 1 and redis.call('EXISTS', KEYS[7]) == 1 then
+    redis.call('HINCRBY', KEYS[7], 'spent', -cost)
+  end
 end
 local hook = redis.call('HGET', KEYS[1], 'webhook_url')
 if hook and hook ~= '' then

@@ -11,7 +11,8 @@ Why shards and not a tag per account: the queue, the schedule and the cache are 
 by many accounts, and a script can only write keys of one slot. A shard is the unit a
 Cluster spreads over its nodes; with more shards than nodes, load spreads evenly.
 Only two kinds of key live outside any shard: the account index and the callback inbox,
-both touched one key at a time.
+both touched one key at a time. Persisted queries (APQ documents, shared by every
+account) have a slot of their own, the tag `{apq}`: their two keys change together.
 """
 
 from __future__ import annotations
@@ -141,6 +142,16 @@ def topup(account_id: str, topup_id: str) -> str:
     return f"{_tag(account_id)}:topup:{topup_id}"
 
 
+def client_token(account_id: str, token_id: str) -> str:
+    """Hash: one client token minted by the account's key (docs/api.md#client-tokens)."""
+    return f"{_tag(account_id)}:ct:{token_id}"
+
+
+def token_jobs(account_id: str, token_id: str) -> str:
+    """Sorted set: the jobs made with one client token, job id -> created (ms)."""
+    return f"{_tag(account_id)}:ct:{token_id}:jobs"
+
+
 def reads(account_id: str, minute: int) -> str:
     return f"{_tag(account_id)}:reads:{minute}"
 
@@ -165,3 +176,19 @@ def callback(token: str) -> str:
 
 #: pub/sub channel: the token of each delivered callback (wakes the worker waiting on it)
 CALLBACKS = f"{PREFIX}:callbacks"
+
+
+# -- persisted queries (APQ): one slot of their own ----------------------------------------
+
+APQ = f"{PREFIX}:{{apq}}"
+
+
+def apq_documents() -> str:
+    """Hash: SHA-256 (hex) -> a persisted query's document."""
+    return f"{APQ}:docs"
+
+
+def apq_used() -> str:
+    """Sorted set: SHA-256 -> when the document was last stored or fetched (ms); the
+    least recent go first when there are more than `apq_max_documents`."""
+    return f"{APQ}:used"

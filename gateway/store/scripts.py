@@ -113,14 +113,15 @@ class Hit(NamedTuple):
 
 
 class AdmitReply(NamedTuple):
-    verdict: str  # ok | limited | credits | duplicate | idempotency_mismatch | unauthenticated
+    # ok | limited | credits | duplicate | idempotency_mismatch | forbidden | unauthenticated
+    verdict: str
     # The key as admission saw it (every verdict but unauthenticated):
     rpm: int = -1  # its limits: its plan's with its own overrides (-1: none)
     concurrency: int = -1
     daily: int = -1
     window_used: int = 0  # generations admitted in the last 60 s (this one included)
     window_reset: int = 0  # unix seconds when the oldest of those leaves the window
-    balance: int = 0  # credits, after this admission's charge
+    balance: int = 0  # credits after this admission's charge (a token's: its budget's)
     plan: str = ""
     # By verdict:
     mode: str = ""  # ok: run | hit (served from cache) | follow (waits for an identical job)
@@ -129,6 +130,7 @@ class AdmitReply(NamedTuple):
     wait_ms: int = 0  # limited: until there is room
     cost: int = 0  # credits: what the job costs
     job_id: str = ""  # duplicate: the earlier job's id
+    rule: str = ""  # forbidden: the client token's rule refused (origin | service | jobs)
 
 
 UNAUTHENTICATED = AdmitReply(verdict="unauthenticated")
@@ -155,6 +157,9 @@ class Admit(Script):
         inflight: str,
         followers: str,
         coalescing: str,
+        client_token: str,
+        token_jobs: str,
+        webhooks: str,
         now_ms: int,
         secret_hash: str,
         plans: str,
@@ -165,6 +170,9 @@ class Admit(Script):
         idempotency_hash: str,
         cacheable: bool,
         retention_ms: int,
+        token: bool,
+        origin: str,
+        service: str,
         fields: dict[str, Any],
         client: aioredis.Redis | None = None,
     ) -> AdmitReply:
@@ -182,6 +190,9 @@ class Admit(Script):
             inflight,
             followers,
             coalescing,
+            client_token,
+            token_jobs,
+            webhooks,
             now_ms,
             secret_hash,
             plans,
@@ -192,9 +203,12 @@ class Admit(Script):
             idempotency_hash,
             1 if cacheable else 0,
             retention_ms,
+            1 if token else 0,
+            origin,
+            service,
             *flat(fields),
         ]
-        return self.decode(await self.run(13, argv, client))
+        return self.decode(await self.run(16, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> AdmitReply:
@@ -202,7 +216,7 @@ class Admit(Script):
         if len(reply) == 1:
             return UNAUTHENTICATED
         verdict, rpm, concurrency, daily, window_used, window_reset, balance, plan, *tail = reply
-        mode = limit = job_id = ""
+        mode = limit = job_id = rule = ""
         hit = None
         wait_ms = cost = 0
         if verdict == "ok":
@@ -216,6 +230,8 @@ class Admit(Script):
             (cost,) = tail
         elif verdict == "duplicate":
             (job_id,) = tail
+        elif verdict == "forbidden":
+            (rule,) = tail
         return AdmitReply(
             verdict=verdict,
             rpm=rpm,
@@ -231,6 +247,7 @@ class Admit(Script):
             wait_ms=wait_ms,
             cost=cost,
             job_id=job_id,
+            rule=rule,
         )
 
 
@@ -245,6 +262,7 @@ class AuthReply(NamedTuple):
     rpm: int = -1  # the key's limits: its plan's with its own overrides (-1: none)
     concurrency: int = -1
     daily: int = -1
+    token: dict[str, str] = {}  # a client token's hash; empty for a key or none found
 
 
 class Auth(Script):
@@ -258,14 +276,17 @@ class Auth(Script):
         account: str,
         rate: str,
         reads: str,
+        client_token: str,
         now_ms: int,
         count_read: bool,
         secret_hash: str,
         plans: str,
+        token: bool,
         client: aioredis.Redis | None = None,
     ) -> AuthReply:
-        argv = [account, rate, reads, now_ms, 1 if count_read else 0, secret_hash, plans]
-        return self.decode(await self.run(3, argv, client))
+        argv = [account, rate, reads, client_token, now_ms, 1 if count_read else 0]
+        argv += [secret_hash, plans, 1 if token else 0]
+        return self.decode(await self.run(4, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> AuthReply:
@@ -273,7 +294,7 @@ class Auth(Script):
         account = dict(zip(raw[::2], raw[1::2], strict=True))
         if len(reply) == 1:  # an unknown account
             return AuthReply(account=account)
-        _, window_used, window_reset, reads, rpm, concurrency, daily = reply
+        _, window_used, window_reset, reads, rpm, concurrency, daily, token = reply
         return AuthReply(
             account=account,
             window_used=window_used,
@@ -282,6 +303,7 @@ class Auth(Script):
             rpm=rpm,
             concurrency=concurrency,
             daily=daily,
+            token=dict(zip(token[::2], token[1::2], strict=True)),
         )
 
 
@@ -345,6 +367,7 @@ class Finish(Script):
         ledger: str,
         webhooks: str,
         cancellations: str,
+        client_token: str,
         status: str,
         now_ms: int,
         job_id: str,
@@ -360,6 +383,7 @@ class Finish(Script):
             ledger,
             webhooks,
             cancellations,
+            client_token,
             status,
             now_ms,
             job_id,
@@ -367,7 +391,7 @@ class Finish(Script):
             retention_ms,
             *flat(fields),
         ]
-        return self.decode(await self.run(6, argv, client))
+        return self.decode(await self.run(7, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> FinishReply:
@@ -533,10 +557,67 @@ class Promote(Script):
         return PromoteReply(verdict=str(reply))
 
 
+# -- apq_put.lua, apq_get.lua ---------------------------------------------------------
+
+
+class ApqPutReply(NamedTuple):
+    evicted: int  # documents evicted to stay within the limit
+
+
+class ApqPut(Script):
+    """apq_put.lua: store a persisted query's document; evict the least recently used."""
+
+    name = "apq_put"
+
+    async def __call__(
+        self,
+        *,
+        documents: str,
+        used: str,
+        sha: str,
+        document: str,
+        now_ms: int,
+        max_documents: int,
+        client: aioredis.Redis | None = None,
+    ) -> ApqPutReply:
+        argv = [documents, used, sha, document, now_ms, max_documents]
+        return self.decode(await self.run(2, argv, client))
+
+    @staticmethod
+    def decode(reply: Any) -> ApqPutReply:
+        return ApqPutReply(evicted=int(reply))
+
+
+class ApqGetReply(NamedTuple):
+    document: str | None  # None: not stored (never, or evicted)
+
+
+class ApqGet(Script):
+    """apq_get.lua: a persisted query's document, marked as used."""
+
+    name = "apq_get"
+
+    async def __call__(
+        self,
+        *,
+        documents: str,
+        used: str,
+        sha: str,
+        now_ms: int,
+        client: aioredis.Redis | None = None,
+    ) -> ApqGetReply:
+        return self.decode(await self.run(2, [documents, used, sha, now_ms], client))
+
+    @staticmethod
+    def decode(reply: Any) -> ApqGetReply:
+        return ApqGetReply(document=None if reply is None else str(reply))
+
+
 # -- the set -------------------------------------------------------------------------
 
 BY_NAME: dict[str, type[Script]] = {
-    kind.name: kind for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote)
+    kind.name: kind
+    for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote, ApqPut, ApqGet)
 }
 NAMES = tuple(BY_NAME)
 ONCE = frozenset(name for name, kind in BY_NAME.items() if kind.once)
@@ -555,6 +636,8 @@ class Scripts:
         self.claim = Claim(client)
         self.settle = Settle(client)
         self.promote = Promote(client)
+        self.apq_put = ApqPut(client)
+        self.apq_get = ApqGet(client)
         self.by_name: dict[str, Script] = {
             name: value for name, value in vars(self).items() if isinstance(value, Script)
         }

@@ -4,12 +4,13 @@ Lowest first (a module may import its own layer and those below it):
 
     domain     errors, params, pricing, config, urlguard, formats, images, jobs/model,
                providers/base, breaker
-    store      gateway/store, jobs/store, auth, accounts, admission, cache, events,
-               callbacks, artifacts           | providers   gateway/providers
+    store      gateway/store, jobs/store, auth, accounts, tokens, admission, cache,
+               events, job_watch, callbacks, artifacts | providers gateway/providers
     jobs       jobs/queue, jobs/worker, routing, upstream_wait, webhooks
     service    service (the operations both APIs call)
-    api        schema/ (GraphQL), rest (REST)
-    root       app, runtime, cli (the composition root: wires the parts together)
+    api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
+               compat/ (the providers' own protocols)
+    root       app, cors, runtime, cli (the composition root: wires the parts together)
 
 `store` and `providers` sit side by side and do not import each other. `bench/` may
 import anything of the gateway, which never imports it. Imports are read from the source
@@ -53,9 +54,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.jobs.store",
             "gateway.auth",
             "gateway.accounts",
+            "gateway.tokens",
             "gateway.admission",
             "gateway.cache",
             "gateway.events",
+            "gateway.job_watch",
             "gateway.callbacks",
             "gateway.artifacts",
         ),
@@ -72,8 +75,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("service", ("gateway.service",)),
-    ("api", ("schema.*", "gateway.rest")),
-    ("root", ("gateway.app", "gateway.runtime", "gateway.cli")),
+    (
+        "api",
+        (
+            "schema.*",
+            "gateway.rest",
+            "gateway.pages",
+            "gateway.openai_api",
+            "gateway.compat",
+            "gateway.compat.*",
+        ),
+    ),
+    ("root", ("gateway.app", "gateway.cors", "gateway.runtime", "gateway.cli")),
     ("tools", ("bench.*",)),
 ]
 RANK = {"domain": 0, "store": 1, "providers": 1, "jobs": 2, "service": 3, "api": 4}

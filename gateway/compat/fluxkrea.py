@@ -1,0 +1,130 @@
+"""/compat/fluxkrea: the flux-krea REST API (docs/providers/fluxkrea.md), served by the
+gateway.
+
+Code written against `https://api.flux-krea.pro/v1` works with its base URL set to
+`<gateway>/compat/fluxkrea/v1` and a gateway key (or client token) as its Bearer key:
+
+    POST /v1/generate         waits for the images, answers the guide's success shape
+    POST /v1/generate/async   answers at once; the result is POSTed to `webhook_url`,
+                              with the request's `callback_data`
+
+The guide documents no endpoint to read or cancel a job; the gateway's own
+`GET /v1/jobs/{id}` (the same key) reads one by its `request_id`.
+
+Each request is an ordinary gateway job (`Gateway.generate`: admission, credits, cache,
+idempotency with `Idempotency-Key`, routing with failover); its id is the
+`request_id`, and every answer about it carries `X-Gateway-Job-Id`. This module is
+plumbing only: what flux-krea's words mean, both ways, is in
+`gateway/providers/fluxkrea.py`, beside the adapter that speaks flux-krea upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.errors import BadUserInput, GatewayError, Unauthenticated
+from gateway.params import GenerationRequest
+from gateway.providers import fluxkrea
+from gateway.rest import ORJSONResponse
+from gateway.service import Gateway
+
+PREFIX = "/compat/fluxkrea"
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """A refusal in flux-krea's shape and status (its table: 400, 401, 403, 429; a 403
+    `quota_exceeded` for credits), never a 500."""
+    exc = fluxkrea.in_their_names(exc)
+    out = {**(headers or {}), **exc.headers}
+    retry = exc.extensions.get("retryAfter")
+    if retry is not None:
+        out["Retry-After"] = str(retry)
+    status = fluxkrea.error_status(exc)
+    return ORJSONResponse(fluxkrea.error_body(exc), status_code=status, headers=out)
+
+
+def bearer(request: Request) -> str:
+    """The key or client token of `Authorization: Bearer KEY`, flux-krea's only auth."""
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer " and auth[7:].strip():
+        return auth[7:].strip()
+    raise Unauthenticated("Invalid or missing API key: send Authorization: Bearer <api key>")
+
+
+async def read_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadUserInput("malformed request: body is not valid JSON") from None
+
+
+async def generate(request: Request) -> Response:
+    """`POST /v1/generate`: admitted as any job, answered when it ends (at most
+    `GATEWAY_SYNC_WAIT_SECONDS`): 200 and the images; 502 `failed` when it failed
+    (refunded); 504 when the wait ran out (the job goes on)."""
+    gateway: Gateway = request.app.state.gateway
+
+    async def parse() -> GenerationRequest:
+        wanted, _ = fluxkrea.request_from(
+            await read_body(request),
+            asynchronous=False,
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
+        return wanted
+
+    try:
+        job, principal = await gateway.generate(
+            bearer(request), parse, request.headers.get("origin", "")
+        )
+    except GatewayError as exc:
+        return error_response(exc)
+    headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
+    job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
+    if job.status == "completed":
+        return ORJSONResponse(fluxkrea.success_body(job), headers=headers)
+    if job.ended:
+        return ORJSONResponse(fluxkrea.failure_body(job), status_code=502, headers=headers)
+    waited = gateway.settings.sync_wait_seconds
+    body = {
+        "status": job.status,
+        "request_id": job.id,
+        "message": f"the images were not ready within {waited:g} s; the job goes on: "
+        f"GET /v1/jobs/{job.id} reads it",
+    }
+    return ORJSONResponse(body, status_code=504, headers=headers)
+
+
+async def generate_async(request: Request) -> Response:
+    """`POST /v1/generate/async`: 202 at once; the job's end is POSTed to `webhook_url`
+    in the guide's webhook shape, with `callback_data`, signed and retried like every
+    gateway webhook (and refused, as they are, for a private address)."""
+    gateway: Gateway = request.app.state.gateway
+    shape: dict[str, Any] = {"protocol": "fluxkrea"}  # the job's webhook_shape
+
+    async def parse() -> GenerationRequest:
+        wanted, shape["callback_data"] = fluxkrea.request_from(
+            await read_body(request),
+            asynchronous=True,
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
+        return wanted
+
+    try:
+        job, principal = await gateway.generate(
+            bearer(request), parse, request.headers.get("origin", ""), webhook_shape=shape
+        )
+    except GatewayError as exc:
+        return error_response(exc)
+    headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
+    return ORJSONResponse(fluxkrea.accepted_body(job), status_code=202, headers=headers)
+
+
+routes: list[BaseRoute] = [
+    Route(f"{PREFIX}/v1/generate", generate, methods=["POST"]),
+    Route(f"{PREFIX}/v1/generate/async", generate_async, methods=["POST"]),
+]

@@ -1,0 +1,129 @@
+"""/compat/krea: Krea's job API (docs/providers/krea.md), served by the gateway.
+
+Code written against `https://api.krea.ai` works with its base URL set to
+`<gateway>/compat/krea` and a gateway key (or client token) as its Bearer token:
+
+    POST   /generate/image/{model}   a new job (`X-Webhook-URL`: its callback)
+    GET    /jobs/{id}                the job as it is now
+    DELETE /jobs/{id}                cancel it (refunded, as `cancelJob`)
+
+Each request is an ordinary gateway job (`Gateway.generate`: admission, credits, cache,
+idempotency with `Idempotency-Key`, routing with failover); its id is the Krea job id,
+and every answer about it carries `X-Gateway-Job-Id`. This module is plumbing only:
+what Krea's words mean, both ways, is in `gateway/providers/krea.py`, beside the
+adapter that speaks Krea upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
+from gateway.jobs.model import Job
+from gateway.params import GenerationRequest
+from gateway.providers import krea
+from gateway.rest import ORJSONResponse
+from gateway.service import Gateway
+
+PREFIX = "/compat/krea"
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """A refusal in Krea's shape, with the status our error has (never a 500 for a
+    refusal: 400, 401, 402, 403, 404, 429 with Retry-After, 503)."""
+    exc = krea.in_their_names(exc)
+    out = {**(headers or {}), **exc.headers}
+    retry = exc.extensions.get("retryAfter")
+    if retry is not None:
+        out["Retry-After"] = str(retry)
+    return ORJSONResponse(krea.error_body(exc), status_code=exc.status, headers=out)
+
+
+def bearer(request: Request) -> str:
+    """The key or client token of `Authorization: Bearer KEY`, Krea's only auth."""
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer " and auth[7:].strip():
+        return auth[7:].strip()
+    raise Unauthenticated("Missing API token: send Authorization: Bearer <token>")
+
+
+async def read_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadUserInput("body is not valid JSON") from None
+
+
+def answer(job: Job, headers: dict[str, str]) -> Response:
+    return ORJSONResponse(krea.job_view(job), headers={**headers, "X-Gateway-Job-Id": job.id})
+
+
+async def generate(request: Request) -> Response:
+    """`POST /generate/image/{model}`: Krea's job object for a new gateway job."""
+    gateway: Gateway = request.app.state.gateway
+    webhook = request.headers.get(krea.WEBHOOK_HEADER)
+
+    async def parse() -> GenerationRequest:
+        return krea.request_from(
+            request.path_params["model"],
+            await read_body(request),
+            webhook_url=webhook,
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
+
+    try:
+        job, principal = await gateway.generate(
+            bearer(request),
+            parse,
+            request.headers.get("origin", ""),
+            webhook_shape={"protocol": "krea"},
+        )
+    except GatewayError as exc:
+        return error_response(exc)
+    return answer(job, principal.rate_headers())
+
+
+async def get_job(request: Request) -> Response:
+    """`GET /jobs/{id}`: one of the caller's jobs, as Krea's job object."""
+    return await _on_job(request, cancel=False)
+
+
+async def delete_job(request: Request) -> Response:
+    """`DELETE /jobs/{id}`: cancel the job (refunded in full); an ended job is answered
+    as it is."""
+    return await _on_job(request, cancel=True)
+
+
+async def _on_job(request: Request, *, cancel: bool) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    headers: dict[str, str] = {}
+    job_id = request.path_params["job_id"]
+    try:
+        principal = await gateway.authenticate(
+            bearer(request), read=not cancel, origin=request.headers.get("origin")
+        )
+        headers = principal.rate_headers()
+        if cancel:
+            job = await gateway.cancel(principal, job_id)
+        else:
+            found = await gateway.job(principal, job_id)
+            if found is None:
+                raise NotFound("Job not found")
+            job = found
+    except NotFound:
+        return error_response(NotFound("Job not found"), headers)
+    except GatewayError as exc:
+        return error_response(exc, headers)
+    return answer(job, headers)
+
+
+routes: list[BaseRoute] = [
+    Route(f"{PREFIX}/generate/image/{{model:path}}", generate, methods=["POST"]),
+    Route(f"{PREFIX}/jobs/{{job_id}}", get_job, methods=["GET"]),
+    Route(f"{PREFIX}/jobs/{{job_id}}", delete_job, methods=["DELETE"]),
+]

@@ -1,0 +1,241 @@
+"""OpenAI's Images API, served by the gateway (docs/api.md#openai).
+
+Backend code written against `POST /v1/images/generations` (the `openai` SDKs, LiteLLM,
+Portkey) points its base URL at the gateway and its key at a gateway key, and changes
+nothing else. A request is an ordinary job (`Gateway.generate`: admission, credits,
+cache, idempotency via `Idempotency-Key`, routing with failover); the answer waits for
+its end on the process's shared job watch (`Gateway.wait`), as OpenAI's does.
+
+Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
+statuses its SDKs turn into their exception classes (400 BadRequestError, 401
+AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError, 429 RateLimitError,
+5xx InternalServerError; 402 and 504 are APIStatusError).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import api_key_from
+from gateway.config import BACKENDS
+from gateway.errors import BadUserInput, GatewayError, NotFound
+from gateway.jobs.model import Job
+from gateway.params import GenerationRequest, from_image_input
+from gateway.rest import ORJSONResponse, read_json
+from gateway.service import Gateway
+
+DEFAULT_MODEL = "flux-krea"
+DEFAULT_SIZE = "1024x1024"
+#: OpenAI's parameters, and what each becomes (None: accepted, not used by any backend)
+PARAMETERS: dict[str, str | None] = {
+    "prompt": "prompt",
+    "model": "service",
+    "n": "numImages",
+    "size": None,  # width and height
+    "response_format": None,  # how the answer carries the images
+    "output_format": "outputFormat",
+    "quality": "quality",
+    "seed": "seed",  # the gateway's extension: the same seed draws the same picture
+    "user": None,
+    "style": None,
+    "background": None,
+    "moderation": None,
+    "output_compression": None,
+}
+#: OpenAI's quality words, as the gateway's backends take them
+QUALITY = {"hd": "high", "high": "high", "standard": "standard", "medium": "standard"}
+QUALITY |= {"low": "low"}
+#: our field (as `from_image_input` names it in errors) -> OpenAI's parameter
+PARAM_OF = {"service": "model", "numImages": "n", "width": "size", "height": "size"}
+PARAM_OF |= {"outputFormat": "output_format", "aspectRatio": "size"}
+#: the `code` OpenAI's clients see for ours
+CODE_OF = {
+    "UNAUTHENTICATED": "invalid_api_key",
+    "RATE_LIMITED": "rate_limit_exceeded",
+    "INSUFFICIENT_CREDITS": "insufficient_credits",
+    "BAD_USER_INPUT": "invalid_value",
+}
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """A `GatewayError` as OpenAI's API answers an error."""
+    extra = {k: v for k, v in exc.extensions.items() if k not in ("code", "field")}
+    field = exc.extensions.get("field")
+    if exc.status == 429:
+        kind = "requests"
+    elif exc.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    code = CODE_OF.get(exc.code, exc.code.lower())
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": kind,
+            "param": PARAM_OF.get(field, field) if isinstance(field, str) else None,
+            "code": code,
+            **extra,
+        }
+    }
+    out = {**exc.headers, **(headers or {})}
+    if "retryAfter" in extra:
+        out["Retry-After"] = str(extra["retryAfter"])
+    return ORJSONResponse(body, status_code=exc.status, headers=out)
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"  # OpenAI's `model_not_found`, with NOT_FOUND's 404
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist on this gateway", field="model")
+
+
+def known_models(gateway: Gateway) -> list[str]:
+    return [*gateway.router.routes, *(b for b in BACKENDS if b not in gateway.router.routes)]
+
+
+def to_request(body: dict[str, Any], models: list[str]) -> GenerationRequest:
+    """An OpenAI images request as the gateway's one parameter model."""
+    unknown = sorted(body.keys() - PARAMETERS.keys())
+    if unknown:
+        raise BadUserInput(
+            f"Unrecognized request argument supplied: {unknown[0]}", field=unknown[0]
+        )
+    if body.get("stream"):
+        raise BadUserInput("stream is not supported", field="stream")
+    model = body.get("model") or DEFAULT_MODEL
+    if not isinstance(model, str) or model not in models:
+        raise ModelNotFound(str(model)[:100])
+    if body.get("response_format") not in (None, "url", "b64_json"):
+        raise BadUserInput("response_format must be url or b64_json", field="response_format")
+    fields: dict[str, Any] = {
+        ours: body[theirs]
+        for theirs, ours in PARAMETERS.items()
+        if ours and body.get(theirs) is not None
+    }
+    fields["service"] = model
+    size = body.get("size") or DEFAULT_SIZE
+    if size != "auto":
+        width, sep, height = str(size).partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and len(size) <= 11):
+            raise BadUserInput("size must be WIDTHxHEIGHT (each 512-2048) or auto", field="size")
+        fields["width"], fields["height"] = int(width), int(height)
+    quality = body.get("quality")
+    if quality is not None and quality != "auto":
+        if quality not in QUALITY:
+            raise BadUserInput(f"quality must be one of {', '.join(QUALITY)} or auto", "quality")
+        fields["quality"] = QUALITY[quality]
+    else:
+        fields.pop("quality", None)
+    return from_image_input(fields)
+
+
+async def generations(request: Request) -> Response:
+    """`POST /v1/images/generations`: admitted as any job; answered when it ends."""
+    gateway: Gateway = request.app.state.gateway
+    body: dict[str, Any] = {}
+
+    async def parse() -> GenerationRequest:
+        nonlocal body
+        body = await read_json(request)
+        wanted = to_request(body, known_models(gateway))
+        idempotency = request.headers.get("idempotency-key")
+        if idempotency:
+            wanted = wanted.model_copy(update={"idempotency_key": idempotency[:128]})
+        return wanted
+
+    headers: dict[str, str] = {}
+    try:
+        job, principal = await gateway.generate(
+            api_key_from(request.headers), parse, request.headers.get("origin", "")
+        )
+        headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
+        job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
+        answer = await _answer(gateway, job, body)
+    except GatewayError as exc:
+        return error_response(exc, headers)
+    return ORJSONResponse(answer, headers=headers)
+
+
+class WaitRanOut(GatewayError):
+    code, status = "TIMEOUT", 504
+
+
+class GenerationFailed(GatewayError):
+    code, status = "GENERATION_FAILED", 502
+
+
+async def _answer(gateway: Gateway, job: Job, body: dict[str, Any]) -> dict[str, Any]:
+    if not job.ended:
+        raise WaitRanOut(
+            f"the image was not ready within {gateway.settings.sync_wait_seconds:g} s; "
+            f"job {job.id} goes on: GET /v1/jobs/{job.id}",
+            job_id=job.id,
+        )
+    if job.status != "completed":
+        raise GenerationFailed(
+            f"the generation {job.status}: {job.error or 'no reason given'} (refunded)",
+            job_id=job.id,
+        )
+    prompt = job.params.get("prompt", "")
+    data: list[dict[str, Any]] = []
+    for url in job.urls:
+        if body.get("response_format") == "b64_json":
+            stored = await gateway.artifacts.read(url)
+            if stored is None:
+                raise GenerationFailed(f"job {job.id}'s image is gone", job_id=job.id)
+            data.append({"b64_json": base64.b64encode(stored).decode(), "revised_prompt": prompt})
+        else:
+            data.append({"url": url, "revised_prompt": prompt})
+    return {
+        "created": (job.completed_at or int(time.time() * 1000)) // 1000,
+        "data": data,
+        "output_format": job.params.get("output_format", "png").replace("jpg", "jpeg"),
+        "size": f"{job.width}x{job.height}",
+    }
+
+
+def _model(name: str, services: dict[str, list[str]]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "gateway (service)" if name in services else "gateway (backend)",
+    }
+
+
+async def models(request: Request) -> Response:
+    """`GET /v1/models`: the services and backends, as OpenAI lists models."""
+    gateway: Gateway = request.app.state.gateway
+    try:
+        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+    except GatewayError as exc:
+        return error_response(exc)
+    data = [_model(name, gateway.router.routes) for name in known_models(gateway)]
+    return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
+
+
+async def model(request: Request) -> Response:
+    """`GET /v1/models/{model}`."""
+    gateway: Gateway = request.app.state.gateway
+    name = request.path_params["model"]
+    try:
+        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+        if name not in known_models(gateway):
+            raise ModelNotFound(name[:100])
+    except GatewayError as exc:
+        return error_response(exc)
+    return ORJSONResponse(_model(name, gateway.router.routes), headers=principal.rate_headers())
+
+
+routes = [
+    Route("/v1/images/generations", generations, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/models/{model}", model, methods=["GET"]),
+]

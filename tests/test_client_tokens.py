@@ -1,0 +1,441 @@
+"""Client tokens (docs/api.md#client-tokens): minted by a key for a web page, spending
+the key's credits within their own budget, seeing only their own jobs.
+
+Each rule is checked through the public API (GraphQL, REST, SSE, WebSocket) against a
+real Redis; the budget under a storm of requests across two real gateway processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from gateway.accounts import Accounts
+from gateway.config import load_settings
+from gateway.store import keys as rkeys
+from gateway.store.redis import Scripts, connect
+from tests.harness import GENERATE, Harness, gateway, gateway_processes
+from tests.test_admission import check_books, error_of, storm
+from tests.test_live_updates import subscribe
+
+MINT = """mutation($input: ClientTokenInput!) {
+  createClientToken(input: $input) { token expiresAt maxCredits } }"""
+REVOKE = "mutation($t: String!) { revokeClientToken(token: $t) }"
+ME = """{ me { credits plan clientToken { maxCredits spent jobs maxJobs origins services
+  expiresAt } } }"""
+JOBS = "{ jobs(first: 20) { nodes { id } } }"
+JOB = "query($id: ID!) { job(id: $id) { id status creditCost } }"
+CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }"
+APP = "https://app.example"
+
+
+async def mint(gw: Harness, key: str, **rules: Any) -> str:
+    r = await gw.gql(MINT, {"input": {"maxCredits": 100, **rules}}, key)
+    assert r.status_code == 200, r.text
+    token = r.json()["data"]["createClientToken"]["token"]
+    assert token.startswith("gct_")
+    return str(token)
+
+
+async def gql(
+    gw: Harness, query: str, variables: dict[str, Any], token: str, origin: str | None = None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if origin:
+        headers["Origin"] = origin
+    return await gw.http.post(
+        "/graphql", json={"query": query, "variables": variables}, headers=headers
+    )
+
+
+def generate_input(provider: str = "local", **options: Any) -> dict[str, Any]:
+    return {
+        "input": {
+            "type": "IMAGE",
+            "provider": provider,
+            "input": {"text": "a lighthouse"},
+            "options": {"width": 512, "height": 512, **options},
+        }
+    }
+
+
+def code_of(response: httpx.Response) -> str:
+    return str(error_of(response)["code"])
+
+
+def created(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(response.json()["data"]["generate"]["id"])
+
+
+async def me(gw: Harness, token: str, origin: str | None = None) -> dict[str, Any]:
+    r = await gql(gw, ME, {}, token, origin)
+    assert r.status_code == 200, r.text
+    return dict(r.json()["data"]["me"])
+
+
+# -- minting ---------------------------------------------------------------------------
+
+
+async def test_a_key_mints_a_token_that_spends_its_credits_within_its_budget(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+        r = await gw.gql(MINT, {"input": {"maxCredits": 25}}, key)
+        minted = r.json()["data"]["createClientToken"]
+        assert minted["maxCredits"] == 25
+        token = minted["token"]
+        # Only a hash of its secret is stored.
+        stored = await gw.accounts.redis.hgetall(rkeys.client_token(account, token.split("_")[2]))
+        assert token.split("_", 3)[3] not in json.dumps(stored)
+
+        view = await me(gw, token)
+        assert view["credits"] == 25  # the token's budget, not the account's 1000
+        assert view["clientToken"]["maxCredits"] == 25 and view["clientToken"]["jobs"] == 0
+
+        first = created(await gql(gw, GENERATE, generate_input(), token))  # 10 credits
+        assert (await me(gw, token))["credits"] == 15
+        assert (await gw.accounts.get(account)).credits == 990
+        created(await gql(gw, GENERATE, generate_input(seed=2), token))
+        refused = await gql(gw, GENERATE, generate_input(seed=3), token)
+        assert refused.status_code == 402
+        error = error_of(refused)
+        assert (error["creditsRequired"], error["creditsAvailable"]) == (10, 5)
+        assert (await gw.accounts.get(account)).credits == 980  # nothing more taken
+
+        # A refund gives the budget back too.
+        await gw.wait(key, first)
+        job = (await gql(gw, JOB, {"id": first}, token)).json()["data"]["job"]
+        assert job["status"] == "completed"
+
+
+async def test_a_cancelled_job_refunds_the_token_budget(redis_url: str, storage_dir: Path) -> None:
+    # No workers: the job stays queued until cancelled.
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=1000)
+        token = await mint(gw, key, maxCredits=10)
+        job_id = created(await gql(gw, GENERATE, generate_input(), token))
+        assert (await me(gw, token))["credits"] == 0
+        r = await gql(gw, CANCEL, {"id": job_id}, token)
+        assert r.json()["data"]["cancelJob"] == {"status": "cancelled", "creditCost": 0}
+        assert (await me(gw, token))["credits"] == 10
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000
+        created(await gql(gw, GENERATE, generate_input(seed=9), token))  # spendable again
+
+
+async def test_minting_input_is_checked(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        for rules, field in [
+            ({"maxCredits": -1}, "maxCredits"),
+            ({"maxCredits": 10, "ttlSeconds": 86_401}, "ttlSeconds"),
+            ({"maxCredits": 10, "ttlSeconds": 0}, "ttlSeconds"),
+            ({"maxCredits": 10, "maxJobs": 0}, "maxJobs"),
+            ({"maxCredits": 10, "origins": ["not an origin"]}, "origins"),
+            ({"maxCredits": 10, "origins": ["https://a.example/path"]}, "origins"),
+            ({"maxCredits": 10, "origins": []}, "origins"),
+            ({"maxCredits": 10, "services": ["no-such-service"]}, None),
+        ]:
+            r = await gw.gql(MINT, {"input": rules}, key)
+            assert r.status_code == 400, (rules, r.text)
+            error = error_of(r)
+            assert error["code"] == "BAD_USER_INPUT"
+            if field:
+                assert error["field"] == field
+        # Without a key: 401, whatever the input.
+        r = await gw.gql(MINT, {"input": {"maxCredits": -1}})
+        assert r.status_code == 401
+
+        # REST: the same names in JSON, 201.
+        headers = {"Authorization": f"Bearer {key}"}
+        r = await gw.http.post(
+            "/v1/client_tokens",
+            json={"maxCredits": 50, "ttlSeconds": 60, "origins": [APP.upper()]},
+            headers=headers,
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["token"].startswith("gct_") and body["maxCredits"] == 50
+        assert (await me(gw, body["token"], APP))["clientToken"]["origins"] == [APP]
+        for bad in ({"maxCredits": "5"}, {}, {"maxCredits": 5, "origins": "x"}, {"x": 1}, []):
+            r = await gw.http.post("/v1/client_tokens", json=bad, headers=headers)
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["code"] == "BAD_USER_INPUT"
+
+
+# -- what a token may not do -------------------------------------------------------------
+
+
+async def test_a_token_cannot_mint_set_a_webhook_or_reach_admin_operations(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, admin_token="the-admin-token") as gw:
+        key = await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+        token = await mint(gw, key)
+        r = await gql(gw, MINT, {"input": {"maxCredits": 1}}, token)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        r = await gw.http.post(
+            "/v1/client_tokens", json={"maxCredits": 1}, headers={"X-API-Key": token}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "FORBIDDEN"
+
+        hooked = generate_input()
+        hooked["input"]["webhookUrl"] = "https://hooks.example.com/x"
+        r = await gql(gw, GENERATE, hooked, token)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        assert (await gw.accounts.get(account)).credits == 1000  # nothing charged
+        r = await gw.http.post(
+            "/v1/text_to_image",
+            json={"service": "local", "prompt": "x", "webhookUrl": "https://hooks.example.com/"},
+            headers={"X-API-Key": token},
+        )
+        assert r.status_code == 403
+
+        r = await gql(gw, 'mutation { createKey(plan: "pro") { key } }', {}, token)
+        assert code_of(r) == "FORBIDDEN"
+        r = await gql(gw, "{ keys { id } }", {}, token)
+        assert code_of(r) == "FORBIDDEN"
+        job_id = created(await gql(gw, GENERATE, generate_input(), token))
+        r = await gql(
+            gw, "query($id: ID!) { webhookDeliveries(id: $id) { attempt } }", {"id": job_id}, token
+        )
+        assert code_of(r) == "FORBIDDEN"
+        r = await gql(gw, REVOKE, {"t": token}, token)
+        assert code_of(r) == "FORBIDDEN"
+
+
+async def test_a_token_sees_only_its_own_jobs(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000)
+        mine, other = await mint(gw, key), await mint(gw, key)
+        job_id = created(await gql(gw, GENERATE, generate_input(), mine))
+        by_key = created(await gw.generate(key, "the key's own", width=512, height=512))
+
+        assert (await gql(gw, JOB, {"id": job_id}, mine)).json()["data"]["job"]["id"] == job_id
+        assert (await gql(gw, JOB, {"id": job_id}, other)).json()["data"]["job"] is None
+        assert (await gql(gw, JOB, {"id": by_key}, mine)).json()["data"]["job"] is None
+        assert await gw.job(key, job_id) is not None  # the key sees its tokens' jobs
+
+        listed = (await gql(gw, JOBS, {}, mine)).json()["data"]["jobs"]["nodes"]
+        assert [j["id"] for j in listed] == [job_id]
+        assert (await gql(gw, JOBS, {}, other)).json()["data"]["jobs"]["nodes"] == []
+
+        r = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": other})
+        assert r.status_code == 404
+        r = await gw.http.post(f"/v1/jobs/{job_id}/cancel", headers={"X-API-Key": other})
+        assert r.status_code == 404
+        r = await gql(gw, CANCEL, {"id": job_id}, other)
+        assert code_of(r) == "NOT_FOUND"
+        refused = await subscribe(gw.base, other, job_id)
+        assert refused[0]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+        # The same idempotency key from two tokens: two jobs, each its own.
+        again = generate_input(seed=5)
+        again["input"]["idempotencyKey"] = "order-1"
+        a = created(await gql(gw, GENERATE, again, mine))
+        b = created(await gql(gw, GENERATE, again, other))
+        assert a != b
+        assert created(await gql(gw, GENERATE, again, mine)) == a
+
+
+# -- origins, services, job cap ------------------------------------------------------------
+
+
+async def test_a_token_bound_to_origins_services_and_a_job_cap(
+    redis_url: str, storage_dir: Path
+) -> None:
+    # dev mode: `flux-krea` is routed (to `local`, offline), so only the token refuses it
+    async with gateway(redis_url, storage_dir, dev=True) as gw:
+        key = await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+        token = await mint(gw, key, origins=[APP], services=["local"], maxJobs=2)
+
+        for origin in (None, "https://evil.example", "https://app.example:444", "null"):
+            r = await gql(gw, GENERATE, generate_input(), token, origin)
+            assert (r.status_code, code_of(r)) == (403, "FORBIDDEN"), origin
+            r = await gql(gw, ME, {}, token, origin)
+            assert code_of(r) == "FORBIDDEN"
+        assert (await gw.accounts.get(account)).credits == 1000
+
+        r = await gql(gw, GENERATE, generate_input("flux-krea"), token, APP)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        assert "service" in error_of(r)["message"]
+
+        created(await gql(gw, GENERATE, generate_input(), token, APP))
+        created(await gql(gw, GENERATE, generate_input(seed=1), token, APP))
+        r = await gql(gw, GENERATE, generate_input(seed=2), token, APP)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        assert "maxJobs" in error_of(r)["message"]
+        assert (await gw.accounts.get(account)).credits == 980
+        assert (await me(gw, token, APP))["clientToken"]["jobs"] == 2
+
+
+# -- expiry and revocation -----------------------------------------------------------------
+
+
+async def test_expired_and_revoked_tokens_are_refused(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000)
+        short = await mint(gw, key, ttlSeconds=60)
+        assert (await me(gw, short))["credits"] == 100
+        gw.clock.advance(61)
+        for r in (
+            await gql(gw, ME, {}, short),
+            await gql(gw, GENERATE, generate_input(), short),
+        ):
+            assert (r.status_code, code_of(r)) == (401, "UNAUTHENTICATED")
+
+        # Revoked by its key: the next request is refused (revocation is read by every
+        # request, so it takes effect at once, on every process).
+        token = await mint(gw, key)
+        other = await mint(gw, key)
+        job_id = created(await gql(gw, GENERATE, generate_input(), token))
+        r = await gw.gql(REVOKE, {"t": token}, key)
+        assert r.json()["data"]["revokeClientToken"] is True
+        for r in (
+            await gql(gw, ME, {}, token),
+            await gql(gw, JOB, {"id": job_id}, token),
+            await gql(gw, GENERATE, generate_input(seed=4), token),
+        ):
+            assert (r.status_code, code_of(r)) == (401, "UNAUTHENTICATED"), r.text
+        assert (await me(gw, other))["credits"] == 100  # its sibling lives on
+        # Another key cannot revoke it, nor can a token that is not one.
+        stranger = await gw.key()
+        assert (await gw.gql(REVOKE, {"t": other}, stranger)).json()["data"] == {
+            "revokeClientToken": False
+        }
+        assert (await gw.gql(REVOKE, {"t": "gct_x"}, key)).json()["data"] == {
+            "revokeClientToken": False
+        }
+        r = await gw.http.post(
+            "/v1/client_tokens/revoke", json={"token": other}, headers={"X-API-Key": key}
+        )
+        assert r.json() == {"revoked": True}
+        assert (await gql(gw, ME, {}, other)).status_code == 401
+
+        # Revoking the key revokes its tokens.
+        live = await mint(gw, key)
+        assert (await me(gw, live))["credits"] == 100
+        await gw.accounts.revoke(gw.keys[key]["id"])
+        assert (await gql(gw, ME, {}, live)).status_code == 401
+        assert (await gql(gw, GENERATE, generate_input(seed=8), live)).status_code == 401
+
+
+async def test_malformed_tokens_are_unauthenticated(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        token = await mint(gw, key)
+        _, account, token_id, secret = token.split("_", 3)
+        for bad in (
+            "gct_",
+            "gct_a_b",
+            f"gct_{account}_{token_id}_{secret}x",
+            f"gct_{account}_{'0' * 16}_{secret}",
+            f"gct_{account}_{token_id}_",
+            f"gct_{account}_../../x_{secret}",
+            "gct_" + "a" * 5000,
+        ):
+            r = await gql(gw, ME, {}, bad)
+            assert (r.status_code, code_of(r)) == (401, "UNAUTHENTICATED"), bad
+            r = await gql(gw, GENERATE, generate_input(), bad)
+            assert r.status_code == 401, bad
+
+
+# -- a page's other channels: SSE and WebSocket --------------------------------------------
+
+
+async def test_a_page_follows_its_job_with_a_token_in_the_url_or_connection_init(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000)
+        token = await mint(gw, key)
+        job_id = created(await gql(gw, GENERATE, generate_input(), token))
+
+        updates = await asyncio.wait_for(subscribe(gw.base, token, job_id), 30)
+        assert updates[-1]["data"]["jobUpdates"]["status"] == "completed"
+
+        events: list[dict[str, Any]] = []
+        async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events?token={token}") as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        assert events[-1]["status"] == "completed"
+
+        # Never an API key in a URL.
+        r = await gw.http.get(f"/v1/jobs/{job_id}/events?token={key}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHENTICATED"
+        other = await mint(gw, key)
+        r = await gw.http.get(f"/v1/jobs/{job_id}/events?token={other}")
+        assert r.status_code == 404
+
+
+async def test_a_token_bound_to_an_origin_opens_a_socket_only_from_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, cors_origins=f"{APP},https://evil.example") as gw:
+        key = await gw.key()
+        token = await mint(gw, key, origins=[APP])
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}}
+        async with websockets.connect(url, subprotocols=["graphql-transport-ws"], origin=APP) as ws:
+            await ws.send(json.dumps(init))
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+        async with websockets.connect(
+            url, subprotocols=["graphql-transport-ws"], origin="https://evil.example"
+        ) as ws:
+            await ws.send(json.dumps(init))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+
+
+# -- the budget under a storm, across processes -----------------------------------------------
+
+
+@pytest.fixture
+def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
+    with gateway_processes(redis_url, storage_dir, tmp_path, count=2) as bases:
+        yield bases
+
+
+async def test_fifty_concurrent_requests_across_two_processes_spend_exactly_the_budget(
+    redis_url: str, two_gateways: list[str]
+) -> None:
+    settings = load_settings(redis_url=redis_url)
+    redis = await connect(redis_url)
+    accounts = Accounts(redis, Scripts.register(redis), settings)
+    try:
+        made = await accounts.create("enterprise", 10_000, rpm=1000, concurrency=1000, daily=1000)
+        async with httpx.AsyncClient(base_url=two_gateways[0]) as http:
+            r = await http.post(
+                "/v1/client_tokens",
+                json={"maxCredits": 95},  # nine images of 10, and 5 left over
+                headers={"X-API-Key": made["key"]},
+            )
+        token = r.json()["token"]
+        replies = await storm(two_gateways, token, 50)
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == 9, sorted(set(statuses))
+        assert statuses.count(402) == 41
+        refused = {error_of(r)["creditsAvailable"] for r in replies if r.status_code == 402}
+        assert refused == {5}
+        balance = await check_books(accounts, made["id"], admitted=9, cost=10)
+        assert balance == 10_000 - 90
+        token_id = token.split("_")[2]
+        record = await redis.hgetall(rkeys.client_token(made["id"], token_id))
+        assert (record["spent"], record["jobs"]) == ("90", "9")
+        assert await redis.zcard(rkeys.token_jobs(made["id"], token_id)) == 9
+    finally:
+        await redis.aclose()

@@ -1,0 +1,120 @@
+"""CORS (docs/api.md#browsers): pages on the configured origins may call the API; the
+others' preflights and WebSocket handshakes are refused with a clear answer.
+
+What a browser does with these headers is checked in a real browser in
+tests/test_browser_page.py; here, the headers themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import websockets
+
+from tests.harness import gateway
+
+APP = "https://app.example"
+PREFLIGHT = {
+    "Origin": APP,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type,x-api-key,idempotency-key",
+}
+RATE_HEADERS = {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
+
+
+async def test_a_page_on_an_allowed_origin_may_call_every_browser_route(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, cors_origins=f"{APP}, https://b.example/") as gw:
+        key = await gw.key()
+        for path in ("/graphql", "/v1/text_to_image", "/v1/jobs/x", "/v1/client_tokens"):
+            r = await gw.http.options(path, headers=PREFLIGHT)
+            assert r.status_code in (200, 204), (path, r.text)
+            assert r.headers["access-control-allow-origin"] == APP
+            allowed = {
+                h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")
+            }
+            assert {"authorization", "x-api-key", "content-type", "idempotency-key"} <= allowed
+            assert "POST" in r.headers["access-control-allow-methods"]
+            assert int(r.headers["access-control-max-age"]) >= 600
+
+        # The answer itself: readable by the page, rate-limit headers exposed to it.
+        r = await gw.http.post(
+            "/graphql",
+            json={"query": "{ me { plan } }"},
+            headers={"Origin": "https://b.example", "Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://b.example"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert RATE_HEADERS | {"retry-after", "x-request-id"} <= exposed
+        assert set(r.headers) >= RATE_HEADERS
+        assert "origin" in r.headers["vary"].lower()
+
+        made = await gw.generate(key, width=512, height=512)
+        job = await gw.wait(key, made.json()["data"]["generate"]["id"])
+        r = await gw.http.get(job["url"].removeprefix(gw.base), headers={"Origin": APP})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP
+
+
+async def test_other_origins_are_refused_clearly(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir, cors_origins=APP) as gw:
+        key = await gw.key()
+        for origin in (
+            "https://evil.example",
+            "null",
+            "https://app.example.evil",
+            "x" * 5000,
+            "\u00e9".encode(),  # not ASCII
+        ):
+            headers: dict[str, str | bytes] = {**PREFLIGHT, "Origin": origin}
+            r = await gw.http.options("/graphql", headers=headers)
+            assert r.status_code == 403, r.text
+            assert r.json()["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+            r = await gw.http.options("/v1/text_to_image", headers=headers)
+            assert r.status_code == 403
+            assert r.json()["error"]["code"] == "FORBIDDEN"
+            assert "access-control-allow-origin" not in r.headers
+            # A simple request is answered (the browser keeps it from the page).
+            r = await gw.http.post(
+                "/graphql",
+                json={"query": "{ me { plan } }"},
+                headers={"Origin": origin, "Authorization": f"Bearer {key}"},
+            )
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        # A header outside the list.
+        r = await gw.http.options(
+            "/graphql", headers={**PREFLIGHT, "Access-Control-Request-Headers": "x-custom"}
+        )
+        assert r.status_code == 403 and "headers" in r.json()["errors"][0]["message"]
+
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(
+                url, subprotocols=["graphql-transport-ws"], origin="https://evil.example"
+            ):
+                pass
+        assert refused.value.response.status_code == 403
+        for origin in (APP, None, gw.base):  # allowed, not a browser, the gateway's own page
+            async with websockets.connect(
+                url, subprotocols=["graphql-transport-ws"], origin=origin
+            ) as ws:
+                init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}}
+                await ws.send(json.dumps(init))
+                assert json.loads(await ws.recv())["type"] == "connection_ack"
+
+
+async def test_no_origin_is_allowed_by_default_and_any_in_dev_mode(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        r = await gw.http.options("/graphql", headers=PREFLIGHT)
+        assert r.status_code == 403
+        assert "GATEWAY_CORS_ORIGINS" in r.json()["errors"][0]["message"]
+        r = await gw.http.get("/healthz", headers={"Origin": APP})
+        assert "access-control-allow-origin" not in r.headers
+    async with gateway(redis_url, storage_dir, dev=True) as gw:
+        r = await gw.http.options("/graphql", headers=PREFLIGHT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"

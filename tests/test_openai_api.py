@@ -1,0 +1,182 @@
+"""OpenAI's Images API (docs/api.md#openai), driven by the official `openai` SDK with its
+base URL at the gateway: what a backend that calls OpenAI sees when it switches."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+from PIL import Image
+
+from tests.harness import Harness, gateway
+
+
+@contextlib.asynccontextmanager
+async def sdks(gw: Harness) -> AsyncIterator[Callable[[str], AsyncOpenAI]]:
+    """Makes SDK clients for keys, closed at the end."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        def sdk(key: str) -> AsyncOpenAI:
+            # No retries: each refusal is seen as the SDK raises it (it retries 429, 5xx).
+            client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, max_retries=0)
+            stack.push_async_callback(client.close)
+            return client
+
+        yield sdk
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+async def test_the_sdk_generates_with_urls_and_base64_at_the_size_asked(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        key = await gw.key(credits=1000)
+        client = sdk(key)
+        answer = await client.images.generate(
+            model="local",
+            prompt="a lighthouse at dusk",
+            size="768x512",  # type: ignore[arg-type]
+        )
+        assert len(answer.data or []) == 1
+        image = (answer.data or [])[0]
+        assert image.url and image.url.startswith(f"{gw.base}/outputs/")
+        assert image.revised_prompt == "a lighthouse at dusk"
+        assert size_of((await gw.http.get(image.url)).content) == (768, 512)
+
+        answer = await client.images.generate(
+            model="local",
+            prompt="two foxes",
+            n=2,
+            response_format="b64_json",
+            size="512x640",  # type: ignore[arg-type]
+        )
+        assert [size_of(base64.b64decode(d.b64_json or "")) for d in answer.data or []] == [
+            (512, 640),
+            (512, 640),
+        ]
+        assert answer.size == "512x640"
+        balance = (await gw.accounts.get(gw.keys[key]["id"])).credits
+        assert balance < 1000  # charged as any job
+
+        # The raw answer names the job, readable over REST.
+        raw = await client.images.with_raw_response.generate(model="local", prompt="a boat")
+        job_id = raw.headers["x-gateway-job-id"]
+        job = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
+        assert job.json()["status"] == "completed"
+        assert raw.headers["x-ratelimit-limit"] == "60"
+
+        listed = await client.models.list()
+        names = {m.id for m in listed.data}
+        assert {"flux-krea", "flux-dev", "local", "fluxkrea", "krea", "segmind"} <= names
+        assert (await client.models.retrieve("local")).id == "local"
+
+
+async def test_idempotency_key_and_the_cache_charge_once(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        key = await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+        client = sdk(key)
+        ids = set()
+        for _ in range(2):
+            raw = await client.images.with_raw_response.generate(
+                model="local", prompt="a kite", extra_headers={"Idempotency-Key": "order-7"}
+            )
+            ids.add(raw.headers["x-gateway-job-id"])
+        assert len(ids) == 1
+        assert (await gw.accounts.get(account)).credits == 1000 - 20
+
+        first = await client.images.generate(
+            model="local", prompt="a seeded kite", extra_body={"seed": 42}
+        )
+        second = await client.images.generate(
+            model="local", prompt="a seeded kite", extra_body={"seed": 42}
+        )
+        assert [d.url for d in first.data or []] == [d.url for d in second.data or []]
+        assert (await gw.accounts.get(account)).credits == 1000 - 40  # the hit cost nothing
+
+
+async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        key = await gw.key(credits=1000)
+        client = sdk(key)
+        with pytest.raises(openai.AuthenticationError) as auth:
+            await sdk("gk_nobody_x").images.generate(model="local", prompt="x")
+        assert auth.value.code == "invalid_api_key"
+
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.images.generate(model="dall-e-3", prompt="x")
+        assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+
+        for size in ("100x100", "4096x4096", "big", "512x"):
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.images.generate(model="local", prompt="x", size=size)  # type: ignore[arg-type]
+            assert bad.value.param == "size", size
+        for args, param in [
+            ({"prompt": ""}, "prompt"),
+            ({"prompt": "x", "n": 9}, "n"),
+            ({"prompt": "x", "response_format": "gif"}, "response_format"),
+            ({"prompt": "x", "extra_body": {"colour": "red"}}, "colour"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.images.generate(model="local", **args)  # type: ignore[arg-type]
+            assert bad.value.param == param
+            assert bad.value.type == "invalid_request_error"
+
+        poor = sdk(await gw.key(credits=5))
+        with pytest.raises(openai.APIStatusError) as broke:
+            await poor.images.generate(model="local", prompt="x")
+        assert broke.value.status_code == 402
+        assert broke.value.code == "insufficient_credits"
+
+        slow = sdk(await gw.key(rpm=1))
+        await slow.images.generate(model="local", prompt="x")
+        with pytest.raises(openai.RateLimitError) as limited:
+            await slow.images.generate(model="local", prompt="y")
+        assert int(limited.value.response.headers["retry-after"]) > 0
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # none charged
+
+
+async def test_a_wait_that_runs_out_is_a_504_naming_the_job(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with (
+        gateway(redis_url, storage_dir, inprocess_workers=False, sync_wait_seconds=0.3) as gw,
+        sdks(gw) as sdk,
+    ):
+        key = await gw.key()
+        with pytest.raises(openai.APIStatusError) as late:
+            await sdk(key).images.generate(model="local", prompt="patience")
+        assert late.value.status_code == 504
+        job_id = late.value.response.headers["x-gateway-job-id"]
+        assert job_id in late.value.message
+        r = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
+        assert r.json()["status"] == "queued"  # it goes on
+
+
+async def test_plain_http_errors_have_openais_shape(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        for body in (b"{", b"[]", b'"x"'):
+            r = await gw.http.post(
+                "/v1/images/generations",
+                content=body,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            assert r.status_code == 400
+            assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+        r = await gw.http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = await gw.http.get("/v1/models/nope", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 404
+        assert isinstance(r, httpx.Response)

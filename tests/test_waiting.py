@@ -1,0 +1,94 @@
+"""Answers that wait for their job (docs/api.md#waiting): `Prefer: wait` on REST, and the
+one pub/sub connection every waiting request of a process shares (`gateway/job_watch.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+from redis.asyncio import Redis
+
+from gateway.rest import prefer_wait
+from tests.harness import gateway
+
+BODY = {"service": "local", "prompt": "a lighthouse", "width": 512, "height": 512}
+
+
+def test_prefer_wait_is_read_as_rfc_7240_says() -> None:
+    assert prefer_wait(None) is None
+    assert prefer_wait("wait=5") == 5
+    assert prefer_wait("respond-async, wait=10") == 10
+    assert prefer_wait("wait") == 60
+    assert prefer_wait("wait=600") == 60
+    assert prefer_wait('wait="2.5"') == 2.5
+    assert prefer_wait("wait=soon") is None
+    assert prefer_wait("wait=-1") is None
+    assert prefer_wait("wait=nan") is None
+    assert prefer_wait("handling=lenient") is None
+
+
+async def test_prefer_wait_answers_when_the_job_ends_or_the_time_is_up(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        headers = {"X-API-Key": key, "Prefer": "wait=30"}
+        r = await gw.http.post("/v1/text_to_image", json=BODY, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "completed" and r.json()["url"]
+        assert r.headers["Preference-Applied"] == "wait=30"
+        assert (await gw.http.get(r.json()["url"])).status_code == 200
+        r = await gw.http.post("/v1/text_to_image", json=BODY, headers={"X-API-Key": key})
+        assert r.status_code == 202 and "Preference-Applied" not in r.headers
+        r = await gw.http.post(
+            "/v1/text_to_image", json=BODY, headers={"X-API-Key": key, "Prefer": "wait=x"}
+        )
+        assert r.status_code == 202  # a preference it cannot read is ignored
+
+    # No worker: the time runs out, the job goes on.
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        started = time.monotonic()
+        r = await gw.http.post(
+            "/v1/text_to_image", json=BODY, headers={"X-API-Key": key, "Prefer": "wait=0.5"}
+        )
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        assert time.monotonic() - started >= 0.5
+        assert r.headers["Preference-Applied"] == "wait=0.5"
+
+
+async def pubsub_clients(redis: Redis) -> int:
+    return len(await redis.client_list(_type="pubsub"))
+
+
+async def test_two_hundred_waiting_requests_share_one_redis_connection(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """They wait on jobs no worker runs yet; then workers start and every answer comes."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(plan="enterprise", credits=100_000)
+        redis = gw.accounts.redis
+        before = await pubsub_clients(redis)
+        headers = {"X-API-Key": key, "Prefer": "wait=60"}
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=gw.base, timeout=90, limits=limits) as client:
+            waiting = [
+                asyncio.create_task(
+                    client.post("/v1/text_to_image", json={**BODY, "seed": i}, headers=headers)
+                )
+                for i in range(200)
+            ]
+            watch = gw.app.state.gateway.watch
+            while len(watch.waiting) < 200:  # every request admitted and waiting
+                assert not any(t.done() for t in waiting), [t.result() for t in waiting if t.done()]
+                await asyncio.sleep(0.02)
+            assert await pubsub_clients(redis) - before <= 1
+            async with gateway(redis_url, storage_dir) as workers:  # its workers run them
+                answers = await asyncio.wait_for(asyncio.gather(*waiting), 90)
+                assert workers.base
+        assert [r.status_code for r in answers] == [200] * 200
+        assert {r.json()["status"] for r in answers} == {"completed"}
+        assert watch.waiting == {}  # every waiter gone, every channel unsubscribed

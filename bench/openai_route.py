@@ -230,14 +230,9 @@ class WaitRow:
     rates: list[float] = field(default_factory=list)  # answers/s once the worker ran
 
 
-async def queue_length(admin: aioredis.Redis) -> int:
-    name = keys.queue(0)
-    kind = await admin.type(name)
-    if kind == "zset":
-        return int(await admin.zcard(name))
-    if kind == "list":
-        return int(await admin.llen(name))
-    return 0
+async def queue_length(admin: aioredis.Redis, account: str) -> int:
+    """Jobs in the account's shard's queue (a stream), not yet taken by a worker."""
+    return int(await admin.xlen(keys.queue(keys.shard_of(account))))
 
 
 async def pubsub_connections(admin: aioredis.Redis) -> int:
@@ -285,7 +280,7 @@ async def waiting(ctx: Context) -> list[WaitRow]:
                     assert r.status == 202, await r.text()
                 await asyncio.sleep(1.0)
                 row.rss_before_mb = gateway.rss_mb()
-                queued_before = await queue_length(admin)
+                queued_before = await queue_length(admin, made["id"])
 
                 async def one(i: int) -> tuple[int, str, float]:
                     async with session.post(
@@ -298,50 +293,60 @@ async def waiting(ctx: Context) -> list[WaitRow]:
 
                 sent = time.monotonic()
                 tasks = [asyncio.create_task(one(i)) for i in range(n)]
-                deadline = sent + 120
-                while True:
-                    await asyncio.sleep(0.1)
-                    channels = len(await admin.pubsub_channels())
-                    queued = await queue_length(admin) - queued_before
-                    if channels >= n and queued >= n:
-                        break
-                    done = [t for t in tasks if t.done()]
-                    if done or time.monotonic() > deadline:
-                        early = done[0].result() if done else None
-                        raise SystemExit(
-                            f"waiting: {channels} channels, {queued} queued of {n}; "
-                            f"an early answer: {early}"
-                        )
-                row.admitted_s = time.monotonic() - sent
-                row.channels = len(await admin.pubsub_channels())
-                row.pubsub_connections = await pubsub_connections(admin)
-                await asyncio.sleep(1.0)  # the last admissions' work done
-                stats0 = await command_stats(admin)
-                cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
-                await asyncio.sleep(WAIT_WINDOW)
-                cpu1, t1 = cpu_seconds(gateway.pid), time.monotonic()
-                stats = (await command_stats(admin) - stats0).without(
-                    "info", "client|list", "pubsub|channels", "type", "zcard", "llen"
-                )
-                row.window_s = t1 - t0
-                row.waiting_cores = (cpu1 - cpu0) / row.window_s
-                row.redis_cmds_per_s = sum(stats.calls.values()) / row.window_s
-                row.rss_waiting_mb = gateway.rss_mb()
-                if any(t.done() for t in tasks):
-                    raise SystemExit("waiting: a request was answered before any worker ran")
-
-                with (workdir / "worker.log").open("wb") as log:
-                    worker = subprocess.Popen(
-                        [gateway_binary(), "worker"],
-                        env=gateway_env(ctx.redis_url, 0, workdir / "outputs"),
-                        cwd=ROOT,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
+                try:
+                    deadline = sent + 120
+                    while True:
+                        await asyncio.sleep(0.1)
+                        channels = len(await admin.pubsub_channels())
+                        queued = await queue_length(admin, made["id"]) - queued_before
+                        if channels >= n and queued >= n:
+                            break
+                        done = [t for t in tasks if t.done()]
+                        if done or time.monotonic() > deadline:
+                            early = (done[0].exception() or done[0].result()) if done else None
+                            raise SystemExit(
+                                f"waiting: {channels} channels, {queued} queued of {n}; "
+                                f"an early answer: {early}"
+                            )
+                    row.admitted_s = time.monotonic() - sent
+                    row.channels = len(await admin.pubsub_channels())
+                    row.pubsub_connections = await pubsub_connections(admin)
+                    await asyncio.sleep(1.0)  # the last admissions' work done
+                    stats0 = await command_stats(admin)
+                    cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
+                    await asyncio.sleep(WAIT_WINDOW)
+                    cpu1, t1 = cpu_seconds(gateway.pid), time.monotonic()
+                    stats = (await command_stats(admin) - stats0).without(
+                        "info", "client|list", "pubsub|channels", "xlen"
                     )
-                started = time.monotonic()
-                answers = await asyncio.gather(*tasks)
+                    row.window_s = t1 - t0
+                    row.waiting_cores = (cpu1 - cpu0) / row.window_s
+                    row.redis_cmds_per_s = sum(stats.calls.values()) / row.window_s
+                    row.rss_waiting_mb = gateway.rss_mb()
+                    if any(t.done() for t in tasks):
+                        raise SystemExit("waiting: a request was answered before any worker ran")
+
+                    with (workdir / "worker.log").open("wb") as log:
+                        worker = subprocess.Popen(
+                            [gateway_binary(), "worker"],
+                            env=gateway_env(ctx.redis_url, 0, workdir / "outputs"),
+                            cwd=ROOT,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    started = time.monotonic()
+                    answers = await asyncio.gather(*tasks, return_exceptions=True)
+                finally:  # none left behind when the scenario gives up
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
             ends = []
-            for status, text, at in answers:
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    if len(row.failures) < 3:
+                        row.failures.append(repr(answer))
+                    continue
+                status, text, at = answer
                 ends.append(at - started)
                 try:
                     data = json.loads(text)["data"]
@@ -352,8 +357,9 @@ async def waiting(ctx: Context) -> list[WaitRow]:
                     row.answered_ok += 1
                 elif len(row.failures) < 3:
                     row.failures.append(f"{status} {text[:200]}")
-            row.first_answer_s, row.answered_s = min(ends), max(ends)
-            row.rates = [n / row.answered_s]
+            if ends:
+                row.first_answer_s, row.answered_s = min(ends), max(ends)
+                row.rates = [row.answered_ok / row.answered_s]
             await asyncio.sleep(1.0)
             row.rss_after_mb = gateway.rss_mb()
     finally:

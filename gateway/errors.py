@@ -146,3 +146,19 @@ def _codes(cls: type[GatewayError]) -> dict[str, int]:
 
 #: HTTP status of each error code (docs/api.md#errors), from the classes above.
 STATUS_BY_CODE: dict[str, int] = _codes(GatewayError)
+
+
+def renamed(exc: GatewayError, names: dict[str, str]) -> GatewayError:
+    """`exc` naming its field as another protocol does (`names`: ours -> theirs), in its
+    `field` and its message; a message that names `webhookUrl` without a field (a client
+    token's refusal) too. Idempotent; `exc` itself is changed and returned."""
+    ours = exc.extensions.get("field")
+    if not isinstance(ours, str):
+        ours = "webhookUrl" if "webhookUrl" in exc.message else None
+    theirs = names.get(ours) if ours else None
+    if ours is None or theirs is None:
+        return exc
+    exc.message = exc.message.replace(ours, theirs, 1)
+    if "field" in exc.extensions:
+        exc.extensions["field"] = theirs
+    return exc

@@ -37,6 +37,7 @@ from gateway.errors import (
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
+    renamed,
 )
 from gateway.formats import content_type_of_url
 from gateway.jobs.model import Job
@@ -306,18 +307,8 @@ def request_from(
 
 
 def in_their_names(exc: GatewayError) -> GatewayError:
-    """`exc` naming fields as flux-krea does, in its `field` and its message
-    (`webhookUrl` is `webhook_url`, in a client token's refusal too). Idempotent."""
-    ours = exc.extensions.get("field")
-    if not isinstance(ours, str):
-        ours = "webhookUrl" if "webhookUrl" in exc.message else None
-    theirs = _THEIR_NAME.get(ours) if ours else None
-    if ours is None or theirs is None:
-        return exc
-    exc.message = exc.message.replace(ours, theirs, 1)
-    if "field" in exc.extensions:
-        exc.extensions["field"] = theirs
-    return exc
+    """`exc` naming fields as flux-krea does (`errors.renamed`)."""
+    return renamed(exc, _THEIR_NAME)
 
 
 def images_of(job: Job) -> list[dict[str, Any]]:

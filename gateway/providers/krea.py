@@ -40,6 +40,7 @@ from gateway.errors import (
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
+    renamed,
 )
 from gateway.formats import content_type_of_url
 from gateway.jobs.model import TERMINAL as JOB_TERMINAL
@@ -386,18 +387,8 @@ def request_from(
 
 
 def in_their_names(exc: GatewayError) -> GatewayError:
-    """`exc` naming fields as Krea does, in its `field` and its message (`webhookUrl` is
-    the `X-Webhook-URL` header, in a client token's refusal too). Idempotent."""
-    ours = exc.extensions.get("field")
-    if not isinstance(ours, str):
-        ours = "webhookUrl" if "webhookUrl" in exc.message else None
-    theirs = _THEIR_NAME.get(ours) if ours else None
-    if ours is None or theirs is None:
-        return exc
-    exc.message = exc.message.replace(ours, theirs, 1)
-    if "field" in exc.extensions:
-        exc.extensions["field"] = theirs
-    return exc
+    """`exc` naming fields as Krea does (`errors.renamed`)."""
+    return renamed(exc, _THEIR_NAME)
 
 
 def status_of(job: Job) -> str:

@@ -15,12 +15,13 @@ import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import compat, openai_api, pages, rest
+from gateway import compat, metrics_http, openai_api, pages, rest
+from gateway.artifacts import StorageUnavailable
 from gateway.config import Settings
 from gateway.cors import CORS
 from gateway.errors import (
@@ -30,6 +31,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
 )
 from gateway.runtime import running_worker, runtime
 from schema import build_schema, prepared
@@ -126,14 +128,43 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, InternalError("internal server error"))
 
 
+async def stored_output(request: Request) -> Response:
+    """`GET /outputs/NAME` when outputs are in a bucket: a 302 to the object, at a
+    presigned URL made now (or the public one). The URLs handed out keep the local
+    directory's shape and never expire (gateway/artifacts_s3.py says why)."""
+    from gateway.artifacts_s3 import S3ArtifactStore
+
+    store = request.app.state.gateway.artifacts
+    assert isinstance(store, S3ArtifactStore)
+    try:
+        location = await store.location(request.path_params["name"])
+    except StorageUnavailable:
+        log.exception("cannot send a client to a stored output")
+        return error_response(request.url.path, ServiceUnavailable("storage unavailable"))
+    if location is None:
+        return error_response(request.url.path, NotFound(f"no output {request.url.path}"))
+    # Not cached: the presigned URL it names expires.
+    return RedirectResponse(location, status_code=302, headers={"Cache-Control": "no-store"})
+
+
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
-    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    outputs: BaseRoute
+    if settings.storage_url:
+        outputs = Route("/outputs/{name}", stored_output, methods=["GET"])
+    else:
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        outputs = Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs")
     schema = build_schema()
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     view = GraphQLView(schema, prepared(schema), allowed_origins=settings.allowed_origins)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with runtime(settings, clock) as rt:
+        async with (
+            runtime(settings, clock) as rt,
+            metrics_http.watching(rt.worker, settings) as sampler,
+        ):
+            app.state.metrics = sampler  # GET /metrics refreshes the Redis gauges with it
             app.state.gateway = rt.gateway
             app.state.persisted = rt.persisted
             if settings.dev:
@@ -152,7 +183,12 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         *compat.routes,
         *openai_api.routes,
         *pages.routes,
-        Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs"),
+        *(
+            [Route(metrics_http.PATH, metrics_http.MetricsEndpoint(token), methods=["GET"])]
+            if settings.metrics_enabled
+            else []
+        ),
+        outputs,
     ]
     app = Starlette(
         routes=routes,
@@ -163,4 +199,6 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
     app.router.redirect_slashes = False
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
+    if settings.metrics_enabled:  # outermost: what the middlewares inside refuse counts too
+        app.add_middleware(metrics_http.HttpMetrics)
     return app

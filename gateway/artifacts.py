@@ -1,4 +1,5 @@
-"""Where outputs live: `ArtifactStore` (a local directory now; S3 can implement it later).
+"""Where outputs live: `ArtifactStore`, a local directory (`LocalArtifactStore`) or an
+S3-compatible bucket (`gateway/artifacts_s3.py`, when `GATEWAY_STORAGE_URL` is set).
 
 Names are 144 random bits: the URLs are public like a CDN's, and unguessable.
 """
@@ -7,14 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Protocol
 
+#: What `new_name` makes: 18 random bytes in URL-safe base64, then the format's extension.
+NAME = re.compile(r"[A-Za-z0-9_-]{24}\.[a-z0-9]{1,8}")
+
+
+def new_name(ext: str) -> str:
+    return f"{secrets.token_urlsafe(18)}.{ext}"
+
+
+class StorageUnavailable(Exception):
+    """The output store failed or could not be reached (a bucket's server away, or gone
+    mid-upload): nothing was stored, and the same call may succeed later. A worker leaves
+    its job for a retry; the API answers 503."""
+
 
 class ArtifactStore(Protocol):
     async def put(self, data: bytes, ext: str) -> str:
-        """Store bytes; return the public URL."""
+        """Store bytes; return the public URL once they are stored (durably: a job is
+        completed only after). Raises `StorageUnavailable` when they could not be."""
         ...
 
     async def read(self, url: str) -> bytes | None:
@@ -42,7 +58,7 @@ class LocalArtifactStore:
         os.replace(tmp, self.root / name)  # readers never see half a file
 
     async def put(self, data: bytes, ext: str) -> str:
-        name = f"{secrets.token_urlsafe(18)}.{ext}"
+        name = new_name(ext)
         await asyncio.to_thread(self._write, name, data)
         return f"{self.base_url}/{name}"
 

@@ -141,6 +141,7 @@ def serve(
 @app.command()
 def worker() -> None:
     """Run jobs only (several may share one Redis with any number of gateways)."""
+    from gateway.metrics_http import worker_metrics
     from gateway.runtime import runtime
 
     settings = _settings()
@@ -152,7 +153,7 @@ def worker() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with runtime(settings) as rt:
+        async with runtime(settings) as rt, worker_metrics(rt.worker, settings):
             _tune_gc()
             structlog.get_logger("gateway").info("worker started", consumer=rt.worker.consumer)
             await rt.worker.run(stop, grace=settings.shutdown_grace_seconds)
@@ -288,7 +289,9 @@ def generate(
             if job["status"] != "completed":
                 err.print(f"[red]{job['status']}:[/red] {job.get('error') or ''}")
                 raise typer.Exit(1)
-            image = client.get(job["url"])
+            # Outputs in a bucket: the gateway's URL redirects to the object (presigned);
+            # httpx leaves the key out of a request to another origin.
+            image = client.get(job["url"], follow_redirects=True)
             image.raise_for_status()
         except httpx.HTTPError as exc:
             err.print(f"[red]cannot reach the gateway at {base}:[/red] {exc}")

@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = None
     storage_dir: Path = Path("./data/outputs")
+    # Outputs in an S3-compatible bucket instead of `storage_dir` (gateway/artifacts_s3.py);
+    # credentials and, unless `s3_region` says, the region from botocore's standard chain
+    # (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role, ...).
+    storage_url: str | None = Field(
+        default=None, description="s3://BUCKET/PREFIX; unset: outputs in storage_dir"
+    )
+    storage_public_url: str | None = Field(
+        default=None,
+        description="public base serving object PREFIX/NAME as BASE/NAME (a CDN in front of "
+        "the bucket); unset: URLs of the gateway's that redirect to presigned ones",
+    )
+    storage_presign_seconds: int = Field(
+        default=3600, ge=1, le=7 * 86400, description="life of a presigned output URL"
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, R2, ...); unset: AWS S3"
+    )
+    s3_region: str | None = Field(default=None, description="unset: AWS_REGION and co.")
     admin_token: SecretStr | None = None
     dev: bool = False
     config: Path | None = None
@@ -121,14 +139,43 @@ class Settings(BaseSettings):
         default=16 * 1024, ge=1, description="a longer document is refused (413), not stored"
     )
 
+    # Prometheus metrics (docs/api.md#metrics): GET /metrics of `gateway serve`, and
+    # `gateway worker` on its own port
+    metrics_enabled: bool = Field(default=True, description="count and serve the metrics")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token GET /metrics asks for; unset: none asked"
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="`gateway worker` serves /metrics here"
+    )
+    metrics_refresh_seconds: float = Field(
+        default=5.0, ge=0, description="the gauges read from Redis are read at most this often"
+    )
+
     # Filled from the TOML file named by GATEWAY_CONFIG
     plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
     routes: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
 
-    @field_validator("public_url")
+    @field_validator("public_url", "storage_public_url", "s3_endpoint_url", "s3_region")
     @classmethod
     def _strip_slash(cls, v: str | None) -> str | None:
-        return v.rstrip("/") if v else v
+        return v.rstrip("/") if v else None  # empty (compose's `${X:-}`) is unset
+
+    @field_validator("storage_url")
+    @classmethod
+    def _s3_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        scheme, _, rest = v.partition("://")
+        if scheme != "s3" or not rest.partition("/")[0]:
+            raise ValueError(f"must be s3://BUCKET or s3://BUCKET/PREFIX, not {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def storage_bucket(self) -> tuple[str, str]:
+        """`storage_url`'s bucket and key prefix (no slash at either end; may be empty)."""
+        bucket, _, prefix = (self.storage_url or "").removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
     @property
     def base_url(self) -> str:

@@ -22,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
 from gateway.config import BACKENDS
-from gateway.errors import BadUserInput, GatewayError, NotFound
+from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest, from_image_input
 from gateway.rest import ORJSONResponse, read_json
@@ -187,7 +188,12 @@ async def _answer(gateway: Gateway, job: Job, body: dict[str, Any]) -> dict[str,
     data: list[dict[str, Any]] = []
     for url in job.urls:
         if body.get("response_format") == "b64_json":
-            stored = await gateway.artifacts.read(url)
+            try:
+                stored = await gateway.artifacts.read(url)
+            except StorageUnavailable:
+                raise ServiceUnavailable(
+                    f"job {job.id}'s image cannot be read now; try again or fetch its url"
+                ) from None
             if stored is None:
                 raise GenerationFailed(f"job {job.id}'s image is gone", job_id=job.id)
             data.append({"b64_json": base64.b64encode(stored).decode(), "revised_prompt": prompt})

@@ -37,7 +37,12 @@ if TYPE_CHECKING:
 
 
 class JobFailed(Exception):
-    """Every backend of the route failed (or the upstream refused the input)."""
+    """Every backend of the route failed (or the upstream refused the input). `backend`:
+    the one that failed last, `none` when none was tried (the metrics' label)."""
+
+    def __init__(self, message: str, backend: str = "none") -> None:
+        super().__init__(message)
+        self.backend = backend
 
 
 @dataclass
@@ -185,7 +190,9 @@ class Router:
             order = order[order.index(resume["backend"]) :]
         job = JobRun(params, save_upstream, progress, cancelled, deadline)
         errors: list[str] = []
+        tried = "none"
         for backend in order:
+            tried = backend
             stored = resume if resume and resume.get("backend") == backend else None
             try:
                 result = await self._attempt(backend, job, stored=stored)
@@ -193,7 +200,7 @@ class Router:
                 if not exc.failover:
                     # The upstream refused this user's input: the backend is healthy, so
                     # one user's bad prompts must not open its circuit for everyone.
-                    raise JobFailed(exc.message) from None
+                    raise JobFailed(exc.message, backend) from None
                 self.breakers[backend].failure(exc.message, self.clock())
                 errors.append(f"{backend}: {exc.message}")
                 if self.clock() >= deadline:
@@ -201,7 +208,7 @@ class Router:
                 continue
             self.breakers[backend].success()
             return result
-        raise JobFailed("; ".join(errors) or "no backend could run the job")
+        raise JobFailed("; ".join(errors) or "no backend could run the job", tried)
 
     async def _attempt(self, backend: str, job: JobRun, *, stored: dict[str, Any] | None) -> Result:
         """The job on one backend: submitted, or `stored` (this backend's upstream job,
@@ -218,7 +225,7 @@ class Router:
                 return Result(backend, provider, submitted.outputs, {**metadata, "sent": sent})
             upstream_id = submitted.upstream_id
             if not upstream_id:
-                raise JobFailed(f"{backend} returned neither outputs nor a job id")
+                raise JobFailed(f"{backend} returned neither outputs nor a job id", backend)
             # Stored before waiting: a worker that takes over polls it, never resubmits.
             await job.save_upstream({"backend": backend, "id": upstream_id, "sent": sent})
         polled = await self.upstream.wait(

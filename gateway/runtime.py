@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.artifacts import LocalArtifactStore
+from gateway.artifacts import ArtifactStore, LocalArtifactStore
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
@@ -79,7 +79,13 @@ async def runtime(
         )
         queue = Queue(redis, blocking=settings.redis_url is not None, shards=settings.redis_shards)
         await queue.ensure_group()
-        artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
+        artifacts: ArtifactStore
+        if settings.storage_url:
+            from gateway.artifacts_s3 import open_s3  # botocore loaded only where it is used
+
+            artifacts = await opened.enter_async_context(open_s3(settings))
+        else:
+            artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
         store = JobStore(redis, scripts, settings.retention_days)
         events = Events(redis, store)
         watch = JobWatch(redis, store)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import orjson
 import redis.asyncio as aioredis
 
-from gateway import pricing
+from gateway import metrics, pricing
 from gateway.accounts import Accounts
 from gateway.admission import Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
@@ -138,6 +138,20 @@ class Gateway:
         origin: str = "",
         webhook_shape: dict[str, Any] | None = None,
     ) -> tuple[Job, Principal]:
+        """`_generate`, its outcome counted (`gateway_admissions_total`)."""
+        try:
+            return await self._generate(api_key, parse, origin, webhook_shape)
+        except GatewayError as exc:
+            metrics.refused(exc.code)
+            raise
+
+    async def _generate(
+        self,
+        api_key: str | None,
+        parse: Callable[[], Awaitable[GenerationRequest]],
+        origin: str,
+        webhook_shape: dict[str, Any] | None,
+    ) -> tuple[Job, Principal]:
         """Check the key, parse and validate the input, price, admit and enqueue, the key
         check and admission in one Lua call; the job and the caller as admission left it.
 
@@ -199,7 +213,9 @@ class Gateway:
                 earlier = await self.store.get(credential.account, verdict.job_id)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
+                metrics.ADMITTED["duplicate"].inc()
                 return earlier, verdict.principal
+        metrics.ADMITTED_AS[verdict.mode].inc()
         if verdict.mode == "run":
             self.queue.notify()
         else:
@@ -239,9 +255,10 @@ class Gateway:
             raise NotFound(f"no job {job_id}")
         with store_errors():
             if not job.ended:
-                await self.store.finish(
+                if await self.store.finish(
                     job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
-                )
+                ):
+                    metrics.job_ended(job.provider, metrics.NO_BACKEND, "cancelled")
                 job = await self.store.get(principal.account, job_id) or job
                 await self.events.publish(job)
                 if job.cache_key:  # a waiter runs in its place

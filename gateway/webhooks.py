@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 import structlog
 from standardwebhooks.webhooks import Webhook
 
+from gateway import metrics
 from gateway.config import Settings
 from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, iso
@@ -224,6 +225,7 @@ class Webhooks:
                 pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
                 pipe.hset(job_key, "webhook_status", "retrying")
             await pipe.execute()
+        metrics.WEBHOOK["delivered" if ok else "failed" if final else "retrying"].inc()
         return ok
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.s3server import BUCKET, PREFIX, MotoServer, fake_credentials
 from tests.servers import free_cluster_port, free_port
 
 
@@ -202,3 +203,21 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("GATEWAY_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """moto's real S3 HTTP server, one process for the session (tests/s3server.py)."""
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An empty bucket on `s3_server`, and the settings of a gateway storing into it."""
+    fake_credentials(monkeypatch)
+    s3_server.reset()
+    s3_server.create_bucket()
+    return {"storage_url": f"s3://{BUCKET}/{PREFIX}", "s3_endpoint_url": s3_server.url}

@@ -30,9 +30,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
+from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
 from gateway.config import BACKENDS
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, Unauthenticated
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 from gateway.formats import FORMATS
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest
@@ -204,7 +211,10 @@ async def run_sync(request: Request) -> Response:
             )
         if job.status != "completed":
             raise RequestFailed(_failure(job), request_id=job.id, status="FAILED")
-        image = await gateway.artifacts.read(job.urls[0]) if job.urls else None
+        try:
+            image = await gateway.artifacts.read(job.urls[0]) if job.urls else None
+        except StorageUnavailable:
+            raise ServiceUnavailable(f"request {job.id}'s image cannot be read now") from None
         if image is None:
             raise ImageGone(f"request {job.id}'s image is no longer stored", request_id=job.id)
     except GatewayError as exc:

@@ -95,6 +95,20 @@ class Queue:
                 await asyncio.wait_for(self.wakeup.wait(), min(wait_ms, block_ms) / 1000)
         return found
 
+    async def sizes(self) -> tuple[int, int]:
+        """(waiting, taken) over every shard: entries no worker has read yet, and entries
+        a worker has read and not acknowledged (an acknowledged entry is deleted, so the
+        stream's length is their sum). XLEN and XPENDING's summary, O(1) each, in one
+        round trip (for the metrics' gauges)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xlen(stream)
+                pipe.xpending(stream, keys.QUEUE_GROUP)
+            replies = await pipe.execute()
+        length = sum(int(n) for n in replies[0::2])
+        taken = sum(int(summary["pending"]) for summary in replies[1::2])
+        return max(0, length - taken), taken
+
     def _split(self, handle: str) -> tuple[str, str]:
         shard, _, entry_id = handle.partition("/")
         return self.streams[int(shard)], entry_id

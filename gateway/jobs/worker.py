@@ -20,7 +20,8 @@ from typing import Any
 
 import structlog
 
-from gateway.artifacts import ArtifactStore
+from gateway import metrics
+from gateway.artifacts import ArtifactStore, StorageUnavailable
 from gateway.cache import Cache
 from gateway.config import Settings
 from gateway.errors import ProviderError
@@ -78,6 +79,7 @@ class Worker:
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.running: dict[str, Running] = {}
         self.last_sweep = 0.0
+        self.sweeping: asyncio.Task[None] | None = None
         self.freed = asyncio.Event()
         self.cancelled: set[str] = set()  # keys of running jobs cancelled by their owner
 
@@ -117,9 +119,10 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-            heartbeat.cancel()
-            watcher.cancel()
-            await asyncio.gather(heartbeat, watcher, return_exceptions=True)
+            loops = [heartbeat, watcher, *([self.sweeping] if self.sweeping else [])]
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             if deliveries:
                 await deliveries
 
@@ -143,10 +146,20 @@ class Worker:
             try:
                 await self.beat()
                 await self._announce(await self.cache.rescue(self.now_ms()))
-                if self.clock() - self.last_sweep > SWEEP_EVERY:
-                    await self.sweep()
+                idle = self.sweeping is None or self.sweeping.done()
+                if idle and self.clock() - self.last_sweep > SWEEP_EVERY:
+                    # Beside the heartbeat, not in it: listing a large bucket can take
+                    # longer than a lease, and the leases must be renewed meanwhile.
+                    self.last_sweep = self.clock()
+                    self.sweeping = asyncio.create_task(self._sweep_logged())
             except Exception as exc:
                 log.warning("heartbeat failed", error=str(exc))
+
+    async def _sweep_logged(self) -> None:
+        try:
+            await self.sweep()
+        except Exception as exc:  # the store away, say: the next try is an hour later
+            log.warning("sweeping outputs failed", error=str(exc))
 
     async def beat(self) -> None:
         """Renew what this worker runs; take over what silent workers left behind."""
@@ -222,10 +235,17 @@ class Worker:
             await self._end(job, "cancelled")
         except JobFailed as exc:
             bound.info("job failed", error=str(exc))
-            await self._end(job, "failed", error=str(exc))
+            await self._end(job, "failed", error=str(exc), backend=exc.backend)
         except asyncio.CancelledError:
             bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
             raise
+        except StorageUnavailable as exc:
+            # The output store failed or went away (mid-upload, say): nothing completed.
+            # As with the store below, the entry stays pending and is claimed again after
+            # its lease: a new attempt (its upstream job resumed, or its images fetched
+            # again), failed and refunded after `job_max_tries`.
+            bound.warning("output storage unavailable; job left for a retry", error=str(exc))
+            return
         except Exception as exc:
             if store_trouble(exc):
                 # The store went away mid-job: not the job's fault. Leave its entry
@@ -288,12 +308,16 @@ class Worker:
         sizes: list[tuple[int, int]] = []
         seeds: list[int | None] = []
         for output in result.outputs:
-            url, width, height = await self._store_output(result, output, fmt)
+            try:
+                url, width, height = await self._store_output(result, output, fmt)
+            except (JobFailed, StorageUnavailable):
+                await self._discard(urls)  # the images stored before this one
+                raise
             urls.append(url)
             sizes.append((width, height))
             seeds.append(output.seed)
         if not urls:
-            raise JobFailed(f"{result.backend} returned no images")
+            raise JobFailed(f"{result.backend} returned no images", result.backend)
         now = self.now_ms()
         width, height = sizes[0]
         seed = seeds[0] if seeds[0] is not None else job.params.get("seed")
@@ -318,8 +342,10 @@ class Worker:
             height=height,
             metadata=metadata,
         )
+        if ended:
+            metrics.job_completed(job.provider, result.backend, metadata["duration"], job.cost)
         if not ended:  # cancelled meanwhile: the images are nobody's
-            await self.artifacts.delete(urls)
+            await self._discard(urls)
         elif job.cache_key:
             job.completed_at = now
             await self._announce(await self.cache.settle(job, urls, width, height, metadata))
@@ -329,15 +355,30 @@ class Worker:
         try:
             data = await result.provider.fetch(output)
         except ProviderError as exc:
-            raise JobFailed(f"{result.backend}: {exc.message}") from exc
+            raise JobFailed(f"{result.backend}: {exc.message}", result.backend) from exc
         try:
             data, width, height = await asyncio.to_thread(normalize_image, data, fmt)
         except UnreadableImage as exc:
-            raise JobFailed(f"{result.backend} returned an unreadable image") from exc
+            raise JobFailed(
+                f"{result.backend} returned an unreadable image", result.backend
+            ) from exc
         return await self.artifacts.put(data, fmt), width, height
 
-    async def _end(self, job: Job, status: str, error: str | None = None) -> None:
-        await self.store.finish(job, status, self.now_ms(), refund=True, error=error)
+    async def _discard(self, urls: list[str]) -> None:
+        """Delete images no job will hand out; left to the retention sweep if the store
+        fails now."""
+        if not urls:
+            return
+        try:
+            await self.artifacts.delete(urls)
+        except StorageUnavailable as exc:
+            log.warning("unused outputs left for the sweep", count=len(urls), error=str(exc))
+
+    async def _end(
+        self, job: Job, status: str, error: str | None = None, backend: str = metrics.NO_BACKEND
+    ) -> None:
+        if await self.store.finish(job, status, self.now_ms(), refund=True, error=error):
+            metrics.job_ended(job.provider, backend, status)
         await self.events.publish_stored(keys.job(job.account, job.id))
         if job.cache_key:  # the identical requests waiting for it must not fail with it
             await self._announce(await self.cache.release(job, self.now_ms()))

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway import metrics
 from gateway.errors import (
     ProviderError,
     ProviderRateLimited,
@@ -187,12 +188,14 @@ async def request(
     attempts: int = 3,
     timeout: float | None = None,
     max_wait: float = 10.0,
+    tally: metrics.UpstreamTally | None = None,
     **kwargs: Any,
 ) -> Answer:
     """Send a request with bounded retries; return a 2xx response or raise ProviderError.
 
     Retried: connection failures before sending and 429 always (the upstream did not
-    take the request); timeouts and 5xx only when `idempotent`.
+    take the request); timeouts and 5xx only when `idempotent`. `tally`: the backend's
+    metrics, each attempt counted by its outcome.
     """
     if timeout is not None:
         kwargs["timeout"] = timeout
@@ -201,20 +204,28 @@ async def request(
         try:
             response = await client.request(method, url, **kwargs)
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            if tally:
+                tally.connection_error.inc()
             if last:
                 raise ProviderUnavailable(f"{upstream} unreachable: {exc}") from exc
             await asyncio.sleep(backoff(attempt))
             continue
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
+            if tally:
+                tally.timeout.inc()
             if last or not idempotent:
                 raise ProviderTimeout(f"{upstream} timed out") from exc
             await asyncio.sleep(backoff(attempt))
             continue
         except aiohttp.ClientError as exc:  # cut after sending, or a broken answer
+            if tally:
+                tally.connection_error.inc()
             if last or not idempotent:
                 raise ProviderUnavailable(f"{upstream} connection failed: {exc}") from exc
             await asyncio.sleep(backoff(attempt))
             continue
+        if tally:
+            tally.answered(response.status_code)
         if response.is_success:
             return response
         error = error_for(response, upstream)
@@ -230,8 +241,14 @@ async def request(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def download(client: UpstreamClient, url: str, *, upstream: str) -> bytes:
-    response = await request(client, "GET", url, upstream=upstream, idempotent=True)
+async def download(
+    client: UpstreamClient,
+    url: str,
+    *,
+    upstream: str,
+    tally: metrics.UpstreamTally | None = None,
+) -> bytes:
+    response = await request(client, "GET", url, upstream=upstream, idempotent=True, tally=tally)
     if not response.content:
         raise ProviderUnavailable(f"{upstream} served an empty image")
     return response.content
@@ -260,6 +277,7 @@ class HTTPBackend:
         self.timeout = timeout
         # The credential as it is sent: one dict for every call, since nothing changes it.
         self._auth = self.auth(credential) if credential else None
+        self.tally = metrics.upstream(self.name)  # every call counted by outcome
 
     def auth(self, credential: str) -> dict[str, str]:
         """The headers that carry the credential."""
@@ -296,6 +314,7 @@ class HTTPBackend:
             idempotent=idempotent,
             timeout=self.timeout,
             headers=self.headers() if headers is None else headers,
+            tally=self.tally,
             **kwargs,
         )
 
@@ -324,4 +343,4 @@ class HTTPBackend:
             return output.data
         if not output.url:
             raise ProviderUnavailable(f"{self.upstream} output has neither data nor URL")
-        return await download(self.client, output.url, upstream=self.upstream)
+        return await download(self.client, output.url, upstream=self.upstream, tally=self.tally)

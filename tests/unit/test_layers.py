@@ -3,14 +3,15 @@
 Lowest first (a module may import its own layer and those below it):
 
     domain     errors, params, pricing, config, urlguard, formats, images, jobs/model,
-               providers/base, breaker
+               providers/base, breaker, metrics (the families, counted by every layer)
     store      gateway/store, jobs/store, auth, accounts, tokens, admission, cache,
-               events, job_watch, callbacks, artifacts | providers gateway/providers
+               events, job_watch, callbacks, artifacts, artifacts_s3 | providers gateway/providers
     jobs       jobs/queue, jobs/worker, routing, upstream_wait, webhooks
     service    service (the operations both APIs call)
     api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
                compat/ (the providers' own protocols)
-    root       app, cors, runtime, cli (the composition root: wires the parts together)
+    root       app, cors, runtime, cli, metrics_http (the composition root: wires the parts
+               together and serves them)
 
 `store` and `providers` sit side by side and do not import each other. `bench/` may
 import anything of the gateway, which never imports it. Imports are read from the source
@@ -42,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.formats",
             "gateway.images",
             "gateway.breaker",
+            "gateway.metrics",
             "gateway.jobs",
             "gateway.jobs.model",
             "gateway.providers.base",
@@ -61,6 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.job_watch",
             "gateway.callbacks",
             "gateway.artifacts",
+            "gateway.artifacts_s3",
         ),
     ),
     ("providers", ("gateway.providers.*",)),
@@ -86,7 +89,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.compat.*",
         ),
     ),
-    ("root", ("gateway.app", "gateway.cors", "gateway.runtime", "gateway.cli")),
+    (
+        "root",
+        ("gateway.app", "gateway.cors", "gateway.runtime", "gateway.cli", "gateway.metrics_http"),
+    ),
     ("tools", ("bench.*",)),
 ]
 RANK = {"domain": 0, "store": 1, "providers": 1, "jobs": 2, "service": 3, "api": 4}

@@ -1,0 +1,224 @@
+"""What the Prometheus metrics cost the request path (docs/api.md#metrics).
+
+Scenario `metrics` (`python -m bench metrics`): two `gateway serve` processes on the
+runner's private Redis, identical but for `GATEWAY_METRICS_ENABLED` (on: the default;
+off: `0`, which drops the HTTP middleware and `GET /metrics`; the admission counter's
+one `inc()` stays in both, ~0.5 µs), each in turn alone on the last CPU (`taskset`; the
+bench, wrk and redis-server on the others). Three cases, sent to both, interleaved in
+each round (the order of on and off alternates from round to round), wrk `-t2 -c64` as
+in `bench/http.py`:
+- REST        `POST /v1/text_to_image` (admission, enqueue),
+- generate    the seed's Doitong `generate` mutation (prepared GraphQL path),
+- job         the `job` poll `gateway generate` sends.
+Per case: server CPU per request (utime + stime from /proc/PID/stat over the requests it
+handled), on against off: the ratio of the medians and the median of each round's own
+ratio. Target (the issue): at most 5% more CPU per request with metrics on.
+
+On a shared 2-core machine those ratios move a few percent from run to run either way,
+so the scenario also times what metrics add to a request in-process, without the noise:
+the middleware (`gateway/metrics_http.py:HttpMetrics`) around an ASGI app that answers
+at once, against the app alone, plus the admission counter's `inc()`; that sum, in µs,
+is set against the REST case's CPU per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from bench import Context, free_port, scenario
+from bench.http import (
+    GENERATE,
+    GENERATE_VARIABLES,
+    POLL,
+    TEXT_TO_IMAGE,
+    Case,
+    HttpRow,
+    create_key,
+    gateway_binary,
+    gateway_env,
+    loop_and_parser,
+    measure,
+    redis_pid_of,
+    wrk,
+)
+from bench.serving import Server, spawn
+from gateway import metrics
+from gateway.metrics_http import HttpMetrics
+
+TARGET = 1.05  # metrics on may cost at most 5% more CPU per request
+KINDS = ("REST", "generate", "job")
+
+
+@contextlib.contextmanager
+def last_cpu_for_servers(redis_pid: int) -> Iterator[tuple[list[str], str]]:
+    """The prefix that runs a server on the last CPU, with this process (so wrk) and
+    redis-server moved to the others meanwhile; and a line saying so."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield [], "not pinned: one CPU"
+        return
+    server_cpu, others = cpus[-1], set(cpus[:-1])
+    own, redis_own = os.sched_getaffinity(0), os.sched_getaffinity(redis_pid)
+    os.sched_setaffinity(0, others)
+    os.sched_setaffinity(redis_pid, others)
+    try:
+        yield (
+            ["taskset", "-c", str(server_cpu)],
+            f"each gateway on CPU {server_cpu} (taskset), loaded in turn; wrk, the bench "
+            f"and redis-server on CPU {','.join(map(str, sorted(others)))}",
+        )
+    finally:
+        os.sched_setaffinity(0, own)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(redis_pid, redis_own)
+
+
+def start(name: str, redis_url: str, workdir: Path, prefix: list[str], enabled: bool) -> Server:
+    port = free_port()
+    env = gateway_env(redis_url, port, workdir / "outputs")
+    env["GATEWAY_METRICS_ENABLED"] = "1" if enabled else "0"
+    return spawn(name, [*prefix, gateway_binary(), "serve"], env, port, workdir)
+
+
+class _Route:
+    path = "/v1/text_to_image"  # as Starlette's router leaves it in the scope
+
+
+async def _answer(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 202, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def _sent(message: Any) -> None:
+    return None
+
+
+async def _per_request(app: Any, n: int) -> float:
+    """Seconds per call of the ASGI `app` (the best of 5 runs of `n`)."""
+    scope = {"type": "http", "route": _Route()}
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            await app(scope, None, _sent)
+        best = min(best, (time.perf_counter() - started) / n)
+    return best
+
+
+async def added_per_request(n: int = 50_000) -> tuple[float, float]:
+    """µs the middleware adds to a request, and µs of one pre-bound counter's inc()."""
+    bare = await _per_request(_answer, n)
+    counted = await _per_request(HttpMetrics(_answer), n)
+    child = metrics.ADMITTED["accepted"]
+    started = time.perf_counter()
+    for _ in range(n):
+        child.inc()
+    inc = (time.perf_counter() - started) / n
+    return (counted - bare) * 1e6, inc * 1e6
+
+
+def summary(rows: dict[str, HttpRow], placement: str, added: tuple[float, float]) -> list[str]:
+    lines = [placement]
+    for kind in KINDS:
+        on, off = rows[f"metrics on: {kind}"], rows[f"metrics off: {kind}"]
+        on_cpu, off_cpu = statistics.median(on.cpu_ms), statistics.median(off.cpu_ms)
+        paired = statistics.median(a / b for a, b in zip(on.cpu_ms, off.cpu_ms, strict=True))
+        ratio = on_cpu / off_cpu
+        lines.append(
+            f"{kind}: {on_cpu:.4f} ms CPU/req with metrics on, {off_cpu:.4f} off: "
+            f"{ratio - 1:+.1%} (each round's own ratio, median: {paired - 1:+.1%}); "
+            f"req/s {on.median / off.median:.0%} of off; target at most "
+            f"{TARGET - 1:+.0%}: " + ("met" if max(ratio, paired) <= TARGET else "NOT met")
+        )
+    middleware, inc = added
+    rest_cpu_us = statistics.median(rows["metrics off: REST"].cpu_ms) * 1000
+    share = (middleware + inc) / rest_cpu_us
+    lines.append(
+        f"in-process: the middleware adds {middleware:.2f} µs to a request and the admission "
+        f"counter's inc() {inc:.2f} µs: {share:.1%} of the REST request's "
+        f"{rest_cpu_us:.0f} µs of CPU; target at most {TARGET - 1:.0%}: "
+        + ("met" if share <= TARGET - 1 else "NOT met")
+    )
+    return lines
+
+
+@scenario("metrics")
+async def metrics_cost(ctx: Context) -> list[HttpRow]:
+    """The request path's CPU with metrics on and off (`python -m bench metrics`)."""
+    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
+    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
+    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    await admin.flushall()
+    redis_pid = redis_pid_of(await admin.info("server"))
+    servers: list[Server] = []
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp,
+            last_cpu_for_servers(redis_pid) as (prefix, placement),
+            httpx.Client(timeout=30) as client,
+        ):
+            workdir = Path(tmp)
+            made = create_key(ctx.redis_url, workdir / "outputs")
+            on = start("gateway metrics on", ctx.redis_url, workdir, prefix, True)
+            servers.append(on)
+            off = start("gateway metrics off", ctx.redis_url, workdir, prefix, False)
+            servers.append(off)
+            if client.get(off.url("/metrics")).status_code != 404:
+                raise SystemExit("GATEWAY_METRICS_ENABLED=0 still serves /metrics")
+            if "gateway_http_requests_total" not in client.get(on.url("/metrics")).text:
+                raise SystemExit("the gateway with metrics on serves no metrics")
+            auth = {"Content-Type": "application/json", "Authorization": f"Bearer {made['key']}"}
+            generate = json.dumps({"query": GENERATE, "variables": GENERATE_VARIABLES}).encode()
+            rest = json.dumps(TEXT_TO_IMAGE).encode()
+            pairs: list[tuple[Case, Case]] = []
+            for kind in KINDS:
+                both = []
+                for state, server in (("on", on), ("off", off)):
+                    name = f"metrics {state}: {kind}"
+                    if kind == "REST":
+                        case = Case(name, server, "/v1/text_to_image", rest, auth, 202)
+                    elif kind == "generate":
+                        case = Case(name, server, "/graphql", generate, auth, 200)
+                    else:
+                        made_job = Case(name, server, "/graphql", generate, auth, 200)
+                        job_id = made_job.check(client)["data"]["generate"]["id"]
+                        poll = json.dumps({"query": POLL, "variables": {"id": job_id}}).encode()
+                        case = Case(name, server, "/graphql", poll, auth, 200)
+                    case.write_script(workdir)
+                    case.check(client)
+                    both.append(case)
+                pairs.append((both[0], both[1]))
+            cases = [case for pair in pairs for case in pair]
+            rows = {
+                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
+                for case in cases
+            }
+            for case in cases:  # warm-up: connection pools filled, caches hot
+                case.write_script(workdir)
+                await wrk(case.server.url(case.path), case.script, 1)
+            for n in range(rounds):
+                for first, second in pairs:
+                    for case in (first, second) if n % 2 == 0 else (second, first):
+                        await measure(case, rows[case.name], admin, redis_pid, seconds)
+            for case in cases:
+                rows[case.name].rss_mb = case.server.rss_mb()
+    finally:
+        for server in servers:
+            server.stop()
+        await admin.flushall()
+        await admin.aclose()
+    added = await added_per_request(5_000 if ctx.quick else 50_000)
+    out = list(rows.values())
+    out[-1].summary = summary(rows, placement, added)
+    return out

@@ -1,0 +1,291 @@
+"""Serving the metrics of `gateway/metrics.py` (docs/api.md#metrics): the middleware that
+counts HTTP requests, `GET /metrics` of `gateway serve`, the endpoint `gateway worker`
+serves on `GATEWAY_METRICS_PORT`, and the gauges read from Redis or from this process's
+worker and router.
+
+Each process serves its own figures and Prometheus scrapes every process as a target
+of its own; prometheus-client's multiprocess mode (one port for processes that share
+it, through files every process writes) is for pre-forked servers, which the gateway
+is not: each `gateway serve` and `gateway worker` is its own server.
+
+The Redis-backed gauges (queue depth, jobs in flight) are read when a scrape asks for
+them, at most once every `GATEWAY_METRICS_REFRESH_SECONDS` per process (a scrape in
+between gets the last figures; concurrent scrapes share one read): two O(1) commands
+per shard in one pipelined round trip, and nothing at all while nobody scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import math
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import structlog
+from prometheus_client import REGISTRY, Counter, Histogram, make_asgi_app, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import metrics, rest
+from gateway.breaker import Breaker
+from gateway.config import Settings
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, Unauthenticated
+from gateway.jobs.queue import Queue
+from gateway.jobs.worker import Worker
+from gateway.store.redis import store_trouble
+
+log = structlog.get_logger("gateway.metrics")
+
+PATH = "/metrics"
+REFRESH_WAIT = 5.0  # seconds a worker's scrape waits for the Redis read before answering
+
+
+# -- counting requests -----------------------------------------------------------------
+
+
+class HttpMetrics:
+    """Counts every HTTP request by route template and status, and times it (ASGI
+    middleware, outermost: refusals of the middlewares inside are counted too).
+
+    The route is the template of the one Starlette matched (`/v1/jobs/{job_id}`, never
+    the path itself); `unmatched` when none did. Each (route, status) pair's counter and
+    histogram children are bound on its first request and reused."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # raised before answering: the server answers 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            key = (metrics.UNMATCHED if route is None else route.path, status)
+            series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = (
+                    metrics.HTTP_REQUESTS.labels(key[0], str(status)),
+                    metrics.HTTP_DURATION.labels(key[0]),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
+
+
+# -- the gauges --------------------------------------------------------------------------
+
+
+class QueueSampler:
+    """Sets the queue depth and jobs-in-flight gauges from Redis, at most once every
+    `interval` seconds however often it is asked (0: at every ask)."""
+
+    def __init__(
+        self, queue: Queue, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.queue = queue
+        self.interval = interval
+        self.clock = clock
+        self.read_at = -math.inf
+        self.lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        if self.clock() - self.read_at < self.interval:
+            return
+        async with self.lock:  # concurrent scrapes: one read
+            if self.clock() - self.read_at < self.interval:
+                return
+            waiting: float
+            taken: float
+            try:
+                waiting, taken = await self.queue.sizes()
+            except Exception as exc:
+                if not (isinstance(exc, OSError) or store_trouble(exc)):
+                    raise
+                log.warning("metrics: the queue's size could not be read", error=repr(exc))
+                waiting = taken = math.nan  # unknown, not the last figure passed off as new
+            metrics.QUEUE_DEPTH.set(waiting)
+            metrics.JOBS_IN_FLIGHT.set(taken)
+            self.read_at = self.clock()  # after a failure too: a sick Redis is not hammered
+
+
+def watch(worker: Worker) -> Callable[[], None]:
+    """Read this process's circuit breakers and running jobs at each scrape (no cost in
+    between); returns what stops it (the gauges then read 0)."""
+    router = worker.router
+
+    def circuit_open(breaker: Breaker) -> Callable[[], float]:
+        return lambda: float(breaker.circuit(router.clock()) != "closed")
+
+    for name, breaker in router.breakers.items():
+        metrics.CIRCUIT_OPEN.labels(name).set_function(circuit_open(breaker))
+    metrics.WORKER_JOBS_RUNNING.set_function(lambda: float(len(worker.running)))
+
+    def stop() -> None:
+        for name in router.breakers:
+            metrics.CIRCUIT_OPEN.labels(name).set_function(lambda: 0.0)
+        metrics.WORKER_JOBS_RUNNING.set_function(lambda: 0.0)
+
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def watching(worker: Worker, settings: Settings) -> AsyncIterator[QueueSampler | None]:
+    """The gauges of this process (its worker's, its router's and the queue's) while the
+    block runs; the queue's sampler, None when metrics are off."""
+    if not settings.metrics_enabled:
+        yield None
+        return
+    stop = watch(worker)
+    try:
+        yield QueueSampler(worker.queue, settings.metrics_refresh_seconds)
+    finally:
+        stop()
+
+
+@contextlib.asynccontextmanager
+async def worker_metrics(worker: Worker, settings: Settings) -> AsyncIterator[int | None]:
+    """`gateway worker`'s gauges, and its endpoint when `GATEWAY_METRICS_PORT` is set;
+    yields the port it serves on, or None."""
+    async with watching(worker, settings) as sampler:
+        if sampler is None or settings.metrics_port is None:
+            yield None
+            return
+        async with worker_endpoint(settings, sampler) as port:
+            log.info("metrics served", url=f"http://{settings.host}:{port}{PATH}")
+            yield port
+
+
+# -- the endpoints -----------------------------------------------------------------------
+
+
+def authorized(token: str | None, header: str | None) -> bool:
+    """No token configured, or `Authorization: Bearer TOKEN` (compared in constant time)."""
+    if not token:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def refusal() -> Response:
+    error = Unauthenticated("GET /metrics needs Authorization: Bearer GATEWAY_METRICS_TOKEN")
+    error.headers = {"WWW-Authenticate": 'Bearer realm="metrics"'}
+    return rest.error_response(error)
+
+
+class MetricsEndpoint:
+    """`GET /metrics` of `gateway serve` (an ASGI app for a Starlette `Route`): the Redis
+    gauges refreshed if due, then prometheus-client's exposition (text format, or
+    OpenMetrics when asked; gzip when accepted)."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+        self.exposition = make_asgi_app(REGISTRY)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+        if not authorized(self.token, header):
+            await refusal()(scope, receive, send)
+            return
+        sampler = getattr(scope["app"].state, "metrics", None)  # set by the app's lifespan
+        if sampler is not None:
+            await sampler.refresh()
+        await self.exposition(scope, receive, send)
+
+
+def _wsgi_answer(response: Response, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    status = f"{response.status_code} {HTTPStatus(response.status_code).phrase}"
+    start_response(status, [(k.decode(), v.decode()) for k, v in response.raw_headers])
+    return [bytes(response.body)]
+
+
+def worker_app(token: str | None, refresh: Callable[[], None]) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app `gateway worker` serves: `GET /metrics`, errors in the REST shape."""
+    exposition = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != PATH:
+            error: GatewayError = NotFound(f"no route {environ.get('PATH_INFO')}")
+            return _wsgi_answer(rest.error_response(error), start_response)
+        if environ["REQUEST_METHOD"] != "GET":
+            error = MethodNotAllowed(f"{environ['REQUEST_METHOD']} is not allowed on {PATH}")
+            error.headers = {"Allow": "GET"}
+            return _wsgi_answer(rest.error_response(error), start_response)
+        if not authorized(token, environ.get("HTTP_AUTHORIZATION")):
+            return _wsgi_answer(refusal(), start_response)
+        refresh()
+        return exposition(environ, start_response)
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: a scrape every few seconds is not news."""
+
+
+@contextlib.asynccontextmanager
+async def worker_endpoint(
+    settings: Settings, sampler: QueueSampler, host: str | None = None
+) -> AsyncIterator[int]:
+    """Serve the worker's `GET /metrics` on `GATEWAY_HOST:GATEWAY_METRICS_PORT` from a
+    thread (the scrape's Redis read runs on this event loop); yields the port."""
+    assert settings.metrics_port is not None
+    loop = asyncio.get_running_loop()
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+
+    def refresh() -> None:
+        future = asyncio.run_coroutine_threadsafe(sampler.refresh(), loop)
+        try:
+            future.result(REFRESH_WAIT)
+        except concurrent.futures.TimeoutError:
+            pass  # a slow Redis: answer with the last figures
+        except Exception:
+            log.exception("metrics: the gauges could not be refreshed")  # the rest still
+
+    host = host or settings.host
+    family = socket.getaddrinfo(host, settings.metrics_port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    try:
+        server = make_server(
+            host, settings.metrics_port, worker_app(token, refresh), Server, handler_class=_Quiet
+        )
+    except OSError as exc:  # the port is taken (each worker on a host needs its own)
+        raise SystemExit(
+            f"cannot serve metrics on {host}:{settings.metrics_port} "
+            f"(GATEWAY_HOST, GATEWAY_METRICS_PORT): {exc}"
+        ) from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_port)
+    finally:
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()

@@ -6,6 +6,7 @@ import base64
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,10 +46,18 @@ def _limit_field(value: int | None) -> str:
 
 
 class Accounts:
-    def __init__(self, redis: aioredis.Redis, scripts: Scripts, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.settings = settings
+        self.clock = clock
+        self.ledger_keep_ms = int(settings.ledger_retention_days * 86_400_000)
 
     async def create(
         self,
@@ -149,6 +158,8 @@ class Accounts:
             topup=keys.topup(account, os.urandom(12).hex()),
             delta=amount,
             reason=reason,
+            now_ms=int(self.clock() * 1000),
+            ledger_keep_ms=self.ledger_keep_ms,
             client=self.redis,
         )
         if reply.outcome == "unknown":
@@ -160,6 +171,33 @@ class Accounts:
     async def ledger(self, account: str) -> list[dict[str, str]]:
         entries = await self.redis.xrange(keys.ledger(account)) or []
         return [decoded_hash(fields) for _, fields in entries if fields]
+
+    async def ledger_since(
+        self, account: str, since_ms: int = 0, batch: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every ledger entry from `since_ms` (unix ms) on, oldest first, read `batch` at a
+        time: `{id, at, delta, reason, job, balance}` (`id` the stream id, `at` its ms).
+        Entries older than `ledger_retention_days` are trimmed as new ones are added:
+        export them before (`gateway ledger export`)."""
+        await self.get(account)
+        start = f"{max(since_ms, 0)}-0"
+        while True:
+            read: Any = await self.redis.xrange(keys.ledger(account), min=start, count=batch)
+            entries: list[Any] = read or []
+            for entry_id, fields in entries:
+                f = decoded_hash(fields)
+                ident = decoded(entry_id)
+                yield {
+                    "id": ident,
+                    "at": int(ident.partition("-")[0]),
+                    "delta": int(f.get("delta", 0)),
+                    "reason": f.get("reason", ""),
+                    "job": f.get("job") or None,
+                    "balance": int(f.get("balance", 0)),
+                }
+            if not entries or len(entries) < batch:
+                return
+            start = "(" + decoded(entries[-1][0])  # exclusive: after the last one read
 
 
 def _info(fields: dict[str, str]) -> AccountInfo:

@@ -92,6 +92,7 @@ async def admit(
     cache_digest: str | None = None,
     retention_ms: int = 7 * DAY_MS,
     origin: str = "",
+    ledger_keep_ms: int = 0,
 ) -> Admitted | Duplicate:
     """Check the key or client token (of the account `job.account`) and admit `job`: one
     round trip. Refusals raise, carrying the key's X-RateLimit-* headers. `origin`: the
@@ -134,6 +135,7 @@ async def admit(
         origin=origin.lower(),
         service=job.provider,
         fields=job.to_hash(),
+        ledger_keep_ms=ledger_keep_ms,
         client=redis,
     )
     verdict = reply.verdict

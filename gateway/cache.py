@@ -33,6 +33,7 @@ class Cache:
         self.settings = settings
         self.retention_ms = int(settings.retention_days * 86_400_000)
         self.lease_ms = int(settings.job_deadline_seconds * 1000)
+        self.ledger_keep_ms = int(settings.ledger_retention_days * 86_400_000)
 
     def digest(self, request: GenerationRequest) -> str | None:
         """The cache key of a cacheable request; None when it must run on its own."""
@@ -58,6 +59,9 @@ class Cache:
         encoded_metadata = orjson.dumps(metadata).decode()
         # What a hit's job says, made once here rather than by every hit's script.
         hit_metadata = orjson.dumps({**metadata, "cached": True, "duration": 0}).decode()
+        # A hit's record refers to the entry for its outcome and params (read.lua).
+        encoded_params = orjson.dumps(job.params).decode()
+        now_ms = job.completed_at or 0
         reply = await self.scripts.settle(
             cache_entry=keys.cache_entry(shard, digest),
             inflight=keys.inflight(shard, digest),
@@ -65,13 +69,14 @@ class Cache:
             webhooks=keys.webhooks(shard),
             coalescing=keys.coalescing(shard),
             leader=keys.job(job.account, job.id),
-            now_ms=job.completed_at or 0,
+            now_ms=now_ms,
             retention_ms=self.retention_ms,
             urls=encoded_urls,
             width=width,
             height=height,
             metadata=encoded_metadata,
             hit_metadata=hit_metadata,
+            params=encoded_params,
             client=self.redis,
         )
         others = [n for n in range(self.settings.redis_shards) if n != shard]
@@ -82,6 +87,8 @@ class Cache:
                 "height": height,
                 "metadata": encoded_metadata,
                 "hit_metadata": hit_metadata,
+                "params": encoded_params,
+                "until": now_ms + self.retention_ms,
             }
             async with self.redis.pipeline(transaction=False) as pipe:
                 for n in others:
@@ -141,6 +148,7 @@ class Cache:
                 lease_ms=self.lease_ms,
                 job_id=job_id,
                 retention_ms=self.retention_ms,
+                ledger_keep_ms=self.ledger_keep_ms,
                 client=self.redis,
             )
             await self.redis.lrem(waiting, 1, follower)

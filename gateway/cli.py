@@ -1,9 +1,11 @@
-"""The `gateway` command (docs/api.md#command-line): serve, worker, keys, credits, generate."""
+"""The `gateway` command (docs/api.md#command-line): serve, worker, keys, credits, usage,
+generate."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
 import json
 import logging
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import httpx
+import orjson
 import structlog
 import typer
 from rich.console import Console
@@ -32,6 +35,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API k
 credits_app = typer.Typer(no_args_is_help=True, help="Change a key's credit balance.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
+ledger_app = typer.Typer(no_args_is_help=True, help="Read a key's ledger.")
+app.add_typer(ledger_app, name="ledger")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -45,10 +50,23 @@ def _configure_logging() -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
             structlog.processors.format_exc_info,  # a crash is logged with its traceback
-            structlog.processors.JSONRenderer(),
+            # orjson, written as bytes: a line per request costs ~6 µs, not ~10
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.BytesLoggerFactory(),
     )
+
+
+def _configure_tracing() -> None:
+    """OpenTelemetry traces when the standard OTEL_* variables ask (gateway/telemetry.py)."""
+    from gateway import telemetry
+
+    try:
+        telemetry.configure_from_env()
+    except ValueError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -102,6 +120,25 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def _refuse_evicting_redis(settings: Settings) -> None:
+    """Exit 1, saying why, when the Redis may evict keys (`runtime.check_eviction_policy`;
+    `serve` checks here, before uvicorn starts, so the message is not a traceback)."""
+    from gateway.runtime import EvictingRedis, check_eviction_policy
+
+    async def check() -> None:
+        redis = await connect(settings.redis_url)
+        try:
+            await check_eviction_policy(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(check())
+    except EvictingRedis as exc:
+        err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="listen address")] = None,
@@ -114,11 +151,14 @@ def serve(
 
     settings = _settings(host=host, port=port)
     _configure_logging()
+    _configure_tracing()
     if not settings.redis_url:
         err.print(
             "[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
             "nothing kept after exit.[/yellow]"
         )
+    if settings.redis_url:
+        _refuse_evicting_redis(settings)
     app = build_app(settings)
     _tune_gc()
     uvicorn.run(
@@ -142,11 +182,12 @@ def serve(
 def worker() -> None:
     """Run jobs only (several may share one Redis with any number of gateways)."""
     from gateway.metrics_http import worker_metrics
-    from gateway.runtime import runtime
+    from gateway.runtime import EvictingRedis, runtime
 
     settings = _settings()
     _shared_store(settings)
     _configure_logging()
+    _configure_tracing()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -160,7 +201,11 @@ def worker() -> None:
 
     import uvloop  # the loop `serve` runs on too: about half the loop's CPU per poll
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except EvictingRedis as exc:
+        err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @keys_app.command("create")
@@ -241,6 +286,88 @@ def credits_add(
     reason = "topup" if amount >= 0 else "correction"
     balance = _with_accounts(_settings(), lambda a: a.add_credits(key_id, amount, reason))
     console.print(f"balance of {key_id}: {balance}")
+
+
+@app.command("usage")
+def usage_report(
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    start: Annotated[
+        str | None, typer.Option("--from", help="UTC date or datetime; default 29 days ago")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="UTC date (that day included) or datetime")
+    ] = None,
+    group_by: Annotated[str, typer.Option(help="day, service or backend")] = "day",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A key's requests, images and credits by day, service or backend (docs/api.md#usage)."""
+    from gateway import usage
+
+    first, last = usage.default_range()
+
+    async def read(accounts: Accounts) -> usage.Report:
+        start_ms, end_ms = usage.parse_range(start or first, end or last)
+        await accounts.get(key_id)
+        return await usage.report(accounts.redis, key_id, start_ms, end_ms, group_by.lower())
+
+    report = _with_accounts(_settings(), read).public()
+    if as_json:
+        print(json.dumps(report))
+        return
+    names = ("requests", "images", "creditsSpent", "creditsRefunded", "cacheHits", "creditsSaved")
+    table = Table(
+        report["groupBy"].lower(),
+        "requests",
+        "images",
+        "spent",
+        "refunded",
+        "cache hits",
+        "saved",
+        title=f"usage of {key_id}, {report['from']} to {report['to']}",
+    )
+    for row in report["rows"]:
+        table.add_row(row["key"], *(str(row[n]) for n in names))
+    table.add_section()
+    table.add_row("total", *(str(report["totals"][n]) for n in names), style="bold")
+    console.print(table)
+    if report["truncated"]:
+        err.print("[yellow]truncated: the range holds too much to read at once; ask less[/yellow]")
+
+
+def _since_ms(value: str) -> int:
+    """`--since`: unix milliseconds, or an ISO 8601 date or time (UTC unless it says)."""
+    if value.strip().lstrip("-").isdigit():
+        return int(value)
+    try:
+        when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"not unix ms nor an ISO date: {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
+
+
+@ledger_app.command("export")
+def ledger_export(
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    since: Annotated[
+        str, typer.Option(help="from this time on: unix ms or ISO 8601 (UTC unless it says)")
+    ] = "0",
+) -> None:
+    """Print a key's ledger entries as JSON lines, oldest first: {id, at, delta, reason,
+    job, balance}. Entries older than GATEWAY_LEDGER_RETENTION_DAYS are trimmed: export
+    them before, to keep the history."""
+    since_ms = _since_ms(since)
+
+    async def export(accounts: Accounts) -> int:
+        count = 0
+        async for entry in accounts.ledger_since(key_id, since_ms):
+            sys.stdout.write(json.dumps(entry) + "\n")
+            count += 1
+        sys.stdout.flush()
+        return count
+
+    _with_accounts(_settings(), export)
 
 
 GENERATE = """mutation($input: ImageGenerationInput!) {

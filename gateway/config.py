@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(default=30.0, gt=0)
     job_deadline_seconds: float = Field(default=900.0, gt=0)
     retention_days: float = Field(default=7.0, gt=0)
+    ledger_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="ledger entries older are trimmed (`gateway ledger export` first)",
+    )
     backend_concurrency: int = Field(
         default=256, ge=1, description="upstream calls in flight per backend"
     )

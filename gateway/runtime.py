@@ -17,8 +17,12 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import NoPermissionError, ResponseError
 
 from gateway.artifacts import ArtifactStore, LocalArtifactStore
 from gateway.cache import Cache
@@ -36,6 +40,62 @@ from gateway.service import Gateway
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import Scripts, connect
 from gateway.webhooks import Webhooks
+
+#: The only `maxmemory-policy` under which Redis never drops a key to make room. Every
+#: other one may evict balances, ledgers or job records: `allkeys-*` any key, and the
+#: `volatile-*` ones every key with a TTL, which job records, cache entries and
+#: idempotency keys all have (a job would vanish before its retention).
+SAFE_POLICY = "noeviction"
+
+
+class EvictingRedis(RuntimeError):
+    """The Redis (or one node of the Cluster) may evict keys: the gateway refuses it."""
+
+
+async def check_eviction_policy(redis: aioredis.Redis) -> None:
+    """Refuse a Redis whose `maxmemory-policy` can evict keys (docs/api.md#redis): raise
+    `EvictingRedis` naming the policy and the node. On a Cluster every node the client
+    knows is asked (a replica becomes a primary on failover). A server that refuses
+    CONFIG GET (managed Redis, an ACL, a renamed command) cannot be checked: a warning
+    is logged and start-up goes on."""
+    log = structlog.get_logger("gateway")
+    get_nodes = getattr(redis, "get_nodes", None)
+    targets: list[tuple[str, dict[str, Any]]] = []
+    if callable(get_nodes):  # a Redis Cluster client: learn its nodes first
+        await redis.initialize()
+        targets = [(str(node.name), {"target_nodes": node}) for node in get_nodes()]
+    else:
+        kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {})
+        targets = [(f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}", {})]
+    for name, extra in targets:
+        try:
+            reply = await redis.execute_command("CONFIG", "GET", "maxmemory-policy", **extra)
+        except (NoPermissionError, ResponseError) as exc:
+            log.warning(
+                "cannot read Redis maxmemory-policy: make sure it is noeviction",
+                node=name,
+                error=str(exc),
+            )
+            continue
+        policy = _policy_of(reply)
+        if policy and policy != SAFE_POLICY:
+            raise EvictingRedis(
+                f"Redis at {name} has maxmemory-policy {policy}: it may evict keys "
+                f"(balances, ledgers, job records) when full. Set maxmemory-policy "
+                f"{SAFE_POLICY} (redis-server --maxmemory-policy {SAFE_POLICY}, or "
+                f"CONFIG SET maxmemory-policy {SAFE_POLICY}) and start again."
+            )
+
+
+def _policy_of(reply: Any) -> str:
+    """The value of CONFIG GET maxmemory-policy, as a dict or a flat list."""
+    if isinstance(reply, dict):
+        value = reply.get("maxmemory-policy", "")
+    elif isinstance(reply, list | tuple) and len(reply) >= 2:
+        value = reply[1]
+    else:
+        value = ""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -55,6 +115,8 @@ async def runtime(
     async with contextlib.AsyncExitStack() as opened:
         redis = await connect(settings.redis_url)
         opened.push_async_callback(redis.aclose)
+        if settings.redis_url:  # the embedded store has no eviction policy
+            await check_eviction_policy(redis)
         client = UpstreamClient(settings.upstream_timeout)
         opened.push_async_callback(client.aclose)
         # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
@@ -86,7 +148,7 @@ async def runtime(
             artifacts = await opened.enter_async_context(open_s3(settings))
         else:
             artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
-        store = JobStore(redis, scripts, settings.retention_days)
+        store = JobStore(redis, scripts, settings.retention_days, settings.ledger_retention_days)
         events = Events(redis, store)
         watch = JobWatch(redis, store)
         opened.push_async_callback(watch.aclose)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import orjson
 import redis.asyncio as aioredis
 
-from gateway import metrics, pricing
+from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
 from gateway.admission import Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
@@ -107,7 +107,7 @@ class Gateway:
         """The caller holding `key` (an API key or a client token, which may be bound to
         origins: `origin` is the request's Origin header)."""
         with store_errors():
-            return await authenticate(
+            principal = await authenticate(
                 self.redis,
                 self.scripts,
                 self.settings,
@@ -117,6 +117,8 @@ class Gateway:
                 read=read,
                 origin=origin,
             )
+        telemetry.note(account=principal.account)
+        return principal
 
     async def _refuse(self, api_key: str | None, origin: str, exc: GatewayError) -> NoReturn:
         """A generation request refused before admission (bad input, nothing routable):
@@ -138,12 +140,18 @@ class Gateway:
         origin: str = "",
         webhook_shape: dict[str, Any] | None = None,
     ) -> tuple[Job, Principal]:
-        """`_generate`, its outcome counted (`gateway_admissions_total`)."""
+        """`_generate`, its outcome counted (`gateway_admissions_total`), in an
+        `admission` span while tracing."""
         try:
-            return await self._generate(api_key, parse, origin, webhook_shape)
+            with telemetry.span("admission") as span:
+                job, principal = await self._generate(api_key, parse, origin, webhook_shape)
+                if span is not None:
+                    span.set_attributes({"gateway.job_id": job.id, "gateway.service": job.provider})
         except GatewayError as exc:
             metrics.refused(exc.code)
             raise
+        telemetry.note(account=principal.account, job_id=job.id)
+        return job, principal
 
     async def _generate(
         self,
@@ -189,6 +197,7 @@ class Gateway:
             cache_key=self.cache.digest(request),
             token=credential.token or None,
             webhook_shape=webhook_shape if request.webhook_url else None,
+            trace=telemetry.traceparent(),  # None unless tracing
         )
         idempotency = (
             (request.idempotency_key, request.fingerprint()) if request.idempotency_key else None
@@ -208,6 +217,7 @@ class Gateway:
                 cache_digest=job.cache_key,
                 retention_ms=self.cache.retention_ms,
                 origin=origin,
+                ledger_keep_ms=self.cache.ledger_keep_ms,
             )
             if not isinstance(verdict, Admitted):
                 earlier = await self.store.get(credential.account, verdict.job_id)
@@ -330,6 +340,27 @@ class Gateway:
                 usage("read", self.settings.read_rpm, int(reads or 0), (now // 60000 + 1) * 60),
             ],
         }
+
+    async def usage(
+        self,
+        start: str,
+        end: str,
+        group_by: str,
+        *,
+        principal: Principal | None = None,
+        account: str | None = None,
+    ) -> usage.Report:
+        """docs/api.md#usage: the caller's own (`principal`, a key: a client token is
+        refused), or any `account`'s (the caller checked as admin; NOT_FOUND if none)."""
+        if principal is not None:
+            principal.require_key("read usage")
+            account = principal.account
+        assert account is not None
+        start_ms, end_ms = usage.parse_range(start, end)
+        with store_errors("the store is unreachable"):
+            if principal is None:
+                await self.accounts.get(account)
+            return await usage.report(self.redis, account, start_ms, end_ms, group_by)
 
     async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[dict[str, Any]]:
         principal.require_key("read webhook deliveries")

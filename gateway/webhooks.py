@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 import structlog
 from standardwebhooks.webhooks import Webhook
 
-from gateway import metrics
+from gateway import metrics, telemetry
 from gateway.config import Settings
 from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, iso
@@ -175,6 +175,7 @@ class Webhooks:
         if job is None or not job.webhook_url:
             await self.redis.zrem(schedule, job_key)
             return False
+        telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
         attempt = int(await self.redis.hincrby(job_key, "webhook_attempts", 1))
         secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
         body = payload(job)
@@ -185,14 +186,24 @@ class Webhooks:
         try:
             addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
             target, host, extensions = pinned(job.webhook_url, addresses[0])
+            attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:
-                response = await self.client.post(
-                    target,
-                    content=body,
-                    headers={**headers, **host},
-                    extensions=extensions,
-                    timeout=self.settings.webhook_timeout,
-                )
+                # The job's trace (the request that made it) goes on; the receiver is
+                # sent no traceparent: it is the client's, not part of the gateway.
+                with telemetry.span(
+                    "webhook", parent=job.trace, kind="client", attributes=attributes
+                ) as span:
+                    response = await self.client.post(
+                        target,
+                        content=body,
+                        headers={**headers, **host},
+                        extensions=extensions,
+                        timeout=self.settings.webhook_timeout,
+                    )
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", response.status_code)
+                    if not response.is_success:
+                        telemetry.failed(f"HTTP {response.status_code}", span)
             status = response.status_code
             if not response.is_success:
                 error = f"HTTP {status}"
@@ -225,7 +236,9 @@ class Webhooks:
                 pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
                 pipe.hset(job_key, "webhook_status", "retrying")
             await pipe.execute()
-        metrics.WEBHOOK["delivered" if ok else "failed" if final else "retrying"].inc()
+        outcome = "delivered" if ok else "failed" if final else "retrying"
+        metrics.WEBHOOK[outcome].inc()
+        log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 
@@ -20,6 +20,8 @@ from schema.types import (
     Me,
     PageInfo,
     ProviderInfo,
+    Usage,
+    UsageGroup,
     WebhookDelivery,
 )
 
@@ -99,6 +101,29 @@ class Query:
             )
             for r in rows
         ]
+
+    @strawberry.field(
+        description="Requests, images and credits over [from, to) (UTC; a date `to` "
+        "includes its day; at most 366 days), by day, service or backend: the caller's "
+        "key's own, or with accountId and the admin token any key's (docs/api.md#usage)."
+    )
+    async def usage(
+        self,
+        info: Info,
+        from_: Annotated[str, strawberry.argument(name="from")],
+        to: str,
+        group_by: UsageGroup | None = UsageGroup.DAY,
+        account_id: strawberry.ID | None = None,
+    ) -> Usage:
+        ctx = info.context
+        group_by = group_by or UsageGroup.DAY
+        if account_id is not None:
+            ctx.require_admin()
+            report = await ctx.gateway.usage(from_, to, group_by.value, account=str(account_id))
+        else:
+            principal = await ctx.caller(read=True)
+            report = await ctx.gateway.usage(from_, to, group_by.value, principal=principal)
+        return Usage.of(report)
 
     @strawberry.field(description="Admin: every API key (needs GATEWAY_ADMIN_TOKEN).")
     async def keys(self, info: Info) -> list[ApiKey]:

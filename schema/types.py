@@ -11,6 +11,7 @@ from strawberry.scalars import JSON
 from gateway.accounts import AccountInfo
 from gateway.auth import TokenGrant
 from gateway.jobs.model import Job, iso
+from gateway.usage import Counts, Report
 
 
 @strawberry.enum
@@ -207,3 +208,78 @@ class WebhookDelivery:
     error: str | None
     success: bool
     duration_ms: int
+
+
+@strawberry.enum(description="What `usage` rows are keyed by.")
+class UsageGroup(Enum):
+    DAY = "day"
+    SERVICE = "service"
+    BACKEND = "backend"
+
+
+def _counts(counts: Counts) -> dict[str, int]:
+    return {
+        "requests": counts.requests,
+        "images": counts.images,
+        "credits_spent": counts.credits_spent,
+        "credits_refunded": counts.credits_refunded,
+        "cache_hits": counts.cache_hits,
+        "credits_saved": counts.credits_saved,
+    }
+
+
+_REQUESTS = "jobs created, by their record"
+_IMAGES = "images of the jobs that completed"
+_REFUNDED = "credits given back (failed or cancelled jobs)"
+_HITS = "jobs served by the cache or by an identical request in flight, for nothing"
+_SAVED = "what those would have cost"
+
+
+@strawberry.type
+class UsageRow:
+    key: str = strawberry.field(
+        description="the UTC day (YYYY-MM-DD), service or backend; `expired`: credits of "
+        "jobs whose record is gone; backend `none`: a job that reached none"
+    )
+    requests: int = strawberry.field(description=_REQUESTS)
+    images: int = strawberry.field(description=_IMAGES)
+    credits_spent: int = strawberry.field(description="credits charged")
+    credits_refunded: int = strawberry.field(description=_REFUNDED)
+    cache_hits: int = strawberry.field(description=_HITS)
+    credits_saved: int = strawberry.field(description=_SAVED)
+
+
+@strawberry.type
+class UsageTotals:
+    requests: int = strawberry.field(description=_REQUESTS)
+    images: int = strawberry.field(description=_IMAGES)
+    credits_spent: int = strawberry.field(description="credits charged")
+    credits_refunded: int = strawberry.field(description=_REFUNDED)
+    cache_hits: int = strawberry.field(description=_HITS)
+    credits_saved: int = strawberry.field(description=_SAVED)
+
+
+@strawberry.type(description="One account's use over [from, to), docs/api.md#usage.")
+class Usage:
+    account_id: strawberry.ID
+    from_: str = strawberry.field(name="from", description="UTC, inclusive")
+    to: str = strawberry.field(description="UTC, exclusive")
+    group_by: UsageGroup
+    rows: list[UsageRow]
+    totals: UsageTotals
+    truncated: bool = strawberry.field(
+        description="the range held more jobs or ledger entries than one answer reads "
+        "(50,000 each): the earliest were counted; ask a shorter range"
+    )
+
+    @classmethod
+    def of(cls, report: Report) -> Usage:
+        return cls(
+            account_id=strawberry.ID(report.account),
+            from_=iso(report.start_ms) or "",
+            to=iso(report.end_ms) or "",
+            group_by=UsageGroup(report.group_by),
+            rows=[UsageRow(key=key, **_counts(c)) for key, c in report.rows],
+            totals=UsageTotals(**_counts(report.totals)),
+            truncated=report.truncated,
+        )

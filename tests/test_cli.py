@@ -50,7 +50,7 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
 
 
 def test_commands_needing_shared_redis_refuse_the_embedded_store() -> None:
-    for args in (("worker",), ("keys", "list")):
+    for args in (("worker",), ("keys", "list"), ("usage", "someid")):
         result = run(*args)
         assert result.returncode == 2
         assert "GATEWAY_REDIS_URL" in result.stderr

@@ -263,6 +263,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             height=1,
             metadata="{}",
             hit_metadata='{"cached": true}',
+            params="{}",
         )
         assert settled.completed == []
         promoted = await made.promote(

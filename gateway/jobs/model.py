@@ -50,6 +50,9 @@ class Job:
     #: the protocol its webhook speaks, when not the gateway's own (a provider-compatible
     #: route's: `{"protocol": "krea"}`, `{"protocol": "fluxkrea", "callback_data": ...}`)
     webhook_shape: dict[str, Any] | None = None
+    #: the W3C `traceparent` of the admission that made it, kept only while tracing is on
+    #: (gateway/telemetry.py): the worker's and the webhook's spans continue its trace
+    trace: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -78,7 +81,7 @@ class Job:
             status=h["status"],
             provider=h["provider"],
             type=h.get("type", "IMAGE"),
-            params=orjson.loads(h["params"]),
+            params=orjson.loads(h["params"]) if h.get("params") else {},
             cost=int(h.get("cost", 0)),
             created_at=int(h["created_at"]),
             started_at=opt_int("started_at"),
@@ -95,6 +98,7 @@ class Job:
             cache_key=h.get("cache_key") or None,
             token=h.get("token") or None,
             webhook_shape=orjson.loads(h["webhook_shape"]) if h.get("webhook_shape") else None,
+            trace=h.get("trace") or None,
         )
 
     def to_hash(self) -> dict[str, Any]:
@@ -118,6 +122,8 @@ class Job:
             out["token"] = self.token
         if self.webhook_shape:
             out["webhook_shape"] = orjson.dumps(self.webhook_shape).decode()
+        if self.trace:
+            out["trace"] = self.trace
         if self.ended:
             out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
             out["completed_at"] = self.completed_at

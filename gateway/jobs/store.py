@@ -9,26 +9,32 @@ import redis.asyncio as aioredis
 
 from gateway.jobs.model import Job, outcome_fields
 from gateway.store import keys
-from gateway.store.redis import decoded_hash, decoded_members
+from gateway.store.redis import decoded_members
 from gateway.store.scripts import Scripts
 
 
 class JobStore:
     def __init__(
-        self, redis: aioredis.Redis, scripts: Scripts, retention_days: float = 7.0
+        self,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        retention_days: float = 7.0,
+        ledger_retention_days: float = 0.0,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.retention_ms = int(retention_days * 86_400_000)
+        self.ledger_keep_ms = int(ledger_retention_days * 86_400_000)  # 0: keep all
 
     async def get(self, account: str, job_id: str) -> Job | None:
         if not job_id or len(job_id) > 64:
             return None
-        h = decoded_hash(await self.redis.hgetall(keys.job(account, job_id)))
-        return Job.from_hash(h) if h else None
+        return await self.get_by_key(keys.job(account, job_id))
 
     async def get_by_key(self, job_key: str) -> Job | None:
-        h = decoded_hash(await self.redis.hgetall(job_key))
+        """The record, whole: a cache hit's outcome is read from the cache entry it refers
+        to, in the same round trip (read.lua)."""
+        (h,) = (await self.scripts.read(jobs=[job_key], client=self.redis)).records
         return Job.from_hash(h) if h else None
 
     async def page(
@@ -51,10 +57,9 @@ class JobStore:
             ids = decoded_members(await self.redis.zrevrange(index, start, start + batch - 1))
             if not ids:
                 break
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(keys.job(account, job_id))
-                rows: list[dict[str, str]] = await pipe.execute()
+            # One script call for the page (its keys share the account's slot).
+            jobs = [keys.job(account, job_id) for job_id in ids]
+            rows = (await self.scripts.read(jobs=jobs, client=self.redis)).records
             gone = [job_id for job_id, row in zip(ids, rows, strict=True) if not row]
             if gone:
                 await self.redis.zrem(index, *gone)
@@ -128,6 +133,7 @@ class JobStore:
             refund=refund,
             retention_ms=self.retention_ms,
             fields=fields,
+            ledger_keep_ms=self.ledger_keep_ms,
             client=self.redis,
         )
         return reply.ended

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from gateway import metrics
+from gateway import metrics, telemetry
 from gateway.artifacts import ArtifactStore, StorageUnavailable
 from gateway.cache import Cache
 from gateway.config import Settings
@@ -212,24 +212,34 @@ class Worker:
             return
         if entry_id in self.running:
             self.running[entry_id].job = job
-        bound = log.bind(job_id=job.id, attempt=job.attempts)
+        telemetry.note(job_id=job.id, account=job.account)  # on every line of this task
+        attributes = {"gateway.job_id": job.id, "gateway.attempt": job.attempts}
+        with telemetry.span("job", parent=job.trace, attributes=attributes):
+            await self._run(job, entry_id, job_key)
+
+    async def _run(self, job: Job, entry_id: str, job_key: str) -> None:
+        bound = log.bind(attempt=job.attempts)
         if job.attempts > self.settings.job_max_tries:
             await self._end(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
             await self.queue.ack(entry_id)
             return
         await self.events.publish(job)
+        bound.info("job started", service=job.provider)
         try:
-            result = await self.router.execute(
-                job.provider,
-                ImageParams(**job.params),
-                resume=job.upstream,
-                save_upstream=lambda up: self._save_upstream(job, up),
-                progress=lambda meta: self._progress(job, meta),
-                cancelled=functools.partial(self._cancelled, job_key),
-                deadline=self.router.clock()
-                + self.settings.job_deadline_seconds
-                - (self.clock() - job.created_at / 1000),
-            )
+            with telemetry.span("render", attributes={"gateway.service": job.provider}) as span:
+                result = await self.router.execute(
+                    job.provider,
+                    ImageParams(**job.params),
+                    resume=job.upstream,
+                    save_upstream=lambda up: self._save_upstream(job, up),
+                    progress=lambda meta: self._progress(job, meta),
+                    cancelled=functools.partial(self._cancelled, job_key),
+                    deadline=self.router.clock()
+                    + self.settings.job_deadline_seconds
+                    - (self.clock() - job.created_at / 1000),
+                )
+                if span is not None:
+                    span.set_attribute("gateway.backend", result.backend)
             await self._complete(job, result)
         except JobCancelled:
             await self._end(job, "cancelled")
@@ -344,6 +354,7 @@ class Worker:
         )
         if ended:
             metrics.job_completed(job.provider, result.backend, metadata["duration"], job.cost)
+            log.info("job completed", backend=result.backend, duration=metadata["duration"])
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self._discard(urls)
         elif job.cache_key:
@@ -362,7 +373,10 @@ class Worker:
             raise JobFailed(
                 f"{result.backend} returned an unreadable image", result.backend
             ) from exc
-        return await self.artifacts.put(data, fmt), width, height
+        attributes = {"gateway.format": fmt, "gateway.bytes": len(data)}
+        with telemetry.span("storage.put", attributes=attributes):
+            url = await self.artifacts.put(data, fmt)
+        return url, width, height
 
     async def _discard(self, urls: list[str]) -> None:
         """Delete images no job will hand out; left to the retention sweep if the store
@@ -379,6 +393,9 @@ class Worker:
     ) -> None:
         if await self.store.finish(job, status, self.now_ms(), refund=True, error=error):
             metrics.job_ended(job.provider, backend, status)
+            log.info("job ended", status=status, backend=backend)
+            if status == "failed":
+                telemetry.failed("job failed")
         await self.events.publish_stored(keys.job(job.account, job.id))
         if job.cache_key:  # the identical requests waiting for it must not fail with it
             await self._announce(await self.cache.release(job, self.now_ms()))

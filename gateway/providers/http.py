@@ -16,6 +16,7 @@ import asyncio
 import email.utils
 import random
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway import metrics
+from gateway import metrics, telemetry
 from gateway.errors import (
     ProviderError,
     ProviderRateLimited,
@@ -202,7 +203,10 @@ async def request(
     for attempt in range(attempts):
         last = attempt == attempts - 1
         try:
-            response = await client.request(method, url, **kwargs)
+            if telemetry.ENABLED:
+                response = await traced(client, method, url, upstream, kwargs)
+            else:
+                response = await client.request(method, url, **kwargs)
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
             if tally:
                 tally.connection_error.inc()
@@ -239,6 +243,28 @@ async def request(
             raise error  # let routing fail over instead of holding the job
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def traced(
+    client: UpstreamClient, method: str, url: str, upstream: str, kwargs: dict[str, Any]
+) -> Answer:
+    """One call in a client span, its `traceparent` sent upstream (tracing on). The span
+    names the upstream and its host, never the URL (a signed download URL's query is a
+    credential)."""
+    attributes = {
+        "http.request.method": method,
+        "server.address": urllib.parse.urlsplit(url).hostname or "",
+        "gateway.upstream": upstream,
+    }
+    with telemetry.span(f"{upstream} {method}", kind="client", attributes=attributes) as span:
+        headers = dict(kwargs.get("headers") or {})
+        telemetry.inject(headers)
+        response = await client.request(method, url, **{**kwargs, "headers": headers})
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+        if response.status_code >= 400:
+            telemetry.failed(f"HTTP {response.status_code}", span)
+        return response
 
 
 async def download(

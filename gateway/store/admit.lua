@@ -8,7 +8,8 @@
 --
 -- A cacheable request (ARGV 9 = '1') is decided here too, in the same round trip:
 --   hit     the result cache holds it: a new job, completed at once, cost 0, no slot
---           (its webhook, if it has one, scheduled at once);
+--           (its webhook, if it has one, scheduled at once); its record refers to the
+--           cache entry rather than copying the outcome (read.lua reads both);
 --   follow  an identical job is in flight: a new job that waits for it (cost 0, no
 --           slot, not queued); the leader's worker completes it (settle.lua);
 --   run     otherwise, an ordinary job, which becomes the in-flight leader.
@@ -33,7 +34,8 @@
 -- ARGV: 1 now_ms, 2 secret hash, 3 plan table, 4 cost, 5 job_id, 6 lease_ms,
 --       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
 --       11 client token (0/1), 12 the request's Origin ('' = none), 13 the service or
---       backend asked for, 14.. job hash fields (name, value, ...)
+--       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
+--       keep all), 15.. job hash fields (name, value, ...)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
@@ -46,6 +48,9 @@ local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
 local idem_hash, cacheable, retention = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
 local price = cost
+-- The job fields a cache hit's record leaves out (see the hit below).
+local HIT_DROPS = {params = true, id = true, account = true, cost = true,
+  completed_at = true}
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
   'concurrency', 'daily')
@@ -135,9 +140,11 @@ end
 local mode = 'run'
 local entry = nil
 if cacheable then
-  -- settle.lua writes every field of an entry at once, `hit_metadata` among them
-  entry = redis.call('HMGET', KEYS[10], 'urls', 'width', 'height', 'hit_metadata')
-  if entry[1] then
+  -- settle.lua writes every field of an entry at once, `hit_metadata` among them. The
+  -- entry serves hits `until` its outputs' retention ends; it lives on after that for
+  -- the hits that refer to it (below), but answers no new one.
+  entry = redis.call('HMGET', KEYS[10], 'urls', 'width', 'height', 'hit_metadata', 'until')
+  if entry[1] and (not entry[5] or tonumber(entry[5]) > now) then
     mode = 'hit'
   else
     local leader = redis.call('GET', KEYS[11])
@@ -174,8 +181,14 @@ end
 if run then redis.call('ZADD', KEYS[4], now + lease, job_id) end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
-  redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
-    'balance', balance)
+  local keep = tonumber(ARGV[14])
+  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
+    redis.call('XADD', KEYS[5], 'MINID', '~', now - keep, '*', 'delta', -cost,
+      'reason', 'charge', 'job', job_id, 'balance', balance)
+  else
+    redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
+      'balance', balance)
+  end
   shown = balance
 end
 if tok then
@@ -185,13 +198,37 @@ if tok then
   redis.call('ZADD', KEYS[15], now, job_id)
   redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
 end
-redis.call('HSET', KEYS[6], unpack(ARGV, 14))
 local outcome = {}
+if mode == 'hit' and entry[5] then
+  -- A hit's record refers to its cache entry (`hit` = 1 and the digest, `cache_key`)
+  -- instead of copying the outcome and the params: read.lua fills them in. So the entry
+  -- must outlive the record: it lives at least the record's retention from now. What
+  -- read.lua knows otherwise is left out too (id and account: the key's; type IMAGE and
+  -- cost 0: the defaults; completed_at: created_at), so the record stays a small
+  -- listpack (every value within hash-max-listpack-value): ~270 bytes, not ~2 KB.
+  local fields = {}
+  for i = 15, #ARGV, 2 do
+    local name, value = ARGV[i], ARGV[i + 1]
+    if not (HIT_DROPS[name] or (name == 'type' and value == 'IMAGE')) then
+      fields[#fields + 1], fields[#fields + 2] = name, value
+    end
+  end
+  redis.call('HSET', KEYS[6], unpack(fields))
+  if redis.call('PTTL', KEYS[10]) < retention then
+    redis.call('PEXPIRE', KEYS[10], retention)
+  end
+else
+  redis.call('HSET', KEYS[6], unpack(ARGV, 15))
+end
 if mode == 'hit' then
   outcome = {entry[1], entry[2], entry[3], entry[4]}
-  redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
-    'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
-    'metadata', entry[4])
+  if entry[5] then
+    redis.call('HSET', KEYS[6], 'status', 'completed', 'hit', 1)
+  else  -- an entry written before entries held their params: copy, as hits once did
+    redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
+      'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
+      'metadata', entry[4])
+  end
   redis.call('PEXPIRE', KEYS[6], retention)
   -- It ended here, not in finish.lua: its webhook is scheduled here, in the same step.
   if redis.call('HEXISTS', KEYS[6], 'webhook_url') == 1 then

@@ -10,7 +10,8 @@
 -- A refunded job made with a client token gives its charge back to the token's budget.
 -- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log,
 --       7 the client token the job was made with (the job's `token`; unused without)
--- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6.. job hash fields
+-- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6 ledger_keep_ms
+--       (older ledger entries are trimmed; 0 = keep all), 7.. job hash fields
 -- The record then lives for the retention time, like its outputs.
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -20,14 +21,20 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
 mark()
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], unpack(ARGV, 7))
 redis.call('ZREM', KEYS[2], ARGV[3])
 local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
 local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
 if ARGV[4] == '1' and cost > 0 then
   balance = redis.call('HINCRBY', KEYS[3], 'credits', cost)
-  redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
-    'balance', balance)
+  local keep = tonumber(ARGV[6])
+  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
+    redis.call('XADD', KEYS[4], 'MINID', '~', tonumber(ARGV[2]) - keep, '*', 'delta', cost,
+      'reason', 'refund', 'job', ARGV[3], 'balance', balance)
+  else
+    redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
+      'balance', balance)
+  end
   redis.call('HSET', KEYS[1], 'refunded', cost)
   if redis.call('HEXISTS', KEYS[1], 'token') == 1 and redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('HINCRBY', KEYS[7], 'spent', -cost)

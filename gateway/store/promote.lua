@@ -3,7 +3,8 @@
 -- Called through `Promote` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 follower job, 2 its account, 3 its ledger, 4 queue, 5 in-flight leader,
 --       6 webhook schedule
--- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms
+-- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms, 5 ledger_keep_ms (older ledger
+--       entries are trimmed; 0 = keep all)
 -- Returns 'promoted', 'poor' (failed: not enough credits) or 'skip' (it had ended).
 -- Runs inside once.lua: sent again, it charges and queues nothing more.
 local f = redis.call('HMGET', KEYS[1], 'status', 'price', 'webhook_url')
@@ -22,8 +23,14 @@ if credits < price then
 end
 if price > 0 then
   local balance = redis.call('HINCRBY', KEYS[2], 'credits', -price)
-  redis.call('XADD', KEYS[3], '*', 'delta', -price, 'reason', 'charge', 'job', ARGV[3],
-    'balance', balance)
+  local keep = tonumber(ARGV[5] or '0')
+  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
+    redis.call('XADD', KEYS[3], 'MINID', '~', tonumber(ARGV[1]) - keep, '*', 'delta', -price,
+      'reason', 'charge', 'job', ARGV[3], 'balance', balance)
+  else
+    redis.call('XADD', KEYS[3], '*', 'delta', -price, 'reason', 'charge', 'job', ARGV[3],
+      'balance', balance)
+  end
 end
 redis.call('HSET', KEYS[1], 'cost', price)
 redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)

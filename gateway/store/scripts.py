@@ -174,6 +174,7 @@ class Admit(Script):
         origin: str,
         service: str,
         fields: dict[str, Any],
+        ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> AdmitReply:
         argv = [
@@ -206,6 +207,7 @@ class Admit(Script):
             1 if token else 0,
             origin,
             service,
+            ledger_keep_ms,
             *flat(fields),
         ]
         return self.decode(await self.run(16, argv, client))
@@ -374,6 +376,7 @@ class Finish(Script):
         refund: bool,
         retention_ms: int,
         fields: dict[str, Any],
+        ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> FinishReply:
         argv = [
@@ -389,6 +392,7 @@ class Finish(Script):
             job_id,
             1 if refund else 0,
             retention_ms,
+            ledger_keep_ms,
             *flat(fields),
         ]
         return self.decode(await self.run(7, argv, client))
@@ -421,9 +425,12 @@ class Credit(Script):
         topup: str,
         delta: int,
         reason: str,
+        now_ms: int = 0,
+        ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> CreditReply:
-        return self.decode(await self.run(3, [account, ledger, topup, delta, reason], client))
+        argv = [account, ledger, topup, delta, reason, now_ms, ledger_keep_ms]
+        return self.decode(await self.run(3, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> CreditReply:
@@ -486,6 +493,7 @@ class Settle(Script):
         height: int,
         metadata: str,
         hit_metadata: str,
+        params: str,
         client: aioredis.Redis | None = None,
     ) -> SettleReply:
         argv = [
@@ -502,6 +510,7 @@ class Settle(Script):
             height,
             metadata,
             hit_metadata,
+            params,
         ]
         return self.decode(await self.run(5, argv, client))
 
@@ -536,6 +545,7 @@ class Promote(Script):
         lease_ms: int,
         job_id: str,
         retention_ms: int,
+        ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> PromoteReply:
         argv = [
@@ -549,12 +559,33 @@ class Promote(Script):
             lease_ms,
             job_id,
             retention_ms,
+            ledger_keep_ms,
         ]
         return self.decode(await self.run(6, argv, client))
 
     @staticmethod
     def decode(reply: Any) -> PromoteReply:
         return PromoteReply(verdict=str(reply))
+
+
+# -- read.lua ------------------------------------------------------------------------
+
+
+class ReadReply(NamedTuple):
+    records: list[dict[str, str]]  # one per key, in order; empty for a record that is gone
+
+
+class Read(Script):
+    """read.lua: job records, a cache hit's filled from the cache entry it refers to."""
+
+    name = "read"
+
+    async def __call__(self, *, jobs: list[str], client: aioredis.Redis | None = None) -> ReadReply:
+        return self.decode(await self.run(len(jobs), list(jobs), client))
+
+    @staticmethod
+    def decode(reply: list[Any]) -> ReadReply:
+        return ReadReply(records=[dict(zip(r[::2], r[1::2], strict=True)) for r in reply])
 
 
 # -- apq_put.lua, apq_get.lua ---------------------------------------------------------
@@ -617,7 +648,7 @@ class ApqGet(Script):
 
 BY_NAME: dict[str, type[Script]] = {
     kind.name: kind
-    for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote, ApqPut, ApqGet)
+    for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote, Read, ApqPut, ApqGet)
 }
 NAMES = tuple(BY_NAME)
 ONCE = frozenset(name for name, kind in BY_NAME.items() if kind.once)
@@ -636,6 +667,7 @@ class Scripts:
         self.claim = Claim(client)
         self.settle = Settle(client)
         self.promote = Promote(client)
+        self.read = Read(client)
         self.apq_put = ApqPut(client)
         self.apq_get = ApqGet(client)
         self.by_name: dict[str, Script] = {

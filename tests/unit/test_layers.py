@@ -3,15 +3,17 @@
 Lowest first (a module may import its own layer and those below it):
 
     domain     errors, params, pricing, config, urlguard, formats, images, jobs/model,
-               providers/base, breaker, metrics (the families, counted by every layer)
+               providers/base, breaker, metrics (the families, counted by every layer),
+               telemetry (the log context and the tracer, used by every layer)
     store      gateway/store, jobs/store, auth, accounts, tokens, admission, cache,
-               events, job_watch, callbacks, artifacts, artifacts_s3 | providers gateway/providers
+               events, job_watch, callbacks, artifacts, artifacts_s3, usage
+               | providers gateway/providers
     jobs       jobs/queue, jobs/worker, routing, upstream_wait, webhooks
     service    service (the operations both APIs call)
     api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
                compat/ (the providers' own protocols)
-    root       app, cors, runtime, cli, metrics_http (the composition root: wires the parts
-               together and serves them)
+    root       app, cors, runtime, cli, metrics_http, telemetry_http (the composition root:
+               wires the parts together and serves them)
 
 `store` and `providers` sit side by side and do not import each other. `bench/` may
 import anything of the gateway, which never imports it. Imports are read from the source
@@ -44,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.images",
             "gateway.breaker",
             "gateway.metrics",
+            "gateway.telemetry",
             "gateway.jobs",
             "gateway.jobs.model",
             "gateway.providers.base",
@@ -64,6 +67,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.callbacks",
             "gateway.artifacts",
             "gateway.artifacts_s3",
+            "gateway.usage",
         ),
     ),
     ("providers", ("gateway.providers.*",)),
@@ -91,7 +95,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "root",
-        ("gateway.app", "gateway.cors", "gateway.runtime", "gateway.cli", "gateway.metrics_http"),
+        (
+            "gateway.app",
+            "gateway.cors",
+            "gateway.runtime",
+            "gateway.cli",
+            "gateway.metrics_http",
+            "gateway.telemetry_http",
+        ),
     ),
     ("tools", ("bench.*",)),
 ]

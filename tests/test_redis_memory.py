@@ -1,0 +1,270 @@
+"""What keeps Redis bounded and whole (issue #19, part 4): a Redis that may evict keys is
+refused at start-up; the ledger is trimmed by age after an export can save it; a cache
+hit's job record refers to its cache entry instead of copying the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.runtime import EvictingRedis, check_eviction_policy
+from gateway.store import keys
+from gateway.store.redis import connect
+from tests.harness import Clock, Harness, gateway, gateway_processes
+from tests.servers import free_port
+
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+
+
+@contextlib.contextmanager
+def plain_redis(workdir: Path, *args: str) -> Iterator[str]:
+    """A plain redis-server started with `args`; its URL."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: run `make test`"
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
+    proc = subprocess.Popen(
+        [*cmd, str(workdir), "--appendonly", "no", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def run(command: str, redis_url: str, storage: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_STORAGE_DIR": str(storage),
+            "GATEWAY_PORT": str(free_port()),
+        }
+    )
+    return subprocess.run(
+        [GATEWAY, command], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+# -- 1. a Redis that may evict keys is refused ---------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_serve_and_worker_refuse_a_redis_that_may_evict_keys(
+    tmp_path: Path, storage_dir: Path, policy: str
+) -> None:
+    with plain_redis(tmp_path, "--maxmemory-policy", policy) as url:
+        for command in ("serve", "worker"):
+            result = run(command, url, storage_dir)
+            assert result.returncode != 0, (command, result.stdout, result.stderr)
+            assert policy in result.stderr, (command, result.stderr)
+            assert "noeviction" in result.stderr
+
+
+def test_serve_starts_on_noeviction_and_when_config_get_is_refused(
+    tmp_path: Path, storage_dir: Path
+) -> None:
+    with (
+        plain_redis(tmp_path, "--maxmemory-policy", "noeviction") as url,
+        gateway_processes(url, storage_dir, tmp_path) as bases,
+    ):
+        assert bases
+    # A managed Redis that refuses CONFIG: it cannot be checked, so a warning, and it runs.
+    with (
+        plain_redis(tmp_path, "--rename-command", "CONFIG", "") as url,
+        gateway_processes(url, storage_dir, tmp_path) as bases,
+    ):
+        assert "maxmemory-policy" in (tmp_path / "gw0.log").read_text()
+
+
+async def test_each_node_of_a_cluster_is_checked(redis_url: str) -> None:
+    """The suite's Redis is a one-node Cluster: the Cluster client asks each node."""
+    admin = redis.Redis.from_url(redis_url)
+    client = await connect(redis_url)
+    try:
+        await check_eviction_policy(client)  # noeviction, the default
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        with pytest.raises(EvictingRedis, match="volatile-lru"):
+            await check_eviction_policy(client)
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.close()
+        await client.aclose()
+
+
+# -- 3. a cache hit refers to its cache entry -----------------------------------------
+
+
+async def _hit_setup(gw: Harness) -> tuple[str, dict[str, Any]]:
+    key = await gw.key(plan="enterprise", credits=1_000)  # no minute or day limit
+    first = await gw.generate(key, PROMPT, seed=7)
+    leader = await gw.wait(key, first.json()["data"]["generate"]["id"])
+    assert leader["status"] == "completed"
+    return key, leader
+
+
+PROMPT = "a red fox in the snow at dusk, oil on canvas, wide shot, soft evening light"
+
+
+async def test_a_hit_record_refers_to_its_entry_and_every_reader_sees_the_outcome(
+    redis_url: str, storage_dir: Path
+) -> None:
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    async with gateway(redis_url, storage_dir) as gw:
+        key, leader = await _hit_setup(gw)
+        made = (await gw.generate(key, PROMPT, seed=7)).json()["data"]["generate"]
+        assert made["status"] == "completed" and made["metadata"]["cached"] is True
+        [record_key] = [k for k in admin.keys(f"*:job:{made['id']}")]
+        record = admin.hgetall(record_key)
+        assert record["hit"] == "1" and "urls" not in record and "params" not in record
+        assert admin.memory_usage(record_key, samples=0) < 600
+        entry = next(iter(admin.keys("*:cache:*")))
+        assert admin.pttl(entry) >= admin.pttl(record_key)  # the entry outlives the hit
+
+        # GraphQL, REST and the jobs list all read the outcome through the entry.
+        job = await gw.job(key, made["id"])
+        assert job is not None
+        assert (job["url"], job["width"], job["height"]) == (
+            leader["url"],
+            leader["width"],
+            leader["height"],
+        )
+        assert job["metadata"]["cached"] is True and job["creditCost"] == 0
+        rest = await gw.http.get(
+            f"/v1/jobs/{made['id']}", headers={"Authorization": f"Bearer {key}"}
+        )
+        if rest.status_code == 200:
+            assert leader["url"] in rest.text
+        listed = await gw.gql("{ jobs(first: 5) { nodes { id url } } }", key=key)
+        nodes = {n["id"]: n["url"] for n in listed.json()["data"]["jobs"]["nodes"]}
+        assert nodes[made["id"]] == leader["url"]
+        stored = await gw.app.state.gateway.store.get(gw.keys[key]["id"], made["id"])
+        assert stored.params["prompt"] == PROMPT and stored.urls == [leader["url"]]
+    admin.close()
+
+
+async def test_an_entry_past_its_outputs_retention_serves_no_new_hit_but_keeps_old_ones(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock) as gw:
+        key, leader = await _hit_setup(gw)
+        hit = (await gw.generate(key, PROMPT, seed=7)).json()["data"]["generate"]
+        assert hit["creditCost"] == 0
+        clock.advance(7 * 86400 + 60)  # past the leader's retention (of its outputs)
+        again = (await gw.generate(key, PROMPT, seed=7)).json()["data"]["generate"]
+        assert again["creditCost"] > 0 and again["metadata"] is None  # runs anew
+        old = await gw.job(key, hit["id"])
+        assert old is not None and old["url"] == leader["url"]
+
+
+async def test_ten_thousand_cache_hits_take_under_six_megabytes(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """What 10,000 hits keep: their records and their place in the key's job index.
+    (Their one-minute rate window, ~120 bytes a hit while it lasts, is let pass first:
+    the clock moves on a minute and a read forgets it.)"""
+    admin = redis.Redis.from_url(redis_url)
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock) as gw:
+        key, leader = await _hit_setup(gw)
+        rest_body = {"service": "local", "prompt": PROMPT, "seed": 7}
+        headers = {"Authorization": f"Bearer {key}"}
+        before = int(admin.info("memory")["used_memory"])
+
+        async def one() -> None:
+            r = await gw.http.post("/v1/text_to_image", json=rest_body, headers=headers)
+            assert r.status_code in (200, 201, 202), r.text
+            assert r.json()["creditCost"] == 0, r.text  # a hit
+
+        for _ in range(100):
+            await asyncio.gather(*(one() for _ in range(100)))
+        clock.advance(61)
+        assert await gw.job(key, leader["id"])  # forgets the minute's window
+        grown = int(admin.info("memory")["used_memory"]) - before
+        jobs = admin.zcard(next(iter(admin.keys("*:jobs"))))
+        assert jobs == 10_001
+        assert grown < 6_000_000, f"{grown} bytes for 10,000 hits"
+    admin.close()
+
+
+# -- 2. the ledger is trimmed by age, after an export can keep it ------------------------
+
+
+def _export(redis_url: str, account: str, since: str) -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_REDIS_URL"] = redis_url
+    result = subprocess.run(
+        [GATEWAY, "ledger", "export", account, "--since", since],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+async def test_the_ledger_is_trimmed_by_age_and_the_export_before_holds_what_went(
+    redis_url: str, storage_dir: Path
+) -> None:
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, ledger_retention_days=90) as gw:
+        key = await gw.key(plan="enterprise", credits=0)
+        account = gw.keys[key]["id"]
+        for _ in range(250):  # three stream nodes' worth (stream-node-max-entries 100)
+            await gw.accounts.add_credits(account, 2)
+        ran = (await gw.generate(key, "a lighthouse")).json()["data"]["generate"]
+        assert ran["creditCost"] > 0
+        await gw.wait(key, ran["id"])
+        ledger = keys.ledger(account)
+        assert admin.xlen(ledger) == 251
+        exported = _export(redis_url, account, "1970-01-01T00:00:00Z")
+        assert len(exported) == 251 and exported[-1]["reason"] == "charge"
+        assert exported[0] == {**exported[0], "delta": 2, "reason": "topup", "balance": 2}
+        since = exported[100]["at"]
+        partial = _export(redis_url, account, str(since))
+        assert len(partial) >= 151 and all(e["at"] >= since for e in partial)
+
+        # 91 days on, the next charge trims what is older than 90 days: whole nodes.
+        clock.advance(91 * 86400)
+        balance = int(admin.hget(keys.account(account), "credits"))
+        later = (await gw.generate(key, "a lighthouse at night")).json()["data"]["generate"]
+        assert later["creditCost"] > 0
+        kept = [i for i, _ in admin.xrange(ledger)]
+        assert len(kept) < 251 - 100  # at least two nodes went
+        removed = {e["id"] for e in exported} - set(kept)
+        assert removed and removed <= {e["id"] for e in exported}  # all exported before
+        # The balance is the account's field, exact whatever the ledger keeps.
+        assert int(admin.hget(keys.account(account), "credits")) == (balance - later["creditCost"])
+        after = gw.accounts
+        after.clock = lambda: clock()
+        assert await after.add_credits(account, 1) == balance - later["creditCost"] + 1
+    admin.close()

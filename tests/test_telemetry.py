@@ -1,0 +1,256 @@
+"""Request ids, JSON log lines and OpenTelemetry traces (docs/api.md#logs-and-traces)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from gateway import cli, telemetry
+from gateway.store import keys
+from tests.emulators.krea import KreaEmulator
+from tests.harness import gateway
+from tests.servers import serve
+from tests.test_webhooks import FAST, Receiver, until
+
+GENERATED = re.compile(r"[0-9a-f]{24}")
+
+
+# -- X-Request-Id ------------------------------------------------------------------------
+
+
+async def test_a_sane_request_id_is_echoed_a_missing_or_bad_one_replaced(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        r = await gw.http.get("/healthz", headers={"X-Request-Id": "abc.DEF_1-2"})
+        assert r.headers["x-request-id"] == "abc.DEF_1-2"
+        r = await gw.http.get("/healthz")
+        assert GENERATED.fullmatch(r.headers["x-request-id"])
+        assert r.headers["x-request-id"] != (await gw.http.get("/healthz")).headers["x-request-id"]
+        for bad in ("a" * 129, "has space", "semi;colon", "ünï", ""):
+            r = await gw.http.get("/healthz", headers={"X-Request-Id": bad.encode()})
+            assert GENERATED.fullmatch(r.headers["x-request-id"]), bad
+        assert (await gw.http.get("/healthz", headers={"X-Request-Id": "a" * 128})).headers[
+            "x-request-id"
+        ] == "a" * 128
+
+
+async def test_errors_carry_the_request_id_too(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir, max_body_bytes=1000) as gw:
+        given = {"X-Request-Id": "err-1"}
+        cases = [
+            await gw.http.get("/no/such/route", headers=given),  # routing's 404
+            await gw.http.post("/graphql", json={"query": "{ me { id } }"}, headers=given),
+            await gw.http.post("/v1/text_to_image", content=b"x" * 2000, headers=given),  # 413
+            await gw.http.get("/v1/jobs/nope", headers={**given, "Authorization": "Bearer x"}),
+        ]
+        for r in cases:
+            assert r.headers["x-request-id"] == "err-1", (r.status_code, r.text)
+
+
+async def test_an_unanswered_exception_is_a_500_with_the_request_id(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async def boom(request: Request) -> PlainTextResponse:
+        raise RuntimeError("a bug")
+
+    async with gateway(redis_url, storage_dir) as gw:
+        gw.app.router.routes.append(Route("/v1/boom", boom))
+        r = await gw.http.get("/v1/boom", headers={"X-Request-Id": "x-500"})
+    assert r.status_code == 500
+    assert r.headers["x-request-id"] == "x-500"
+    assert r.json()["error"]["code"] == "INTERNAL_SERVER_ERROR"
+
+
+# -- log lines -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.BytesIO]:
+    """The logging `gateway serve` configures, written here instead of stdout."""
+    out = io.BytesIO()
+    cli._configure_logging()
+    structlog.configure(logger_factory=structlog.BytesLoggerFactory(file=out))
+    try:
+        yield out
+    finally:
+        structlog.reset_defaults()
+
+
+def lines(out: io.BytesIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith(b"{")]
+
+
+async def test_log_lines_carry_request_job_and_account_and_nothing_secret(
+    redis_url: str, storage_dir: Path, log_lines: io.BytesIO
+) -> None:
+    prompt = "a very private prompt about a purple walrus"
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        account = gw.keys[key]["id"]
+        r = await gw.http.post(
+            "/graphql",
+            json={
+                "query": "mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }",
+                "variables": {"i": {"service": "local", "prompt": prompt, "width": 512}},
+            },
+            headers={"Authorization": f"Bearer {key}", "X-Request-Id": "req-42"},
+        )
+        assert r.status_code == 200, r.text
+        job_id = r.json()["data"]["generateImage"]["id"]
+        await gw.wait(key, job_id)
+        await gw.http.get(f"/v1/jobs/{job_id}?token=secret-in-query", headers={"X-Api-Key": key})
+        # Off: nothing of tracing in the job record.
+        assert await gw.accounts.redis.hget(keys.job(account, job_id), "trace") is None
+
+    logged = lines(log_lines)
+    text = log_lines.getvalue().decode()
+    assert key not in text and prompt not in text and "walrus" not in text
+    assert "secret-in-query" not in text
+    (request,) = [e for e in logged if e["event"] == "request" and e["request_id"] == "req-42"]
+    assert request["account"] == account and request["job_id"] == job_id
+    assert request["route"] == "/graphql" and request["method"] == "POST"
+    assert request["status"] == 200 and request["level"] == "info"
+    assert isinstance(request["duration_ms"], float) and "timestamp" in request
+    read = [e for e in logged if e["event"] == "request" and e["route"] == "/v1/jobs/{job_id}"]
+    assert read and read[0]["account"] == account
+    events = {e["event"]: e for e in logged if e.get("job_id") == job_id}
+    for event in ("job started", "job completed"):
+        assert events[event]["account"] == account, events
+        assert "request_id" not in events[event]  # a worker's line, not the request's
+    assert events["job completed"]["backend"] == "local"
+
+
+# -- traces ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.enable(provider)
+    try:
+        yield exporter
+    finally:
+        telemetry.disable()
+
+
+def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in spans.get_finished_spans() if s.name == name]
+
+
+async def test_a_job_is_traced_from_its_request_to_its_webhook(
+    redis_url: str, storage_dir: Path, spans: InMemorySpanExporter
+) -> None:
+    emu = KreaEmulator(steps_to_complete=2)
+    receiver = Receiver()
+    async with (
+        serve(emu.app) as krea,
+        serve(receiver.app) as hook,
+        gateway(
+            redis_url, storage_dir, krea_api_base=krea, krea_api_token="test-token", **FAST
+        ) as gw,
+    ):
+        key = await gw.key()
+        client_trace = "0af7651916cd43dd8448eb211c80319c"
+        r = await gw.http.post(
+            "/graphql",
+            json={
+                "query": "mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }",
+                "variables": {
+                    "i": {"service": "flux-dev", "prompt": "a kite", "webhookUrl": f"{hook}/hook"}
+                },
+            },
+            headers={
+                "Authorization": f"Bearer {key}",
+                "traceparent": f"00-{client_trace}-b7ad6b7169203331-01",
+            },
+        )
+        assert r.status_code == 200, r.text
+        job_id = r.json()["data"]["generateImage"]["id"]
+        assert (await gw.wait(key, job_id))["status"] == "completed"
+        await until(lambda: _true(len(receiver.calls) == 1 and named(spans, "webhook")))
+
+    (server,) = [s for s in named(spans, "POST /graphql") if s.parent is not None]
+    trace_id = server.context.trace_id
+    assert f"{trace_id:032x}" == client_trace  # the client's trace goes on
+    assert server.attributes["http.route"] == "/graphql"
+    assert server.attributes["http.response.status_code"] == 200
+    (admission,) = named(spans, "admission")
+    assert admission.parent is not None and admission.parent.span_id == server.context.span_id
+    assert admission.attributes["gateway.job_id"] == job_id
+    (job,) = named(spans, "job")
+    assert job.parent is not None and job.parent.span_id == admission.context.span_id
+    (render,) = named(spans, "render")
+    assert render.parent is not None and render.parent.span_id == job.context.span_id
+    assert render.attributes["gateway.backend"] == "krea"
+    upstream = [s for s in spans.get_finished_spans() if s.name.startswith("krea ")]
+    assert upstream and all(s.context.trace_id == trace_id for s in upstream)
+    assert {s.attributes["gateway.upstream"] for s in upstream} == {"krea"}
+    (put,) = named(spans, "storage.put")
+    assert put.parent is not None and put.parent.span_id == job.context.span_id
+    (webhook,) = named(spans, "webhook")
+    assert webhook.context.trace_id == trace_id
+    assert webhook.attributes["http.response.status_code"] == 200
+    # The upstream was sent each call's traceparent, in the job's trace.
+    sent = [q.headers.get("traceparent", "") for q in emu.requests]
+    assert sent and all(t.split("-")[1] == client_trace for t in sent), sent
+    assert {t.split("-")[2] for t in sent} <= {f"{s.context.span_id:016x}" for s in upstream}
+    # The receiver is not sent the trace.
+    assert "traceparent" not in receiver.calls[0][0]
+
+
+async def test_a_local_render_is_traced_too(
+    redis_url: str, storage_dir: Path, spans: InMemorySpanExporter
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        r = await gw.generate(key)
+        job_id = r.json()["data"]["generate"]["id"]
+        await gw.wait(key, job_id)
+        stored = await gw.accounts.redis.hget(keys.job(gw.keys[key]["id"], job_id), "trace")
+    (admission,) = named(spans, "admission")
+    assert stored is not None and f"{admission.context.span_id:016x}" in str(stored)
+    (render,) = named(spans, "render")
+    assert render.attributes["gateway.backend"] == "local"
+    assert render.context.trace_id == admission.context.trace_id
+    assert named(spans, "storage.put")
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
+
+
+def test_configure_from_env_reads_the_standard_variables() -> None:
+    assert telemetry.configure_from_env({}) is False
+    assert telemetry.configure_from_env({"OTEL_TRACES_EXPORTER": "none"}) is False
+    assert not telemetry.configure_from_env(
+        {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}
+    )
+    assert not telemetry.ENABLED
+    with pytest.raises(ValueError, match="grpc"):
+        telemetry.configure_from_env(
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        )
+    with pytest.raises(ValueError, match="zipkin"):
+        telemetry.configure_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+    try:
+        assert telemetry.configure_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
+        assert telemetry.ENABLED
+    finally:
+        telemetry.disable()
+    assert not telemetry.ENABLED

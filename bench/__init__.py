@@ -27,7 +27,15 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool
 
-MODULES = ["bench.admission", "bench.http", "bench.openai_route", "bench.upstream", "bench.scale"]
+MODULES = [
+    "bench.admission",
+    "bench.http",
+    "bench.openai_route",
+    "bench.browser_route",
+    "bench.upstream",
+    "bench.scale",
+    "bench.metrics",
+]
 
 
 @dataclass

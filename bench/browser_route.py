@@ -75,7 +75,8 @@ from bench.http import (
     spawn,
     wrk,
 )
-from bench.openai_route import one_core_for_the_server, start_gateway
+from bench.openai_route import start_gateway
+from bench.serving import one_core_for_the_server
 from gateway.cors import CORS
 
 ORIGIN = "https://app.example"

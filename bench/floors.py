@@ -8,7 +8,7 @@ own work, not the framework's:
   body, answer a small JSON object with 202), the floor of `POST /v1/text_to_image`.
 - `strawberry_app`: a trivial Strawberry schema at `/graphql` with only the
   `ParserCache` and `ValidationCache` extensions, whose `generate` mutation and `job`
-  query accept the very documents the gateway's clients send (the seed's Doitong
+  query accept the very documents the gateway's clients send (Doitong's
   `generate`, the polling client's `job`) and answer constants: the floor of the
   gateway's GraphQL endpoint.
 """

@@ -11,7 +11,7 @@ Cases, round-robin within each round (the median of the rounds is reported):
 - floor: starlette   a bare Starlette JSON POST route
 - floor: strawberry  a trivial Strawberry `generate` mutation (ParserCache +
                      ValidationCache), sent the very document the gateway gets
-- gateway: generate  the seed's Doitong `generate` mutation, provider "local"
+- gateway: generate  Doitong's `generate` mutation (README's first request), provider "local"
 - gateway: REST      `POST /v1/text_to_image`
 - gateway: job       the `job` query the shipped polling client sends, one job id
 - gateway: cache miss the same seeded `generate` with a seed no request had (wrk's Lua

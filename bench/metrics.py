@@ -8,7 +8,7 @@ bench, wrk and redis-server on the others). Three cases, sent to both, interleav
 each round (the order of on and off alternates from round to round), wrk `-t2 -c64` as
 in `bench/http.py`:
 - REST        `POST /v1/text_to_image` (admission, enqueue),
-- generate    the seed's Doitong `generate` mutation (prepared GraphQL path),
+- generate    Doitong's `generate` mutation (README's first request) (prepared GraphQL path),
 - job         the `job` poll `gateway generate` sends.
 Per case: server CPU per request (utime + stime from /proc/PID/stat over the requests it
 handled), on against off: the ratio of the medians and the median of each round's own
@@ -23,13 +23,10 @@ is set against the REST case's CPU per request.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,36 +49,12 @@ from bench.http import (
     redis_pid_of,
     wrk,
 )
-from bench.serving import Server, spawn
+from bench.serving import Server, one_core_for_the_server, spawn
 from gateway import metrics
 from gateway.metrics_http import HttpMetrics
 
 TARGET = 1.05  # metrics on may cost at most 5% more CPU per request
 KINDS = ("REST", "generate", "job")
-
-
-@contextlib.contextmanager
-def last_cpu_for_servers(redis_pid: int) -> Iterator[tuple[list[str], str]]:
-    """The prefix that runs a server on the last CPU, with this process (so wrk) and
-    redis-server moved to the others meanwhile; and a line saying so."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        yield [], "not pinned: one CPU"
-        return
-    server_cpu, others = cpus[-1], set(cpus[:-1])
-    own, redis_own = os.sched_getaffinity(0), os.sched_getaffinity(redis_pid)
-    os.sched_setaffinity(0, others)
-    os.sched_setaffinity(redis_pid, others)
-    try:
-        yield (
-            ["taskset", "-c", str(server_cpu)],
-            f"each gateway on CPU {server_cpu} (taskset), loaded in turn; wrk, the bench "
-            f"and redis-server on CPU {','.join(map(str, sorted(others)))}",
-        )
-    finally:
-        os.sched_setaffinity(0, own)
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(redis_pid, redis_own)
 
 
 def start(name: str, redis_url: str, workdir: Path, prefix: list[str], enabled: bool) -> Server:
@@ -165,7 +138,7 @@ async def metrics_cost(ctx: Context) -> list[HttpRow]:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp,
-            last_cpu_for_servers(redis_pid) as (prefix, placement),
+            one_core_for_the_server(redis_pid) as (prefix, placement),
             httpx.Client(timeout=30) as client,
         ):
             workdir = Path(tmp)

@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from bench.http import (
     spawn,
     wrk,
 )
+from bench.serving import one_core_for_the_server
 from gateway.store import keys
 
 OPENAI_CACHE_CASE = "openai: cache hit"
@@ -82,31 +82,6 @@ WAIT_CPU_TARGET, WAIT_RSS_TARGET_MB = 0.1, 50.0
 
 
 # -- the measured server alone on one core ----------------------------------------------
-
-
-@contextlib.contextmanager
-def one_core_for_the_server(redis_pid: int) -> Iterator[tuple[list[str], str]]:
-    """The prefix that runs a server alone on the last CPU, with this process (and so
-    wrk and any worker it starts) and redis-server moved to the others meanwhile; and
-    a line saying so. With one CPU, no prefix."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        yield [], "not pinned: one CPU"
-        return
-    server_cpu, others = cpus[-1], set(cpus[:-1])
-    own, redis_own = os.sched_getaffinity(0), os.sched_getaffinity(redis_pid)
-    os.sched_setaffinity(0, others)
-    os.sched_setaffinity(redis_pid, others)
-    try:
-        yield (
-            ["taskset", "-c", str(server_cpu)],
-            f"gateway alone on CPU {server_cpu} (taskset); the bench, wrk, redis-server and "
-            f"workers on CPU {','.join(map(str, sorted(others)))}",
-        )
-    finally:
-        os.sched_setaffinity(0, own)
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(redis_pid, redis_own)
 
 
 def start_gateway(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,28 @@ def floor(name: str, app: str, workdir: Path) -> Server:
         "--no-server-header",
     ]
     return spawn(name, argv, dict(os.environ), port, workdir)
+
+
+@contextlib.contextmanager
+def one_core_for_the_server(redis_pid: int) -> Iterator[tuple[list[str], str]]:
+    """The prefix that runs a measured server alone on the last CPU, with this process (and so
+    wrk and any worker it starts) and redis-server moved to the others meanwhile; and
+    a line saying so. With one CPU, no prefix."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield [], "not pinned: one CPU"
+        return
+    server_cpu, others = cpus[-1], set(cpus[:-1])
+    own, redis_own = os.sched_getaffinity(0), os.sched_getaffinity(redis_pid)
+    os.sched_setaffinity(0, others)
+    os.sched_setaffinity(redis_pid, others)
+    try:
+        yield (
+            ["taskset", "-c", str(server_cpu)],
+            f"gateway alone on CPU {server_cpu} (taskset); the bench, wrk, redis-server and "
+            f"workers on CPU {','.join(map(str, sorted(others)))}",
+        )
+    finally:
+        os.sched_setaffinity(0, own)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(redis_pid, redis_own)

@@ -55,7 +55,8 @@ def should_mask(error: GraphQLError) -> bool:
 
 
 class MaskUnexpected(MaskErrors):
-    """Strawberry's masking, with the contract's code: a masked error is ours (500)."""
+    """Strawberry's masking, with the gateway's codes (docs/api.md#errors): a masked
+    error is ours (500)."""
 
     def anonymise_error(self, error: GraphQLError) -> GraphQLError:
         masked = super().anonymise_error(error)

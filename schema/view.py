@@ -1,4 +1,4 @@
-"""The GraphQL endpoint: Strawberry's ASGI view with the contract's HTTP behaviour.
+"""The GraphQL endpoint: Strawberry's ASGI view with the HTTP behaviour of docs/api.md#graphql.
 
 - The context authenticates lazily and puts X-RateLimit-* on the response.
 - Errors always carry `extensions.code`; unexpected ones are masked by `MaskErrors`.

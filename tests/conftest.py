@@ -221,3 +221,12 @@ def s3(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]
     s3_server.reset()
     s3_server.create_bucket()
     return {"storage_url": f"s3://{BUCKET}/{PREFIX}", "s3_endpoint_url": s3_server.url}
+
+
+@pytest.fixture
+def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
+    """Two real `gateway serve` processes on the suite's Redis (no in-process workers)."""
+    from tests.harness import gateway_processes  # the harness imports the whole gateway
+
+    with gateway_processes(redis_url, storage_dir, tmp_path, count=2) as bases:
+        yield bases

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from gateway.jobs.store import JobStore
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import GENERATE, Clock, Harness, gateway, gateway_processes
+from tests.harness import GENERATE, Clock, Harness, gateway
 from tests.servers import serve
 
 DAY = 86_400
@@ -54,7 +54,7 @@ def job_id(response: httpx.Response) -> str:
 
 
 def assert_rate_limited(response: httpx.Response, limit: str) -> int:
-    """A 429 as the contract states it; returns its retryAfter (seconds)."""
+    """A 429 as docs/api.md#errors states it; returns its retryAfter (seconds)."""
     assert response.status_code == 429, response.text
     error = error_of(response)
     assert error["code"] == "RATE_LIMITED", error
@@ -323,12 +323,6 @@ async def test_the_daily_limit_rolls_over_at_utc_midnight(
 
 
 # -- 5. two gateway processes, one key, a storm of requests --------------------------------
-
-
-@pytest.fixture
-def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
-    with gateway_processes(redis_url, storage_dir, tmp_path, count=2) as bases:
-        yield bases
 
 
 async def storm(bases: list[str], key: str, n: int) -> list[httpx.Response]:
@@ -646,7 +640,7 @@ async def test_me_reports_each_limit_as_admitted(redis_url: str, storage_dir: Pa
         ({"width": 768, "height": 768}, 14),  # (768² - 512²) / (1024² - 512²) = 5/12 -> 14.17
     ],
 )
-async def test_estimate_quotes_the_contract_price_and_takes_nothing(
+async def test_estimate_quotes_the_documented_price_and_takes_nothing(
     redis_url: str, storage_dir: Path, options: dict[str, int], credits: int
 ) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from gateway.accounts import Accounts
 from gateway.config import load_settings
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
-from tests.harness import GENERATE, Harness, gateway, gateway_processes
+from tests.harness import GENERATE, Harness, gateway
 from tests.test_admission import check_books, error_of, storm
 from tests.test_live_updates import subscribe
 
@@ -402,12 +401,6 @@ async def test_a_token_bound_to_an_origin_opens_a_socket_only_from_it(
 
 
 # -- the budget under a storm, across processes -----------------------------------------------
-
-
-@pytest.fixture
-def two_gateways(redis_url: str, storage_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
-    with gateway_processes(redis_url, storage_dir, tmp_path, count=2) as bases:
-        yield bases
 
 
 async def test_fifty_concurrent_requests_across_two_processes_spend_exactly_the_budget(

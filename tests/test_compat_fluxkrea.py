@@ -2,9 +2,9 @@
 fluxkrea.md, "Served by the gateway"), over real HTTP on a real Redis, with the emulators
 of tests/emulators as upstreams.
 
-Seed 000's own Python client runs against it as printed, apart from its base URL and
-key; its requests are ordinary gateway jobs (credits, failover, stored outputs), its
-answers, webhooks and refusals flux-krea's.
+flux-krea's own Python client (tests/seeds/000_*.txt) runs against it as printed,
+apart from its base URL and key; its requests are ordinary gateway jobs (credits,
+failover, stored outputs), its answers, webhooks and refusals flux-krea's.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tests.test_webhooks import Receiver
 
 BASE = "/compat/fluxkrea/v1"
 
-#: seed 000's "Basic Python Example": one line a digit (see `indented`)
+#: flux-krea's "Basic Python Example" (tests/seeds/000_*.txt): one line a digit (see `indented`)
 FLUXKREA_EXAMPLE_LEVELS = (
     "0000 1 222 33 2 1 333333 222222222222 2 33333 2 2 3 2 3 4444 3 3 3 2 3 000 11111 000"
 )
@@ -82,7 +82,7 @@ async def generate_async(gw: Harness, key: str, body: Any) -> httpx.Response:
     return await gw.http.post(f"{BASE}/generate/async", json=body, headers=auth(key))
 
 
-# -- the seed's example ----------------------------------------------------------------------
+# -- flux-krea's example --------------------------------------------------------------------
 
 
 async def test_seed_000s_python_example_gets_an_image_from_the_gateway(

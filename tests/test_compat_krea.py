@@ -2,9 +2,9 @@
 the gateway"), over real HTTP on a real Redis, with the emulators of tests/emulators as
 upstreams.
 
-Seed 002's own Python example runs against it as printed, apart from its base URL and
-token; its jobs are ordinary gateway jobs (credits, failover, stored outputs), its
-statuses Krea's, its webhooks Krea's job object, its refusals Krea's shape.
+Krea's own Python example (tests/seeds/002_*.txt) runs against it as printed, apart
+from its base URL and token; its jobs are ordinary gateway jobs (credits, failover,
+stored outputs), its statuses Krea's, its webhooks Krea's job object, its refusals Krea's shape.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ async def run_example(code: str, timeout: float = 60) -> str:
     return out.decode()
 
 
-#: seed 002's Python example: one line a digit (see `indented`)
+#: Krea's Python example (tests/seeds/002_*.txt): one line a digit (see `indented`)
 KREA_EXAMPLE_LEVELS = "000000 11221 122221 00000 122111 233323 11"
 
 
@@ -210,7 +210,7 @@ async def image_size(gw: Harness, url: str) -> tuple[int, int]:
     return Image.open(io.BytesIO(r.content)).size
 
 
-# -- the seed's example ----------------------------------------------------------------------
+# -- Krea's example -------------------------------------------------------------------------
 
 
 async def test_seed_002s_python_example_gets_an_image_from_the_gateway(

@@ -28,7 +28,7 @@ from tests.emulators.segmind import SegmindEmulator
 from tests.harness import Harness, gateway
 from tests.servers import serve
 
-#: seed 004's own example payload, as its client examples send it
+#: the example payload of Segmind's guide (tests/seeds/004_*.txt), as its client examples send it
 PAYLOAD: dict[str, Any] = {
     "seed": 42,
     "prompt": "A miniature raccoon explorer made of wool wearing all kinds of equipment, the "
@@ -125,7 +125,7 @@ def test_a_segmind_request_comes_back_the_same_through_the_segmind_backend(
         assert set(body) - set(sent) == {"go_fast", "prompt_strength", "disable_safety_checker"}
 
 
-# -- the SDK, as the seed's own examples use it -----------------------------------------
+# -- the SDK, as the guide's own examples use it -----------------------------------------
 
 
 async def test_the_seeds_example_through_submit_async_and_run(

@@ -2,7 +2,7 @@
 worker` process on one Redis, upstream emulators over loopback, real jobs (a success, a
 failover after a 500, a failure, a cache hit, a rate-limited request, a job held in
 flight, a webhook), then both processes' `/metrics` scraped and parsed with
-prometheus-client's own parser: every family of the contract moved as it should, the
+prometheus-client's own parser: every family of docs/api.md's metrics moved as it should, the
 token is asked for (401 in the REST error shape), and no label carries a key, a job id
 or a prompt."""
 
@@ -46,7 +46,7 @@ PROMPT = "a lighthouse made of glass, seen from a boat at dusk"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-#: the gateway's families as the contract names them (the `_total` of a counter is the
+#: the gateway's families as docs/api.md names them (the `_total` of a counter is the
 #: sample's name; the parser names the family without it)
 FAMILIES = {
     "gateway_http_requests": "counter",
@@ -546,5 +546,5 @@ def test_the_grafana_dashboard_reads_the_families_the_gateway_exports() -> None:
     }
     used = {name for expr in exprs for name in re.findall(r"\b(?:gateway|process)_[a-z_]+", expr)}
     assert used - exported == set(), used - exported
-    for family in FAMILIES:  # every family of the contract is on a panel
+    for family in FAMILIES:  # every documented family is on a panel
         assert any(family in expr for expr in exprs), family

@@ -1,4 +1,4 @@
-"""/compat/segmind: Segmind's serverless API (seed 004, docs/providers/segmind.md), served by
+"""/compat/segmind: Segmind's serverless API (docs/providers/segmind.md), served by
 the gateway.
 
 Code written against Segmind, the `segmind` Python SDK included

@@ -3,7 +3,7 @@
 -- slot, credits) and the job is recorded and queued, or nothing changes at all.
 --
 -- The per-minute limit is a sliding log (a sorted set of admission times), not GCRA:
--- the contract promises at most N in ANY 60-second window, which a sliding log states
+-- docs/api.md#limits promises at most N in ANY 60-second window, which a sliding log states
 -- exactly; GCRA with burst N can admit almost 2N in one window. N is small (<= plan rpm).
 --
 -- A cacheable request (ARGV 9 = '1') is decided here too, in the same round trip:

@@ -91,7 +91,7 @@ def _is_number(value: Any) -> bool:
 
 
 def validate(body: Any) -> str | None:
-    """Seed 003's body schema; the first problem found, or None."""
+    """Krea's webhook body schema (tests/seeds/003_*.txt); the first problem found, or None."""
     if not isinstance(body, dict):
         return "body must be a JSON object"
     prompt = body.get("prompt")

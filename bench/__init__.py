@@ -35,6 +35,7 @@ MODULES = [
     "bench.upstream",
     "bench.scale",
     "bench.metrics",
+    "bench.memory",
 ]
 
 

@@ -41,6 +41,7 @@ from gateway.config import load_settings
 from gateway.params import GenerationRequest, from_image_input
 from gateway.runtime import runtime
 from gateway.store import keys
+from gateway.store.scripts import Read
 
 JOB_SECONDS = float(os.environ.get("BENCH_SCALE_SECONDS", "20"))  # the issue's ~20 s
 PACE_SECONDS = (
@@ -93,11 +94,11 @@ async def admit_all(redis_url: str, storage: Path, base: str, jobs: int) -> tupl
 
 
 async def count_completed(redis: aioredis.Redis, account: str, ids: list[str]) -> int:
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in ids:
-            pipe.hget(keys.job(account, job_id), "status")
-        states = await pipe.execute()
-    return sum(1 for s in states if s == "completed")
+    read, done = Read(redis), 0
+    for i in range(0, len(ids), 500):
+        jobs = [keys.job(account, job_id) for job_id in ids[i : i + 500]]
+        done += sum(1 for r in (await read(jobs=jobs)).records if r.get("status") == "completed")
+    return done
 
 
 @scenario("scale")

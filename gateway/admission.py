@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import orjson
 import redis.asyncio as aioredis
 
 from gateway.auth import Credential, Principal, TokenGrant, plan_limits
@@ -134,7 +135,7 @@ async def admit(
         token=bool(token),
         origin=origin.lower(),
         service=job.provider,
-        fields=job.to_hash(),
+        record=orjson.dumps(job.to_record()),
         ledger_keep_ms=ledger_keep_ms,
         client=redis,
     )

@@ -79,6 +79,11 @@ class Principal:
     window_used: int  # generations admitted in the last 60 s
     window_reset: int  # unix seconds when the oldest of those leaves the window
     token: TokenGrant | None = None  # set when the caller holds a client token
+    own_rpm: int = -1  # the key's own per-minute limit (`keys update --rpm`); -1: none
+
+    def read_limit(self, read_rpm: int) -> int:
+        """Reads a clock minute: GATEWAY_READ_RPM, or the key's own limit when higher."""
+        return max(read_rpm, self.own_rpm)
 
     def token_id(self) -> str:
         return self.token.id if self.token else ""
@@ -214,6 +219,7 @@ async def authenticate(
         window_used=reply.window_used,
         window_reset=reply.window_reset,
         token=grant,
+        own_rpm=int(fields.get("rpm") or -1),
     )
     if grant is not None:
         principal = dataclasses.replace(
@@ -221,8 +227,14 @@ async def authenticate(
         )
         if grant.origins and (origin or "").lower() not in grant.origins:
             raise Forbidden("this client token is not valid from this origin")
-    if read and reply.reads > settings.read_rpm:
-        refused = RateLimited("read", 60 - (now_ms // 1000) % 60)
-        refused.headers = principal.rate_headers()
+    reads_allowed = principal.read_limit(settings.read_rpm)
+    if read and reply.reads > reads_allowed:
+        wait = 60 - (now_ms // 1000) % 60
+        refused = RateLimited("read", wait)
+        refused.headers = {  # the limit that refused it: the read limit's, used up
+            "X-RateLimit-Limit": str(reads_allowed),
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(now_ms // 1000 + wait),
+        }
         raise refused
     return principal

@@ -117,8 +117,12 @@ class Cache:
                 inflight = decoded(member)
                 digest = inflight.rsplit(":", 1)[-1]
                 leader = await self.redis.get(inflight)
-                status = await self.redis.hget(leader, "status") if leader else None
-                if status in ("queued", "processing"):
+                record = (
+                    (await self.scripts.read(jobs=[decoded(leader)], client=self.redis)).records[0]
+                    if leader
+                    else {}
+                )
+                if record.get("status") in ("queued", "processing"):
                     continue
                 if leader and not await self.redis.delete(inflight):
                     continue

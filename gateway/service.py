@@ -312,6 +312,7 @@ class Gateway:
                 credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400
+        reads_allowed = principal.read_limit(self.settings.read_rpm)
 
         def usage(name: str, limit: int | None, used: int, reset: int | None) -> dict[str, Any]:
             remaining = None if limit is None else max(0, limit - used)
@@ -337,7 +338,7 @@ class Gateway:
                 usage("minute", limits.rpm, principal.window_used, principal.window_reset),
                 usage("day", limits.daily, int(today or 0), day_reset),
                 usage("concurrency", limits.concurrency, int(running or 0), None),
-                usage("read", self.settings.read_rpm, int(reads or 0), (now // 60000 + 1) * 60),
+                usage("read", reads_allowed, int(reads or 0), (now // 60000 + 1) * 60),
             ],
         }
 

@@ -32,6 +32,7 @@ from gateway.errors import BadUserInput
 from gateway.jobs.model import iso
 from gateway.store import keys
 from gateway.store.redis import decoded_hash
+from gateway.store.scripts import Read
 
 GROUPS = ("day", "service", "backend")
 MAX_DAYS = 366
@@ -41,18 +42,6 @@ MAX_LEDGER = 50_000
 EXPIRED = "expired"  # the key of credits whose job record has expired
 NO_BACKEND = "none"  # a job that never reached a backend (failed at once, say)
 DAY_MS = 86_400_000
-_FIELDS = (
-    "provider",  # first: None when the record is gone
-    "status",
-    "cost",
-    "refunded",
-    "price",
-    "params",
-    "metadata",
-    "upstream",
-    "hit",
-    "cache_key",
-)
 
 
 @dataclass
@@ -148,32 +137,35 @@ def _day(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).date().isoformat()
 
 
-def _json(raw: str | None) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
+def _object(value: Any) -> dict[str, Any]:
+    """A record's nested object (or the JSON text of one: a hit's entry's, an old record's)."""
+    if isinstance(value, str) and value:
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return {}
     return value if isinstance(value, dict) else {}
 
 
-def _int(raw: str | None) -> int:
+def _int(raw: Any) -> int:
     try:
         return int(raw or 0)
     except ValueError:
         return 0
 
 
-def _job_counts(record: dict[str, str | None]) -> tuple[str, str, Counts]:
-    """(service, backend, counts) of one job record's fields (`_FIELDS`)."""
-    meta, params = _json(record["metadata"]), _json(record["params"])
-    cost, price = _int(record["cost"]), _int(record["price"])
-    counts = Counts(requests=1, credits_spent=cost, credits_refunded=_int(record["refunded"]))
+def _job_counts(record: dict[str, Any]) -> tuple[str, str, Counts]:
+    """(service, backend, counts) of one job record (as `Read` returns it)."""
+    # a completed run's record keeps its metadata less what it restates (`meta`): its
+    # backend stays, `cached` (false) goes (gateway/jobs/model.py)
+    meta = _object(record.get("metadata") or record.get("meta"))
+    params = _object(record.get("params"))
+    cost, price = _int(record.get("cost")), _int(record.get("price"))
+    counts = Counts(requests=1, credits_spent=cost, credits_refunded=_int(record.get("refunded")))
     if record["status"] == "completed":
         counts.images = _int(str(params.get("num_images") or 1))
         # Served by the cache or by an identical request in flight: charged nothing.
-        if record["hit"] == "1" or meta.get("cached") is True or (cost == 0 and price > 0):
+        if _int(record.get("hit")) == 1 or meta.get("cached") is True or (cost == 0 and price > 0):
             counts.cache_hits = 1
             if not price and params.get("width") and params.get("height"):
                 # a hit's record that refers to its cache entry holds no price
@@ -181,32 +173,15 @@ def _job_counts(record: dict[str, str | None]) -> tuple[str, str, Counts]:
                     _int(str(params["width"])), _int(str(params["height"])), counts.images
                 )
             counts.credits_saved = price
-    backend = meta.get("backend") or _json(record["upstream"]).get("backend") or NO_BACKEND
-    return record["provider"] or "", str(backend), counts
+    backend = meta.get("backend") or _object(record.get("upstream")).get("backend") or NO_BACKEND
+    return record.get("provider") or "", str(backend), counts
 
 
-async def _records(
-    redis: aioredis.Redis, account: str, ids: list[str]
-) -> list[dict[str, str | None] | None]:
-    """The fields of each job that counts need (None: the record is gone). A cache hit's
-    record may refer to its cache entry (`hit`, `cache_key`) instead of copying its
-    params and metadata: those are read from the entry, one more pipeline for the page."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in ids:
-            pipe.hmget(keys.job(account, job_id), _FIELDS)
-        rows: list[list[str | None]] = await pipe.execute()
-    records = [dict(zip(_FIELDS, row, strict=True)) if row[0] else None for row in rows]
-    referring = [r for r in records if r and r["hit"] == "1" and r["cache_key"]]
-    if referring:
-        shard = keys.shard_of(account)
-        async with redis.pipeline(transaction=False) as pipe:
-            for r in referring:
-                pipe.hmget(keys.cache_entry(shard, r["cache_key"] or ""), "hit_metadata", "params")
-            entries: list[list[str | None]] = await pipe.execute()
-        for r, (metadata, params) in zip(referring, entries, strict=True):
-            r["metadata"] = r["metadata"] or metadata
-            r["params"] = r["params"] or params
-    return records
+async def _records(redis: aioredis.Redis, account: str, ids: list[str]) -> list[dict[str, Any]]:
+    """Each job's record, a cache hit's with its entry's params and metadata (empty: the
+    record is gone): one script call for the page (read.lua)."""
+    jobs = [keys.job(account, job_id) for job_id in ids]
+    return (await Read(redis)(jobs=jobs)).records
 
 
 class _Tally:
@@ -277,7 +252,7 @@ async def _scan_jobs(
         if fresh:
             records = await _records(redis, account, [job_id for job_id, _ in fresh])
             for (_, ms), record in zip(fresh, records, strict=True):
-                if record is None:  # expired: its credits came from the ledger
+                if not record:  # expired: its credits came from the ledger
                     continue
                 service, backend, counts = _job_counts(record)
                 tally.add(ms, service, backend, counts)

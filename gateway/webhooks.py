@@ -176,7 +176,13 @@ class Webhooks:
             await self.redis.zrem(schedule, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
-        attempt = int(await self.redis.hincrby(job_key, "webhook_attempts", 1))
+        counted = await self.store.scripts.patch(
+            job=job_key, fields={}, count="webhook_attempts", client=self.redis
+        )
+        if not counted.found:  # expired since it was read
+            await self.redis.zrem(schedule, job_key)
+            return False
+        attempt = counted.counted
         secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
         body = payload(job)
         headers = signed_headers(secret, f"msg_{job.id}", body, self.clock())
@@ -230,13 +236,14 @@ class Webhooks:
             pipe.expire(log_key, retention)
             if final:
                 pipe.zrem(schedule, job_key)
-                pipe.hset(job_key, "webhook_status", "delivered" if ok else "failed")
             else:
                 delay = self.delays[attempt - 1] * random.uniform(0.8, 1.0)
                 pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
-                pipe.hset(job_key, "webhook_status", "retrying")
             await pipe.execute()
         outcome = "delivered" if ok else "failed" if final else "retrying"
+        await self.store.scripts.patch(
+            job=job_key, fields={"webhook_status": outcome}, client=self.redis
+        )
         metrics.WEBHOOK[outcome].inc()
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
@@ -252,7 +259,5 @@ class Webhooks:
         if not job.ended:
             raise BadUserInput("the job has not ended yet", field="id")
         key = keys.job(job.account, job.id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, "webhook_attempts", 0)
-            pipe.zadd(keys.webhooks(keys.shard_of(job.account)), {key: self.now_ms()})
-            await pipe.execute()
+        await self.store.scripts.patch(job=key, fields={"webhook_attempts": 0}, client=self.redis)
+        await self.redis.zadd(keys.webhooks(keys.shard_of(job.account)), {key: self.now_ms()})

@@ -461,11 +461,13 @@ async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> 
         refused = await gw.gql("{ me { plan } }", key=key)
         retry_after = assert_rate_limited(refused, "read")
         assert retry_after <= 60
-        # A refused read is still an authenticated response: it carries the key's limits.
-        assert refused.headers["X-RateLimit-Limit"] == "10"
-        assert refused.headers["X-RateLimit-Remaining"] == "10"
+        # Its headers describe the limit that refused it: the read limit, used up.
+        assert refused.headers["X-RateLimit-Limit"] == "5"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert int(refused.headers["X-RateLimit-Reset"]) == int(clock()) + retry_after
         rest = await gw.http.get("/v1/jobs/x", headers={"X-API-Key": key})
-        assert rest.status_code == 429 and rest.headers["X-RateLimit-Limit"] == "10"
+        assert rest.status_code == 429 and rest.headers["X-RateLimit-Limit"] == "5"
+        assert rest.headers["X-RateLimit-Remaining"] == "0"
         # Generating is not a read: still admitted.
         r = await gw.generate(key, "while reads are limited")
         assert r.status_code == 200, r.text
@@ -475,6 +477,28 @@ async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> 
         assert_rate_limited(polled, "read")
         clock.advance(retry_after)
         assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+
+
+async def test_a_keys_own_higher_minute_limit_raises_its_read_limit(
+    redis_url: str, storage_dir: Path
+) -> None:
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
+        key = await gw.key("enterprise", credits=100, rpm=8)
+        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
+        for i in range(8):
+            r = await gw.gql("{ me { limits { name limit used } } }", key=key)
+            assert r.status_code == 200, (i, r.text)
+        read = next(x for x in r.json()["data"]["me"]["limits"] if x["name"] == "read")
+        assert read == {"name": "read", "limit": 8, "used": 8}
+        refused = await gw.gql("{ me { plan } }", key=key)
+        assert_rate_limited(refused, "read")
+        assert refused.headers["X-RateLimit-Limit"] == "8"
+        # A plan's limit is not the key's own: a free key (10 a minute) reads 5.
+        free = await gw.key("free", credits=100)
+        for _ in range(5):
+            assert (await gw.gql("{ me { plan } }", key=free)).status_code == 200
+        assert_rate_limited(await gw.gql("{ me { plan } }", key=free), "read")
 
 
 async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import gateway, replies_cut
+from tests.records import record
 
 
 async def test_fifty_racing_requests_for_the_last_credits(
@@ -130,7 +131,7 @@ async def test_a_promotion_whose_reply_is_lost_is_charged_once(
         assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
         assert cutter.cut == 1
         store = gw.accounts.redis
-        assert await store.hget(keys.job(account, follower["id"]), "cost") == "20"
+        assert (await record(store, keys.job(account, follower["id"])))["cost"] == 20
         assert int(await store.hget(keys.account(account), "credits")) == 80
         ledger = await gw.accounts.ledger(account)
         assert [e["reason"] for e in ledger] == ["initial", "charge", "refund", "charge"]

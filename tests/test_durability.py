@@ -21,6 +21,7 @@ from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.emulators.krea import KreaEmulator
 from tests.harness import Harness, gateway, replies_cut
+from tests.records import record, records
 from tests.servers import serve
 
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
@@ -80,12 +81,9 @@ async def submit(gw: Harness, key: str, n: int) -> list[str]:
     return ids
 
 
-async def jobs_state(gw: Harness, key: str, ids: list[str]) -> list[dict[str, str]]:
+async def jobs_state(gw: Harness, key: str, ids: list[str]) -> list[dict[str, Any]]:
     account = gw.keys[key]["id"]
-    async with gw.accounts.redis.pipeline(transaction=False) as pipe:
-        for job_id in ids:
-            pipe.hgetall(keys.job(account, job_id))
-        return list(await pipe.execute())
+    return await records(gw.accounts.redis, [keys.job(account, job_id) for job_id in ids])
 
 
 async def accepted_upstream(gw: Harness, key: str, ids: list[str]) -> None:
@@ -296,8 +294,8 @@ async def test_a_job_start_whose_reply_is_lost_counts_one_attempt(
         done = await gw.wait(key, job["id"])
         assert cutter.cut == 1
         assert done["status"] == "completed" and done["creditCost"] == 20
-        record = await gw.accounts.redis.hgetall(keys.job(account, job["id"]))
-        assert record["attempts"] == "1"
+        stored = await record(gw.accounts.redis, keys.job(account, job["id"]))
+        assert stored["attempts"] == 1
         assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"] == {"credits": 80}
 
 

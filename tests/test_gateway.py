@@ -14,6 +14,7 @@ from PIL import Image
 from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import GENERATE, JOB, gateway
+from tests.records import change
 
 SEED_QUERY = """
 mutation Generate($input: GenerateInput!) {
@@ -417,7 +418,7 @@ async def test_an_unexpected_error_is_a_masked_500_and_the_server_keeps_serving(
         key = await gw.key()
         job = (await gw.generate(key)).json()["data"]["generate"]
         # A record damaged behind the gateway's back (by hand, or a bad migration).
-        await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job["id"]), "params", "{")
+        await change(gw.accounts.redis, keys.job(gw.keys[key]["id"], job["id"]), created_at="{")
         r = await gw.gql(JOB, {"id": job["id"]}, key)
         assert r.status_code == 500
         error = r.json()["errors"][0]

@@ -11,6 +11,7 @@ import pytest
 from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import JOB, gateway
+from tests.records import change
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,7 @@ async def test_a_bug_under_rest_is_a_json_500_that_says_nothing_internal(
         )
         job_id = made.json()["id"]
         # A record damaged behind the gateway's back (by hand, or a bad migration).
-        await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job_id), "params", "{")
+        await change(gw.accounts.redis, keys.job(gw.keys[key]["id"], job_id), created_at="{")
         r = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
         assert r.status_code == 500
         assert r.json() == {

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import strawberry
 from graphql import (
@@ -54,6 +55,7 @@ from schema.inputs import GenerateInput
 from schema.prepared import graphql_value, resolved_by
 from schema.types import Generation
 from tests.harness import GENERATE, JOB, Harness, gateway
+from tests.records import change
 
 PROVEN_WITH = {"strawberry-graphql": "0.341.2", "graphql-core": "3.3.2"}
 
@@ -223,7 +225,7 @@ async def test_unexpected_errors_are_masked_alike(redis_url: str, storage_dir: P
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key()
         job = (await gw.generate(key)).json()["data"]["generate"]
-        await gw.accounts.redis.hset(keys.job(gw.keys[key]["id"], job["id"]), "params", "{")
+        await change(gw.accounts.redis, keys.job(gw.keys[key]["id"], job["id"]), created_at="{")
         sent, _ = await both(gw, JOB, {"id": job["id"]}, key)
         assert sent.status_code == 500
         assert sent.json()["errors"] == [
@@ -257,7 +259,7 @@ async def test_null_items_bubble_to_the_nearest_nullable_position_alike(
         redis, account = gw.accounts.redis, gw.keys[key]["id"]
         for stored, paths in DAMAGED_URLS:
             job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
-            await redis.hset(keys.job(account, job_id), "urls", stored)
+            await change(redis, keys.job(account, job_id), urls=orjson.loads(stored))
             sent, _ = await both(gw, JOB, {"id": job_id}, key)
             body = sent.json()
             assert body["data"] == {"job": None}, stored
@@ -272,7 +274,7 @@ async def test_null_items_bubble_to_the_nearest_nullable_position_alike(
             {"line": 1, "column": 42},
         ]
         # Only the nullable `url` selected: it alone is null.
-        await redis.hset(keys.job(account, job_id), "urls", '[{"x": 1}]')
+        await change(redis, keys.job(account, job_id), urls=[{"x": 1}])
         sent, _ = await both(gw, "query($id: ID!) { job(id: $id) { id url } }", {"id": job_id}, key)
         assert sent.json()["data"] == {"job": {"id": job_id, "url": None}}
         assert [e["path"] for e in sent.json()["errors"]] == [["job", "url"]]
@@ -625,13 +627,13 @@ async def served(
         made = await gw.accounts.create("enterprise", 10**9, rpm=-1, concurrency=-1, daily=-1)
         key, account = str(made["key"]), str(made["id"])
         jobs = []  # the damaged first: Hypothesis favours the first
-        for damage in [*(stored for stored, _ in DAMAGED_URLS), "params", None]:
+        for damage in [*(stored for stored, _ in DAMAGED_URLS), "created_at", None]:
             job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
             record = keys.job(account, job_id)
-            if damage == "params":
-                await gw.accounts.redis.hset(record, "params", "{")
+            if damage == "created_at":
+                await change(gw.accounts.redis, record, created_at="{")
             elif damage is not None:
-                await gw.accounts.redis.hset(record, "urls", damage)
+                await change(gw.accounts.redis, record, urls=orjson.loads(damage))
             jobs.append(job_id)
         other = await gw.key()
         jobs.append((await gw.generate(other)).json()["data"]["generate"]["id"])

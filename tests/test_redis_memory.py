@@ -140,8 +140,8 @@ async def test_a_hit_record_refers_to_its_entry_and_every_reader_sees_the_outcom
         made = (await gw.generate(key, PROMPT, seed=7)).json()["data"]["generate"]
         assert made["status"] == "completed" and made["metadata"]["cached"] is True
         [record_key] = [k for k in admin.keys(f"*:job:{made['id']}")]
-        record = admin.hgetall(record_key)
-        assert record["hit"] == "1" and "urls" not in record and "params" not in record
+        record = json.loads(admin.get(record_key) or "{}")
+        assert record["hit"] == 1 and "urls" not in record and "params" not in record
         assert admin.memory_usage(record_key, samples=0) < 600
         entry = next(iter(admin.keys("*:cache:*")))
         assert admin.pttl(entry) >= admin.pttl(record_key)  # the entry outlives the hit
@@ -267,4 +267,64 @@ async def test_the_ledger_is_trimmed_by_age_and_the_export_before_holds_what_wen
         after = gw.accounts
         after.clock = lambda: clock()
         assert await after.add_credits(account, 1) == balance - later["creditCost"] + 1
+    admin.close()
+
+
+# -- 4. a job record is one small JSON string ------------------------------------------
+
+README_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+async def test_a_completed_job_record_is_under_600_bytes_and_reads_whole(
+    redis_url: str, storage_dir: Path
+) -> None:
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=100)
+        r = await gw.http.post(
+            "/v1/text_to_image",
+            json={"service": "local", "prompt": README_PROMPT, "width": 768, "height": 512},
+            headers={"Authorization": f"Bearer {key}", "Prefer": "wait=20"},
+        )
+        assert r.status_code == 200, r.text
+        job = r.json()
+        [record_key] = admin.keys(f"*:job:{job['id']}")
+        assert admin.type(record_key) == "string"
+        assert admin.memory_usage(record_key, samples=0) < 600
+        stored = json.loads(admin.get(record_key))
+        assert "metadata" not in stored and "meta" in stored  # restated fields left out
+        # Every field a client reads is there, as the worker made it.
+        meta, seed = job["metadata"], job["metadata"]["seed"]
+        assert (job["width"], job["height"], meta["width"], meta["height"]) == (768, 512) * 2
+        assert meta["seeds"] == [seed] and meta["cached"] is False and meta["attempts"] == 1
+        assert meta["sent"]["prompt"] == README_PROMPT and meta["sent"]["seed"] == seed
+        assert meta["backend"] == "local" and meta["duration"] == job["duration"]
+        listed = await gw.gql("{ jobs(first: 1) { nodes { metadata width } } }", key=key)
+        assert listed.json()["data"]["jobs"]["nodes"] == [{"metadata": meta, "width": 768}]
+    admin.close()
+
+
+async def test_a_record_written_as_a_hash_by_an_earlier_version_runs_and_reads(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Records stored before this format (a hash, every value a string) are read,
+    started, finished and refunded as they were: an upgrade loses no job."""
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=100)
+        made = (await gw.generate(key, README_PROMPT)).json()["data"]["generate"]
+        [record_key] = admin.keys(f"*:job:{made['id']}")
+        record = json.loads(admin.get(record_key))
+        as_hash = {
+            name: value if isinstance(value, str) else json.dumps(value)
+            for name, value in {**record, "id": made["id"]}.items()
+        }
+        admin.delete(record_key)
+        admin.hset(record_key, mapping=as_hash)
+        queued = await gw.job(key, made["id"])
+        assert queued is not None and queued["status"] == "queued"
+    async with gateway(redis_url, storage_dir) as gw2:
+        done = await gw2.wait(key, made["id"])
+        assert done["status"] == "completed" and done["metadata"]["sent"]["prompt"] == README_PROMPT
+        assert admin.type(record_key) == "string"  # rewritten in the new format
     admin.close()

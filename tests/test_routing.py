@@ -18,7 +18,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from PIL import Image
 from starlette.requests import Request
@@ -29,6 +28,7 @@ from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import LIFECYCLE, KreaEmulator
 from tests.emulators.segmind import SegmindEmulator
 from tests.harness import Harness, gateway
+from tests.records import change, record
 from tests.servers import serve
 
 PROVIDERS = "{ providers { name kind enabled reason circuit } }"
@@ -390,11 +390,10 @@ async def test_a_job_krea_accepted_is_resumed_by_another_process_not_submitted_a
     async with gateway(redis_url, storage_dir, **settings) as first:
         key = await first.key(credits=1000)
         job_id = await submit(first, key, provider="flux-dev", width=768, height=512)
-        hash_key = job_key(first, key, job_id)
+        stored_key = job_key(first, key, job_id)
 
         async def stored() -> Any:
-            raw = await first.accounts.redis.hget(hash_key, "upstream")
-            return orjson.loads(raw) if raw else None
+            return (await record(first.accounts.redis, stored_key)).get("upstream")
 
         upstream = await until(stored, "the upstream id to be stored")
 
@@ -440,9 +439,7 @@ async def test_a_stored_upstream_id_is_polled_by_a_fresh_worker(
         assert r.status_code == 200, r.text
         krea_id = r.json()["job_id"]
         upstream = {"backend": "krea", "id": krea_id, "sent": {"prompt": "a red fox"}}
-        await gw.accounts.redis.hset(
-            job_key(gw, key, job_id), "upstream", orjson.dumps(upstream).decode()
-        )
+        await change(gw.accounts.redis, job_key(gw, key, job_id), upstream=upstream)
         assert (await gw.job(key, job_id))["status"] == "queued"
     assert up.krea.submissions == 1
 

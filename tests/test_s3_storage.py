@@ -29,6 +29,7 @@ from gateway.artifacts_s3 import S3ArtifactStore, open_s3
 from gateway.config import load_settings
 from gateway.store import keys
 from tests.harness import GATEWAY, Harness, gateway, gateway_processes
+from tests.records import records
 from tests.s3server import BUCKET, PREFIX, MotoServer, UploadCutter, fake_credentials
 from tests.servers import free_port
 
@@ -62,9 +63,9 @@ async def until(predicate: Any, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def job_rows(gw: Harness, key: str, ids: list[str]) -> list[dict[str, str]]:
+async def job_rows(gw: Harness, key: str, ids: list[str]) -> list[dict[str, Any]]:
     account = gw.keys[key]["id"]
-    return [await gw.accounts.redis.hgetall(keys.job(account, job_id)) for job_id in ids]
+    return await records(gw.accounts.redis, [keys.job(account, job_id) for job_id in ids])
 
 
 async def submit(gw: Harness, key: str, prompt: str = "a red fox", **options: Any) -> str:

@@ -50,6 +50,7 @@ from gateway.store.scripts import (
     source,
 )
 from tests.harness import gateway
+from tests.records import change
 
 STORE = Path(scripts.__file__).parent
 
@@ -96,9 +97,9 @@ def test_the_other_replies_are_decoded_by_name() -> None:
     assert (known.rpm, known.concurrency, known.daily) == (60, -1, 100)
     assert Auth.decode([[]]).account == {}
 
-    started = Start.decode(["queued", 1, "id", "j1", "status", "processing"])
+    started = Start.decode(["queued", 1, '{"status": "processing", "attempts": 1}'])
     assert started.status == "queued" and started.attempts == 1
-    assert started.record == {"id": "j1", "status": "processing"}
+    assert started.record == {"status": "processing", "attempts": 1}
     assert Start.decode(["missing", 0]).record == {}
 
     ended = Finish.decode([1, 80])
@@ -119,7 +120,7 @@ def test_the_other_replies_are_decoded_by_name() -> None:
 def test_each_script_runs_the_file_of_its_own_name() -> None:
     client = aioredis.Redis()  # never connected
     made = Scripts(client)
-    files = {p.stem for p in STORE.glob("*.lua")} - {"once", "limits"}  # included ones
+    files = {p.stem for p in STORE.glob("*.lua")} - {"once", "limits", "record"}  # included
     assert set(made.by_name) == files == set(scripts.NAMES)
     once = (STORE / "once.lua").read_text()
     for name, script in made.by_name.items():
@@ -130,11 +131,16 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
             if not line.startswith("-- include: "):
                 assert line in script.source  # its own file, not another's
         assert script.once == (name in {"start", "finish", "promote"})
-        assert script.source.startswith(once.split("-- BODY")[0]) == script.once
+        wrapped = once.split("-- include: record.lua\n")[0]  # once.lua's head, up to its include
+        assert script.source.startswith(wrapped) == script.once
     # admit.lua and auth.lua share one statement of a key's limits
     shared = (STORE / "limits.lua").read_text()
     assert shared in made.admit.source and shared in made.auth.source
     assert "local function key_limits" not in (STORE / "admit.lua").read_text()
+    # each script that reads or writes a job record, one statement of its format
+    record = (STORE / "record.lua").read_text()
+    for name in ("admit", "start", "finish", "promote", "settle", "read", "patch"):
+        assert made.by_name[name].source.count(record) == 1, name
 
 
 @pytest.fixture
@@ -203,7 +209,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             token=False,
             origin="",
             service="local",
-            fields={"id": "j1"},
+            record=b'{"status": "queued"}',
         )
         assert admitted.verdict == "unauthenticated"
         auth = await made.auth(
@@ -434,9 +440,9 @@ async def test_a_job_a_script_cannot_start_is_failed_and_refunded(
         job = r.json()["data"]["generate"]
         assert job["status"] == "queued" and job["creditCost"] > 0
         account = gw.keys[key]["id"]
-        # Its attempt count at Redis's integer limit: counting one more attempt
-        # (HINCRBY) fails with "increment or decrement would overflow".
-        await gw.accounts.redis.hset(keys.job(account, job["id"]), "attempts", 2**63 - 1)
+        # Its attempt count damaged (not a number): counting one more attempt fails in
+        # start.lua ("attempt to perform arithmetic on a nil value").
+        await change(gw.accounts.redis, keys.job(account, job["id"]), attempts=[])
     async with gateway(redis_url, storage_dir, job_lease_seconds=60) as gw2:
         done = await gw2.wait(key, job["id"], timeout=15)
         assert done["status"] == "failed" and done["creditCost"] == 0

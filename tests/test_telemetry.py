@@ -22,6 +22,7 @@ from gateway import cli, telemetry
 from gateway.store import keys
 from tests.emulators.krea import KreaEmulator
 from tests.harness import gateway
+from tests.records import record
 from tests.servers import serve
 from tests.test_webhooks import FAST, Receiver, until
 
@@ -114,7 +115,7 @@ async def test_log_lines_carry_request_job_and_account_and_nothing_secret(
         await gw.wait(key, job_id)
         await gw.http.get(f"/v1/jobs/{job_id}?token=secret-in-query", headers={"X-Api-Key": key})
         # Off: nothing of tracing in the job record.
-        assert await gw.accounts.redis.hget(keys.job(account, job_id), "trace") is None
+        assert "trace" not in await record(gw.accounts.redis, keys.job(account, job_id))
 
     logged = lines(log_lines)
     text = log_lines.getvalue().decode()
@@ -124,7 +125,7 @@ async def test_log_lines_carry_request_job_and_account_and_nothing_secret(
     assert request["account"] == account and request["job_id"] == job_id
     assert request["route"] == "/graphql" and request["method"] == "POST"
     assert request["status"] == 200 and request["level"] == "info"
-    assert isinstance(request["duration_ms"], float) and "timestamp" in request
+    assert isinstance(request["duration_ms"], float) and request["timestamp"].endswith("Z")
     read = [e for e in logged if e["event"] == "request" and e["route"] == "/v1/jobs/{job_id}"]
     assert read and read[0]["account"] == account
     events = {e["event"]: e for e in logged if e.get("job_id") == job_id}
@@ -132,6 +133,16 @@ async def test_log_lines_carry_request_job_and_account_and_nothing_secret(
         assert events[event]["account"] == account, events
         assert "request_id" not in events[event]  # a worker's line, not the request's
     assert events["job completed"]["backend"] == "local"
+
+
+async def test_the_request_lines_can_be_turned_off_the_id_stays(
+    redis_url: str, storage_dir: Path, log_lines: io.BytesIO
+) -> None:
+    async with gateway(redis_url, storage_dir, access_log=False, metrics_enabled=False) as gw:
+        r = await gw.http.get("/healthz", headers={"X-Request-Id": "quiet-1"})
+        assert r.headers["x-request-id"] == "quiet-1"
+        assert GENERATED.fullmatch((await gw.http.get("/no/such/route")).headers["x-request-id"])
+    assert not [e for e in lines(log_lines) if e["event"] == "request"]
 
 
 # -- traces ----------------------------------------------------------------------------------
@@ -222,7 +233,7 @@ async def test_a_local_render_is_traced_too(
         r = await gw.generate(key)
         job_id = r.json()["data"]["generate"]["id"]
         await gw.wait(key, job_id)
-        stored = await gw.accounts.redis.hget(keys.job(gw.keys[key]["id"], job_id), "trace")
+        stored = (await record(gw.accounts.redis, keys.job(gw.keys[key]["id"], job_id)))["trace"]
     (admission,) = named(spans, "admission")
     assert stored is not None and f"{admission.context.span_id:016x}" in str(stored)
     (render,) = named(spans, "render")

@@ -22,6 +22,7 @@ from gateway.errors import BadUserInput
 from gateway.store import keys
 from gateway.urlguard import check_url
 from tests.harness import gateway
+from tests.records import record
 from tests.servers import serve
 
 FAST = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05] * 6}
@@ -156,10 +157,8 @@ async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
         await gw.wait(key, job["id"])
 
         async def gave_up() -> bool:
-            status = await gw.accounts.redis.hget(
-                keys.job(gw.keys[key]["id"], job["id"]), "webhook_status"
-            )
-            return bool(status == "failed")
+            stored = await record(gw.accounts.redis, keys.job(gw.keys[key]["id"], job["id"]))
+            return stored.get("webhook_status") == "failed"
 
         await until(gave_up)
         assert len(receiver.calls) == 3  # the first attempt and two retries, then no more

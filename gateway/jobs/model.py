@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from gateway.params import ImageParams
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -70,50 +73,60 @@ class Job:
         return None
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Job:
-        def opt_int(name: str) -> int | None:
-            v = h.get(name)
-            return int(v) if v not in (None, "") else None
-
+    def from_record(cls, r: dict[str, Any]) -> Job:
+        """The job of a record as read (gateway/store/record.lua: one JSON object, `id`
+        and `account` added from its key). A record written as a hash, before that
+        format, holds every value as a string: each is taken either way."""
+        params = _params(r.get("params"))
+        width, height = _int(r.get("width")), _int(r.get("height"))
+        metadata = _json(r.get("metadata")) or {}
+        if "meta" in r and isinstance(params, dict):  # a completed run's (`compact_metadata`)
+            width = width or _int(params.get("width"))
+            height = height or _int(params.get("height"))
+            metadata = expand_metadata(r["meta"], {**r, "width": width, "height": height})
         return cls(
-            id=h["id"],
-            account=h["account"],
-            status=h["status"],
-            provider=h["provider"],
-            type=h.get("type", "IMAGE"),
-            params=orjson.loads(h["params"]) if h.get("params") else {},
-            cost=int(h.get("cost", 0)),
-            created_at=int(h["created_at"]),
-            started_at=opt_int("started_at"),
-            completed_at=opt_int("completed_at"),
-            webhook_url=h.get("webhook_url") or None,
-            urls=orjson.loads(h["urls"]) if h.get("urls") else [],
-            width=opt_int("width"),
-            height=opt_int("height"),
-            metadata=orjson.loads(h["metadata"]) if h.get("metadata") else {},
-            error=h.get("error") or None,
-            attempts=int(h.get("attempts", 0)),
-            upstream=orjson.loads(h["upstream"]) if h.get("upstream") else None,
-            refunded=int(h.get("refunded", 0)),
-            cache_key=h.get("cache_key") or None,
-            token=h.get("token") or None,
-            webhook_shape=orjson.loads(h["webhook_shape"]) if h.get("webhook_shape") else None,
-            trace=h.get("trace") or None,
+            id=r["id"],
+            account=r["account"],
+            status=r["status"],
+            provider=r["provider"],
+            type=r.get("type") or "IMAGE",
+            params=params,
+            cost=int(r.get("cost") or 0),
+            created_at=int(r["created_at"]),
+            started_at=_int(r.get("started_at")),
+            completed_at=_int(r.get("completed_at")),
+            webhook_url=r.get("webhook_url") or None,
+            urls=_json(r.get("urls")) or [],
+            width=width,
+            height=height,
+            metadata=metadata,
+            error=r.get("error") or None,
+            attempts=int(r.get("attempts") or 0),
+            upstream=_json(r.get("upstream")) or None,
+            refunded=int(r.get("refunded") or 0),
+            cache_key=r.get("cache_key") or None,
+            token=r.get("token") or None,
+            webhook_shape=_json(r.get("webhook_shape")) or None,
+            trace=r.get("trace") or None,
         )
 
-    def to_hash(self) -> dict[str, Any]:
-        """The fields written when the job is created."""
+    def to_record(self) -> dict[str, Any]:
+        """The record written when the job is created: what is unset, or the default, or
+        its key's (`id`, `account`) left out; every reader takes a missing field for it."""
         out: dict[str, Any] = {
-            "id": self.id,
-            "account": self.account,
             "status": self.status,
             "provider": self.provider,
-            "type": self.type,
-            "params": orjson.dumps(self.params).decode(),
-            "cost": self.cost,
+            "params": {
+                k: v
+                for k, v in self.params.items()
+                if k not in _PARAM_DEFAULTS or _PARAM_DEFAULTS[k] != v
+            },
             "created_at": self.created_at,
         }
-        # Written only when set: every reader takes a missing field for none.
+        if self.cost:
+            out["cost"] = self.cost
+        if self.type != "IMAGE":
+            out["type"] = self.type
         if self.webhook_url:
             out["webhook_url"] = self.webhook_url
         if self.cache_key:
@@ -121,7 +134,7 @@ class Job:
         if self.token:
             out["token"] = self.token
         if self.webhook_shape:
-            out["webhook_shape"] = orjson.dumps(self.webhook_shape).decode()
+            out["webhook_shape"] = self.webhook_shape
         if self.trace:
             out["trace"] = self.trace
         if self.ended:
@@ -153,9 +166,104 @@ class Job:
 def outcome_fields(
     urls: list[str], width: int | None, height: int | None, metadata: dict[str, Any]
 ) -> dict[str, Any]:
+    """A record's outcome fields (those unset left out)."""
+    out: dict[str, Any] = {"urls": urls} if urls else {}
+    if width:
+        out["width"] = width
+    if height:
+        out["height"] = height
+    if metadata:
+        out["metadata"] = metadata
+    return out
+
+
+# A completed job's metadata restates much of its record (the size, the seed, the prompt
+# sent, how long it took): the record keeps the rest, as `meta`, and the metadata is
+# made again when it is read. Only when that gives back the same metadata, key for key;
+# otherwise the record keeps it whole (`metadata`). Such a record leaves out its size
+# too when it is the one asked for (`Job.from_record`). docs/api.md#redis-memory
+
+
+def compact_metadata(metadata: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] | None:
+    """`metadata` less what `record` (the fields the job ends with) restates; None when
+    `expand_metadata` would not give it back."""
+    derived = _derived({}, record)
+    meta = {k: v for k, v in metadata.items() if k not in derived or derived[k] != v}
+    if "seed" in meta:  # not the one asked for: the seeds follow from it
+        derived = _derived(meta, record)
+        meta = {k: v for k, v in metadata.items() if k not in derived or derived[k] != v}
+        meta["seed"] = metadata["seed"]
+    sent = metadata.get("sent")
+    if isinstance(sent, dict):
+        # What was sent holds the prompt, the size and the seed as they were asked (most
+        # backends): those left out, when they are all there.
+        again = _sent(meta, record)
+        if all(k in sent and sent[k] == v for k, v in again.items()):
+            meta["sent"] = {k: v for k, v in sent.items() if k not in again}
+            if expand_metadata(meta, record) == metadata:
+                return meta
+            meta["sent"] = sent
+    return meta if expand_metadata(meta, record) == metadata else None
+
+
+def expand_metadata(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    metadata = {**_derived(meta, record), **meta}
+    sent = meta.get("sent")
+    if isinstance(sent, dict) and "prompt" not in sent:
+        metadata["sent"] = {**_sent(meta, record), **sent}
+    return metadata
+
+
+def _derived(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    params = _json(record.get("params")) or {}
+    seed = meta.get("seed", params.get("seed"))
+    created, completed = _int(record.get("created_at")), _int(record.get("completed_at"))
     return {
-        "urls": orjson.dumps(urls).decode(),
-        "width": width or "",
-        "height": height or "",
-        "metadata": orjson.dumps(metadata).decode(),
+        "width": _int(record.get("width")),
+        "height": _int(record.get("height")),
+        "seed": seed,
+        "seeds": [seed] * len(_json(record.get("urls")) or ()),
+        "cached": False,
+        "duration": round((completed - created) / 1000, 3) if completed and created else None,
+        "attempts": _int(record.get("attempts")),
     }
+
+
+def _sent(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    derived = _derived(meta, record)
+    prompt = (_json(record.get("params")) or {}).get("prompt")
+    return {
+        "prompt": prompt,
+        "width": derived["width"],
+        "height": derived["height"],
+        "seed": derived["seed"],
+    }
+
+
+# A request's parameters as a record keeps them: those at their default left out.
+_PARAM_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(ImageParams)
+    if f.default is not dataclasses.MISSING
+}
+
+
+def _params(value: Any) -> Any:
+    params = _json(value)
+    return {**_PARAM_DEFAULTS, **params} if isinstance(params, dict) else params or {}
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _json(value: Any) -> Any:
+    """A nested value, or the JSON text a record written as a hash held (or a hit's
+    entry). Text that is not JSON is kept as it is: a damaged record fails where it is
+    read, as any other wrong value does."""
+    if isinstance(value, str) and value:
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
-from gateway.jobs.model import Job, outcome_fields
+from gateway.jobs.model import Job, compact_metadata, outcome_fields
 from gateway.store import keys
 from gateway.store.redis import decoded_members
 from gateway.store.scripts import Scripts
@@ -34,8 +33,8 @@ class JobStore:
     async def get_by_key(self, job_key: str) -> Job | None:
         """The record, whole: a cache hit's outcome is read from the cache entry it refers
         to, in the same round trip (read.lua)."""
-        (h,) = (await self.scripts.read(jobs=[job_key], client=self.redis)).records
-        return Job.from_hash(h) if h else None
+        (record,) = (await self.scripts.read(jobs=[job_key], client=self.redis)).records
+        return Job.from_record(record) if record else None
 
     async def page(
         self, account: str, first: int, after: str | None, status: str | None, token: str = ""
@@ -66,7 +65,7 @@ class JobStore:
                 start -= len(gone)
             for row in rows:
                 if row and (status is None or row.get("status") == status):
-                    found.append(Job.from_hash(row))
+                    found.append(Job.from_record(row))
             start += batch
         return found[:first], len(found) > first
 
@@ -82,19 +81,21 @@ class JobStore:
             job_id=job_id,
             client=self.redis,
         )
-        return Job.from_hash(reply.record) if reply.record else None
+        if not reply.record:
+            return None
+        return Job.from_record({**reply.record, "account": account, "id": job_id})
 
     async def save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
         """Record the upstream's job id before waiting on it, so a takeover resumes it."""
         job.upstream = upstream
-        await self.redis.hset(
-            keys.job(job.account, job.id), "upstream", orjson.dumps(upstream).decode()
+        await self.scripts.patch(
+            job=keys.job(job.account, job.id), fields={"upstream": upstream}, client=self.redis
         )
 
     async def save_progress(self, job: Job, metadata: dict[str, Any]) -> None:
         job.metadata = metadata
-        await self.redis.hset(
-            keys.job(job.account, job.id), "metadata", orjson.dumps(metadata).decode()
+        await self.scripts.patch(
+            job=keys.job(job.account, job.id), fields={"metadata": metadata}, client=self.redis
         )
 
     async def finish(
@@ -114,8 +115,21 @@ class JobStore:
         fields: dict[str, Any] = {}
         if urls is not None:
             fields.update(outcome_fields(urls, width, height, metadata or {}))
+            ended = {
+                **fields,
+                "params": job.params,
+                "created_at": job.created_at,
+                "completed_at": now_ms,
+                "attempts": job.attempts,
+            }
+            meta = compact_metadata(metadata or {}, ended)
+            if metadata and meta is not None:
+                fields["meta"], fields["metadata"] = meta, None  # (a progress report's)
+                for side in ("width", "height"):  # the size asked for: read from params
+                    if fields.get(side) == job.params.get(side):
+                        del fields[side]
         elif metadata is not None:
-            fields["metadata"] = orjson.dumps(metadata).decode()
+            fields["metadata"] = metadata
         if error:
             fields["error"] = error
         shard = keys.shard_of(job.account)

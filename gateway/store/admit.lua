@@ -35,7 +35,7 @@
 --       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
 --       11 client token (0/1), 12 the request's Origin ('' = none), 13 the service or
 --       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
---       keep all), 15.. job hash fields (name, value, ...)
+--       keep all), 15 the job record (JSON: record.lua)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
@@ -43,14 +43,12 @@
 --          origin, service or jobs; 'unauthenticated' nothing. For a token, balance is
 --          what is left of its budget (of the account's credits, if fewer, on 'credits').
 -- include: limits.lua
+-- include: record.lua
 local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
 local idem_hash, cacheable, retention = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
 local price = cost
--- The job fields a cache hit's record leaves out (see the hit below).
-local HIT_DROPS = {params = true, id = true, account = true, cost = true,
-  completed_at = true}
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
   'concurrency', 'daily')
@@ -149,7 +147,7 @@ if cacheable then
   else
     local leader = redis.call('GET', KEYS[11])
     if leader then
-      local state = redis.call('HGET', leader, 'status')
+      local state = (load_job(leader) or {})['status']
       if state == 'queued' or state == 'processing' then mode = 'follow' end
     end
   end
@@ -198,46 +196,44 @@ if tok then
   redis.call('ZADD', KEYS[15], now, job_id)
   redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
 end
-local outcome = {}
-if mode == 'hit' and entry[5] then
-  -- A hit's record refers to its cache entry (`hit` = 1 and the digest, `cache_key`)
-  -- instead of copying the outcome and the params: read.lua fills them in. So the entry
-  -- must outlive the record: it lives at least the record's retention from now. What
-  -- read.lua knows otherwise is left out too (id and account: the key's; type IMAGE and
-  -- cost 0: the defaults; completed_at: created_at), so the record stays a small
-  -- listpack (every value within hash-max-listpack-value): ~270 bytes, not ~2 KB.
-  local fields = {}
-  for i = 15, #ARGV, 2 do
-    local name, value = ARGV[i], ARGV[i + 1]
-    if not (HIT_DROPS[name] or (name == 'type' and value == 'IMAGE')) then
-      fields[#fields + 1], fields[#fields + 2] = name, value
-    end
-  end
-  redis.call('HSET', KEYS[6], unpack(fields))
-  if redis.call('PTTL', KEYS[10]) < retention then
-    redis.call('PEXPIRE', KEYS[10], retention)
-  end
+local outcome, hook = {}, false
+if mode == 'run' and not cacheable then
+  redis.call('SET', KEYS[6], ARGV[15])  -- the record as the caller made it
 else
-  redis.call('HSET', KEYS[6], unpack(ARGV, 15))
+  local job = cjson.decode(ARGV[15])
+  if mode == 'hit' then
+    outcome = {entry[1], entry[2], entry[3], entry[4]}
+    job['status'], hook = 'completed', job['webhook_url'] ~= nil
+    if entry[5] then
+      -- A hit's record refers to its cache entry (`hit` = 1 and the digest, `cache_key`)
+      -- instead of copying the outcome and the params: read.lua reads both. So the entry
+      -- must outlive the record: it lives at least the record's retention from now.
+      -- What is known otherwise is left out too (cost 0: the default; completed_at:
+      -- created_at), so the record stays ~200 bytes.
+      job['params'], job['cost'], job['hit'] = nil, nil, 1
+      if redis.call('PTTL', KEYS[10]) < retention then
+        redis.call('PEXPIRE', KEYS[10], retention)
+      end
+    else  -- an entry written before entries held their params: copy, as hits once did
+      job['completed_at'], job['cost'], job['price'] = now, 0, price
+      job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
+        tonumber(entry[2]), tonumber(entry[3])
+      job['metadata'] = cjson.decode(entry[4])
+    end
+  elseif mode == 'follow' then
+    job['cost'], job['price'] = 0, price
+  else
+    job['price'] = price
+  end
+  redis.call('SET', KEYS[6], cjson.encode(job))
 end
 if mode == 'hit' then
-  outcome = {entry[1], entry[2], entry[3], entry[4]}
-  if entry[5] then
-    redis.call('HSET', KEYS[6], 'status', 'completed', 'hit', 1)
-  else  -- an entry written before entries held their params: copy, as hits once did
-    redis.call('HSET', KEYS[6], 'status', 'completed', 'completed_at', now, 'cost', 0,
-      'price', price, 'urls', entry[1], 'width', entry[2], 'height', entry[3],
-      'metadata', entry[4])
-  end
   redis.call('PEXPIRE', KEYS[6], retention)
   -- It ended here, not in finish.lua: its webhook is scheduled here, in the same step.
-  if redis.call('HEXISTS', KEYS[6], 'webhook_url') == 1 then
-    redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6])
-  end
+  if hook then redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6]) end
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif mode == 'follow' then
-  redis.call('HSET', KEYS[6], 'cost', 0, 'price', price)
   redis.call('RPUSH', KEYS[12], KEYS[6])
   redis.call('PEXPIRE', KEYS[12], lease)
   redis.call('SADD', KEYS[13], KEYS[11])  -- watched, should its leader's worker die
@@ -245,7 +241,6 @@ elseif mode == 'follow' then
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif cacheable then
   redis.call('SET', KEYS[11], KEYS[6], 'PX', lease)
-  redis.call('HSET', KEYS[6], 'price', price)
   redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
 end
 redis.call('ZADD', KEYS[7], now, job_id)

@@ -11,20 +11,22 @@
 -- KEYS: 1 job, 2 running, 3 account, 4 ledger, 5 webhook schedule, 6 cancellation log,
 --       7 the client token the job was made with (the job's `token`; unused without)
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6 ledger_keep_ms
---       (older ledger entries are trimmed; 0 = keep all), 7.. job hash fields
+--       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
+--       fields the end sets (its outcome or its error; null: removed)
 -- The record then lives for the retention time, like its outputs.
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {0, 'missing'} end
+if not job then return {0, 'missing'} end
 if again then return {1, tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')} end
+local status = job['status']
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
 mark()
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2], unpack(ARGV, 7))
+for name, value in pairs(cjson.decode(ARGV[7])) do set(job, name, value) end
+job['status'], job['completed_at'] = ARGV[1], tonumber(ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[3])
 local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
-local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
+local cost = tonumber(job['cost'] or '0')
 if ARGV[4] == '1' and cost > 0 then
   balance = redis.call('HINCRBY', KEYS[3], 'credits', cost)
   local keep = tonumber(ARGV[6])
@@ -35,15 +37,13 @@ if ARGV[4] == '1' and cost > 0 then
     redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
       'balance', balance)
   end
-  redis.call('HSET', KEYS[1], 'refunded', cost)
-  if redis.call('HEXISTS', KEYS[1], 'token') == 1 and redis.call('EXISTS', KEYS[7]) == 1 then
+  job['refunded'] = cost
+  if (job['token'] or '') ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('HINCRBY', KEYS[7], 'spent', -cost)
   end
 end
-local hook = redis.call('HGET', KEYS[1], 'webhook_url')
-if hook and hook ~= '' then
-  redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1])
-end
+save_job(KEYS[1], job)
+if (job['webhook_url'] or '') ~= '' then redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1]) end
 if ARGV[1] == 'cancelled' and status == 'processing' then
   redis.call('ZADD', KEYS[6], ARGV[2], KEYS[1])
 end

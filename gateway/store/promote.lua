@@ -6,19 +6,22 @@
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms, 5 ledger_keep_ms (older ledger
 --       entries are trimmed; 0 = keep all)
 -- Returns 'promoted', 'poor' (failed: not enough credits) or 'skip' (it had ended).
--- Runs inside once.lua: sent again, it charges and queues nothing more.
-local f = redis.call('HMGET', KEYS[1], 'status', 'price', 'webhook_url')
-if again then return f[1] == 'failed' and 'poor' or 'promoted' end
-if f[1] ~= 'queued' then return 'skip' end
+-- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
+-- more.
+if again then return job['status'] == 'failed' and 'poor' or 'promoted' end
+if not job or job['status'] ~= 'queued' then return 'skip' end
 mark()
-local price = tonumber(f[2] or '0')
+local price = tonumber(job['price'] or '0')
 local credits = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
 if credits < price then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'completed_at', ARGV[1], 'error',
-    'the identical request this job waited for failed, and there were not enough ' ..
-    'credits to run it again')
+  job['status'], job['completed_at'] = 'failed', tonumber(ARGV[1])
+  job['error'] = 'the identical request this job waited for failed, and there were not ' ..
+    'enough credits to run it again'
+  save_job(KEYS[1], job)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-  if f[3] and f[3] ~= '' then redis.call('ZADD', KEYS[6], 'NX', ARGV[1], KEYS[1]) end
+  if (job['webhook_url'] or '') ~= '' then
+    redis.call('ZADD', KEYS[6], 'NX', ARGV[1], KEYS[1])
+  end
   return 'poor'
 end
 if price > 0 then
@@ -32,7 +35,8 @@ if price > 0 then
       'balance', balance)
   end
 end
-redis.call('HSET', KEYS[1], 'cost', price)
+job['cost'] = price
+save_job(KEYS[1], job)
 redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)
 redis.call('XADD', KEYS[4], '*', 'job', KEYS[1])
 redis.call('SET', KEYS[5], KEYS[1], 'PX', tonumber(ARGV[2]))

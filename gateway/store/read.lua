@@ -1,37 +1,37 @@
 -- read: job records, each whole in one round trip. A cache hit's record does not copy
--- its outcome (admit.lua): it holds `hit` = '1' and the entry's digest (`cache_key`),
--- and its urls, width, height, metadata and params are read here from that cache entry
--- (its shard's `cache:<digest>`, in the job's slot: the same `{sN}` tag). The entry
--- lives at least as long as every hit that refers to it (admit.lua extends it). The
--- record's id and account are its key's; its completed_at, its created_at.
--- Called through `Read` in scripts.py (named keys, a typed reply).
+-- its outcome (admit.lua): it holds `hit` = 1 and the entry's digest (`cache_key`), and
+-- its urls, width, height, metadata and params are those of that cache entry (its
+-- shard's `cache:<digest>`, in the job's slot: the same `{sN}` tag), read here with it.
+-- The entry lives at least as long as every hit that refers to it (admit.lua extends it).
+-- Called through `Read` in scripts.py (named keys, a typed reply), which fills in what
+-- the record leaves out (record.lua) and a hit's outcome.
 -- KEYS: the job records (of one shard)   ARGV: none
--- Returns one flat {field, value, ...} per key; empty for a record that is gone.
+-- Returns, per key: {} for a record that is gone; else {the record as JSON} and, for a
+-- hit, the entry's {urls, width, height, hit_metadata, params} after it.
+-- include: record.lua
 local out = {}
 for i, key in ipairs(KEYS) do
-  local record = redis.call('HGETALL', key)
-  local f = {}
-  for j = 1, #record, 2 do f[record[j]] = record[j + 1] end
-  if f['hit'] == '1' and f['cache_key'] then
-    local function add(name, value)
-      if value and not f[name] then
-        record[#record + 1], record[#record + 2] = name, value
-      end
+  local raw = redis.pcall('GET', key)
+  local hit, digest
+  if type(raw) == 'string' then
+    if string.find(raw, '"hit":', 1, true) then
+      local job = cjson.decode(raw)
+      hit, digest = tonumber(job['hit'] or '0') == 1, job['cache_key']
     end
-    -- What admit.lua left out of the record: the key's, the defaults, the entry's.
-    local account, id = string.match(key, ':a:([^:]+):job:(.+)$')
-    add('id', id)
-    add('account', account)
-    add('completed_at', f['created_at'])
-    local entry = string.match(key, '^(.-{s%d+}:)') .. 'cache:' .. f['cache_key']
+  elseif raw then  -- a record written as a hash (record.lua)
+    local job = load_job(key)
+    hit, digest = job['hit'] == '1', job['cache_key']
+    raw = cjson.encode(job)
+  end
+  if not raw then
+    out[i] = {}
+  elseif hit and digest then
+    local entry = string.match(key, '^(.-{s%d+}:)') .. 'cache:' .. digest
     local e = redis.call('HMGET', entry, 'urls', 'width', 'height', 'hit_metadata',
       'params')
-    add('urls', e[1])
-    add('width', e[2])
-    add('height', e[3])
-    add('metadata', e[4])
-    add('params', e[5])
+    out[i] = {raw, e[1] or '', e[2] or '', e[3] or '', e[4] or '', e[5] or ''}
+  else
+    out[i] = {raw}
   end
-  out[i] = record
 end
 return out

@@ -1,7 +1,7 @@
 """The Redis connection (a real server, or the embedded fakeredis store), and what a
 failure of the store means.
 
-The Lua scripts are in `scripts.py`; `Scripts`, `Script`, `source`, `NAMES` and `flat`
+The Lua scripts are in `scripts.py`; `Scripts`, `Script`, `source` and `NAMES`
 are re-exported here, where they used to live."""
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from gateway.store.batching import BatchingCluster, BatchingRedis
 from gateway.store.scripts import NAMES as NAMES
 from gateway.store.scripts import Script as Script
 from gateway.store.scripts import Scripts as Scripts
-from gateway.store.scripts import flat as flat
 from gateway.store.scripts import source as source
 
 # The store cannot serve us now: unreachable (refused, reset, timed out, still loading

@@ -10,9 +10,10 @@ the wrapper, as the header of its script (KEYS, ARGV, Returns) states them.
 start-up that each attribute runs the file of its own name. A wrapper sends one EVALSHA
 and nothing else: admission, the hottest path, stays one round trip.
 
-A script's source is its file with its includes spliced in (`-- include: NAME.lua`
-lines; `limits.lua` is shared by admit.lua and auth.lua) and, for the scripts that
-change one job record, wrapped in `once.lua`. A file or a marker that is not there
+A script's source is its file, wrapped in `once.lua` for the scripts that change one
+job record, with its includes spliced in (`-- include: NAME.lua` lines: `limits.lua`,
+shared by admit.lua and auth.lua; `record.lua`, by those that read or write a job
+record). A file or a marker that is not there
 fails at start-up, not at the first call.
 """
 
@@ -25,8 +26,11 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+
+from gateway.store import keys
 
 HERE = Path(__file__).parent
 INCLUDE = re.compile(r"^-- include: ([a-z_]+)\.lua\n", re.MULTILINE)
@@ -49,22 +53,13 @@ def source(name: str) -> str:
     """The Lua source Redis runs for the script `name` (what its SHA-1 is taken of)."""
     if name not in BY_NAME:
         raise ScriptSourceError(f"no script named {name!r}; the scripts are {NAMES}")
-    text = INCLUDE.sub(lambda m: _read(m[1]), _read(name))
-    if not BY_NAME[name].once:
-        return text
-    wrapper = _read("once")
-    if wrapper.count(BODY) != 1:
-        raise ScriptSourceError(f"once.lua must hold one {BODY.strip()!r} line, for {name}.lua")
-    return wrapper.replace(BODY, text)
-
-
-def flat(mapping: dict[str, Any]) -> list[Any]:
-    """A dict as the flat name, value, ... list HSET and our scripts take (None left out)."""
-    out: list[Any] = []
-    for k, v in mapping.items():
-        if v is not None:
-            out += [k, v]
-    return out
+    text = _read(name)
+    if BY_NAME[name].once:
+        wrapper = _read("once")
+        if wrapper.count(BODY) != 1:
+            raise ScriptSourceError(f"once.lua must hold one {BODY.strip()!r} line, for {name}.lua")
+        text = wrapper.replace(BODY, text)
+    return INCLUDE.sub(lambda m: _read(m[1]), text)
 
 
 class Script:
@@ -173,7 +168,7 @@ class Admit(Script):
         token: bool,
         origin: str,
         service: str,
-        fields: dict[str, Any],
+        record: bytes,
         ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> AdmitReply:
@@ -208,7 +203,7 @@ class Admit(Script):
             origin,
             service,
             ledger_keep_ms,
-            *flat(fields),
+            record,
         ]
         return self.decode(await self.run(16, argv, client))
 
@@ -315,7 +310,7 @@ class Auth(Script):
 class StartReply(NamedTuple):
     status: str  # the job's status before this call; 'missing' when there is no record
     attempts: int  # counting this one; 0 when the job was not started (missing or ended)
-    record: dict[str, str]  # the record as started; empty when it was not started
+    record: dict[str, Any]  # the record as started (record.lua); empty when not started
 
 
 class Start(Script):
@@ -341,7 +336,7 @@ class Start(Script):
         return StartReply(
             status=str(reply[0]),
             attempts=int(reply[1]),
-            record=dict(zip(reply[2::2], reply[3::2], strict=True)),
+            record=orjson.loads(reply[2]) if len(reply) > 2 else {},
         )
 
 
@@ -393,7 +388,7 @@ class Finish(Script):
             1 if refund else 0,
             retention_ms,
             ledger_keep_ms,
-            *flat(fields),
+            orjson.dumps(fields),
         ]
         return self.decode(await self.run(7, argv, client))
 
@@ -572,7 +567,9 @@ class Promote(Script):
 
 
 class ReadReply(NamedTuple):
-    records: list[dict[str, str]]  # one per key, in order; empty for a record that is gone
+    # One per key, in order (record.lua's fields with `id` and `account` from the key, and
+    # a cache hit's outcome from its entry); empty for a record that is gone.
+    records: list[dict[str, Any]]
 
 
 class Read(Script):
@@ -581,11 +578,52 @@ class Read(Script):
     name = "read"
 
     async def __call__(self, *, jobs: list[str], client: aioredis.Redis | None = None) -> ReadReply:
-        return self.decode(await self.run(len(jobs), list(jobs), client))
+        return self.decode(jobs, await self.run(len(jobs), list(jobs), client))
 
     @staticmethod
-    def decode(reply: list[Any]) -> ReadReply:
-        return ReadReply(records=[dict(zip(r[::2], r[1::2], strict=True)) for r in reply])
+    def decode(jobs: list[str], reply: list[Any]) -> ReadReply:
+        records: list[dict[str, Any]] = []
+        for key, row in zip(jobs, reply, strict=True):
+            if not row:
+                records.append({})
+                continue
+            record: dict[str, Any] = orjson.loads(row[0])
+            record["account"], record["id"] = keys.job_parts(key)
+            if len(row) > 1:  # a hit: what its entry holds, and what a hit is
+                urls, width, height, metadata, params = row[1:]
+                record.setdefault("urls", urls)
+                record.setdefault("width", width)
+                record.setdefault("height", height)
+                record.setdefault("metadata", metadata)
+                record.setdefault("params", params)
+                record.setdefault("completed_at", record.get("created_at"))
+            records.append(record)
+        return ReadReply(records=records)
+
+
+# -- patch.lua -----------------------------------------------------------------------
+
+
+class PatchReply(NamedTuple):
+    found: bool  # False: the record is gone (nothing was set)
+    counted: int  # the counted field's new value (0 when none was asked)
+
+
+class Patch(Script):
+    """patch.lua: set fields of a job record, and count one, in one step."""
+
+    name = "patch"
+
+    async def __call__(
+        self,
+        *,
+        job: str,
+        fields: dict[str, Any],
+        count: str = "",
+        client: aioredis.Redis | None = None,
+    ) -> PatchReply:
+        reply = int(await self.run(1, [job, orjson.dumps(fields), count], client))
+        return PatchReply(found=reply >= 0, counted=max(reply, 0))
 
 
 # -- apq_put.lua, apq_get.lua ---------------------------------------------------------
@@ -648,7 +686,20 @@ class ApqGet(Script):
 
 BY_NAME: dict[str, type[Script]] = {
     kind.name: kind
-    for kind in (Admit, Start, Finish, Credit, Auth, Claim, Settle, Promote, Read, ApqPut, ApqGet)
+    for kind in (
+        Admit,
+        Start,
+        Finish,
+        Credit,
+        Auth,
+        Claim,
+        Settle,
+        Promote,
+        Read,
+        Patch,
+        ApqPut,
+        ApqGet,
+    )
 }
 NAMES = tuple(BY_NAME)
 ONCE = frozenset(name for name, kind in BY_NAME.items() if kind.once)
@@ -668,6 +719,7 @@ class Scripts:
         self.settle = Settle(client)
         self.promote = Promote(client)
         self.read = Read(client)
+        self.patch = Patch(client)
         self.apq_put = ApqPut(client)
         self.apq_get = ApqGet(client)
         self.by_name: dict[str, Script] = {

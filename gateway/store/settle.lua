@@ -8,6 +8,7 @@
 -- The entry answers hits `until` the outputs' retention ends (admit.lua); each hit, whose
 -- record refers to the entry (read.lua), keeps the entry that long after it.
 -- Returns the keys of the followers it completed.
+-- include: record.lua
 local now, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'urls', ARGV[4], 'width', ARGV[5], 'height', ARGV[6],
   'metadata', ARGV[7], 'hit_metadata', ARGV[8], 'params', ARGV[9], 'until', now + retention)
@@ -21,13 +22,16 @@ meta['cached'] = true
 meta['coalesced'] = true
 local done = {}
 for _, key in ipairs(followers) do
-  local f = redis.call('HMGET', key, 'status', 'created_at', 'webhook_url')
-  if f[1] == 'queued' then
-    meta['duration'] = (now - tonumber(f[2])) / 1000
-    redis.call('HSET', key, 'status', 'completed', 'completed_at', now, 'urls', ARGV[4],
-      'width', ARGV[5], 'height', ARGV[6], 'metadata', cjson.encode(meta))
+  local job = load_job(key)
+  if job and job['status'] == 'queued' then
+    meta['duration'] = (now - tonumber(job['created_at'])) / 1000
+    job['status'], job['completed_at'] = 'completed', now
+    job['urls'], job['width'], job['height'] = cjson.decode(ARGV[4]), tonumber(ARGV[5]),
+      tonumber(ARGV[6])
+    job['metadata'] = meta
+    save_job(key, job)
     redis.call('PEXPIRE', key, retention)
-    if f[3] and f[3] ~= '' then redis.call('ZADD', KEYS[4], 'NX', now, key) end
+    if (job['webhook_url'] or '') ~= '' then redis.call('ZADD', KEYS[4], 'NX', now, key) end
     done[#done + 1] = key
   end
 end

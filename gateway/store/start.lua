@@ -1,23 +1,22 @@
 -- start: a worker takes a job. Marks it processing, counts the attempt, (re)takes its
 -- concurrency slot as a lease the worker keeps renewing, and answers with the record:
--- taking a job is one round trip. Runs inside once.lua: sent again, it counts nothing.
+-- taking a job is one round trip. Runs inside once.lua (`job` is the record): sent
+-- again, it counts nothing.
 -- Called through `Start` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 job, 2 running   ARGV: 1 now_ms, 2 lease_ms, 3 job_id
--- Returns {status before, attempts, field, value, ...}: the record as started; a job
--- already ended is left untouched ({status, 0}), a missing one is {'missing', 0}.
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
+-- Returns {status before, attempts, the record as started (JSON)}: a job already ended
+-- is left untouched ({status, 0}), a missing one is {'missing', 0}.
+if not job then return {'missing', 0} end
+local status = job['status']
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {status, 0}
 end
-local attempts
-if again then
-  attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
-else
-  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  redis.call('HSET', KEYS[1], 'status', 'processing')
-  redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
+if not again then
+  job['attempts'] = tonumber(job['attempts'] or '0') + 1
+  job['status'] = 'processing'
+  if not job['started_at'] then job['started_at'] = tonumber(ARGV[1]) end
   redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
   mark()
+  save_job(KEYS[1], job)
 end
-return {status, attempts, unpack(redis.call('HGETALL', KEYS[1]))}
+return {status, tonumber(job['attempts']), cjson.encode(job)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,8 +28,9 @@ from gateway.jobs.store import JobStore
 from gateway.providers import http
 from gateway.providers.http import Answer, UpstreamClient, backoff, retry_after_seconds
 from gateway.store import keys
-from gateway.store.redis import Scripts, connect, flat
+from gateway.store.redis import Scripts, connect
 from gateway.webhooks import Webhooks
+from tests.records import record
 
 
 def answer(status: int = 429, retry_after: str | None = None) -> Answer:
@@ -196,7 +198,7 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
     )
     job_key = keys.job(job.account, job.id)
     schedule = keys.webhooks(keys.shard_of_key(job_key))
-    await redis.hset(job_key, items=flat(job.to_hash()))
+    await redis.set(job_key, orjson.dumps(job.to_record()))
     async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
         hooks = Webhooks(
             redis=redis,
@@ -213,10 +215,10 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
             due_in = due - now * 1000
             # Jittered below the schedule, never above it: 80% to 100% of the delay.
             assert delay * 800 <= due_in <= delay * 1000, (attempt, due_in)
-            assert await redis.hget(job_key, "webhook_status") == "retrying"
+            assert (await record(redis, job_key))["webhook_status"] == "retrying"
         assert await hooks.deliver(job_key) is False  # one more than there are delays
         assert await redis.zscore(schedule, job_key) is None
-        assert await redis.hget(job_key, "webhook_status") == "failed"
+        assert (await record(redis, job_key))["webhook_status"] == "failed"
     assert len(received) == len(delays) + 1
     log = await hooks.attempts(job.account, job.id)
     assert [(a["attempt"], a["statusCode"], a["success"]) for a in log] == [

@@ -1,0 +1,25 @@
+-- record: a job record is one JSON object stored as a string, not a hash. A hash with
+-- any value longer than Redis's hash-max-listpack-value (64 bytes by default: every
+-- prompt, so every params) is stored as a hash table, at over twice the bytes; the
+-- string holds the same fields in about half (docs/api.md#redis-memory).
+-- The record leaves out what its key says (id and account) and what is absent or the
+-- default (type IMAGE, cost 0, an unset field). Numbers may be stored as strings (a
+-- record written as a hash, before this format, is read as one: see load_job), so
+-- readers take each through tonumber.
+local function load_job(key)
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'string' then return cjson.decode(raw) end
+  if not raw then return nil end
+  -- WRONGTYPE: a record written as a hash; its fields, as they were (strings).
+  local flat, job = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
+  return job
+end
+-- Stores the record, keeping the key's time to live (SET replaces a hash too).
+local function save_job(key, job)
+  redis.call('SET', key, cjson.encode(job), 'KEEPTTL')
+end
+-- Sets a field from a decoded JSON object: null removes it.
+local function set(job, name, value)
+  if value == cjson.null then job[name] = nil else job[name] = value end
+end

@@ -76,6 +76,11 @@ class Waiter:
         if self._woken is not None:
             _wake(self._woken)
 
+    def nudge(self) -> None:
+        """Wake the owner with nothing delivered (it looks at its job again)."""
+        if self._woken is not None:
+            _wake(self._woken)
+
     def close(self) -> None:
         for token in self.tokens:
             waiters = self.inbox.waiting.get(token)

@@ -62,6 +62,7 @@ class JobRun:
     progress: Hook
     cancelled: Callable[[], Awaitable[bool]]
     deadline: float  # on the router's clock
+    key: str = ""  # the job's (its record's key): a cancellation nudges its wait
 
 
 class Router:
@@ -179,6 +180,7 @@ class Router:
         progress: Hook,
         cancelled: Callable[[], Awaitable[bool]],
         deadline: float,
+        key: str = "",
     ) -> Result:
         """Run the job on the first backend that delivers; resume a stored upstream job."""
         try:
@@ -188,7 +190,7 @@ class Router:
         if resume and resume.get("backend") in order:
             # Backends before the stored one already failed this job: do not retry them.
             order = order[order.index(resume["backend"]) :]
-        job = JobRun(params, save_upstream, progress, cancelled, deadline)
+        job = JobRun(params, save_upstream, progress, cancelled, deadline, key)
         errors: list[str] = []
         tried = "none"
         for backend in order:
@@ -236,6 +238,7 @@ class Router:
                 progress=job.progress,
                 cancelled=job.cancelled,
                 deadline=job.deadline,
+                key=job.key,
             )
         )
         if polled.state == "cancelled":

@@ -21,11 +21,13 @@ from gateway.errors import ProviderError, ProviderTimeout
 from gateway.providers.base import Polled, Provider
 
 if TYPE_CHECKING:
-    from gateway.callbacks import RedisInbox
+    from gateway.callbacks import RedisInbox, Waiter
 
-#: seconds between polls of a job whose upstream will call back: a lost callback only
-#: delays the job by this much
+#: seconds before the first poll of a job whose upstream will call back (a lost callback
+#: only delays the job by this much); each later one waits twice as long, up to
+#: FALLBACK_LONGEST, so a long job that waits for its callback is hardly ever woken
 CALLBACK_FALLBACK = 30.0
+FALLBACK_LONGEST = 300.0
 #: failed polls in a row that end the wait (fewer are passing trouble, polled again)
 POLL_ERRORS_IN_A_ROW = 5
 #: after this many seconds the poll interval grows by half each poll, up to SLOWEST_POLL
@@ -50,6 +52,7 @@ class UpstreamJob:
     progress: Hook  # called with each new upstream status (and its metadata)
     cancelled: Callable[[], Awaitable[bool]]  # whether the client has cancelled the job
     deadline: float  # on the waiter's clock
+    key: str = ""  # the job's, for `UpstreamWait.nudge`
 
 
 class UpstreamWait:
@@ -74,13 +77,23 @@ class UpstreamWait:
         self.inbox = inbox
         self.callback_fallback = callback_fallback
         self.clock = clock
+        self.waiters: dict[str, Waiter] = {}  # the jobs waiting for a callback, by key
+
+    def nudge(self, key: str) -> None:
+        """Wake the job `key` if it waits for a callback (it was cancelled, say): such a
+        job sleeps until its callback, its next fallback poll or its deadline."""
+        waiter = self.waiters.get(key)
+        if waiter is not None:
+            waiter.nudge()
 
     async def wait(self, job: UpstreamJob) -> Polled:
         """The upstream job's last poll, once it is no longer pending.
 
         A job whose upstream calls back is polled once its callback came, and otherwise
-        only every `callback_fallback` seconds (a lost callback is slower, not lost);
-        the wait still notices a cancellation within one poll interval. Raises
+        only after `callback_fallback` seconds, then twice as long each time (a lost
+        callback is slower, not lost); it sleeps until then, its deadline, or a `nudge`
+        (the worker's, when the job is cancelled). A polled job notices a cancellation
+        within one poll interval. Raises
         `JobCancelled`, `ProviderTimeout` at the deadline, or the `ProviderError` of
         the last of `POLL_ERRORS_IN_A_ROW` failed polls.
         """
@@ -92,6 +105,9 @@ class UpstreamWait:
         errors_in_a_row = 0
         last_status = ""
         polled_at = -math.inf
+        fallback = self.callback_fallback
+        if waiter is not None and job.key:
+            self.waiters[job.key] = waiter
         try:
             if waiter is not None and not await waiter.check():
                 polled_at = started  # the submit's answer is news enough: wait first
@@ -102,11 +118,8 @@ class UpstreamWait:
                 if self.clock() >= job.deadline:
                     await self.cancel(job)
                     raise ProviderTimeout(f"{backend} did not finish in time")
-                due = (
-                    waiter is None
-                    or waiter.delivered
-                    or self.clock() - polled_at >= self.callback_fallback
-                )
+                called_back = waiter is not None and waiter.delivered
+                due = waiter is None or called_back or self.clock() - polled_at >= fallback
                 if due:
                     polled_at = self.clock()
                     try:
@@ -122,25 +135,32 @@ class UpstreamWait:
                         polled = Polled(state="pending")
                     if polled.state != "pending":
                         return polled
-                    if waiter is not None and waiter.delivered:
+                    if waiter is not None and not called_back:  # a lost callback?
+                        fallback = min(fallback * 2, FALLBACK_LONGEST)
+                    elif waiter is not None:
                         if waiter.settled:  # all called back, still pending: at the pace
-                            waiter.close()
+                            self._forget(job, waiter)
                             waiter = None
                         else:  # one job of several done: wait for the others
                             waiter.delivered = False
                     if polled.upstream_status and polled.upstream_status != last_status:
                         last_status = polled.upstream_status
                         await job.progress({"upstreamStatus": last_status, **polled.metadata})
+                if waiter is not None:
+                    until = min(polled_at + fallback * random.uniform(0.9, 1.1), job.deadline)
+                    await waiter.wait(max(until - self.clock(), 0.0))
+                    continue
                 if self.clock() - started > SLOW_DOWN_AFTER:
                     interval = min(interval * 1.5, SLOWEST_POLL)
-                pause = interval * random.uniform(0.9, 1.1)
-                if waiter is not None:
-                    await waiter.wait(pause)
-                else:
-                    await asyncio.sleep(pause)
+                await asyncio.sleep(interval * random.uniform(0.9, 1.1))
         finally:
             if waiter is not None:
-                waiter.close()
+                self._forget(job, waiter)
+
+    def _forget(self, job: UpstreamJob, waiter: Waiter) -> None:
+        waiter.close()
+        if self.waiters.get(job.key) is waiter:
+            del self.waiters[job.key]
 
     async def cancel(self, job: UpstreamJob) -> None:
         """Best effort: the job ends on our side whatever the upstream answers."""

@@ -549,6 +549,46 @@ async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
         assert job.polls == 1  # the fallback poll, a second after the submit
 
 
+async def test_a_job_whose_callback_is_lost_is_polled_less_and_less_often(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Fallback polls 1, 2, 4 s apart (each wait twice the last): a 5-second job is
+    read three times, not five, and a long one not at its providers' pace."""
+    up.krea.job_seconds = 5.0
+    up.krea.drop_webhooks = True
+    async with gateway(
+        redis_url, storage_dir, public=True, callback_fallback_seconds=1.0, **up.settings
+    ) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
+        assert done["status"] == "completed", done["error"]
+        (job,) = up.krea.jobs.values()
+        assert job.polls == 3  # at ~1, ~3 and ~7 s
+
+
+async def test_a_job_waiting_for_its_callback_is_cancelled_at_once(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Such a job sleeps until its callback or its fallback poll (30 s here): the
+    worker's cancellation watch wakes it, so a cancel ends it within about a second."""
+    up.krea.job_seconds = 120.0
+    async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key, provider="flux-dev")
+        upstream = gw.app.state.gateway.router.upstream
+        await until(lambda: upstream.waiters, "the job to wait for its callback")
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job_id}, key
+        )
+        assert r.json()["data"]["cancelJob"]["status"] == "cancelled", r.text
+        started = time.monotonic()
+
+        await until(lambda: not upstream.waiters, "the wait to end")
+        assert time.monotonic() - started < 5
+        (job,) = up.krea.jobs.values()
+        assert job.polls == 0  # never woken to poll while it waited
+
+
 async def test_a_forged_krea_callback_completes_nothing(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:

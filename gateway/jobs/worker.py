@@ -237,6 +237,7 @@ class Worker:
                     deadline=self.router.clock()
                     + self.settings.job_deadline_seconds
                     - (self.clock() - job.created_at / 1000),
+                    key=job_key,
                 )
                 if span is not None:
                     span.set_attribute("gateway.backend", result.backend)
@@ -303,7 +304,10 @@ class Worker:
             if not found and not self.cancelled:
                 continue  # the usual second: nothing cancelled, no set of every job built
             running = {r.job_key for r in self.running.values()}
+            newly = (found & running) - self.cancelled
             self.cancelled = (self.cancelled & running) | (found & running)
+            for key in newly:  # one waiting for its callback sleeps until told
+                self.router.upstream.nudge(key)
 
     async def _cancelled(self, job_key: str) -> bool:
         return job_key in self.cancelled

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import compat, metrics_http, openai_api, pages, rest, telemetry_http
+from gateway import compat, metrics, metrics_http, openai_api, pages, rest, telemetry_http
 from gateway.artifacts import StorageUnavailable
 from gateway.config import Settings
 from gateway.cors import CORS
@@ -199,8 +199,12 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
     app.router.redirect_slashes = False
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
-    if settings.metrics_enabled:  # around the others: what they refuse counts too
-        app.add_middleware(metrics_http.HttpMetrics)
-    # Outermost of all: every answer, a refusal of any middleware above, carries the id.
-    app.add_middleware(telemetry_http.RequestTelemetry, refuse=error_response)
+    # Outermost: every answer, a refusal of any middleware above, carries the id, and is
+    # counted and logged.
+    app.add_middleware(
+        telemetry_http.RequestTelemetry,
+        refuse=error_response,
+        count=metrics.HTTP.count if settings.metrics_enabled else None,
+        log=settings.access_log,
+    )
     return app

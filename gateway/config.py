@@ -157,6 +157,9 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="the gauges read from Redis are read at most this often"
     )
 
+    # Logs (docs/api.md#logs-and-traces): the `request` line of every HTTP answer
+    access_log: bool = Field(default=True, description="one JSON log line per HTTP request")
+
     # Filled from the TOML file named by GATEWAY_CONFIG
     plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
     routes: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))

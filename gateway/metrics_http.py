@@ -1,7 +1,7 @@
-"""Serving the metrics of `gateway/metrics.py` (docs/api.md#metrics): the middleware that
-counts HTTP requests, `GET /metrics` of `gateway serve`, the endpoint `gateway worker`
-serves on `GATEWAY_METRICS_PORT`, and the gauges read from Redis or from this process's
-worker and router.
+"""Serving the metrics of `gateway/metrics.py` (docs/api.md#metrics): `GET /metrics` of
+`gateway serve`, the endpoint `gateway worker` serves on `GATEWAY_METRICS_PORT`, and the
+gauges read from Redis or from this process's worker and router. HTTP requests are
+counted by the outermost middleware, `gateway/telemetry_http.py`.
 
 Each process serves its own figures and Prometheus scrapes every process as a target
 of its own; prometheus-client's multiprocess mode (one port for processes that share
@@ -30,10 +30,10 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
-from prometheus_client import REGISTRY, Counter, Histogram, make_asgi_app, make_wsgi_app
+from prometheus_client import REGISTRY, make_asgi_app, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway import metrics, rest
 from gateway.breaker import Breaker
@@ -47,49 +47,6 @@ log = structlog.get_logger("gateway.metrics")
 
 PATH = "/metrics"
 REFRESH_WAIT = 5.0  # seconds a worker's scrape waits for the Redis read before answering
-
-
-# -- counting requests -----------------------------------------------------------------
-
-
-class HttpMetrics:
-    """Counts every HTTP request by route template and status, and times it (ASGI
-    middleware, outermost: refusals of the middlewares inside are counted too).
-
-    The route is the template of the one Starlette matched (`/v1/jobs/{job_id}`, never
-    the path itself); `unmatched` when none did. Each (route, status) pair's counter and
-    histogram children are bound on its first request and reused."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # raised before answering: the server answers 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            key = (metrics.UNMATCHED if route is None else route.path, status)
-            series = self.series.get(key)
-            if series is None:
-                series = self.series[key] = (
-                    metrics.HTTP_REQUESTS.labels(key[0], str(status)),
-                    metrics.HTTP_DURATION.labels(key[0]),
-                )
-            series[0].inc()
-            series[1].observe(time.perf_counter() - started)
 
 
 # -- the gauges --------------------------------------------------------------------------

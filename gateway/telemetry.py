@@ -44,11 +44,16 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
 #: the fields of the request being answered (its log line is written from them)
 _REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("gateway_request", default=None)
-#: structlog's own variable for `request_id`, the one `bind_contextvars(request_id=...)`
-#: sets (set here once to `...`, which structlog takes for unset), to set it directly
-_REQUEST_ID: ContextVar[Any] = structlog.contextvars.bind_contextvars(request_id=...)[
-    "request_id"
-].var
+#: structlog's own variables for the fields of the log context, the ones
+#: `bind_contextvars(name=...)` sets (set here once to `...`, which structlog takes for
+#: unset), to set them directly
+_VARS: dict[str, ContextVar[Any]] = {
+    name: token.var
+    for name, token in structlog.contextvars.bind_contextvars(
+        request_id=..., account=..., job_id=...
+    ).items()
+}
+_REQUEST_ID = _VARS["request_id"]
 
 
 def request_id(given: bytes | None) -> str:
@@ -57,7 +62,7 @@ def request_id(given: bytes | None) -> str:
     randomness, a syscall per request)."""
     if given is not None and REQUEST_ID.fullmatch(given):
         return given.decode("ascii")
-    return f"{random.getrandbits(96):024x}"
+    return random.getrandbits(96).to_bytes(12).hex()
 
 
 def open_request(rid: str) -> tuple[dict[str, Any], Any]:
@@ -74,13 +79,14 @@ def close_request(tokens: Any) -> None:
 
 
 def note(**fields: str) -> None:
-    """What became known of the request or job at hand (`account`, `job_id`): on every
-    line logged after it in this task, and on the request's own line. Never a key, a
-    token or a prompt."""
+    """What became known of the request or job at hand (`account`, `job_id`: the fields
+    of the log context): on every line logged after it in this task, and on the
+    request's own line. Never a key, a token or a prompt."""
     current = _REQUEST.get()
     if current is not None:  # seen by the request's line, from whichever task notes it
         current.update(fields)
-    structlog.contextvars.bind_contextvars(**fields)
+    for name, value in fields.items():
+        _VARS[name].set(value)
 
 
 # -- traces ------------------------------------------------------------------------------
@@ -196,6 +202,9 @@ def traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()  # reusable: it holds nothing
+
+
 def span(
     name: str,
     *,
@@ -208,7 +217,7 @@ def span(
     None). `parent`: a stored `traceparent` to start from; `context`: an extracted one;
     `kind`: internal, server or client."""
     if not ENABLED or _tracer is None:
-        return contextlib.nullcontext()
+        return _NO_SPAN
     from opentelemetry.trace import SpanKind
 
     return _tracer.start_as_current_span(

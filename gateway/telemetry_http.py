@@ -1,20 +1,34 @@
-"""The request's id, its log line and its span (docs/api.md#logs-and-traces): one ASGI
-middleware, outermost, in the cheap style of `gateway/metrics_http.py`.
+"""The request's id, its log line, its metrics and its span (docs/api.md#logs-and-traces,
+docs/api.md#metrics): one ASGI middleware, outermost, so that a refusal of any
+middleware inside carries the id and is counted and logged too.
 
 Every HTTP answer, errors included, carries `X-Request-Id`: the client's when it sent a
 sane one (at most 128 of `[A-Za-z0-9._-]`), else a new one. While the request runs,
-`request_id` is bound in structlog's context, and when it ends one JSON line is logged:
-`request` with the method, the route's template (never the path or its query, which
-may hold a client token), the status, the duration, and the `account` and `job_id`
-noted on the way (`gateway.telemetry.note`). With tracing on, the request is a server
-span (continuing a client's `traceparent`) named after its route.
+`request_id` is bound in structlog's context. When it ends, it is counted and timed
+(`count`, when metrics are on) and one JSON line is logged (unless `GATEWAY_ACCESS_LOG`
+is off): `request` with the method, the route's template (never the path or its query,
+which may hold a client token), the status, the duration, and the `account` and
+`job_id` noted on the way (`gateway.telemetry.note`). With tracing on, the request is a
+server span (continuing a client's `traceparent`) named after its route.
+
+A WebSocket connection gets an id the same way: echoed on its handshake's answer, bound
+while the connection lasts, and one line when it ends (`method` `WEBSOCKET`, status 101,
+or 403 when refused at the handshake, its duration the connection's); it is not counted
+as an HTTP request.
+
+One wrapper of `send` and one clock reading at each end serve all three; the line is
+rendered here in one step (the fields and order of the structlog chain `gateway serve`
+configures, `gateway/cli.py`) and handed to the logger that chain writes to.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import time
 from collections.abc import Callable
 
+import orjson
 import structlog
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,21 +38,55 @@ from gateway.errors import GatewayError, InternalError
 
 HEADER = b"x-request-id"
 
+#: counts one answered request: (route template, status, seconds)
+Count = Callable[[str, int, float], None]
+
+
+class Lines:
+    """The request lines, written together once per turn of the event loop: those of
+    every request that ended in one turn in one write (a line each would be a system
+    call each). They go to the logger structlog's configured factory makes (`gateway
+    serve`: bytes to stdout, `gateway/cli.py`), as text if it takes text."""
+
+    def __init__(self) -> None:
+        self.logger = structlog.get_config()["logger_factory"]()
+        self.text = not isinstance(self.logger, structlog.BytesLogger)
+        self.pending: list[bytes] = []
+
+    def add(self, line: bytes) -> None:
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        lines = b"\n".join(self.pending)
+        self.pending.clear()
+        self.logger.msg(lines.decode() if self.text else lines)
+
 
 class RequestTelemetry:
-    def __init__(self, app: ASGIApp, refuse: Callable[[str, GatewayError], Response]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        refuse: Callable[[str, GatewayError], Response],
+        count: Count | None = None,
+        log: bool = True,
+    ) -> None:
         """`refuse`: an error as a response in the shape of the path's API (the 500 of
-        an exception nothing inside answered, so that it carries the id too)."""
+        an exception nothing inside answered, so that it carries the id too); `count`:
+        what counts each request (None: metrics off); `log`: one line per request."""
         self.app = app
         self.refuse = refuse
-        # Bound now, as logging is configured when the app is built: structlog's lazy
-        # proxy would build a new logger at every call (~4 µs a request).
-        self.log = structlog.get_logger("gateway.http").bind()
+        self.count = count
+        # Made now, as logging is configured before the app is built.
+        self.lines = Lines() if log else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        http = kind == "http"
         given = None
         for name, value in scope["headers"]:
             if name == HEADER:
@@ -46,38 +94,46 @@ class RequestTelemetry:
         rid = telemetry.request_id(given)
         echo = (HEADER, rid.encode())
         started = time.perf_counter()
-        status = 500
+        status = 500  # raised before answering: the server answers 500
         answered = False
 
         async def send_id(message: Message) -> None:
             nonlocal status, answered
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            sent = message["type"]
+            if sent == "http.response.start" or sent == "websocket.accept":
+                status = message.get("status", 101)  # a WebSocket's handshake: 101
                 answered = True
                 message["headers"] = [*message.get("headers", ()), echo]
+            elif sent == "websocket.close" and not answered:
+                status, answered = 403, True  # refused at its handshake
             await send(message)
 
         fields, opened = telemetry.open_request(rid)
         try:
-            if telemetry.ENABLED:
+            if telemetry.ENABLED and http:
                 await self._traced(scope, receive, send_id, fields)
             else:
                 await self.app(scope, receive, send_id)
         except Exception:
-            if not answered:  # answered here, with the id; the server logs the error
+            if http and not answered:  # answered here, with the id; the server logs it
                 error = self.refuse(scope["path"], InternalError("internal server error"))
                 await error(scope, receive, send_id)
             raise
         finally:
+            seconds = time.perf_counter() - started
             route = scope.get("route")
-            self.log.info(
-                "request",
-                **fields,
-                method=scope["method"],
-                route=metrics.UNMATCHED if route is None else route.path,
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            template = metrics.UNMATCHED if route is None else route.path
+            if self.count is not None and http:  # a WebSocket's time is the connection's
+                self.count(template, status, seconds)
+            if self.lines is not None:
+                fields["method"] = scope["method"] if http else "WEBSOCKET"
+                fields["route"] = template
+                fields["status"] = status
+                fields["duration_ms"] = round(seconds * 1000, 3)
+                fields["event"] = "request"
+                fields["level"] = "info"
+                fields["timestamp"] = datetime.datetime.now(datetime.UTC)
+                self.lines.add(orjson.dumps(fields, option=orjson.OPT_UTC_Z))
             telemetry.close_request(opened)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, fields: dict) -> None:

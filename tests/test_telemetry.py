@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
+import websockets
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -143,6 +144,33 @@ async def test_the_request_lines_can_be_turned_off_the_id_stays(
         assert r.headers["x-request-id"] == "quiet-1"
         assert GENERATED.fullmatch((await gw.http.get("/no/such/route")).headers["x-request-id"])
     assert not [e for e in lines(log_lines) if e["event"] == "request"]
+
+
+async def test_a_websocket_connection_has_an_id_and_a_line_of_its_own(
+    redis_url: str, storage_dir: Path, log_lines: io.BytesIO
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        async with websockets.connect(
+            url, subprotocols=["graphql-transport-ws"], additional_headers={"X-Request-Id": "ws-7"}
+        ) as ws:
+            assert ws.response is not None and ws.response.headers["X-Request-Id"] == "ws-7"
+            init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}}
+            await ws.send(json.dumps(init))
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+        # Without one sent, one is made.
+        async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+            assert GENERATED.fullmatch(ws.response.headers["X-Request-Id"])
+
+    async def logged() -> list[dict[str, Any]]:
+        return [e for e in lines(log_lines) if e.get("request_id") == "ws-7"]
+
+    await until(logged)
+    (line,) = await logged()
+    assert (line["event"], line["method"], line["route"]) == ("request", "WEBSOCKET", "/graphql")
+    assert line["status"] == 101 and line["account"] == gw.keys[key]["id"]
+    assert line["duration_ms"] > 0
 
 
 # -- traces ----------------------------------------------------------------------------------

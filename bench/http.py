@@ -7,6 +7,10 @@ the same way (one worker, uvloop and httptools). Load comes from wrk
 (`wrk -t2 -c64 -d5s --timeout=10s -s CASE.lua --latency URL`); its Lua script sets the
 POST body and headers and prints the exact counts and percentiles when done.
 
+Each measured server (the gateway, the floors, the peer) runs alone on the last CPU
+(`taskset`), wrk, redis-server and the bench on the others (`one_core_for_the_server`);
+`BENCH_SHARED_CORES=1` runs everything on every CPU instead (the second view).
+
 Cases, round-robin within each round (the median of the rounds is reported):
 - floor: starlette   a bare Starlette JSON POST route
 - floor: strawberry  a trivial Strawberry `generate` mutation (ParserCache +
@@ -18,6 +22,8 @@ Cases, round-robin within each round (the median of the rounds is reported):
                      counts one up per request): looked up, not found, admitted to run
 - gateway: cache hit the `generate` of a seeded request already completed once (a worker
                      runs it before the rounds): answered from the cache, cost 0
+- gateway: REST cache hit  the same picture asked over `POST /v1/text_to_image`: answered
+                     from the cache (200, `metadata.cached`)
 - peer: litellm      optional: a LiteLLM proxy's image request to a fake upstream that
                      answers at once (`bench/peer.py`); skipped, saying why, when LiteLLM
                      does not install
@@ -61,7 +67,16 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench import Context, command_stats, free_port, peer, renderer, scenario
-from bench.serving import BIN, ROOT, Server, cpu_seconds, floor, loop_and_parser, spawn
+from bench.serving import (
+    BIN,
+    ROOT,
+    Server,
+    cpu_seconds,
+    floor,
+    loop_and_parser,
+    one_core_for_the_server,
+    spawn,
+)
 from bench.serving import status_kb as status_kb  # bench/scale.py imports it from here
 from gateway.store import keys
 
@@ -99,19 +114,21 @@ POLL = "query($id: ID!) { job(id: $id) { id status url error metadata } }"
 
 STARLETTE, STRAWBERRY = "floor: starlette", "floor: strawberry"
 GENERATE_CASE, REST_CASE, JOB_CASE = "gateway: generate", "gateway: REST", "gateway: job"
+REST_HIT_CASE = "gateway: REST cache hit"
 MISS_CASE, CACHE_CASE, PEER = "gateway: cache miss", "gateway: cache hit", "peer: litellm"
 APQ_CASE = "gateway: job, APQ GET"
 # (case, its reference, the share of the reference's req/s the issue asks for, or None)
 TARGETS = [
     (GENERATE_CASE, STRAWBERRY, 0.80),
     (REST_CASE, STARLETTE, 0.50),
+    (REST_HIT_CASE, STARLETTE, 0.50),
     (JOB_CASE, STRAWBERRY, None),
     (CACHE_CASE, MISS_CASE, 1.0),
     (CACHE_CASE, GENERATE_CASE, None),
     (GENERATE_CASE, PEER, 25.0),
 ]
 RSS_TARGET_MB = 100
-GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE)  # each records a job
+GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE, REST_HIT_CASE)  # each a job
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -168,10 +185,11 @@ def create_key(redis_url: str, storage: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def servers(
-    redis_url: str, gateway_only: bool = False
+    redis_url: str, gateway_only: bool = False, prefix: list[str] | None = None
 ) -> Iterator[tuple[dict[str, Server], dict[str, Any], Path, str]]:
     """The gateway, the floors and the peer when it runs; the last item says why the
-    peer does not ("" when it does). `gateway_only`: no floors, no peer."""
+    peer does not ("" when it does). `gateway_only`: no floors, no peer. `prefix`: what
+    runs each measured server (`taskset`: `one_core_for_the_server`)."""
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         workdir = Path(tmp)
         storage = workdir / "outputs"
@@ -181,7 +199,7 @@ def servers(
             port = free_port()
             started["gateway"] = spawn(
                 "gateway",
-                [gateway_binary(), "serve"],
+                [*(prefix or []), gateway_binary(), "serve"],
                 gateway_env(redis_url, port, storage),
                 port,
                 workdir,
@@ -189,9 +207,9 @@ def servers(
             if gateway_only:
                 yield started, made, workdir, "not asked for"
                 return
-            started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir)
-            started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir)
-            peers, why_not = peer.start(workdir)
+            started[STARLETTE] = floor(STARLETTE, "starlette_app", workdir, prefix)
+            started[STRAWBERRY] = floor(STRAWBERRY, "strawberry_app", workdir, prefix)
+            peers, why_not = peer.start(workdir, prefix)
             for server in peers:
                 started[server.name] = server
             yield started, made, workdir, why_not
@@ -434,6 +452,17 @@ async def measure(
     row.errors += result.errors
 
 
+@contextlib.contextmanager
+def placed(redis_pid: int) -> Iterator[tuple[list[str], str]]:
+    """Each measured server alone on one core (`one_core_for_the_server`), or, with
+    BENCH_SHARED_CORES=1, everything sharing every core (the second view)."""
+    if os.environ.get("BENCH_SHARED_CORES") == "1":
+        yield [], "shared cores: the servers, wrk, redis-server and the bench on every CPU"
+        return
+    with one_core_for_the_server(redis_pid) as placement:
+        yield placement
+
+
 @scenario("http")
 async def http(ctx: Context) -> list[HttpRow]:
     rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
@@ -444,7 +473,8 @@ async def http(ctx: Context) -> list[HttpRow]:
     redis_pid = redis_pid_of(await admin.info("server"))
     try:
         with (
-            servers(ctx.redis_url) as (procs, made, workdir, peer_missing),
+            placed(redis_pid) as (prefix, placement),
+            servers(ctx.redis_url, prefix=prefix) as (procs, made, workdir, peer_missing),
             httpx.Client(timeout=30) as client,
         ):
             gateway = procs["gateway"]
@@ -477,6 +507,8 @@ async def http(ctx: Context) -> list[HttpRow]:
             ).encode()
             cases.append(Case(MISS_CASE, gateway, "/graphql", fresh, auth, 200, fresh_seeds=True))
             cases.append(Case(CACHE_CASE, gateway, "/graphql", cacheable, auth, 200))
+            rest_hit = json.dumps({**TEXT_TO_IMAGE, "seed": 7}).encode()  # the same picture
+            cases.append(Case(REST_HIT_CASE, gateway, "/v1/text_to_image", rest_hit, auth, 200))
             if PEER in procs:
                 cases.append(
                     Case(
@@ -495,6 +527,8 @@ async def http(ctx: Context) -> list[HttpRow]:
                     "cached"
                 ):
                     raise SystemExit(f"{CACHE_CASE}: not answered from the cache: {answer}")
+                if case.name == REST_HIT_CASE and not answer["metadata"].get("cached"):
+                    raise SystemExit(f"{REST_HIT_CASE}: not answered from the cache: {answer}")
                 if case.name == MISS_CASE and answer["data"]["generate"]["status"] != "queued":
                     raise SystemExit(f"{MISS_CASE}: not admitted to run: {answer}")
             rss_first = gateway.rss_mb()  # at rest, after the first few requests
@@ -519,6 +553,7 @@ async def http(ctx: Context) -> list[HttpRow]:
             for case in cases:
                 rows[case.name].rss_mb = case.server.rss_mb()
             summary = [
+                placement,
                 f"gateway RSS at rest: {rss_start:.1f} MB after start, {rss_first:.1f} MB after "
                 f"its first requests, {gateway.rss_mb():.1f} MB after the load (peak "
                 f"{gateway.peak_mb():.1f} MB); target under {RSS_TARGET_MB} MB: "

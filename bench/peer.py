@@ -55,8 +55,9 @@ def litellm_binary() -> tuple[Path | None, str]:
     return binary, ""
 
 
-def start(workdir: Path) -> tuple[list[Server], str]:
-    """The fake upstream and the proxy, ready; or ([], why not)."""
+def start(workdir: Path, prefix: list[str] | None = None) -> tuple[list[Server], str]:
+    """The fake upstream and the proxy (run by `prefix`: `taskset`), ready; or ([], why
+    not)."""
     binary, why = litellm_binary()
     if binary is None:
         return [], why
@@ -75,6 +76,7 @@ def start(workdir: Path) -> tuple[list[Server], str]:
     port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     argv = [
+        *(prefix or []),
         str(binary),
         "--config",
         str(config),

@@ -102,7 +102,8 @@ def spawn(name: str, argv: list[str], env: dict[str, str], port: int, workdir: P
     return server
 
 
-def floor(name: str, app: str, workdir: Path) -> Server:
+def floor(name: str, app: str, workdir: Path, prefix: list[str] | None = None) -> Server:
+    """A floor served by uvicorn as the gateway is; `prefix`: what runs it (`taskset`)."""
     port = free_port()
     try:
         import uvloop  # noqa: F401
@@ -117,6 +118,7 @@ def floor(name: str, app: str, workdir: Path) -> Server:
     except ImportError:
         http = "auto"
     argv = [
+        *(prefix or []),
         str(BIN / "python"),
         "-m",
         "uvicorn",

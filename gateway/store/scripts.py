@@ -13,8 +13,7 @@ and nothing else: admission, the hottest path, stays one round trip.
 A script's source is its file, wrapped in `once.lua` for the scripts that change one
 job record, with its includes spliced in (`-- include: NAME.lua` lines: `limits.lua`,
 shared by admit.lua and auth.lua; `record.lua`, by those that read or write a job
-record). A file or a marker that is not there
-fails at start-up, not at the first call.
+record). A file or a marker that is not there fails at start-up, not at the first call.
 """
 
 from __future__ import annotations

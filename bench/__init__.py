@@ -46,6 +46,12 @@ class Context:
     quick: bool = False  # fewer operations per round (a smoke run)
     duration: int = 5  # seconds of load per timed HTTP round (whole: wrk takes no fractions)
 
+    def timed(self) -> tuple[int, int]:
+        """Timed rounds and seconds of load each (a smoke run: at most 2 of 2 s)."""
+        if self.quick:
+            return min(self.rounds, 2), min(self.duration, 2)
+        return self.rounds, self.duration
+
 
 @dataclass
 class Row:

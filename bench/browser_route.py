@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -67,13 +66,12 @@ from bench.http import (
     Server,
     complete_one,
     cpu_seconds,
+    fresh_redis,
     gateway_binary,
     gateway_env,
-    loop_and_parser,
     measure,
-    redis_pid_of,
     spawn,
-    wrk,
+    warmed_rows,
 )
 from bench.openai_route import start_gateway
 from bench.serving import one_core_for_the_server
@@ -203,16 +201,13 @@ async def browser(ctx: Context) -> list[HttpRow]:
     """The `generate` cache hit with and without CORS configured, with `Origin`, with a
     client token: interleaved in each round, each gateway alone on one core when
     measured (`python -m bench browser`)."""
-    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
-    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
+    rounds, seconds = ctx.timed()
     wrapper = await (
         wrapper_cost(WRAPPER_CALLS // 10, 3)
         if ctx.quick
         else wrapper_cost(WRAPPER_CALLS, WRAPPER_ROUNDS)
     )
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    admin, redis_pid = await fresh_redis(ctx)
     started: list[Server] = []
     try:
         with (
@@ -257,13 +252,7 @@ async def browser(ctx: Context) -> list[HttpRow]:
                 case.write_script(workdir)
                 check_answer(client, case)
             check_token_needs_origin(client, cases[-1])
-            rows = {
-                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
-                for case in cases
-            }
-            for case in cases:  # warm-up: connection pools filled, caches hot
-                case.write_script(workdir)
-                await wrk(case.server.url(case.path), case.script, 1)
+            rows = await warmed_rows(cases, workdir)
             idle_cpu = {server.name: 0.0 for server in started}  # while another is loaded
             for n in range(rounds):
                 for case in cases if n % 2 == 0 else cases[::-1]:  # no case always first

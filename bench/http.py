@@ -317,6 +317,26 @@ class WrkResult:
         return self.requests / self.seconds
 
 
+async def fresh_redis(ctx: Context) -> tuple[aioredis.Redis, int]:
+    """A client of the runner's Redis, emptied, and the server's pid (its CPU is read from
+    /proc)."""
+    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
+    await admin.flushall()
+    return admin, redis_pid_of(await admin.info("server"))
+
+
+async def warmed_rows(cases: list[Case], workdir: Path) -> dict[str, HttpRow]:
+    """A row per case, each case sent for a second first: connection pools filled, caches
+    hot."""
+    rows = {
+        case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid)) for case in cases
+    }
+    for case in cases:
+        case.write_script(workdir)
+        await wrk(case.server.url(case.path), case.script, 1)
+    return rows
+
+
 async def wrk(url: str, script: Path, seconds: float) -> WrkResult:
     binary = shutil.which("wrk")
     if not binary:
@@ -465,12 +485,9 @@ def placed(redis_pid: int) -> Iterator[tuple[list[str], str]]:
 
 @scenario("http")
 async def http(ctx: Context) -> list[HttpRow]:
-    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
-    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
+    rounds, seconds = ctx.timed()
     warmup = 1
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    admin, redis_pid = await fresh_redis(ctx)
     try:
         with (
             placed(redis_pid) as (prefix, placement),
@@ -635,11 +652,8 @@ def apq_summary(rows: dict[str, HttpRow]) -> list[str]:
 async def apq(ctx: Context) -> list[HttpRow]:
     """The `job` poll as text over POST and as a persisted query over GET, interleaved
     in each round: the gateway alone (`python -m bench apq`)."""
-    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
-    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    rounds, seconds = ctx.timed()
+    admin, redis_pid = await fresh_redis(ctx)
     try:
         with (
             servers(ctx.redis_url, gateway_only=True) as (procs, made, workdir, _),
@@ -660,13 +674,7 @@ async def apq(ctx: Context) -> list[HttpRow]:
                 answer = case.check(client)
                 if answer["data"]["job"]["id"] != job_id:
                     raise SystemExit(f"{case.name}: {answer}")
-            rows = {
-                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
-                for case in cases
-            }
-            for case in cases:  # warm-up: connection pools filled, caches hot
-                case.write_script(workdir)
-                await wrk(case.server.url(case.path), case.script, 1)
+            rows = await warmed_rows(cases, workdir)
             for _ in range(rounds):
                 for case in cases:
                     await measure(case, rows[case.name], admin, redis_pid, seconds)

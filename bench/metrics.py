@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 import structlog
 
 from bench import Context, free_port, scenario
@@ -48,12 +47,11 @@ from bench.http import (
     Case,
     HttpRow,
     create_key,
+    fresh_redis,
     gateway_binary,
     gateway_env,
-    loop_and_parser,
     measure,
-    redis_pid_of,
-    wrk,
+    warmed_rows,
 )
 from bench.serving import Server, one_core_for_the_server, spawn
 from gateway import metrics
@@ -171,11 +169,8 @@ def summary(
 @scenario("metrics")
 async def metrics_cost(ctx: Context) -> list[HttpRow]:
     """The request path's CPU with metrics and logs on and off (`python -m bench metrics`)."""
-    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
-    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    rounds, seconds = ctx.timed()
+    admin, redis_pid = await fresh_redis(ctx)
     servers: list[Server] = []
     try:
         with (
@@ -215,13 +210,7 @@ async def metrics_cost(ctx: Context) -> list[HttpRow]:
                     both.append(case)
                 pairs.append((both[0], both[1]))
             cases = [case for pair in pairs for case in pair]
-            rows = {
-                case.name: HttpRow(case.name, loaded=loop_and_parser(case.server.pid))
-                for case in cases
-            }
-            for case in cases:  # warm-up: connection pools filled, caches hot
-                case.write_script(workdir)
-                await wrk(case.server.url(case.path), case.script, 1)
+            rows = await warmed_rows(cases, workdir)
             for n in range(rounds):
                 for first, second in pairs:
                     for case in (first, second) if n % 2 == 0 else (second, first):

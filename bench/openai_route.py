@@ -55,13 +55,12 @@ from bench.http import (
     complete_one,
     cpu_seconds,
     create_key,
+    fresh_redis,
     gateway_binary,
     gateway_env,
-    loop_and_parser,
     measure,
-    redis_pid_of,
     spawn,
-    wrk,
+    warmed_rows,
 )
 from bench.serving import one_core_for_the_server
 from gateway.store import keys
@@ -115,11 +114,8 @@ def check_openai_hit(client: httpx.Client, case: Case, key: str) -> None:
 async def openai_cache_hit(ctx: Context) -> list[HttpRow]:
     """The OpenAI route's cache hit against GraphQL's, interleaved in each round, the
     gateway alone on one core (`python -m bench openai`)."""
-    rounds = min(ctx.rounds, 2) if ctx.quick else ctx.rounds
-    seconds = min(ctx.duration, 2) if ctx.quick else ctx.duration
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    rounds, seconds = ctx.timed()
+    admin, redis_pid = await fresh_redis(ctx)
     gateway: Server | None = None
     try:
         with (
@@ -151,12 +147,7 @@ async def openai_cache_hit(ctx: Context) -> list[HttpRow]:
                 ):
                     raise SystemExit(f"{CACHE_CASE}: not answered from the cache: {answer}")
             check_openai_hit(client, cases[1], made["key"])
-            rows = {
-                case.name: HttpRow(case.name, loaded=loop_and_parser(gateway.pid)) for case in cases
-            }
-            for case in cases:  # warm-up: connection pools filled, caches hot
-                case.write_script(workdir)
-                await wrk(case.server.url(case.path), case.script, 1)
+            rows = await warmed_rows(cases, workdir)
             for _ in range(rounds):
                 for case in cases:
                     await measure(case, rows[case.name], admin, redis_pid, seconds)
@@ -219,9 +210,7 @@ async def waiting(ctx: Context) -> list[WaitRow]:
     """N OpenAI image requests waiting for jobs no worker runs yet; then a worker."""
     n = int(os.environ.get("BENCH_WAITING_REQUESTS", 100 if ctx.quick else WAITING))
     row = WaitRow(n)
-    admin = aioredis.Redis.from_url(ctx.redis_url, decode_responses=True)
-    await admin.flushall()
-    redis_pid = redis_pid_of(await admin.info("server"))
+    admin, redis_pid = await fresh_redis(ctx)
     gateway: Server | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:

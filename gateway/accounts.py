@@ -57,7 +57,6 @@ class Accounts:
         self.scripts = scripts
         self.settings = settings
         self.clock = clock
-        self.ledger_keep_ms = int(settings.ledger_retention_days * 86_400_000)
 
     async def create(
         self,
@@ -159,7 +158,7 @@ class Accounts:
             delta=amount,
             reason=reason,
             now_ms=int(self.clock() * 1000),
-            ledger_keep_ms=self.ledger_keep_ms,
+            ledger_keep_ms=self.settings.ledger_keep_ms,
             client=self.redis,
         )
         if reply.outcome == "unknown":

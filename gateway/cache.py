@@ -33,7 +33,6 @@ class Cache:
         self.settings = settings
         self.retention_ms = int(settings.retention_days * 86_400_000)
         self.lease_ms = int(settings.job_deadline_seconds * 1000)
-        self.ledger_keep_ms = int(settings.ledger_retention_days * 86_400_000)
 
     def digest(self, request: GenerationRequest) -> str | None:
         """The cache key of a cacheable request; None when it must run on its own."""
@@ -152,7 +151,7 @@ class Cache:
                 lease_ms=self.lease_ms,
                 job_id=job_id,
                 retention_ms=self.retention_ms,
-                ledger_keep_ms=self.ledger_keep_ms,
+                ledger_keep_ms=self.settings.ledger_keep_ms,
                 client=self.redis,
             )
             await self.redis.lrem(waiting, 1, follower)

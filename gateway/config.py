@@ -180,6 +180,11 @@ class Settings(BaseSettings):
         return v.rstrip("/")
 
     @property
+    def ledger_keep_ms(self) -> int:
+        """How long a ledger entry is kept (ledger_retention_days), in ms."""
+        return int(self.ledger_retention_days * 86_400_000)
+
+    @property
     def storage_bucket(self) -> tuple[str, str]:
         """`storage_url`'s bucket and key prefix (no slash at either end; may be empty)."""
         bucket, _, prefix = (self.storage_url or "").removeprefix("s3://").partition("/")

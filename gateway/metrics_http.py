@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import metrics, rest
+from gateway.auth import api_key_from
 from gateway.breaker import Breaker
 from gateway.config import Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, Unauthenticated
@@ -139,10 +140,8 @@ def authorized(token: str | None, header: str | None) -> bool:
     """No token configured, or `Authorization: Bearer TOKEN` (compared in constant time)."""
     if not token:
         return True
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
+    given = api_key_from({"authorization": header})  # a Bearer credential, as everywhere
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
 def refusal() -> Response:

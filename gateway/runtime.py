@@ -148,7 +148,7 @@ async def runtime(
             artifacts = await opened.enter_async_context(open_s3(settings))
         else:
             artifacts = LocalArtifactStore(settings.storage_dir, settings.base_url)
-        store = JobStore(redis, scripts, settings.retention_days, settings.ledger_retention_days)
+        store = JobStore(redis, scripts, settings.retention_days, settings.ledger_keep_ms)
         events = Events(redis, store)
         watch = JobWatch(redis, store)
         opened.push_async_callback(watch.aclose)

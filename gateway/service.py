@@ -94,7 +94,7 @@ class Gateway:
         self.inbox = inbox  # receives the upstreams' callbacks (`POST /v1/callbacks/...`)
         self.watch = watch  # answers that wait for their job's end
         self.clock = clock
-        self.accounts = Accounts(redis, scripts, settings)
+        self.accounts = Accounts(redis, scripts, settings, clock)
         self.tokens = ClientTokens(redis)
         self.plans = plan_table(settings.plans)
 
@@ -217,7 +217,7 @@ class Gateway:
                 cache_digest=job.cache_key,
                 retention_ms=self.cache.retention_ms,
                 origin=origin,
-                ledger_keep_ms=self.cache.ledger_keep_ms,
+                ledger_keep_ms=self.settings.ledger_keep_ms,
             )
             if not isinstance(verdict, Admitted):
                 earlier = await self.store.get(credential.account, verdict.job_id)

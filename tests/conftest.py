@@ -23,11 +23,19 @@ from tests.servers import free_cluster_port, free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, appendonly: bool = False, cluster: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        appendonly: bool = False,
+        cluster: bool = True,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        """`args`: more of redis-server's options (`--maxmemory-policy allkeys-lru`...)."""
         self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
         self.appendonly = appendonly
         self.cluster = cluster
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +57,7 @@ class RedisServer:
                 "--cluster-config-file",
                 str(self.workdir / f"nodes-{self.port}.conf"),
             ]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10

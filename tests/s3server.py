@@ -18,7 +18,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, relay
 
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))
 BUCKET = "gateway-outputs"
@@ -157,10 +157,4 @@ class UploadCutter:
                 client_w.write(data)
                 await client_w.drain()
 
-        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
-        with contextlib.suppress(Exception):
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        for writer in (client_w, server_w):
-            writer.close()
+        await relay(requests(), replies(), (client_w, server_w))

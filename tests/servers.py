@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -59,6 +60,21 @@ async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
         await task
 
 
+async def relay(
+    requests: Coroutine[Any, Any, None],
+    replies: Coroutine[Any, Any, None],
+    writers: tuple[asyncio.StreamWriter, ...],
+) -> None:
+    """Run a proxied connection's two directions until either ends; then close both ends."""
+    tasks = [asyncio.create_task(requests), asyncio.create_task(replies)]
+    with contextlib.suppress(Exception):
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    for writer in writers:
+        writer.close()
+
+
 class ReplyCutter:
     """A TCP proxy in front of a real server that, when armed, lets the next request
     carrying `marker` through and then cuts the connection instead of relaying the reply:
@@ -98,10 +114,4 @@ class ReplyCutter:
                 client_w.write(data)
                 await client_w.drain()
 
-        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
-        with contextlib.suppress(Exception):
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        for writer in (client_w, server_w):
-            writer.close()
+        await relay(requests(), replies(), (client_w, server_w))

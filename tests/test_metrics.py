@@ -320,9 +320,16 @@ async def test_serve_and_worker_count_real_jobs(
 
                     await until(delivered, "the webhook")
                     work = await scrape(http, worker_url)
-                    while work.value("gateway_webhook_deliveries_total", outcome="delivered") < 1:
-                        await asyncio.sleep(0.05)  # counted once its attempt is recorded
+
+                    async def counted() -> bool:  # once its attempt is recorded
+                        nonlocal work
                         work = await scrape(http, worker_url)
+                        delivered = work.value(
+                            "gateway_webhook_deliveries_total", outcome="delivered"
+                        )
+                        return delivered >= 1
+
+                    await until(counted, "the delivery to be counted")
 
                 api_side = await scrape(http, "/metrics")
 

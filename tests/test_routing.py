@@ -28,7 +28,7 @@ from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import LIFECYCLE, KreaEmulator
 from tests.emulators.segmind import SegmindEmulator
 from tests.harness import Harness, gateway
-from tests.records import change, record
+from tests.records import change
 from tests.servers import serve
 
 PROVIDERS = "{ providers { name kind enabled reason circuit } }"
@@ -393,7 +393,8 @@ async def test_a_job_krea_accepted_is_resumed_by_another_process_not_submitted_a
         stored_key = job_key(first, key, job_id)
 
         async def stored() -> Any:
-            return (await record(first.accounts.redis, stored_key)).get("upstream")
+            job = await first.app.state.gateway.store.get_by_key(stored_key)
+            return job.upstream if job else None
 
         upstream = await until(stored, "the upstream id to be stored")
 
@@ -534,10 +535,17 @@ async def test_two_krea_images_wait_for_both_callbacks(
         assert [job.polls for job in up.krea.jobs.values()] == [2, 2]
 
 
-async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
-    up: Upstreams, redis_url: str, storage_dir: Path
+@pytest.mark.parametrize(
+    ("job_seconds", "polls"),
+    # Fallback polls 1, 2, 4 s apart (each wait twice the last): a 0.2-second job is read
+    # once, a second after its submission; a 5-second one three times (at ~1, ~3 and
+    # ~7 s), not five, and a long one never at its provider's pace.
+    [(0.2, 1), (5.0, 3)],
+)
+async def test_a_lost_krea_callback_costs_slower_polls_not_the_job(
+    up: Upstreams, redis_url: str, storage_dir: Path, job_seconds: float, polls: int
 ) -> None:
-    up.krea.job_seconds = 0.2
+    up.krea.job_seconds = job_seconds
     up.krea.drop_webhooks = True
     async with gateway(
         redis_url, storage_dir, public=True, callback_fallback_seconds=1.0, **up.settings
@@ -546,24 +554,7 @@ async def test_a_lost_krea_callback_costs_a_slower_poll_not_the_job(
         done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
         assert done["status"] == "completed", done["error"]
         (job,) = up.krea.jobs.values()
-        assert job.polls == 1  # the fallback poll, a second after the submit
-
-
-async def test_a_job_whose_callback_is_lost_is_polled_less_and_less_often(
-    up: Upstreams, redis_url: str, storage_dir: Path
-) -> None:
-    """Fallback polls 1, 2, 4 s apart (each wait twice the last): a 5-second job is
-    read three times, not five, and a long one not at its providers' pace."""
-    up.krea.job_seconds = 5.0
-    up.krea.drop_webhooks = True
-    async with gateway(
-        redis_url, storage_dir, public=True, callback_fallback_seconds=1.0, **up.settings
-    ) as gw:
-        key = await gw.key()
-        done = await gw.wait(key, await submit(gw, key, provider="flux-dev"))
-        assert done["status"] == "completed", done["error"]
-        (job,) = up.krea.jobs.values()
-        assert job.polls == 3  # at ~1, ~3 and ~7 s
+        assert job.polls == polls
 
 
 async def test_a_job_waiting_for_its_callback_is_cancelled_at_once(

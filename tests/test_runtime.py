@@ -8,8 +8,6 @@ managed Redis services do), so loading the Lua scripts fails after the clients a
 from __future__ import annotations
 
 import gc
-import shutil
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,35 +19,18 @@ from redis.exceptions import ResponseError
 
 from gateway.config import load_settings
 from gateway.runtime import runtime
-from tests.servers import free_port
+from tests.conftest import RedisServer
 
 
 @pytest.fixture
 def redis_without_scripts(tmp_path: Path) -> Iterator[int]:
     """A plain redis-server whose SCRIPT command is renamed away; its port."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed: run `make test`"
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
-    args += [str(tmp_path), "--appendonly", "no", "--rename-command", "SCRIPT", ""]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
+    server = RedisServer(tmp_path, cluster=False, args=("--rename-command", "SCRIPT", ""))
+    server.start()
     try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
-        yield port
+        yield server.port
     finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 def other_clients(watcher: redis.Redis) -> list[str]:

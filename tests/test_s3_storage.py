@@ -6,7 +6,6 @@ uploads mid-way (a job is never completed with a missing object; credits balance
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
@@ -32,6 +31,7 @@ from tests.harness import GATEWAY, Harness, gateway, gateway_processes
 from tests.records import records
 from tests.s3server import BUCKET, PREFIX, MotoServer, UploadCutter, fake_credentials
 from tests.servers import free_port
+from tests.test_durability import until
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -54,13 +54,6 @@ def size_of(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # the whole image decodes: not a truncated object
         return image.size
-
-
-async def until(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def job_rows(gw: Harness, key: str, ids: list[str]) -> list[dict[str, Any]]:

@@ -54,12 +54,16 @@ async def test_errors_carry_the_request_id_too(redis_url: str, storage_dir: Path
     async with gateway(redis_url, storage_dir, max_body_bytes=1000) as gw:
         given = {"X-Request-Id": "err-1"}
         cases = [
-            await gw.http.get("/no/such/route", headers=given),  # routing's 404
-            await gw.http.post("/graphql", json={"query": "{ me { id } }"}, headers=given),
-            await gw.http.post("/v1/text_to_image", content=b"x" * 2000, headers=given),  # 413
-            await gw.http.get("/v1/jobs/nope", headers={**given, "Authorization": "Bearer x"}),
+            (404, await gw.http.get("/no/such/route", headers=given)),  # routing's 404
+            (401, await gw.http.post("/graphql", json={"query": "{ me { id } }"}, headers=given)),
+            (413, await gw.http.post("/v1/text_to_image", content=b"x" * 2000, headers=given)),
+            (
+                401,
+                await gw.http.get("/v1/jobs/nope", headers={**given, "Authorization": "Bearer x"}),
+            ),
         ]
-        for r in cases:
+        for status, r in cases:
+            assert r.status_code == status, r.text
             assert r.headers["x-request-id"] == "err-1", (r.status_code, r.text)
 
 

@@ -83,7 +83,8 @@ class Job:
         if "meta" in r and isinstance(params, dict):  # a completed run's (`compact_metadata`)
             width = width or _int(params.get("width"))
             height = height or _int(params.get("height"))
-            metadata = expand_metadata(r["meta"], {**r, "width": width, "height": height})
+            meta = _json(r["meta"])
+            metadata = expand_metadata(meta, {**r, "width": width, "height": height})
         return cls(
             id=r["id"],
             account=r["account"],
@@ -129,12 +130,12 @@ class Job:
             out["type"] = self.type
         if self.webhook_url:
             out["webhook_url"] = self.webhook_url
-        if self.cache_key:
-            out["cache_key"] = self.cache_key
+        if self.cache_key:  # and what it costs, should a hit or a wait make it free
+            out["cache_key"], out["price"] = self.cache_key, self.cost
         if self.token:
             out["token"] = self.token
         if self.webhook_shape:
-            out["webhook_shape"] = self.webhook_shape
+            out["webhook_shape"] = text(self.webhook_shape)
         if self.trace:
             out["trace"] = self.trace
         if self.ended:
@@ -173,8 +174,30 @@ def outcome_fields(
     if height:
         out["height"] = height
     if metadata:
-        out["metadata"] = metadata
+        out["metadata"] = text(metadata)
     return out
+
+
+def text(value: Any) -> Any:
+    """A record's nested value that no script reads (metadata, the upstream's job, the
+    webhook's shape) as the record keeps it: as it is when Lua's cjson, decoding and saving
+    the record again, writes it back unchanged; else as JSON text (cjson writes a number
+    of more than 14 digits rounded, a whole float as an integer, an empty list as {})."""
+    return value if _survives_cjson(value) else orjson.dumps(value).decode()
+
+
+def _survives_cjson(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(_survives_cjson(v) for v in value.values())
+    if isinstance(value, list):
+        return bool(value) and all(_survives_cjson(v) for v in value)
+    if isinstance(value, bool | str) or value is None:
+        return True
+    if isinstance(value, int):
+        return abs(value) < 10**14
+    if isinstance(value, float):
+        return not value.is_integer() and float(f"{value:.14g}") == value
+    return False
 
 
 # A completed job's metadata restates much of its record (the size, the seed, the prompt

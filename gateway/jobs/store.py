@@ -6,7 +6,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.jobs.model import Job, compact_metadata, outcome_fields
+from gateway.jobs.model import Job, compact_metadata, outcome_fields, text
 from gateway.store import keys
 from gateway.store.redis import decoded_members
 from gateway.store.scripts import Scripts
@@ -18,12 +18,12 @@ class JobStore:
         redis: aioredis.Redis,
         scripts: Scripts,
         retention_days: float = 7.0,
-        ledger_retention_days: float = 0.0,
+        ledger_keep_ms: int = 0,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.retention_ms = int(retention_days * 86_400_000)
-        self.ledger_keep_ms = int(ledger_retention_days * 86_400_000)  # 0: keep all
+        self.ledger_keep_ms = ledger_keep_ms  # 0: keep all
 
     async def get(self, account: str, job_id: str) -> Job | None:
         if not job_id or len(job_id) > 64:
@@ -89,13 +89,17 @@ class JobStore:
         """Record the upstream's job id before waiting on it, so a takeover resumes it."""
         job.upstream = upstream
         await self.scripts.patch(
-            job=keys.job(job.account, job.id), fields={"upstream": upstream}, client=self.redis
+            job=keys.job(job.account, job.id),
+            fields={"upstream": text(upstream)},
+            client=self.redis,
         )
 
     async def save_progress(self, job: Job, metadata: dict[str, Any]) -> None:
         job.metadata = metadata
         await self.scripts.patch(
-            job=keys.job(job.account, job.id), fields={"metadata": metadata}, client=self.redis
+            job=keys.job(job.account, job.id),
+            fields={"metadata": text(metadata)},
+            client=self.redis,
         )
 
     async def finish(
@@ -124,12 +128,12 @@ class JobStore:
             }
             meta = compact_metadata(metadata or {}, ended)
             if metadata and meta is not None:
-                fields["meta"], fields["metadata"] = meta, None  # (a progress report's)
+                fields["meta"], fields["metadata"] = text(meta), None  # (a progress report's)
                 for side in ("width", "height"):  # the size asked for: read from params
                     if fields.get(side) == job.params.get(side):
                         del fields[side]
         elif metadata is not None:
-            fields["metadata"] = metadata
+            fields["metadata"] = text(metadata)
         if error:
             fields["error"] = error
         shard = keys.shard_of(job.account)

@@ -197,7 +197,7 @@ if tok then
   redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
 end
 local outcome, hook = {}, false
-if mode == 'run' and not cacheable then
+if mode == 'run' then
   redis.call('SET', KEYS[6], ARGV[15])  -- the record as the caller made it
 else
   local job = cjson.decode(ARGV[15])
@@ -209,21 +209,20 @@ else
       -- instead of copying the outcome and the params: read.lua reads both. So the entry
       -- must outlive the record: it lives at least the record's retention from now.
       -- What is known otherwise is left out too (cost 0: the default; completed_at:
-      -- created_at), so the record stays ~200 bytes.
+      -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
+      -- cost: a cacheable request's record holds it) stays.
       job['params'], job['cost'], job['hit'] = nil, nil, 1
       if redis.call('PTTL', KEYS[10]) < retention then
         redis.call('PEXPIRE', KEYS[10], retention)
       end
     else  -- an entry written before entries held their params: copy, as hits once did
-      job['completed_at'], job['cost'], job['price'] = now, 0, price
+      job['completed_at'], job['cost'] = now, 0
       job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
         tonumber(entry[2]), tonumber(entry[3])
-      job['metadata'] = cjson.decode(entry[4])
+      job['metadata'] = entry[4]  -- JSON text, as record.lua keeps it
     end
-  elseif mode == 'follow' then
-    job['cost'], job['price'] = 0, price
-  else
-    job['price'] = price
+  else  -- follow
+    job['cost'] = 0
   end
   redis.call('SET', KEYS[6], cjson.encode(job))
 end

@@ -3,7 +3,9 @@
 -- prompt, so every params) is stored as a hash table, at over twice the bytes; the
 -- string holds the same fields in about half (docs/api.md#redis-memory).
 -- The record leaves out what its key says (id and account) and what is absent or the
--- default (type IMAGE, cost 0, an unset field). Numbers may be stored as strings (a
+-- default (type IMAGE, cost 0, an unset field). Nested values no script reads (metadata,
+-- meta, upstream, webhook_shape) are JSON text inside it: cjson would write a number of
+-- more than 14 digits, or an empty list, back changed. Numbers may be stored as strings (a
 -- record written as a hash, before this format, is read as one: see load_job), so
 -- readers take each through tonumber.
 local function load_job(key)
@@ -15,9 +17,12 @@ local function load_job(key)
   for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
   return job
 end
--- Stores the record, keeping the key's time to live (SET replaces a hash too).
+-- Stores the record, keeping the key's time to live (SET replaces a hash too); returns
+-- the JSON stored.
 local function save_job(key, job)
-  redis.call('SET', key, cjson.encode(job), 'KEEPTTL')
+  local raw = cjson.encode(job)
+  redis.call('SET', key, raw, 'KEEPTTL')
+  return raw
 end
 -- Sets a field from a decoded JSON object: null removes it.
 local function set(job, name, value)

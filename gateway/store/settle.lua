@@ -20,15 +20,15 @@ redis.call('SREM', KEYS[5], KEYS[2])
 local meta = cjson.decode(ARGV[7])
 meta['cached'] = true
 meta['coalesced'] = true
+local urls, width, height = cjson.decode(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local done = {}
 for _, key in ipairs(followers) do
   local job = load_job(key)
   if job and job['status'] == 'queued' then
     meta['duration'] = (now - tonumber(job['created_at'])) / 1000
     job['status'], job['completed_at'] = 'completed', now
-    job['urls'], job['width'], job['height'] = cjson.decode(ARGV[4]), tonumber(ARGV[5]),
-      tonumber(ARGV[6])
-    job['metadata'] = meta
+    job['urls'], job['width'], job['height'] = urls, width, height
+    job['metadata'] = cjson.encode(meta)  -- JSON text, as record.lua keeps it
     save_job(key, job)
     redis.call('PEXPIRE', key, retention)
     if (job['webhook_url'] or '') ~= '' then redis.call('ZADD', KEYS[4], 'NX', now, key) end

@@ -11,12 +11,10 @@ local status = job['status']
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {status, 0}
 end
-if not again then
-  job['attempts'] = tonumber(job['attempts'] or '0') + 1
-  job['status'] = 'processing'
-  if not job['started_at'] then job['started_at'] = tonumber(ARGV[1]) end
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
-  mark()
-  save_job(KEYS[1], job)
-end
-return {status, tonumber(job['attempts']), cjson.encode(job)}
+if again then return {status, tonumber(job['attempts']), cjson.encode(job)} end
+job['attempts'] = tonumber(job['attempts'] or '0') + 1
+job['status'] = 'processing'
+if not job['started_at'] then job['started_at'] = tonumber(ARGV[1]) end
+redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+mark()
+return {status, job['attempts'], save_job(KEYS[1], job)}

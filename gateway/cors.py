@@ -56,12 +56,16 @@ class CORS:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PATHS):
-            headers = Headers(scope=scope)
-            origin = headers.get("origin")
-            preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
-            if origin is not None and preflight:
-                await self._preflight(scope, receive, send, headers)
-                return
+            origin = None
+            for name, value in scope["headers"]:  # a request without Origin is the usual
+                if name == b"origin":
+                    origin = value
+                    break
+            if origin is not None and scope["method"] == "OPTIONS":
+                headers = Headers(scope=scope)
+                if "access-control-request-method" in headers:
+                    await self._preflight(scope, receive, send, headers)
+                    return
             if self.origins and (origin is not None or scope["method"] == "GET"):
                 await self.cors(scope, receive, send)
                 return

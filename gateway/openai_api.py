@@ -20,11 +20,11 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
 from gateway.config import BACKENDS
+from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest, from_image_input
@@ -241,7 +241,7 @@ async def model(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/images/generations", generations, methods=["POST"]),
-    Route("/v1/models", models, methods=["GET"]),
-    Route("/v1/models/{model}", model, methods=["GET"]),
+    route("/v1/images/generations", generations, ["POST"]),
+    route("/v1/models", models, ["GET"]),
+    route("/v1/models/{model}", model, ["GET"]),
 ]

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from gateway.auth import TOKEN_PREFIX, Principal, api_key_from
+from gateway.endpoints import route
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -266,13 +266,13 @@ async def readyz(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/text_to_image", text_to_image, methods=["POST"]),
-    Route("/v1/jobs/{job_id}", endpoint(get_job, read=True), methods=["GET"]),
-    Route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), methods=["POST"]),
-    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
-    Route("/v1/client_tokens", endpoint(create_client_token, read=False), methods=["POST"]),
-    Route("/v1/client_tokens/revoke", endpoint(revoke_client_token, read=False), methods=["POST"]),
-    Route("/v1/callbacks/{backend}/{token}", upstream_callback, methods=["POST"]),
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
+    route("/v1/text_to_image", text_to_image, ["POST"]),
+    route("/v1/jobs/{job_id}", endpoint(get_job, read=True), ["GET"]),
+    route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), ["POST"]),
+    route("/v1/jobs/{job_id}/events", job_events, ["GET"]),
+    route("/v1/client_tokens", endpoint(create_client_token, read=False), ["POST"]),
+    route("/v1/client_tokens/revoke", endpoint(revoke_client_token, read=False), ["POST"]),
+    route("/v1/callbacks/{backend}/{token}", upstream_callback, ["POST"]),
+    route("/healthz", healthz, ["GET"]),
+    route("/readyz", readyz, ["GET"]),
 ]

@@ -25,8 +25,9 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
 from gateway.params import GenerationRequest
 from gateway.providers import fluxkrea
@@ -125,6 +126,6 @@ async def generate_async(request: Request) -> Response:
 
 
 routes: list[BaseRoute] = [
-    Route(f"{PREFIX}/v1/generate", generate, methods=["POST"]),
-    Route(f"{PREFIX}/v1/generate/async", generate_async, methods=["POST"]),
+    route(f"{PREFIX}/v1/generate", generate, ["POST"]),
+    route(f"{PREFIX}/v1/generate/async", generate_async, ["POST"]),
 ]

@@ -21,8 +21,9 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest
@@ -123,7 +124,7 @@ async def _on_job(request: Request, *, cancel: bool) -> Response:
 
 
 routes: list[BaseRoute] = [
-    Route(f"{PREFIX}/generate/image/{{model:path}}", generate, methods=["POST"]),
-    Route(f"{PREFIX}/jobs/{{job_id}}", get_job, methods=["GET"]),
-    Route(f"{PREFIX}/jobs/{{job_id}}", delete_job, methods=["DELETE"]),
+    route(f"{PREFIX}/generate/image/{{model:path}}", generate, ["POST"]),
+    route(f"{PREFIX}/jobs/{{job_id}}", get_job, ["GET"]),
+    route(f"{PREFIX}/jobs/{{job_id}}", delete_job, ["DELETE"]),
 ]

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Match, Route
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
 from gateway.config import BACKENDS
+from gateway.endpoints import route
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -313,23 +314,23 @@ async def result(request: Request) -> Response:
 
 
 _ROUTES: list[Route] = [
-    Route(f"{PREFIX}/v1/{{model}}", run_sync, methods=["POST"]),
-    Route(f"{PREFIX}/v2/requests/{{request_id}}/status", status, methods=["GET"]),
-    Route(f"{PREFIX}/v2/requests/{{request_id}}", result, methods=["GET"]),
-    Route(f"{PREFIX}/v2/{{model}}", submit, methods=["POST"]),
+    route(f"{PREFIX}/v1/{{model}}", run_sync, ["POST"]),
+    route(f"{PREFIX}/v2/requests/{{request_id}}/status", status, ["GET"]),
+    route(f"{PREFIX}/v2/requests/{{request_id}}", result, ["GET"]),
+    route(f"{PREFIX}/v2/{{model}}", submit, ["POST"]),
     # The SDK's base URL without its `/v1`: its synchronous calls land here.
-    Route(f"{PREFIX}/{{model}}", run_sync, methods=["POST"]),
+    route(f"{PREFIX}/{{model}}", run_sync, ["POST"]),
 ]
 
 
 async def not_found(request: Request) -> Response:
     """Any other path under the prefix, in Segmind's shape: 405 for a known path with
     another method, else 404."""
-    for route in _ROUTES:
-        match, _ = route.matches(request.scope)
+    for declared in _ROUTES:
+        match, _ = declared.matches(request.scope)
         if match is Match.PARTIAL:
             error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-            return error_response(error, {"Allow": ", ".join(sorted(route.methods or ()))})
+            return error_response(error, {"Allow": ", ".join(sorted(declared.methods or ()))})
     return error_response(NotFound(f"Model or endpoint not found: {request.url.path}"))
 
 

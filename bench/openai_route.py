@@ -48,6 +48,8 @@ from bench.http import (
     CACHE_CASE,
     CACHEABLE_VARIABLES,
     GENERATE,
+    OPENAI_CACHEABLE,
+    OPENAI_HIT_CASE,
     ROOT,
     Case,
     HttpRow,
@@ -65,15 +67,7 @@ from bench.http import (
 from bench.serving import one_core_for_the_server
 from gateway.store import keys
 
-OPENAI_CACHE_CASE = "openai: cache hit"
 OPENAI_TARGET = 0.90  # of the GraphQL cache hit's req/s
-PROMPT = CACHEABLE_VARIABLES["input"]["input"]["text"]
-OPENAI_CACHEABLE = {
-    "model": "local",
-    "prompt": PROMPT,
-    "size": "1024x1024",
-    "seed": CACHEABLE_VARIABLES["input"]["options"]["seed"],
-}
 
 WAITING = int(os.environ.get("BENCH_WAITING_REQUESTS", "1000"))
 WAIT_WINDOW = 10.0  # seconds over which the waiting gateway's CPU is read
@@ -103,11 +97,11 @@ def check_openai_hit(client: httpx.Client, case: Case, key: str) -> None:
     response = client.post(case.server.url(case.path), content=case.body, headers=case.headers)
     body = response.json()
     if response.status_code != 200 or not body.get("data") or "url" not in body["data"][0]:
-        raise SystemExit(f"{OPENAI_CACHE_CASE}: {response.status_code} {response.text[:500]}")
+        raise SystemExit(f"{OPENAI_HIT_CASE}: {response.status_code} {response.text[:500]}")
     job_id = response.headers["x-gateway-job-id"]
     job = client.get(case.server.url(f"/v1/jobs/{job_id}"), headers={"X-API-Key": key}).json()
     if not (job.get("metadata") or {}).get("cached"):
-        raise SystemExit(f"{OPENAI_CACHE_CASE}: not answered from the cache: {job}")
+        raise SystemExit(f"{OPENAI_HIT_CASE}: not answered from the cache: {job}")
 
 
 @scenario("openai")
@@ -131,7 +125,7 @@ async def openai_cache_hit(ctx: Context) -> list[HttpRow]:
             cases = [
                 Case(CACHE_CASE, gateway, "/graphql", graphql, auth, 200),
                 Case(
-                    OPENAI_CACHE_CASE,
+                    OPENAI_HIT_CASE,
                     gateway,
                     "/v1/images/generations",
                     json.dumps(OPENAI_CACHEABLE).encode(),
@@ -160,13 +154,13 @@ async def openai_cache_hit(ctx: Context) -> list[HttpRow]:
         await admin.flushall()
         await admin.aclose()
     out = list(rows.values())
-    openai, graphql_hit = rows[OPENAI_CACHE_CASE], rows[CACHE_CASE]
+    openai, graphql_hit = rows[OPENAI_HIT_CASE], rows[CACHE_CASE]
     share = openai.median / graphql_hit.median
     per_round = [o / g for o, g in zip(openai.rates, graphql_hit.rates, strict=True)]
     cpu = statistics.median(openai.cpu_ms) / statistics.median(graphql_hit.cpu_ms)
     out[-1].summary = [
         placement,
-        f"{OPENAI_CACHE_CASE}: {share:.0%} of {CACHE_CASE}'s req/s (rounds "
+        f"{OPENAI_HIT_CASE}: {share:.0%} of {CACHE_CASE}'s req/s (rounds "
         f"{min(per_round):.0%}..{max(per_round):.0%}), {cpu:.0%} of its CPU per request; "
         f"target {OPENAI_TARGET:.0%}: " + ("met" if share >= OPENAI_TARGET else "NOT met"),
     ]

@@ -12,11 +12,11 @@ does when it ends.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.typing import EncodableT, FieldT
 
 from gateway.config import Settings
 from gateway.jobs.model import Job
@@ -78,22 +78,25 @@ class Cache:
             params=encoded_params,
             client=self.redis,
         )
-        others = [n for n in range(self.settings.redis_shards) if n != shard]
-        if others:
-            entry: dict[FieldT, EncodableT] = {  # the fields settle.lua writes
-                "urls": encoded_urls,
-                "width": width,
-                "height": height,
-                "metadata": encoded_metadata,
-                "hit_metadata": hit_metadata,
-                "params": encoded_params,
-                "until": now_ms + self.retention_ms,
-            }
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for n in others:
-                    pipe.hset(keys.cache_entry(n, digest), mapping=entry)
-                    pipe.pexpire(keys.cache_entry(n, digest), self.retention_ms)
-                await pipe.execute()
+        # The other shards' copies, sent together (one pipeline: gateway/store/batching.py).
+        await asyncio.gather(
+            *(
+                self.scripts.entry(
+                    cache_entry=keys.cache_entry(n, digest),
+                    urls=encoded_urls,
+                    width=width,
+                    height=height,
+                    metadata=encoded_metadata,
+                    hit_metadata=hit_metadata,
+                    params=encoded_params,
+                    now_ms=now_ms,
+                    retention_ms=self.retention_ms,
+                    client=self.redis,
+                )
+                for n in range(self.settings.redis_shards)
+                if n != shard
+            )
+        )
         return reply.completed
 
     async def release(self, job: Job, now_ms: int) -> list[str]:

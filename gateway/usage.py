@@ -165,7 +165,7 @@ def _job_counts(record: dict[str, Any]) -> tuple[str, str, Counts]:
     if record["status"] == "completed":
         counts.images = _int(str(params.get("num_images") or 1))
         # Served by the cache or by an identical request in flight: charged nothing.
-        if _int(record.get("hit")) == 1 or meta.get("cached") is True or (cost == 0 and price > 0):
+        if _int(record.get("hit")) >= 1 or meta.get("cached") is True or (cost == 0 and price > 0):
             counts.cache_hits = 1
             if not price and params.get("width") and params.get("height"):
                 # a hit's record that refers to its cache entry holds no price

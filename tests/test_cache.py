@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from gateway.store import keys
 from tests.emulators.krea import KreaEmulator
 from tests.harness import GENERATE, Harness, gateway
 from tests.servers import free_port, serve
@@ -247,3 +248,38 @@ async def test_waiters_of_a_leader_whose_worker_died_are_rescued(
         done = await gw2.wait(key, waiter["id"])
         assert done["status"] == "completed"
         assert done["creditCost"] == 10  # it ran in the leader's place, and paid for it
+
+
+async def test_a_hit_keeps_its_picture_when_the_request_runs_again_later(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Once an entry's outputs retention has passed it answers no new hit, and the next
+    identical request runs again; the hits made earlier (their records live on) still show
+    the picture they were given, in every shard, and new hits get the new one."""
+    async with gateway(redis_url, storage_dir, redis_shards=2) as gw:
+        made = [await gw.key() for _ in range(8)]
+        by_shard = {keys.shard_of(gw.keys[k]["id"]): k for k in made}
+        assert by_shard.keys() == {0, 1}, "the keys fell in one shard"
+        first, other = by_shard[0], by_shard[1]
+
+        async def ask(key: str) -> dict[str, Any]:
+            return await gen(gw, key, provider="local", seed=5, width=512, height=512)
+
+        ran = await gw.wait(first, (await ask(first))["id"])
+        earlier = {key: await ask(key) for key in (first, other)}
+        for hit in earlier.values():
+            assert hit["metadata"]["cached"] is True and hit["url"] == ran["url"]
+
+        gw.clock.advance(gw.settings.retention_days * 86_400 + 60)
+        again = await ask(other)
+        assert again["status"] == "queued", "an entry past its retention served a hit"
+        rerun = await gw.wait(other, again["id"])
+        assert rerun["url"] != ran["url"]
+
+        for key, hit in earlier.items():
+            seen = await gw.job(key, hit["id"])
+            assert seen is not None
+            assert seen["url"] == hit["url"] == ran["url"], "an earlier hit changed picture"
+            assert seen["width"] == 512 and seen["metadata"]["cached"] is True
+        for key in (first, other):
+            assert (await ask(key))["url"] == rerun["url"]

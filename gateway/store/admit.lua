@@ -205,13 +205,14 @@ else
     outcome = {entry[1], entry[2], entry[3], entry[4]}
     job['status'], hook = 'completed', job['webhook_url'] ~= nil
     if entry[5] then
-      -- A hit's record refers to its cache entry (`hit` = 1 and the digest, `cache_key`)
-      -- instead of copying the outcome and the params: read.lua reads both. So the entry
-      -- must outlive the record: it lives at least the record's retention from now.
+      -- A hit's record refers to its cache entry (`hit` = the entry's generation, its
+      -- `until`: entry_write.lua; and the digest, `cache_key`) instead of copying the
+      -- outcome and the params: read.lua reads both. So the entry must outlive the
+      -- record: it lives at least the record's retention from now.
       -- What is known otherwise is left out too (cost 0: the default; completed_at:
       -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
       -- cost: a cacheable request's record holds it) stays.
-      job['params'], job['cost'], job['hit'] = nil, nil, 1
+      job['params'], job['cost'], job['hit'] = nil, nil, tonumber(entry[5])
       if redis.call('PTTL', KEYS[10]) < retention then
         redis.call('PEXPIRE', KEYS[10], retention)
       end

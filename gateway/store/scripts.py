@@ -13,7 +13,8 @@ and nothing else: admission, the hottest path, stays one round trip.
 A script's source is its file, wrapped in `once.lua` for the scripts that change one
 job record, with its includes spliced in (`-- include: NAME.lua` lines: `limits.lua`,
 shared by admit.lua and auth.lua; `record.lua`, by those that read or write a job
-record). A file or a marker that is not there fails at start-up, not at the first call.
+record; `entry_write.lua`, by settle.lua and entry.lua). A file or a marker that is not
+there fails at start-up, not at the first call.
 """
 
 from __future__ import annotations
@@ -513,6 +514,42 @@ class Settle(Script):
         return SettleReply(completed=[str(k) for k in reply])
 
 
+# -- entry.lua -----------------------------------------------------------------------
+
+
+class Entry(Script):
+    """entry.lua: a cache entry copied into another shard, the one it replaces kept."""
+
+    name = "entry"
+
+    async def __call__(
+        self,
+        *,
+        cache_entry: str,
+        urls: str,
+        width: int,
+        height: int,
+        metadata: str,
+        hit_metadata: str,
+        params: str,
+        now_ms: int,
+        retention_ms: int,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        argv = [
+            cache_entry,
+            urls,
+            width,
+            height,
+            metadata,
+            hit_metadata,
+            params,
+            now_ms,
+            retention_ms,
+        ]
+        await self.run(1, argv, client)
+
+
 # -- promote.lua ---------------------------------------------------------------------
 
 
@@ -693,6 +730,7 @@ BY_NAME: dict[str, type[Script]] = {
         Auth,
         Claim,
         Settle,
+        Entry,
         Promote,
         Read,
         Patch,
@@ -716,6 +754,7 @@ class Scripts:
         self.auth = Auth(client)
         self.claim = Claim(client)
         self.settle = Settle(client)
+        self.entry = Entry(client)
         self.promote = Promote(client)
         self.read = Read(client)
         self.patch = Patch(client)

@@ -6,13 +6,13 @@
 -- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata,
 --       8 the metadata a cache hit's job gets (cached, duration 0), 9 the leader's params
 -- The entry answers hits `until` the outputs' retention ends (admit.lua); each hit, whose
--- record refers to the entry (read.lua), keeps the entry that long after it.
+-- record refers to the entry (read.lua), keeps the entry that long after it; an entry it
+-- replaces is kept for its own hits (entry_write.lua).
 -- Returns the keys of the followers it completed.
 -- include: record.lua
+-- include: entry_write.lua
 local now, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'urls', ARGV[4], 'width', ARGV[5], 'height', ARGV[6],
-  'metadata', ARGV[7], 'hit_metadata', ARGV[8], 'params', ARGV[9], 'until', now + retention)
-redis.call('PEXPIRE', KEYS[1], retention)
+write_entry(KEYS[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, retention)
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local followers = redis.call('LRANGE', KEYS[3], 0, -1)
 redis.call('DEL', KEYS[3])

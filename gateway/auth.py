@@ -179,6 +179,26 @@ async def authenticate(
     """The caller behind `key` (one round trip). `plans`: admission's `plan_table` of
     the settings' plans; `origin`: the request's Origin header, which a client token
     restricted to origins must carry."""
+    principal, _ = await authenticate_reading(
+        redis, scripts, settings, key, now_ms, plans=plans, read=read, origin=origin
+    )
+    return principal
+
+
+async def authenticate_reading(
+    redis: aioredis.Redis,
+    scripts: Scripts,
+    settings: Settings,
+    key: str | None,
+    now_ms: int,
+    *,
+    plans: str,
+    read: bool = False,
+    origin: str | None = None,
+    job_id: str = "",
+) -> tuple[Principal, dict[str, Any]]:
+    """`authenticate`, and the record of the caller's account's job `job_id` read in the
+    same round trip (a poll's): {} when there is none (or no `job_id`)."""
     cred = credentials(key)
     account = cred.account
     minute = now_ms // 60000
@@ -192,6 +212,7 @@ async def authenticate(
         secret_hash=cred.secret_hash,
         plans=plans,
         token=bool(cred.token),
+        job=keys.job(account, job_id) if job_id else "",
         client=redis,
     )
     fields = reply.account
@@ -237,4 +258,4 @@ async def authenticate(
             "X-RateLimit-Reset": str(now_ms // 1000 + wait),
         }
         raise refused
-    return principal
+    return principal, reply.record

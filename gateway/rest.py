@@ -45,7 +45,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
 Handler = Callable[[Request, Gateway, Principal], Awaitable[tuple[int, Any, Principal]]]
 
 
-def endpoint(handler: Handler, *, read: bool) -> Callable[[Request], Awaitable[Response]]:
+def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     """Authenticate, run, answer JSON with the rate-limit headers; map errors once."""
 
     async def run(request: Request) -> Response:
@@ -53,7 +53,7 @@ def endpoint(handler: Handler, *, read: bool) -> Callable[[Request], Awaitable[R
         headers: dict[str, str] = {}
         try:
             principal = await gateway.authenticate(
-                api_key_from(request.headers), read=read, origin=request.headers.get("origin")
+                api_key_from(request.headers), origin=request.headers.get("origin")
             )
             headers = principal.rate_headers()
             status, body, principal = await handler(request, gateway, principal)
@@ -122,13 +122,22 @@ async def text_to_image(request: Request) -> Response:
     return ORJSONResponse(job.public(), status_code=200 if job.ended else 202, headers=headers)
 
 
-async def get_job(
-    request: Request, gateway: Gateway, principal: Principal
-) -> tuple[int, Any, Principal]:
-    job = await gateway.job(principal, request.path_params["job_id"])
-    if job is None:
-        raise NotFound("no such job")
-    return 200, job.public(), principal
+async def get_job(request: Request) -> Response:
+    """The job, with the key check in the same round trip (`Gateway.poll`)."""
+    gateway: Gateway = request.app.state.gateway
+    headers: dict[str, str] = {}
+    try:
+        principal, job = await gateway.poll(
+            api_key_from(request.headers),
+            request.path_params["job_id"],
+            request.headers.get("origin"),
+        )
+        headers = principal.rate_headers()
+        if job is None:
+            raise NotFound("no such job")
+    except GatewayError as exc:
+        return error_response(exc, headers)
+    return ORJSONResponse(job.public(), headers=headers)
 
 
 async def cancel_job(
@@ -155,12 +164,12 @@ def _events_credential(request: Request) -> str | None:
 async def job_events(request: Request) -> Response:
     """The job's updates as Server-Sent Events: current state first, then each change."""
     gateway: Gateway = request.app.state.gateway
+    job_id = request.path_params["job_id"]
     try:
-        principal = await gateway.authenticate(
-            _events_credential(request), read=True, origin=request.headers.get("origin")
+        principal, job = await gateway.poll(
+            _events_credential(request), job_id, request.headers.get("origin")
         )
-        job_id = request.path_params["job_id"]
-        if await gateway.job(principal, job_id) is None:
+        if job is None:
             raise NotFound("no such job")
     except GatewayError as exc:
         return error_response(exc)
@@ -267,11 +276,11 @@ async def readyz(request: Request) -> Response:
 
 routes = [
     route("/v1/text_to_image", text_to_image, ["POST"]),
-    route("/v1/jobs/{job_id}", endpoint(get_job, read=True), ["GET"]),
-    route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job, read=False), ["POST"]),
+    route("/v1/jobs/{job_id}", get_job, ["GET"]),
+    route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job), ["POST"]),
     route("/v1/jobs/{job_id}/events", job_events, ["GET"]),
-    route("/v1/client_tokens", endpoint(create_client_token, read=False), ["POST"]),
-    route("/v1/client_tokens/revoke", endpoint(revoke_client_token, read=False), ["POST"]),
+    route("/v1/client_tokens", endpoint(create_client_token), ["POST"]),
+    route("/v1/client_tokens/revoke", endpoint(revoke_client_token), ["POST"]),
     route("/v1/callbacks/{backend}/{token}", upstream_callback, ["POST"]),
     route("/healthz", healthz, ["GET"]),
     route("/readyz", readyz, ["GET"]),

@@ -20,7 +20,7 @@ from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
 from gateway.admission import Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
-from gateway.auth import Principal, authenticate, credentials
+from gateway.auth import Principal, authenticate, authenticate_reading, credentials
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
@@ -59,6 +59,14 @@ class Estimate:
     height: int
     num_images: int
     backends: list[str]
+
+
+def _theirs(principal: Principal, job: Job | None) -> Job | None:
+    """`job` when the caller may see it: its account's (the key it was read with), and a
+    client token's own."""
+    if job is None or (principal.token and job.token != principal.token.id):
+        return None
+    return job
 
 
 class Gateway:
@@ -242,9 +250,28 @@ class Gateway:
         """One of the caller's jobs (a client token's: one made with it), or None."""
         with store_errors():
             job = await self.store.get(principal.account, job_id)
-        if job is None or (principal.token and job.token != principal.token.id):
-            return None
-        return job
+        return _theirs(principal, job)
+
+    async def poll(
+        self, key: str | None, job_id: str, origin: str | None = None
+    ) -> tuple[Principal, Job | None]:
+        """`authenticate` (a read) and `job`, in one round trip: a poll's."""
+        if not self.store.plausible(job_id):  # no such job: the key is still checked
+            return await self.authenticate(key, read=True, origin=origin), None
+        with store_errors():
+            principal, record = await authenticate_reading(
+                self.redis,
+                self.scripts,
+                self.settings,
+                key,
+                self.now_ms(),
+                plans=self.plans,
+                read=True,
+                origin=origin,
+                job_id=job_id,
+            )
+        telemetry.note(account=principal.account)
+        return principal, _theirs(principal, Job.from_record(record) if record else None)
 
     async def jobs(
         self, principal: Principal, first: int, after: str | None, status: str | None

@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket
 
 from gateway.auth import Principal, api_key_from
 from gateway.errors import Forbidden, GatewayError, Unauthenticated
+from gateway.jobs.model import Job
 from gateway.service import Gateway
 
 
@@ -38,6 +39,27 @@ class Context:
         if self._auth is None:  # fields resolve concurrently: share one lookup
             self._auth = asyncio.ensure_future(self._authenticate(read))
         return await self._auth
+
+    async def job(self, job_id: str) -> Job | None:
+        """The caller's job `job_id`: read with the key check in one round trip when it is
+        the request's first lookup (`Gateway.poll`, a polling client's whole request)."""
+        if self._auth is not None:
+            return await self.gateway.job(await self._auth, job_id)
+        checked: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        self._auth = checked  # fields resolving meanwhile wait for this check
+        try:
+            principal, job = await self.gateway.poll(self.api_key(), job_id, self.origin())
+        except GatewayError as exc:
+            self.add_headers(exc.headers)
+            checked.set_exception(exc)
+            checked.exception()  # retrieved: raised here, and to whoever else waits
+            raise
+        except BaseException:
+            checked.cancel()
+            raise
+        checked.set_result(principal)
+        self.set_principal(principal)
+        return job
 
     async def _authenticate(self, read: bool) -> Principal:
         try:

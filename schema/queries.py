@@ -31,7 +31,7 @@ STATUSES = {"queued", "processing", *TERMINAL}
 
 async def resolve_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
     """`Query.job`, the poll: `args` as graphql-core coerced them (`schema.prepared`)."""
-    job = await ctx.gateway.job(await ctx.caller(read=True), str(args["id"]))
+    job = await ctx.job(str(args["id"]))
     return Generation.of(job) if job else None
 
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.accounts import Accounts
+from gateway.auth import hash_secret
 from gateway.config import load_settings
 from gateway.jobs.store import JobStore
 from gateway.store import keys as rkeys
@@ -517,6 +519,54 @@ async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(
             r = await gw.gql("{ me { plan } }", key=key)
             assert r.status_code == 200, (i, r.text)
         assert_rate_limited(await gw.gql("{ me { plan } }", key=key), "read")
+
+
+async def test_a_poll_is_one_round_trip_and_reads_nothing_for_a_wrong_secret(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Every poll route checks the key and reads the job in one EVALSHA (auth.lua with
+    the record); the record is read only for the key's own secret."""
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def commands() -> dict[str, int]:
+        return {name: int(v["calls"]) for name, v in admin.info("commandstats").items()}
+
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("enterprise", credits=1_000)
+        made = job_id(await gw.generate(key, "polled once a round trip"))
+        auth = {"Authorization": f"Bearer {key}"}
+        polls = {
+            "GraphQL": lambda: gw.gql("query($id: ID!) { job(id: $id) { id } }", {"id": made}, key),
+            "REST": lambda: gw.http.get(f"/v1/jobs/{made}", headers=auth),
+            "Krea": lambda: gw.http.get(f"/compat/krea/jobs/{made}", headers=auth),
+            "Segmind": lambda: gw.http.get(
+                f"/compat/segmind/v2/requests/{made}/status", headers={"x-api-key": key}
+            ),
+        }
+        for name, poll in polls.items():
+            before = commands()
+            for _ in range(5):
+                answer = await poll()
+                assert answer.status_code == 200 and made in answer.text, (name, answer.text)
+            # (the counts include the commands the scripts ran; a poll runs one script)
+            assert commands()["cmdstat_evalsha"] - before["cmdstat_evalsha"] == 5, name
+
+        account = gw.keys[key]["id"]
+        scripts = Scripts.register(await connect(redis_url))
+        for secret, seen in (("0" * 64, False), (gw.keys[key]["key"].split("_", 2)[2], True)):
+            reply = await scripts.auth(
+                account=rkeys.account(account),
+                rate=rkeys.rate(account),
+                reads=rkeys.reads(account, 0),
+                client_token=rkeys.client_token(account, ""),
+                now_ms=int(time.time() * 1000),
+                count_read=True,
+                secret_hash=hash_secret(secret),
+                plans="",
+                token=False,
+                job=rkeys.job(account, made),
+            )
+            assert (reply.record.get("id") == made) is seen
 
 
 async def test_polling_every_two_seconds_never_exhausts_a_plan(

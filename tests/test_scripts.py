@@ -120,7 +120,13 @@ def test_the_other_replies_are_decoded_by_name() -> None:
 def test_each_script_runs_the_file_of_its_own_name() -> None:
     client = aioredis.Redis()  # never connected
     made = Scripts(client)
-    files = {p.stem for p in STORE.glob("*.lua")} - {"once", "limits", "record", "entry_write"}
+    files = {p.stem for p in STORE.glob("*.lua")} - {
+        "once",
+        "limits",
+        "record",
+        "entry_write",
+        "read_record",
+    }
     assert set(made.by_name) == files == set(scripts.NAMES)
     once = (STORE / "once.lua").read_text()
     for name, script in made.by_name.items():
@@ -139,8 +145,12 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
     assert "local function key_limits" not in (STORE / "admit.lua").read_text()
     # each script that reads or writes a job record, one statement of its format
     record = (STORE / "record.lua").read_text()
-    for name in ("admit", "start", "finish", "promote", "settle", "read", "patch"):
+    for name in ("admit", "auth", "start", "finish", "promote", "settle", "read", "patch"):
         assert made.by_name[name].source.count(record) == 1, name
+    # read.lua and auth.lua (a poll's key check) read a record one way
+    reader = (STORE / "read_record.lua").read_text()
+    for name in ("read", "auth"):
+        assert made.by_name[name].source.count(reader) == 1, name
     # settle.lua and entry.lua write a cache entry one way
     writer = (STORE / "entry_write.lua").read_text()
     for name in ("settle", "entry"):

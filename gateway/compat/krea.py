@@ -104,15 +104,15 @@ async def _on_job(request: Request, *, cancel: bool) -> Response:
     gateway: Gateway = request.app.state.gateway
     headers: dict[str, str] = {}
     job_id = request.path_params["job_id"]
+    origin = request.headers.get("origin")
     try:
-        principal = await gateway.authenticate(
-            bearer(request), read=not cancel, origin=request.headers.get("origin")
-        )
-        headers = principal.rate_headers()
         if cancel:
+            principal = await gateway.authenticate(bearer(request), origin=origin)
+            headers = principal.rate_headers()
             job = await gateway.cancel(principal, job_id)
         else:
-            found = await gateway.job(principal, job_id)
+            principal, found = await gateway.poll(bearer(request), job_id, origin)
+            headers = principal.rate_headers()
             if found is None:
                 raise NotFound("Job not found")
             job = found

@@ -256,9 +256,8 @@ async def submit(request: Request) -> Response:
 async def _polled(request: Request) -> tuple[Job, Principal]:
     """The caller's job named in the path (a client token's: one made with it)."""
     gateway: Gateway = request.app.state.gateway
-    principal = await gateway.authenticate(_key(request), read=True, origin=_origin(request))
     request_id = request.path_params["request_id"]
-    job = await gateway.job(principal, request_id)
+    principal, job = await gateway.poll(_key(request), request_id, _origin(request))
     if job is None:
         exc = RequestNotFound(request_id[:100])
         exc.headers = principal.rate_headers()

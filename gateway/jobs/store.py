@@ -25,8 +25,13 @@ class JobStore:
         self.retention_ms = int(retention_days * 86_400_000)
         self.ledger_keep_ms = ledger_keep_ms  # 0: keep all
 
+    @staticmethod
+    def plausible(job_id: str) -> bool:
+        """Could be a job's id (else no record is looked for)."""
+        return 0 < len(job_id) <= 64
+
     async def get(self, account: str, job_id: str) -> Job | None:
-        if not job_id or len(job_id) > 64:
+        if not self.plausible(job_id):
             return None
         return await self.get_by_key(keys.job(account, job_id))
 

@@ -8,13 +8,20 @@
 -- overrides: limits.lua).
 -- A client token (ARGV 5 = '1') is read too (KEYS 4) and returned for the caller to
 -- check; it counts a read when its own secret is given on a live token of the key.
+-- A poll gives a job record (KEYS 5, of the same account: the same slot) to read with
+-- the key check, in the same round trip; it is read only for the key's own secret on a
+-- live key or token (the caller still decides, as above) and as read.lua reads it.
 -- Called through `Auth` in scripts.py, which names each key and argument and decodes
 -- the reply.
--- KEYS: 1 account, 2 rate, 3 reads, 4 client token (unused for a key)
+-- KEYS: 1 account, 2 rate, 3 reads, 4 client token (unused for a key), 5 optional: a job
+--       record to read
 -- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table, 5 client token (0/1)
 -- Returns {flat account hash, window used, window reset (unix s), reads, rpm, concurrency,
---          daily, flat token hash ({} for a key)}; {{}} for an unknown account.
+--          daily, flat token hash ({} for a key), and with KEYS 5 the record as
+--          read.lua returns it ({} when gone or not read)}; {{}} for an unknown account.
 -- include: limits.lua
+-- include: record.lua
+-- include: read_record.lua
 local acct = redis.call('HGETALL', KEYS[1])
 if #acct == 0 then return {acct} end
 local now = tonumber(ARGV[1])
@@ -37,4 +44,8 @@ if ARGV[2] == '1' and own and fields['revoked'] ~= '1' then
   reads = redis.call('INCR', KEYS[3])
   if reads == 1 then redis.call('PEXPIRE', KEYS[3], 61000) end
 end
-return {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily, token}
+local out = {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily, token}
+if KEYS[5] then
+  out[9] = (own and fields['revoked'] ~= '1') and read_record(KEYS[5]) or {}
+end
+return out

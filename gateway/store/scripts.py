@@ -13,8 +13,9 @@ and nothing else: admission, the hottest path, stays one round trip.
 A script's source is its file, wrapped in `once.lua` for the scripts that change one
 job record, with its includes spliced in (`-- include: NAME.lua` lines: `limits.lua`,
 shared by admit.lua and auth.lua; `record.lua`, by those that read or write a job
-record; `entry_write.lua`, by settle.lua and entry.lua). A file or a marker that is not
-there fails at start-up, not at the first call.
+record; `entry_write.lua`, by settle.lua and entry.lua; `read_record.lua`, by read.lua
+and auth.lua). A file or a marker that is not there fails at start-up, not at the first
+call.
 """
 
 from __future__ import annotations
@@ -260,6 +261,7 @@ class AuthReply(NamedTuple):
     concurrency: int = -1
     daily: int = -1
     token: dict[str, str] = {}  # a client token's hash; empty for a key or none found
+    record: dict[str, Any] = {}  # the job record asked for, as `Read` reads it; {}: none
 
 
 class Auth(Script):
@@ -279,19 +281,21 @@ class Auth(Script):
         secret_hash: str,
         plans: str,
         token: bool,
+        job: str = "",
         client: aioredis.Redis | None = None,
     ) -> AuthReply:
-        argv = [account, rate, reads, client_token, now_ms, 1 if count_read else 0]
-        argv += [secret_hash, plans, 1 if token else 0]
-        return self.decode(await self.run(4, argv, client))
+        """`job`: a job record of the account to read in the same call (a poll's)."""
+        argv: list[Any] = [account, rate, reads, client_token, *([job] if job else [])]
+        argv += [now_ms, 1 if count_read else 0, secret_hash, plans, 1 if token else 0]
+        return self.decode(await self.run(5 if job else 4, argv, client), job)
 
     @staticmethod
-    def decode(reply: list[Any]) -> AuthReply:
+    def decode(reply: list[Any], job: str = "") -> AuthReply:
         raw = reply[0]
         account = dict(zip(raw[::2], raw[1::2], strict=True))
         if len(reply) == 1:  # an unknown account
             return AuthReply(account=account)
-        _, window_used, window_reset, reads, rpm, concurrency, daily, token = reply
+        _, window_used, window_reset, reads, rpm, concurrency, daily, token, *read = reply
         return AuthReply(
             account=account,
             window_used=window_used,
@@ -301,6 +305,7 @@ class Auth(Script):
             concurrency=concurrency,
             daily=daily,
             token=dict(zip(token[::2], token[1::2], strict=True)),
+            record=Read.record(job, read[0]) if read else {},
         )
 
 
@@ -618,23 +623,24 @@ class Read(Script):
 
     @staticmethod
     def decode(jobs: list[str], reply: list[Any]) -> ReadReply:
-        records: list[dict[str, Any]] = []
-        for key, row in zip(jobs, reply, strict=True):
-            if not row:
-                records.append({})
-                continue
-            record: dict[str, Any] = orjson.loads(row[0])
-            record["account"], record["id"] = keys.job_parts(key)
-            if len(row) > 1:  # a hit: what its entry holds, and what a hit is
-                urls, width, height, metadata, params = row[1:]
-                record.setdefault("urls", urls)
-                record.setdefault("width", width)
-                record.setdefault("height", height)
-                record.setdefault("metadata", metadata)
-                record.setdefault("params", params)
-                record.setdefault("completed_at", record.get("created_at"))
-            records.append(record)
-        return ReadReply(records=records)
+        return ReadReply(records=[Read.record(k, row) for k, row in zip(jobs, reply, strict=True)])
+
+    @staticmethod
+    def record(key: str, row: list[Any]) -> dict[str, Any]:
+        """One record as read_record.lua returns it ({} when gone)."""
+        if not row:
+            return {}
+        record: dict[str, Any] = orjson.loads(row[0])
+        record["account"], record["id"] = keys.job_parts(key)
+        if len(row) > 1:  # a hit: what its entry holds, and what a hit is
+            urls, width, height, metadata, params = row[1:]
+            record.setdefault("urls", urls)
+            record.setdefault("width", width)
+            record.setdefault("height", height)
+            record.setdefault("metadata", metadata)
+            record.setdefault("params", params)
+            record.setdefault("completed_at", record.get("created_at"))
+        return record
 
 
 # -- patch.lua -----------------------------------------------------------------------

@@ -36,6 +36,7 @@ MODULES = [
     "bench.scale",
     "bench.metrics",
     "bench.memory",
+    "bench.job_cost",
 ]
 
 

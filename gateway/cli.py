@@ -44,6 +44,9 @@ T = TypeVar("T")
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # httpx logs every request it sends at INFO (a webhook's, in plain text): the gateway's
+    # own JSON lines already say what each attempt did (docs/api.md#logs-and-traces).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

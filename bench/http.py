@@ -152,7 +152,8 @@ TARGETS = [
     (GENERATE_CASE, PEER, 25.0),
 ]
 RSS_TARGET_MB = 100
-GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE, REST_HIT_CASE)  # each a job
+# each request of these makes a job
+GENERATIONS = (GENERATE_CASE, REST_CASE, MISS_CASE, CACHE_CASE, REST_HIT_CASE, OPENAI_HIT_CASE)
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -660,7 +661,7 @@ async def http(ctx: Context) -> list[HttpRow]:
             continue
         share = rows[case_name].median / rows[floor_name].median
         shown = f"{share:.1f}x" if target and target > 1 else f"{share:.0%}"
-        goal = f"{target:.0f}x" if target and target > 1 else f"{target:.0%}" if target else ""
+        goal = f"{target:g}x" if target and target > 1 else f"{target:.0%}" if target else ""
         verdict = (
             ""
             if target is None

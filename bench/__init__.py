@@ -37,6 +37,7 @@ MODULES = [
     "bench.metrics",
     "bench.memory",
     "bench.job_cost",
+    "bench.request_cost",
 ]
 
 

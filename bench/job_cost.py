@@ -297,11 +297,11 @@ STEPS: dict[str, str] = {
     DECODE: "normalize_image: Pillow opens and verifies the PNG (a thread; timed alone)",
     STORE: "LocalArtifactStore.put: the file's open, write, rename (a thread); hand-offs",
     FINISH: "Worker._complete: finish script, cache, events, queue ack",
-    WEBHOOK: "gateway/webhooks.py: claim, read, sign, POST (httpx), log",
+    WEBHOOK: "gateway/webhooks.py: claim, read, sign, POST, log",
     LOGGING: "structlog: the job's log lines",
     BACKGROUND: "heartbeat, cancellation watch, metrics sampler",
     REDIS: "the Redis auto-pipeline's own task (gateway/store/batching.py): sends, replies",
-    OTHER: "Python the loop runs outside any step (asyncio's, aiohttp's, httpx's callbacks)",
+    OTHER: "Python the loop runs outside any step (asyncio's and aiohttp's callbacks)",
 }
 #: (step, file, functions): a frame in `file` (its path's end) whose function is one of
 #: `functions` (any, when empty) names `step`.
@@ -367,8 +367,6 @@ def step_of(frames: list[Frame]) -> str:
     # A stack py-spy read only in part (it does not stop the worker) may lack the frame
     # naming its step; a library used by one step alone still names it.
     files = [file for _, file, _ in frames]
-    if any(_in(f, lib) for f in files for lib in ("httpx/", "httpcore/", "h11/", "anyio/")):
-        return WEBHOOK  # the worker's only httpx client is the webhook deliverer's
     if any(_in(file, "aiohttp/") for file in files):
         return RECEIVED
     if any(_in(f, "gateway/store/") or _in(f, "redis/") or _in(f, "hiredis/") for f in files):

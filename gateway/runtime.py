@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoPermissionError, ResponseError
@@ -40,6 +39,7 @@ from gateway.service import Gateway
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import Scripts, connect
 from gateway.webhooks import Webhooks
+from gateway.webhooks import session as webhook_session
 
 #: The only `maxmemory-policy` under which Redis never drops a key to make room. Every
 #: other one may evict balances, ledgers or job records: `allkeys-*` any key, and the
@@ -119,9 +119,8 @@ async def runtime(
             await check_eviction_policy(redis)
         client = UpstreamClient(settings.upstream_timeout)
         opened.push_async_callback(client.aclose)
-        # Webhooks pin the address they checked (httpcore's SNI extension): plain httpx.
-        hooks = httpx.AsyncClient(timeout=settings.webhook_timeout, follow_redirects=False)
-        opened.push_async_callback(hooks.aclose)
+        hooks = webhook_session(settings)
+        opened.push_async_callback(hooks.close)
         scripts = Scripts.register(redis)
         await scripts.load()
         inbox = RedisInbox(redis, settings.base_url, settings.job_deadline_seconds)

@@ -9,7 +9,9 @@ is logged for the key's owner; non-2xx answers and timeouts are retried on a sch
 Signatures: `X-Doitong-Signature: sha256=HEX` (HMAC-SHA256 of the raw body keyed with the
 secret string as printed) and the Standard Webhooks headers via `standardwebhooks`.
 The URL is checked again at delivery and the request goes to the address that check
-resolved (DNS rebinding cannot swap it for a private one in between).
+resolved (DNS rebinding cannot swap it for a private one in between), with the Host
+header, TLS server name and certificate check of the URL's host (`pinned`). Deliveries
+share one aiohttp session (`session`): no cookies kept, no proxy from the environment.
 
 The body is the gateway's own (`payload`), unless the job was asked for in a provider's
 protocol (`Job.webhook_shape`, set by `/compat/<provider>`): then it is that provider's
@@ -25,16 +27,18 @@ import hashlib
 import hmac
 import ipaddress
 import random
+import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import redis.asyncio as aioredis
 import structlog
 from standardwebhooks.webhooks import Webhook
+from yarl import URL
 
 from gateway import metrics, telemetry
 from gateway.config import Settings
@@ -92,22 +96,54 @@ def signed_headers(secret: str, msg_id: str, body: bytes, now: float) -> dict[st
     }
 
 
+#: the deliverers' connection pool: connections at most (all receivers together), and
+#: seconds an idle kept-alive connection is kept
+POOL_SIZE = 100
+KEEPALIVE = 5.0
+
+
+def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    """The deliverers' client: a keep-alive pool (`POOL_SIZE`, `KEEPALIVE`); each attempt
+    limited to `webhook_timeout` in all.
+
+    No cookie is kept (one client's receiver never sees another's), no proxy or netrc is
+    read from the environment (the request goes to the checked address, or nowhere), and
+    answers are not decompressed (their bodies are read only to be thrown away). `tls`
+    replaces the system's trusted certificates (tests); certificates are always verified.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=POOL_SIZE,
+        limit_per_host=0,
+        keepalive_timeout=KEEPALIVE,
+        ssl=tls if tls is not None else True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+    )
+
+
 def pinned(
     url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
-) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """The URL rewritten to the checked address, with the Host header and TLS name kept.
+) -> tuple[URL, dict[str, str], str | None]:
+    """The URL rewritten to the checked address, the Host header of the URL, and the name
+    TLS sends (SNI) and checks the certificate against (None for http).
 
-    The request target (path and query) goes out byte for byte as the URL was accepted,
-    through httpcore's `target` extension: httpx would drop `.` and `..` segments, and
-    the receiver be called at another URL than the one stored."""
+    The request target (path and query) goes out byte for byte as the URL was accepted:
+    it is given to yarl whole, as an already-encoded path, which aiohttp writes on the
+    request line as it is. Parsed as a URL, `.` and `..` segments could be resolved and
+    an empty query (a trailing `?`) would be dropped, and the receiver be called at
+    another URL than the one stored."""
     parsed = parse_url(url)
     host = str(address) if address.version == 4 else f"[{address}]"
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    headers = {"Host": parsed.authority}
-    extensions: dict[str, Any] = {"target": parsed.target.encode("ascii")}
-    if parsed.scheme == "https":
-        extensions["sni_hostname"] = parsed.host.removesuffix(".").lower()
-    return f"{parsed.scheme}://{netloc}{parsed.target}", headers, extensions
+    target = URL.build(
+        scheme=parsed.scheme, host=host, port=parsed.port, path=parsed.target, encoded=True
+    )
+    server_name = parsed.host.removesuffix(".").lower() if parsed.scheme == "https" else None
+    return target, {"Host": parsed.authority}, server_name
 
 
 class Webhooks:
@@ -117,7 +153,7 @@ class Webhooks:
         redis: aioredis.Redis,
         scripts: Scripts,
         store: JobStore,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         settings: Settings,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -126,6 +162,7 @@ class Webhooks:
         self.store = store
         self.client = client
         self.settings = settings
+        self.timeout = aiohttp.ClientTimeout(total=settings.webhook_timeout)
         self.clock = clock
         self.delays = settings.webhook_retry_delays
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
@@ -191,7 +228,7 @@ class Webhooks:
         error: str | None = None
         try:
             addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
-            target, host, extensions = pinned(job.webhook_url, addresses[0])
+            target, host, server_name = pinned(job.webhook_url, addresses[0])
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:
                 # The job's trace (the request that made it) goes on; the receiver is
@@ -199,25 +236,30 @@ class Webhooks:
                 with telemetry.span(
                     "webhook", parent=job.trace, kind="client", attributes=attributes
                 ) as span:
-                    response = await self.client.post(
+                    async with self.client.post(
                         target,
-                        content=body,
+                        data=body,
                         headers={**headers, **host},
-                        extensions=extensions,
-                        timeout=self.settings.webhook_timeout,
-                    )
+                        server_hostname=server_name,
+                        allow_redirects=False,
+                        timeout=self.timeout,
+                    ) as response:
+                        # Read to the end, keeping nothing, so that the connection
+                        # goes back to the pool instead of being closed.
+                        while await response.content.readany():
+                            pass
                     if span is not None:
-                        span.set_attribute("http.response.status_code", response.status_code)
-                    if not response.is_success:
-                        telemetry.failed(f"HTTP {response.status_code}", span)
-            status = response.status_code
-            if not response.is_success:
+                        span.set_attribute("http.response.status_code", response.status)
+                    if not 200 <= response.status < 300:
+                        telemetry.failed(f"HTTP {response.status}", span)
+            status = response.status
+            if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except BadUserInput as exc:
             error = exc.message
-        except httpx.TimeoutException:
+        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             error = "timed out"
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             error = f"connection failed: {type(exc).__name__}"
         ok = error is None
         record = {

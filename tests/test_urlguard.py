@@ -277,14 +277,17 @@ def test_transition_addresses_give_up_the_ipv4_they_carry() -> None:
 
 
 def test_delivery_sends_the_stored_target_and_host_byte_for_byte() -> None:
-    """httpx drops dot segments; urlsplit drops an empty query: neither may change it."""
+    """URL parsers resolve dot segments, urlsplit and yarl drop an empty query: neither
+    may change it (aiohttp writes `raw_path_qs` on the request line)."""
     url = "http://Hooks.Example.test:8080/a/./b/../%7e?"
-    target, headers, extensions = pinned(url, ipaddress.IPv4Address(PUBLIC))
-    assert extensions["target"] == b"/a/./b/../%7e?"
+    target, headers, server_name = pinned(url, ipaddress.IPv4Address(PUBLIC))
+    assert target.raw_path_qs == "/a/./b/../%7e?"
     assert headers == {"Host": "Hooks.Example.test:8080"}
-    assert target.startswith(f"http://{PUBLIC}:8080/")
-    _, _, extensions = pinned("https://Hooks.Example.test./h", ipaddress.IPv6Address("::1"))
-    assert extensions == {"target": b"/h", "sni_hostname": "hooks.example.test"}
+    assert str(target).startswith(f"http://{PUBLIC}:8080/")
+    assert server_name is None  # no TLS
+    target, _, server_name = pinned("https://Hooks.Example.test./h", ipaddress.IPv6Address("::1"))
+    assert (target.raw_host, target.port, target.raw_path_qs) == ("::1", 443, "/h")
+    assert server_name == "hooks.example.test"
     assert parse_url("http://[::1]:81?q").target == "/?q"
 
 

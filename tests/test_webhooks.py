@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import secrets
+import socket
+import ssl
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +25,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.accounts import Accounts
+from gateway.config import load_settings
 from gateway.errors import BadUserInput
+from gateway.jobs.model import Job
+from gateway.jobs.store import JobStore
 from gateway.store import keys
+from gateway.store.redis import Scripts, connect
 from gateway.urlguard import check_url
+from gateway.webhooks import Webhooks, session
 from tests.harness import gateway
 from tests.records import record
-from tests.servers import serve
+from tests.servers import free_port, serve
 
 FAST = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05] * 6}
 
@@ -256,3 +269,311 @@ async def test_a_cache_hit_with_a_webhook_is_delivered_once(
         assert len(receiver.calls) == 1
         body = json.loads(receiver.calls[0][1])
         assert (body["id"], body["status"]) == (hit["id"], "completed")
+
+
+# -- one attempt, by the deliverer alone: where it connects and what it sends ----------------
+
+HOOKS_NAME = "hooks.example.test"  # a name no real resolver answers: the tests' resolver does
+
+
+class RawReceiver:
+    """An HTTP/1.1 server on one loopback address that keeps each request's head as it
+    arrived (request line and headers, bytes), and the TLS server name each connection
+    asked for; it answers 200 with `body` on a kept-alive connection, or never answers
+    when `silent`."""
+
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, silent: bool = False, body: bytes = b"ok"
+    ) -> None:
+        self.tls = tls
+        self.silent = silent
+        self.body = body
+        self.heads: list[bytes] = []
+        self.names: list[str | None] = []
+        self.done = asyncio.Event()  # set at the end of the test: silent handlers return
+        if tls is not None:
+            tls.sni_callback = lambda _sock, name, _ctx: self.names.append(name)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                self.heads.append(head)
+                if self.silent:
+                    await self.done.wait()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body))
+                writer.write(self.body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+        """Listen on `host`; yield the port."""
+        server = await asyncio.start_server(self.handle, host, port, ssl=self.tls)
+        try:
+            yield int(server.sockets[0].getsockname()[1])
+        finally:
+            self.done.set()
+            server.close()
+            await server.wait_closed()
+
+    def request_line(self, n: int) -> bytes:
+        return self.heads[n].split(b"\r\n", 1)[0]
+
+    def header(self, n: int, name: str) -> str:
+        for line in self.heads[n].split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode()
+        raise KeyError(name)
+
+
+def resolving(
+    monkeypatch: pytest.MonkeyPatch, answers: list[str], name: str = HOOKS_NAME
+) -> list[str]:
+    """`name` resolves, on this event loop, to `answers[0]` the first time, then to
+    `answers[1]`, and so on (the last one again once they run out): a DNS rebinding.
+    Returns the addresses given so far."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    given: list[str] = []
+
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(host, str) or host.removesuffix(".").lower() != name:
+            return await real(host, port, *args, **kwargs)
+        address = answers[min(len(given), len(answers) - 1)]
+        given.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return given
+
+
+class Deliverer:
+    """`Webhooks` on the embedded store with the runtime's session, one job per URL."""
+
+    def __init__(self, tmp_path: Path, tls: ssl.SSLContext | None = None, **options: Any):
+        self.settings = load_settings(
+            redis_url=None,
+            storage_dir=tmp_path,
+            url_allow_cidrs="127.0.0.1/32",  # the receivers' address; 127.0.0.2 is refused
+            **options,
+        )
+        self.tls = tls
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Deliverer]:
+        self.redis = await connect(None)
+        scripts = Scripts.register(self.redis)
+        store = JobStore(self.redis, scripts, self.settings.retention_days)
+        self.account = (await Accounts(self.redis, scripts, self.settings).create("pro"))["id"]
+        async with session(self.settings, self.tls) as client:
+            self.hooks = Webhooks(
+                redis=self.redis,
+                scripts=scripts,
+                store=store,
+                client=client,
+                settings=self.settings,
+            )
+            try:
+                yield self
+            finally:
+                await self.redis.aclose()
+
+    async def attempt(self, url: str) -> dict[str, Any]:
+        """One delivery attempt of a completed job to `url`: its logged record."""
+        now = int(time.time() * 1000)
+        job = Job(
+            id=secrets.token_hex(12),
+            account=self.account,
+            status="completed",
+            provider="local",
+            params={},
+            cost=1,
+            created_at=now,
+            completed_at=now,
+            webhook_url=url,
+        )
+        job_key = keys.job(job.account, job.id)
+        await self.redis.set(job_key, orjson.dumps(job.to_record()))
+        ok = await self.hooks.deliver(job_key)
+        (logged,) = await self.hooks.attempts(job.account, job.id)
+        assert logged["success"] is ok
+        return dict(logged)
+
+
+async def test_the_request_goes_to_the_checked_address_whatever_the_name_resolves_to_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name resolves to an allowed address when checked, then to a refused one where
+    another server listens: the request still goes to the checked address, with the
+    URL's Host header, and the name is looked up only by the check."""
+    receiver, rogue = RawReceiver(), RawReceiver()
+    async with (
+        receiver.serving("127.0.0.1") as port,
+        rogue.serving("127.0.0.2", port),
+        Deliverer(tmp_path).running() as deliverer,
+    ):
+        given = resolving(monkeypatch, ["127.0.0.1", "127.0.0.2"])
+        logged = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert (logged["statusCode"], logged["error"]) == (200, None)
+        assert given == ["127.0.0.1"]
+        assert rogue.heads == []
+        assert receiver.request_line(0) == b"POST /hook HTTP/1.1"
+        assert receiver.header(0, "Host") == f"{HOOKS_NAME}:{port}"
+
+        # Resolved to the refused address at the check: no request at all.
+        given = resolving(monkeypatch, ["127.0.0.2"])
+        refused = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert refused["statusCode"] is None and "private" in refused["error"]
+        assert given == ["127.0.0.2"] and rogue.heads == [] and len(receiver.heads) == 1
+
+
+async def test_the_request_target_goes_out_byte_for_byte(tmp_path: Path) -> None:
+    """Dot segments, escapes of `/` and `.`, an empty query: none is resolved, decoded,
+    re-encoded or dropped; every attempt shares one kept-alive connection (each answer's
+    body, too large to come in one read, is read to its end)."""
+    receiver = RawReceiver(body=b"x" * 4_000_000)
+    connections: list[int] = []
+    targets = [
+        "/a/./b/../%7e?",
+        "/hook/..%2F..%2fadmin/%2E%2e/x?next=..%2F&q=a+b&%e2%9c%93",
+        "/x/..",
+        "//double//slash/?",
+        "/?only=query?and=more",
+        "/sub;p=1,2/(x)*!$'+=:@end?a=b&c=d;e=/?",
+        "/",
+    ]
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await RawReceiver.handle(receiver, reader, writer)
+
+    receiver.handle = counted  # type: ignore[method-assign]
+    async with receiver.serving() as port, Deliverer(tmp_path).running() as deliverer:
+        for target in targets:
+            logged = await deliverer.attempt(f"http://127.0.0.1:{port}{target}")
+            assert logged["error"] is None, target
+        assert [receiver.request_line(n) for n in range(len(targets))] == [
+            f"POST {target} HTTP/1.1".encode() for target in targets
+        ]
+        # No target at all: "/" is sent, as `parse_url` reads it.
+        await deliverer.attempt(f"http://127.0.0.1:{port}?q")
+        assert receiver.request_line(len(targets)) == b"POST /?q HTTP/1.1"
+    assert len(connections) == 1
+
+
+def certificates(name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A certificate authority and a certificate it signed for `name` alone: the server's
+    TLS context, and a client context that trusts that authority only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            usage = x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            )
+            builder = builder.add_extension(usage, critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("test authority", ca_key, "test authority", ca_key, ca=True)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = certificate(name, leaf_key, "test authority", ca_key, ca=False)
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as folder:
+        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            leaf_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    return server, client
+
+
+async def test_https_sends_and_verifies_the_urls_host_name_at_the_checked_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connected to an IP address, TLS still names the URL's host (SNI) and checks the
+    certificate against it: a certificate for another name is refused, nothing sent."""
+    server_tls, client_tls = certificates(HOOKS_NAME)
+    receiver = RawReceiver(tls=server_tls)
+    async with receiver.serving() as port, Deliverer(tmp_path, client_tls).running() as d:
+        resolving(monkeypatch, ["127.0.0.1"])
+        written = f"Hooks.Example.test.:{port}"  # the Host header as written; SNI normalised
+        logged = await d.attempt(f"https://{written}/h?")
+        assert (logged["statusCode"], logged["error"]) == (200, None)
+        assert receiver.names == [HOOKS_NAME]
+        assert receiver.request_line(0) == b"POST /h? HTTP/1.1"
+        assert receiver.header(0, "Host") == written
+
+        # The same address under another name: its certificate does not match.
+        other = "other.example.test"
+        resolving(monkeypatch, ["127.0.0.1"], other)
+        refused = await d.attempt(f"https://{other}:{port}/h")
+        assert refused["statusCode"] is None
+        assert refused["error"] == "connection failed: ClientConnectorCertificateError"
+        assert receiver.names == [HOOKS_NAME, other] and len(receiver.heads) == 1
+
+
+async def test_timeouts_and_connection_failures_are_recorded(tmp_path: Path) -> None:
+    silent = RawReceiver(silent=True)
+    async with (
+        silent.serving() as port,
+        Deliverer(tmp_path, webhook_timeout=0.3).running() as deliverer,
+    ):
+        logged = await deliverer.attempt(f"http://127.0.0.1:{port}/slow")
+        assert (logged["statusCode"], logged["error"], logged["success"]) == (
+            None,
+            "timed out",
+            False,
+        )
+        assert len(silent.heads) == 1  # it was sent, and no answer came in time
+        closed = free_port()
+        refused = await deliverer.attempt(f"http://127.0.0.1:{closed}/hook")
+        assert refused["error"] == "connection failed: ClientConnectorError"

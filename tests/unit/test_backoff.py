@@ -2,20 +2,23 @@
 `Retry-After`) and webhook deliveries (`gateway/webhooks.py`: the retry schedule).
 
 No server and no network: upstream answers are scripted, and the webhook test runs on
-the embedded store (fakeredis) with a receiver that is an `httpx.MockTransport`.
+the embedded store (fakeredis) with a receiver that stands in for the deliverers' aiohttp
+session (`FailingReceiver`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
-import httpx
+import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -164,6 +167,22 @@ async def test_a_5xx_is_retried_only_when_the_call_is_idempotent(waits: list[flo
 # -- the webhook retry schedule ---------------------------------------------------------------
 
 
+class FailingReceiver:
+    """In place of an `aiohttp.ClientSession`: every POST is kept and answered 500."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[Any, dict[str, Any]]] = []
+
+    @contextlib.asynccontextmanager
+    async def post(self, url: Any, **options: Any) -> AsyncIterator[SimpleNamespace]:
+        self.received.append((url, options))
+
+        async def empty() -> bytes:  # the body's end, at once
+            return b""
+
+        yield SimpleNamespace(status=500, content=SimpleNamespace(readany=empty))
+
+
 async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
     tmp_path: Path,
 ) -> None:
@@ -179,11 +198,8 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
     scripts = Scripts.register(redis)
     store = JobStore(redis, scripts, settings.retention_days)
     account = await Accounts(redis, scripts, settings).create("pro")  # its signing secret
-    received: list[httpx.Request] = []
-
-    def receiver(request: httpx.Request) -> httpx.Response:
-        received.append(request)
-        return httpx.Response(500)
+    receiver = FailingReceiver()
+    received = receiver.received
 
     job = Job(
         id="0123456789abcdef01234567",
@@ -199,26 +215,25 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
     job_key = keys.job(job.account, job.id)
     schedule = keys.webhooks(keys.shard_of_key(job_key))
     await redis.set(job_key, orjson.dumps(job.to_record()))
-    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
-        hooks = Webhooks(
-            redis=redis,
-            scripts=scripts,
-            store=store,
-            client=client,
-            settings=settings,
-            clock=lambda: now,
-        )
-        for attempt, delay in enumerate(delays, start=1):
-            assert await hooks.deliver(job_key) is False
-            due = await redis.zscore(schedule, job_key)
-            assert due is not None
-            due_in = due - now * 1000
-            # Jittered below the schedule, never above it: 80% to 100% of the delay.
-            assert delay * 800 <= due_in <= delay * 1000, (attempt, due_in)
-            assert (await record(redis, job_key))["webhook_status"] == "retrying"
-        assert await hooks.deliver(job_key) is False  # one more than there are delays
-        assert await redis.zscore(schedule, job_key) is None
-        assert (await record(redis, job_key))["webhook_status"] == "failed"
+    hooks = Webhooks(
+        redis=redis,
+        scripts=scripts,
+        store=store,
+        client=cast(aiohttp.ClientSession, receiver),
+        settings=settings,
+        clock=lambda: now,
+    )
+    for attempt, delay in enumerate(delays, start=1):
+        assert await hooks.deliver(job_key) is False
+        due = await redis.zscore(schedule, job_key)
+        assert due is not None
+        due_in = due - now * 1000
+        # Jittered below the schedule, never above it: 80% to 100% of the delay.
+        assert delay * 800 <= due_in <= delay * 1000, (attempt, due_in)
+        assert (await record(redis, job_key))["webhook_status"] == "retrying"
+    assert await hooks.deliver(job_key) is False  # one more than there are delays
+    assert await redis.zscore(schedule, job_key) is None
+    assert (await record(redis, job_key))["webhook_status"] == "failed"
     assert len(received) == len(delays) + 1
     log = await hooks.attempts(job.account, job.id)
     assert [(a["attempt"], a["statusCode"], a["success"]) for a in log] == [

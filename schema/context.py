@@ -38,13 +38,15 @@ class Context:
         """The authenticated caller (one Redis round trip, once per request)."""
         if self._auth is None:  # fields resolve concurrently: share one lookup
             self._auth = asyncio.ensure_future(self._authenticate(read))
-        return await self._auth
+        # Shielded: a field cancelled while it waits (another's error can end the
+        # request's execution) must not cancel the lookup the others share.
+        return await asyncio.shield(self._auth)
 
     async def job(self, job_id: str) -> Job | None:
         """The caller's job `job_id`: read with the key check in one round trip when it is
         the request's first lookup (`Gateway.poll`, a polling client's whole request)."""
         if self._auth is not None:
-            return await self.gateway.job(await self._auth, job_id)
+            return await self.gateway.job(await asyncio.shield(self._auth), job_id)
         checked: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
         self._auth = checked  # fields resolving meanwhile wait for this check
         try:

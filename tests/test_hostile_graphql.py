@@ -466,3 +466,20 @@ async def test_a_huge_text_is_refused_having_read_no_more_than_the_limit(
 def test_introspection_and_the_gateways_own_documents_are_within_the_limits() -> None:
     for query in (get_introspection_query(descriptions=True), GENERATE):
         assert schema.validate(CORE, parse(query), tuple(specified_rules)) == []
+
+
+async def test_a_poll_beside_a_failing_field_answers_the_others(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """`job` checks the key and reads in one step that `me` waits on; a sibling field's
+    error (which may cancel the fields still waiting) neither breaks that step nor
+    turns the answer into a 500 (found by tests/test_properties.py)."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        document = """{ job(id: "") { id } jobs(first: 0) { nodes { id } } me { credits } }"""
+        for _ in range(20):
+            r = await gw.gql(document, key=key)
+            assert r.status_code == 400, r.text
+            body = r.json()
+            assert body["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT", body
+            assert "INTERNAL_SERVER_ERROR" not in r.text

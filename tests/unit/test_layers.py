@@ -11,7 +11,7 @@ Lowest first (a module may import its own layer and those below it):
     jobs       jobs/queue, jobs/worker, routing, upstream_wait, webhooks
     service    service (the operations both APIs call)
     api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
-               compat/ (the providers' own protocols)
+               compat/ (the providers' own protocols), endpoints (their JSON routes' base)
     root       app, cors, runtime, cli, metrics_http, telemetry_http (the composition root:
                wires the parts together and serves them)
 
@@ -86,6 +86,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "api",
         (
             "schema.*",
+            "gateway.endpoints",
             "gateway.rest",
             "gateway.pages",
             "gateway.openai_api",

@@ -207,8 +207,11 @@ class SlowKrea:
         import aiohttp
 
         if self.session is None:
+            # Thousands of callbacks fall due together: they queue for a connection with
+            # no time limit (a callback lost in the queue would only measure the fallback)
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(60)
+                connector=aiohttp.TCPConnector(limit=256),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60),
             )
         self.callbacks += 1
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):

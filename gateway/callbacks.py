@@ -7,13 +7,14 @@ A delivery is kept in Redis (whichever process receives it, and for a worker tha
 the job over later) and announced on one pub/sub channel, so the worker waiting on it
 wakes at once instead of polling. Each worker process holds one subscription; a waiter
 that misses the announcement (Redis restarting, say) still finds the delivery stored, or
-falls back to polling the upstream at its own pace (`Router`).
+falls back to polling the upstream (`gateway/upstream_wait.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 from typing import Any
 
@@ -25,69 +26,47 @@ from gateway.store import keys
 from gateway.store.redis import store_trouble
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+CATCH_UP_BATCH = 1000
 log = structlog.get_logger("gateway.callbacks")
 
 
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 class Waiter:
-    """Wakes when one of its tokens is delivered. Made by `RedisInbox.waiter`."""
+    """One job waiting upstream: woken by its callbacks (`RedisInbox`), by the sweep of
+    `UpstreamWait` at its next poll or its deadline, or by a `nudge`.
 
-    def __init__(self, inbox: RedisInbox, tokens: list[str]) -> None:
-        self.inbox = inbox
-        self.tokens = tokens
-        self.heard: set[str] = set()  # the tokens called back so far
-        self.delivered = False  # a callback came since the waiter's owner last looked
-        self._woken: asyncio.Future[None] | None = None
+    A worker holds one per job in flight, tens of thousands at once: slots, no timer, no
+    task, no set; a future only while its owner sleeps."""
 
-    async def check(self) -> bool:
-        """Whether a delivery came before this waiter listened (one read per token)."""
-        for token in self.tokens:
-            if await self.inbox.delivered(token):
-                self.wake(token)
-        return self.delivered
+    __slots__ = ("delivered", "due", "heard", "tokens", "woken")
+
+    def __init__(self, tokens: tuple[str, ...] = ()) -> None:
+        self.tokens = tokens  # of the callbacks announcing the job's end (none: polled)
+        self.heard = 0  # bit i set: tokens[i] has been called back
+        self.delivered = False  # a callback came since the owner last looked
+        self.woken: asyncio.Future[None] | None = None  # set while the owner sleeps
+        self.due = math.inf  # when the sweep wakes it (on `UpstreamWait`'s clock)
 
     @property
     def settled(self) -> bool:
         """Every token has been called back: nothing more will come."""
-        return self.heard.issuperset(self.tokens)
-
-    async def wait(self, timeout: float) -> bool:
-        """Until delivered or `timeout`. A timer and a future, not `wait_for`'s task:
-        thousands of jobs wait at once."""
-        if self.delivered:
-            return True
-        loop = asyncio.get_running_loop()
-        woken = self._woken = loop.create_future()
-        timer = loop.call_later(timeout, _wake, woken)
-        try:
-            await woken
-        finally:
-            timer.cancel()
-            self._woken = None
-        return self.delivered
+        return self.heard == (1 << len(self.tokens)) - 1
 
     def wake(self, token: str) -> None:
-        self.heard.add(token)
-        self.delivered = True
-        if self._woken is not None:
-            _wake(self._woken)
+        """`token` was called back."""
+        if token in self.tokens:
+            self.heard |= 1 << self.tokens.index(token)
+            self.delivered = True
+            self.nudge()
 
     def nudge(self) -> None:
-        """Wake the owner with nothing delivered (it looks at its job again)."""
-        if self._woken is not None:
-            _wake(self._woken)
+        """Wake the owner if it sleeps (it looks at its job again)."""
+        woken = self.woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
 
-    def close(self) -> None:
-        for token in self.tokens:
-            waiters = self.inbox.waiting.get(token)
-            if waiters is not None:
-                waiters.discard(self)
-                if not waiters:
-                    del self.inbox.waiting[token]
+    def __lt__(self, other: Waiter) -> bool:
+        """Any order: two heap entries due at the same instant compare their waiters."""
+        return id(self) < id(other)
 
 
 class RedisInbox:
@@ -95,7 +74,8 @@ class RedisInbox:
         self.redis = redis
         self.base_url = base_url.rstrip("/")
         self.ttl_ms = int(ttl_seconds * 1000)
-        self.waiting: dict[str, set[Waiter]] = {}
+        # token -> its waiter (a list in the odd case of two waiting on one token)
+        self.waiting: dict[str, Waiter | list[Waiter]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -125,19 +105,50 @@ class RedisInbox:
         raw = await self.redis.get(keys.callback(token))
         return orjson.loads(raw) if raw else None
 
-    async def waiter(self, tokens: list[str]) -> Waiter:
-        """A waiter registered for `tokens`, listening from now on (`close` it after).
+    async def listen(self, waiter: Waiter) -> None:
+        """Register `waiter` for its tokens, listening from now on (`forget` it after).
 
         Returns once the process's subscription is up (or after a few seconds without
         Redis), so a delivery after this call cannot go unheard."""
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 5.0)
-        waiter = Waiter(self, tokens)
-        for token in tokens:
-            self.waiting.setdefault(token, set()).add(waiter)
-        return waiter
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), 5.0)
+        for token in waiter.tokens:
+            there = self.waiting.get(token)
+            if there is None:
+                self.waiting[token] = waiter
+            elif isinstance(there, list):
+                there.append(waiter)
+            elif there is not waiter:
+                self.waiting[token] = [there, waiter]
+
+    def forget(self, waiter: Waiter) -> None:
+        for token in waiter.tokens:
+            there = self.waiting.get(token)
+            if there is waiter:
+                del self.waiting[token]
+            elif isinstance(there, list) and waiter in there:
+                there.remove(waiter)
+                if not there:
+                    del self.waiting[token]
+
+    async def check(self, waiter: Waiter) -> bool:
+        """Whether a delivery came before `waiter` listened (one read per token); wakes
+        it for each."""
+        for token in waiter.tokens:
+            if await self.delivered(token):
+                waiter.wake(token)
+        return waiter.delivered
+
+    def _wake(self, token: str) -> None:
+        there = self.waiting.get(token)
+        if isinstance(there, list):
+            for waiter in there:
+                waiter.wake(token)
+        elif there is not None:
+            there.wake(token)
 
     async def _listen(self) -> None:
         """One subscription per process; back off and subscribe again when Redis goes."""
@@ -148,19 +159,13 @@ class RedisInbox:
                 await pubsub.subscribe(keys.CALLBACKS)
                 await pubsub.get_message(timeout=5.0)  # the subscription's confirmation
                 self._subscribed.set()
-                # Deliveries announced while the subscription was down went unheard.
-                for token, waiters in list(self.waiting.items()):
-                    if await self.delivered(token):
-                        for waiter in waiters:
-                            waiter.wake(token)
+                await self._catch_up()
                 delay = 0.5
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
                     if message is None:
                         continue
-                    token = message["data"]
-                    for waiter in self.waiting.get(token, ()):
-                        waiter.wake(token)
+                    self._wake(message["data"])
             except Exception as exc:
                 self._subscribed.clear()
                 if not store_trouble(exc):
@@ -170,6 +175,21 @@ class RedisInbox:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _catch_up(self) -> None:
+        """Deliveries announced while the subscription was down went unheard: look each
+        waiting token up (pipelined, a thousand a round trip: a worker may hold
+        thousands)."""
+        tokens = list(self.waiting)
+        for start in range(0, len(tokens), CATCH_UP_BATCH):
+            batch = tokens[start : start + CATCH_UP_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for token in batch:
+                    pipe.strlen(keys.callback(token))
+                lengths = await pipe.execute()
+            for token, length in zip(batch, lengths, strict=True):
+                if length:  # an expected token holds ""
+                    self._wake(token)
 
     async def aclose(self) -> None:
         if self._listener is not None:

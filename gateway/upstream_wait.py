@@ -1,15 +1,20 @@
 """Waiting for a job an upstream has accepted: polled at the provider's pace, slowing
 down on long jobs, or woken by the upstream's callback when it reports to us.
 
-No thread or task per job: thousands of jobs wait at once, each in its own coroutine.
-The wait notices a cancellation by the client, and the job's deadline, within one poll
-interval, and then cancels the upstream job (best effort).
+No thread, task or timer per job: thousands of jobs wait at once, each a coroutine
+asleep on a future (a `Waiter`'s). One heap of wake-up times, swept by one timer, wakes
+each at its next poll (the provider's pace, or the fallback poll of a job awaiting its
+callback) or its deadline; a callback (`gateway/callbacks.py`) or a `nudge` (the
+worker's, when the client cancels) wakes it sooner. The wait notices a cancellation by
+the client at once when nudged, and otherwise within one poll interval; at the deadline
+it cancels the upstream job (best effort).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 import random
 import time
@@ -17,11 +22,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.callbacks import Waiter
 from gateway.errors import ProviderError, ProviderTimeout
 from gateway.providers.base import Polled, Provider
 
 if TYPE_CHECKING:
-    from gateway.callbacks import RedisInbox, Waiter
+    from gateway.callbacks import RedisInbox
 
 #: seconds before the first poll of a job whose upstream will call back (a lost callback
 #: only delays the job by this much); each later one waits twice as long, up to
@@ -33,6 +39,12 @@ POLL_ERRORS_IN_A_ROW = 5
 #: after this many seconds the poll interval grows by half each poll, up to SLOWEST_POLL
 SLOW_DOWN_AFTER = 30.0
 SLOWEST_POLL = 10.0
+#: a wake-up this close to its time is on time: the event loop's timers count whole
+#: milliseconds, and may fire a little before the clock reaches the time asked for
+ON_TIME = 0.005
+#: stale heap entries (of waiters woken early) always tolerated: beyond these, the heap
+#: is rebuilt without them once they are most of it
+STALE_SLACK = 1024
 
 
 class JobCancelled(Exception):
@@ -42,7 +54,7 @@ class JobCancelled(Exception):
 Hook = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UpstreamJob:
     """A job an upstream has accepted, and what waiting for it reports to."""
 
@@ -53,6 +65,11 @@ class UpstreamJob:
     cancelled: Callable[[], Awaitable[bool]]  # whether the client has cancelled the job
     deadline: float  # on the waiter's clock
     key: str = ""  # the job's, for `UpstreamWait.nudge`
+
+
+def _jitter(seconds: float) -> float:
+    """±10%: jobs submitted together do not all wake together."""
+    return seconds * random.uniform(0.9, 1.1)
 
 
 class UpstreamWait:
@@ -77,11 +94,19 @@ class UpstreamWait:
         self.inbox = inbox
         self.callback_fallback = callback_fallback
         self.clock = clock
-        self.waiters: dict[str, Waiter] = {}  # the jobs waiting for a callback, by key
+        self.waiters: dict[str, Waiter] = {}  # the jobs waiting upstream, by key
+        # (when, waiter): each sleeping waiter's wake-up, on `clock`. An entry whose
+        # waiter was woken sooner (its `due` is no longer `when`) is stale, skipped.
+        self._heap: list[tuple[float, Waiter]] = []
+        self._stale = 0  # about how many entries are stale
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        # the loop the timer runs on (a wait from another loop, in tests, arms its own)
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def nudge(self, key: str) -> None:
-        """Wake the job `key` if it waits for a callback (it was cancelled, say): such a
-        job sleeps until its callback, its next fallback poll or its deadline."""
+        """Wake the job `key` if it waits (it was cancelled, say): it looks at its job
+        again at once rather than at its next poll or its deadline."""
         waiter = self.waiters.get(key)
         if waiter is not None:
             waiter.nudge()
@@ -90,41 +115,44 @@ class UpstreamWait:
         """The upstream job's last poll, once it is no longer pending.
 
         A job whose upstream calls back is polled once its callback came, and otherwise
-        only after `callback_fallback` seconds, then twice as long each time (a lost
-        callback is slower, not lost); it sleeps until then, its deadline, or a `nudge`
-        (the worker's, when the job is cancelled). A polled job notices a cancellation
-        within one poll interval. Raises
-        `JobCancelled`, `ProviderTimeout` at the deadline, or the `ProviderError` of
-        the last of `POLL_ERRORS_IN_A_ROW` failed polls.
+        only after `callback_fallback` seconds, then twice as long each time up to
+        FALLBACK_LONGEST (a lost callback is slower, not lost); until then it sleeps,
+        woken by the callback, the sweep (its fallback poll or its deadline) or a `nudge`
+        (the worker's, when the job is cancelled). A polled job sleeps the provider's
+        interval between polls the same way. Raises `JobCancelled`, `ProviderTimeout` at
+        the deadline, or the `ProviderError` of the last of `POLL_ERRORS_IN_A_ROW`
+        failed polls.
         """
-        backend, provider, upstream_id = job.backend, job.provider, job.upstream_id
-        started = self.clock()
-        interval = self.poll_interval or provider.poll_interval
-        tokens = provider.callbacks(upstream_id) if self.inbox is not None else []
-        waiter = await self.inbox.waiter(tokens) if self.inbox is not None and tokens else None
+        inbox, clock = self.inbox, self.clock
+        tokens = tuple(job.provider.callbacks(job.upstream_id)) if inbox is not None else ()
+        waiter = Waiter(tokens)
+        listening = inbox is not None and bool(tokens)
+        if inbox is not None and listening:
+            await inbox.listen(waiter)
+        if job.key:
+            self.waiters[job.key] = waiter
+        started = clock()
+        interval = self.poll_interval or job.provider.poll_interval
+        fallback = self.callback_fallback
         errors_in_a_row = 0
         last_status = ""
-        polled_at = -math.inf
-        fallback = self.callback_fallback
-        if waiter is not None and job.key:
-            self.waiters[job.key] = waiter
+        next_poll = started
         try:
-            if waiter is not None and not await waiter.check():
-                polled_at = started  # the submit's answer is news enough: wait first
+            if inbox is not None and listening and not await inbox.check(waiter):
+                next_poll = started + _jitter(fallback)  # the submit's answer is news enough
             while True:
                 if await job.cancelled():
                     await self.cancel(job)
                     raise JobCancelled("cancelled by the client")
-                if self.clock() >= job.deadline:
+                now = clock()
+                if now >= job.deadline - ON_TIME:
                     await self.cancel(job)
-                    raise ProviderTimeout(f"{backend} did not finish in time")
-                called_back = waiter is not None and waiter.delivered
-                due = waiter is None or called_back or self.clock() - polled_at >= fallback
-                if due:
-                    polled_at = self.clock()
+                    raise ProviderTimeout(f"{job.backend} did not finish in time")
+                called_back = waiter.delivered
+                if called_back or now >= next_poll - ON_TIME:
+                    waiter.delivered = False  # a callback during the poll polls again
                     try:
-                        async with self.slots[backend]:
-                            polled = await provider.poll(upstream_id)
+                        polled = await self._poll(job)
                         errors_in_a_row = 0
                     except ProviderError:
                         # The upstream has our job: a passing poll failure is no reason
@@ -135,35 +163,87 @@ class UpstreamWait:
                         polled = Polled(state="pending")
                     if polled.state != "pending":
                         return polled
-                    if waiter is not None and not called_back:  # a lost callback?
+                    if listening and not called_back:  # a lost callback?
                         fallback = min(fallback * 2, FALLBACK_LONGEST)
-                    elif waiter is not None:
-                        if waiter.settled:  # all called back, still pending: at the pace
-                            self._forget(job, waiter)
-                            waiter = None
-                        else:  # one job of several done: wait for the others
-                            waiter.delivered = False
-                    if polled.upstream_status and polled.upstream_status != last_status:
-                        last_status = polled.upstream_status
-                        await job.progress({"upstreamStatus": last_status, **polled.metadata})
-                if waiter is not None:
-                    until = min(polled_at + fallback * random.uniform(0.9, 1.1), job.deadline)
-                    await waiter.wait(max(until - self.clock(), 0.0))
-                    continue
-                if self.clock() - started > SLOW_DOWN_AFTER:
-                    interval = min(interval * 1.5, SLOWEST_POLL)
-                await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+                    elif listening and waiter.settled:  # all called back, still pending
+                        listening = False  # polled at the pace from now on
+                        if inbox is not None:
+                            inbox.forget(waiter)
+                    if listening:
+                        next_poll = now + _jitter(fallback)
+                    else:
+                        if clock() - started > SLOW_DOWN_AFTER:
+                            interval = min(interval * 1.5, SLOWEST_POLL)
+                        next_poll = clock() + _jitter(interval)
+                    status = polled.upstream_status
+                    if status and status != last_status:
+                        last_status = status
+                        await job.progress({"upstreamStatus": status, **polled.metadata})
+                    del polled  # not kept while asleep
+                if not waiter.delivered:
+                    await self._sleep(waiter, min(next_poll, job.deadline))
+                    waiter.woken = None
         finally:
-            if waiter is not None:
-                self._forget(job, waiter)
+            waiter.woken = None
+            if inbox is not None and listening:
+                inbox.forget(waiter)
+            if job.key and self.waiters.get(job.key) is waiter:
+                del self.waiters[job.key]
+            if waiter.due != math.inf:  # woken by something else than the sweep
+                self._went_stale(waiter)
 
-    def _forget(self, job: UpstreamJob, waiter: Waiter) -> None:
-        waiter.close()
-        if self.waiters.get(job.key) is waiter:
-            del self.waiters[job.key]
+    async def _poll(self, job: UpstreamJob) -> Polled:
+        async with self.slots[job.backend]:
+            return await job.provider.poll(job.upstream_id)
 
     async def cancel(self, job: UpstreamJob) -> None:
         """Best effort: the job ends on our side whatever the upstream answers."""
         with contextlib.suppress(ProviderError):
             async with self.slots[job.backend]:
                 await job.provider.cancel(job.upstream_id)
+
+    # -- the sweep -----------------------------------------------------------------------
+
+    def _sleep(self, waiter: Waiter, until: float) -> asyncio.Future[None]:
+        """A future the sweep completes at `until` (on `clock`), a callback or a nudge
+        sooner. Awaited directly by `wait`: no coroutine of its own while asleep."""
+        if waiter.due != math.inf:  # its last sleep ended early: that entry is stale
+            self._went_stale(waiter)
+        loop = asyncio.get_running_loop()
+        woken = waiter.woken = loop.create_future()
+        waiter.due = until
+        heapq.heappush(self._heap, (until, waiter))
+        if until < self._timer_at or self._timer_loop is not loop:
+            self._arm(loop, until)
+        return woken
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None and self._timer_loop is loop:
+            self._timer.cancel()
+        self._timer_at, self._timer_loop = when, loop
+        self._timer = loop.call_later(max(when - self.clock(), 0.0), self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake every waiter whose time has come; set the timer for the next one."""
+        self._timer, self._timer_at = None, math.inf
+        heap, now = self._heap, self.clock() + ON_TIME
+        while heap and heap[0][0] <= now:
+            when, waiter = heapq.heappop(heap)
+            if waiter.due == when:
+                waiter.due = math.inf
+                waiter.nudge()
+            elif self._stale > 0:
+                self._stale -= 1
+        if heap:
+            self._arm(loop, heap[0][0])
+
+    def _went_stale(self, waiter: Waiter) -> None:
+        """`waiter`'s entry will wake nobody: once most entries are such, and more than
+        STALE_SLACK, the heap is rebuilt without them (not kept until their time)."""
+        waiter.due = math.inf
+        self._stale += 1
+        heap = self._heap
+        if self._stale > STALE_SLACK and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[1].due == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0

@@ -23,6 +23,8 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.jobs import worker as worker_module
+from gateway.jobs.worker import Worker
 from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import LIFECYCLE, KreaEmulator
@@ -578,6 +580,69 @@ async def test_a_job_waiting_for_its_callback_is_cancelled_at_once(
         assert time.monotonic() - started < 5
         (job,) = up.krea.jobs.values()
         assert job.polls == 0  # never woken to poll while it waited
+
+
+async def test_a_polled_job_is_cancelled_at_once_between_slow_polls(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Polled every 30 s here: between two polls the job sleeps in the wait's sweep, and
+    the worker's cancellation watch wakes it there, as it does one awaiting a callback."""
+    up.krea.job_seconds = 120.0
+    async with gateway(redis_url, storage_dir, **{**up.settings, "poll_interval": 30.0}) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key, provider="flux-dev")
+        upstream = gw.app.state.gateway.router.upstream
+        (job,) = await until(lambda: list(up.krea.jobs.values()), "the submission")
+        await until(lambda: job.polls == 1 and upstream._heap, "the job asleep after a poll")
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job_id}, key
+        )
+        assert r.json()["data"]["cancelJob"]["status"] == "cancelled", r.text
+        started = time.monotonic()
+        await until(lambda: not upstream.waiters, "the wait to end")
+        assert time.monotonic() - started < 5
+        assert job.polls == 1  # not polled again: woken, it saw the cancellation
+
+
+async def test_a_burst_of_completions_stores_a_few_images_at_a_time(
+    up: Upstreams, redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of callbacks may come in a few seconds: the jobs then download and
+    store their images `STORING_AT_ONCE` at a time (2 here), the others waiting their
+    turn rather than holding every image at once."""
+    monkeypatch.setattr(worker_module, "STORING_AT_ONCE", 2)
+    arrived = storing = most = 0
+    release = asyncio.Event()
+    store_output, store_one = Worker._store_output, Worker._store_one
+
+    async def arriving(self: Worker, *args: Any) -> Any:
+        nonlocal arrived
+        arrived += 1
+        return await store_output(self, *args)
+
+    async def stored(self: Worker, *args: Any) -> Any:
+        nonlocal storing, most
+        storing += 1
+        most = max(most, storing)
+        try:
+            await release.wait()  # held until every job is queued behind the first two
+            return await store_one(self, *args)
+        finally:
+            storing -= 1
+
+    monkeypatch.setattr(Worker, "_store_output", arriving)
+    monkeypatch.setattr(Worker, "_store_one", stored)
+    up.krea.job_seconds = 0.1
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        ids = [await submit(gw, key, provider="flux-dev") for _ in range(6)]
+        await until(lambda: arrived == 6, "every job done upstream, storing its image")
+        assert (storing, most) == (2, 2)
+        release.set()
+        for job_id in ids:
+            done = await gw.wait(key, job_id)
+            assert done["status"] == "completed", done["error"]
+        assert most == 2
 
 
 async def test_a_forged_krea_callback_completes_nothing(

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +39,32 @@ log = structlog.get_logger("gateway.worker")
 
 SWEEP_EVERY = 3600.0
 FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, not a herd
+#: images downloaded and stored at once: a burst of completions (thousands of callbacks in
+#: a few seconds) queues here instead of holding every image in memory at once
+STORING_AT_ONCE = 256
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Running:
-    job: Job | None
+    """A job this worker runs, and the hooks its upstream wait calls back (bound
+    methods: no closures kept per job while it waits)."""
+
+    worker: Worker
     entry_id: str
     job_key: str
-    task: asyncio.Task[None]
+    job: Job | None = None  # once started
+    task: asyncio.Task[None] | None = None
+
+    def save_upstream(self, upstream: dict[str, Any]) -> Awaitable[None]:
+        assert self.job is not None  # only called once started
+        return self.worker._save_upstream(self.job, upstream)
+
+    def progress(self, meta: dict[str, Any]) -> Awaitable[None]:
+        assert self.job is not None
+        return self.worker._progress(self.job, meta)
+
+    async def cancelled(self) -> bool:
+        return self.job_key in self.worker.cancelled
 
 
 class Worker:
@@ -81,6 +98,7 @@ class Worker:
         self.last_sweep = 0.0
         self.sweeping: asyncio.Task[None] | None = None
         self.freed = asyncio.Event()
+        self.storing = asyncio.Semaphore(STORING_AT_ONCE)
         self.cancelled: set[str] = set()  # keys of running jobs cancelled by their owner
 
     def now_ms(self) -> int:
@@ -113,7 +131,7 @@ class Worker:
                 for entry_id, job_key in entries:
                     self._spawn(entry_id, job_key)
         finally:
-            tasks = [r.task for r in self.running.values()]
+            tasks = [r.task for r in self.running.values() if r.task is not None]
             if tasks:
                 _, pending = await asyncio.wait(tasks, timeout=grace)
                 for task in pending:
@@ -129,14 +147,14 @@ class Worker:
     def _spawn(self, entry_id: str, job_key: str) -> None:
         if entry_id in self.running:
             return
-        task = asyncio.create_task(self.process(entry_id, job_key))
-        self.running[entry_id] = Running(None, entry_id, job_key, task)
+        running = self.running[entry_id] = Running(self, entry_id, job_key)
+        # Named after its entry, which `_done` frees: no closure per job.
+        running.task = asyncio.create_task(self.process(running), name=entry_id)
+        running.task.add_done_callback(self._done)
 
-        def done(_: asyncio.Task[None]) -> None:
-            self.running.pop(entry_id, None)
-            self.freed.set()
-
-        task.add_done_callback(done)
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.running.pop(task.get_name(), None)
+        self.freed.set()
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         period = self.settings.job_lease_seconds / 3
@@ -187,7 +205,80 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------
 
-    async def process(self, entry_id: str, job_key: str) -> None:
+    async def process(self, running: Running) -> None:
+        """Start the job, run it, end it. One coroutine for the job's whole life (the
+        upstream wait below it): a worker holds thousands of them at once."""
+        entry_id, job_key = running.entry_id, running.job_key
+        job = await self._start(entry_id, job_key)
+        if job is None:
+            return
+        running.job = job
+        telemetry.note(job_id=job.id, account=job.account)  # on every line of this task
+        attempt = job.attempts
+        attributes = (
+            {"gateway.job_id": job.id, "gateway.attempt": attempt} if telemetry.ENABLED else None
+        )
+        with telemetry.span("job", parent=job.trace, attributes=attributes):
+            if attempt > self.settings.job_max_tries:
+                await self._end(job, "failed", error=f"gave up after {attempt - 1} attempts")
+                await self.queue.ack(entry_id)
+                return
+            await self.events.publish(job)
+            log.info("job started", service=job.provider, attempt=attempt)
+            try:
+                attributes = {"gateway.service": job.provider} if telemetry.ENABLED else None
+                with telemetry.span("render", attributes=attributes) as span:
+                    result = await self.router.execute(
+                        job.provider,
+                        ImageParams(**job.params),
+                        resume=job.upstream,
+                        save_upstream=running.save_upstream,
+                        progress=running.progress,
+                        cancelled=running.cancelled,
+                        deadline=self.router.clock()
+                        + self.settings.job_deadline_seconds
+                        - (self.clock() - job.created_at / 1000),
+                        key=job_key,
+                    )
+                    if span is not None:
+                        span.set_attribute("gateway.backend", result.backend)
+                await self._complete(job, result)
+            except JobCancelled:
+                await self._end(job, "cancelled")
+            except JobFailed as exc:
+                log.info("job failed", error=str(exc), attempt=attempt)
+                await self._end(job, "failed", error=str(exc), backend=exc.backend)
+            except asyncio.CancelledError:
+                # stays pending: resumed elsewhere
+                log.info("job handed off at shutdown", attempt=attempt)
+                raise
+            except StorageUnavailable as exc:
+                # The output store failed or went away (mid-upload, say): nothing
+                # completed. As with the store below, the entry stays pending and is
+                # claimed again after its lease: a new attempt (its upstream job
+                # resumed, or its images fetched again), failed and refunded after
+                # `job_max_tries`.
+                log.warning(
+                    "output storage unavailable; job left for a retry",
+                    error=str(exc),
+                    attempt=attempt,
+                )
+                return
+            except Exception as exc:
+                if store_trouble(exc):
+                    # The store went away mid-job: not the job's fault. Leave its entry
+                    # pending; it is claimed again after its lease and resumes upstream.
+                    log.warning(
+                        "store unreachable; job left for a retry", error=repr(exc), attempt=attempt
+                    )
+                    return
+                log.exception("job crashed", attempt=attempt)
+                await self._end(job, "failed", error="internal error while running the job")
+            await self.queue.ack(entry_id)
+
+    async def _start(self, entry_id: str, job_key: str) -> Job | None:
+        """The job's record, as started; None when there is nothing to run (its entry
+        acknowledged)."""
         try:
             job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
         except Exception as exc:
@@ -206,66 +297,10 @@ class Worker:
             if job is not None and not job.ended:
                 await self._end(job, "failed", error="internal error while starting the job")
             await self.queue.ack(entry_id)
-            return
+            return None
         if job is None:  # gone, or ended (cancelled while queued, say)
             await self.queue.ack(entry_id)
-            return
-        if entry_id in self.running:
-            self.running[entry_id].job = job
-        telemetry.note(job_id=job.id, account=job.account)  # on every line of this task
-        attributes = {"gateway.job_id": job.id, "gateway.attempt": job.attempts}
-        with telemetry.span("job", parent=job.trace, attributes=attributes):
-            await self._run(job, entry_id, job_key)
-
-    async def _run(self, job: Job, entry_id: str, job_key: str) -> None:
-        bound = log.bind(attempt=job.attempts)
-        if job.attempts > self.settings.job_max_tries:
-            await self._end(job, "failed", error=f"gave up after {job.attempts - 1} attempts")
-            await self.queue.ack(entry_id)
-            return
-        await self.events.publish(job)
-        bound.info("job started", service=job.provider)
-        try:
-            with telemetry.span("render", attributes={"gateway.service": job.provider}) as span:
-                result = await self.router.execute(
-                    job.provider,
-                    ImageParams(**job.params),
-                    resume=job.upstream,
-                    save_upstream=lambda up: self._save_upstream(job, up),
-                    progress=lambda meta: self._progress(job, meta),
-                    cancelled=functools.partial(self._cancelled, job_key),
-                    deadline=self.router.clock()
-                    + self.settings.job_deadline_seconds
-                    - (self.clock() - job.created_at / 1000),
-                    key=job_key,
-                )
-                if span is not None:
-                    span.set_attribute("gateway.backend", result.backend)
-            await self._complete(job, result)
-        except JobCancelled:
-            await self._end(job, "cancelled")
-        except JobFailed as exc:
-            bound.info("job failed", error=str(exc))
-            await self._end(job, "failed", error=str(exc), backend=exc.backend)
-        except asyncio.CancelledError:
-            bound.info("job handed off at shutdown")  # stays pending: resumed elsewhere
-            raise
-        except StorageUnavailable as exc:
-            # The output store failed or went away (mid-upload, say): nothing completed.
-            # As with the store below, the entry stays pending and is claimed again after
-            # its lease: a new attempt (its upstream job resumed, or its images fetched
-            # again), failed and refunded after `job_max_tries`.
-            bound.warning("output storage unavailable; job left for a retry", error=str(exc))
-            return
-        except Exception as exc:
-            if store_trouble(exc):
-                # The store went away mid-job: not the job's fault. Leave its entry
-                # pending; it is claimed again after its lease and resumes upstream.
-                bound.warning("store unreachable; job left for a retry", error=repr(exc))
-                return
-            bound.exception("job crashed")
-            await self._end(job, "failed", error="internal error while running the job")
-        await self.queue.ack(entry_id)
+        return job
 
     async def _save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
         """Record the upstream's job id, retrying while the store is in trouble: the
@@ -306,11 +341,8 @@ class Worker:
             running = {r.job_key for r in self.running.values()}
             newly = (found & running) - self.cancelled
             self.cancelled = (self.cancelled & running) | (found & running)
-            for key in newly:  # one waiting for its callback sleeps until told
+            for key in newly:  # a job waiting upstream sleeps until its next poll: wake it
                 self.router.upstream.nudge(key)
-
-    async def _cancelled(self, job_key: str) -> bool:
-        return job_key in self.cancelled
 
     async def _progress(self, job: Job, meta: dict[str, Any]) -> None:
         await self.store.save_progress(job, {**job.metadata, **meta})
@@ -367,6 +399,10 @@ class Worker:
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
+        async with self.storing:
+            return await self._store_one(result, output, fmt)
+
+    async def _store_one(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
         try:
             data = await result.provider.fetch(output)
         except ProviderError as exc:

@@ -29,7 +29,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """One produced image: bytes made in-process, or an upstream URL to download."""
 
@@ -41,7 +41,7 @@ class Output:
     seed: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Submitted:
     """What `submit` returns: either an upstream job id to poll, or outputs at once."""
 
@@ -51,7 +51,7 @@ class Submitted:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Polled:
     state: Literal["pending", "completed", "failed", "cancelled"]
     upstream_status: str = ""

@@ -12,7 +12,8 @@ callback inbox (the gateway has a public URL), each job is submitted with the
 (a token per job, kept in the id as `<job id>:<token>`): the worker then waits for the
 callback instead of polling every 2 s, and polls once when it comes. The callback only
 wakes; what is true is still read from `GET /jobs/{id}` with our token, so a forged
-callback changes nothing. A lost callback costs a slower poll (`Router`), never the job.
+callback changes nothing. A lost callback costs a later poll (the fallback polls of
+`gateway/upstream_wait.py`), never the job.
 Polling maps every documented status: backlogged, queued, scheduled, processing, sampling
 and intermediate-complete are pending (the word is kept in `upstream_status` and
 `metadata["upstream_status"]` for progress); completed (once `completed_at` is set, as

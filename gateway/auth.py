@@ -175,30 +175,12 @@ async def authenticate(
     plans: str,
     read: bool = False,
     origin: str | None = None,
-) -> Principal:
-    """The caller behind `key` (one round trip). `plans`: admission's `plan_table` of
-    the settings' plans; `origin`: the request's Origin header, which a client token
-    restricted to origins must carry."""
-    principal, _ = await authenticate_reading(
-        redis, scripts, settings, key, now_ms, plans=plans, read=read, origin=origin
-    )
-    return principal
-
-
-async def authenticate_reading(
-    redis: aioredis.Redis,
-    scripts: Scripts,
-    settings: Settings,
-    key: str | None,
-    now_ms: int,
-    *,
-    plans: str,
-    read: bool = False,
-    origin: str | None = None,
     job_id: str = "",
 ) -> tuple[Principal, dict[str, Any]]:
-    """`authenticate`, and the record of the caller's account's job `job_id` read in the
-    same round trip (a poll's): {} when there is none (or no `job_id`)."""
+    """The caller behind `key` (one round trip), and the record of its account's job
+    `job_id` read in the same round trip (a poll's; {} when there is none or no
+    `job_id`). `plans`: admission's `plan_table` of the settings' plans; `origin`: the
+    request's Origin header, which a client token restricted to origins must carry."""
     cred = credentials(key)
     account = cred.account
     minute = now_ms // 60000

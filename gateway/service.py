@@ -20,7 +20,7 @@ from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
 from gateway.admission import Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
-from gateway.auth import Principal, authenticate, authenticate_reading, credentials
+from gateway.auth import Principal, authenticate, credentials
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
@@ -114,8 +114,14 @@ class Gateway:
     ) -> Principal:
         """The caller holding `key` (an API key or a client token, which may be bound to
         origins: `origin` is the request's Origin header)."""
+        principal, _ = await self._authenticate(key, read, origin, "")
+        return principal
+
+    async def _authenticate(
+        self, key: str | None, read: bool, origin: str | None, job_id: str
+    ) -> tuple[Principal, dict[str, Any]]:
         with store_errors():
-            principal = await authenticate(
+            principal, record = await authenticate(
                 self.redis,
                 self.scripts,
                 self.settings,
@@ -124,9 +130,10 @@ class Gateway:
                 plans=self.plans,
                 read=read,
                 origin=origin,
+                job_id=job_id,
             )
         telemetry.note(account=principal.account)
-        return principal
+        return principal, record
 
     async def _refuse(self, api_key: str | None, origin: str, exc: GatewayError) -> NoReturn:
         """A generation request refused before admission (bad input, nothing routable):
@@ -256,21 +263,8 @@ class Gateway:
         self, key: str | None, job_id: str, origin: str | None = None
     ) -> tuple[Principal, Job | None]:
         """`authenticate` (a read) and `job`, in one round trip: a poll's."""
-        if not self.store.plausible(job_id):  # no such job: the key is still checked
-            return await self.authenticate(key, read=True, origin=origin), None
-        with store_errors():
-            principal, record = await authenticate_reading(
-                self.redis,
-                self.scripts,
-                self.settings,
-                key,
-                self.now_ms(),
-                plans=self.plans,
-                read=True,
-                origin=origin,
-                job_id=job_id,
-            )
-        telemetry.note(account=principal.account)
+        wanted = job_id if self.store.plausible(job_id) else ""  # "": no record looked for
+        principal, record = await self._authenticate(key, True, origin, wanted)
         return principal, _theirs(principal, Job.from_record(record) if record else None)
 
     async def jobs(

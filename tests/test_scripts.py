@@ -323,7 +323,7 @@ async def test_admission_and_auth_read_a_keys_limits_alike(redis_url: str) -> No
             key = (await accounts.create(plan, 100, **overrides))["key"]
             credential = credentials(key)
             account = credential.account
-            caller = await authenticate(client, made, settings, key, now, plans=plans)
+            caller, _ = await authenticate(client, made, settings, key, now, plans=plans)
             job = Job(
                 id=os.urandom(6).hex(),
                 account=account,

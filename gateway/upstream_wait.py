@@ -180,7 +180,9 @@ class UpstreamWait:
                         last_status = status
                         await job.progress({"upstreamStatus": status, **polled.metadata})
                     del polled  # not kept while asleep
-                if not waiter.delivered:
+                # A nudge comes only while asleep: a cancellation during the poll is
+                # looked for here (a set lookup), not slept through.
+                if not waiter.delivered and not await job.cancelled():
                     await self._sleep(waiter, min(next_poll, job.deadline))
                     waiter.woken = None
         finally:
@@ -227,15 +229,18 @@ class UpstreamWait:
         """Wake every waiter whose time has come; set the timer for the next one."""
         self._timer, self._timer_at = None, math.inf
         heap, now = self._heap, self.clock() + ON_TIME
-        while heap and heap[0][0] <= now:
-            when, waiter = heapq.heappop(heap)
-            if waiter.due == when:
-                waiter.due = math.inf
-                waiter.nudge()
-            elif self._stale > 0:
-                self._stale -= 1
-        if heap:
-            self._arm(loop, heap[0][0])
+        try:
+            while heap and heap[0][0] <= now:
+                when, waiter = heapq.heappop(heap)
+                if waiter.due == when:
+                    waiter.due = math.inf
+                    with contextlib.suppress(RuntimeError):  # its loop closed: none to wake
+                        waiter.nudge()
+                elif self._stale > 0:
+                    self._stale -= 1
+        finally:
+            if heap:
+                self._arm(loop, heap[0][0])
 
     def _went_stale(self, waiter: Waiter) -> None:
         """`waiter`'s entry will wake nobody: once most entries are such, and more than

@@ -112,7 +112,7 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
     replaces the system's trusted certificates (tests); certificates are always verified.
     """
     connector = aiohttp.TCPConnector(
-        limit=POOL_SIZE,
+        limit=max(POOL_SIZE, settings.webhook_concurrency),  # none waits for a connection
         limit_per_host=0,
         keepalive_timeout=KEEPALIVE,
         ssl=tls if tls is not None else True,

@@ -51,12 +51,13 @@ class Context:
         self._auth = checked  # fields resolving meanwhile wait for this check
         try:
             principal, job = await self.gateway.poll(self.api_key(), job_id, self.origin())
-        except GatewayError as exc:
-            self.add_headers(exc.headers)
+        except Exception as exc:
+            if isinstance(exc, GatewayError):
+                self.add_headers(exc.headers)
             checked.set_exception(exc)
             checked.exception()  # retrieved: raised here, and to whoever else waits
             raise
-        except BaseException:
+        except BaseException:  # cancelled
             checked.cancel()
             raise
         checked.set_result(principal)

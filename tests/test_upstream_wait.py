@@ -232,6 +232,30 @@ async def test_a_nudge_notices_a_cancellation_at_once(inbox: RedisInbox) -> None
     assert upstream.cancelled == [upstream_id]
 
 
+async def test_a_cancellation_during_a_poll_is_not_slept_through(inbox: RedisInbox) -> None:
+    """The worker nudges a cancelled job once; a nudge finds no sleeper while the job is
+    being polled, so the wait looks for the cancellation again before it sleeps."""
+    gate = asyncio.Event()
+
+    class Slow(Upstream):
+        async def poll(self, upstream_id: str) -> Polled:
+            polled = await super().poll(upstream_id)
+            await gate.wait()
+            return polled
+
+    upstream = Slow(calls_back=False)
+    wait = waiting(upstream, inbox, poll_interval=30.0)  # the next poll: 30 s away
+    jobs = Jobs(wait, upstream)
+    upstream_id, task = await jobs.start(inbox)
+    await until(lambda: upstream.polls[upstream_id] == 1, "the poll to start")
+    jobs.cancelled.add(f"job-{upstream_id}")
+    wait.nudge(f"job-{upstream_id}")  # mid-poll: nobody asleep to wake
+    gate.set()
+    with pytest.raises(JobCancelled):
+        await asyncio.wait_for(task, 2)
+    assert upstream.cancelled == [upstream_id]
+
+
 async def test_a_polled_job_sleeps_in_the_sweep_between_polls(inbox: RedisInbox) -> None:
     upstream = Upstream(calls_back=False)
     wait = waiting(upstream, inbox, poll_interval=0.1)

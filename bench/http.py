@@ -84,6 +84,7 @@ from bench.serving import (
     loop_and_parser,
     one_core_for_the_server,
     spawn,
+    stop,
 )
 from bench.serving import status_kb as status_kb  # bench/scale.py imports it from here
 from gateway.store import keys
@@ -274,8 +275,7 @@ def complete_one(
                 raise SystemExit(f"the job to cache ended {status}: {answer}")
             time.sleep(0.05)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop(worker)
 
 
 # -- wrk --------------------------------------------------------------------------------------

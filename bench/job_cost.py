@@ -111,7 +111,7 @@ from bench.http import (
     wait_idle,
 )
 from bench.scale import count_completed
-from bench.serving import Server, one_core_for_the_server, spawn
+from bench.serving import Server, one_core_for_the_server, spawn, stop
 
 TARGET_MS = 2.0  # the bound on the gateway's own CPU per job
 UPSTREAM_SECONDS = float(os.environ.get("BENCH_JOB_COST_SECONDS", "1"))
@@ -837,12 +837,8 @@ async def run_jobs(
                 if sampler is not None and sampler.poll() is None:
                     sampler.kill()
                     sampler.wait(10)
-            if worker is not None and worker.poll() is None:
-                worker.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.wait(30)
-                if worker.poll() is None:
-                    worker.kill()
+            if worker is not None:
+                stop(worker)
             if api is not None:
                 api.stop()
             upstream.stop()

@@ -73,34 +73,27 @@ async def memory(ctx: Context) -> list[MemoryRow]:
         size = {"service": "local", "width": 768, "height": 512}
         try:
             async with httpx.AsyncClient(base_url=server.url(""), timeout=60) as client:
-                used = int((await admin.info("memory"))["used_memory"])
-                runs = [{**size, "prompt": f"{PROMPT}, number {i}"} for i in range(n)]
-                ran = await _requests(client, auth, runs)
-                grown = int((await admin.info("memory"))["used_memory"]) - used
-                rows.append(
-                    MemoryRow("a job that ran: its record", await _usage(admin, account, ran))
-                )
-                rows.append(
-                    MemoryRow(
-                        "a job that ran: Redis's growth per request",
-                        grown / n,
-                        f"{n:,} jobs: record, job index, rate window, ledger entry",
+
+                async def measured(what: str, bodies: list[dict[str, Any]], holds: str) -> None:
+                    """The median record of these requests, and Redis's growth per one."""
+                    used = int((await admin.info("memory"))["used_memory"])
+                    made = await _requests(client, auth, bodies)
+                    grown = int((await admin.info("memory"))["used_memory"]) - used
+                    rows.append(
+                        MemoryRow(f"{what}: its record", await _usage(admin, account, made))
                     )
+                    rows.append(MemoryRow(f"{what}: Redis's growth per request", grown / n, holds))
+
+                runs = [{**size, "prompt": f"{PROMPT}, number {i}"} for i in range(n)]
+                await measured(
+                    "a job that ran",
+                    runs,
+                    f"{n:,} jobs: record, job index, rate window, ledger entry",
                 )
                 seeded = {**size, "prompt": PROMPT, "seed": 7}
                 await _requests(client, auth, [seeded])  # the entry the hits are served from
-                used = int((await admin.info("memory"))["used_memory"])
-                hits = await _requests(client, auth, [seeded] * n)
-                grown = int((await admin.info("memory"))["used_memory"]) - used
-                rows.append(
-                    MemoryRow("a cache hit: its record", await _usage(admin, account, hits))
-                )
-                rows.append(
-                    MemoryRow(
-                        "a cache hit: Redis's growth per request",
-                        grown / n,
-                        f"{n:,} hits: record, job index, rate window",
-                    )
+                await measured(
+                    "a cache hit", [seeded] * n, f"{n:,} hits: record, job index, rate window"
                 )
                 entry = next(iter(await admin.keys("*:cache:*")))
                 rows.append(MemoryRow("the cache entry", await admin.memory_usage(entry)))

@@ -28,7 +28,6 @@ get its 200 with its image's URL; reported, how long until all were answered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -64,7 +63,7 @@ from bench.http import (
     spawn,
     warmed_rows,
 )
-from bench.serving import one_core_for_the_server
+from bench.serving import one_core_for_the_server, stop
 from gateway.store import keys
 
 OPENAI_TARGET = 0.90  # of the GraphQL cache hit's req/s
@@ -321,12 +320,8 @@ async def waiting(ctx: Context) -> list[WaitRow]:
             await asyncio.sleep(1.0)
             row.rss_after_mb = gateway.rss_mb()
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.wait(30)
-            if worker.poll() is None:
-                worker.kill()
+        if worker is not None:
+            stop(worker)
         if gateway is not None:
             gateway.stop()
         await admin.flushall()

@@ -16,7 +16,6 @@ one core busy) and over the run, the upstream's submissions and polls per job, a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import statistics
@@ -40,6 +39,7 @@ from bench.http import (
     spawn,
     status_kb,
 )
+from bench.serving import stop
 from gateway.config import load_settings
 from gateway.params import GenerationRequest, from_image_input
 from gateway.runtime import runtime
@@ -128,11 +128,7 @@ def idle_rss_mb(env: dict[str, str], workdir: Path) -> float:
                 break
         return last / 1024
     finally:
-        worker.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.wait(30)
-        if worker.poll() is None:
-            worker.kill()
+        stop(worker)
 
 
 async def count_completed(redis: aioredis.Redis, account: str, ids: list[str]) -> int:
@@ -236,12 +232,8 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
         finally:
             await client.aclose()
             await redis.aclose()
-            if worker is not None and worker.poll() is None:
-                worker.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.wait(30)
-                if worker.poll() is None:
-                    worker.kill()
+            if worker is not None:
+                stop(worker)
             if api is not None:
                 api.stop()
             upstream.stop()

@@ -84,13 +84,18 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop(self.proc, 15)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM, `grace` seconds to exit, then SIGKILL (a process already gone: nothing)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def spawn(name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> Server:

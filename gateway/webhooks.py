@@ -103,8 +103,8 @@ KEEPALIVE = 5.0
 
 
 def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    """The deliverers' client: a keep-alive pool (`POOL_SIZE`, `KEEPALIVE`); each attempt
-    limited to `webhook_timeout` in all.
+    """The deliverers' client: a keep-alive pool (`POOL_SIZE`, `KEEPALIVE`; each attempt's
+    time limit is `Webhooks.deliver`'s).
 
     No cookie is kept (one client's receiver never sees another's), no proxy or netrc is
     read from the environment (the request goes to the checked address, or nowhere), and
@@ -119,7 +119,6 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,

@@ -25,7 +25,8 @@ class Context:
     connection_params: dict[str, Any] | None = None
     principal: Principal | None = field(default=None)
     rate_headers: dict[str, str] = field(default_factory=dict)
-    _auth: asyncio.Future[Principal] | None = None
+    # the request's one key check (and the job read with it, when a poll made it first)
+    _auth: asyncio.Future[tuple[Principal, Job | None]] | None = None
 
     def api_key(self) -> str | None:
         return api_key_from(self.request.headers, self.connection_params)
@@ -37,43 +38,35 @@ class Context:
     async def caller(self, *, read: bool = False) -> Principal:
         """The authenticated caller (one Redis round trip, once per request)."""
         if self._auth is None:  # fields resolve concurrently: share one lookup
-            self._auth = asyncio.ensure_future(self._authenticate(read))
+            self._auth = asyncio.ensure_future(self._check(read, ""))
         # Shielded: a field cancelled while it waits (another's error can end the
         # request's execution) must not cancel the lookup the others share.
-        return await asyncio.shield(self._auth)
+        principal, _ = await asyncio.shield(self._auth)
+        return principal
 
     async def job(self, job_id: str) -> Job | None:
         """The caller's job `job_id`: read with the key check in one round trip when it is
         the request's first lookup (`Gateway.poll`, a polling client's whole request)."""
-        if self._auth is not None:
-            return await self.gateway.job(await asyncio.shield(self._auth), job_id)
-        checked: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
-        self._auth = checked  # fields resolving meanwhile wait for this check
-        try:
-            principal, job = await self.gateway.poll(self.api_key(), job_id, self.origin())
-        except Exception as exc:
-            if isinstance(exc, GatewayError):
-                self.add_headers(exc.headers)
-            checked.set_exception(exc)
-            checked.exception()  # retrieved: raised here, and to whoever else waits
-            raise
-        except BaseException:  # cancelled
-            checked.cancel()
-            raise
-        checked.set_result(principal)
-        self.set_principal(principal)
-        return job
+        first = self._auth is None
+        if self._auth is None:
+            self._auth = asyncio.ensure_future(self._check(True, job_id))
+        principal, job = await asyncio.shield(self._auth)
+        return job if first else await self.gateway.job(principal, job_id)
 
-    async def _authenticate(self, read: bool) -> Principal:
+    async def _check(self, read: bool, job_id: str) -> tuple[Principal, Job | None]:
+        """The key check, and with `job_id` the job read in the same call."""
+        key, origin = self.api_key(), self.origin()
         try:
-            principal = await self.gateway.authenticate(
-                self.api_key(), read=read, origin=self.origin()
-            )
+            if job_id:
+                principal, job = await self.gateway.poll(key, job_id, origin)
+            else:
+                job = None
+                principal = await self.gateway.authenticate(key, read=read, origin=origin)
         except GatewayError as exc:
             self.add_headers(exc.headers)
             raise
         self.set_principal(principal)
-        return principal
+        return principal, job
 
     def set_principal(self, principal: Principal) -> None:
         self.principal = principal

@@ -9,12 +9,11 @@ that answers from memory: what is measured is the waiting, not an HTTP round tri
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,20 +24,7 @@ from gateway.errors import ProviderTimeout, ProviderUnavailable
 from gateway.providers.base import ImageParams, Output, Polled, Submitted
 from gateway.store import keys
 from gateway.upstream_wait import JobCancelled, UpstreamJob, UpstreamWait
-
-
-async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` (plain or async) until it returns something truthy; fail after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+from tests.test_routing import until
 
 
 class Upstream:

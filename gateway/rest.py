@@ -165,10 +165,10 @@ async def job_events(request: Request) -> Response:
     """The job's updates as Server-Sent Events: current state first, then each change."""
     gateway: Gateway = request.app.state.gateway
     job_id = request.path_params["job_id"]
+    origin = request.headers.get("origin")
     try:
-        principal, job = await gateway.poll(
-            _events_credential(request), job_id, request.headers.get("origin")
-        )
+        credential = _events_credential(request)
+        principal, job = await gateway.poll(credential, job_id, origin)
         if job is None:
             raise NotFound("no such job")
     except GatewayError as exc:
@@ -177,12 +177,16 @@ async def job_events(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         try:
             with store_errors("the job store went away; reconnect to follow the job"):
-                async for job in gateway.follow(principal, job_id):
+                async for job in gateway.follow(principal, job_id, credential, origin):
                     yield b"event: update\ndata: " + orjson.dumps(job.public()) + b"\n\n"
-        except ServiceUnavailable as exc:
-            # The status line is gone: say why in the stream, and when to reconnect.
+        except GatewayError as exc:
+            # The status line is gone: say why in the stream (and, when it is the store's
+            # trouble, when to reconnect; a credential revoked or expired is final).
             body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
-            yield b"retry: %d\nevent: error\ndata: %b\n\n" % (exc.retry_after * 1000, body)
+            retry = b""
+            if isinstance(exc, ServiceUnavailable):
+                retry = b"retry: %d\n" % (exc.retry_after * 1000)
+            yield retry + b"event: error\ndata: %b\n\n" % body
 
     return StreamingResponse(
         stream(),

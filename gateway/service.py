@@ -313,12 +313,25 @@ class Gateway:
             return job
         return ended or job
 
-    async def follow(self, principal: Principal, job_id: str) -> AsyncIterator[Job]:
-        job = await self.job(principal, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        async for update in self.events.follow(principal.account, job_id):
+    async def follow(
+        self, principal: Principal, job_id: str, key: str | None, origin: str | None = None
+    ) -> AsyncIterator[Job]:
+        """The updates of the job `principal` (holding `key`) found (`Events.follow`). A
+        stream outlives what its credential may: each read checks the key or token
+        again, in the same round trip (not counted as a read), so one revoked or
+        expired meanwhile ends the stream with its refusal at the next update."""
+        wanted = job_id if self.store.plausible(job_id) else ""
+
+        async def read() -> Job | None:
+            reader, record = await self._authenticate(key, False, origin, wanted)
+            return _theirs(reader, Job.from_record(record) if record else None)
+
+        seen = False
+        async for update in self.events.follow(principal.account, job_id, read):
+            seen = True
             yield update
+        if not seen:
+            raise NotFound(f"no job {job_id}")
 
     async def me(self, principal: Principal) -> dict[str, Any]:
         """Plan, balance, and each limit with its use and reset time."""

@@ -1,9 +1,17 @@
-"""The per-request context: the gateway, and the caller, authenticated once, lazily."""
+"""The per-request context: the gateway, and the caller, authenticated once, lazily.
+
+Over a WebSocket the context is the connection's, and a connection outlives what its
+credential may: a key revoked, a client token revoked or expired. There the caller is
+looked up once per operation instead (`OPERATION`, set by the view's WebSocket
+handlers), so every query, mutation and subscription started on an open connection
+checks the credential again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +25,20 @@ from gateway.jobs.model import Job
 from gateway.service import Gateway
 
 
+class Lookup:
+    """One request's or operation's key check (and the job read with it, when a poll made
+    it first), shared by the fields that resolve concurrently."""
+
+    __slots__ = ("auth",)
+
+    def __init__(self) -> None:
+        self.auth: asyncio.Future[tuple[Principal, Job | None]] | None = None
+
+
+#: the lookup of the WebSocket operation running (None outside one: a new one each time)
+OPERATION: ContextVar[Lookup | None] = ContextVar("graphql_operation", default=None)
+
+
 @dataclass
 class Context:
     gateway: Gateway
@@ -25,8 +47,7 @@ class Context:
     connection_params: dict[str, Any] | None = None
     principal: Principal | None = field(default=None)
     rate_headers: dict[str, str] = field(default_factory=dict)
-    # the request's one key check (and the job read with it, when a poll made it first)
-    _auth: asyncio.Future[tuple[Principal, Job | None]] | None = None
+    _request_lookup: Lookup = field(default_factory=Lookup)  # over HTTP: the request's
 
     def api_key(self) -> str | None:
         return api_key_from(self.request.headers, self.connection_params)
@@ -36,22 +57,29 @@ class Context:
         return self.request.headers.get("origin", "")
 
     async def caller(self, *, read: bool = False) -> Principal:
-        """The authenticated caller (one Redis round trip, once per request)."""
-        if self._auth is None:  # fields resolve concurrently: share one lookup
-            self._auth = asyncio.ensure_future(self._check(read, ""))
+        """The authenticated caller (one Redis round trip, once per request or operation)."""
+        lookup = self._lookup()
+        if lookup.auth is None:  # fields resolve concurrently: share one lookup
+            lookup.auth = asyncio.ensure_future(self._check(read, ""))
         # Shielded: a field cancelled while it waits (another's error can end the
         # request's execution) must not cancel the lookup the others share.
-        principal, _ = await asyncio.shield(self._auth)
+        principal, _ = await asyncio.shield(lookup.auth)
         return principal
 
     async def job(self, job_id: str) -> Job | None:
         """The caller's job `job_id`: read with the key check in one round trip when it is
         the request's first lookup (`Gateway.poll`, a polling client's whole request)."""
-        first = self._auth is None
-        if self._auth is None:
-            self._auth = asyncio.ensure_future(self._check(True, job_id))
-        principal, job = await asyncio.shield(self._auth)
+        lookup = self._lookup()
+        first = lookup.auth is None
+        if lookup.auth is None:
+            lookup.auth = asyncio.ensure_future(self._check(True, job_id))
+        principal, job = await asyncio.shield(lookup.auth)
         return job if first else await self.gateway.job(principal, job_id)
+
+    def _lookup(self) -> Lookup:
+        if isinstance(self.request, WebSocket):
+            return OPERATION.get() or Lookup()
+        return self._request_lookup
 
     async def _check(self, read: bool, job_id: str) -> tuple[Principal, Job | None]:
         """The key check, and with `job_id` the job read in the same call."""

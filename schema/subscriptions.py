@@ -18,5 +18,5 @@ class Subscription:
     async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Generation, None]:
         ctx = info.context
         principal = await ctx.caller(read=True)
-        async for job in ctx.gateway.follow(principal, str(id)):
+        async for job in ctx.gateway.follow(principal, str(id), ctx.api_key(), ctx.origin()):
             yield Generation.of(job)

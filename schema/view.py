@@ -31,6 +31,11 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.http.base import BaseRequestProtocol
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+    Operation,
+)
+from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types import ExecutionResult
 
 from gateway import pages
@@ -38,7 +43,7 @@ from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
 from schema import persisted
-from schema.context import Context
+from schema.context import OPERATION, Context, Lookup
 from schema.prepared import Prepared
 
 log = structlog.get_logger("gateway")
@@ -168,8 +173,33 @@ def cache_headers(request: Request, response: Response) -> None:
 _VARY = VARY.encode()
 
 
+class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+    """graphql-transport-ws (graphql-ws, Apollo Client): each operation runs in a task of
+    its own, with a key check of its own (`schema/context.py`)."""
+
+    async def run_operation(self, operation: Operation[Context, None]) -> None:
+        OPERATION.set(Lookup())
+        await super().run_operation(operation)
+
+
+class LegacyWSHandler(BaseGraphQLWSHandler[Context, None]):
+    """The older graphql-ws protocol (subscriptions-transport-ws), the same way."""
+
+    async def handle_async_results(
+        self,
+        operation_id: str,
+        query: str,
+        operation_name: str | None,
+        variables: dict[str, object] | None,
+    ) -> None:
+        OPERATION.set(Lookup())
+        await super().handle_async_results(operation_id, query, operation_name, variables)
+
+
 class GraphQLView(GraphQL[Context, None]):
     request_adapter_class = RequestAdapter
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
 
     def __init__(
         self,

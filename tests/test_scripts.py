@@ -126,6 +126,7 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
         "record",
         "entry_write",
         "read_record",
+        "ledger",
     }
     assert set(made.by_name) == files == set(scripts.NAMES)
     once = (STORE / "once.lua").read_text()
@@ -155,6 +156,11 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
     writer = (STORE / "entry_write.lua").read_text()
     for name in ("settle", "entry"):
         assert made.by_name[name].source.count(writer) == 1, name
+    # the four that write a ledger entry write it one way
+    ledger = (STORE / "ledger.lua").read_text()
+    for name in ("admit", "credit", "finish", "promote"):
+        assert made.by_name[name].source.count(ledger) == 1, name
+        assert "'MINID'" not in (STORE / f"{name}.lua").read_text(), name
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@
 --          what is left of its budget (of the account's credits, if fewer, on 'credits').
 -- include: limits.lua
 -- include: record.lua
+-- include: ledger.lua
 local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -179,14 +180,7 @@ end
 if run then redis.call('ZADD', KEYS[4], now + lease, job_id) end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
-  local keep = tonumber(ARGV[14])
-  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
-    redis.call('XADD', KEYS[5], 'MINID', '~', now - keep, '*', 'delta', -cost,
-      'reason', 'charge', 'job', job_id, 'balance', balance)
-  else
-    redis.call('XADD', KEYS[5], '*', 'delta', -cost, 'reason', 'charge', 'job', job_id,
-      'balance', balance)
-  end
+  ledger_add(KEYS[5], now, tonumber(ARGV[14]), -cost, 'charge', job_id, balance)
   shown = balance
 end
 if tok then

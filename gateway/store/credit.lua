@@ -2,11 +2,9 @@
 -- Called through `Credit` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 account, 2 ledger, 3 this top-up's own key
 -- ARGV: 1 delta, 2 reason, 3 now_ms, 4 ledger_keep_ms (0 = keep all)
--- The ledger keeps `ledger_keep_ms` (0: all): each XADD trims older entries (MINID ~, by
--- whole stream nodes, so cheap; stream ids are ms timestamps). The balance is the
--- account's `credits`, never the ledger's sum: trimming changes no balance.
 -- Returns {'ok', balance}; {'unknown', 0} when the account is unknown, {'negative',
 -- balance} when it would go below zero (then nothing changes).
+-- include: ledger.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', 0} end
 -- The top-up's key exists once it was applied: this is the same top-up sent again
 -- (redis-py re-sends a command when the connection drops before its reply). Once only.
@@ -17,13 +15,6 @@ local balance = tonumber(redis.call('HGET', KEYS[1], 'credits') or '0')
 local delta = tonumber(ARGV[1])
 if balance + delta < 0 then return {'negative', balance} end
 balance = redis.call('HINCRBY', KEYS[1], 'credits', delta)
-local keep = tonumber(ARGV[4] or '0')
-if keep > 0 then
-  redis.call('XADD', KEYS[2], 'MINID', '~', tonumber(ARGV[3]) - keep, '*', 'delta', delta,
-    'reason', ARGV[2], 'job', '', 'balance', balance)
-else
-  redis.call('XADD', KEYS[2], '*', 'delta', delta, 'reason', ARGV[2], 'job', '',
-    'balance', balance)
-end
+ledger_add(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4] or '0'), delta, ARGV[2], '', balance)
 redis.call('SET', KEYS[3], '1', 'PX', 86400000)
 return {'ok', balance}

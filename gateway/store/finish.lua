@@ -14,6 +14,7 @@
 --       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
 --       fields the end sets (its outcome or its error; null: removed)
 -- The record then lives for the retention time, like its outputs.
+-- include: ledger.lua
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
 if not job then return {0, 'missing'} end
 if again then return {1, tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')} end
@@ -29,14 +30,7 @@ local balance = tonumber(redis.call('HGET', KEYS[3], 'credits') or '0')
 local cost = tonumber(job['cost'] or '0')
 if ARGV[4] == '1' and cost > 0 then
   balance = redis.call('HINCRBY', KEYS[3], 'credits', cost)
-  local keep = tonumber(ARGV[6])
-  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
-    redis.call('XADD', KEYS[4], 'MINID', '~', tonumber(ARGV[2]) - keep, '*', 'delta', cost,
-      'reason', 'refund', 'job', ARGV[3], 'balance', balance)
-  else
-    redis.call('XADD', KEYS[4], '*', 'delta', cost, 'reason', 'refund', 'job', ARGV[3],
-      'balance', balance)
-  end
+  ledger_add(KEYS[4], tonumber(ARGV[2]), tonumber(ARGV[6]), cost, 'refund', ARGV[3], balance)
   job['refunded'] = cost
   if (job['token'] or '') ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('HINCRBY', KEYS[7], 'spent', -cost)

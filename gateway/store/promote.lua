@@ -8,6 +8,7 @@
 -- Returns 'promoted', 'poor' (failed: not enough credits) or 'skip' (it had ended).
 -- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
 -- more.
+-- include: ledger.lua
 if again then return job['status'] == 'failed' and 'poor' or 'promoted' end
 if not job or job['status'] ~= 'queued' then return 'skip' end
 mark()
@@ -26,14 +27,8 @@ if credits < price then
 end
 if price > 0 then
   local balance = redis.call('HINCRBY', KEYS[2], 'credits', -price)
-  local keep = tonumber(ARGV[5] or '0')
-  if keep > 0 then  -- the ledger's oldest trimmed, by whole nodes (cheap): see credit.lua
-    redis.call('XADD', KEYS[3], 'MINID', '~', tonumber(ARGV[1]) - keep, '*', 'delta', -price,
-      'reason', 'charge', 'job', ARGV[3], 'balance', balance)
-  else
-    redis.call('XADD', KEYS[3], '*', 'delta', -price, 'reason', 'charge', 'job', ARGV[3],
-      'balance', balance)
-  end
+  ledger_add(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[5] or '0'), -price, 'charge', ARGV[3],
+    balance)
 end
 job['cost'] = price
 save_job(KEYS[1], job)

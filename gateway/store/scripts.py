@@ -14,8 +14,8 @@ A script's source is its file, wrapped in `once.lua` for the scripts that change
 job record, with its includes spliced in (`-- include: NAME.lua` lines: `limits.lua`,
 shared by admit.lua and auth.lua; `record.lua`, by those that read or write a job
 record; `entry_write.lua`, by settle.lua and entry.lua; `read_record.lua`, by read.lua
-and auth.lua; `ledger.lua`, by the four that write a ledger entry). A file or a marker that is not there fails at start-up, not at the first
-call.
+and auth.lua; `ledger.lua`, by the four that write a ledger entry). A file or a marker
+that is not there fails at start-up, not at the first call.
 """
 
 from __future__ import annotations

@@ -104,11 +104,10 @@ class Cache:
         place (the others keep waiting, now for it). The keys of jobs that changed."""
         assert job.cache_key
         shard = keys.shard_of(job.account)
-        if await self.redis.get(keys.inflight(shard, job.cache_key)) != keys.job(
-            job.account, job.id
-        ):
+        leader = keys.job(job.account, job.id)
+        if await self.redis.get(keys.inflight(shard, job.cache_key)) != leader:
             return []
-        return await self._promote_next(shard, job.cache_key, now_ms)
+        return await self._promote_next(shard, job.cache_key, now_ms, leader)
 
     async def rescue(self, now_ms: int) -> list[str]:
         """Followers whose leader ended without releasing them (its worker died at that
@@ -128,10 +127,13 @@ class Cache:
                     continue
                 if leader and not await self.redis.delete(inflight):
                     continue
-                changed += await self._promote_next(shard, digest, now_ms)
+                changed += await self._promote_next(shard, digest, now_ms, "")
         return changed
 
-    async def _promote_next(self, shard: int, digest: str, now_ms: int) -> list[str]:
+    async def _promote_next(self, shard: int, digest: str, now_ms: int, leader: str) -> list[str]:
+        """Promote the first waiter that can pay, in the place of `leader` (its job key;
+        "" when none is in flight): promote.lua does nothing once another release of the
+        same leader has promoted one (two cancels at once, a worker and a cancel)."""
         inflight, waiting = keys.inflight(shard, digest), keys.followers(shard, digest)
         changed: list[str] = []
         while True:
@@ -143,6 +145,8 @@ class Cache:
                 return changed
             follower = decoded(first)
             account, job_id = keys.job_parts(follower)  # a record gone is skipped
+            # The client token it was made with pays for it (a rare path: one read more).
+            [record] = (await self.scripts.read(jobs=[follower], client=self.redis)).records
             reply = await self.scripts.promote(
                 job=follower,
                 account=keys.account(account),
@@ -150,13 +154,17 @@ class Cache:
                 queue=keys.queue(shard),
                 inflight=inflight,
                 webhooks=keys.webhooks(shard),
+                client_token=keys.client_token(account, record.get("token") or ""),
                 now_ms=now_ms,
                 lease_ms=self.lease_ms,
                 job_id=job_id,
                 retention_ms=self.retention_ms,
+                leader=leader,
                 ledger_keep_ms=self.settings.ledger_keep_ms,
                 client=self.redis,
             )
+            if reply.verdict == "moved":
+                return changed
             await self.redis.lrem(waiting, 1, follower)
             if reply.verdict != "skip":
                 changed.append(follower)

@@ -281,3 +281,69 @@ async def test_a_hit_keeps_its_picture_when_the_request_runs_again_later(
             assert seen["width"] == 512 and seen["metadata"]["cached"] is True
         for key in (first, other):
             assert (await ask(key))["url"] == rerun["url"]
+
+
+# -- a promotion is paid once, by what may pay it ------------------------------------------
+
+CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
+MINT = "mutation($c: Int!) { createClientToken(input: {maxCredits: $c}) { token } }"
+
+
+async def balance(gw: Harness, credential: str) -> int:
+    return int((await gw.gql("{ me { credits } }", key=credential)).json()["data"]["me"]["credits"])
+
+
+async def test_concurrent_cancels_of_a_leader_promote_its_waiter_once(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Cancels of one leader sent together (a double click, or another account's doing)
+    promote its waiter once: charged once, queued once."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        for seed in range(20, 25):
+            key, other = await gw.key(credits=100), await gw.key(credits=100)
+            leader = await gen(gw, key, provider="local", seed=seed, width=512, height=512)
+            waiter = await gen(gw, other, provider="local", seed=seed, width=512, height=512)
+            assert waiter["creditCost"] == 0
+            cancels = await asyncio.gather(
+                *(gw.gql(CANCEL, {"id": leader["id"]}, key) for _ in range(8))
+            )
+            assert all(c.json()["data"]["cancelJob"]["status"] == "cancelled" for c in cancels)
+            assert await balance(gw, key) == 100  # the leader refunded
+            assert await balance(gw, other) == 90, seed  # the waiter charged once
+            account = gw.keys[other]["id"]
+            ledger = await gw.accounts.redis.xrange(keys.ledger(account))
+            charges = [e for _, e in ledger if e["reason"] == "charge"]
+            assert [e["job"] for e in charges] == [waiter["id"]]
+            queued = await gw.accounts.redis.xrange(keys.queue(keys.shard_of(account)))
+            job_key = keys.job(account, waiter["id"])
+            assert [e["job"] for _, e in queued].count(job_key) == 1
+
+
+async def test_a_promoted_waiter_is_paid_from_its_client_tokens_budget(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A job a client token made that waits for an identical one and is promoted when
+    that one is cancelled is charged to the token's budget as any job it makes: the
+    token cannot spend past its maxCredits by cancelling leaders."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=1000)
+        token = (await gw.gql(MINT, {"c": 10}, key)).json()["data"]["createClientToken"]["token"]
+        for seed in range(30, 33):
+            leader = await gen(gw, token, provider="local", seed=seed, width=512, height=512)
+            waiter = await gen(gw, token, provider="local", seed=seed, width=512, height=512)
+            assert (leader["creditCost"], waiter["creditCost"]) == (10, 0)
+            await gw.gql(CANCEL, {"id": leader["id"]}, token)
+            assert await balance(gw, token) == 0  # the waiter now holds the budget
+            await gw.gql(CANCEL, {"id": waiter["id"]}, token)
+            assert await balance(gw, token) == 10
+        assert await balance(gw, key) == 1000
+
+        # A waiter its token can no longer pay for fails instead of running.
+        leader = await gen(gw, key, provider="local", seed=40, width=512, height=512)
+        waiter = await gen(gw, token, provider="local", seed=40, width=512, height=512)
+        spend = await gen(gw, token, provider="local", seed=41, width=512, height=512)
+        assert spend["creditCost"] == 10 and await balance(gw, token) == 0
+        await gw.gql(CANCEL, {"id": leader["id"]}, key)
+        failed = await gw.wait(token, waiter["id"])
+        assert failed["status"] == "failed" and failed["creditCost"] == 0
+        assert await balance(gw, key) == 990  # only `spend`

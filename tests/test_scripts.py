@@ -299,10 +299,12 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             queue=keys.queue(shard),
             inflight=keys.inflight(shard, "d"),
             webhooks=keys.webhooks(shard),
+            client_token=keys.client_token(a, ""),
             now_ms=1,
             lease_ms=1000,
             job_id="j1",
             retention_ms=1000,
+            leader="",
         )
         assert promoted.verdict == "skip"
     finally:

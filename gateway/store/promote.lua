@@ -2,22 +2,41 @@
 -- in its place (charged now, what it would have cost) instead of failing with it.
 -- Called through `Promote` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 follower job, 2 its account, 3 its ledger, 4 queue, 5 in-flight leader,
---       6 webhook schedule
+--       6 webhook schedule, 7 the client token the follower was made with (its `token`;
+--       unused without)
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms, 5 ledger_keep_ms (older ledger
---       entries are trimmed; 0 = keep all)
--- Returns 'promoted', 'poor' (failed: not enough credits) or 'skip' (it had ended).
+--       entries are trimmed; 0 = keep all), 6 the leader released (its job key; '' when
+--       none is in flight any more)
+-- Returns 'promoted', 'poor' (failed: its account, or its client token's budget, cannot
+-- pay), 'skip' (it had ended) or 'moved' (another release of the same leader promoted a
+-- waiter already: KEYS 5 names another job; nothing to do).
+-- A job made with a client token is paid from the token's budget as at admission
+-- (`spent` grows; finish.lua gives it back on a refund).
 -- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
 -- more.
 -- include: ledger.lua
 if again then return job['status'] == 'failed' and 'poor' or 'promoted' end
+if (redis.call('GET', KEYS[5]) or '') ~= ARGV[6] then return 'moved' end
 if not job or job['status'] ~= 'queued' then return 'skip' end
 mark()
 local price = tonumber(job['price'] or '0')
 local credits = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
+local token = (job['token'] or '') ~= ''
+local left = nil  -- the token's budget not yet spent (a token gone: none)
+if token then
+  local t = redis.call('HMGET', KEYS[7], 'max_credits', 'spent')
+  left = tonumber(t[1] or '0') - tonumber(t[2] or '0')
+end
+local poor = nil
 if credits < price then
+  poor = 'there were not enough credits'
+elseif left and left < price then
+  poor = "its client token's budget was not enough"
+end
+if poor then
   job['status'], job['completed_at'] = 'failed', tonumber(ARGV[1])
-  job['error'] = 'the identical request this job waited for failed, and there were not ' ..
-    'enough credits to run it again'
+  job['error'] = 'the identical request this job waited for failed, and ' .. poor ..
+    ' to run it again'
   save_job(KEYS[1], job)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
   if (job['webhook_url'] or '') ~= '' then
@@ -29,6 +48,7 @@ if price > 0 then
   local balance = redis.call('HINCRBY', KEYS[2], 'credits', -price)
   ledger_add(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[5] or '0'), -price, 'charge', ARGV[3],
     balance)
+  if token then redis.call('HINCRBY', KEYS[7], 'spent', price) end
 end
 job['cost'] = price
 save_job(KEYS[1], job)

@@ -559,7 +559,9 @@ class Entry(Script):
 
 
 class PromoteReply(NamedTuple):
-    verdict: str  # promoted | poor (failed: not enough credits) | skip (it had ended)
+    # promoted | poor (failed: its account or token cannot pay) | skip (it had ended) |
+    # moved (another release of the same leader promoted a waiter already)
+    verdict: str
 
 
 class Promote(Script):
@@ -577,10 +579,12 @@ class Promote(Script):
         queue: str,
         inflight: str,
         webhooks: str,
+        client_token: str,
         now_ms: int,
         lease_ms: int,
         job_id: str,
         retention_ms: int,
+        leader: str,
         ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> PromoteReply:
@@ -591,13 +595,15 @@ class Promote(Script):
             queue,
             inflight,
             webhooks,
+            client_token,
             now_ms,
             lease_ms,
             job_id,
             retention_ms,
             ledger_keep_ms,
+            leader,
         ]
-        return self.decode(await self.run(6, argv, client))
+        return self.decode(await self.run(7, argv, client))
 
     @staticmethod
     def decode(reply: Any) -> PromoteReply:

@@ -1,11 +1,12 @@
-"""Waiting for jobs to end, cheaply: one pub/sub connection per process for every waiter.
+"""Waiting for jobs, cheaply: one pub/sub connection per process for every waiter.
 
 A request that answers when its job ends (OpenAI's images API, `Prefer: wait`, the
-providers' synchronous routes; docs/api.md#waiting) waits here. Each waiter subscribes
-to its job's update channel (`keys.events`, what workers publish to) on the process's
-one shared `PubSub`, so a thousand waiting requests hold a thousand futures and one
-Redis connection, not a thousand connections (`Events.follow`, which streams every
-update to one subscriber, holds one each).
+providers' synchronous routes; docs/api.md#waiting) waits here (`until_ended`), and so
+does every open stream of a job's updates (`follow`: GraphQL's `jobUpdates`, REST's
+Server-Sent Events). Each subscribes to its job's update channel (`keys.events`, what
+workers publish to) on the process's one shared `PubSub`, so a thousand waiting requests
+or open streams hold a thousand futures and one Redis connection, not a thousand
+connections taken from the pool every other request needs.
 
 A message only says when to look; the job record says what is true. A waiter reads the
 record after subscribing (so no end falls in between) and whenever a message comes, and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -67,6 +69,43 @@ class JobWatch:
                 finally:
                     timer.cancel()
                 woken = self._renew(channel, woken)
+        finally:
+            await self._unsubscribe(channel, woken)
+
+    async def follow(
+        self, account: str, job_id: str, read: Callable[[], Awaitable[Job | None]]
+    ) -> AsyncIterator[Job]:
+        """The job's current state, then each change, ending with its terminal state.
+        `read` reads the record (the follower's credential checked with it:
+        `Gateway.follow`); its errors end the stream. Subscribed before the first read,
+        so no change falls in between; read again at each message and every `recheck`
+        seconds without one."""
+        loop = asyncio.get_running_loop()
+        channel = keys.events(account, job_id)
+        woken: asyncio.Future[None] = loop.create_future()
+        await self._subscribe(channel, woken)
+        try:
+            job = await read()
+            if job is None:
+                return
+            yield job
+            while not job.ended:
+                timer = loop.call_later(self.recheck, _wake, woken)
+                try:
+                    await woken
+                finally:
+                    timer.cancel()
+                woken = self._renew(channel, woken)
+                fresh = await read()
+                if fresh is None:
+                    return
+                if (fresh.status, fresh.metadata, fresh.urls) != (
+                    job.status,
+                    job.metadata,
+                    job.urls,
+                ):
+                    job = fresh
+                    yield job
         finally:
             await self._unsubscribe(channel, woken)
 

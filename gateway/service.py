@@ -316,7 +316,7 @@ class Gateway:
     async def follow(
         self, principal: Principal, job_id: str, key: str | None, origin: str | None = None
     ) -> AsyncIterator[Job]:
-        """The updates of the job `principal` (holding `key`) found (`Events.follow`). A
+        """The updates of the job `principal` (holding `key`) found (`JobWatch.follow`). A
         stream outlives what its credential may: each read checks the key or token
         again, in the same round trip (not counted as a read), so one revoked or
         expired meanwhile ends the stream with its refusal at the next update."""
@@ -327,7 +327,7 @@ class Gateway:
             return _theirs(reader, Job.from_record(record) if record else None)
 
         seen = False
-        async for update in self.events.follow(principal.account, job_id, read):
+        async for update in self.watch.follow(principal.account, job_id, read):
             seen = True
             yield update
         if not seen:

@@ -15,9 +15,10 @@ import websockets
 from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
+from redis.asyncio.cluster import RedisCluster
 
 from tests.harness import gateway
-from tests.test_durability import held_krea, start_worker, stop, submit
+from tests.test_durability import held_krea, start_worker, stop, submit, until
 
 SUBSCRIBE = "subscription($id: ID!) { jobUpdates(id: $id) { id status metadata url } }"
 
@@ -106,3 +107,55 @@ async def test_subscription_with_a_bad_key_is_refused_at_connection(
                 raise AssertionError("connection was not closed")
             except websockets.ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code == 4403
+
+
+async def test_a_hundred_streams_hold_one_redis_connection(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Open event streams and subscriptions share the process's one pub/sub connection:
+    a caller opening streams by the hundred cannot take the connections every other
+    request needs. Each still sees the job's every change."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        r = await gw.gql(
+            'mutation { generate(input: {type: IMAGE, provider: "local", input: {text: "x"}, '
+            "options: {width: 512, height: 512}}) { id } }",
+            key=key,
+        )
+        job_id = r.json()["data"]["generate"]["id"]
+        opened = 0
+
+        async def read_sse() -> list[str]:
+            nonlocal opened
+            statuses = []
+            async with gw.http.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers={"X-API-Key": key}
+            ) as r:
+                assert r.status_code == 200
+                opened += 1
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        statuses.append(json.loads(line[6:])["status"])
+            return statuses
+
+        streams = [asyncio.create_task(read_sse()) for _ in range(90)]  # httpx's pool: 100
+        subs = [asyncio.create_task(subscribe(gw.base, key, job_id)) for _ in range(5)]
+
+        async def all_open() -> bool:
+            return opened == len(streams)
+
+        await until(all_open)
+        redis = gw.accounts.redis
+        if isinstance(redis, RedisCluster):  # each node's own clients
+            clients = await redis.client_list("pubsub", target_nodes=RedisCluster.ALL_NODES)
+        else:
+            clients = await redis.client_list("pubsub")
+        assert len(clients) == 1, clients
+        r = await gw.gql(
+            "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job_id}, key
+        )
+        assert r.json()["data"]["cancelJob"]["status"] == "cancelled"
+        for statuses in await asyncio.wait_for(asyncio.gather(*streams), 60):
+            assert statuses == ["queued", "cancelled"]
+        for updates in await asyncio.wait_for(asyncio.gather(*subs), 60):
+            assert [u["data"]["jobUpdates"]["status"] for u in updates] == ["queued", "cancelled"]

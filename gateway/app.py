@@ -49,12 +49,14 @@ class BodyLimit:
     and counts a body without one (chunked) as it streams.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, unread: frozenset[str] = frozenset()) -> None:
+        """`unread`: paths whose handlers answer without reading the body (any size)."""
         self.app = app
         self.limit = limit
+        self.unread = unread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.unread:
             await self.app(scope, receive, send)
             return
         length = None
@@ -99,12 +101,25 @@ class _TooLarge(Exception):
     pass
 
 
+#: the error shape of each API whose paths start so (the first that matches); REST's else
+SHAPES: tuple[tuple[str, Callable[[GatewayError], Response]], ...] = (
+    *((prefix, openai_api.error_response) for prefix in openai_api.PREFIXES),
+    (compat.krea.PREFIX + "/", compat.krea.error_response),
+    (compat.segmind.PREFIX + "/", compat.segmind.error_response),
+    (compat.fluxkrea.PREFIX + "/", compat.fluxkrea.error_response),
+)
+
+
 def error_response(path: str, exc: GatewayError) -> Response:
-    """An error raised outside a handler (routing, a middleware), in the shape of the
-    API the path belongs to: GraphQL's under /graphql, REST's everywhere else."""
+    """An error raised outside a handler (routing, a middleware, a bug), in the shape of
+    the API the path belongs to: GraphQL's under /graphql, OpenAI's and each provider's
+    under theirs, REST's everywhere else."""
     if path.startswith("/graphql"):
         body = error_body(exc.code, exc.message)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    for prefix, shaped in SHAPES:
+        if path.startswith(prefix):
+            return shaped(exc)
     return rest.error_response(exc)
 
 
@@ -197,7 +212,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
     )
     # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.
     app.router.redirect_slashes = False
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, unread=openai_api.UNSUPPORTED)
     app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
     # Outermost: every answer, a refusal of any middleware above, carries the id, and is
     # counted and logged.

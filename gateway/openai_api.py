@@ -15,6 +15,7 @@ AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError, 429 RateLimit
 from __future__ import annotations
 
 import base64
+import re
 import time
 from typing import Any
 
@@ -31,6 +32,10 @@ from gateway.params import GenerationRequest, from_image_input
 from gateway.rest import ORJSONResponse, read_json
 from gateway.service import Gateway
 
+#: where OpenAI's shape is spoken: its errors too (routing's, a middleware's: gateway/app.py)
+PREFIXES = ("/v1/images/", "/v1/models")
+#: OpenAI's image routes the gateway does not offer: answered so, whatever the upload
+UNSUPPORTED = frozenset({"/v1/images/edits", "/v1/images/variations"})
 DEFAULT_MODEL = "flux-krea"
 DEFAULT_SIZE = "1024x1024"
 #: OpenAI's parameters, and what each becomes (None: accepted, not used by any backend)
@@ -48,6 +53,8 @@ PARAMETERS: dict[str, str | None] = {
     "background": None,
     "moderation": None,
     "output_compression": None,
+    "stream": None,  # false only (below)
+    "partial_images": None,  # of a stream
 }
 #: OpenAI's quality words, as the gateway's backends take them
 QUALITY = {"hd": "high", "high": "high", "standard": "standard", "medium": "standard"}
@@ -55,6 +62,9 @@ QUALITY |= {"low": "low"}
 #: our field (as `from_image_input` names it in errors) -> OpenAI's parameter
 PARAM_OF = {"service": "model", "numImages": "n", "width": "size", "height": "size"}
 PARAM_OF |= {"outputFormat": "output_format", "aspectRatio": "size"}
+#: our field -> the header OpenAI's clients send it in (no `param`: it is no body field)
+HEADER_OF = {"idempotencyKey": "Idempotency-Key"}
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 #: the `code` OpenAI's clients see for ours
 CODE_OF = {
     "UNAUTHENTICATED": "invalid_api_key",
@@ -65,9 +75,17 @@ CODE_OF = {
 
 
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
-    """A `GatewayError` as OpenAI's API answers an error."""
+    """A `GatewayError` as OpenAI's API answers an error, in OpenAI's names."""
     extra = {k: v for k, v in exc.extensions.items() if k not in ("code", "field")}
     field = exc.extensions.get("field")
+    field = field if isinstance(field, str) else None
+    message, param = exc.message, PARAM_OF.get(field, field) if field else None
+    if field in HEADER_OF:
+        param = None
+        message = message.replace(field, f"the {HEADER_OF[field]} header", 1)
+    elif field and param != field and message.startswith(field):  # "numImages: ..."
+        theirs = f"{param} ({field})" if param == "size" else param
+        message = f"{theirs}{message[len(field) :]}"
     if exc.status == 429:
         kind = "requests"
     elif exc.status >= 500:
@@ -77,9 +95,9 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     code = CODE_OF.get(exc.code, exc.code.lower())
     body = {
         "error": {
-            "message": exc.message,
+            "message": message,
             "type": kind,
-            "param": PARAM_OF.get(field, field) if isinstance(field, str) else None,
+            "param": param,
             "code": code,
             **extra,
         }
@@ -123,13 +141,13 @@ def to_request(body: dict[str, Any], models: list[str]) -> GenerationRequest:
     fields["service"] = model
     size = body.get("size") or DEFAULT_SIZE
     if size != "auto":
-        width, sep, height = str(size).partition("x")
-        if not (sep and width.isdigit() and height.isdigit() and len(size) <= 11):
+        match = SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
             raise BadUserInput("size must be WIDTHxHEIGHT (each 512-2048) or auto", field="size")
-        fields["width"], fields["height"] = int(width), int(height)
+        fields["width"], fields["height"] = int(match[1]), int(match[2])
     quality = body.get("quality")
     if quality is not None and quality != "auto":
-        if quality not in QUALITY:
+        if not isinstance(quality, str) or quality not in QUALITY:
             raise BadUserInput(f"quality must be one of {', '.join(QUALITY)} or auto", "quality")
         fields["quality"] = QUALITY[quality]
     else:
@@ -160,8 +178,28 @@ async def generations(request: Request) -> Response:
         job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
         answer = await _answer(gateway, job, body)
     except GatewayError as exc:
+        if headers and exc.status >= 500:
+            # The job was accepted (and has run, or runs on): OpenAI's SDKs retry a 5xx
+            # on their own, and a retry would be another job, charged again.
+            headers["x-should-retry"] = "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)
+
+
+class Unsupported(NotFound):
+    code = "UNSUPPORTED_ENDPOINT"
+
+
+async def unsupported(request: Request) -> Response:
+    """`POST /v1/images/edits` and `/v1/images/variations`: not offered, said in OpenAI's
+    shape without reading the upload (`UNSUPPORTED`: no body limit refuses it first)."""
+    what = "edits" if request.url.path.endswith("/edits") else "variations"
+    return error_response(
+        Unsupported(
+            f"image {what} are not supported by this gateway: it serves images.generate "
+            "(POST /v1/images/generations)"
+        )
+    )
 
 
 class WaitRanOut(GatewayError):
@@ -233,15 +271,16 @@ async def model(request: Request) -> Response:
     name = request.path_params["model"]
     try:
         principal = await gateway.authenticate(api_key_from(request.headers), read=True)
-        if name not in known_models(gateway):
-            raise ModelNotFound(name[:100])
     except GatewayError as exc:
         return error_response(exc)
+    if name not in known_models(gateway):
+        return error_response(ModelNotFound(name[:100]), principal.rate_headers())
     return ORJSONResponse(_model(name, gateway.router.routes), headers=principal.rate_headers())
 
 
 routes = [
     route("/v1/images/generations", generations, ["POST"]),
+    *(route(path, unsupported, ["POST"]) for path in sorted(UNSUPPORTED)),
     route("/v1/models", models, ["GET"]),
     route("/v1/models/{model}", model, ["GET"]),
 ]

@@ -380,3 +380,28 @@ async def test_a_seeded_async_request_served_from_the_cache_still_calls_back(
         assert report["status"] == "completed" and report["callback_data"] == {"n": 1}
         assert report["images"] == first["images"] and report["credits_used"] == 0
         assert await ledger(gw, key) == [("initial", 100), ("charge", -10)]
+
+
+async def test_refusals_outside_a_handler_take_each_providers_shape(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A wrong path, a wrong method and a body over the limit, under each provider's
+    prefix, answer in that provider's error shape (what its client reads), not ours."""
+    shapes = {
+        "/compat/krea": {"message", "code"},
+        "/compat/fluxkrea": {"error", "message", "error_code"},
+        "/compat/segmind": {"error", "code"},
+    }
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        auth = {"Authorization": f"Bearer {key}", "x-api-key": key}
+        for prefix, fields in shapes.items():
+            for r in (
+                await gw.http.get(f"{prefix}/nope", headers=auth),
+                await gw.http.put(f"{prefix}/v1/generate", headers=auth),
+                await gw.http.post(f"{prefix}/v1/generate", content=b"x" * 100_000, headers=auth),
+            ):
+                assert r.status_code in (404, 405, 413), (prefix, r.status_code)
+                body = r.json()
+                assert set(body) >= fields and isinstance(body.get("message", ""), str), body
+                assert not isinstance(body.get("error"), dict), (prefix, body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -180,3 +181,90 @@ async def test_plain_http_errors_have_openais_shape(redis_url: str, storage_dir:
         r = await gw.http.get("/v1/models/nope", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 404
         assert isinstance(r, httpx.Response)
+
+
+async def test_the_sdks_own_retries_never_start_a_second_job(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The SDK retries a 5xx twice on its own (no idempotency key): a wait that runs out
+    tells it not to (`x-should-retry: false`), so one call is one job, charged once."""
+    async with gateway(
+        redis_url, storage_dir, inprocess_workers=False, sync_wait_seconds=0.2
+    ) as gw:
+        key = await gw.key(credits=1000)
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)  # the SDK's own retries
+        try:
+            with pytest.raises(openai.InternalServerError) as late:
+                await client.images.generate(model="local", prompt="patience")
+        finally:
+            await client.close()
+        assert late.value.status_code == 504
+        assert late.value.response.headers["x-should-retry"] == "false"
+        jobs = (await gw.gql("{ jobs(first: 10) { nodes { id } } }", key=key)).json()
+        assert len(jobs["data"]["jobs"]["nodes"]) == 1
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 980
+
+
+async def test_what_the_sdk_may_send_gets_openais_answers(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Hostile or merely unusual input is a 400 in OpenAI's shape and names (never a
+    500), `stream=False` is accepted, and the image routes the gateway does not offer
+    say so in OpenAI's shape, whatever the upload."""
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        key = await gw.key(credits=1000)
+        client = sdk(key)
+        for extra, param in [
+            ({"size": "²x²"}, "size"),
+            ({"size": "\u0661\u0660\u0662\u0664x1024"}, "size"),  # Arabic-Indic digits
+            ({"size": 1024}, "size"),
+            ({"quality": {}}, "quality"),
+            ({"quality": ["hd"]}, "quality"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.images.generate(model="local", prompt="x", extra_body=extra)
+            assert (bad.value.param, bad.value.type) == (param, "invalid_request_error"), extra
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(model="local", prompt="x", n=9)
+        assert bad.value.message == "Error code: 400 - n: Input should be less than or equal to 4"
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(model="local", prompt="x", size="256x256")
+        assert bad.value.message.startswith("Error code: 400 - size (width): ")
+        answer = await client.images.generate(model="local", prompt="x", stream=False)
+        assert answer.data and answer.data[0].url
+
+        # The same Idempotency-Key with another body: named as the header it came in.
+        first = {"Idempotency-Key": "k-1"}
+        await client.images.generate(model="local", prompt="x", extra_headers=first)
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(model="local", prompt="y", extra_headers=first)
+        assert bad.value.param is None and "Idempotency-Key" in bad.value.message
+
+        png = io.BytesIO()
+        Image.new("RGB", (700, 700), (1, 2, 3)).save(png, "PNG", compress_level=0)
+        assert png.tell() > 1_000_000  # far over the body limit
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.images.edit(image=("a.png", png.getvalue()), prompt="hat")
+        assert missing.value.code == "unsupported_endpoint"
+        assert "images.generate" in missing.value.message
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the SDK's, on this method
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.images.create_variation(image=("a.png", png.getvalue()))
+        assert missing.value.code == "unsupported_endpoint"
+        answer = await client.images.generate(model="local", prompt="x")  # the same client
+        assert answer.data
+
+        # Routing's and the body limit's refusals, in OpenAI's shape too.
+        auth = {"Authorization": f"Bearer {key}"}
+        for r in (
+            await gw.http.get("/v1/images/generations", headers=auth),
+            await gw.http.post("/v1/images/nope", headers=auth),
+            await gw.http.post("/v1/images/generations", content=b"x" * 100_000, headers=auth),
+        ):
+            assert r.status_code in (404, 405, 413)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+        # An authenticated 404 carries the key's rate-limit headers.
+        r = await gw.http.get("/v1/models/nope", headers=auth)
+        assert r.status_code == 404 and "x-ratelimit-limit" in r.headers

@@ -245,6 +245,24 @@ async def upstreams() -> AsyncIterator[tuple[FluxKreaEmulator, SegmindEmulator, 
         }  # fmt: skip
 
 
+async def test_what_a_request_leaves_out_is_segminds_default_on_any_backend(
+    upstreams: tuple[FluxKreaEmulator, SegmindEmulator, dict[str, Any]],
+    redis_url: str,
+    storage_dir: Path,
+) -> None:
+    """A prompt alone, run by flux-krea (the service's first backend), is asked for with
+    Segmind's documented guidance (7) and steps (40), not flux-krea's own (7.5, 4)."""
+    fluxkrea, _, settings = upstreams
+    async with gateway(redis_url, storage_dir, **settings) as gw:
+        key = await gw.key(credits=1000)
+        with sdks(gw) as sdk:
+            job = await asyncio.to_thread(sdk(key).submit_async, "flux-krea-dev", prompt="x")
+            result = await asyncio.to_thread(job.wait, timeout=60, interval=0.05)
+        assert result["status"] == "COMPLETED"
+        [sent] = [r["json"] for r in fluxkrea.requests if r["method"] == "POST"]
+        assert (sent["guidance_scale"], sent["num_inference_steps"]) == (7.0, 40)
+
+
 async def test_a_failing_first_backend_fails_over_and_charges_once(
     upstreams: tuple[FluxKreaEmulator, SegmindEmulator, dict[str, Any]],
     redis_url: str,

@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "num_outputs": 2,
     "output_format": "jpg",
     "output_quality": 90,
+    "guidance": 7,
+    "num_inference_steps": 40,
 }
 #: Segmind's `output_format` values: our formats' own names.
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")
@@ -235,7 +237,9 @@ def request_from(body: dict[str, Any], provider: str) -> GenerationRequest:
     -> our one parameter model, for `provider` (a service or backend). Errors are
     BadUserInput naming Segmind's field.
 
-    Differences, all documented: the seed is random when unset (Segmind's page says both
+    Segmind's documented defaults apply to what is left out (two images, guidance 7, 40
+    steps, ...), whichever backend runs it. Differences, all documented: the seed is
+    random when unset (Segmind's page says both
     "Default: 42" and "leave random for variability"; -1 also asks for a random one);
     guidance below our minimum of 1 is taken as 1; `output_quality` becomes the nearest
     quality word; `go_fast`, `disable_safety_checker` and `prompt_strength` are checked
@@ -262,6 +266,7 @@ def request_from(body: dict[str, Any], provider: str) -> GenerationRequest:
             raise BadUserInput("seed must be a positive integer, or -1 for a random one", "seed")
         seed = None
     guidance = _number(body, "guidance", integer=False)
+    steps = _number(body, _sent_as(body, "num_inference_steps"), integer=True)
     num_outputs = _number(body, "num_outputs", integer=True)
     output_quality = _number(body, "output_quality", integer=True)
     ours: dict[str, Any] = {
@@ -275,8 +280,8 @@ def request_from(body: dict[str, Any], provider: str) -> GenerationRequest:
         "quality": quality_named(
             DEFAULTS["output_quality"] if output_quality is None else output_quality
         ),
-        "guidance": None if guidance is None else max(guidance, 1.0),
-        "steps": _number(body, _sent_as(body, "num_inference_steps"), integer=True),
+        "guidance": max(DEFAULTS["guidance"] if guidance is None else guidance, 1.0),
+        "steps": DEFAULTS["num_inference_steps"] if steps is None else steps,
         "seed": seed,
     }
     try:

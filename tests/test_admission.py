@@ -64,6 +64,8 @@ def assert_rate_limited(response: httpx.Response, limit: str) -> int:
     retry_after = error["retryAfter"]
     assert isinstance(retry_after, int) and retry_after > 0, error
     assert response.headers["Retry-After"] == str(retry_after)
+    # Its X-RateLimit-* describe the limit that refused it (CONTRACT §7): none left.
+    assert response.headers["X-RateLimit-Remaining"] == "0", response.headers
     return retry_after
 
 
@@ -216,6 +218,7 @@ async def test_a_second_job_waits_for_the_first_to_end_on_a_free_key(
         refused = await gw.generate(key, "second", provider="flux-krea")
         retry_after = assert_rate_limited(refused, "concurrency")
         assert retry_after <= 30
+        assert refused.headers["X-RateLimit-Limit"] == "1"  # the plan's one job at a time
         limits = await limits_of(gw, key)
         assert limits["concurrency"]["used"] == 1 and limits["concurrency"]["remaining"] == 0
         assert limits["minute"]["used"] == 1  # the refused one counted nothing
@@ -307,6 +310,8 @@ async def test_the_daily_limit_rolls_over_at_utc_midnight(
         retry_after = assert_rate_limited(refused, "day")
         to_midnight = next_utc_midnight(clock()) - clock()
         assert abs(retry_after - to_midnight) <= 2
+        assert refused.headers["X-RateLimit-Limit"] == "3"
+        assert refused.headers["X-RateLimit-Reset"] == str(next_utc_midnight(clock()))
         day = (await limits_of(gw, key))["day"]
         assert (day["limit"], day["used"], day["remaining"]) == (3, 3, 0)
         assert day["reset"] == next_utc_midnight(clock())

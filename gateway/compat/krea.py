@@ -60,8 +60,9 @@ async def read_body(request: Request) -> Any:
         raise BadUserInput("body is not valid JSON") from None
 
 
-def answer(job: Job, headers: dict[str, str]) -> Response:
-    return ORJSONResponse(krea.job_view(job), headers={**headers, "X-Gateway-Job-Id": job.id})
+def answer(job: Job, headers: dict[str, str], *, pending: bool = False) -> Response:
+    view = krea.job_view(job, pending=pending)
+    return ORJSONResponse(view, headers={**headers, "X-Gateway-Job-Id": job.id})
 
 
 async def generate(request: Request) -> Response:
@@ -86,7 +87,7 @@ async def generate(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    return answer(job, principal.rate_headers())
+    return answer(job, principal.rate_headers(), pending=True)
 
 
 async def get_job(request: Request) -> Response:

@@ -403,10 +403,17 @@ def status_of(job: Job) -> str:
     return job.status
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The gateway job as Krea's job object: the answer to `POST /generate/...`, `GET` and
-    `DELETE /jobs/{id}`, and the body of the `X-Webhook-URL` callback. `job_id` is the
-    gateway's job id; `result` carries the gateway's stored copies."""
+def job_view(job: Job, *, pending: bool = False) -> dict[str, Any]:
+    """The gateway job as Krea's job object: the answer to `GET` and `DELETE /jobs/{id}`,
+    and the body of the `X-Webhook-URL` callback. `job_id` is the gateway's job id;
+    `result` carries the gateway's stored copies.
+
+    `pending`: the answer to `POST /generate/...`, which Krea's reference gives "in a
+    pending state until the job is completed" (`completed_at` and `result` null, both
+    required): a job that ended at once (a cache hit) is `queued` there, and its end is
+    what the next `GET` (or the callback) shows."""
+    if pending and job.ended:
+        return {**job_view(job), "status": "queued", "completed_at": None, "result": None}
     result: dict[str, Any] | None = None
     if job.status == "completed":
         result = {"urls": list(job.urls)}

@@ -249,5 +249,10 @@ class Router:
             backend,
             provider,
             polled.outputs,
-            {**metadata, **polled.metadata, "upstreamId": upstream_id, "sent": sent},
+            {
+                **metadata,
+                **polled.metadata,
+                "upstreamId": provider.shown_id(upstream_id),
+                "sent": sent,
+            },
         )

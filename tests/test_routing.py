@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -315,6 +316,8 @@ async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_public_url(
         assert sent["path"] == "/v1/generate/async"
         assert sent["json"]["webhook_url"].startswith(gw.base + "/v1/callbacks/fluxkrea/")
         assert [status for _, _, status in up.fluxkrea.callbacks] == [200]
+        token = sent["json"]["webhook_url"].rsplit("/", 1)[1]
+        assert token not in json.dumps(done) and "upstreamId" not in done["metadata"]
         assert await image_size(gw, done["url"]) == (768, 512)
 
         # Only a callback URL the gateway handed out accepts a report.
@@ -508,6 +511,9 @@ async def test_krea_calls_back_and_the_job_is_read_once_instead_of_polled(
         assert hook.startswith(gw.base + "/v1/callbacks/krea/")
         assert [url for url, _ in up.krea.webhooks_sent] == [hook]
         (job,) = up.krea.jobs.values()
+        # The callback's token is a capability: never shown, only Krea's own job id.
+        assert done["metadata"]["upstreamId"] == job.job_id
+        assert hook.rsplit("/", 1)[1] not in json.dumps(done)
         # Woken by the callback, then one authenticated read: not fifty polls.
         assert job.polls == 1
         assert await image_size(gw, done["url"]) == (768, 512)

@@ -79,6 +79,13 @@ class Provider(Protocol):
         the worker waits for them instead of polling at the provider's pace."""
         ...
 
+    def shown_id(self, upstream_id: str) -> str | None:
+        """The upstream's own job id(s) as a job's metadata shows them (`upstreamId`):
+        never a callback token stored beside them, which is a capability (a report to
+        its URL is trusted) and metadata reaches the job's owner and, through the cache,
+        other accounts. None: nothing to show."""
+        ...
+
     async def cancel(self, upstream_id: str) -> None: ...
 
     async def fetch(self, output: Output) -> bytes:

@@ -185,6 +185,10 @@ class FluxKreaProvider(HTTPBackend):
     def callbacks(self, upstream_id: str) -> list[str]:
         return [upstream_id] if self.inbox is not None else []  # async mode: the token
 
+    def shown_id(self, upstream_id: str) -> str | None:
+        # Async mode's id is our callback token (its request id is `upstream_request_id`).
+        return None if self.inbox is not None else upstream_id
+
     async def poll(self, upstream_id: str) -> Polled:
         """Async mode: what the upstream reported to our callback URL, if it has."""
         if self.inbox is None:

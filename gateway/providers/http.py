@@ -356,6 +356,9 @@ class HTTPBackend:
     def callbacks(self, upstream_id: str) -> list[str]:
         return []
 
+    def shown_id(self, upstream_id: str) -> str | None:
+        return upstream_id
+
     async def cancel(self, upstream_id: str) -> None:
         """No-op: none of our upstreams documents a way to cancel a job (see each backend).
 

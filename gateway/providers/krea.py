@@ -189,6 +189,9 @@ class KreaProvider(HTTPBackend):
     def callbacks(self, upstream_id: str) -> list[str]:
         return [token for _, token in _parts(upstream_id) if token]
 
+    def shown_id(self, upstream_id: str) -> str | None:
+        return ",".join(job_id for job_id, _ in _parts(upstream_id))
+
     async def poll(self, upstream_id: str) -> Polled:
         job_ids = [job_id for job_id, _ in _parts(upstream_id)]
         jobs = []

@@ -101,6 +101,9 @@ class LocalProvider:
     def callbacks(self, upstream_id: str) -> list[str]:
         return []
 
+    def shown_id(self, upstream_id: str) -> str | None:
+        return upstream_id
+
     async def cancel(self, upstream_id: str) -> None:
         return None
 

@@ -210,11 +210,20 @@ class GenerationFailed(GatewayError):
     code, status = "GENERATION_FAILED", 502
 
 
+class RejectedInput(GatewayError):
+    code, status = "REJECTED_BY_PROVIDER", 400
+
+
 async def _answer(gateway: Gateway, job: Job, body: dict[str, Any]) -> dict[str, Any]:
     if not job.ended:
         raise WaitRanOut(
             f"the image was not ready within {gateway.settings.sync_wait_seconds:g} s; "
             f"job {job.id} goes on: GET /v1/jobs/{job.id}",
+            job_id=job.id,
+        )
+    if job.rejected:  # the provider refused this prompt: the caller's to change, not retry
+        raise RejectedInput(
+            f"the provider refused the request: {job.error or 'no reason given'} (refunded)",
             job_id=job.id,
         )
     if job.status != "completed":

@@ -37,12 +37,13 @@ if TYPE_CHECKING:
 
 
 class JobFailed(Exception):
-    """Every backend of the route failed (or the upstream refused the input). `backend`:
-    the one that failed last, `none` when none was tried (the metrics' label)."""
+    """Every backend of the route failed (or the upstream refused the input: `rejected`).
+    `backend`: the one that failed last, `none` when none was tried (the metrics' label)."""
 
-    def __init__(self, message: str, backend: str = "none") -> None:
+    def __init__(self, message: str, backend: str = "none", *, rejected: bool = False) -> None:
         super().__init__(message)
         self.backend = backend
+        self.rejected = rejected
 
 
 @dataclass
@@ -202,7 +203,7 @@ class Router:
                 if not exc.failover:
                     # The upstream refused this user's input: the backend is healthy, so
                     # one user's bad prompts must not open its circuit for everyone.
-                    raise JobFailed(exc.message, backend) from None
+                    raise JobFailed(exc.message, backend, rejected=True) from None
                 self.breakers[backend].failure(exc.message, self.clock())
                 errors.append(f"{backend}: {exc.message}")
                 if self.clock() >= deadline:

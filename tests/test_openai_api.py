@@ -16,7 +16,9 @@ import pytest
 from openai import AsyncOpenAI
 from PIL import Image
 
+from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
+from tests.servers import serve
 
 
 @contextlib.asynccontextmanager
@@ -268,3 +270,36 @@ async def test_what_the_sdk_may_send_gets_openais_answers(
         # An authenticated 404 carries the key's rate-limit headers.
         r = await gw.http.get("/v1/models/nope", headers=auth)
         assert r.status_code == 404 and "x-ratelimit-limit" in r.headers
+
+
+async def test_a_prompt_the_provider_refuses_is_a_bad_request_not_retried(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The upstream refusing the prompt itself (400 on submission) is the caller's to
+    change: OpenAI's BadRequestError (as OpenAI answers a refused prompt), sent once,
+    refunded; an upstream failure is a 502 the SDK is told not to retry."""
+    emu = FluxKreaEmulator(api_key="test-key")
+    async with (
+        serve(emu.app) as base,
+        gateway(
+            redis_url, storage_dir, fluxkrea_api_base=f"{base}/v1", fluxkrea_api_key="test-key"
+        ) as gw,
+    ):
+        key = await gw.key(credits=1000)
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)  # the SDK's own retries
+        try:
+            emu.fail_next(1, 400)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.images.generate(model="fluxkrea", prompt="something refused")
+            assert refused.value.code == "rejected_by_provider"
+            assert len(emu.requests) == 1  # sent once
+
+            emu.fail_next(1, 500)
+            with pytest.raises(openai.InternalServerError) as failed:
+                await client.images.generate(model="fluxkrea", prompt="an outage")
+            assert failed.value.status_code == 502
+            assert failed.value.response.headers["x-should-retry"] == "false"
+            assert len(emu.requests) == 2  # not retried by the SDK
+        finally:
+            await client.close()
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # both refunded

@@ -45,6 +45,7 @@ class Job:
     height: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    rejected: bool = False  # failed because the upstream refused its input (400/422)
     attempts: int = 0
     upstream: dict[str, Any] | None = None  # {backend, id, sent}: resume, never resubmit
     refunded: int = 0
@@ -102,6 +103,7 @@ class Job:
             height=height,
             metadata=metadata,
             error=r.get("error") or None,
+            rejected=bool(r.get("rejected")),
             attempts=int(r.get("attempts") or 0),
             upstream=_json(r.get("upstream")) or None,
             refunded=int(r.get("refunded") or 0),

@@ -119,8 +119,10 @@ class JobStore:
         height: int | None = None,
         metadata: dict[str, Any] | None = None,
         error: str | None = None,
+        rejected: bool = False,
     ) -> bool:
-        """End the job once; True when this call ended it (False: it had already ended)."""
+        """End the job once; True when this call ended it (False: it had already ended).
+        `rejected`: it failed because the upstream refused its input (`Job.rejected`)."""
         fields: dict[str, Any] = {}
         if urls is not None:
             fields.update(outcome_fields(urls, width, height, metadata or {}))
@@ -141,6 +143,8 @@ class JobStore:
             fields["metadata"] = text(metadata)
         if error:
             fields["error"] = error
+        if rejected:
+            fields["rejected"] = 1
         shard = keys.shard_of(job.account)
         reply = await self.scripts.finish(
             job=keys.job(job.account, job.id),

@@ -247,7 +247,9 @@ class Worker:
                 await self._end(job, "cancelled")
             except JobFailed as exc:
                 log.info("job failed", error=str(exc), attempt=attempt)
-                await self._end(job, "failed", error=str(exc), backend=exc.backend)
+                await self._end(
+                    job, "failed", error=str(exc), backend=exc.backend, rejected=exc.rejected
+                )
             except asyncio.CancelledError:
                 # stays pending: resumed elsewhere
                 log.info("job handed off at shutdown", attempt=attempt)
@@ -429,9 +431,18 @@ class Worker:
             log.warning("unused outputs left for the sweep", count=len(urls), error=str(exc))
 
     async def _end(
-        self, job: Job, status: str, error: str | None = None, backend: str = metrics.NO_BACKEND
+        self,
+        job: Job,
+        status: str,
+        error: str | None = None,
+        backend: str = metrics.NO_BACKEND,
+        rejected: bool = False,
     ) -> None:
-        if await self.store.finish(job, status, self.now_ms(), refund=True, error=error):
+        """End the job unfinished, refunded. `rejected`: the upstream refused its input."""
+        ended = await self.store.finish(
+            job, status, self.now_ms(), refund=True, error=error, rejected=rejected
+        )
+        if ended:
             metrics.job_ended(job.provider, backend, status)
             log.info("job ended", status=status, backend=backend)
             if status == "failed":

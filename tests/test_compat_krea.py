@@ -17,6 +17,7 @@ import io
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +247,8 @@ async def test_a_job_reads_as_krea_s_job_object_through_its_statuses(
         assert r.status_code == 200, r.text
         created = r.json()
         job_id = created["job_id"]
-        assert r.headers["x-gateway-job-id"] == job_id
+        assert str(uuid.UUID(job_id, version=4)) == job_id  # Krea's `string<uuid>`
+        assert krea.as_uuid(r.headers["x-gateway-job-id"]) == job_id  # the gateway's id
         assert "x-ratelimit-limit" in r.headers
         assert created == {
             "job_id": job_id,
@@ -262,7 +264,7 @@ async def test_a_job_reads_as_krea_s_job_object_through_its_statuses(
 
         await until(sampling)  # Krea's own word while the job samples on Krea
         r = await job_of(gw, key, job_id)
-        assert r.headers["x-gateway-job-id"] == job_id
+        assert r.headers["x-gateway-job-id"] == krea.job_id_of(job_id)
         assert r.json()["completed_at"] is None and r.json()["result"] is None
 
         up.krea.hold_at = None
@@ -312,7 +314,7 @@ async def test_delete_cancels_the_job_and_refunds_it(
         await until(lambda: up.krea.jobs)  # the worker has it on Krea
         r = await gw.http.delete(f"{BASE}/jobs/{job_id}", headers=auth(key))
         assert r.status_code == 200, r.text
-        assert r.headers["x-gateway-job-id"] == job_id
+        assert r.headers["x-gateway-job-id"] == krea.job_id_of(job_id)
         assert r.json()["status"] == "cancelled"
         assert r.json()["completed_at"] is not None and r.json()["result"] is None
         assert (await job_of(gw, key, job_id)).json()["status"] == "cancelled"
@@ -359,7 +361,7 @@ async def test_x_webhook_url_receives_krea_s_job_object_signed(
         secret = gw.keys[key]["webhookSecret"]
         expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         assert headers["x-doitong-signature"] == f"sha256={expected}"
-        assert headers["webhook-id"] == f"msg_{job_id}"
+        assert headers["webhook-id"] == f"msg_{krea.job_id_of(job_id)}"
 
 
 async def test_a_failed_job_calls_back_with_result_error(
@@ -425,7 +427,9 @@ async def test_krea_answering_500_fails_over_and_is_charged_once(
         assert await image_size(gw, done["result"]["urls"][0]) == (1024, 1024)
         assert up.krea.submissions == 1 and up.fluxkrea.submissions == 1
         job = (await gw.gql(
-            "query($id: ID!) { job(id: $id) { metadata } }", {"id": done["job_id"]}, key
+            "query($id: ID!) { job(id: $id) { metadata } }",
+            {"id": krea.job_id_of(done["job_id"])},
+            key,
         )).json()["data"]["job"]  # fmt: skip
         assert job["metadata"]["backend"] == "fluxkrea"
         assert await ledger(gw, key) == [("initial", 100), ("charge", -20)]
@@ -524,3 +528,17 @@ async def test_the_same_request_with_a_seed_is_a_free_cache_hit_that_still_calls
         assert await ledger(gw, key) == [("initial", 100), ("charge", -10)]
         await until(lambda: receiver.calls)
         assert orjson.loads(receiver.calls[0][1]) == hit
+
+
+def test_job_ids_read_as_krea_s_uuids_and_back() -> None:
+    """Krea's `job_id` is a `string<uuid>`: the gateway's 24-hex id is shown as a version 4
+    UUID that names it again, and the plain id is taken too."""
+    for _ in range(200):
+        ours = os.urandom(12).hex()
+        shown = krea.as_uuid(ours)
+        parsed = uuid.UUID(shown)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122) and str(parsed) == shown
+        assert krea.job_id_of(shown) == krea.job_id_of(shown.upper()) == ours
+        assert krea.job_id_of(ours) == ours
+    for other in ("", "x", str(uuid.uuid4()), "0" * 31, "ec5c5b20-e62f-46da-8d44-f9b9fa000001"):
+        assert krea.job_id_of(other) == ""

@@ -104,7 +104,7 @@ async def delete_job(request: Request) -> Response:
 async def _on_job(request: Request, *, cancel: bool) -> Response:
     gateway: Gateway = request.app.state.gateway
     headers: dict[str, str] = {}
-    job_id = request.path_params["job_id"]
+    job_id = krea.job_id_of(request.path_params["job_id"])
     origin = request.headers.get("origin")
     try:
         if cancel:

@@ -406,6 +406,25 @@ def status_of(job: Job) -> str:
     return job.status
 
 
+def as_uuid(job_id: str) -> str:
+    """A gateway job id (24 hex digits) in the form of Krea's `job_id`, a UUID (version 4
+    and RFC 4122 variant, so a client that validates one takes it): our 96 bits around
+    the version and variant digits, the rest zeros. `job_id_of` reverses it."""
+    h = job_id.lower()
+    return f"{h[:8]}-{h[8:12]}-4{h[12:15]}-8{h[15:18]}-{h[18:24]}000000"
+
+
+def job_id_of(given: str) -> str:
+    """The gateway job id a Krea-shaped `job_id` names (`as_uuid`'s form, or our own id
+    as is); "" when it names none (unknown: 404)."""
+    plain = given.replace("-", "").lower()
+    if len(plain) == 24:
+        return plain
+    if len(plain) == 32 and plain[12] == "4" and plain[16] == "8" and plain.endswith("0" * 6):
+        return plain[:12] + plain[13:16] + plain[17:26]
+    return ""
+
+
 def job_view(job: Job, *, pending: bool = False) -> dict[str, Any]:
     """The gateway job as Krea's job object: the answer to `GET` and `DELETE /jobs/{id}`,
     and the body of the `X-Webhook-URL` callback. `job_id` is the gateway's job id;
@@ -423,7 +442,7 @@ def job_view(job: Job, *, pending: bool = False) -> dict[str, Any]:
     elif job.status == "failed":
         result = {"error": job.error or "failed"}
     return {
-        "job_id": job.id,
+        "job_id": as_uuid(job.id),
         "status": status_of(job),
         "created_at": iso(job.created_at),
         "completed_at": iso(job.completed_at) if job.ended else None,

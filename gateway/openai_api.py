@@ -28,7 +28,7 @@ from gateway.config import BACKENDS
 from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
 from gateway.jobs.model import Job
-from gateway.params import GenerationRequest, from_image_input
+from gateway.params import GenerationRequest, from_image_input, idempotency_key
 from gateway.rest import ORJSONResponse, read_json
 from gateway.service import Gateway
 
@@ -164,9 +164,9 @@ async def generations(request: Request) -> Response:
         nonlocal body
         body = await read_json(request)
         wanted = to_request(body, known_models(gateway))
-        idempotency = request.headers.get("idempotency-key")
+        idempotency = idempotency_key(request.headers.get("idempotency-key"))
         if idempotency:
-            wanted = wanted.model_copy(update={"idempotency_key": idempotency[:128]})
+            wanted = wanted.model_copy(update={"idempotency_key": idempotency})
         return wanted
 
     headers: dict[str, str] = {}

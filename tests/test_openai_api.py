@@ -303,3 +303,25 @@ async def test_a_prompt_the_provider_refuses_is_a_bad_request_not_retried(
         finally:
             await client.close()
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # both refunded
+
+
+async def test_an_idempotency_key_too_long_is_refused_not_cut(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Two keys sharing their first 128 characters are two requests: a longer key is a
+    400 on the OpenAI and Segmind routes (as on the others), not cut to a shared prefix."""
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        key = await gw.key(credits=1000)
+        long = "k" * 128
+        with pytest.raises(openai.BadRequestError) as bad:
+            await sdk(key).images.generate(
+                model="local", prompt="x", extra_headers={"Idempotency-Key": long + "a"}
+            )
+        assert "Idempotency-Key" in bad.value.message and bad.value.param is None
+        r = await gw.http.post(
+            "/compat/segmind/v2/flux-krea-dev",
+            json={"prompt": "x"},
+            headers={"x-api-key": key, "Idempotency-Key": long + "b"},
+        )
+        assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000

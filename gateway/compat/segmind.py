@@ -43,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.formats import FORMATS
 from gateway.jobs.model import Job
-from gateway.params import GenerationRequest
+from gateway.params import GenerationRequest, idempotency_key
 from gateway.providers.segmind import STATES, request_from
 from gateway.rest import ORJSONResponse, read_json
 from gateway.service import Gateway
@@ -180,9 +180,9 @@ async def _parse(request: Request, gateway: Gateway, *, one_image: bool) -> Gene
     update: dict[str, Any] = {}
     if one_image:  # v1 answers one image: it makes (and is charged for) one
         update["num_images"] = 1
-    idempotency = request.headers.get("idempotency-key")
+    idempotency = idempotency_key(request.headers.get("idempotency-key"))
     if idempotency:
-        update["idempotency_key"] = idempotency[:128]
+        update["idempotency_key"] = idempotency
     return wanted.model_copy(update=update) if update else wanted
 
 

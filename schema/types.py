@@ -228,35 +228,28 @@ def _counts(counts: Counts) -> dict[str, int]:
     }
 
 
-_REQUESTS = "jobs created, by their record"
-_IMAGES = "images of the jobs that completed"
-_REFUNDED = "credits given back (failed or cancelled jobs)"
-_HITS = "jobs served by the cache or by an identical request in flight, for nothing"
-_SAVED = "what those would have cost"
+@strawberry.type
+class UsageTotals:
+    requests: int = strawberry.field(description="jobs created, by their record")
+    images: int = strawberry.field(description="images of the jobs that completed")
+    credits_spent: int = strawberry.field(description="credits charged")
+    credits_refunded: int = strawberry.field(
+        description="credits given back (failed or cancelled jobs)"
+    )
+    cache_hits: int = strawberry.field(
+        description="jobs served by the cache or by an identical request in flight, for nothing"
+    )
+    credits_saved: int = strawberry.field(description="what those would have cost")
 
 
 @strawberry.type
-class UsageRow:
+class UsageRow(UsageTotals):
+    """The totals' counts, for one day, service or backend."""
+
     key: str = strawberry.field(
         description="the UTC day (YYYY-MM-DD), service or backend; `expired`: credits of "
         "jobs whose record is gone; backend `none`: a job that reached none"
     )
-    requests: int = strawberry.field(description=_REQUESTS)
-    images: int = strawberry.field(description=_IMAGES)
-    credits_spent: int = strawberry.field(description="credits charged")
-    credits_refunded: int = strawberry.field(description=_REFUNDED)
-    cache_hits: int = strawberry.field(description=_HITS)
-    credits_saved: int = strawberry.field(description=_SAVED)
-
-
-@strawberry.type
-class UsageTotals:
-    requests: int = strawberry.field(description=_REQUESTS)
-    images: int = strawberry.field(description=_IMAGES)
-    credits_spent: int = strawberry.field(description="credits charged")
-    credits_refunded: int = strawberry.field(description=_REFUNDED)
-    cache_hits: int = strawberry.field(description=_HITS)
-    credits_saved: int = strawberry.field(description=_SAVED)
 
 
 @strawberry.type(description="One account's use over [from, to), docs/api.md#usage.")

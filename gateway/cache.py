@@ -155,6 +155,7 @@ class Cache:
                 inflight=inflight,
                 webhooks=keys.webhooks(shard),
                 client_token=keys.client_token(account, record.get("token") or ""),
+                running=keys.running(account),
                 now_ms=now_ms,
                 lease_ms=self.lease_ms,
                 job_id=job_id,

@@ -347,3 +347,23 @@ async def test_a_promoted_waiter_is_paid_from_its_client_tokens_budget(
         failed = await gw.wait(token, waiter["id"])
         assert failed["status"] == "failed" and failed["creditCost"] == 0
         assert await balance(gw, key) == 990  # only `spend`
+
+
+async def test_a_promoted_waiter_holds_a_concurrency_slot_of_its_account(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A waiter that runs in its leader's place counts against its account's concurrent
+    jobs as any running job does: the account cannot start more than its plan allows."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key, other = await gw.key(credits=100), await gw.key("free", credits=100)
+        leader = await gen(gw, key, provider="local", seed=50, width=512, height=512)
+        waiter = await gen(gw, other, provider="local", seed=50, width=512, height=512)
+        assert waiter["creditCost"] == 0
+        await gw.gql(CANCEL, {"id": leader["id"]}, key)
+        assert await balance(gw, other) == 90  # promoted: it runs now
+        refused = await gw.generate(other, "another", provider="local", width=512, height=512)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["errors"][0]["extensions"]["limit"] == "concurrency"
+        await gw.gql(CANCEL, {"id": waiter["id"]}, other)  # its slot freed at its end
+        again = await gw.generate(other, "another", provider="local", width=512, height=512)
+        assert again.status_code == 200, again.text

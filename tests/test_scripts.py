@@ -300,6 +300,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             inflight=keys.inflight(shard, "d"),
             webhooks=keys.webhooks(shard),
             client_token=keys.client_token(a, ""),
+            running=keys.running(a),
             now_ms=1,
             lease_ms=1000,
             job_id="j1",

@@ -3,7 +3,7 @@
 -- Called through `Promote` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 follower job, 2 its account, 3 its ledger, 4 queue, 5 in-flight leader,
 --       6 webhook schedule, 7 the client token the follower was made with (its `token`;
---       unused without)
+--       unused without), 8 its account's running jobs (the concurrency slots)
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms, 5 ledger_keep_ms (older ledger
 --       entries are trimmed; 0 = keep all), 6 the leader released (its job key; '' when
 --       none is in flight any more)
@@ -11,7 +11,9 @@
 -- pay), 'skip' (it had ended) or 'moved' (another release of the same leader promoted a
 -- waiter already: KEYS 5 names another job; nothing to do).
 -- A job made with a client token is paid from the token's budget as at admission
--- (`spent` grows; finish.lua gives it back on a refund).
+-- (`spent` grows; finish.lua gives it back on a refund). A promoted job holds one of its
+-- account's concurrency slots as an admitted one does (never refused for it: it was
+-- accepted already), freed when it ends (finish.lua).
 -- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
 -- more.
 -- include: ledger.lua
@@ -53,6 +55,7 @@ end
 job['cost'] = price
 save_job(KEYS[1], job)
 redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)
+redis.call('ZADD', KEYS[8], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
 redis.call('XADD', KEYS[4], '*', 'job', KEYS[1])
 redis.call('SET', KEYS[5], KEYS[1], 'PX', tonumber(ARGV[2]))
 return 'promoted'

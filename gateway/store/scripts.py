@@ -580,6 +580,7 @@ class Promote(Script):
         inflight: str,
         webhooks: str,
         client_token: str,
+        running: str,
         now_ms: int,
         lease_ms: int,
         job_id: str,
@@ -596,6 +597,7 @@ class Promote(Script):
             inflight,
             webhooks,
             client_token,
+            running,
             now_ms,
             lease_ms,
             job_id,
@@ -603,7 +605,7 @@ class Promote(Script):
             ledger_keep_ms,
             leader,
         ]
-        return self.decode(await self.run(7, argv, client))
+        return self.decode(await self.run(8, argv, client))
 
     @staticmethod
     def decode(reply: Any) -> PromoteReply:

@@ -95,7 +95,7 @@ async def generate(request: Request) -> Response:
         "status": job.status,
         "request_id": job.id,
         "message": f"the images were not ready within {waited:g} s; the job goes on: "
-        f"GET /v1/jobs/{job.id} reads it",
+        f"the gateway's GET /v1/jobs/{job.id} (at its root, not under {PREFIX}) reads it",
     }
     return ORJSONResponse(body, status_code=504, headers=headers)
 

@@ -125,9 +125,11 @@ class Cache:
                 )
                 if record.get("status") in ("queued", "processing"):
                     continue
-                if leader and not await self.redis.delete(inflight):
-                    continue
-                changed += await self._promote_next(shard, digest, now_ms, "")
+                # In the place of the leader read: if a release (or another process's
+                # rescue) promoted a waiter meanwhile, promote.lua answers 'moved'.
+                changed += await self._promote_next(
+                    shard, digest, now_ms, decoded(leader) if leader else ""
+                )
         return changed
 
     async def _promote_next(self, shard: int, digest: str, now_ms: int, leader: str) -> list[str]:
@@ -140,8 +142,12 @@ class Cache:
             # Peek, promote, then remove: a crash in between leaves the waiter listed.
             first = await self.redis.lindex(waiting, 0)
             if first is None:
-                await self.redis.delete(inflight)
-                await self.redis.srem(keys.coalescing(shard), inflight)
+                await self.scripts.vacate(
+                    inflight=inflight,
+                    coalescing=keys.coalescing(shard),
+                    leader=leader,
+                    client=self.redis,
+                )
                 return changed
             follower = decoded(first)
             account, job_id = keys.job_parts(follower)  # a record gone is skipped

@@ -62,13 +62,7 @@ class JobWatch:
                 left = deadline - loop.time()
                 if job is None or job.ended or left <= 0:
                     return job
-                # A timer and a future, not `wait_for`'s task: thousands wait at once.
-                timer = loop.call_later(min(left, self.recheck), _wake, woken)
-                try:
-                    await woken
-                finally:
-                    timer.cancel()
-                woken = self._renew(channel, woken)
+                woken = await self._next(channel, woken, min(left, self.recheck))
         finally:
             await self._unsubscribe(channel, woken)
 
@@ -80,39 +74,40 @@ class JobWatch:
         `Gateway.follow`); its errors end the stream. Subscribed before the first read,
         so no change falls in between; read again at each message and every `recheck`
         seconds without one."""
-        loop = asyncio.get_running_loop()
         channel = keys.events(account, job_id)
-        woken: asyncio.Future[None] = loop.create_future()
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._subscribe(channel, woken)
         try:
             job = await read()
             if job is None:
                 return
+            shown = job.public()
             yield job
             while not job.ended:
-                timer = loop.call_later(self.recheck, _wake, woken)
-                try:
-                    await woken
-                finally:
-                    timer.cancel()
-                woken = self._renew(channel, woken)
+                woken = await self._next(channel, woken, self.recheck)
                 fresh = await read()
                 if fresh is None:
                     return
-                if (fresh.status, fresh.metadata, fresh.urls) != (
-                    job.status,
-                    job.metadata,
-                    job.urls,
-                ):
-                    job = fresh
+                if fresh.public() != shown:  # any change its follower can see
+                    job, shown = fresh, fresh.public()
                     yield job
         finally:
             await self._unsubscribe(channel, woken)
 
-    def _renew(self, channel: str, used: asyncio.Future[None]) -> asyncio.Future[None]:
+    async def _next(
+        self, channel: str, woken: asyncio.Future[None], seconds: float
+    ) -> asyncio.Future[None]:
+        """Until a message on `channel` wakes `woken`, or `seconds` pass (a timer and a
+        future, not `wait_for`'s task: thousands wait at once); then the future to wait
+        on next, in `woken`'s place among the channel's waiters."""
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
         fresh: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self.waiting[channel]
-        waiters.discard(used)
+        waiters.discard(woken)
         waiters.add(fresh)
         return fresh
 

@@ -19,6 +19,7 @@ import re
 import time
 from typing import Any
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,7 +27,13 @@ from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
 from gateway.config import BACKENDS
 from gateway.endpoints import route
-from gateway.errors import BadUserInput, GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import (
+    BadUserInput,
+    GatewayError,
+    InternalError,
+    NotFound,
+    ServiceUnavailable,
+)
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest, from_image_input, idempotency_key
 from gateway.rest import ORJSONResponse, read_json
@@ -36,6 +43,8 @@ from gateway.service import Gateway
 PREFIXES = ("/v1/images/", "/v1/models")
 #: OpenAI's image routes the gateway does not offer: answered so, whatever the upload
 UNSUPPORTED = frozenset({"/v1/images/edits", "/v1/images/variations"})
+log = structlog.get_logger("gateway.openai")
+
 DEFAULT_MODEL = "flux-krea"
 DEFAULT_SIZE = "1024x1024"
 #: OpenAI's parameters, and what each becomes (None: accepted, not used by any backend)
@@ -177,10 +186,17 @@ async def generations(request: Request) -> Response:
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
         job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
         answer = await _answer(gateway, job, body)
-    except GatewayError as exc:
-        if headers and exc.status >= 500:
-            # The job was accepted (and has run, or runs on): OpenAI's SDKs retry a 5xx
-            # on their own, and a retry would be another job, charged again.
+    except Exception as exc:
+        if not headers:  # refused before admission: nothing made, a retry makes nothing twice
+            if isinstance(exc, GatewayError):
+                return error_response(exc, headers)
+            raise
+        # The job was accepted (and has run, or runs on): OpenAI's SDKs retry a 5xx on
+        # their own, and a retry would be another job, charged again.
+        if not isinstance(exc, GatewayError):
+            log.exception("answering an accepted job failed", job_id=headers["X-Gateway-Job-Id"])
+            exc = InternalError("internal server error")
+        if exc.status >= 500:
             headers["x-should-retry"] = "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)

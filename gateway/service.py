@@ -260,11 +260,12 @@ class Gateway:
         return _theirs(principal, job)
 
     async def poll(
-        self, key: str | None, job_id: str, origin: str | None = None
+        self, key: str | None, job_id: str, origin: str | None = None, *, read: bool = True
     ) -> tuple[Principal, Job | None]:
-        """`authenticate` (a read) and `job`, in one round trip: a poll's."""
+        """`authenticate` and `job`, in one round trip: a poll's. `read`: counted as a read
+        (a stream's later reads are not: `follow`)."""
         wanted = job_id if self.store.plausible(job_id) else ""  # "": no record looked for
-        principal, record = await self._authenticate(key, True, origin, wanted)
+        principal, record = await self._authenticate(key, read, origin, wanted)
         return principal, _theirs(principal, Job.from_record(record) if record else None)
 
     async def jobs(
@@ -320,11 +321,9 @@ class Gateway:
         stream outlives what its credential may: each read checks the key or token
         again, in the same round trip (not counted as a read), so one revoked or
         expired meanwhile ends the stream with its refusal at the next update."""
-        wanted = job_id if self.store.plausible(job_id) else ""
 
         async def read() -> Job | None:
-            reader, record = await self._authenticate(key, False, origin, wanted)
-            return _theirs(reader, Job.from_record(record) if record else None)
+            return (await self.poll(key, job_id, origin, read=False))[1]
 
         seen = False
         async for update in self.watch.follow(principal.account, job_id, read):

@@ -346,7 +346,18 @@ async def test_a_promoted_waiter_is_paid_from_its_client_tokens_budget(
         await gw.gql(CANCEL, {"id": leader["id"]}, key)
         failed = await gw.wait(token, waiter["id"])
         assert failed["status"] == "failed" and failed["creditCost"] == 0
+        assert "budget" in failed["error"]
         assert await balance(gw, key) == 990  # only `spend`
+
+        # Nor does one its token, expired meanwhile, was made with.
+        short = (await gw.gql(MINT, {"c": 50}, key)).json()["data"]["createClientToken"]
+        leader = await gen(gw, key, provider="local", seed=42, width=512, height=512)
+        waiter = await gen(gw, short["token"], provider="local", seed=42, width=512, height=512)
+        gw.clock.advance(16 * 60)  # past its 15 minutes
+        await gw.gql(CANCEL, {"id": leader["id"]}, key)
+        failed = await gw.wait(key, waiter["id"])
+        assert failed["status"] == "failed" and "expired" in failed["error"]
+        assert await balance(gw, key) == 990
 
 
 async def test_a_promoted_waiter_holds_a_concurrency_slot_of_its_account(
@@ -367,3 +378,34 @@ async def test_a_promoted_waiter_holds_a_concurrency_slot_of_its_account(
         await gw.gql(CANCEL, {"id": waiter["id"]}, other)  # its slot freed at its end
         again = await gw.generate(other, "another", provider="local", width=512, height=512)
         assert again.status_code == 200, again.text
+
+
+async def test_a_release_racing_another_promotes_nothing_more(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Whoever promotes second in the place of the same leader (a rescue that read the
+    leader before a release promoted its waiter, two releases) changes nothing: the
+    waiter is charged and queued once, and the next waiter stays listed."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        service = gw.app.state.gateway
+        key, other = await gw.key(credits=100), await gw.key(credits=100)
+        leader = await gen(gw, key, provider="local", seed=60, width=512, height=512)
+        waiters = [await gen(gw, other, provider="local", seed=60, width=512, height=512)]
+        waiters.append(await gen(gw, other, provider="local", seed=60, width=512, height=512))
+        account = gw.keys[key]["id"]
+        job = await service.store.get(account, leader["id"])
+        assert job is not None and job.cache_key
+        assert await service.store.finish(job, "cancelled", service.now_ms(), refund=True)
+        leader_key, shard = keys.job(account, job.id), keys.shard_of(account)
+        first = await service.cache._promote_next(
+            shard, job.cache_key, service.now_ms(), leader_key
+        )
+        again = await service.cache._promote_next(
+            shard, job.cache_key, service.now_ms(), leader_key
+        )
+        assert len(first) == 1 and again == []
+        assert await balance(gw, other) == 90  # one waiter charged, once
+        waiting = await service.redis.lrange(keys.followers(shard, job.cache_key), 0, -1)
+        assert len(waiting) == 1  # the other still waits, now for the promoted one
+        inflight = await service.redis.get(keys.inflight(shard, job.cache_key))
+        assert inflight == first[0]

@@ -65,8 +65,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "output_quality": (0, 100),
     "prompt_strength": (0.0, 1.0),
 }
-#: Segmind's documented defaults for what shapes the output (guidance, steps and seed,
-#: left unset, are the backend's own choice; the seed a random one, see `request_from`).
+#: Segmind's documented defaults for what shapes the output (the seed left unset is a
+#: random one, not its 42: see `request_from`).
 DEFAULTS: dict[str, Any] = {
     "aspect_ratio": "16:9",
     "megapixels": "1",

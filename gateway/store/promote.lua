@@ -24,17 +24,16 @@ mark()
 local price = tonumber(job['price'] or '0')
 local credits = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
 local token = (job['token'] or '') ~= ''
-local left = nil  -- the token's budget not yet spent (a token gone: none)
-if token then
-  local t = redis.call('HMGET', KEYS[7], 'max_credits', 'spent')
-  left = tonumber(t[1] or '0') - tonumber(t[2] or '0')
-end
 local poor = nil
-if credits < price then
-  poor = 'there were not enough credits'
-elseif left and left < price then
-  poor = "its client token's budget was not enough"
+if token then  -- spent from the token as at admission: a live token with the budget
+  local t = redis.call('HMGET', KEYS[7], 'max_credits', 'spent', 'revoked', 'expires')
+  if not t[1] or t[3] == '1' or tonumber(t[4] or '0') <= tonumber(ARGV[1]) then
+    poor = 'its client token had expired or been revoked'
+  elseif tonumber(t[1]) - tonumber(t[2] or '0') < price then
+    poor = "its client token's budget was not enough"
+  end
 end
+if credits < price then poor = 'there were not enough credits' end
 if poor then
   job['status'], job['completed_at'] = 'failed', tonumber(ARGV[1])
   job['error'] = 'the identical request this job waited for failed, and ' .. poor ..

@@ -612,6 +612,25 @@ class Promote(Script):
         return PromoteReply(verdict=str(reply))
 
 
+# -- vacate.lua ----------------------------------------------------------------------
+
+
+class Vacate(Script):
+    """vacate.lua: no waiter left: the in-flight key goes, while it names `leader`."""
+
+    name = "vacate"
+
+    async def __call__(
+        self,
+        *,
+        inflight: str,
+        coalescing: str,
+        leader: str,
+        client: aioredis.Redis | None = None,
+    ) -> bool:
+        return bool(await self.run(2, [inflight, coalescing, leader], client))
+
+
 # -- read.lua ------------------------------------------------------------------------
 
 
@@ -746,6 +765,7 @@ BY_NAME: dict[str, type[Script]] = {
         Settle,
         Entry,
         Promote,
+        Vacate,
         Read,
         Patch,
         ApqPut,
@@ -770,6 +790,7 @@ class Scripts:
         self.settle = Settle(client)
         self.entry = Entry(client)
         self.promote = Promote(client)
+        self.vacate = Vacate(client)
         self.read = Read(client)
         self.patch = Patch(client)
         self.apq_put = ApqPut(client)

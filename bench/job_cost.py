@@ -13,7 +13,7 @@ What runs, each a real process on 127.0.0.1:
   1 MB. The same process is the client's webhook receiver (`POST /client-hook`): it
   counts each job's webhook, so the run knows when every job has been delivered;
 - `gateway serve` (callbacks mode only): receives Krea's callbacks at
-  `GATEWAY_PUBLIC_URL/v1/callbacks/krea/<token>` and wakes the worker through Redis;
+  `GATEWAY_CALLBACK_URL/v1/callbacks/krea/<token>` and wakes the worker through Redis;
 - one `gateway worker` (`GATEWAY_WORKERS`, default 128 here), the measured process,
   alone on the last CPU with all its threads (`taskset`, `one_core_for_the_server`):
   its event loop's and those `asyncio.to_thread` starts (the image's check, the file's
@@ -730,7 +730,11 @@ async def run_jobs(
             )
             if callbacks:
                 port = free_port()
-                env.update(GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}", GATEWAY_PORT=str(port))
+                env.update(
+                    GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}",
+                    GATEWAY_CALLBACK_URL=f"http://127.0.0.1:{port}",
+                    GATEWAY_PORT=str(port),
+                )
                 api = spawn("gateway", [gateway_binary(), "serve"], env, port, workdir)
             log = workdir / "worker.log"
             with log.open("wb") as out:

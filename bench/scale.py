@@ -171,7 +171,11 @@ async def run_jobs(ctx: Context, jobs: int, *, callbacks: bool) -> ScaleRow:
             )
             if callbacks:
                 port = free_port()
-                env.update(GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}", GATEWAY_PORT=str(port))
+                env.update(
+                    GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}",
+                    GATEWAY_CALLBACK_URL=f"http://127.0.0.1:{port}",
+                    GATEWAY_PORT=str(port),
+                )
                 api = spawn("gateway", [gateway_binary(), "serve"], env, port, workdir)
             row.idle_rss_mb = idle_rss_mb(env, workdir)
             account, ids = await admit_all(ctx.redis_url, storage, upstream.url(""), jobs)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None
+    # Where upstreams can reach the gateway to call back (Krea's X-Webhook-URL, flux-krea's
+    # async webhook_url); unset: none is asked to (flux-krea answers synchronously, Krea is
+    # polled). Not `public_url`: the base of output URLs may be one no upstream reaches
+    # (compose's default, a private network), and flux-krea has no status to poll.
+    callback_url: str | None = None
     storage_dir: Path = Path("./data/outputs")
     # Outputs in an S3-compatible bucket instead of `storage_dir` (gateway/artifacts_s3.py);
     # credentials and, unless `s3_region` says, the region from botocore's standard chain
@@ -164,7 +169,9 @@ class Settings(BaseSettings):
     plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
     routes: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
 
-    @field_validator("public_url", "storage_public_url", "s3_endpoint_url", "s3_region")
+    @field_validator(
+        "public_url", "callback_url", "storage_public_url", "s3_endpoint_url", "s3_region"
+    )
     @classmethod
     def _strip_slash(cls, v: str | None) -> str | None:
         return v.rstrip("/") if v else None  # empty (compose's `${X:-}`) is unset

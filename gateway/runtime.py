@@ -123,10 +123,12 @@ async def runtime(
         opened.push_async_callback(hooks.close)
         scripts = Scripts.register(redis)
         await scripts.load()
-        inbox = RedisInbox(redis, settings.base_url, settings.job_deadline_seconds)
+        # Upstreams call back only where they can reach us: `callback_url`, when set.
+        inbox = RedisInbox(
+            redis, settings.callback_url or settings.base_url, settings.job_deadline_seconds
+        )
         opened.push_async_callback(inbox.aclose)
-        # Upstreams can call us back only at a URL they can reach: the public one.
-        callbacks = inbox if settings.public_url else None
+        callbacks = inbox if settings.callback_url else None
         router = Router(
             build_providers(settings, client, callbacks),
             settings.routes,

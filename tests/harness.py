@@ -111,7 +111,7 @@ async def gateway(
     overrides.setdefault("shutdown_grace_seconds", 2.0)
     port = free_port()
     if public:
-        overrides["public_url"] = f"http://127.0.0.1:{port}"
+        overrides["public_url"] = overrides["callback_url"] = f"http://127.0.0.1:{port}"
     settings = load_settings(redis_url=redis_url, storage_dir=storage_dir, port=port, **overrides)
     app = build_app(settings, clock=clock)
     async with serve(app, port=port) as base:

@@ -303,7 +303,7 @@ async def test_a_job_that_fails_everywhere_says_why_and_is_refunded(
         assert await credits(gw, key) == 100
 
 
-async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_public_url(
+async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_callback_url(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
     async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
@@ -331,6 +331,20 @@ async def test_flux_krea_reports_by_callback_when_the_gateway_has_a_public_url(
         done = await gw.wait(key, await submit(gw, key, width=512, height=512))
         assert done["status"] == "completed", done["error"]
         assert done["metadata"]["backend"] == "segmind"
+
+    # A public URL for outputs alone asks no upstream to call back (it may be one they
+    # cannot reach, and flux-krea has nothing to poll): flux-krea answers synchronously.
+    up.fluxkrea.fail_async = False
+    up.fluxkrea.requests.clear()
+    outputs = {**up.settings, "public_url": "http://gateway.internal:8000"}
+    async with gateway(redis_url, storage_dir, **outputs) as gw:
+        key = await gw.key()
+        done = await gw.wait(key, await submit(gw, key, width=512, height=512))
+        assert done["status"] == "completed", done["error"]
+        assert done["url"].startswith("http://gateway.internal:8000/outputs/")
+        assert [r["path"] for r in up.fluxkrea.requests if r["method"] == "POST"] == [
+            "/v1/generate"
+        ]
 
 
 # -- 4. a backend without credentials -------------------------------------------------------

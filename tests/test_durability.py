@@ -332,3 +332,65 @@ def test_a_failure_inside_the_redis_client_is_the_stores_not_the_jobs() -> None:
     with pytest.raises(ValueError) as ours:
         int("not a number")
     assert not store_trouble(ours.value)  # a bug of our own still fails the job
+
+
+async def test_a_redis_that_comes_back_empty_gets_its_queue_read_again(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    """Redis restarted without its data (no persistence, or flushed) while a worker runs:
+    the worker makes the queue's consumer group again, and a job admitted afterwards
+    runs, instead of NOGROUP on every read until the worker is restarted."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with held_krea(server.url, storage_dir) as (emu, krea, gw):
+            emu.steps_to_complete = 1
+            worker = start_worker(server.url, krea, storage_dir)
+            try:
+                key = await gw.key(credits=1000)
+                [before] = await submit(gw, key, 1)
+                assert (await gw.wait(key, before))["status"] == "completed"
+                port = server.port
+                server.stop()  # and back with nothing: no AOF, no snapshot
+                server.port = port
+                server.start()
+                key = await gw.key(credits=1000)  # the accounts went with it
+                [after] = await submit(gw, key, 1)
+                done = await gw.wait(key, after, timeout=30)
+                assert done["status"] == "completed", done
+            finally:
+                stop(worker)
+    finally:
+        server.stop()
+
+
+async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
+    redis_url: str,
+) -> None:
+    """The entries a silent worker left are found wherever they sit among the pending
+    ones: behind eleven that a live worker keeps renewing, a worker with one free slot
+    takes the dead one's job (XAUTOCLAIM looks at ten entries per one it may take)."""
+    from gateway.jobs.queue import Queue
+    from gateway.store.redis import connect
+
+    redis = await connect(redis_url)
+    try:
+        queue = Queue(redis, blocking=True)
+        await queue.ensure_group()
+        stream = keys.queue(0)
+        for n in range(12):
+            await redis.xadd(stream, {"job": f"job-{n}"})
+        live = await queue.read("live", 11, block_ms=10)
+        [(dead_entry, dead_job)] = await queue.read("dead", 1, block_ms=10)
+        assert len(live) == 11 and dead_job == "job-11"
+
+        async def dead_is_idle() -> bool:
+            rows = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 20, "dead")
+            return bool(rows) and rows[0]["time_since_delivered"] >= 200
+
+        await until(dead_is_idle)
+        await queue.touch("live", [handle for handle, _ in live])  # the live one renews
+        taken = await queue.reclaim("rescuer", min_idle_ms=200, count=1)
+        assert taken == [(dead_entry, "job-11")]
+    finally:
+        await redis.aclose()

@@ -56,6 +56,15 @@ class Queue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    async def regroup(self, exc: Exception) -> bool:
+        """After NOGROUP (Redis restarted without its data, or flushed: the group made at
+        start-up is gone while jobs are admitted again): make it again. True when that
+        was the trouble, so the caller tries again instead of failing forever."""
+        if not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
+            return False
+        await self.ensure_group()
+        return True
+
     def notify(self) -> None:
         """A job was just enqueued by this process."""
         self.wakeup.set()
@@ -131,16 +140,31 @@ class Queue:
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:
         """Entries whose worker went silent, as (handle, job key). How often a job was
-        tried is counted on the job itself (`start.lua`), not here."""
+        tried is counted on the job itself (`start.lua`), not here.
+
+        XPENDING with IDLE finds them wherever they are among the pending entries, and
+        XCLAIM (with the same minimum idle time: one another worker renewed meanwhile
+        stays its) takes them. Not XAUTOCLAIM: it looks at no more than ten entries per
+        one it may take, so a worker with one free slot never reached a dead worker's
+        entries behind ten running ones."""
         found: list[tuple[str, str]] = []
         for shard, stream in enumerate(self.streams):
             if len(found) >= count:
                 break
-            reply = await self.redis.xautoclaim(
-                stream, keys.QUEUE_GROUP, consumer, min_idle_ms, "0-0", count=count - len(found)
+            idle = await self.redis.xpending_range(
+                stream, keys.QUEUE_GROUP, "-", "+", count - len(found), idle=min_idle_ms
             )
-            deleted = reply[2] if len(reply) > 2 else []
-            for entry_id in deleted:  # trimmed away under us: nothing to run
-                await self.redis.xack(stream, keys.QUEUE_GROUP, entry_id)
-            found += [(f"{shard}/{eid}", f["job"]) for eid, f in reply[1] if f]
+            if not idle:
+                continue
+            ids: list[StreamIdT] = [str(row["message_id"]) for row in idle]
+            # As our clients decode it: (entry id, fields, or None for one deleted since)
+            claimed = cast(
+                list[tuple[str, dict[str, str] | None]],
+                await self.redis.xclaim(stream, keys.QUEUE_GROUP, consumer, min_idle_ms, ids),
+            )
+            for entry_id, fields in claimed:
+                if fields:
+                    found.append((f"{shard}/{entry_id}", fields["job"]))
+                else:  # deleted under us: nothing to run
+                    await self.redis.xack(stream, keys.QUEUE_GROUP, entry_id)
         return found

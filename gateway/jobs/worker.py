@@ -125,6 +125,10 @@ class Worker:
                 try:
                     entries = await self.queue.read(self.consumer, free, block_ms=1000)
                 except Exception as exc:  # Redis away: keep the loop alive, try again
+                    with contextlib.suppress(Exception):
+                        if await self.queue.regroup(exc):  # Redis came back empty
+                            log.warning("queue group made again", error=str(exc))
+                            continue
                     log.warning("queue read failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
@@ -171,6 +175,8 @@ class Worker:
                     self.last_sweep = self.clock()
                     self.sweeping = asyncio.create_task(self._sweep_logged())
             except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await self.queue.regroup(exc)  # Redis came back empty: the next beat runs
                 log.warning("heartbeat failed", error=str(exc))
 
     async def _sweep_logged(self) -> None:

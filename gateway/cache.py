@@ -125,6 +125,12 @@ class Cache:
                 )
                 if record.get("status") in ("queued", "processing"):
                     continue
+                if record.get("status") == "completed":  # its worker died before settling
+                    done = Job.from_record(record)
+                    changed += await self.settle(
+                        done, done.urls, done.width or 0, done.height or 0, done.metadata
+                    )
+                    continue
                 # In the place of the leader read: if a release (or another process's
                 # rescue) promoted a waiter meanwhile, promote.lua answers 'moved'.
                 changed += await self._promote_next(
@@ -170,7 +176,7 @@ class Cache:
                 ledger_keep_ms=self.settings.ledger_keep_ms,
                 client=self.redis,
             )
-            if reply.verdict == "moved":
+            if reply.verdict in ("moved", "completed"):
                 return changed
             await self.redis.lrem(waiting, 1, follower)
             if reply.verdict != "skip":

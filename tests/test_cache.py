@@ -409,3 +409,53 @@ async def test_a_release_racing_another_promotes_nothing_more(
         assert len(waiting) == 1  # the other still waits, now for the promoted one
         inflight = await service.redis.get(keys.inflight(shard, job.cache_key))
         assert inflight == first[0]
+
+
+async def test_waiters_of_a_leader_that_ran_out_of_time_end_too(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A leader failing at its deadline still finds its waiters (their list and its key
+    live as long as job records, not just the deadline): each runs in turn and ends,
+    none is left queued forever."""
+    emu = KreaEmulator(steps_to_complete=10**9)  # never finishes
+    settings = {**krea_settings("http://x"), "job_deadline_seconds": 2}
+    async with serve(emu.app) as krea:
+        settings["krea_api_base"] = krea
+        async with gateway(redis_url, storage_dir, **settings) as gw:
+            key, other = await gw.key(credits=100), await gw.key(credits=100)
+            leader = await gen(gw, key, seed=70, width=512, height=512)
+            waiter = await gen(gw, other, seed=70, width=512, height=512)
+            assert waiter["creditCost"] == 0
+            ended = [
+                await gw.wait(k, j["id"], timeout=30) for k, j in ((key, leader), (other, waiter))
+            ]
+            assert [e["status"] for e in ended] == ["failed", "failed"]
+            assert await balance(gw, key) == await balance(gw, other) == 100  # refunded
+
+
+async def test_a_leader_that_completed_unsettled_hands_its_waiters_its_images(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The leader completed but its worker died before settling (or a cancel lost the
+    race to its completion and released it): its waiters get its images, free, and are
+    neither charged nor run again."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        service = gw.app.state.gateway
+        key, other = await gw.key(credits=100), await gw.key(credits=100)
+        leader = await gen(gw, key, provider="local", seed=80, width=512, height=512)
+        waiter = await gen(gw, other, provider="local", seed=80, width=512, height=512)
+        job = await service.store.get(gw.keys[key]["id"], leader["id"])
+        assert job is not None
+        url = f"{gw.base}/outputs/made.png"
+        ended = await service.store.finish(
+            job, "completed", service.now_ms(), refund=False, urls=[url], width=512, height=512
+        )
+        assert ended  # ... and the worker dies here, before settle
+        assert await service.cache.release(job, service.now_ms()) == []  # a late cancel's
+        await service.cache.rescue(service.now_ms())  # any worker's next heartbeat
+        done = await gw.job(other, waiter["id"])
+        assert done is not None
+        assert (done["status"], done["url"], done["creditCost"]) == ("completed", url, 0)
+        assert await balance(gw, other) == 100
+        queued = await service.redis.xrange(keys.queue(keys.shard_of(gw.keys[other]["id"])))
+        assert keys.job(gw.keys[other]["id"], waiter["id"]) not in [e["job"] for _, e in queued]

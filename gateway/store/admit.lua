@@ -228,13 +228,16 @@ if mode == 'hit' then
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif mode == 'follow' then
+  -- The waiters and the leader's key live as long as job records do, not just a job's
+  -- deadline: a leader that ends at its deadline (or is started after it, its workers
+  -- down meanwhile) must still find its waiters to release (cache.py).
   redis.call('RPUSH', KEYS[12], KEYS[6])
-  redis.call('PEXPIRE', KEYS[12], lease)
+  redis.call('PEXPIRE', KEYS[12], retention)
   redis.call('SADD', KEYS[13], KEYS[11])  -- watched, should its leader's worker die
   redis.call('HINCRBY', KEYS[1], 'cache_coalesced', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 elseif cacheable then
-  redis.call('SET', KEYS[11], KEYS[6], 'PX', lease)
+  redis.call('SET', KEYS[11], KEYS[6], 'PX', retention)
   redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
 end
 redis.call('ZADD', KEYS[7], now, job_id)

@@ -3,13 +3,16 @@
 -- Called through `Promote` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 follower job, 2 its account, 3 its ledger, 4 queue, 5 in-flight leader,
 --       6 webhook schedule, 7 the client token the follower was made with (its `token`;
---       unused without), 8 its account's running jobs (the concurrency slots)
+--       unused without), 8 its account's running jobs (the concurrency slots), 9 the
+--       leader released (ARGV 6; any key of the slot when none)
 -- ARGV: 1 now_ms, 2 lease_ms, 3 job_id, 4 retention_ms, 5 ledger_keep_ms (older ledger
 --       entries are trimmed; 0 = keep all), 6 the leader released (its job key; '' when
 --       none is in flight any more)
 -- Returns 'promoted', 'poor' (failed: its account, or its client token's budget, cannot
--- pay), 'skip' (it had ended) or 'moved' (another release of the same leader promoted a
--- waiter already: KEYS 5 names another job; nothing to do).
+-- pay), 'skip' (it had ended), 'moved' (another release of the same leader promoted a
+-- waiter already: KEYS 5 names another job; nothing to do) or 'completed' (the leader
+-- completed after all, a cancel having lost the race, or its worker dying before
+-- settle.lua ran: its outcome is the waiters', not a run of their own).
 -- A job made with a client token is paid from the token's budget as at admission
 -- (`spent` grows; finish.lua gives it back on a refund). A promoted job holds one of its
 -- account's concurrency slots as an admitted one does (never refused for it: it was
@@ -19,6 +22,10 @@
 -- include: ledger.lua
 if again then return job['status'] == 'failed' and 'poor' or 'promoted' end
 if (redis.call('GET', KEYS[5]) or '') ~= ARGV[6] then return 'moved' end
+if ARGV[6] ~= '' then
+  local leader = load_job(KEYS[9])
+  if leader and leader['status'] == 'completed' then return 'completed' end
+end
 if not job or job['status'] ~= 'queued' then return 'skip' end
 mark()
 local price = tonumber(job['price'] or '0')
@@ -56,5 +63,5 @@ save_job(KEYS[1], job)
 redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)
 redis.call('ZADD', KEYS[8], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
 redis.call('XADD', KEYS[4], '*', 'job', KEYS[1])
-redis.call('SET', KEYS[5], KEYS[1], 'PX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[5], KEYS[1], 'PX', tonumber(ARGV[4]))  -- as long as records live
 return 'promoted'

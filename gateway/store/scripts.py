@@ -560,7 +560,8 @@ class Entry(Script):
 
 class PromoteReply(NamedTuple):
     # promoted | poor (failed: its account or token cannot pay) | skip (it had ended) |
-    # moved (another release of the same leader promoted a waiter already)
+    # moved (another release of the same leader promoted a waiter already) | completed
+    # (the leader completed after all: settle.lua completes the waiters)
     verdict: str
 
 
@@ -605,7 +606,8 @@ class Promote(Script):
             ledger_keep_ms,
             leader,
         ]
-        return self.decode(await self.run(8, argv, client))
+        argv.insert(8, leader or inflight)  # KEYS 9: the leader's record, to read its status
+        return self.decode(await self.run(9, argv, client))
 
     @staticmethod
     def decode(reply: Any) -> PromoteReply:

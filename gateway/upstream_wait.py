@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 #: FALLBACK_LONGEST, so a long job that waits for its callback is hardly ever woken
 CALLBACK_FALLBACK = 30.0
 FALLBACK_LONGEST = 300.0
-#: failed polls in a row that end the wait (fewer are passing trouble, polled again)
+#: polls in a row answered "no such job" (404) that end the wait, so that the job fails
+#: over: the upstream lost it (fewer may be its own lag right after the submit). Any other
+#: failed poll (5xx, a timeout, our credentials) is polled again until the deadline: the
+#: upstream may well have the job still, and a submit elsewhere would pay twice.
 POLL_ERRORS_IN_A_ROW = 5
 #: after this many seconds the poll interval grows by half each poll, up to SLOWEST_POLL
 SLOW_DOWN_AFTER = 30.0
@@ -120,8 +123,8 @@ class UpstreamWait:
         woken by the callback, the sweep (its fallback poll or its deadline) or a `nudge`
         (the worker's, when the job is cancelled). A polled job sleeps the provider's
         interval between polls the same way. Raises `JobCancelled`, `ProviderTimeout` at
-        the deadline, or the `ProviderError` of the last of `POLL_ERRORS_IN_A_ROW`
-        failed polls.
+        the deadline, or the `ProviderError` of the last of `POLL_ERRORS_IN_A_ROW` polls
+        in a row that found no such job.
         """
         inbox, clock = self.inbox, self.clock
         tokens = tuple(job.provider.callbacks(job.upstream_id)) if inbox is not None else ()
@@ -154,10 +157,11 @@ class UpstreamWait:
                     try:
                         polled = await self._poll(job)
                         errors_in_a_row = 0
-                    except ProviderError:
-                        # The upstream has our job: a passing poll failure is no reason
-                        # to pay twice.
-                        errors_in_a_row += 1
+                    except ProviderError as exc:
+                        # The upstream has our job: a failing poll is no reason to pay
+                        # twice, unless it says, again and again, that it has no such job.
+                        gone = getattr(exc.answer, "status_code", None) == 404
+                        errors_in_a_row = errors_in_a_row + 1 if gone else 0
                         if errors_in_a_row >= POLL_ERRORS_IN_A_ROW:
                             raise
                         polled = Polled(state="pending")

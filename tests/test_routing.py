@@ -692,3 +692,26 @@ async def test_a_forged_krea_callback_completes_nothing(
         done = await gw.wait(key, job_id)
         assert done["status"] == "completed", done["error"]
         assert await image_size(gw, done["url"]) == (1024, 1024)  # Krea's, not theirs
+
+
+async def test_a_status_endpoint_in_trouble_is_polled_again_not_paid_twice(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Krea has our job and its status polls fail for a while (5xx): the job is polled
+    again until Krea answers, never submitted to the next backend meanwhile (which
+    would pay twice); it completes on Krea."""
+    up.krea.hold_at = "processing"
+    routes = {"flux-dev": ["krea", "segmind"]}
+    async with gateway(redis_url, storage_dir, routes=routes, **up.settings) as gw:
+        key = await gw.key()
+        job_id = await submit(gw, key, provider="flux-dev", width=512, height=512)
+        await until(lambda: up.krea.jobs, what="the job on Krea")
+        failures = 24  # a dozen polls or more, each retried once or twice
+        up.krea.fail_next(failures, 503)
+        await until(lambda: not up.krea._fail, what="every failing poll", timeout=60)
+        up.krea.hold_at = None
+        up.krea.steps_to_complete = 1
+        done = await gw.wait(key, job_id, timeout=30)
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "krea"
+        assert (up.krea.submissions, up.segmind.submissions) == (1, 0)

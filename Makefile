@@ -42,12 +42,17 @@ chromium:
 ## The JavaScript clients of tests/test_js_clients.py (Apollo Client, graphql-ws) and
 ## tests/test_js_openai.py (OpenAI's `openai` SDK), as
 ## tests/js/package-lock.json pins them: `npm ci` when node_modules is missing or older
-## than the lock file. Needs Node 20 and npm.
+## than the lock file. Node 20 is what they are run with; without npm, Debian's nodejs
+## and npm are installed.
 js-clients: $(JS)/node_modules/.package-lock.json
 
 $(JS)/node_modules/.package-lock.json: $(JS)/package-lock.json $(JS)/package.json
 	@command -v npm >/dev/null 2>&1 || { \
-	  echo "npm not found: install Node.js 20 with npm (https://nodejs.org)" >&2; exit 1; }
+	  echo "installing nodejs and npm from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	@node --version
 	cd $(JS) && npm ci --no-audit --no-fund
 	touch $@
 

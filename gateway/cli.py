@@ -43,7 +43,25 @@ T = TypeVar("T")
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # The libraries' own lines (uvicorn's, Strawberry's: an unexpected error with its
+    # traceback) as JSON lines too, with the request's id when one is bound, on stderr.
+    stdlib = logging.StreamHandler(sys.stderr)
+    stdlib.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso"),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[stdlib], force=True)
     # httpx logs every request it sends at INFO (a webhook's, in plain text): the gateway's
     # own JSON lines already say what each attempt did (docs/api.md#logs-and-traces).
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -173,6 +191,7 @@ def serve(
         # GATEWAY_PUBLIC_URL): uvicorn's X-Forwarded-* rewriting, on by default, would
         # only cost every request (~2% of a REST generation's CPU).
         log_level="warning",
+        log_config=None,  # its lines through the JSON handler `_configure_logging` set up
         access_log=False,
         proxy_headers=False,
         server_header=False,

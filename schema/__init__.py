@@ -51,7 +51,9 @@ def should_mask(error: GraphQLError) -> bool:
     original = error.original_error
     if original is None or not error.path:
         return False
-    return not isinstance(original, GatewayError)
+    # graphql-core's own, raised while resolving: an argument the request's variables
+    # made invalid (null for a non-null argument with a default), the request's fault.
+    return not isinstance(original, GatewayError | GraphQLError)
 
 
 class MaskUnexpected(MaskErrors):

@@ -21,6 +21,7 @@ import strawberry
 from pydantic.fields import FieldInfo
 
 from gateway.params import FLAT_NAMES, OPTION_FIELDS, GenerationRequest
+from gateway.tokens import TTL_DEFAULT
 
 T = TypeVar("T")
 
@@ -111,7 +112,9 @@ def as_dict(value: Any) -> dict[str, Any]:
 @strawberry.input(description="A client token's rules (docs/api.md#client-tokens).")
 class ClientTokenInput:
     max_credits: int = strawberry.field(description="credits it may spend in all")
-    ttl_seconds: int = strawberry.field(default=900, description="its life: at most 86400")
+    ttl_seconds: int | None = strawberry.field(
+        default=TTL_DEFAULT, description="its life: at most 86400 (null: the default)"
+    )
     origins: list[str] | None = strawberry.field(
         default=None, description="pages it may be used from (Origin); null: any"
     )

@@ -29,6 +29,10 @@ Info = strawberry.Info[Context, None]
 STATUSES = {"queued", "processing", *TERMINAL}
 
 
+#: `jobs`' page when `first` is left out or null
+PAGE = 20
+
+
 async def resolve_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
     """`Query.job`, the poll: `args` as graphql-core coerced them (`schema.prepared`)."""
     job = await ctx.job(str(args["id"]))
@@ -49,10 +53,11 @@ class Query:
     async def jobs(
         self,
         info: Info,
-        first: int = 20,
+        first: int | None = PAGE,
         after: str | None = None,
         status: str | None = None,
     ) -> GenerationPage:
+        first = PAGE if first is None else first  # null, as the contract's `Int` allows
         if not 1 <= first <= 100:
             raise BadUserInput("first must be between 1 and 100", field="first")
         if status is not None and status not in STATUSES:

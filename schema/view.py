@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 import orjson
 import structlog
 from cross_web import AsyncHTTPRequestAdapter, HTTPException, StarletteRequestAdapter
-from graphql import GraphQLFormattedError
+from graphql import GraphQLError, GraphQLFormattedError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -391,9 +391,11 @@ class GraphQLView(GraphQL[Context, None]):
                 formatted = error.formatted
                 ext = dict(formatted.get("extensions") or {})
                 if "code" not in ext:
-                    # Uncoded: the request's own (parse, validation, variables), unless it
-                    # arose while resolving (masked ones already say INTERNAL_SERVER_ERROR).
-                    ext["code"] = "INTERNAL_SERVER_ERROR" if error.path else "BAD_USER_INPUT"
+                    # Uncoded: the request's own (parse, validation, variables, an argument
+                    # its variables made invalid), unless it arose while resolving (masked
+                    # ones already say INTERNAL_SERVER_ERROR).
+                    own = not error.path or isinstance(error.original_error, GraphQLError)
+                    ext["code"] = "BAD_USER_INPUT" if own else "INTERNAL_SERVER_ERROR"
                 formatted["extensions"] = ext
                 errors.append(formatted)
             body["errors"] = errors  # type: ignore[typeddict-item]

@@ -483,3 +483,25 @@ async def test_a_poll_beside_a_failing_field_answers_the_others(
             body = r.json()
             assert body["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT", body
             assert "INTERNAL_SERVER_ERROR" not in r.text
+
+
+async def test_null_for_an_argument_is_its_default_or_a_bad_request_never_a_500(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Variables set to null: `jobs(first:)` and `ttlSeconds` (nullable, as the contract
+    writes them) take their defaults; a non-null argument given null (`type`) is 400
+    BAD_USER_INPUT naming it, not an unexpected error."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        r = await gw.gql("query($f: Int) { jobs(first: $f) { nodes { id } } }", {"f": None}, key)
+        assert r.status_code == 200 and r.json()["data"]["jobs"]["nodes"] == [], r.text
+        mint = """mutation($t: Int) { createClientToken(input: {maxCredits: 5, ttlSeconds: $t})
+          { expiresAt } }"""
+        r = await gw.gql(mint, {"t": None}, key)
+        assert r.status_code == 200 and r.json()["data"]["createClientToken"]["expiresAt"]
+        typed = """query($t: GenerateType) {
+          estimate(input: {type: $t, provider: "local", input: {text: "x"}}) { credits } }"""
+        r = await gw.gql(typed, {"t": None}, key)
+        assert r.status_code == 400, r.text
+        [error] = r.json()["errors"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT" and "type" in error["message"]

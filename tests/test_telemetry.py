@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -297,3 +299,28 @@ def test_configure_from_env_reads_the_standard_variables() -> None:
     finally:
         telemetry.disable()
     assert not telemetry.ENABLED
+
+
+def test_the_libraries_own_log_lines_are_json_with_the_request_id() -> None:
+    """What uvicorn or Strawberry log through the standard library (an unexpected error
+    and its traceback, say) comes out as one JSON line like the gateway's own, carrying
+    the request's id when one is bound."""
+    script = """
+import logging
+import structlog
+from gateway.cli import _configure_logging
+_configure_logging()
+structlog.contextvars.bind_contextvars(request_id="r-123")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("strawberry.execution").exception("an error in a resolver")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    [line] = done.stderr.strip().splitlines()
+    logged = json.loads(line)
+    assert logged["event"] == "an error in a resolver" and logged["request_id"] == "r-123"
+    assert logged["level"] == "error" and logged["logger"] == "strawberry.execution"
+    assert "ZeroDivisionError" in logged["exception"]

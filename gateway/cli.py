@@ -23,7 +23,7 @@ import structlog
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from gateway.accounts import Accounts
 from gateway.config import Settings, load_settings
@@ -264,7 +264,12 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps([i.as_dict() for i in infos]))
         return
-    table = Table("id", "name", "plan", "credits", "rpm", "concurrency", "daily", "revoked")
+    # The id whole, however narrow the terminal: `keys revoke ID` and the others take it.
+    widest = max((len(i.id) for i in infos), default=2)
+    table = Table(
+        Column("id", no_wrap=True, min_width=widest),
+        *("name", "plan", "credits", "rpm", "concurrency", "daily", "revoked"),
+    )
     for i in infos:
         table.add_row(
             i.id,

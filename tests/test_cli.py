@@ -38,6 +38,9 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
     listed = json.loads(run("keys", "list", "--json", env=env).stdout)
     assert [k["id"] for k in listed] == [key["id"]]
     assert key["key"] not in json.dumps(listed)  # the key itself is never shown again
+    for columns in ("80", "50"):  # the table shows the id whole, to paste into `revoke`
+        table = run("keys", "list", env={**env, "COLUMNS": columns}).stdout
+        assert key["id"] in table, table
 
     added = run("credits", "add", key["id"], "25", env=env)
     assert "75" in added.stdout

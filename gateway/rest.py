@@ -23,7 +23,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.jobs.model import iso
-from gateway.params import GenerationRequest, from_image_input
+from gateway.params import GenerationRequest, from_image_input, idempotency_key
 from gateway.service import Gateway, store_errors
 from gateway.tokens import spec
 
@@ -105,7 +105,13 @@ async def text_to_image(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
 
     async def parse() -> GenerationRequest:
-        return from_image_input(await read_json(request))
+        wanted = from_image_input(await read_json(request))
+        # The Idempotency-Key header, as OpenAI's and the providers' routes take it, when
+        # the body names no `idempotencyKey`.
+        header = idempotency_key(request.headers.get("idempotency-key"))
+        if header and not wanted.idempotency_key:
+            wanted = wanted.model_copy(update={"idempotency_key": header})
+        return wanted
 
     wait = prefer_wait(request.headers.get("prefer"))
     try:

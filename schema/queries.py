@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import strawberry
 
 from gateway.errors import BadUserInput
-from gateway.jobs.model import TERMINAL
+from gateway.jobs.model import JOB_ID, TERMINAL
 from gateway.params import from_generate_input
 from schema.context import Context
 from schema.inputs import GenerateInput
@@ -60,6 +60,8 @@ class Query:
         first = PAGE if first is None else first  # null, as the contract's `Int` allows
         if not 1 <= first <= 100:
             raise BadUserInput("first must be between 1 and 100", field="first")
+        if after is not None and not JOB_ID.fullmatch(after):
+            raise BadUserInput("after must be a pageInfo.endCursor (a job id)", field="after")
         if status is not None and status not in STATUSES:
             raise BadUserInput(f"status must be one of {sorted(STATUSES)}", field="status")
         ctx = info.context

@@ -147,6 +147,22 @@ async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> 
         assert await gw.job(other, job["id"]) is None
         assert await gw.job(key, "nope") is None
 
+        # The Idempotency-Key header works here as on OpenAI's and the providers' routes:
+        # the same request again is the same job, charged once.
+        body = {"service": "local", "prompt": "a gull", "width": 512, "height": 512}
+        again = [
+            await gw.http.post(
+                "/v1/text_to_image", headers={"X-API-Key": key, "Idempotency-Key": "k1"}, json=body
+            )
+            for _ in range(2)
+        ]
+        assert again[0].json()["id"] == again[1].json()["id"]
+        assert again[1].json()["creditCost"] == 10
+
+        # A cursor that is no job id is a bad request, not an empty page.
+        r = await gw.gql('{ jobs(after: "zzz") { nodes { id } } }', key=key)
+        assert r.json()["errors"][0]["extensions"]["field"] == "after"
+
 
 @pytest.mark.parametrize(
     "headers",

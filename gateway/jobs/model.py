@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ import orjson
 
 from gateway.params import ImageParams
 
+#: a job id as admission makes it: 12 random bytes, in hex (`Gateway._generate`)
+JOB_ID = re.compile(r"[0-9a-f]{24}")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 

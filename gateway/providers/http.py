@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 
 from gateway import metrics, telemetry
 from gateway.errors import (
@@ -33,6 +34,8 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import Output
+
+log = structlog.get_logger("gateway.upstream")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -211,7 +214,10 @@ async def request(
             if tally:
                 tally.connection_error.inc()
             if last:
-                raise ProviderUnavailable(f"{upstream} unreachable: {exc}") from exc
+                # Named, not described: the job's `error` reaches its owner, and the
+                # upstream's address is the operator's (the log has it).
+                log.info("upstream unreachable", upstream=upstream, error=str(exc))
+                raise ProviderUnavailable(f"{upstream} unreachable") from exc
             await asyncio.sleep(backoff(attempt))
             continue
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
@@ -225,7 +231,10 @@ async def request(
             if tally:
                 tally.connection_error.inc()
             if last or not idempotent:
-                raise ProviderUnavailable(f"{upstream} connection failed: {exc}") from exc
+                log.info("upstream connection failed", upstream=upstream, error=str(exc))
+                raise ProviderUnavailable(
+                    f"{upstream} connection failed ({type(exc).__name__})"
+                ) from exc
             await asyncio.sleep(backoff(attempt))
             continue
         if tally:

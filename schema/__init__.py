@@ -15,6 +15,7 @@ import strawberry
 from graphql import (
     ASTValidationRule,
     DocumentNode,
+    FieldNode,
     GraphQLError,
     GraphQLSchema,
     get_operation_ast,
@@ -51,9 +52,17 @@ def should_mask(error: GraphQLError) -> bool:
     original = error.original_error
     if original is None or not error.path:
         return False
-    # graphql-core's own, raised while resolving: an argument the request's variables
-    # made invalid (null for a non-null argument with a default), the request's fault.
-    return not isinstance(original, GatewayError | GraphQLError)
+    return not isinstance(original, GatewayError) and not argument_error(error)
+
+
+def argument_error(error: GraphQLError) -> bool:
+    """graphql-core's, raised while resolving, about an argument the request's variables
+    made invalid (null for a non-null argument that has a default): the request's fault.
+    It points at the argument or the variable; an error of the result (a resolver's
+    value that does not fit its type) points at the field."""
+    original = error.original_error
+    nodes = (original.nodes if isinstance(original, GraphQLError) else None) or []
+    return bool(nodes) and not isinstance(nodes[0], FieldNode)
 
 
 class MaskUnexpected(MaskErrors):

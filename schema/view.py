@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 import orjson
 import structlog
 from cross_web import AsyncHTTPRequestAdapter, HTTPException, StarletteRequestAdapter
-from graphql import GraphQLError, GraphQLFormattedError
+from graphql import GraphQLFormattedError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,7 +42,7 @@ from gateway import pages
 from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
-from schema import persisted
+from schema import argument_error, persisted
 from schema.context import OPERATION, Context, Lookup
 from schema.prepared import Prepared
 
@@ -394,7 +394,7 @@ class GraphQLView(GraphQL[Context, None]):
                     # Uncoded: the request's own (parse, validation, variables, an argument
                     # its variables made invalid), unless it arose while resolving (masked
                     # ones already say INTERNAL_SERVER_ERROR).
-                    own = not error.path or isinstance(error.original_error, GraphQLError)
+                    own = not error.path or argument_error(error)
                     ext["code"] = "BAD_USER_INPUT" if own else "INTERNAL_SERVER_ERROR"
                 formatted["extensions"] = ext
                 errors.append(formatted)

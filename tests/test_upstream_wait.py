@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -34,7 +35,8 @@ class Upstream:
     name = "fake"
     poll_interval = 0.05
 
-    def __init__(self, *, calls_back: bool = True, failing: bool = False) -> None:
+    def __init__(self, *, calls_back: bool = True, failing: int | None = None) -> None:
+        """`failing`: each poll fails, answered with this status."""
         self.calls_back = calls_back
         self.failing = failing
         self.tokens: dict[str, str] = {}
@@ -61,7 +63,9 @@ class Upstream:
         self.polls[upstream_id] += 1
         self.polled_at.setdefault(upstream_id, []).append(time.monotonic())
         if self.failing:
-            raise ProviderUnavailable("fake upstream down")
+            error = ProviderUnavailable(f"fake upstream answered {self.failing}")
+            error.answer = httpx.Response(self.failing)  # what `providers.http` attaches
+            raise error
         if upstream_id in self.finished:
             return Polled(state="completed", outputs=[Output(url="http://fake/x.png")])
         return Polled(state="pending", upstream_status="processing")
@@ -255,14 +259,27 @@ async def test_a_polled_job_sleeps_in_the_sweep_between_polls(inbox: RedisInbox)
     assert (await asyncio.wait_for(task, 5)).state == "completed"
 
 
-async def test_failed_polls_in_a_row_end_the_wait(inbox: RedisInbox) -> None:
-    upstream = Upstream(calls_back=False, failing=True)
+async def test_an_upstream_that_lost_the_job_ends_the_wait_and_one_in_trouble_does_not(
+    inbox: RedisInbox,
+) -> None:
+    """Five polls in a row answered 404 (the upstream has no such job) end the wait, so
+    the job fails over; polls failing otherwise (503) go on: the upstream may have it."""
+    upstream = Upstream(calls_back=False, failing=404)
     wait = waiting(upstream, inbox, poll_interval=0.01)
     jobs = Jobs(wait, upstream)
     upstream_id, task = await jobs.start(inbox)
     with pytest.raises(ProviderUnavailable):
         await asyncio.wait_for(task, 5)
     assert upstream.polls[upstream_id] == 5
+
+    upstream.failing = 503
+    upstream_id, task = await jobs.start(inbox)
+    await until(lambda: upstream.polls[upstream_id] >= 20, "twenty failed polls")
+    assert not task.done()
+    upstream.failing = None
+    upstream.finished.add(upstream_id)
+    polled = await asyncio.wait_for(task, 5)
+    assert polled.state == "completed"
 
 
 async def test_thousands_of_waiting_jobs_hold_no_timer_or_task_of_their_own(

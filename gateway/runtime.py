@@ -140,7 +140,9 @@ async def runtime(
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown_seconds,
         )
-        queue = Queue(redis, blocking=settings.redis_url is not None, shards=settings.redis_shards)
+        queue = Queue(
+            redis, scripts, blocking=settings.redis_url is not None, shards=settings.redis_shards
+        )
         await queue.ensure_group()
         artifacts: ArtifactStore
         if settings.storage_url:

@@ -371,11 +371,11 @@ async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
     ones: behind eleven that a live worker keeps renewing, a worker with one free slot
     takes the dead one's job (XAUTOCLAIM looks at ten entries per one it may take)."""
     from gateway.jobs.queue import Queue
-    from gateway.store.redis import connect
+    from gateway.store.redis import Scripts, connect
 
     redis = await connect(redis_url)
     try:
-        queue = Queue(redis, blocking=True)
+        queue = Queue(redis, Scripts.register(redis), blocking=True)
         await queue.ensure_group()
         stream = keys.queue(0)
         for n in range(12):
@@ -392,5 +392,40 @@ async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
         await queue.touch("live", [handle for handle, _ in live])  # the live one renews
         taken = await queue.reclaim("rescuer", min_idle_ms=200, count=1)
         assert taken == [(dead_entry, "job-11")]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
+    redis_url: str,
+) -> None:
+    """A worker that could not renew its entries for longer than a lease finds, when it
+    can again, which ones another worker took over meanwhile: it renews only its own,
+    never claiming those back (both would run them, and submit twice upstream)."""
+    from gateway.jobs.queue import Queue
+    from gateway.store.redis import Scripts, connect
+
+    redis = await connect(redis_url)
+    try:
+        queue = Queue(redis, Scripts.register(redis), blocking=True)
+        await queue.ensure_group()
+        for n in range(3):
+            await redis.xadd(keys.queue(0), {"job": f"job-{n}"})
+        held = await queue.read("cut-off", 3, block_ms=10)
+        handles = [handle for handle, _ in held]
+
+        async def all_idle() -> bool:
+            rows = await redis.xpending_range(keys.queue(0), keys.QUEUE_GROUP, "-", "+", 10)
+            return all(row["time_since_delivered"] >= 200 for row in rows)
+
+        await until(all_idle)
+        await queue.touch("cut-off", handles[:1])  # it reaches Redis for one entry only
+        taken = await queue.reclaim("other", min_idle_ms=200, count=10)
+        assert sorted(h for h, _ in taken) == sorted(handles[1:])
+
+        assert sorted(await queue.touch("cut-off", handles)) == sorted(handles[1:])
+        rows = await redis.xpending_range(keys.queue(0), keys.QUEUE_GROUP, "-", "+", 10)
+        owners = {row["message_id"]: row["consumer"] for row in rows}
+        assert [owners[h.partition("/")[2]] for h in handles] == ["cut-off", "other", "other"]
     finally:
         await redis.aclose()

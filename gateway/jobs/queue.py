@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 from redis.typing import StreamIdT, XReadGroupResponse
 
 from gateway.store import keys
+from gateway.store.scripts import Scripts
 
 
 def by_stream(reply: XReadGroupResponse | None) -> list[list[Any]]:
@@ -39,9 +40,16 @@ class Queue:
     until this process enqueues something."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, blocking: bool, shards: int = 1, idle_ms: int = 100
+        self,
+        redis: aioredis.Redis,
+        scripts: Scripts,
+        *,
+        blocking: bool,
+        shards: int = 1,
+        idle_ms: int = 100,
     ) -> None:
         self.redis = redis
+        self.scripts = scripts
         self.blocking = blocking  # the embedded store cannot block: poll + local wake-up
         self.streams = [keys.queue(n) for n in range(shards)]
         self.idle_ms = idle_ms
@@ -129,14 +137,25 @@ class Queue:
             pipe.xdel(stream, entry_id)
             await pipe.execute()
 
-    async def touch(self, consumer: str, handles: list[str]) -> None:
-        """Reset the idle time of entries this worker is still running."""
-        per_stream: dict[str, list[StreamIdT]] = {}
+    async def touch(self, consumer: str, handles: list[str]) -> list[str]:
+        """Reset the idle time of entries this worker is still running; the handles of
+        those another worker has taken over meanwhile (this one went silent for longer
+        than a lease), which it must stop running (`store/renew.lua`)."""
+        per_stream: dict[int, list[str]] = {}
         for handle in handles:
-            stream, entry_id = self._split(handle)
-            per_stream.setdefault(stream, []).append(entry_id)
-        for stream, entry_ids in per_stream.items():
-            await self.redis.xclaim(stream, keys.QUEUE_GROUP, consumer, 0, entry_ids, justid=True)
+            number, _, entry_id = handle.partition("/")
+            per_stream.setdefault(int(number), []).append(entry_id)
+        lost: list[str] = []
+        for shard, entry_ids in per_stream.items():
+            gone = await self.scripts.renew(
+                stream=self.streams[shard],
+                group=keys.QUEUE_GROUP,
+                consumer=consumer,
+                entry_ids=entry_ids,
+                client=self.redis,
+            )
+            lost += [f"{shard}/{entry_id}" for entry_id in gone]
+        return lost
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:
         """Entries whose worker went silent, as (handle, job key). How often a job was

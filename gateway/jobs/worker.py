@@ -188,7 +188,14 @@ class Worker:
     async def beat(self) -> None:
         """Renew what this worker runs; take over what silent workers left behind."""
         running = list(self.running.values())
-        await self.queue.touch(self.consumer, [r.entry_id for r in running])
+        for lost in await self.queue.touch(self.consumer, [r.entry_id for r in running]):
+            # Another worker took the job over while this one could not renew it: it runs
+            # it now (resuming its upstream job); stopped here, it is not run twice.
+            taken = self.running.get(lost)
+            if taken is not None and taken.task is not None:
+                log.warning("job taken over by another worker", entry=lost, job=taken.job_key)
+                taken.task.cancel()
+        running = [r for r in running if not (r.task and r.task.cancelling())]
         await self.store.renew_leases(
             [r.job for r in running if r.job is not None], self.now_ms() + self.lease_ms
         )

@@ -614,6 +614,27 @@ class Promote(Script):
         return PromoteReply(verdict=str(reply))
 
 
+# -- renew.lua -----------------------------------------------------------------------
+
+
+class Renew(Script):
+    """renew.lua: renew the queue entries this worker holds; those it no longer does."""
+
+    name = "renew"
+
+    async def __call__(
+        self,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        entry_ids: list[str],
+        client: aioredis.Redis | None = None,
+    ) -> list[str]:
+        lost = await self.run(1, [stream, group, consumer, *entry_ids], client)
+        return [str(entry_id) for entry_id in lost]
+
+
 # -- vacate.lua ----------------------------------------------------------------------
 
 
@@ -767,6 +788,7 @@ BY_NAME: dict[str, type[Script]] = {
         Settle,
         Entry,
         Promote,
+        Renew,
         Vacate,
         Read,
         Patch,
@@ -792,6 +814,7 @@ class Scripts:
         self.settle = Settle(client)
         self.entry = Entry(client)
         self.promote = Promote(client)
+        self.renew = Renew(client)
         self.vacate = Vacate(client)
         self.read = Read(client)
         self.patch = Patch(client)

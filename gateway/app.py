@@ -101,6 +101,36 @@ class _TooLarge(Exception):
     pass
 
 
+class Crashes:
+    """A bug answered here, inside CORS, as a 500 in the path's API shape (nothing of it
+    said), logged with its traceback and the request's id: so the answer goes out
+    through CORS (a page can read it and its X-Request-Id) and the request line counts
+    it. Starlette's own 500 is written outside every middleware, CORS's included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # the answer is under way: nothing left to say it with
+                raise
+            log.exception("unexpected error")
+            error = error_response(scope["path"], InternalError("internal server error"))
+            await error(scope, receive, send)
+
+
 #: the error shape of each API whose paths start so (the first that matches); REST's else
 SHAPES: tuple[tuple[str, Callable[[GatewayError], Response]], ...] = (
     *((prefix, openai_api.error_response) for prefix in openai_api.PREFIXES),
@@ -213,6 +243,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
     # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.
     app.router.redirect_slashes = False
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, unread=openai_api.UNSUPPORTED)
+    app.add_middleware(Crashes)  # inside CORS: a bug's 500 gets its headers
     app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
     # Outermost: every answer, a refusal of any middleware above, carries the id, and is
     # counted and logged.

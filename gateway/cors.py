@@ -21,13 +21,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.errors import Forbidden, GatewayError
 
 PATHS = ("/graphql", "/v1/", "/compat/", "/outputs/")
-ALLOW_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "Idempotency-Key")
+# Any header a page's client sends (`Prefer: wait`, Apollo Client's
+# `apollographql-client-*`, an SDK's own): no credentials mode (no cookies), so allowing
+# them opens nothing; the origin and the key or token are what is checked.
+ALLOW_HEADERS = ("*",)
 EXPOSE_HEADERS = (
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
     "Retry-After",
     "X-Request-Id",
+    "X-Gateway-Job-Id",
+    "Preference-Applied",
 )
 MAX_AGE = 3600  # seconds a browser may keep a preflight's answer (Chromium keeps <= 2 h)
 

@@ -283,7 +283,9 @@ async def models(request: Request) -> Response:
     """`GET /v1/models`: the services and backends, as OpenAI lists models."""
     gateway: Gateway = request.app.state.gateway
     try:
-        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+        principal = await gateway.authenticate(
+            api_key_from(request.headers), read=True, origin=request.headers.get("origin")
+        )
     except GatewayError as exc:
         return error_response(exc)
     data = [_model(name, gateway.router.routes) for name in known_models(gateway)]
@@ -295,7 +297,9 @@ async def model(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     name = request.path_params["model"]
     try:
-        principal = await gateway.authenticate(api_key_from(request.headers), read=True)
+        principal = await gateway.authenticate(
+            api_key_from(request.headers), read=True, origin=request.headers.get("origin")
+        )
     except GatewayError as exc:
         return error_response(exc)
     if name not in known_models(gateway):

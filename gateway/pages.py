@@ -69,14 +69,21 @@ TITLES = {"generate": "Playground", "console": "GraphQL console"}
 
 def _policy(request: Request) -> str:
     """Scripts, styles, fonts and frames from this origin only; images from here or
-    where the gateway's outputs are (its public URL); fetch and WebSocket to here."""
+    where the gateway's outputs are (its public URL, a bucket's public URL or endpoint,
+    and any https host for AWS's presigned URLs, whose host AWS chooses); fetch and
+    WebSocket to here."""
     images = ["'self'", "data:", "blob:"]
     try:
-        base = urlsplit(str(request.app.state.gateway.settings.base_url))
+        settings = request.app.state.gateway.settings
     except (AttributeError, KeyError):  # no app, or served before the runtime started
-        base = None
-    if base is not None and base.scheme in ("http", "https") and _HOST.fullmatch(base.netloc):
-        images.append(f"{base.scheme}://{base.netloc}")
+        settings = None
+    if settings is not None:
+        for url in (settings.base_url, settings.storage_public_url, settings.s3_endpoint_url):
+            origin = urlsplit(url or "")
+            if origin.scheme in ("http", "https") and _HOST.fullmatch(origin.netloc):
+                images.append(f"{origin.scheme}://{origin.netloc}")
+        if settings.storage_url and not settings.storage_public_url:
+            images.append("https:")  # redirected to a presigned URL on the bucket's host
     connect = ["'self'"]
     host = request.headers.get("host", "")
     if _HOST.fullmatch(host):  # older browsers do not count ws: as 'self'

@@ -325,3 +325,22 @@ async def test_an_idempotency_key_too_long_is_refused_not_cut(
         )
         assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000
+
+
+async def test_a_token_bound_to_an_origin_lists_models_from_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir, cors_origins="https://app.example") as gw:
+        key = await gw.key()
+        minted = await gw.gql(
+            'mutation { createClientToken(input: {maxCredits: 10, origins: ["https://app.example"]})'
+            " { token } }",
+            key=key,
+        )
+        token = minted.json()["data"]["createClientToken"]["token"]
+        page = {"Authorization": f"Bearer {token}", "Origin": "https://app.example"}
+        for path in ("/v1/models", "/v1/models/local"):
+            r = await gw.http.get(path, headers=page)
+            assert r.status_code == 200, (path, r.text)
+        elsewhere = {**page, "Origin": "https://evil.example"}
+        assert (await gw.http.get("/v1/models", headers=elsewhere)).status_code == 403

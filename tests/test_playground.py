@@ -239,6 +239,18 @@ async def test_page_and_assets_are_served_with_types_and_caching(
         assert page.headers["cache-control"] == "no-cache"
         policy = page.headers["content-security-policy"]
         assert "script-src 'self'" in policy and f"img-src 'self' data: blob: {gw.base}" in policy
+    # Outputs in a bucket: the page may show them where they are served from.
+    for extra in (
+        {"storage_public_url": "https://cdn.example/outputs"},
+        {"s3_endpoint_url": "http://127.0.0.1:9000"},
+    ):
+        async with gateway(
+            redis_url, storage_dir, storage_url="s3://gateway/outputs", **extra
+        ) as gw:
+            policy = (await gw.http.get("/")).headers["content-security-policy"]
+            origin = next(iter(extra.values())).removesuffix("/outputs")
+            assert origin in policy.split("img-src ")[1].split(";")[0], policy
+    async with gateway(redis_url, storage_dir) as gw:
         assets = {
             "playground.js": "text/javascript; charset=utf-8",
             "playground.css": "text/css; charset=utf-8",

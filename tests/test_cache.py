@@ -459,3 +459,25 @@ async def test_a_leader_that_completed_unsettled_hands_its_waiters_its_images(
         assert await balance(gw, other) == 100
         queued = await service.redis.xrange(keys.queue(keys.shard_of(gw.keys[other]["id"])))
         assert keys.job(gw.keys[other]["id"], waiter["id"]) not in [e["job"] for _, e in queued]
+
+
+async def test_a_hit_lives_no_longer_than_the_images_it_shows(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The outputs are swept a retention (and an hour) after they were made: a hit made
+    late in that time keeps its record only until then, so its URL never goes dead
+    while its job still shows it; a minute before the end it is a miss, run afresh."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=True) as gw:
+        key = await gw.key(credits=1000)
+        first = await gen(gw, key, provider="local", seed=90, width=512, height=512)
+        done = await gw.wait(key, first["id"])
+        assert done["status"] == "completed"
+        retention = gw.settings.retention_days * 86400
+        gw.clock.advance(retention - 7200)  # two hours left
+        hit = await gen(gw, key, provider="local", seed=90, width=512, height=512)
+        assert hit["status"] == "completed" and hit["url"] == done["url"]
+        ttl = await gw.accounts.redis.pttl(keys.job(gw.keys[key]["id"], hit["id"]))
+        assert 0 < ttl <= 7200 * 1000  # gone with the images, not a week later
+        gw.clock.advance(7200 - 30)  # half a minute left: no hit any more
+        late = await gen(gw, key, provider="local", seed=90, width=512, height=512)
+        assert late["status"] == "queued" and late["creditCost"] > 0

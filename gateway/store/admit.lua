@@ -140,10 +140,10 @@ local mode = 'run'
 local entry = nil
 if cacheable then
   -- settle.lua writes every field of an entry at once, `hit_metadata` among them. The
-  -- entry serves hits `until` its outputs' retention ends; it lives on after that for
-  -- the hits that refer to it (below), but answers no new one.
+  -- entry serves hits `until` its outputs' retention ends (a minute before: a hit's
+  -- record lives only as long as the outputs it shows, below).
   entry = redis.call('HMGET', KEYS[10], 'urls', 'width', 'height', 'hit_metadata', 'until')
-  if entry[1] and (not entry[5] or tonumber(entry[5]) > now) then
+  if entry[1] and (not entry[5] or tonumber(entry[5]) > now + 60000) then
     mode = 'hit'
   else
     local leader = redis.call('GET', KEYS[11])
@@ -201,15 +201,13 @@ else
     if entry[5] then
       -- A hit's record refers to its cache entry (`hit` = the entry's generation, its
       -- `until`: entry_write.lua; and the digest, `cache_key`) instead of copying the
-      -- outcome and the params: read.lua reads both. So the entry must outlive the
-      -- record: it lives at least the record's retention from now.
+      -- outcome and the params: read.lua reads both. The record lives until the entry's
+      -- `until` (below), when the outputs are swept; the entry, written to live as long,
+      -- outlives it.
       -- What is known otherwise is left out too (cost 0: the default; completed_at:
       -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
       -- cost: a cacheable request's record holds it) stays.
       job['params'], job['cost'], job['hit'] = nil, nil, tonumber(entry[5])
-      if redis.call('PTTL', KEYS[10]) < retention then
-        redis.call('PEXPIRE', KEYS[10], retention)
-      end
     else  -- an entry written before entries held their params: copy, as hits once did
       job['completed_at'], job['cost'] = now, 0
       job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
@@ -222,7 +220,10 @@ else
   redis.call('SET', KEYS[6], cjson.encode(job))
 end
 if mode == 'hit' then
-  redis.call('PEXPIRE', KEYS[6], retention)
+  -- As long as the outputs it shows live (the entry's `until`; the sweep removes them an
+  -- hour after), not a full retention from now: its URLs must never go dead before it.
+  local left = entry[5] and tonumber(entry[5]) - now or retention
+  redis.call('PEXPIRE', KEYS[6], math.max(left, 1))
   -- It ended here, not in finish.lua: its webhook is scheduled here, in the same step.
   if hook then redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6]) end
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)

@@ -226,6 +226,18 @@ class S3ArtifactStore:
         return removed + len(old)
 
 
+def _content_md5(request: Any, **_: Any) -> None:
+    """DeleteObjects must carry a checksum; botocore (1.36+) sends a CRC32 one even with
+    `when_required`, which MinIO and other S3-compatible servers refuse
+    (MissingContentMD5): send Content-MD5, which every one of them checks, instead."""
+    body = request.body if isinstance(request.body, bytes) else b""
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
+    request.headers["Content-MD5"] = base64.b64encode(digest).decode()
+    for name in ("x-amz-checksum-crc32", "x-amz-sdk-checksum-algorithm"):
+        if name in request.headers:
+            del request.headers[name]
+
+
 @contextlib.asynccontextmanager
 async def open_s3(settings: Settings) -> AsyncIterator[S3ArtifactStore]:
     """A store on the bucket `settings.storage_url` names; its client closed on exit.
@@ -252,6 +264,7 @@ async def open_s3(settings: Settings) -> AsyncIterator[S3ArtifactStore]:
         region_name=settings.s3_region,
         config=config,
     ) as client:
+        client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
         yield S3ArtifactStore(
             client,
             bucket,

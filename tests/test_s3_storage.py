@@ -109,7 +109,15 @@ async def test_put_read_delete_against_a_real_s3_server(
         assert await bucket.read("http://elsewhere.example/outputs/" + names[0]) is None
         assert await bucket.read("http://gw.example/outputs/" + "A" * 24 + ".png") is None
 
+        # What DeleteObjects sends: Content-MD5, which every S3-compatible server checks,
+        # not botocore's CRC32, which MinIO and others refuse.
+        sent: list[dict[str, str]] = []
+        bucket.client.meta.events.register(
+            "before-send.s3.DeleteObjects", lambda request, **_: sent.append(dict(request.headers))
+        )
         await bucket.delete(urls[:19])
+        assert sent and all("Content-MD5" in h for h in sent), sent
+        assert not any("x-amz-checksum-crc32" in h for h in sent)
         await bucket.delete(urls[:1])  # gone already: no error
         assert await bucket.read(urls[0]) is None
         assert s3_server.keys() == [f"{PREFIX}/{names[19]}"]

@@ -185,7 +185,9 @@ class Webhooks:
         free = self.settings.webhook_concurrency - len(self.inflight)
         if free <= 0:
             return
-        lease = int((self.settings.webhook_timeout + 5) * 1000)
+        # An attempt's name lookup and its POST are each bounded by the timeout: the
+        # claim outlasts both, so no other process sends it meanwhile.
+        lease = int((2 * self.settings.webhook_timeout + 5) * 1000)
         for shard in range(self.settings.redis_shards):
             due = (
                 await self.scripts.claim(
@@ -226,7 +228,10 @@ class Webhooks:
         status: int | None = None
         error: str | None = None
         try:
-            addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
+            addresses = await asyncio.wait_for(
+                check_url(job.webhook_url, self.settings.allow_cidrs),
+                self.settings.webhook_timeout,
+            )
             target, host, server_name = pinned(job.webhook_url, addresses[0])
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:

@@ -179,12 +179,20 @@ async def job_events(request: Request) -> Response:
             raise NotFound("no such job")
     except GatewayError as exc:
         return error_response(exc)
+    if job.ended and request.headers.get("last-event-id") == job.status:
+        # An EventSource reconnecting after the end it was sent: 204 tells it to stop
+        # (it reconnects after any close, and would read the end again and again).
+        return Response(status_code=204, headers=principal.rate_headers())
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             with store_errors("the job store went away; reconnect to follow the job"):
                 async for job in gateway.follow(principal, job_id, credential, origin):
-                    yield b"event: update\ndata: " + orjson.dumps(job.public()) + b"\n\n"
+                    # Its status as the event's id: what a reconnect sends back.
+                    yield b"id: %b\nevent: update\ndata: %b\n\n" % (
+                        job.status.encode(),
+                        orjson.dumps(job.public()),
+                    )
         except GatewayError as exc:
             # The status line is gone: say why in the stream (and, when it is the store's
             # trouble, when to reconnect; a credential revoked or expired is final).

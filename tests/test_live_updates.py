@@ -159,3 +159,32 @@ async def test_a_hundred_streams_hold_one_redis_connection(
             assert statuses == ["queued", "cancelled"]
         for updates in await asyncio.wait_for(asyncio.gather(*subs), 60):
             assert [u["data"]["jobUpdates"]["status"] for u in updates] == ["queued", "cancelled"]
+
+
+async def test_an_event_stream_that_ended_tells_its_eventsource_to_stop(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Each update carries the job's status as its event id; an EventSource reconnecting
+    (as it does after any close) with the ended status it was sent gets 204, which makes
+    it stop, instead of the end again every three seconds."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        r = await gw.gql(
+            'mutation { generate(input: {type: IMAGE, provider: "local", input: {text: "x"}, '
+            "options: {width: 512, height: 512}}) { id } }",
+            key=key,
+        )
+        job_id = r.json()["data"]["generate"]["id"]
+        await gw.wait(key, job_id)
+        auth = {"X-API-Key": key}
+        async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as r:
+            lines = [line async for line in r.aiter_lines()]
+        assert lines[:2] == ["id: completed", "event: update"], lines
+        again = await gw.http.get(
+            f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "completed"}
+        )
+        assert again.status_code == 204 and again.content == b""
+        resumed = await gw.http.get(
+            f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "processing"}
+        )
+        assert resumed.status_code == 200 and "id: completed" in resumed.text

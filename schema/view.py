@@ -173,6 +173,10 @@ def cache_headers(request: Request, response: Response) -> None:
 _VARY = VARY.encode()
 
 
+#: the media type of GraphQL over HTTP (its draft spec), for the clients that accept it
+GRAPHQL_RESPONSE = "application/graphql-response+json"
+
+
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws (graphql-ws, Apollo Client): each operation runs in a task of
     its own, with a key check of its own (`schema/context.py`)."""
@@ -245,6 +249,12 @@ class GraphQLView(GraphQL[Context, None]):
             state.pop(RESOLVED, None)
         if scope["method"] == "GET":
             cache_headers(request, response)
+        json_answer = response.headers.get("content-type", "").startswith("application/json")
+        if json_answer and GRAPHQL_RESPONSE in request.headers.get("accept", ""):
+            # GraphQL over HTTP's own type, when the client asks for it (Apollo Client 4
+            # does): such a client reads the errors of a 4xx answer, their codes
+            # included, instead of taking it for a server's failure.
+            response.headers["content-type"] = GRAPHQL_RESPONSE
         await response(scope, receive, send)
 
     async def _answer(self, request: Request) -> Response:

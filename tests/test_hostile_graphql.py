@@ -505,3 +505,31 @@ async def test_null_for_an_argument_is_its_default_or_a_bad_request_never_a_500(
         assert r.status_code == 400, r.text
         [error] = r.json()["errors"]
         assert error["extensions"]["code"] == "BAD_USER_INPUT" and "type" in error["message"]
+
+
+async def test_a_client_that_accepts_graphql_responses_gets_that_type_errors_included(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Apollo Client 4 asks for `application/graphql-response+json` and reads a 4xx's
+    errors (their codes) only when the answer has that type."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        accept = "application/graphql-response+json,application/json;q=0.9"
+        for query, status in (
+            ("{ me { plan } }", 200),
+            ("{ jobs(first: 1000) { nodes { id } } }", 400),
+        ):
+            r = await gw.http.post(
+                "/graphql",
+                json={"query": query},
+                headers={"Authorization": f"Bearer {key}", "Accept": accept},
+            )
+            assert r.status_code == status
+            assert r.headers["content-type"].startswith("application/graphql-response+json")
+        assert r.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        plain = await gw.http.post(
+            "/graphql",
+            json={"query": "{ me { plan } }"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert plain.headers["content-type"].startswith("application/json")

@@ -166,7 +166,8 @@ async def test_an_event_stream_whose_redis_goes_away_ends_with_an_error_event(
             ) as stream:
                 assert stream.status_code == 200
                 lines = stream.aiter_lines()
-                assert await anext(lines) == "event: update"  # the job as it is: queued
+                assert await anext(lines) == "id: queued"  # the job as it is: queued
+                assert await anext(lines) == "event: update"
                 server.stop()
                 rest = [line async for line in lines]
             at = rest.index("event: error")

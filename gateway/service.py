@@ -6,6 +6,7 @@ Resolvers and REST handlers stay thin: they turn their input into a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -429,8 +430,10 @@ class Gateway:
         return self.router.describe()
 
     async def ready(self) -> dict[str, bool]:
+        """Redis and the output store answer; a Redis that does not answer within 5 s
+        (hung, paused) is not ready either, said in time for a probe's own timeout."""
         try:
-            redis_ok = bool(await self.redis.ping())
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 5.0))
         except Exception:
             redis_ok = False
         return {"redis": redis_ok, "storage": await self.artifacts.ready()}

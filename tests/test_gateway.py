@@ -533,3 +533,28 @@ async def test_requests_leave_no_reference_cycles(redis_url: str, storage_dir: P
             gc.garbage.clear()
             gc.enable()
         assert cyclic == []
+
+
+async def test_readiness_says_a_hung_redis_is_unavailable_in_time(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    """A Redis that accepts connections and answers nothing (hung, or paused): /readyz
+    says 503 within its own 5 s bound, not after the client's long timeouts."""
+    import signal
+
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
+            assert (await gw.http.get("/readyz")).status_code == 200
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            try:  # as a probe with a 10 s timeout asks (a timeout fails the test)
+                ready = await gw.http.get("/readyz", timeout=10)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert ready.status_code == 503 and ready.json()["redis"] is False
+    finally:
+        server.stop()

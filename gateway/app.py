@@ -70,7 +70,6 @@ class BodyLimit:
                 await self.app(scope, receive, send)
             return
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -81,15 +80,11 @@ class BodyLimit:
                     raise _TooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        sent = Sent(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, sent)
         except _TooLarge:
-            if not started:
+            if not sent.started:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +94,18 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class Sent:
+    """`send`, noting whether the answer has started (after which no error can be said)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
 
 
 class Crashes:
@@ -114,17 +121,11 @@ class Crashes:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        sent = Sent(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, sent)
         except Exception:
-            if started:  # the answer is under way: nothing left to say it with
+            if sent.started:  # the answer is under way: nothing left to say it with
                 raise
             log.exception("unexpected error")
             error = error_response(scope["path"], InternalError("internal server error"))

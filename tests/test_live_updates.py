@@ -117,12 +117,8 @@ async def test_a_hundred_streams_hold_one_redis_connection(
     request needs. Each still sees the job's every change."""
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key()
-        r = await gw.gql(
-            'mutation { generate(input: {type: IMAGE, provider: "local", input: {text: "x"}, '
-            "options: {width: 512, height: 512}}) { id } }",
-            key=key,
-        )
-        job_id = r.json()["data"]["generate"]["id"]
+        made = await gw.generate(key, "x", provider="local", width=512, height=512)
+        job_id = made.json()["data"]["generate"]["id"]
         opened = 0
 
         async def read_sse() -> list[str]:
@@ -169,12 +165,8 @@ async def test_an_event_stream_that_ended_tells_its_eventsource_to_stop(
     it stop, instead of the end again every three seconds."""
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
-        r = await gw.gql(
-            'mutation { generate(input: {type: IMAGE, provider: "local", input: {text: "x"}, '
-            "options: {width: 512, height: 512}}) { id } }",
-            key=key,
-        )
-        job_id = r.json()["data"]["generate"]["id"]
+        made = await gw.generate(key, "x", provider="local", width=512, height=512)
+        job_id = made.json()["data"]["generate"]["id"]
         await gw.wait(key, job_id)
         auth = {"X-API-Key": key}
         async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as r:

@@ -19,6 +19,7 @@ from PIL import Image
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
 from tests.servers import serve
+from tests.test_client_tokens import mint
 
 
 @contextlib.asynccontextmanager
@@ -332,12 +333,7 @@ async def test_a_token_bound_to_an_origin_lists_models_from_it(
 ) -> None:
     async with gateway(redis_url, storage_dir, cors_origins="https://app.example") as gw:
         key = await gw.key()
-        minted = await gw.gql(
-            'mutation { createClientToken(input: {maxCredits: 10, origins: ["https://app.example"]})'
-            " { token } }",
-            key=key,
-        )
-        token = minted.json()["data"]["createClientToken"]["token"]
+        token = await mint(gw, key, origins=["https://app.example"])
         page = {"Authorization": f"Bearer {token}", "Origin": "https://app.example"}
         for path in ("/v1/models", "/v1/models/local"):
             r = await gw.http.get(path, headers=page)

@@ -164,12 +164,8 @@ async def test_a_followed_job_stops_at_its_next_update_once_the_credential_is_re
         await socket.ws.close()
 
 
-GENERATE_LOCAL = """mutation { generate(input: {type: IMAGE, provider: "local",
-  input: {text: "a lighthouse"}, options: {width: 512, height: 512}}) { id status } }"""
-
-
 async def generate_local(gw: Harness, credential: str) -> str:
     """A job that stays queued (no worker runs), made with `credential`."""
-    r = await gw.gql(GENERATE_LOCAL, {}, credential)
+    r = await gw.generate(credential, "a lighthouse", provider="local", width=512, height=512)
     assert r.status_code == 200, r.text
     return str(r.json()["data"]["generate"]["id"])

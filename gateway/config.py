@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.origins import origin
+
 
 class PlanLimits(BaseModel):
     """Limits of a plan; `None` means unlimited."""
@@ -176,6 +178,14 @@ class Settings(BaseSettings):
     def _strip_slash(cls, v: str | None) -> str | None:
         return v.rstrip("/") if v else None  # empty (compose's `${X:-}`) is unset
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: str) -> str:
+        for listed in filter(None, (o.strip() for o in v.split(","))):
+            if listed != "*" and origin(listed) is None:
+                raise ValueError(f"{listed!r} is not an origin like https://app.example.com")
+        return v
+
     @field_validator("storage_url")
     @classmethod
     def _s3_url(cls, v: str | None) -> str | None:
@@ -203,10 +213,10 @@ class Settings(BaseSettings):
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
-        """`cors_origins` as browsers spell an Origin (lower case, no trailing slash);
-        ("*",) for any."""
-        listed = [o.strip().rstrip("/").lower() for o in self.cors_origins.split(",")]
-        origins = tuple(o for o in listed if o)
+        """`cors_origins` as browsers spell an Origin (`gateway/origins.py`); ("*",) for
+        any."""
+        listed = [o.strip() for o in self.cors_origins.split(",")]
+        origins = tuple(dict.fromkeys(o if o == "*" else origin(o) or "" for o in listed if o))
         if "*" in origins or (not origins and self.dev):
             return ("*",)
         return origins

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
 from gateway.auth import TOKEN_PREFIX, credentials, hash_secret
 from gateway.errors import BadUserInput, Unauthenticated
+from gateway.origins import origin
 from gateway.store import keys
 from gateway.store.redis import decoded
 
@@ -46,31 +46,14 @@ class Minted:
 
 
 def origin_of(value: str) -> str:
-    """`scheme://host[:port]`, lower-cased, as a browser sends `Origin`; else BadUserInput."""
-    try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    if (
-        parts is None
-        or parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.username is not None
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or not parts.hostname.isascii()
-        or any(c in parts.hostname for c in ",; \t")
-    ):
+    """`value` as a browser sends `Origin` (`gateway/origins.py`); else BadUserInput."""
+    spelled = origin(value)
+    if spelled is None:
         raise BadUserInput(
             f"origins: {value[:100]!r} is not an origin like https://app.example.com",
             field="origins",
         )
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    return spelled
 
 
 def spec(

@@ -158,7 +158,8 @@ async def test_minting_input_is_checked(redis_url: str, storage_dir: Path) -> No
         headers = {"Authorization": f"Bearer {key}"}
         r = await gw.http.post(
             "/v1/client_tokens",
-            json={"maxCredits": 50, "ttlSeconds": 60, "origins": [APP.upper()]},
+            # As a browser spells it: lower case, without the scheme's default port.
+            json={"maxCredits": 50, "ttlSeconds": 60, "origins": [APP.upper() + ":443"]},
             headers=headers,
         )
         assert r.status_code == 201, r.text

@@ -112,6 +112,34 @@ async def test_other_origins_are_refused_clearly(redis_url: str, storage_dir: Pa
                 assert json.loads(await ws.recv())["type"] == "connection_ack"
 
 
+async def test_an_origin_configured_with_its_default_port_matches_what_browsers_send(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Browsers leave out `:443` and `:80` from `Origin`: an origin configured with one
+    (in any case, with a slash) is still the page's, for CORS as for WebSockets."""
+    async with gateway(redis_url, storage_dir, cors_origins="HTTPS://App.Example:443/") as gw:
+        key = await gw.key()
+        r = await gw.http.options("/v1/text_to_image", headers=PREFLIGHT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP
+        r = await gw.http.get("/v1/jobs/x", headers={"Origin": APP, "Authorization": key})
+        assert r.headers["access-control-allow-origin"] == APP
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        async with websockets.connect(url, subprotocols=["graphql-transport-ws"], origin=APP) as ws:
+            init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}}
+            await ws.send(json.dumps(init))
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+
+
+def test_a_setting_that_is_not_an_origin_stops_start_up() -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import Settings
+
+    for wrong in ("app.example", "https://app.example/path", "ftp://app.example", "*.example"):
+        with pytest.raises(ValidationError, match="is not an origin"):
+            Settings(cors_origins=f"https://ok.example, {wrong}")
+
+
 async def test_no_origin_is_allowed_by_default_and_any_in_dev_mode(
     redis_url: str, storage_dir: Path
 ) -> None:

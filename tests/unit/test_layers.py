@@ -2,7 +2,7 @@
 
 Lowest first (a module may import its own layer and those below it):
 
-    domain     errors, params, pricing, config, urlguard, formats, images, jobs/model,
+    domain     errors, params, pricing, config, origins, urlguard, formats, images, jobs/model,
                providers/base, breaker, metrics (the families, counted by every layer),
                telemetry (the log context and the tracer, used by every layer)
     store      gateway/store, jobs/store, auth, accounts, tokens, admission, cache,
@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.params",
             "gateway.pricing",
             "gateway.config",
+            "gateway.origins",
             "gateway.urlguard",
             "gateway.formats",
             "gateway.images",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import structlog
 from starlette.applications import Starlette
@@ -21,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import compat, metrics, metrics_http, openai_api, pages, rest, telemetry_http
-from gateway.artifacts import StorageUnavailable
+from gateway.artifacts import CACHE_CONTROL, NAME, StorageUnavailable
 from gateway.config import Settings
 from gateway.cors import CORS
 from gateway.errors import (
@@ -174,6 +175,21 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, InternalError("internal server error"))
 
 
+class LocalOutputs(StaticFiles):
+    """`GET /outputs/NAME` from the storage directory: only the names the gateway makes
+    (any other file there is not an output: 404), cached as the bucket's objects are."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory=directory)
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if not NAME.fullmatch(path):
+            raise HTTPException(status_code=404)
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = CACHE_CONTROL
+        return response
+
+
 async def stored_output(request: Request) -> Response:
     """`GET /outputs/NAME` when outputs are in a bucket: a 302 to the object, at a
     presigned URL made now (or the public one). The URLs handed out keep the local
@@ -199,7 +215,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         outputs = Route("/outputs/{name}", stored_output, methods=["GET"])
     else:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
-        outputs = Mount("/outputs", StaticFiles(directory=settings.storage_dir), name="outputs")
+        outputs = Mount("/outputs", LocalOutputs(settings.storage_dir), name="outputs")
     schema = build_schema()
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     view = GraphQLView(schema, prepared(schema), allowed_origins=settings.allowed_origins)

@@ -17,6 +17,11 @@ from typing import Protocol
 NAME = re.compile(r"[A-Za-z0-9_-]{24}\.[a-z0-9]{1,8}")
 
 
+#: How outputs are served, from the directory or a bucket: a name is never reused, so
+#: caches may keep an output as long as they like.
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
 def new_name(ext: str) -> str:
     return f"{secrets.token_urlsafe(18)}.{ext}"
 
@@ -93,11 +98,19 @@ class LocalArtifactStore:
         return await asyncio.to_thread(check)
 
     async def sweep(self, older_than: float) -> int:
+        """Only names `new_name` makes (and the temporary files of writes a crash cut
+        short): the directory may hold other files, which are not the gateway's."""
+
+        def ours(name: str) -> bool:
+            if name.startswith(".") and name.endswith(".tmp"):
+                name = name[1:-4]
+            return NAME.fullmatch(name) is not None
+
         def remove() -> int:
             removed = 0
             for path in self.root.iterdir():
                 try:
-                    if path.is_file() and path.stat().st_mtime < older_than:
+                    if ours(path.name) and path.is_file() and path.stat().st_mtime < older_than:
                         path.unlink()
                         removed += 1
                 except FileNotFoundError:

@@ -34,7 +34,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gateway.artifacts import NAME, StorageUnavailable, new_name
+from gateway.artifacts import CACHE_CONTROL, NAME, StorageUnavailable, new_name
 from gateway.config import Settings
 from gateway.formats import format_named
 
@@ -152,8 +152,7 @@ class S3ArtifactStore:
                 ContentLength=len(data),
                 ContentMD5=base64.b64encode(digest).decode(),
                 ContentType=kind.content_type if kind else "application/octet-stream",
-                # A name is never reused: caches may keep an object as long as they like.
-                CacheControl="public, max-age=31536000, immutable",
+                CacheControl=CACHE_CONTROL,
             )
         except FAILURES as exc:
             raise StorageUnavailable(f"storing {name} in bucket {self.bucket}: {exc}") from exc

@@ -235,16 +235,25 @@ async def test_retention_removes_records_and_outputs_together(
 
 
 async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir: Path) -> None:
-    from gateway.artifacts import LocalArtifactStore
+    """Old outputs go, and the temporary file of a write a crash cut short; fresh ones
+    stay, and so does any file the gateway did not make, however old."""
+    from gateway.artifacts import LocalArtifactStore, new_name
 
     store = LocalArtifactStore(storage_dir, "http://gw")
     old = await store.put(b"old", "png")
     new = await store.put(b"new", "png")
     old_path = storage_dir / old.rsplit("/", 1)[1]
-    os.utime(old_path, (time.time() - 10 * 86400, time.time() - 10 * 86400))
-    assert await store.sweep(time.time() - 7 * 86400) == 1
-    assert not old_path.exists()
+    cut_short = storage_dir / f".{new_name('png')}.tmp"
+    names = ("README", "photo.png", ".keep", "a" * 24 + ".png.bak")
+    others = [storage_dir / name for name in names]
+    for path in (cut_short, *others):
+        path.write_bytes(b"x")
+    for path in (old_path, cut_short, *others):
+        os.utime(path, (time.time() - 10 * 86400, time.time() - 10 * 86400))
+    assert await store.sweep(time.time() - 7 * 86400) == 2
+    assert not old_path.exists() and not cut_short.exists()
     assert (storage_dir / new.rsplit("/", 1)[1]).read_bytes() == b"new"
+    assert all(path.read_bytes() == b"x" for path in others)
 
 
 async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(

@@ -418,6 +418,24 @@ async def test_health_and_readiness(redis_url: str, storage_dir: Path) -> None:
         assert (await gw.http.get("/outputs/")).status_code == 404
 
 
+async def test_outputs_are_served_for_caches_to_keep_and_nothing_else_of_the_directory(
+    redis_url: str, storage_dir: Path
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        made = await gw.generate(key, width=512, height=512)
+        job = await gw.wait(key, made.json()["data"]["generate"]["id"])
+        r = await gw.http.get(job["url"].removeprefix(gw.base))
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+        assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+        name = job["url"].rsplit("/", 1)[1]
+        for other in ("notes.txt", f".{name}.tmp"):  # not an output: another's, half-written
+            (storage_dir / other).write_bytes(b"private")
+            r = await gw.http.get(f"/outputs/{other}")
+            assert r.status_code == 404, other
+            assert r.json()["error"]["code"] == "NOT_FOUND"
+
+
 async def test_embedded_store_serves_without_a_redis_server(storage_dir: Path) -> None:
     async with gateway(None, storage_dir, dev=True) as gw:
         key = await gw.key()

@@ -13,7 +13,10 @@ auth.lua) answered from memory with the reply Redis gave it first. The differenc
 what waiting on Redis costs the gateway's process: redis-py and the auto-pipeline, the
 socket, and the request leaving the CPU and coming back (answered from memory, each
 request runs to its end without yielding, its code still in the CPU's caches; with
-Redis, 64 interleave). Reported: the median of the rounds, in µs.
+Redis, 64 interleave). A third run calls the route's endpoint itself, past every
+middleware (request id and line, metrics, CORS, the body limit, the 500 handler) and the
+router: what the stack around a handler costs, and the most that serving the route
+below it could save. Reported: the median of the rounds, in µs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import orjson
 from bench import Context, renderer, scenario
 from bench.floors import starlette_app
 from bench.http import TEXT_TO_IMAGE
+from gateway import rest
 from gateway.app import build_app
 from gateway.config import load_settings
 from gateway.runtime import runtime
@@ -45,6 +49,7 @@ class CostRow:
     case: str
     full_us: list[float] = field(default_factory=list)
     redis_answered_us: list[float] = field(default_factory=list)  # the script call replayed
+    endpoint_us: list[float] = field(default_factory=list)  # no middleware, no router
     rates: list[float] = field(default_factory=list)  # none: CPU figures (the runner's field)
 
 
@@ -52,9 +57,17 @@ Call = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def asgi_call(
-    app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+    app: Any,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    routed: dict[str, Any] | None = None,
 ) -> Call:
+    """`routed`: what the router would have added to the scope (`app`, `path_params`),
+    when `app` is a route's endpoint called directly."""
     scope = {
+        **(routed or {}),
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -156,6 +169,25 @@ async def request_cost(ctx: Context) -> list[CostRow]:
             floor = asgi_call(
                 starlette_app, "POST", "/v1/text_to_image", auth[:1], orjson.dumps(TEXT_TO_IMAGE)
             )
+            endpoints = {route.path: route.app for route in rest.routes}
+            alone = {
+                hit: asgi_call(
+                    endpoints["/v1/text_to_image"],
+                    "POST",
+                    "/v1/text_to_image",
+                    auth,
+                    picture,
+                    routed={"app": app, "path_params": {}},
+                ),
+                read: asgi_call(
+                    endpoints["/v1/jobs/{job_id}"],
+                    "GET",
+                    f"/v1/jobs/{first['id']}",
+                    auth,
+                    b"",
+                    routed={"app": app, "path_params": {"job_id": first["id"]}},
+                ),
+            }
             cases: list[tuple[CostRow, Call, Script | None]] = [
                 (CostRow("floor: starlette"), floor, None),
                 (CostRow("gateway: REST cache hit"), hit, gateway.scripts.admit),
@@ -163,6 +195,8 @@ async def request_cost(ctx: Context) -> list[CostRow]:
             ]
             for _, call, _ in cases:
                 await cpu_per_call(call, n // 4)  # warm
+            for call in alone.values():
+                await cpu_per_call(call, n // 4)
             for _ in range(ctx.rounds):
                 for row, call, script in cases:
                     row.full_us.append(await cpu_per_call(call, n))
@@ -172,6 +206,7 @@ async def request_cost(ctx: Context) -> list[CostRow]:
                             row.redis_answered_us.append(await cpu_per_call(call, n))
                         finally:
                             undo()
+                        row.endpoint_us.append(await cpu_per_call(alone[call], n))
     return [row for row, _, _ in cases]
 
 
@@ -180,16 +215,21 @@ def cost_table(rows: list[CostRow], rounds: int) -> str:
     floor = statistics.median(rows[0].full_us)
     lines = [
         f"| in-process, CPU µs a request (median of {rounds}) | whole app | vs floor "
-        "| its Redis call answered from memory | the Redis call's share |",
-        "|---|---:|---:|---:|---:|",
+        "| its Redis call answered from memory | the Redis call's share "
+        "| its endpoint alone | the middleware and router's share |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         full = statistics.median(row.full_us)
         if row.redis_answered_us:
             without = statistics.median(row.redis_answered_us)
-            rest = f"{without:.1f} | {full - without:.1f} ({(full - without) / full:.0%})"
+            alone = statistics.median(row.endpoint_us)
+            rest = (
+                f"{without:.1f} | {full - without:.1f} ({(full - without) / full:.0%}) | "
+                f"{alone:.1f} | {full - alone:.1f} ({(full - alone) / full:.0%})"
+            )
         else:
-            rest = " | "
+            rest = " | | | "
         lines.append(f"| {row.case} | {full:.1f} | {full / floor:.1f}x | {rest} |")
     lines.append(
         "(no HTTP server, sockets or request lines: `bench http` measures those; "

@@ -29,8 +29,9 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 
 def start_worker(
-    redis_url: str, krea_base: str, storage: Path, **extra: str
+    redis_url: str, krea_base: str, storage: Path, log: Path | None = None, **extra: str
 ) -> subprocess.Popen[bytes]:
+    """A `gateway worker` process routed to the Krea emulator; its log lines in `log`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         {
@@ -43,9 +44,12 @@ def start_worker(
             **extra,
         }
     )
-    return subprocess.Popen(
-        [GATEWAY, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([GATEWAY, "worker"], env=env, stdout=out, stderr=out)
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]  # the child holds its own copy
 
 
 @contextlib.asynccontextmanager
@@ -438,3 +442,59 @@ async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
         assert [owners[h.partition("/")[2]] for h in handles] == ["cut-off", "other", "other"]
     finally:
         await redis.aclose()
+
+
+async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
+    redis_url: str, storage_dir: Path, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP, as a long GC pause or a frozen VM would) longer than its
+    lease: another takes its jobs over and resumes them upstream. When the first runs
+    again it finds them taken and stops them, so each is run by one worker only: polled,
+    downloaded and stored once, submitted upstream once."""
+    lease = {"GATEWAY_JOB_LEASE_SECONDS": "3"}  # heartbeats every second
+    async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
+        key = await gw.key("enterprise", credits=10_000)
+        ids = await submit(gw, key, 3)
+        log = tmp_path / "first.log"
+        first = start_worker(redis_url, krea, storage_dir, log=log, **lease)
+        second = None
+        try:
+            await accepted_upstream(gw, key, ids)
+            redis = gw.accounts.redis
+
+            async def owners() -> set[str]:
+                rows = await redis.xpending_range(keys.queue(0), keys.QUEUE_GROUP, "-", "+", 10)
+                return {str(row["consumer"]) for row in rows}
+
+            (paused,) = await owners()
+            first.send_signal(signal.SIGSTOP)
+            second = start_worker(redis_url, krea, storage_dir, **lease)
+
+            async def taken_over() -> bool:
+                return paused not in await owners()
+
+            await until(taken_over)
+            first.send_signal(signal.SIGCONT)
+
+            async def stopped_there() -> bool:
+                return log.read_text().count("job taken over by another worker") == len(ids)
+
+            await until(stopped_there)
+            # Only the second runs them now: paused, nobody polls Krea but for the round it
+            # may have had on the wire (a job polled every 0.05 s by a worker still running
+            # it would be ~20 more). A window shorter than the lease: after it, the first
+            # could rightly take them back.
+            second.send_signal(signal.SIGSTOP)
+            polled = len(emu.received("GET", "/jobs/"))
+            await asyncio.sleep(1)
+            assert len(emu.received("GET", "/jobs/")) - polled <= len(ids)
+            second.send_signal(signal.SIGCONT)
+            emu.steps_to_complete = 1
+            await all_ended(gw, key, ids)
+        finally:
+            for proc in (first, second):
+                if proc is not None:
+                    proc.send_signal(signal.SIGCONT)
+                    stop(proc)
+        await check_outcome(gw, key, ids, emu)
+        assert len(list(storage_dir.glob("*.png"))) == len(ids)  # stored once each

@@ -110,10 +110,10 @@ def api_key_from(headers: Any, params: dict[str, Any] | None = None) -> str | No
         sources.insert(0, {str(k).lower(): v for k, v in params.items()})
     for source in sources:
         auth = source.get("authorization")
-        if isinstance(auth, str) and auth[:7].lower() == "bearer ":
+        if isinstance(auth, str) and auth[:7].lower() == "bearer " and auth[7:].strip():
             return auth[7:].strip()
-        key = source.get("x-api-key")
-        if isinstance(key, str) and key:
+        key = source.get("x-api-key")  # also when `Authorization` names no key
+        if isinstance(key, str) and key.strip():
             return key.strip()
     return None
 

@@ -267,11 +267,18 @@ def idempotency_key(header: str | None) -> str | None:
 
 
 def from_image_input(data: dict[str, Any]) -> GenerationRequest:
-    """The flat `generateImage` / REST shape: {service, prompt, width, height, ...}."""
-    fields = {_snake(k): v for k, v in data.items()}
+    """The flat `generateImage` / REST shape: {service, prompt, width, height, ...}.
+    Errors name a field as the client spelled it (`WIDTH`, `webhookURL`), or as this
+    shape names it when the client left it out."""
+    spelled = {_snake(k): k for k in data}
+    fields = {field: data[name] for field, name in spelled.items()}
     for field, name in FLAT_NAMES.items():
-        fields[field] = fields.pop(name, None)
-    return _validate(fields, lambda key: _FLAT_ERROR_NAMES.get(key, key))
+        if field in fields:  # not this shape's name (`service` is): unknown here
+            raise BadUserInput(f"{spelled[field]} is not a known parameter", field=spelled[field])
+        if name in fields:
+            fields[field] = fields.pop(name)
+            spelled[field] = spelled.pop(name)
+    return _validate(fields, lambda key: spelled.get(key) or _FLAT_ERROR_NAMES.get(key, key))
 
 
 # GraphQL passes its schema's camelCase names; a REST body is the client's own JSON, and

@@ -3,10 +3,12 @@ REST, auth, isolation, bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -162,6 +164,24 @@ async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> 
         # A cursor that is no job id is a bad request, not an empty page.
         r = await gw.gql('{ jobs(after: "zzz") { nodes { id } } }', key=key)
         assert r.json()["errors"][0]["extensions"]["field"] == "after"
+
+
+async def test_an_authorization_header_without_a_key_leaves_x_api_key_to_name_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """`Authorization: Bearer ` with nothing after it (as a client with an unset variable
+    sends it) beside a good `X-API-Key`: the key is the one named."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        host, port = urlsplit(gw.base).hostname, urlsplit(gw.base).port
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"GET /v1/jobs/0123456789abcdef01234567 HTTP/1.1\r\nHost: gw\r\n"
+            b"Authorization: Bearer \r\nX-API-Key: %b\r\nConnection: close\r\n\r\n" % key.encode()
+        )
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 404"), answer  # past the key check: no such job
 
 
 @pytest.mark.parametrize(

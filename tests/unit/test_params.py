@@ -168,6 +168,19 @@ def test_missing_and_unknown_fields_name_the_clients_spelling() -> None:
     assert refused(generate, colour="red").extensions["field"] == "options.colour"
     blank = refused(from_generate_input, {"provider": "local", "input": {"text": " "}})
     assert blank.extensions["field"] == "input.text"
+    # Spelled as the client did, however it is cased; and the generate shape's
+    # `provider` is no name of the flat shape, whose `service` it would silently lose.
+    for name in ("WIDTH", "webhookURL", "provider"):
+        unknown = refused(flat, **{name: "x"})
+        assert (unknown.message, unknown.extensions["field"]) == (
+            f"{name} is not a known parameter",
+            name,
+        )
+    assert refused(from_image_input, {"provider": "local", "prompt": "p"}).extensions == {
+        "code": "BAD_USER_INPUT",
+        "field": "provider",
+    }
+    assert refused(flat, num_images=9).extensions["field"] == "num_images"
 
 
 # -- formats and aspect ratios -------------------------------------------------------------

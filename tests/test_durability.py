@@ -451,12 +451,12 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
     lease: another takes its jobs over and resumes them upstream. When the first runs
     again it finds them taken and stops them, so each is run by one worker only: polled,
     downloaded and stored once, submitted upstream once."""
-    lease = {"GATEWAY_JOB_LEASE_SECONDS": "3"}  # heartbeats every second
+    lease = "3"  # seconds: heartbeats every second
     async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
         key = await gw.key("enterprise", credits=10_000)
         ids = await submit(gw, key, 3)
         log = tmp_path / "first.log"
-        first = start_worker(redis_url, krea, storage_dir, log=log, **lease)
+        first = start_worker(redis_url, krea, storage_dir, log, GATEWAY_JOB_LEASE_SECONDS=lease)
         second = None
         try:
             await accepted_upstream(gw, key, ids)
@@ -468,7 +468,7 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
 
             (paused,) = await owners()
             first.send_signal(signal.SIGSTOP)
-            second = start_worker(redis_url, krea, storage_dir, **lease)
+            second = start_worker(redis_url, krea, storage_dir, GATEWAY_JOB_LEASE_SECONDS=lease)
 
             async def taken_over() -> bool:
                 return paused not in await owners()

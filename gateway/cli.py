@@ -22,6 +22,7 @@ import orjson
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -273,7 +274,7 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for i in infos:
         table.add_row(
             i.id,
-            i.name,
+            escape(i.name),  # a name is the user's text, not rich's markup
             i.plan,
             str(i.credits),
             *("" if v is None else str(v) for v in (i.rpm, i.concurrency, i.daily)),
@@ -302,7 +303,7 @@ def keys_update(
         _settings(),
         lambda a: a.update(key_id, plan=plan, rpm=rpm, concurrency=concurrency, daily=daily),
     )
-    console.print(json.dumps(info.as_dict()))
+    print(json.dumps(info.as_dict()))  # not rich's: it would wrap lines and read markup
 
 
 @credits_app.command("add", context_settings={"ignore_unknown_options": True})

@@ -39,7 +39,8 @@ BACKENDS = ("fluxkrea", "krea", "segmind", "local")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    # An empty variable is unset (compose passes `${X:-}` for every one it forwards).
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", env_ignore_empty=True)
 
     redis_url: str | None = None
     redis_shards: int = Field(

@@ -42,6 +42,14 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
         table = run("keys", "list", env={**env, "COLUMNS": columns}).stdout
         assert key["id"] in table, table
 
+    # A name is the user's text: printed whole, as JSON that parses, and never as markup.
+    name = "team [prod] with a name long enough to pass the eighty columns of a pipe's width"
+    named = json.loads(run("keys", "create", "--name", name, "--json", env=env).stdout)
+    updated = run("keys", "update", named["id"], "--rpm", "5", env=env)
+    assert json.loads(updated.stdout)["name"] == name, updated.stdout
+    assert "team [prod]" in run("keys", "list", env={**env, "COLUMNS": "200"}).stdout
+    assert run("keys", "revoke", named["id"], env=env).returncode == 0
+
     added = run("credits", "add", key["id"], "25", env=env)
     assert "75" in added.stdout
     corrected = run("credits", "add", key["id"], "-100", env=env)

@@ -481,3 +481,30 @@ async def test_a_hit_lives_no_longer_than_the_images_it_shows(
         gw.clock.advance(7200 - 30)  # half a minute left: no hit any more
         late = await gen(gw, key, provider="local", seed=90, width=512, height=512)
         assert late["status"] == "queued" and late["creditCost"] > 0
+
+
+async def test_a_job_waiting_on_an_identical_one_reads_as_processing_while_it_runs(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Doitong's guide polls `while (status === 'processing')`: a coalesced job that read
+    `queued` while its leader ran ended that loop with no image. It reads as its leader
+    does once that one runs (created `queued`, as every job), on every read path."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
+        key = await gw.key()
+        leader = await gen(gw, key, seed=5)
+
+        async def running() -> bool:
+            return (await gw.job(key, leader["id"]) or {}).get("status") == "processing"
+
+        await until(running)
+        waiting = await gen(gw, key, seed=5)
+        assert (waiting["status"], waiting["creditCost"]) == ("queued", 0)
+        polled = await gw.job(key, waiting["id"])
+        assert polled is not None and polled["status"] == "processing"
+        rest = await gw.http.get(f"/v1/jobs/{waiting['id']}", headers={"X-API-Key": key})
+        assert rest.json()["status"] == "processing"
+        emu.steps_to_complete = 1
+        done = await gw.wait(key, waiting["id"])
+        assert done["status"] == "completed" and done["metadata"]["coalesced"] is True
+        assert emu.submissions == 1

@@ -102,6 +102,27 @@ async def until(condition: Any, timeout: float = 20.0, what: str = "condition") 
 # -- 1. the per-minute limit -------------------------------------------------------------
 
 
+async def test_a_request_refused_for_its_input_still_carries_its_keys_headers(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Refused by the schema (a variable of the wrong type) or by the gateway's own
+    checks (out of range): 400 either way, with the good key's X-RateLimit-* headers
+    (docs/api.md#rate-limit-headers). With a bad key, the schema's 400 carries none."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("free", credits=1000)
+        base = {"type": "IMAGE", "provider": "local", "input": {"text": "fox"}}
+        for width in ("100", 100):
+            variables = {"input": {**base, "options": {"width": width}}}
+            r = await gw.gql(GENERATE, variables, key)
+            assert r.status_code == 400, r.text
+            assert r.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+            assert r.headers["X-RateLimit-Limit"] == "10", (width, r.headers)
+            assert r.headers["X-RateLimit-Remaining"] == "10"
+        wrong_type = {"input": {**base, "options": {"width": "100"}}}
+        r = await gw.gql(GENERATE, wrong_type, "gk_abc_notarealsecret")
+        assert r.status_code == 400 and "X-RateLimit-Limit" not in r.headers
+
+
 async def test_free_plan_admits_ten_a_minute_then_429_until_retry_after(
     redis_url: str, storage_dir: Path
 ) -> None:

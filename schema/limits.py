@@ -22,15 +22,19 @@ from dataclasses import dataclass, field
 from graphql import (
     DocumentNode,
     FieldNode,
+    FloatValueNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
     InlineFragmentNode,
     IntValueNode,
+    ListValueNode,
+    ObjectValueNode,
     OperationDefinitionNode,
     SelectionSetNode,
     Source,
     SourceLocation,
+    ValueNode,
 )
 from graphql.validation.rules import overlapping_fields_can_be_merged
 
@@ -46,6 +50,13 @@ MAX_FIELDS = 2_500
 # Fields answering a page of `first` items, and the most they serve: below one, a field
 # counts `first` times if it is written as a number, else that most.
 PAGES = {"jobs": 100}  # Query.jobs
+# Fields a document may ask for once (aliases would multiply them): `usage` reads up to
+# 50,000 jobs (~0.1 s for 4,000); `__schema`, the whole schema (~25 ms, 1.2 MB for
+# fifteen aliased, with no key needed).
+ONCE = frozenset({"usage", "__schema"})
+# Characters of a number written in the document: graphql-core turns a longer integer
+# into an error that names Python's own limit (4,300 digits).
+MAX_NUMBER = 64
 # Fields, fragment spreads and inline fragments in the text: what the rules visit.
 MAX_SELECTIONS = 500
 # Operations and fragments: several rules walk each one of them on their own.
@@ -93,6 +104,8 @@ class Measure:
     aliases: int = 0
     fields: int = 0
     selections: int = 0  # in the text, spreads not expanded
+    once: dict[str, int] = field(default_factory=dict)  # times each of `ONCE` is asked
+    long_numbers: int = 0  # numbers over `MAX_NUMBER` characters in its arguments
     # The fragments spread: (name, the spread's depth, or None where depth does not
     # count; how many times its fields count there).
     spreads: list[tuple[str, int | None, int]] = field(default_factory=list)
@@ -104,9 +117,27 @@ def page_size(node: FieldNode) -> int:
     if most is None:
         return 1
     for argument in node.arguments or ():
-        if argument.name.value == "first" and isinstance(argument.value, IntValueNode):
-            return min(max(int(argument.value.value), 1), most)
+        value = argument.value
+        if argument.name.value == "first" and isinstance(value, IntValueNode):
+            if len(value.value) > MAX_NUMBER:  # refused (`long_numbers`): not converted
+                return most
+            return min(max(int(value.value), 1), most)
     return most  # a variable, or the default: at most
+
+
+def long_numbers(values: list[ValueNode]) -> int:
+    """The numbers over `MAX_NUMBER` characters in `values`, at any depth."""
+    found = 0
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, IntValueNode | FloatValueNode):
+            found += len(value.value) > MAX_NUMBER
+        elif isinstance(value, ListValueNode):
+            stack.extend(value.values)
+        elif isinstance(value, ObjectValueNode):
+            stack.extend(member.value for member in value.fields)
+    return found
 
 
 def measure(selection_set: SelectionSetNode) -> Measure:
@@ -124,6 +155,11 @@ def measure(selection_set: SelectionSetNode) -> Measure:
                 out.fields += times
                 if selection.alias:
                     out.aliases += 1
+                name = selection.name.value
+                if name in ONCE:
+                    out.once[name] = out.once.get(name, 0) + times
+                if selection.arguments:
+                    out.long_numbers += long_numbers([a.value for a in selection.arguments])
                 if selection.selection_set:
                     below = counted and not selection.name.value.startswith("__")
                     stack.append(
@@ -140,13 +176,18 @@ def measure(selection_set: SelectionSetNode) -> Measure:
 def expand(own: Measure, totals: dict[str, Measure]) -> Measure:
     """`own` with the totals of the fragments it spreads added (a missing one adds
     nothing: unknown, or closing a cycle)."""
-    total = Measure(own.depth, own.aliases, own.fields, own.selections)
+    total = Measure(
+        own.depth, own.aliases, own.fields, own.selections, dict(own.once), own.long_numbers
+    )
     for name, depth, times in own.spreads:
         spread = totals.get(name)
         if spread is None:
             continue
         total.aliases += spread.aliases
         total.fields += times * spread.fields
+        total.long_numbers += spread.long_numbers
+        for field_name, asked in spread.once.items():
+            total.once[field_name] = total.once.get(field_name, 0) + times * asked
         if depth is not None and depth + spread.depth > total.depth:
             total.depth = depth + spread.depth
     return total
@@ -222,7 +263,8 @@ def check(document: DocumentNode) -> list[GraphQLError]:
         ]
     totals, selections = fragment_totals(document)
     errors = []
-    aliases = fields = 0
+    aliases = fields = numbers = 0
+    once: dict[str, int] = {}
     for definition in document.definitions:
         if not isinstance(definition, OperationDefinitionNode):
             continue
@@ -231,6 +273,11 @@ def check(document: DocumentNode) -> list[GraphQLError]:
         total = expand(own, totals)
         aliases += total.aliases
         fields += total.fields
+        numbers += total.long_numbers + long_numbers(
+            [v.default_value for v in definition.variable_definitions or () if v.default_value]
+        )
+        for name, asked in total.once.items():
+            once[name] = once.get(name, 0) + asked
         if total.depth > MAX_DEPTH:
             name = definition.name.value if definition.name else "anonymous"
             errors.append(
@@ -243,6 +290,16 @@ def check(document: DocumentNode) -> list[GraphQLError]:
             GraphQLError(
                 f"{fields} fields found with fragments expanded and pages full. "
                 f"Allowed: {MAX_FIELDS}"
+            )
+        )
+    for name, asked in sorted(once.items()):
+        if asked > 1:
+            errors.append(GraphQLError(f"{name} asked for {asked} times. Allowed: once"))
+    if numbers:
+        errors.append(
+            GraphQLError(
+                f"{numbers} numbers over {MAX_NUMBER} characters found in the document. "
+                f"Allowed: {MAX_NUMBER} characters"
             )
         )
     if selections > MAX_SELECTIONS:

@@ -105,6 +105,34 @@ HOSTILE: dict[str, tuple[str, dict[str, Any] | None]] = {
         + " }",
         None,
     ),
+    # 0.36 s with no key: fifteen whole schemas, 1.2 MB.
+    "introspection aliased": (
+        "{ "
+        + " ".join(
+            f"s{i}: __schema {{ types {{ name fields {{ name args {{ name }} }} }} }}"
+            for i in range(15)
+        )
+        + " }",
+        None,
+    ),
+    # Each alias may read 50,000 jobs: ~0.1 s for 4,000.
+    "usage aliased": (
+        "{ "
+        + " ".join(
+            f'u{i}: usage(from: "2026-01-01", to: "2026-12-31") {{ totals {{ requests }} }}'
+            for i in range(15)
+        )
+        + " }",
+        None,
+    ),
+    # A 500: the page size was converted before the schema checked it.
+    "a page size of 4,301 digits": ("{ jobs(first: " + "9" * 4_301 + ") { nodes { id } } }", None),
+    # A 400 whose message named Python's own limit on converting integers.
+    "a seed of 4,301 digits": (
+        'mutation { generate(input: {type: IMAGE, provider: "local", input: {text: "x"}, '
+        "options: {seed: " + "9" * 4_301 + "}}) { id } }",
+        None,
+    ),
     # 1.2 s making an error, with suggestions, for each member (twice: the prepared
     # path tried first).
     "variables with thousands of members": (
@@ -398,6 +426,26 @@ def test_pages_count_the_items_they_may_hold() -> None:
         if "first" in field.args
     }
     assert taking_first == set(limits.PAGES)
+
+
+def test_what_costs_most_is_asked_once_and_numbers_are_bounded() -> None:
+    usage = 'usage(from: "2026-01-01", to: "2026-01-31") { totals { requests } }'
+    assert limits.check(parse(f"{{ {usage} me {{ id }} }}")) == []
+    assert [e.message for e in limits.check(parse(f"{{ a: {usage} b: {usage} }}"))] == [
+        "usage asked for 2 times. Allowed: once"
+    ]
+    # Through fragments too, as many times as they are spread.
+    twice = "{ ...F ...G } fragment F on Query { __schema { queryType { name } } } " + (
+        "fragment G on Query { ...F }"
+    )
+    assert [e.message for e in limits.check(parse(twice))] == [
+        "__schema asked for 2 times. Allowed: once"
+    ]
+    longest = "9" * limits.MAX_NUMBER
+    assert limits.check(parse(f"{{ jobs(first: {longest}) {{ nodes {{ id }} }} }}")) == []
+    for written in (longest + "9", f"[{{a: {longest}9}}]", longest + ".5"):
+        document = parse(f"query($x: Int = {written}) {{ job(id: {written}) {{ id }} }}")
+        assert limits.check(document)[0].message.startswith("2 numbers over 64 characters")
 
 
 def test_the_text_and_the_variables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -125,6 +125,8 @@ class Crashes:
         sent = Sent(send)
         try:
             await self.app(scope, receive, sent)
+        except ClientDisconnect:
+            raise  # not a bug: the client left mid-body (`RequestTelemetry` notes it)
         except Exception:
             if sent.started:  # the answer is under way: nothing left to say it with
                 raise

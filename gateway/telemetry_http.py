@@ -8,7 +8,8 @@ sane one (at most 128 of `[A-Za-z0-9._-]`), else a new one. While the request ru
 (`count`, when metrics are on) and one JSON line is logged (unless `GATEWAY_ACCESS_LOG`
 is off): `request` with the method, the route's template (never the path or its query,
 which may hold a client token), the status, the duration, and the `account` and
-`job_id` noted on the way (`gateway.telemetry.note`). With tracing on, the request is a
+`job_id` noted on the way (`gateway.telemetry.note`); a client that left before its
+body was read is status 499. With tracing on, the request is a
 server span (continuing a client's `traceparent`) named after its route.
 
 A WebSocket connection gets an id the same way: echoed on its handshake's answer, bound
@@ -30,6 +31,7 @@ from collections.abc import Callable
 
 import orjson
 import structlog
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,6 +116,10 @@ class RequestTelemetry:
                 await self._traced(scope, receive, send_id, fields)
             else:
                 await self.app(scope, receive, send_id)
+        except ClientDisconnect:
+            # The client closed the connection before its body was read: nobody to
+            # answer, nothing broken. Logged and counted as nginx does, 499.
+            status = 499
         except Exception:
             if http and not answered:  # answered here, with the id; the server logs it
                 error = self.refuse(scope["path"], InternalError("internal server error"))

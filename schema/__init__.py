@@ -18,9 +18,11 @@ from graphql import (
     FieldNode,
     GraphQLError,
     GraphQLSchema,
+    OperationType,
     get_operation_ast,
     parse,
 )
+from starlette.websockets import WebSocket
 from strawberry.extensions import MaskErrors
 from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
@@ -160,10 +162,25 @@ class Guard(MaskUnexpected):
         if not errors and (
             error := operation_error(document, self.operation_name)
             or limits.variables_error(context.variables)
+            or self._transport_error(document)
         ):
             errors = [error]
         context.pre_execution_errors = errors
         yield
+
+    def _transport_error(self, document: DocumentNode) -> GraphQLError | None:
+        """A subscription asked over HTTP, where it cannot stream (graphql-core would
+        run it as a query, whose field yields nothing: a 500)."""
+        operation = get_operation_ast(document, self.operation_name)
+        if operation is None or operation.operation != OperationType.SUBSCRIPTION:
+            return None
+        request = getattr(self.execution_context.context, "request", None)
+        if isinstance(request, WebSocket):
+            return None
+        return GraphQLError(
+            "Subscriptions are served over a WebSocket on this path "
+            "(graphql-transport-ws or graphql-ws), not over HTTP."
+        )
 
 
 def build_schema() -> strawberry.Schema:

@@ -85,7 +85,8 @@ def resolved(request: AsyncHTTPRequestAdapter | BaseRequestProtocol) -> dict[str
 
 
 async def json_body(request: Request) -> dict[str, Any] | None:
-    """A POST's JSON object; None for anything else (Strawberry's path reports it)."""
+    """A POST's JSON object; None for anything else (Strawberry's path reports it), but
+    a JSON value that is neither an object nor a (batch's) list, which it fails on."""
     content_type = request.headers.get("content-type", "")
     if content_type.partition(";")[0].strip().lower() != "application/json":
         return None
@@ -93,7 +94,11 @@ async def json_body(request: Request) -> dict[str, Any] | None:
         data = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
         return None
-    return data if type(data) is dict else None
+    if type(data) is dict:
+        return data
+    if type(data) is not list:
+        raise BadUserInput('the body must be a JSON object: {"query": ..., "variables": ...}')
+    return None
 
 
 def query_params(request: Request) -> dict[str, Any] | None:

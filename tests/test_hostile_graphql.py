@@ -581,3 +581,24 @@ async def test_a_client_that_accepts_graphql_responses_gets_that_type_errors_inc
             headers={"Authorization": f"Bearer {key}"},
         )
         assert plain.headers["content-type"].startswith("application/json")
+
+
+async def test_a_body_that_is_no_object_or_a_subscription_over_http_is_a_400(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Both were 500s with a traceback: Strawberry read a JSON string as the request, and
+    graphql-core ran a subscription as a query whose field yields nothing."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        for body in (b'"hello"', b"1", b"true", b"null"):
+            r = await gw.http.post("/graphql", content=body, headers=headers)
+            assert_refused(r, body.decode())
+            assert "JSON object" in r.json()["errors"][0]["message"]
+        subscription = 'subscription { jobUpdates(id: "x") { id } }'
+        for r in (
+            await gw.http.post("/graphql", json={"query": subscription}, headers=headers),
+            await gw.http.get("/graphql", params={"query": subscription}, headers=headers),
+        ):
+            assert_refused(r, "subscription over HTTP")
+            assert "WebSocket" in r.json()["errors"][0]["message"]

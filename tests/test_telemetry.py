@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import structlog
@@ -324,3 +326,35 @@ except ZeroDivisionError:
     assert logged["event"] == "an error in a resolver" and logged["request_id"] == "r-123"
     assert logged["level"] == "error" and logged["logger"] == "strawberry.execution"
     assert "ZeroDivisionError" in logged["exception"]
+
+
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(
+    redis_url: str, storage_dir: Path, log_lines: io.BytesIO
+) -> None:
+    """It announced more than it sent, then closed: no traceback, no 500 counted (which
+    anyone could inflate to trip alerts), one request line with status 499."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        url = urlsplit(gw.base)
+        for n, path in enumerate(("/graphql", "/v1/text_to_image", "/v1/images/generations")):
+            _, writer = await asyncio.open_connection(url.hostname, url.port)
+            writer.write(
+                b"POST %b HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"X-Request-Id: left-%d\r\nAuthorization: Bearer %b\r\n"
+                b'Content-Length: 1000\r\n\r\n{"query": "{' % (path.encode(), n, key.encode())
+            )
+            await writer.drain()
+            writer.close()
+
+        async def logged() -> list[dict[str, Any]]:
+            return [e for e in lines(log_lines) if e.get("request_id", "").startswith("left-")]
+
+        async def all_logged() -> bool:
+            return len(await logged()) == 3
+
+        await until(all_logged)
+        metrics = (await gw.http.get("/metrics")).text
+    assert sorted(e["status"] for e in await logged()) == [499, 499, 499]
+    assert "unexpected error" not in log_lines.getvalue().decode()
+    for route in ("/graphql", "/v1/text_to_image", "/v1/images/generations"):
+        assert f'route="{route}",status="499"' in metrics  # counted as what it was

@@ -170,7 +170,7 @@ def serve(
     """Serve the API (GraphQL and REST); runs in-process workers too."""
     import uvicorn
 
-    from gateway.app import build_app
+    from gateway.app import build_app, server_limits
 
     settings = _settings(host=host, port=port)
     _configure_logging()
@@ -199,6 +199,7 @@ def serve(
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+        **server_limits(settings),
     )
 
 

@@ -67,6 +67,14 @@ def argument_error(error: GraphQLError) -> bool:
     return bool(nodes) and not isinstance(nodes[0], FieldNode)
 
 
+def error_code(error: GraphQLError) -> str:
+    """The code of an error raised without one: the request's own (parse, validation,
+    variables, an argument its variables made invalid) is BAD_USER_INPUT, unless it arose
+    while resolving (INTERNAL_SERVER_ERROR: masked, `should_mask`)."""
+    own = not error.path or argument_error(error)
+    return "BAD_USER_INPUT" if own else "INTERNAL_SERVER_ERROR"
+
+
 class MaskUnexpected(MaskErrors):
     """Strawberry's masking, with the gateway's codes (docs/api.md#errors): a masked
     error is ours (500)."""
@@ -81,7 +89,11 @@ class GatewaySchema(strawberry.Schema):
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
-        """Log only unexpected errors: a refusal (429, 402, 400...) is not an incident."""
+        """Give every error its code (`error_code`), over HTTP and WebSockets alike; log
+        only unexpected ones: a refusal (429, 402, 400...) is not an incident."""
+        for error in errors:
+            if "code" not in (error.extensions or {}):
+                error.extensions = {**(error.extensions or {}), "code": error_code(error)}
         unexpected = [e for e in errors if should_mask(e)]
         if unexpected:
             super().process_errors(unexpected, execution_context)

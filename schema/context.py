@@ -48,9 +48,15 @@ class Context:
     principal: Principal | None = field(default=None)
     rate_headers: dict[str, str] = field(default_factory=dict)
     _request_lookup: Lookup = field(default_factory=Lookup)  # over HTTP: the request's
+    _key_of: tuple[dict[str, Any] | None, str | None] | None = None  # (params, their key)
 
     def api_key(self) -> str | None:
-        return api_key_from(self.request.headers, self.connection_params)
+        """The key or token of the request, or of the WebSocket's `connection_init`: read
+        once per connection (its params may be large; each operation asks again)."""
+        params = self.connection_params
+        if self._key_of is None or self._key_of[0] is not params:
+            self._key_of = (params, api_key_from(self.request.headers, params))
+        return self._key_of[1]
 
     def origin(self) -> str:
         """The page's origin (a browser sends it, on the WebSocket upgrade too)."""

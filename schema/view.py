@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from datetime import timedelta
 from typing import Any
@@ -42,7 +43,7 @@ from gateway import pages
 from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
-from schema import argument_error, persisted
+from schema import error_code, persisted
 from schema.context import OPERATION, Context, Lookup
 from schema.prepared import Prepared
 
@@ -182,17 +183,86 @@ _VARY = VARY.encode()
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 
 
+def message_error(message: object, with_id: tuple[str, ...], operation: str) -> str | None:
+    """What is wrong with a WebSocket message's shape, for its protocol (`with_id`: the
+    types that name an operation; `operation`: the one that starts it, whose payload is
+    a request); None when it is well formed. Strawberry's handlers read a malformed one
+    into a TypeError: the connection dropped without a close frame, a traceback logged."""
+    if type(message) is not dict or not isinstance(message.get("type"), str):
+        return "Invalid message: a JSON object with a string type"
+    kind = message["type"]
+    if kind in with_id and not (isinstance(message.get("id"), str) and message["id"]):
+        return f"Invalid message: {kind} needs a string id"
+    if kind == operation:
+        payload = message.get("payload")
+        if not (
+            type(payload) is dict
+            and isinstance(payload.get("query"), str)
+            and isinstance(payload.get("variables"), dict | None)
+            and isinstance(payload.get("operationName"), str | None)
+            and isinstance(payload.get("extensions"), dict | None)
+        ):
+            return (
+                f"Invalid message: {kind} needs a payload "
+                "{query: string, variables?: object, operationName?: string}"
+            )
+    return None
+
+
+def with_codes(errors: Any) -> None:
+    """Give each formatted error that has none the code the HTTP path gives it: the
+    handlers' own errors (a full connection's "Subscription limit reached")."""
+    for error in errors if isinstance(errors, list) else [errors]:
+        if isinstance(error, dict) and "code" not in (error.get("extensions") or {}):
+            code = "INTERNAL_SERVER_ERROR" if error.get("path") else "BAD_USER_INPUT"
+            error["extensions"] = {**(error.get("extensions") or {}), "code": code}
+
+
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws (graphql-ws, Apollo Client): each operation runs in a task of
-    its own, with a key check of its own (`schema/context.py`)."""
+    its own, with a key check of its own (`schema/context.py`); a malformed message
+    closes the connection with 4400, as the protocol says."""
+
+    async def handle_message(self, message: Any) -> None:
+        if reason := message_error(message, ("subscribe", "complete"), "subscribe"):
+            await self.handle_invalid_message(reason)
+            return
+        await super().handle_message(message)
 
     async def run_operation(self, operation: Operation[Context, None]) -> None:
         OPERATION.set(Lookup())
         await super().run_operation(operation)
 
+    async def send_message(self, message: Any) -> None:
+        if message["type"] == "error":
+            with_codes(message.get("payload"))
+        elif message["type"] == "next":
+            with_codes(message["payload"].get("errors") or [])
+        await super().send_message(message)
+
 
 class LegacyWSHandler(BaseGraphQLWSHandler[Context, None]):
-    """The older graphql-ws protocol (subscriptions-transport-ws), the same way."""
+    """The older graphql-ws protocol (subscriptions-transport-ws), the same way; its
+    connection must be initialised in time too (Strawberry times out only the other
+    protocol's), and a malformed message closes it (4400: this protocol has no code)."""
+
+    async def handle(self) -> None:
+        timer = asyncio.create_task(self._initialised_in_time())
+        try:
+            await super().handle()
+        finally:
+            timer.cancel()
+
+    async def _initialised_in_time(self) -> None:
+        await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
+        if not self.connection_acknowledged:
+            await self.websocket.close(code=4408, reason="Connection initialisation timeout")
+
+    async def handle_message(self, message: Any) -> None:
+        if reason := message_error(message, ("start", "stop"), "start"):
+            await self.websocket.close(code=4400, reason=reason)
+            return
+        await super().handle_message(message)
 
     async def handle_async_results(
         self,
@@ -203,6 +273,13 @@ class LegacyWSHandler(BaseGraphQLWSHandler[Context, None]):
     ) -> None:
         OPERATION.set(Lookup())
         await super().handle_async_results(operation_id, query, operation_name, variables)
+
+    async def send_message(self, message: Any) -> None:
+        if message["type"] == "error":
+            with_codes(message.get("payload"))
+        elif message["type"] == "data":
+            with_codes(message["payload"].get("errors") or [])
+        await super().send_message(message)
 
 
 class GraphQLView(GraphQL[Context, None]):
@@ -421,12 +498,8 @@ class GraphQLView(GraphQL[Context, None]):
             for error in result.errors:
                 formatted = error.formatted
                 ext = dict(formatted.get("extensions") or {})
-                if "code" not in ext:
-                    # Uncoded: the request's own (parse, validation, variables, an argument
-                    # its variables made invalid), unless it arose while resolving (masked
-                    # ones already say INTERNAL_SERVER_ERROR).
-                    own = not error.path or argument_error(error)
-                    ext["code"] = "BAD_USER_INPUT" if own else "INTERNAL_SERVER_ERROR"
+                if "code" not in ext:  # one the schema did not see (Strawberry's own)
+                    ext["code"] = error_code(error)
                 formatted["extensions"] = ext
                 errors.append(formatted)
             body["errors"] = errors  # type: ignore[typeddict-item]

@@ -18,7 +18,7 @@ import httpx
 from redis import Redis
 
 from gateway.accounts import Accounts
-from gateway.app import build_app
+from gateway.app import build_app, server_limits
 from gateway.config import Settings, load_settings
 from gateway.store.redis import Scripts, connect, source
 from tests.servers import ReplyCutter, free_port, serve
@@ -114,7 +114,7 @@ async def gateway(
         overrides["public_url"] = overrides["callback_url"] = f"http://127.0.0.1:{port}"
     settings = load_settings(redis_url=redis_url, storage_dir=storage_dir, port=port, **overrides)
     app = build_app(settings, clock=clock)
-    async with serve(app, port=port) as base:
+    async with serve(app, port=port, **server_limits(settings)) as base:
         redis = await connect(redis_url) if redis_url else app.state.gateway.redis
         accounts = Accounts(redis, Scripts.register(redis), settings)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:

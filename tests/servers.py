@@ -32,8 +32,9 @@ def free_cluster_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
-    """Run `app` with uvicorn on 127.0.0.1; yield its base URL (no trailing slash)."""
+async def serve(app: object, port: int | None = None, **options: Any) -> AsyncIterator[str]:
+    """Run `app` with uvicorn on 127.0.0.1; yield its base URL (no trailing slash).
+    `options`: uvicorn's, more (the gateway's `server_limits`)."""
     port = port or free_port()
     config = uvicorn.Config(
         app,
@@ -45,6 +46,7 @@ async def serve(app: object, port: int | None = None) -> AsyncIterator[str]:
         # As `gateway serve` does: a request still running at shutdown cannot hold it up
         # forever (uvicorn would otherwise wait for it before the lifespan ends).
         timeout_graceful_shutdown=5,
+        **options,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -1,0 +1,129 @@
+"""The WebSocket protocols held to their shape (docs/api.md#subscriptions): a malformed
+message closes the connection with a reason instead of dropping it; every error carries
+its code; a message is no larger than an HTTP body; a large `connection_init` is read
+once, not at each operation; the older protocol must be initialised in time too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+import schema.context
+from tests.harness import gateway
+from tests.test_ws_credentials import Socket, ws_message
+
+PROTOCOLS = ("graphql-transport-ws", "graphql-ws")
+
+
+def url_of(base: str) -> str:
+    return base.replace("http://", "ws://") + "/graphql"
+
+
+async def closed_with(ws: websockets.ClientConnection) -> tuple[int, str]:
+    """The close frame the server sent (code, reason), messages before it skipped."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(ws.recv(), 15)
+    frame = closed.value.rcvd
+    assert frame is not None, "dropped without a close frame"
+    return frame.code, frame.reason
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_malformed_message_closes_the_connection_with_a_reason(
+    redis_url: str, storage_dir: Path, protocol: str
+) -> None:
+    start = "subscribe" if protocol == "graphql-transport-ws" else "start"
+    stop = "complete" if protocol == "graphql-transport-ws" else "stop"
+    malformed: list[Any] = [
+        [],
+        "x",
+        None,
+        1,
+        {"id": "1"},  # no type
+        {"type": start, "payload": {"query": "{ me { plan } }"}},  # no id
+        {"type": start, "id": ["1"], "payload": {"query": "{ me { plan } }"}},
+        {"type": start, "id": "1", "payload": "{ me { plan } }"},
+        {"type": start, "id": "1", "payload": {"query": 5}},
+        {"type": start, "id": "1", "payload": {"query": "{ me { plan } }", "variables": []}},
+        {"type": stop, "id": {"a": 1}},
+    ]
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        for message in malformed:
+            socket = await Socket.open(gw.base, key, protocol)
+            await socket.ws.send(json.dumps(message))
+            code, reason = await closed_with(socket.ws)
+            assert (code, reason.startswith("Invalid message")) == (4400, True), message
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_errors_over_a_websocket_carry_their_codes(
+    redis_url: str, storage_dir: Path, protocol: str
+) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        socket = await Socket.open(gw.base, key, protocol)
+        errors = []
+        for query in ("{ me { nosuchfield } }", "query A { me { plan } } query B { me { plan } }"):
+            op = await socket.start(query)
+            while (message := await ws_message(socket.ws)).get("id") != op:
+                pass
+            payload = message["payload"]
+            found = payload if isinstance(payload, list) else payload.get("errors") or [payload]
+            errors.extend(found)
+        assert errors and all(e["extensions"]["code"] == "BAD_USER_INPUT" for e in errors), errors
+        await socket.ws.close()
+
+
+async def test_a_message_is_no_larger_than_an_http_body(redis_url: str, storage_dir: Path) -> None:
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        socket = await Socket.open(gw.base, key, "graphql-transport-ws")
+        prompt = "x" * (gw.settings.max_body_bytes + 1)
+        await socket.start("query($p: String) { me { plan } }", {"p": prompt})
+        assert (await closed_with(socket.ws))[0] == 1009  # message too big
+        # Within it, the same connection's work goes on.
+        socket = await Socket.open(gw.base, key, "graphql-transport-ws")
+        op = await socket.start("{ me { plan } }")
+        assert await socket.next_result(op) == {"data": {"me": {"plan": "pro"}}}
+
+
+async def test_a_large_connection_init_is_read_once_not_at_each_operation(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[int] = []
+    real = schema.context.api_key_from
+
+    def counting(headers: Any, params: dict[str, Any] | None = None) -> str | None:
+        read.append(len(params or ()))
+        return real(headers, params)
+
+    monkeypatch.setattr(schema.context, "api_key_from", counting)
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        async with websockets.connect(url_of(gw.base), subprotocols=["graphql-transport-ws"]) as ws:
+            params = {"Authorization": f"Bearer {key}", **{f"k{i}": i for i in range(3_000)}}
+            await ws.send(json.dumps({"type": "connection_init", "payload": params}))
+            assert (await ws_message(ws))["type"] == "connection_ack"
+            socket = Socket(ws, "graphql-transport-ws")
+            for _ in range(20):
+                op = await socket.start("{ me { plan } }")
+                assert await socket.next_result(op) == {"data": {"me": {"plan": "pro"}}}
+    assert read.count(len(params)) == 1, read
+
+
+async def test_the_older_protocol_closes_a_connection_never_initialised(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """As graphql-transport-ws does (4408), after the same 10 s."""
+    async with (
+        gateway(redis_url, storage_dir) as gw,
+        websockets.connect(url_of(gw.base), subprotocols=["graphql-ws"]) as ws,
+    ):
+        assert await closed_with(ws) == (4408, "Connection initialisation timeout")

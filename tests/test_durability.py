@@ -451,7 +451,7 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
     lease: another takes its jobs over and resumes them upstream. When the first runs
     again it finds them taken and stops them, so each is run by one worker only: polled,
     downloaded and stored once, submitted upstream once."""
-    lease = "3"  # seconds: heartbeats every second
+    lease = "6"  # seconds: heartbeats every 2 s
     async with held_krea(redis_url, storage_dir) as (emu, krea, gw):
         key = await gw.key("enterprise", credits=10_000)
         ids = await submit(gw, key, 3)
@@ -480,11 +480,13 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
                 return log.read_text().count("job taken over by another worker") == len(ids)
 
             await until(stopped_there)
-            # Only the second runs them now: paused, nobody polls Krea but for the round it
-            # may have had on the wire (a job polled every 0.05 s by a worker still running
-            # it would be ~20 more). A window shorter than the lease: after it, the first
-            # could rightly take them back.
+            # Only the second runs them now: paused, nobody polls Krea (a job polled every
+            # 0.05 s by a worker still running it would be ~20 more in the window). Half a
+            # second first for the polls already on the wire to arrive; the whole within a
+            # heartbeat (whose retry would hide a cancel Python 3.11 lost: `stop_task`)
+            # and well within the lease, after which the first could rightly take them back.
             second.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(0.5)
             polled = len(emu.received("GET", "/jobs/"))
             await asyncio.sleep(1)
             assert len(emu.received("GET", "/jobs/")) - polled <= len(ids)

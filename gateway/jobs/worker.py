@@ -42,6 +42,18 @@ FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, n
 #: images downloaded and stored at once: a burst of completions (thousands of callbacks in
 #: a few seconds) queues here instead of holding every image in memory at once
 STORING_AT_ONCE = 256
+CANCEL_AGAIN = 0.1  # seconds: how soon a task that ignored its cancel is cancelled again
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` until it has ended. One cancel can be lost on Python 3.11: its
+    `asyncio.wait_for`, through which redis-py reads a reply, returns the result of a
+    read that completed as the cancel arrived and drops the cancel (fixed in 3.12). A
+    job's task then ran on, polling its upstream beside the worker that took it over,
+    until the next heartbeat cancelled it again."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=CANCEL_AGAIN)
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +112,7 @@ class Worker:
         self.freed = asyncio.Event()
         self.storing = asyncio.Semaphore(STORING_AT_ONCE)
         self.cancelled: set[str] = set()  # keys of running jobs cancelled by their owner
+        self.stopping: set[asyncio.Task[None]] = set()  # `stop_task`s of jobs taken over
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -138,9 +151,7 @@ class Worker:
             tasks = [r.task for r in self.running.values() if r.task is not None]
             if tasks:
                 _, pending = await asyncio.wait(tasks, timeout=grace)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.gather(*map(stop_task, pending))
             loops = [heartbeat, watcher, *([self.sweeping] if self.sweeping else [])]
             for loop in loops:
                 loop.cancel()
@@ -187,15 +198,19 @@ class Worker:
 
     async def beat(self) -> None:
         """Renew what this worker runs; take over what silent workers left behind."""
-        running = list(self.running.values())
-        for lost in await self.queue.touch(self.consumer, [r.entry_id for r in running]):
+        # Not those being stopped (`stop_task`): theirs are another worker's now.
+        running = [r for r in self.running.values() if not (r.task and r.task.cancelling())]
+        lost_now = set(await self.queue.touch(self.consumer, [r.entry_id for r in running]))
+        for lost in lost_now:
             # Another worker took the job over while this one could not renew it: it runs
             # it now (resuming its upstream job); stopped here, it is not run twice.
             taken = self.running.get(lost)
             if taken is not None and taken.task is not None:
                 log.warning("job taken over by another worker", entry=lost, job=taken.job_key)
-                taken.task.cancel()
-        running = [r for r in running if not (r.task and r.task.cancelling())]
+                stopping = asyncio.create_task(stop_task(taken.task))
+                self.stopping.add(stopping)  # kept until done: a task is only weakly held
+                stopping.add_done_callback(self.stopping.discard)
+        running = [r for r in running if r.entry_id not in lost_now]
         await self.store.renew_leases(
             [r.job for r in running if r.job is not None], self.now_ms() + self.lease_ms
         )

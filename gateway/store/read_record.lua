@@ -25,7 +25,8 @@ local function read_record(key)
     if string.find(raw, '"hit":', 1, true) then
       local job = cjson.decode(raw)
       hit, digest = tonumber(job['hit']) or 0, job['cache_key']
-    elseif string.find(raw, '"status":"queued"', 1, true) then
+    elseif string.find(raw, '"status":"queued"', 1, true)
+      and string.find(raw, '"cache_key":', 1, true) then  -- decoded only if it may follow
       raw = as_follower(key, raw)
     end
   elseif raw then  -- a record written as a hash (record.lua)

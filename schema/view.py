@@ -209,9 +209,16 @@ def message_error(message: object, with_id: tuple[str, ...], operation: str) -> 
     return None
 
 
-def with_codes(errors: Any) -> None:
-    """Give each formatted error that has none the code the HTTP path gives it: the
-    handlers' own errors (a full connection's "Subscription limit reached")."""
+def with_codes(message: Any, result: str) -> None:
+    """Give each formatted error of an outgoing message (`error`, or the protocol's
+    `result`: next, data) that has none the code the HTTP path gives it: the handlers'
+    own errors (a full connection's "Subscription limit reached")."""
+    if message["type"] == "error":
+        errors = message.get("payload")
+    elif message["type"] == result:
+        errors = message["payload"].get("errors") or []
+    else:
+        return
     for error in errors if isinstance(errors, list) else [errors]:
         if isinstance(error, dict) and "code" not in (error.get("extensions") or {}):
             code = "INTERNAL_SERVER_ERROR" if error.get("path") else "BAD_USER_INPUT"
@@ -234,10 +241,7 @@ class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         await super().run_operation(operation)
 
     async def send_message(self, message: Any) -> None:
-        if message["type"] == "error":
-            with_codes(message.get("payload"))
-        elif message["type"] == "next":
-            with_codes(message["payload"].get("errors") or [])
+        with_codes(message, "next")
         await super().send_message(message)
 
 
@@ -275,10 +279,7 @@ class LegacyWSHandler(BaseGraphQLWSHandler[Context, None]):
         await super().handle_async_results(operation_id, query, operation_name, variables)
 
     async def send_message(self, message: Any) -> None:
-        if message["type"] == "error":
-            with_codes(message.get("payload"))
-        elif message["type"] == "data":
-            with_codes(message["payload"].get("errors") or [])
+        with_codes(message, "data")
         await super().send_message(message)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -182,9 +181,6 @@ class LocalOutputs(StaticFiles):
     """`GET /outputs/NAME` from the storage directory: only the names the gateway makes
     (any other file there is not an output: 404), cached as the bucket's objects are."""
 
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory=directory)
-
     async def get_response(self, path: str, scope: Scope) -> Response:
         if not NAME.fullmatch(path):
             raise HTTPException(status_code=404)
@@ -225,7 +221,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         outputs = Route("/outputs/{name}", stored_output, methods=["GET"])
     else:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
-        outputs = Mount("/outputs", LocalOutputs(settings.storage_dir), name="outputs")
+        outputs = Mount("/outputs", LocalOutputs(directory=settings.storage_dir), name="outputs")
     schema = build_schema()
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     view = GraphQLView(schema, prepared(schema), allowed_origins=settings.allowed_origins)

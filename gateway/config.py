@@ -182,10 +182,14 @@ class Settings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, v: str) -> str:
+        """Each entry as browsers spell an Origin (`gateway/origins.py`), or `*`."""
+        spelled = []
         for listed in filter(None, (o.strip() for o in v.split(","))):
-            if listed != "*" and origin(listed) is None:
+            as_sent = listed if listed == "*" else origin(listed)
+            if as_sent is None:
                 raise ValueError(f"{listed!r} is not an origin like https://app.example.com")
-        return v
+            spelled.append(as_sent)
+        return ",".join(dict.fromkeys(spelled))
 
     @field_validator("storage_url")
     @classmethod
@@ -214,10 +218,8 @@ class Settings(BaseSettings):
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
-        """`cors_origins` as browsers spell an Origin (`gateway/origins.py`); ("*",) for
-        any."""
-        listed = [o.strip() for o in self.cors_origins.split(",")]
-        origins = tuple(dict.fromkeys(o if o == "*" else origin(o) or "" for o in listed if o))
+        """`cors_origins` (spelled as browsers send them); ("*",) for any."""
+        origins = tuple(o for o in self.cors_origins.split(",") if o)
         if "*" in origins or (not origins and self.dev):
             return ("*",)
         return origins

@@ -35,7 +35,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.jobs.model import Job
-from gateway.params import GenerationRequest, from_image_input, idempotency_key
+from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.rest import ORJSONResponse, read_json
 from gateway.service import Gateway
 
@@ -173,10 +173,7 @@ async def generations(request: Request) -> Response:
         nonlocal body
         body = await read_json(request)
         wanted = to_request(body, known_models(gateway))
-        idempotency = idempotency_key(request.headers.get("idempotency-key"))
-        if idempotency:
-            wanted = wanted.model_copy(update={"idempotency_key": idempotency})
-        return wanted
+        return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
 
     headers: dict[str, str] = {}
     try:

@@ -251,19 +251,20 @@ def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
     return _validate(fields, named)
 
 
-def idempotency_key(header: str | None) -> str | None:
-    """An `Idempotency-Key` header as a request's `idempotency_key`, for the routes that
-    set it after validation (`model_copy`): a key too long is refused, not cut, since two
-    keys that share their first characters are different requests."""
-    if not header:
-        return None
+def with_idempotency_header(wanted: GenerationRequest, header: str | None) -> GenerationRequest:
+    """`wanted` with an `Idempotency-Key` header as its `idempotency_key`, unless its body
+    named one (REST's `idempotencyKey`; OpenAI's and the providers' bodies have none): a
+    key too long is refused, not cut, since two keys that share their first characters
+    are different requests."""
+    if not header or wanted.idempotency_key:
+        return wanted
     limit = GenerationRequest.model_fields["idempotency_key"].metadata
     longest = next(rule.max_length for rule in limit if hasattr(rule, "max_length"))
     if len(header) > longest:
         raise BadUserInput(
             f"Idempotency-Key must be at most {longest} characters", field="idempotencyKey"
         )
-    return header
+    return wanted.model_copy(update={"idempotency_key": header})
 
 
 def from_image_input(data: dict[str, Any]) -> GenerationRequest:

@@ -23,7 +23,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.jobs.model import iso
-from gateway.params import GenerationRequest, from_image_input, idempotency_key
+from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.service import Gateway, store_errors
 from gateway.tokens import spec
 
@@ -106,12 +106,7 @@ async def text_to_image(request: Request) -> Response:
 
     async def parse() -> GenerationRequest:
         wanted = from_image_input(await read_json(request))
-        # The Idempotency-Key header, as OpenAI's and the providers' routes take it, when
-        # the body names no `idempotencyKey`.
-        header = idempotency_key(request.headers.get("idempotency-key"))
-        if header and not wanted.idempotency_key:
-            wanted = wanted.model_copy(update={"idempotency_key": header})
-        return wanted
+        return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
 
     wait = prefer_wait(request.headers.get("prefer"))
     try:

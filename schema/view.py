@@ -211,8 +211,9 @@ def message_error(message: object, with_id: tuple[str, ...], operation: str) -> 
 
 def with_codes(message: Any, result: str) -> None:
     """Give each formatted error of an outgoing message (`error`, or the protocol's
-    `result`: next, data) that has none the code the HTTP path gives it: the handlers'
-    own errors (a full connection's "Subscription limit reached")."""
+    `result`: next, data) that has none its code. The schema codes its own
+    (`GatewaySchema.process_errors`); what is left is the handlers' own, about the
+    request (a full connection's "Subscription limit reached")."""
     if message["type"] == "error":
         errors = message.get("payload")
     elif message["type"] == result:
@@ -221,8 +222,7 @@ def with_codes(message: Any, result: str) -> None:
         return
     for error in errors if isinstance(errors, list) else [errors]:
         if isinstance(error, dict) and "code" not in (error.get("extensions") or {}):
-            code = "INTERNAL_SERVER_ERROR" if error.get("path") else "BAD_USER_INPUT"
-            error["extensions"] = {**(error.get("extensions") or {}), "code": code}
+            error["extensions"] = {**(error.get("extensions") or {}), "code": "BAD_USER_INPUT"}
 
 
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):

@@ -43,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.formats import FORMATS
 from gateway.jobs.model import Job
-from gateway.params import GenerationRequest, idempotency_key
+from gateway.params import GenerationRequest, with_idempotency_header
 from gateway.providers.segmind import STATES, request_from
 from gateway.rest import ORJSONResponse, read_json
 from gateway.service import Gateway
@@ -177,13 +177,9 @@ async def _parse(request: Request, gateway: Gateway, *, one_image: bool) -> Gene
     """The request's body as our one parameter model (refusals before admission)."""
     service = service_for(request.path_params["model"], gateway)
     wanted = request_from(await read_json(request), service)
-    update: dict[str, Any] = {}
     if one_image:  # v1 answers one image: it makes (and is charged for) one
-        update["num_images"] = 1
-    idempotency = idempotency_key(request.headers.get("idempotency-key"))
-    if idempotency:
-        update["idempotency_key"] = idempotency
-    return wanted.model_copy(update=update) if update else wanted
+        wanted = wanted.model_copy(update={"num_images": 1})
+    return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
 
 
 # -- routes ------------------------------------------------------------------------------

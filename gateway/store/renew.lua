@@ -6,18 +6,16 @@
 -- KEYS: 1 the queue's stream
 -- ARGV: 1 the consumer group, 2 this worker (its consumer name), 3... entry ids
 -- Returns the entry ids it no longer holds.
-local lost, claim = {}, {}
+-- A call names at most `RENEW_BATCH` entries (jobs/queue.py): Redis runs nothing else
+-- while it runs, and a worker holding 100,000 jobs renews them in many short calls.
+-- min-idle-time 0: those it holds are this worker's own.
+local lost, claim = {}, {KEYS[1], ARGV[1], ARGV[2], 0}
 for i = 3, #ARGV do
   local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
   if #held > 0 then claim[#claim + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
-  if #claim == 1000 or (i == #ARGV and #claim > 0) then  -- bounded arguments per call
-    table.insert(claim, 1, 0)  -- min-idle-time: these are this worker's own
-    table.insert(claim, 1, ARGV[2])
-    table.insert(claim, 1, ARGV[1])
-    table.insert(claim, 1, KEYS[1])
-    claim[#claim + 1] = 'JUSTID'
-    redis.call('XCLAIM', unpack(claim))
-    claim = {}
-  end
+end
+if #claim > 4 then
+  claim[#claim + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(claim))
 end
 return lost

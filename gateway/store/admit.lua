@@ -202,8 +202,8 @@ else
       -- A hit's record refers to its cache entry (`hit` = the entry's generation, its
       -- `until`: entry_write.lua; and the digest, `cache_key`) instead of copying the
       -- outcome and the params: read.lua reads both. The record lives until the entry's
-      -- `until` (below), when the outputs are swept; the entry, written to live as long,
-      -- outlives it.
+      -- `until` (below), when the outputs are swept; the entry, written to live a minute
+      -- longer, outlives it.
       -- What is known otherwise is left out too (cost 0: the default; completed_at:
       -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
       -- cost: a cacheable request's record holds it) stays.

@@ -13,5 +13,7 @@ local function write_entry(key, urls, width, height, metadata, hit_metadata, par
   redis.call('HSET', key, 'urls', urls, 'width', width, 'height', height,
     'metadata', metadata, 'hit_metadata', hit_metadata, 'params', params,
     'until', now + retention)
-  redis.call('PEXPIRE', key, retention)
+  -- A minute past `until`: each hit's record expires at `until` as its writer counts it
+  -- (admit.lua), and the minute covers the latency and clock skew between the writers.
+  redis.call('PEXPIRE', key, retention + 60000)
 end

@@ -4,7 +4,7 @@
 -- width, height, metadata and params are those of that cache entry (its shard's
 -- `cache:<digest>`, in the job's slot: the same `{sN}` tag), read here with it, or of
 -- the generation it replaced, kept as `cache:<digest>:<until>` (entry_write.lua). The
--- entry lives at least as long as every hit that refers to it (admit.lua extends it).
+-- entry outlives every hit that refers to it (entry_write.lua).
 -- (read_record.lua: auth.lua reads a record with the key check the same way.)
 -- Called through `Read` in scripts.py (named keys, a typed reply), which fills in what
 -- the record leaves out (record.lua) and a hit's outcome.

@@ -8,19 +8,32 @@ poll paths, the gateway's busiest, those three were ~9 µs of a request's CPU
 (BENCHMARKS.md, "What moved REST"). `route` declares a route whose endpoint is an
 `Endpoint` (a plain ASGI app, which Starlette's router calls as it is) and whose request
 is this module's `Request`; the handlers keep Starlette's `(request) -> Response`.
+`wait_answering`: the wait of the routes that answer when a job ends, and what happens
+to the job when the client leaves first.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import structlog
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.auth import Principal
+    from gateway.jobs.model import Job
+    from gateway.service import Gateway
+
+log = structlog.get_logger("gateway")
 
 
 class ReadOnce(Headers):
@@ -84,3 +97,43 @@ class Endpoint:
 
 def route(path: str, handler: Handler, methods: Sequence[str]) -> Route:
     return Route(path, Endpoint(handler), methods=list(methods), name=handler.__name__)
+
+
+async def wait_answering(
+    request: StarletteRequest,
+    gateway: Gateway,
+    principal: Principal,
+    job: Job,
+    seconds: float,
+    idempotency_key: str | None,
+) -> Job:
+    """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
+    synchronous OpenAI and provider routes), until it ends, the wait runs out, or the
+    client leaves. A client that left never learnt the job's id (its SDK timed out; it
+    may send the request again, a new job): unless it can claim the job another way (an
+    idempotency key that names it, a webhook it set), the job is cancelled and refunded,
+    as nobody would ever see it. Raises `ClientDisconnect` then."""
+    waiting = asyncio.ensure_future(gateway.wait(job, seconds))
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: the server is stopping
+        gone.cancel()
+        waiting.cancel()
+        raise
+    gone.cancel()
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()  # it unwinds on its own, letting go of its watch
+    if not (idempotency_key or job.webhook_url):
+        try:
+            await gateway.cancel(principal, job.id)
+        except GatewayError as exc:  # the store away: the job runs on, as it would have
+            log.warning("a job its client left could not be cancelled", job_id=job.id, error=exc)
+    raise ClientDisconnect()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Once the client has gone: with the body read, the server's next message is that."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -20,13 +20,13 @@ import time
 from typing import Any
 
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
 from gateway.config import BACKENDS
-from gateway.endpoints import route
+from gateway.endpoints import route, wait_answering
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -168,12 +168,15 @@ async def generations(request: Request) -> Response:
     """`POST /v1/images/generations`: admitted as any job; answered when it ends."""
     gateway: Gateway = request.app.state.gateway
     body: dict[str, Any] = {}
+    wanted: GenerationRequest | None = None
 
     async def parse() -> GenerationRequest:
-        nonlocal body
+        nonlocal body, wanted
         body = await read_json(request)
-        wanted = to_request(body, known_models(gateway))
-        return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
+        wanted = with_idempotency_header(
+            to_request(body, known_models(gateway)), request.headers.get("idempotency-key")
+        )
+        return wanted
 
     headers: dict[str, str] = {}
     try:
@@ -181,8 +184,18 @@ async def generations(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", "")
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-        job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
+        assert wanted is not None  # admitted: parsed
+        job = await wait_answering(
+            request,
+            gateway,
+            principal,
+            job,
+            gateway.settings.sync_wait_seconds,
+            wanted.idempotency_key,
+        )
         answer = await _answer(gateway, job, body)
+    except ClientDisconnect:
+        raise  # nobody to answer (`wait_answering`)
     except Exception as exc:
         if not headers:  # refused before admission: nothing made, a retry makes nothing twice
             if isinstance(exc, GatewayError):

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import TOKEN_PREFIX, Principal, api_key_from
-from gateway.endpoints import route
+from gateway.endpoints import route, wait_answering
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -103,10 +103,14 @@ async def text_to_image(request: Request) -> Response:
     """Key check and admission in one round trip (see `Gateway.generate`); with `Prefer:
     wait`, the answer waits for the job's end (200) or the time asked for (202)."""
     gateway: Gateway = request.app.state.gateway
+    wanted: GenerationRequest | None = None
 
     async def parse() -> GenerationRequest:
-        wanted = from_image_input(await read_json(request))
-        return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
+        nonlocal wanted
+        wanted = with_idempotency_header(
+            from_image_input(await read_json(request)), request.headers.get("idempotency-key")
+        )
+        return wanted
 
     wait = prefer_wait(request.headers.get("prefer"))
     try:
@@ -114,7 +118,10 @@ async def text_to_image(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", "")
         )
         if wait is not None:
-            job = await gateway.wait(job, wait)
+            assert wanted is not None  # admitted: parsed
+            job = await wait_answering(
+                request, gateway, principal, job, wait, wanted.idempotency_key
+            )
     except GatewayError as exc:
         return error_response(exc)
     headers = principal.rate_headers()

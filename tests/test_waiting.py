@@ -7,10 +7,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
 from redis.asyncio import Redis
+from segmind import SegmindClient
 
+from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
 from tests.harness import gateway
 
@@ -92,3 +98,76 @@ async def test_two_hundred_waiting_requests_share_one_redis_connection(
         assert [r.status_code for r in answers] == [200] * 200
         assert {r.json()["status"] for r in answers} == {"completed"}
         assert watch.waiting == {}  # every waiter gone, every channel unsubscribed
+
+
+async def test_a_client_that_leaves_before_its_answer_is_not_charged_for_a_job_it_cannot_see(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A client whose own timeout ends the wait first (the seeds' clients wait 30 s, the
+    OpenAI SDK then sends the request again, twice) never learnt the job's id: each job
+    it left is cancelled and refunded, on every route that answers when a job ends."""
+    routes = {**DEFAULT_ROUTES, "flux-krea": ["local"]}
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, routes=routes) as gw:
+        key = await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+
+        async def left(post: Any) -> None:
+            with pytest.raises((httpx.TimeoutException, openai.APITimeoutError)):
+                await post()
+
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as http:
+            await left(
+                lambda: http.post(
+                    "/v1/text_to_image", json=BODY, headers={"X-API-Key": key, "Prefer": "wait=60"}
+                )
+            )
+            await left(
+                lambda: http.post(
+                    "/compat/fluxkrea/v1/generate",
+                    json={"prompt": "a lighthouse", "width": 512, "height": 512},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            )
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=0.5)  # retries twice
+        try:
+            await left(lambda: client.images.generate(model="local", prompt="a lighthouse"))
+        finally:
+            await client.close()
+        segmind = SegmindClient(api_key=key, base_url=f"{gw.base}/compat/segmind/v1", timeout=0.5)
+        try:
+            await left(
+                lambda: asyncio.to_thread(segmind.run_sync, "flux-krea-dev", prompt="a lighthouse")
+            )
+        finally:
+            segmind._client.close()
+
+        async def statuses() -> list[str]:
+            jobs = await gw.gql("{ jobs(first: 20) { nodes { status } } }", key=key)
+            return [n["status"] for n in jobs.json()["data"]["jobs"]["nodes"]]
+
+        deadline = time.monotonic() + 20
+        while (await statuses()).count("cancelled") < 6:  # REST, flux-krea, 3 OpenAI, Segmind
+            assert time.monotonic() < deadline, await statuses()
+            await asyncio.sleep(0.05)
+        assert await statuses() == ["cancelled"] * 6
+        assert (await gw.accounts.get(account)).credits == 1000
+
+
+async def test_a_job_its_client_can_claim_again_goes_on_when_the_client_leaves(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """With an idempotency key the request sent again finds the same job; with a webhook
+    the job's end is told there: neither is cancelled when its client leaves."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=1000)
+        headers = {"X-API-Key": key, "Prefer": "wait=60", "Idempotency-Key": "order-7"}
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as http:
+            with pytest.raises(httpx.TimeoutException):
+                await http.post("/v1/text_to_image", json=BODY, headers=headers)
+        again = await gw.http.post(
+            "/v1/text_to_image", json=BODY, headers={**headers, "Prefer": "wait=0.2"}
+        )
+        assert again.status_code == 202 and again.json()["status"] == "queued"
+        jobs = (await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)).json()
+        assert jobs["data"]["jobs"]["nodes"] == [{"id": again.json()["id"], "status": "queued"}]
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 990

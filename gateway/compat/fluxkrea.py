@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from gateway.endpoints import route
+from gateway.endpoints import route, wait_answering
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
 from gateway.params import GenerationRequest
 from gateway.providers import fluxkrea
@@ -69,8 +69,10 @@ async def generate(request: Request) -> Response:
     `GATEWAY_SYNC_WAIT_SECONDS`): 200 and the images; 502 `failed` when it failed
     (refunded); 504 when the wait ran out (the job goes on)."""
     gateway: Gateway = request.app.state.gateway
+    wanted: GenerationRequest | None = None
 
     async def parse() -> GenerationRequest:
+        nonlocal wanted
         wanted, _ = fluxkrea.request_from(
             await read_body(request),
             asynchronous=False,
@@ -85,7 +87,15 @@ async def generate(request: Request) -> Response:
     except GatewayError as exc:
         return error_response(exc)
     headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-    job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
+    assert wanted is not None  # admitted: parsed
+    job = await wait_answering(
+        request,
+        gateway,
+        principal,
+        job,
+        gateway.settings.sync_wait_seconds,
+        wanted.idempotency_key,
+    )
     if job.status == "completed":
         return ORJSONResponse(fluxkrea.success_body(job), headers=headers)
     if job.ended:

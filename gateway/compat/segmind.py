@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Match, Route
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
 from gateway.config import BACKENDS
-from gateway.endpoints import route
+from gateway.endpoints import route, wait_answering
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -190,15 +190,26 @@ async def run_sync(request: Request) -> Response:
     when it ends (waiting at most `GATEWAY_SYNC_WAIT_SECONDS`)."""
     gateway: Gateway = request.app.state.gateway
     headers: dict[str, str] = {}
+    wanted: GenerationRequest | None = None
     try:
         key = _key(request)
 
         async def parse() -> GenerationRequest:
-            return await _parse(request, gateway, one_image=True)
+            nonlocal wanted
+            wanted = await _parse(request, gateway, one_image=True)
+            return wanted
 
         job, principal = await gateway.generate(key, parse, _origin(request))
         headers = _job_headers(job, principal)
-        job = await gateway.wait(job, gateway.settings.sync_wait_seconds)
+        assert wanted is not None  # admitted: parsed
+        job = await wait_answering(
+            request,
+            gateway,
+            principal,
+            job,
+            gateway.settings.sync_wait_seconds,
+            wanted.idempotency_key,
+        )
         if not job.ended:
             raise WaitRanOut(
                 f"Request timed out: the image was not ready within "

@@ -1,15 +1,16 @@
 """OpenAI's Images API, served by the gateway (docs/api.md#openai).
 
 Backend code written against `POST /v1/images/generations` (the `openai` SDKs, LiteLLM,
-Portkey) points its base URL at the gateway and its key at a gateway key, and changes
-nothing else. A request is an ordinary job (`Gateway.generate`: admission, credits,
-cache, idempotency via `Idempotency-Key`, routing with failover); the answer waits for
-its end on the process's shared job watch (`Gateway.wait`), as OpenAI's does.
+Portkey) points its base URL at the gateway and its key at a gateway key, and names a
+gateway service or backend as its `model` (OpenAI's model names are not served). A
+request is an ordinary job (`Gateway.generate`: admission, credits, cache, idempotency
+via `Idempotency-Key`, routing with failover); the answer waits for its end on the
+process's shared job watch (`wait_answering`), as OpenAI's does.
 
 Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
 statuses its SDKs turn into their exception classes (400 BadRequestError, 401
 AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError, 429 RateLimitError,
-5xx InternalServerError; 402 and 504 are APIStatusError).
+5xx, 504 included, InternalServerError; 402 is APIStatusError).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ PARAMETERS: dict[str, str | None] = {
     "quality": "quality",
     "seed": "seed",  # the gateway's extension: the same seed draws the same picture
     "user": None,
+    "safety_identifier": None,  # what the SDK now advises instead of `user`
     "style": None,
     "background": None,
     "moderation": None,
@@ -140,6 +142,8 @@ def to_request(body: dict[str, Any], models: list[str]) -> GenerationRequest:
     model = body.get("model") or DEFAULT_MODEL
     if not isinstance(model, str) or model not in models:
         raise ModelNotFound(str(model)[:100])
+    if body.get("background") == "transparent":  # no backend draws one: never opaque silently
+        raise BadUserInput("background transparent is not supported", field="background")
     if body.get("response_format") not in (None, "url", "b64_json"):
         raise BadUserInput("response_format must be url or b64_json", field="response_format")
     fields: dict[str, Any] = {

@@ -235,6 +235,15 @@ async def test_what_the_sdk_may_send_gets_openais_answers(
         assert bad.value.message.startswith("Error code: 400 - size (width): ")
         answer = await client.images.generate(model="local", prompt="x", stream=False)
         assert answer.data and answer.data[0].url
+        # The SDK's own advice (`user` is deprecated for it) is accepted; a transparent
+        # background, which no backend draws, is refused rather than made opaque.
+        answer = await client.images.generate(
+            model="local", prompt="x", safety_identifier="end-user-7", background="opaque"
+        )
+        assert answer.data and answer.data[0].url
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(model="local", prompt="x", background="transparent")
+        assert bad.value.param == "background"
 
         # The same Idempotency-Key with another body: named as the header it came in.
         first = {"Idempotency-Key": "k-1"}

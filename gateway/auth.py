@@ -81,9 +81,11 @@ class Principal:
     token: TokenGrant | None = None  # set when the caller holds a client token
     own_rpm: int = -1  # the key's own per-minute limit (`keys update --rpm`); -1: none
 
-    def read_limit(self, read_rpm: int) -> int:
-        """Reads a clock minute: GATEWAY_READ_RPM, or the key's own limit when higher."""
-        return max(read_rpm, self.own_rpm)
+    def read_limit(self, read_rpm: int, per_job: int) -> int:
+        """Reads a clock minute: GATEWAY_READ_RPM, or more when the key's own limit is
+        higher, or when the jobs it may run at once, each polled every second, need more
+        (`per_job` reads a minute each: GATEWAY_READ_RPM_PER_JOB)."""
+        return max(read_rpm, self.own_rpm, per_job * (self.limits.concurrency or 0))
 
     def token_id(self) -> str:
         return self.token.id if self.token else ""
@@ -230,7 +232,7 @@ async def authenticate(
         )
         if grant.origins and (origin or "").lower() not in grant.origins:
             raise Forbidden("this client token is not valid from this origin")
-    reads_allowed = principal.read_limit(settings.read_rpm)
+    reads_allowed = principal.read_limit(settings.read_rpm, settings.read_rpm_per_job)
     if read and reply.reads > reads_allowed:
         wait = 60 - (now_ms // 1000) % 60
         refused = RateLimited("read", wait)

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     # HTTP guards
     max_body_bytes: int = 64 * 1024
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
+    read_rpm_per_job: int = Field(
+        default=70,
+        ge=0,
+        description="the read limit is at least this times the jobs a key may run at once "
+        "(each polled every second, as Segmind's SDK does, and its result fetched)",
+    )
 
     # Automatic persisted queries (docs/api.md#persisted-queries), shared in Redis
     apq_max_documents: int = Field(

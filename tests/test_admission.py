@@ -481,7 +481,9 @@ async def test_idempotency_key_makes_concurrent_retries_one_job(
 
 async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> None:
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
+    # The read limit as configured alone: none of it from the jobs a key may run.
+    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
         key = await gw.key("free", credits=100)
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         for i in range(5):
@@ -512,7 +514,9 @@ async def test_a_keys_own_higher_minute_limit_raises_its_read_limit(
     redis_url: str, storage_dir: Path
 ) -> None:
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
+    # The read limit as configured alone: none of it from the jobs a key may run.
+    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
         key = await gw.key("enterprise", credits=100, rpm=8)
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         for i in range(8):
@@ -530,12 +534,34 @@ async def test_a_keys_own_higher_minute_limit_raises_its_read_limit(
         assert_rate_limited(await gw.gql("{ me { plan } }", key=free), "read")
 
 
+async def test_a_key_may_poll_every_job_it_may_run_every_second(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Segmind's SDK polls each job every second: a key running as many jobs as it may
+    at once must not run out of reads doing that, whatever GATEWAY_READ_RPM says."""
+    clock = Clock()
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
+        key = await gw.key("enterprise", credits=10_000, concurrency=3)
+        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
+        jobs = [job_id(await gw.generate(key, f"job {i}", seed=i)) for i in range(3)]
+        for second in range(60):  # a minute of polling each job every second
+            for job in jobs:
+                polled = await gw.http.get(f"/v1/jobs/{job}", headers={"X-API-Key": key})
+                assert polled.status_code == 200, (second, polled.text)
+        for _ in range(210 - 180):  # 70 a minute for each of its slots
+            assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+        refused = await gw.http.get(f"/v1/jobs/{jobs[0]}", headers={"X-API-Key": key})
+        assert refused.status_code == 429 and refused.headers["X-RateLimit-Limit"] == "210"
+
+
 async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(
     redis_url: str, storage_dir: Path
 ) -> None:
     """Knowing a key's account id (its visible prefix) is not enough to starve it."""
     clock = Clock()
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, read_rpm=5) as gw:
+    # The read limit as configured alone: none of it from the jobs a key may run.
+    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
+    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
         key = await gw.key("free", credits=100)
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         forged = "_".join(key.split("_", 2)[:2]) + "_" + "x" * 43

@@ -117,7 +117,7 @@ async def runtime(
         opened.push_async_callback(redis.aclose)
         if settings.redis_url:  # the embedded store has no eviction policy
             await check_eviction_policy(redis)
-        client = UpstreamClient(settings.upstream_timeout)
+        client = UpstreamClient(settings.upstream_timeout, allow=settings.allow_cidrs)
         opened.push_async_callback(client.aclose)
         hooks = webhook_session(settings)
         opened.push_async_callback(hooks.close)

@@ -40,6 +40,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from yarl import URL
+
 from gateway.errors import BadUserInput
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -248,3 +250,23 @@ async def check_url(url: str, allow: list[Network], field: str = "webhookUrl") -
             f"{field} points at a private, loopback or metadata address", field=field
         )
     return addresses
+
+
+def pinned(
+    url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> tuple[URL, dict[str, str], str | None]:
+    """The URL rewritten to the checked address, the Host header of the URL, and the name
+    TLS sends (SNI) and checks the certificate against (None for http).
+
+    The request target (path and query) goes out byte for byte as the URL was accepted:
+    it is given to yarl whole, as an already-encoded path, which aiohttp writes on the
+    request line as it is. Parsed as a URL, `.` and `..` segments could be resolved and
+    an empty query (a trailing `?`) would be dropped, and the receiver be called at
+    another URL than the one stored."""
+    parsed = parse_url(url)
+    host = str(address) if address.version == 4 else f"[{address}]"
+    target = URL.build(
+        scheme=parsed.scheme, host=host, port=parsed.port, path=parsed.target, encoded=True
+    )
+    server_name = parsed.host.removesuffix(".").lower() if parsed.scheme == "https" else None
+    return target, {"Host": parsed.authority}, server_name

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import random
 import ssl
 import time
@@ -38,7 +37,6 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 from standardwebhooks.webhooks import Webhook
-from yarl import URL
 
 from gateway import metrics, telemetry
 from gateway.config import Settings
@@ -48,7 +46,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers import fluxkrea, krea
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
-from gateway.urlguard import check_url, parse_url
+from gateway.urlguard import check_url, pinned
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -123,26 +121,6 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
         auto_decompress=False,
         trust_env=False,
     )
-
-
-def pinned(
-    url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
-) -> tuple[URL, dict[str, str], str | None]:
-    """The URL rewritten to the checked address, the Host header of the URL, and the name
-    TLS sends (SNI) and checks the certificate against (None for http).
-
-    The request target (path and query) goes out byte for byte as the URL was accepted:
-    it is given to yarl whole, as an already-encoded path, which aiohttp writes on the
-    request line as it is. Parsed as a URL, `.` and `..` segments could be resolved and
-    an empty query (a trailing `?`) would be dropped, and the receiver be called at
-    another URL than the one stored."""
-    parsed = parse_url(url)
-    host = str(address) if address.version == 4 else f"[{address}]"
-    target = URL.build(
-        scheme=parsed.scheme, host=host, port=parsed.port, path=parsed.target, encoded=True
-    )
-    server_name = parsed.host.removesuffix(".").lower() if parsed.scheme == "https" else None
-    return target, {"Host": parsed.authority}, server_name
 
 
 class Webhooks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.errors import (
@@ -26,6 +27,12 @@ from tests.emulators.krea import KreaEmulator
 from tests.servers import serve
 
 TOKEN = "test-token"
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
 
 
 @dataclass
@@ -369,3 +376,39 @@ async def test_emulator_enforces_seed_003(krea: Krea) -> None:
     assert created["status"] == "backlogged"
     assert created["completed_at"] is None
     assert created["result"] is None
+
+
+async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard() -> None:
+    """Krea's answer names its outputs' URLs: one on another host (its CDN) goes through
+    the guard that webhooks do, so an answer (or a callback) naming a private address
+    makes the gateway fetch nothing from its own network."""
+    fetched: list[str] = []
+
+    async def internal(request: Request) -> Response:
+        fetched.append(request.headers["host"])
+        return Response(png_bytes(), media_type="image/png")
+
+    inside = Starlette(routes=[Route("/{path:path}", internal, methods=["GET"])])
+    async with serve(inside) as private:
+        answer = {
+            "job_id": "3c90c3cc-0d44-4b50-8888-8dd25736052a",
+            "status": "completed",
+            "created_at": "2025-01-15T10:30:00.000Z",
+            "completed_at": "2025-01-15T10:30:25.000Z",
+            "result": {"urls": [f"{private}/latest/meta-data/iam.png"]},
+        }
+        async with answering(answer) as base:
+            async with UpstreamClient(5.0) as client:
+                provider = KreaProvider(client, base_url=base, token=TOKEN)
+                [output] = (await provider.poll(answer["job_id"])).outputs
+                with pytest.raises(ProviderUnavailable, match="will not fetch"):
+                    await provider.fetch(output)
+                assert fetched == []
+            # A network the operator trusts (GATEWAY_URL_ALLOW_CIDRS) is fetched, at the
+            # address the guard checked, with the URL's own Host.
+            loopback = [ipaddress.ip_network("127.0.0.0/8")]
+            async with UpstreamClient(5.0, allow=loopback) as client:
+                provider = KreaProvider(client, base_url=base, token=TOKEN)
+                [output] = (await provider.poll(answer["job_id"])).outputs
+                assert await provider.fetch(output) == png_bytes()
+                assert fetched == [private.removeprefix("http://")]

@@ -17,7 +17,7 @@ import email.utils
 import random
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import structlog
 
 from gateway import metrics, telemetry
 from gateway.errors import (
+    BadUserInput,
     ProviderError,
     ProviderRateLimited,
     ProviderRejected,
@@ -34,6 +35,7 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import Output
+from gateway.urlguard import DEFAULT_PORTS, Network, check_url, pinned
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -69,8 +71,13 @@ class UpstreamClient:
     The session is opened on first use, inside the running event loop.
     """
 
-    def __init__(self, timeout: float, *, max_connections: int = 512) -> None:
+    def __init__(
+        self, timeout: float, *, max_connections: int = 512, allow: Sequence[Network] = ()
+    ) -> None:
+        """`allow`: the networks exempt from the URL guard (GATEWAY_URL_ALLOW_CIDRS), for
+        the outputs an upstream names on hosts other than its own (`download`)."""
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.allow = list(allow)
         self.max_connections = max_connections
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -95,9 +102,13 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         timeout: float | None = None,
+        server_hostname: str | None = None,
     ) -> Answer:
-        """One call, no retry. Raises aiohttp's errors (`request()` below sorts them)."""
+        """One call, no retry. Raises aiohttp's errors (`request()` below sorts them).
+        `server_hostname`: the name TLS checks, when `url` names an address (`pinned`)."""
         kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
+        if server_hostname is not None:
+            kwargs["server_hostname"] = server_hostname
         if json is not None:
             kwargs["data"] = orjson.dumps(json)
             kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
@@ -281,12 +292,38 @@ async def download(
     url: str,
     *,
     upstream: str,
+    home: str,
     tally: metrics.UpstreamTally | None = None,
 ) -> bytes:
-    response = await request(client, "GET", url, upstream=upstream, idempotent=True, tally=tally)
+    """An output's bytes. From the upstream's own origin (`home`, its configured base URL)
+    as it is; from any other host, which the upstream's answer (or a callback) named, only
+    through the URL guard, at the address it checked (as a webhook: `pinned`), so that
+    no answer can make the gateway fetch from its own network."""
+    kwargs: dict[str, Any] = {}
+    if _origin(url) != _origin(home):
+        try:
+            addresses = await check_url(url, client.allow, field="output URL")
+        except BadUserInput as exc:
+            raise ProviderUnavailable(
+                f"{upstream} named an output the gateway will not fetch: {exc.message}"
+            ) from None
+        target, host, server_name = pinned(url, addresses[0])
+        url, kwargs = str(target), {"headers": host, "server_hostname": server_name}
+    response = await request(
+        client, "GET", url, upstream=upstream, idempotent=True, tally=tally, **kwargs
+    )
     if not response.content:
         raise ProviderUnavailable(f"{upstream} served an empty image")
     return response.content
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:  # not a port: no origin of ours
+        port = -1
+    return parts.scheme.lower(), (parts.hostname or "").rstrip("."), port
 
 
 class HTTPBackend:
@@ -381,4 +418,6 @@ class HTTPBackend:
             return output.data
         if not output.url:
             raise ProviderUnavailable(f"{self.upstream} output has neither data nor URL")
-        return await download(self.client, output.url, upstream=self.upstream, tally=self.tally)
+        return await download(
+            self.client, output.url, upstream=self.upstream, home=self.base_url, tally=self.tally
+        )

@@ -110,9 +110,11 @@ async def wait_answering(
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
     synchronous OpenAI and provider routes), until it ends, the wait runs out, or the
     client leaves. A client that left never learnt the job's id (its SDK timed out; it
-    may send the request again, a new job): unless it can claim the job another way (an
-    idempotency key that names it, a webhook it set), the job is cancelled and refunded,
-    as nobody would ever see it. Raises `ClientDisconnect` then."""
+    may send the request again, a new job). A job it cannot claim another way (no
+    idempotency key that names it, no webhook) that has not started yet is cancelled and
+    refunded: nobody would see it, and nothing was paid upstream for it. One already
+    started goes on (its upstream is paid; an identical seeded request sent again joins
+    it). Raises `ClientDisconnect` then."""
     waiting = asyncio.ensure_future(gateway.wait(job, seconds))
     gone = asyncio.ensure_future(_disconnect(request.receive))
     try:
@@ -127,7 +129,9 @@ async def wait_answering(
     waiting.cancel()  # it unwinds on its own, letting go of its watch
     if not (idempotency_key or job.webhook_url):
         try:
-            await gateway.cancel(principal, job.id)
+            now = await gateway.job(principal, job.id)
+            if now is not None and now.status == "queued":
+                await gateway.cancel(principal, job.id)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
             log.warning("a job its client left could not be cancelled", job_id=job.id, error=exc)
     raise ClientDisconnect()

@@ -190,12 +190,7 @@ async def generations(request: Request) -> Response:
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
         assert wanted is not None  # admitted: parsed
         job = await wait_answering(
-            request,
-            gateway,
-            principal,
-            job,
-            gateway.settings.sync_wait_seconds,
-            wanted.idempotency_key,
+            request, gateway, principal, job, _wait(request, gateway), wanted.idempotency_key
         )
         answer = await _answer(gateway, job, body)
     except ClientDisconnect:
@@ -214,6 +209,21 @@ async def generations(request: Request) -> Response:
             headers["x-should-retry"] = "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)
+
+
+def _wait(request: Request, gateway: Gateway) -> float:
+    """`GATEWAY_SYNC_WAIT_SECONDS`, or less: just under the read timeout the SDK says it
+    has (`x-stainless-read-timeout`), so that a job outlasting it is answered 504 with
+    `x-should-retry: false` (readable by its id) rather than left by a client that then
+    sends it again, twice, each a new job."""
+    wait = gateway.settings.sync_wait_seconds
+    try:
+        theirs = float(request.headers.get("x-stainless-read-timeout", "inf"))
+    except ValueError:
+        return wait
+    if theirs != theirs or theirs <= 0:  # NaN, nonsense
+        return wait
+    return min(wait, theirs - min(1.0, theirs / 10))
 
 
 class Unsupported(NotFound):

@@ -150,6 +150,7 @@ class RequestTelemetry:
         }
         method = scope["method"]
         status = 500
+        left = False
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -166,6 +167,8 @@ class RequestTelemetry:
             assert span is not None
             try:
                 await self.app(scope, receive, send_status)
+            except ClientDisconnect:  # the client left: no failure of the server's span
+                status, left = 499, True
             finally:
                 route = scope.get("route")
                 template = metrics.UNMATCHED if route is None else route.path
@@ -177,3 +180,5 @@ class RequestTelemetry:
                         span.set_attribute(f"gateway.{name}", fields[name])
                 if status >= 500:
                     telemetry.failed(f"HTTP {status}", span)
+        if left:  # raised past the span, which would have taken it for an error
+            raise ClientDisconnect()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import structlog
 import websockets
@@ -358,3 +359,23 @@ async def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(
     assert "unexpected error" not in log_lines.getvalue().decode()
     for route in ("/graphql", "/v1/text_to_image", "/v1/images/generations"):
         assert f'route="{route}",status="499"' in metrics  # counted as what it was
+
+
+async def test_a_client_that_leaves_is_not_a_server_error_in_its_trace(
+    redis_url: str, storage_dir: Path, spans: InMemorySpanExporter
+) -> None:
+    """A client whose timeout ends a waiting answer: its span says 499, not an error."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as http:
+            with pytest.raises(httpx.TimeoutException):
+                await http.post(
+                    "/v1/text_to_image",
+                    json={"service": "local", "prompt": "a kite"},
+                    headers={"X-API-Key": key, "Prefer": "wait=60"},
+                )
+        await until(lambda: _true(named(spans, "POST /v1/text_to_image")))
+    (server,) = named(spans, "POST /v1/text_to_image")
+    assert server.attributes["http.response.status_code"] == 499
+    assert server.status.status_code.name != "ERROR"
+    assert not [e for e in server.events if e.name == "exception"]

@@ -162,14 +162,20 @@ def error_for(response: Answer, upstream: str) -> ProviderError:
     """Translate an unsuccessful upstream answer into our error tree."""
     status = response.status_code
     detail = _detail(response)
-    message = f"{upstream} answered {status}" + (f": {detail}" if detail else "")
+    message = f"{upstream} answered {status}"
     error: ProviderError
-    if status == 429:
-        error = ProviderRateLimited(message, retry_after=retry_after_seconds(response))
-    elif status in (400, 422):
-        error = ProviderRejected(message)
-    else:  # 401/403 (our credentials), 402/406 (our credits), 404, 5xx: not the user's
-        error = ProviderUnavailable(message)
+    if status in (400, 422):  # the user's input: what the upstream said of it is theirs
+        error = ProviderRejected(message + (f": {detail}" if detail else ""))
+    else:
+        # Not the user's doing (401/403: our credentials, 402/406: our credits, 404,
+        # 429, 5xx): what the upstream said goes to the operator's log, not into the
+        # job's error or the public `providers` reason (docs/api.md#errors).
+        if detail:
+            log.warning("upstream error", upstream=upstream, status=status, detail=detail)
+        if status == 429:
+            error = ProviderRateLimited(message, retry_after=retry_after_seconds(response))
+        else:
+            error = ProviderUnavailable(message)
     error.answer = response  # adapters read their upstream's own meaning of a status
     return error
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.errors import ProviderTimeout, ProviderUnavailable
+from gateway.errors import ProviderRejected, ProviderTimeout, ProviderUnavailable
 from gateway.providers.http import UpstreamClient, request
 from tests.servers import free_port
 
@@ -105,3 +105,33 @@ async def test_an_answer_is_read_whole() -> None:
     async with raw_server(reply) as (base, _), UpstreamClient(5.0) as client:
         response = await request(client, "GET", f"{base}/jobs/j1", upstream="up", idempotent=True)
         assert response.json() == {"job_id": "j1", "status": "processing"}
+
+
+def answer(status: int, body: bytes) -> bytes:
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+@pytest.mark.parametrize("status", [401, 402, 500, 503])
+async def test_what_an_upstream_says_of_its_own_failure_stays_out_of_the_error(
+    status: int,
+) -> None:
+    """The error becomes the job's, which its owner reads, and a backend's circuit
+    reason, which `providers` shows anyone: an upstream's words about its own trouble
+    (our account, its internals) go to the log only."""
+    leaked = b'{"message": "INTERNAL-ONLY db_password=hunter2 account 42 over quota"}'
+    async with raw_server(answer(status, leaked)) as (base, _), UpstreamClient(5.0) as client:
+        with pytest.raises(ProviderUnavailable) as failed:
+            await request(client, "POST", f"{base}/x", upstream="up", idempotent=False, attempts=1)
+    assert failed.value.message == f"up answered {status}"
+
+
+async def test_what_an_upstream_says_of_the_users_input_is_the_users() -> None:
+    said = b'{"message": "the prompt was flagged by the safety filter"}'
+    async with raw_server(answer(400, said)) as (base, _), UpstreamClient(5.0) as client:
+        with pytest.raises(ProviderRejected) as refused:
+            await request(client, "POST", f"{base}/x", upstream="up", idempotent=False, attempts=1)
+    assert refused.value.message == "up answered 400: the prompt was flagged by the safety filter"

@@ -169,7 +169,7 @@ def error_for(response: Answer, upstream: str) -> ProviderError:
     else:
         # Not the user's doing (401/403: our credentials, 402/406: our credits, 404,
         # 429, 5xx): what the upstream said goes to the operator's log, not into the
-        # job's error or the public `providers` reason (docs/api.md#errors).
+        # job's error or the public `providers` reason (docs/api.md#failover).
         if detail:
             log.warning("upstream error", upstream=upstream, status=status, detail=detail)
         if status == 429:

@@ -5,9 +5,9 @@
 -- KEYS: 1 cache entry, 2 in-flight leader, 3 followers, 4 webhook schedule, 5 watched set
 -- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata,
 --       8 the metadata a cache hit's job gets (cached, duration 0), 9 the leader's params
--- The entry answers hits `until` the outputs' retention ends (admit.lua); each hit, whose
--- record refers to the entry (read.lua), keeps the entry that long after it; an entry it
--- replaces is kept for its own hits (entry_write.lua).
+-- The entry answers hits `until` the outputs' retention ends (admit.lua); each hit's
+-- record, which refers to the entry (read.lua), expires then, and the entry a minute
+-- later; an entry it replaces is kept for its own hits (entry_write.lua).
 -- Returns the keys of the followers it completed.
 -- include: record.lua
 -- include: entry_write.lua

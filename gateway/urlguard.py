@@ -51,6 +51,12 @@ METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
 NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local-use prefix
 IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1, deprecated
+#: IANA's special-purpose ranges that are not globally reachable, for the Python builds
+#: whose `ipaddress` tables predate them (before 3.11.10 and 3.12.4, `192.0.0.8` counted
+#: as global): 192.0.0.0/24 but its two anycast addresses (.9, .10), and RFC 9637's
+#: documentation prefix.
+NOT_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("3fff::/20"))
+GLOBAL_EXCEPTIONS = (ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10"))
 
 MAX_URL_LENGTH = 2048
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -210,6 +216,7 @@ def is_forbidden(addr: Address, allow: list[Network]) -> bool:
         or addr.is_unspecified
         or any(addr in net for net in METADATA)
         or not addr.is_global
+        or (any(addr in net for net in NOT_GLOBAL) and addr not in GLOBAL_EXCEPTIONS)
     )
 
 

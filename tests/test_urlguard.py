@@ -162,6 +162,8 @@ HOSTILE: list[str] = [
     "http://169.254.0.1/h",
     "http://100.64.0.1/h",
     "http://192.0.0.170/h",
+    "http://192.0.0.8/h",  # not global, though Python before 3.11.10 says it is
+    "http://192.0.0.100/h",
     "http://198.18.0.1/h",
     "http://192.0.2.1/h",
     "http://240.0.0.1/h",
@@ -199,6 +201,7 @@ HOSTILE: list[str] = [
     "http://[::127.0.0.1]/h",
     "http://[::a9fe:a9fe]/h",
     "http://[::ffff:0:127.0.0.1]/h",
+    "http://[3fff::1]/h",  # RFC 9637 documentation
 ]
 
 ALLOWED: list[tuple[str, list[str]]] = [
@@ -209,6 +212,7 @@ ALLOWED: list[tuple[str, list[str]]] = [
     ("http://[::ffff:93.184.216.34]/h", ["::ffff:5db8:d822"]),
     # NAT64's well-known prefix stands for the IPv4 address it carries (DNS64 gives it).
     ("http://[64:ff9b::5db8:d822]/h", ["64:ff9b::5db8:d822"]),
+    ("http://192.0.0.9/h", ["192.0.0.9"]),  # Port Control Protocol anycast: global
 ]
 
 

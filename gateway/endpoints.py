@@ -31,6 +31,7 @@ from gateway.errors import GatewayError
 if TYPE_CHECKING:
     from gateway.auth import Principal
     from gateway.jobs.model import Job
+    from gateway.params import GenerationRequest
     from gateway.service import Gateway
 
 log = structlog.get_logger("gateway")
@@ -104,8 +105,8 @@ async def wait_answering(
     gateway: Gateway,
     principal: Principal,
     job: Job,
-    seconds: float,
-    idempotency_key: str | None,
+    wanted: GenerationRequest | None,
+    seconds: float | None = None,
 ) -> Job:
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
     synchronous OpenAI and provider routes), until it ends, the wait runs out, or the
@@ -114,7 +115,10 @@ async def wait_answering(
     idempotency key that names it, no webhook) that has not started yet is cancelled and
     refunded: nobody would see it, and nothing was paid upstream for it. One already
     started goes on (its upstream is paid; an identical seeded request sent again joins
-    it). Raises `ClientDisconnect` then."""
+    it). Raises `ClientDisconnect` then. `wanted`: the request as parsed; `seconds`: at
+    most GATEWAY_SYNC_WAIT_SECONDS, by default."""
+    if seconds is None:
+        seconds = gateway.settings.sync_wait_seconds
     waiting = asyncio.ensure_future(gateway.wait(job, seconds))
     gone = asyncio.ensure_future(_disconnect(request.receive))
     try:
@@ -127,7 +131,7 @@ async def wait_answering(
     if waiting.done():
         return waiting.result()
     waiting.cancel()  # it unwinds on its own, letting go of its watch
-    if not (idempotency_key or job.webhook_url):
+    if not ((wanted and wanted.idempotency_key) or job.webhook_url):
         try:
             now = await gateway.job(principal, job.id)
             if now is not None and now.status == "queued":

@@ -188,9 +188,8 @@ async def generations(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", "")
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-        assert wanted is not None  # admitted: parsed
         job = await wait_answering(
-            request, gateway, principal, job, _wait(request, gateway), wanted.idempotency_key
+            request, gateway, principal, job, wanted, _wait(request, gateway)
         )
         answer = await _answer(gateway, job, body)
     except ClientDisconnect:

@@ -118,10 +118,7 @@ async def text_to_image(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", "")
         )
         if wait is not None:
-            assert wanted is not None  # admitted: parsed
-            job = await wait_answering(
-                request, gateway, principal, job, wait, wanted.idempotency_key
-            )
+            job = await wait_answering(request, gateway, principal, job, wanted, wait)
     except GatewayError as exc:
         return error_response(exc)
     headers = principal.rate_headers()

@@ -87,15 +87,7 @@ async def generate(request: Request) -> Response:
     except GatewayError as exc:
         return error_response(exc)
     headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-    assert wanted is not None  # admitted: parsed
-    job = await wait_answering(
-        request,
-        gateway,
-        principal,
-        job,
-        gateway.settings.sync_wait_seconds,
-        wanted.idempotency_key,
-    )
+    job = await wait_answering(request, gateway, principal, job, wanted)
     if job.status == "completed":
         return ORJSONResponse(fluxkrea.success_body(job), headers=headers)
     if job.ended:

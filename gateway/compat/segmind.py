@@ -201,15 +201,7 @@ async def run_sync(request: Request) -> Response:
 
         job, principal = await gateway.generate(key, parse, _origin(request))
         headers = _job_headers(job, principal)
-        assert wanted is not None  # admitted: parsed
-        job = await wait_answering(
-            request,
-            gateway,
-            principal,
-            job,
-            gateway.settings.sync_wait_seconds,
-            wanted.idempotency_key,
-        )
+        job = await wait_answering(request, gateway, principal, job, wanted)
         if not job.ended:
             raise WaitRanOut(
                 f"Request timed out: the image was not ready within "

@@ -288,9 +288,10 @@ class Gateway:
             raise NotFound(f"no job {job_id}")
         with store_errors():
             if not job.ended:
-                if await self.store.finish(
+                ended = await self.store.finish(
                     job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
-                ):
+                )
+                if ended and job.cost > 0:  # one that waited on an identical job never ran
                     metrics.job_ended(job.provider, metrics.NO_BACKEND, "cancelled")
                 job = await self.store.get(principal.account, job_id) or job
                 await self.events.publish(job)

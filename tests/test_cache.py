@@ -319,6 +319,36 @@ async def test_concurrent_cancels_of_a_leader_promote_its_waiter_once(
             assert [e["job"] for _, e in queued].count(job_key) == 1
 
 
+async def test_a_waiter_cancelled_saved_nothing_and_never_ran(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A job waiting on an identical one, cancelled: its account's `creditsSaved` no
+    longer counts what it would have cost, and no job is counted as ended (it never
+    ran; a coalesced request counts only as an admission: docs/api.md#metrics)."""
+
+    def cancelled_jobs(text: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_jobs_total{") and 'status="cancelled"' in line
+        )
+
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=100)
+        leader = await gen(gw, key, provider="local", seed=31, width=512, height=512)
+        waiter = await gen(gw, key, provider="local", seed=31, width=512, height=512)
+        saved = "{ me { cache { creditsSaved } } }"
+        assert (await gw.gql(saved, key=key)).json()["data"]["me"]["cache"]["creditsSaved"] == 10
+        before = cancelled_jobs((await gw.http.get("/metrics")).text)
+        done = await gw.gql(CANCEL, {"id": waiter["id"]}, key)
+        assert done.json()["data"]["cancelJob"]["status"] == "cancelled"
+        assert (await gw.gql(saved, key=key)).json()["data"]["me"]["cache"]["creditsSaved"] == 0
+        assert cancelled_jobs((await gw.http.get("/metrics")).text) == before
+        assert await balance(gw, key) == 90  # the leader's charge only
+        await gw.gql(CANCEL, {"id": leader["id"]}, key)
+        assert cancelled_jobs((await gw.http.get("/metrics")).text) == before + 1
+
+
 async def test_a_promoted_waiter_is_paid_from_its_client_tokens_budget(
     redis_url: str, storage_dir: Path
 ) -> None:

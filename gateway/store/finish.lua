@@ -36,6 +36,11 @@ if ARGV[4] == '1' and cost > 0 then
     redis.call('HINCRBY', KEYS[7], 'spent', -cost)
   end
 end
+-- A job that waited on an identical one (cost 0, its `price` what it would have cost:
+-- admit.lua) and ends without its outcome saved its account nothing after all.
+if ARGV[1] ~= 'completed' and cost == 0 and tonumber(job['price'] or '0') > 0 then
+  redis.call('HINCRBY', KEYS[3], 'credits_saved', -tonumber(job['price']))
+end
 save_job(KEYS[1], job)
 if (job['webhook_url'] or '') ~= '' then redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1]) end
 if ARGV[1] == 'cancelled' and status == 'processing' then

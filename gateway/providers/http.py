@@ -308,11 +308,14 @@ async def download(
     kwargs: dict[str, Any] = {}
     if _origin(url) != _origin(home):
         try:
-            addresses = await check_url(url, client.allow, field="output URL")
+            async with asyncio.timeout(client.timeout.total):  # the name's lookup too
+                addresses = await check_url(url, client.allow, field="output URL")
         except BadUserInput as exc:
             raise ProviderUnavailable(
                 f"{upstream} named an output the gateway will not fetch: {exc.message}"
             ) from None
+        except TimeoutError:
+            raise ProviderTimeout(f"{upstream}'s output host did not resolve in time") from None
         target, host, server_name = pinned(url, addresses[0])
         url, kwargs = str(target), {"headers": host, "server_hostname": server_name}
     response = await request(

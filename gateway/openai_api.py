@@ -171,6 +171,7 @@ def to_request(body: dict[str, Any], models: list[str]) -> GenerationRequest:
 async def generations(request: Request) -> Response:
     """`POST /v1/images/generations`: admitted as any job; answered when it ends."""
     gateway: Gateway = request.app.state.gateway
+    arrived = time.monotonic()
     body: dict[str, Any] = {}
     wanted: GenerationRequest | None = None
 
@@ -188,10 +189,10 @@ async def generations(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", "")
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-        job = await wait_answering(
-            request, gateway, principal, job, wanted, _wait(request, gateway)
-        )
-        answer = await _answer(gateway, job, body)
+        waited = _wait(request, gateway)
+        left = max(0.0, waited - (time.monotonic() - arrived))  # counted from its arrival
+        job = await wait_answering(request, gateway, principal, job, wanted, left)
+        answer = await _answer(gateway, job, body, waited)
     except ClientDisconnect:
         raise  # nobody to answer (`wait_answering`)
     except Exception as exc:
@@ -253,10 +254,12 @@ class RejectedInput(GatewayError):
     code, status = "REJECTED_BY_PROVIDER", 400
 
 
-async def _answer(gateway: Gateway, job: Job, body: dict[str, Any]) -> dict[str, Any]:
+async def _answer(
+    gateway: Gateway, job: Job, body: dict[str, Any], waited: float
+) -> dict[str, Any]:
     if not job.ended:
         raise WaitRanOut(
-            f"the image was not ready within {gateway.settings.sync_wait_seconds:g} s; "
+            f"the image was not ready within {waited:g} s; "
             f"job {job.id} goes on: GET /v1/jobs/{job.id}",
             job_id=job.id,
         )

@@ -51,9 +51,9 @@ METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
 NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local-use prefix
 IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1, deprecated
-#: IANA's special-purpose ranges that are not globally reachable, for the Python builds
-#: whose `ipaddress` tables predate them (before 3.11.10 and 3.12.4, `192.0.0.8` counted
-#: as global): 192.0.0.0/24 but its two anycast addresses (.9, .10), and RFC 9637's
+#: IANA's special-purpose ranges that are not globally reachable, where Python's
+#: `ipaddress` tables miss them: 192.0.0.0/24 but its two anycast addresses (.9, .10)
+#: before 3.11.10 and 3.12.4 (`192.0.0.8` counted as global), and RFC 9637's
 #: documentation prefix.
 NOT_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("3fff::/20"))
 GLOBAL_EXCEPTIONS = (ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10"))
@@ -91,13 +91,13 @@ class ParsedUrl:
         return self.port or DEFAULT_PORTS[self.scheme]
 
 
-def parse_url(url: str, field: str = "webhookUrl") -> ParsedUrl:
+def parse_url(url: str, field: str = "webhookUrl", max_length: int = MAX_URL_LENGTH) -> ParsedUrl:
     """Parse a user-supplied http(s) URL strictly; anything else is `BadUserInput`."""
     refuse = _refusal(field)
     if not isinstance(url, str) or not url:
         raise refuse("must be an http(s) URL")
-    if len(url) > MAX_URL_LENGTH:
-        raise refuse(f"must be at most {MAX_URL_LENGTH} characters")
+    if len(url) > max_length:
+        raise refuse(f"must be at most {max_length} characters")
     for position, char in enumerate(url):
         if char in _URL_CHARS:
             continue
@@ -240,12 +240,14 @@ async def resolve(host: str, port: int) -> list[Address]:
     return addresses
 
 
-async def check_url(url: str, allow: list[Network], field: str = "webhookUrl") -> list[Address]:
+async def check_url(
+    url: str, allow: list[Network], field: str = "webhookUrl", max_length: int = MAX_URL_LENGTH
+) -> list[Address]:
     """Validate a user-supplied URL; return the addresses it may be fetched from.
 
     Raises `BadUserInput` naming `field` for anything `parse_url` refuses, a host that
     does not resolve, or one with any address that `is_forbidden`."""
-    parsed = parse_url(url, field)
+    parsed = parse_url(url, field, max_length)
     if parsed.literal is not None:
         addresses = [parsed.literal]
     else:
@@ -260,7 +262,7 @@ async def check_url(url: str, allow: list[Network], field: str = "webhookUrl") -
 
 
 def pinned(
-    url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    url: str, address: Address, max_length: int = MAX_URL_LENGTH
 ) -> tuple[URL, dict[str, str], str | None]:
     """The URL rewritten to the checked address, the Host header of the URL, and the name
     TLS sends (SNI) and checks the certificate against (None for http).
@@ -270,7 +272,7 @@ def pinned(
     request line as it is. Parsed as a URL, `.` and `..` segments could be resolved and
     an empty query (a trailing `?`) would be dropped, and the receiver be called at
     another URL than the one stored."""
-    parsed = parse_url(url)
+    parsed = parse_url(url, max_length=max_length)
     host = str(address) if address.version == 4 else f"[{address}]"
     target = URL.build(
         scheme=parsed.scheme, host=host, port=parsed.port, path=parsed.target, encoded=True

@@ -377,6 +377,9 @@ async def test_a_promoted_waiter_is_paid_from_its_client_tokens_budget(
         failed = await gw.wait(token, waiter["id"])
         assert failed["status"] == "failed" and failed["creditCost"] == 0
         assert "budget" in failed["error"]
+        # Every waiter here ended without its outcome: none saved the account anything.
+        saved = (await gw.gql("{ me { cache { creditsSaved } } }", key=key)).json()
+        assert saved["data"]["me"]["cache"]["creditsSaved"] == 0
         assert await balance(gw, key) == 990  # only `spend`
 
         # Nor does one its token, expired meanwhile, was made with.

@@ -23,16 +23,10 @@ from gateway.errors import (
 from gateway.providers.base import ImageParams, Polled, Provider
 from gateway.providers.http import UpstreamClient
 from gateway.providers.krea import KreaProvider
-from tests.emulators.krea import KreaEmulator
+from tests.emulators.krea import KreaEmulator, png
 from tests.servers import serve
 
 TOKEN = "test-token"
-
-
-def png_bytes() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(out, "PNG")
-    return out.getvalue()
 
 
 @dataclass
@@ -386,7 +380,12 @@ async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard()
 
     async def internal(request: Request) -> Response:
         fetched.append(request.headers["host"])
-        return Response(png_bytes(), media_type="image/png")
+        sent.append((request.scope["raw_path"], request.scope["query_string"]))
+        return Response(png(8, 8), media_type="image/png")
+
+    sent: list[tuple[bytes, bytes]] = []
+    # A signed CDN URL: longer than a webhook URL may be, escapes and `..` as signed.
+    path, query = "/meta/../iam%2Fx.png", "sig=%41%2F" + "a" * 3000
 
     inside = Starlette(routes=[Route("/{path:path}", internal, methods=["GET"])])
     async with serve(inside) as private:
@@ -395,7 +394,7 @@ async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard()
             "status": "completed",
             "created_at": "2025-01-15T10:30:00.000Z",
             "completed_at": "2025-01-15T10:30:25.000Z",
-            "result": {"urls": [f"{private}/latest/meta-data/iam.png"]},
+            "result": {"urls": [f"{private}{path}?{query}"]},
         }
         async with answering(answer) as base:
             async with UpstreamClient(5.0) as client:
@@ -410,5 +409,6 @@ async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard()
             async with UpstreamClient(5.0, allow=loopback) as client:
                 provider = KreaProvider(client, base_url=base, token=TOKEN)
                 [output] = (await provider.poll(answer["job_id"])).outputs
-                assert await provider.fetch(output) == png_bytes()
+                assert await provider.fetch(output) == png(8, 8)
                 assert fetched == [private.removeprefix("http://")]
+                assert sent == [(path.encode(), query.encode())]  # byte for byte

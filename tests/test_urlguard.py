@@ -19,8 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import BadUserInput
-from gateway.urlguard import check_url, embedded_ipv4, parse_url, resolve
-from gateway.webhooks import pinned
+from gateway.urlguard import check_url, embedded_ipv4, parse_url, pinned, resolve
 from tests.harness import GENERATE, gateway
 from tests.servers import serve
 

@@ -142,7 +142,7 @@ async def test_a_client_that_leaves_before_its_job_starts_is_not_charged_for_it(
         assert await statuses() == ["cancelled"] * 3
         assert (await gw.accounts.get(account)).credits == 1000
 
-        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=2)  # retries twice
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=5)  # retries twice
         try:
             with pytest.raises(openai.InternalServerError) as late:
                 await client.images.generate(model="local", prompt="a lighthouse")

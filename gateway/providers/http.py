@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+from yarl import URL
 
 from gateway import metrics, telemetry
 from gateway.errors import (
@@ -97,7 +98,7 @@ class UpstreamClient:
     async def request(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         *,
         headers: Mapping[str, str] | None = None,
         json: Any = None,
@@ -118,7 +119,7 @@ class UpstreamClient:
             )
         async with self._open().request(method, url, **kwargs) as response:
             content = await response.read()
-            return Answer(response.status, response.headers, content, url)  # no redirects
+            return Answer(response.status, response.headers, content, str(url))  # no redirects
 
     async def get(self, url: str, **kwargs: Any) -> Answer:
         return await self.request("GET", url, **kwargs)
@@ -202,7 +203,7 @@ def json_body(response: Answer, upstream: str) -> Any:
 async def request(
     client: UpstreamClient,
     method: str,
-    url: str,
+    url: str | URL,
     *,
     upstream: str,
     idempotent: bool,
@@ -272,14 +273,14 @@ async def request(
 
 
 async def traced(
-    client: UpstreamClient, method: str, url: str, upstream: str, kwargs: dict[str, Any]
+    client: UpstreamClient, method: str, url: str | URL, upstream: str, kwargs: dict[str, Any]
 ) -> Answer:
     """One call in a client span, its `traceparent` sent upstream (tracing on). The span
     names the upstream and its host, never the URL (a signed download URL's query is a
     credential)."""
     attributes = {
         "http.request.method": method,
-        "server.address": urllib.parse.urlsplit(url).hostname or "",
+        "server.address": urllib.parse.urlsplit(str(url)).hostname or "",
         "gateway.upstream": upstream,
     }
     with telemetry.span(f"{upstream} {method}", kind="client", attributes=attributes) as span:
@@ -306,24 +307,32 @@ async def download(
     through the URL guard, at the address it checked (as a webhook: `pinned`), so that
     no answer can make the gateway fetch from its own network."""
     kwargs: dict[str, Any] = {}
+    sent: str | URL = url
     if _origin(url) != _origin(home):
         try:
             async with asyncio.timeout(client.timeout.total):  # the name's lookup too
-                addresses = await check_url(url, client.allow, field="output URL")
+                addresses = await check_url(url, client.allow, "output URL", OUTPUT_URL_MAX)
         except BadUserInput as exc:
             raise ProviderUnavailable(
                 f"{upstream} named an output the gateway will not fetch: {exc.message}"
             ) from None
         except TimeoutError:
             raise ProviderTimeout(f"{upstream}'s output host did not resolve in time") from None
-        target, host, server_name = pinned(url, addresses[0])
-        url, kwargs = str(target), {"headers": host, "server_hostname": server_name}
+        target, host, server_name = pinned(url, addresses[0], OUTPUT_URL_MAX)
+        # The URL object itself: as a string, aiohttp would parse it again, resolving
+        # `..` and re-escaping, and a signed URL would no longer match its signature.
+        sent, kwargs = target, {"headers": host, "server_hostname": server_name}
     response = await request(
-        client, "GET", url, upstream=upstream, idempotent=True, tally=tally, **kwargs
+        client, "GET", sent, upstream=upstream, idempotent=True, tally=tally, **kwargs
     )
     if not response.content:
         raise ProviderUnavailable(f"{upstream} served an empty image")
     return response.content
+
+
+#: an output URL's longest: a presigned one with a session token runs past the 2048
+#: characters a webhook URL may have
+OUTPUT_URL_MAX = 16 * 1024
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -401,19 +401,19 @@ class SegmindProvider(HTTPBackend):
             if answer is None:
                 raise
             status = answer.status_code
-            detail = _response_detail(answer)
-            suffix = f": {detail}" if detail else ""
             if status == 422:
                 return None, answer
+            # What Segmind says of its own trouble goes to the log (`error_for`), not into
+            # the job's error: ours names the status and what it means.
             if status == 404:
-                raise ProviderUnavailable(f"segmind answered 404: {not_found}{suffix}") from exc
+                raise ProviderUnavailable(f"segmind answered 404: {not_found}") from exc
             if status == 406:
                 raise ProviderUnavailable(
-                    f"segmind answered 406: upstream account out of credits{suffix}"
+                    "segmind answered 406: upstream account out of credits"
                 ) from exc
             if status in (401, 403):
                 raise ProviderUnavailable(
-                    f"segmind refused our API key ({status}): check GATEWAY_SEGMIND_API_KEY{suffix}"
+                    f"segmind refused our API key ({status}): check GATEWAY_SEGMIND_API_KEY"
                 ) from exc
             raise
         return response, None

@@ -42,6 +42,7 @@ if token then  -- spent from the token as at admission: a live token with the bu
 end
 if credits < price then poor = 'there were not enough credits' end
 if poor then
+  redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)  -- it saved nothing (finish.lua)
   job['status'], job['completed_at'] = 'failed', tonumber(ARGV[1])
   job['error'] = 'the identical request this job waited for failed, and ' .. poor ..
     ' to run it again'

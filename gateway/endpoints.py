@@ -133,9 +133,7 @@ async def wait_answering(
     waiting.cancel()  # it unwinds on its own, letting go of its watch
     if not ((wanted and wanted.idempotency_key) or job.webhook_url):
         try:
-            now = await gateway.job(principal, job.id)
-            if now is not None and now.status == "queued":
-                await gateway.cancel(principal, job.id)
+            await gateway.cancel(principal, job.id, unstarted=True)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
             log.warning("a job its client left could not be cancelled", job_id=job.id, error=exc)
     raise ClientDisconnect()

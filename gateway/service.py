@@ -277,8 +277,9 @@ class Gateway:
                 principal.account, first, after, status, principal.token_id()
             )
 
-    async def cancel(self, principal: Principal, job_id: str) -> Job:
-        """Cancel a job that has not ended: refunded at once, its slot freed.
+    async def cancel(self, principal: Principal, job_id: str, *, unstarted: bool = False) -> Job:
+        """Cancel a job that has not ended (with `unstarted`, only one no worker has
+        started yet): refunded at once, its slot freed.
 
         A queued job never starts; a running one is stopped by its worker at its next
         poll (and cancelled upstream where the provider allows).
@@ -287,7 +288,7 @@ class Gateway:
         if job is None:
             raise NotFound(f"no job {job_id}")
         with store_errors():
-            if not job.ended:
+            if not job.ended and (job.status == "queued" or not unstarted):
                 ended = await self.store.finish(
                     job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
                 )

@@ -186,16 +186,23 @@ async def test_plain_http_errors_have_openais_shape(redis_url: str, storage_dir:
         assert isinstance(r, httpx.Response)
 
 
+@pytest.mark.parametrize(
+    ("sync_wait", "sdk_timeout"),
+    [(0.2, 600.0), (300.0, 5.0)],
+    ids=["the gateway's wait runs out", "the SDK's read timeout would run out"],
+)
 async def test_the_sdks_own_retries_never_start_a_second_job(
-    redis_url: str, storage_dir: Path
+    redis_url: str, storage_dir: Path, sync_wait: float, sdk_timeout: float
 ) -> None:
-    """The SDK retries a 5xx twice on its own (no idempotency key): a wait that runs out
-    tells it not to (`x-should-retry: false`), so one call is one job, charged once."""
+    """The SDK retries a 5xx, and a read timeout, twice on its own (no idempotency key):
+    a wait that runs out, GATEWAY_SYNC_WAIT_SECONDS or just under the read timeout the
+    SDK says it has, tells it not to (`x-should-retry: false`), so one call is one job,
+    charged once, going on and readable by its id."""
     async with gateway(
-        redis_url, storage_dir, inprocess_workers=False, sync_wait_seconds=0.2
+        redis_url, storage_dir, inprocess_workers=False, sync_wait_seconds=sync_wait
     ) as gw:
         key = await gw.key(credits=1000)
-        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)  # the SDK's own retries
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=sdk_timeout)
         try:
             with pytest.raises(openai.InternalServerError) as late:
                 await client.images.generate(model="local", prompt="patience")
@@ -203,8 +210,9 @@ async def test_the_sdks_own_retries_never_start_a_second_job(
             await client.close()
         assert late.value.status_code == 504
         assert late.value.response.headers["x-should-retry"] == "false"
-        jobs = (await gw.gql("{ jobs(first: 10) { nodes { id } } }", key=key)).json()
-        assert len(jobs["data"]["jobs"]["nodes"]) == 1
+        jobs = (await gw.gql("{ jobs(first: 10) { nodes { id status } } }", key=key)).json()
+        job_id = late.value.response.headers["x-gateway-job-id"]
+        assert jobs["data"]["jobs"]["nodes"] == [{"id": job_id, "status": "queued"}]
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 980
 
 

@@ -290,17 +290,24 @@ class Gateway:
         with store_errors():
             if not job.ended and (job.status == "queued" or not unstarted):
                 ended = await self.store.finish(
-                    job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
+                    job,
+                    "cancelled",
+                    self.now_ms(),
+                    refund=True,
+                    error="cancelled by the client",
+                    # A worker that starts it meanwhile wins: its upstream may be paid.
+                    only_from="queued" if unstarted else "",
                 )
-                if ended and job.cost > 0:  # one that waited on an identical job never ran
-                    metrics.job_ended(job.provider, metrics.NO_BACKEND, "cancelled")
                 job = await self.store.get(principal.account, job_id) or job
-                await self.events.publish(job)
-                if job.cache_key:  # a waiter runs in its place
-                    promoted = await self.cache.release(job, self.now_ms())
-                    if promoted:
-                        self.queue.notify()
-                        await self.events.publish_stored(*promoted)
+                if ended:
+                    if job.cost > 0:  # one that waited on an identical job never ran
+                        metrics.job_ended(job.provider, metrics.NO_BACKEND, "cancelled")
+                    await self.events.publish(job)
+                    if job.cache_key:  # a waiter runs in its place
+                        promoted = await self.cache.release(job, self.now_ms())
+                        if promoted:
+                            self.queue.notify()
+                            await self.events.publish_stored(*promoted)
             return job
 
     async def wait(self, job: Job, seconds: float) -> Job:

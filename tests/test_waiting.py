@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from segmind import SegmindClient
 
 from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
+from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import gateway
 from tests.servers import serve
@@ -139,6 +141,35 @@ async def test_a_client_that_leaves_before_its_job_starts_is_not_charged_for_it(
             await asyncio.sleep(0.05)
         assert await statuses() == ["cancelled"] * 3
         assert (await gw.accounts.get(account)).credits == 1000
+
+
+async def test_a_worker_that_starts_the_job_as_its_client_leaves_keeps_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The cancel of a job its client left reads it queued, then ends it. A worker that
+    takes it in between (its upstream may be paid by then) wins: the job runs on,
+    charged, and no waiter is let in on its place."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key(credits=1000)
+        r = await gw.http.post("/v1/text_to_image", json=BODY, headers={"X-API-Key": key})
+        job_id = r.json()["id"]
+        gateway_: Any = gw.app.state.gateway
+        store = gateway_.store
+        real_finish = store.finish
+
+        async def worker_starts_first(job: Any, *args: Any, **kwargs: Any) -> bool:
+            # The race's other side, for real: a worker's start script, between the read
+            # and the end.
+            assert await store.start(keys.job(job.account, job.id), int(gw.clock() * 1000), 60_000)
+            return bool(await real_finish(job, *args, **kwargs))
+
+        store.finish = worker_starts_first
+        principal = await gateway_.authenticate(key)
+        job = await gateway_.cancel(principal, job_id, unstarted=True)
+        store.finish = real_finish
+        assert job.status == "processing" and job.cost == 10
+        assert (await gw.job(key, job_id) or {})["status"] == "processing"
+        assert (await gw.accounts.get(principal.account)).credits == 990
 
 
 async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves(

@@ -120,9 +120,11 @@ class JobStore:
         metadata: dict[str, Any] | None = None,
         error: str | None = None,
         rejected: bool = False,
+        only_from: str = "",
     ) -> bool:
-        """End the job once; True when this call ended it (False: it had already ended).
-        `rejected`: it failed because the upstream refused its input (`Job.rejected`)."""
+        """End the job once; True when this call ended it (False: it had already ended,
+        or had another status than `only_from`, when given). `rejected`: it failed
+        because the upstream refused its input (`Job.rejected`)."""
         fields: dict[str, Any] = {}
         if urls is not None:
             fields.update(outcome_fields(urls, width, height, metadata or {}))
@@ -161,6 +163,7 @@ class JobStore:
             retention_ms=self.retention_ms,
             fields=fields,
             ledger_keep_ms=self.ledger_keep_ms,
+            only_from=only_from,
             client=self.redis,
         )
         return reply.ended

@@ -12,7 +12,9 @@
 --       7 the client token the job was made with (the job's `token`; unused without)
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6 ledger_keep_ms
 --       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
---       fields the end sets (its outcome or its error; null: removed)
+--       fields the end sets (its outcome or its error; null: removed), 8 the status
+--       the job must still have to be ended ('': any that has not ended; 'queued': a
+--       cancel of a job no worker has started, which one starting it meanwhile wins)
 -- The record then lives for the retention time, like its outputs.
 -- include: ledger.lua
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
@@ -22,6 +24,7 @@ local status = job['status']
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
+if ARGV[8] ~= '' and status ~= ARGV[8] then return {0, status} end
 mark()
 for name, value in pairs(cjson.decode(ARGV[7])) do set(job, name, value) end
 job['status'], job['completed_at'] = ARGV[1], tonumber(ARGV[2])

@@ -351,7 +351,8 @@ class Start(Script):
 class FinishReply(NamedTuple):
     ended: bool  # this call ended the job (or was the call that had, sent again)
     balance: int = 0  # ended: the account's credits after any refund
-    status: str = ""  # not ended: why ('missing', or the status it had ended with)
+    status: str = ""  # not ended: why ('missing', the status it had ended with, or the
+    # one it had instead of `only_from`)
 
 
 class Finish(Script):
@@ -377,6 +378,7 @@ class Finish(Script):
         retention_ms: int,
         fields: dict[str, Any],
         ledger_keep_ms: int = 0,
+        only_from: str = "",
         client: aioredis.Redis | None = None,
     ) -> FinishReply:
         argv = [
@@ -394,6 +396,7 @@ class Finish(Script):
             retention_ms,
             ledger_keep_ms,
             orjson.dumps(fields),
+            only_from,
         ]
         return self.decode(await self.run(7, argv, client))
 

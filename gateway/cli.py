@@ -446,13 +446,17 @@ def generate(
             if job["status"] != "completed":
                 err.print(f"[red]{job['status']}:[/red] {job.get('error') or ''}")
                 raise typer.Exit(1)
-            # Outputs in a bucket: the gateway's URL redirects to the object (presigned);
-            # httpx leaves the key out of a request to another origin.
-            image = client.get(job["url"], follow_redirects=True)
-            image.raise_for_status()
         except httpx.HTTPError as exc:
             err.print(f"[red]cannot reach the gateway at {base}:[/red] {exc}")
             raise typer.Exit(1) from None
+    # Outputs are public, and may be on another host (GATEWAY_PUBLIC_URL, a bucket or a
+    # CDN, the gateway's URL a redirect to it): fetched without the key.
+    try:
+        image = httpx.get(job["url"], follow_redirects=True, timeout=30)
+        image.raise_for_status()
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot download the image at {job['url']}:[/red] {exc}")
+        raise typer.Exit(1) from None
     target = out or Path(job["url"].rsplit("/", 1)[-1])
     target.write_bytes(image.content)
     meta = job.get("metadata") or {}

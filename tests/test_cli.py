@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,8 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
 
-from tests.servers import free_port
+from tests.harness import gateway
+from tests.servers import free_port, serve
 
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
 
@@ -137,3 +143,26 @@ def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Pat
         assert proc.wait(20) in (0, -15)
         if proc.stdout:
             proc.stdout.close()
+
+
+async def test_generate_downloads_the_image_without_sending_the_key(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Outputs may be served from another host (GATEWAY_PUBLIC_URL, a bucket, a CDN): the
+    API key goes only to the gateway."""
+    seen: list[str | None] = []
+
+    async def outputs(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        return FileResponse(tmp_path / "out" / request.path_params["name"])
+
+    async with serve(Starlette(routes=[Route("/outputs/{name}", outputs)])) as cdn:
+        async with gateway(redis_url, tmp_path / "out", public_url=cdn) as gw:
+            key = await gw.key()
+            out = tmp_path / "fox.png"
+            env = {"GATEWAY_URL": gw.base, "GATEWAY_API_KEY": key}
+            args = ("generate", "a fox", "--provider", "local", "--out", str(out))
+            gen = await asyncio.to_thread(run, *args, env=env)
+    assert gen.returncode == 0, gen.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert seen == [None]

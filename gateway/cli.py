@@ -13,12 +13,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
+import redis.exceptions
 import structlog
 import typer
 from rich.console import Console
@@ -110,6 +112,21 @@ def _shared_store(settings: Settings) -> None:
         raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def _reaching_redis(settings: Settings) -> Iterator[None]:
+    """A Redis that cannot be reached or refuses the credentials: one line and exit 1,
+    not a traceback. It names the server, never the URL's password."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = urlsplit(settings.redis_url or "")
+        server = where.hostname or where.path
+        if where.port:
+            server = f"{server}:{where.port}"
+        err.print(f"[red]cannot use the Redis at {server}:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]]) -> T:
     _shared_store(settings)
 
@@ -122,7 +139,8 @@ def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]
             await redis.aclose()
 
     try:
-        return asyncio.run(run())
+        with _reaching_redis(settings):
+            return asyncio.run(run())
     except GatewayError as exc:
         err.print(f"[red]{exc.code}:[/red] {exc.message}")
         raise typer.Exit(1) from None
@@ -156,7 +174,8 @@ def _refuse_evicting_redis(settings: Settings) -> None:
             await redis.aclose()
 
     try:
-        asyncio.run(check())
+        with _reaching_redis(settings):
+            asyncio.run(check())
     except EvictingRedis as exc:
         err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
@@ -227,7 +246,8 @@ def worker() -> None:
     import uvloop  # the loop `serve` runs on too: about half the loop's CPU per poll
 
     try:
-        uvloop.run(main())
+        with _reaching_redis(settings):
+            uvloop.run(main())
     except EvictingRedis as exc:
         err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None

@@ -73,6 +73,15 @@ def test_commands_needing_shared_redis_refuse_the_embedded_store() -> None:
         assert "GATEWAY_REDIS_URL" in result.stderr
 
 
+def test_a_redis_that_cannot_be_reached_is_one_line_naming_it_not_a_traceback() -> None:
+    port = free_port()
+    for args in (("keys", "list"), ("worker",), ("serve", "--port", str(free_port()))):
+        result = run(*args, env={"GATEWAY_REDIS_URL": f"redis://:s3cret@127.0.0.1:{port}/0"})
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.startswith(f"cannot use the Redis at 127.0.0.1:{port}: ")
+        assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
 def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Path) -> None:
     """What `make run` does: embedded store, dev mode, a printed demo key."""
     port = free_port()
@@ -156,13 +165,16 @@ async def test_generate_downloads_the_image_without_sending_the_key(
         seen.append(request.headers.get("authorization"))
         return FileResponse(tmp_path / "out" / request.path_params["name"])
 
-    async with serve(Starlette(routes=[Route("/outputs/{name}", outputs)])) as cdn:
-        async with gateway(redis_url, tmp_path / "out", public_url=cdn) as gw:
-            key = await gw.key()
-            out = tmp_path / "fox.png"
-            env = {"GATEWAY_URL": gw.base, "GATEWAY_API_KEY": key}
-            args = ("generate", "a fox", "--provider", "local", "--out", str(out))
-            gen = await asyncio.to_thread(run, *args, env=env)
+    cdn_app = Starlette(routes=[Route("/outputs/{name}", outputs)])
+    async with (
+        serve(cdn_app) as cdn,
+        gateway(redis_url, tmp_path / "out", public_url=cdn) as gw,
+    ):
+        key = await gw.key()
+        out = tmp_path / "fox.png"
+        env = {"GATEWAY_URL": gw.base, "GATEWAY_API_KEY": key}
+        args = ("generate", "a fox", "--provider", "local", "--out", str(out))
+        gen = await asyncio.to_thread(run, *args, env=env)
     assert gen.returncode == 0, gen.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
     assert seen == [None]

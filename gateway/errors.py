@@ -95,8 +95,12 @@ class ServiceUnavailable(GatewayError):
 
     code, status = "SERVICE_UNAVAILABLE", 503
 
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message, retryAfter=retry_after)
+    def __init__(self, message: str, retry_after: int | None = 5) -> None:
+        """`retry_after` None: trying again will not help until the operator acts."""
+        if retry_after is None:
+            super().__init__(message)
+        else:
+            super().__init__(message, retryAfter=retry_after)
         self.retry_after = retry_after
 
 

@@ -197,7 +197,7 @@ async def job_events(request: Request) -> Response:
             # trouble, when to reconnect; a credential revoked or expired is final).
             body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
             retry = b""
-            if isinstance(exc, ServiceUnavailable):
+            if isinstance(exc, ServiceUnavailable) and exc.retry_after is not None:
                 retry = b"retry: %d\n" % (exc.retry_after * 1000)
             yield retry + b"event: error\ndata: %b\n\n" % body
 

@@ -114,7 +114,14 @@ class Router:
         """The route's enabled backends; none at all means the service is unavailable."""
         backends = [b for b in self.route(name) if b in self.providers and self._on(b)]
         if not backends:
-            raise ServiceUnavailable(f"no backend of {name!r} is enabled: {self._why_off(name)}")
+            # Its operator's to set up: the client is told what, not how (the variables
+            # are in the `providers` reasons), nor to try again (OpenAI's and Stainless's
+            # SDKs retry a 503 unless told not to).
+            error = ServiceUnavailable(
+                f"no backend of {name!r} is configured on this gateway", retry_after=None
+            )
+            error.headers = {"x-should-retry": "false"}
+            raise error
         return backends
 
     def _on(self, backend: str) -> bool:

@@ -426,7 +426,10 @@ async def test_providers_lists_services_and_why_backends_are_off(
         # No backend of flux-krea is configured and this is not dev mode: 503, no charge.
         r = await gw.generate(key, provider="flux-krea")
         assert r.status_code == 503
-        assert r.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+        error = r.json()["errors"][0]
+        assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"}  # no retryAfter
+        assert error["message"] == "no backend of 'flux-krea' is configured on this gateway"
+        assert "retry-after" not in r.headers
 
 
 async def test_health_and_readiness(redis_url: str, storage_dir: Path) -> None:

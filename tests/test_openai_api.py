@@ -150,6 +150,22 @@ async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_di
         assert int(limited.value.response.headers["retry-after"]) > 0
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # none charged
 
+        # A service its operator has not set up: said so, once (the SDK, which retries a
+        # 503 twice by default, is told not to), naming nothing of the configuration.
+        sent: list[httpx.Request] = []
+
+        async def note(request: httpx.Request) -> None:
+            sent.append(request)
+
+        async with httpx.AsyncClient(event_hooks={"request": [note]}) as http:
+            retrying = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, http_client=http)
+            with pytest.raises(openai.InternalServerError) as unset:
+                await retrying.images.generate(model="flux-krea", prompt="x")
+        assert unset.value.status_code == 503 and len(sent) == 1
+        assert "retry-after" not in unset.value.response.headers
+        said = "no backend of 'flux-krea' is configured on this gateway"
+        assert unset.value.message.endswith(said)
+
 
 async def test_a_wait_that_runs_out_is_a_504_naming_the_job(
     redis_url: str, storage_dir: Path

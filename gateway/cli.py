@@ -146,6 +146,22 @@ def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]
         raise typer.Exit(1) from None
 
 
+#: listen addresses that are no address a client can use
+WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 (compared with, not bound to)
+
+
+def _warn_without_public_url(settings: Settings, worker: bool) -> None:
+    """Output URLs name `GATEWAY_PUBLIC_URL`, else this process's own host and port: a
+    worker's (which serves nothing) or a wildcard address no client can reach."""
+    if settings.public_url or not (worker or settings.host in WILDCARDS):
+        return
+    err.print(
+        f"[yellow]GATEWAY_PUBLIC_URL is not set: output URLs will name {settings.base_url}, "
+        "which clients may not reach; set it to where they reach `gateway serve`.[/yellow]",
+        soft_wrap=True,
+    )
+
+
 def _tune_gc() -> None:
     """Never scan what start-up made (modules, schema, scripts), and collect cycles only
     every 50,000 allocations.
@@ -201,6 +217,7 @@ def serve(
         )
     if settings.redis_url:
         _refuse_evicting_redis(settings)
+    _warn_without_public_url(settings, worker=False)
     app = build_app(settings)
     _tune_gc()
     uvicorn.run(
@@ -232,6 +249,7 @@ def worker() -> None:
     _shared_store(settings)
     _configure_logging()
     _configure_tracing()
+    _warn_without_public_url(settings, worker=True)
 
     async def main() -> None:
         stop = asyncio.Event()

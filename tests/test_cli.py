@@ -75,11 +75,24 @@ def test_commands_needing_shared_redis_refuse_the_embedded_store() -> None:
 
 def test_a_redis_that_cannot_be_reached_is_one_line_naming_it_not_a_traceback() -> None:
     port = free_port()
+    env = {
+        "GATEWAY_REDIS_URL": f"redis://:s3cret@127.0.0.1:{port}/0",
+        "GATEWAY_PUBLIC_URL": "https://images.example.com",
+    }
     for args in (("keys", "list"), ("worker",), ("serve", "--port", str(free_port()))):
-        result = run(*args, env={"GATEWAY_REDIS_URL": f"redis://:s3cret@127.0.0.1:{port}/0"})
+        result = run(*args, env=env)
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.startswith(f"cannot use the Redis at 127.0.0.1:{port}: ")
         assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+def test_a_worker_without_a_public_url_says_what_its_output_urls_will_name() -> None:
+    """A worker serves nothing: the URLs it hands out name `gateway serve`'s address only
+    through GATEWAY_PUBLIC_URL."""
+    result = run("worker", env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("GATEWAY_PUBLIC_URL is not set: output URLs will name "), first
+    assert "http://127.0.0.1:8000" in first
 
 
 def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Path) -> None:

@@ -228,6 +228,10 @@ class Router:
         sent: dict[str, Any] = stored.get("sent", {}) if stored and upstream_id else {}
         metadata: dict[str, Any] = {}
         if upstream_id is None:
+            if self.clock() >= job.deadline:
+                # Taken after its deadline (a backlog, a waiter promoted late): failed
+                # now, refunded, rather than paid for upstream and then given up on.
+                raise JobFailed("the job's time ran out before it could start", backend)
             async with self.slots[backend]:
                 submitted = await provider.submit(job.params)
             sent, metadata = submitted.sent, dict(submitted.metadata)
@@ -247,6 +251,7 @@ class Router:
                 cancelled=job.cancelled,
                 deadline=job.deadline,
                 key=job.key,
+                resumed=stored is not None,
             )
         )
         if polled.state == "cancelled":

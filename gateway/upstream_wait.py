@@ -68,6 +68,7 @@ class UpstreamJob:
     cancelled: Callable[[], Awaitable[bool]]  # whether the client has cancelled the job
     deadline: float  # on the waiter's clock
     key: str = ""  # the job's, for `UpstreamWait.nudge`
+    resumed: bool = False  # submitted by an earlier attempt (a worker that died, say)
 
 
 def _jitter(seconds: float) -> float:
@@ -140,20 +141,30 @@ class UpstreamWait:
         errors_in_a_row = 0
         last_status = ""
         next_poll = started
+        asked = False  # polled at least once
         try:
-            if inbox is not None and listening and not await inbox.check(waiter):
+            if (
+                inbox is not None
+                and listening
+                and not job.resumed  # its callback may have come while no one listened
+                and not await inbox.check(waiter)
+            ):
                 next_poll = started + _jitter(fallback)  # the submit's answer is news enough
             while True:
                 if await job.cancelled():
                     await self.cancel(job)
                     raise JobCancelled("cancelled by the client")
                 now = clock()
-                if now >= job.deadline - ON_TIME:
+                # A job resumed past its deadline is asked once first: it may have
+                # finished, paid for, while no worker was there to see it.
+                late = now >= job.deadline - ON_TIME
+                if late and asked:
                     await self.cancel(job)
                     raise ProviderTimeout(f"{job.backend} did not finish in time")
                 called_back = waiter.delivered
-                if called_back or now >= next_poll - ON_TIME:
+                if late or called_back or now >= next_poll - ON_TIME:
                     waiter.delivered = False  # a callback during the poll polls again
+                    asked = True
                     try:
                         polled = await self._poll(job)
                         errors_in_a_row = 0

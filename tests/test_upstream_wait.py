@@ -112,7 +112,7 @@ class Jobs:
         self.progress: list[dict[str, Any]] = []
 
     async def start(
-        self, inbox: RedisInbox | None, *, deadline_in: float = 600.0
+        self, inbox: RedisInbox | None, *, deadline_in: float = 600.0, resumed: bool = False
     ) -> tuple[str, asyncio.Task[Polled]]:
         upstream_id = self.upstream.job()
         if inbox is not None and self.upstream.calls_back:
@@ -133,6 +133,7 @@ class Jobs:
             cancelled=cancelled,
             deadline=time.monotonic() + deadline_in,
             key=key,
+            resumed=resumed,
         )
         return upstream_id, asyncio.create_task(self.wait.wait(job))
 
@@ -202,9 +203,35 @@ async def test_the_sweep_ends_a_job_at_its_deadline(inbox: RedisInbox) -> None:
     with pytest.raises(ProviderTimeout):
         await asyncio.wait_for(task, 5)
     assert time.monotonic() - started >= 0.4 - 0.01
-    assert upstream.polls[upstream_id] == 0  # asleep until its deadline
+    # Asleep until its deadline, then asked once (its callback may have been lost).
+    assert upstream.polls[upstream_id] == 1
     assert upstream.cancelled == [upstream_id]  # and cancelled upstream (best effort)
     assert wait.waiters == {}
+
+
+async def test_a_job_resumed_past_its_deadline_is_asked_once_before_it_is_given_up(
+    inbox: RedisInbox,
+) -> None:
+    """Its worker died; the upstream finished (and charged) while none was there. The
+    worker that takes it over after its deadline keeps the image, and, its callback
+    gone unheard, asks at once rather than after the callback fallback."""
+    upstream = Upstream()
+    wait = waiting(upstream, inbox)  # fallback 30 s
+    jobs = Jobs(wait, upstream)
+    upstream.calls_back = False  # its callback went to the dead worker: none stored
+    upstream_id, task = await jobs.start(inbox, deadline_in=-5, resumed=True)
+    upstream.finished.add(upstream_id)
+    assert (await asyncio.wait_for(task, 5)).state == "completed"
+    assert upstream.polls[upstream_id] == 1 and upstream.cancelled == []
+
+    upstream.calls_back = True
+    started = time.monotonic()
+    late_id, late = await jobs.start(inbox, resumed=True)
+    await until(lambda: upstream.polls[late_id], "a first poll")
+    assert time.monotonic() - started < 5  # not the 30 s fallback
+    upstream.finished.add(late_id)
+    await inbox.deliver(upstream.tokens[late_id], {})
+    assert (await asyncio.wait_for(late, 5)).state == "completed"
 
 
 async def test_a_nudge_notices_a_cancellation_at_once(inbox: RedisInbox) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 import re
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 ENABLED = False
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
+
+_log = structlog.get_logger("gateway")
 
 SERVICE_NAME = "image-gateway"  # the service's name in traces when OTEL_SERVICE_NAME is unset
 
@@ -87,6 +90,34 @@ def note(**fields: str) -> None:
         current.update(fields)
     for name, value in fields.items():
         _VARS[name].set(value)
+
+
+# -- background loops ----------------------------------------------------------------------
+
+
+class Streak:
+    """A background loop's failures in a row (Redis away, say): the first is logged
+    (`WHAT failed`), then one line a minute while they last, each with the count so far,
+    and one when the loop works again (`WHAT recovered`). Every failure logged would be
+    thousands of lines an hour per loop, burying the one that says why."""
+
+    def __init__(self, what: str, every: float = 60.0) -> None:
+        self.what = what
+        self.every = every
+        self.failures = 0
+        self.logged = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if self.failures == 1 or now - self.logged >= self.every:
+            self.logged = now
+            _log.warning(f"{self.what} failed", error=str(exc), failures=self.failures)
+
+    def ok(self) -> None:
+        if self.failures:
+            _log.info(f"{self.what} recovered", failures=self.failures)
+            self.failures = 0
 
 
 # -- traces ------------------------------------------------------------------------------

@@ -149,13 +149,17 @@ class Webhooks:
         return int(self.clock() * 1000)
 
     async def run(self, stop: asyncio.Event, period: float = 0.25) -> None:
+        trouble = telemetry.Streak("webhook dispatch")
         while not stop.is_set():
             try:
                 await self.dispatch()
+                trouble.ok()
             except Exception as exc:
-                log.warning("webhook dispatch failed", error=str(exc))
+                trouble.failed(exc)
+            # Failing (Redis away): tried again less and less often, up to every 5 s.
+            wait = min(period * 2**trouble.failures, 5.0) if trouble.failures else period
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+                await asyncio.wait_for(stop.wait(), wait)
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=self.settings.webhook_timeout)
 
@@ -189,6 +193,13 @@ class Webhooks:
         schedule = keys.webhooks(keys.shard_of_key(job_key))
         job = await self.store.get_by_key(job_key)
         if job is None or not job.webhook_url:
+            if job is None:  # a cache hit's record lives only as long as its cache entry
+                account, job_id = keys.job_parts(job_key)
+                log.warning(
+                    "webhook dropped: the job's record expired before it was delivered",
+                    account=account,
+                    job_id=job_id,
+                )
             await self.redis.zrem(schedule, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only

@@ -127,6 +127,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         watcher = asyncio.create_task(self._watch_cancellations(stop))
         deliveries = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks else None
+        reading = telemetry.Streak("queue read")
         try:
             while not stop.is_set():
                 free = min(self.capacity - len(self.running), FETCH_BATCH)
@@ -137,12 +138,13 @@ class Worker:
                     continue
                 try:
                     entries = await self.queue.read(self.consumer, free, block_ms=1000)
+                    reading.ok()
                 except Exception as exc:  # Redis away: keep the loop alive, try again
                     with contextlib.suppress(Exception):
                         if await self.queue.regroup(exc):  # Redis came back empty
                             log.warning("queue group made again", error=str(exc))
                             continue
-                    log.warning("queue read failed", error=str(exc))
+                    reading.failed(exc)
                     await asyncio.sleep(1.0)
                     continue
                 for entry_id, job_key in entries:
@@ -173,6 +175,7 @@ class Worker:
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         period = self.settings.job_lease_seconds / 3
+        trouble = telemetry.Streak("heartbeat")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), period)
@@ -185,10 +188,11 @@ class Worker:
                     # longer than a lease, and the leases must be renewed meanwhile.
                     self.last_sweep = self.clock()
                     self.sweeping = asyncio.create_task(self._sweep_logged())
+                trouble.ok()
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await self.queue.regroup(exc)  # Redis came back empty: the next beat runs
-                log.warning("heartbeat failed", error=str(exc))
+                trouble.failed(exc)
 
     async def _sweep_logged(self) -> None:
         try:
@@ -354,6 +358,7 @@ class Worker:
     async def _watch_cancellations(self, stop: asyncio.Event, period: float = 1.0) -> None:
         """Read the shards' cancellation logs once a `period`: one round trip for every
         running job, where a status read per job per poll cost thousands a second."""
+        reading = telemetry.Streak("reading cancellations")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), period)
@@ -363,8 +368,9 @@ class Worker:
                 found = await self.store.recently_cancelled(
                     self.settings.redis_shards, self.now_ms()
                 )
+                reading.ok()
             except Exception as exc:
-                log.warning("reading cancellations failed", error=repr(exc))
+                reading.failed(exc)
                 continue
             if not found and not self.cancelled:
                 continue  # the usual second: nothing cancelled, no set of every job built

@@ -21,8 +21,10 @@ from typing import Any, cast
 import aiohttp
 import orjson
 import pytest
+import structlog.testing
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import telemetry
 from gateway.accounts import Accounts
 from gateway.config import load_settings
 from gateway.errors import ProviderRateLimited, ProviderUnavailable
@@ -239,4 +241,36 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
     assert [(a["attempt"], a["statusCode"], a["success"]) for a in log] == [
         (n, 500, False) for n in range(1, len(delays) + 2)
     ]
+
+    # A record gone before its delivery ended (a cache hit's lives as long as its cache
+    # entry): the delivery ends, and says so.
+    await redis.zadd(schedule, {job_key: now * 1000})
+    await redis.delete(job_key)
+    with structlog.testing.capture_logs() as logged:
+        assert await hooks.deliver(job_key) is False
+    assert await redis.zscore(schedule, job_key) is None
+    assert [(e["event"], e["job_id"]) for e in logged] == [
+        ("webhook dropped: the job's record expired before it was delivered", job.id)
+    ]
     await redis.aclose()
+
+
+def test_a_loop_failing_again_and_again_logs_its_first_failure_then_one_line_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis away for an hour: each background loop logs its trouble once a minute, not
+    at every try (the webhook deliverer's 0.25 s was 14,400 lines an hour)."""
+    now = [1000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: now[0])
+    streak = telemetry.Streak("webhook dispatch")
+    with structlog.testing.capture_logs() as logged:
+        for _ in range(3_600 * 4):  # an hour of tries, four a second
+            streak.failed(ConnectionError("Error 111 connecting to redis:6379"))
+            now[0] += 0.25
+        streak.ok()
+        streak.ok()
+    events = [(e["event"], e.get("failures")) for e in logged]
+    assert events[0] == ("webhook dispatch failed", 1)
+    assert len(events) == 61  # the first, one a minute after it, and the recovery
+    assert events[-1] == ("webhook dispatch recovered", 14_400)
+    assert all(e["log_level"] == "warning" for e in logged[:-1])

@@ -41,7 +41,15 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def _limit_field(value: int | None) -> str:
+#: The largest balance or per-key limit: GraphQL's `Int` is 32 bits, and a larger one
+#: could not be read back through it (`me`, `keys`, `addCredits` would fail after the
+#: change was made).
+MOST = 2**31 - 1
+
+
+def _limit_field(value: int | None, name: str) -> str:
+    if value is not None and value > MOST:
+        raise BadUserInput(f"{name} must be at most {MOST}", field=name)
     return "" if value is None else str(value)
 
 
@@ -75,6 +83,8 @@ class Accounts:
             raise BadUserInput(f"unknown plan {plan!r}", field="plan")
         if credits < 0:
             raise BadUserInput("credits must not be negative", field="credits")
+        if credits > MOST:
+            raise BadUserInput(f"credits must be at most {MOST}", field="credits")
         if shard is None:
             shard = secrets.randbelow(self.settings.redis_shards)
         account = keys.account_id(secrets.token_hex(6), shard)
@@ -89,9 +99,9 @@ class Accounts:
             "credits": 0,
             "revoked": "0",
             "created_at": int(time.time()),
-            "rpm": _limit_field(rpm),
-            "concurrency": _limit_field(concurrency),
-            "daily": _limit_field(daily),
+            "rpm": _limit_field(rpm, "rpm"),
+            "concurrency": _limit_field(concurrency, "concurrency"),
+            "daily": _limit_field(daily, "daily"),
         }
         # Two slots on a Cluster, so no MULTI: indexed first, and `all` skips an id
         # whose record was never written.
@@ -145,7 +155,7 @@ class Accounts:
             fields["plan"] = plan
         for name, value in (("rpm", rpm), ("concurrency", concurrency), ("daily", daily)):
             if value is not None:
-                fields[name] = str(value)
+                fields[name] = _limit_field(value, name)
         if fields:
             await self.redis.hset(keys.account(account), mapping=fields)
         return await self.get(account)
@@ -157,6 +167,7 @@ class Accounts:
             topup=keys.topup(account, os.urandom(12).hex()),
             delta=amount,
             reason=reason,
+            most=MOST,
             now_ms=int(self.clock() * 1000),
             ledger_keep_ms=self.settings.ledger_keep_ms,
             client=self.redis,
@@ -165,6 +176,8 @@ class Accounts:
             raise NotFound(f"no key with id {account}")
         if reply.outcome == "negative":
             raise BadUserInput("balance would go below zero", field="credits")
+        if reply.outcome == "too_large":
+            raise BadUserInput(f"balance would go above {MOST}", field="credits")
         return reply.balance
 
     async def ledger(self, account: str) -> list[dict[str, str]]:

@@ -25,6 +25,9 @@ PATHS = ("/graphql", "/v1/", "/compat/", "/outputs/")
 # `apollographql-client-*`, an SDK's own): no credentials mode (no cookies), so allowing
 # them opens nothing; the origin and the key or token are what is checked.
 ALLOW_HEADERS = ("*",)
+# Named to a preflight that lists none in Access-Control-Request-Headers (Starlette's "*"
+# echoes only the headers asked for): the gateway's own (CONTRACT §11).
+NAMED_HEADERS = "Authorization, X-API-Key, Content-Type, Idempotency-Key, Prefer"
 EXPOSE_HEADERS = (
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
@@ -80,6 +83,8 @@ class CORS:
         self, scope: Scope, receive: Receive, send: Send, headers: Headers
     ) -> None:
         response = self.cors.preflight_response(request_headers=headers)
+        if "access-control-allow-headers" not in response.headers:
+            response.headers["Access-Control-Allow-Headers"] = NAMED_HEADERS
         if response.status_code != 200:
             refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
             error = Forbidden(

@@ -19,13 +19,13 @@ import redis.asyncio as aioredis
 
 from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
-from gateway.admission import Admitted, admit, plan_table, utc_day
+from gateway.admission import TOKEN_RULES, Admitted, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
 from gateway.auth import Principal, authenticate, credentials
 from gateway.cache import Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
-from gateway.errors import Forbidden, GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import BadUserInput, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from gateway.events import Events
 from gateway.job_watch import JobWatch
 from gateway.jobs.model import Job
@@ -143,7 +143,12 @@ class Gateway:
         exc.headers = {**principal.rate_headers(), **exc.headers}
         raise exc
 
-    def estimate(self, request: GenerationRequest) -> Estimate:
+    def estimate(self, principal: Principal, request: GenerationRequest) -> Estimate:
+        """What `request` would cost `principal`: refused as admission would refuse a
+        client token the service (`admit.lua` checks it there)."""
+        token = principal.token
+        if token is not None and token.services and request.provider not in token.services:
+            raise Forbidden(TOKEN_RULES["service"])
         backends = self.router.route(request.provider)
         width, height = request.size()
         credits = pricing.cost(width, height, request.num_images)
@@ -271,7 +276,8 @@ class Gateway:
 
     async def jobs(
         self, principal: Principal, first: int, after: str | None, status: str | None
-    ) -> tuple[list[Job], bool]:
+    ) -> tuple[list[Job], bool, str | None]:
+        """A page of the caller's jobs, whether more may follow, and its end cursor."""
         with store_errors():
             return await self.store.page(
                 principal.account, first, after, status, principal.token_id()
@@ -425,7 +431,10 @@ class Gateway:
         """A client token for a page, minted by a key (never by a token)."""
         principal.require_key("mint client tokens")
         for name in wanted.services:
-            self.router.route(name)  # an unknown service or backend: BAD_USER_INPUT
+            try:
+                self.router.route(name)
+            except BadUserInput as exc:  # an unknown service or backend, in this input
+                raise BadUserInput(exc.message, field="services") from None
         with store_errors("the store is unreachable; no token was made"):
             return await self.tokens.mint(principal.account, wanted, self.now_ms())
 

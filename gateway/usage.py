@@ -108,12 +108,17 @@ def _instant(value: str, name: str, *, end: bool) -> int:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
+    except OverflowError:  # the day after 9999-12-31
+        raise BadUserInput(f"{name} must be before the year 9999", field=name) from None
+    except ValueError:
         raise BadUserInput(
             f"{name} must be an ISO date (2025-01-31) or datetime (2025-01-31T12:00:00Z)",
             field=name,
         ) from None
-    return int(moment.timestamp() * 1000)
+    ms = int(moment.timestamp() * 1000)
+    if ms < 0:  # a ledger's entries are named by their time: none is before 1970
+        raise BadUserInput(f"{name} must be in 1970 or later", field=name)
+    return ms
 
 
 def parse_range(start: str, end: str) -> tuple[int, int]:

@@ -65,10 +65,11 @@ class Query:
         if status is not None and status not in STATUSES:
             raise BadUserInput(f"status must be one of {sorted(STATUSES)}", field="status")
         ctx = info.context
-        jobs, more = await ctx.gateway.jobs(await ctx.caller(read=True), first, after, status)
+        caller = await ctx.caller(read=True)
+        jobs, more, cursor = await ctx.gateway.jobs(caller, first, after, status)
         return GenerationPage(
             nodes=[Generation.of(j) for j in jobs],
-            page_info=PageInfo(has_next_page=more, end_cursor=jobs[-1].id if jobs else None),
+            page_info=PageInfo(has_next_page=more, end_cursor=cursor),
         )
 
     @strawberry.field(description="Plan, credit balance, and each limit's use.")
@@ -79,8 +80,8 @@ class Query:
     @strawberry.field(description="The credit cost of a request, without running it.")
     async def estimate(self, info: Info, input: GenerateInput) -> Estimate:
         ctx = info.context
-        await ctx.caller(read=True)
-        e = ctx.gateway.estimate(from_generate_input(graphql_value(info, input)))
+        caller = await ctx.caller(read=True)
+        e = ctx.gateway.estimate(caller, from_generate_input(graphql_value(info, input)))
         return Estimate(
             credits=e.credits,
             width=e.width,

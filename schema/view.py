@@ -40,7 +40,7 @@ from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWS
 from strawberry.types import ExecutionResult
 
 from gateway import pages
-from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError
+from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError, MethodNotAllowed
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
 from schema import error_code, persisted
@@ -317,7 +317,11 @@ class GraphQLView(GraphQL[Context, None]):
         except (HTTPException, StarletteHTTPException) as exc:
             status = exc.status_code
             message = str(getattr(exc, "reason", None) or getattr(exc, "detail", ""))
-            response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
+            if status == 405:  # HEAD, which Starlette's route lets through with GET
+                body = error_body(MethodNotAllowed.code, message)
+                response = JSONResponse(body, status_code=405, headers={"Allow": "GET, POST"})
+            else:
+                response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
         except GatewayError as exc:  # the request's own (APQ), or building the context
             body = error_body(exc.code, exc.message)
             body["errors"][0]["extensions"] = dict(exc.extensions)  # `field` too

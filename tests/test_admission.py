@@ -24,6 +24,7 @@ from starlette.responses import Response
 from gateway.accounts import Accounts
 from gateway.auth import hash_secret
 from gateway.config import load_settings
+from gateway.errors import BadUserInput
 from gateway.jobs.store import JobStore
 from gateway.providers import krea
 from gateway.store import keys as rkeys
@@ -675,6 +676,29 @@ async def test_admin_raises_a_keys_limit_and_only_the_admin_may(
         # An unknown key id is a 404, not a new account.
         missing = await gw.gql(UPDATE_KEY, {"id": "nope", "rpm": 5}, "adm")
         assert error_of(missing)["code"] == "NOT_FOUND"
+
+
+async def test_a_balance_graphql_could_not_read_back_is_refused_before_it_is_made(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """GraphQL's `Int` is 32 bits: a top-up past 2**31 - 1 was applied, then answered
+    500 (an admin trying again added it twice), and `me` failed from then on."""
+    most = 2**31 - 1
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, admin_token="adm") as gw:
+        key = await gw.key("enterprise", credits=most - 10)
+        account = gw.keys[key]["id"]
+        add = "mutation($id: ID!, $n: Int!) { addCredits(id: $id, amount: $n) }"
+        r = await gw.gql(add, {"id": account, "n": 11}, "adm")
+        assert r.status_code == 400 and error_of(r)["code"] == "BAD_USER_INPUT", r.text
+        assert error_of(r)["field"] == "credits"
+        r = await gw.gql(add, {"id": account, "n": 10}, "adm")
+        assert r.json()["data"]["addCredits"] == most
+        assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]["credits"] == most
+        with pytest.raises(BadUserInput):
+            await gw.accounts.create("pro", most + 1)
+        with pytest.raises(BadUserInput):
+            await gw.accounts.update(account, rpm=most + 1)
+        assert (await gw.accounts.get(account)).credits == most
 
 
 async def test_after_a_limit_is_lowered_retry_after_says_when_a_request_gets_in(

@@ -142,7 +142,7 @@ async def test_minting_input_is_checked(redis_url: str, storage_dir: Path) -> No
             ({"maxCredits": 10, "origins": ["not an origin"]}, "origins"),
             ({"maxCredits": 10, "origins": ["https://a.example/path"]}, "origins"),
             ({"maxCredits": 10, "origins": []}, "origins"),
-            ({"maxCredits": 10, "services": ["no-such-service"]}, None),
+            ({"maxCredits": 10, "services": ["no-such-service"]}, "services"),
         ]:
             r = await gw.gql(MINT, {"input": rules}, key)
             assert r.status_code == 400, (rules, r.text)
@@ -270,6 +270,13 @@ async def test_a_token_bound_to_origins_services_and_a_job_cap(
         r = await gql(gw, GENERATE, generate_input("flux-krea"), token, APP)
         assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
         assert "service" in error_of(r)["message"]
+        # Nor is it priced for it (CONTRACT §11: a service outside `services` is refused).
+        estimate = "query($input: GenerateInput!) { estimate(input: $input) { credits } }"
+        r = await gql(gw, estimate, generate_input("flux-krea"), token, APP)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        assert error_of(r)["message"] == "this client token may not use this service"
+        r = await gql(gw, estimate, generate_input(), token, APP)
+        assert r.json()["data"]["estimate"]["credits"] == 10, r.text
 
         created(await gql(gw, GENERATE, generate_input(), token, APP))
         created(await gql(gw, GENERATE, generate_input(seed=1), token, APP))

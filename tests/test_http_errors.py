@@ -51,6 +51,9 @@ async def test_a_wrong_method_on_graphql_answers_in_graphqls_shape(
         assert r.status_code == 405
         assert r.json()["errors"][0]["extensions"]["code"] == "METHOD_NOT_ALLOWED"
         assert r.json()["data"] is None
+        # HEAD, which the route lets through with GET, is no GraphQL request either.
+        r = await gw.http.head("/graphql", params={"query": "{ __typename }"})
+        assert (r.status_code, r.headers.get("allow")) == (405, "GET, POST")
 
 
 async def test_a_bug_under_rest_is_a_json_500_that_says_nothing_internal(

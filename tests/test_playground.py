@@ -219,6 +219,19 @@ async def test_graphql_ide_is_served_from_the_gateway_alone(
         await page.click("#run")
         await expect(page.locator("#response")).to_contain_text('"plan": "starter"')
         await expect(page.locator("#run-meta")).to_contain_text("HTTP 200")
+        # A subscription goes over the WebSocket though a fragment comes first.
+        made = await gw.generate(key, width=512, height=512)
+        job_id = made.json()["data"]["generate"]["id"]
+        await gw.wait(key, job_id)
+        await page.fill(
+            "#query",
+            "fragment F on Generation { id status }\n"
+            "subscription S($id: ID!) { jobUpdates(id: $id) { ...F } }",
+        )
+        await page.fill("#variables", json.dumps({"id": job_id}))
+        await page.click("#run")
+        await expect(page.locator("#run-meta")).to_contain_text("complete · 1 result(s)")
+        await expect(page.locator("#response")).to_contain_text('"status": "completed"')
         assert seen.foreign(gw.base) == [], seen.foreign(gw.base)
         assert seen.errors == []
 

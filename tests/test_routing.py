@@ -459,6 +459,35 @@ async def test_a_job_taken_after_its_deadline_fails_refunded_without_being_sent(
         assert await credits(gw, key) == 1000
 
 
+async def test_a_running_jobs_slot_that_lapsed_is_taken_again_by_its_worker(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Renewals stopped for longer than a lease (Redis away, say) and an admission
+    dropped the running job's slot meanwhile: the next renewal takes it again, so the
+    plan's concurrency holds again until the job ends (it was lost for good)."""
+    settings = {**up.settings, "job_lease_seconds": 0.6}
+    up.krea.hold_at = "processing"
+    async with gateway(redis_url, storage_dir, **settings) as gw:
+        key = await gw.key("free", credits=1000)  # one job at a time
+        account = gw.keys[key]["id"]
+        running = await submit(gw, key, provider="flux-dev", width=512, height=512)
+        await until(lambda: up.krea.submissions, "the job to be sent to Krea")
+        redis = gw.accounts.redis
+        await redis.zadd(keys.running(account), {running: 1})  # its lease ran out
+        lapsed = await submit(gw, key, provider="flux-dev", width=512, height=512)
+        cancel = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
+        assert (await gw.gql(cancel, {"id": lapsed}, key)).status_code == 200
+
+        async def slot() -> Any:
+            return await redis.zscore(keys.running(account), running)
+
+        assert await until(slot, "the running job's slot taken again") > gw.clock() * 1000
+        refused = await gw.generate(key, "another", provider="flux-dev", width=512, height=512)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["errors"][0]["extensions"]["limit"] == "concurrency"
+        assert (await gw.job(key, running))["status"] == "processing"
+
+
 async def test_a_stored_upstream_id_is_polled_by_a_fresh_worker(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:

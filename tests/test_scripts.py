@@ -146,7 +146,7 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
     assert "local function key_limits" not in (STORE / "admit.lua").read_text()
     # each script that reads or writes a job record, one statement of its format
     record = (STORE / "record.lua").read_text()
-    for name in ("admit", "auth", "start", "finish", "promote", "settle", "read", "patch"):
+    for name in ("admit", "auth", "start", "finish", "promote", "settle", "read", "patch", "lease"):
         assert made.by_name[name].source.count(record) == 1, name
     # read.lua and auth.lua (a poll's key check) read a record one way
     reader = (STORE / "read_record.lua").read_text()
@@ -271,6 +271,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             topup=keys.topup(a, "t"),
             delta=5,
             reason="topup",
+            most=10,
         )
         assert credit.outcome == "unknown"
         claim = await made.claim(schedule=keys.webhooks(shard), now_ms=1, lease_ms=1, count=5)

@@ -224,6 +224,8 @@ async def test_own_key_admin_and_client_token(redis_url: str, storage_dir: Path)
         ("2031-05-02", "2031-05-01", "to"),  # to before from
         ("2031-05-01T12:00Z", "2031-05-01T12:00Z", "to"),  # empty
         ("2030-01-01", "2031-01-02", "to"),  # 367 days
+        ("1969-12-31", "1970-01-01", "from"),  # before any ledger entry's time (was a 500)
+        ("9999-12-01", "9999-12-31", "to"),  # the day after it is past datetime's range
     ],
 )
 async def test_bad_ranges_name_the_field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -10,6 +11,12 @@ from gateway.jobs.model import Job, compact_metadata, outcome_fields, text
 from gateway.store import keys
 from gateway.store.redis import decoded_members
 from gateway.store.scripts import Scripts
+
+#: records a page filtered by status reads at most, and per script call
+SCAN_MOST = 1_000
+SCAN_BATCH = 100
+#: jobs whose slots one lease.lua call renews (Redis runs nothing else meanwhile)
+LEASE_BATCH = 500
 
 
 class JobStore:
@@ -43,21 +50,28 @@ class JobStore:
 
     async def page(
         self, account: str, first: int, after: str | None, status: str | None, token: str = ""
-    ) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the id of the last job of the previous page; `token`:
-        only the jobs made with this client token.
+    ) -> tuple[list[Job], bool, str | None]:
+        """Newest first: the jobs, whether more may follow, and the cursor to go on from
+        (`after`: the id of the last job the previous page went through); `token`: only
+        the jobs made with this client token.
 
+        A page filtered by `status` reads at most `SCAN_MOST` records: a status rare in a
+        long history is answered with what was found so far, more to follow from the
+        last job read (Relay allows a short page), not by reading the whole index.
         Records expire with their outputs; their index entries are dropped here."""
         index = keys.token_jobs(account, token) if token else keys.jobs(account)
         start = 0
         if after:
             rank = await self.redis.zrevrank(index, after)
             if not isinstance(rank, int):  # not in the index (no score asked: never a list)
-                return [], False
+                return [], False, None
             start = rank + 1
         found: list[Job] = []
-        batch = max(first, 20)
+        batch = max(first, 20) if status is None else SCAN_BATCH
+        read, last = 0, after
         while len(found) <= first:
+            if read >= SCAN_MOST:
+                return found, True, last
             ids = decoded_members(await self.redis.zrevrange(index, start, start + batch - 1))
             if not ids:
                 break
@@ -68,11 +82,17 @@ class JobStore:
             if gone:
                 await self.redis.zrem(index, *gone)
                 start -= len(gone)
-            for row in rows:
+            for job_id, row in zip(ids, rows, strict=True):
                 if row and (status is None or row.get("status") == status):
                     found.append(Job.from_record(row))
+                    if len(found) > first:
+                        break
+                if row:
+                    last = job_id
+            read += len(ids)
             start += batch
-        return found[:first], len(found) > first
+        page = found[:first]
+        return page, len(found) > first, page[-1].id if page else None
 
     async def start(self, job_key: str, now_ms: int, lease_ms: int) -> Job | None:
         """Take the job (one round trip): its record as started, `attempts` counting this
@@ -180,14 +200,23 @@ class JobStore:
         return {str(k) for got in replies[::2] for k in got}
 
     async def renew_leases(self, jobs: list[Job], until_ms: int) -> None:
-        """Keep the concurrency slots of running jobs: one ZADD per account, all in one
-        pipeline (a worker may run thousands of one account's jobs)."""
-        if not jobs:
-            return
-        by_account: dict[str, dict[str, int]] = {}
+        """Keep the concurrency slots of running jobs, taking again any that lapsed
+        while the job still runs (lease.lua): one script call per account and
+        `LEASE_BATCH` jobs, issued together, so they go out as one pipeline
+        (`store/batching.py`; a worker may run thousands of one account's jobs)."""
+        by_account: dict[str, list[str]] = {}
         for job in jobs:
-            by_account.setdefault(job.account, {})[job.id] = until_ms
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for account, slots in by_account.items():
-                pipe.zadd(keys.running(account), slots, xx=True)
-            await pipe.execute()
+            by_account.setdefault(job.account, []).append(job.id)
+        await asyncio.gather(
+            *(
+                self.scripts.lease(
+                    running=keys.running(account),
+                    jobs=[keys.job(account, job_id) for job_id in ids[at : at + LEASE_BATCH]],
+                    until_ms=until_ms,
+                    job_ids=ids[at : at + LEASE_BATCH],
+                    client=self.redis,
+                )
+                for account, ids in by_account.items()
+                for at in range(0, len(ids), LEASE_BATCH)
+            )
+        )

@@ -682,8 +682,19 @@ function setupConsole() {
   }
 }
 
+/** The kind of the document's first operation; fragments may come before it. */
 function operationType(query) {
-  const text = query.replace(/#[^\n]*/g, "").trim();
+  let text = query.replace(/#[^\n]*/g, "").trim();
+  while (/^fragment\b/.test(text)) {
+    let depth = 0;
+    let end = text.indexOf("{");
+    for (; end >= 0 && end < text.length; end++) {
+      if (text[end] === "{") depth++;
+      else if (text[end] === "}" && --depth === 0) break;
+    }
+    if (end < 0 || end >= text.length) break;
+    text = text.slice(end + 1).trim();
+  }
   const match = /^(query|mutation|subscription)\b/.exec(text);
   return match ? match[1] : "query";
 }

@@ -411,7 +411,8 @@ class Finish(Script):
 
 
 class CreditReply(NamedTuple):
-    outcome: str  # ok | unknown (no such account) | negative (refused: below zero)
+    outcome: str  # ok | unknown (no such account) | negative (refused: below zero) |
+    # too_large (refused: above the largest balance)
     balance: int  # the balance after it (ok), or as it stays (negative)
 
 
@@ -428,11 +429,12 @@ class Credit(Script):
         topup: str,
         delta: int,
         reason: str,
+        most: int,
         now_ms: int = 0,
         ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> CreditReply:
-        argv = [account, ledger, topup, delta, reason, now_ms, ledger_keep_ms]
+        argv = [account, ledger, topup, delta, reason, now_ms, ledger_keep_ms, most]
         return self.decode(await self.run(3, argv, client))
 
     @staticmethod
@@ -638,6 +640,26 @@ class Renew(Script):
         return [str(entry_id) for entry_id in lost]
 
 
+# -- lease.lua -----------------------------------------------------------------------
+
+
+class Lease(Script):
+    """lease.lua: renew an account's running jobs' slots; take a lapsed one again."""
+
+    name = "lease"
+
+    async def __call__(
+        self,
+        *,
+        running: str,
+        jobs: list[str],
+        until_ms: int,
+        job_ids: list[str],
+        client: aioredis.Redis | None = None,
+    ) -> int:
+        return int(await self.run(1 + len(jobs), [running, *jobs, until_ms, *job_ids], client))
+
+
 # -- vacate.lua ----------------------------------------------------------------------
 
 
@@ -792,6 +814,7 @@ BY_NAME: dict[str, type[Script]] = {
         Entry,
         Promote,
         Renew,
+        Lease,
         Vacate,
         Read,
         Patch,
@@ -818,6 +841,7 @@ class Scripts:
         self.entry = Entry(client)
         self.promote = Promote(client)
         self.renew = Renew(client)
+        self.lease = Lease(client)
         self.vacate = Vacate(client)
         self.read = Read(client)
         self.patch = Patch(client)

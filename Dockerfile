@@ -21,7 +21,9 @@ ENV PATH=/venv/bin:$PATH \
 USER gateway
 WORKDIR /data
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os,sys,urllib.request; url = 'http://127.0.0.1:%s/healthz' % os.environ.get('GATEWAY_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(url, timeout=2).status == 200 else 1)"]
+# `gateway serve`'s /healthz, or a worker's on GATEWAY_METRICS_PORT (which a worker-only
+# container must set for its health to be known).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-m", "gateway.healthcheck"]
 STOPSIGNAL SIGTERM
 CMD ["gateway", "serve"]

@@ -48,6 +48,7 @@ log = structlog.get_logger("gateway.metrics")
 
 PATH = "/metrics"
 REFRESH_WAIT = 5.0  # seconds a worker's scrape waits for the Redis read before answering
+ALIVE_WAIT = 2.0  # seconds a worker's event loop has to run a step for /healthz: 200
 
 
 # -- the gauges --------------------------------------------------------------------------
@@ -179,11 +180,19 @@ def _wsgi_answer(response: Response, start_response: Callable[..., Any]) -> Iter
     return [bytes(response.body)]
 
 
-def worker_app(token: str | None, refresh: Callable[[], None]) -> Callable[..., Iterable[bytes]]:
-    """The WSGI app `gateway worker` serves: `GET /metrics`, errors in the REST shape."""
+def worker_app(
+    token: str | None, refresh: Callable[[], None], alive: Callable[[], bool]
+) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app `gateway worker` serves: `GET /metrics`, and `GET /healthz` (200 while
+    its event loop answers, for a container's health check), errors in the REST shape."""
     exposition = make_wsgi_app(REGISTRY)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz" and environ["REQUEST_METHOD"] == "GET":
+            ok = alive()
+            body = {"status": "ok" if ok else "unavailable"}
+            answer = rest.ORJSONResponse(body, status_code=200 if ok else 503)
+            return _wsgi_answer(answer, start_response)
         if environ.get("PATH_INFO") != PATH:
             error: GatewayError = NotFound(f"no route {environ.get('PATH_INFO')}")
             return _wsgi_answer(rest.error_response(error), start_response)
@@ -223,6 +232,16 @@ async def worker_endpoint(
         except Exception:
             log.exception("metrics: the gauges could not be refreshed")  # the rest still
 
+    def alive() -> bool:
+        """The worker's event loop runs a step in time: it is not stuck."""
+        future = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop)
+        try:
+            future.result(ALIVE_WAIT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return False
+        return True
+
     host = host or settings.host
     family = socket.getaddrinfo(host, settings.metrics_port, type=socket.SOCK_STREAM)[0][0]
 
@@ -231,7 +250,11 @@ async def worker_endpoint(
 
     try:
         server = make_server(
-            host, settings.metrics_port, worker_app(token, refresh), Server, handler_class=_Quiet
+            host,
+            settings.metrics_port,
+            worker_app(token, refresh, alive),
+            Server,
+            handler_class=_Quiet,
         )
     except OSError as exc:  # the port is taken (each worker on a host needs its own)
         raise SystemExit(

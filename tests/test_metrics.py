@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -256,6 +257,24 @@ async def test_serve_and_worker_count_real_jobs(
                     missing = await http.get(worker_url.replace("/metrics", "/nope"), headers=AUTH)
                     assert missing.status_code == 404
                     assert missing.json()["error"]["code"] == "NOT_FOUND"
+                    # Its health, no token needed: the image's check finds it there, as it
+                    # finds the server's on GATEWAY_PORT (a worker listens on neither else).
+                    health = await http.get(worker_url.replace("/metrics", "/healthz"))
+                    assert health.json() == {"status": "ok"}
+                    server_port = base.rsplit(":", 1)[1]
+                    nothing = str(free_port())
+                    for ports, healthy in (
+                        ({"GATEWAY_PORT": nothing, "GATEWAY_METRICS_PORT": str(worker_port)}, 0),
+                        ({"GATEWAY_PORT": server_port}, 0),
+                        ({"GATEWAY_PORT": nothing, "GATEWAY_METRICS_PORT": nothing}, 1),
+                    ):
+                        check = await asyncio.to_thread(
+                            subprocess.run,
+                            [sys.executable, "-m", "gateway.healthcheck"],
+                            env={**os.environ, **ports},
+                            timeout=30,
+                        )
+                        assert check.returncode == healthy, ports
 
                     # 1. a success on the first backend (fluxkrea), its webhook delivered
                     done = await api.ended(key, first)

@@ -17,7 +17,9 @@ ProviderError                raised by backends, never seen by clients as such
 ├── ProviderTimeout          the upstream did not answer in time        -> fail over
 ├── ProviderRateLimited      429 from upstream (carries retry_after)     -> fail over
 ├── ProviderUnavailable      5xx, connection error, malformed answer, auth/credit trouble
-│                                                                        -> fail over
+│   │                                                                    -> fail over
+│   └── ProviderJobFailed    the upstream ran the job and says it failed -> fail over,
+│                                                                           circuit spared
 └── ProviderRejected         the upstream refused the user's own input   -> no fail over
 """
 
@@ -135,6 +137,11 @@ class ProviderRateLimited(ProviderError):
 
 class ProviderUnavailable(ProviderError):
     pass
+
+
+class ProviderJobFailed(ProviderUnavailable):
+    """The upstream took the job and reported it failed (Segmind's FAILED, content blocks
+    included): failed over, but no sign the backend is down, so its circuit is spared."""
 
 
 class ProviderRejected(ProviderError):

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.breaker import Breaker
 from gateway.config import BACKENDS
-from gateway.errors import BadUserInput, ProviderError, ProviderUnavailable, ServiceUnavailable
+from gateway.errors import (
+    BadUserInput,
+    ProviderError,
+    ProviderJobFailed,
+    ServiceUnavailable,
+)
 from gateway.providers.base import ImageParams, Output, Provider
 from gateway.upstream_wait import (
     CALLBACK_FALLBACK,
@@ -198,6 +203,10 @@ class Router:
         if resume and resume.get("backend") in order:
             # Backends before the stored one already failed this job: do not retry them.
             order = order[order.index(resume["backend"]) :]
+        else:
+            # One that would draw another size or shape is passed over while another
+            # can draw this one (Segmind's megapixels and ratios); alone, it is tried.
+            order = [b for b in order if self.providers[b].serves(params)] or order
         job = JobRun(params, save_upstream, progress, cancelled, deadline, key)
         errors: list[str] = []
         tried = "none"
@@ -211,7 +220,8 @@ class Router:
                     # The upstream refused this user's input: the backend is healthy, so
                     # one user's bad prompts must not open its circuit for everyone.
                     raise JobFailed(exc.message, backend, rejected=True) from None
-                self.breakers[backend].failure(exc.message, self.clock())
+                if not isinstance(exc, ProviderJobFailed):
+                    self.breakers[backend].failure(exc.message, self.clock())
                 errors.append(f"{backend}: {exc.message}")
                 if self.clock() >= deadline:
                     break
@@ -257,7 +267,7 @@ class Router:
         if polled.state == "cancelled":
             raise JobCancelled(f"{backend} cancelled the job")
         if polled.state == "failed":
-            raise ProviderUnavailable(polled.error or f"{backend} job failed")
+            raise ProviderJobFailed(polled.error or f"{backend} job failed")
         return Result(
             backend,
             provider,

@@ -119,6 +119,7 @@ def test_a_segmind_request_comes_back_the_same_through_the_segmind_backend(
         wanted = request_from(body, "flux-krea")
         assert wanted.quality == quality
         sent = translate(ImageParams(**wanted.image_fields()))
+        assert sent.pop("go_fast") is False  # whatever was asked: the same seed, the same picture
         assert sent == {k: v for k, v in body.items() if k in sent}, (
             f"{aspect_ratio} at {megapixels}"
         )

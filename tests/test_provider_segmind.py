@@ -111,6 +111,7 @@ async def test_parameters_are_translated_and_clamped() -> None:
         "guidance": 10.0,
         "num_inference_steps": 50,
         "seed": 7,
+        "go_fast": False,
     }
     assert submitted.upstream_id is not None
     assert r.emu.jobs[submitted.upstream_id].params["prompt"] == "a raccoon made of wool"

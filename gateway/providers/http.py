@@ -35,7 +35,7 @@ from gateway.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from gateway.providers.base import Output
+from gateway.providers.base import ImageParams, Output
 from gateway.urlguard import DEFAULT_PORTS, Network, check_url, pinned
 
 log = structlog.get_logger("gateway.upstream")
@@ -372,6 +372,9 @@ class HTTPBackend:
     def auth(self, credential: str) -> dict[str, str]:
         """The headers that carry the credential."""
         return {"Authorization": f"Bearer {credential}"}
+
+    def serves(self, params: ImageParams) -> bool:
+        return True  # each adapter brings a size into its upstream's documented range
 
     def status(self) -> tuple[bool, str]:
         if self._auth is None:

@@ -75,6 +75,9 @@ class LocalProvider:
     name = "local"
     poll_interval = 0.0
 
+    def serves(self, params: ImageParams) -> bool:
+        return True  # draws any size
+
     def status(self) -> tuple[bool, str]:
         return True, "built in (offline preview renderer, not Flux)"
 

@@ -85,7 +85,8 @@ MEGAPIXELS: tuple[str, ...] = ("1", "0.25")
 QUALITY: dict[str, int] = {"high": 100, "standard": 90, "low": 75}
 DEFAULT_QUALITY: int = DEFAULTS["output_quality"]
 #: Documented fields that are checked (a boolean, a number in range) and not used: speed
-#: and safety switches, and img2img's strength (`image` itself is refused, see below).
+#: and safety switches, and img2img's strength (`image` itself is refused, see below);
+#: `go_fast` is always sent false (`translate`).
 UNUSED: dict[str, str] = {
     "go_fast": "bool",
     "disable_safety_checker": "bool",
@@ -99,6 +100,10 @@ STATES: dict[str, str] = {
     "FAILED": "failed",
 }
 PENDING = frozenset(state for state, ours in STATES.items() if ours in ("queued", "processing"))
+#: How far a size may be from Segmind's ratio (in log-ratio) and above its megapixels'
+#: area and still be drawn there (`SegmindProvider.serves`): rounding, not a new shape.
+RATIO_SLACK = math.log(1.03)
+AREA_SLACK = 1.05
 #: A seed of -1 asks Segmind for a random one.
 RANDOM_SEED = -1
 
@@ -129,6 +134,9 @@ def translate(params: ImageParams) -> dict[str, Any]:
     # "1" or "0.25", whichever is nearer to the size's area (as a string, as in Segmind's
     # own example): 1024x576 asks for "1", 512x512 for "0.25".
     body["megapixels"] = choose_megapixels(params.width, params.height, ours["aspect_ratio"])
+    # Its default, true, is "less deterministic" (seed 004): the gateway's promise is the
+    # same picture for the same seed, whichever backend draws it, retried or failed over.
+    body["go_fast"] = False
     return only_set(body)
 
 
@@ -364,6 +372,21 @@ class SegmindProvider(HTTPBackend):
     #: Segmind's SDK polls every 1.0 s
     poll_interval = 1.0
 
+    def serves(self, params: ImageParams) -> bool:
+        """Segmind takes no width or height, only `megapixels` ("1" or "0.25") and one of
+        its documented aspect ratios (seed 004): a size off those ratios would come back
+        in another shape, and one larger than the megapixels chosen for it smaller than
+        asked (and paid for). Those are left to the route's other backends."""
+        chosen = choose_aspect_ratio(params)
+        ratio = _ratio(chosen)
+        if ratio is None or abs(math.log(params.width / params.height / ratio)) > RATIO_SLACK:
+            return False
+        megapixels = choose_megapixels(params.width, params.height, chosen)
+        if (params.width, params.height) == size_of(chosen, megapixels):
+            return True  # the size the gateway gives Segmind's own requests of that kind
+        drawn = float(megapixels) * RATIO_AREA
+        return params.width * params.height <= drawn * AREA_SLACK
+
     def __init__(
         self,
         client: UpstreamClient,
@@ -406,16 +429,16 @@ class SegmindProvider(HTTPBackend):
             # What Segmind says of its own trouble goes to the log (`error_for`), not into
             # the job's error: ours names the status and what it means.
             if status == 404:
-                raise ProviderUnavailable(f"segmind answered 404: {not_found}") from exc
-            if status == 406:
-                raise ProviderUnavailable(
-                    "segmind answered 406: upstream account out of credits"
-                ) from exc
-            if status in (401, 403):
-                raise ProviderUnavailable(
-                    f"segmind refused our API key ({status}): check GATEWAY_SEGMIND_API_KEY"
-                ) from exc
-            raise
+                meaning = f"segmind answered 404: {not_found}"
+            elif status == 406:
+                meaning = "segmind answered 406: upstream account out of credits"
+            elif status in (401, 403):
+                meaning = f"segmind refused our API key ({status}): check GATEWAY_SEGMIND_API_KEY"
+            else:
+                raise
+            error = ProviderUnavailable(meaning)
+            error.answer = answer  # a poll's 404s, in a row, say the job is lost
+            raise error from exc
         return response, None
 
     # -- Provider -----------------------------------------------------------------------

@@ -102,6 +102,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.cors",
             "gateway.runtime",
             "gateway.cli",
+            "gateway.healthcheck",
             "gateway.metrics_http",
             "gateway.telemetry_http",
         ),

@@ -74,6 +74,7 @@ def test_segmind_names() -> None:
         "guidance": 3.5,
         "num_inference_steps": 28,
         "seed": 42,
+        "go_fast": False,  # its default is "less deterministic"
     }
 
 
@@ -89,6 +90,7 @@ def test_segmind_ranges_and_defaults() -> None:
         "num_outputs": 1,  # never Segmind's default of 2
         "output_format": "png",
         "output_quality": 90,  # Segmind's default
+        "go_fast": False,
     }
 
 

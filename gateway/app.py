@@ -34,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from gateway.formats import format_named
 from gateway.runtime import running_worker, runtime
 from schema import build_schema, prepared
 from schema.view import GraphQLView, error_body
@@ -186,6 +187,12 @@ class LocalOutputs(StaticFiles):
             raise HTTPException(status_code=404)
         response = await super().get_response(path, scope)
         response.headers["Cache-Control"] = CACHE_CONTROL
+        # The type its name says, from the gateway's own table: the system's (`mimetypes`)
+        # may not know .webp (python:3.11-slim has no /etc/mime.types).
+        found = format_named(path.rsplit(".", 1)[-1])
+        if found is not None and "content-type" in response.headers:
+            response.headers["Content-Type"] = found.content_type
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
 

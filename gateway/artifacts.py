@@ -7,6 +7,7 @@ Names are 144 random bits: the URLs are public like a CDN's, and unguessable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -59,8 +60,13 @@ class LocalArtifactStore:
 
     def _write(self, name: str, data: bytes) -> None:
         tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / name)  # readers never see half a file
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.root / name)  # readers never see half a file
+        except OSError as exc:  # a full disk, a volume gone: the job waits for a retry
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageUnavailable(f"the output directory refused a write: {exc}") from exc
 
     async def put(self, data: bytes, ext: str) -> str:
         name = new_name(ext)
@@ -81,6 +87,8 @@ class LocalArtifactStore:
             return await asyncio.to_thread(path.read_bytes)
         except (FileNotFoundError, IsADirectoryError):
             return None
+        except OSError as exc:
+            raise StorageUnavailable(f"the output directory refused a read: {exc}") from exc
 
     async def delete(self, urls: list[str]) -> None:
         def remove() -> None:

@@ -6,10 +6,24 @@ Pillow decodes, so this is CPU work: the worker runs it in a thread.
 from __future__ import annotations
 
 import io
+from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from gateway.formats import FORMATS, format_named
+
+#: The most pixels an upstream's image may have: well above the largest any backend draws
+#: (Krea's 2368x2368). A larger one (a decompression bomb: a few hundred kilobytes that
+#: decode to gigabytes) is refused from its header, before it is decoded.
+MAX_PIXELS = 4096 * 4096
+#: What is read at all: the formats the gateway serves, not every one Pillow knows.
+READABLE = tuple(f.pil for f in FORMATS.values())
+# The gateway's own limit, lower, replaces Pillow's process-wide one (which warns past 89
+# megapixels and fails past twice that): only this module opens bytes from elsewhere.
+Image.MAX_IMAGE_PIXELS = None
+#: The modes each format stores; an image in another is converted (`_storable`).
+STORED_MODES = {"png": {"1", "L", "LA", "P", "RGB", "RGBA"}, "jpg": {"L", "RGB"}}
+ORIENTATION = 0x0112  # EXIF's tag: how the stored pixels are turned for display
 
 
 class UnreadableImage(ValueError):
@@ -17,18 +31,47 @@ class UnreadableImage(ValueError):
 
 
 def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
-    """Check the bytes are an image; convert to the requested format; return its size."""
+    """Check the bytes are a whole image (every pixel decoded: a cut or damaged file is
+    refused, not stored, charged and cached); in the requested format, upright, as they
+    came; else converted; return its size as displayed."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+        with Image.open(io.BytesIO(data), formats=READABLE) as probe:
+            if probe.width * probe.height > MAX_PIXELS:
+                raise UnreadableImage(f"{probe.width}x{probe.height} is over {MAX_PIXELS} pixels")
+            probe.verify()  # a PNG's checksums, which decoding does not read
+        with Image.open(io.BytesIO(data), formats=READABLE) as image:
+            image.load()
             found = format_named(image.format or "")
-            if found is not None and found.name == fmt:
-                image.verify()
-                return data, width, height
+            turned = image.getexif().get(ORIENTATION, 1) not in (0, 1)
+            if found is not None and found.name == fmt and not turned:
+                return data, image.width, image.height
+            icc = image.info.get("icc_profile")
+            upright = ImageOps.exif_transpose(image)
+            converted = _storable(upright, fmt)
             out = io.BytesIO()
-            converted = image.convert("RGB") if fmt == "jpg" else image
-            converted.save(out, FORMATS[fmt].pil, quality=92)
-            return out.getvalue(), width, height
+            options: dict[str, Any] = {"quality": 92}
+            if icc:  # its colours as the upstream meant them (a wide-gamut profile, say)
+                options["icc_profile"] = icc
+            converted.save(out, FORMATS[fmt].pil, **options)
+            return out.getvalue(), converted.width, converted.height
     # Pillow reports a damaged PNG chunk as SyntaxError, truncated data as OSError.
     except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, UnreadableImage):
+            raise
         raise UnreadableImage(str(exc)) from exc
+
+
+def _storable(image: Image.Image, fmt: str) -> Image.Image:
+    """`image` in a mode `fmt` stores: 16- and 32-bit grey scaled to 8 bits (not clipped
+    to white), CMYK and the rest to RGB, with their transparency where it can be kept."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    modes = STORED_MODES.get(fmt, {"RGB", "RGBA"})  # webp: RGB or RGBA
+    if image.mode in modes:
+        return image
+    alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if alpha and "RGBA" in modes:
+        return image.convert("RGBA")
+    return image.convert("RGB")

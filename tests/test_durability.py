@@ -260,6 +260,35 @@ async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir:
     assert all(path.read_bytes() == b"x" for path in others)
 
 
+async def test_an_output_directory_that_refuses_writes_leaves_the_job_for_a_retry(
+    redis_url: str, storage_dir: Path, tmp_path: Path
+) -> None:
+    """A full disk or a volume gone is the store's trouble, not the job's: as with a
+    bucket away, the job (its upstream already paid) is tried again, not failed."""
+    async with gateway(redis_url, storage_dir, job_lease_seconds=0.6) as gw:
+        key = await gw.key(credits=1000)
+        away = tmp_path / "away"
+        storage_dir.rename(away)
+        storage_dir.write_bytes(b"")  # a file where the directory was: every write fails
+        made = await gw.generate(key, width=512, height=512)
+        job_id = made.json()["data"]["generate"]["id"]
+        store = gw.app.state.gateway.store
+        account = gw.keys[key]["id"]
+        deadline = time.monotonic() + 20
+        while True:  # taken again after its first attempt could not store its image
+            job = await store.get(account, job_id)
+            assert job.status != "failed", job.error
+            if job.attempts >= 2:
+                break
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.02)
+        storage_dir.unlink()
+        away.rename(storage_dir)
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        assert (await gw.http.get(done["url"])).status_code == 200
+
+
 async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import starlette.responses
 from PIL import Image
 
 from gateway.jobs import store as store_module
@@ -444,7 +445,7 @@ async def test_health_and_readiness(redis_url: str, storage_dir: Path) -> None:
 
 
 async def test_outputs_are_served_for_caches_to_keep_and_nothing_else_of_the_directory(
-    redis_url: str, storage_dir: Path
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key()
@@ -459,6 +460,15 @@ async def test_outputs_are_served_for_caches_to_keep_and_nothing_else_of_the_dir
             r = await gw.http.get(f"/outputs/{other}")
             assert r.status_code == 404, other
             assert r.json()["error"]["code"] == "NOT_FOUND"
+
+        # A system whose type table does not know .webp (python:3.11-slim has none):
+        # served as what it is all the same, and never sniffed as something else.
+        monkeypatch.setattr(starlette.responses, "guess_type", lambda _: (None, None))
+        made = await gw.generate(key, width=512, height=512, outputFormat="WEBP")
+        job = await gw.wait(key, made.json()["data"]["generate"]["id"])
+        r = await gw.http.get(job["url"].removeprefix(gw.base))
+        assert r.headers["content-type"] == "image/webp"
+        assert r.headers["x-content-type-options"] == "nosniff"
 
 
 async def test_embedded_store_serves_without_a_redis_server(storage_dir: Path) -> None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.errors import ProviderRejected, ProviderTimeout, ProviderUnavailable
+from gateway.providers import http as http_module
 from gateway.providers.http import UpstreamClient, request
 from tests.servers import free_port
 
@@ -135,3 +136,29 @@ async def test_what_an_upstream_says_of_the_users_input_is_the_users() -> None:
         with pytest.raises(ProviderRejected) as refused:
             await request(client, "POST", f"{base}/x", upstream="up", idempotent=False, attempts=1)
     assert refused.value.message == "up answered 400: the prompt was flagged by the safety filter"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_too_large_is_refused_while_it_is_read(
+    chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that sends a gigabyte took it all into the worker's memory (every store
+    at once: the worker's end). Past the bound, the answer is refused, whether it says
+    its length or streams without one."""
+    monkeypatch.setattr(http_module, "ANSWER_MAX", 1 << 20)
+    body = b"\0" * (3 << 20)
+    if chunked:
+        chunks = b"".join(
+            b"%x\r\n%b\r\n" % (1 << 16, body[i : i + (1 << 16)])
+            for i in range(0, len(body), 1 << 16)
+        )
+        reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    else:
+        reply = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+    async with raw_server(reply) as (base, _), UpstreamClient(5.0) as client:
+        with pytest.raises(ProviderUnavailable, match="over 1048576"):
+            await request(client, "GET", f"{base}/x.png", upstream="up", idempotent=True)
+        small = answer(200, b"\0" * (1 << 20))
+    async with raw_server(small) as (base, _), UpstreamClient(5.0) as client:
+        got = await request(client, "GET", f"{base}/x.png", upstream="up", idempotent=True)
+        assert len(got.content) == 1 << 20

@@ -65,6 +65,33 @@ class Answer:
         return orjson.loads(self.content)
 
 
+#: The most an upstream's answer may hold: four images inline (Segmind's `data:` URLs) at
+#: the largest size any backend draws fit; a host that sends more (a gigabyte of
+#: anything) is refused while reading, before it can take the worker's memory.
+ANSWER_MAX = 64 * 1024 * 1024
+
+
+class AnswerTooLarge(ProviderUnavailable):
+    pass
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, at most ANSWER_MAX bytes (aiohttp reads no more than a
+    Content-Length says; without one, it is counted as it comes)."""
+    length = response.content_length
+    if length is not None:
+        if length > ANSWER_MAX:
+            raise AnswerTooLarge(f"an answer of {length} bytes, over {ANSWER_MAX}")
+        return await response.read()
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > ANSWER_MAX:
+            raise AnswerTooLarge(f"an answer over {ANSWER_MAX} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class UpstreamClient:
     """The HTTP client every backend gets (tests point backends at emulators with it).
 
@@ -118,7 +145,7 @@ class UpstreamClient:
                 timeout, aiohttp.ClientTimeout(total=timeout)
             )
         async with self._open().request(method, url, **kwargs) as response:
-            content = await response.read()
+            content = await _read_bounded(response)
             return Answer(response.status, response.headers, content, str(url))  # no redirects
 
     async def get(self, url: str, **kwargs: Any) -> Answer:

@@ -45,13 +45,22 @@ class Cache:
         return request.cache_key()
 
     async def settle(
-        self, job: Job, urls: list[str], width: int, height: int, metadata: dict[str, Any]
+        self,
+        job: Job,
+        urls: list[str],
+        width: int,
+        height: int,
+        metadata: dict[str, Any],
+        *,
+        keep: bool = True,
     ) -> list[str]:
         """The leader completed: store the entry, complete its followers; their keys.
 
         The entry is written into the leader's shard with its followers (one script),
         then copied into every other shard, so any key's admission finds it in its own
-        slot. A copy lost to a crash costs a cache miss, never a wrong result."""
+        slot. A copy lost to a crash costs a cache miss, never a wrong result. `keep`
+        False: the followers, who asked at the same time, get the outcome, but no later
+        request does (the entry answers no hit)."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
         encoded_urls = orjson.dumps(urls).decode()
@@ -69,7 +78,7 @@ class Cache:
             coalescing=keys.coalescing(shard),
             leader=keys.job(job.account, job.id),
             now_ms=now_ms,
-            retention_ms=self.retention_ms,
+            retention_ms=self.retention_ms if keep else 0,
             urls=encoded_urls,
             width=width,
             height=height,
@@ -94,7 +103,7 @@ class Cache:
                     client=self.redis,
                 )
                 for n in range(self.settings.redis_shards)
-                if n != shard
+                if n != shard and keep
             )
         )
         return reply.completed

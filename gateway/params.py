@@ -272,6 +272,10 @@ def from_image_input(data: dict[str, Any]) -> GenerationRequest:
     Errors name a field as the client spelled it (`WIDTH`, `webhookURL`), or as this
     shape names it when the client left it out."""
     spelled = {_snake(k): k for k in data}
+    if len(spelled) < len(data):  # `prompt` and `Prompt`, `numImages` and `num_images`
+        first = next(k for k in data if spelled[_snake(k)] != k)
+        also = spelled[_snake(first)]
+        raise BadUserInput(f"{first} is given twice, also as {also}", field=first)
     fields = {field: data[name] for field, name in spelled.items()}
     for field, name in FLAT_NAMES.items():
         if field in fields:  # not this shape's name (`service` is): unknown here

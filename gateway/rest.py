@@ -6,8 +6,10 @@ The same `Gateway` methods as GraphQL; errors as `{"error": {"code", "message", 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -26,6 +28,8 @@ from gateway.jobs.model import iso
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.service import Gateway, store_errors
 from gateway.tokens import spec
+
+T = TypeVar("T")
 
 
 class ORJSONResponse(JSONResponse):
@@ -112,7 +116,8 @@ async def text_to_image(request: Request) -> Response:
         )
         return wanted
 
-    wait = prefer_wait(request.headers.get("prefer"))
+    # Several `Prefer` fields are one list (RFC 7240 §2).
+    wait = prefer_wait(",".join(request.headers.getlist("prefer")))
     try:
         job, principal = await gateway.generate(
             api_key_from(request.headers), parse, request.headers.get("origin", "")
@@ -152,6 +157,35 @@ async def cancel_job(
     return 200, job.public(), principal
 
 
+#: A stream quiet this long gets a comment line: a job may run for minutes, and proxies
+#: close a connection idle for a minute (nginx's `proxy_read_timeout` default: 60 s).
+KEEP_ALIVE_SECONDS = 15.0
+
+
+async def heartbeats(updates: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
+    """`updates`, with a None whenever `every` seconds pass without one. The next item
+    is awaited in a task of its own, so a quiet spell does not cancel the iterator."""
+    iterator = aiter(updates)
+    following: asyncio.Future[T] = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait((following,), timeout=every)
+            if not done:
+                yield None
+                continue
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            following = asyncio.ensure_future(anext(iterator))
+    finally:
+        if not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following
+
+
 def _events_credential(request: Request) -> str | None:
     """The key or token of an events request: its headers, or, since a page's
     `EventSource` cannot set headers, a client token in `?token=` (never an API key:
@@ -171,13 +205,15 @@ async def job_events(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     job_id = request.path_params["job_id"]
     origin = request.headers.get("origin")
+    headers: dict[str, str] = {}
     try:
         credential = _events_credential(request)
         principal, job = await gateway.poll(credential, job_id, origin)
+        headers = principal.rate_headers()
         if job is None:
             raise NotFound("no such job")
     except GatewayError as exc:
-        return error_response(exc)
+        return error_response(exc, headers)
     if job.ended and request.headers.get("last-event-id") == job.status:
         # An EventSource reconnecting after the end it was sent: 204 tells it to stop
         # (it reconnects after any close, and would read the end again and again).
@@ -186,7 +222,11 @@ async def job_events(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         try:
             with store_errors("the job store went away; reconnect to follow the job"):
-                async for job in gateway.follow(principal, job_id, credential, origin):
+                updates = gateway.follow(principal, job_id, credential, origin)
+                async for job in heartbeats(updates, KEEP_ALIVE_SECONDS):
+                    if job is None:  # a quiet while: a comment, which EventSource ignores
+                        yield b": keep-alive\n\n"
+                        continue
                     # Its status as the event's id: what a reconnect sends back.
                     yield b"id: %b\nevent: update\ndata: %b\n\n" % (
                         job.status.encode(),

@@ -26,6 +26,7 @@ from gateway.errors import (
     BadUserInput,
     ProviderError,
     ProviderJobFailed,
+    ProviderUnavailable,
     ServiceUnavailable,
 )
 from gateway.providers.base import ImageParams, Output, Provider
@@ -71,6 +72,15 @@ class JobRun:
     key: str = ""  # the job's (its record's key): a cancellation nudges its wait
 
 
+def _all_of(backend: str, outputs: list[Output], params: ImageParams) -> None:
+    """Fewer images than asked for (and paid for) is no answer to keep, nor to cache
+    as the answer for that many: the next backend is tried."""
+    if len(outputs) < params.num_images:
+        raise ProviderUnavailable(
+            f"{backend} returned {len(outputs)} of {params.num_images} images"
+        )
+
+
 class Router:
     def __init__(
         self,
@@ -114,6 +124,10 @@ class Router:
             return [name]
         known = ", ".join(sorted({*self.routes, *BACKENDS}))
         raise BadUserInput(f"unknown provider {name!r}; known: {known}", field="provider")
+
+    def configured(self, name: str, backend: str) -> bool:
+        """`backend` is one the route of `name` names (not dev mode's stand-in)."""
+        return backend in self.routes.get(name, (name,))
 
     def enabled(self, name: str) -> list[str]:
         """The route's enabled backends; none at all means the service is unavailable."""
@@ -246,6 +260,7 @@ class Router:
                 submitted = await provider.submit(job.params)
             sent, metadata = submitted.sent, dict(submitted.metadata)
             if submitted.outputs is not None:
+                _all_of(backend, submitted.outputs, job.params)
                 return Result(backend, provider, submitted.outputs, {**metadata, "sent": sent})
             upstream_id = submitted.upstream_id
             if not upstream_id:
@@ -268,6 +283,7 @@ class Router:
             raise JobCancelled(f"{backend} cancelled the job")
         if polled.state == "failed":
             raise ProviderJobFailed(polled.error or f"{backend} job failed")
+        _all_of(backend, polled.outputs, job.params)
         return Result(
             backend,
             provider,

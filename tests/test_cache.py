@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from gateway.store import keys
+from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import KreaEmulator
 from tests.harness import GENERATE, Harness, gateway
 from tests.servers import free_port, serve
@@ -541,3 +542,27 @@ async def test_a_job_waiting_on_an_identical_one_reads_as_processing_while_it_ru
         done = await gw.wait(key, waiting["id"])
         assert done["status"] == "completed" and done["metadata"]["coalesced"] is True
         assert emu.submissions == 1
+
+
+async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """flux-krea away in dev mode: `local` draws a preview. A later identical request,
+    flux-krea back, gets flux-krea's picture, not that preview for seven days."""
+    flux = FluxKreaEmulator(api_key="test-key")
+    flux.fail_next(1, 503)  # a submit's 5xx is not sent again: it fails over at once
+    async with serve(flux.app) as upstream:
+        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        async with gateway(redis_url, storage_dir, dev=True, **settings) as gw:
+            options = {"provider": "flux-krea", "width": 512, "height": 512, "seed": 42}
+            first = await gw.key()
+            made = await gw.generate(first, "a lighthouse at dawn", **options)
+            done = await gw.wait(first, made.json()["data"]["generate"]["id"])
+            assert done["metadata"]["backend"] == "local", done
+
+            again = await gw.key()
+            made = await gw.generate(again, "a lighthouse at dawn", **options)
+            done = await gw.wait(again, made.json()["data"]["generate"]["id"])
+            assert done["metadata"]["backend"] == "fluxkrea", done
+            assert done["metadata"]["cached"] is False
+            assert flux.submissions == 2  # the failed one, then this one

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import websockets
 from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
 from redis.asyncio.cluster import RedisCluster
 
+from gateway import rest
 from tests.harness import gateway
 from tests.test_durability import held_krea, start_worker, stop, submit, until
 
@@ -89,6 +91,7 @@ async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_pro
         assert refused[0]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
         r = await gw.http.get(f"/v1/jobs/{job_id}/events", headers={"X-API-Key": other})
         assert r.status_code == 404
+        assert "x-ratelimit-remaining" in r.headers  # its key is good: its limits, as ever
 
 
 async def test_subscription_with_a_bad_key_is_refused_at_connection(
@@ -180,3 +183,28 @@ async def test_an_event_stream_that_ended_tells_its_eventsource_to_stop(
             f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "processing"}
         )
         assert resumed.status_code == 200 and "id: completed" in resumed.text
+
+
+async def test_a_quiet_event_stream_is_kept_alive_then_ends_with_its_job(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job queued for minutes: the stream says nothing new, and a proxy in front
+    (nginx closes a connection idle for 60 s) would cut it. A comment every while keeps
+    it open; EventSource ignores comments; the update still comes when the job moves."""
+    monkeypatch.setattr(rest, "KEEP_ALIVE_SECONDS", 0.2)
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        made = await gw.generate(key, "x", provider="local", width=512, height=512)
+        job_id = made.json()["data"]["generate"]["id"]
+        auth = {"X-API-Key": key}
+        async with gw.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as r:
+            lines = r.aiter_lines()
+            assert await anext(lines) == "id: queued"
+            seen = []
+            while (line := await asyncio.wait_for(anext(lines), 5)) != ": keep-alive":
+                seen.append(line)
+            assert seen == ["event: update", seen[1], ""] and seen[1].startswith("data: ")
+            cancel = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
+            await gw.gql(cancel, {"id": job_id}, key)
+            rest_of_it = [line async for line in lines]
+        assert "id: cancelled" in rest_of_it

@@ -206,6 +206,24 @@ async def test_jobs_segmind_ran_and_failed_fail_over_but_leave_its_circuit_close
         assert (await providers(gw, key))["segmind"]["circuit"] == "closed"
 
 
+async def test_fewer_images_than_asked_fail_over_rather_than_charge_for_all(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """One image back for four asked (and charged): not kept, nor cached as the answer
+    for four; the next backend draws the four."""
+    base = up.settings["fluxkrea_api_base"].removesuffix("/v1")
+    up.fluxkrea.images["one"] = (512, 512, (200, 30, 30))
+    one = {"url": f"{base}/images/generated/one.jpg", "seed": 7, "width": 512, "height": 512}
+    up.fluxkrea.answer_next(1, {"status": "success", "request_id": "r1", "images": [one]})
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key, width=512, height=512, numImages=4)
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "segmind"
+        assert len(done["urls"]) == 4
+
+
 # -- 2. 429s fail over; the user's own bad input does not -----------------------------------
 
 

@@ -431,7 +431,12 @@ class Worker:
             await self._discard(urls)
         elif job.cache_key:
             job.completed_at = now
-            await self._announce(await self.cache.settle(job, urls, width, height, metadata))
+            # The offline renderer standing in for another service (dev mode's last
+            # backend, not one its route names) drew a preview: not the answer to keep
+            # for that service's request.
+            keep = self.router.configured(job.provider, result.backend)
+            settled = await self.cache.settle(job, urls, width, height, metadata, keep=keep)
+            await self._announce(settled)
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:

@@ -396,3 +396,14 @@ def test_graphql_types_follow_the_declaration() -> None:
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def test_a_field_given_twice_in_two_spellings_is_refused_not_guessed() -> None:
+    """`prompt` and `Prompt`: which one did the client mean? It drew one silently."""
+    for body, field in (
+        ({"service": "local", "prompt": "a cat", "Prompt": "a dog"}, "prompt"),
+        ({"service": "local", "prompt": "a cat", "numImages": 1, "num_images": 3}, "numImages"),
+    ):
+        with pytest.raises(BadUserInput, match="given twice") as refused:
+            from_image_input(body)
+        assert refused.value.extensions["field"] == field

@@ -124,6 +124,21 @@ class GenerationRequest(BaseModel):
             raise ValueError("must not be blank")
         return v
 
+    @field_validator("width", "height", "seed", "steps", "guidance", "num_images", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: Any) -> Any:
+        """JSON's true is no number (pydantic would take it for 1): `"seed": true` drew
+        seed 1, a cache hit on someone else's picture."""
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not true or false")
+        return v
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def _quality(cls, v: Any) -> Any:
+        """In any case: `High` is `high` (one cache key, and Segmind's 100, not its 90)."""
+        return v.strip().lower() if isinstance(v, str) else v
+
     @field_validator("output_format", mode="before")
     @classmethod
     def _format(cls, v: Any) -> Any:

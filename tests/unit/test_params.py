@@ -407,3 +407,16 @@ def test_a_field_given_twice_in_two_spellings_is_refused_not_guessed() -> None:
         with pytest.raises(BadUserInput, match="given twice") as refused:
             from_image_input(body)
         assert refused.value.extensions["field"] == field
+
+
+def test_true_is_no_number_and_quality_is_read_in_any_case() -> None:
+    for field in ("seed", "width", "numImages", "steps", "guidance"):
+        with pytest.raises(BadUserInput, match="not true or false") as refused:
+            from_image_input({"service": "local", "prompt": "x", field: True})
+        assert refused.value.extensions["field"] == field
+    shouted = from_image_input({"service": "local", "prompt": "x", "quality": " HIGH "})
+    assert shouted.quality == "high"
+    assert (
+        shouted.cache_key()
+        == from_image_input({"service": "local", "prompt": "x", "quality": "high"}).cache_key()
+    )

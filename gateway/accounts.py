@@ -16,6 +16,7 @@ from redis.typing import EncodableT, FieldT
 from gateway.auth import new_key
 from gateway.config import Settings
 from gateway.errors import BadUserInput, NotFound
+from gateway.params import INT_MAX
 from gateway.store import keys
 from gateway.store.redis import decoded, decoded_hash
 from gateway.store.scripts import Scripts
@@ -41,10 +42,9 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-#: The largest balance or per-key limit: GraphQL's `Int` is 32 bits, and a larger one
-#: could not be read back through it (`me`, `keys`, `addCredits` would fail after the
-#: change was made).
-MOST = 2**31 - 1
+#: The largest balance or per-key limit: a larger one could not be read back through
+#: GraphQL (`me`, `keys`, `addCredits` would fail after the change was made).
+MOST = INT_MAX
 
 
 def _limit_field(value: int | None, name: str) -> str:

@@ -78,13 +78,14 @@ class Cache:
             coalescing=keys.coalescing(shard),
             leader=keys.job(job.account, job.id),
             now_ms=now_ms,
-            retention_ms=self.retention_ms if keep else 0,
+            retention_ms=self.retention_ms,
             urls=encoded_urls,
             width=width,
             height=height,
             metadata=encoded_metadata,
             hit_metadata=hit_metadata,
             params=encoded_params,
+            keep=keep,
             client=self.redis,
         )
         # The other shards' copies, sent together (one pipeline: gateway/store/batching.py).

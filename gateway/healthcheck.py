@@ -17,7 +17,7 @@ import urllib.request
 def healthy(port: str) -> bool | None:
     """True or False as `/healthz` on `port` answers; None when nothing listens there."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as answer:
             return bool(answer.status == 200)
     except urllib.error.HTTPError:
         return False

@@ -6,9 +6,8 @@ Pillow decodes, so this is CPU work: the worker runs it in a thread.
 from __future__ import annotations
 
 import io
-from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from gateway.formats import FORMATS, format_named
 
@@ -23,7 +22,6 @@ READABLE = tuple(f.pil for f in FORMATS.values())
 Image.MAX_IMAGE_PIXELS = None
 #: The modes each format stores; an image in another is converted (`_storable`).
 STORED_MODES = {"png": {"1", "L", "LA", "P", "RGB", "RGBA"}, "jpg": {"L", "RGB"}}
-ORIENTATION = 0x0112  # EXIF's tag: how the stored pixels are turned for display
 
 
 class UnreadableImage(ValueError):
@@ -42,23 +40,30 @@ def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
         with Image.open(io.BytesIO(data), formats=READABLE) as image:
             image.load()
             found = format_named(image.format or "")
-            turned = image.getexif().get(ORIENTATION, 1) not in (0, 1)
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)
             if found is not None and found.name == fmt and not turned:
                 return data, image.width, image.height
-            icc = image.info.get("icc_profile")
             upright = ImageOps.exif_transpose(image)
             converted = _storable(upright, fmt)
+            # Its colours as the upstream meant them (a wide-gamut profile, say), while
+            # the colour space is the same: a CMYK or grey profile on RGB pixels is wrong.
+            same = _space(converted.mode) == _space(image.mode)
+            icc = image.info.get("icc_profile") if same else None
             out = io.BytesIO()
-            options: dict[str, Any] = {"quality": 92}
-            if icc:  # its colours as the upstream meant them (a wide-gamut profile, say)
-                options["icc_profile"] = icc
-            converted.save(out, FORMATS[fmt].pil, **options)
+            converted.save(out, FORMATS[fmt].pil, quality=92, icc_profile=icc)
             return out.getvalue(), converted.width, converted.height
     # Pillow reports a damaged PNG chunk as SyntaxError, truncated data as OSError.
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, UnreadableImage):
             raise
         raise UnreadableImage(str(exc)) from exc
+
+
+def _space(mode: str) -> str:
+    """The colour space of a Pillow mode, as an ICC profile describes it."""
+    if mode == "CMYK":
+        return "cmyk"
+    return "grey" if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;") else "rgb"
 
 
 def _storable(image: Image.Image, fmt: str) -> Image.Image:

@@ -37,7 +37,9 @@ MIN_SIDE, MAX_SIDE = 512, 2048
 DEFAULT_SIDE = 1024
 #: the area, in pixels, a size drawn from an aspect ratio has (about)
 RATIO_AREA = 1024 * 1024
-SEED_MAX = 2_147_483_647
+#: GraphQL's `Int` is 32 bits: the largest number any field can carry in or out
+INT_MAX = 2_147_483_647
+SEED_MAX = INT_MAX
 
 Side = Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 

@@ -184,6 +184,9 @@ async def heartbeats(updates: AsyncIterator[T], every: float) -> AsyncIterator[T
             following.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await following
+        closing = getattr(iterator, "aclose", None)
+        if closing is not None:  # its own cleanup now (a watch let go), not at collection
+            await closing()
 
 
 def _events_credential(request: Request) -> str | None:

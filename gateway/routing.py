@@ -214,13 +214,13 @@ class Router:
             order = self.order(name)
         except ServiceUnavailable as exc:
             raise JobFailed(exc.message) from None
-        if resume and resume.get("backend") in order:
+        stored = resume.get("backend") if resume else None
+        if stored in order:
             # Backends before the stored one already failed this job: do not retry them.
-            order = order[order.index(resume["backend"]) :]
-        else:
-            # One that would draw another size or shape is passed over while another
-            # can draw this one (Segmind's megapixels and ratios); alone, it is tried.
-            order = [b for b in order if self.providers[b].serves(params)] or order
+            order = order[order.index(stored) :]
+        # One that would draw another size or shape is passed over while another can
+        # draw this one (Segmind's megapixels and ratios); alone, it is tried.
+        order = [b for b in order if b == stored or self.providers[b].serves(params)] or order
         job = JobRun(params, save_upstream, progress, cancelled, deadline, key)
         errors: list[str] = []
         tried = "none"

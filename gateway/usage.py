@@ -108,8 +108,8 @@ def _instant(value: str, name: str, *, end: bool) -> int:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-    except OverflowError:  # the day after 9999-12-31
-        raise BadUserInput(f"{name} must be before the year 9999", field=name) from None
+    except OverflowError:  # the end of 9999-12-31 is past what datetime holds
+        raise BadUserInput(f"{name} must be on or before 9999-12-30", field=name) from None
     except ValueError:
         raise BadUserInput(
             f"{name} must be an ISO date (2025-01-31) or datetime (2025-01-31T12:00:00Z)",

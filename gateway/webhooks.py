@@ -157,7 +157,7 @@ class Webhooks:
             except Exception as exc:
                 trouble.failed(exc)
             # Failing (Redis away): tried again less and less often, up to every 5 s.
-            wait = min(period * 2**trouble.failures, 5.0) if trouble.failures else period
+            wait = min(period * 2 ** min(trouble.failures, 8), 5.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
         if self.inflight:

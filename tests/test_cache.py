@@ -547,22 +547,29 @@ async def test_a_job_waiting_on_an_identical_one_reads_as_processing_while_it_ru
 async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """flux-krea away in dev mode: `local` draws a preview. A later identical request,
-    flux-krea back, gets flux-krea's picture, not that preview for seven days."""
+    """flux-krea away in dev mode: `local` draws a preview. The identical request that
+    waited on it gets it too; one made later, flux-krea back, gets flux-krea's picture,
+    not that preview for seven days."""
     flux = FluxKreaEmulator(api_key="test-key")
     flux.fail_next(1, 503)  # a submit's 5xx is not sent again: it fails over at once
+    options = {"provider": "flux-krea", "width": 512, "height": 512, "seed": 42}
     async with serve(flux.app) as upstream:
         settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        async with gateway(
+            redis_url, storage_dir, dev=True, inprocess_workers=False, **settings
+        ) as gw:
+            keys_ = [await gw.key() for _ in range(3)]
+            made = [await gw.generate(k, "a lighthouse at dawn", **options) for k in keys_[:2]]
+            ids = [m.json()["data"]["generate"]["id"] for m in made]
+            assert made[1].json()["data"]["generate"]["creditCost"] == 0  # it waits on the first
         async with gateway(redis_url, storage_dir, dev=True, **settings) as gw:
-            options = {"provider": "flux-krea", "width": 512, "height": 512, "seed": 42}
-            first = await gw.key()
-            made = await gw.generate(first, "a lighthouse at dawn", **options)
-            done = await gw.wait(first, made.json()["data"]["generate"]["id"])
-            assert done["metadata"]["backend"] == "local", done
+            first, waited = [await gw.wait(k, i) for k, i in zip(keys_, ids, strict=False)]
+            assert first["metadata"]["backend"] == "local", first
+            assert waited["status"] == "completed" and waited["urls"] == first["urls"]
 
-            again = await gw.key()
-            made = await gw.generate(again, "a lighthouse at dawn", **options)
-            done = await gw.wait(again, made.json()["data"]["generate"]["id"])
+            made = await gw.generate(keys_[2], "a lighthouse at dawn", **options)
+            done = await gw.wait(keys_[2], made.json()["data"]["generate"]["id"])
             assert done["metadata"]["backend"] == "fluxkrea", done
             assert done["metadata"]["cached"] is False
             assert flux.submissions == 2  # the failed one, then this one
+            assert await gw.job(keys_[1], ids[1]) is not None  # the waiter's record stays

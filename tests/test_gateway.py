@@ -617,8 +617,8 @@ async def test_jobs_pages_newest_first_and_a_status_filter_reads_a_bounded_numbe
     redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A status rare in a long history: each page reads at most SCAN_MOST records (it
-    read the whole index, one call per 20 records, 0.65 s of Redis for fifteen aliases
-    over 20,000 jobs), then says where to go on from."""
+    read the whole index, one call per 20 records, holding Redis for every tenant),
+    then says where to go on from."""
     monkeypatch.setattr(store_module, "SCAN_MOST", 30)
     monkeypatch.setattr(store_module, "SCAN_BATCH", 10)
     query = """query($after: String, $status: String) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator
 
 import pytest
@@ -138,16 +139,22 @@ async def test_what_an_upstream_says_of_the_users_input_is_the_users() -> None:
     assert refused.value.message == "up answered 400: the prompt was flagged by the safety filter"
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("sent", ["length", "chunked", "gzip"])
 async def test_an_answer_too_large_is_refused_while_it_is_read(
-    chunked: bool, monkeypatch: pytest.MonkeyPatch
+    sent: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host that sends a gigabyte took it all into the worker's memory (every store
     at once: the worker's end). Past the bound, the answer is refused, whether it says
-    its length or streams without one."""
+    its length, streams without one, or says a small one and inflates past it."""
     monkeypatch.setattr(http_module, "ANSWER_MAX", 1 << 20)
     body = b"\0" * (3 << 20)
-    if chunked:
+    if sent == "gzip":
+        packed = gzip.compress(body)
+        reply = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%b" % (
+            len(packed),
+            packed,
+        )
+    elif sent == "chunked":
         chunks = b"".join(
             b"%x\r\n%b\r\n" % (1 << 16, body[i : i + (1 << 16)])
             for i in range(0, len(body), 1 << 16)

@@ -77,12 +77,14 @@ class AnswerTooLarge(ProviderUnavailable):
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
     """The answer's body, at most ANSWER_MAX bytes (aiohttp reads no more than a
-    Content-Length says; without one, it is counted as it comes)."""
+    Content-Length says, unless the body is compressed: it inflates it; else it is
+    counted as it comes)."""
     length = response.content_length
     if length is not None:
         if length > ANSWER_MAX:
             raise AnswerTooLarge(f"an answer of {length} bytes, over {ANSWER_MAX}")
-        return await response.read()
+        if response.headers.get("Content-Encoding", "identity").lower() == "identity":
+            return await response.read()
     chunks, size = [], 0
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)

@@ -1,8 +1,9 @@
 -- lease: keep the concurrency slots of one account's running jobs, renewed by the worker
 -- running them. A slot that lapsed meanwhile (no renewal for longer than a lease: Redis
 -- away, the worker's loop stalled) and was dropped by an admission since is taken again
--- for a job still processing, so the account does not run one more than its plan allows
--- until the job ends; a job that ended meanwhile gets none back.
+-- for a job still processing: the admissions made while it had lapsed stand (the
+-- account may run one over its plan until a job ends), but no more are let in; a job
+-- that ended meanwhile gets none back.
 -- Called through `Lease` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 the account's running set, 2... the jobs' records
 -- ARGV: 1 until_ms, 2... the jobs' ids (in the order of their records)

@@ -499,6 +499,7 @@ class Settle(Script):
         metadata: str,
         hit_metadata: str,
         params: str,
+        keep: bool = True,
         client: aioredis.Redis | None = None,
     ) -> SettleReply:
         argv = [
@@ -516,6 +517,7 @@ class Settle(Script):
             metadata,
             hit_metadata,
             params,
+            1 if keep else 0,
         ]
         return self.decode(await self.run(5, argv, client))
 

@@ -4,7 +4,8 @@
 -- Called through `Settle` in scripts.py (named keys and arguments, a typed reply).
 -- KEYS: 1 cache entry, 2 in-flight leader, 3 followers, 4 webhook schedule, 5 watched set
 -- ARGV: 1 leader job key, 2 now_ms, 3 retention_ms, 4 urls, 5 width, 6 height, 7 metadata,
---       8 the metadata a cache hit's job gets (cached, duration 0), 9 the leader's params
+--       8 the metadata a cache hit's job gets (cached, duration 0), 9 the leader's params,
+--       10 keep (1, or 0: the entry answers no hit; its followers still complete)
 -- The entry answers hits `until` the outputs' retention ends (admit.lua); each hit's
 -- record, which refers to the entry (read.lua), expires then, and the entry a minute
 -- later; an entry it replaces is kept for its own hits (entry_write.lua).
@@ -12,7 +13,8 @@
 -- include: record.lua
 -- include: entry_write.lua
 local now, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
-write_entry(KEYS[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, retention)
+write_entry(KEYS[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now,
+  ARGV[10] == '1' and retention or 0)
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local followers = redis.call('LRANGE', KEYS[3], 0, -1)
 redis.call('DEL', KEYS[3])

@@ -90,16 +90,26 @@ def test_other_modes_convert_without_losing_the_picture() -> None:
 
 def test_exif_orientation_is_applied_and_the_colour_profile_kept() -> None:
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored on its side: shown turned a quarter
+    exif[0x0112] = 6  # stored on its side: shown turned a quarter clockwise
     icc = srgb_profile()
-    data = saved(noise(size=(300, 100)), "JPEG", exif=exif, icc_profile=icc)
+    stored = Image.new("RGB", (300, 100), "blue")
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # a mark in the stored top-left corner
+    data = saved(stored, "JPEG", exif=exif, icc_profile=icc)
     for fmt in ("jpg", "png", "webp"):
         out, width, height = normalize_image(data, fmt)
         assert (width, height) == (100, 300), fmt
         with Image.open(io.BytesIO(out)) as image:
             assert image.size == (100, 300)
             assert image.getexif().get(0x0112, 1) == 1
+            shown = image.convert("RGB")
+            assert shown.getpixel((90, 10))[0] > 200, fmt  # now top-right, as displayed
+            assert shown.getpixel((10, 10))[0] < 60, fmt
             assert image.info.get("icc_profile") == icc, fmt
+    # A profile for another colour space than the pixels end in is not carried over.
+    cmyk = saved(Image.new("CMYK", (32, 32)), "JPEG", icc_profile=icc)
+    out, _, _ = normalize_image(cmyk, "png")
+    with Image.open(io.BytesIO(out)) as image:
+        assert image.mode == "RGB" and "icc_profile" not in image.info
 
 
 def srgb_profile() -> bytes:

@@ -123,6 +123,10 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
     )
 
 
+#: the attempts a job's delivery log keeps (`webhookDeliveries`): the latest
+LOG_KEPT = 100
+
+
 class Webhooks:
     def __init__(
         self,
@@ -268,6 +272,7 @@ class Webhooks:
         final = ok or attempt > len(self.delays)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(log_key, orjson.dumps(record))
+            pipe.ltrim(log_key, -LOG_KEPT, -1)
             pipe.expire(log_key, retention)
             if final:
                 pipe.zrem(schedule, job_key)
@@ -294,5 +299,11 @@ class Webhooks:
         if not job.ended:
             raise BadUserInput("the job has not ended yet", field="id")
         key = keys.job(job.account, job.id)
+        schedule = keys.webhooks(keys.shard_of(job.account))
+        # A delivery under way is brought forward, not started again beside itself: a
+        # resend each second made four attempts a second, and a log of millions.
+        if await self.redis.zscore(schedule, key) is not None:
+            await self.redis.zadd(schedule, {key: self.now_ms()}, xx=True, lt=True)
+            return
         await self.store.scripts.patch(job=key, fields={"webhook_attempts": 0}, client=self.redis)
-        await self.redis.zadd(keys.webhooks(keys.shard_of(job.account)), {key: self.now_ms()})
+        await self.redis.zadd(schedule, {key: self.now_ms()})

@@ -259,6 +259,29 @@ async def test_the_ledger_is_trimmed_by_age_and_the_export_before_holds_what_wen
     admin.close()
 
 
+async def test_an_accounts_job_index_keeps_only_what_its_records_may_still_show(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Every job was added to the index and nothing took it out but a page that read
+    its expired record, newest first, so an active account's tail was never reached:
+    ~120 bytes a job, forever. Each admission trims what no record behind it can still
+    be read for, and an idle account's index goes whole."""
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    clock = Clock()
+    settings = {"retention_days": 1, "job_deadline_seconds": 600, "inprocess_workers": False}
+    async with gateway(redis_url, storage_dir, clock, **settings) as gw:
+        key = await gw.key(plan="enterprise", credits=10_000)
+        index = keys.jobs(gw.keys[key]["id"])
+        for n in range(5):
+            assert (await gw.generate(key, f"a lighthouse {n}")).status_code == 200
+        kept_ms = (86_400 + 600 + 3_600) * 1000
+        assert admin.zcard(index) == 5 and 0 < admin.pttl(index) <= kept_ms
+        clock.advance(86_400 + 600 + 3_600 + 1)  # past every record the five may have
+        assert (await gw.generate(key, "a lighthouse at last")).status_code == 200
+        assert admin.zcard(index) == 1
+    admin.close()
+
+
 # -- 4. a job record is one small JSON string ------------------------------------------
 
 README_PROMPT = "a lighthouse on a cliff at dusk, oil painting"

@@ -146,6 +146,38 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
         await until(resent)
 
 
+async def test_a_resend_brings_a_pending_delivery_forward_rather_than_start_another(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Resent every few ms while its retries wait: one attempt each time it is due, its
+    count going on, not a fresh round of attempts beside the first (four a second, and a
+    log of millions)."""
+    receiver = Receiver(failures=1_000)
+    slow = {**FAST, "webhook_retry_delays": [600.0] * 6}
+    async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **slow) as gw:
+        key = await gw.key()
+        made = await gw.gql(
+            """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",
+            {"i": {"service": "local", "prompt": "a kite", "webhookUrl": f"{hook_base}/hook"}},
+            key,
+        )
+        job_id = made.json()["data"]["generateImage"]["id"]
+        await gw.wait(key, job_id)
+
+        async def calls(n: int) -> bool:
+            return len(receiver.calls) == n
+
+        await until(lambda: calls(1))  # failed: the next is 10 minutes off
+        resend = "mutation($id: ID!) { resendWebhook(id: $id) }"
+        for _ in range(20):
+            assert (await gw.gql(resend, {"id": job_id}, key)).json()["data"]["resendWebhook"]
+        await until(lambda: calls(2))
+        deliveries = "query($id: ID!) { webhookDeliveries(id: $id) { attempt } }"
+        r = await gw.gql(deliveries, {"id": job_id}, key)
+        assert [a["attempt"] for a in r.json()["data"]["webhookDeliveries"]] == [1, 2]
+        assert len(receiver.calls) == 2
+
+
 async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
     redis_url: str, storage_dir: Path
 ) -> None:

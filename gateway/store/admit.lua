@@ -242,6 +242,12 @@ elseif cacheable then
   redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
 end
 redis.call('ZADD', KEYS[7], now, job_id)
+-- The index keeps what a record may still be read for: a job ends within its deadline
+-- (`lease`) and its record lives `retention` after. Older entries, and an idle account's
+-- whole index, go (an hour's margin kept): it grew with every job the account made.
+local kept = retention + lease + 3600000
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - kept)
+redis.call('PEXPIRE', KEYS[7], kept)
 if idem_hash ~= '' then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end

@@ -160,7 +160,11 @@ class Accounts:
             await self.redis.hset(keys.account(account), mapping=fields)
         return await self.get(account)
 
-    async def add_credits(self, account: str, amount: int, reason: str = "topup") -> int:
+    async def add_credits(self, account: str, amount: int, reason: str | None = None) -> int:
+        """Credits added (a top-up) or taken (a correction, when negative), in the ledger
+        as such unless `reason` names another (`initial`)."""
+        if reason is None:
+            reason = "topup" if amount >= 0 else "correction"
         reply = await self.scripts.credit(
             account=keys.account(account),
             ledger=keys.ledger(account),

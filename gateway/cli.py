@@ -290,9 +290,10 @@ def keys_create(
         print(json.dumps(made))
     else:
         console.print(f"API key: {made['key']}")
-        console.print(
+        console.print(  # one line, however narrow: scripts read the secret from it
             f"id {made['id']}, plan {plan}, {credits} credits, "
-            f"webhook secret {made['webhookSecret']}"
+            f"webhook secret {made['webhookSecret']}",
+            soft_wrap=True,
         )
         console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
 
@@ -351,8 +352,7 @@ def credits_add(
     amount: Annotated[int, typer.Argument(metavar="N", help="negative: a correction")],
 ) -> None:
     """Add credits to a key (recorded in its ledger)."""
-    reason = "topup" if amount >= 0 else "correction"
-    balance = _with_accounts(_settings(), lambda a: a.add_credits(key_id, amount, reason))
+    balance = _with_accounts(_settings(), lambda a: a.add_credits(key_id, amount))
     console.print(f"balance of {key_id}: {balance}")
 
 

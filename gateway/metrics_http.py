@@ -35,7 +35,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import metrics, rest
+from gateway import metrics, rest, telemetry
 from gateway.auth import api_key_from
 from gateway.breaker import Breaker
 from gateway.config import Settings
@@ -66,6 +66,7 @@ class QueueSampler:
         self.clock = clock
         self.read_at = -math.inf
         self.lock = asyncio.Lock()
+        self.trouble = telemetry.Streak("metrics: reading the queue's size")
 
     async def refresh(self) -> None:
         if self.clock() - self.read_at < self.interval:
@@ -77,10 +78,11 @@ class QueueSampler:
             taken: float
             try:
                 waiting, taken = await self.queue.sizes()
+                self.trouble.ok()
             except Exception as exc:
                 if not (isinstance(exc, OSError) or store_trouble(exc)):
                     raise
-                log.warning("metrics: the queue's size could not be read", error=repr(exc))
+                self.trouble.failed(exc)
                 waiting = taken = math.nan  # unknown, not the last figure passed off as new
             metrics.QUEUE_DEPTH.set(waiting)
             metrics.JOBS_IN_FLIGHT.set(taken)

@@ -150,7 +150,7 @@ class Mutation:
     @strawberry.mutation(description="Admin: add (or, negative, remove) credits; the balance.")
     async def add_credits(self, info: Info, id: strawberry.ID, amount: int) -> int:
         info.context.require_admin()
-        return await info.context.gateway.accounts.add_credits(str(id), amount, "admin")
+        return await info.context.gateway.accounts.add_credits(str(id), amount)
 
     @strawberry.mutation(description="Admin: revoke an API key.")
     async def revoke_key(self, info: Info, id: strawberry.ID) -> bool:

@@ -693,6 +693,12 @@ async def test_a_balance_graphql_could_not_read_back_is_refused_before_it_is_mad
         assert error_of(r)["field"] == "credits"
         r = await gw.gql(add, {"id": account, "n": 10}, "adm")
         assert r.json()["data"]["addCredits"] == most
+        r = await gw.gql(add, {"id": account, "n": -5}, "adm")
+        assert r.json()["data"]["addCredits"] == most - 5
+        r = await gw.gql(add, {"id": account, "n": 5}, "adm")
+        # In the ledger as the CLI records them: a top-up, a correction.
+        reasons = [e["reason"] for e in await gw.accounts.ledger(account)]
+        assert reasons[-3:] == ["topup", "correction", "topup"]
         assert (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]["credits"] == most
         with pytest.raises(BadUserInput):
             await gw.accounts.create("pro", most + 1)

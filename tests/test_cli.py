@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
     assert corrected.returncode == 1  # a balance never goes below zero
     assert run("keys", "revoke", key["id"], env=env).returncode == 0
     assert json.loads(run("keys", "list", "--json", env=env).stdout)[0]["revoked"] is True
+    narrow = run("keys", "create", "--credits", "1", env={**env, "COLUMNS": "40"}).stdout
+    assert re.search(r"webhook secret whsec_\S+", narrow), narrow  # one line, for scripts
     bad = run("keys", "create", "--plan", "platinum", env=env)
     assert bad.returncode == 1 and "unknown plan" in bad.stderr
 

@@ -381,6 +381,13 @@ async def test_serve_and_worker_count_real_jobs(
     assert (
         api_side.value("gateway_http_request_duration_seconds_sum", route="/v1/text_to_image") > 0
     )
+    # Buckets up to what a waiting answer may take (GATEWAY_SYNC_WAIT_SECONDS: 300 s).
+    assert (
+        api_side.value(
+            "gateway_http_request_duration_seconds_bucket", route="/v1/text_to_image", le="300.0"
+        )
+        == generations
+    )
     admitted = {
         outcome: api_side.value("gateway_admissions_total", outcome=outcome)
         for outcome in metrics.ADMISSION_OUTCOMES

@@ -143,6 +143,9 @@ async def test_log_lines_carry_request_job_and_account_and_nothing_secret(
         assert events[event]["account"] == account, events
         assert "request_id" not in events[event]  # a worker's line, not the request's
     assert events["job completed"]["backend"] == "local"
+    # Each job line says its service and attempt (docs/api.md#logs-and-traces).
+    for event in ("job started", "job completed"):
+        assert (events[event]["service"], events[event]["attempt"]) == ("local", 1), events
 
 
 async def test_the_request_lines_can_be_turned_off_the_id_stays(

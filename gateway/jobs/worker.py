@@ -278,7 +278,7 @@ class Worker:
             except JobCancelled:
                 await self._end(job, "cancelled")
             except JobFailed as exc:
-                log.info("job failed", error=str(exc), attempt=attempt)
+                log.info("job failed", error=str(exc), attempt=attempt, service=job.provider)
                 await self._end(
                     job, "failed", error=str(exc), backend=exc.backend, rejected=exc.rejected
                 )
@@ -426,7 +426,13 @@ class Worker:
         )
         if ended:
             metrics.job_completed(job.provider, result.backend, metadata["duration"], job.cost)
-            log.info("job completed", backend=result.backend, duration=metadata["duration"])
+            log.info(
+                "job completed",
+                backend=result.backend,
+                duration=metadata["duration"],
+                service=job.provider,
+                attempt=job.attempts,
+            )
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self._discard(urls)
         elif job.cache_key:
@@ -483,7 +489,13 @@ class Worker:
         )
         if ended:
             metrics.job_ended(job.provider, backend, status)
-            log.info("job ended", status=status, backend=backend)
+            log.info(
+                "job ended",
+                status=status,
+                backend=backend,
+                service=job.provider,
+                attempt=job.attempts,
+            )
             if status == "failed":
                 telemetry.failed("job failed")
         await self.events.publish_stored(keys.job(job.account, job.id))

@@ -289,7 +289,7 @@ def keys_create(
     if as_json:
         print(json.dumps(made))
     else:
-        console.print(f"API key: {made['key']}")
+        console.print(f"API key: {made['key']}", soft_wrap=True)  # shown once: whole
         console.print(  # one line, however narrow: scripts read the secret from it
             f"id {made['id']}, plan {plan}, {credits} credits, "
             f"webhook secret {made['webhookSecret']}",

@@ -33,10 +33,11 @@ UNMATCHED = "unmatched"
 #: `backend` of a job that ended before any backend was tried, or outside one
 NO_BACKEND = "none"
 
-#: up to the longest a waiting answer may take (GATEWAY_SYNC_WAIT_SECONDS, 300 by default)
+#: up to the longest a waiting answer may take (GATEWAY_SYNC_WAIT_SECONDS: 300 by
+#: default, 3600 at most)
 HTTP_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-    *(120, 300, 600),
+    *(120, 300, 600, 1800, 3600),
 )
 JOB_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900)
 

@@ -293,17 +293,18 @@ class Webhooks:
         return [orjson.loads(r) for r in rows]
 
     async def resend(self, job: Job) -> None:
-        """Deliver an ended job's webhook again (a fresh round of attempts)."""
+        """Deliver an ended job's webhook again (a fresh round of attempts), unless a
+        delivery of it is still under way."""
         if not job.webhook_url:
             raise BadUserInput("this job has no webhookUrl", field="id")
         if not job.ended:
             raise BadUserInput("the job has not ended yet", field="id")
         key = keys.job(job.account, job.id)
         schedule = keys.webhooks(keys.shard_of(job.account))
-        # A delivery under way is brought forward, not started again beside itself: a
-        # resend each second made four attempts a second, and a log of millions.
+        # A delivery under way (an attempt running, or its retries waiting) runs its
+        # course: started again beside itself, a resend each second made four attempts
+        # a second, and a log of millions.
         if await self.redis.zscore(schedule, key) is not None:
-            await self.redis.zadd(schedule, {key: self.now_ms()}, xx=True, lt=True)
             return
         await self.store.scripts.patch(job=key, fields={"webhook_attempts": 0}, client=self.redis)
         await self.redis.zadd(schedule, {key: self.now_ms()})

@@ -74,7 +74,9 @@ class Mutation:
         ctx = info.context
         return Generation.of(await ctx.gateway.cancel(await ctx.caller(), str(id)))
 
-    @strawberry.mutation(description="Deliver an ended job's webhook again.")
+    @strawberry.mutation(
+        description="Deliver an ended job's webhook again (once a delivery under way has ended)."
+    )
     async def resend_webhook(self, info: Info, id: strawberry.ID) -> bool:
         ctx = info.context
         await ctx.gateway.resend_webhook(await ctx.caller(), str(id))

@@ -65,6 +65,7 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
     assert json.loads(run("keys", "list", "--json", env=env).stdout)[0]["revoked"] is True
     narrow = run("keys", "create", "--credits", "1", env={**env, "COLUMNS": "40"}).stdout
     assert re.search(r"webhook secret whsec_\S+", narrow), narrow  # one line, for scripts
+    assert re.search(r"^API key: gk_\S{40,}$", narrow, re.MULTILINE), narrow
     bad = run("keys", "create", "--plan", "platinum", env=env)
     assert bad.returncode == 1 and "unknown plan" in bad.stderr
 

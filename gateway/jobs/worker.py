@@ -284,7 +284,7 @@ class Worker:
                 )
             except asyncio.CancelledError:
                 # stays pending: resumed elsewhere
-                log.info("job handed off at shutdown", attempt=attempt)
+                log.info("job handed off at shutdown", attempt=attempt, service=job.provider)
                 raise
             except StorageUnavailable as exc:
                 # The output store failed or went away (mid-upload, say): nothing

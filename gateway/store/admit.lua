@@ -242,12 +242,18 @@ elseif cacheable then
   redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
 end
 redis.call('ZADD', KEYS[7], now, job_id)
--- The index keeps what a record may still be read for: a job ends within its deadline
--- (`lease`) and its record lives `retention` after. Older entries, and an idle account's
--- whole index, go (an hour's margin kept): it grew with every job the account made.
-local kept = retention + lease + 3600000
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - kept)
-redis.call('PEXPIRE', KEYS[7], kept)
+-- The index lists the jobs whose records may still be read; it grew by every job the
+-- account made, forever. An entry older than a record usually lives (a job ends within
+-- its deadline, `lease`, and its record lives `retention` after; an hour's margin) is
+-- dropped once its record is gone, a few at each admission, so none waits long and
+-- none holds Redis (a job still queued after a long outage keeps its record, and its
+-- entry). Its records' keys share this one's slot.
+local prefix = string.sub(KEYS[6], 1, #KEYS[6] - #job_id)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now - (retention + lease + 3600000),
+  'LIMIT', 0, 20)
+for _, old in ipairs(stale) do
+  if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', KEYS[7], old) end
+end
 if idem_hash ~= '' then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end

@@ -40,6 +40,7 @@ from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWS
 from strawberry.types import ExecutionResult
 
 from gateway import pages
+from gateway.auth import api_key_from
 from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError, MethodNotAllowed
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
@@ -322,6 +323,7 @@ class GraphQLView(GraphQL[Context, None]):
                 response = JSONResponse(body, status_code=405, headers={"Allow": "GET, POST"})
             else:
                 response = JSONResponse(error_body("BAD_USER_INPUT", message), status_code=status)
+            await self._rate_headers(request, response)
         except GatewayError as exc:  # the request's own (APQ), or building the context
             body = error_body(exc.code, exc.message)
             body["errors"][0]["extensions"] = dict(exc.extensions)  # `field` too
@@ -387,7 +389,18 @@ class GraphQLView(GraphQL[Context, None]):
         the key is good (docs/api.md#rate-limit-headers): one more round trip, on bad
         requests only; not counted as a read."""
         context: Context | None = request.scope.get("state", {}).get("graphql_context")
-        if context is None or context.principal is not None or not context.api_key():
+        if context is None:  # refused by Strawberry before its context was made
+            key = api_key_from(request.headers)
+            if not key:
+                return
+            gateway = request.app.state.gateway
+            try:
+                principal = await gateway.authenticate(key, origin=request.headers.get("origin"))
+            except GatewayError:
+                return  # the input's error stands
+            response.headers.update(principal.rate_headers())
+            return
+        if context.principal is not None or not context.api_key():
             return
         try:
             await context.caller()

@@ -255,6 +255,19 @@ async def test_generation_checks_the_secret_with_admission_and_refusals_take_not
         assert rest.status_code == 400 and rest.headers["X-RateLimit-Remaining"] == "10"
         r = await gw.generate(key, provider="dall-e")
         assert r.status_code == 400 and r.headers["X-RateLimit-Limit"] == "10"
+        # Refused by the GraphQL layer itself, before any field ran: the same headers.
+        auth = {"Authorization": f"Bearer {key}"}
+        for refused in (
+            await gw.http.get(
+                "/graphql", params={"query": "mutation { __typename }"}, headers=auth
+            ),
+            await gw.http.post(
+                "/graphql", json={"query": "{ me { plan } }", "operationName": "N"}, headers=auth
+            ),
+            await gw.http.post("/graphql", json=[{"query": "{ me { plan } }"}], headers=auth),
+        ):
+            assert refused.status_code in (400, 405), refused.text
+            assert refused.headers["X-RateLimit-Limit"] == "10", refused.request.url
         # Nothing above was charged or counted; the real key is admitted at once.
         me = (await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]
         assert me["credits"] == 100

@@ -26,7 +26,7 @@ PATHS = ("/graphql", "/v1/", "/compat/", "/outputs/")
 # them opens nothing; the origin and the key or token are what is checked.
 ALLOW_HEADERS = ("*",)
 # Named to a preflight that lists none in Access-Control-Request-Headers (Starlette's "*"
-# echoes only the headers asked for): the gateway's own (CONTRACT §11).
+# echoes only the headers asked for): the gateway's own (docs/api.md#cors).
 NAMED_HEADERS = "Authorization, X-API-Key, Content-Type, Idempotency-Key, Prefer"
 EXPOSE_HEADERS = (
     "X-RateLimit-Limit",

@@ -116,6 +116,8 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     out = {**exc.headers, **(headers or {})}
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
+    elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
+        out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
     return ORJSONResponse(body, status_code=exc.status, headers=out)
 
 

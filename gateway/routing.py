@@ -134,13 +134,10 @@ class Router:
         backends = [b for b in self.route(name) if b in self.providers and self._on(b)]
         if not backends:
             # Its operator's to set up: the client is told what, not how (the variables
-            # are in the `providers` reasons), nor to try again (OpenAI's and Stainless's
-            # SDKs retry a 503 unless told not to).
-            error = ServiceUnavailable(
+            # are in the `providers` reasons), nor to try again.
+            raise ServiceUnavailable(
                 f"no backend of {name!r} is configured on this gateway", retry_after=None
             )
-            error.headers = {"x-should-retry": "false"}
-            raise error
         return backends
 
     def _on(self, backend: str) -> bool:

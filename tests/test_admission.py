@@ -66,7 +66,8 @@ def assert_rate_limited(response: httpx.Response, limit: str) -> int:
     retry_after = error["retryAfter"]
     assert isinstance(retry_after, int) and retry_after > 0, error
     assert response.headers["Retry-After"] == str(retry_after)
-    # Its X-RateLimit-* describe the limit that refused it (CONTRACT §7): none left.
+    # Its X-RateLimit-* describe the limit that refused it (docs/api.md#rate-limit-headers): none
+    # left.
     assert response.headers["X-RateLimit-Remaining"] == "0", response.headers
     return retry_after
 

@@ -270,7 +270,8 @@ async def test_a_token_bound_to_origins_services_and_a_job_cap(
         r = await gql(gw, GENERATE, generate_input("flux-krea"), token, APP)
         assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
         assert "service" in error_of(r)["message"]
-        # Nor is it priced for it (CONTRACT §11: a service outside `services` is refused).
+        # Nor is it priced for it (docs/api.md#client-tokens: a service outside `services` is
+        # refused).
         estimate = "query($input: GenerateInput!) { estimate(input: $input) { credits } }"
         r = await gql(gw, estimate, generate_input("flux-krea"), token, APP)
         assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")

@@ -33,7 +33,7 @@ async def test_a_page_on_an_allowed_origin_may_call_every_browser_route(
         bare = {k: v for k, v in PREFLIGHT.items() if k != "Access-Control-Request-Headers"}
         paths = ("/graphql", "/v1/text_to_image", "/v1/jobs/x", "/v1/client_tokens")
         # Asking for the headers, as browsers do for a JSON POST, or not: either way the
-        # answer covers the gateway's own (CONTRACT §11).
+        # answer covers the gateway's own (docs/api.md#cors).
         for path, preflight in itertools.product(paths, (PREFLIGHT, bare)):
             r = await gw.http.options(path, headers=preflight)
             assert r.status_code in (200, 204), (path, r.text)

@@ -158,9 +158,9 @@ async def test_flux_krea_500s_fail_over_to_segmind_and_the_image_is_ours(
 async def test_a_size_segmind_cannot_draw_fails_over_past_it(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
-    """Segmind draws 1 or 0.25 megapixels at its own ratios (seed 004): 2048x512 would
-    come back about 1 megapixel at 21:9, smaller and another shape than asked and paid
-    for. The route goes on to Krea, which draws it."""
+    """Segmind draws 1 or 0.25 megapixels at its own ratios (docs/providers/segmind.md): 2048x512
+    would come back about 1 megapixel at 21:9, smaller and another shape than asked and paid for.
+    The route goes on to Krea, which draws it."""
     up.fluxkrea.fail_next(5, 500)
     async with gateway(redis_url, storage_dir, **up.settings) as gw:
         key = await gw.key(credits=1000)
@@ -174,8 +174,8 @@ async def test_a_size_segmind_cannot_draw_fails_over_past_it(
 async def test_a_segmind_request_it_lost_fails_over_to_krea_at_once(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
-    """404 on a poll: an unknown or expired request_id (seed 004). Five in a row and the
-    job goes on to the next backend, not waiting out its deadline."""
+    """404 on a poll: an unknown or expired request_id (docs/providers/segmind.md). Five in a row
+    and the job goes on to the next backend, not waiting out its deadline."""
     up.fluxkrea.fail_next(5, 500)
     up.segmind.polls_to_complete = 10_000
     async with gateway(redis_url, storage_dir, **up.settings) as gw:
@@ -192,8 +192,8 @@ async def test_a_segmind_request_it_lost_fails_over_to_krea_at_once(
 async def test_jobs_segmind_ran_and_failed_fail_over_but_leave_its_circuit_closed(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
-    """Segmind's FAILED includes its content blocks (seed 004): three users' blocked
-    prompts say nothing of Segmind's health, and must not take it away from everyone."""
+    """Segmind's FAILED includes its content blocks (docs/providers/segmind.md): three users'
+    blocked prompts say nothing of Segmind's health, and must not take it away from everyone."""
     up.fluxkrea.fail_next(1000, 503)
     up.segmind.fail_jobs = True
     async with gateway(redis_url, storage_dir, **up.settings) as gw:

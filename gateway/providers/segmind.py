@@ -134,8 +134,9 @@ def translate(params: ImageParams) -> dict[str, Any]:
     # "1" or "0.25", whichever is nearer to the size's area (as a string, as in Segmind's
     # own example): 1024x576 asks for "1", 512x512 for "0.25".
     body["megapixels"] = choose_megapixels(params.width, params.height, ours["aspect_ratio"])
-    # Its default, true, is "less deterministic" (seed 004): the gateway's promise is the
-    # same picture for the same seed, whichever backend draws it, retried or failed over.
+    # Its default, true, is "less deterministic" (Segmind's API page: docs/providers/segmind.md):
+    # the gateway's promise is the same picture for the same seed, whichever backend draws it,
+    # retried or failed over.
     body["go_fast"] = False
     return only_set(body)
 
@@ -374,9 +375,9 @@ class SegmindProvider(HTTPBackend):
 
     def serves(self, params: ImageParams) -> bool:
         """Segmind takes no width or height, only `megapixels` ("1" or "0.25") and one of
-        its documented aspect ratios (seed 004): a size off those ratios would come back
-        in another shape, and one larger than the megapixels chosen for it smaller than
-        asked (and paid for). Those are left to the route's other backends."""
+        its documented aspect ratios (docs/providers/segmind.md): a size off those ratios would come
+        back in another shape, and one larger than the megapixels chosen for it smaller than asked
+        (and paid for). Those are left to the route's other backends."""
         chosen = choose_aspect_ratio(params)
         ratio = _ratio(chosen)
         if ratio is None or abs(math.log(params.width / params.height / ratio)) > RATIO_SLACK:

@@ -15,13 +15,23 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import compat, metrics, metrics_http, openai_api, pages, rest, telemetry_http
+from gateway import (
+    compat,
+    endpoints,
+    metrics,
+    metrics_http,
+    openai_api,
+    pages,
+    rest,
+    telemetry_http,
+)
 from gateway.artifacts import CACHE_CONTROL, NAME, StorageUnavailable
 from gateway.config import Settings
 from gateway.cors import CORS
@@ -44,11 +54,16 @@ log = structlog.get_logger("gateway")
 DEMO_CREDITS = 100_000
 
 
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413 PAYLOAD_TOO_LARGE.
+class Guard:
+    """Inside CORS, so that what it answers carries CORS's headers: a request body over
+    `limit` bytes refused with 413 PAYLOAD_TOO_LARGE, and a bug answered as a 500 in the
+    path's API shape (nothing of it said), logged with its traceback and the request's
+    id, so the request line counts it and a page can read it and its X-Request-Id
+    (Starlette's own 500 is written outside every middleware, CORS's included).
 
-    Hand-written because no middleware in Starlette does it; it checks Content-Length
-    and counts a body without one (chunked) as it streams.
+    Hand-written because no middleware in Starlette limits a body; it checks
+    Content-Length and counts a body without one (chunked) as it streams. One layer for
+    both: each layer is a call and a wrapper of `send` on every request.
     """
 
     def __init__(self, app: ASGIApp, limit: int, unread: frozenset[str] = frozenset()) -> None:
@@ -58,19 +73,36 @@ class BodyLimit:
         self.unread = unread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.unread:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = value
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
+        if scope["path"] not in self.unread:
+            length = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = value
+            if length is None:  # chunked: counted as it streams
+                receive = self._limited(receive)
+            elif not length.isdigit() or int(length) > self.limit:
                 await self._refuse(scope, receive, send)
-            else:  # the server reads no more than Content-Length: nothing to count
-                await self.app(scope, receive, send)
-            return
+                return
+            # else the server reads no more than Content-Length: nothing to count
+        sent = Sent(send)
+        try:
+            await self.app(scope, receive, sent)
+        except _TooLarge:
+            if not sent.started:
+                await self._refuse(scope, receive, send)
+        except ClientDisconnect:
+            raise  # not a bug: the client left mid-body (`RequestTelemetry` notes it)
+        except Exception:
+            if sent.started:  # the answer is under way: nothing left to say it with
+                raise
+            log.exception("unexpected error")
+            error = error_response(scope["path"], InternalError("internal server error"))
+            await error(scope, receive, send)
+
+    def _limited(self, receive: Receive) -> Receive:
         seen = 0
 
         async def limited_receive() -> Message:
@@ -82,12 +114,7 @@ class BodyLimit:
                     raise _TooLarge
             return message
 
-        sent = Sent(send)
-        try:
-            await self.app(scope, limited_receive, sent)
-        except _TooLarge:
-            if not sent.started:
-                await self._refuse(scope, receive, send)
+        return limited_receive
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = PayloadTooLarge(f"request body over {self.limit} bytes")
@@ -108,32 +135,6 @@ class Sent:
     async def __call__(self, message: Message) -> None:
         self.started = self.started or message["type"] == "http.response.start"
         await self.send(message)
-
-
-class Crashes:
-    """A bug answered here, inside CORS, as a 500 in the path's API shape (nothing of it
-    said), logged with its traceback and the request's id: so the answer goes out
-    through CORS (a page can read it and its X-Request-Id) and the request line counts
-    it. Starlette's own 500 is written outside every middleware, CORS's included."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        sent = Sent(send)
-        try:
-            await self.app(scope, receive, sent)
-        except ClientDisconnect:
-            raise  # not a bug: the client left mid-body (`RequestTelemetry` notes it)
-        except Exception:
-            if sent.started:  # the answer is under way: nothing left to say it with
-                raise
-            log.exception("unexpected error")
-            error = error_response(scope["path"], InternalError("internal server error"))
-            await error(scope, receive, send)
 
 
 #: the error shape of each API whose paths start so (the first that matches); REST's else
@@ -215,6 +216,38 @@ async def stored_output(request: Request) -> Response:
     return RedirectResponse(location, status_code=302, headers={"Cache-Control": "no-store"})
 
 
+class App(Starlette):
+    """Starlette, but a request for one of the JSON routes (`endpoints.Table`: REST,
+    OpenAI's, the provider-compatible ones) goes to its endpoint through the gateway's
+    own middleware only, past Starlette's two outer middlewares and its router. Those
+    have nothing to do there (each endpoint answers its own errors, `Guard` a bug's;
+    the router only searches), and on the busiest routes they were a tenth of a
+    request's CPU (BENCHMARKS.md, "What moved")."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.table = endpoints.Table(self.routes)
+        direct: ASGIApp = _routed
+        for cls, args, options in reversed(self.user_middleware):
+            direct = cls(direct, *args, **options)
+        self.direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            routed = self.table.find(scope)
+            if routed is not None:
+                scope["app"] = self
+                scope["router"] = self.router
+                scope.update(routed)
+                await self.direct(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+async def _routed(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["route"].app(scope, receive, send)
+
+
 def server_limits(settings: Settings) -> dict[str, Any]:
     """What uvicorn is told beside the app: a WebSocket message may be as large as an
     HTTP body (`max_body_bytes`), not uvicorn's 16 MiB (a frame that size held the loop
@@ -265,22 +298,25 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
         ),
         outputs,
     ]
-    app = Starlette(
+    middleware = [
+        # Outermost: every answer, a refusal of any middleware below, carries the id, and
+        # is counted and logged.
+        Middleware(
+            telemetry_http.RequestTelemetry,
+            refuse=error_response,
+            count=metrics.HTTP.count if settings.metrics_enabled else None,
+            log=settings.access_log,
+        ),
+        Middleware(CORS, origins=settings.allowed_origins, refuse=error_response),
+        # Inside CORS: a 413 or a bug's 500 gets its headers.
+        Middleware(Guard, limit=settings.max_body_bytes, unread=openai_api.UNSUPPORTED),
+    ]
+    app = App(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     # An API answers the path it was given: `/v1/jobs/x/` is no job, not a redirect.
     app.router.redirect_slashes = False
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, unread=openai_api.UNSUPPORTED)
-    app.add_middleware(Crashes)  # inside CORS: a bug's 500 gets its headers
-    app.add_middleware(CORS, origins=settings.allowed_origins, refuse=error_response)
-    # Outermost: every answer, a refusal of any middleware above, carries the id, and is
-    # counted and logged.
-    app.add_middleware(
-        telemetry_http.RequestTelemetry,
-        refuse=error_response,
-        count=metrics.HTTP.count if settings.metrics_enabled else None,
-        log=settings.access_log,
-    )
     return app

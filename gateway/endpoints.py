@@ -8,8 +8,9 @@ poll paths, the gateway's busiest, those three were ~9 µs of a request's CPU
 (BENCHMARKS.md, "What moved REST"). `route` declares a route whose endpoint is an
 `Endpoint` (a plain ASGI app, which Starlette's router calls as it is) and whose request
 is this module's `Request`; the handlers keep Starlette's `(request) -> Response`.
-`wait_answering`: the wait of the routes that answer when a job ends, and what happens
-to the job when the client leaves first.
+`Table` finds these routes ahead of Starlette's router (`gateway/app.py` serves them past
+it). `wait_answering`: the wait of the routes that answer when a job ends, and what
+happens to the job when the client leaves first.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError
@@ -98,6 +99,43 @@ class Endpoint:
 
 def route(path: str, handler: Handler, methods: Sequence[str]) -> Route:
     return Route(path, Endpoint(handler), methods=list(methods), name=handler.__name__)
+
+
+class Table:
+    """The routes made by `route`, found for a request by its path: a dict lookup for a
+    fixed path; for the others, Starlette's own match, tried only for a path that starts
+    as one of them does (Starlette's router tries every route of the app in turn). Only
+    a full match counts: a path or method it does not serve is the router's to answer
+    (404, 405 with Allow)."""
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self.fixed: dict[str, Route] = {}
+        self.patterned: list[tuple[str, Route]] = []  # (the path up to its first {, route)
+        for found in routes:
+            if not (isinstance(found, Route) and isinstance(found.app, Endpoint)):
+                continue
+            if found.param_convertors:
+                self.patterned.append((found.path.partition("{")[0], found))
+            else:
+                self.fixed.setdefault(found.path, found)
+        self.starts = tuple({start for start, _ in self.patterned})
+
+    def find(self, scope: Scope) -> Scope | None:
+        """What the router would add to `scope` (`endpoint`, `path_params`, `route`)."""
+        path = scope["path"]
+        fixed = self.fixed.get(path)
+        if fixed is not None:
+            candidates = [fixed]
+        elif path.startswith(self.starts):
+            candidates = [found for start, found in self.patterned if path.startswith(start)]
+        else:
+            return None
+        for candidate in candidates:
+            match, child = candidate.matches(scope)
+            if match is Match.FULL:
+                child["route"] = candidate
+                return child
+        return None
 
 
 async def wait_answering(

@@ -98,7 +98,7 @@ class Bench:
         return plan_table(self.settings.plans)
 
     async def key(self, **limits: int) -> Caller:
-        made = await self.accounts.create("enterprise", 10**12, name="bench", **limits)
+        made = await self.accounts.create("enterprise", 10**9, name="bench", **limits)
         return Caller(made["key"], credentials(made["key"]))
 
     async def admit(self, caller: Caller) -> None:

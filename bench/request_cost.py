@@ -145,7 +145,7 @@ async def request_cost(ctx: Context) -> list[CostRow]:
         app = build_app(settings)
         async with app.router.lifespan_context(app):
             gateway = app.state.gateway
-            made = await gateway.accounts.create("enterprise", 10**12, name="bench")
+            made = await gateway.accounts.create("enterprise", 10**9, name="bench")
             auth = [
                 (b"content-type", b"application/json"),
                 (b"authorization", f"Bearer {made['key']}".encode()),

@@ -155,6 +155,8 @@ async def wait_answering(
     started goes on (its upstream is paid; an identical seeded request sent again joins
     it). Raises `ClientDisconnect` then. `wanted`: the request as parsed; `seconds`: at
     most GATEWAY_SYNC_WAIT_SECONDS, by default."""
+    if job.ended:  # a cache hit, say: nothing to wait for, nor to watch the client for
+        return job
     if seconds is None:
         seconds = gateway.settings.sync_wait_seconds
     waiting = asyncio.ensure_future(gateway.wait(job, seconds))

@@ -227,15 +227,17 @@ class App(Starlette):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.table = endpoints.Table(self.routes)
-        direct: ASGIApp = _routed
-        for cls, args, options in reversed(self.user_middleware):
-            direct = cls(direct, *args, **options)
-        self.direct = direct
+        self.direct: ASGIApp | None = None  # built at the first request, as Starlette's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             routed = self.table.find(scope)
             if routed is not None:
+                if self.direct is None:
+                    direct: ASGIApp = self._routed
+                    for cls, args, options in reversed(self.user_middleware):
+                        direct = cls(direct, *args, **options)
+                    self.direct = direct
                 scope["app"] = self
                 scope["router"] = self.router
                 scope.update(routed)
@@ -243,9 +245,12 @@ class App(Starlette):
                 return
         await super().__call__(scope, receive, send)
 
-
-async def _routed(scope: Scope, receive: Receive, send: Send) -> None:
-    await scope["route"].app(scope, receive, send)
+    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = scope["endpoint"]
+        # Set here, as the router sets it, past the middleware: a request refused before
+        # (a body over the limit) is counted and logged as `unmatched` (docs/api.md#metrics).
+        scope["route"] = self.table.route_of[endpoint]
+        await endpoint(scope, receive, send)
 
 
 def server_limits(settings: Settings) -> dict[str, Any]:

@@ -111,9 +111,11 @@ class Table:
     def __init__(self, routes: Sequence[BaseRoute]) -> None:
         self.fixed: dict[str, Route] = {}
         self.patterned: list[tuple[str, Route]] = []  # (the path up to its first {, route)
+        self.route_of: dict[Endpoint, Route] = {}
         for found in routes:
             if not (isinstance(found, Route) and isinstance(found.app, Endpoint)):
                 continue
+            self.route_of[found.app] = found
             if found.param_convertors:
                 self.patterned.append((found.path.partition("{")[0], found))
             else:
@@ -121,7 +123,8 @@ class Table:
         self.starts = tuple({start for start, _ in self.patterned})
 
     def find(self, scope: Scope) -> Scope | None:
-        """What the router would add to `scope` (`endpoint`, `path_params`, `route`)."""
+        """What the router adds to `scope` before the route runs (`endpoint`, an
+        `Endpoint`, and `path_params`); `route_of` its endpoint is the route."""
         path = scope["path"]
         fixed = self.fixed.get(path)
         if fixed is not None:
@@ -133,7 +136,6 @@ class Table:
         for candidate in candidates:
             match, child = candidate.matches(scope)
             if match is Match.FULL:
-                child["route"] = candidate
                 return child
         return None
 

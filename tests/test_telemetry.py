@@ -55,7 +55,9 @@ async def test_a_sane_request_id_is_echoed_a_missing_or_bad_one_replaced(
         ] == "a" * 128
 
 
-async def test_errors_carry_the_request_id_too(redis_url: str, storage_dir: Path) -> None:
+async def test_errors_carry_the_request_id_too(
+    redis_url: str, storage_dir: Path, log_lines: io.BytesIO
+) -> None:
     async with gateway(redis_url, storage_dir, max_body_bytes=1000) as gw:
         given = {"X-Request-Id": "err-1"}
         cases = [
@@ -70,6 +72,15 @@ async def test_errors_carry_the_request_id_too(redis_url: str, storage_dir: Path
         for status, r in cases:
             assert r.status_code == status, r.text
             assert r.headers["x-request-id"] == "err-1", (r.status_code, r.text)
+    # Each line names the route that answered; a body refused before any route took the
+    # request, like an unknown path, is `unmatched` (docs/api.md#metrics).
+    routes = [(e["status"], e["route"]) for e in lines(log_lines) if e["event"] == "request"]
+    assert routes == [
+        (404, "unmatched"),
+        (401, "/graphql"),
+        (413, "unmatched"),
+        (401, "/v1/jobs/{job_id}"),
+    ]
 
 
 async def test_an_unanswered_exception_is_a_500_with_the_request_id(

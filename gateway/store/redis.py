@@ -6,6 +6,7 @@ are re-exported here, where they used to live."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.store.batching import BatchingCluster, BatchingRedis
+from gateway.store.batching import UNTIMED_READS, BatchingCluster, BatchingRedis
 from gateway.store.scripts import NAMES as NAMES
 from gateway.store.scripts import Script as Script
 from gateway.store.scripts import Scripts as Scripts
@@ -100,7 +101,26 @@ def decoded_hash(value: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
 
 class HiredisPacked(AsyncConnection):
     """redis-py's asyncio connection packs commands in Python (a fifth of a generation
-    request's CPU with admission's ~50 arguments); hiredis's C packer does it instead."""
+    request's CPU with admission's ~50 arguments); hiredis's C packer does it instead.
+    In an auto-pipelined batch, which is timed as a whole, replies are read without a
+    timer each (`batching.UNTIMED_READS`)."""
+
+    async def read_response(
+        self,
+        disable_decoding: bool = False,
+        timeout: float | None = None,
+        *,
+        disconnect_on_error: bool = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        if timeout is None and UNTIMED_READS.get():
+            timeout = math.inf  # redis-py's "no timeout" for this read
+        return await super().read_response(
+            disable_decoding,
+            timeout,
+            disconnect_on_error=disconnect_on_error,
+            push_request=push_request,
+        )
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD", "CLIENT SETNAME"
@@ -149,7 +169,8 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
-    client = BatchingRedis.from_pool(pool)  # owns the pool: closing the client closes it
+    client = cast(BatchingRedis, BatchingRedis.from_pool(pool))  # closing it closes the pool
+    client.batch_timeout = options["socket_timeout"]
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:
@@ -160,4 +181,5 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     for plain_only in ("health_check_interval", "retry_on_timeout"):
         options.pop(plain_only)
     cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
+    cluster.batch_timeout = options["socket_timeout"]
     return cast(aioredis.Redis, cluster)

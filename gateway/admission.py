@@ -28,7 +28,7 @@ from gateway.errors import (
 )
 from gateway.jobs.model import Job
 from gateway.store import keys
-from gateway.store.scripts import Scripts
+from gateway.store.scripts import Hit, Scripts
 
 DAY_MS = 86_400_000
 
@@ -45,7 +45,7 @@ TOKEN_RULES = {
 class Admitted:
     principal: Principal  # the caller as admission saw it: balance and window after it
     mode: str = "run"  # run | hit (served from cache) | follow (waits for an identical job)
-    outcome: dict[str, str] | None = None  # a hit's stored fields (urls, width, ...)
+    outcome: Hit | None = None  # a hit's stored fields (urls, width, ...)
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,7 @@ async def admit(
         token=TokenGrant.admitted(token) if token else None,
     )
     if verdict == "ok":
-        outcome = reply.hit._asdict() if reply.hit else None
-        return Admitted(principal, reply.mode, outcome)
+        return Admitted(principal, reply.mode, reply.hit)
     if verdict == "duplicate":
         return Duplicate(principal, reply.job_id)
     refusal: GatewayError

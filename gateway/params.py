@@ -170,7 +170,8 @@ class GenerationRequest(BaseModel):
 
     def image_fields(self, seed: int | None = None) -> dict[str, Any]:
         """The job's `ImageParams` fields, as its record stores them."""
-        values = {name: getattr(self, name) for name in IMAGE_FIELDS}
+        fields = self.__dict__  # pydantic keeps a model's field values there
+        values = {name: fields[name] for name in IMAGE_FIELDS}
         values["width"], values["height"] = self.size()
         if seed is not None:
             values["seed"] = seed

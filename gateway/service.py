@@ -251,12 +251,12 @@ class Gateway:
             self.queue.notify()
         else:
             job.cost = 0  # a cache hit or a request coalesced into one in flight
-        if verdict.outcome:
+        hit = verdict.outcome
+        if hit:
             job.status, job.completed_at = "completed", now
-            job.urls = orjson.loads(verdict.outcome["urls"])
-            job.width = int(verdict.outcome["width"])
-            job.height = int(verdict.outcome["height"])
-            job.metadata = orjson.loads(verdict.outcome["metadata"])
+            job.urls = orjson.loads(hit.urls)
+            job.width, job.height = int(hit.width), int(hit.height)
+            job.metadata = orjson.loads(hit.metadata)
         return job, verdict.principal
 
     async def job(self, principal: Principal, job_id: str) -> Job | None:

@@ -221,8 +221,8 @@ class App(Starlette):
     OpenAI's, the provider-compatible ones) goes to its endpoint through the gateway's
     own middleware only, past Starlette's two outer middlewares and its router. Those
     have nothing to do there (each endpoint answers its own errors, `Guard` a bug's;
-    the router only searches), and on the busiest routes they were a tenth of a
-    request's CPU (BENCHMARKS.md, "What moved")."""
+    the router only searches), and cost the busiest routes measurably (BENCHMARKS.md,
+    "Speed, round two, continued")."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

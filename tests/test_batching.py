@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from redis.asyncio import ConnectionPool
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.store.batching import BatchingRedis
-from gateway.store.redis import HiredisPacked, connect, store_trouble
+from gateway.store.redis import connect
 
 
 @pytest.fixture
@@ -78,36 +75,3 @@ async def test_a_caller_cancelled_while_its_batch_forms_fails_nobody_else(client
     assert await asyncio.gather(*others) == ["kept"] * 20
     with pytest.raises(asyncio.CancelledError):
         await first
-
-
-async def test_a_batch_redis_never_answers_fails_with_a_store_timeout_in_its_time() -> None:
-    """A batch is timed as a whole, its replies read without a timer each: a server that
-    takes the commands and never answers fails every command of the batch with
-    redis-py's TimeoutError (store trouble: a 503, a job left for a retry) once the
-    batch's time is out, not after each connection's own socket timeout."""
-    taken: list[bytes] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            taken.append(data)  # read, never answered
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = ConnectionPool(
-        host="127.0.0.1", port=port, socket_timeout=60, connection_class=HiredisPacked
-    )
-    client = cast(BatchingRedis, BatchingRedis.from_pool(pool))
-    client.batch_timeout = 0.3
-    try:
-        batch = asyncio.gather(*(client.get(f"b:{i}") for i in range(5)), return_exceptions=True)
-        # Well short of the connections' 60 s: only the batch's own time can end it.
-        outcomes = await asyncio.wait_for(batch, timeout=20)
-        assert taken  # the batch was sent
-        assert all(isinstance(o, RedisTimeoutError) and store_trouble(o) for o in outcomes), (
-            outcomes
-        )
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()

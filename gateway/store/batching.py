@@ -11,26 +11,15 @@ script's NOSCRIPT included, so a `Script` still reloads), a connection failure f
 every command of its batch alike, and a command issued alone is sent alone. Only the
 plain data commands the gateway uses are batched; blocking reads, SCRIPT LOAD, INFO and
 everything else go out as before.
-
-A batch is timed as a whole (`batch_timeout`, the client's socket timeout): redis-py
-would start and stop a timer for each reply read, and a batch reads dozens. Its reads
-run untimed (`UNTIMED_READS`, which the connection class honours: `store/redis.py`);
-a batch that outlasts its time fails every command with redis-py's TimeoutError, and
-the connection it was reading is dropped, as redis-py drops one on a timed-out read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-#: set in a batch's own task while it runs: its replies are read without a timer each
-UNTIMED_READS: contextvars.ContextVar[bool] = contextvars.ContextVar("untimed_reads", default=False)
 
 BATCHED = frozenset(
     {
@@ -78,8 +67,6 @@ class AutoPipeline:
 
     _pending: list[Pending] | None = None
     _sending: set[asyncio.Task[None]] | None = None
-    #: seconds a batch may take in all; None: each reply read is timed by the connection
-    batch_timeout: float | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if args[0] not in BATCHED:
@@ -113,20 +100,10 @@ class AutoPipeline:
 
     async def _send(self, batch: list[Pending]) -> None:
         try:
-            try:
-                if self.batch_timeout is not None:
-                    UNTIMED_READS.set(True)  # this task's reads: timed below, as a whole
-                async with (
-                    asyncio.timeout(self.batch_timeout),
-                    self.pipeline(transaction=False) as pipe,  # type: ignore[attr-defined]
-                ):
-                    for args, options, _ in batch:
-                        pipe.execute_command(*args, **options)
-                    results = await pipe.execute(raise_on_error=False)
-            except TimeoutError as exc:  # asyncio's: what redis-py raises for a slow read
-                raise RedisTimeoutError(
-                    f"Redis did not answer a batch within {self.batch_timeout} s"
-                ) from exc
+            async with self.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+                for args, options, _ in batch:
+                    pipe.execute_command(*args, **options)
+                results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # the connection, not a command: all fail alike
             for _, _, future in batch:
                 if not future.done():

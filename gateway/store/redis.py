@@ -6,7 +6,6 @@ are re-exported here, where they used to live."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -25,7 +24,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.store.batching import UNTIMED_READS, BatchingCluster, BatchingRedis
+from gateway.store.batching import BatchingCluster, BatchingRedis
 from gateway.store.scripts import NAMES as NAMES
 from gateway.store.scripts import Script as Script
 from gateway.store.scripts import Scripts as Scripts
@@ -101,26 +100,7 @@ def decoded_hash(value: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
 
 class HiredisPacked(AsyncConnection):
     """redis-py's asyncio connection packs commands in Python (a fifth of a generation
-    request's CPU with admission's ~50 arguments); hiredis's C packer does it instead.
-    In an auto-pipelined batch, which is timed as a whole, replies are read without a
-    timer each (`batching.UNTIMED_READS`)."""
-
-    async def read_response(
-        self,
-        disable_decoding: bool = False,
-        timeout: float | None = None,
-        *,
-        disconnect_on_error: bool = True,
-        push_request: bool | None = False,
-    ) -> Any:
-        if timeout is None and UNTIMED_READS.get():
-            timeout = math.inf  # redis-py's "no timeout" for this read
-        return await super().read_response(
-            disable_decoding,
-            timeout,
-            disconnect_on_error=disconnect_on_error,
-            push_request=push_request,
-        )
+    request's CPU with admission's ~50 arguments); hiredis's C packer does it instead."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD", "CLIENT SETNAME"
@@ -169,8 +149,7 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
-    client = cast(BatchingRedis, BatchingRedis.from_pool(pool))  # closing it closes the pool
-    client.batch_timeout = options["socket_timeout"]
+    client = BatchingRedis.from_pool(pool)  # owns the pool: closing the client closes it
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:
@@ -181,5 +160,4 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     for plain_only in ("health_check_interval", "retry_on_timeout"):
         options.pop(plain_only)
     cluster: Any = BatchingCluster.from_url(redis_url, max_connections=MAX_CONNECTIONS, **options)
-    cluster.batch_timeout = options["socket_timeout"]
     return cast(aioredis.Redis, cluster)

@@ -52,10 +52,10 @@ def normalize_image(data: bytes, fmt: str) -> tuple[bytes, int, int]:
             out = io.BytesIO()
             converted.save(out, FORMATS[fmt].pil, quality=92, icc_profile=icc)
             return out.getvalue(), converted.width, converted.height
+    except UnreadableImage:
+        raise
     # Pillow reports a damaged PNG chunk as SyntaxError, truncated data as OSError.
     except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, UnreadableImage):
-            raise
         raise UnreadableImage(str(exc)) from exc
 
 

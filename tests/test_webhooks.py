@@ -167,7 +167,19 @@ async def test_a_resend_while_a_delivery_is_under_way_leaves_it_to_run_its_cours
         async def calls(n: int) -> bool:
             return len(receiver.calls) == n
 
+        deliveries = "query($id: ID!) { webhookDeliveries(id: $id) { attempt } }"
+
+        async def logged() -> list[int]:
+            r = await gw.gql(deliveries, {"id": job_id}, key)
+            return [a["attempt"] for a in r.json()["data"]["webhookDeliveries"]]
+
+        async def first_attempt_logged() -> bool:
+            return await logged() == [1]
+
         await until(lambda: calls(1))  # failed: the next attempt is ten minutes off
+        # Its retry is scheduled with its log line (one transaction): read the schedule
+        # once that is written, not while the attempt's claim still holds it.
+        await until(first_attempt_logged)
         schedule = keys.webhooks(keys.shard_of(gw.keys[key]["id"]))
         job_key = keys.job(gw.keys[key]["id"], job_id)
         due = await gw.accounts.redis.zscore(schedule, job_key)
@@ -175,9 +187,7 @@ async def test_a_resend_while_a_delivery_is_under_way_leaves_it_to_run_its_cours
         for _ in range(20):
             assert (await gw.gql(resend, {"id": job_id}, key)).json()["data"]["resendWebhook"]
         assert await gw.accounts.redis.zscore(schedule, job_key) == due
-        deliveries = "query($id: ID!) { webhookDeliveries(id: $id) { attempt } }"
-        r = await gw.gql(deliveries, {"id": job_id}, key)
-        assert [a["attempt"] for a in r.json()["data"]["webhookDeliveries"]] == [1]
+        assert await logged() == [1]
 
         await gw.accounts.redis.zrem(schedule, job_key)  # its retries over
         assert (await gw.gql(resend, {"id": job_id}, key)).json()["data"]["resendWebhook"]

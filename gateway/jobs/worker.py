@@ -245,8 +245,8 @@ class Worker:
         if job is None:
             return
         running.job = job
-        telemetry.note(job_id=job.id, account=job.account)  # on every line of this task
         attempt = job.attempts
+        _on_its_lines(job)
         attributes = (
             {"gateway.job_id": job.id, "gateway.attempt": attempt} if telemetry.ENABLED else None
         )
@@ -256,7 +256,7 @@ class Worker:
                 await self.queue.ack(entry_id)
                 return
             await self.events.publish(job)
-            log.info("job started", service=job.provider, attempt=attempt)
+            log.info("job started")
             try:
                 attributes = {"gateway.service": job.provider} if telemetry.ENABLED else None
                 with telemetry.span("render", attributes=attributes) as span:
@@ -278,13 +278,13 @@ class Worker:
             except JobCancelled:
                 await self._end(job, "cancelled")
             except JobFailed as exc:
-                log.info("job failed", error=str(exc), attempt=attempt, service=job.provider)
+                log.info("job failed", error=str(exc))
                 await self._end(
                     job, "failed", error=str(exc), backend=exc.backend, rejected=exc.rejected
                 )
             except asyncio.CancelledError:
                 # stays pending: resumed elsewhere
-                log.info("job handed off at shutdown", attempt=attempt, service=job.provider)
+                log.info("job handed off at shutdown")
                 raise
             except StorageUnavailable as exc:
                 # The output store failed or went away (mid-upload, say): nothing
@@ -292,21 +292,15 @@ class Worker:
                 # claimed again after its lease: a new attempt (its upstream job
                 # resumed, or its images fetched again), failed and refunded after
                 # `job_max_tries`.
-                log.warning(
-                    "output storage unavailable; job left for a retry",
-                    error=str(exc),
-                    attempt=attempt,
-                )
+                log.warning("output storage unavailable; job left for a retry", error=str(exc))
                 return
             except Exception as exc:
                 if store_trouble(exc):
                     # The store went away mid-job: not the job's fault. Leave its entry
                     # pending; it is claimed again after its lease and resumes upstream.
-                    log.warning(
-                        "store unreachable; job left for a retry", error=repr(exc), attempt=attempt
-                    )
+                    log.warning("store unreachable; job left for a retry", error=repr(exc))
                     return
-                log.exception("job crashed", attempt=attempt)
+                log.exception("job crashed")
                 await self._end(job, "failed", error="internal error while running the job")
             await self.queue.ack(entry_id)
 
@@ -329,6 +323,7 @@ class Worker:
                 log.exception("job record unreadable; left for an operator", job=job_key)
                 job = None
             if job is not None and not job.ended:
+                _on_its_lines(job)
                 await self._end(job, "failed", error="internal error while starting the job")
             await self.queue.ack(entry_id)
             return None
@@ -426,13 +421,7 @@ class Worker:
         )
         if ended:
             metrics.job_completed(job.provider, result.backend, metadata["duration"], job.cost)
-            log.info(
-                "job completed",
-                backend=result.backend,
-                duration=metadata["duration"],
-                service=job.provider,
-                attempt=job.attempts,
-            )
+            log.info("job completed", backend=result.backend, duration=metadata["duration"])
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self._discard(urls)
         elif job.cache_key:
@@ -489,13 +478,7 @@ class Worker:
         )
         if ended:
             metrics.job_ended(job.provider, backend, status)
-            log.info(
-                "job ended",
-                status=status,
-                backend=backend,
-                service=job.provider,
-                attempt=job.attempts,
-            )
+            log.info("job ended", status=status, backend=backend)
             if status == "failed":
                 telemetry.failed("job failed")
         await self.events.publish_stored(keys.job(job.account, job.id))
@@ -507,3 +490,10 @@ class Worker:
         if job_keys:
             self.queue.notify()
             await self.events.publish_stored(*job_keys)
+
+
+def _on_its_lines(job: Job) -> None:
+    """The job's id, account, service and attempt on every line logged in this task (the
+    job's own, and its router's and backends'), as docs/api.md#logs-and-traces lists."""
+    telemetry.note(job_id=job.id, account=job.account)
+    structlog.contextvars.bind_contextvars(service=job.provider, attempt=job.attempts)

@@ -42,7 +42,7 @@ class Cache:
             return None
         if request.seed is None and request.cache is not True:
             return None  # no seed: the client asked for a new picture
-        return request.cache_key()
+        return request.cache_key
 
     async def settle(
         self,

@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Any
+from collections.abc import Collection
+from typing import Any, NamedTuple
 
 import structlog
 from starlette.requests import ClientDisconnect, Request
@@ -26,6 +27,7 @@ from starlette.responses import Response
 
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
+from gateway.bodies import json_object, memoized
 from gateway.config import BACKENDS
 from gateway.endpoints import route, wait_answering
 from gateway.errors import (
@@ -37,7 +39,7 @@ from gateway.errors import (
 )
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
-from gateway.rest import ORJSONResponse, read_json
+from gateway.rest import ORJSONResponse
 from gateway.service import Gateway
 
 #: where OpenAI's shape is spoken: its errors too (routing's, a middleware's: gateway/app.py)
@@ -132,7 +134,20 @@ def known_models(gateway: Gateway) -> list[str]:
     return [*gateway.router.routes, *(b for b in BACKENDS if b not in gateway.router.routes)]
 
 
-def to_request(body: dict[str, Any], models: list[str]) -> GenerationRequest:
+class ImagesRequest(NamedTuple):
+    wanted: GenerationRequest
+    response_format: str | None  # url (None: the default) or b64_json
+
+
+@memoized
+def images_request(body: bytes, models: tuple[str, ...]) -> ImagesRequest:
+    """A `POST /v1/images/generations` body, parsed (the same object for the same bytes
+    and models: `bodies.memoized`)."""
+    data = json_object(body)
+    return ImagesRequest(to_request(data, models), data.get("response_format"))
+
+
+def to_request(body: dict[str, Any], models: Collection[str]) -> GenerationRequest:
     """An OpenAI images request as the gateway's one parameter model."""
     unknown = sorted(body.keys() - PARAMETERS.keys())
     if unknown:
@@ -174,15 +189,14 @@ async def generations(request: Request) -> Response:
     """`POST /v1/images/generations`: admitted as any job; answered when it ends."""
     gateway: Gateway = request.app.state.gateway
     arrived = time.monotonic()
-    body: dict[str, Any] = {}
+    response_format: str | None = None
     wanted: GenerationRequest | None = None
 
     async def parse() -> GenerationRequest:
-        nonlocal body, wanted
-        body = await read_json(request)
-        wanted = with_idempotency_header(
-            to_request(body, known_models(gateway)), request.headers.get("idempotency-key")
-        )
+        nonlocal response_format, wanted
+        asked = images_request(await request.body(), tuple(known_models(gateway)))
+        response_format = asked.response_format
+        wanted = with_idempotency_header(asked.wanted, request.headers.get("idempotency-key"))
         return wanted
 
     headers: dict[str, str] = {}
@@ -194,7 +208,7 @@ async def generations(request: Request) -> Response:
         waited = _wait(request, gateway)
         left = max(0.0, waited - (time.monotonic() - arrived))  # counted from its arrival
         job = await wait_answering(request, gateway, principal, job, wanted, left)
-        answer = await _answer(gateway, job, body, waited)
+        answer = await _answer(gateway, job, response_format, waited)
     except ClientDisconnect:
         raise  # nobody to answer (`wait_answering`)
     except Exception as exc:
@@ -257,7 +271,7 @@ class RejectedInput(GatewayError):
 
 
 async def _answer(
-    gateway: Gateway, job: Job, body: dict[str, Any], waited: float
+    gateway: Gateway, job: Job, response_format: str | None, waited: float
 ) -> dict[str, Any]:
     if not job.ended:
         raise WaitRanOut(
@@ -278,7 +292,7 @@ async def _answer(
     prompt = job.params.get("prompt", "")
     data: list[dict[str, Any]] = []
     for url in job.urls:
-        if body.get("response_format") == "b64_json":
+        if response_format == "b64_json":
             try:
                 stored = await gateway.artifacts.read(url)
             except StorageUnavailable:

@@ -177,9 +177,12 @@ class GenerationRequest(BaseModel):
             values["seed"] = seed
         return values
 
+    @functools.cached_property
     def cache_key(self) -> str:
         """SHA-256 of everything that changes the picture, normalized: the same request
-        spelled differently (key order, defaults written out) gives the same key."""
+        spelled differently (key order, defaults written out) gives the same key. Worked
+        out once: the model is frozen (a copy made with `model_copy` keeps it, as
+        `with_idempotency_header` may: the idempotency key is not part of the picture)."""
         data = self.image_fields()
         data["provider"], data["version"] = self.provider, self.version
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import TOKEN_PREFIX, Principal, api_key_from
+from gateway.bodies import json_object, memoized
 from gateway.endpoints import route, wait_answering
 from gateway.errors import (
     BadUserInput,
@@ -70,13 +71,14 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise BadUserInput("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadUserInput("the body must be a JSON object")
-    return body
+    return json_object(await request.body())
+
+
+@memoized
+def flat_request(body: bytes) -> GenerationRequest:
+    """A `POST /v1/text_to_image` body as the parameter model (the same object for the
+    same bytes: `bodies.memoized`)."""
+    return from_image_input(json_object(body))
 
 
 PREFER_WAIT_MAX = 60.0
@@ -112,7 +114,7 @@ async def text_to_image(request: Request) -> Response:
     async def parse() -> GenerationRequest:
         nonlocal wanted
         wanted = with_idempotency_header(
-            from_image_input(await read_json(request)), request.headers.get("idempotency-key")
+            flat_request(await request.body()), request.headers.get("idempotency-key")
         )
         return wanted
 

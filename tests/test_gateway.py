@@ -163,6 +163,12 @@ async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> 
         ]
         assert again[0].json()["id"] == again[1].json()["id"]
         assert again[1].json()["creditCost"] == 10
+        # The same bytes under another key are another request: a body is parsed once
+        # (gateway/bodies.py), the header applied to it each time.
+        other_key = await gw.http.post(
+            "/v1/text_to_image", headers={"X-API-Key": key, "Idempotency-Key": "k2"}, json=body
+        )
+        assert other_key.status_code == 202 and other_key.json()["id"] != again[0].json()["id"]
 
         # A cursor that is no job id is a bad request, not an empty page.
         r = await gw.gql('{ jobs(after: "zzz") { nodes { id } } }', key=key)

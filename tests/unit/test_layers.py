@@ -11,7 +11,8 @@ Lowest first (a module may import its own layer and those below it):
     jobs       jobs/queue, jobs/worker, routing, upstream_wait, webhooks
     service    service (the operations both APIs call)
     api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
-               compat/ (the providers' own protocols), endpoints (their JSON routes' base)
+               compat/ (the providers' own protocols), endpoints (their JSON routes' base),
+               bodies (their request bodies)
     root       app, cors, runtime, cli, metrics_http, telemetry_http (the composition root:
                wires the parts together and serves them)
 
@@ -88,6 +89,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "schema.*",
             "gateway.endpoints",
+            "gateway.bodies",
             "gateway.rest",
             "gateway.pages",
             "gateway.openai_api",

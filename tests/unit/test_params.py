@@ -417,6 +417,6 @@ def test_true_is_no_number_and_quality_is_read_in_any_case() -> None:
     shouted = from_image_input({"service": "local", "prompt": "x", "quality": " HIGH "})
     assert shouted.quality == "high"
     assert (
-        shouted.cache_key()
-        == from_image_input({"service": "local", "prompt": "x", "quality": "high"}).cache_key()
+        shouted.cache_key
+        == from_image_input({"service": "local", "prompt": "x", "quality": "high"}).cache_key
     )

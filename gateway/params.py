@@ -20,8 +20,8 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Self
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -181,11 +181,17 @@ class GenerationRequest(BaseModel):
     def cache_key(self) -> str:
         """SHA-256 of everything that changes the picture, normalized: the same request
         spelled differently (key order, defaults written out) gives the same key. Worked
-        out once: the model is frozen (a copy made with `model_copy` keeps it, as
-        `with_idempotency_header` may: the idempotency key is not part of the picture)."""
+        out once: the model is frozen (a copy works it out again: `model_copy`)."""
         data = self.image_fields()
         data["provider"], data["version"] = self.provider, self.version
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """pydantic's, without the `cache_key` worked out for the original: an update may
+        change the picture."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("cache_key", None)
+        return copy
 
     def fingerprint(self) -> str:
         """Hash of what the request asks for (for idempotency keys), not how it is spelled."""

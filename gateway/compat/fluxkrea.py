@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway.bodies import memoized
 from gateway.endpoints import route, wait_answering
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
 from gateway.params import GenerationRequest
@@ -57,11 +58,21 @@ def bearer(request: Request) -> str:
     raise Unauthenticated("Invalid or missing API key: send Authorization: Bearer <api key>")
 
 
-async def read_body(request: Request) -> Any:
+def decoded(body: bytes) -> Any:
     try:
-        return orjson.loads(await request.body())
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadUserInput("malformed request: body is not valid JSON") from None
+
+
+@memoized
+def asked(body: bytes, idempotency_key: str | None) -> GenerationRequest:
+    """A `POST /v1/generate` as the parameter model (the same object for the same bytes
+    and header: `bodies.memoized`)."""
+    wanted, _ = fluxkrea.request_from(
+        decoded(body), asynchronous=False, idempotency_key=idempotency_key
+    )
+    return wanted
 
 
 async def generate(request: Request) -> Response:
@@ -73,11 +84,7 @@ async def generate(request: Request) -> Response:
 
     async def parse() -> GenerationRequest:
         nonlocal wanted
-        wanted, _ = fluxkrea.request_from(
-            await read_body(request),
-            asynchronous=False,
-            idempotency_key=request.headers.get("idempotency-key"),
-        )
+        wanted = asked(await request.body(), request.headers.get("idempotency-key"))
         return wanted
 
     try:
@@ -111,7 +118,7 @@ async def generate_async(request: Request) -> Response:
 
     async def parse() -> GenerationRequest:
         wanted, shape["callback_data"] = fluxkrea.request_from(
-            await read_body(request),
+            decoded(await request.body()),
             asynchronous=True,
             idempotency_key=request.headers.get("idempotency-key"),
         )

@@ -16,13 +16,12 @@ adapter that speaks Krea upstream.
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway.bodies import memoized
 from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
 from gateway.jobs.model import Job
@@ -53,11 +52,17 @@ def bearer(request: Request) -> str:
     raise Unauthenticated("Missing API token: send Authorization: Bearer <token>")
 
 
-async def read_body(request: Request) -> Any:
+@memoized
+def asked(
+    body: bytes, model: str, webhook_url: str | None, idempotency_key: str | None
+) -> GenerationRequest:
+    """A `POST /generate/image/{model}` as the parameter model (the same object for the
+    same bytes and headers: `bodies.memoized`)."""
     try:
-        return orjson.loads(await request.body())
+        data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadUserInput("body is not valid JSON") from None
+    return krea.request_from(model, data, webhook_url=webhook_url, idempotency_key=idempotency_key)
 
 
 def answer(job: Job, headers: dict[str, str], *, pending: bool = False) -> Response:
@@ -71,11 +76,11 @@ async def generate(request: Request) -> Response:
     webhook = request.headers.get(krea.WEBHOOK_HEADER)
 
     async def parse() -> GenerationRequest:
-        return krea.request_from(
+        return asked(
+            await request.body(),
             request.path_params["model"],
-            await read_body(request),
-            webhook_url=webhook,
-            idempotency_key=request.headers.get("idempotency-key"),
+            webhook,
+            request.headers.get("idempotency-key"),
         )
 
     try:

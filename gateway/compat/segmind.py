@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Match, Route
 
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
+from gateway.bodies import json_object, memoized
 from gateway.config import BACKENDS
 from gateway.endpoints import route, wait_answering
 from gateway.errors import (
@@ -45,7 +46,7 @@ from gateway.formats import FORMATS
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest, with_idempotency_header
 from gateway.providers.segmind import STATES, request_from
-from gateway.rest import ORJSONResponse, read_json
+from gateway.rest import ORJSONResponse
 from gateway.service import Gateway
 
 PREFIX = "/compat/segmind"
@@ -176,10 +177,18 @@ def _job_headers(job: Job, principal: Principal) -> dict[str, str]:
 async def _parse(request: Request, gateway: Gateway, *, one_image: bool) -> GenerationRequest:
     """The request's body as our one parameter model (refusals before admission)."""
     service = service_for(request.path_params["model"], gateway)
-    wanted = request_from(await read_json(request), service)
+    wanted = asked(await request.body(), service, one_image)
+    return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
+
+
+@memoized
+def asked(body: bytes, service: str, one_image: bool) -> GenerationRequest:
+    """A body as the parameter model (the same object for the same bytes, service and
+    version: `bodies.memoized`)."""
+    wanted = request_from(json_object(body), service)
     if one_image:  # v1 answers one image: it makes (and is charged for) one
         wanted = wanted.model_copy(update={"num_images": 1})
-    return with_idempotency_header(wanted, request.headers.get("idempotency-key"))
+    return wanted
 
 
 # -- routes ------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ def test_the_same_bytes_give_the_same_frozen_request_and_other_bytes_their_own()
     respelled = flat_request(b'{"prompt":"a gull","seed":7,"service":"local"}')
     assert respelled is not first and respelled.cache_key == first.cache_key
     assert flat_request(b'{"service":"local","prompt":"a gull","seed":8}').seed == 8
+    # A copy that changes the picture has its own key (Segmind's v1 copies to one image).
+    assert first.model_copy(update={"num_images": 2}).cache_key != first.cache_key
     with pytest.raises(Exception, match="frozen"):
         first.seed = 9
     # OpenAI's: kept by the body and the models the gateway serves.

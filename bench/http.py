@@ -442,8 +442,9 @@ class HttpRow:
     redis_us: list[float] = field(default_factory=list)  # redis-server CPU per request
     redis_cmds: list[float] = field(default_factory=list)  # commands executed per request
     commands: dict[str, int] = field(default_factory=dict)  # summed over the rounds
+    counted: int = 0  # the requests of those rounds (`commands` per request: the notes)
     requests: int = 0  # completed, as wrk counted them
-    handled: int = 0  # completed, plus those in flight when wrk stopped
+    handled: int = 0  # completed, plus those in flight when wrk stopped (any run)
     errors: int = 0
     rss_mb: float = 0.0  # at rest after the load
     loaded: str = ""  # event loop + HTTP parser the server runs
@@ -494,6 +495,7 @@ async def measure(
     for name, calls in stats.calls.items():
         if calls:
             row.commands[name] = row.commands.get(name, 0) + calls
+    row.counted += n
     row.requests += result.requests
     row.handled += n
     row.errors += result.errors
@@ -785,7 +787,7 @@ def http_table(rows: list[HttpRow], rounds: int) -> str:
     )
     body = []
     for r in rows:
-        total = max(1, r.handled)
+        total = max(1, r.counted)  # not the one-connection runs: no commands counted there
         floor_row = r.case.startswith(("floor", "peer"))  # not ours: no Redis figures
         # EVALSHA is always top level (a script cannot call it): one round trip each.
         others = sorted(

@@ -549,16 +549,21 @@ async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer
 ) -> None:
     """flux-krea away in dev mode: `local` draws a preview. The identical request that
     waited on it gets it too; one made later, flux-krea back, gets flux-krea's picture,
-    not that preview for seven days."""
+    not that preview for seven days: in the preview's shard, nor in another (where
+    entries are copied)."""
     flux = FluxKreaEmulator(api_key="test-key")
     flux.fail_next(1, 503)  # a submit's 5xx is not sent again: it fails over at once
     options = {"provider": "flux-krea", "width": 512, "height": 512, "seed": 42}
     async with serve(flux.app) as upstream:
-        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        settings = {
+            "fluxkrea_api_base": f"{upstream}/v1",
+            "fluxkrea_api_key": "test-key",
+            "redis_shards": 2,
+        }
         async with gateway(
             redis_url, storage_dir, dev=True, inprocess_workers=False, **settings
         ) as gw:
-            keys_ = [await gw.key() for _ in range(3)]
+            keys_ = [await gw.key(shard=0), await gw.key(shard=0), await gw.key(shard=1)]
             made = [await gw.generate(k, "a lighthouse at dawn", **options) for k in keys_[:2]]
             ids = [m.json()["data"]["generate"]["id"] for m in made]
             assert made[1].json()["data"]["generate"]["creditCost"] == 0  # it waits on the first

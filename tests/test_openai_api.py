@@ -9,11 +9,13 @@ import io
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types import ImagesResponse
 from PIL import Image
 
 from tests.emulators.fluxkrea import FluxKreaEmulator
@@ -108,6 +110,39 @@ async def test_idempotency_key_and_the_cache_charge_once(redis_url: str, storage
         )
         assert [d.url for d in first.data or []] == [d.url for d in second.data or []]
         assert (await gw.accounts.get(account)).credits == 1000 - 40  # the hit cost nothing
+
+
+async def test_an_image_the_disk_cannot_read_now_is_a_503_to_try_again(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The stored file cannot be opened (here a link that loops, as a volume in trouble
+    would fail): the answer says so with a 503, not a 500, and the same request answers
+    once the file reads again."""
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        client = sdk(await gw.key(credits=1000))
+
+        async def ask(response_format: Literal["url", "b64_json"] = "url") -> ImagesResponse:
+            return await client.images.generate(
+                model="local",
+                prompt="a lighthouse",
+                extra_body={"seed": 3},
+                response_format=response_format,
+            )
+
+        first = await ask()
+        url = (first.data or [])[0].url or ""
+        (stored,) = storage_dir.rglob(url.rsplit("/", 1)[-1])
+        data = stored.read_bytes()
+        stored.unlink()
+        stored.symlink_to(stored.name)  # ELOOP on open: an OSError, not a missing file
+        with pytest.raises(openai.InternalServerError) as failed:
+            await ask("b64_json")
+        assert failed.value.status_code == 503
+        assert "cannot be read now" in str(failed.value)
+        stored.unlink()
+        stored.write_bytes(data)
+        again = await ask("b64_json")
+        assert base64.b64decode((again.data or [])[0].b64_json or "") == data
 
 
 async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_dir: Path) -> None:

@@ -224,6 +224,24 @@ async def test_fewer_images_than_asked_fail_over_rather_than_charge_for_all(
         assert len(done["urls"]) == 4
 
 
+async def test_fewer_images_at_the_end_of_a_polled_job_fail_over_too(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """The same when the short answer comes from a job that was polled to its end
+    (Segmind's queue answering one URL, a string, for four asked)."""
+    up.segmind.output_style = "string"
+    routes = {"flux-dev": ["segmind", "fluxkrea"]}
+    async with gateway(redis_url, storage_dir, routes=routes, **up.settings) as gw:
+        key = await gw.key(credits=1000)
+        job_id = await submit(gw, key, provider="flux-dev", width=512, height=512, numImages=4)
+        done = await gw.wait(key, job_id)
+        assert done["status"] == "completed", done["error"]
+        assert done["metadata"]["backend"] == "fluxkrea"
+        assert len(done["urls"]) == 4
+        (tried,) = up.segmind.jobs.values()
+        assert tried.status == "COMPLETED"  # polled to its end, then not kept
+
+
 # -- 2. 429s fail over; the user's own bad input does not -----------------------------------
 
 

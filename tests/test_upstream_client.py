@@ -139,13 +139,15 @@ async def test_what_an_upstream_says_of_the_users_input_is_the_users() -> None:
     assert refused.value.message == "up answered 400: the prompt was flagged by the safety filter"
 
 
-@pytest.mark.parametrize("sent", ["length", "chunked", "gzip"])
+@pytest.mark.parametrize("sent", ["length", "chunked", "gzip", "stalls"])
 async def test_an_answer_too_large_is_refused_while_it_is_read(
     sent: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host that sends a gigabyte took it all into the worker's memory (every store
     at once: the worker's end). Past the bound, the answer is refused, whether it says
-    its length, streams without one, or says a small one and inflates past it."""
+    its length, streams without one, or says a small one and inflates past it; and as
+    soon as it is past (`stalls`: a stream that goes just over, then sends nothing more
+    on a connection left open, is refused at once, not read to its end, never)."""
     monkeypatch.setattr(http_module, "ANSWER_MAX", 1 << 20)
     body = b"\0" * (3 << 20)
     if sent == "gzip":
@@ -160,9 +162,19 @@ async def test_an_answer_too_large_is_refused_while_it_is_read(
             for i in range(0, len(body), 1 << 16)
         )
         reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    elif sent == "stalls":
+        over = body[: (1 << 20) + (1 << 16)]
+        reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b"".join(
+            b"%x\r\n%b\r\n" % (1 << 16, over[i : i + (1 << 16)])
+            for i in range(0, len(over), 1 << 16)
+        )  # no last chunk: the answer never ends
     else:
         reply = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
-    async with raw_server(reply) as (base, _), UpstreamClient(5.0) as client:
+    stalls = reply if sent == "stalls" else None  # sent on a connection kept open
+    async with (
+        raw_server(None if stalls else reply, gets=stalls) as (base, _),
+        UpstreamClient(5.0) as client,
+    ):
         with pytest.raises(ProviderUnavailable, match="over 1048576"):
             await request(client, "GET", f"{base}/x.png", upstream="up", idempotent=True)
         small = answer(200, b"\0" * (1 << 20))

@@ -2,11 +2,11 @@
 
 A cache hit is a request made again, and a client making one again sends the same
 bytes (the same code, the same prompt, the same seed). Decoding its JSON and validating
-it into the parameter model are then the largest part of what the gateway's own code
-spends on it (BENCHMARKS.md, "Speed, round two"). `memoized` keeps the outcome by the
-body's bytes: `GenerationRequest` is frozen, so one instance serves every request that
-sent them. Only a body that parsed is kept (one refused is refused again each time,
-with its error), and only a short one, so the memory held stays small and bounded.
+it into the parameter model are then a large part of what the gateway's own code
+spends on it (BENCHMARKS.md: "a generation's body parsed once"). `memoized` keeps the
+outcome by the body's bytes: `GenerationRequest` is frozen, so one instance serves every
+request that sent them. Only a body that parsed is kept (one refused is refused again
+each time, with its error), and only a short one, so the memory held is bounded (`ENTRIES`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from gateway.errors import BadUserInput
 
 #: Longer bodies are parsed each time (a prompt of a few thousand characters still fits).
 MAX_BYTES = 4096
-#: Bodies kept, least recently used first out: at most ~MAX_BYTES each, plus the model.
-ENTRIES = 1024
+#: Bodies kept per route, least recently used first out. An entry holds the body and
+#: the model (its prompt again): at most ~8 KB, so ~2 MB a route at worst.
+ENTRIES = 256
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -49,6 +50,6 @@ def memoized(parse: Callable[Concatenate[bytes, P], T]) -> Callable[Concatenate[
     def parsed(body: bytes, *args: P.args, **kwargs: P.kwargs) -> T:
         if len(body) > MAX_BYTES:
             return parse(body, *args, **kwargs)
-        return cached(body, *cast(tuple[Hashable, ...], args))
+        return cached(body, *cast(tuple[Hashable, ...], args), **cast(dict[str, Hashable], kwargs))
 
     return parsed

@@ -187,10 +187,11 @@ class GenerationRequest(BaseModel):
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """pydantic's, without the `cache_key` worked out for the original: an update may
-        change the picture."""
+        """pydantic's, without the `cache_key` worked out for the original when the update
+        changes the picture (an idempotency key or a webhook does not)."""
         copy = super().model_copy(update=update, deep=deep)
-        copy.__dict__.pop("cache_key", None)
+        if update and any(name in PICTURE_FIELDS for name in update):
+            copy.__dict__.pop("cache_key", None)
         return copy
 
     def fingerprint(self) -> str:
@@ -225,6 +226,8 @@ class ImageParams:
 
 
 IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageParams))
+#: What `GenerationRequest.cache_key` is made of.
+PICTURE_FIELDS = frozenset({*IMAGE_FIELDS, "provider", "version"})
 
 
 def ratio_sides(value: str) -> tuple[float, float] | None:

@@ -549,8 +549,8 @@ async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer
 ) -> None:
     """flux-krea away in dev mode: `local` draws a preview. The identical request that
     waited on it gets it too; one made later, flux-krea back, gets flux-krea's picture,
-    not that preview for seven days: in the preview's shard, nor in another (where
-    entries are copied)."""
+    not that preview for seven days; nor is the preview copied into another shard
+    (where entries are copied for the keys there)."""
     flux = FluxKreaEmulator(api_key="test-key")
     flux.fail_next(1, 503)  # a submit's 5xx is not sent again: it fails over at once
     options = {"provider": "flux-krea", "width": 512, "height": 512, "seed": 42}
@@ -563,7 +563,7 @@ async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer
         async with gateway(
             redis_url, storage_dir, dev=True, inprocess_workers=False, **settings
         ) as gw:
-            keys_ = [await gw.key(shard=0), await gw.key(shard=0), await gw.key(shard=1)]
+            keys_ = [await gw.key(shard=0) for _ in range(3)]
             made = [await gw.generate(k, "a lighthouse at dawn", **options) for k in keys_[:2]]
             ids = [m.json()["data"]["generate"]["id"] for m in made]
             assert made[1].json()["data"]["generate"]["creditCost"] == 0  # it waits on the first
@@ -571,6 +571,8 @@ async def test_dev_modes_offline_stand_in_is_not_kept_as_another_services_answer
             first, waited = [await gw.wait(k, i) for k, i in zip(keys_, ids, strict=False)]
             assert first["metadata"]["backend"] == "local", first
             assert waited["status"] == "completed" and waited["urls"] == first["urls"]
+            # Nor is it copied as the answer into the other shard.
+            assert await gw.accounts.redis.keys(f"{keys.PREFIX}:{{s1}}:cache:*") == []
 
             made = await gw.generate(keys_[2], "a lighthouse at dawn", **options)
             done = await gw.wait(keys_[2], made.json()["data"]["generate"]["id"])

@@ -8,6 +8,7 @@ domain (`tests/unit/test_layers.py` checks the direction).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -33,6 +34,7 @@ from gateway import (
     telemetry_http,
 )
 from gateway.artifacts import CACHE_CONTROL, NAME, StorageUnavailable
+from gateway.client_deadlines import ClientDeadlines
 from gateway.config import Settings
 from gateway.cors import CORS
 from gateway.errors import (
@@ -256,8 +258,13 @@ class App(Starlette):
 def server_limits(settings: Settings) -> dict[str, Any]:
     """What uvicorn is told beside the app: a WebSocket message may be as large as an
     HTTP body (`max_body_bytes`), not uvicorn's 16 MiB (a frame that size held the loop
-    ~0.1 s, and its objects the memory until a rare full collection)."""
-    return {"ws_max_size": settings.max_body_bytes}
+    ~0.1 s, and its objects the memory until a rare full collection); a client has
+    `client_timeout_seconds` to send a request's headers, and its body may pause no
+    longer (`ClientDeadlines`: httptools, as uvicorn's own, with deadlines)."""
+    return {
+        "ws_max_size": settings.max_body_bytes,
+        "http": functools.partial(ClientDeadlines, client_timeout=settings.client_timeout_seconds),
+    }
 
 
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:

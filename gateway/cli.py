@@ -233,7 +233,6 @@ def serve(
         proxy_headers=False,
         server_header=False,
         loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
         **server_limits(settings),
     )

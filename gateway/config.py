@@ -142,6 +142,12 @@ class Settings(BaseSettings):
 
     # HTTP guards
     max_body_bytes: int = 64 * 1024
+    client_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request's headers must arrive within this, and its body may pause "
+        "no longer (gateway/client_deadlines.py)",
+    )
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
     read_rpm_per_job: int = Field(
         default=70,

@@ -60,6 +60,12 @@ class PayloadTooLarge(GatewayError):
     code, status = "PAYLOAD_TOO_LARGE", 413
 
 
+class RequestTimeout(GatewayError):
+    """A client too slow to send its request's headers (`client_deadlines`)."""
+
+    code, status = "REQUEST_TIMEOUT", 408
+
+
 class InsufficientCredits(GatewayError):
     code, status = "INSUFFICIENT_CREDITS", 402
 

@@ -13,8 +13,8 @@ Lowest first (a module may import its own layer and those below it):
     api        schema/ (GraphQL), rest (REST), pages (the playground), openai_api,
                compat/ (the providers' own protocols), endpoints (their JSON routes' base),
                bodies (their request bodies)
-    root       app, cors, runtime, cli, metrics_http, telemetry_http (the composition root:
-               wires the parts together and serves them)
+    root       app, client_deadlines, cors, runtime, cli, metrics_http, telemetry_http (the
+               composition root: wires the parts together and serves them)
 
 `store` and `providers` sit side by side and do not import each other. `bench/` may
 import anything of the gateway, which never imports it. Imports are read from the source
@@ -101,6 +101,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "root",
         (
             "gateway.app",
+            "gateway.client_deadlines",
             "gateway.cors",
             "gateway.runtime",
             "gateway.cli",

@@ -259,12 +259,14 @@ def server_limits(settings: Settings) -> dict[str, Any]:
     """What uvicorn is told beside the app: a WebSocket message may be as large as an
     HTTP body (`max_body_bytes`), not uvicorn's 16 MiB (a frame that size held the loop
     ~0.1 s, and its objects the memory until a rare full collection); a client has
-    `client_timeout_seconds` to send a request's headers, and its body may pause no
-    longer (`ClientDeadlines`: httptools, as uvicorn's own, with deadlines)."""
-    return {
-        "ws_max_size": settings.max_body_bytes,
-        "http": functools.partial(ClientDeadlines, client_timeout=settings.client_timeout_seconds),
-    }
+    `client_timeout_seconds` to send a request's headers, and as long again for its body
+    (`ClientDeadlines`: httptools, as uvicorn's own, with deadlines)."""
+    deadlines = functools.partial(
+        ClientDeadlines,
+        client_timeout=settings.client_timeout_seconds,
+        count=metrics.HTTP.count if settings.metrics_enabled else None,
+    )
+    return {"ws_max_size": settings.max_body_bytes, "http": deadlines}
 
 
 def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:

@@ -2,44 +2,74 @@
 
 uvicorn times out only a keep-alive connection idle between requests, and any byte
 cancels that timeout: a client that opens a connection and sends nothing, sends its
-headers a byte at a time, or stops halfway through its body, holds the connection, a
-file descriptor and (for the body) a task for ever. A few thousand such clients
-(Slowloris) take a server down without sending a request. Here, as nginx's
-`client_header_timeout` and `client_body_timeout` do (`GATEWAY_CLIENT_TIMEOUT_SECONDS`,
-docs/api.md#limits):
+headers a byte at a time, or its body a byte at a time, holds the connection, a file
+descriptor and (for the body) a task for ever. A few thousand such clients (Slowloris)
+take a server down without completing a request. Here (`GATEWAY_CLIENT_TIMEOUT_SECONDS`,
+docs/api.md#slow-clients):
 
 - a request's head (its line and headers) must have arrived whole within the timeout
-  of the connection opening, or of the request's first byte on a kept-alive one; if not,
-  408 `REQUEST_TIMEOUT` is answered and the connection closed;
-- its body may pause no longer than the timeout between two reads; if it does, the
-  connection is closed (the request's handler sees the client gone).
+  of the connection opening, or of the head's first byte on a kept-alive connection,
+  however steadily it trickles in; if not, 408 `REQUEST_TIMEOUT` is answered and the
+  connection closed (one that sent nothing at all is just closed);
+- its body likewise, within the timeout of its head: else the connection is closed
+  (the request's handler sees the client gone).
 
-A request that arrives whole in one read (nearly all of them) arms no timer at all. A
-connection upgraded to a WebSocket is left alone (its own protocol takes over).
+A deadline only runs while the client is the one to act: not while the server has not
+read what came (uvicorn pauses reading while it answers an earlier pipelined request),
+owes a `100 Continue`, or is still answering. The state is read from uvicorn's own after
+each read, not kept by overriding the parser's callbacks, which cost every request
+measurably (BENCHMARKS.md: "Slow clients"); a request that arrives whole in one read
+costs one check. A connection upgraded to a WebSocket is left alone (its own protocol
+reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
+import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway import metrics
 from gateway.errors import RequestTimeout
+
+log = structlog.get_logger("gateway")
+
+#: After a 408, how long what the client still sends is read and dropped before the
+#: connection closes: closed with unread bytes, the kernel would answer them with a reset
+#: that can destroy the 408 before the client reads it (nginx's lingering close).
+LINGER_SECONDS = 1.0
+
+Phase = Literal["head", "body"]
 
 
 class ClientDeadlines(HttpToolsProtocol):
-    def __init__(self, *args: Any, client_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        client_timeout: float,
+        count: Callable[[str, int, float], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.client_timeout = client_timeout
+        self.count = count  # metrics.HTTP.count, when metrics are on
         self._deadline: asyncio.TimerHandle | None = None
+        self._timed: Phase | None = None  # what the deadline is for
+        self._since = 0.0  # when that started (perf_counter)
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self.client_timeout, self._expired)
+        self._arm("head")  # the first request's head, from the connection
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused: dropped until the connection closes
         super().data_received(data)
         reading = self._reading()
         if reading is None:  # the request came whole, as nearly all do
@@ -47,30 +77,48 @@ class ClientDeadlines(HttpToolsProtocol):
                 self._disarm()
         elif self.transport.is_closing() or self.transport.get_protocol() is not self:
             self._disarm()  # refused (400), or upgraded to a WebSocket
-        elif reading == "body":  # a body may pause only so long between two reads
+        elif reading != self._timed:  # a head begun, or a body after its head: from now
             self._disarm()
-            self._deadline = self.loop.call_later(self.client_timeout, self._expired)
-        elif self._deadline is None:  # a head's deadline holds from its first byte
-            self._deadline = self.loop.call_later(self.client_timeout, self._expired)
+            self._arm(reading)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _reading(self) -> Literal["head", "body"] | None:
-        """What of a request is still awaited, read from uvicorn's own state (overriding
-        the parser's callbacks instead cost every request ~2 µs): a request's scope
+    def _reading(self) -> Phase | None:
+        """What of a request is still awaited, from uvicorn's own state: a request's scope
         has no method until its head is whole (`on_message_begin`, `on_headers_complete`),
-        its cycle wants more body until the parser has read it all
-        (`on_message_complete`; even once answered: a body still coming after an early
-        413 is timed too). None: nothing (or, before any byte, no request yet)."""
+        its cycle wants more body until the parser has read it all (`on_message_complete`;
+        a body still coming after an early answer too). None: nothing (or, before a
+        connection's first byte, no request yet)."""
         if self.scope is not None and "method" not in self.scope:
             return "head"
         if self.cycle is not None and self.cycle.more_body:
             return "body"
         return None
 
+    def _server_owes(self, phase: Phase) -> bool:
+        """The server, not the client, is the one to act: it has paused reading (an
+        earlier pipelined request is being answered, or a body is read faster than it is
+        handled), is still answering an earlier request (`head`), owes a `100 Continue`
+        or is sending its answer (`body`)."""
+        cycle = self.cycle
+        if self.flow.read_paused or self.pipeline:
+            return True
+        if cycle is None:
+            return False
+        if phase == "head":
+            return not cycle.response_complete
+        return cycle.waiting_for_100_continue or (
+            cycle.response_started and not cycle.response_complete
+        )
+
+    def _arm(self, phase: Phase) -> None:
+        self._timed, self._since = phase, time.perf_counter()
+        self._deadline = self.loop.call_later(self.client_timeout, self._expired)
+
     def _disarm(self) -> None:
+        self._timed = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -79,9 +127,25 @@ class ClientDeadlines(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self._reading() == "head":  # a connection that sent nothing is just closed
-            self.transport.write(_too_slow(self.client_timeout))
-        self.transport.close()
+        phase = self._reading()
+        if phase is None:  # a connection that never sent a byte: just closed
+            self.transport.close()
+            return
+        if self._server_owes(phase):  # not the client's delay: a new deadline from now
+            self._arm(phase)
+            return
+        waited = round(time.perf_counter() - self._since, 3)
+        log.info("client too slow", awaited=phase, waited_s=waited)
+        if phase == "body":  # its handler, waiting on it, sees the client gone (499)
+            self.transport.close()
+            return
+        if self.count is not None:
+            self.count(metrics.UNMATCHED, 408, waited)
+        self.transport.write(_too_slow(self.client_timeout))
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 def _too_slow(seconds: float) -> bytes:

@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     client_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
-        description="a request's headers must arrive within this, and its body may pause "
-        "no longer (gateway/client_deadlines.py)",
+        description="a request's headers must arrive within this, and its body within this "
+        "of its headers (gateway/client_deadlines.py)",
     )
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
     read_rpm_per_job: int = Field(

@@ -1,6 +1,6 @@
 """Clients too slow to send their request (Slowloris) do not hold a connection for ever
-(gateway/client_deadlines.py); slow but steady ones, kept-alive connections and
-WebSockets are not cut."""
+(gateway/client_deadlines.py); slow but steady ones, kept-alive connections, pipelined
+requests and WebSockets are not cut."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ import websockets
 
 from tests.harness import Harness, gateway
 
-TIMEOUT = 0.5  # GATEWAY_CLIENT_TIMEOUT_SECONDS in these tests
+TIMEOUT = 0.5  # GATEWAY_CLIENT_TIMEOUT_SECONDS where a client is cut
+STEADY = 1.0  # where one must not be: room for a loaded machine
 BOUND = 10.0  # how long a test waits for the server to act, at most
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+#: a read of a job that does not exist (404), with the key to put in
+READ = b"GET /v1/jobs/0123456789abcdef01234567 HTTP/1.1\r\nHost: gw\r\nX-API-Key: %b\r\n\r\n"
 
 
 @contextlib.asynccontextmanager
-async def connection(
-    gw: Harness,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def connection(gw: Harness) -> AsyncIterator[Connection]:
     url = urlsplit(gw.base)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
@@ -34,7 +37,7 @@ async def connection(
 
 
 async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> None:
-    """`data` a byte at a time, `every` seconds apart, until the server hangs up."""
+    """`data` a byte at a time, `every` seconds apart, until the server stops reading."""
     with contextlib.suppress(OSError):
         for byte in data:
             writer.write(bytes([byte]))
@@ -44,7 +47,7 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> No
 
 async def answer(reader: asyncio.StreamReader) -> bytes:
     """One whole answer on a kept-alive connection: its head (its body read past)."""
-    head = await reader.readuntil(b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
     (length,) = (
         int(line.partition(b":")[2]) for line in head.lower().split(b"\r\n") if b"length:" in line
     )
@@ -60,76 +63,97 @@ async def test_a_connection_that_sends_nothing_is_closed(redis_url: str, storage
         assert await asyncio.wait_for(reader.read(), BOUND) == b""  # closed, nothing said
 
 
-async def test_headers_sent_a_byte_at_a_time_are_refused_with_408(
+async def test_headers_trickled_a_byte_at_a_time_are_refused_with_408(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """Each byte comes well within the timeout, but the head never ends: the deadline
-    holds from its first byte, so the server answers 408 and hangs up."""
+    """Each byte comes well within the timeout, but the head never ends: its deadline
+    holds from its first byte. The 408 is read whole, though the client is still
+    sending (what it sends is read and dropped until the server hangs up)."""
     head = b"POST /v1/text_to_image HTTP/1.1\r\nHost: gw\r\n" + b"X-Slow: a\r\n" * 1000
     async with (
         gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw,
         connection(gw) as (reader, writer),
     ):
         sender = asyncio.create_task(trickle(writer, head, TIMEOUT / 10))
-        answer = await asyncio.wait_for(reader.read(), BOUND)
+        refused = await asyncio.wait_for(reader.read(), BOUND)
         sender.cancel()
-        assert answer.startswith(b"HTTP/1.1 408 "), answer
-        status, _, body = answer.partition(b"\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 408 "), refused
+        status, _, body = refused.partition(b"\r\n\r\n")
         assert b"connection: close" in status.lower()
         assert json.loads(body)["error"]["code"] == "REQUEST_TIMEOUT"
 
 
-async def test_a_body_that_stops_halfway_closes_the_connection(
+async def test_a_body_trickled_past_the_deadline_is_cut_and_admits_nothing(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """Nothing is admitted from a body that never ends, and its connection is let go."""
-    async with (
-        gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw,
-        connection(gw) as (reader, writer),
-    ):
+    """The body's bytes come steadily, each within the timeout, but it is not whole
+    within the timeout of its head: the connection is closed, no job is made."""
+    async with gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw:
         key = await gw.key()
-        writer.write(
+        body = json.dumps({"service": "local", "prompt": "a lighthouse " * 20}).encode()
+        head = (
             b"POST /v1/text_to_image HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-            b'Authorization: Bearer %b\r\nContent-Length: 100\r\n\r\n{"service": ' % key.encode()
+            b"Authorization: Bearer %b\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(body))
         )
-        await writer.drain()
-        assert await asyncio.wait_for(reader.read(), BOUND) == b""
-        assert (await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)).json()["data"][
-            "jobs"
-        ]["nodes"] == []
+        async with connection(gw) as (reader, writer):
+            writer.write(head)
+            sender = asyncio.create_task(trickle(writer, body, TIMEOUT / 10))
+            assert await asyncio.wait_for(reader.read(), BOUND) == b""
+            assert not sender.done()  # cut before the client was done
+            sender.cancel()
+        jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+        assert jobs.json()["data"]["jobs"]["nodes"] == []
 
 
 async def test_slow_but_steady_clients_kept_alive_connections_and_websockets_stay(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """A head sent in pieces, each within the timeout, whole before it, is answered; a
-    kept-alive connection quiet for longer than the timeout between requests (uvicorn's
-    keep-alive governs it) serves the next one; a WebSocket quiet that long stays open."""
-    request = b"GET /v1/jobs/0123456789abcdef01234567 HTTP/1.1\r\nHost: gw\r\nX-API-Key: %b\r\n\r\n"
-    async with (
-        gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw,
-        connection(gw) as (reader, writer),
-    ):
+    """A head sent in pieces, whole within the timeout, is answered; a kept-alive
+    connection quiet for longer than the timeout between requests (uvicorn's keep-alive
+    governs it) serves the next one; a WebSocket quiet that long stays open."""
+    async with gateway(redis_url, storage_dir, client_timeout_seconds=STEADY) as gw:
         key = await gw.key()
-        whole = request % key.encode()
-        for piece in (whole[:20], whole[20:40], whole[40:]):
-            writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(TIMEOUT / 5)
-        assert (await asyncio.wait_for(answer(reader), BOUND)).startswith(b"HTTP/1.1 404 ")
-        await asyncio.sleep(TIMEOUT * 2)  # quiet between requests for longer than the timeout
-        writer.write(whole)
-        await writer.drain()
-        assert (await asyncio.wait_for(answer(reader), BOUND)).startswith(b"HTTP/1.1 404 ")
+        whole = READ % key.encode()
+        async with connection(gw) as (reader, writer):
+            for piece in (whole[:20], whole[20:40], whole[40:]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(STEADY / 10)
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")
+            await asyncio.sleep(STEADY * 2)  # quiet between requests, longer than the timeout
+            writer.write(whole)
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")
 
         url = gw.base.replace("http://", "ws://") + "/graphql"
         async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
-            await ws.send(
-                json.dumps(
-                    {"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}}
-                )
-            )
+            init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}}
+            await ws.send(json.dumps(init))
             assert json.loads(await asyncio.wait_for(ws.recv(), BOUND))["type"] == "connection_ack"
-            await asyncio.sleep(TIMEOUT * 2)  # quiet for longer than the timeout
+            await asyncio.sleep(STEADY * 2)  # quiet for longer than the timeout
             await ws.send(json.dumps({"type": "ping"}))
             assert json.loads(await asyncio.wait_for(ws.recv(), BOUND))["type"] == "pong"
+
+
+async def test_a_request_behind_a_slow_answer_is_not_the_clients_delay(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A client pipelines a request behind one the server answers only after longer than
+    the timeout (`Prefer: wait`, a job no worker runs), the second's head cut short, and
+    sends the rest once the first answer has come: the server's own delay is not counted
+    against it."""
+    async with gateway(
+        redis_url, storage_dir, client_timeout_seconds=TIMEOUT, inprocess_workers=False
+    ) as gw:
+        key = await gw.key()
+        waits = json.dumps({"service": "local", "prompt": "a lighthouse"}).encode()
+        first = (
+            b"POST /v1/text_to_image HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"X-API-Key: %b\r\nPrefer: wait=%g\r\nContent-Length: %d\r\n\r\n%b"
+            % (key.encode(), TIMEOUT * 4, len(waits), waits)
+        )
+        second = READ % key.encode()
+        async with connection(gw) as (reader, writer):
+            writer.write(first + second[:25])
+            assert (await answer(reader)).startswith(b"HTTP/1.1 202 ")  # after TIMEOUT * 4
+            writer.write(second[25:])
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")

@@ -10,13 +10,14 @@ docs/api.md#slow-clients):
 - a request's head (its line and headers) must have arrived whole within the timeout
   of the connection opening, or of the head's first byte on a kept-alive connection,
   however steadily it trickles in; if not, 408 `REQUEST_TIMEOUT` is answered and the
-  connection closed (one that sent nothing at all is just closed);
+  connection closed (one that sent nothing, or only line ends, is just closed);
 - its body likewise, within the timeout of its head: else the connection is closed
   (the request's handler sees the client gone).
 
 A deadline only runs while the client is the one to act: not while the server has not
 read what came (uvicorn pauses reading while it answers an earlier pipelined request),
-owes a `100 Continue`, or is still answering. The state is read from uvicorn's own after
+owes a `100 Continue`, or is still answering; once it is done, the client has the whole
+timeout again. The state is read from uvicorn's own after
 each read, not kept by overriding the parser's callbacks, which cost every request
 measurably (BENCHMARKS.md: "Slow clients"); a request that arrives whole in one read
 costs one check. A connection upgraded to a WebSocket is left alone (its own protocol
@@ -60,7 +61,9 @@ class ClientDeadlines(HttpToolsProtocol):
         self.count = count  # metrics.HTTP.count, when metrics are on
         self._deadline: asyncio.TimerHandle | None = None
         self._timed: Phase | None = None  # what the deadline is for
-        self._since = 0.0  # when that started (perf_counter)
+        self._of: object = None  # whose (the request's scope; None: the connection's)
+        self._since = 0.0  # when that phase began (perf_counter)
+        self._owed = False  # the server held it up: a whole timeout once it no longer does
         self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -72,12 +75,19 @@ class ClientDeadlines(HttpToolsProtocol):
             return  # refused: dropped until the connection closes
         super().data_received(data)
         reading = self._reading()
-        if reading is None:  # the request came whole, as nearly all do
-            if self._deadline is not None:
-                self._disarm()
+        if reading is None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                if self._deadline is not None:  # the request came whole, as nearly all do:
+                    self._disarm()  # the server's turn
+            elif self.transport.get_protocol() is not self:
+                self._disarm()  # upgraded to a WebSocket: its own protocol reads now
+            elif self._deadline is None:  # bytes that begin no request (a stray CR LF):
+                self._arm("head")  # as the start of a head, or uvicorn's keep-alive,
+                # which any byte cancels, would never close the connection
         elif self.transport.is_closing() or self.transport.get_protocol() is not self:
-            self._disarm()  # refused (400), or upgraded to a WebSocket
-        elif reading != self._timed:  # a head begun, or a body after its head: from now
+            self._disarm()  # refused (400), or upgraded with a request still coming
+        elif reading != self._timed or self.scope is not self._of:  # a new phase: from now
             self._disarm()
             self._arm(reading)
 
@@ -97,28 +107,30 @@ class ClientDeadlines(HttpToolsProtocol):
             return "body"
         return None
 
-    def _server_owes(self, phase: Phase) -> bool:
+    def _server_owes(self, phase: Phase | None) -> bool:
         """The server, not the client, is the one to act: it has paused reading (an
         earlier pipelined request is being answered, or a body is read faster than it is
         handled), is still answering an earlier request (`head`), owes a `100 Continue`
-        or is sending its answer (`body`)."""
+        or is sending its answer (`body`). A client that stops reading an answer is not
+        timed here."""
         cycle = self.cycle
         if self.flow.read_paused or self.pipeline:
             return True
         if cycle is None:
             return False
-        if phase == "head":
+        if phase != "body":
             return not cycle.response_complete
         return cycle.waiting_for_100_continue or (
             cycle.response_started and not cycle.response_complete
         )
 
     def _arm(self, phase: Phase) -> None:
-        self._timed, self._since = phase, time.perf_counter()
+        if phase != self._timed or self.scope is not self._of:
+            self._timed, self._of, self._since = phase, self.scope, time.perf_counter()
         self._deadline = self.loop.call_later(self.client_timeout, self._expired)
 
     def _disarm(self) -> None:
-        self._timed = None
+        self._timed, self._owed = None, False
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -128,11 +140,19 @@ class ClientDeadlines(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         phase = self._reading()
-        if phase is None:  # a connection that never sent a byte: just closed
-            self.transport.close()
+        if self._server_owes(phase):  # not the client's delay: looked at again later
+            self._owed = True
+            self._arm(self._timed or "head")
             return
-        if self._server_owes(phase):  # not the client's delay: a new deadline from now
-            self._arm(phase)
+        if self._owed:  # the server held it up until now: a whole timeout from now
+            self._owed = False
+            self._arm(self._timed or "head")
+            return
+        cycle = self.cycle
+        if phase is None or (phase == "body" and cycle is not None and cycle.response_complete):
+            # Nothing of a request came (or only stray bytes), or what is left of a body
+            # already answered (early, say a 413): no one is waiting on it, just closed.
+            self.transport.close()
             return
         waited = round(time.perf_counter() - self._since, 3)
         log.info("client too slow", awaited=phase, waited_s=waited)

@@ -63,6 +63,26 @@ async def test_a_connection_that_sends_nothing_is_closed(redis_url: str, storage
         assert await asyncio.wait_for(reader.read(), BOUND) == b""  # closed, nothing said
 
 
+async def test_stray_line_ends_do_not_hold_a_connection_either(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Bytes that begin no request (the parser skips line ends between requests) would
+    cancel uvicorn's keep-alive timer and leave nothing to close the connection: on a
+    new connection as on a kept-alive one, it is closed all the same."""
+    async with (
+        gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw,
+        connection(gw) as (reader, writer),
+    ):
+        writer.write(b"\r\n")
+        assert await asyncio.wait_for(reader.read(), BOUND) == b""
+        key = await gw.key()
+        async with connection(gw) as (reader, writer):
+            writer.write(READ % key.encode())
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")
+            writer.write(b"\n")
+            assert await asyncio.wait_for(reader.read(), BOUND) == b""
+
+
 async def test_headers_trickled_a_byte_at_a_time_are_refused_with_408(
     redis_url: str, storage_dir: Path
 ) -> None:
@@ -149,11 +169,11 @@ async def test_a_request_behind_a_slow_answer_is_not_the_clients_delay(
         first = (
             b"POST /v1/text_to_image HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
             b"X-API-Key: %b\r\nPrefer: wait=%g\r\nContent-Length: %d\r\n\r\n%b"
-            % (key.encode(), TIMEOUT * 4, len(waits), waits)
+            % (key.encode(), TIMEOUT * 4.5, len(waits), waits)
         )
         second = READ % key.encode()
         async with connection(gw) as (reader, writer):
             writer.write(first + second[:25])
-            assert (await answer(reader)).startswith(b"HTTP/1.1 202 ")  # after TIMEOUT * 4
+            assert (await answer(reader)).startswith(b"HTTP/1.1 202 ")  # after TIMEOUT * 4.5
             writer.write(second[25:])
             assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")

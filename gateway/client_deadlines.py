@@ -17,23 +17,24 @@ docs/api.md#slow-clients):
 A deadline only runs while the client is the one to act: not while the server has not
 read what came (uvicorn pauses reading while it answers an earlier pipelined request),
 owes a `100 Continue`, or is still answering; once it is done, the client has the whole
-timeout again. The state is read from uvicorn's own after
-each read, not kept by overriding the parser's callbacks, which cost every request
-measurably (BENCHMARKS.md: "Slow clients"); a request that arrives whole in one read
-costs one check. A connection upgraded to a WebSocket is left alone (its own protocol
-reads).
+timeout again. Nothing is done per request: one sweep per server, every quarter of the
+timeout, reads each connection's state from uvicorn's own and acts on those that have
+stayed waiting on their client for the timeout. Overriding the parser's callbacks, or
+even `data_received`, cost every request measurably (BENCHMARKS.md: "Slow clients").
+A connection upgraded to a WebSocket is uvicorn's no longer (its own protocol reads).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from gateway import metrics
 from gateway.errors import RequestTimeout
@@ -45,7 +46,9 @@ log = structlog.get_logger("gateway")
 #: that can destroy the 408 before the client reads it (nginx's lingering close).
 LINGER_SECONDS = 1.0
 
-Phase = Literal["head", "body"]
+Waiting = Literal["head", "body"]
+#: what a client owes between requests: a head not begun (nothing sent, or stray bytes)
+BETWEEN = object()
 
 
 class ClientDeadlines(HttpToolsProtocol):
@@ -59,55 +62,35 @@ class ClientDeadlines(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.client_timeout = client_timeout
         self.count = count  # metrics.HTTP.count, when metrics are on
-        self._deadline: asyncio.TimerHandle | None = None
-        self._timed: Phase | None = None  # what the deadline is for
-        self._of: object = None  # whose (the request's scope; None: the connection's)
-        self._since = 0.0  # when that phase began (perf_counter)
-        self._owed = False  # the server held it up: a whole timeout once it no longer does
-        self._lingering = False
+        # What the client was last seen owing, and since when (the loop's clock): the
+        # request's scope is held, not its id, so that a new request is never taken
+        # for the last one.
+        self._owing: tuple[Waiting | None, object] = (None, None)
+        self._since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm("head")  # the first request's head, from the connection
+        self._owing, self._since = ("head", BETWEEN), self.loop.time()  # from the connection
+        _Sweep.of(self.server_state, self.loop, self.client_timeout).start()
 
-    def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return  # refused: dropped until the connection closes
-        super().data_received(data)
-        reading = self._reading()
-        if reading is None:
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                if self._deadline is not None:  # the request came whole, as nearly all do:
-                    self._disarm()  # the server's turn
-            elif self.transport.get_protocol() is not self:
-                self._disarm()  # upgraded to a WebSocket: its own protocol reads now
-            elif self._deadline is None:  # bytes that begin no request (a stray CR LF):
-                self._arm("head")  # as the start of a head, or uvicorn's keep-alive,
-                # which any byte cancels, would never close the connection
-        elif self.transport.is_closing() or self.transport.get_protocol() is not self:
-            self._disarm()  # refused (400), or upgraded with a request still coming
-        elif reading != self._timed or self.scope is not self._of:  # a new phase: from now
-            self._disarm()
-            self._arm(reading)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _reading(self) -> Phase | None:
-        """What of a request is still awaited, from uvicorn's own state: a request's scope
-        has no method until its head is whole (`on_message_begin`, `on_headers_complete`),
-        its cycle wants more body until the parser has read it all (`on_message_complete`;
-        a body still coming after an early answer too). None: nothing (or, before a
-        connection's first byte, no request yet)."""
-        if self.scope is not None and "method" not in self.scope:
+    def _awaited(self) -> Waiting | None:
+        """What the client owes now, from uvicorn's own state: a request's scope has no
+        method until its head is whole (`on_message_begin`, `on_headers_complete`), its
+        cycle wants more body until the parser has read it all (`on_message_complete`;
+        a body still coming after an early answer too). Between requests, a head when
+        uvicorn's keep-alive timer is not running: nothing sent yet on a new connection,
+        or stray bytes (line ends the parser skips) that cancelled it. None: the server's
+        turn, or uvicorn's keep-alive's."""
+        scope, cycle = self.scope, self.cycle
+        if scope is not None and "method" not in scope:
             return "head"
-        if self.cycle is not None and self.cycle.more_body:
+        if cycle is not None and cycle.more_body:
             return "body"
-        return None
+        if cycle is not None and not cycle.response_complete:
+            return None  # being answered
+        return None if self.timeout_keep_alive_task is not None else "head"
 
-    def _server_owes(self, phase: Phase | None) -> bool:
+    def _server_owes(self, awaited: Waiting) -> bool:
         """The server, not the client, is the one to act: it has paused reading (an
         earlier pipelined request is being answered, or a body is read faster than it is
         handled), is still answering an earlier request (`head`), owes a `100 Continue`
@@ -118,54 +101,102 @@ class ClientDeadlines(HttpToolsProtocol):
             return True
         if cycle is None:
             return False
-        if phase != "body":
+        if awaited == "head":
             return not cycle.response_complete
         return cycle.waiting_for_100_continue or (
             cycle.response_started and not cycle.response_complete
         )
 
-    def _arm(self, phase: Phase) -> None:
-        if phase != self._timed or self.scope is not self._of:
-            self._timed, self._of, self._since = phase, self.scope, time.perf_counter()
-        self._deadline = self.loop.call_later(self.client_timeout, self._expired)
+    def check(self, now: float) -> None:
+        """The sweep's look at this connection: closed when its client has owed the same
+        part of a request for the timeout."""
+        transport = self.transport
+        if transport.is_closing() or transport.get_protocol() is not self:
+            return
+        awaited = self._awaited()
+        if awaited is None or self._server_owes(awaited):
+            self._owing = (None, None)  # the whole timeout again once it is the client's
+            return
+        owing = (awaited, self._whose(awaited))
+        if owing[0] != self._owing[0] or owing[1] is not self._owing[1]:
+            # A new connection's first head counts from the connection, as does the
+            # head that follows stray bytes from those.
+            if not (awaited == "head" and self._owing == ("head", BETWEEN)):
+                self._since = now
+            self._owing = owing
+            return
+        if now - self._since >= self.client_timeout:
+            self._expired(owing, now - self._since)
 
-    def _disarm(self) -> None:
-        self._timed, self._owed = None, False
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def _whose(self, awaited: Waiting) -> object:
+        """The request (its scope or cycle) the client owes a part of; BETWEEN: none."""
+        scope = self.scope
+        if awaited == "head":
+            return scope if scope is not None and "method" not in scope else BETWEEN
+        return self.cycle
 
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
-            return
-        phase = self._reading()
-        if self._server_owes(phase):  # not the client's delay: looked at again later
-            self._owed = True
-            self._arm(self._timed or "head")
-            return
-        if self._owed:  # the server held it up until now: a whole timeout from now
-            self._owed = False
-            self._arm(self._timed or "head")
-            return
+    def _expired(self, owing: tuple[Waiting, object], waited: float) -> None:
+        awaited, whose = owing
         cycle = self.cycle
-        if phase is None or (phase == "body" and cycle is not None and cycle.response_complete):
+        if whose is BETWEEN or (
+            awaited == "body" and cycle is not None and cycle.response_complete
+        ):
             # Nothing of a request came (or only stray bytes), or what is left of a body
-            # already answered (early, say a 413): no one is waiting on it, just closed.
+            # already answered (early, say a 413): nobody waits on it, just closed.
             self.transport.close()
             return
-        waited = round(time.perf_counter() - self._since, 3)
-        log.info("client too slow", awaited=phase, waited_s=waited)
-        if phase == "body":  # its handler, waiting on it, sees the client gone (499)
+        log.info("client too slow", awaited=awaited, waited_s=round(waited, 3))
+        if awaited == "body":  # its handler, waiting on it, sees the client gone (499)
             self.transport.close()
             return
         if self.count is not None:
             self.count(metrics.UNMATCHED, 408, waited)
         self.transport.write(_too_slow(self.client_timeout))
-        self._lingering = True
+        # What the client still sends is read and dropped: uvicorn feeds it to the parser.
+        self.parser = _Dropping()  # type: ignore[assignment]
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+class _Dropping:
+    """Stands in for the parser once a 408 is sent: uvicorn's `data_received` feeds it."""
+
+    def feed_data(self, data: bytes) -> None:
+        pass
+
+
+class _Sweep:
+    """One per server: looks at its connections every quarter of the timeout, and stops
+    when it has none (the next connection starts it again)."""
+
+    _of: weakref.WeakKeyDictionary[ServerState, _Sweep] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, state: ServerState, loop: asyncio.AbstractEventLoop, timeout: float) -> _Sweep:
+        sweep = cls._of.get(state)
+        if sweep is None:
+            sweep = cls._of[state] = cls(state, loop, timeout)
+        return sweep
+
+    def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.connections = state.connections
+        self.loop = loop
+        self.every = timeout / 4
+        self.next: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.next is None:
+            self.next = self.loop.call_later(self.every, self.run)
+
+    def run(self) -> None:
+        self.next = None
+        now = self.loop.time()
+        for connection in list(self.connections):
+            if isinstance(connection, ClientDeadlines):
+                connection.check(now)
+        if self.connections:
+            self.start()
 
 
 def _too_slow(seconds: float) -> bytes:

@@ -12,8 +12,8 @@ each time, with its error), and only a short one, so the memory held is bounded 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 
@@ -50,6 +50,6 @@ def memoized(parse: Callable[Concatenate[bytes, P], T]) -> Callable[Concatenate[
     def parsed(body: bytes, *args: P.args, **kwargs: P.kwargs) -> T:
         if len(body) > MAX_BYTES:
             return parse(body, *args, **kwargs)
-        return cached(body, *cast(tuple[Hashable, ...], args), **cast(dict[str, Hashable], kwargs))
+        return cached(body, *args, **kwargs)  # type: ignore[arg-type]  # hashable: above
 
     return parsed

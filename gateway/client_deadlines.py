@@ -113,6 +113,8 @@ class ClientDeadlines(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing() or transport.get_protocol() is not self:
             return
+        if isinstance(self.parser, _Dropping):  # refused already: lingering until closed
+            return
         awaited = self._awaited()
         if awaited is None or self._server_owes(awaited):
             self._owing = (None, None)  # the whole timeout again once it is the client's
@@ -192,11 +194,13 @@ class _Sweep:
     def run(self) -> None:
         self.next = None
         now = self.loop.time()
-        for connection in list(self.connections):
-            if isinstance(connection, ClientDeadlines):
-                connection.check(now)
-        if self.connections:
-            self.start()
+        try:
+            for connection in list(self.connections):
+                if isinstance(connection, ClientDeadlines):
+                    connection.check(now)
+        finally:  # whatever one connection raised, the others are still looked at
+            if self.connections:
+                self.start()
 
 
 def _too_slow(seconds: float) -> bytes:

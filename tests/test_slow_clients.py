@@ -96,11 +96,15 @@ async def test_headers_trickled_a_byte_at_a_time_are_refused_with_408(
     ):
         sender = asyncio.create_task(trickle(writer, head, TIMEOUT / 10))
         refused = await asyncio.wait_for(reader.read(), BOUND)
-        sender.cancel()
         assert refused.startswith(b"HTTP/1.1 408 "), refused
         status, _, body = refused.partition(b"\r\n\r\n")
         assert b"connection: close" in status.lower()
         assert json.loads(body)["error"]["code"] == "REQUEST_TIMEOUT"
+        # While the server lingers on that one (the client still sending), the others
+        # are still looked after: a silent connection opened now is closed in its turn.
+        async with connection(gw) as (silent, _):
+            assert await asyncio.wait_for(silent.read(), BOUND) == b""
+        sender.cancel()
 
 
 async def test_a_body_trickled_past_the_deadline_is_cut_and_admits_nothing(

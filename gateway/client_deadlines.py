@@ -185,14 +185,18 @@ class _Sweep:
         self.connections = state.connections
         self.loop = loop
         self.every = timeout / 4
-        self.next: asyncio.TimerHandle | None = None
+        # Whether a look is scheduled; not its handle, which holds `run` and so this
+        # sweep: a cycle, garbage once the server is gone that only a full collection
+        # frees (a served process collects rarely: `gateway/cli.py:_tune_gc`).
+        self.scheduled = False
 
     def start(self) -> None:
-        if self.next is None:
-            self.next = self.loop.call_later(self.every, self.run)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_later(self.every, self.run)
 
     def run(self) -> None:
-        self.next = None
+        self.scheduled = False
         now = self.loop.time()
         try:
             for connection in list(self.connections):

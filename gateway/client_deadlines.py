@@ -73,22 +73,23 @@ class ClientDeadlines(HttpToolsProtocol):
         self._owing, self._since = ("head", BETWEEN), self.loop.time()  # from the connection
         _Sweep.of(self.server_state, self.loop, self.client_timeout).start()
 
-    def _awaited(self) -> Waiting | None:
-        """What the client owes now, from uvicorn's own state: a request's scope has no
-        method until its head is whole (`on_message_begin`, `on_headers_complete`), its
-        cycle wants more body until the parser has read it all (`on_message_complete`;
-        a body still coming after an early answer too). Between requests, a head when
-        uvicorn's keep-alive timer is not running: nothing sent yet on a new connection,
-        or stray bytes (line ends the parser skips) that cancelled it. None: the server's
-        turn, or uvicorn's keep-alive's."""
+    def _owed(self) -> tuple[Waiting, object] | None:
+        """What the client owes now, and of which request (its scope or cycle; BETWEEN:
+        none begun), from uvicorn's own state: a request's scope has no method until its
+        head is whole (`on_message_begin`, `on_headers_complete`), its cycle wants more
+        body until the parser has read it all (`on_message_complete`; a body still coming
+        after an early answer too). Between requests, a head when uvicorn's keep-alive
+        timer is not running: nothing sent yet on a new connection, or stray bytes (line
+        ends the parser skips) that cancelled it. None: the server's turn, or uvicorn's
+        keep-alive's."""
         scope, cycle = self.scope, self.cycle
         if scope is not None and "method" not in scope:
-            return "head"
+            return "head", scope
         if cycle is not None and cycle.more_body:
-            return "body"
+            return "body", cycle
         if cycle is not None and not cycle.response_complete:
             return None  # being answered
-        return None if self.timeout_keep_alive_task is not None else "head"
+        return None if self.timeout_keep_alive_task is not None else ("head", BETWEEN)
 
     def _server_owes(self, awaited: Waiting) -> bool:
         """The server, not the client, is the one to act: it has paused reading (an
@@ -115,34 +116,22 @@ class ClientDeadlines(HttpToolsProtocol):
             return
         if isinstance(self.parser, _Dropping):  # refused already: lingering until closed
             return
-        awaited = self._awaited()
-        if awaited is None or self._server_owes(awaited):
+        owing = self._owed()
+        if owing is None or self._server_owes(owing[0]):
             self._owing = (None, None)  # the whole timeout again once it is the client's
             return
-        owing = (awaited, self._whose(awaited))
         if owing[0] != self._owing[0] or owing[1] is not self._owing[1]:
             # A new connection's first head counts from the connection, as does the
             # head that follows stray bytes from those.
-            if not (awaited == "head" and self._owing == ("head", BETWEEN)):
+            if not (owing[0] == "head" and self._owing == ("head", BETWEEN)):
                 self._since = now
             self._owing = owing
             return
         if now - self._since >= self.client_timeout:
-            self._expired(owing, now - self._since)
+            self._expired(*owing, waited=now - self._since)
 
-    def _whose(self, awaited: Waiting) -> object:
-        """The request (its scope or cycle) the client owes a part of; BETWEEN: none."""
-        scope = self.scope
-        if awaited == "head":
-            return scope if scope is not None and "method" not in scope else BETWEEN
-        return self.cycle
-
-    def _expired(self, owing: tuple[Waiting, object], waited: float) -> None:
-        awaited, whose = owing
-        cycle = self.cycle
-        if whose is BETWEEN or (
-            awaited == "body" and cycle is not None and cycle.response_complete
-        ):
+    def _expired(self, awaited: Waiting, whose: object, *, waited: float) -> None:
+        if whose is BETWEEN or (awaited == "body" and self.cycle.response_complete):
             # Nothing of a request came (or only stray bytes), or what is left of a body
             # already answered (early, say a 413): nobody waits on it, just closed.
             self.transport.close()

@@ -28,7 +28,6 @@ from starlette.responses import Response
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import api_key_from
 from gateway.bodies import json_object, memoized
-from gateway.config import BACKENDS
 from gateway.endpoints import route, wait_answering
 from gateway.errors import (
     BadUserInput,
@@ -130,10 +129,6 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model `{model}` does not exist on this gateway", field="model")
 
 
-def known_models(gateway: Gateway) -> list[str]:
-    return [*gateway.router.routes, *(b for b in BACKENDS if b not in gateway.router.routes)]
-
-
 class ImagesRequest(NamedTuple):
     wanted: GenerationRequest
     response_format: str | None  # url (None: the default) or b64_json
@@ -194,7 +189,7 @@ async def generations(request: Request) -> Response:
 
     async def parse() -> GenerationRequest:
         nonlocal response_format, wanted
-        asked = images_request(await request.body(), tuple(known_models(gateway)))
+        asked = images_request(await request.body(), gateway.router.names)
         response_format = asked.response_format
         wanted = with_idempotency_header(asked.wanted, request.headers.get("idempotency-key"))
         return wanted
@@ -330,7 +325,7 @@ async def models(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    data = [_model(name, gateway.router.routes) for name in known_models(gateway)]
+    data = [_model(name, gateway.router.routes) for name in gateway.router.names]
     return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
 
 
@@ -344,7 +339,7 @@ async def model(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    if name not in known_models(gateway):
+    if name not in gateway.router.names:
         return error_response(ModelNotFound(name[:100]), principal.rate_headers())
     return ORJSONResponse(_model(name, gateway.router.routes), headers=principal.rate_headers())
 

@@ -98,6 +98,8 @@ class Router:
     ) -> None:
         self.providers = providers
         self.routes = routes
+        #: every name a request may ask for: the services, then the backends not one
+        self.names = (*routes, *(b for b in BACKENDS if b not in routes))
         self.dev = dev
         self.clock = clock
         self.breakers = {name: Breaker(threshold, cooldown) for name in providers}
@@ -122,7 +124,7 @@ class Router:
             return backends
         if name in BACKENDS:
             return [name]
-        known = ", ".join(sorted({*self.routes, *BACKENDS}))
+        known = ", ".join(sorted(self.names))
         raise BadUserInput(f"unknown provider {name!r}; known: {known}", field="provider")
 
     def configured(self, name: str, backend: str) -> bool:

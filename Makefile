@@ -18,9 +18,17 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 run: $(STAMP)
 	GATEWAY_DEV=1 $(BIN)/gateway serve
 
-## Install redis-server, chromium and the JS clients if missing; lint; run the whole suite.
+# The modules that carry the data path end to end, run again on a plain Redis (the suite's
+# own is a one-node Cluster): a plain Redis gets the other client (docs/api.md#redis-connection).
+ON_PLAIN_REDIS := tests/test_gateway.py tests/test_admission.py tests/test_credits.py \
+	tests/test_durability.py tests/test_waiting.py tests/test_cache.py tests/test_routing.py \
+	tests/test_http_errors.py tests/test_live_updates.py
+
+## Install redis-server, chromium and the JS clients if missing; lint; run the whole suite,
+## then its data path again on a plain Redis.
 test: lint redis-server chromium js-clients
 	$(BIN)/python -m pytest -q
+	GATEWAY_TEST_REDIS=plain $(BIN)/python -m pytest -q $(ON_PLAIN_REDIS)
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \

@@ -27,10 +27,13 @@ class RedisServer:
         self,
         workdir: Path,
         appendonly: bool = False,
-        cluster: bool = True,
+        cluster: bool | None = None,
         args: tuple[str, ...] = (),
     ) -> None:
-        """`args`: more of redis-server's options (`--maxmemory-policy allkeys-lru`...)."""
+        """`cluster`: unset, the suite's kind (see `redis_server`). `args`: more of
+        redis-server's options (`--maxmemory-policy allkeys-lru`...)."""
+        if cluster is None:
+            cluster = os.environ.get("GATEWAY_TEST_REDIS") != "plain"
         self.port = free_cluster_port() if cluster else free_port()
         self.workdir = workdir
         self.appendonly = appendonly
@@ -102,7 +105,7 @@ class ThreeNodeCluster:
     """A real Redis Cluster of three primaries on loopback, the slots split in three."""
 
     def __init__(self, workdir: Path) -> None:
-        self.nodes = [RedisServer(workdir) for _ in range(3)]
+        self.nodes = [RedisServer(workdir, cluster=True) for _ in range(3)]
 
     @property
     def url(self) -> str:
@@ -160,6 +163,9 @@ def three_node_cluster() -> Iterator[ThreeNodeCluster]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
+    """A one-node Cluster (every script's keys must share a slot), or with
+    GATEWAY_TEST_REDIS=plain a plain server (the gateway's other client: `make test` runs
+    the modules that carry its data path again that way)."""
     with tempfile.TemporaryDirectory() as d:
         server = RedisServer(Path(d))
         server.start()

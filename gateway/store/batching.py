@@ -1,5 +1,8 @@
 """Auto-pipelining: the commands issued in one event-loop turn go out as one pipeline.
 
+The client of a Redis Cluster and of a Redis over TLS; a plain Redis gets one
+multiplexed connection instead (`multiplexed.py`), which sends the same commands.
+
 redis-py sends each command on its own round trip and spends 80-180 µs of CPU on it;
 the 64 requests a busy gateway serves at once, or the hundreds of jobs a worker starts
 at once, issue their commands in the same loop turns, and sent as one pipeline each
@@ -9,8 +12,8 @@ costs 20-40 µs (BENCHMARKS.md). redis-py has no auto-pipelining (ioredis's
 Nothing changes for the caller: each command gets its own reply or its own error (a
 script's NOSCRIPT included, so a `Script` still reloads), a connection failure fails
 every command of its batch alike, and a command issued alone is sent alone. Only the
-plain data commands the gateway uses are batched; blocking reads, SCRIPT LOAD, INFO and
-everything else go out as before.
+plain data commands the gateway uses (`BATCHED`) are batched; blocking reads, SCRIPT
+LOAD, INFO and everything else go out as before.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.batching import BatchingCluster, BatchingRedis
+from gateway.store.multiplexed import Multiplexed
 from gateway.store.scripts import NAMES as NAMES
 from gateway.store.scripts import Script as Script
 from gateway.store.scripts import Scripts as Scripts
@@ -127,10 +129,12 @@ class HiredisPacked(AsyncConnection):
 async def connect(redis_url: str | None) -> aioredis.Redis:
     """A client for `redis_url`, or the embedded store when it is unset.
 
-    A node with cluster mode on gets a Redis Cluster client, which sends each command to
-    the node owning its slot (the keyspace keeps every script in one slot: see
-    `keys.py`). The embedded store (fakeredis with Lua) lives inside one process: fine
-    for `make run`, never for several processes.
+    A plain node (over TCP or a Unix socket) gets a client whose data commands share one
+    multiplexed connection (`multiplexed.py`); over TLS, redis-py's own connections with
+    the auto-pipeline (`batching.py`). A node with cluster mode on gets a Redis Cluster
+    client, auto-pipelined too, which sends each command to the node owning its slot (the
+    keyspace keeps every script in one slot: see `keys.py`). The embedded store (fakeredis
+    with Lua) lives inside one process: fine for `make run`, never for several processes.
     """
     if not redis_url:
         import fakeredis  # only the embedded store needs it
@@ -149,7 +153,12 @@ async def connect(redis_url: str | None) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=MAX_CONNECTIONS, timeout=30, **options
     )
-    client = BatchingRedis.from_pool(pool)  # owns the pool: closing the client closes it
+    # The client owns the pool: closing the client closes it. The multiplexed connection
+    # speaks RESP3, redis-py's default, whose reply callbacks the client applies.
+    multiplexed = urlsplit(redis_url).scheme in {"redis", "unix"} and str(
+        pool.connection_kwargs.get("protocol", 3)
+    ) in {"3", "None"}
+    client = Multiplexed.over(pool) if multiplexed else BatchingRedis.from_pool(pool)
     try:
         clustered = (await client.info("cluster")).get("cluster_enabled") == 1
     except RedisError:

@@ -10,10 +10,10 @@ per request is the app's cost without uvicorn, the sockets and the kernel. Cases
 - REST job             `GET /v1/jobs/{id}`
 Each gateway case runs twice: as it is, and with its one script call (admit.lua or
 auth.lua) answered from memory with the reply Redis gave it first. The difference is
-what waiting on Redis costs the gateway's process: redis-py and the auto-pipeline, the
-socket, and the request leaving the CPU and coming back (answered from memory, each
-request runs to its end without yielding, its code still in the CPU's caches; with
-Redis, 64 interleave). A third run calls the route's endpoint itself, past every
+what waiting on Redis costs the gateway's process: the Redis client, the socket, and
+the request leaving the CPU and coming back (answered from memory, each request runs to
+its end without yielding, its code still in the CPU's caches; with Redis, 64
+interleave). A third run calls the route's endpoint itself, past every
 middleware (request id and line, metrics, CORS, the body limit, the 500 handler) and the
 router: what the stack around a handler costs, and the most that serving the route
 below it could save. Reported: the median of the rounds, in µs.

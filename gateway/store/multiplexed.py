@@ -4,8 +4,8 @@ matched to commands in order (ioredis's model).
 
 redis-py checks a connection out of its pool for every command (or auto-pipelined
 batch), reads its reply under a timer and a retry wrapper, and hands the connection back:
-on a lone command that costs more CPU than the round trip itself (BENCHMARKS.md, "One
-connection, one Redis connection"). redis-py has no multiplexed mode, hence this module;
+on a lone command that costs more CPU than the round trip itself (BENCHMARKS.md, "one
+Redis connection per process"). redis-py has no multiplexed mode, hence this module;
 it still parses the errors (its own error classes, NOSCRIPT included) and `Multiplexed`
 applies its reply callbacks, so a command's reply or error is the one redis-py gives.
 Everything else (blocking reads, transactions, pub/sub, SCRIPT LOAD, INFO) still goes
@@ -13,8 +13,9 @@ through redis-py's pool.
 
 Failures, as redis-py's pool connections have them (`retry_on_timeout`: one retry, at
 once): a lost connection fails every command awaiting a reply on it with ConnectionError,
-and each is sent once more on a new connection; a command unanswered for `socket_timeout`
-drops the connection the same way, with TimeoutError. A command that carries a once-token
+and each is sent once more on a new connection; a command unanswered for `socket_timeout`,
+with nothing at all heard from Redis meanwhile, drops the connection the same way, with
+TimeoutError. A command that carries a once-token
 (`scripts.py`) is safe to send twice; the others are as safe as they were with redis-py.
 """
 

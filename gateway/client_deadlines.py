@@ -31,12 +31,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
-import orjson
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway import metrics
+from gateway import metrics, rest
 from gateway.errors import RequestTimeout
 
 log = structlog.get_logger("gateway")
@@ -197,9 +196,11 @@ class _Sweep:
 
 
 def _too_slow(seconds: float) -> bytes:
+    """REST's error answer (no path was read to pick another API's shape), as bytes."""
     refused = RequestTimeout(f"the request's headers did not arrive within {seconds:g} s")
-    body = orjson.dumps({"error": {"code": refused.code, "message": refused.message}})
-    return (
-        b"HTTP/1.1 %d Request Timeout\r\ncontent-type: application/json\r\n"
-        b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (refused.status, len(body), body)
+    answer = rest.error_response(refused)
+    head = b"".join(b"%s: %s\r\n" % header for header in answer.raw_headers)
+    return b"HTTP/1.1 408 Request Timeout\r\n%bconnection: close\r\n\r\n%b" % (
+        head,
+        bytes(answer.body),
     )

@@ -7,6 +7,7 @@ late reply and a cancelled caller too."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.store.batching import BATCHED
 from gateway.store.redis import connect, store_trouble
 from tests.conftest import RedisServer
 from tests.servers import ReplyCutter
@@ -89,6 +92,20 @@ async def test_a_caller_cancelled_while_its_batch_forms_fails_nobody_else(client
 
 # -- the multiplexed connection of a plain Redis (`gateway/store/multiplexed.py`) ----------
 
+#: a script that keeps Redis busy for 20 ms, then counts
+SLOW_INCR = (
+    "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 20000 "
+    "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop "
+    "return redis.call('INCR', KEYS[1])"
+)
+
+
+def test_replies_of_the_multiplexed_commands_are_read_by_plain_callbacks() -> None:
+    """`Multiplexed.execute_command` applies redis-py's reply callback without awaiting
+    it: none of those of the commands it sends may be a coroutine."""
+    callbacks = AsyncRedis().response_callbacks  # the gateway's client's
+    assert not [n for n in BATCHED if inspect.iscoroutinefunction(callbacks.get(n))]
+
 
 async def test_commands_issued_while_others_await_replies_share_one_connection(
     plain_redis_server: RedisServer,
@@ -99,11 +116,7 @@ async def test_commands_issued_while_others_await_replies_share_one_connection(
     probe = Redis(port=plain_redis_server.port)
     client = await connect(plain_redis_server.url)
     try:
-        slow = client.register_script(
-            "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 20000 "
-            "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop "
-            "return redis.call('INCR', KEYS[1])"
-        )
+        slow = client.register_script(SLOW_INCR)
         await slow(keys=["m:slow"])  # loaded, and the data connection made
         opened = probe.info("stats")["total_connections_received"]
         calls = []
@@ -178,11 +191,7 @@ async def test_a_long_burst_answered_steadily_is_not_taken_for_a_dead_connection
     url = f"redis://127.0.0.1:{plain_redis_server.port}/0?socket_timeout=0.3"
     client = await connect(url)
     try:
-        slow = client.register_script(
-            "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 20000 "
-            "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop "
-            "return redis.call('INCR', KEYS[1])"
-        )
+        slow = client.register_script(SLOW_INCR)
         await client.delete("m:burst")
         await slow(keys=["m:burst"], args=["x"])
         padding = "x" * 4096  # four commands to Redis's read

@@ -22,8 +22,8 @@ TimeoutError. A command that carries a once-token
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import hiredis
@@ -53,7 +53,7 @@ class Link(asyncio.Protocol):
 
     def __init__(self, name: str, timeout: float | None) -> None:
         self.name = name
-        self.timeout = timeout
+        self.timeout = timeout or 0.0  # 0: none
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(
             encoding="utf-8",
@@ -122,7 +122,7 @@ class Link(asyncio.Protocol):
 
     def _look(self) -> None:
         self.timer = None
-        if not self.waiting or self.lost is not None or self.timeout is None:
+        if not self.waiting or self.lost is not None:
             return
         # Overdue: the oldest command waited the timeout, and nothing came meanwhile (a
         # long burst still being answered is not a dead connection).
@@ -169,17 +169,19 @@ class Multiplexer:
 
     async def execute(self, packed: bytes) -> Any:
         """Send one packed command, once more on a new link if the first was lost."""
+        try:
+            return await self._send(packed)
+        except (RedisConnectionError, RedisTimeoutError):
+            return await self._send(packed)
+
+    def _send(self, packed: bytes) -> Awaitable[Any]:
+        """The reply's future; on a live link no coroutine of its own (the hot path)."""
         link = self.link
-        if link is not None and link.lost is None:  # the hot path: no awaits but the reply
-            try:
-                return await link.send(packed)
-            except (RedisConnectionError, RedisTimeoutError):
-                pass
-        else:
-            try:
-                return await (await self._connected()).send(packed)
-            except (RedisConnectionError, RedisTimeoutError):
-                pass
+        if link is not None and link.lost is None:
+            return link.send(packed)
+        return self._send_connected(packed)
+
+    async def _send_connected(self, packed: bytes) -> Any:
         return await (await self._connected()).send(packed)
 
     async def _connected(self) -> Link:
@@ -261,21 +263,18 @@ class Multiplexed(Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         name = args[0]
-        if name not in BATCHED or (options and NEVER_DECODE in options):
+        if name not in BATCHED or (
+            options and (NEVER_DECODE in options or EMPTY_RESPONSE in options)
+        ):  # replies undecoded, or an error read as a value: redis-py's own path
             return await super().execute_command(*args, **options)
-        try:
-            reply = await self.multiplexer.execute(pack(*args))
-        except ResponseError:
-            if EMPTY_RESPONSE in options:
-                return options[EMPTY_RESPONSE]
-            raise
+        reply = await self.multiplexer.execute(pack(*args))
+        # As redis-py's `parse_response` reads a reply: its callback (none of those of
+        # BATCHED is a coroutine), without the `keys` option of its client-side cache.
         callback = self.response_callbacks.get(name)
         if callback is None:
             return reply
-        options.pop(EMPTY_RESPONSE, None)
-        options.pop("keys", None)  # redis-py's client-side cache's, not the callback's
-        parsed = callback(reply, **options)
-        return await parsed if inspect.isawaitable(parsed) else parsed
+        options.pop("keys", None)
+        return callback(reply, **options)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await self.multiplexer.aclose()

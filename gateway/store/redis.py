@@ -10,12 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection as AsyncConnection
 from redis.exceptions import (
     ClusterDownError,
-    DataError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -26,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.batching import BatchingCluster, BatchingRedis
-from gateway.store.multiplexed import Multiplexed
+from gateway.store.multiplexed import Multiplexed, pack
 from gateway.store.scripts import NAMES as NAMES
 from gateway.store.scripts import Script as Script
 from gateway.store.scripts import Scripts as Scripts
@@ -107,10 +105,7 @@ class HiredisPacked(AsyncConnection):
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD", "CLIENT SETNAME"
             args = (*args[0].split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from None
+        return [pack(*args)]
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True

@@ -13,7 +13,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import orjson
 import redis.asyncio as aioredis
 
 from gateway.auth import Credential, Principal, TokenGrant, plan_limits
@@ -105,6 +104,7 @@ async def admit(
         idem_key = f"{token}:{idem_key}"
     shard = keys.shard_of(account)
     digest = cache_digest or ""
+    record, record_rest = job.record_json()
     reply = await scripts.admit(
         account=keys.account(account),
         rate=keys.rate(account),
@@ -135,7 +135,9 @@ async def admit(
         token=bool(token),
         origin=origin.lower(),
         service=job.provider,
-        record=orjson.dumps(job.to_record()),
+        record=record,
+        record_rest=record_rest,
+        webhook=bool(job.webhook_url),
         ledger_keep_ms=ledger_keep_ms,
         client=redis,
     )

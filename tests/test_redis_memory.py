@@ -154,6 +154,28 @@ async def test_a_hit_record_refers_to_its_entry_and_every_reader_sees_the_outcom
     admin.close()
 
 
+async def test_a_hit_on_an_entry_from_before_entries_had_a_generation_copies_its_outcome(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """An entry an earlier version wrote (no `until`): a hit's record holds the outcome
+    itself, completed and free, as hits once did, and reads whole."""
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    async with gateway(redis_url, storage_dir) as gw:
+        key, leader = await _hit_setup(gw)
+        for entry in admin.keys("*:cache:*"):
+            admin.hdel(entry, "until")
+        made = (await gw.generate(key, PROMPT, seed=7)).json()["data"]["generate"]
+        assert made["status"] == "completed" and made["creditCost"] == 0
+        [record_key] = admin.keys(f"*:job:{made['id']}")
+        record = json.loads(admin.get(record_key) or "{}")
+        assert "hit" not in record and record["urls"] == [leader["url"]]
+        assert record["status"] == "completed" and record["params"]["prompt"] == PROMPT
+        job = await gw.job(key, made["id"])
+        assert job is not None and job["url"] == leader["url"]
+        assert job["metadata"]["cached"] is True
+    admin.close()
+
+
 async def test_an_entry_past_its_outputs_retention_serves_no_new_hit_but_keeps_old_ones(
     redis_url: str, storage_dir: Path
 ) -> None:

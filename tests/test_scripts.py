@@ -229,7 +229,9 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             token=False,
             origin="",
             service="local",
-            record=b'{"status": "queued"}',
+            record=b'{"status":"queued","provider":"local"}',
+            record_rest=len(b'{"status":"queued"}'),
+            webhook=False,
         )
         assert admitted.verdict == "unauthenticated"
         auth = await made.auth(

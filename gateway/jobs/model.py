@@ -148,6 +148,17 @@ class Job:
             out["completed_at"] = self.completed_at
         return out
 
+    def record_json(self) -> tuple[bytes, int]:
+        """`to_record` as admission writes it: JSON, its status, params and cost first,
+        and where the fields after those begin (admit.lua makes a cache hit's record of
+        those without decoding the JSON)."""
+        record = self.to_record()
+        first = {"status": record.pop("status"), "params": record.pop("params")}
+        if "cost" in record:
+            first["cost"] = record.pop("cost")
+        head = orjson.dumps(first)
+        return b"%b,%b" % (head[:-1], orjson.dumps(record)[1:]), len(head)
+
     def public(self) -> dict[str, Any]:
         """The `Generation` as REST and webhooks send it (GraphQL's fields, camelCase)."""
         return {

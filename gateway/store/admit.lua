@@ -35,7 +35,9 @@
 --       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
 --       11 client token (0/1), 12 the request's Origin ('' = none), 13 the service or
 --       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
---       keep all), 15 the job record (JSON: record.lua)
+--       keep all), 15 the job record (JSON: record.lua; its status, params and cost
+--       first), 16 where the fields after those begin (bytes into 15), 17 whether the
+--       job has a webhook (0/1)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
@@ -190,45 +192,50 @@ if tok then
   redis.call('ZADD', KEYS[15], now, job_id)
   redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
 end
-local outcome, hook = {}, false
+local outcome = {}
 if mode == 'run' then
   redis.call('SET', KEYS[6], ARGV[15])  -- the record as the caller made it
-else
-  local job = cjson.decode(ARGV[15])
-  if mode == 'hit' then
-    outcome = {entry[1], entry[2], entry[3], entry[4]}
-    job['status'], hook = 'completed', job['webhook_url'] ~= nil
-    if entry[5] then
-      -- A hit's record refers to its cache entry (`hit` = the entry's generation, its
-      -- `until`: entry_write.lua; and the digest, `cache_key`) instead of copying the
-      -- outcome and the params: read.lua reads both. The record lives until the entry's
-      -- `until` (below), when the outputs are swept; the entry, written to live a minute
-      -- longer, outlives it.
-      -- What is known otherwise is left out too (cost 0: the default; completed_at:
-      -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
-      -- cost: a cacheable request's record holds it) stays.
-      job['params'], job['cost'], job['hit'] = nil, nil, tonumber(entry[5])
-    else  -- an entry written before entries held their params: copy, as hits once did
-      job['completed_at'], job['cost'] = now, 0
-      job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
-        tonumber(entry[2]), tonumber(entry[3])
-      job['metadata'] = entry[4]  -- JSON text, as record.lua keeps it
-    end
-  else  -- follow
-    job['cost'] = 0
+  if cacheable then
+    redis.call('SET', KEYS[11], KEYS[6], 'PX', retention)
+    redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
   end
-  redis.call('SET', KEYS[6], cjson.encode(job))
-end
-if mode == 'hit' then
+elseif mode == 'hit' then
+  outcome = {entry[1], entry[2], entry[3], entry[4]}
   -- As long as the outputs it shows live (the entry's `until`; the sweep removes them an
   -- hour after), not a full retention from now: its URLs must never go dead before it.
   local left = entry[5] and tonumber(entry[5]) - now or retention
-  redis.call('PEXPIRE', KEYS[6], math.max(left, 1))
-  -- It ended here, not in finish.lua: its webhook is scheduled here, in the same step.
-  if hook then redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6]) end
+  local record
+  if entry[5] then
+    -- A hit's record refers to its cache entry (`hit` = the entry's generation, its
+    -- `until`: entry_write.lua; and the digest, `cache_key`) instead of copying the
+    -- outcome and the params: read.lua reads both. The record lives until the entry's
+    -- `until`, when the outputs are swept; the entry, written to live a minute longer,
+    -- outlives it.
+    -- What is known otherwise is left out too (cost 0: the default; completed_at:
+    -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
+    -- cost: a cacheable request's record holds it) stays. The caller's record begins
+    -- with its status, params and cost, the rest from byte ARGV[16]: the hit's record
+    -- is that rest behind its own status and `hit`, made without decoding the JSON.
+    record = '{"status":"completed","hit":' .. entry[5] .. ',' ..
+      string.sub(ARGV[15], tonumber(ARGV[16]) + 1)
+  else  -- an entry written before entries held their params: copy, as hits once did
+    local job = cjson.decode(ARGV[15])
+    job['status'], job['completed_at'], job['cost'] = 'completed', now, 0
+    job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
+      tonumber(entry[2]), tonumber(entry[3])
+    job['metadata'] = entry[4]  -- JSON text, as record.lua keeps it
+    record = cjson.encode(job)
+  end
+  redis.call('SET', KEYS[6], record, 'PX', math.max(left, 1))
+  -- It ended here, not in finish.lua: its webhook (ARGV 17) is scheduled here, in the
+  -- same step.
+  if ARGV[17] == '1' then redis.call('ZADD', KEYS[16], 'NX', now, KEYS[6]) end
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
-elseif mode == 'follow' then
+else  -- follow
+  local job = cjson.decode(ARGV[15])
+  job['cost'] = 0
+  redis.call('SET', KEYS[6], cjson.encode(job))
   -- The waiters and the leader's key live as long as job records do, not just a job's
   -- deadline: a leader that ends at its deadline (or is started after it, its workers
   -- down meanwhile) must still find its waiters to release (cache.py).
@@ -237,9 +244,6 @@ elseif mode == 'follow' then
   redis.call('SADD', KEYS[13], KEYS[11])  -- watched, should its leader's worker die
   redis.call('HINCRBY', KEYS[1], 'cache_coalesced', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
-elseif cacheable then
-  redis.call('SET', KEYS[11], KEYS[6], 'PX', retention)
-  redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
 end
 redis.call('ZADD', KEYS[7], now, job_id)
 -- The index lists the jobs whose records may still be read; it grew by every job the

@@ -170,6 +170,8 @@ class Admit(Script):
         origin: str,
         service: str,
         record: bytes,
+        record_rest: int,
+        webhook: bool,
         ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,
     ) -> AdmitReply:
@@ -205,6 +207,8 @@ class Admit(Script):
             service,
             ledger_keep_ms,
             record,
+            record_rest,
+            1 if webhook else 0,
         ]
         return self.decode(await self.run(16, argv, client))
 

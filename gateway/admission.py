@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import orjson
 import redis.asyncio as aioredis
 
 from gateway.auth import Credential, Principal, TokenGrant, plan_limits
@@ -104,7 +105,7 @@ async def admit(
         idem_key = f"{token}:{idem_key}"
     shard = keys.shard_of(account)
     digest = cache_digest or ""
-    record, record_rest = job.record_json()
+    record, rest = job.record_parts()
     reply = await scripts.admit(
         account=keys.account(account),
         rate=keys.rate(account),
@@ -135,8 +136,8 @@ async def admit(
         token=bool(token),
         origin=origin.lower(),
         service=job.provider,
-        record=record,
-        record_rest=record_rest,
+        record=orjson.dumps(record),
+        record_rest=orjson.dumps(rest),
         webhook=bool(job.webhook_url),
         ledger_keep_ms=ledger_keep_ms,
         client=redis,

@@ -7,13 +7,12 @@ least 192 random bits, so a fast hash is enough (no password stretching needed).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -26,8 +25,7 @@ KEY_PREFIX = "gk"
 TOKEN_PREFIX = "gct"  # noqa: S105 (a prefix, not a secret)
 
 
-@dataclass(frozen=True)
-class Credential:
+class Credential(NamedTuple):  # made per request: a NamedTuple is made ~3x as fast
     """What a well-formed key or token says, before any lookup."""
 
     account: str
@@ -68,8 +66,7 @@ class TokenGrant:
         )
 
 
-@dataclass(frozen=True)
-class Principal:
+class Principal(NamedTuple):  # made per request, as Credential
     account: str
     name: str
     plan: str
@@ -227,9 +224,7 @@ async def authenticate(
         own_rpm=int(fields.get("rpm") or -1),
     )
     if grant is not None:
-        principal = dataclasses.replace(
-            principal, credits=grant.max_credits - grant.spent, webhook_secret=""
-        )
+        principal = principal._replace(credits=grant.max_credits - grant.spent, webhook_secret="")
         if grant.origins and (origin or "").lower() not in grant.origins:
             raise Forbidden("this client token is not valid from this origin")
     reads_allowed = principal.read_limit(settings.read_rpm, settings.read_rpm_per_job)

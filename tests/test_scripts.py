@@ -229,8 +229,8 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             token=False,
             origin="",
             service="local",
-            record=b'{"status":"queued","provider":"local"}',
-            record_rest=len(b'{"status":"queued"}'),
+            record=b'{"status":"queued"}',
+            record_rest=b'{"provider":"local"}',
             webhook=False,
         )
         assert admitted.verdict == "unauthenticated"

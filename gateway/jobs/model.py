@@ -119,45 +119,40 @@ class Job:
     def to_record(self) -> dict[str, Any]:
         """The record written when the job is created: what is unset, or the default, or
         its key's (`id`, `account`) left out; every reader takes a missing field for it."""
-        out: dict[str, Any] = {
+        head, rest = self.record_parts()
+        return {**head, **rest}
+
+    def record_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`to_record` in two: its status, params and cost, and the rest. Admission sends
+        them apart, as JSON each: admit.lua makes a cache hit's record of the rest alone,
+        without decoding it."""
+        head: dict[str, Any] = {
             "status": self.status,
-            "provider": self.provider,
             "params": {
                 k: v
                 for k, v in self.params.items()
                 if k not in _PARAM_DEFAULTS or _PARAM_DEFAULTS[k] != v
             },
-            "created_at": self.created_at,
         }
         if self.cost:
-            out["cost"] = self.cost
+            head["cost"] = self.cost
+        rest: dict[str, Any] = {"provider": self.provider, "created_at": self.created_at}
         if self.type != "IMAGE":
-            out["type"] = self.type
+            rest["type"] = self.type
         if self.webhook_url:
-            out["webhook_url"] = self.webhook_url
+            rest["webhook_url"] = self.webhook_url
         if self.cache_key:  # and what it costs, should a hit or a wait make it free
-            out["cache_key"], out["price"] = self.cache_key, self.cost
+            rest["cache_key"], rest["price"] = self.cache_key, self.cost
         if self.token:
-            out["token"] = self.token
+            rest["token"] = self.token
         if self.webhook_shape:
-            out["webhook_shape"] = text(self.webhook_shape)
+            rest["webhook_shape"] = text(self.webhook_shape)
         if self.trace:
-            out["trace"] = self.trace
+            rest["trace"] = self.trace
         if self.ended:
-            out.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
-            out["completed_at"] = self.completed_at
-        return out
-
-    def record_json(self) -> tuple[bytes, int]:
-        """`to_record` as admission writes it: JSON, its status, params and cost first,
-        and where the fields after those begin (admit.lua makes a cache hit's record of
-        those without decoding the JSON)."""
-        record = self.to_record()
-        first = {"status": record.pop("status"), "params": record.pop("params")}
-        if "cost" in record:
-            first["cost"] = record.pop("cost")
-        head = orjson.dumps(first)
-        return b"%b,%b" % (head[:-1], orjson.dumps(record)[1:]), len(head)
+            rest.update(outcome_fields(self.urls, self.width, self.height, self.metadata))
+            rest["completed_at"] = self.completed_at
+        return head, rest
 
     def public(self) -> dict[str, Any]:
         """The `Generation` as REST and webhooks send it (GraphQL's fields, camelCase)."""

@@ -35,9 +35,9 @@
 --       7 ms_to_day_end, 8 idem_hash ('' = none), 9 cacheable (0/1), 10 retention_ms,
 --       11 client token (0/1), 12 the request's Origin ('' = none), 13 the service or
 --       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
---       keep all), 15 the job record (JSON: record.lua; its status, params and cost
---       first), 16 where the fields after those begin (bytes into 15), 17 whether the
---       job has a webhook (0/1)
+--       keep all), 15 and 16 the job record (record.lua) in two JSON objects: its
+--       status, params and cost, and its other fields; 17 whether the job has a
+--       webhook (0/1)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
@@ -193,8 +193,12 @@ if tok then
   redis.call('PEXPIRE', KEYS[15], math.max(redis.call('PTTL', KEYS[14]), 1))
 end
 local outcome = {}
+-- The record as the caller made it: its two halves, one object.
+local function made()
+  return string.sub(ARGV[15], 1, -2) .. ',' .. string.sub(ARGV[16], 2)
+end
 if mode == 'run' then
-  redis.call('SET', KEYS[6], ARGV[15])  -- the record as the caller made it
+  redis.call('SET', KEYS[6], made())
   if cacheable then
     redis.call('SET', KEYS[11], KEYS[6], 'PX', retention)
     redis.call('HINCRBY', KEYS[1], 'cache_misses', 1)
@@ -213,13 +217,12 @@ elseif mode == 'hit' then
     -- outlives it.
     -- What is known otherwise is left out too (cost 0: the default; completed_at:
     -- created_at), so the record stays ~270 bytes. Its `price` (what it would have
-    -- cost: a cacheable request's record holds it) stays. The caller's record begins
-    -- with its status, params and cost, the rest from byte ARGV[16]: the hit's record
-    -- is that rest behind its own status and `hit`, made without decoding the JSON.
-    record = '{"status":"completed","hit":' .. entry[5] .. ',' ..
-      string.sub(ARGV[15], tonumber(ARGV[16]) + 1)
+    -- cost: a cacheable request's record holds it) stays. So the hit's record is the
+    -- second half of the caller's (all but status, params and cost) behind its own
+    -- status and `hit`, made without decoding the JSON.
+    record = '{"status":"completed","hit":' .. entry[5] .. ',' .. string.sub(ARGV[16], 2)
   else  -- an entry written before entries held their params: copy, as hits once did
-    local job = cjson.decode(ARGV[15])
+    local job = cjson.decode(made())
     job['status'], job['completed_at'], job['cost'] = 'completed', now, 0
     job['urls'], job['width'], job['height'] = cjson.decode(entry[1]),
       tonumber(entry[2]), tonumber(entry[3])
@@ -233,7 +236,7 @@ elseif mode == 'hit' then
   redis.call('HINCRBY', KEYS[1], 'cache_hits', 1)
   redis.call('HINCRBY', KEYS[1], 'credits_saved', price)
 else  -- follow
-  local job = cjson.decode(ARGV[15])
+  local job = cjson.decode(made())
   job['cost'] = 0
   redis.call('SET', KEYS[6], cjson.encode(job))
   -- The waiters and the leader's key live as long as job records do, not just a job's

@@ -170,7 +170,7 @@ class Admit(Script):
         origin: str,
         service: str,
         record: bytes,
-        record_rest: int,
+        record_rest: bytes,
         webhook: bool,
         ledger_keep_ms: int = 0,
         client: aioredis.Redis | None = None,

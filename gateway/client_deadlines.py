@@ -12,21 +12,30 @@ docs/api.md#slow-clients):
   however steadily it trickles in; if not, 408 `REQUEST_TIMEOUT` is answered and the
   connection closed (one that sent nothing, or only line ends, is just closed);
 - its body likewise, within the timeout of its head: else the connection is closed
-  (the request's handler sees the client gone).
+  (the request's handler sees the client gone);
+- an answer the client stops reading: once the server's writes wait on the client
+  (the socket's buffers full) and it has read nothing of what is left for the timeout,
+  the connection is dropped (nginx's `send_timeout`); a client that reads, however
+  slowly, is not cut.
 
 A deadline only runs while the client is the one to act: not while the server has not
 read what came (uvicorn pauses reading while it answers an earlier pipelined request),
-owes a `100 Continue`, or is still answering; once it is done, the client has the whole
-timeout again. Nothing is done per request: one sweep per server, every quarter of the
-timeout, reads each connection's state from uvicorn's own and acts on those that have
-stayed waiting on their client for the timeout. Overriding the parser's callbacks, or
-even `data_received`, cost every request measurably (BENCHMARKS.md: "Slow clients").
+owes a `100 Continue`, or is still answering (unless its writes wait on the client);
+once it is done, the client has the whole timeout again. Nothing is done per request:
+one sweep per server, every quarter of the timeout, reads each connection's state from
+uvicorn's own (and its transport's, for what is left to send) and acts on those that
+have stayed waiting on their client for the timeout. Overriding the parser's callbacks,
+or even `data_received`, cost every request measurably (BENCHMARKS.md: "Slow clients").
 A connection upgraded to a WebSocket is uvicorn's no longer (its own protocol reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import sys
+import termios
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -66,11 +75,21 @@ class ClientDeadlines(HttpToolsProtocol):
         # for the last one.
         self._owing: tuple[Waiting | None, object] = (None, None)
         self._since = 0.0
+        # While our writes wait on the client: how much was left to send when it last
+        # read some of it (None: not looked at since they began to wait), and when.
+        self._unsent: int | None = None
+        self._unsent_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._owing, self._since = ("head", BETWEEN), self.loop.time()  # from the connection
         _Sweep.of(self.server_state, self.loop, self.client_timeout).start()
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is full: the client reads slower than we write, or not
+        # at all. Called only then, never per request.
+        self._unsent = None
+        super().pause_writing()
 
     def _owed(self) -> tuple[Waiting, object] | None:
         """What the client owes now, and of which request (its scope or cycle; BETWEEN:
@@ -94,8 +113,8 @@ class ClientDeadlines(HttpToolsProtocol):
         """The server, not the client, is the one to act: it has paused reading (an
         earlier pipelined request is being answered, or a body is read faster than it is
         handled), is still answering an earlier request (`head`), owes a `100 Continue`
-        or is sending its answer (`body`). A client that stops reading an answer is not
-        timed here."""
+        or is sending its answer (`body`). (A client that stops reading that answer is
+        timed apart: `check`.)"""
         cycle = self.cycle
         if self.flow.read_paused or self.pipeline:
             return True
@@ -109,12 +128,22 @@ class ClientDeadlines(HttpToolsProtocol):
 
     def check(self, now: float) -> None:
         """The sweep's look at this connection: closed when its client has owed the same
-        part of a request for the timeout."""
+        part of a request, or a read of our answer, for the timeout."""
         transport = self.transport
-        if transport.is_closing() or transport.get_protocol() is not self:
+        if transport.get_protocol() is not self:  # a WebSocket's now
             return
-        if isinstance(self.parser, _Dropping):  # refused already: lingering until closed
+        if self.flow.write_paused:
+            # Our writes wait on the client: it owes a read, even once the connection
+            # is closing (what is left must still be sent before it closes).
+            unsent = _unsent(transport)
+            if unsent != self._unsent:  # it read some since the last look (or the first)
+                self._unsent, self._unsent_since = unsent, now
+            elif now - self._unsent_since >= self.client_timeout:
+                log.info("client not reading", waited_s=round(now - self._unsent_since, 3))
+                transport.abort()  # what it has not read is dropped with it
             return
+        if transport.is_closing() or isinstance(self.parser, _Dropping):
+            return  # closing; or refused already, lingering until closed
         owing = self._owed()
         if owing is None or self._server_owes(owing[0]):
             self._owing = (None, None)  # the whole timeout again once it is the client's
@@ -147,6 +176,20 @@ class ClientDeadlines(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes of our answers the client has not taken: in the transport's buffer, and in
+    the socket's send queue (SIOCOUTQ, Linux's), which shrinks with every byte the
+    client reads (the transport's buffer only moves once the queue has room for a
+    large part of it)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):  # no such ioctl here
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            size += int.from_bytes(queued, sys.byteorder, signed=True)
+    return size
 
 
 class _Dropping:

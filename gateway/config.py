@@ -146,7 +146,8 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="a request's headers must arrive within this, and its body within this "
-        "of its headers (gateway/client_deadlines.py)",
+        "of its headers; a client that reads nothing of an answer waiting on it for this "
+        "long is dropped (gateway/client_deadlines.py)",
     )
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
     read_rpm_per_job: int = Field(

@@ -181,3 +181,63 @@ async def test_a_request_behind_a_slow_answer_is_not_the_clients_delay(
             assert (await answer(reader)).startswith(b"HTTP/1.1 202 ")  # after TIMEOUT * 4.5
             writer.write(second[25:])
             assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")
+
+
+#: an output bigger than every buffer between the server and a client that reads nothing
+#: (on loopback the server's socket grows to 4 MB, the client's to 6 MB): the server's
+#: writes come to wait on the client
+BIG = 16 * 1024 * 1024
+
+
+async def big_output(storage_dir: Path) -> bytes:
+    name = "a" * 24 + ".png"
+    (storage_dir / name).write_bytes(b"\0" * BIG)
+    return f"GET /outputs/{name} HTTP/1.1\r\nHost: gw\r\n\r\n".encode()
+
+
+async def drained(reader: asyncio.StreamReader, pause: float = 0.0) -> int:
+    """Bytes read until the server closes or drops the connection (at most BIG and a
+    head), pausing `pause` seconds after every two megabytes."""
+    got = paused_at = 0
+    with contextlib.suppress(ConnectionError):
+        while got < BIG + 4096:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), BOUND)
+            if not chunk:
+                break
+            got += len(chunk)
+            if got - paused_at >= 2 << 20:
+                paused_at = got
+                await asyncio.sleep(pause)
+    return got
+
+
+async def test_a_client_that_stops_reading_an_answer_is_dropped(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A client asks for a large output and reads none of it: once the server's writes
+    have waited on it for the timeout, the connection is dropped with what was unsent (a
+    stalled reader held its task, its buffers and its descriptor for ever)."""
+    request = await big_output(storage_dir)
+    async with (
+        gateway(redis_url, storage_dir, client_timeout_seconds=TIMEOUT) as gw,
+        connection(gw) as (reader, writer),
+    ):
+        writer.write(request)
+        await asyncio.sleep(TIMEOUT * 4)  # reading nothing, well past the timeout
+        assert await drained(reader) < BIG  # dropped: the rest never came
+
+
+async def test_a_client_that_reads_an_answer_slowly_gets_all_of_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Two megabytes at a time, a quarter of the timeout apart: the answer takes longer
+    than the timeout to arrive, and arrives whole."""
+    request = await big_output(storage_dir)
+    async with (
+        gateway(redis_url, storage_dir, client_timeout_seconds=STEADY) as gw,
+        connection(gw) as (reader, writer),
+    ):
+        writer.write(request)
+        started = asyncio.get_running_loop().time()
+        assert await drained(reader, pause=STEADY / 4) > BIG
+        assert asyncio.get_running_loop().time() - started > STEADY  # it was slow

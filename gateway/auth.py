@@ -25,7 +25,7 @@ KEY_PREFIX = "gk"
 TOKEN_PREFIX = "gct"  # noqa: S105 (a prefix, not a secret)
 
 
-class Credential(NamedTuple):  # made per request: a NamedTuple is made ~3x as fast
+class Credential(NamedTuple):  # made per request: faster made than a frozen dataclass
     """What a well-formed key or token says, before any lookup."""
 
     account: str

@@ -253,9 +253,9 @@ redis.call('ZADD', KEYS[7], now, job_id)
 -- account made, forever. An entry older than a record usually lives (a job ends within
 -- its deadline, `lease`, and its record lives `retention` after; an hour's margin) is
 -- dropped once its record is gone, up to 20 at one admission in four (those whose
--- random job id ends in 0, 4, 8 or d: the look costs a hit ~5% of this script), so none
--- waits long and none holds Redis (a job still queued after a long outage keeps its
--- record, and its entry). Its records' keys share this one's slot.
+-- random job id ends in 0, 4, 8 or d: the look is a call on every admission else), so
+-- none waits long and none holds Redis (a job still queued after a long outage keeps
+-- its record, and its entry). Its records' keys share this one's slot.
 if string.byte(job_id, -1) % 4 == 0 then
   local prefix = string.sub(KEYS[6], 1, #KEYS[6] - #job_id)
   local stale = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf',

@@ -130,33 +130,6 @@ async def test_commands_issued_while_others_await_replies_share_one_connection(
         await client.aclose()
 
 
-async def test_a_command_issued_on_an_idle_connection_leaves_in_the_turn_it_is_issued(
-    plain_redis_server: RedisServer,
-) -> None:
-    """A lone request's command is written at once, not when the loop's turn ends: Redis
-    runs a SET issued on an idle connection while the loop is still held later in that
-    same turn."""
-    probe = Redis(port=plain_redis_server.port)
-    client = await connect(plain_redis_server.url)
-    seen: list[bytes | None] = []
-
-    def look() -> None:  # later in the turn that issued the SET, holding the loop
-        deadline = time.monotonic() + 5
-        while (value := probe.get("m:idle")) is None and time.monotonic() < deadline:
-            pass
-        seen.append(value)
-
-    try:
-        await client.get("m:idle")  # the data connection made; now idle
-        call = asyncio.ensure_future(client.set("m:idle", "set"))
-        asyncio.get_running_loop().call_soon(look)
-        assert await call is True
-        assert seen == [b"set"]
-    finally:
-        probe.close()
-        await client.aclose()
-
-
 async def test_commands_whose_replies_are_lost_with_the_connection_are_sent_again(
     plain_redis_server: RedisServer,
 ) -> None:

@@ -1,7 +1,6 @@
-"""One connection per process carries the plain data commands, and replies are matched to
-commands in order (ioredis's model). A command issued while the connection is idle is
-written at once; those issued while replies are awaited are written together when the
-event loop's turn ends, one write for the turn.
+"""One connection per process carries the plain data commands: each command is written as
+soon as it is issued, the commands of one event-loop turn in one write, and replies are
+matched to commands in order (ioredis's model).
 
 redis-py checks a connection out of its pool for every command (or auto-pipelined
 batch), reads its reply under a timer and a retry wrapper, and hands the connection back:
@@ -76,13 +75,9 @@ class Link(asyncio.Protocol):
         if self.lost is not None:
             raise type(self.lost)(*self.lost.args)
         future = self.loop.create_future()
-        if self.outgoing:
-            self.outgoing.append(packed)
-        elif self.waiting:  # busy: written with the rest of this turn's, when it ends
-            self.outgoing.append(packed)
+        if not self.outgoing:
             self.loop.call_soon(self._flush)
-        else:  # idle: nothing to write it with, so written now (a loop turn sooner)
-            cast(asyncio.Transport, self.transport).write(packed)
+        self.outgoing.append(packed)
         now = self.loop.time()
         self.waiting.append((future, now))
         if self.timer is None and self.timeout:

@@ -105,7 +105,7 @@ async def admit(
         idem_key = f"{token}:{idem_key}"
     shard = keys.shard_of(account)
     digest = cache_digest or ""
-    record, rest = job.record_parts()
+    head, rest = job.record_parts()
     reply = await scripts.admit(
         account=keys.account(account),
         rate=keys.rate(account),
@@ -136,7 +136,7 @@ async def admit(
         token=bool(token),
         origin=origin.lower(),
         service=job.provider,
-        record=orjson.dumps(record),
+        record_head=orjson.dumps(head),
         record_rest=orjson.dumps(rest),
         webhook=bool(job.webhook_url),
         ledger_keep_ms=ledger_keep_ms,

@@ -135,7 +135,7 @@ class ClientDeadlines(HttpToolsProtocol):
         if self.flow.write_paused:
             # Our writes wait on the client: it owes a read, even once the connection
             # is closing (what is left must still be sent before it closes).
-            unsent = _unsent(transport)
+            unsent = _left_to_send(transport)
             if unsent != self._unsent:  # it read some since the last look (or the first)
                 self._unsent, self._unsent_since = unsent, now
             elif now - self._unsent_since >= self.client_timeout:
@@ -178,7 +178,7 @@ class ClientDeadlines(HttpToolsProtocol):
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
-def _unsent(transport: asyncio.Transport) -> int:
+def _left_to_send(transport: asyncio.Transport) -> int:
     """Bytes of our answers the client has not taken: in the transport's buffer, and in
     the socket's send queue (SIOCOUTQ, Linux's), which shrinks with every byte the
     client reads (the transport's buffer only moves once the queue has room for a

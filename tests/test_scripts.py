@@ -229,7 +229,7 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             token=False,
             origin="",
             service="local",
-            record=b'{"status":"queued"}',
+            record_head=b'{"status":"queued"}',
             record_rest=b'{"provider":"local"}',
             webhook=False,
         )

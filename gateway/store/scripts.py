@@ -169,7 +169,7 @@ class Admit(Script):
         token: bool,
         origin: str,
         service: str,
-        record: bytes,
+        record_head: bytes,
         record_rest: bytes,
         webhook: bool,
         ledger_keep_ms: int = 0,
@@ -206,7 +206,7 @@ class Admit(Script):
             origin,
             service,
             ledger_keep_ms,
-            record,
+            record_head,
             record_rest,
             1 if webhook else 0,
         ]

@@ -194,8 +194,9 @@ class S3ArtifactStore:
 
     async def ready(self) -> bool:
         try:
-            await asyncio.wait_for(self.client.head_bucket(Bucket=self.bucket), READY_TIMEOUT)
-        except FAILURES as exc:  # TimeoutError among them: wait_for ran out
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.client.head_bucket(Bucket=self.bucket)
+        except FAILURES as exc:  # TimeoutError among them: the time ran out
             log.warning("bucket not ready", bucket=self.bucket, error=repr(exc))
             return False
         return True

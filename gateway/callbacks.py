@@ -114,7 +114,8 @@ class RedisInbox:
             self._listener = asyncio.create_task(self._listen())
         if not self._subscribed.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._subscribed.wait()
         for token in waiter.tokens:
             there = self.waiting.get(token)
             if there is None:

@@ -451,7 +451,8 @@ class Gateway:
         """Redis and the output store answer; a Redis that does not answer within 5 s
         (hung, paused) is not ready either, said in time for a probe's own timeout."""
         try:
-            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 5.0))
+            async with asyncio.timeout(5.0):
+                redis_ok = bool(await self.redis.ping())
         except Exception:
             redis_ok = False
         return {"redis": redis_ok, "storage": await self.artifacts.ready()}

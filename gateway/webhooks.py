@@ -46,7 +46,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers import fluxkrea, krea
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
-from gateway.urlguard import check_url, pinned
+from gateway.urlguard import Address, check_url, pinned
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -163,7 +163,8 @@ class Webhooks:
             # Failing (Redis away): tried again less and less often, up to every 5 s.
             wait = min(period * 2 ** min(trouble.failures, 8), 5.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await stop.wait()
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=self.settings.webhook_timeout)
 
@@ -221,11 +222,8 @@ class Webhooks:
         status: int | None = None
         error: str | None = None
         try:
-            addresses = await asyncio.wait_for(
-                check_url(job.webhook_url, self.settings.allow_cidrs),
-                self.settings.webhook_timeout,
-            )
-            target, host, server_name = pinned(job.webhook_url, addresses[0])
+            async with asyncio.timeout(self.settings.webhook_timeout):
+                addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:
                 # The job's trace (the request that made it) goes on; the receiver is
@@ -233,23 +231,12 @@ class Webhooks:
                 with telemetry.span(
                     "webhook", parent=job.trace, kind="client", attributes=attributes
                 ) as span:
-                    async with self.client.post(
-                        target,
-                        data=body,
-                        headers={**headers, **host},
-                        server_hostname=server_name,
-                        allow_redirects=False,
-                        timeout=self.timeout,
-                    ) as response:
-                        # Read to the end, keeping nothing, so that the connection
-                        # goes back to the pool instead of being closed.
-                        while await response.content.readany():
-                            pass
+                    async with asyncio.timeout(self.settings.webhook_timeout):
+                        status = await self._post(job.webhook_url, addresses, body, headers)
                     if span is not None:
-                        span.set_attribute("http.response.status_code", response.status)
-                    if not 200 <= response.status < 300:
-                        telemetry.failed(f"HTTP {response.status}", span)
-            status = response.status
+                        span.set_attribute("http.response.status_code", status)
+                    if not 200 <= status < 300:
+                        telemetry.failed(f"HTTP {status}", span)
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except BadUserInput as exc:
@@ -287,6 +274,39 @@ class Webhooks:
         metrics.WEBHOOK[outcome].inc()
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
+
+    async def _post(
+        self, url: str, addresses: list[Address], body: bytes, headers: dict[str, str]
+    ) -> int:
+        """POST to the checked addresses in the order the name gave them: one that cannot
+        be connected to (refused, unreachable, silent past its share of the time), to
+        which nothing was sent, passes the attempt to the next, as a browser or curl
+        would. The status of the first answer."""
+        timeout = self.timeout
+        if len(addresses) > 1:
+            timeout = aiohttp.ClientTimeout(
+                total=timeout.total, sock_connect=self.settings.webhook_timeout / len(addresses)
+            )
+        for n, address in enumerate(addresses, 1):
+            target, host, server_name = pinned(url, address)
+            try:
+                async with self.client.post(
+                    target,
+                    data=body,
+                    headers={**headers, **host},
+                    server_hostname=server_name,
+                    allow_redirects=False,
+                    timeout=timeout,
+                ) as response:
+                    # Read to the end, keeping nothing, so that the connection goes back
+                    # to the pool instead of being closed.
+                    while await response.content.readany():
+                        pass
+                return response.status
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                if n == len(addresses):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover: check_url returns some
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:
         rows = await self.redis.lrange(keys.webhook_log(account, job_id), 0, -1)

@@ -8,7 +8,11 @@ import socket
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+import pytest
 import uvicorn
+
+#: a name no real resolver answers: the tests' resolver (`resolving`) does
+HOOKS_NAME = "hooks.example.test"
 
 
 def free_port() -> int:
@@ -117,3 +121,28 @@ class ReplyCutter:
                 await client_w.drain()
 
         await relay(requests(), replies(), (client_w, server_w))
+
+
+def resolving(
+    monkeypatch: pytest.MonkeyPatch, answers: list[str], name: str = HOOKS_NAME
+) -> list[str]:
+    """`name` resolves, on this event loop, to `answers[0]` the first time, then to
+    `answers[1]`, and so on (the last one again once they run out): a DNS rebinding.
+    An answer may be several addresses, comma-separated, in that order. Returns the
+    answers given so far."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    given: list[str] = []
+
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(host, str) or host.removesuffix(".").lower() != name:
+            return await real(host, port, *args, **kwargs)
+        answer = answers[min(len(given), len(answers) - 1)]
+        given.append(answer)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in answer.split(",")
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return given

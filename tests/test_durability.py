@@ -529,3 +529,74 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
                     stop(proc)
         await check_outcome(gw, key, ids, emu)
         assert len(list(storage_dir.glob("*.png"))) == len(ids)  # stored once each
+
+
+async def test_a_queue_read_cancelled_as_a_job_arrives_is_cancelled(redis_url: str) -> None:
+    """A worker stopping (its read cancelled) in the same moment as this process enqueues
+    a job stops: the cancellation is not lost to the wake-up. (`asyncio.wait_for` on
+    Python 3.11 returned the wake-up and dropped the cancellation; the next read then
+    took a job on the way out.)"""
+    from gateway.jobs.queue import Queue
+    from gateway.store.redis import Scripts, connect
+
+    redis = await connect(redis_url)
+    try:
+        # Not blocking in Redis: an idle sweep waits on this process's own wake-up.
+        queue = Queue(redis, Scripts.register(redis), blocking=False, idle_ms=60_000)
+        await queue.ensure_group()
+        reading = asyncio.create_task(queue.read("stopping", 1, block_ms=60_000))
+
+        async def asleep() -> bool:  # on the wake-up
+            return bool(queue.wakeup._waiters)  # type: ignore[attr-defined]
+
+        await until(asleep)
+        queue.wakeup.set()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+    finally:
+        await redis.aclose()
+
+
+async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_url: str) -> None:
+    """Every worker reads the queue under a name of its own, so each start adds one to
+    the group. The hourly sweep deletes those that hold no entry and have not read for
+    a while; one that still holds a job's entry is kept until another worker takes the
+    entry over, so no job drops out of the pending ones."""
+    from gateway.jobs.queue import Queue
+    from gateway.store.redis import Scripts, connect
+
+    redis = await connect(redis_url)
+    try:
+        queue = Queue(redis, Scripts.register(redis), blocking=True)
+        await queue.ensure_group()
+        stream = keys.queue(0)
+        for n in range(3):
+            await redis.xadd(stream, {"job": f"job-{n}"})
+        [(done, _)] = await queue.read("gone-idle", 1, block_ms=10)
+        await queue.ack(done)
+        [(held, _)] = await queue.read("gone-holding", 1, block_ms=10)
+        [(mine, _)] = await queue.read("me", 1, block_ms=10)
+        await queue.ack(mine)
+
+        async def names() -> set[str]:
+            return {c["name"] for c in await redis.xinfo_consumers(stream, keys.QUEUE_GROUP)}
+
+        async def all_idle() -> bool:
+            rows = await redis.xinfo_consumers(stream, keys.QUEUE_GROUP)
+            return all(row["idle"] >= 200 for row in rows)
+
+        await until(all_idle)
+        assert await queue.forget_gone("me", idle_ms=200) == 1
+        assert await names() == {"gone-holding", "me"}
+        # None has gone without a read for a minute: none is deleted.
+        assert await queue.forget_gone("other", idle_ms=60_000) == 0
+
+        assert await queue.reclaim("rescuer", min_idle_ms=200, count=1) == [(held, "job-1")]
+        await until(all_idle)
+        assert await queue.forget_gone("me", idle_ms=200) == 1
+        assert await names() == {"rescuer", "me"}
+        pending = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 10)
+        assert [row["consumer"] for row in pending] == ["rescuer"]
+    finally:
+        await redis.aclose()

@@ -24,7 +24,7 @@ from gateway.providers.base import ImageParams, Polled, Provider
 from gateway.providers.http import UpstreamClient
 from gateway.providers.krea import KreaProvider
 from tests.emulators.krea import KreaEmulator, png
-from tests.servers import serve
+from tests.servers import HOOKS_NAME, resolving, serve
 
 TOKEN = "test-token"
 
@@ -412,3 +412,39 @@ async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard()
                 assert await provider.fetch(output) == png(8, 8)
                 assert fetched == [private.removeprefix("http://")]
                 assert sent == [(path.encode(), query.encode())]  # byte for byte
+
+
+async def test_an_output_host_address_that_refuses_passes_the_download_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CDN's name has two addresses and nothing listens on the first (one of its
+    hosts down): the image is fetched from the second, with the URL's Host, and
+    the job does not fail. With every address down, the download fails as before."""
+    hosts: list[str] = []
+
+    async def cdn(request: Request) -> Response:
+        hosts.append(request.headers["host"])
+        return Response(png(8, 8), media_type="image/png")
+
+    app = Starlette(routes=[Route("/{path:path}", cdn, methods=["GET"])])
+    async with serve(app) as cdn_base:
+        port = cdn_base.rsplit(":", 1)[1]
+        answer = {
+            "job_id": "3c90c3cc-0d44-4b50-8888-8dd25736052a",
+            "status": "completed",
+            "created_at": "2025-01-15T10:30:00.000Z",
+            "completed_at": "2025-01-15T10:30:25.000Z",
+            "result": {"urls": [f"http://{HOOKS_NAME}:{port}/out.png"]},
+        }
+        loopback = [ipaddress.ip_network("127.0.0.0/8")]
+        async with answering(answer) as base, UpstreamClient(5.0, allow=loopback) as client:
+            provider = KreaProvider(client, base_url=base, token=TOKEN)
+            [output] = (await provider.poll(answer["job_id"])).outputs
+            resolving(monkeypatch, ["127.0.0.3,127.0.0.1"])
+            assert await provider.fetch(output) == png(8, 8)
+            assert hosts == [f"{HOOKS_NAME}:{port}"]
+
+            resolving(monkeypatch, ["127.0.0.3,127.0.0.4"])
+            with pytest.raises(ProviderUnavailable, match="unreachable"):
+                await provider.fetch(output)
+            assert len(hosts) == 1

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
 import ssl
 import tempfile
 import time
@@ -36,7 +35,7 @@ from gateway.urlguard import check_url
 from gateway.webhooks import Webhooks, session
 from tests.harness import gateway
 from tests.records import record
-from tests.servers import free_port, serve
+from tests.servers import HOOKS_NAME, free_port, resolving, serve
 
 FAST = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05] * 6}
 
@@ -321,8 +320,6 @@ async def test_a_cache_hit_with_a_webhook_is_delivered_once(
 
 # -- one attempt, by the deliverer alone: where it connects and what it sends ----------------
 
-HOOKS_NAME = "hooks.example.test"  # a name no real resolver answers: the tests' resolver does
-
 
 class RawReceiver:
     """An HTTP/1.1 server on one loopback address that keeps each request's head as it
@@ -386,37 +383,13 @@ class RawReceiver:
         raise KeyError(name)
 
 
-def resolving(
-    monkeypatch: pytest.MonkeyPatch, answers: list[str], name: str = HOOKS_NAME
-) -> list[str]:
-    """`name` resolves, on this event loop, to `answers[0]` the first time, then to
-    `answers[1]`, and so on (the last one again once they run out): a DNS rebinding.
-    Returns the addresses given so far."""
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
-    given: list[str] = []
-
-    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(host, str) or host.removesuffix(".").lower() != name:
-            return await real(host, port, *args, **kwargs)
-        address = answers[min(len(given), len(answers) - 1)]
-        given.append(address)
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
-
-    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
-    return given
-
-
 class Deliverer:
     """`Webhooks` on the embedded store with the runtime's session, one job per URL."""
 
     def __init__(self, tmp_path: Path, tls: ssl.SSLContext | None = None, **options: Any):
-        self.settings = load_settings(
-            redis_url=None,
-            storage_dir=tmp_path,
-            url_allow_cidrs="127.0.0.1/32",  # the receivers' address; 127.0.0.2 is refused
-            **options,
-        )
+        # the receivers' address; 127.0.0.2 is refused
+        options.setdefault("url_allow_cidrs", "127.0.0.1/32")
+        self.settings = load_settings(redis_url=None, storage_dir=tmp_path, **options)
         self.tls = tls
 
     @contextlib.asynccontextmanager
@@ -485,6 +458,33 @@ async def test_the_request_goes_to_the_checked_address_whatever_the_name_resolve
         refused = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
         assert refused["statusCode"] is None and "private" in refused["error"]
         assert given == ["127.0.0.2"] and rogue.heads == [] and len(receiver.heads) == 1
+
+
+async def test_an_address_that_cannot_be_reached_passes_the_attempt_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver's name has two addresses and nothing listens on the first (a host
+    down behind a round-robin name): the attempt is delivered at the second, with the
+    URL's Host header. With every address down, the attempt fails as one did before."""
+    receiver = RawReceiver()
+    allow = {"url_allow_cidrs": "127.0.0.0/8"}
+    async with (
+        receiver.serving("127.0.0.2") as port,
+        Deliverer(tmp_path, **allow).running() as deliverer,
+    ):
+        resolving(monkeypatch, ["127.0.0.3,127.0.0.2"])
+        logged = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert (logged["statusCode"], logged["error"]) == (200, None)
+        assert receiver.request_line(0) == b"POST /hook HTTP/1.1"
+        assert receiver.header(0, "Host") == f"{HOOKS_NAME}:{port}"
+
+        resolving(monkeypatch, ["127.0.0.3,127.0.0.4"])
+        down = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert (down["statusCode"], down["error"]) == (
+            None,
+            "connection failed: ClientConnectorError",
+        )
+        assert len(receiver.heads) == 1
 
 
 async def test_the_request_target_goes_out_byte_for_byte(tmp_path: Path) -> None:

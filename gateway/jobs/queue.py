@@ -82,6 +82,20 @@ class Queue:
         await self.ensure_group()
         return True
 
+    async def forget_gone(self, keep: str, idle_ms: int) -> int:
+        """Delete the group's consumers that hold no entry and have read nothing for
+        `idle_ms`: processes gone (each worker reads under a name of its own, made at
+        its start), which the group would otherwise keep, one more at every start, for
+        ever. An entry a gone consumer still holds keeps it until another worker takes
+        the entry over (`reclaim`). `keep`: the caller's own name. How many went."""
+        deleted = 0
+        for stream in self.streams:
+            forgot = await self.scripts.forget(
+                stream=stream, group=keys.QUEUE_GROUP, idle_ms=idle_ms, keep=keep
+            )
+            deleted += forgot.deleted
+        return deleted
+
     def notify(self) -> None:
         """A job was just enqueued by this process."""
         self.wakeup.set()
@@ -118,7 +132,8 @@ class Queue:
         if not found:
             wait_ms = self.idle_ms if self.blocking else block_ms
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), min(wait_ms, block_ms) / 1000)
+                async with asyncio.timeout(min(wait_ms, block_ms) / 1000):
+                    await self.wakeup.wait()
         return found
 
     async def sizes(self) -> tuple[int, int]:

@@ -38,6 +38,9 @@ from gateway.webhooks import Webhooks
 log = structlog.get_logger("gateway.worker")
 
 SWEEP_EVERY = 3600.0
+#: seconds without a read after which a queue consumer holding no entry is a worker gone
+#: (a live one reads, or renews what it holds, far more often); deleted at the hourly sweep
+CONSUMER_GONE = 3600.0
 FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, not a herd
 #: images downloaded and stored at once: a burst of completions (thousands of callbacks in
 #: a few seconds) queues here instead of holding every image in memory at once
@@ -134,7 +137,8 @@ class Worker:
                 if free <= 0:
                     self.freed.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.freed.wait(), 1.0)
+                        async with asyncio.timeout(1.0):
+                            await self.freed.wait()
                     continue
                 try:
                     entries = await self.queue.read(self.consumer, free, block_ms=1000)
@@ -178,7 +182,8 @@ class Worker:
         trouble = telemetry.Streak("heartbeat")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+                async with asyncio.timeout(period):
+                    await stop.wait()
             try:
                 await self.beat()
                 await self._announce(await self.cache.rescue(self.now_ms()))
@@ -199,6 +204,12 @@ class Worker:
             await self.sweep()
         except Exception as exc:  # the store away, say: the next try is an hour later
             log.warning("sweeping outputs failed", error=str(exc))
+        try:
+            forgotten = await self.queue.forget_gone(self.consumer, int(CONSUMER_GONE * 1000))
+            if forgotten:
+                log.info("forgot the queue's readers gone", count=forgotten)
+        except Exception as exc:
+            log.warning("forgetting the queue's readers gone failed", error=str(exc))
 
     async def beat(self) -> None:
         """Renew what this worker runs; take over what silent workers left behind."""
@@ -356,7 +367,8 @@ class Worker:
         reading = telemetry.Streak("reading cancellations")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+                async with asyncio.timeout(period):
+                    await stop.wait()
             if not self.running:
                 continue
             try:

@@ -240,26 +240,34 @@ async def request(
     timeout: float | None = None,
     max_wait: float = 10.0,
     tally: metrics.UpstreamTally | None = None,
+    alternates: Sequence[URL] = (),
     **kwargs: Any,
 ) -> Answer:
     """Send a request with bounded retries; return a 2xx response or raise ProviderError.
 
     Retried: connection failures before sending and 429 always (the upstream did not
     take the request); timeouts and 5xx only when `idempotent`. `tally`: the backend's
-    metrics, each attempt counted by its outcome.
+    metrics, each attempt counted by its outcome. `alternates`: `url` at its host's
+    other checked addresses (`pinned`); a failure to connect moves the next attempt to
+    the next one, at once while some are untried (one attempt more for each).
     """
     if timeout is not None:
         kwargs["timeout"] = timeout
+    targets, at = [url, *alternates], 0
+    attempts += len(alternates)
     for attempt in range(attempts):
         last = attempt == attempts - 1
         try:
             if telemetry.ENABLED:
-                response = await traced(client, method, url, upstream, kwargs)
+                response = await traced(client, method, targets[at], upstream, kwargs)
             else:
-                response = await client.request(method, url, **kwargs)
+                response = await client.request(method, targets[at], **kwargs)
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
             if tally:
                 tally.connection_error.inc()
+            at = (at + 1) % len(targets)
+            if attempt < len(alternates):  # the next address, not tried yet
+                continue
             if last:
                 # Named, not described: the job's `error` reaches its owner, and the
                 # upstream's address is the operator's (the log has it).
@@ -270,6 +278,9 @@ async def request(
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
             if tally:
                 tally.timeout.inc()
+            if isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt < len(alternates):
+                at += 1  # never connected, so nothing was sent: the next address
+                continue
             if last or not idempotent:
                 raise ProviderTimeout(f"{upstream} timed out") from exc
             await asyncio.sleep(backoff(attempt))
@@ -347,10 +358,12 @@ async def download(
             ) from None
         except TimeoutError:
             raise ProviderTimeout(f"{upstream}'s output host did not resolve in time") from None
-        target, host, server_name = pinned(url, addresses[0], OUTPUT_URL_MAX)
-        # The URL object itself: as a string, aiohttp would parse it again, resolving
+        # The URL objects themselves: as a string, aiohttp would parse it again, resolving
         # `..` and re-escaping, and a signed URL would no longer match its signature.
-        sent, kwargs = target, {"headers": host, "server_hostname": server_name}
+        targets = [pinned(url, address, OUTPUT_URL_MAX)[0] for address in addresses]
+        _, host, server_name = pinned(url, addresses[0], OUTPUT_URL_MAX)
+        sent, kwargs = targets[0], {"headers": host, "server_hostname": server_name}
+        kwargs["alternates"] = targets[1:]
     response = await request(
         client, "GET", sent, upstream=upstream, idempotent=True, tally=tally, **kwargs
     )

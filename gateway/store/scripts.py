@@ -446,6 +446,30 @@ class Credit(Script):
         return CreditReply(outcome=str(reply[0]), balance=int(reply[1]))
 
 
+# -- forget.lua ----------------------------------------------------------------------
+
+
+class ForgetReply(NamedTuple):
+    deleted: int  # consumers deleted from the group
+
+
+class Forget(Script):
+    """forget.lua: delete a stream group's consumers gone (no entry held, idle a while)."""
+
+    name = "forget"
+
+    async def __call__(
+        self,
+        *,
+        stream: str,
+        group: str,
+        idle_ms: int,
+        keep: str,
+        client: aioredis.Redis | None = None,
+    ) -> ForgetReply:
+        return ForgetReply(deleted=int(await self.run(1, [stream, group, idle_ms, keep], client)))
+
+
 # -- claim.lua -----------------------------------------------------------------------
 
 
@@ -826,6 +850,7 @@ BY_NAME: dict[str, type[Script]] = {
         Patch,
         ApqPut,
         ApqGet,
+        Forget,
     )
 }
 NAMES = tuple(BY_NAME)
@@ -853,6 +878,7 @@ class Scripts:
         self.patch = Patch(client)
         self.apq_put = ApqPut(client)
         self.apq_get = ApqGet(client)
+        self.forget = Forget(client)
         self.by_name: dict[str, Script] = {
             name: value for name, value in vars(self).items() if isinstance(value, Script)
         }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -146,3 +147,20 @@ def resolving(
 
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
     return given
+
+
+@contextlib.contextmanager
+def black_hole(host: str, port: int) -> Iterator[None]:
+    """`host:port` takes no connection and refuses none: a connect there hangs until the
+    caller gives up, as at a host that is down behind a firewall. (A listening socket
+    with no room in its accept queue, once one connection fills it: the kernel drops the
+    SYNs of the next ones.)"""
+    with socket.socket() as server, socket.socket() as filler:
+        server.bind((host, port))
+        server.listen(0)
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect((host, port))
+        _, connected, _ = select.select([], [filler], [], 10)
+        assert connected, "the filling connection was not made"
+        yield

@@ -24,7 +24,7 @@ from gateway.providers.base import ImageParams, Polled, Provider
 from gateway.providers.http import UpstreamClient
 from gateway.providers.krea import KreaProvider
 from tests.emulators.krea import KreaEmulator, png
-from tests.servers import HOOKS_NAME, resolving, serve
+from tests.servers import HOOKS_NAME, black_hole, resolving, serve
 
 TOKEN = "test-token"
 
@@ -448,3 +448,13 @@ async def test_an_output_host_address_that_refuses_passes_the_download_to_the_ne
             with pytest.raises(ProviderUnavailable, match="unreachable"):
                 await provider.fetch(output)
             assert len(hosts) == 1
+
+        # One that never answers (a host down behind a firewall) holds the download for
+        # its time limit, then passes it to the next.
+        async with answering(answer) as base, UpstreamClient(1.0, allow=loopback) as client:
+            provider = KreaProvider(client, base_url=base, token=TOKEN)
+            [output] = (await provider.poll(answer["job_id"])).outputs
+            with black_hole("127.0.0.5", int(port)):
+                resolving(monkeypatch, ["127.0.0.5,127.0.0.1"])
+                assert await provider.fetch(output) == png(8, 8)
+            assert len(hosts) == 2

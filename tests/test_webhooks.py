@@ -35,7 +35,7 @@ from gateway.urlguard import check_url
 from gateway.webhooks import Webhooks, session
 from tests.harness import gateway
 from tests.records import record
-from tests.servers import HOOKS_NAME, free_port, resolving, serve
+from tests.servers import HOOKS_NAME, black_hole, free_port, resolving, serve
 
 FAST = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05] * 6}
 
@@ -484,6 +484,25 @@ async def test_an_address_that_cannot_be_reached_passes_the_attempt_to_the_next(
             None,
             "connection failed: ClientConnectorError",
         )
+        assert len(receiver.heads) == 1
+
+
+async def test_an_address_that_never_answers_leaves_the_next_its_share_of_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first of the name's addresses drops every connection attempt (a host down
+    behind a firewall): it gets its share of the attempt's time to connect, and the
+    attempt is delivered at the second, within the timeout."""
+    receiver = RawReceiver()
+    options = {"url_allow_cidrs": "127.0.0.0/8", "webhook_timeout": 2.0}
+    async with (
+        receiver.serving("127.0.0.1") as port,
+        Deliverer(tmp_path, **options).running() as deliverer,
+    ):
+        with black_hole("127.0.0.5", port):
+            resolving(monkeypatch, ["127.0.0.5,127.0.0.1"])
+            logged = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert (logged["statusCode"], logged["error"]) == (200, None)
         assert len(receiver.heads) == 1
 
 

@@ -109,7 +109,7 @@ class UpstreamClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.allow = list(allow)
         self.max_connections = max_connections
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -132,19 +132,25 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         timeout: float | None = None,
+        connect_timeout: float | None = None,
         server_hostname: str | None = None,
     ) -> Answer:
         """One call, no retry. Raises aiohttp's errors (`request()` below sorts them).
-        `server_hostname`: the name TLS checks, when `url` names an address (`pinned`)."""
+        `connect_timeout`: the part of `timeout` connecting may take (aiohttp's
+        ConnectionTimeoutError past it). `server_hostname`: the name TLS checks, when
+        `url` names an address (`pinned`)."""
         kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
         if server_hostname is not None:
             kwargs["server_hostname"] = server_hostname
         if json is not None:
             kwargs["data"] = orjson.dumps(json)
             kwargs["headers"] = {**(headers or {}), "Content-Type": "application/json"}
-        if timeout is not None and timeout != self.timeout.total:
-            kwargs["timeout"] = self._timeouts.get(timeout) or self._timeouts.setdefault(
-                timeout, aiohttp.ClientTimeout(total=timeout)
+        if timeout is None:
+            timeout = self.timeout.total
+        if timeout != self.timeout.total or connect_timeout is not None:
+            limits = (timeout, connect_timeout)
+            kwargs["timeout"] = self._timeouts.get(limits) or self._timeouts.setdefault(
+                limits, aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
             )
         async with self._open().request(method, url, **kwargs) as response:
             content = await _read_bounded(response)
@@ -248,12 +254,16 @@ async def request(
     Retried: connection failures before sending and 429 always (the upstream did not
     take the request); timeouts and 5xx only when `idempotent`. `tally`: the backend's
     metrics, each attempt counted by its outcome. `alternates`: `url` at its host's
-    other checked addresses (`pinned`); a failure to connect moves the next attempt to
-    the next one, at once while some are untried (one attempt more for each).
+    other checked addresses (`pinned`); a failure to connect (refused, unreachable, or
+    silent past its share of the time limit) moves the next attempt to the next one, at
+    once while some are untried (one attempt more for each).
     """
     if timeout is not None:
         kwargs["timeout"] = timeout
     targets, at = [url, *alternates], 0
+    total = timeout or client.timeout.total
+    if alternates and total:  # one that never answers leaves the next time to connect
+        kwargs["connect_timeout"] = total / len(targets)
     attempts += len(alternates)
     for attempt in range(attempts):
         last = attempt == attempts - 1

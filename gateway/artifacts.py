@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -59,14 +60,32 @@ class LocalArtifactStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def _write(self, name: str, data: bytes) -> None:
+        """The file, then its name, on disk before this returns: the job that names it is
+        completed (and charged, and cached) only after, so a power cut or a host crash
+        cannot leave a completed job with no picture or an empty file behind its URL."""
         tmp = self.root / f".{name}.tmp"
         try:
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(tmp, self.root / name)  # readers never see half a file
+            self._sync_directory()
         except OSError as exc:  # a full disk, a volume gone: the job waits for a retry
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise StorageUnavailable(f"the output directory refused a write: {exc}") from exc
+
+    def _sync_directory(self) -> None:
+        """The directory's entries (a name just made) on disk."""
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a filesystem with nothing to sync for one
+                raise
+        finally:
+            os.close(fd)
 
     async def put(self, data: bytes, ext: str) -> str:
         name = new_name(ext)

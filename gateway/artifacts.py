@@ -72,8 +72,9 @@ class LocalArtifactStore:
             os.replace(tmp, self.root / name)  # readers never see half a file
             self._sync_directory()
         except OSError as exc:  # a full disk, a volume gone: the job waits for a retry
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            for made in (tmp, self.root / name):  # renamed, not synced: a retry makes another
+                with contextlib.suppress(OSError):
+                    made.unlink(missing_ok=True)
             raise StorageUnavailable(f"the output directory refused a write: {exc}") from exc
 
     def _sync_directory(self) -> None:

@@ -261,6 +261,13 @@ async def check_url(
     return addresses
 
 
+#: The most of a name's checked addresses one request tries, in the order the name gave
+#: them: one that cannot be connected to passes the request to the next. A name with a
+#: hundred would make one webhook attempt a hundred connections, each with a sliver of
+#: the time.
+ADDRESSES_TRIED = 4
+
+
 def pinned(
     url: str, address: Address, max_length: int = MAX_URL_LENGTH
 ) -> tuple[URL, dict[str, str], str | None]:

@@ -8,9 +8,10 @@ is logged for the key's owner; non-2xx answers and timeouts are retried on a sch
 
 Signatures: `X-Doitong-Signature: sha256=HEX` (HMAC-SHA256 of the raw body keyed with the
 secret string as printed) and the Standard Webhooks headers via `standardwebhooks`.
-The URL is checked again at delivery and the request goes to the address that check
-resolved (DNS rebinding cannot swap it for a private one in between), with the Host
-header, TLS server name and certificate check of the URL's host (`pinned`). Deliveries
+The URL is checked again at delivery and the request goes to the addresses that check
+resolved, the next when one cannot be connected to (DNS rebinding cannot swap them for
+a private one in between), with the Host header, TLS server name and certificate check
+of the URL's host (`pinned`). Deliveries
 share one aiohttp session (`session`): no cookies kept, no proxy from the environment.
 
 The body is the gateway's own (`payload`), unless the job was asked for in a provider's
@@ -46,7 +47,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers import fluxkrea, krea
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
-from gateway.urlguard import Address, check_url, pinned
+from gateway.urlguard import ADDRESSES_TRIED, Address, check_url, pinned
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -105,7 +106,7 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
     time limit is `Webhooks.deliver`'s).
 
     No cookie is kept (one client's receiver never sees another's), no proxy or netrc is
-    read from the environment (the request goes to the checked address, or nowhere), and
+    read from the environment (the request goes to the checked addresses, or nowhere), and
     answers are not decompressed (their bodies are read only to be thrown away). `tls`
     replaces the system's trusted certificates (tests); certificates are always verified.
     """
@@ -278,10 +279,11 @@ class Webhooks:
     async def _post(
         self, url: str, addresses: list[Address], body: bytes, headers: dict[str, str]
     ) -> int:
-        """POST to the checked addresses in the order the name gave them: one that cannot
-        be connected to (refused, unreachable, silent past its share of the time), to
-        which nothing was sent, passes the attempt to the next, as a browser or curl
-        would. The status of the first answer."""
+        """POST to the checked addresses (the first `ADDRESSES_TRIED`) in the order the
+        name gave them: one that cannot be connected to (refused, unreachable, silent
+        past its share of the time), to which nothing was sent, passes the attempt to the
+        next, as a browser or curl would. The status of the first answer."""
+        addresses = addresses[:ADDRESSES_TRIED]
         timeout = self.timeout
         if len(addresses) > 1:
             timeout = aiohttp.ClientTimeout(
@@ -303,9 +305,10 @@ class Webhooks:
                     while await response.content.readany():
                         pass
                 return response.status
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 if n == len(addresses):
                     raise
+                log.info("webhook address unreachable", address=str(address), error=str(exc))
         raise AssertionError("unreachable")  # pragma: no cover: check_url returns some
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:

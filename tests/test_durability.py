@@ -260,6 +260,41 @@ async def test_outputs_past_retention_are_swept_and_fresh_ones_kept(storage_dir:
     assert all(path.read_bytes() == b"x" for path in others)
 
 
+async def test_an_output_is_on_disk_before_put_returns(
+    storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job is completed once `put` returns, so the file and its name must then survive
+    a power cut: the file is synced before its rename, and the directory after it. (A
+    power cut cannot be made here; the syncs, in their order, can be watched.) A sync
+    that fails leaves neither file behind, and the job a retry."""
+    from gateway.artifacts import LocalArtifactStore, StorageUnavailable
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = LocalArtifactStore(storage_dir, "http://gw")
+    url = await store.put(b"picture", "png")
+    name = url.rsplit("/", 1)[1]
+    where = storage_dir.resolve()
+    assert synced == [str(where / f".{name}.tmp"), str(where)]
+    assert (storage_dir / name).read_bytes() == b"picture"
+
+    def failing(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(where):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StorageUnavailable):
+        await store.put(b"lost", "png")
+    assert sorted(p.name for p in storage_dir.iterdir()) == [name]
+
+
 async def test_an_output_directory_that_refuses_writes_leaves_the_job_for_a_retry(
     redis_url: str, storage_dir: Path, tmp_path: Path
 ) -> None:

@@ -311,6 +311,10 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             leader="",
         )
         assert promoted.verdict == "skip"
+        stream = keys.queue(shard)
+        await client.xgroup_create(stream, keys.QUEUE_GROUP, id="0", mkstream=True)
+        forgot = await made.forget(stream=stream, group=keys.QUEUE_GROUP, idle_ms=0, keep="me")
+        assert forgot.deleted == 0
     finally:
         await client.aclose()
 

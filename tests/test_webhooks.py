@@ -465,7 +465,8 @@ async def test_an_address_that_cannot_be_reached_passes_the_attempt_to_the_next(
 ) -> None:
     """The receiver's name has two addresses and nothing listens on the first (a host
     down behind a round-robin name): the attempt is delivered at the second, with the
-    URL's Host header. With every address down, the attempt fails as one did before."""
+    URL's Host header. With every address down, the attempt fails as one did before;
+    only the first four are tried."""
     receiver = RawReceiver()
     allow = {"url_allow_cidrs": "127.0.0.0/8"}
     async with (
@@ -484,6 +485,10 @@ async def test_an_address_that_cannot_be_reached_passes_the_attempt_to_the_next(
             None,
             "connection failed: ClientConnectorError",
         )
+        # The first four at most: a name's hundred addresses are not a hundred connections.
+        resolving(monkeypatch, ["127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.2"])
+        fifth = await deliverer.attempt(f"http://{HOOKS_NAME}:{port}/hook")
+        assert fifth["error"] == "connection failed: ClientConnectorError"
         assert len(receiver.heads) == 1
 
 

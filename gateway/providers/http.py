@@ -36,7 +36,7 @@ from gateway.errors import (
     ProviderUnavailable,
 )
 from gateway.providers.base import ImageParams, Output
-from gateway.urlguard import DEFAULT_PORTS, Network, check_url, pinned
+from gateway.urlguard import ADDRESSES_TRIED, DEFAULT_PORTS, Network, check_url, pinned
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -254,30 +254,22 @@ async def request(
     Retried: connection failures before sending and 429 always (the upstream did not
     take the request); timeouts and 5xx only when `idempotent`. `tally`: the backend's
     metrics, each attempt counted by its outcome. `alternates`: `url` at its host's
-    other checked addresses (`pinned`); a failure to connect (refused, unreachable, or
-    silent past its share of the time limit) moves the next attempt to the next one, at
-    once while some are untried (one attempt more for each).
+    other checked addresses (`pinned`), tried in turn within each attempt
+    (`_at_some_address`).
     """
     if timeout is not None:
         kwargs["timeout"] = timeout
-    targets, at = [url, *alternates], 0
+    targets = [url, *alternates]
     total = timeout or client.timeout.total
-    if alternates and total:  # one that never answers leaves the next time to connect
+    if alternates and total:  # one that never answers leaves the others time to connect
         kwargs["connect_timeout"] = total / len(targets)
-    attempts += len(alternates)
     for attempt in range(attempts):
         last = attempt == attempts - 1
         try:
-            if telemetry.ENABLED:
-                response = await traced(client, method, targets[at], upstream, kwargs)
-            else:
-                response = await client.request(method, targets[at], **kwargs)
+            response = await _at_some_address(client, method, targets, upstream, tally, kwargs)
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
             if tally:
                 tally.connection_error.inc()
-            at = (at + 1) % len(targets)
-            if attempt < len(alternates):  # the next address, not tried yet
-                continue
             if last:
                 # Named, not described: the job's `error` reaches its owner, and the
                 # upstream's address is the operator's (the log has it).
@@ -288,9 +280,6 @@ async def request(
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
             if tally:
                 tally.timeout.inc()
-            if isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt < len(alternates):
-                at += 1  # never connected, so nothing was sent: the next address
-                continue
             if last or not idempotent:
                 raise ProviderTimeout(f"{upstream} timed out") from exc
             await asyncio.sleep(backoff(attempt))
@@ -320,6 +309,32 @@ async def request(
             raise error  # let routing fail over instead of holding the job
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _at_some_address(
+    client: UpstreamClient,
+    method: str,
+    targets: Sequence[str | URL],
+    upstream: str,
+    tally: metrics.UpstreamTally | None,
+    kwargs: dict[str, Any],
+) -> Answer:
+    """One attempt: at the first of `targets` (one URL at each of its host's addresses),
+    and at the next while one cannot be connected to (refused, unreachable, or silent
+    past its `connect_timeout`), nothing having been sent there. The last one's failure
+    is the attempt's."""
+    for n, target in enumerate(targets, 1):
+        try:
+            if telemetry.ENABLED:
+                return await traced(client, method, target, upstream, kwargs)
+            return await client.request(method, target, **kwargs)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            if n == len(targets):
+                raise
+            if tally:
+                tally.connection_error.inc()
+            log.info("upstream address unreachable", upstream=upstream, error=str(exc))
+    raise AssertionError("unreachable")  # pragma: no cover: targets is never empty
 
 
 async def traced(
@@ -354,7 +369,7 @@ async def download(
 ) -> bytes:
     """An output's bytes. From the upstream's own origin (`home`, its configured base URL)
     as it is; from any other host, which the upstream's answer (or a callback) named, only
-    through the URL guard, at the address it checked (as a webhook: `pinned`), so that
+    through the URL guard, at the addresses it checked (as a webhook: `pinned`), so that
     no answer can make the gateway fetch from its own network."""
     kwargs: dict[str, Any] = {}
     sent: str | URL = url
@@ -370,6 +385,7 @@ async def download(
             raise ProviderTimeout(f"{upstream}'s output host did not resolve in time") from None
         # The URL objects themselves: as a string, aiohttp would parse it again, resolving
         # `..` and re-escaping, and a signed URL would no longer match its signature.
+        addresses = addresses[:ADDRESSES_TRIED]
         targets = [pinned(url, address, OUTPUT_URL_MAX)[0] for address in addresses]
         _, host, server_name = pinned(url, addresses[0], OUTPUT_URL_MAX)
         sent, kwargs = targets[0], {"headers": host, "server_hostname": server_name}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -244,6 +245,25 @@ async def test_a_password_and_a_database_in_the_url_are_used(tmp_path: Path) -> 
             await refused.aclose()
     finally:
         server.stop()
+
+
+async def test_a_client_name_and_keepalive_in_the_url_are_used(any_redis_url: str) -> None:
+    """`client_name` and `socket_keepalive` in GATEWAY_REDIS_URL hold for every connection
+    the client makes, its multiplexed one among them (CLIENT LIST names each; the
+    operating system keeps each alive)."""
+    client = await connect(f"{any_redis_url}?client_name=gw-test&socket_keepalive=true")
+    try:
+        await asyncio.gather(*(client.get(f"m:{n}") for n in range(20)))  # the shared link
+        async with client.pipeline(transaction=True) as pipe:  # a pool connection
+            await pipe.get("m:0").execute()
+        mine = [c for c in await client.client_list() if c["cmd"] != "client|list"]
+        assert mine and {c["name"] for c in mine} == {"gw-test"}, mine
+        link = getattr(client, "multiplexer", None)
+        if link is not None:  # a plain server: the link's own socket
+            sock = link.link.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        await client.aclose()
 
 
 async def test_a_reply_that_is_not_utf8_fails_its_own_command_alone(

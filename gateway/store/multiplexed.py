@@ -22,6 +22,7 @@ TimeoutError. A command that carries a once-token
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -159,6 +160,13 @@ class Multiplexer:
         self.username: str | None = connection_kwargs.get("username")
         self.password: str | None = connection_kwargs.get("password")
         self.db = int(connection_kwargs.get("db") or 0)
+        self.client_name: str | None = connection_kwargs.get("client_name")
+        # TCP keep-alive, as redis-py's connections set it (`socket_keepalive=true` and
+        # its options, from the URL): idle links through a NAT or a load balancer.
+        self.keepalive = bool(connection_kwargs.get("socket_keepalive"))
+        self.keepalive_options: dict[int, int] = dict(
+            connection_kwargs.get("socket_keepalive_options") or {}
+        )
         self.timeout: float | None = connection_kwargs.get("socket_timeout")
         self.connect_timeout: float | None = (
             connection_kwargs.get("socket_connect_timeout") or self.timeout
@@ -218,10 +226,17 @@ class Multiplexer:
             raise RedisConnectionError(
                 f"Error {exc.errno} connecting to {self.name}. {exc.strerror}."
             ) from None
+        if self.keepalive and not self.path and link.transport is not None:
+            sock = link.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in self.keepalive_options.items():
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
         # RESP3, as redis-py's own connections speak it: its reply callbacks expect it.
+        # The name (`client_name` in the URL) is what CLIENT LIST shows for the link.
         auth = ("AUTH", self.username or "default", self.password) if self.password else ()
+        name = ("SETNAME", self.client_name) if self.client_name else ()
         try:
-            await link.send(pack("HELLO", 3, *auth))
+            await link.send(pack("HELLO", 3, *auth, *name))
             if self.db:
                 await link.send(pack("SELECT", self.db))
         except ResponseError as exc:  # not a Redis this client can speak to (RESP3)

@@ -47,6 +47,7 @@ class Context:
     connection_params: dict[str, Any] | None = None
     principal: Principal | None = field(default=None)
     rate_headers: dict[str, str] = field(default_factory=dict)
+    refusal: GatewayError | None = None  # why a WebSocket's connection_init was refused
     _request_lookup: Lookup = field(default_factory=Lookup)  # over HTTP: the request's
     _key_of: tuple[dict[str, Any] | None, str | None] | None = None  # (params, their key)
 

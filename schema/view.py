@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncGenerator, Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl
@@ -31,6 +32,7 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.async_base_view import AsyncWebSocketAdapter
 from strawberry.http.base import BaseRequestProtocol
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
@@ -226,10 +228,55 @@ def with_codes(message: Any, result: str) -> None:
             error["extensions"] = {**(error.get("extensions") or {}), "code": "BAD_USER_INPUT"}
 
 
+#: RFC 6455's "Try Again Later": a refusal that passes (a limit, Redis away), which a
+#: graphql-ws client retries, as it does 4403
+TRY_AGAIN_LATER = 1013
+TRANSIENT = frozenset({"RATE_LIMITED", "SERVICE_UNAVAILABLE"})
+
+
+def refusal_close(refusal: GatewayError) -> tuple[int, str]:
+    """How a refused `connection_init` closes the socket: the protocol's 4403, or 1013 for
+    a refusal that passes, with a reason naming the error's code (the protocol has no
+    message for it: the close reason is all a page learns), in the 123 bytes a close
+    reason may have."""
+    reason = f"{refusal.code}: {refusal.message}"
+    if "retryAfter" in refusal.extensions:
+        reason += f" (retry after {refusal.extensions['retryAfter']} s)"
+    if len(reason.encode()) > 123:
+        reason = reason.encode()[:120].decode(errors="ignore") + "..."
+    return (TRY_AGAIN_LATER if refusal.code in TRANSIENT else 4403), reason
+
+
+class _SaysWhy(AsyncWebSocketAdapter):
+    """The handler's socket, closing a refused connection with `refusal_close`: Strawberry
+    closes every refusal with 4403 "Forbidden"."""
+
+    def __init__(self, websocket: AsyncWebSocketAdapter, context: Context) -> None:
+        super().__init__(websocket.view)
+        self._websocket, self._context = websocket, context
+
+    def iter_json(self, *, ignore_parsing_errors: bool = False) -> AsyncGenerator[object, None]:
+        return self._websocket.iter_json(ignore_parsing_errors=ignore_parsing_errors)
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        await self._websocket.send_json(message)
+
+    async def close(self, code: int, reason: str) -> None:
+        refusal = self._context.refusal
+        if code == 4403 and refusal is not None:
+            code, reason = refusal_close(refusal)
+        await self._websocket.close(code=code, reason=reason)
+
+
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws (graphql-ws, Apollo Client): each operation runs in a task of
     its own, with a key check of its own (`schema/context.py`); a malformed message
-    closes the connection with 4400, as the protocol says."""
+    closes the connection with 4400, as the protocol says; a refused `connection_init`
+    says why (`refusal_close`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.websocket = _SaysWhy(self.websocket, self.context)
 
     async def handle_message(self, message: Any) -> None:
         if reason := message_error(message, ("subscribe", "complete"), "subscribe"):
@@ -505,6 +552,7 @@ class GraphQLView(GraphQL[Context, None]):
         try:
             await context.caller(read=True)
         except GatewayError as exc:
+            context.refusal = exc  # graphql-transport-ws closes saying it (`_SaysWhy`)
             raise ConnectionRejectionError({"code": exc.code, "message": exc.message}) from None
 
     async def process_result(

@@ -407,6 +407,7 @@ async def test_a_token_bound_to_an_origin_opens_a_socket_only_from_it(
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+            assert closed.value.rcvd.reason.startswith("FORBIDDEN: ")
 
 
 # -- the budget under a storm, across processes -----------------------------------------------

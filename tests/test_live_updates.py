@@ -94,22 +94,45 @@ async def test_subscription_and_sse_see_every_status_of_a_job_run_in_another_pro
         assert "x-ratelimit-remaining" in r.headers  # its key is good: its limits, as ever
 
 
+async def refused_at_init(base: str, credential: str) -> tuple[int, str]:
+    """The close code and reason of a graphql-transport-ws connection whose
+    `connection_init` carries `credential`, which must be refused."""
+    url = base.replace("http://", "ws://") + "/graphql"
+    async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+        init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {credential}"}}
+        await ws.send(json.dumps(init))
+        try:
+            await ws.recv()
+            raise AssertionError("connection was not closed")
+        except websockets.ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return closed.rcvd.code, closed.rcvd.reason
+
+
 async def test_subscription_with_a_bad_key_is_refused_at_connection(
     redis_url: str, storage_dir: Path
 ) -> None:
+    """Refused with the protocol's 4403, and the reason says why: the close is all a
+    page's graphql-ws client learns of it."""
     async with gateway(redis_url, storage_dir) as gw:
-        url = gw.base.replace("http://", "ws://") + "/graphql"
-        async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
-            await ws.send(
-                json.dumps(
-                    {"type": "connection_init", "payload": {"Authorization": "Bearer gk_x_y"}}
-                )
-            )
-            try:
-                await ws.recv()
-                raise AssertionError("connection was not closed")
-            except websockets.ConnectionClosed as closed:
-                assert closed.rcvd is not None and closed.rcvd.code == 4403
+        code, reason = await refused_at_init(gw.base, "gk_x_y")
+        assert code == 4403 and reason.startswith("UNAUTHENTICATED: "), (code, reason)
+
+
+async def test_a_connection_refused_for_a_while_is_told_to_try_again_later(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Over its read limit, a key's connection is refused with 1013 (Try Again Later),
+    which a client retries, and the reason names the limit's code and when to retry; an
+    unknown key's is 4403, which is not a matter of waiting."""
+    limited = {"read_rpm": 2, "read_rpm_per_job": 0}
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, **limited) as gw:
+        key = await gw.key("free", credits=100)
+        for _ in range(2):
+            assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+        code, reason = await refused_at_init(gw.base, key)
+        assert code == 1013 and reason.startswith("RATE_LIMITED: "), (code, reason)
+        assert "retry after" in reason and len(reason.encode()) <= 123
 
 
 async def test_a_hundred_streams_hold_one_redis_connection(

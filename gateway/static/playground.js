@@ -198,6 +198,12 @@ function subscribe(query, variables, sink) {
 }
 
 function closeError(event, acknowledged) {
+  // A refused connection_init says why in its reason, "CODE: message" (docs/api.md#auth):
+  // 4403, or 1013 (try again later) for a limit or the gateway's store away.
+  const refused = /^([A-Z_]+): ([\s\S]*)$/.exec(event.reason || "");
+  if ((event.code === 4403 || event.code === 1013) && refused) {
+    return new GatewayError(refused[1], refused[2]);
+  }
   if (event.code === 4403 || event.code === 4401) {
     return new GatewayError("CONNECTION_REJECTED", "The live connection was refused.");
   }

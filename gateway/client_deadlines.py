@@ -44,7 +44,7 @@ import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway import metrics, rest
+from gateway import metrics, rest, telemetry
 from gateway.errors import RequestTimeout
 
 log = structlog.get_logger("gateway")
@@ -164,13 +164,17 @@ class ClientDeadlines(HttpToolsProtocol):
             # already answered (early, say a 413): nobody waits on it, just closed.
             self.transport.close()
             return
-        log.info("client too slow", awaited=awaited, waited_s=round(waited, 3))
         if awaited == "body":  # its handler, waiting on it, sees the client gone (499)
+            log.info("client too slow", awaited=awaited, waited_s=round(waited, 3))
             self.transport.close()
             return
+        # No head was read, so none of the client's: an id of its own, in the answer and
+        # on the line that says why, as every answer has (gateway/telemetry_http.py).
+        rid = telemetry.request_id(None)
+        log.info("client too slow", awaited=awaited, waited_s=round(waited, 3), request_id=rid)
         if self.count is not None:
             self.count(metrics.UNMATCHED, 408, waited)
-        self.transport.write(_too_slow(self.client_timeout))
+        self.transport.write(_too_slow(self.client_timeout, rid))
         # What the client still sends is read and dropped: uvicorn feeds it to the parser.
         self.parser = _Dropping()  # type: ignore[assignment]
         if self.transport.can_write_eof():
@@ -238,12 +242,14 @@ class _Sweep:
                 self.start()
 
 
-def _too_slow(seconds: float) -> bytes:
+def _too_slow(seconds: float, rid: str) -> bytes:
     """REST's error answer (no path was read to pick another API's shape), as bytes."""
     refused = RequestTimeout(f"the request's headers did not arrive within {seconds:g} s")
     answer = rest.error_response(refused)
     head = b"".join(b"%s: %s\r\n" % header for header in answer.raw_headers)
-    return b"HTTP/1.1 408 Request Timeout\r\n%bconnection: close\r\n\r\n%b" % (
+    status = b"HTTP/1.1 408 Request Timeout\r\n"
+    return status + b"%bx-request-id: %b\r\nconnection: close\r\n\r\n%b" % (
         head,
+        rid.encode(),
         bytes(answer.body),
     )

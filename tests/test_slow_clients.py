@@ -97,11 +97,20 @@ async def test_headers_trickled_a_byte_at_a_time_are_refused_with_408(
         connection(gw) as (reader, writer),
     ):
         sender = asyncio.create_task(trickle(writer, head, TIMEOUT / 10))
-        refused = await asyncio.wait_for(reader.read(), BOUND)
+        with structlog.testing.capture_logs() as logged:
+            refused = await asyncio.wait_for(reader.read(), BOUND)
         assert refused.startswith(b"HTTP/1.1 408 "), refused
         status, _, body = refused.partition(b"\r\n\r\n")
         assert b"connection: close" in status.lower()
         assert json.loads(body)["error"]["code"] == "REQUEST_TIMEOUT"
+        # Its id, as every answer has one, names the server's line about it.
+        (rid,) = (
+            line.split(b":")[1].strip()
+            for line in status.lower().split(b"\r\n")
+            if line.startswith(b"x-request-id:")
+        )
+        said = [e for e in logged if e["event"] == "client too slow"]
+        assert [e.get("request_id") for e in said] == [rid.decode()], said
         # While the server lingers on that one (the client still sending), the others
         # are still looked after: a silent connection opened now is closed in its turn.
         async with connection(gw) as (silent, _):

@@ -11,8 +11,8 @@ secret string as printed) and the Standard Webhooks headers via `standardwebhook
 The URL is checked again at delivery and the request goes to the addresses that check
 resolved, the next when one cannot be connected to (DNS rebinding cannot swap them for
 a private one in between), with the Host header, TLS server name and certificate check
-of the URL's host (`pinned`). Deliveries
-share one aiohttp session (`session`): no cookies kept, no proxy from the environment.
+of the URL's host (`pinned`). Deliveries share one aiohttp session (`session`): no
+cookies kept, no proxy from the environment.
 
 The body is the gateway's own (`payload`), unless the job was asked for in a provider's
 protocol (`Job.webhook_shape`, set by `/compat/<provider>`): then it is that provider's

@@ -385,11 +385,9 @@ async def download(
             raise ProviderTimeout(f"{upstream}'s output host did not resolve in time") from None
         # The URL objects themselves: as a string, aiohttp would parse it again, resolving
         # `..` and re-escaping, and a signed URL would no longer match its signature.
-        addresses = addresses[:ADDRESSES_TRIED]
-        targets = [pinned(url, address, OUTPUT_URL_MAX)[0] for address in addresses]
-        _, host, server_name = pinned(url, addresses[0], OUTPUT_URL_MAX)
-        sent, kwargs = targets[0], {"headers": host, "server_hostname": server_name}
-        kwargs["alternates"] = targets[1:]
+        pins = [pinned(url, address, OUTPUT_URL_MAX) for address in addresses[:ADDRESSES_TRIED]]
+        (sent, host, server_name), others = pins[0], [target for target, _, _ in pins[1:]]
+        kwargs = {"headers": host, "server_hostname": server_name, "alternates": others}
     response = await request(
         client, "GET", sent, upstream=upstream, idempotent=True, tally=tally, **kwargs
     )

@@ -240,7 +240,7 @@ def refusal_close(refusal: GatewayError) -> tuple[int, str]:
     message for it: the close reason is all a page learns), in the 123 bytes a close
     reason may have."""
     reason = f"{refusal.code}: {refusal.message}"
-    if "retryAfter" in refusal.extensions:
+    if "retryAfter" in refusal.extensions and "retry after" not in refusal.message:
         reason += f" (retry after {refusal.extensions['retryAfter']} s)"
     if len(reason.encode()) > 123:
         reason = reason.encode()[:120].decode(errors="ignore") + "..."

@@ -171,6 +171,41 @@ async def test_errors_are_shown_with_their_code(redis_url: str, storage_dir: Pat
         assert seen.foreign(gw.base) == []
 
 
+async def test_a_live_connection_refused_says_why(redis_url: str, storage_dir: Path) -> None:
+    """The subscription's connection refused at `connection_init` closes with the
+    refusal's code and message in its reason (4403, or 1013 for one that passes): the
+    page shows them as it shows an error over HTTP, not a bare "refused"."""
+    async with gateway(redis_url, storage_dir) as gw, browser_page() as (page, _):
+        await page.goto(gw.base + "/")
+        url = gw.base.replace("http://", "ws://") + "/graphql"
+        # The gateway's own close, as the page's WebSocket receives it.
+        closed = await page.evaluate(
+            """url => new Promise(done => {
+                const ws = new WebSocket(url, "graphql-transport-ws");
+                ws.onopen = () => ws.send(JSON.stringify(
+                    {type: "connection_init", payload: {Authorization: "Bearer gk_x_y"}}));
+                ws.onclose = (event) => {
+                    const err = closeError(event, false);
+                    done([event.code, err.code, err.message]);
+                };
+            })""",
+            url,
+        )
+        assert closed[:2] == [4403, "UNAUTHENTICATED"], closed
+        assert closed[2] and "refused" not in closed[2], closed
+        # One that passes (a limit, the store away), and a server that says nothing.
+        said = await page.evaluate(
+            """() => [
+                closeError({code: 1013, reason: "RATE_LIMITED: over (retry after 5 s)"}, false),
+                closeError({code: 4403, reason: "Forbidden"}, false),
+            ].map(err => [err.code, err.message])"""
+        )
+        assert said == [
+            ["RATE_LIMITED", "over (retry after 5 s)"],
+            ["CONNECTION_REJECTED", "The live connection was refused."],
+        ]
+
+
 async def test_a_client_token_works_like_a_key(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir) as gw, browser_page(locale="en-US") as (page, seen):
         key = await gw.key(plan="pro", credits=5_000)

@@ -441,22 +441,32 @@ async def test_a_redis_that_comes_back_empty_gets_its_queue_read_again(
         server.stop()
 
 
+@contextlib.asynccontextmanager
+async def queue_of(redis_url: str, jobs: int, **options: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """The client and the job queue on `redis_url` (blocking reads unless `options` say),
+    its group made, shard 0's stream holding `jobs` entries: `job-0`, `job-1`, ..."""
+    from gateway.jobs.queue import Queue
+    from gateway.store.redis import Scripts, connect
+
+    redis = await connect(redis_url)
+    try:
+        queue = Queue(redis, Scripts.register(redis), **{"blocking": True, **options})
+        await queue.ensure_group()
+        for n in range(jobs):
+            await redis.xadd(keys.queue(0), {"job": f"job-{n}"})
+        yield redis, queue
+    finally:
+        await redis.aclose()
+
+
 async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
     redis_url: str,
 ) -> None:
     """The entries a silent worker left are found wherever they sit among the pending
     ones: behind eleven that a live worker keeps renewing, a worker with one free slot
     takes the dead one's job (XAUTOCLAIM looks at ten entries per one it may take)."""
-    from gateway.jobs.queue import Queue
-    from gateway.store.redis import Scripts, connect
-
-    redis = await connect(redis_url)
-    try:
-        queue = Queue(redis, Scripts.register(redis), blocking=True)
-        await queue.ensure_group()
-        stream = keys.queue(0)
-        for n in range(12):
-            await redis.xadd(stream, {"job": f"job-{n}"})
+    stream = keys.queue(0)
+    async with queue_of(redis_url, 12) as (redis, queue):
         live = await queue.read("live", 11, block_ms=10)
         [(dead_entry, dead_job)] = await queue.read("dead", 1, block_ms=10)
         assert len(live) == 11 and dead_job == "job-11"
@@ -469,8 +479,6 @@ async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
         await queue.touch("live", [handle for handle, _ in live])  # the live one renews
         taken = await queue.reclaim("rescuer", min_idle_ms=200, count=1)
         assert taken == [(dead_entry, "job-11")]
-    finally:
-        await redis.aclose()
 
 
 async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
@@ -479,15 +487,7 @@ async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
     """A worker that could not renew its entries for longer than a lease finds, when it
     can again, which ones another worker took over meanwhile: it renews only its own,
     never claiming those back (both would run them, and submit twice upstream)."""
-    from gateway.jobs.queue import Queue
-    from gateway.store.redis import Scripts, connect
-
-    redis = await connect(redis_url)
-    try:
-        queue = Queue(redis, Scripts.register(redis), blocking=True)
-        await queue.ensure_group()
-        for n in range(3):
-            await redis.xadd(keys.queue(0), {"job": f"job-{n}"})
+    async with queue_of(redis_url, 3) as (redis, queue):
         held = await queue.read("cut-off", 3, block_ms=10)
         handles = [handle for handle, _ in held]
 
@@ -504,8 +504,6 @@ async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
         rows = await redis.xpending_range(keys.queue(0), keys.QUEUE_GROUP, "-", "+", 10)
         owners = {row["message_id"]: row["consumer"] for row in rows}
         assert [owners[h.partition("/")[2]] for h in handles] == ["cut-off", "other", "other"]
-    finally:
-        await redis.aclose()
 
 
 async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
@@ -571,14 +569,8 @@ async def test_a_queue_read_cancelled_as_a_job_arrives_is_cancelled(redis_url: s
     a job stops: the cancellation is not lost to the wake-up. (`asyncio.wait_for` on
     Python 3.11 returned the wake-up and dropped the cancellation; the next read then
     took a job on the way out.)"""
-    from gateway.jobs.queue import Queue
-    from gateway.store.redis import Scripts, connect
-
-    redis = await connect(redis_url)
-    try:
-        # Not blocking in Redis: an idle sweep waits on this process's own wake-up.
-        queue = Queue(redis, Scripts.register(redis), blocking=False, idle_ms=60_000)
-        await queue.ensure_group()
+    # Not blocking in Redis: an idle sweep waits on this process's own wake-up.
+    async with queue_of(redis_url, 0, blocking=False, idle_ms=60_000) as (_, queue):
         reading = asyncio.create_task(queue.read("stopping", 1, block_ms=60_000))
 
         async def asleep() -> bool:  # on the wake-up
@@ -589,8 +581,6 @@ async def test_a_queue_read_cancelled_as_a_job_arrives_is_cancelled(redis_url: s
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reading
-    finally:
-        await redis.aclose()
 
 
 async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_url: str) -> None:
@@ -598,16 +588,8 @@ async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_ur
     the group. The hourly sweep deletes those that hold no entry and have not read for
     a while; one that still holds a job's entry is kept until another worker takes the
     entry over, so no job drops out of the pending ones."""
-    from gateway.jobs.queue import Queue
-    from gateway.store.redis import Scripts, connect
-
-    redis = await connect(redis_url)
-    try:
-        queue = Queue(redis, Scripts.register(redis), blocking=True)
-        await queue.ensure_group()
-        stream = keys.queue(0)
-        for n in range(3):
-            await redis.xadd(stream, {"job": f"job-{n}"})
+    stream = keys.queue(0)
+    async with queue_of(redis_url, 3) as (redis, queue):
         [(done, _)] = await queue.read("gone-idle", 1, block_ms=10)
         await queue.ack(done)
         [(held, _)] = await queue.read("gone-holding", 1, block_ms=10)
@@ -633,5 +615,3 @@ async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_ur
         assert await names() == {"rescuer", "me"}
         pending = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 10)
         assert [row["consumer"] for row in pending] == ["rescuer"]
-    finally:
-        await redis.aclose()

@@ -7,6 +7,7 @@ import io
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -372,6 +373,17 @@ async def test_emulator_enforces_seed_003(krea: Krea) -> None:
     assert created["result"] is None
 
 
+def completed_at(url: str) -> dict[str, Any]:
+    """Krea's answer for a completed job whose one output is at `url`."""
+    return {
+        "job_id": "3c90c3cc-0d44-4b50-8888-8dd25736052a",
+        "status": "completed",
+        "created_at": "2025-01-15T10:30:00.000Z",
+        "completed_at": "2025-01-15T10:30:25.000Z",
+        "result": {"urls": [url]},
+    }
+
+
 async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard() -> None:
     """Krea's answer names its outputs' URLs: one on another host (its CDN) goes through
     the guard that webhooks do, so an answer (or a callback) naming a private address
@@ -389,13 +401,7 @@ async def test_an_output_on_another_host_is_fetched_only_through_the_url_guard()
 
     inside = Starlette(routes=[Route("/{path:path}", internal, methods=["GET"])])
     async with serve(inside) as private:
-        answer = {
-            "job_id": "3c90c3cc-0d44-4b50-8888-8dd25736052a",
-            "status": "completed",
-            "created_at": "2025-01-15T10:30:00.000Z",
-            "completed_at": "2025-01-15T10:30:25.000Z",
-            "result": {"urls": [f"{private}{path}?{query}"]},
-        }
+        answer = completed_at(f"{private}{path}?{query}")
         async with answering(answer) as base:
             async with UpstreamClient(5.0) as client:
                 provider = KreaProvider(client, base_url=base, token=TOKEN)
@@ -429,13 +435,7 @@ async def test_an_output_host_address_that_refuses_passes_the_download_to_the_ne
     app = Starlette(routes=[Route("/{path:path}", cdn, methods=["GET"])])
     async with serve(app) as cdn_base:
         port = cdn_base.rsplit(":", 1)[1]
-        answer = {
-            "job_id": "3c90c3cc-0d44-4b50-8888-8dd25736052a",
-            "status": "completed",
-            "created_at": "2025-01-15T10:30:00.000Z",
-            "completed_at": "2025-01-15T10:30:25.000Z",
-            "result": {"urls": [f"http://{HOOKS_NAME}:{port}/out.png"]},
-        }
+        answer = completed_at(f"http://{HOOKS_NAME}:{port}/out.png")
         loopback = [ipaddress.ip_network("127.0.0.0/8")]
         async with answering(answer) as base, UpstreamClient(5.0, allow=loopback) as client:
             provider = KreaProvider(client, base_url=base, token=TOKEN)

@@ -236,15 +236,17 @@ TRANSIENT = frozenset({"RATE_LIMITED", "SERVICE_UNAVAILABLE"})
 
 def refusal_close(refusal: GatewayError) -> tuple[int, str]:
     """How a refused `connection_init` closes the socket: the protocol's 4403, or 1013 for
-    a refusal that passes, with a reason naming the error's code (the protocol has no
-    message for it: the close reason is all a page learns), in the 123 bytes a close
-    reason may have."""
-    reason = f"{refusal.code}: {refusal.message}"
-    if "retryAfter" in refusal.extensions and "retry after" not in refusal.message:
-        reason += f" (retry after {refusal.extensions['retryAfter']} s)"
-    if len(reason.encode()) > 123:
-        reason = reason.encode()[:120].decode(errors="ignore") + "..."
-    return (TRY_AGAIN_LATER if refusal.code in TRANSIENT else 4403), reason
+    a refusal that passes (one with a time to retry), with a reason naming the error's
+    code (the protocol has no message for it: the close reason is all a page learns),
+    in the 123 bytes a close reason may have."""
+    retry = refusal.extensions.get("retryAfter")
+    said = retry is None or "retry after" in refusal.message
+    suffix = "" if said else f" (retry after {retry} s)"
+    reason, room = f"{refusal.code}: {refusal.message}", 123 - len(suffix)
+    if len(reason.encode()) > room:
+        reason = reason.encode()[: room - 3].decode(errors="ignore") + "..."
+    passes = refusal.code in TRANSIENT and retry is not None
+    return (TRY_AGAIN_LATER if passes else 4403), reason + suffix
 
 
 class _SaysWhy(AsyncWebSocketAdapter):

@@ -152,7 +152,7 @@ class Link(asyncio.Protocol):
 class Multiplexer:
     """The link of one client: connected when first needed, replaced when lost."""
 
-    def __init__(self, connection_kwargs: dict[str, Any]) -> None:
+    def __init__(self, connection_class: type[Any], connection_kwargs: dict[str, Any]) -> None:
         self.path: str | None = connection_kwargs.get("path")
         self.host = str(connection_kwargs.get("host", "localhost"))
         self.port = int(connection_kwargs.get("port", 6379))
@@ -161,11 +161,13 @@ class Multiplexer:
         self.password: str | None = connection_kwargs.get("password")
         self.db = int(connection_kwargs.get("db") or 0)
         self.client_name: str | None = connection_kwargs.get("client_name")
-        # TCP keep-alive, as redis-py's connections set it (`socket_keepalive=true` and
-        # its options, from the URL): idle links through a NAT or a load balancer.
-        self.keepalive = bool(connection_kwargs.get("socket_keepalive"))
-        self.keepalive_options: dict[int, int] = dict(
-            connection_kwargs.get("socket_keepalive_options") or {}
+        # TCP keep-alive as the pool's own connections have it, read off one made (not
+        # connected) from the same arguments: redis-py turns it on by default, with its
+        # own timings (idle links through a NAT or a load balancer).
+        made = connection_class(**connection_kwargs)
+        self.keepalive = bool(getattr(made, "socket_keepalive", False))
+        self.keepalive_options: dict[int, int | bytes] = dict(
+            getattr(made, "socket_keepalive_options", None) or {}
         )
         self.timeout: float | None = connection_kwargs.get("socket_timeout")
         self.connect_timeout: float | None = (
@@ -228,9 +230,14 @@ class Multiplexer:
             ) from None
         if self.keepalive and not self.path and link.transport is not None:
             sock = link.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for option, value in self.keepalive_options.items():
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for option, value in self.keepalive_options.items():
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except (OSError, TypeError) as exc:  # an option this system does not take
+                refused = f"keep-alive options refused for {self.name}: {exc}"
+                link.fail(RedisConnectionError(refused))
+                raise RedisConnectionError(refused) from None
         # RESP3, as redis-py's own connections speak it: its reply callbacks expect it.
         # The name (`client_name` in the URL) is what CLIENT LIST shows for the link.
         auth = ("AUTH", self.username or "default", self.password) if self.password else ()
@@ -273,7 +280,7 @@ class Multiplexed(Redis):
     def over(cls, pool: ConnectionPool) -> Multiplexed:
         """A client of `pool` (which it owns) whose data commands take one link."""
         client = cast(Multiplexed, cls.from_pool(pool))
-        client.multiplexer = Multiplexer(pool.connection_kwargs)
+        client.multiplexer = Multiplexer(pool.connection_class, pool.connection_kwargs)
         return client
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:

@@ -25,6 +25,9 @@ from gateway.store import keys
 from gateway.store.redis import decoded
 from gateway.store.scripts import Scripts
 
+#: waiters a settle.lua call completes, at most (what that holds Redis for: BENCHMARKS.md)
+SETTLED_AT_ONCE = 250
+
 
 class Cache:
     def __init__(self, redis: aioredis.Redis, scripts: Scripts, settings: Settings) -> None:
@@ -70,24 +73,31 @@ class Cache:
         # A hit's record refers to the entry for its outcome and params (read.lua).
         encoded_params = orjson.dumps(job.params).decode()
         now_ms = job.completed_at or 0
-        reply = await self.scripts.settle(
-            cache_entry=keys.cache_entry(shard, digest),
-            inflight=keys.inflight(shard, digest),
-            followers=keys.followers(shard, digest),
-            webhooks=keys.webhooks(shard),
-            coalescing=keys.coalescing(shard),
-            leader=keys.job(job.account, job.id),
-            now_ms=now_ms,
-            retention_ms=self.retention_ms,
-            urls=encoded_urls,
-            width=width,
-            height=height,
-            metadata=encoded_metadata,
-            hit_metadata=hit_metadata,
-            params=encoded_params,
-            keep=keep,
-            client=self.redis,
-        )
+        completed: list[str] = []
+        more, first = True, True
+        while more:  # a few hundred waiters a call: none holds Redis long
+            reply = await self.scripts.settle(
+                cache_entry=keys.cache_entry(shard, digest),
+                inflight=keys.inflight(shard, digest),
+                followers=keys.followers(shard, digest),
+                webhooks=keys.webhooks(shard),
+                coalescing=keys.coalescing(shard),
+                leader=keys.job(job.account, job.id),
+                now_ms=now_ms,
+                retention_ms=self.retention_ms,
+                urls=encoded_urls,
+                width=width,
+                height=height,
+                metadata=encoded_metadata,
+                hit_metadata=hit_metadata,
+                params=encoded_params,
+                count=SETTLED_AT_ONCE,
+                keep=keep,
+                first=first,
+                client=self.redis,
+            )
+            completed += reply.completed
+            more, first = reply.more, False
         # The other shards' copies, sent together (one pipeline: gateway/store/batching.py).
         await asyncio.gather(
             *(
@@ -107,7 +117,7 @@ class Cache:
                 if n != shard and keep
             )
         )
-        return reply.completed
+        return completed
 
     async def release(self, job: Job, now_ms: int) -> list[str]:
         """The leader failed or was cancelled: let the first waiter that can pay run in its

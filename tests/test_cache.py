@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
@@ -493,6 +494,80 @@ async def test_a_leader_that_completed_unsettled_hands_its_waiters_its_images(
         assert await balance(gw, other) == 100
         queued = await service.redis.xrange(keys.queue(keys.shard_of(gw.keys[other]["id"])))
         assert keys.job(gw.keys[other]["id"], waiter["id"]) not in [e["job"] for _, e in queued]
+
+
+async def test_many_waiters_are_settled_a_few_at_a_time_and_none_is_forgotten(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader's waiters are completed a bounded number per script (thousands in one
+    would hold Redis, and every other request, for as long), until none is left. A
+    worker that dies between two of those leaves the rest to the rescue: each waiter is
+    completed with the leader's images, once, free, and none is run."""
+    from gateway import cache
+
+    monkeypatch.setattr(cache, "SETTLED_AT_ONCE", 2)
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        service = gw.app.state.gateway
+        url = f"{gw.base}/outputs/made.png"
+
+        async def coalesced(seed: int) -> tuple[Any, list[tuple[str, str]]]:
+            """A leader completed (not settled yet) and its five waiters, each a key's."""
+            key = await gw.key(credits=100)
+            leader = await gen(gw, key, provider="local", seed=seed, width=512, height=512)
+            waiters = []
+            for _ in range(5):
+                other = await gw.key(credits=100)
+                made = await gen(gw, other, provider="local", seed=seed, width=512, height=512)
+                assert made["creditCost"] == 0
+                waiters.append((other, made["id"]))
+            job = await service.store.get(gw.keys[key]["id"], leader["id"])
+            now = service.now_ms()
+            assert await service.store.finish(
+                job, "completed", now, refund=False, urls=[url], width=512, height=512
+            )
+            job.completed_at = now
+            return job, waiters
+
+        async def all_done(waiters: list[tuple[str, str]]) -> None:
+            for other, job_id in waiters:
+                done = await gw.job(other, job_id)
+                assert (done["status"], done["url"], done["creditCost"]) == ("completed", url, 0)
+                assert await balance(gw, other) == 100
+
+        job, waiters = await coalesced(81)
+        settled = await service.cache.settle(job, [url], 512, 512, {"seed": 81})
+        assert len(settled) == 5
+        await all_done(waiters)
+
+        # The worker dies after the first two.
+        job, waiters = await coalesced(82)
+        shard = keys.shard_of(job.account)
+        first = await service.scripts.settle(
+            cache_entry=keys.cache_entry(shard, job.cache_key),
+            inflight=keys.inflight(shard, job.cache_key),
+            followers=keys.followers(shard, job.cache_key),
+            webhooks=keys.webhooks(shard),
+            coalescing=keys.coalescing(shard),
+            leader=keys.job(job.account, job.id),
+            now_ms=job.completed_at,
+            retention_ms=service.cache.retention_ms,
+            urls=f'["{url}"]',
+            width=512,
+            height=512,
+            metadata='{"seed": 82}',
+            hit_metadata='{"seed": 82, "cached": true, "duration": 0}',
+            params="{}",
+            count=2,
+        )
+        assert first.more and len(first.completed) == 2
+        rescued = await service.cache.rescue(service.now_ms())  # any worker's next heartbeat
+        assert len(rescued) == 3
+        await all_done(waiters)
+        for shard in range(gw.settings.redis_shards):
+            queued = await service.redis.xrange(keys.queue(shard))
+            assert not {e["job"] for _, e in queued} & {
+                keys.job(gw.keys[o]["id"], j) for o, j in waiters
+            }
 
 
 async def test_a_hit_lives_no_longer_than_the_images_it_shows(

@@ -110,7 +110,7 @@ def test_the_other_replies_are_decoded_by_name() -> None:
     assert tuple(Credit.decode(["ok", 150])) == ("ok", 150)
     assert Credit.decode(["negative", 3]).outcome == "negative"
     assert Claim.decode(["k1", "k2"]).due == ["k1", "k2"]
-    assert Settle.decode([]).completed == []
+    assert Settle.decode([1, "k"]) == (True, ["k"]) and Settle.decode([0]) == (False, [])
     assert Promote.decode("poor").verdict == "poor"
 
 
@@ -293,8 +293,9 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             metadata="{}",
             hit_metadata='{"cached": true}',
             params="{}",
+            count=10,
         )
-        assert settled.completed == []
+        assert settled == (False, [])
         promoted = await made.promote(
             job=job,
             account=keys.account(a),

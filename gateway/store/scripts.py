@@ -502,6 +502,7 @@ class Claim(Script):
 
 
 class SettleReply(NamedTuple):
+    more: bool  # waiters are left: call again (`first` False)
     completed: list[str]  # the keys of the waiting jobs it completed
 
 
@@ -527,7 +528,9 @@ class Settle(Script):
         metadata: str,
         hit_metadata: str,
         params: str,
+        count: int,
         keep: bool = True,
+        first: bool = True,
         client: aioredis.Redis | None = None,
     ) -> SettleReply:
         argv = [
@@ -546,12 +549,14 @@ class Settle(Script):
             hit_metadata,
             params,
             1 if keep else 0,
+            count,
+            1 if first else 0,
         ]
         return self.decode(await self.run(5, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> SettleReply:
-        return SettleReply(completed=[str(k) for k in reply])
+        return SettleReply(more=int(reply[0]) == 1, completed=[str(k) for k in reply[1:]])
 
 
 # -- entry.lua -----------------------------------------------------------------------

@@ -66,13 +66,18 @@ class Cache:
         request does (the entry answers no hit)."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
-        encoded_urls = orjson.dumps(urls).decode()
-        encoded_metadata = orjson.dumps(metadata).decode()
-        # What a hit's job says, made once here rather than by every hit's script.
-        hit_metadata = orjson.dumps({**metadata, "cached": True, "duration": 0}).decode()
-        # A hit's record refers to the entry for its outcome and params (read.lua).
-        encoded_params = orjson.dumps(job.params).decode()
-        now_ms = job.completed_at or 0
+        outcome: dict[str, Any] = {
+            "urls": orjson.dumps(urls).decode(),
+            "width": width,
+            "height": height,
+            "metadata": orjson.dumps(metadata).decode(),
+            # What a hit's job says, made once here rather than by every hit's script.
+            "hit_metadata": orjson.dumps({**metadata, "cached": True, "duration": 0}).decode(),
+            # A hit's record refers to the entry for its outcome and params (read.lua).
+            "params": orjson.dumps(job.params).decode(),
+            "now_ms": job.completed_at or 0,
+            "retention_ms": self.retention_ms,
+        }
         completed: list[str] = []
         more, first = True, True
         while more:  # a few hundred waiters a call: none holds Redis long
@@ -83,18 +88,11 @@ class Cache:
                 webhooks=keys.webhooks(shard),
                 coalescing=keys.coalescing(shard),
                 leader=keys.job(job.account, job.id),
-                now_ms=now_ms,
-                retention_ms=self.retention_ms,
-                urls=encoded_urls,
-                width=width,
-                height=height,
-                metadata=encoded_metadata,
-                hit_metadata=hit_metadata,
-                params=encoded_params,
                 count=SETTLED_AT_ONCE,
                 keep=keep,
                 first=first,
                 client=self.redis,
+                **outcome,
             )
             completed += reply.completed
             more, first = reply.more, False
@@ -102,16 +100,7 @@ class Cache:
         await asyncio.gather(
             *(
                 self.scripts.entry(
-                    cache_entry=keys.cache_entry(n, digest),
-                    urls=encoded_urls,
-                    width=width,
-                    height=height,
-                    metadata=encoded_metadata,
-                    hit_metadata=hit_metadata,
-                    params=encoded_params,
-                    now_ms=now_ms,
-                    retention_ms=self.retention_ms,
-                    client=self.redis,
+                    cache_entry=keys.cache_entry(n, digest), client=self.redis, **outcome
                 )
                 for n in range(self.settings.redis_shards)
                 if n != shard and keep

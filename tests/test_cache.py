@@ -539,27 +539,21 @@ async def test_many_waiters_are_settled_a_few_at_a_time_and_none_is_forgotten(
         assert len(settled) == 5
         await all_done(waiters)
 
-        # The worker dies after the first two.
+        # The worker dies after the first two (its second call never reaches Redis).
         job, waiters = await coalesced(82)
-        shard = keys.shard_of(job.account)
-        first = await service.scripts.settle(
-            cache_entry=keys.cache_entry(shard, job.cache_key),
-            inflight=keys.inflight(shard, job.cache_key),
-            followers=keys.followers(shard, job.cache_key),
-            webhooks=keys.webhooks(shard),
-            coalescing=keys.coalescing(shard),
-            leader=keys.job(job.account, job.id),
-            now_ms=job.completed_at,
-            retention_ms=service.cache.retention_ms,
-            urls=f'["{url}"]',
-            width=512,
-            height=512,
-            metadata='{"seed": 82}',
-            hit_metadata='{"seed": 82, "cached": true, "duration": 0}',
-            params="{}",
-            count=2,
-        )
-        assert first.more and len(first.completed) == 2
+        settle, calls = service.scripts.settle, []
+
+        async def dies_after_one(**arguments: Any) -> Any:
+            calls.append(arguments["count"])
+            if len(calls) > 1:
+                raise ConnectionError("the worker died")
+            return await settle(**arguments)
+
+        monkeypatch.setattr(service.scripts, "settle", dies_after_one)
+        with pytest.raises(ConnectionError):
+            await service.cache.settle(job, [url], 512, 512, {"seed": 82})
+        monkeypatch.setattr(service.scripts, "settle", settle)
+        assert calls == [2, 2]
         rescued = await service.cache.rescue(service.now_ms())  # any worker's next heartbeat
         assert len(rescued) == 3
         await all_done(waiters)

@@ -13,6 +13,7 @@ does when it ends.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from gateway.store.scripts import Scripts
 
 #: waiters a settle.lua call completes, at most (what that holds Redis for: BENCHMARKS.md)
 SETTLED_AT_ONCE = 250
+ALL = 2**31 - 1
 
 
 class Cache:
@@ -78,6 +80,9 @@ class Cache:
             "now_ms": job.completed_at or 0,
             "retention_ms": self.retention_ms,
         }
+        # Not a preview's waiters: between two calls an identical request would run and
+        # lead, and its own waiters join the list this drains (keep True: a hit instead).
+        count = SETTLED_AT_ONCE if keep else ALL
         completed: list[str] = []
         more, first = True, True
         while more:  # a few hundred waiters a call: none holds Redis long
@@ -88,7 +93,7 @@ class Cache:
                 webhooks=keys.webhooks(shard),
                 coalescing=keys.coalescing(shard),
                 leader=keys.job(job.account, job.id),
-                count=SETTLED_AT_ONCE,
+                count=count,
                 keep=keep,
                 first=first,
                 client=self.redis,
@@ -118,9 +123,13 @@ class Cache:
             return []
         return await self._promote_next(shard, job.cache_key, now_ms, leader)
 
-    async def rescue(self, now_ms: int) -> list[str]:
+    async def rescue(
+        self, now_ms: int, keep: Callable[[Job], bool] = lambda job: True
+    ) -> list[str]:
         """Followers whose leader ended without releasing them (its worker died at that
-        instant), or whose leader record is gone: promote one of them. Run periodically."""
+        instant, or part way through settling them), or whose leader record is gone:
+        settle or promote them. Run periodically. `keep`: whether a completed leader's
+        outcome is one to cache (`Cache.settle`'s `keep`, as its worker would decide)."""
         changed: list[str] = []
         for shard in range(self.settings.redis_shards):
             for member in await self.redis.smembers(keys.coalescing(shard)):
@@ -137,7 +146,12 @@ class Cache:
                 if record.get("status") == "completed":  # its worker died before settling
                     done = Job.from_record(record)
                     changed += await self.settle(
-                        done, done.urls, done.width or 0, done.height or 0, done.metadata
+                        done,
+                        done.urls,
+                        done.width or 0,
+                        done.height or 0,
+                        done.metadata,
+                        keep=keep(done),
                     )
                     continue
                 # In the place of the leader read: if a release (or another process's

@@ -502,7 +502,8 @@ async def test_many_waiters_are_settled_a_few_at_a_time_and_none_is_forgotten(
     """A leader's waiters are completed a bounded number per script (thousands in one
     would hold Redis, and every other request, for as long), until none is left. A
     worker that dies between two of those leaves the rest to the rescue: each waiter is
-    completed with the leader's images, once, free, and none is run."""
+    completed with the leader's images, once, free, and none is run. A preview's
+    waiters (an outcome not cached) are completed in one script."""
     from gateway import cache
 
     monkeypatch.setattr(cache, "SETTLED_AT_ONCE", 2)
@@ -543,6 +544,10 @@ async def test_many_waiters_are_settled_a_few_at_a_time_and_none_is_forgotten(
         job, waiters = await coalesced(82)
         settle, calls = service.scripts.settle, []
 
+        async def counted(**arguments: Any) -> Any:
+            calls.append(arguments["count"])
+            return await settle(**arguments)
+
         async def dies_after_one(**arguments: Any) -> Any:
             calls.append(arguments["count"])
             if len(calls) > 1:
@@ -557,6 +562,18 @@ async def test_many_waiters_are_settled_a_few_at_a_time_and_none_is_forgotten(
         rescued = await service.cache.rescue(service.now_ms())  # any worker's next heartbeat
         assert len(rescued) == 3
         await all_done(waiters)
+        # The rescue wrote the entry again: the same outcome, so no second generation.
+        entry = keys.cache_entry(keys.shard_of(job.account), job.cache_key)
+        until = await service.redis.hget(entry, "until")
+        assert until and not await service.redis.exists(f"{entry}:{until}")
+        # A preview's waiters (keep False: no entry answers a hit) are settled in one go:
+        # between two calls an identical request would run, and its waiters join them.
+        job, others = await coalesced(83)
+        calls.clear()
+        monkeypatch.setattr(service.scripts, "settle", counted)
+        assert len(await service.cache.settle(job, [url], 512, 512, {}, keep=False)) == 5
+        assert len(calls) == 1
+        await all_done(others)
         for shard in range(gw.settings.redis_shards):
             queued = await service.redis.xrange(keys.queue(shard))
             assert not {e["job"] for _, e in queued} & {

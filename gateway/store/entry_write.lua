@@ -9,6 +9,9 @@
 local function write_entry(key, urls, width, height, metadata, hit_metadata, params, now,
                            retention)
   local before = redis.call('HGET', key, 'until')
+  -- The same outcome written again (a rescue settling the rest of a leader's waiters):
+  -- its generation is already there, as it was.
+  if before and tonumber(before) == now + retention then return end
   if before then redis.call('RENAME', key, key .. ':' .. before) end
   redis.call('HSET', key, 'urls', urls, 'width', width, 'height', height,
     'metadata', metadata, 'hit_metadata', hit_metadata, 'params', params,

@@ -124,12 +124,13 @@ class Cache:
         return await self._promote_next(shard, job.cache_key, now_ms, leader)
 
     async def rescue(
-        self, now_ms: int, keep: Callable[[Job], bool] = lambda job: True
+        self, now_ms: int, keep: Callable[[str, str], bool] = lambda service, backend: True
     ) -> list[str]:
         """Followers whose leader ended without releasing them (its worker died at that
         instant, or part way through settling them), or whose leader record is gone:
-        settle or promote them. Run periodically. `keep`: whether a completed leader's
-        outcome is one to cache (`Cache.settle`'s `keep`, as its worker would decide)."""
+        settle or promote them. Run periodically. `keep(service, backend)`: whether a
+        completed leader's outcome is one to cache (`settle`'s `keep`), as its worker
+        decides it (`Router.configured`)."""
         changed: list[str] = []
         for shard in range(self.settings.redis_shards):
             for member in await self.redis.smembers(keys.coalescing(shard)):
@@ -151,7 +152,7 @@ class Cache:
                         done.width or 0,
                         done.height or 0,
                         done.metadata,
-                        keep=keep(done),
+                        keep=keep(done.provider, (done.metadata or {}).get("backend") or ""),
                     )
                     continue
                 # In the place of the leader read: if a release (or another process's

@@ -45,6 +45,7 @@ from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, iso
 from gateway.jobs.store import JobStore
 from gateway.providers import fluxkrea, krea
+from gateway.providers.http import first_reachable
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
 from gateway.urlguard import ADDRESSES_TRIED, Address, check_url, pinned
@@ -289,27 +290,27 @@ class Webhooks:
             timeout = aiohttp.ClientTimeout(
                 total=timeout.total, sock_connect=self.settings.webhook_timeout / len(addresses)
             )
-        for n, address in enumerate(addresses, 1):
+
+        async def post(address: Address) -> int:
             target, host, server_name = pinned(url, address)
-            try:
-                async with self.client.post(
-                    target,
-                    data=body,
-                    headers={**headers, **host},
-                    server_hostname=server_name,
-                    allow_redirects=False,
-                    timeout=timeout,
-                ) as response:
-                    # Read to the end, keeping nothing, so that the connection goes back
-                    # to the pool instead of being closed.
-                    while await response.content.readany():
-                        pass
-                return response.status
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                if n == len(addresses):
-                    raise
-                log.info("webhook address unreachable", address=str(address), error=str(exc))
-        raise AssertionError("unreachable")  # pragma: no cover: check_url returns some
+            async with self.client.post(
+                target,
+                data=body,
+                headers={**headers, **host},
+                server_hostname=server_name,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                # Read to the end, keeping nothing, so that the connection goes back to
+                # the pool instead of being closed.
+                while await response.content.readany():
+                    pass
+            return response.status
+
+        def unreachable(address: Address, exc: Exception) -> None:
+            log.info("webhook address unreachable", address=str(address), error=str(exc))
+
+        return await first_reachable(addresses, post, unreachable)
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:
         rows = await self.redis.lrange(keys.webhook_log(account, job_id), 0, -1)

@@ -30,7 +30,7 @@ from gateway.providers import krea
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import GENERATE, Clock, Harness, gateway
+from tests.harness import GENERATE, Clock, Harness, gateway, reads_limited
 from tests.servers import serve
 
 DAY = 86_400
@@ -482,12 +482,9 @@ async def test_idempotency_key_makes_concurrent_retries_one_job(
 
 
 async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> None:
-    clock = Clock()
-    # The read limit as configured alone: none of it from the jobs a key may run.
-    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
+        clock = gw.clock
         key = await gw.key("free", credits=100)
-        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         for i in range(5):
             r = await gw.gql("{ me { plan } }", key=key)
             assert r.status_code == 200, (i, r.text)
@@ -515,12 +512,8 @@ async def test_reads_have_their_own_limit(redis_url: str, storage_dir: Path) -> 
 async def test_a_keys_own_higher_minute_limit_raises_its_read_limit(
     redis_url: str, storage_dir: Path
 ) -> None:
-    clock = Clock()
-    # The read limit as configured alone: none of it from the jobs a key may run.
-    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
         key = await gw.key("enterprise", credits=100, rpm=8)
-        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         for i in range(8):
             r = await gw.gql("{ me { limits { name limit used } } }", key=key)
             assert r.status_code == 200, (i, r.text)
@@ -560,12 +553,8 @@ async def test_requests_with_a_wrong_secret_do_not_use_up_a_keys_reads(
     redis_url: str, storage_dir: Path
 ) -> None:
     """Knowing a key's account id (its visible prefix) is not enough to starve it."""
-    clock = Clock()
-    # The read limit as configured alone: none of it from the jobs a key may run.
-    limited = {"read_rpm": 5, "read_rpm_per_job": 0}
-    async with gateway(redis_url, storage_dir, clock, inprocess_workers=False, **limited) as gw:
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
         key = await gw.key("free", credits=100)
-        clock.advance(61 - clock() % 60)  # 1 s into a clock minute: no rollover mid-test
         forged = "_".join(key.split("_", 2)[:2]) + "_" + "x" * 43
         for _ in range(10):
             r = await gw.gql("{ me { plan } }", key=forged)

@@ -186,7 +186,8 @@ class Worker:
                     await stop.wait()
             try:
                 await self.beat()
-                await self._announce(await self.cache.rescue(self.now_ms(), self._kept))
+                rescued = await self.cache.rescue(self.now_ms(), self.router.configured)
+                await self._announce(rescued)
                 idle = self.sweeping is None or self.sweeping.done()
                 if idle and self.clock() - self.last_sweep > SWEEP_EVERY:
                     # Beside the heartbeat, not in it: listing a large bucket can take
@@ -438,16 +439,13 @@ class Worker:
             await self._discard(urls)
         elif job.cache_key:
             job.completed_at = now
-            keep = self.router.configured(job.provider, result.backend)  # as `_kept`
+            # The offline renderer standing in for another service (dev mode's last
+            # backend, not one its route names) drew a preview: not the answer to keep
+            # for that service's request.
+            keep = self.router.configured(job.provider, result.backend)
             settled = await self.cache.settle(job, urls, width, height, metadata, keep=keep)
             await self._announce(settled)
         await self.events.publish_stored(keys.job(job.account, job.id))
-
-    def _kept(self, job: Job) -> bool:
-        """Whether a completed job's outcome is the answer to cache for its request: not
-        when the offline renderer stood in for another service (dev mode's last backend,
-        not one its route names) and drew a preview."""
-        return self.router.configured(job.provider, (job.metadata or {}).get("backend", ""))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
         async with self.storing:

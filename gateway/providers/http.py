@@ -17,9 +17,9 @@ import email.utils
 import random
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -39,6 +39,8 @@ from gateway.providers.base import ImageParams, Output
 from gateway.urlguard import ADDRESSES_TRIED, DEFAULT_PORTS, Network, check_url, pinned
 
 log = structlog.get_logger("gateway.upstream")
+T = TypeVar("T")
+R = TypeVar("R")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -255,7 +257,7 @@ async def request(
     take the request); timeouts and 5xx only when `idempotent`. `tally`: the backend's
     metrics, each attempt counted by its outcome. `alternates`: `url` at its host's
     other checked addresses (`pinned`), tried in turn within each attempt
-    (`_at_some_address`).
+    (`first_reachable`).
     """
     if timeout is not None:
         kwargs["timeout"] = timeout
@@ -263,10 +265,21 @@ async def request(
     total = timeout or client.timeout.total
     if alternates and total:  # one that never answers leaves the others time to connect
         kwargs["connect_timeout"] = total / len(targets)
+
+    async def send(target: str | URL) -> Answer:
+        if telemetry.ENABLED:
+            return await traced(client, method, target, upstream, kwargs)
+        return await client.request(method, target, **kwargs)
+
+    def unreachable(target: str | URL, exc: Exception) -> None:
+        if tally:
+            tally.connection_error.inc()
+        log.info("upstream address unreachable", upstream=upstream, error=str(exc))
+
     for attempt in range(attempts):
         last = attempt == attempts - 1
         try:
-            response = await _at_some_address(client, method, targets, upstream, tally, kwargs)
+            response = await first_reachable(targets, send, unreachable)
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
             if tally:
                 tally.connection_error.inc()
@@ -311,29 +324,27 @@ async def request(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _at_some_address(
-    client: UpstreamClient,
-    method: str,
-    targets: Sequence[str | URL],
-    upstream: str,
-    tally: metrics.UpstreamTally | None,
-    kwargs: dict[str, Any],
-) -> Answer:
-    """One attempt: at the first of `targets` (one URL at each of its host's addresses),
-    and at the next while one cannot be connected to (refused, unreachable, or silent
-    past its `connect_timeout`), nothing having been sent there. The last one's failure
-    is the attempt's."""
+#: What aiohttp raises for a connection never made (refused, unreachable, or silent past
+#: `sock_connect`): nothing was sent, so another address of the host may be tried.
+NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+async def first_reachable(
+    targets: Sequence[T],
+    send: Callable[[T], Awaitable[R]],
+    unreachable: Callable[[T, Exception], None],
+) -> R:
+    """`send` to the first of `targets` (a URL's host's checked addresses, in the order
+    its name gave them), and to the next while one cannot be connected to, `unreachable`
+    told of each passed over; the last one's failure is raised. Upstream calls and
+    webhook deliveries alike."""
     for n, target in enumerate(targets, 1):
         try:
-            if telemetry.ENABLED:
-                return await traced(client, method, target, upstream, kwargs)
-            return await client.request(method, target, **kwargs)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return await send(target)
+        except NEVER_CONNECTED as exc:
             if n == len(targets):
                 raise
-            if tally:
-                tally.connection_error.inc()
-            log.info("upstream address unreachable", upstream=upstream, error=str(exc))
+            unreachable(target, exc)
     raise AssertionError("unreachable")  # pragma: no cover: targets is never empty
 
 

@@ -13,9 +13,11 @@ kind of row. Such a row needs a `rates` list (one entry per timed round).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import tempfile
 import time
@@ -118,6 +120,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def idle_polling(on: bool) -> Iterator[None]:
+    """With `on`, every idle CPU polls instead of halting while this is held: a CPU
+    latency request of 0 µs (Linux's PM QoS, /dev/cpu_dma_latency, kept while the file
+    is open; root only), as latency-tuned machines hold. On a VM whose kernel does not
+    poll before halting (BENCHMARKS.md, "Machine and software"), a halted vCPU is woken
+    through the host, and a lone request pays that at each hop."""
+    if not on:
+        yield
+        return
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError as exc:
+        raise SystemExit(f"--idle-poll: cannot hold /dev/cpu_dma_latency: {exc}") from None
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield
+    finally:
+        os.close(fd)  # the request ends with the file
 
 
 @contextlib.contextmanager

@@ -150,6 +150,12 @@ class Settings(BaseSettings):
         "long is dropped (gateway/client_deadlines.py)",
     )
     read_rpm: int = Field(default=600, ge=1, description="reads (job, jobs, me) per key a minute")
+    client_tokens_max: int = Field(
+        default=100_000,
+        ge=1,
+        description="client tokens a key may hold live at once (each a record in Redis "
+        "until it expires)",
+    )
     read_rpm_per_job: int = Field(
         default=70,
         ge=0,

@@ -28,7 +28,7 @@ from gateway.errors import (
 from gateway.jobs.model import iso
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.service import Gateway, store_errors
-from gateway.tokens import spec
+from gateway.tokens import MINTING, spec
 
 T = TypeVar("T")
 
@@ -261,6 +261,7 @@ async def create_client_token(
     request: Request, gateway: Gateway, principal: Principal
 ) -> tuple[int, Any, Principal]:
     """`POST /v1/client_tokens` {maxCredits, ttlSeconds, origins, services, maxJobs}."""
+    principal.require_key(MINTING)  # a token is refused as one, whatever it asks
     body = await read_json(request)
     unknown = body.keys() - TOKEN_FIELDS.keys()
     if unknown:

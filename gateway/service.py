@@ -35,8 +35,8 @@ from gateway.params import SEED_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
 from gateway.store.redis import Scripts, store_trouble
-from gateway.tokens import ClientTokens, Minted, TokenSpec
-from gateway.urlguard import check_url
+from gateway.tokens import MINTING, ClientTokens, Minted, TokenSpec
+from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks
 
 
@@ -102,9 +102,10 @@ class Gateway:
         self.webhooks = webhooks
         self.inbox = inbox  # receives the upstreams' callbacks (`POST /v1/callbacks/...`)
         self.watch = watch  # answers that wait for their job's end
+        self.lookups = Lookups()  # a webhookUrl's name, looked up while its request waits
         self.clock = clock
         self.accounts = Accounts(redis, scripts, settings, clock)
-        self.tokens = ClientTokens(redis)
+        self.tokens = ClientTokens(redis, scripts, settings.client_tokens_max)
         self.plans = plan_table(settings.plans)
 
     def now_ms(self) -> int:
@@ -196,7 +197,13 @@ class Gateway:
             if request.webhook_url:
                 if credential.token:
                     raise Forbidden("a client token cannot set webhookUrl")
-                await check_url(request.webhook_url, self.settings.allow_cidrs)
+                # The key is checked before the URL's name is looked up, so that no one
+                # without a key can make the gateway query DNS: one more round trip, for
+                # the requests that name a webhook only.
+                await self.authenticate(api_key, origin=origin)
+                await check_url(
+                    request.webhook_url, self.settings.allow_cidrs, lookups=self.lookups
+                )
             credits = pricing.cost(*request.size(), request.num_images)
         except GatewayError as exc:
             await self._refuse(api_key, origin, exc)
@@ -410,7 +417,17 @@ class Gateway:
         with store_errors("the store is unreachable"):
             if principal is None:
                 await self.accounts.get(account)
-            return await usage.report(self.redis, account, start_ms, end_ms, group_by)
+            report = await usage.report(self.redis, account, start_ms, end_ms, group_by)
+            if principal is not None and report.pages > 1:
+                # A read for each page beyond the first (counted when the key was
+                # checked): a report of 100,000 rows is no one read; the key's next
+                # reads wait when it took more than was left.
+                reads = keys.reads(account, self.now_ms() // 60000)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.incrby(reads, report.pages - 1)
+                    pipe.pexpire(reads, keys.READS_KEPT_MS)
+                    await pipe.execute()
+            return report
 
     async def webhook_deliveries(self, principal: Principal, job_id: str) -> list[dict[str, Any]]:
         principal.require_key("read webhook deliveries")
@@ -429,7 +446,7 @@ class Gateway:
 
     async def create_client_token(self, principal: Principal, wanted: TokenSpec) -> Minted:
         """A client token for a page, minted by a key (never by a token)."""
-        principal.require_key("mint client tokens")
+        principal.require_key(MINTING)
         for name in wanted.services:
             try:
                 self.router.route(name)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway.auth import TOKEN_PREFIX, credentials, hash_secret
-from gateway.errors import BadUserInput, Unauthenticated
+from gateway.errors import BadUserInput, RateLimited, Unauthenticated
 from gateway.origins import origin
 from gateway.store import keys
 from gateway.store.redis import decoded
+from gateway.store.scripts import Scripts
 
 TTL_DEFAULT = 900
 TTL_MAX = 86_400
@@ -56,6 +57,11 @@ def origin_of(value: str) -> str:
     return spelled
 
 
+#: What only a key may do (`Principal.require_key`): a token is refused it before its
+#: input is read.
+MINTING = "mint client tokens"
+
+
 def spec(
     *,
     max_credits: int,
@@ -85,36 +91,45 @@ def spec(
 
 
 class ClientTokens:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """Tokens minted and revoked; an account holds at most `cap` live at once
+    (GATEWAY_CLIENT_TOKENS_MAX)."""
+
+    def __init__(self, redis: aioredis.Redis, scripts: Scripts, cap: int) -> None:
         self.redis = redis
+        self.scripts = scripts
+        self.cap = cap
 
     async def mint(self, account: str, wanted: TokenSpec, now_ms: int) -> Minted:
         """A new token of `account`, bound to its key as it is now (a new or revoked key
-        ends it)."""
-        key_hash = await self.redis.hget(keys.account(account), "key_hash")
+        ends it): one round trip. `RateLimited` when the account holds `cap` live
+        tokens, until the soonest of them ends."""
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(24)
         expires = now_ms + wanted.ttl_seconds * 1000
-        record = keys.client_token(account, token_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                record,
-                mapping={
-                    "hash": hash_secret(secret),
-                    "key_hash": key_hash or "",
-                    "expires": expires,
-                    "revoked": "0",
-                    "max_credits": wanted.max_credits,
-                    "spent": 0,
-                    "max_jobs": -1 if wanted.max_jobs is None else wanted.max_jobs,
-                    "jobs": 0,
-                    # ',a,b,': admit.lua finds ',x,' in it
-                    "origins": _listed(wanted.origins),
-                    "services": _listed(wanted.services),
-                },
+        reply = await self.scripts.mint(
+            account=keys.account(account),
+            record=keys.client_token(account, token_id),
+            live=keys.client_tokens(account),
+            now_ms=now_ms,
+            token_id=token_id,
+            expires_ms=expires,
+            keep_ms=wanted.ttl_seconds * 1000 + EXPIRY_SLACK_MS,
+            cap=self.cap,
+            secret_hash=hash_secret(secret),
+            max_credits=wanted.max_credits,
+            max_jobs=-1 if wanted.max_jobs is None else wanted.max_jobs,
+            # ',a,b,': admit.lua finds ',x,' in it
+            origins=_listed(wanted.origins),
+            services=_listed(wanted.services),
+        )
+        if not reply.minted:
+            wait = max(1, -(-(reply.soonest_expiry_ms - now_ms) // 1000))
+            raise RateLimited(
+                "tokens",
+                wait,
+                f"this key holds {self.cap} live client tokens, the most it may; the "
+                f"soonest ends in {wait} s (revoking one frees its place at once)",
             )
-            pipe.pexpire(record, wanted.ttl_seconds * 1000 + EXPIRY_SLACK_MS)
-            await pipe.execute()
         token = f"{TOKEN_PREFIX}_{account}_{token_id}_{secret}"
         return Minted(token=token, expires_ms=expires, max_credits=wanted.max_credits)
 
@@ -136,6 +151,7 @@ class ClientTokens:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(record, "revoked", "1")
             pipe.pexpire(record, max(int(ttl), 1))
+            pipe.zrem(keys.client_tokens(account), cred.token)  # its place is free
             await pipe.execute()
         return True
 

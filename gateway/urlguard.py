@@ -42,20 +42,31 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from gateway.errors import BadUserInput
+from gateway.errors import BadUserInput, ServiceUnavailable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+#: Cloud hosts' own services: the metadata address (AWS, GCP, Azure; EC2's IPv6 one), and
+#: Azure's WireServer, a public address that a VM inside Azure reaches (its agent's
+#: configuration and extension settings).
+METADATA = (
+    ipaddress.ip_network("169.254.169.254/32"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("168.63.129.16/32"),
+)
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
 NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local-use prefix
 IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1, deprecated
 #: IANA's special-purpose ranges that are not globally reachable, where Python's
 #: `ipaddress` tables miss them: 192.0.0.0/24 but its two anycast addresses (.9, .10)
-#: before 3.11.10 and 3.12.4 (`192.0.0.8` counted as global), and RFC 9637's
-#: documentation prefix.
-NOT_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("3fff::/20"))
+#: before 3.11.10 and 3.12.4 (`192.0.0.8` counted as global), RFC 9637's documentation
+#: prefix, and the deprecated 6to4 relay anycast prefix (RFC 7526).
+NOT_GLOBAL = (
+    ipaddress.ip_network("192.0.0.0/24"),
+    ipaddress.ip_network("3fff::/20"),
+    ipaddress.ip_network("192.88.99.0/24"),
+)
 GLOBAL_EXCEPTIONS = (ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10"))
 
 MAX_URL_LENGTH = 2048
@@ -240,16 +251,63 @@ async def resolve(host: str, port: int) -> list[Address]:
     return addresses
 
 
+class Lookups:
+    """The name lookups a request waits for (a `webhookUrl` at admission): at most
+    `at_once` in flight, each caller waiting at most `wait` seconds in all.
+
+    A lookup runs on the loop's resolver threads (uvloop: libuv's pool of four, which
+    every other lookup of the process shares: upstream calls, Redis, S3). A name whose
+    servers never answer holds its thread until the system resolver gives up, tens of
+    seconds, whether or not anyone still waits; so a few such names sent at once would
+    stall every lookup of the process. Here they hold at most `at_once` threads: a
+    place is given back when the lookup itself ends, not when its caller stops waiting.
+    (asyncio.Semaphore, not a thread pool of our own: the loop's own `getaddrinfo` stays
+    the one every lookup goes through.)"""
+
+    def __init__(self, at_once: int = 2, wait: float = 5.0) -> None:
+        self.wait = wait
+        self._places = asyncio.Semaphore(at_once)
+
+    async def resolve(self, host: str, port: int, field: str) -> list[Address]:
+        """`resolve`, bounded. Raises `ServiceUnavailable` when no place freed up in
+        time (other names still being looked up), `BadUserInput` naming `field` when
+        the name's own lookup took too long."""
+        try:
+            async with asyncio.timeout(self.wait) as deadline:
+                await self._places.acquire()
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"too many {field} names being looked up; retry shortly",
+                retry_after=max(1, round(self.wait)),
+            ) from None
+        lookup = asyncio.ensure_future(resolve(host, port))
+        lookup.add_done_callback(lambda _: self._places.release())
+        try:
+            async with asyncio.timeout_at(deadline.when()):
+                return await asyncio.shield(lookup)
+        except TimeoutError:
+            raise BadUserInput(
+                f"{field}: host {host!r} did not resolve within {self.wait:g} s", field=field
+            ) from None
+
+
 async def check_url(
-    url: str, allow: list[Network], field: str = "webhookUrl", max_length: int = MAX_URL_LENGTH
+    url: str,
+    allow: list[Network],
+    field: str = "webhookUrl",
+    max_length: int = MAX_URL_LENGTH,
+    lookups: Lookups | None = None,
 ) -> list[Address]:
     """Validate a user-supplied URL; return the addresses it may be fetched from.
 
     Raises `BadUserInput` naming `field` for anything `parse_url` refuses, a host that
-    does not resolve, or one with any address that `is_forbidden`."""
+    does not resolve, or one with any address that `is_forbidden`. `lookups`: bounds on
+    the name's lookup, when a request waits for it."""
     parsed = parse_url(url, field, max_length)
     if parsed.literal is not None:
         addresses = [parsed.literal]
+    elif lookups is not None:
+        addresses = await lookups.resolve(parsed.host, parsed.effective_port, field)
     else:
         addresses = await resolve(parsed.host, parsed.effective_port)
     if not addresses:

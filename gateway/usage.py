@@ -82,6 +82,7 @@ class Report:
     rows: list[tuple[str, Counts]] = field(default_factory=list)
     totals: Counts = field(default_factory=Counts)
     truncated: bool = False
+    pages: int = 0  # pages read (`PAGE` entries or records each): what it cost, in reads
 
     def public(self) -> dict[str, Any]:
         return {
@@ -193,6 +194,7 @@ class _Tally:
     def __init__(self, group_by: str) -> None:
         self.group_by = group_by
         self.groups: dict[str, Counts] = {}
+        self.pages = 0  # pages of up to PAGE ledger entries or job records read
 
     def add(self, ms: int, service: str, backend: str, counts: Counts) -> None:
         key = _day(ms) if self.group_by == "day" else service
@@ -210,6 +212,7 @@ async def _scan_ledger(
     read = 0
     while True:
         entries = await redis.xrange(stream, min=low, max=high, count=PAGE) or []
+        tally.pages += 1
         moved: list[tuple[int, dict[str, str]]] = []
         for entry_id, raw in entries:
             fields = decoded_hash(raw or {})
@@ -254,6 +257,7 @@ async def _scan_jobs(
             await redis.zrangebyscore(index, low, f"({end_ms}", start=0, num=want, withscores=True),
         )
         fresh = [(m, int(s)) for m, s in got if not (int(s) == low and m in seen_at_low)]
+        tally.pages += 1
         if fresh:
             records = await _records(redis, account, [job_id for job_id, _ in fresh])
             for (_, ms), record in zip(fresh, records, strict=True):
@@ -284,7 +288,7 @@ async def report(
     tally = _Tally(group_by)
     capped = await _scan_ledger(redis, account, start_ms, end_ms, tally)
     capped = await _scan_jobs(redis, account, start_ms, end_ms, tally) or capped
-    out = Report(account, start_ms, end_ms, group_by, truncated=capped)
+    out = Report(account, start_ms, end_ms, group_by, truncated=capped, pages=tally.pages)
     out.rows = sorted(tally.groups.items())
     for _, counts in out.rows:
         out.totals.add(counts)

@@ -18,7 +18,7 @@ import strawberry
 from gateway.errors import GatewayError
 from gateway.jobs.model import iso
 from gateway.params import GenerationRequest, from_generate_input, from_image_input
-from gateway.tokens import spec
+from gateway.tokens import MINTING, spec
 from schema.context import Context
 from schema.inputs import ClientTokenInput, GenerateInput, ImageGenerationInput
 from schema.prepared import graphql_value, resolved_by
@@ -89,6 +89,7 @@ class Mutation:
     async def create_client_token(self, info: Info, input: ClientTokenInput) -> ClientToken:
         ctx = info.context
         principal = await ctx.caller()
+        principal.require_key(MINTING)  # a token is refused as one, whatever it asks
         wanted = spec(
             max_credits=input.max_credits,
             ttl_seconds=input.ttl_seconds,

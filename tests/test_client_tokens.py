@@ -172,6 +172,35 @@ async def test_minting_input_is_checked(redis_url: str, storage_dir: Path) -> No
             assert r.json()["error"]["code"] == "BAD_USER_INPUT"
 
 
+async def test_a_key_holds_at_most_its_cap_of_live_tokens(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Each token is a record in Redis until it ends, and Redis runs without eviction:
+    a key minting without bound would fill it for every account. Past the cap, a mint
+    is told when a place frees up; revoking one, or one ending, frees it."""
+    async with gateway(redis_url, storage_dir, client_tokens_max=2) as gw:
+        key, other = await gw.key(), await gw.key()
+        first = await mint(gw, key, ttlSeconds=60)
+        await mint(gw, key, ttlSeconds=600)
+        graphql = await gw.gql(MINT, {"input": {"maxCredits": 1}}, key)
+        rest = await gw.http.post(
+            "/v1/client_tokens", json={"maxCredits": 1}, headers={"X-API-Key": key}
+        )
+        for r, error in ((graphql, error_of(graphql)), (rest, rest.json()["error"])):
+            assert r.status_code == 429, r.text
+            assert (error["code"], error["limit"]) == ("RATE_LIMITED", "tokens")
+            assert 55 <= error["retryAfter"] <= 60  # when the first one ends
+            assert r.headers["Retry-After"] == str(error["retryAfter"])
+        await mint(gw, other)  # another key's cap is its own
+
+        assert (await gw.gql(REVOKE, {"t": first}, key)).json()["data"]["revokeClientToken"]
+        third = await mint(gw, key, ttlSeconds=1)
+        assert (await gw.gql(MINT, {"input": {"maxCredits": 1}}, key)).status_code == 429
+        gw.clock.advance(2)  # the third has ended
+        await mint(gw, key)
+        assert code_of(await gql(gw, ME, {}, third)) == "UNAUTHENTICATED"
+
+
 # -- what a token may not do -------------------------------------------------------------
 
 
@@ -188,6 +217,12 @@ async def test_a_token_cannot_mint_set_a_webhook_or_reach_admin_operations(
             "/v1/client_tokens", json={"maxCredits": 1}, headers={"X-API-Key": token}
         )
         assert r.status_code == 403 and r.json()["error"]["code"] == "FORBIDDEN"
+        # Refused as a token whatever it asks: input a key would be told to mend (§11)
+        r = await gql(gw, MINT, {"input": {"maxCredits": -1, "ttlSeconds": 0}}, token)
+        assert (r.status_code, code_of(r)) == (403, "FORBIDDEN")
+        for bad in ({"maxCredits": -1}, {"nonsense": 1}, {}):
+            r = await gw.http.post("/v1/client_tokens", json=bad, headers={"X-API-Key": token})
+            assert (r.status_code, r.json()["error"]["code"]) == (403, "FORBIDDEN"), bad
 
         hooked = generate_input()
         hooked["input"]["webhookUrl"] = "https://hooks.example.com/x"

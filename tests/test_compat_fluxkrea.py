@@ -133,19 +133,37 @@ async def test_generate_answers_the_guide_s_success_shape_with_our_stored_images
         assert job.json()["urls"] == [i["url"] for i in answer["images"]]
 
 
-async def test_a_generation_the_upstream_refuses_answers_failed_and_is_refunded(
+async def test_a_generation_the_upstream_refuses_answers_400_and_is_refunded(
     up: Upstreams, redis_url: str, storage_dir: Path
 ) -> None:
     up.fluxkrea.fail_next(1, 400)  # the user's own input: no failover
     async with gateway(redis_url, storage_dir, **up.settings) as gw:
         key = await gw.key(credits=100)
         r = await generate(gw, key, {"prompt": "p", "width": 512, "height": 512})
+        # The guide's 400, which its client does not retry: the same input would be
+        # refused again (a 5xx it retries, each retry a new job).
+        assert r.status_code == 400
+        body = r.json()
+        assert (body["error"], body["error_code"]) == ("Bad Request", "invalid_request")
+        assert "flux-krea answered 400" in body["message"] and "refunded" in body["message"]
+        assert body["status"] == "failed" and body["request_id"] == r.headers["x-gateway-job-id"]
+        assert await ledger(gw, key) == [("initial", 100), ("charge", -10), ("refund", 10)]
+        assert up.krea.submissions == 0
+
+
+async def test_a_generation_every_backend_fails_answers_502_and_is_refunded(
+    up: Upstreams, redis_url: str, storage_dir: Path
+) -> None:
+    """Not the caller's input: the guide's 5xx, which its client retries."""
+    up.fluxkrea.fail_next(100, 500)
+    up.krea.fail_next(100, 500)
+    async with gateway(redis_url, storage_dir, **up.settings) as gw:
+        key = await gw.key(credits=100)
+        r = await generate(gw, key, {"prompt": "p", "width": 512, "height": 512})
         assert r.status_code == 502
         body = r.json()
         assert body["status"] == "failed" and body["request_id"] == r.headers["x-gateway-job-id"]
-        assert "flux-krea answered 400" in body["error"]
         assert await ledger(gw, key) == [("initial", 100), ("charge", -10), ("refund", 10)]
-        assert up.krea.submissions == 0
 
 
 async def test_a_wait_that_runs_out_answers_504_and_the_job_goes_on(

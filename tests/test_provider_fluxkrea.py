@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from gateway.errors import (
     ProviderRateLimited,
@@ -172,20 +173,29 @@ async def test_longest_allowed_prompt_is_sent(
 async def test_bad_key_is_our_problem(
     emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
-    with pytest.raises(ProviderUnavailable, match="refused our API key"):
+    with capture_logs() as logged, pytest.raises(ProviderUnavailable) as info:
         await make(client, base, api_key="wrong").submit(ImageParams(prompt="x"))
     assert emu.requests[0]["headers"]["authorization"] == "Bearer wrong"
     assert emu.submissions == 1
+    # The job's owner (and `providers`) reads the status; the operator, what to fix.
+    assert info.value.message == "flux-krea answered 401"
+    assert any(
+        line["event"] == "upstream refused our credential"
+        and line["setting"] == "GATEWAY_FLUXKREA_API_KEY"
+        for line in logged
+    )
 
 
-async def test_quota_exceeded_is_unavailable_and_says_quota(
+async def test_quota_exceeded_is_unavailable_and_the_operator_is_told(
     emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.quota_exceeded = True
-    with pytest.raises(ProviderUnavailable, match="quota") as info:
+    with capture_logs() as logged, pytest.raises(ProviderUnavailable) as info:
         await make(client, base).submit(ImageParams(prompt="x"))
     assert info.value.failover is True
     assert emu.submissions == 1
+    assert info.value.message == "flux-krea answered 403"  # our account's: the operator's
+    assert [line["upstream"] for line in logged if "quota" in line["event"]] == ["flux-krea"]
 
 
 async def test_other_403_is_unavailable_without_blaming_quota(
@@ -194,8 +204,7 @@ async def test_other_403_is_unavailable_without_blaming_quota(
     emu.fail_next(1, status=403)
     with pytest.raises(ProviderUnavailable) as info:
         await make(client, base).submit(ImageParams(prompt="x"))
-    assert "quota" not in info.value.message
-    assert "403" in info.value.message
+    assert info.value.message == "flux-krea answered 403"
 
 
 async def test_429_waits_for_retry_after_then_succeeds(

@@ -316,6 +316,23 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
         await client.xgroup_create(stream, keys.QUEUE_GROUP, id="0", mkstream=True)
         forgot = await made.forget(stream=stream, group=keys.QUEUE_GROUP, idle_ms=0, keep="me")
         assert forgot.deleted == 0
+        mint = dict(
+            account=keys.account(a),
+            live=keys.client_tokens(a),
+            now_ms=1000,
+            expires_ms=5000,
+            keep_ms=60_000,
+            cap=1,
+            secret_hash="h",
+            max_credits=1,
+            max_jobs=-1,
+            origins="",
+            services="",
+        )
+        minted = await made.mint(record=keys.client_token(a, "t1"), token_id="t1", **mint)
+        assert minted == (True, 0)
+        full = await made.mint(record=keys.client_token(a, "t2"), token_id="t2", **mint)
+        assert full == (False, 5000)
     finally:
         await client.aclose()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import BadUserInput
-from gateway.urlguard import check_url, embedded_ipv4, parse_url, pinned, resolve
+from gateway.urlguard import Lookups, check_url, embedded_ipv4, parse_url, pinned, resolve
 from tests.harness import GENERATE, gateway
-from tests.servers import serve
+from tests.servers import resolving, serve
 
 PUBLIC = "93.184.216.34"  # a public address: these URLs are refused for one reason only
 
@@ -162,6 +163,8 @@ HOSTILE: list[str] = [
     "http://100.64.0.1/h",
     "http://192.0.0.170/h",
     "http://192.0.0.8/h",  # not global, though Python before 3.11.10 says it is
+    "http://168.63.129.16/machine?comp=goalstate",  # Azure's WireServer: public, yet inside
+    "http://192.88.99.1/h",  # the deprecated 6to4 relay anycast prefix
     "http://192.0.0.100/h",
     "http://198.18.0.1/h",
     "http://192.0.2.1/h",
@@ -422,3 +425,77 @@ async def test_a_webhook_is_delivered_to_exactly_the_stored_url(
             assert raw_path == (parts.path or "/").encode(), url
             assert query_string == parts.query.encode(), url
             assert host == parts.netloc, url
+
+
+async def test_a_webhook_url_s_name_is_looked_up_only_for_a_valid_key(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No one without a key can make the gateway query DNS: the key is checked before a
+    webhookUrl's name is looked up."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        asked = resolving(monkeypatch, [PUBLIC], name="hooks.example")
+        key = await gw.key()
+        body = {"service": "local", "prompt": "x", "webhookUrl": "http://hooks.example/h"}
+        _, account, secret = key.split("_", 2)
+        wrong = secret[:-4] + ("yyyy" if secret.endswith("zzzz") else "zzzz")
+        for bad in ("gk_nobody_" + secret, f"gk_{account}_{wrong}"):
+            rest = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": bad}, json=body)
+            assert rest.status_code == 401, rest.text
+            variables = {
+                "input": {
+                    "type": "IMAGE",
+                    "provider": "local",
+                    "input": {"text": "x"},
+                    "webhookUrl": body["webhookUrl"],
+                }
+            }
+            graphql = (await gw.gql(GENERATE, variables, bad)).json()
+            assert graphql["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert asked == []
+        good = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+        assert good.status_code == 202, good.text
+        assert asked == [PUBLIC]
+
+
+async def test_names_that_never_resolve_hold_two_lookups_at_most(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webhookUrl whose name servers never answer costs its caller a short wait and a
+    400; while such lookups still run, two at most, the next name waits for a place and
+    is told to retry (503), instead of stalling every lookup of the process."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        lookups = gw.app.state.gateway.lookups = Lookups(at_once=2, wait=0.3)
+        loop = asyncio.get_running_loop()
+        real, answer = loop.getaddrinfo, asyncio.Event()
+        hanging: list[str] = []
+
+        async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host == "hooks.example":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))]
+            if isinstance(host, str) and host.endswith(".hang.example"):
+                hanging.append(host)
+                await answer.wait()
+                return []
+            return await real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        key = await gw.key()
+
+        async def post(host: str) -> Any:
+            body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
+            return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+
+        slow = await asyncio.gather(post("a.hang.example"), post("b.hang.example"))
+        for response in slow:
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["field"] == "webhookUrl" and "did not resolve within" in error["message"]
+        waiting = await post("c.hang.example")
+        assert waiting.status_code == 503, waiting.text
+        assert waiting.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert int(waiting.headers["Retry-After"]) >= 1
+        assert sorted(hanging) == ["a.hang.example", "b.hang.example"]
+
+        answer.set()  # the system resolver gives up on them at last
+        await until(lambda: not lookups._places.locked())
+        assert (await post("hooks.example")).status_code == 202

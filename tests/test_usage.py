@@ -15,7 +15,7 @@ from gateway.errors import BadUserInput
 from gateway.jobs.model import iso
 from gateway.store import keys
 from gateway.store.redis import connect
-from tests.harness import Clock, Harness, gateway
+from tests.harness import Clock, Harness, gateway, reads_limited
 from tests.test_admission import error_of
 from tests.test_cli import run
 from tests.test_client_tokens import mint
@@ -299,3 +299,24 @@ async def test_pages_ties_and_the_cap(redis_url: str, monkeypatch: pytest.Monkey
         assert capped.truncated and 5 <= capped.totals.requests < 10
     finally:
         await redis.aclose()
+
+
+async def test_a_report_counts_a_read_for_each_page_it_reads(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report may read 100,000 rows: counted as one read, a key could ask for hundreds
+    a minute. Each page read (of `PAGE`) counts; past the key's reads, the next wait."""
+    monkeypatch.setattr(usage, "PAGE", 2)
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
+        key = await gw.key(credits=1000)
+        for i in range(5):
+            body = {"service": "local", "prompt": f"page {i}", "width": 512, "height": 512}
+            r = await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": key})
+            assert r.status_code == 202, r.text
+        today = datetime.fromtimestamp(gw.clock(), UTC).date().isoformat()
+        report = (await ask(gw, key, today, today)).json()["data"]["usage"]
+        assert report["totals"]["requests"] == 5
+        # five charges and five jobs, two a page: six pages at least, over the five reads
+        refused = await gw.gql("{ me { credits } }", key=key)
+        assert refused.status_code == 429, refused.text
+        assert (error_of(refused)["code"], error_of(refused)["limit"]) == ("RATE_LIMITED", "read")

@@ -77,8 +77,9 @@ def asked(body: bytes, idempotency_key: str | None) -> GenerationRequest:
 
 async def generate(request: Request) -> Response:
     """`POST /v1/generate`: admitted as any job, answered when it ends (at most
-    `GATEWAY_SYNC_WAIT_SECONDS`): 200 and the images; 502 `failed` when it failed
-    (refunded); 504 when the wait ran out (the job goes on)."""
+    `GATEWAY_SYNC_WAIT_SECONDS`): 200 and the images; 400 when the upstream refused its
+    input, 502 `failed` when it failed otherwise (both refunded); 504 when the wait ran
+    out (the job goes on)."""
     gateway: Gateway = request.app.state.gateway
     wanted: GenerationRequest | None = None
 
@@ -97,6 +98,8 @@ async def generate(request: Request) -> Response:
     job = await wait_answering(request, gateway, principal, job, wanted)
     if job.status == "completed":
         return ORJSONResponse(fluxkrea.success_body(job), headers=headers)
+    if job.rejected:
+        return ORJSONResponse(fluxkrea.rejected_body(job), status_code=400, headers=headers)
     if job.ended:
         return ORJSONResponse(fluxkrea.failure_body(job), status_code=502, headers=headers)
     waited = gateway.settings.sync_wait_seconds

@@ -22,7 +22,7 @@ plumbing in `gateway/compat/fluxkrea.py`), lives here too, on the same tables: `
 reads a flux-krea request into a `GenerationRequest` (`request_from`); the answer words
 (`SUCCESS`, `QUEUED`, `COMPLETED`, `FAILED`) and the async endpoint's fields
 (`WEBHOOK_URL`, `CALLBACK_DATA`) write the answers and the webhook body as `submit` and
-`poll` read them; `ERRORS` and `QUOTA_EXCEEDED` write errors as `_refine` reads them.
+`poll` read them; `ERRORS` and `QUOTA_EXCEEDED` write errors as `_tell_operator` reads them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from urllib.parse import urljoin
 from gateway.errors import (
     BadUserInput,
     GatewayError,
-    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
     renamed,
@@ -51,7 +50,7 @@ from gateway.providers.base import (
     clamp,
     only_set,
 )
-from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, json_body
+from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, json_body, log
 
 DEFAULT_BASE_URL = "https://api.flux-krea.pro/v1"
 
@@ -132,10 +131,8 @@ class FluxKreaProvider(HTTPBackend):
             # Not idempotent: a re-sent generate could be charged twice.
             return await self.send("POST", f"{self.base_url}{path}", idempotent=False, json=body)
         except ProviderUnavailable as exc:
-            refined = _refine(exc, exc.answer)
-            if refined is exc:
-                raise
-            raise refined from exc
+            _tell_operator(exc.answer, self.credential_setting)
+            raise
 
     async def submit(self, params: ImageParams) -> Submitted:
         body = translate(params)
@@ -223,22 +220,22 @@ class FluxKreaProvider(HTTPBackend):
         )
 
 
-def _refine(exc: ProviderUnavailable, response: Answer | None) -> ProviderError:
-    """A clearer message for our own credential and quota trouble (401, 403)."""
+def _tell_operator(response: Answer | None, setting: str) -> None:
+    """Our own credential or quota trouble (401; 403 with `quota_exceeded`), said in the
+    operator's log: the job's error, which its owner reads, and the public `providers`
+    reason say only the status (docs/api.md#failover)."""
     if response is None or response.status_code not in (401, 403):
-        return exc
+        return
     if response.status_code == 401:
-        return ProviderUnavailable(
-            f"flux-krea refused our API key (check GATEWAY_FLUXKREA_API_KEY): {exc.message}"
-        )
+        log.warning("upstream refused our credential", upstream="flux-krea", setting=setting)
+        return
     try:
         payload = response.json()
     except ValueError:
-        return exc
+        return
     code = payload.get("error_code") if isinstance(payload, dict) else None
     if isinstance(code, str) and QUOTA_EXCEEDED in code:
-        return ProviderUnavailable(f"flux-krea quota exceeded on our account: {exc.message}")
-    return exc
+        log.warning("upstream quota exceeded on our account", upstream="flux-krea")
 
 
 def _output(image: Any, body: dict[str, Any], base: str) -> Output:
@@ -352,6 +349,14 @@ def failure_body(job: Job) -> dict[str, Any]:
     endpoint answers it, with a 5xx)."""
     reason = job.error or f"the generation was {job.status}"
     return {"status": FAILED, "request_id": job.id, "error": reason, "message": reason}
+
+
+def rejected_body(job: Job) -> dict[str, Any]:
+    """A job whose input the upstream refused, as the synchronous endpoint answers it:
+    the guide's 400 (its clients retry a 5xx, never a 4xx: the same input would be
+    refused again), with the job's `status` and `request_id`."""
+    reason = f"{job.error or 'the upstream refused the request'} (refunded)"
+    return {**error_body(BadUserInput(reason)), "status": FAILED, "request_id": job.id}
 
 
 def callback_body(job: Job, callback_data: Any) -> dict[str, Any]:

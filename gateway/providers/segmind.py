@@ -39,7 +39,7 @@ from gateway.params import (
     ratio_sides,
 )
 from gateway.providers.base import ImageParams, Output, Polled, Submitted, clamp, only_set
-from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, error_for
+from gateway.providers.http import Answer, HTTPBackend, UpstreamClient, error_for, log
 
 # -- Segmind's protocol, as tables both directions read -------------------------------------
 
@@ -428,13 +428,19 @@ class SegmindProvider(HTTPBackend):
             if status == 422:
                 return None, answer
             # What Segmind says of its own trouble goes to the log (`error_for`), not into
-            # the job's error: ours names the status and what it means.
+            # the job's error; nor does what our account's trouble means: the operator's.
             if status == 404:
                 meaning = f"segmind answered 404: {not_found}"
             elif status == 406:
-                meaning = "segmind answered 406: upstream account out of credits"
+                log.warning("upstream account out of credits", upstream="segmind")
+                meaning = "segmind answered 406"
             elif status in (401, 403):
-                meaning = f"segmind refused our API key ({status}): check GATEWAY_SEGMIND_API_KEY"
+                log.warning(
+                    "upstream refused our credential",
+                    upstream="segmind",
+                    setting=self.credential_setting,
+                )
+                meaning = f"segmind answered {status}"
             else:
                 raise
             error = ProviderUnavailable(meaning)

@@ -147,13 +147,22 @@ def client_token(account_id: str, token_id: str) -> str:
     return f"{_tag(account_id)}:ct:{token_id}"
 
 
+def client_tokens(account_id: str) -> str:
+    """Sorted set: the account's live client tokens, token id -> expires (ms)."""
+    return f"{_tag(account_id)}:cts"
+
+
 def token_jobs(account_id: str, token_id: str) -> str:
     """Sorted set: the jobs made with one client token, job id -> created (ms)."""
     return f"{_tag(account_id)}:ct:{token_id}:jobs"
 
 
 def reads(account_id: str, minute: int) -> str:
+    """Counter: the account's reads in one clock minute, kept READS_KEPT_MS."""
     return f"{_tag(account_id)}:reads:{minute}"
+
+
+READS_KEPT_MS = 61_000  # a minute's read counter, past its minute (auth.lua sets it too)
 
 
 def events(account_id: str, job_id: str) -> str:

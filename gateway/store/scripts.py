@@ -470,6 +470,43 @@ class Forget(Script):
         return ForgetReply(deleted=int(await self.run(1, [stream, group, idle_ms, keep], client)))
 
 
+# -- mint.lua ------------------------------------------------------------------------
+
+
+class MintReply(NamedTuple):
+    minted: bool
+    soonest_expiry_ms: int  # not minted: when a place frees up (the soonest live token ends)
+
+
+class Mint(Script):
+    """mint.lua: write a client token's record, unless its account holds `cap` live."""
+
+    name = "mint"
+
+    async def __call__(
+        self,
+        *,
+        account: str,
+        record: str,
+        live: str,
+        now_ms: int,
+        token_id: str,
+        expires_ms: int,
+        keep_ms: int,
+        cap: int,
+        secret_hash: str,
+        max_credits: int,
+        max_jobs: int,
+        origins: str,
+        services: str,
+        client: aioredis.Redis | None = None,
+    ) -> MintReply:
+        argv = [account, record, live, now_ms, token_id, expires_ms, keep_ms, cap, secret_hash]
+        argv += [max_credits, max_jobs, origins, services]
+        minted, soonest = await self.run(3, argv, client)
+        return MintReply(minted=bool(minted), soonest_expiry_ms=int(soonest))
+
+
 # -- claim.lua -----------------------------------------------------------------------
 
 
@@ -856,6 +893,7 @@ BY_NAME: dict[str, type[Script]] = {
         ApqPut,
         ApqGet,
         Forget,
+        Mint,
     )
 }
 NAMES = tuple(BY_NAME)
@@ -884,6 +922,7 @@ class Scripts:
         self.apq_put = ApqPut(client)
         self.apq_get = ApqGet(client)
         self.forget = Forget(client)
+        self.mint = Mint(client)
         self.by_name: dict[str, Script] = {
             name: value for name, value in vars(self).items() if isinstance(value, Script)
         }

@@ -182,11 +182,10 @@ async def authenticate(
     request's Origin header, which a client token restricted to origins must carry."""
     cred = credentials(key)
     account = cred.account
-    minute = now_ms // 60000
     reply = await scripts.auth(
         account=keys.account(account),
         rate=keys.rate(account),
-        reads=keys.reads(account, minute),
+        reads=keys.reads(account, now_ms),
         client_token=keys.client_token(account, cred.token),
         now_ms=now_ms,
         count_read=read,

@@ -40,7 +40,7 @@ class ORJSONResponse(JSONResponse):
 
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
     extra = {k: v for k, v in exc.extensions.items() if k != "code"}
-    headers = {**exc.headers, **(headers or {})}
+    headers = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
     if "retryAfter" in extra:
         headers["Retry-After"] = str(extra["retryAfter"])
     body = {"error": {"code": exc.code, "message": exc.message, **extra}}

@@ -202,7 +202,10 @@ class Gateway:
                 # the requests that name a webhook only.
                 await self.authenticate(api_key, origin=origin)
                 await check_url(
-                    request.webhook_url, self.settings.allow_cidrs, lookups=self.lookups
+                    request.webhook_url,
+                    self.settings.allow_cidrs,
+                    lookups=self.lookups,
+                    owner=credential.account,
                 )
             credits = pricing.cost(*request.size(), request.num_images)
         except GatewayError as exc:
@@ -364,7 +367,7 @@ class Gateway:
                 pipe.hget(keys.account(account), "credits")
                 pipe.get(keys.day(account, utc_day(now)))
                 pipe.zcount(keys.running(account), now, "+inf")
-                pipe.get(keys.reads(account, now // 60000))
+                pipe.get(keys.reads(account, now))
                 credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400
@@ -418,13 +421,14 @@ class Gateway:
             if principal is None:
                 await self.accounts.get(account)
             report = await usage.report(self.redis, account, start_ms, end_ms, group_by)
-            if principal is not None and report.pages > 1:
-                # A read for each page beyond the first (counted when the key was
-                # checked): a report of 100,000 rows is no one read; the key's next
-                # reads wait when it took more than was left.
-                reads = keys.reads(account, self.now_ms() // 60000)
+            extra = report.pages - 2  # the first of the ledger's and of the jobs' free
+            if principal is not None and extra > 0:
+                # A read for each page beyond (the report itself was one, counted when
+                # the key was checked): a report of 100,000 rows is no one read; the
+                # key's next reads wait when it took more than was left.
+                reads = keys.reads(account, self.now_ms())
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.incrby(reads, report.pages - 1)
+                    pipe.incrby(reads, extra)
                     pipe.pexpire(reads, keys.READS_KEPT_MS)
                     await pipe.execute()
             return report

@@ -33,6 +33,7 @@ request target (`path?query`) exactly as written and the Host header as written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -252,43 +253,61 @@ async def resolve(host: str, port: int) -> list[Address]:
 
 
 class Lookups:
-    """The name lookups a request waits for (a `webhookUrl` at admission): at most
-    `at_once` in flight, each caller waiting at most `wait` seconds in all.
+    """The name lookups of user-supplied URLs (a `webhookUrl`, at admission and at each
+    delivery): at most `at_once` in flight in the process and one per owner (an
+    account); a caller waits at most `wait` seconds for a place, and its lookup at most
+    `wait` more.
 
     A lookup runs on the loop's resolver threads (uvloop: libuv's pool of four, which
     every other lookup of the process shares: upstream calls, Redis, S3). A name whose
     servers never answer holds its thread until the system resolver gives up, tens of
     seconds, whether or not anyone still waits; so a few such names sent at once would
-    stall every lookup of the process. Here they hold at most `at_once` threads: a
-    place is given back when the lookup itself ends, not when its caller stops waiting.
-    (asyncio.Semaphore, not a thread pool of our own: the loop's own `getaddrinfo` stays
-    the one every lookup goes through.)"""
+    stall every lookup of the process. Here they hold at most `at_once` threads, and
+    one owner's names one of them: a place is given back when the lookup itself ends,
+    not when its caller stops waiting. (Semaphores, not a thread pool of our own: the
+    loop's own `getaddrinfo` stays the one every lookup goes through.)"""
 
     def __init__(self, at_once: int = 2, wait: float = 5.0) -> None:
         self.wait = wait
         self._places = asyncio.Semaphore(at_once)
+        self._owners: dict[str, asyncio.Semaphore] = {}  # one each: accounts are few
+        self._running: set[asyncio.Future[list[Address]]] = set()
 
-    async def resolve(self, host: str, port: int, field: str) -> list[Address]:
+    async def resolve(self, host: str, port: int, field: str, owner: str) -> list[Address]:
         """`resolve`, bounded. Raises `ServiceUnavailable` when no place freed up in
-        time (other names still being looked up), `BadUserInput` naming `field` when
-        the name's own lookup took too long."""
+        time (other names, or this owner's last one, still being looked up), and
+        `BadUserInput` naming `field` when the name's own lookup took too long."""
+        own = self._owners.setdefault(owner, asyncio.Semaphore(1))
         try:
-            async with asyncio.timeout(self.wait) as deadline:
-                await self._places.acquire()
+            async with asyncio.timeout(self.wait):
+                await own.acquire()
+                try:
+                    await self._places.acquire()
+                except BaseException:
+                    own.release()
+                    raise
         except TimeoutError:
             raise ServiceUnavailable(
-                f"too many {field} names being looked up; retry shortly",
+                f"other {field} names are still being looked up; retry shortly",
                 retry_after=max(1, round(self.wait)),
             ) from None
         lookup = asyncio.ensure_future(resolve(host, port))
-        lookup.add_done_callback(lambda _: self._places.release())
+        self._running.add(lookup)  # held until it ends, whoever still waits for it
+        lookup.add_done_callback(functools.partial(self._ended, own))
         try:
-            async with asyncio.timeout_at(deadline.when()):
+            async with asyncio.timeout(self.wait):
                 return await asyncio.shield(lookup)
         except TimeoutError:
             raise BadUserInput(
                 f"{field}: host {host!r} did not resolve within {self.wait:g} s", field=field
             ) from None
+
+    def _ended(self, own: asyncio.Semaphore, lookup: asyncio.Future[list[Address]]) -> None:
+        self._running.discard(lookup)
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved, for a caller gone: `resolve` raises none it knows
+        self._places.release()
+        own.release()
 
 
 async def check_url(
@@ -297,17 +316,18 @@ async def check_url(
     field: str = "webhookUrl",
     max_length: int = MAX_URL_LENGTH,
     lookups: Lookups | None = None,
+    owner: str = "",
 ) -> list[Address]:
     """Validate a user-supplied URL; return the addresses it may be fetched from.
 
     Raises `BadUserInput` naming `field` for anything `parse_url` refuses, a host that
     does not resolve, or one with any address that `is_forbidden`. `lookups`: bounds on
-    the name's lookup, when a request waits for it."""
+    the name's lookup (one at a time for `owner`)."""
     parsed = parse_url(url, field, max_length)
     if parsed.literal is not None:
         addresses = [parsed.literal]
     elif lookups is not None:
-        addresses = await lookups.resolve(parsed.host, parsed.effective_port, field)
+        addresses = await lookups.resolve(parsed.host, parsed.effective_port, field, owner)
     else:
         addresses = await resolve(parsed.host, parsed.effective_port)
     if not addresses:

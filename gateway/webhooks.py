@@ -41,14 +41,14 @@ from standardwebhooks.webhooks import Webhook
 
 from gateway import metrics, telemetry
 from gateway.config import Settings
-from gateway.errors import BadUserInput
+from gateway.errors import BadUserInput, ServiceUnavailable
 from gateway.jobs.model import Job, iso
 from gateway.jobs.store import JobStore
 from gateway.providers import fluxkrea, krea
 from gateway.providers.http import first_reachable
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
-from gateway.urlguard import ADDRESSES_TRIED, Address, check_url, pinned
+from gateway.urlguard import ADDRESSES_TRIED, Address, Lookups, check_url, pinned
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -149,6 +149,8 @@ class Webhooks:
         self.clock = clock
         self.delays = settings.webhook_retry_delays
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
+        # A URL's name answered at admission may go silent by its delivery.
+        self.lookups = Lookups(wait=settings.webhook_timeout)
         self.inflight: set[asyncio.Task[bool]] = set()
 
     def now_ms(self) -> int:
@@ -225,7 +227,12 @@ class Webhooks:
         error: str | None = None
         try:
             async with asyncio.timeout(self.settings.webhook_timeout):
-                addresses = await check_url(job.webhook_url, self.settings.allow_cidrs)
+                addresses = await check_url(
+                    job.webhook_url,
+                    self.settings.allow_cidrs,
+                    lookups=self.lookups,
+                    owner=job.account,
+                )
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:
                 # The job's trace (the request that made it) goes on; the receiver is
@@ -241,7 +248,7 @@ class Webhooks:
                         telemetry.failed(f"HTTP {status}", span)
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except BadUserInput as exc:
+        except (BadUserInput, ServiceUnavailable) as exc:  # no place to look the name up too
             error = exc.message
         except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             error = "timed out"

@@ -97,7 +97,11 @@ class Mutation:
             services=input.services,
             max_jobs=input.max_jobs,
         )
-        minted = await ctx.gateway.create_client_token(principal, wanted)
+        try:
+            minted = await ctx.gateway.create_client_token(principal, wanted)
+        except GatewayError as exc:
+            ctx.add_headers(exc.headers)  # a refusal's own (the token cap's)
+            raise
         return ClientToken(
             token=minted.token,
             expires_at=iso(minted.expires_ms) or "",

@@ -191,6 +191,10 @@ async def test_a_key_holds_at_most_its_cap_of_live_tokens(
             assert (error["code"], error["limit"]) == ("RATE_LIMITED", "tokens")
             assert 55 <= error["retryAfter"] <= 60  # when the first one ends
             assert r.headers["Retry-After"] == str(error["retryAfter"])
+            assert (r.headers["X-RateLimit-Limit"], r.headers["X-RateLimit-Remaining"]) == (
+                "2",
+                "0",
+            )
         await mint(gw, other)  # another key's cap is its own
 
         assert (await gw.gql(REVOKE, {"t": first}, key)).json()["data"]["revokeClientToken"]

@@ -129,34 +129,6 @@ def test_a_segmind_request_comes_back_the_same_through_the_segmind_backend(
 # -- the SDK, as the guide's own examples use it -----------------------------------------
 
 
-async def test_the_urls_to_follow_name_the_host_the_request_reached(
-    redis_url: str, storage_dir: Path
-) -> None:
-    """A backend in another container reaches the gateway at its own name for it
-    (compose's `gateway:8000`), not at the public URL's host: the URLs its SDK follows
-    next name the host it sent to, by the scheme a proxy says; the public URL (its
-    scheme and path) when the request came there."""
-    public = "https://images.example.com/gw"
-    async with gateway(redis_url, storage_dir, public_url=public, **LOCAL) as gw:
-        key = await gw.key(credits=1000)
-        small = {"prompt": "a felt fox", "megapixels": 0.25, "aspect_ratio": "1:1"}
-
-        async def submit(**headers: str) -> tuple[str, str]:
-            path = "/compat/segmind/v2/flux-krea-dev"
-            r = await gw.http.post(path, json=small, headers={"x-api-key": key, **headers})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["status_url"] == body["response_url"] + "/status"
-            return body["response_url"], body["request_id"]
-
-        url, job_id = await submit(host="gateway:8000")
-        assert url == f"http://gateway:8000/compat/segmind/v2/requests/{job_id}"
-        url, job_id = await submit(host="api.example.net", **{"x-forwarded-proto": "https"})
-        assert url == f"https://api.example.net/compat/segmind/v2/requests/{job_id}"
-        url, job_id = await submit(host="Images.Example.com")
-        assert url == f"{public}/compat/segmind/v2/requests/{job_id}"
-
-
 async def test_the_seeds_example_through_submit_async_and_run(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -457,45 +457,54 @@ async def test_a_webhook_url_s_name_is_looked_up_only_for_a_valid_key(
         assert asked == [PUBLIC]
 
 
-async def test_names_that_never_resolve_hold_two_lookups_at_most(
+async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
     redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A webhookUrl whose name servers never answer costs its caller a short wait and a
-    400; while such lookups still run, two at most, the next name waits for a place and
-    is told to retry (503), instead of stalling every lookup of the process."""
+    400. Such lookups go on after it: two at most in the process, one per key. While
+    they run, the next name waits for a place and is told to retry (503), instead of
+    stalling every lookup of the process; a key's own slow name holds up only its own
+    next one."""
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         lookups = gw.app.state.gateway.lookups = Lookups(at_once=2, wait=0.3)
         loop = asyncio.get_running_loop()
-        real, answer = loop.getaddrinfo, asyncio.Event()
-        hanging: list[str] = []
+        real = loop.getaddrinfo
+        answers: dict[str, asyncio.Event] = {}  # a name ending .hang.example: when it answers
 
         async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
             if host == "hooks.example":
                 return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))]
             if isinstance(host, str) and host.endswith(".hang.example"):
-                hanging.append(host)
-                await answer.wait()
+                await answers.setdefault(host, asyncio.Event()).wait()
                 return []
             return await real(host, port, *args, **kwargs)
 
         monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
-        key = await gw.key()
+        one, two, three = await gw.key(), await gw.key(), await gw.key()
 
-        async def post(host: str) -> Any:
+        async def post(key: str, host: str) -> Any:
             body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
             return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
 
-        slow = await asyncio.gather(post("a.hang.example"), post("b.hang.example"))
+        def refused_for_now(response: Any) -> bool:
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            return int(response.headers["Retry-After"]) >= 1
+
+        slow = await asyncio.gather(post(one, "a.hang.example"), post(two, "b.hang.example"))
         for response in slow:
             assert response.status_code == 400, response.text
             error = response.json()["error"]
             assert error["field"] == "webhookUrl" and "did not resolve within" in error["message"]
-        waiting = await post("c.hang.example")
-        assert waiting.status_code == 503, waiting.text
-        assert waiting.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
-        assert int(waiting.headers["Retry-After"]) >= 1
-        assert sorted(hanging) == ["a.hang.example", "b.hang.example"]
+        assert refused_for_now(await post(three, "c.hang.example"))
+        assert sorted(answers) == ["a.hang.example", "b.hang.example"]
 
-        answer.set()  # the system resolver gives up on them at last
+        for name in ("a.hang.example", "b.hang.example"):
+            answers[name].set()  # the system resolver gives up on them at last
         await until(lambda: not lookups._places.locked())
-        assert (await post("hooks.example")).status_code == 202
+        assert (await post(one, "hooks.example")).status_code == 202
+
+        assert (await post(one, "d.hang.example")).status_code == 400
+        assert refused_for_now(await post(one, "hooks.example"))  # its own still runs
+        assert (await post(two, "hooks.example")).status_code == 202  # another's does not
+        answers["d.hang.example"].set()

@@ -309,14 +309,15 @@ async def test_a_report_counts_a_read_for_each_page_it_reads(
     monkeypatch.setattr(usage, "PAGE", 2)
     async with reads_limited(redis_url, storage_dir, 5) as gw:
         key = await gw.key(credits=1000)
-        for i in range(5):
+        for i in range(7):
             body = {"service": "local", "prompt": f"page {i}", "width": 512, "height": 512}
             r = await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": key})
             assert r.status_code == 202, r.text
         today = datetime.fromtimestamp(gw.clock(), UTC).date().isoformat()
         report = (await ask(gw, key, today, today)).json()["data"]["usage"]
-        assert report["totals"]["requests"] == 5
-        # five charges and five jobs, two a page: six pages at least, over the five reads
+        assert report["totals"]["requests"] == 7
+        # seven charges and seven jobs, two a page: four pages each, six beyond the
+        # first of each: seven reads, over the five a minute
         refused = await gw.gql("{ me { credits } }", key=key)
         assert refused.status_code == 429, refused.text
         assert (error_of(refused)["code"], error_of(refused)["limit"]) == ("RATE_LIMITED", "read")

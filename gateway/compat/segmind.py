@@ -24,7 +24,6 @@ rule, 404 unknown model or request, 406 credits, 422 a FAILED request, 429 a lim
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -132,18 +131,8 @@ def service_for(model: str, gateway: Gateway) -> str:
 
 
 def _base(request: Request, gateway: Gateway) -> str:
-    """Where this caller reached the gateway, for the URLs its SDK follows next: the
-    public URL (its scheme and path too) when the request came to that host, else the
-    host the request named, by the scheme a proxy in front says it was sent with
-    (X-Forwarded-Proto) or its own. A backend in another container reaches the gateway
-    at a name the public URL is not (compose's `gateway:8000`)."""
-    host = request.headers.get("host", "")
-    public = gateway.settings.public_url
-    if public and (not host or urllib.parse.urlsplit(public).netloc.lower() == host.lower()):
-        return public.rstrip("/")
-    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-    scheme = forwarded if forwarded in ("http", "https") else request.url.scheme
-    return f"{scheme}://{host}" if host else str(request.base_url).rstrip("/")
+    """Where clients reach the gateway: its public URL when set, else the request's."""
+    return gateway.settings.public_url or str(request.base_url).rstrip("/")
 
 
 def _request_urls(request: Request, gateway: Gateway, job_id: str) -> dict[str, str]:

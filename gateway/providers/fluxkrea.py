@@ -22,7 +22,7 @@ plumbing in `gateway/compat/fluxkrea.py`), lives here too, on the same tables: `
 reads a flux-krea request into a `GenerationRequest` (`request_from`); the answer words
 (`SUCCESS`, `QUEUED`, `COMPLETED`, `FAILED`) and the async endpoint's fields
 (`WEBHOOK_URL`, `CALLBACK_DATA`) write the answers and the webhook body as `submit` and
-`poll` read them; `ERRORS` and `QUOTA_EXCEEDED` write errors as `_tell_operator` reads them.
+`poll` read them; `ERRORS` and `QUOTA_EXCEEDED` write errors as `_quota_exceeded` reads them.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class FluxKreaProvider(HTTPBackend):
             # Not idempotent: a re-sent generate could be charged twice.
             return await self.send("POST", f"{self.base_url}{path}", idempotent=False, json=body)
         except ProviderUnavailable as exc:
-            _tell_operator(exc.answer, self.credential_setting)
+            if exc.answer is not None and _quota_exceeded(exc.answer):
+                log.warning("upstream quota exceeded on our account", upstream=self.upstream)
             raise
 
     async def submit(self, params: ImageParams) -> Submitted:
@@ -220,22 +221,17 @@ class FluxKreaProvider(HTTPBackend):
         )
 
 
-def _tell_operator(response: Answer | None, setting: str) -> None:
-    """Our own credential or quota trouble (401; 403 with `quota_exceeded`), said in the
-    operator's log: the job's error, which its owner reads, and the public `providers`
-    reason say only the status (docs/api.md#failover)."""
-    if response is None or response.status_code not in (401, 403):
-        return
-    if response.status_code == 401:
-        log.warning("upstream refused our credential", upstream="flux-krea", setting=setting)
-        return
+def _quota_exceeded(response: Answer) -> bool:
+    """A 403 whose `error_code` says our account's quota is used up (the guide's
+    QuotaExceededError)."""
+    if response.status_code != 403:
+        return False
     try:
         payload = response.json()
     except ValueError:
-        return
+        return False
     code = payload.get("error_code") if isinstance(payload, dict) else None
-    if isinstance(code, str) and QUOTA_EXCEEDED in code:
-        log.warning("upstream quota exceeded on our account", upstream="flux-krea")
+    return isinstance(code, str) and QUOTA_EXCEEDED in code
 
 
 def _output(image: Any, body: dict[str, Any], base: str) -> Output:

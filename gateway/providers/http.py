@@ -475,18 +475,30 @@ class HTTPBackend:
         headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> Answer:
-        """`request()` to this upstream, with its credential (or the given headers)."""
-        return await request(
-            self.client,
-            method,
-            url,
-            upstream=self.upstream,
-            idempotent=idempotent,
-            timeout=self.timeout,
-            headers=self.headers() if headers is None else headers,
-            tally=self.tally,
-            **kwargs,
-        )
+        """`request()` to this upstream, with its credential (or the given headers). A
+        401 or 403 is told to the operator with the setting to check; the job's error
+        says only the status (docs/api.md#failover)."""
+        try:
+            return await request(
+                self.client,
+                method,
+                url,
+                upstream=self.upstream,
+                idempotent=idempotent,
+                timeout=self.timeout,
+                headers=self.headers() if headers is None else headers,
+                tally=self.tally,
+                **kwargs,
+            )
+        except ProviderError as exc:
+            if exc.answer is not None and exc.answer.status_code in (401, 403):
+                log.warning(
+                    "upstream refused our credential",
+                    upstream=self.upstream,
+                    status=exc.answer.status_code,
+                    setting=self.credential_setting,
+                )
+            raise
 
     def json_object(self, response: Answer) -> dict[str, Any]:
         """The answer's JSON object; malformed or anything else -> unavailable."""

@@ -434,12 +434,7 @@ class SegmindProvider(HTTPBackend):
             elif status == 406:
                 log.warning("upstream account out of credits", upstream="segmind")
                 meaning = "segmind answered 406"
-            elif status in (401, 403):
-                log.warning(
-                    "upstream refused our credential",
-                    upstream="segmind",
-                    setting=self.credential_setting,
-                )
+            elif status in (401, 403):  # `send` told the operator
                 meaning = f"segmind answered {status}"
             else:
                 raise

@@ -15,7 +15,8 @@
 -- the reply.
 -- KEYS: 1 account, 2 rate, 3 reads, 4 client token (unused for a key), 5 optional: a job
 --       record to read
--- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table, 5 client token (0/1)
+-- ARGV: 1 now_ms, 2 count_read (0/1), 3 secret hash, 4 plan table, 5 client token (0/1),
+--       6 how long a minute's read counter is kept (ms)
 -- Returns {flat account hash, window used, window reset (unix s), reads, rpm, concurrency,
 --          daily, flat token hash ({} for a key), and with KEYS 5 the record as
 --          read.lua returns it ({} when gone or not read)}; {{}} for an unknown account.
@@ -42,7 +43,7 @@ end
 local reads = 0
 if ARGV[2] == '1' and own and fields['revoked'] ~= '1' then
   reads = redis.call('INCR', KEYS[3])
-  if reads == 1 then redis.call('PEXPIRE', KEYS[3], 61000) end
+  if reads == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
 end
 local out = {acct, used, window_reset(KEYS[2], now), reads, rpm, conc, daily, token}
 if KEYS[5] then

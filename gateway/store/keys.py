@@ -157,12 +157,12 @@ def token_jobs(account_id: str, token_id: str) -> str:
     return f"{_tag(account_id)}:ct:{token_id}:jobs"
 
 
-def reads(account_id: str, minute: int) -> str:
-    """Counter: the account's reads in one clock minute, kept READS_KEPT_MS."""
-    return f"{_tag(account_id)}:reads:{minute}"
+def reads(account_id: str, now_ms: int) -> str:
+    """Counter: the account's reads in the clock minute of `now_ms`, kept READS_KEPT_MS."""
+    return f"{_tag(account_id)}:reads:{now_ms // 60_000}"
 
 
-READS_KEPT_MS = 61_000  # a minute's read counter, past its minute (auth.lua sets it too)
+READS_KEPT_MS = 61_000  # a minute's read counter, from its first read
 
 
 def events(account_id: str, job_id: str) -> str:

@@ -291,6 +291,7 @@ class Auth(Script):
         """`job`: a job record of the account to read in the same call (a poll's)."""
         argv: list[Any] = [account, rate, reads, client_token, *([job] if job else [])]
         argv += [now_ms, 1 if count_read else 0, secret_hash, plans, 1 if token else 0]
+        argv.append(keys.READS_KEPT_MS)
         return self.decode(await self.run(5 if job else 4, argv, client), job)
 
     @staticmethod

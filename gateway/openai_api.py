@@ -114,7 +114,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
             **extra,
         }
     }
-    out = {**exc.headers, **(headers or {})}
+    out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
     elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts

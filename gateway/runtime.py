@@ -38,6 +38,7 @@ from gateway.routing import Router
 from gateway.service import Gateway
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import Scripts, connect
+from gateway.urlguard import Lookups
 from gateway.webhooks import Webhooks
 from gateway.webhooks import session as webhook_session
 
@@ -156,6 +157,7 @@ async def runtime(
         watch = JobWatch(redis, store)
         opened.push_async_callback(watch.aclose)
         cache = Cache(redis, scripts, settings)
+        lookups = Lookups()  # user-supplied URLs' names, bounded for the whole process
         webhooks = Webhooks(
             redis=redis,
             scripts=scripts,
@@ -163,6 +165,7 @@ async def runtime(
             client=hooks,
             settings=settings,
             clock=clock,
+            lookups=lookups,
         )
         gateway = Gateway(
             settings=settings,
@@ -177,6 +180,7 @@ async def runtime(
             webhooks=webhooks,
             inbox=inbox,
             watch=watch,
+            lookups=lookups,
             clock=clock,
         )
         worker = Worker(

@@ -86,6 +86,7 @@ class Gateway:
         webhooks: Webhooks,
         inbox: RedisInbox,
         watch: JobWatch,
+        lookups: Lookups,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Every part comes built (by `gateway/runtime.py`); the job store, events, cache
@@ -102,7 +103,7 @@ class Gateway:
         self.webhooks = webhooks
         self.inbox = inbox  # receives the upstreams' callbacks (`POST /v1/callbacks/...`)
         self.watch = watch  # answers that wait for their job's end
-        self.lookups = Lookups()  # a webhookUrl's name, looked up while its request waits
+        self.lookups = lookups  # the process's, shared with webhook deliveries
         self.clock = clock
         self.accounts = Accounts(redis, scripts, settings, clock)
         self.tokens = ClientTokens(redis, scripts, settings.client_tokens_max)

@@ -252,9 +252,19 @@ async def resolve(host: str, port: int) -> list[Address]:
     return addresses
 
 
+class _Owner:
+    """One owner's place (one lookup at a time) and the callers holding or awaiting it."""
+
+    __slots__ = ("place", "users")
+
+    def __init__(self) -> None:
+        self.place = asyncio.Semaphore(1)
+        self.users = 0
+
+
 class Lookups:
     """The name lookups of user-supplied URLs (a `webhookUrl`, at admission and at each
-    delivery): at most `at_once` in flight in the process and one per owner (an
+    delivery), one set per process: at most `at_once` in flight and one per owner (an
     account); a caller waits at most `wait` seconds for a place, and its lookup at most
     `wait` more.
 
@@ -270,44 +280,60 @@ class Lookups:
     def __init__(self, at_once: int = 2, wait: float = 5.0) -> None:
         self.wait = wait
         self._places = asyncio.Semaphore(at_once)
-        self._owners: dict[str, asyncio.Semaphore] = {}  # one each: accounts are few
+        self._owners: dict[str, _Owner] = {}  # those with a lookup in flight or awaited
         self._running: set[asyncio.Future[list[Address]]] = set()
 
-    async def resolve(self, host: str, port: int, field: str, owner: str) -> list[Address]:
-        """`resolve`, bounded. Raises `ServiceUnavailable` when no place freed up in
-        time (other names, or this owner's last one, still being looked up), and
-        `BadUserInput` naming `field` when the name's own lookup took too long."""
-        own = self._owners.setdefault(owner, asyncio.Semaphore(1))
+    async def resolve(
+        self, host: str, port: int, field: str, owner: str, wait: float | None = None
+    ) -> list[Address]:
+        """`resolve`, bounded (`wait`: this call's, else the set's). Raises
+        `ServiceUnavailable` when no place freed up in time (other names, or this
+        owner's last one, still being looked up), and `BadUserInput` naming `field` when
+        the name's own lookup took too long."""
+        wait = self.wait if wait is None else wait
+        own = self._owners.get(owner)
+        if own is None:
+            own = self._owners[owner] = _Owner()
+        own.users += 1
         try:
-            async with asyncio.timeout(self.wait):
-                await own.acquire()
+            async with asyncio.timeout(wait):
+                await own.place.acquire()
                 try:
                     await self._places.acquire()
                 except BaseException:
-                    own.release()
+                    own.place.release()
                     raise
-        except TimeoutError:
-            raise ServiceUnavailable(
-                f"other {field} names are still being looked up; retry shortly",
-                retry_after=max(1, round(self.wait)),
-            ) from None
+        except BaseException as exc:
+            self._leave(owner, own)
+            if isinstance(exc, TimeoutError):
+                raise ServiceUnavailable(
+                    f"other {field} names are still being looked up; retry shortly",
+                    retry_after=max(1, round(wait)),
+                ) from None
+            raise
         lookup = asyncio.ensure_future(resolve(host, port))
         self._running.add(lookup)  # held until it ends, whoever still waits for it
-        lookup.add_done_callback(functools.partial(self._ended, own))
+        lookup.add_done_callback(functools.partial(self._ended, owner, own))
         try:
-            async with asyncio.timeout(self.wait):
+            async with asyncio.timeout(wait):
                 return await asyncio.shield(lookup)
         except TimeoutError:
             raise BadUserInput(
-                f"{field}: host {host!r} did not resolve within {self.wait:g} s", field=field
+                f"{field}: host {host!r} did not resolve within {wait:g} s", field=field
             ) from None
 
-    def _ended(self, own: asyncio.Semaphore, lookup: asyncio.Future[list[Address]]) -> None:
+    def _ended(self, owner: str, own: _Owner, lookup: asyncio.Future[list[Address]]) -> None:
         self._running.discard(lookup)
         if not lookup.cancelled():
             lookup.exception()  # retrieved, for a caller gone: `resolve` raises none it knows
         self._places.release()
-        own.release()
+        own.place.release()
+        self._leave(owner, own)
+
+    def _leave(self, owner: str, own: _Owner) -> None:
+        own.users -= 1
+        if not own.users:
+            del self._owners[owner]
 
 
 async def check_url(
@@ -317,17 +343,18 @@ async def check_url(
     max_length: int = MAX_URL_LENGTH,
     lookups: Lookups | None = None,
     owner: str = "",
+    wait: float | None = None,
 ) -> list[Address]:
     """Validate a user-supplied URL; return the addresses it may be fetched from.
 
     Raises `BadUserInput` naming `field` for anything `parse_url` refuses, a host that
     does not resolve, or one with any address that `is_forbidden`. `lookups`: bounds on
-    the name's lookup (one at a time for `owner`)."""
+    the name's lookup (one at a time for `owner`; `wait`: `Lookups.resolve`'s)."""
     parsed = parse_url(url, field, max_length)
     if parsed.literal is not None:
         addresses = [parsed.literal]
     elif lookups is not None:
-        addresses = await lookups.resolve(parsed.host, parsed.effective_port, field, owner)
+        addresses = await lookups.resolve(parsed.host, parsed.effective_port, field, owner, wait)
     else:
         addresses = await resolve(parsed.host, parsed.effective_port)
     if not addresses:

@@ -139,7 +139,9 @@ class Webhooks:
         client: aiohttp.ClientSession,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        lookups: Lookups | None = None,
     ) -> None:
+        """`lookups`: the process's (`urlguard.Lookups`; a set of its own when none)."""
         self.redis = redis
         self.scripts = scripts
         self.store = store
@@ -150,7 +152,7 @@ class Webhooks:
         self.delays = settings.webhook_retry_delays
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
         # A URL's name answered at admission may go silent by its delivery.
-        self.lookups = Lookups(wait=settings.webhook_timeout)
+        self.lookups = lookups or Lookups()
         self.inflight: set[asyncio.Task[bool]] = set()
 
     def now_ms(self) -> int:
@@ -232,6 +234,7 @@ class Webhooks:
                     self.settings.allow_cidrs,
                     lookups=self.lookups,
                     owner=job.account,
+                    wait=self.settings.webhook_timeout / 2,  # a place, then the lookup
                 )
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:

@@ -195,16 +195,19 @@ async def test_quota_exceeded_is_unavailable_and_the_operator_is_told(
     assert info.value.failover is True
     assert emu.submissions == 1
     assert info.value.message == "flux-krea answered 403"  # our account's: the operator's
-    assert [line["upstream"] for line in logged if "quota" in line["event"]] == ["flux-krea"]
+    told = [line["event"] for line in logged if "our" in line["event"]]
+    assert told == ["upstream quota exceeded on our account"]  # not a key to rotate
 
 
 async def test_other_403_is_unavailable_without_blaming_quota(
     emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:
     emu.fail_next(1, status=403)
-    with pytest.raises(ProviderUnavailable) as info:
+    with capture_logs() as logged, pytest.raises(ProviderUnavailable) as info:
         await make(client, base).submit(ImageParams(prompt="x"))
     assert info.value.message == "flux-krea answered 403"
+    told = [line["event"] for line in logged if "our" in line["event"]]
+    assert told == ["upstream refused our credential"]
 
 
 async def test_429_waits_for_retry_after_then_succeeds(

@@ -94,7 +94,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     """A `GatewayError` as Segmind answers one: `{"error": message}` (the gateway's `code`
     and details beside it), with Segmind's status for it."""
     extra = {k: v for k, v in exc.extensions.items() if k != "code"}
-    out = {**exc.headers, **(headers or {})}
+    out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
     body = {"error": exc.message, "code": exc.code, **extra}

@@ -126,6 +126,11 @@ class FluxKreaProvider(HTTPBackend):
 
     body_for = staticmethod(translate)
 
+    def refused_credential(self, answer: Answer) -> bool:
+        return answer.status_code == 401 or (
+            answer.status_code == 403 and not _quota_exceeded(answer)
+        )
+
     async def _post(self, path: str, body: dict[str, Any]) -> Answer:
         try:
             # Not idempotent: a re-sent generate could be charged twice.

@@ -491,7 +491,7 @@ class HTTPBackend:
                 **kwargs,
             )
         except ProviderError as exc:
-            if exc.answer is not None and exc.answer.status_code in (401, 403):
+            if exc.answer is not None and self.refused_credential(exc.answer):
                 log.warning(
                     "upstream refused our credential",
                     upstream=self.upstream,
@@ -499,6 +499,11 @@ class HTTPBackend:
                     setting=self.credential_setting,
                 )
             raise
+
+    def refused_credential(self, answer: Answer) -> bool:
+        """Whether this unsuccessful answer says our credential was refused (an adapter
+        whose upstream gives 401 or 403 another meaning says so)."""
+        return answer.status_code in (401, 403)
 
     def json_object(self, response: Answer) -> dict[str, Any]:
         """The answer's JSON object; malformed or anything else -> unavailable."""

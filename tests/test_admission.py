@@ -735,6 +735,8 @@ async def test_me_reports_each_limit_as_admitted(redis_url: str, storage_dir: Pa
     clock = Clock()
     async with gateway(redis_url, storage_dir, clock, inprocess_workers=False) as gw:
         key = await gw.key("starter", credits=200)  # 30/min, 3 at once, 1000/day
+        if next_utc_midnight(clock()) - clock() < 600:  # the day must not roll over either
+            clock.advance(next_utc_midnight(clock()) - clock())
         clock.advance(61 - clock() % 60)  # 1 s into a clock minute: reads do not roll over
         replies = [await gw.generate(key, f"job {i}", width=512, height=512) for i in range(2)]
         first_reset = int(replies[0].headers["X-RateLimit-Reset"])

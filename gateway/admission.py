@@ -163,16 +163,14 @@ async def admit(
     if verdict == "duplicate":
         return Duplicate(principal, reply.job_id)
     refusal: GatewayError
-    headers = principal.rate_headers()
     if verdict == "limited":
-        refusal = RateLimited(reply.limit, max(1, math.ceil(reply.wait_ms / 1000)))
-        allowed = {"day": reply.daily, "concurrency": reply.concurrency}.get(reply.limit)
-        if allowed is not None:  # the headers describe the limit that refused it
-            headers = {
-                "X-RateLimit-Limit": str(allowed),
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": str(math.ceil((now_ms + reply.wait_ms) / 1000)),
-            }
+        refusal = RateLimited(
+            reply.limit,
+            max(1, math.ceil(reply.wait_ms / 1000)),
+            # the headers describe the limit that refused it (the minute's: the key's own)
+            allowed={"day": reply.daily, "concurrency": reply.concurrency}.get(reply.limit),
+            reset=math.ceil((now_ms + reply.wait_ms) / 1000),
+        )
     elif verdict == "credits":
         refusal = InsufficientCredits(reply.cost, principal.credits)
     elif verdict == "forbidden":
@@ -181,5 +179,5 @@ async def admit(
         refusal = BadUserInput(
             "idempotencyKey was already used with different parameters", field="idempotencyKey"
         )
-    refusal.headers = headers
+    refusal.headers = refusal.headers or principal.rate_headers()
     raise refusal

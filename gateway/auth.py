@@ -229,11 +229,6 @@ async def authenticate(
     reads_allowed = principal.read_limit(settings.read_rpm, settings.read_rpm_per_job)
     if read and reply.reads > reads_allowed:
         wait = 60 - (now_ms // 1000) % 60
-        refused = RateLimited("read", wait)
-        refused.headers = {  # the limit that refused it: the read limit's, used up
-            "X-RateLimit-Limit": str(reads_allowed),
-            "X-RateLimit-Remaining": "0",
-            "X-RateLimit-Reset": str(now_ms // 1000 + wait),
-        }
-        raise refused
+        # the headers describe the limit that refused it: the read limit's, used up
+        raise RateLimited("read", wait, allowed=reads_allowed, reset=now_ms // 1000 + wait)
     return principal, reply.record

@@ -24,6 +24,7 @@ import structlog
 
 from gateway.store import keys
 from gateway.store.redis import store_trouble
+from gateway.timeouts import set_within
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 CATCH_UP_BATCH = 1000
@@ -113,9 +114,7 @@ class RedisInbox:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen())
         if not self._subscribed.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self._subscribed.wait()
+            await set_within(self._subscribed, 5.0)
         for token in waiter.tokens:
             there = self.waiting.get(token)
             if there is None:

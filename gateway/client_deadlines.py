@@ -245,11 +245,9 @@ class _Sweep:
 def _too_slow(seconds: float, rid: str) -> bytes:
     """REST's error answer (no path was read to pick another API's shape), as bytes."""
     refused = RequestTimeout(f"the request's headers did not arrive within {seconds:g} s")
-    answer = rest.error_response(refused)
+    answer = rest.error_response(refused, {"X-Request-Id": rid})
     head = b"".join(b"%s: %s\r\n" % header for header in answer.raw_headers)
-    status = b"HTTP/1.1 408 Request Timeout\r\n"
-    return status + b"%bx-request-id: %b\r\nconnection: close\r\n\r\n%b" % (
+    return b"HTTP/1.1 408 Request Timeout\r\n%bconnection: close\r\n\r\n%b" % (
         head,
-        rid.encode(),
         bytes(answer.body),
     )

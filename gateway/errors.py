@@ -80,13 +80,29 @@ class InsufficientCredits(GatewayError):
 class RateLimited(GatewayError):
     code, status = "RATE_LIMITED", 429
 
-    def __init__(self, limit: str, retry_after: int, message: str | None = None) -> None:
+    def __init__(
+        self,
+        limit: str,
+        retry_after: int,
+        message: str | None = None,
+        *,
+        allowed: int | None = None,
+        reset: int = 0,
+    ) -> None:
+        """`allowed`: the size of the limit that refused it, which its X-RateLimit-*
+        headers then describe, used up until `reset` (unix s)."""
         super().__init__(
             message or f"Rate limit exceeded ({limit}); retry after {retry_after} s",
             retryAfter=retry_after,
             limit=limit,
         )
         self.retry_after = retry_after
+        if allowed is not None:
+            self.headers = {
+                "X-RateLimit-Limit": str(allowed),
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(reset),
+            }
 
 
 class NotFound(GatewayError):

@@ -138,10 +138,18 @@ class Gateway:
         telemetry.note(account=principal.account)
         return principal, record
 
-    async def _refuse(self, api_key: str | None, origin: str, exc: GatewayError) -> NoReturn:
+    async def _refuse(
+        self,
+        api_key: str | None,
+        origin: str,
+        exc: GatewayError,
+        principal: Principal | None = None,
+    ) -> NoReturn:
         """A generation request refused before admission (bad input, nothing routable):
-        a bad key still gets its 401, a good one its X-RateLimit-* headers."""
-        principal = await self.authenticate(api_key, origin=origin)
+        a bad key still gets its 401, a good one its X-RateLimit-* headers. `principal`:
+        the caller, when its key was checked already."""
+        if principal is None:
+            principal = await self.authenticate(api_key, origin=origin)
         exc.headers = {**principal.rate_headers(), **exc.headers}
         raise exc
 
@@ -195,22 +203,25 @@ class Gateway:
         try:
             request = await parse()
             self.router.enabled(request.provider)  # unknown -> 400, nothing enabled -> 503
-            if request.webhook_url:
-                if credential.token:
-                    raise Forbidden("a client token cannot set webhookUrl")
-                # The key is checked before the URL's name is looked up, so that no one
-                # without a key can make the gateway query DNS: one more round trip, for
-                # the requests that name a webhook only.
-                await self.authenticate(api_key, origin=origin)
+            if request.webhook_url and credential.token:
+                raise Forbidden("a client token cannot set webhookUrl")
+            credits = pricing.cost(*request.size(), request.num_images)
+        except GatewayError as exc:
+            await self._refuse(api_key, origin, exc)
+        if request.webhook_url:
+            # The key is checked before the URL's name is looked up, so that no one
+            # without a key can make the gateway query DNS: one more round trip, for the
+            # requests that name a webhook only (its refusal is the answer).
+            checked = await self.authenticate(api_key, origin=origin)
+            try:
                 await check_url(
                     request.webhook_url,
                     self.settings.allow_cidrs,
                     lookups=self.lookups,
                     owner=credential.account,
                 )
-            credits = pricing.cost(*request.size(), request.num_images)
-        except GatewayError as exc:
-            await self._refuse(api_key, origin, exc)
+            except GatewayError as exc:
+                await self._refuse(api_key, origin, exc, checked)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
         # One read of the system's randomness for the job id and the seed.
         raw = os.urandom(16)

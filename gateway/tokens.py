@@ -124,18 +124,14 @@ class ClientTokens:
         )
         if not reply.minted:
             wait = max(1, -(-(reply.soonest_expiry_ms - now_ms) // 1000))
-            refusal = RateLimited(
+            raise RateLimited(
                 "tokens",
                 wait,
                 f"this key holds {self.cap} live client tokens, the most it may; the "
                 f"soonest ends in {wait} s (revoking one frees its place at once)",
+                allowed=self.cap,
+                reset=now_ms // 1000 + wait,
             )
-            refusal.headers = {  # the headers describe the limit that refused it
-                "X-RateLimit-Limit": str(self.cap),
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": str(now_ms // 1000 + wait),
-            }
-            raise refusal
         token = f"{TOKEN_PREFIX}_{account}_{token_id}_{secret}"
         return Minted(token=token, expires_ms=expires, max_credits=wanted.max_credits)
 

@@ -23,7 +23,6 @@ signatures and the URL guard are the same for every shape.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import random
@@ -48,6 +47,7 @@ from gateway.providers import fluxkrea, krea
 from gateway.providers.http import first_reachable
 from gateway.store import keys
 from gateway.store.redis import Scripts, decoded
+from gateway.timeouts import set_within
 from gateway.urlguard import ADDRESSES_TRIED, Address, Lookups, check_url, pinned
 
 log = structlog.get_logger("gateway.webhooks")
@@ -168,9 +168,7 @@ class Webhooks:
                 trouble.failed(exc)
             # Failing (Redis away): tried again less and less often, up to every 5 s.
             wait = min(period * 2 ** min(trouble.failures, 8), 5.0)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await stop.wait()
+            await set_within(stop, wait)
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=self.settings.webhook_timeout)
 
@@ -228,14 +226,13 @@ class Webhooks:
         status: int | None = None
         error: str | None = None
         try:
-            async with asyncio.timeout(self.settings.webhook_timeout):
-                addresses = await check_url(
-                    job.webhook_url,
-                    self.settings.allow_cidrs,
-                    lookups=self.lookups,
-                    owner=job.account,
-                    wait=self.settings.webhook_timeout / 2,  # a place, then the lookup
-                )
+            addresses = await check_url(  # bounded: half the time for a place, half to look
+                job.webhook_url,
+                self.settings.allow_cidrs,
+                lookups=self.lookups,
+                owner=job.account,
+                wait=self.settings.webhook_timeout / 2,
+            )
             attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
             async with self.slots:
                 # The job's trace (the request that made it) goes on; the receiver is

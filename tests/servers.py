@@ -149,6 +149,25 @@ def resolving(
     return given
 
 
+def hanging(monkeypatch: pytest.MonkeyPatch, suffix: str) -> dict[str, asyncio.Event]:
+    """Names ending in `suffix` resolve, on this event loop, only once their event in the
+    returned table (made at their first lookup) is set, then to nothing: name servers
+    that do not answer until the system resolver gives up. Other names as before (a
+    `resolving` already in place included)."""
+    loop = asyncio.get_running_loop()
+    before = loop.getaddrinfo
+    answers: dict[str, asyncio.Event] = {}
+
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(host, str) or not host.endswith(suffix):
+            return await before(host, port, *args, **kwargs)
+        await answers.setdefault(host, asyncio.Event()).wait()
+        return []
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return answers
+
+
 @contextlib.contextmanager
 def black_hole(host: str, port: int) -> Iterator[None]:
     """`host:port` takes no connection and refuses none: a connect there hangs until the

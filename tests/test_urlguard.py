@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.routing import Route
 from gateway.errors import BadUserInput
 from gateway.urlguard import Lookups, check_url, embedded_ipv4, parse_url, pinned, resolve
 from tests.harness import GENERATE, gateway
-from tests.servers import resolving, serve
+from tests.servers import hanging, resolving, serve
 
 PUBLIC = "93.184.216.34"  # a public address: these URLs are refused for one reason only
 
@@ -455,6 +454,10 @@ async def test_a_webhook_url_s_name_is_looked_up_only_for_a_valid_key(
         good = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
         assert good.status_code == 202, good.text
         assert asked == [PUBLIC]
+        private = {**body, "webhookUrl": "http://127.0.0.1/h"}
+        refused = await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=private)
+        assert refused.status_code == 400  # with the key's headers, as any refused input
+        assert refused.headers["X-RateLimit-Limit"] == good.headers["X-RateLimit-Limit"]
 
 
 async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
@@ -469,19 +472,8 @@ async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
         service = gw.app.state.gateway
         assert service.lookups is service.webhooks.lookups  # one set for the process
         lookups = service.lookups = Lookups(at_once=2, wait=0.3)
-        loop = asyncio.get_running_loop()
-        real = loop.getaddrinfo
-        answers: dict[str, asyncio.Event] = {}  # a name ending .hang.example: when it answers
-
-        async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-            if host == "hooks.example":
-                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))]
-            if isinstance(host, str) and host.endswith(".hang.example"):
-                await answers.setdefault(host, asyncio.Event()).wait()
-                return []
-            return await real(host, port, *args, **kwargs)
-
-        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        resolving(monkeypatch, [PUBLIC], name="hooks.example")
+        answers = hanging(monkeypatch, ".hang.example")  # each name: when it answers
         one, two, three = await gw.key(), await gw.key(), await gw.key()
 
         async def post(key: str, host: str) -> Any:

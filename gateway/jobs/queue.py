@@ -12,7 +12,6 @@ run harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -21,6 +20,7 @@ from redis.typing import StreamIdT, XReadGroupResponse
 
 from gateway.store import keys
 from gateway.store.scripts import Scripts
+from gateway.timeouts import set_within
 
 #: entries renewed per call of renew.lua (~3 ms of Redis each)
 RENEW_BATCH = 500
@@ -131,9 +131,7 @@ class Queue:
         ]
         if not found:
             wait_ms = self.idle_ms if self.blocking else block_ms
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(wait_ms, block_ms) / 1000):
-                    await self.wakeup.wait()
+            await set_within(self.wakeup, min(wait_ms, block_ms) / 1000)
         return found
 
     async def sizes(self) -> tuple[int, int]:

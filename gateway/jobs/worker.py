@@ -33,6 +33,7 @@ from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
 from gateway.store import keys
 from gateway.store.redis import store_trouble
+from gateway.timeouts import set_within
 from gateway.webhooks import Webhooks
 
 log = structlog.get_logger("gateway.worker")
@@ -136,9 +137,7 @@ class Worker:
                 free = min(self.capacity - len(self.running), FETCH_BATCH)
                 if free <= 0:
                     self.freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await self.freed.wait()
+                    await set_within(self.freed, 1.0)
                     continue
                 try:
                     entries = await self.queue.read(self.consumer, free, block_ms=1000)
@@ -181,9 +180,7 @@ class Worker:
         period = self.settings.job_lease_seconds / 3
         trouble = telemetry.Streak("heartbeat")
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
-                    await stop.wait()
+            await set_within(stop, period)
             try:
                 await self.beat()
                 rescued = await self.cache.rescue(self.now_ms(), self.router.configured)
@@ -367,9 +364,7 @@ class Worker:
         running job, where a status read per job per poll cost thousands a second."""
         reading = telemetry.Streak("reading cancellations")
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
-                    await stop.wait()
+            await set_within(stop, period)
             if not self.running:
                 continue
             try:

@@ -4,7 +4,8 @@ Lowest first (a module may import its own layer and those below it):
 
     domain     errors, params, pricing, config, origins, urlguard, formats, images, jobs/model,
                providers/base, breaker, metrics (the families, counted by every layer),
-               telemetry (the log context and the tracer, used by every layer)
+               telemetry (the log context and the tracer, used by every layer),
+               timeouts (waiting with a time limit)
     store      gateway/store, jobs/store, auth, accounts, tokens, admission, cache,
                events, job_watch, callbacks, artifacts, artifacts_s3, usage
                | providers gateway/providers
@@ -49,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gateway.breaker",
             "gateway.metrics",
             "gateway.telemetry",
+            "gateway.timeouts",
             "gateway.jobs",
             "gateway.jobs.model",
             "gateway.providers.base",

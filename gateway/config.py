@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=64, ge=1)
 
+    # OpenAI's images API (docs/api.md#openai): its own model names, as served here. A
+    # name or a `prefix*` -> a service or backend; exact names win, then the longest
+    # prefix. Code written for OpenAI keeps its `model` when it switches.
+    openai_models: dict[str, str] = Field(
+        default_factory=lambda: dict.fromkeys(
+            ("gpt-image-*", "chatgpt-image-*", "dall-e-*"), "flux-krea"
+        ),
+        description="OpenAI model names (or prefixes ending in *) -> a service or backend",
+    )
+
     # Answers that wait for their job (docs/api.md#waiting)
     sync_wait_seconds: float = Field(
         default=300.0, gt=0, le=3600, description="longest an OpenAI-style request waits"

@@ -2,7 +2,8 @@
 
 Backend code written against `POST /v1/images/generations` (the `openai` SDKs, LiteLLM,
 Portkey) points its base URL at the gateway and its key at a gateway key, and names a
-gateway service or backend as its `model` (OpenAI's model names are not served). A
+gateway service or backend as its `model`, or OpenAI's own model names, which
+`GATEWAY_OPENAI_MODELS` maps to one (`dall-e-3` to `flux-krea`, by default). A
 request is an ordinary job (`Gateway.generate`: admission, credits, cache, idempotency
 via `Idempotency-Key`, routing with failover); the answer waits for its end on the
 process's shared job watch (`wait_answering`), as OpenAI's does.
@@ -48,6 +49,10 @@ UNSUPPORTED = frozenset({"/v1/images/edits", "/v1/images/variations"})
 log = structlog.get_logger("gateway.openai")
 
 DEFAULT_MODEL = "flux-krea"
+#: OpenAI's GPT image models always answer base64 ("response_format ... unsupported for
+#: GPT image models, which always return base64-encoded images": OpenAI's API reference),
+#: so code written for them reads `b64_json`, and gets it unless it asks for `url`
+BASE64_ONLY = ("gpt-image-", "chatgpt-image-")
 DEFAULT_SIZE = "1024x1024"
 #: OpenAI's parameters, and what each becomes (None: accepted, not used by any backend)
 PARAMETERS: dict[str, str | None] = {
@@ -131,18 +136,48 @@ class ModelNotFound(NotFound):
 
 class ImagesRequest(NamedTuple):
     wanted: GenerationRequest
-    response_format: str | None  # url (None: the default) or b64_json
+    response_format: str  # url or b64_json
+
+
+Aliases = tuple[tuple[str, str], ...]
+
+
+def aliases(gateway: Gateway) -> Aliases:
+    """`GATEWAY_OPENAI_MODELS` as `serves` reads it (hashable, for `images_request`)."""
+    return tuple(gateway.settings.openai_models.items())
+
+
+def serves(name: str, models: Collection[str], aliases: Aliases) -> str | None:
+    """The service or backend a `model` names: itself, or what `GATEWAY_OPENAI_MODELS`
+    maps it to (an exact name, else the longest `prefix*` it starts with); None: no
+    such model."""
+    if name in models:
+        return name
+    best, longest = None, -1
+    for alias, target in aliases:
+        if alias == name:
+            best = target
+            break
+        if alias.endswith("*") and name.startswith(alias[:-1]) and len(alias) > longest:
+            best, longest = target, len(alias)
+    return best if best in models else None
 
 
 @memoized
-def images_request(body: bytes, models: tuple[str, ...]) -> ImagesRequest:
-    """A `POST /v1/images/generations` body, parsed (the same object for the same bytes
-    and models: `bodies.memoized`)."""
+def images_request(body: bytes, models: tuple[str, ...], aliases: Aliases) -> ImagesRequest:
+    """A `POST /v1/images/generations` body, parsed (the same object for the same bytes,
+    models and aliases: `bodies.memoized`)."""
     data = json_object(body)
-    return ImagesRequest(to_request(data, models), data.get("response_format"))
+    asked = data.get("model") or DEFAULT_MODEL
+    fmt = data.get("response_format")
+    if fmt is None:
+        fmt = "b64_json" if isinstance(asked, str) and asked.startswith(BASE64_ONLY) else "url"
+    return ImagesRequest(to_request(data, models, aliases), fmt)
 
 
-def to_request(body: dict[str, Any], models: Collection[str]) -> GenerationRequest:
+def to_request(
+    body: dict[str, Any], models: Collection[str], aliases: Aliases = ()
+) -> GenerationRequest:
     """An OpenAI images request as the gateway's one parameter model."""
     unknown = sorted(body.keys() - PARAMETERS.keys())
     if unknown:
@@ -151,9 +186,10 @@ def to_request(body: dict[str, Any], models: Collection[str]) -> GenerationReque
         )
     if body.get("stream"):
         raise BadUserInput("stream is not supported", field="stream")
-    model = body.get("model") or DEFAULT_MODEL
-    if not isinstance(model, str) or model not in models:
-        raise ModelNotFound(str(model)[:100])
+    asked = body.get("model") or DEFAULT_MODEL
+    model = serves(asked, models, aliases) if isinstance(asked, str) else None
+    if model is None:
+        raise ModelNotFound(str(asked)[:100])
     if body.get("background") == "transparent":  # no backend draws one: never opaque silently
         raise BadUserInput("background transparent is not supported", field="background")
     if body.get("response_format") not in (None, "url", "b64_json"):
@@ -189,7 +225,7 @@ async def generations(request: Request) -> Response:
 
     async def parse() -> GenerationRequest:
         nonlocal response_format, wanted
-        asked = images_request(await request.body(), gateway.router.names)
+        asked = images_request(await request.body(), gateway.router.names, aliases(gateway))
         response_format = asked.response_format
         wanted = with_idempotency_header(asked.wanted, request.headers.get("idempotency-key"))
         return wanted
@@ -307,17 +343,17 @@ async def _answer(
     }
 
 
-def _model(name: str, services: dict[str, list[str]]) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "gateway (service)" if name in services else "gateway (backend)",
-    }
+def _model(name: str, target: str, services: dict[str, list[str]]) -> dict[str, Any]:
+    if name != target:
+        owner = f"gateway (alias of {target})"
+    else:
+        owner = "gateway (service)" if name in services else "gateway (backend)"
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
 
 
 async def models(request: Request) -> Response:
-    """`GET /v1/models`: the services and backends, as OpenAI lists models."""
+    """`GET /v1/models`: the services and backends, as OpenAI lists models, and the
+    OpenAI names `GATEWAY_OPENAI_MODELS` maps exactly (a `prefix*` names no one model)."""
     gateway: Gateway = request.app.state.gateway
     try:
         principal = await gateway.authenticate(
@@ -325,12 +361,18 @@ async def models(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    data = [_model(name, gateway.router.routes) for name in gateway.router.names]
+    names, routes = gateway.router.names, gateway.router.routes
+    data = [_model(name, name, routes) for name in names]
+    data += [
+        _model(alias, target, routes)
+        for alias, target in aliases(gateway)
+        if not alias.endswith("*") and alias not in names and target in names
+    ]
     return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
 
 
 async def model(request: Request) -> Response:
-    """`GET /v1/models/{model}`."""
+    """`GET /v1/models/{model}`: a service, a backend, or an OpenAI name mapped to one."""
     gateway: Gateway = request.app.state.gateway
     name = request.path_params["model"]
     try:
@@ -339,9 +381,11 @@ async def model(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    if name not in gateway.router.names:
+    target = serves(name, gateway.router.names, aliases(gateway))
+    if target is None:
         return error_response(ModelNotFound(name[:100]), principal.rate_headers())
-    return ORJSONResponse(_model(name, gateway.router.routes), headers=principal.rate_headers())
+    body = _model(name, target, gateway.router.routes)
+    return ORJSONResponse(body, headers=principal.rate_headers())
 
 
 routes = [

@@ -88,6 +88,59 @@ async def test_the_sdk_generates_with_urls_and_base64_at_the_size_asked(
         assert (await client.models.retrieve("local")).id == "local"
 
 
+async def test_code_written_for_openais_models_keeps_its_model_name(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """OpenAI's model names are served as GATEWAY_OPENAI_MODELS maps them: an exact name
+    first, then the longest prefix; a GPT image model answers `b64_json` unless asked
+    otherwise, as OpenAI's does, and DALL·E's `url`."""
+    mapped = {"gpt-image-*": "local", "dall-e-*": "local", "dall-e-2": "nowhere"}
+    async with (
+        gateway(redis_url, storage_dir, openai_models=mapped) as gw,
+        sdks(gw) as sdk,
+    ):
+        key = await gw.key(credits=1000)
+        client = sdk(key)
+        gpt = await client.images.generate(model="gpt-image-2.5-flare", prompt="a quay")
+        image = (gpt.data or [])[0]
+        assert image.url is None and size_of(base64.b64decode(image.b64_json or "")) == (
+            1024,
+            1024,
+        )
+        asked_url = await client.images.generate(
+            model="gpt-image-1", prompt="a quay", response_format="url"
+        )
+        assert ((asked_url.data or [])[0].url or "").startswith(f"{gw.base}/outputs/")
+        dalle = await client.images.with_raw_response.generate(
+            model="dall-e-3",
+            prompt="a pier",
+            size="1792x1024",
+        )
+        assert ((dalle.parse().data or [])[0].url or "").startswith(f"{gw.base}/outputs/")
+        job = await gw.http.get(
+            f"/v1/jobs/{dalle.headers['x-gateway-job-id']}", headers={"X-API-Key": key}
+        )
+        assert (job.json()["provider"], job.json()["width"]) == ("local", 1792)
+
+        # An exact name mapped to nothing served is unknown, its prefix notwithstanding.
+        with pytest.raises(openai.NotFoundError):
+            await client.images.generate(model="dall-e-2", prompt="x")
+        retrieved = await client.models.retrieve("gpt-image-1.5")
+        assert (retrieved.id, retrieved.owned_by) == ("gpt-image-1.5", "gateway (alias of local)")
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("dall-e-2")
+        assert "gpt-image-1" not in {m.id for m in (await client.models.list()).data}
+
+    # By default every OpenAI image model is the default service's (here none is set up:
+    # the 503 says so, where an unknown model would be 404).
+    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+        client = sdk(await gw.key(credits=1000))
+        for name in ("dall-e-3", "gpt-image-1", "chatgpt-image-latest"):
+            with pytest.raises(openai.InternalServerError) as unset:
+                await client.images.generate(model=name, prompt="x")
+            assert "'flux-krea'" in unset.value.message
+
+
 async def test_idempotency_key_and_the_cache_charge_once(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
         key = await gw.key(credits=1000)
@@ -154,7 +207,7 @@ async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_di
         assert auth.value.code == "invalid_api_key"
 
         with pytest.raises(openai.NotFoundError) as missing:
-            await client.images.generate(model="dall-e-3", prompt="x")
+            await client.images.generate(model="nope-3", prompt="x")
         assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
 
         for size in ("100x100", "4096x4096", "big", "512x"):

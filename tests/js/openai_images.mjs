@@ -60,7 +60,7 @@ const badKey = await refusal(() =>
   connect(wrongSecret).images.generate({ model: "local", prompt: "a boat" }),
 );
 const unknownModel = await refusal(() =>
-  client.images.generate({ model: "dall-e-3", prompt: "a boat" }),
+  client.images.generate({ model: "no-such-model", prompt: "a boat" }),
 );
 
 clearTimeout(deadline);

@@ -26,10 +26,10 @@ def test_the_same_bytes_give_the_same_frozen_request_and_other_bytes_their_own()
         first.seed = 9
     # OpenAI's: kept by the body and the models the gateway serves.
     openai = b'{"model":"local","prompt":"a gull","response_format":"b64_json"}'
-    asked = images_request(openai, ("local",))
-    assert images_request(openai, ("local",)) is asked and asked.response_format == "b64_json"
+    asked = images_request(openai, ("local",), ())
+    assert images_request(openai, ("local",), ()) is asked and asked.response_format == "b64_json"
     with pytest.raises(NotFound, match="model `local` does not exist"):
-        images_request(openai, ("flux",))
+        images_request(openai, ("flux",), ())
     # Krea's: by the body and the headers that are part of the request.
     model, said = "bfl/flux-1-dev", b'{"prompt":"a gull"}'
     plain = krea.asked(said, model, None, None)

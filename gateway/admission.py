@@ -94,15 +94,22 @@ async def admit(
     retention_ms: int = 7 * DAY_MS,
     origin: str = "",
     ledger_keep_ms: int = 0,
+    rejoin: str = "",
 ) -> Admitted | Duplicate:
     """Check the key or client token (of the account `job.account`) and admit `job`: one
     round trip. Refusals raise, carrying the key's X-RateLimit-* headers. `origin`: the
-    request's Origin header, which a token restricted to origins must carry."""
+    request's Origin header, which a token restricted to origins must carry. `rejoin`
+    (without `idempotency`): the request's fingerprint, to join the job a client that
+    sent it left (`keys.left`: a Duplicate of it), if there is one."""
     account = job.account
     token = credential.token
     idem_key, idem_hash = idempotency or ("", "")
     if token:  # a token's idempotency keys are its own
         idem_key = f"{token}:{idem_key}"
+    if rejoin and not idempotency:
+        idem_store, idem_hash = keys.left(account, token, rejoin), rejoin
+    else:
+        idem_store, rejoin = keys.idempotency(account, idem_key), ""
     shard = keys.shard_of(account)
     digest = cache_digest or ""
     head, rest = job.record_parts()
@@ -114,7 +121,7 @@ async def admit(
         ledger=keys.ledger(account),
         job=keys.job(account, job.id),
         jobs=keys.jobs(account),
-        idempotency=keys.idempotency(account, idem_key),
+        idempotency=idem_store,
         queue=keys.queue(shard),
         cache_entry=keys.cache_entry(shard, digest),
         inflight=keys.inflight(shard, digest),
@@ -140,6 +147,7 @@ async def admit(
         record_rest=orjson.dumps(rest),
         webhook=bool(job.webhook_url),
         ledger_keep_ms=ledger_keep_ms,
+        idempotency_only=bool(rejoin),
         client=redis,
     )
     verdict = reply.verdict

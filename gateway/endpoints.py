@@ -149,14 +149,15 @@ async def wait_answering(
     seconds: float | None = None,
 ) -> Job:
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
-    synchronous OpenAI and provider routes), until it ends, the wait runs out, or the
-    client leaves. A client that left never learnt the job's id (its SDK timed out; it
-    may send the request again, a new job). A job it cannot claim another way (no
-    idempotency key that names it, no webhook) that has not started yet is cancelled and
-    refunded: nobody would see it, and nothing was paid upstream for it. One already
-    started goes on (its upstream is paid; an identical seeded request sent again joins
-    it). Raises `ClientDisconnect` then. `wanted`: the request as parsed; `seconds`: at
-    most GATEWAY_SYNC_WAIT_SECONDS, by default."""
+    synchronous OpenAI and provider routes, each admitting with `rejoin`), until it
+    ends, the wait runs out, or the client leaves. A client that left never learnt the
+    job's id (its SDK timed out; it may send the request again). A job it cannot claim
+    another way (no idempotency key that names it, no webhook) that has not started yet
+    is cancelled and refunded: nobody would see it, and nothing was paid upstream for
+    it. One that goes on (started: its upstream is paid) is left for the same request
+    sent again, which joins it (`Gateway.left`), charged once. Raises `ClientDisconnect`
+    then. `wanted`: the request as parsed; `seconds`: at most GATEWAY_SYNC_WAIT_SECONDS,
+    by default."""
     if job.ended:  # a cache hit, say: nothing to wait for, nor to watch the client for
         return job
     if seconds is None:
@@ -173,11 +174,14 @@ async def wait_answering(
     if waiting.done():
         return waiting.result()
     waiting.cancel()  # it unwinds on its own, letting go of its watch
-    if not ((wanted and wanted.idempotency_key) or job.webhook_url):
+    if wanted and not wanted.idempotency_key:  # with one, a repeat names the job itself
         try:
-            await gateway.cancel(principal, job.id, unstarted=True)
+            if not job.webhook_url:  # whose end is told there: not for nobody to see
+                job = await gateway.cancel(principal, job.id, unstarted=True)
+            if job.status != "cancelled":
+                await gateway.left(principal, job, wanted)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
-            log.warning("a job its client left could not be cancelled", job_id=job.id, error=exc)
+            log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
     raise ClientDisconnect()
 
 

@@ -233,7 +233,7 @@ async def generations(request: Request) -> Response:
     headers: dict[str, str] = {}
     try:
         job, principal = await gateway.generate(
-            api_key_from(request.headers), parse, request.headers.get("origin", "")
+            api_key_from(request.headers), parse, request.headers.get("origin", ""), rejoin=True
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
         waited = _wait(request, gateway)

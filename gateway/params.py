@@ -187,15 +187,20 @@ class GenerationRequest(BaseModel):
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """pydantic's, without the `cache_key` worked out for the original when the update
-        changes the picture (an idempotency key or a webhook does not)."""
+        """pydantic's, without the `cache_key` (and `fingerprint`) worked out for the
+        original when the update changes them (an idempotency key changes neither, a
+        webhook only the fingerprint)."""
         copy = super().model_copy(update=update, deep=deep)
         if update and any(name in PICTURE_FIELDS for name in update):
             copy.__dict__.pop("cache_key", None)
+        if update and update.keys() - {"idempotency_key"}:
+            copy.__dict__.pop("fingerprint", None)
         return copy
 
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Hash of what the request asks for (for idempotency keys), not how it is spelled."""
+        """Hash of what the request asks for (for idempotency keys), not how it is spelled.
+        Worked out once, as `cache_key` is."""
         data = self.model_dump(exclude={"idempotency_key"})
         data["width"], data["height"] = self.size()
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()

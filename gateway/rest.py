@@ -122,7 +122,10 @@ async def text_to_image(request: Request) -> Response:
     wait = prefer_wait(",".join(request.headers.getlist("prefer")))
     try:
         job, principal = await gateway.generate(
-            api_key_from(request.headers), parse, request.headers.get("origin", "")
+            api_key_from(request.headers),
+            parse,
+            request.headers.get("origin", ""),
+            rejoin=wait is not None,
         )
         if wait is not None:
             job = await wait_answering(request, gateway, principal, job, wanted, wait)

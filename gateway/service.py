@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
-from gateway.admission import TOKEN_RULES, Admitted, admit, plan_table, utc_day
+from gateway.admission import TOKEN_RULES, Admitted, Duplicate, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
 from gateway.auth import Principal, authenticate, credentials
 from gateway.cache import Cache
@@ -170,12 +170,14 @@ class Gateway:
         parse: Callable[[], Awaitable[GenerationRequest]],
         origin: str = "",
         webhook_shape: dict[str, Any] | None = None,
+        *,
+        rejoin: bool = False,
     ) -> tuple[Job, Principal]:
         """`_generate`, its outcome counted (`gateway_admissions_total`), in an
         `admission` span while tracing."""
         try:
             with telemetry.span("admission") as span:
-                job, principal = await self._generate(api_key, parse, origin, webhook_shape)
+                job, principal = await self._generate(api_key, parse, origin, webhook_shape, rejoin)
                 if span is not None:
                     span.set_attributes({"gateway.job_id": job.id, "gateway.service": job.provider})
         except GatewayError as exc:
@@ -190,6 +192,7 @@ class Gateway:
         parse: Callable[[], Awaitable[GenerationRequest]],
         origin: str,
         webhook_shape: dict[str, Any] | None,
+        rejoin: bool = False,
     ) -> tuple[Job, Principal]:
         """Check the key, parse and validate the input, price, admit and enqueue, the key
         check and admission in one Lua call; the job and the caller as admission left it.
@@ -198,7 +201,10 @@ class Gateway:
         is answered here, once, with the key still checked. `origin`: the request's
         Origin header (a client token may be bound to origins). `webhook_shape`: the
         protocol its webhook speaks when not ours (`Job.webhook_shape`, set by the
-        provider-compatible routes)."""
+        provider-compatible routes). `rejoin`: an answer that waits for the job
+        (`endpoints.wait_answering`); the same request sent again after its client left
+        (its own timeout ran out first: `left`) joins that job rather than start and pay
+        for another, unless it has failed."""
         credential = credentials(api_key)
         try:
             request = await parse()
@@ -243,10 +249,11 @@ class Gateway:
             trace=telemetry.traceparent(),  # None unless tracing
         )
         idempotency = (
-            (request.idempotency_key, request.fingerprint()) if request.idempotency_key else None
+            (request.idempotency_key, request.fingerprint) if request.idempotency_key else None
         )
-        with store_errors():
-            verdict = await admit(
+
+        async def admitted(rejoin: str) -> Admitted | Duplicate:
+            return await admit(
                 self.redis,
                 self.scripts,
                 credential,
@@ -261,9 +268,18 @@ class Gateway:
                 retention_ms=self.cache.retention_ms,
                 origin=origin,
                 ledger_keep_ms=self.settings.ledger_keep_ms,
+                rejoin=rejoin,
             )
-            if not isinstance(verdict, Admitted):
+
+        rejoining = rejoin and not idempotency
+        with store_errors():
+            verdict = await admitted(request.fingerprint if rejoining else "")
+            while isinstance(verdict, Duplicate):
                 earlier = await self.store.get(credential.account, verdict.job_id)
+                if rejoining and (earlier is None or earlier.status in ("failed", "cancelled")):
+                    rejoining = False
+                    verdict = await admitted("")  # the job its client left failed: a new one
+                    continue
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
                 metrics.ADMITTED["duplicate"].inc()
@@ -337,6 +353,19 @@ class Gateway:
                             self.queue.notify()
                             await self.events.publish_stored(*promoted)
             return job
+
+    async def left(self, principal: Principal, job: Job, request: GenerationRequest) -> None:
+        """The client waiting on `job`'s answer, which sent `request`, left before it (its
+        own timeout ran out first): the same request, sent again within LEFT_MS by the
+        same caller with `rejoin`, joins `job` rather than start and pay for another."""
+        token = principal.token.id if principal.token else ""
+        fingerprint = request.fingerprint
+        with store_errors():
+            await self.redis.set(
+                keys.left(principal.account, token, fingerprint),
+                f"{job.id}|{fingerprint}",
+                px=keys.LEFT_MS,
+            )
 
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either

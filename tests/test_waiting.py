@@ -18,7 +18,7 @@ from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
 from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import gateway
+from tests.harness import Harness, gateway
 from tests.servers import serve
 
 BODY = {"service": "local", "prompt": "a lighthouse", "width": 512, "height": 512}
@@ -220,3 +220,113 @@ async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves
         jobs = (await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)).json()
         assert jobs["data"]["jobs"]["nodes"] == [{"id": again.json()["id"], "status": "queued"}]
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 990
+
+
+#: the same request on each route that answers when its job ends, and how it names the job
+SENT_AGAIN = {
+    "REST, Prefer: wait": (
+        "/v1/text_to_image",
+        {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512},
+        {"Prefer": "wait=60"},
+    ),
+    "OpenAI": ("/v1/images/generations", {"prompt": "a kite", "size": "512x512"}, {}),
+    "flux-krea": ("/compat/fluxkrea/v1/generate", {"prompt": "a kite", "width": 512}, {}),
+    "Segmind": ("/compat/segmind/v1/flux-krea-dev", {"prompt": "a kite", "width": 512}, {}),
+}
+
+
+async def left(gw: Harness) -> list[str]:
+    """The jobs waiting clients left, for the same request sent again (`keys.left`)."""
+    return [k async for k in gw.accounts.redis.scan_iter(match="*:left:*")]
+
+
+async def leave(
+    gw: Harness,
+    flux: FluxKreaEmulator,
+    http: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    """Send a request and leave once its job is submitted upstream (started, and paid),
+    as a client whose own timeout ran out does; return once the gateway noted it."""
+    submitted = flux.submissions
+    leaving = asyncio.create_task(http.post(path, json=body, headers=headers))
+    deadline = time.monotonic() + 20
+    while flux.submissions == submitted:
+        assert time.monotonic() < deadline and not leaving.done()
+        await asyncio.sleep(0.02)
+    leaving.cancel()
+    while not await left(gw):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("route", SENT_AGAIN)
+async def test_a_request_sent_again_after_its_client_left_joins_its_job(
+    redis_url: str, storage_dir: Path, route: str
+) -> None:
+    """A client whose own timeout ran out while its job ran upstream (the flux-krea
+    guide's client waits 30 s, then sends the request again, up to three times) never
+    learnt the job's id. The same request sent again by the same key joins that job:
+    one upstream generation, charged once, its image in the answer. Once answered, the
+    same request is a new job again; another key's never joins it."""
+    path, body, extra = SENT_AGAIN[route]
+    flux = FluxKreaEmulator(api_key="test-key")
+    flux.delay = 1.0
+    async with serve(flux.app) as upstream:
+        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        async with gateway(redis_url, storage_dir, **settings) as gw:
+            key, other = await gw.key(credits=1000), await gw.key(credits=1000)
+            headers = {"Authorization": f"Bearer {key}", "X-API-Key": key, **extra}
+
+            def job_id(r: httpx.Response) -> str:
+                return r.headers.get("x-gateway-job-id") or r.json()["id"]
+
+            async def credits() -> int:
+                return (await gw.accounts.get(gw.keys[key]["id"])).credits
+
+            async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+                await leave(gw, flux, http, path, body, headers)
+                paid = await credits()
+                assert paid < 1000
+
+                theirs = {"Authorization": f"Bearer {other}", "X-API-Key": other, **extra}
+                not_theirs = await http.post(path, json=body, headers=theirs)
+                assert not_theirs.status_code == 200 and flux.submissions == 2
+
+                again = await http.post(path, json=body, headers=headers)
+                assert again.status_code == 200, again.text
+                jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
+                [job] = jobs.json()["data"]["jobs"]["nodes"]
+                assert (job_id(again), job["status"]) == (job["id"], "completed")
+                assert flux.submissions == 2 and await credits() == paid
+                assert await left(gw) == []  # used up
+
+                anew = await http.post(path, json=body, headers=headers)
+                assert anew.status_code == 200 and job_id(anew) != job["id"]
+                assert flux.submissions == 3 and await credits() < paid
+
+
+async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_job(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A job its client left that ended without an image (cancelled here, or failed) is
+    not joined: the request sent again is a new job, and gets its image."""
+    path, body, extra = SENT_AGAIN["REST, Prefer: wait"]
+    flux = FluxKreaEmulator(api_key="test-key")
+    flux.delay = 1.0
+    async with serve(flux.app) as upstream:
+        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        async with gateway(redis_url, storage_dir, **settings) as gw:
+            key = await gw.key(credits=1000)
+            headers = {"X-API-Key": key, **extra}
+            async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+                await leave(gw, flux, http, path, body, headers)
+                jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+                [job] = jobs.json()["data"]["jobs"]["nodes"]
+                cancelled = await http.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
+                assert cancelled.json()["status"] == "cancelled"
+                again = await http.post(path, json=body, headers=headers)
+                assert again.status_code == 200 and again.json()["id"] != job["id"]
+                assert again.json()["status"] == "completed"

@@ -90,7 +90,7 @@ async def generate(request: Request) -> Response:
 
     try:
         job, principal = await gateway.generate(
-            bearer(request), parse, request.headers.get("origin", "")
+            bearer(request), parse, request.headers.get("origin", ""), rejoin=True
         )
     except GatewayError as exc:
         return error_response(exc)

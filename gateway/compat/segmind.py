@@ -208,7 +208,7 @@ async def run_sync(request: Request) -> Response:
             wanted = await _parse(request, gateway, one_image=True)
             return wanted
 
-        job, principal = await gateway.generate(key, parse, _origin(request))
+        job, principal = await gateway.generate(key, parse, _origin(request), rejoin=True)
         headers = _job_headers(job, principal)
         job = await wait_answering(request, gateway, principal, job, wanted)
         if not job.ended:

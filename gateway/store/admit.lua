@@ -37,7 +37,9 @@
 --       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
 --       keep all), 15 and 16 the job record (record.lua) in two JSON objects: its
 --       status, params and cost, and its other fields; 17 whether the job has a
---       webhook (0/1)
+--       webhook (0/1), 18 whether KEYS[8] is only looked up (0/1): it names the job a
+--       waiting client left (`keys.left`), which this request, sent again, joins;
+--       found, it is used up; never written here
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
@@ -51,6 +53,7 @@ local now = tonumber(ARGV[1])
 local cost, job_id = tonumber(ARGV[4]), ARGV[5]
 local lease, day_left = tonumber(ARGV[6]), tonumber(ARGV[7])
 local idem_hash, cacheable, retention = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
+local idem_only = ARGV[18] == '1'
 local price = cost
 
 local acct = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'key_hash', 'plan', 'rpm',
@@ -102,9 +105,10 @@ if idem_hash ~= '' then
   if prior then
     local sep = string.find(prior, '|', 1, true)
     if string.sub(prior, sep + 1) == idem_hash then
+      if idem_only then redis.call('DEL', KEYS[8]) end
       return reply('duplicate', used, string.sub(prior, 1, sep - 1))
     end
-    return reply('idempotency_mismatch', used)
+    if not idem_only then return reply('idempotency_mismatch', used) end
   end
 end
 
@@ -264,7 +268,7 @@ if string.byte(job_id, -1) % 4 == 0 then
     if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', KEYS[7], old) end
   end
 end
-if idem_hash ~= '' then
+if idem_hash ~= '' and not idem_only then
   redis.call('SET', KEYS[8], job_id .. '|' .. idem_hash, 'PX', 86400000)
 end
 if run then redis.call('XADD', KEYS[9], '*', 'job', KEYS[6]) end

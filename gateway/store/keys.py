@@ -137,6 +137,16 @@ def idempotency(account_id: str, key: str) -> str:
     return f"{_tag(account_id)}:idem:{key}"
 
 
+def left(account_id: str, token: str, fingerprint: str) -> str:
+    """String `job id|fingerprint`, for LEFT_MS: the job a client waiting on its answer
+    left (its own timeout ran out first); the same request sent again with the same key
+    or client token (`token`: its id, '' for a key) joins it, once."""
+    return f"{_tag(account_id)}:left:{token}:{fingerprint}"
+
+
+LEFT_MS = 10 * 60_000  # long past any client's backoff before it sends a request again
+
+
 def topup(account_id: str, topup_id: str) -> str:
     """String, for a day: this top-up was applied (so a re-sent one is not applied twice)."""
     return f"{_tag(account_id)}:topup:{topup_id}"

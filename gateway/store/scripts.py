@@ -173,6 +173,7 @@ class Admit(Script):
         record_rest: bytes,
         webhook: bool,
         ledger_keep_ms: int = 0,
+        idempotency_only: bool = False,
         client: aioredis.Redis | None = None,
     ) -> AdmitReply:
         argv = [
@@ -209,6 +210,7 @@ class Admit(Script):
             record_head,
             record_rest,
             1 if webhook else 0,
+            1 if idempotency_only else 0,
         ]
         return self.decode(await self.run(16, argv, client))
 

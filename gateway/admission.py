@@ -50,7 +50,8 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """An idempotency key seen before with the same parameters: the earlier job."""
+    """An idempotency key seen before with the same parameters, or the job a client
+    sending the same request left (`rejoin`): the earlier job."""
 
     principal: Principal
     job_id: str
@@ -99,17 +100,17 @@ async def admit(
     """Check the key or client token (of the account `job.account`) and admit `job`: one
     round trip. Refusals raise, carrying the key's X-RateLimit-* headers. `origin`: the
     request's Origin header, which a token restricted to origins must carry. `rejoin`
-    (without `idempotency`): the request's fingerprint, to join the job a client that
+    (never with `idempotency`): the request's fingerprint, to join the job a client that
     sent it left (`keys.left`: a Duplicate of it), if there is one."""
     account = job.account
     token = credential.token
     idem_key, idem_hash = idempotency or ("", "")
     if token:  # a token's idempotency keys are its own
         idem_key = f"{token}:{idem_key}"
-    if rejoin and not idempotency:
+    if rejoin:
         idem_store, idem_hash = keys.left(account, token, rejoin), rejoin
     else:
-        idem_store, rejoin = keys.idempotency(account, idem_key), ""
+        idem_store = keys.idempotency(account, idem_key)
     shard = keys.shard_of(account)
     digest = cache_digest or ""
     head, rest = job.record_parts()

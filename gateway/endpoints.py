@@ -154,10 +154,10 @@ async def wait_answering(
     job's id (its SDK timed out; it may send the request again). A job it cannot claim
     another way (no idempotency key that names it, no webhook) that has not started yet
     is cancelled and refunded: nobody would see it, and nothing was paid upstream for
-    it. One that goes on (started: its upstream is paid) is left for the same request
-    sent again, which joins it (`Gateway.left`), charged once. Raises `ClientDisconnect`
-    then. `wanted`: the request as parsed; `seconds`: at most GATEWAY_SYNC_WAIT_SECONDS,
-    by default."""
+    it. One that goes on (started: its upstream is paid; or with a webhook) is left for
+    the same request sent again, which joins it (`Gateway.left`), charged once. Raises
+    `ClientDisconnect` then. `wanted`: the request as parsed; `seconds`: at most
+    GATEWAY_SYNC_WAIT_SECONDS, by default."""
     if job.ended:  # a cache hit, say: nothing to wait for, nor to watch the client for
         return job
     if seconds is None:
@@ -176,10 +176,11 @@ async def wait_answering(
     waiting.cancel()  # it unwinds on its own, letting go of its watch
     if wanted and not wanted.idempotency_key:  # with one, a repeat names the job itself
         try:
+            # Noted first, so that a client quick to send it again finds it; one then
+            # cancelled is not joined (`Gateway.generate`).
+            await gateway.left(principal, job, wanted)
             if not job.webhook_url:  # whose end is told there: not for nobody to see
-                job = await gateway.cancel(principal, job.id, unstarted=True)
-            if job.status != "cancelled":
-                await gateway.left(principal, job, wanted)
+                await gateway.cancel(principal, job.id, unstarted=True)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
             log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
     raise ClientDisconnect()

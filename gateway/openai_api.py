@@ -67,6 +67,9 @@ PARAMETERS: dict[str, str | None] = {
     "user": None,
     "safety_identifier": None,  # what the SDK now advises instead of `user`
     "style": None,
+    "complexity": None,  # how long the model plans: no backend has such a setting
+    "frame_count": None,  # of a GIF, which is refused (`output_format`)
+    "frame_duration_ms": None,
     "background": None,
     "moderation": None,
     "output_compression": None,
@@ -74,8 +77,8 @@ PARAMETERS: dict[str, str | None] = {
     "partial_images": None,  # of a stream
 }
 #: OpenAI's quality words, as the gateway's backends take them
-QUALITY = {"hd": "high", "high": "high", "standard": "standard", "medium": "standard"}
-QUALITY |= {"low": "low"}
+QUALITY = {"hd": "high", "high": "high", "xhigh": "high", "max": "high", "low": "low"}
+QUALITY |= {"standard": "standard", "medium": "standard"}
 #: our field (as `from_image_input` names it in errors) -> OpenAI's parameter
 PARAM_OF = {"service": "model", "numImages": "n", "width": "size", "height": "size"}
 PARAM_OF |= {"outputFormat": "output_format", "aspectRatio": "size"}
@@ -140,6 +143,7 @@ class ImagesRequest(NamedTuple):
 
 
 Aliases = tuple[tuple[str, str], ...]
+MAX_MODEL_NAME = 100
 
 
 def aliases(gateway: Gateway) -> Aliases:
@@ -150,9 +154,11 @@ def aliases(gateway: Gateway) -> Aliases:
 def serves(name: str, models: Collection[str], aliases: Aliases) -> str | None:
     """The service or backend a `model` names: itself, or what `GATEWAY_OPENAI_MODELS`
     maps it to (an exact name, else the longest `prefix*` it starts with); None: no
-    such model."""
+    such model (nor any name longer than MAX_MODEL_NAME, which is never echoed)."""
     if name in models:
         return name
+    if len(name) > MAX_MODEL_NAME:
+        return None
     best, longest = None, -1
     for alias, target in aliases:
         if alias == name:
@@ -168,11 +174,11 @@ def images_request(body: bytes, models: tuple[str, ...], aliases: Aliases) -> Im
     """A `POST /v1/images/generations` body, parsed (the same object for the same bytes,
     models and aliases: `bodies.memoized`)."""
     data = json_object(body)
-    asked = data.get("model") or DEFAULT_MODEL
-    fmt = data.get("response_format")
-    if fmt is None:
-        fmt = "b64_json" if isinstance(asked, str) and asked.startswith(BASE64_ONLY) else "url"
-    return ImagesRequest(to_request(data, models, aliases), fmt)
+    wanted = to_request(data, models, aliases)
+    fmt = data.get("response_format")  # valid: `to_request`
+    if fmt is None:  # the model's own: a valid name (`to_request`), given or not
+        fmt = "b64_json" if str(data.get("model")).startswith(BASE64_ONLY) else "url"
+    return ImagesRequest(wanted, fmt)
 
 
 def to_request(
@@ -189,7 +195,7 @@ def to_request(
     asked = body.get("model") or DEFAULT_MODEL
     model = serves(asked, models, aliases) if isinstance(asked, str) else None
     if model is None:
-        raise ModelNotFound(str(asked)[:100])
+        raise ModelNotFound(str(asked)[:MAX_MODEL_NAME])
     if body.get("background") == "transparent":  # no backend draws one: never opaque silently
         raise BadUserInput("background transparent is not supported", field="background")
     if body.get("response_format") not in (None, "url", "b64_json"):
@@ -220,7 +226,7 @@ async def generations(request: Request) -> Response:
     """`POST /v1/images/generations`: admitted as any job; answered when it ends."""
     gateway: Gateway = request.app.state.gateway
     arrived = time.monotonic()
-    response_format: str | None = None
+    response_format = "url"
     wanted: GenerationRequest | None = None
 
     async def parse() -> GenerationRequest:
@@ -302,7 +308,7 @@ class RejectedInput(GatewayError):
 
 
 async def _answer(
-    gateway: Gateway, job: Job, response_format: str | None, waited: float
+    gateway: Gateway, job: Job, response_format: str, waited: float
 ) -> dict[str, Any]:
     if not job.ended:
         raise WaitRanOut(
@@ -363,10 +369,11 @@ async def models(request: Request) -> Response:
         return error_response(exc)
     names, routes = gateway.router.names, gateway.router.routes
     data = [_model(name, name, routes) for name in names]
+    mapped = aliases(gateway)
     data += [
         _model(alias, target, routes)
-        for alias, target in aliases(gateway)
-        if not alias.endswith("*") and alias not in names and target in names
+        for alias, target in mapped
+        if not alias.endswith("*") and alias not in names and serves(alias, names, mapped)
     ]
     return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
 
@@ -383,7 +390,7 @@ async def model(request: Request) -> Response:
         return error_response(exc)
     target = serves(name, gateway.router.names, aliases(gateway))
     if target is None:
-        return error_response(ModelNotFound(name[:100]), principal.rate_headers())
+        return error_response(ModelNotFound(name[:MAX_MODEL_NAME]), principal.rate_headers())
     body = _model(name, target, gateway.router.routes)
     return ORJSONResponse(body, headers=principal.rate_headers())
 

@@ -204,7 +204,7 @@ class Gateway:
         provider-compatible routes). `rejoin`: an answer that waits for the job
         (`endpoints.wait_answering`); the same request sent again after its client left
         (its own timeout ran out first: `left`) joins that job rather than start and pay
-        for another, unless it has failed."""
+        for another, unless it ended without an image (failed, cancelled)."""
         credential = credentials(api_key)
         try:
             request = await parse()
@@ -276,10 +276,13 @@ class Gateway:
             verdict = await admitted(request.fingerprint if rejoining else "")
             while isinstance(verdict, Duplicate):
                 earlier = await self.store.get(credential.account, verdict.job_id)
-                if rejoining and (earlier is None or earlier.status in ("failed", "cancelled")):
+                if rejoining:  # joined once: the same request sent later is a new job
                     rejoining = False
-                    verdict = await admitted("")  # the job its client left failed: a new one
-                    continue
+                    token = credential.token
+                    await self.redis.delete(keys.left(job.account, token, request.fingerprint))
+                    if earlier is None or (earlier.ended and earlier.status != "completed"):
+                        verdict = await admitted("")  # the job its client left had no image
+                        continue
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
                 metrics.ADMITTED["duplicate"].inc()
@@ -357,7 +360,8 @@ class Gateway:
     async def left(self, principal: Principal, job: Job, request: GenerationRequest) -> None:
         """The client waiting on `job`'s answer, which sent `request`, left before it (its
         own timeout ran out first): the same request, sent again within LEFT_MS by the
-        same caller with `rejoin`, joins `job` rather than start and pay for another."""
+        same caller with `rejoin`, joins `job` rather than start and pay for another (if
+        `job` is cancelled meanwhile, it makes a new one)."""
         token = principal.token.id if principal.token else ""
         fingerprint = request.fingerprint
         with store_errors():

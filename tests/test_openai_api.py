@@ -130,6 +130,13 @@ async def test_code_written_for_openais_models_keeps_its_model_name(
         with pytest.raises(openai.NotFoundError):
             await client.models.retrieve("dall-e-2")
         assert "gpt-image-1" not in {m.id for m in (await client.models.list()).data}
+        with pytest.raises(openai.NotFoundError):  # a name past 100 characters: none
+            await client.models.retrieve("gpt-image-" + "2" * 100)
+        # What the SDK offers for GPT image models (quality xhigh, complexity) is taken.
+        best = await client.images.generate(
+            model="gpt-image-2", prompt="a quay", quality="xhigh", complexity="high"
+        )
+        assert (best.data or [])[0].b64_json
 
     # By default every OpenAI image model is the default service's (here none is set up:
     # the 503 says so, where an unknown model would be 404).

@@ -38,12 +38,13 @@
 --       keep all), 15 and 16 the job record (record.lua) in two JSON objects: its
 --       status, params and cost, and its other fields; 17 whether the job has a
 --       webhook (0/1), 18 whether KEYS[8] is only looked up (0/1): it names the job a
---       waiting client left (`keys.left`), which this request, sent again, joins;
---       found, it is used up; never written here
+--       waiting client left (`keys.left`), which this request, sent again, joins
+--       (the caller uses it up once it has read that job; never written here)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
---          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, or
---          this job's own when it was admitted already); 'forbidden' (a token's rule)
+--          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, of
+--          the job a client left (ARGV 18), or this job's own when it was admitted
+--          already); 'forbidden' (a token's rule)
 --          origin, service or jobs; 'unauthenticated' nothing. For a token, balance is
 --          what is left of its budget (of the account's credits, if fewer, on 'credits').
 -- include: limits.lua
@@ -105,7 +106,6 @@ if idem_hash ~= '' then
   if prior then
     local sep = string.find(prior, '|', 1, true)
     if string.sub(prior, sep + 1) == idem_hash then
-      if idem_only then redis.call('DEL', KEYS[8]) end
       return reply('duplicate', used, string.sub(prior, 1, sep - 1))
     end
     if not idem_only then return reply('idempotency_mismatch', used) end

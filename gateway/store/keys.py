@@ -144,7 +144,9 @@ def left(account_id: str, token: str, fingerprint: str) -> str:
     return f"{_tag(account_id)}:left:{token}:{fingerprint}"
 
 
-LEFT_MS = 10 * 60_000  # long past any client's backoff before it sends a request again
+#: past the backoff of the clients that send a request again (flux-krea's guide: at most
+#: 60 s; OpenAI's and Segmind's SDKs: seconds), short of a deliberate second request
+LEFT_MS = 2 * 60_000
 
 
 def topup(account_id: str, topup_id: str) -> str:

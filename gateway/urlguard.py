@@ -35,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import math
 import re
 import socket
 import string
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -266,7 +268,8 @@ class Lookups:
     """The name lookups of user-supplied URLs (a `webhookUrl`, at admission and at each
     delivery), one set per process: at most `at_once` in flight and one per owner (an
     account); a caller waits at most `wait` seconds for a place, and its lookup at most
-    `wait` more.
+    `wait` more. An owner one of whose lookups outlasted `wait` gets none for `rest`
+    seconds after.
 
     A lookup runs on the loop's resolver threads (uvloop: libuv's pool of four, which
     every other lookup of the process shares: upstream calls, Redis, S3). A name whose
@@ -275,12 +278,24 @@ class Lookups:
     stall every lookup of the process. Here they hold at most `at_once` threads, and
     one owner's names one of them: a place is given back when the lookup itself ends,
     not when its caller stops waiting. (Semaphores, not a thread pool of our own: the
-    loop's own `getaddrinfo` stays the one every lookup goes through.)"""
+    loop's own `getaddrinfo` stays the one every lookup goes through.)
 
-    def __init__(self, at_once: int = 2, wait: float = 5.0) -> None:
-        self.wait = wait
+    A refused request counts against no limit (docs/api.md#limits), so without `rest` a
+    key could send silent names back to back and hold its place for good: two keys
+    would hold every place of the process. With it, a key's silent names hold a place
+    `wait` seconds in each `wait + rest`."""
+
+    def __init__(
+        self,
+        at_once: int = 2,
+        wait: float = 5.0,
+        rest: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.wait, self.rest, self.clock = wait, rest, clock
         self._places = asyncio.Semaphore(at_once)
         self._owners: dict[str, _Owner] = {}  # those with a lookup in flight or awaited
+        self._resting: dict[str, float] = {}  # owner -> when its lookups may start again
         self._running: set[asyncio.Future[list[Address]]] = set()
 
     async def resolve(
@@ -288,9 +303,18 @@ class Lookups:
     ) -> list[Address]:
         """`resolve`, bounded (`wait`: this call's, else the set's). Raises
         `ServiceUnavailable` when no place freed up in time (other names, or this
-        owner's last one, still being looked up), and `BadUserInput` naming `field` when
-        the name's own lookup took too long."""
+        owner's last one, still being looked up; or its names resting), and
+        `BadUserInput` naming `field` when the name's own lookup took too long."""
         wait = self.wait if wait is None else wait
+        now = self.clock()
+        resting = self._resting.get(owner, 0.0) - now
+        if resting > 0:
+            raise ServiceUnavailable(
+                f"{field}: a host name of this account's took over {self.wait:g} s to "
+                f"resolve; none is looked up for it for {resting:.0f} s more (an IP "
+                "address needs no lookup)",
+                retry_after=math.ceil(resting),
+            )
         own = self._owners.get(owner)
         if own is None:
             own = self._owners[owner] = _Owner()
@@ -318,6 +342,8 @@ class Lookups:
             async with asyncio.timeout(wait):
                 return await asyncio.shield(lookup)
         except TimeoutError:
+            if self.rest > 0:
+                self._rest(owner)
             raise BadUserInput(
                 f"{field}: host {host!r} did not resolve within {wait:g} s", field=field
             ) from None
@@ -329,6 +355,13 @@ class Lookups:
         self._places.release()
         own.place.release()
         self._leave(owner, own)
+
+    def _rest(self, owner: str) -> None:
+        """`owner`'s lookups rest from now on. (Few rest at once: each outlasted `wait`
+        on one of `at_once` places. Those whose rest is over are dropped here.)"""
+        now = self.clock()
+        self._resting = {o: t for o, t in self._resting.items() if t > now}
+        self._resting[owner] = now + self.rest
 
     def _leave(self, owner: str, own: _Owner) -> None:
         own.users -= 1

@@ -471,7 +471,7 @@ async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         service = gw.app.state.gateway
         assert service.lookups is service.webhooks.lookups  # one set for the process
-        lookups = service.lookups = Lookups(at_once=2, wait=0.3)
+        lookups = service.lookups = Lookups(at_once=2, wait=0.3, rest=0)
         resolving(monkeypatch, [PUBLIC], name="hooks.example")
         answers = hanging(monkeypatch, ".hang.example")  # each name: when it answers
         one, two, three = await gw.key(), await gw.key(), await gw.key()
@@ -503,3 +503,40 @@ async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
         assert (await post(two, "hooks.example")).status_code == 202  # another's does not
         answers["d.hang.example"].set()
         await until(lambda: not lookups._owners)  # nothing kept of a key once it is done
+
+
+async def test_a_key_whose_name_outlasted_the_wait_gets_no_lookup_for_a_while(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused request counts against no limit, so a key could send silent names back
+    to back and keep its place for good (two keys: every place of the process). Once one
+    of its names outlasted the wait, its names are not looked up for a while: told so
+    at once (503, with when), no query made; an IP address still works, and so does
+    every other key."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        service = gw.app.state.gateway
+        now = [1000.0]
+        lookups = Lookups(at_once=2, wait=0.3, rest=30, clock=lambda: now[0])
+        service.lookups = service.webhooks.lookups = lookups
+        asked = resolving(monkeypatch, [PUBLIC], name="hooks.example")
+        answers = hanging(monkeypatch, ".hang.example")
+        one, two = await gw.key(), await gw.key()
+
+        async def post(key: str, host: str) -> Any:
+            body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
+            return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+
+        assert (await post(one, "a.hang.example")).status_code == 400  # did not resolve
+        answers["a.hang.example"].set()
+        await until(lambda: not lookups._owners)  # its lookup ended: no place held
+
+        resting = await post(one, "hooks.example")
+        assert resting.status_code == 503, resting.text
+        assert "took over 0.3 s to resolve" in resting.json()["error"]["message"]
+        assert resting.headers["Retry-After"] == "30"
+        assert asked == []  # not looked up
+        assert (await post(one, PUBLIC)).status_code == 202
+        assert (await post(two, "hooks.example")).status_code == 202 and asked == [PUBLIC]
+
+        now[0] += 30.5
+        assert (await post(one, "hooks.example")).status_code == 202

@@ -57,10 +57,12 @@ from strawberry.types.field import StrawberryField
 from strawberry.types.maybe import Some
 from strawberry.types.unset import UNSET
 
+from gateway import bodies
 from schema import limits
 from schema.context import Context
 
 Resolver = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+_NONE: Any = object()  # no arguments kept yet for these bytes
 
 # The key, in a root field's Strawberry `metadata`, of its one resolver body.
 RESOLVER = "gateway.prepared.resolver"
@@ -146,21 +148,22 @@ class Plan:
     leaves: tuple[Leaf, ...]
     variable_definitions: Any
 
-    async def run(
-        self, schema: Any, context: Context, variables: dict[str, Any]
-    ) -> ExecutionResult | None:
-        """The result, or None (nothing run) when the variables are over their limit or
-        the variables or arguments do not coerce: the general path then reports it as it
-        does."""
+    def arguments(self, schema: Any, variables: dict[str, Any]) -> dict[str, Any] | None:
+        """The root field's arguments as graphql-core coerces them, or None when the
+        variables are over their limit or the variables or arguments do not coerce: the
+        general path then reports it as it does."""
         if limits.variables_error(variables) is not None:
             return None
         coerced = get_variable_values(schema, self.variable_definitions, variables)
         if isinstance(coerced, list):
             return None
         try:
-            args = get_argument_values(self.field, self.node, coerced)
+            return get_argument_values(self.field, self.node, coerced)
         except GraphQLError:
             return None
+
+    async def run(self, context: Context, args: dict[str, Any]) -> ExecutionResult:
+        """The result of the resolver called with `args` (`arguments`)."""
         errors: list[GraphQLError] = []
         value: dict[str, Any] | None
         try:
@@ -269,6 +272,10 @@ class Prepared:
         self._parse = parse
         self._validate = validate
         self.plan = functools.lru_cache(maxsize=size)(self._plan)
+        # The arguments of the requests sent again byte for byte (a poll, a cache hit:
+        # `gateway/bodies.py`): coercing the variables is most of what graphql-core
+        # spends on a prepared document (BENCHMARKS.md).
+        self._arguments: dict[bytes, dict[str, Any] | None] = {}
 
     async def execute(
         self,
@@ -278,17 +285,32 @@ class Prepared:
         context: Context,
         *,
         queries_only: bool = False,
+        sent: bytes = b"",
     ) -> ExecutionResult | None:
         """The document's result as Strawberry's path would give it (errors logged and
         masked alike), or None: not a prepared document, or its input does not coerce.
-        `queries_only` (a GET): a mutation is None too, for Strawberry's path to refuse."""
+        `queries_only` (a GET): a mutation is None too, for Strawberry's path to refuse.
+        `sent`: the bytes the request was read from (its body, or a GET's query string
+        with `queries_only`), which the same arguments are kept by, when short."""
         plan = self.plan(query)
         if plan is None or operation_name not in (None, plan.operation_name):
             return None
         if queries_only and plan.operation is not OperationType.QUERY:
             return None
-        result = await plan.run(self.core, context, variables)
-        if result is not None and result.errors:
+        if not sent or len(sent) > bodies.MAX_BYTES:
+            args = plan.arguments(self.core, variables)
+        else:
+            key = b"G" + sent if queries_only else sent  # a body is not a query string
+            args = self._arguments.get(key, _NONE)
+            if args is _NONE:
+                args = plan.arguments(self.core, variables)
+                if len(self._arguments) >= bodies.ENTRIES:
+                    del self._arguments[next(iter(self._arguments))]  # the oldest
+                self._arguments[key] = args
+        if args is None:
+            return None
+        result = await plan.run(context, args)  # resolvers change no argument: shared
+        if result.errors:
             self.schema.process_errors(result.errors)
             mask = self.mask
             result.errors = [

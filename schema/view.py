@@ -498,8 +498,14 @@ class GraphQLView(GraphQL[Context, None]):
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, response=sub_response)
+        get = request.method == "GET"
         result = await prepared.execute(
-            query, operation_name, variables or {}, context, queries_only=request.method == "GET"
+            query,
+            operation_name,
+            variables or {},
+            context,
+            queries_only=get,
+            sent=request.scope["query_string"] if get else await request.body(),
         )
         if result is None:
             return None

@@ -221,6 +221,36 @@ async def test_refusals_answer_alike(redis_url: str, storage_dir: Path) -> None:
         assert sent.status_code == 400
 
 
+async def test_the_same_bytes_sent_again_answer_as_they_did_for_their_own_caller(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A prepared document's arguments are kept by the bytes that carried them (a poll, a
+    cache hit: sent again byte for byte). Each request still answers for its own caller,
+    input that does not coerce is refused each time, and no resolver changes what is
+    kept (it is shared by every request that sends those bytes)."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        one, two = await gw.key(credits=1000), await gw.key(credits=1000)
+        body = orjson.dumps({"query": SEED, "variables": doitong(seed=5)})
+        bad = orjson.dumps({"query": SEED, "variables": doitong(colour="red")})
+        made: dict[str, list[str]] = {one: [], two: []}
+        for key in (one, two, one):
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            r = await gw.http.post("/graphql", content=body, headers=headers)
+            made[key].append(r.json()["data"]["generate"]["id"])
+            for _ in range(2):
+                refused = await gw.http.post("/graphql", content=bad, headers=headers)
+                assert refused.status_code == 400 and "colour" in refused.text
+        for key, ids in made.items():
+            listed = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+            assert sorted(n["id"] for n in listed.json()["data"]["jobs"]["nodes"]) == sorted(ids)
+
+        prepared = graphql_view(gw).prepared
+        plan = prepared.plan(SEED)
+        kept = prepared._arguments[body]
+        assert kept == plan.arguments(prepared.core, doitong(seed=5))  # unchanged by use
+        assert prepared._arguments[bad] is None
+
+
 async def test_unexpected_errors_are_masked_alike(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key()

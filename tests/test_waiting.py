@@ -5,7 +5,9 @@ one pub/sub connection every waiting request of a process shares (`gateway/job_w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -182,30 +184,15 @@ async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves
     """A started job is paid for upstream: it goes on, and ends charged. One the client
     can claim again (an idempotency key, which the same request sent again finds) goes
     on even before it starts."""
-    flux = FluxKreaEmulator(api_key="test-key")
-    flux.delay = 1.5
-    async with serve(flux.app) as upstream:
-        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
-        async with gateway(redis_url, storage_dir, **settings) as gw:
-            key = await gw.key(credits=1000)
-            started = {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512}
-            async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
-                leaving = asyncio.create_task(
-                    http.post(
-                        "/v1/text_to_image",
-                        json=started,
-                        headers={"X-API-Key": key, "Prefer": "wait=60"},
-                    )
-                )
-                deadline = time.monotonic() + 20
-                while not flux.requests:  # submitted upstream: started
-                    assert time.monotonic() < deadline and not leaving.done()
-                    await asyncio.sleep(0.02)
-                leaving.cancel()  # the client leaves
-            jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
-            [job] = jobs.json()["data"]["jobs"]["nodes"]
-            done = await gw.wait(key, job["id"])
-            assert done["status"] == "completed" and done["creditCost"] == 10
+    path, body, extra = SENT_AGAIN["REST, Prefer: wait"]
+    async with slow_flux_krea(redis_url, storage_dir, 1.5) as (gw, flux):
+        key = await gw.key(credits=1000)
+        async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+            await leave(gw, flux, http, path, body, {"X-API-Key": key, **extra})
+        jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+        [job] = jobs.json()["data"]["jobs"]["nodes"]
+        done = await gw.wait(key, job["id"])
+        assert done["status"] == "completed" and done["creditCost"] == 10
 
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key(credits=1000)
@@ -233,6 +220,19 @@ SENT_AGAIN = {
     "flux-krea": ("/compat/fluxkrea/v1/generate", {"prompt": "a kite", "width": 512}, {}),
     "Segmind": ("/compat/segmind/v1/flux-krea-dev", {"prompt": "a kite", "width": 512}, {}),
 }
+
+
+@contextlib.asynccontextmanager
+async def slow_flux_krea(
+    redis_url: str, storage_dir: Path, delay: float
+) -> AsyncIterator[tuple[Harness, FluxKreaEmulator]]:
+    """A gateway whose `flux-krea` service's images take `delay` s at flux-krea's."""
+    flux = FluxKreaEmulator(api_key="test-key")
+    flux.delay = delay
+    async with serve(flux.app) as upstream:
+        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        async with gateway(redis_url, storage_dir, **settings) as gw:
+            yield gw, flux
 
 
 async def left(gw: Harness) -> list[str]:
@@ -272,40 +272,36 @@ async def test_a_request_sent_again_after_its_client_left_joins_its_job(
     one upstream generation, charged once, its image in the answer. Once answered, the
     same request is a new job again; another key's never joins it."""
     path, body, extra = SENT_AGAIN[route]
-    flux = FluxKreaEmulator(api_key="test-key")
-    flux.delay = 1.0
-    async with serve(flux.app) as upstream:
-        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
-        async with gateway(redis_url, storage_dir, **settings) as gw:
-            key, other = await gw.key(credits=1000), await gw.key(credits=1000)
-            headers = {"Authorization": f"Bearer {key}", "X-API-Key": key, **extra}
+    async with slow_flux_krea(redis_url, storage_dir, 1.0) as (gw, flux):
+        key, other = await gw.key(credits=1000), await gw.key(credits=1000)
+        headers = {"Authorization": f"Bearer {key}", "X-API-Key": key, **extra}
 
-            def job_id(r: httpx.Response) -> str:
-                return r.headers.get("x-gateway-job-id") or r.json()["id"]
+        def job_id(r: httpx.Response) -> str:
+            return r.headers.get("x-gateway-job-id") or r.json()["id"]
 
-            async def credits() -> int:
-                return (await gw.accounts.get(gw.keys[key]["id"])).credits
+        async def credits() -> int:
+            return (await gw.accounts.get(gw.keys[key]["id"])).credits
 
-            async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
-                await leave(gw, flux, http, path, body, headers)
-                paid = await credits()
-                assert paid < 1000
+        async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+            await leave(gw, flux, http, path, body, headers)
+            paid = await credits()
+            assert paid < 1000
 
-                theirs = {"Authorization": f"Bearer {other}", "X-API-Key": other, **extra}
-                not_theirs = await http.post(path, json=body, headers=theirs)
-                assert not_theirs.status_code == 200 and flux.submissions == 2
+            theirs = {"Authorization": f"Bearer {other}", "X-API-Key": other, **extra}
+            not_theirs = await http.post(path, json=body, headers=theirs)
+            assert not_theirs.status_code == 200 and flux.submissions == 2
 
-                again = await http.post(path, json=body, headers=headers)
-                assert again.status_code == 200, again.text
-                jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
-                [job] = jobs.json()["data"]["jobs"]["nodes"]
-                assert (job_id(again), job["status"]) == (job["id"], "completed")
-                assert flux.submissions == 2 and await credits() == paid
-                assert await left(gw) == []  # used up
+            again = await http.post(path, json=body, headers=headers)
+            assert again.status_code == 200, again.text
+            jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
+            [job] = jobs.json()["data"]["jobs"]["nodes"]
+            assert (job_id(again), job["status"]) == (job["id"], "completed")
+            assert flux.submissions == 2 and await credits() == paid
+            assert await left(gw) == []  # used up
 
-                anew = await http.post(path, json=body, headers=headers)
-                assert anew.status_code == 200 and job_id(anew) != job["id"]
-                assert flux.submissions == 3 and await credits() < paid
+            anew = await http.post(path, json=body, headers=headers)
+            assert anew.status_code == 200 and job_id(anew) != job["id"]
+            assert flux.submissions == 3 and await credits() < paid
 
 
 async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_job(
@@ -314,19 +310,15 @@ async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_jo
     """A job its client left that ended without an image (cancelled here, or failed) is
     not joined: the request sent again is a new job, and gets its image."""
     path, body, extra = SENT_AGAIN["REST, Prefer: wait"]
-    flux = FluxKreaEmulator(api_key="test-key")
-    flux.delay = 1.0
-    async with serve(flux.app) as upstream:
-        settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
-        async with gateway(redis_url, storage_dir, **settings) as gw:
-            key = await gw.key(credits=1000)
-            headers = {"X-API-Key": key, **extra}
-            async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
-                await leave(gw, flux, http, path, body, headers)
-                jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
-                [job] = jobs.json()["data"]["jobs"]["nodes"]
-                cancelled = await http.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
-                assert cancelled.json()["status"] == "cancelled"
-                again = await http.post(path, json=body, headers=headers)
-                assert again.status_code == 200 and again.json()["id"] != job["id"]
-                assert again.json()["status"] == "completed"
+    async with slow_flux_krea(redis_url, storage_dir, 1.0) as (gw, flux):
+        key = await gw.key(credits=1000)
+        headers = {"X-API-Key": key, **extra}
+        async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+            await leave(gw, flux, http, path, body, headers)
+            jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+            [job] = jobs.json()["data"]["jobs"]["nodes"]
+            cancelled = await http.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
+            assert cancelled.json()["status"] == "cancelled"
+            again = await http.post(path, json=body, headers=headers)
+            assert again.status_code == 200 and again.json()["id"] != job["id"]
+            assert again.json()["status"] == "completed"

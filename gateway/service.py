@@ -278,8 +278,8 @@ class Gateway:
                 earlier = await self.store.get(credential.account, verdict.job_id)
                 if rejoining:  # joined once: the same request sent later is a new job
                     rejoining = False
-                    token = credential.token
-                    await self.redis.delete(keys.left(job.account, token, request.fingerprint))
+                    left = keys.left(credential.account, credential.token, request.fingerprint)
+                    await self.redis.delete(left)
                     if earlier is None or (earlier.ended and earlier.status != "completed"):
                         verdict = await admitted("")  # the job its client left had no image
                         continue

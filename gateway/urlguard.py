@@ -310,9 +310,9 @@ class Lookups:
         resting = self._resting.get(owner, 0.0) - now
         if resting > 0:
             raise ServiceUnavailable(
-                f"{field}: a host name of this account's took over {self.wait:g} s to "
-                f"resolve; none is looked up for it for {resting:.0f} s more (an IP "
-                "address needs no lookup)",
+                f"{field}: a host name of this account's did not resolve in time; none "
+                f"is looked up for it for {resting:.0f} s more (an IP address needs no "
+                "lookup)",
                 retry_after=math.ceil(resting),
             )
         own = self._owners.get(owner)
@@ -342,8 +342,7 @@ class Lookups:
             async with asyncio.timeout(wait):
                 return await asyncio.shield(lookup)
         except TimeoutError:
-            if self.rest > 0:
-                self._rest(owner)
+            self._rest(owner)
             raise BadUserInput(
                 f"{field}: host {host!r} did not resolve within {wait:g} s", field=field
             ) from None

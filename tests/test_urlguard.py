@@ -532,7 +532,7 @@ async def test_a_key_whose_name_outlasted_the_wait_gets_no_lookup_for_a_while(
 
         resting = await post(one, "hooks.example")
         assert resting.status_code == 503, resting.text
-        assert "took over 0.3 s to resolve" in resting.json()["error"]["message"]
+        assert "did not resolve in time" in resting.json()["error"]["message"]
         assert resting.headers["Retry-After"] == "30"
         assert asked == []  # not looked up
         assert (await post(one, PUBLIC)).status_code == 202

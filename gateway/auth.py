@@ -185,7 +185,7 @@ async def authenticate(
     reply = await scripts.auth(
         account=keys.account(account),
         rate=keys.rate(account),
-        reads=keys.reads(account, now_ms),
+        reads=keys.reads(account, now_ms, cred.token),
         client_token=keys.client_token(account, cred.token),
         now_ms=now_ms,
         count_read=read,

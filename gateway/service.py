@@ -412,7 +412,7 @@ class Gateway:
                 pipe.hget(keys.account(account), "credits")
                 pipe.get(keys.day(account, utc_day(now)))
                 pipe.zcount(keys.running(account), now, "+inf")
-                pipe.get(keys.reads(account, now))
+                pipe.get(keys.reads(account, now, principal.token.id if principal.token else ""))
                 credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400

@@ -20,7 +20,7 @@ from gateway.accounts import Accounts
 from gateway.config import load_settings
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
-from tests.harness import GENERATE, Harness, gateway
+from tests.harness import GENERATE, Harness, gateway, reads_limited
 from tests.test_admission import check_books, error_of, storm
 from tests.test_live_updates import subscribe
 
@@ -481,3 +481,26 @@ async def test_fifty_concurrent_requests_across_two_processes_spend_exactly_the_
         assert await redis.zcard(rkeys.token_jobs(made["id"], token_id)) == 9
     finally:
         await redis.aclose()
+
+
+async def test_each_client_token_reads_within_a_limit_of_its_own(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A page's visitor polling as hard as it can uses up its own token's reads: never
+    another visitor's, nor those of the backend holding the key (each token counts its
+    reads apart, against a limit as large as the key's)."""
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
+        key = await gw.key("pro", credits=1000)
+        greedy, other = await mint(gw, key), await mint(gw, key)
+        for _ in range(5):
+            assert (await gql(gw, "{ me { plan } }", {}, greedy)).status_code == 200
+        refused = await gql(gw, "{ me { plan } }", {}, greedy)
+        assert refused.status_code == 429, refused.text
+        assert error_of(refused)["limit"] == "read"
+        assert refused.headers["X-RateLimit-Limit"] == "5"
+
+        assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+        assert (await gql(gw, "{ me { plan } }", {}, other)).status_code == 200
+        me = await gql(gw, "{ me { limits { name used limit } } }", {}, other)
+        [read] = [u for u in me.json()["data"]["me"]["limits"] if u["name"] == "read"]
+        assert (read["used"], read["limit"]) == (2, 5)  # its own two, not the others'

@@ -169,8 +169,12 @@ def token_jobs(account_id: str, token_id: str) -> str:
     return f"{_tag(account_id)}:ct:{token_id}:jobs"
 
 
-def reads(account_id: str, now_ms: int) -> str:
-    """Counter: the account's reads in the clock minute of `now_ms`, kept READS_KEPT_MS."""
+def reads(account_id: str, now_ms: int, token: str = "") -> str:
+    """Counter: the reads of the account's key (or of its client token `token`, each its
+    own: one page's visitor cannot use up the reads of the others, nor the backend's) in
+    the clock minute of `now_ms`, kept READS_KEPT_MS."""
+    if token:
+        return f"{_tag(account_id)}:reads:{token}:{now_ms // 60_000}"
     return f"{_tag(account_id)}:reads:{now_ms // 60_000}"
 
 

@@ -70,6 +70,9 @@ def _theirs(principal: Principal, job: Job | None) -> Job | None:
     return job
 
 
+NO_CACHE_STATS = {"hits": 0, "misses": 0, "coalesced": 0, "credits_saved": 0}
+
+
 class Gateway:
     def __init__(
         self,
@@ -428,12 +431,14 @@ class Gateway:
                 "reset": reset,
             }
 
-        cache = await self.cache.stats(account)
         token = principal.token
+        # A client token is a page's visitor's: the account's name and what its cache
+        # saved it are the backend's business (`NO_CACHE_STATS`: counted for no token).
+        cache = NO_CACHE_STATS if token else await self.cache.stats(account)
         return {
             "cache": cache,
             "id": account,
-            "name": principal.name,
+            "name": "" if token else principal.name,
             "plan": principal.plan,
             # a client token sees what is left of its budget, not its account's balance
             "credits": principal.credits if token else int(credits or 0),

@@ -27,8 +27,8 @@ from tests.test_live_updates import subscribe
 MINT = """mutation($input: ClientTokenInput!) {
   createClientToken(input: $input) { token expiresAt maxCredits } }"""
 REVOKE = "mutation($t: String!) { revokeClientToken(token: $t) }"
-ME = """{ me { credits plan clientToken { maxCredits spent jobs maxJobs origins services
-  expiresAt } } }"""
+ME = """{ me { credits plan name cache { hits creditsSaved } clientToken { maxCredits spent
+  jobs maxJobs origins services expiresAt } } }"""
 JOBS = "{ jobs(first: 20) { nodes { id } } }"
 JOB = "query($id: ID!) { job(id: $id) { id status creditCost } }"
 CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }"
@@ -504,3 +504,22 @@ async def test_each_client_token_reads_within_a_limit_of_its_own(
         me = await gql(gw, "{ me { limits { name used limit } } }", {}, other)
         [read] = [u for u in me.json()["data"]["me"]["limits"] if u["name"] == "read"]
         assert (read["used"], read["limit"]) == (2, 5)  # its own two, not the others'
+
+
+async def test_a_token_sees_neither_its_accounts_name_nor_its_cache_statistics(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A token is a page's visitor's: `me` shows its own budget and rules, not the name
+    the operator gave the account nor what its cache saved it (the backend's key sees
+    both)."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000, name="acme-internal-billing")
+        await gw.wait(key, created(await gw.gql(GENERATE, generate_input(seed=9), key)))
+        hit = await gw.job(key, created(await gw.gql(GENERATE, generate_input(seed=9), key)))
+        assert hit is not None and hit["status"] == "completed"  # from the cache
+        mine = (await gw.gql("{ me { name cache { hits creditsSaved } } }", key=key)).json()
+        assert mine["data"]["me"]["name"] == "acme-internal-billing"
+        assert mine["data"]["me"]["cache"]["hits"] == 1
+
+        view = await me(gw, await mint(gw, key))
+        assert (view["name"], view["cache"]) == ("", {"hits": 0, "creditsSaved": 0})

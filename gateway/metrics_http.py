@@ -125,14 +125,16 @@ async def watching(worker: Worker, settings: Settings) -> AsyncIterator[QueueSam
 
 @contextlib.asynccontextmanager
 async def worker_metrics(worker: Worker, settings: Settings) -> AsyncIterator[int | None]:
-    """`gateway worker`'s gauges, and its endpoint when `GATEWAY_METRICS_PORT` is set;
-    yields the port it serves on, or None."""
+    """`gateway worker`'s gauges, and its endpoint when `GATEWAY_METRICS_PORT` is set
+    (its `/healthz` too, which the image's health check reads: served with metrics off
+    as well); yields the port it serves on, or None."""
     async with watching(worker, settings) as sampler:
-        if sampler is None or settings.metrics_port is None:
+        if settings.metrics_port is None:
             yield None
             return
         async with worker_endpoint(settings, sampler) as port:
-            log.info("metrics served", url=f"http://{settings.host}:{port}{PATH}")
+            served = PATH if sampler is not None else "/healthz"
+            log.info("metrics served", url=f"http://{settings.host}:{port}{served}")
             yield port
 
 
@@ -183,10 +185,11 @@ def _wsgi_answer(response: Response, start_response: Callable[..., Any]) -> Iter
 
 
 def worker_app(
-    token: str | None, refresh: Callable[[], None], alive: Callable[[], bool]
+    token: str | None, refresh: Callable[[], None] | None, alive: Callable[[], bool]
 ) -> Callable[..., Iterable[bytes]]:
-    """The WSGI app `gateway worker` serves: `GET /metrics`, and `GET /healthz` (200 while
-    its event loop answers, for a container's health check), errors in the REST shape."""
+    """The WSGI app `gateway worker` serves: `GET /metrics` (404 with metrics off:
+    `refresh` None), and `GET /healthz` (200 while its event loop answers, for a
+    container's health check), errors in the REST shape."""
     exposition = make_wsgi_app(REGISTRY)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -195,7 +198,7 @@ def worker_app(
             body = {"status": "ok" if ok else "unavailable"}
             answer = rest.ORJSONResponse(body, status_code=200 if ok else 503)
             return _wsgi_answer(answer, start_response)
-        if environ.get("PATH_INFO") != PATH:
+        if environ.get("PATH_INFO") != PATH or refresh is None:
             error: GatewayError = NotFound(f"no route {environ.get('PATH_INFO')}")
             return _wsgi_answer(rest.error_response(error), start_response)
         if environ["REQUEST_METHOD"] != "GET":
@@ -217,15 +220,17 @@ class _Quiet(WSGIRequestHandler):
 
 @contextlib.asynccontextmanager
 async def worker_endpoint(
-    settings: Settings, sampler: QueueSampler, host: str | None = None
+    settings: Settings, sampler: QueueSampler | None, host: str | None = None
 ) -> AsyncIterator[int]:
-    """Serve the worker's `GET /metrics` on `GATEWAY_HOST:GATEWAY_METRICS_PORT` from a
-    thread (the scrape's Redis read runs on this event loop); yields the port."""
+    """Serve the worker's `GET /metrics` (None: metrics off) and `/healthz` on
+    `GATEWAY_HOST:GATEWAY_METRICS_PORT` from a thread (the scrape's Redis read runs on
+    this event loop); yields the port."""
     assert settings.metrics_port is not None
     loop = asyncio.get_running_loop()
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 
     def refresh() -> None:
+        assert sampler is not None
         future = asyncio.run_coroutine_threadsafe(sampler.refresh(), loop)
         try:
             future.result(REFRESH_WAIT)
@@ -254,7 +259,7 @@ async def worker_endpoint(
         server = make_server(
             host,
             settings.metrics_port,
-            worker_app(token, refresh, alive),
+            worker_app(token, refresh if sampler is not None else None, alive),
             Server,
             handler_class=_Quiet,
         )

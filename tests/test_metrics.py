@@ -489,6 +489,33 @@ def gateway_routes(redis_url: str, storage_dir: Path) -> list[Any]:
     return list(build_app(load_settings(redis_url=redis_url, storage_dir=storage_dir)).routes)
 
 
+async def test_a_worker_with_metrics_off_still_answers_its_health_check(
+    redis_url: str, storage_dir: Path, tmp_path: Path
+) -> None:
+    """The image's health check reads a worker's `/healthz` on GATEWAY_METRICS_PORT:
+    with metrics off it is still served (and `/metrics` is not), so the container does
+    not read unhealthy for ever."""
+    port = free_port()
+    env = {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_STORAGE_DIR": str(storage_dir),
+        "GATEWAY_METRICS_PORT": str(port),
+        "GATEWAY_METRICS_ENABLED": "false",
+    }
+    with worker_process(env, tmp_path):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            assert (await http.get("/metrics")).status_code == 404
+        ports = {"GATEWAY_PORT": str(free_port()), "GATEWAY_METRICS_PORT": str(port)}
+        check = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "gateway.healthcheck"],
+            env={**os.environ, **ports},
+            timeout=30,
+        )
+        assert check.returncode == 0
+
+
 # -- in-process: the switch, the route label, the Redis gauges' pace ----------------------
 
 

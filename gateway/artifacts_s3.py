@@ -25,6 +25,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -261,7 +262,9 @@ async def open_s3(settings: Settings) -> AsyncIterator[S3ArtifactStore]:
     async with session.create_client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region,
+        # botocore reads AWS_DEFAULT_REGION, not AWS_REGION, which the AWS SDKs and CLI
+        # read as well (first): both, as docs/api.md#configuration says.
+        region_name=settings.s3_region or os.environ.get("AWS_REGION") or None,
         config=config,
     ) as client:
         client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)

@@ -224,9 +224,9 @@ def serve(
         app,
         host=settings.host,
         port=settings.port,
-        # Nothing reads the client's address or scheme (public URLs come from
-        # GATEWAY_PUBLIC_URL): uvicorn's X-Forwarded-* rewriting, on by default, would
-        # only cost every request (~2% of a REST generation's CPU).
+        # Public URLs come from GATEWAY_PUBLIC_URL (without it, the request's own scheme
+        # and host: docs/api.md#configuration): uvicorn's X-Forwarded-* rewriting, on by
+        # default, would cost every request (~2% of a REST generation's CPU).
         log_level="warning",
         log_config=None,  # its lines through the JSON handler `_configure_logging` set up
         access_log=False,

@@ -205,6 +205,20 @@ async def test_presigned_locations_and_the_public_base(
         assert await bucket.read(f"http://gw.example/outputs/{url.rsplit('/', 1)[1]}") == png()
 
 
+async def test_the_region_comes_from_aws_region_when_no_setting_names_one(
+    s3: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_REGION, as the AWS SDKs and CLI read it (botocore alone reads only
+    AWS_DEFAULT_REGION): the presigned URLs are signed for it; GATEWAY_S3_REGION wins."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    for overrides, region in (({}, "eu-west-3"), ({"s3_region": "ap-south-1"}, "ap-south-1")):
+        async with store(s3["s3_endpoint_url"], **overrides) as bucket:
+            name = (await bucket.put(png(), "png")).rsplit("/", 1)[1]
+            location = await bucket.location(name)
+            assert location and f"%2F{region}%2Fs3%2Faws4_request" in location
+
+
 # -- a gateway storing into the bucket ---------------------------------------------------
 
 

@@ -1,0 +1,26 @@
+"""compose.yaml passes every setting through (docs/api.md#configuration), so that an
+operator's `.env` reaches both services, empty meaning the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from gateway.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+#: set by the image (Dockerfile: its address, port and outputs' directory), per service
+#: (the worker's endpoint) or never in a container (the embedded store of `make run`)
+NOT_FORWARDED = {"GATEWAY_HOST", "GATEWAY_PORT", "GATEWAY_METRICS_PORT", "GATEWAY_DEV"}
+
+
+def test_compose_passes_every_setting_to_both_services() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    passed = compose["x-gateway-env"]
+    wanted = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields} - NOT_FORWARDED
+    assert sorted(wanted - passed.keys()) == []
+    for service in ("gateway", "worker"):
+        assert compose["services"][service]["environment"].keys() >= passed.keys()
+    # An empty value would be read as unset, overriding the image's own: never for these.
+    assert not (NOT_FORWARDED - {"GATEWAY_METRICS_PORT"}) & passed.keys()

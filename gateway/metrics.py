@@ -39,7 +39,12 @@ HTTP_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     *(120, 300, 600, 1800, 3600),
 )
-JOB_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900)
+#: from the built-in renderer's tenths of a second to well past the default deadline
+#: (GATEWAY_JOB_DEADLINE_SECONDS, 900), for one raised to an hour
+JOB_BUCKETS = (
+    *(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900),
+    *(1800, 3600),
+)
 
 
 class HttpRequests:

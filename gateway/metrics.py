@@ -138,7 +138,8 @@ CIRCUIT_OPEN = Gauge(
 WEBHOOK_DELIVERIES = Counter(
     "gateway_webhook_deliveries",
     "Webhook delivery attempts: delivered (2xx), retrying (failed, another attempt "
-    "scheduled) or failed (the last attempt failed).",
+    "scheduled) or failed (the last attempt failed, or the job's record expired before "
+    "one was made).",
     ["outcome"],
 )
 WORKER_JOBS_RUNNING = Gauge(

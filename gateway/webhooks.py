@@ -209,6 +209,7 @@ class Webhooks:
                     account=account,
                     job_id=job_id,
                 )
+                metrics.WEBHOOK["failed"].inc()  # a delivery that ends undelivered
             await self.redis.zrem(schedule, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
@@ -216,6 +217,7 @@ class Webhooks:
             job=job_key, fields={}, count="webhook_attempts", client=self.redis
         )
         if not counted.found:  # expired since it was read
+            metrics.WEBHOOK["failed"].inc()
             await self.redis.zrem(schedule, job_key)
             return False
         attempt = counted.counted

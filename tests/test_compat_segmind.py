@@ -20,6 +20,7 @@ from segmind import (  # type: ignore[import-untyped]
     SegmindError,
 )
 
+from gateway import metrics
 from gateway.config import DEFAULT_ROUTES
 from gateway.params import ASPECT_RATIOS, ImageParams
 from gateway.providers.segmind import MEGAPIXELS, QUALITY, request_from, translate
@@ -490,3 +491,20 @@ async def test_a_client_token_is_a_key_here_too(redis_url: str, storage_dir: Pat
         )
         assert r.status_code == 404
         assert await balance(gw, key) == 1000 - 3 * COST_16_9  # the key's and the token's two
+
+
+async def test_a_generation_without_a_key_is_counted_as_every_routes_is(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A generation refused here for its missing (or bearer-only) key is counted in
+    `gateway_admissions_total{outcome="unauthenticated"}`, as on every other route."""
+    counted = metrics.ADMITTED["unauthenticated"]
+    async with gateway(redis_url, storage_dir, **LOCAL) as gw:
+        before = counted._value.get()
+        for path, headers in (
+            ("v2/flux-krea-dev", {}),
+            ("v1/flux-krea-dev", {"Authorization": "Bearer gk_x_y"}),
+        ):
+            r = await gw.http.post(f"/compat/segmind/{path}", json={"prompt": "x"}, headers=headers)
+            assert r.status_code == 401
+        assert counted._value.get() == before + 2

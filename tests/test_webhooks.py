@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import metrics
 from gateway.accounts import Accounts
 from gateway.config import load_settings
 from gateway.errors import BadUserInput
@@ -649,3 +650,20 @@ async def test_timeouts_and_connection_failures_are_recorded(tmp_path: Path) -> 
         closed = free_port()
         refused = await deliverer.attempt(f"http://127.0.0.1:{closed}/hook")
         assert refused["error"] == "connection failed: ClientConnectorError"
+
+
+async def test_a_delivery_whose_job_record_expired_first_is_counted_failed(
+    tmp_path: Path,
+) -> None:
+    """A delivery due for a job whose record is gone (a cache hit's lives only as long as
+    its cache entry) is dropped from the schedule and counted as a failed delivery in
+    `gateway_webhook_deliveries_total`, not lost from the operator's view."""
+    async with Deliverer(tmp_path).running() as d:
+        failed = metrics.WEBHOOK["failed"]
+        before = failed._value.get()
+        job_key = keys.job(d.account, secrets.token_hex(12))
+        schedule = keys.webhooks(keys.shard_of_key(job_key))
+        await d.redis.zadd(schedule, {job_key: 0})
+        assert await d.hooks.deliver(job_key) is False
+        assert await d.redis.zscore(schedule, job_key) is None
+        assert failed._value.get() == before + 1

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
+from gateway import metrics
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
 from gateway.bodies import json_object, memoized
@@ -117,6 +118,16 @@ def _key(request: Request) -> str:
     raise Unauthenticated("Missing x-api-key in header")
 
 
+def _generation_key(request: Request) -> str:
+    """`_key` for a generation: its refusal counted as every route's is
+    (`gateway_admissions_total`, which `Gateway.generate` counts once it is called)."""
+    try:
+        return _key(request)
+    except Unauthenticated as exc:
+        metrics.refused(exc.code)
+        raise
+
+
 def _origin(request: Request) -> str:
     return request.headers.get("origin", "")
 
@@ -201,7 +212,7 @@ async def run_sync(request: Request) -> Response:
     headers: dict[str, str] = {}
     wanted: GenerationRequest | None = None
     try:
-        key = _key(request)
+        key = _generation_key(request)
 
         async def parse() -> GenerationRequest:
             nonlocal wanted
@@ -245,7 +256,7 @@ async def submit(request: Request) -> Response:
     """`POST /v2/{model}`: admitted as any job; answers its id and where to poll it."""
     gateway: Gateway = request.app.state.gateway
     try:
-        key = _key(request)
+        key = _generation_key(request)
 
         async def parse() -> GenerationRequest:
             return await _parse(request, gateway, one_image=False)

@@ -132,7 +132,7 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
     processor's. True when tracing is on."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    names = environ.get("OTEL_TRACES_EXPORTER")
+    names = environ.get("OTEL_TRACES_EXPORTER") or None  # empty: unset, as the SDK reads it
     if names is None:
         endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
             "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -168,7 +168,7 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
             exporters.append(ConsoleSpanExporter())
         else:
             raise ValueError(f"OTEL_TRACES_EXPORTER={name}: known are otlp, console and none")
-    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get(
+    named = bool(environ.get("OTEL_SERVICE_NAME")) or "service.name=" in environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     )
     resource = Resource.create({} if named else {"service.name": SERVICE_NAME})

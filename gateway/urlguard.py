@@ -282,8 +282,10 @@ class Lookups:
 
     A refused request counts against no limit (docs/api.md#limits), so without `rest` a
     key could send silent names back to back and hold its place for good: two keys
-    would hold every place of the process. With it, a key's silent names hold a place
-    `wait` seconds in each `wait + rest`."""
+    would hold every place of the process. With it, a key whose lookup outlasted `wait`
+    gets none from then until `rest` seconds after that lookup ended and gave its place
+    back: its silent names hold a place at most one system resolver's give-up time in
+    each such time plus `rest`."""
 
     def __init__(
         self,
@@ -306,15 +308,7 @@ class Lookups:
         owner's last one, still being looked up; or its names resting), and
         `BadUserInput` naming `field` when the name's own lookup took too long."""
         wait = self.wait if wait is None else wait
-        now = self.clock()
-        resting = self._resting.get(owner, 0.0) - now
-        if resting > 0:
-            raise ServiceUnavailable(
-                f"{field}: a host name of this account's did not resolve in time; none "
-                f"is looked up for it for {resting:.0f} s more (an IP address needs no "
-                "lookup)",
-                retry_after=math.ceil(resting),
-            )
+        self._refuse_resting(owner, field)
         own = self._owners.get(owner)
         if own is None:
             own = self._owners[owner] = _Owner()
@@ -335,9 +329,17 @@ class Lookups:
                     retry_after=max(1, round(wait)),
                 ) from None
             raise
+        try:  # its last name may have outlasted its wait while this one waited for it
+            self._refuse_resting(owner, field)
+        except ServiceUnavailable:
+            self._places.release()
+            own.place.release()
+            self._leave(owner, own)
+            raise
         lookup = asyncio.ensure_future(resolve(host, port))
         self._running.add(lookup)  # held until it ends, whoever still waits for it
-        lookup.add_done_callback(functools.partial(self._ended, owner, own))
+        ended = functools.partial(self._ended, owner, own, self.clock(), wait)
+        lookup.add_done_callback(ended)
         try:
             async with asyncio.timeout(wait):
                 return await asyncio.shield(lookup)
@@ -347,13 +349,32 @@ class Lookups:
                 f"{field}: host {host!r} did not resolve within {wait:g} s", field=field
             ) from None
 
-    def _ended(self, owner: str, own: _Owner, lookup: asyncio.Future[list[Address]]) -> None:
+    def _ended(
+        self,
+        owner: str,
+        own: _Owner,
+        started: float,
+        wait: float,
+        lookup: asyncio.Future[list[Address]],
+    ) -> None:
         self._running.discard(lookup)
         if not lookup.cancelled():
             lookup.exception()  # retrieved, for a caller gone: `resolve` raises none it knows
+        if self.clock() - started > wait:  # the rest counts from the place given back
+            self._rest(owner)
         self._places.release()
         own.place.release()
         self._leave(owner, own)
+
+    def _refuse_resting(self, owner: str, field: str) -> None:
+        resting = self._resting.get(owner, 0.0) - self.clock()
+        if resting > 0:
+            raise ServiceUnavailable(
+                f"{field}: a host name of this account's did not resolve in time; none "
+                f"is looked up for it for {resting:.0f} s more (an IP address needs no "
+                "lookup)",
+                retry_after=math.ceil(resting),
+            )
 
     def _rest(self, owner: str) -> None:
         """`owner`'s lookups rest from now on. (Few rest at once: each outlasted `wait`

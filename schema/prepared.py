@@ -72,7 +72,9 @@ def resolved_by(resolve: Resolver) -> dict[str, Resolver]:
     """A root field's `metadata`: `resolve(context, arguments)` is its one resolver body,
     the arguments as graphql-core coerced them (keyed by the schema's names, input
     objects as dicts). Strawberry's field calls it with `graphql_value` of the arguments
-    it converted; a prepared document calls it with graphql-core's own."""
+    it converted; a prepared document calls it with graphql-core's own, which are shared
+    by every request that sent the same bytes (`Prepared.execute`): `resolve` must never
+    change them."""
     return {RESOLVER: resolve}
 
 
@@ -301,12 +303,12 @@ class Prepared:
             args = plan.arguments(self.core, variables)
         else:
             key = b"G" + sent if queries_only else sent  # a body is not a query string
-            args = self._arguments.get(key, _NONE)
+            args = self._arguments.pop(key, _NONE)
             if args is _NONE:
                 args = plan.arguments(self.core, variables)
                 if len(self._arguments) >= bodies.ENTRIES:
-                    del self._arguments[next(iter(self._arguments))]  # the oldest
-                self._arguments[key] = args
+                    del self._arguments[next(iter(self._arguments))]  # least recently used
+            self._arguments[key] = args  # the most recently used last
         if args is None:
             return None
         result = await plan.run(context, args)  # resolvers change no argument: shared

@@ -143,7 +143,8 @@ def _members(raw: bytes) -> tuple[str | None, ...] | None:
 # A poller sends one URL again and again (a persisted query's hash, a job's id): its
 # decoding (most of what a GET costs more than a POST) is kept, by the raw query string;
 # bounded, and a long query string is decoded every time. The JSON is decoded anew for
-# each request, so no request sees another's objects.
+# each request, so no request sees another's decoded members (a prepared document's
+# coerced arguments are shared, read-only: `schema/prepared.py`).
 _cached_members = functools.lru_cache(maxsize=512)(_members)
 CACHED_QUERY_STRING = 2048
 

@@ -316,6 +316,18 @@ def test_configure_from_env_reads_the_standard_variables() -> None:
     finally:
         telemetry.disable()
     assert not telemetry.ENABLED
+    # An empty variable is unset (a deployment that passes every name, empty or not):
+    # the endpoint alone still turns tracing on, under the gateway's own service name.
+    empty = {"OTEL_TRACES_EXPORTER": "", "OTEL_SERVICE_NAME": ""}
+    try:
+        assert telemetry.configure_from_env(
+            {**empty, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}
+        )
+        assert telemetry._provider is not None
+        named = telemetry._provider.resource.attributes["service.name"]
+        assert named == telemetry.SERVICE_NAME
+    finally:
+        telemetry.disable()
 
 
 def test_the_libraries_own_log_lines_are_json_with_the_request_id() -> None:

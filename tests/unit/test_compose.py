@@ -24,3 +24,9 @@ def test_compose_passes_every_setting_to_both_services() -> None:
         assert compose["services"][service]["environment"].keys() >= passed.keys()
     # An empty value would be read as unset, overriding the image's own: never for these.
     assert not (NOT_FORWARDED - {"GATEWAY_METRICS_PORT"}) & passed.keys()
+    # Only the gateway's own settings take empty as unset: botocore reads AWS_PROFILE=""
+    # as a profile named "" (and S3 storage fails to start), OpenTelemetry an empty
+    # exporter as none. Those are passed only when set (no value here).
+    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "OTEL_TRACES_EXPORTER"):
+        assert passed[name] is None, name
+    assert all(passed[n] is None for n in passed if n.startswith("OTEL_"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import math
 import socket
@@ -229,8 +230,7 @@ async def worker_endpoint(
     loop = asyncio.get_running_loop()
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 
-    def refresh() -> None:
-        assert sampler is not None
+    def refresh(sampler: QueueSampler) -> None:
         future = asyncio.run_coroutine_threadsafe(sampler.refresh(), loop)
         try:
             future.result(REFRESH_WAIT)
@@ -259,7 +259,7 @@ async def worker_endpoint(
         server = make_server(
             host,
             settings.metrics_port,
-            worker_app(token, refresh if sampler is not None else None, alive),
+            worker_app(token, functools.partial(refresh, sampler) if sampler else None, alive),
             Server,
             handler_class=_Quiet,
         )

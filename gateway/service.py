@@ -277,15 +277,17 @@ class Gateway:
         rejoining = rejoin and not idempotency
         with store_errors():
             verdict = await admitted(request.fingerprint if rejoining else "")
-            while isinstance(verdict, Duplicate):
+            while isinstance(verdict, Duplicate):  # twice at most: see `continue`
                 earlier = await self.store.get(credential.account, verdict.job_id)
-                if rejoining:  # joined once: the same request sent later is a new job
+                if rejoining:
+                    # Used up here, not in admit.lua: a script sent again after its reply
+                    # was lost still finds it. The same request sent later is a new job.
                     rejoining = False
                     left = keys.left(credential.account, credential.token, request.fingerprint)
                     await self.redis.delete(left)
                     if earlier is None or (earlier.ended and earlier.status != "completed"):
-                        verdict = await admitted("")  # the job its client left had no image
-                        continue
+                        verdict = await admitted("")  # the left job had no image: a new one
+                        continue  # (a Duplicate now is this admission's own, run already)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
                 metrics.ADMITTED["duplicate"].inc()
@@ -365,14 +367,9 @@ class Gateway:
         own timeout ran out first): the same request, sent again within LEFT_MS by the
         same caller with `rejoin`, joins `job` rather than start and pay for another (if
         `job` is cancelled meanwhile, it makes a new one)."""
-        token = principal.token.id if principal.token else ""
-        fingerprint = request.fingerprint
+        left = keys.left(principal.account, principal.token_id(), request.fingerprint)
         with store_errors():
-            await self.redis.set(
-                keys.left(principal.account, token, fingerprint),
-                f"{job.id}|{fingerprint}",
-                px=keys.LEFT_MS,
-            )
+            await self.redis.set(left, job.id, px=keys.LEFT_MS)
 
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either
@@ -415,7 +412,7 @@ class Gateway:
                 pipe.hget(keys.account(account), "credits")
                 pipe.get(keys.day(account, utc_day(now)))
                 pipe.zcount(keys.running(account), now, "+inf")
-                pipe.get(keys.reads(account, now, principal.token.id if principal.token else ""))
+                pipe.get(keys.reads(account, now, principal.token_id()))
                 credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400

@@ -8,9 +8,8 @@ import asyncio
 import contextlib
 
 
-async def set_within(event: asyncio.Event, seconds: float) -> bool:
-    """Wait for `event` at most `seconds`; whether it is set."""
+async def set_within(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event` at most `seconds`."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
-    return event.is_set()

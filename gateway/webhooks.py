@@ -139,9 +139,10 @@ class Webhooks:
         client: aiohttp.ClientSession,
         settings: Settings,
         clock: Callable[[], float] = time.time,
-        lookups: Lookups | None = None,
+        lookups: Lookups,
     ) -> None:
-        """`lookups`: the process's (`urlguard.Lookups`; a set of its own when none)."""
+        """`lookups`: the process's one set (`urlguard.Lookups`: a second would double
+        the lookups the process allows at once)."""
         self.redis = redis
         self.scripts = scripts
         self.store = store
@@ -152,7 +153,7 @@ class Webhooks:
         self.delays = settings.webhook_retry_delays
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
         # A URL's name answered at admission may go silent by its delivery.
-        self.lookups = lookups or Lookups()
+        self.lookups = lookups
         self.inflight: set[asyncio.Task[bool]] = set()
 
     def now_ms(self) -> int:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from gateway.errors import BadUserInput
 from gateway.urlguard import Lookups, check_url, embedded_ipv4, parse_url, pinned, resolve
-from tests.harness import GENERATE, gateway
+from tests.harness import GENERATE, Harness, gateway
 from tests.servers import hanging, resolving, serve
 
 PUBLIC = "93.184.216.34"  # a public address: these URLs are refused for one reason only
@@ -460,6 +460,12 @@ async def test_a_webhook_url_s_name_is_looked_up_only_for_a_valid_key(
         assert refused.headers["X-RateLimit-Limit"] == good.headers["X-RateLimit-Limit"]
 
 
+async def post_hook(gw: Harness, key: str, host: str) -> Any:
+    """A generation whose webhookUrl names `host`, with `key`."""
+    body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
+    return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
+
+
 async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
     redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -476,31 +482,29 @@ async def test_names_that_never_resolve_hold_two_lookups_at_most_one_a_key(
         answers = hanging(monkeypatch, ".hang.example")  # each name: when it answers
         one, two, three = await gw.key(), await gw.key(), await gw.key()
 
-        async def post(key: str, host: str) -> Any:
-            body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
-            return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
-
         def refused_for_now(response: Any) -> bool:
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
             return int(response.headers["Retry-After"]) >= 1
 
-        slow = await asyncio.gather(post(one, "a.hang.example"), post(two, "b.hang.example"))
+        slow = await asyncio.gather(
+            post_hook(gw, one, "a.hang.example"), post_hook(gw, two, "b.hang.example")
+        )
         for response in slow:
             assert response.status_code == 400, response.text
             error = response.json()["error"]
             assert error["field"] == "webhookUrl" and "did not resolve within" in error["message"]
-        assert refused_for_now(await post(three, "c.hang.example"))
+        assert refused_for_now(await post_hook(gw, three, "c.hang.example"))
         assert sorted(answers) == ["a.hang.example", "b.hang.example"]
 
         for name in ("a.hang.example", "b.hang.example"):
             answers[name].set()  # the system resolver gives up on them at last
         await until(lambda: not lookups._places.locked())
-        assert (await post(one, "hooks.example")).status_code == 202
+        assert (await post_hook(gw, one, "hooks.example")).status_code == 202
 
-        assert (await post(one, "d.hang.example")).status_code == 400
-        assert refused_for_now(await post(one, "hooks.example"))  # its own still runs
-        assert (await post(two, "hooks.example")).status_code == 202  # another's does not
+        assert (await post_hook(gw, one, "d.hang.example")).status_code == 400
+        assert refused_for_now(await post_hook(gw, one, "hooks.example"))  # its own still runs
+        assert (await post_hook(gw, two, "hooks.example")).status_code == 202  # another's does not
         answers["d.hang.example"].set()
         await until(lambda: not lookups._owners)  # nothing kept of a key once it is done
 
@@ -522,22 +526,18 @@ async def test_a_key_whose_name_outlasted_the_wait_gets_no_lookup_for_a_while(
         answers = hanging(monkeypatch, ".hang.example")
         one, two = await gw.key(), await gw.key()
 
-        async def post(key: str, host: str) -> Any:
-            body = {"service": "local", "prompt": host, "webhookUrl": f"http://{host}/h"}
-            return await gw.http.post("/v1/text_to_image", headers={"X-API-Key": key}, json=body)
-
-        assert (await post(one, "a.hang.example")).status_code == 400  # did not resolve
+        assert (await post_hook(gw, one, "a.hang.example")).status_code == 400  # did not resolve
         now[0] += 20  # the system resolver gives up 20 s later: the rest counts from then
         answers["a.hang.example"].set()
         await until(lambda: not lookups._owners)  # its lookup ended: no place held
 
-        resting = await post(one, "hooks.example")
+        resting = await post_hook(gw, one, "hooks.example")
         assert resting.status_code == 503, resting.text
         assert "did not resolve in time" in resting.json()["error"]["message"]
         assert resting.headers["Retry-After"] == "30"
         assert asked == []  # not looked up
-        assert (await post(one, PUBLIC)).status_code == 202
-        assert (await post(two, "hooks.example")).status_code == 202 and asked == [PUBLIC]
+        assert (await post_hook(gw, one, PUBLIC)).status_code == 202
+        assert (await post_hook(gw, two, "hooks.example")).status_code == 202 and asked == [PUBLIC]
 
         now[0] += 30.5
-        assert (await post(one, "hooks.example")).status_code == 202
+        assert (await post_hook(gw, one, "hooks.example")).status_code == 202

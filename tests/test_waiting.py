@@ -22,6 +22,7 @@ from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
 from tests.servers import serve
+from tests.test_compat_krea import until
 
 BODY = {"service": "local", "prompt": "a lighthouse", "width": 512, "height": 512}
 
@@ -252,14 +253,10 @@ async def leave(
     as a client whose own timeout ran out does; return once the gateway noted it."""
     submitted = flux.submissions
     leaving = asyncio.create_task(http.post(path, json=body, headers=headers))
-    deadline = time.monotonic() + 20
-    while flux.submissions == submitted:
-        assert time.monotonic() < deadline and not leaving.done()
-        await asyncio.sleep(0.02)
+    await until(lambda: flux.submissions > submitted or leaving.done())
+    assert not leaving.done()
     leaving.cancel()
-    while not await left(gw):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await until(lambda: left(gw))
 
 
 @pytest.mark.parametrize("route", SENT_AGAIN)
@@ -268,9 +265,10 @@ async def test_a_request_sent_again_after_its_client_left_joins_its_job(
 ) -> None:
     """A client whose own timeout ran out while its job ran upstream (the flux-krea
     guide's client waits 30 s, then sends the request again, up to three times) never
-    learnt the job's id. The same request sent again by the same key joins that job:
-    one upstream generation, charged once, its image in the answer. Once answered, the
-    same request is a new job again; another key's never joins it."""
+    learnt the job's id. The same request sent again by the same key, while the job
+    still runs, joins it: one upstream generation, charged once, its image in the
+    answer. Once answered, the same request is a new job again; another key's never
+    joins it."""
     path, body, extra = SENT_AGAIN[route]
     async with slow_flux_krea(redis_url, storage_dir, 1.0) as (gw, flux):
         key, other = await gw.key(credits=1000), await gw.key(credits=1000)
@@ -286,18 +284,20 @@ async def test_a_request_sent_again_after_its_client_left_joins_its_job(
             await leave(gw, flux, http, path, body, headers)
             paid = await credits()
             assert paid < 1000
+            jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
+            [job] = jobs.json()["data"]["jobs"]["nodes"]
+            assert job["status"] == "processing"  # still running upstream
+
+            again = await http.post(path, json=body, headers=headers)
+            assert again.status_code == 200, again.text
+            assert job_id(again) == job["id"]
+            assert (await gw.job(key, job["id"]) or {})["status"] == "completed"
+            assert flux.submissions == 1 and await credits() == paid
+            assert await left(gw) == []  # used up
 
             theirs = {"Authorization": f"Bearer {other}", "X-API-Key": other, **extra}
             not_theirs = await http.post(path, json=body, headers=theirs)
             assert not_theirs.status_code == 200 and flux.submissions == 2
-
-            again = await http.post(path, json=body, headers=headers)
-            assert again.status_code == 200, again.text
-            jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
-            [job] = jobs.json()["data"]["jobs"]["nodes"]
-            assert (job_id(again), job["status"]) == (job["id"], "completed")
-            assert flux.submissions == 2 and await credits() == paid
-            assert await left(gw) == []  # used up
 
             anew = await http.post(path, json=body, headers=headers)
             assert anew.status_code == 200 and job_id(anew) != job["id"]
@@ -322,3 +322,4 @@ async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_jo
             again = await http.post(path, json=body, headers=headers)
             assert again.status_code == 200 and again.json()["id"] != job["id"]
             assert again.json()["status"] == "completed"
+            assert flux.submissions == 2 and await left(gw) == []  # one new job, noted none

@@ -32,7 +32,7 @@ from gateway.jobs.model import Job
 from gateway.jobs.store import JobStore
 from gateway.store import keys
 from gateway.store.redis import Scripts, connect
-from gateway.urlguard import check_url
+from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks, session
 from tests.harness import gateway
 from tests.records import record
@@ -406,6 +406,7 @@ class Deliverer:
                 store=store,
                 client=client,
                 settings=self.settings,
+                lookups=Lookups(),
             )
             try:
                 yield self

@@ -37,9 +37,10 @@
 --       backend asked for, 14 ledger_keep_ms (ledger entries older are trimmed; 0 =
 --       keep all), 15 and 16 the job record (record.lua) in two JSON objects: its
 --       status, params and cost, and its other fields; 17 whether the job has a
---       webhook (0/1), 18 whether KEYS[8] is only looked up (0/1): it names the job a
---       waiting client left (`keys.left`), which this request, sent again, joins
---       (the caller uses it up once it has read that job; never written here)
+--       webhook (0/1), 18 whether KEYS[8] is only looked up (0/1): it holds the id of
+--       the job a waiting client left (`keys.left`, named by the request's
+--       fingerprint), which this request, sent again, joins (the caller uses it up once
+--       it has read that job; never written here)
 -- Returns {verdict, rpm, concurrency, daily, window used, window reset (unix s), balance,
 --          plan, ...}: 'ok' adds mode and a hit's outcome; 'limited' which and wait_ms;
 --          'credits' cost; 'duplicate' the earlier job id (of the idempotency key, of
@@ -103,12 +104,13 @@ if redis.call('EXISTS', KEYS[6]) == 1 then return reply('duplicate', used, job_i
 
 if idem_hash ~= '' then
   local prior = redis.call('GET', KEYS[8])
+  if prior and idem_only then return reply('duplicate', used, prior) end
   if prior then
     local sep = string.find(prior, '|', 1, true)
     if string.sub(prior, sep + 1) == idem_hash then
       return reply('duplicate', used, string.sub(prior, 1, sep - 1))
     end
-    if not idem_only then return reply('idempotency_mismatch', used) end
+    return reply('idempotency_mismatch', used)
   end
 end
 

@@ -138,7 +138,7 @@ def idempotency(account_id: str, key: str) -> str:
 
 
 def left(account_id: str, token: str, fingerprint: str) -> str:
-    """String `job id|fingerprint`, for LEFT_MS: the job a client waiting on its answer
+    """String, the job's id, for LEFT_MS: the job a client waiting on its answer
     left (its own timeout ran out first); the same request sent again with the same key
     or client token (`token`: its id, '' for a key) joins it, once."""
     return f"{_tag(account_id)}:left:{token}:{fingerprint}"

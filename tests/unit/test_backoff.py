@@ -34,6 +34,7 @@ from gateway.providers import http
 from gateway.providers.http import Answer, UpstreamClient, backoff, retry_after_seconds
 from gateway.store import keys
 from gateway.store.redis import Scripts, connect
+from gateway.urlguard import Lookups
 from gateway.webhooks import Webhooks
 from tests.records import record
 
@@ -223,6 +224,7 @@ async def test_failed_webhook_deliveries_follow_the_schedule_then_give_up(
         store=store,
         client=cast(aiohttp.ClientSession, receiver),
         settings=settings,
+        lookups=Lookups(),
         clock=lambda: now,
     )
     for attempt, delay in enumerate(delays, start=1):

@@ -76,13 +76,9 @@ class Principal(NamedTuple):  # made per request, as Credential
     window_used: int  # generations admitted in the last 60 s
     window_reset: int  # unix seconds when the oldest of those leaves the window
     token: TokenGrant | None = None  # set when the caller holds a client token
-    own_rpm: int = -1  # the key's own per-minute limit (`keys update --rpm`); -1: none
-
-    def read_limit(self, read_rpm: int, per_job: int) -> int:
-        """Reads a clock minute: GATEWAY_READ_RPM, or more when the key's own limit is
-        higher, or when the jobs it may run at once, each polled every second, need more
-        (`per_job` reads a minute each: GATEWAY_READ_RPM_PER_JOB)."""
-        return max(read_rpm, self.own_rpm, per_job * (self.limits.concurrency or 0))
+    # Reads a clock minute (the key's, and each of its tokens' own): GATEWAY_READ_RPM, or
+    # more as auth.lua decides (the key's own higher rpm; its jobs at once, each polled)
+    read_limit: int = 0
 
     def token_id(self) -> str:
         return self.token.id if self.token else ""
@@ -187,11 +183,14 @@ async def authenticate(
         rate=keys.rate(account),
         reads=keys.reads(account, now_ms, cred.token),
         client_token=keys.client_token(account, cred.token),
+        tokens_reads=keys.tokens_reads(account, now_ms),
         now_ms=now_ms,
         count_read=read,
         secret_hash=cred.secret_hash,
         plans=plans,
         token=bool(cred.token),
+        read_rpm=settings.read_rpm,
+        read_rpm_per_job=settings.read_rpm_per_job,
         job=keys.job(account, job_id) if job_id else "",
         client=redis,
     )
@@ -220,15 +219,25 @@ async def authenticate(
         window_used=reply.window_used,
         window_reset=reply.window_reset,
         token=grant,
-        own_rpm=int(fields.get("rpm") or -1),
+        read_limit=reply.read_limit,
     )
     if grant is not None:
         principal = principal._replace(credits=grant.max_credits - grant.spent, webhook_secret="")
         if grant.origins and (origin or "").lower() not in grant.origins:
             raise Forbidden("this client token is not valid from this origin")
-    reads_allowed = principal.read_limit(settings.read_rpm, settings.read_rpm_per_job)
-    if read and reply.reads > reads_allowed:
+    if read and reply.reads > reply.read_limit:
         wait = 60 - (now_ms // 1000) % 60
         # the headers describe the limit that refused it: the read limit's, used up
-        raise RateLimited("read", wait, allowed=reads_allowed, reset=now_ms // 1000 + wait)
+        raise RateLimited("read", wait, allowed=reply.read_limit, reset=now_ms // 1000 + wait)
+    ceiling = reply.read_limit * settings.client_tokens_read_factor
+    if read and grant is not None and reply.tokens_reads > ceiling:
+        wait = 60 - (now_ms // 1000) % 60
+        raise RateLimited(
+            "read",
+            wait,
+            f"this key's client tokens together have used their {ceiling} reads of this "
+            f"minute; retry after {wait} s",
+            allowed=ceiling,
+            reset=now_ms // 1000 + wait,
+        )
     return principal, reply.record

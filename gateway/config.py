@@ -172,6 +172,12 @@ class Settings(BaseSettings):
         description="the read limit is at least this times the jobs a key may run at once "
         "(each polled every second, as Segmind's SDK does, and its result fetched)",
     )
+    client_tokens_read_factor: int = Field(
+        default=100,
+        ge=1,
+        description="all of a key's client tokens together read at most this many times "
+        "the key's read limit a minute (each token also reads within that limit alone)",
+    )
 
     # Automatic persisted queries (docs/api.md#persisted-queries), shared in Redis
     apq_max_documents: int = Field(

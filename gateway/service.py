@@ -416,7 +416,7 @@ class Gateway:
                 credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400
-        reads_allowed = principal.read_limit(self.settings.read_rpm, self.settings.read_rpm_per_job)
+        reads_allowed = principal.read_limit
 
         def usage(name: str, limit: int | None, used: int, reset: int | None) -> dict[str, Any]:
             remaining = None if limit is None else max(0, limit - used)

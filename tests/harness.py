@@ -124,11 +124,13 @@ async def gateway(
 
 
 @contextlib.asynccontextmanager
-async def reads_limited(redis_url: str, storage_dir: Path, read_rpm: int) -> AsyncIterator[Harness]:
+async def reads_limited(
+    redis_url: str, storage_dir: Path, read_rpm: int, **overrides: Any
+) -> AsyncIterator[Harness]:
     """A gateway whose keys may read `read_rpm` times a minute, the read limit as
     configured alone (none of it from the jobs a key may run), with no worker; its clock
     1 s into a clock minute, so that no minute rolls over mid-test."""
-    limited = {"read_rpm": read_rpm, "read_rpm_per_job": 0}
+    limited = {"read_rpm": read_rpm, "read_rpm_per_job": 0, **overrides}
     async with gateway(redis_url, storage_dir, inprocess_workers=False, **limited) as gw:
         gw.clock.advance(61 - gw.clock() % 60)
         yield gw

@@ -604,11 +604,14 @@ async def test_a_poll_is_one_round_trip_and_reads_nothing_for_a_wrong_secret(
                 rate=rkeys.rate(account),
                 reads=rkeys.reads(account, 0),
                 client_token=rkeys.client_token(account, ""),
+                tokens_reads=rkeys.tokens_reads(account, 0),
                 now_ms=int(time.time() * 1000),
                 count_read=True,
                 secret_hash=hash_secret(secret),
                 plans="",
                 token=False,
+                read_rpm=600,
+                read_rpm_per_job=70,
                 job=rkeys.job(account, made),
             )
             assert (reply.record.get("id") == made) is seen

@@ -506,6 +506,38 @@ async def test_each_client_token_reads_within_a_limit_of_its_own(
         assert (read["used"], read["limit"]) == (2, 5)  # its own two, not the others'
 
 
+async def test_a_keys_client_tokens_together_read_within_a_ceiling(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Minting more tokens buys no more reads: all of a key's tokens together read at
+    most GATEWAY_CLIENT_TOKENS_READ_FACTOR times its read limit a minute. Reads a token's
+    own limit refused do not count toward that ceiling (one visitor polling hard still
+    uses up no one else's), and the key's own reads are not under it."""
+    async with reads_limited(redis_url, storage_dir, 5, client_tokens_read_factor=2) as gw:
+        key = await gw.key("pro", credits=1000)
+        greedy, second, third = [await mint(gw, key) for _ in range(3)]
+        for _ in range(5):
+            assert (await gql(gw, "{ me { plan } }", {}, greedy)).status_code == 200
+        for _ in range(20):  # past its own limit: refused, and no one else's loss
+            assert (await gql(gw, "{ me { plan } }", {}, greedy)).status_code == 429
+        for _ in range(5):
+            assert (await gql(gw, "{ me { plan } }", {}, second)).status_code == 200
+
+        refused = await gw.http.get(
+            "/v1/jobs/nothing", headers={"Authorization": f"Bearer {third}"}
+        )
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["limit"] == "read"
+        assert "client tokens together" in refused.json()["error"]["message"]
+        assert refused.headers["X-RateLimit-Limit"] == "10"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
+
+        gw.clock.advance(60)  # the next minute: every token reads again
+        assert (await gql(gw, "{ me { plan } }", {}, third)).status_code == 200
+
+
 async def test_a_token_sees_neither_its_accounts_name_nor_its_cache_statistics(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -89,10 +89,11 @@ def test_admit_replies_are_decoded_by_verdict() -> None:
 
 def test_the_other_replies_are_decoded_by_name() -> None:
     known = Auth.decode(
-        [["name", "n", "plan", "pro"], 4, 1_700_000_060, 7, 60, -1, 100, ["spent", "5"]]
+        [["name", "n", "plan", "pro"], 4, 1_700_000_060, 7, 60, -1, 100, ["spent", "5"], 600, 9]
     )
     assert known.account == {"name": "n", "plan": "pro"}
     assert known.token == {"spent": "5"}
+    assert (known.read_limit, known.tokens_reads, known.record) == (600, 9, {})
     assert (known.window_used, known.window_reset, known.reads) == (4, 1_700_000_060, 7)
     assert (known.rpm, known.concurrency, known.daily) == (60, -1, 100)
     assert Auth.decode([[]]).account == {}
@@ -239,11 +240,14 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             rate=keys.rate(a),
             reads=keys.reads(a, 0),
             client_token=keys.client_token(a, ""),
+            tokens_reads=keys.tokens_reads(a, 0),
             now_ms=1,
             count_read=True,
             secret_hash="0" * 64,
             plans=";pro:60:2:-1",
             token=False,
+            read_rpm=600,
+            read_rpm_per_job=70,
         )
         assert auth.account == {}
         job = keys.job(a, "j1")

@@ -178,6 +178,12 @@ def reads(account_id: str, now_ms: int, token: str = "") -> str:
     return f"{_tag(account_id)}:reads:{now_ms // 60_000}"
 
 
+def tokens_reads(account_id: str, now_ms: int) -> str:
+    """Counter: the reads of all the account's client tokens together in the clock minute
+    of `now_ms` (those each token's own limit allowed), kept READS_KEPT_MS."""
+    return f"{_tag(account_id)}:reads-of-tokens:{now_ms // 60_000}"
+
+
 READS_KEPT_MS = 61_000  # a minute's read counter, from its first read
 
 

@@ -267,6 +267,8 @@ class AuthReply(NamedTuple):
     concurrency: int = -1
     daily: int = -1
     token: dict[str, str] = {}  # a client token's hash; empty for a key or none found
+    read_limit: int = 0  # the reads a minute the key, and each of its tokens, may make
+    tokens_reads: int = 0  # all the key's tokens' reads this minute; 0 when not counted
     record: dict[str, Any] = {}  # the job record asked for, as `Read` reads it; {}: none
 
 
@@ -282,19 +284,24 @@ class Auth(Script):
         rate: str,
         reads: str,
         client_token: str,
+        tokens_reads: str,
         now_ms: int,
         count_read: bool,
         secret_hash: str,
         plans: str,
         token: bool,
+        read_rpm: int,
+        read_rpm_per_job: int,
         job: str = "",
         client: aioredis.Redis | None = None,
     ) -> AuthReply:
         """`job`: a job record of the account to read in the same call (a poll's)."""
-        argv: list[Any] = [account, rate, reads, client_token, *([job] if job else [])]
+        argv: list[Any] = [account, rate, reads, client_token, tokens_reads]
+        if job:
+            argv.append(job)
         argv += [now_ms, 1 if count_read else 0, secret_hash, plans, 1 if token else 0]
-        argv.append(keys.READS_KEPT_MS)
-        return self.decode(await self.run(5 if job else 4, argv, client), job)
+        argv += [keys.READS_KEPT_MS, read_rpm, read_rpm_per_job]
+        return self.decode(await self.run(6 if job else 5, argv, client), job)
 
     @staticmethod
     def decode(reply: list[Any], job: str = "") -> AuthReply:
@@ -302,7 +309,8 @@ class Auth(Script):
         account = dict(zip(raw[::2], raw[1::2], strict=True))
         if len(reply) == 1:  # an unknown account
             return AuthReply(account=account)
-        _, window_used, window_reset, reads, rpm, concurrency, daily, token, *read = reply
+        _, window_used, window_reset, reads, rpm, concurrency, daily, token, *rest = reply
+        read_limit, tokens_reads, *read = rest
         return AuthReply(
             account=account,
             window_used=window_used,
@@ -312,6 +320,8 @@ class Auth(Script):
             concurrency=concurrency,
             daily=daily,
             token=dict(zip(token[::2], token[1::2], strict=True)),
+            read_limit=read_limit,
+            tokens_reads=tokens_reads,
             record=Read.record(job, read[0]) if read else {},
         )
 

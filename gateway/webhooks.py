@@ -214,6 +214,26 @@ class Webhooks:
             await self.redis.zrem(schedule, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
+        started = self.now_ms()
+        addresses: list[Address] = []
+        error: str | None = None
+        try:
+            addresses = await check_url(  # bounded: half the time for a place, half to look
+                job.webhook_url,
+                self.settings.allow_cidrs,
+                lookups=self.lookups,
+                owner=job.account,
+                wait=self.settings.webhook_timeout / 2,
+            )
+        except ServiceUnavailable as exc:
+            # The process's own bound on lookups (no place free, or the account's names
+            # resting), not the receiver's doing: put off, no attempt spent.
+            wait_s = exc.retry_after or 5
+            await self.redis.zadd(schedule, {job_key: self.now_ms() + wait_s * 1000})
+            log.info("webhook put off: no name lookup for it now", retry_after=wait_s)
+            return False
+        except BadUserInput as exc:  # the name did not resolve, or no longer may be used
+            error = exc.message
         counted = await self.store.scripts.patch(
             job=job_key, fields={}, count="webhook_attempts", client=self.redis
         )
@@ -225,38 +245,11 @@ class Webhooks:
         secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
         body = payload(job)
         headers = signed_headers(secret, f"msg_{job.id}", body, self.clock())
-        started = self.now_ms()
         status: int | None = None
-        error: str | None = None
-        try:
-            addresses = await check_url(  # bounded: half the time for a place, half to look
-                job.webhook_url,
-                self.settings.allow_cidrs,
-                lookups=self.lookups,
-                owner=job.account,
-                wait=self.settings.webhook_timeout / 2,
+        if error is None:
+            status, error = await self._attempt(
+                job, job.webhook_url, attempt, addresses, body, headers
             )
-            attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
-            async with self.slots:
-                # The job's trace (the request that made it) goes on; the receiver is
-                # sent no traceparent: it is the client's, not part of the gateway.
-                with telemetry.span(
-                    "webhook", parent=job.trace, kind="client", attributes=attributes
-                ) as span:
-                    async with asyncio.timeout(self.settings.webhook_timeout):
-                        status = await self._post(job.webhook_url, addresses, body, headers)
-                    if span is not None:
-                        span.set_attribute("http.response.status_code", status)
-                    if not 200 <= status < 300:
-                        telemetry.failed(f"HTTP {status}", span)
-            if not 200 <= status < 300:
-                error = f"HTTP {status}"
-        except (BadUserInput, ServiceUnavailable) as exc:  # no place to look the name up too
-            error = exc.message
-        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
-            error = "timed out"
-        except aiohttp.ClientError as exc:
-            error = f"connection failed: {type(exc).__name__}"
         ok = error is None
         record = {
             "attempt": attempt,
@@ -286,6 +279,37 @@ class Webhooks:
         metrics.WEBHOOK[outcome].inc()
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
+
+    async def _attempt(
+        self,
+        job: Job,
+        url: str,
+        attempt: int,
+        addresses: list[Address],
+        body: bytes,
+        headers: dict[str, str],
+    ) -> tuple[int | None, str | None]:
+        """POST to `url`'s checked addresses: the status, and the error if it failed."""
+        attributes = {"gateway.job_id": job.id, "gateway.webhook.attempt": attempt}
+        status: int | None = None
+        try:
+            async with self.slots:
+                # The job's trace (the request that made it) goes on; the receiver is
+                # sent no traceparent: it is the client's, not part of the gateway.
+                with telemetry.span(
+                    "webhook", parent=job.trace, kind="client", attributes=attributes
+                ) as span:
+                    async with asyncio.timeout(self.settings.webhook_timeout):
+                        status = await self._post(url, addresses, body, headers)
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", status)
+                    if not 200 <= status < 300:
+                        telemetry.failed(f"HTTP {status}", span)
+        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
+            return status, "timed out"
+        except aiohttp.ClientError as exc:
+            return status, f"connection failed: {type(exc).__name__}"
+        return status, None if 200 <= status < 300 else f"HTTP {status}"
 
     async def _post(
         self, url: str, addresses: list[Address], body: bytes, headers: dict[str, str]

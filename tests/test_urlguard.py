@@ -541,3 +541,35 @@ async def test_a_key_whose_name_outlasted_the_wait_gets_no_lookup_for_a_while(
 
         now[0] += 30.5
         assert (await post_hook(gw, one, "hooks.example")).status_code == 202
+
+
+async def test_a_delivery_whose_name_may_not_be_looked_up_yet_is_put_off_not_failed(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery refused a lookup by the process's own bound (its account's names
+    resting, or no place free) is not the receiver's failure: it spends no attempt and
+    is sent once the lookup may run."""
+    receiver = TargetRecorder()
+    fast: dict[str, Any] = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05]}
+    async with serve(receiver.app) as base, gateway(redis_url, storage_dir, **fast) as gw:
+        service = gw.app.state.gateway
+        lookups = Lookups(at_once=2, wait=0.3, rest=1.0)
+        service.webhooks.lookups = lookups  # admission's own set is not resting
+        resolving(monkeypatch, ["127.0.0.1"], name="hooks.example")
+        key = await gw.key()
+        lookups._rest(gw.keys[key]["id"])  # as after one of its names outlasted the wait
+        port = urlsplit(base).port
+        made = await post_hook(gw, key, f"hooks.example:{port}")
+        assert made.status_code == 202, made.text
+        job_id = made.json()["id"]
+
+        query = "query($id: ID!) { webhookDeliveries(id: $id) { attempt success error } }"
+        deliveries: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while not deliveries:  # the attempt is logged once its POST is answered
+            assert time.monotonic() < deadline, "no delivery logged in time"
+            await asyncio.sleep(0.05)
+            reply = await gw.gql(query, {"id": job_id}, key)
+            deliveries = reply.json()["data"]["webhookDeliveries"]
+        assert deliveries == [{"attempt": 1, "success": True, "error": None}]
+        assert job_id in receiver.calls

@@ -30,3 +30,14 @@ def test_compose_passes_every_setting_to_both_services() -> None:
     for name in ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "OTEL_TRACES_EXPORTER"):
         assert passed[name] is None, name
     assert all(passed[n] is None for n in passed if n.startswith("OTEL_"))
+
+
+def test_with_the_s3_profile_the_gateway_starts_once_its_bucket_is_made() -> None:
+    """The first uploads would fail until the one-off container made the bucket; without
+    the profile that container does not run, so the dependency is optional."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["minio-bucket"]["profiles"] == ["s3"]
+    for name in ("gateway", "worker"):
+        bucket = services[name]["depends_on"]["minio-bucket"]
+        assert bucket == {"condition": "service_completed_successfully", "required": False}

@@ -147,6 +147,8 @@ async def wait_answering(
     job: Job,
     wanted: GenerationRequest | None,
     seconds: float | None = None,
+    *,
+    answered_with_id: bool = False,
 ) -> Job:
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
     synchronous OpenAI and provider routes, each admitting with `rejoin`), until it
@@ -156,8 +158,12 @@ async def wait_answering(
     is cancelled and refunded: nobody would see it, and nothing was paid upstream for
     it. One that goes on (started: its upstream is paid; or with a webhook) is left for
     the same request sent again, which joins it (`Gateway.left`), charged once. Raises
-    `ClientDisconnect` then. `wanted`: the request as parsed; `seconds`: at most
-    GATEWAY_SYNC_WAIT_SECONDS, by default."""
+    `ClientDisconnect` then. A job still running when the wait runs out is left for the
+    same request sent again too, unless `answered_with_id` (REST's 202: its client has
+    the job, and may well mean a second picture by sending the same request): the
+    routes answering an error then (504) have clients and wrappers that retry it.
+    `wanted`: the request as parsed; `seconds`: at most GATEWAY_SYNC_WAIT_SECONDS, by
+    default."""
     if job.ended:  # a cache hit, say: nothing to wait for, nor to watch the client for
         return job
     if seconds is None:
@@ -172,7 +178,13 @@ async def wait_answering(
         raise
     gone.cancel()
     if waiting.done():
-        return waiting.result()
+        job = waiting.result()
+        if not job.ended and not answered_with_id and wanted and not wanted.idempotency_key:
+            try:
+                await gateway.left(principal, job, wanted)
+            except GatewayError as exc:  # the store away: a repeat is a new job, as before
+                log.warning("a job whose wait ran out could not be noted", error=exc)
+        return job
     waiting.cancel()  # it unwinds on its own, letting go of its watch
     if wanted and not wanted.idempotency_key:  # with one, a repeat names the job itself
         try:

@@ -254,24 +254,30 @@ async def generations(request: Request) -> Response:
                 return error_response(exc, headers)
             raise
         # The job was accepted (and has run, or runs on): OpenAI's SDKs retry a 5xx on
-        # their own, and a retry would be another job, charged again.
+        # their own. A wait that ran out is worth it: the same request joins the job
+        # still running (`wait_answering`), charged once. Any other would be another
+        # job, charged again.
         if not isinstance(exc, GatewayError):
             log.exception("answering an accepted job failed", job_id=headers["X-Gateway-Job-Id"])
             exc = InternalError("internal server error")
         if exc.status >= 500:
-            headers["x-should-retry"] = "false"
+            headers["x-should-retry"] = "true" if isinstance(exc, WaitRanOut) else "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)
 
 
 def _wait(request: Request, gateway: Gateway) -> float:
-    """`GATEWAY_SYNC_WAIT_SECONDS`, or less: just under the read timeout the SDK says it
-    has (`x-stainless-read-timeout`), so that a job outlasting it is answered 504 with
-    `x-should-retry: false` (readable by its id) rather than left by a client that then
-    sends it again, twice, each a new job."""
+    """`GATEWAY_SYNC_WAIT_SECONDS`, or less: just under the timeout the SDK says it has
+    (Python's `x-stainless-read-timeout`, Node's `X-Stainless-Timeout`), so that a job
+    outlasting it is answered 504 (`x-should-retry: true`, its id noted for the retry
+    to join) rather than left by a client (whose unstarted job is then cancelled, and
+    its retry made anew)."""
     wait = gateway.settings.sync_wait_seconds
+    said = request.headers.get("x-stainless-read-timeout") or request.headers.get(
+        "x-stainless-timeout", "inf"
+    )
     try:
-        theirs = float(request.headers.get("x-stainless-read-timeout", "inf"))
+        theirs = float(said)
     except ValueError:
         return wait
     if theirs != theirs or theirs <= 0:  # NaN, nonsense

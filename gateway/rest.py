@@ -128,7 +128,9 @@ async def text_to_image(request: Request) -> Response:
             rejoin=wait is not None,
         )
         if wait is not None:
-            job = await wait_answering(request, gateway, principal, job, wanted, wait)
+            job = await wait_answering(
+                request, gateway, principal, job, wanted, wait, answered_with_id=True
+            )
     except GatewayError as exc:
         return error_response(exc)
     headers = principal.rate_headers()

@@ -299,30 +299,40 @@ async def test_plain_http_errors_have_openais_shape(redis_url: str, storage_dir:
 
 @pytest.mark.parametrize(
     ("sync_wait", "sdk_timeout"),
-    [(0.2, 600.0), (300.0, 5.0)],
+    [(0.2, 600.0), (300.0, 2.0)],
     ids=["the gateway's wait runs out", "the SDK's read timeout would run out"],
 )
 async def test_the_sdks_own_retries_never_start_a_second_job(
     redis_url: str, storage_dir: Path, sync_wait: float, sdk_timeout: float
 ) -> None:
-    """The SDK retries a 5xx, and a read timeout, twice on its own (no idempotency key):
-    a wait that runs out, GATEWAY_SYNC_WAIT_SECONDS or just under the read timeout the
-    SDK says it has, tells it not to (`x-should-retry: false`), so one call is one job,
-    charged once, going on and readable by its id."""
+    """The SDK retries a 5xx, and a read timeout, twice on its own (no idempotency key).
+    A wait that runs out, GATEWAY_SYNC_WAIT_SECONDS or just under the read timeout the
+    SDK says it has, is a 504 it may retry (`x-should-retry: true`): each retry joins
+    the job still running, so one call is one job, charged once, going on and readable
+    by its id."""
     async with gateway(
         redis_url, storage_dir, inprocess_workers=False, sync_wait_seconds=sync_wait
     ) as gw:
         key = await gw.key(credits=1000)
-        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=sdk_timeout)
+        answered: list[str] = []
+
+        async def seen(response: httpx.Response) -> None:
+            answered.append(response.headers.get("x-gateway-job-id", ""))
+
+        http = httpx.AsyncClient(event_hooks={"response": [seen]})
+        client = AsyncOpenAI(
+            base_url=f"{gw.base}/v1", api_key=key, timeout=sdk_timeout, http_client=http
+        )
         try:
             with pytest.raises(openai.InternalServerError) as late:
                 await client.images.generate(model="local", prompt="patience")
         finally:
             await client.close()
         assert late.value.status_code == 504
-        assert late.value.response.headers["x-should-retry"] == "false"
-        jobs = (await gw.gql("{ jobs(first: 10) { nodes { id status } } }", key=key)).json()
+        assert late.value.response.headers["x-should-retry"] == "true"
         job_id = late.value.response.headers["x-gateway-job-id"]
+        assert answered == [job_id] * 3  # the call and the SDK's two retries: one job
+        jobs = (await gw.gql("{ jobs(first: 10) { nodes { id status } } }", key=key)).json()
         assert jobs["data"]["jobs"]["nodes"] == [{"id": job_id, "status": "queued"}]
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 980
 

@@ -225,13 +225,14 @@ SENT_AGAIN = {
 
 @contextlib.asynccontextmanager
 async def slow_flux_krea(
-    redis_url: str, storage_dir: Path, delay: float
+    redis_url: str, storage_dir: Path, delay: float, **overrides: Any
 ) -> AsyncIterator[tuple[Harness, FluxKreaEmulator]]:
     """A gateway whose `flux-krea` service's images take `delay` s at flux-krea's."""
     flux = FluxKreaEmulator(api_key="test-key")
     flux.delay = delay
     async with serve(flux.app) as upstream:
         settings = {"fluxkrea_api_base": f"{upstream}/v1", "fluxkrea_api_key": "test-key"}
+        settings.update(overrides)
         async with gateway(redis_url, storage_dir, **settings) as gw:
             yield gw, flux
 
@@ -323,3 +324,40 @@ async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_jo
             assert again.status_code == 200 and again.json()["id"] != job["id"]
             assert again.json()["status"] == "completed"
             assert flux.submissions == 2 and await left(gw) == []  # one new job, noted none
+
+
+@pytest.mark.parametrize("route", SENT_AGAIN)
+async def test_a_request_sent_again_after_its_wait_ran_out_joins_its_job_unless_it_had_the_id(
+    redis_url: str, storage_dir: Path, route: str
+) -> None:
+    """A route that answers an error when its wait runs out (504: OpenAI's, flux-krea's,
+    Segmind's) has clients and wrappers that retry it: the same request sent again joins
+    the job still running, charged once. REST's 202 gives the job's id, so its client
+    has the job: the same request again is another one. (Sent again once the job is done,
+    as a retry after a backoff is: the route's wait here is too short to outlast it.)"""
+    path, body, extra = SENT_AGAIN[route]
+    out = {"Prefer": "wait=0.3"} if route.startswith("REST") else {}
+    async with slow_flux_krea(redis_url, storage_dir, 1.5, sync_wait_seconds=0.3) as (gw, flux):
+        key = await gw.key(credits=1000)
+        headers = {"Authorization": f"Bearer {key}", "X-API-Key": key, **extra}
+        async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+            first = await http.post(path, json=body, headers={**headers, **out})
+            assert first.status_code == (202 if out else 504), first.text
+            paid = (await gw.accounts.get(gw.keys[key]["id"])).credits
+            assert paid < 1000
+            jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+            [job] = jobs.json()["data"]["jobs"]["nodes"]
+            assert (first.headers.get("x-gateway-job-id") or first.json()["id"]) == job["id"]
+
+            await gw.wait(key, job["id"])  # a retry after a backoff finds it done
+            again = await http.post(path, json=body, headers=headers)
+            joined = again.headers.get("x-gateway-job-id") == job["id"] or (
+                out and again.json()["id"] == job["id"]
+            )
+            if out:  # a second picture, as asked
+                assert again.json()["status"] in ("queued", "processing", "completed")
+                assert not joined and flux.submissions == 2
+            else:
+                assert again.status_code == 200, again.text
+                assert joined and flux.submissions == 1
+                assert (await gw.accounts.get(gw.keys[key]["id"])).credits == paid

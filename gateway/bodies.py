@@ -29,10 +29,50 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+#: The deepest a request's JSON may nest. The gateway's own shapes nest a few levels
+#: (GraphQL variables, flux-krea's `callback_data`); orjson writes no value nested past
+#: 254 levels back (a job's record, a stored callback), and what echoes a value in an
+#: error would recurse through all of them.
+MAX_DEPTH = 32
+
+
+class TooDeep(orjson.JSONDecodeError):
+    """JSON nested deeper than MAX_DEPTH: a JSONDecodeError, so that every reader of a
+    request's JSON refuses it as it refuses malformed JSON."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """A request's JSON (`orjson.loads`), nested at most MAX_DEPTH levels."""
+    data = orjson.loads(raw)
+    brackets = (
+        raw.count(b"[") + raw.count(b"{")
+        if isinstance(raw, bytes)
+        else (raw.count("[") + raw.count("{"))
+    )
+    if brackets > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):  # counted first: cheap
+        raise TooDeep(f"JSON nested deeper than {MAX_DEPTH} levels", "", 0)
+    return data
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    level, depth = [data], 0
+    while level:
+        containers = [v for v in level if type(v) is dict or type(v) is list]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [x for v in containers for x in (v.values() if type(v) is dict else v)]
+    return False
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     """A body that must be a JSON object, or the BAD_USER_INPUT saying why not."""
     try:
-        data = orjson.loads(body)
+        data = loads(body)
+    except TooDeep as exc:
+        raise BadUserInput(f"the body's {exc.msg}") from None
     except orjson.JSONDecodeError:
         raise BadUserInput("the body is not valid JSON") from None
     if not isinstance(data, dict):

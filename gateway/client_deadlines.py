@@ -27,6 +27,14 @@ uvicorn's own (and its transport's, for what is left to send) and acts on those 
 have stayed waiting on their client for the timeout. Overriding the parser's callbacks,
 or even `data_received`, cost every request measurably (BENCHMARKS.md: "Slow clients").
 A connection upgraded to a WebSocket is uvicorn's no longer (its own protocol reads).
+
+One method is overridden, `data_received`, for the size of a head: httptools refuses
+a request line past about 64 KB, but neither it nor uvicorn bounds the headers, and
+httptools joins the pieces of one header's value as they come, copying all of it again
+for each: megabytes trickled in held the loop for seconds, within the deadline. A head
+that has read more than MAX_HEAD_BYTES without ending is answered 413
+`PAYLOAD_TOO_LARGE` and closed. (A
+comparison a read: a request's head comes in one.)
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway import metrics, rest, telemetry
-from gateway.errors import RequestTimeout
+from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 log = structlog.get_logger("gateway")
 
@@ -53,6 +61,10 @@ log = structlog.get_logger("gateway")
 #: connection closes: closed with unread bytes, the kernel would answer them with a reset
 #: that can destroy the 408 before the client reads it (nginx's lingering close).
 LINGER_SECONDS = 1.0
+
+#: The most a request's head (its line and headers) may take: a browser's cookies are a
+#: few KB; httptools alone refuses a request line past about 64 KB.
+MAX_HEAD_BYTES = 96 * 1024
 
 Waiting = Literal["head", "body"]
 #: what a client owes between requests: a head not begun (nothing sent, or stray bytes)
@@ -79,6 +91,18 @@ class ClientDeadlines(HttpToolsProtocol):
         # read some of it (None: not looked at since they began to wait), and when.
         self._unsent: int | None = None
         self._unsent_since = 0.0
+        self._head_read = 0  # bytes read since the head now coming began (at most)
+
+    def data_received(self, data: bytes) -> None:
+        scope = self.scope
+        if scope is None or "method" in scope:  # this read may begin a head
+            self._head_read = len(data)
+        else:  # a head begun in an earlier read, still coming
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES and not isinstance(self.parser, _Dropping):
+                self._refuse(413, _too_large(telemetry.request_id(None)))
+                return
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -174,8 +198,18 @@ class ClientDeadlines(HttpToolsProtocol):
         log.info("client too slow", awaited=awaited, waited_s=round(waited, 3), request_id=rid)
         if self.count is not None:
             self.count(metrics.UNMATCHED, 408, waited)
-        self.transport.write(_too_slow(self.client_timeout, rid))
-        # What the client still sends is read and dropped: uvicorn feeds it to the parser.
+        self._refuse(None, _too_slow(self.client_timeout, rid))
+
+    def _refuse(self, status: int | None, answer: bytes) -> None:
+        """Answer a request whose head was not read, and close: what the client still
+        sends is read and dropped meanwhile. `status`: counted here (None: by the
+        caller)."""
+        if status is not None:
+            log.info("request head too large", limit_bytes=MAX_HEAD_BYTES)
+            if self.count is not None:
+                self.count(metrics.UNMATCHED, status, 0.0)
+        self.transport.write(answer)
+        # uvicorn feeds what comes next to the parser: dropped.
         self.parser = _Dropping()  # type: ignore[assignment]
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -243,11 +277,17 @@ class _Sweep:
 
 
 def _too_slow(seconds: float, rid: str) -> bytes:
-    """REST's error answer (no path was read to pick another API's shape), as bytes."""
     refused = RequestTimeout(f"the request's headers did not arrive within {seconds:g} s")
+    return _answer(refused, b"408 Request Timeout", rid)
+
+
+def _too_large(rid: str) -> bytes:
+    refused = PayloadTooLarge(f"the request's headers are over {MAX_HEAD_BYTES // 1024} KB")
+    return _answer(refused, b"413 Content Too Large", rid)
+
+
+def _answer(refused: GatewayError, status: bytes, rid: str) -> bytes:
+    """REST's error answer (no path was read to pick another API's shape), as bytes."""
     answer = rest.error_response(refused, {"X-Request-Id": rid})
     head = b"".join(b"%s: %s\r\n" % header for header in answer.raw_headers)
-    return b"HTTP/1.1 408 Request Timeout\r\n%bconnection: close\r\n\r\n%b" % (
-        head,
-        bytes(answer.body),
-    )
+    return b"HTTP/1.1 %b\r\n%bconnection: close\r\n\r\n%b" % (status, head, bytes(answer.body))

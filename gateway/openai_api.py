@@ -194,8 +194,10 @@ def to_request(
         raise BadUserInput("stream is not supported", field="stream")
     asked = body.get("model") or DEFAULT_MODEL
     model = serves(asked, models, aliases) if isinstance(asked, str) else None
-    if model is None:
-        raise ModelNotFound(str(asked)[:MAX_MODEL_NAME])
+    if model is None:  # named as sent, or by its JSON type: a value is never echoed
+        raise ModelNotFound(
+            asked[:MAX_MODEL_NAME] if isinstance(asked, str) else type(asked).__name__
+        )
     if body.get("background") == "transparent":  # no backend draws one: never opaque silently
         raise BadUserInput("background transparent is not supported", field="background")
     if body.get("response_format") not in (None, "url", "b64_json"):

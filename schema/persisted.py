@@ -47,8 +47,9 @@ def requested(extensions: Any) -> str | None:
         raise BadUserInput(f"`{FIELD}` must be an object", field=FIELD)
     version = asked.get("version")
     if type(version) is not int or version != VERSION:
+        shown = version if type(version) is int else type(version).__name__  # never echoed
         raise BadUserInput(
-            f"unsupported persisted query version {version!r}: only {VERSION}",
+            f"unsupported persisted query version {shown}: only {VERSION}",
             field=f"{FIELD}.version",
         )
     sha = asked.get("sha256Hash")

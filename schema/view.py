@@ -41,7 +41,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types import ExecutionResult
 
-from gateway import pages
+from gateway import bodies, pages
 from gateway.auth import api_key_from
 from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError, MethodNotAllowed
 from gateway.store.persisted import PersistedQueries
@@ -95,7 +95,7 @@ async def json_body(request: Request) -> dict[str, Any] | None:
     if content_type.partition(";")[0].strip().lower() != "application/json":
         return None
     try:
-        data = orjson.loads(await request.body())
+        data = bodies.loads(await request.body())
     except orjson.JSONDecodeError:
         return None
     if type(data) is dict:
@@ -119,7 +119,7 @@ def query_params(request: Request) -> dict[str, Any] | None:
             continue
         if name in _JSON_MEMBERS:
             try:
-                data[name] = orjson.loads(value)
+                data[name] = bodies.loads(value)
             except orjson.JSONDecodeError:
                 raise BadUserInput(f"`{name}` is not valid JSON", field=name) from None
         else:
@@ -542,7 +542,7 @@ class GraphQLView(GraphQL[Context, None]):
         return pages.page(request, tab="console")
 
     def decode_json(self, data: str | bytes) -> object:
-        return orjson.loads(data)  # its errors are json.JSONDecodeErrors: a 400 as before
+        return bodies.loads(data)  # its errors are json.JSONDecodeErrors: a 400 as before
 
     def encode_json(self, data: object) -> str:
         # A str, not bytes: subscriptions must go out as text frames.

@@ -178,3 +178,60 @@ async def test_an_event_stream_whose_redis_goes_away_ends_with_an_error_event(
             assert any(line.startswith("retry: ") for line in rest)
     finally:
         server.stop()
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [40, 300, 1000])
+async def test_json_nested_deep_is_a_400_in_each_protocols_shape(
+    redis_url: str, storage_dir: Path, levels: int
+) -> None:
+    """JSON nested past any shape the gateway reads (`bodies.MAX_DEPTH`) is refused as
+    bad input wherever a request carries it, before a key is checked too: echoing such a
+    value recursed, and orjson writes none nested past 254 levels back (a stored
+    callback, a job's `callback_data`), both 500s."""
+    deep = nested(levels)
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        bearer = {"Authorization": f"Bearer {key}"}
+        sends = {
+            "REST": ("/v1/text_to_image", {"X-API-Key": key}, f'{{"prompt": {deep}}}'),
+            "OpenAI": ("/v1/images/generations", bearer, f'{{"prompt": "x", "model": {deep}}}'),
+            "a callback, no key": ("/v1/callbacks/fluxkrea/" + "A" * 16, {}, f'{{"a": {deep}}}'),
+            "flux-krea callback_data": (
+                "/compat/fluxkrea/v1/generate/async",
+                bearer,
+                f'{{"prompt": "x", "webhook_url": "https://1.1.1.1/h", "callback_data": {deep}}}',
+            ),
+            "Krea": ("/compat/krea/generate/image/bfl/flux-1-dev", bearer, f'{{"prompt": {deep}}}'),
+            "Segmind": (
+                "/compat/segmind/v2/flux-krea-dev",
+                {"x-api-key": key},
+                f'{{"prompt": {deep}}}',
+            ),
+        }
+        for name, (path, headers, body) in sends.items():
+            r = await gw.http.post(
+                path, content=body, headers={**headers, "Content-Type": "application/json"}
+            )
+            assert r.status_code == 400, (name, r.status_code, r.text[:300])
+            said = r.json()  # each route's own shape: never a bare 500
+            assert said.get("error") or said.get("code") == "BAD_USER_INPUT", (name, r.text)
+
+        query = '{"query": "{ providers { name } }", '
+        for body in (
+            query + '"extensions": {"persistedQuery": {"version": ' + deep + "}}}",
+            query + '"variables": {"a": ' + deep + "}}",
+        ):
+            r = await gw.http.post(
+                "/graphql", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert r.status_code == 400, r.text[:300]
+            assert r.json()["errors"][0]["message"], r.text[:300]
+        r = await gw.http.get(
+            "/graphql",
+            params={"query": "{ providers { name } }", "variables": f'{{"a": {deep}}}'},
+        )
+        assert r.status_code == 400 and r.json()["errors"], r.text[:300]

@@ -257,3 +257,39 @@ async def test_a_client_that_reads_an_answer_slowly_gets_all_of_it(
         started = asyncio.get_running_loop().time()
         assert await drained(reader, pause=STEADY / 4) > BIG
         assert asyncio.get_running_loop().time() - started > STEADY  # it was slow
+
+
+async def test_a_head_too_large_is_refused_at_once_however_it_comes(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Neither uvicorn nor httptools bounds a request's headers, and httptools joins
+    the pieces of one header's value as they come, copying it all again for each:
+    megabytes trickled in held the loop for seconds. A head past 96 KB is refused (413,
+    REST's shape) as soon as it is read, its connection closed; a large one within it is
+    served, and so is the next request on the same connection."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        async with connection(gw) as (reader, writer):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Big: ")
+            with contextlib.suppress(OSError):
+                for _ in range(800):  # 50 MB in 64 KB pieces, each its own read
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+                    if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                        break
+                    await asyncio.sleep(0.002)
+            refused = await asyncio.wait_for(reader.read(), BOUND)
+        assert refused.startswith(b"HTTP/1.1 413 "), refused[:200]
+        status, _, body = refused.partition(b"\r\n\r\n")
+        assert b"connection: close" in status.lower()
+        assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+        big = b"X-Big: " + b"b" * (60 * 1024) + b"\r\n"  # within, sent in pieces too
+        request = READ.replace(b"\r\n\r\n", b"\r\n" + big + b"\r\n") % key.encode()
+        async with connection(gw) as (reader, writer):
+            for piece in (request[i : i + 4096] for i in range(0, len(request), 4096)):
+                writer.write(piece)
+                await writer.drain()
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")
+            writer.write(READ % key.encode())
+            assert (await answer(reader)).startswith(b"HTTP/1.1 404 ")

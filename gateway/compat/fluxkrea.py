@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway import bodies
 from gateway.bodies import memoized
 from gateway.endpoints import route, wait_answering
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
@@ -60,7 +61,7 @@ def bearer(request: Request) -> str:
 
 def decoded(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        return bodies.loads(body)
     except orjson.JSONDecodeError:
         raise BadUserInput("malformed request: body is not valid JSON") from None
 

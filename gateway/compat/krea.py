@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway import bodies
 from gateway.bodies import memoized
 from gateway.endpoints import route
 from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
@@ -59,7 +60,7 @@ def asked(
     """A `POST /generate/image/{model}` as the parameter model (the same object for the
     same bytes and headers: `bodies.memoized`)."""
     try:
-        data = orjson.loads(body)
+        data = bodies.loads(body)
     except orjson.JSONDecodeError:
         raise BadUserInput("body is not valid JSON") from None
     return krea.request_from(model, data, webhook_url=webhook_url, idempotency_key=idempotency_key)

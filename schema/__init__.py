@@ -6,7 +6,6 @@ Not the PyPI library of the same name: a test proves `import schema` is this pac
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from strawberry.types import ExecutionContext
 
 from gateway.errors import GatewayError
 from schema import limits
+from schema.bounded import TokenBounded, weight
 from schema.mutations import Mutation
 from schema.prepared import Prepared
 from schema.queries import Query
@@ -44,7 +44,6 @@ MAX_TOKENS = 2_000
 # message too, which the HTTP body limit does not.
 MAX_SOURCE_LENGTH = 16 * 1024
 PARSE_OPTIONS = {"max_tokens": MAX_TOKENS, "max_source_length": MAX_SOURCE_LENGTH}
-CACHE_SIZE = 512
 
 
 def should_mask(error: GraphQLError) -> bool:
@@ -113,9 +112,36 @@ def parse_document(query: str, **options: Any) -> DocumentNode:
     return parse(limits.IndexedSource(query), **options)
 
 
-# Bounded, shared by every request: a client cannot grow them with unique documents.
-_parse = functools.lru_cache(maxsize=CACHE_SIZE)(parse_document)
-_validate = functools.lru_cache(maxsize=CACHE_SIZE)(validate)
+# Bounded by the tokens they hold (`schema.bounded`), shared by every request: a client
+# cannot grow them with unique documents.
+_documents: TokenBounded[tuple[str, tuple[tuple[str, Any], ...]], DocumentNode] = TokenBounded()
+_validations: TokenBounded[
+    tuple[GraphQLSchema, DocumentNode, tuple[type[ASTValidationRule], ...]], list[GraphQLError]
+] = TokenBounded()
+
+
+def _parse(query: str, **options: Any) -> DocumentNode:
+    return _documents.get((query, tuple(options.items())), _parsed)
+
+
+def _parsed(key: tuple[str, tuple[tuple[str, Any], ...]]) -> tuple[DocumentNode, int]:
+    query, options = key
+    document = parse_document(query, **dict(options))
+    return document, weight(query, document)
+
+
+def _validate(
+    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+) -> list[GraphQLError]:
+    return _validations.get((schema, document, rules), _validated)
+
+
+def _validated(
+    key: tuple[GraphQLSchema, DocumentNode, tuple[type[ASTValidationRule], ...]],
+) -> tuple[list[GraphQLError], int]:
+    schema, document, rules = key
+    text = document.loc.source.body if document.loc is not None else ""
+    return validate(schema, document, rules), weight(text, document)
 
 
 def operation_error(document: DocumentNode, operation_name: str | None) -> GraphQLError | None:
@@ -217,7 +243,6 @@ def prepared(schema: strawberry.Schema) -> Prepared:
         validate=lambda document: _validate(schema._schema, document, rules),
         mask=MaskUnexpected(should_mask_error=should_mask),
         reproduces=(Guard,),
-        size=CACHE_SIZE,
     )
 
 

@@ -59,6 +59,7 @@ from strawberry.types.unset import UNSET
 
 from gateway import bodies
 from schema import limits
+from schema.bounded import TokenBounded, weight
 from schema.context import Context
 
 Resolver = Callable[[Context, dict[str, Any]], Awaitable[Any]]
@@ -258,7 +259,6 @@ class Prepared:
         validate: Callable[[DocumentNode], list[GraphQLError]],
         mask: MaskErrors,
         reproduces: tuple[object, ...],
-        size: int,
     ) -> None:
         """`parse`, `validate` and `mask` are the general path's own (limits, caches,
         masking): together, what the schema extensions in `reproduces` do. A schema with
@@ -273,7 +273,7 @@ class Prepared:
         self.core = schema._schema
         self._parse = parse
         self._validate = validate
-        self.plan = functools.lru_cache(maxsize=size)(self._plan)
+        self._plans: TokenBounded[str, Plan | None] = TokenBounded()
         # The arguments of the requests sent again byte for byte (a poll, a cache hit:
         # `gateway/bodies.py`): coercing the variables is most of what graphql-core
         # spends on a prepared document (BENCHMARKS.md).
@@ -320,11 +320,18 @@ class Prepared:
             ]
         return result
 
-    def _plan(self, query: str) -> Plan | None:
+    def plan(self, query: str) -> Plan | None:
+        """The query's plan, kept by its text (bounded by tokens: `schema.bounded`)."""
+        return self._plans.get(query, self._weighed)
+
+    def _weighed(self, query: str) -> tuple[Plan | None, int]:
         try:
             document = self._parse(query)
         except GraphQLError:
-            return None
+            return None, weight(query)
+        return self._plan(document), weight(query, document)
+
+    def _plan(self, document: DocumentNode) -> Plan | None:
         if self._validate(document):
             return None
         if len(document.definitions) != 1:

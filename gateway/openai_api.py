@@ -75,10 +75,13 @@ PARAMETERS: dict[str, str | None] = {
     "output_compression": None,
     "stream": None,  # false only (below)
     "partial_images": None,  # of a stream
+    "svg": None,  # how SVG output is authored: null only (SVG is refused: `output_format`)
 }
-#: OpenAI's quality words, as the gateway's backends take them
+#: OpenAI's quality words, as the gateway's backends take them (and the other way, as
+#: an answer says which was used)
 QUALITY = {"hd": "high", "high": "high", "xhigh": "high", "max": "high", "low": "low"}
 QUALITY |= {"standard": "standard", "medium": "standard"}
+ANSWERED_QUALITY = {"high": "high", "standard": "medium", "low": "low"}
 #: our field (as `from_image_input` names it in errors) -> OpenAI's parameter
 PARAM_OF = {"service": "model", "numImages": "n", "width": "size", "height": "size"}
 PARAM_OF |= {"outputFormat": "output_format", "aspectRatio": "size"}
@@ -192,6 +195,8 @@ def to_request(
         )
     if body.get("stream"):
         raise BadUserInput("stream is not supported", field="stream")
+    if body.get("svg") is not None:
+        raise BadUserInput("svg output is not supported", field="svg")
     asked = body.get("model") or DEFAULT_MODEL
     model = serves(asked, models, aliases) if isinstance(asked, str) else None
     if model is None:  # named as sent, or by its JSON type: a value is never echoed
@@ -349,12 +354,16 @@ async def _answer(
             data.append({"b64_json": base64.b64encode(stored).decode(), "revised_prompt": prompt})
         else:
             data.append({"url": url, "revised_prompt": prompt})
-    return {
+    answer = {
         "created": (job.completed_at or int(time.time() * 1000)) // 1000,
         "data": data,
+        "background": "opaque",  # a transparent one is refused: no backend draws it
         "output_format": job.params.get("output_format", "png").replace("jpg", "jpeg"),
         "size": f"{job.width}x{job.height}",
     }
+    if quality := ANSWERED_QUALITY.get(job.params.get("quality") or ""):
+        answer["quality"] = quality  # unset: the backend's own, which it does not say
+    return answer
 
 
 def _model(name: str, target: str, services: dict[str, list[str]]) -> dict[str, Any]:

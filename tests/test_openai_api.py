@@ -362,8 +362,14 @@ async def test_what_the_sdk_may_send_gets_openais_answers(
         with pytest.raises(openai.BadRequestError) as bad:
             await client.images.generate(model="local", prompt="x", size="256x256")
         assert bad.value.message.startswith("Error code: 400 - size (width): ")
-        answer = await client.images.generate(model="local", prompt="x", stream=False)
+        answer = await client.images.generate(model="local", prompt="x", stream=False, svg=None)
         assert answer.data and answer.data[0].url
+        assert (answer.background, answer.quality) == ("opaque", None)
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.images.generate(model="local", prompt="x", svg={"model": "gpt-5"})
+        assert bad.value.param == "svg"
+        answer = await client.images.generate(model="local", prompt="x", quality="medium")
+        assert answer.quality == "medium"
         # The SDK's own advice (`user` is deprecated for it) is accepted; a transparent
         # background, which no backend draws, is refused rather than made opaque.
         answer = await client.images.generate(

@@ -22,12 +22,14 @@ import time
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
+import orjson
 import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.artifacts import StorageUnavailable
-from gateway.auth import api_key_from
+from gateway.auth import Principal, api_key_from
 from gateway.bodies import json_object, memoized
 from gateway.endpoints import route, wait_answering
 from gateway.errors import (
@@ -73,8 +75,8 @@ PARAMETERS: dict[str, str | None] = {
     "background": None,
     "moderation": None,
     "output_compression": None,
-    "stream": None,  # false only (below)
-    "partial_images": None,  # of a stream
+    "stream": None,  # server-sent events (`stream_answer`)
+    "partial_images": None,  # a stream's previews: none is drawn, so none is sent
     "svg": None,  # how SVG output is authored: null only (SVG is refused: `output_format`)
 }
 #: OpenAI's quality words, as the gateway's backends take them (and the other way, as
@@ -99,6 +101,18 @@ CODE_OF = {
 
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
     """A `GatewayError` as OpenAI's API answers an error, in OpenAI's names."""
+    body, extra = error_body(exc)
+    out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
+    if "retryAfter" in extra:
+        out["Retry-After"] = str(extra["retryAfter"])
+    elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
+        out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
+    return ORJSONResponse(body, status_code=exc.status, headers=out)
+
+
+def error_body(exc: GatewayError) -> tuple[dict[str, Any], dict[str, Any]]:
+    """OpenAI's `{"error": {message, type, param, code}}` for `exc`, and the extensions
+    it carries beside them."""
     extra = {k: v for k, v in exc.extensions.items() if k not in ("code", "field")}
     field = exc.extensions.get("field")
     field = field if isinstance(field, str) else None
@@ -125,12 +139,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
             **extra,
         }
     }
-    out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
-    if "retryAfter" in extra:
-        out["Retry-After"] = str(extra["retryAfter"])
-    elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
-        out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
-    return ORJSONResponse(body, status_code=exc.status, headers=out)
+    return body, extra
 
 
 class ModelNotFound(NotFound):
@@ -143,6 +152,7 @@ class ModelNotFound(NotFound):
 class ImagesRequest(NamedTuple):
     wanted: GenerationRequest
     response_format: str  # url or b64_json
+    stream: bool = False  # answered as server-sent events (`stream_answer`)
 
 
 Aliases = tuple[tuple[str, str], ...]
@@ -181,7 +191,7 @@ def images_request(body: bytes, models: tuple[str, ...], aliases: Aliases) -> Im
     fmt = data.get("response_format")  # valid: `to_request`
     if fmt is None:  # the model's own: a valid name (`to_request`), given or not
         fmt = "b64_json" if str(data.get("model")).startswith(BASE64_ONLY) else "url"
-    return ImagesRequest(wanted, fmt)
+    return ImagesRequest(wanted, fmt, data.get("stream") is True)
 
 
 def to_request(
@@ -193,8 +203,8 @@ def to_request(
         raise BadUserInput(
             f"Unrecognized request argument supplied: {unknown[0]}", field=unknown[0]
         )
-    if body.get("stream"):
-        raise BadUserInput("stream is not supported", field="stream")
+    if body.get("stream") is not None and type(body["stream"]) is not bool:
+        raise BadUserInput("stream must be a boolean", field="stream")
     if body.get("svg") is not None:
         raise BadUserInput("svg output is not supported", field="svg")
     asked = body.get("model") or DEFAULT_MODEL
@@ -235,11 +245,12 @@ async def generations(request: Request) -> Response:
     arrived = time.monotonic()
     response_format = "url"
     wanted: GenerationRequest | None = None
+    streamed = False
 
     async def parse() -> GenerationRequest:
-        nonlocal response_format, wanted
+        nonlocal response_format, wanted, streamed
         asked = images_request(await request.body(), gateway.router.names, aliases(gateway))
-        response_format = asked.response_format
+        response_format, streamed = asked.response_format, asked.stream
         wanted = with_idempotency_header(asked.wanted, request.headers.get("idempotency-key"))
         return wanted
 
@@ -249,6 +260,8 @@ async def generations(request: Request) -> Response:
             api_key_from(request.headers), parse, request.headers.get("origin", ""), rejoin=True
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
+        if streamed:
+            return Streamed(request, gateway, principal, job, wanted, headers)
         waited = _wait(request, gateway)
         left = max(0.0, waited - (time.monotonic() - arrived))  # counted from its arrival
         job = await wait_answering(request, gateway, principal, job, wanted, left)
@@ -290,6 +303,94 @@ def _wait(request: Request, gateway: Gateway) -> float:
     if theirs != theirs or theirs <= 0:  # NaN, nonsense
         return wait
     return min(wait, theirs - min(1.0, theirs / 10))
+
+
+#: How often a stream waiting for its job says so (an SSE comment): a client's read
+#: timeout counts from its last byte, and proxies close a connection silent for long.
+KEEPALIVE_SECONDS = 15.0
+
+
+class Streamed(Response):
+    """`stream: true`: server-sent events, as OpenAI streams an image. Its headers go at
+    once; while the job runs, a comment every KEEPALIVE_SECONDS; when it ends, one
+    `image_generation.completed` event an image (base64, as OpenAI streams them: no
+    `partial_images` are drawn), or one `error` event, which the SDK raises. The wait is
+    `GATEWAY_SYNC_WAIT_SECONDS` whatever the SDK's read timeout (each comment restarts
+    it), and a client that leaves is a waiting client that left (`wait_answering`)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        request: Request,
+        gateway: Gateway,
+        principal: Principal,
+        job: Job,
+        wanted: GenerationRequest | None,
+        headers: dict[str, str],
+    ) -> None:
+        self.status_code = 200
+        self.init_headers({**headers, "Cache-Control": "no-cache"})  # no body: no length
+        self.request, self.gateway, self.principal = request, gateway, principal
+        self.job, self.wanted = job, wanted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        waited = self.gateway.settings.sync_wait_seconds
+        deadline = time.monotonic() + waited
+        job = self.job
+        try:
+            while not job.ended and (left := deadline - time.monotonic()) > 0:
+                last = left <= KEEPALIVE_SECONDS  # the wait runs out with it: noted then
+                job = await wait_answering(
+                    self.request,
+                    self.gateway,
+                    self.principal,
+                    job,
+                    self.wanted,
+                    min(left, KEEPALIVE_SECONDS),
+                    answered_with_id=not last,
+                )
+                if not job.ended and not last:
+                    await _send(send, b": waiting for the image\n\n")
+        except ClientDisconnect:
+            return  # nobody to answer (`wait_answering`)
+        try:
+            answer = await _answer(self.gateway, job, "b64_json", waited)
+            events = [_completed(answer, image) for image in answer["data"]]
+        except GatewayError as exc:
+            body, _ = error_body(exc)
+            events = [_event("error", {"type": "error", **body})]
+        except Exception:
+            log.exception("answering an accepted job failed", job_id=job.id)
+            body, _ = error_body(InternalError("internal server error"))
+            events = [_event("error", {"type": "error", **body})]
+        for event in events:
+            await _send(send, event)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _completed(answer: dict[str, Any], image: dict[str, Any]) -> bytes:
+    return _event(
+        "image_generation.completed",
+        {
+            "type": "image_generation.completed",
+            "b64_json": image["b64_json"],
+            "background": answer["background"],
+            "created_at": answer["created"],
+            "output_format": answer["output_format"],
+            "quality": answer.get("quality", "auto"),
+            "size": answer["size"],
+        },
+    )
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: %b\ndata: %b\n\n" % (name.encode(), orjson.dumps(data))
+
+
+async def _send(send: Send, chunk: bytes) -> None:
+    await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
 class Unsupported(NotFound):

@@ -3,9 +3,11 @@ base URL at the gateway: what a backend that calls OpenAI sees when it switches.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,9 +17,10 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types import ImagesResponse
+from openai.types import ImageGenCompletedEvent, ImagesResponse
 from PIL import Image
 
+from gateway import openai_api
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
 from tests.servers import serve
@@ -484,3 +487,71 @@ async def test_a_token_bound_to_an_origin_lists_models_from_it(
             assert r.status_code == 200, (path, r.text)
         elsewhere = {**page, "Origin": "https://evil.example"}
         assert (await gw.http.get("/v1/models", headers=elsewhere)).status_code == 403
+
+
+async def test_a_stream_sends_the_image_as_openais_event_and_says_it_waits(
+    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stream=True`, as code streaming OpenAI's images sends it: the SDK's events, one
+    `image_generation.completed` with the image in base64; while the job runs, a comment
+    every KEEPALIVE_SECONDS (a read timeout counts from the last byte); a failure is an
+    `error` event, which the SDK raises, refunded."""
+    monkeypatch.setattr(openai_api, "KEEPALIVE_SECONDS", 0.2)
+    emu = FluxKreaEmulator(api_key="test-key")
+    emu.delay = 0.7
+    async with (
+        serve(emu.app) as base,
+        gateway(
+            redis_url, storage_dir, fluxkrea_api_base=f"{base}/v1", fluxkrea_api_key="test-key"
+        ) as gw,
+    ):
+        key = await gw.key(credits=1000)
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)
+        try:
+            stream = await client.images.generate(
+                model="dall-e-3", prompt="a kite", size="1024x1024", stream=True
+            )
+            events = [event async for event in stream]
+            assert [event.type for event in events] == ["image_generation.completed"]
+            [done] = events
+            assert isinstance(done, ImageGenCompletedEvent)
+            image = Image.open(io.BytesIO(base64.b64decode(done.b64_json)))
+            assert (image.size, done.size) == ((1024, 1024), "1024x1024")
+            assert (done.output_format, done.background) == ("png", "opaque")
+
+            emu.fail_next(1, 500)
+            with pytest.raises(openai.APIError) as failed:
+                async for _ in await client.images.generate(
+                    model="fluxkrea", prompt="an outage", stream=True
+                ):
+                    pass
+            assert "failed" in failed.value.message
+        finally:
+            await client.close()
+
+        body = {"model": "fluxkrea", "prompt": "a slow kite", "stream": True}
+        auth = {"Authorization": f"Bearer {key}"}
+        async with gw.http.stream("POST", "/v1/images/generations", json=body, headers=auth) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["x-gateway-job-id"]
+            said = (await r.aread()).decode()
+        assert ": waiting for the image\n\n" in said
+        assert said.endswith("\n\n") and "event: image_generation.completed\ndata: " in said
+        charged = 1000 - (await gw.accounts.get(gw.keys[key]["id"])).credits
+        assert charged == 40  # two images of 20; the outage refunded
+
+        # A client leaving the stream is a waiting client that left: its job, started,
+        # goes on, and the same request sent again joins it.
+        body["prompt"] = "a kite left behind"
+        submitted = emu.submissions
+        async with gw.http.stream("POST", "/v1/images/generations", json=body, headers=auth) as r:
+            job_id = r.headers["x-gateway-job-id"]
+            deadline = time.monotonic() + 10
+            while emu.submissions == submitted:  # started upstream: paid for
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        async with gw.http.stream("POST", "/v1/images/generations", json=body, headers=auth) as r:
+            assert r.headers["x-gateway-job-id"] == job_id
+            assert "event: image_generation.completed" in (await r.aread()).decode()
+        assert emu.submissions == submitted + 1  # one generation

@@ -21,20 +21,21 @@ docs/api.md#slow-clients):
 A deadline only runs while the client is the one to act: not while the server has not
 read what came (uvicorn pauses reading while it answers an earlier pipelined request),
 owes a `100 Continue`, or is still answering (unless its writes wait on the client);
-once it is done, the client has the whole timeout again. Nothing is done per request:
-one sweep per server, every quarter of the timeout, reads each connection's state from
-uvicorn's own (and its transport's, for what is left to send) and acts on those that
-have stayed waiting on their client for the timeout. Overriding the parser's callbacks,
-or even `data_received`, cost every request measurably (BENCHMARKS.md: "Slow clients").
+once it is done, the client has the whole timeout again. The deadlines do nothing per
+request: one sweep per server, every quarter of the timeout, reads each connection's
+state from uvicorn's own (and its transport's, for what is left to send) and acts on
+those that have stayed waiting on their client for the timeout. Overriding the parser's
+callbacks to time them cost every request measurably (BENCHMARKS.md: "Slow clients").
 A connection upgraded to a WebSocket is uvicorn's no longer (its own protocol reads).
 
-One method is overridden, `data_received`, for the size of a head: httptools refuses
+One method is overridden, `data_received`, for the size of a head (two comparisons a
+read; BENCHMARKS.md: "a head's size"): httptools refuses
 a request line past about 64 KB, but neither it nor uvicorn bounds the headers, and
 httptools joins the pieces of one header's value as they come, copying all of it again
 for each: megabytes trickled in held the loop for seconds, within the deadline. A head
-that has read more than MAX_HEAD_BYTES without ending is answered 413
-`PAYLOAD_TOO_LARGE` and closed. (A
-comparison a read: a request's head comes in one.)
+still coming after MAX_HEAD_BYTES more than the read that began it is answered 413
+`PAYLOAD_TOO_LARGE` and closed (aborted, when it is pipelined behind an answer still
+being sent).
 """
 
 from __future__ import annotations
@@ -95,11 +96,17 @@ class ClientDeadlines(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         scope = self.scope
-        if scope is None or "method" in scope:  # this read may begin a head
-            self._head_read = len(data)
+        if scope is None or "method" in scope:
+            # This read may begin a head (after a body's end, say): parsed whole, one
+            # copy; what follows it counts.
+            self._head_read = 0
         else:  # a head begun in an earlier read, still coming
             self._head_read += len(data)
             if self._head_read > MAX_HEAD_BYTES and not isinstance(self.parser, _Dropping):
+                if self.cycle is not None and not self.cycle.response_complete:
+                    # Pipelined behind an answer still being sent: nowhere to answer.
+                    self.transport.abort()
+                    return
                 self._refuse(413, _too_large(telemetry.request_id(None)))
                 return
         super().data_received(data)

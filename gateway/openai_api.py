@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway import rest
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal, api_key_from
 from gateway.bodies import json_object, memoized
@@ -281,7 +282,12 @@ async def generations(request: Request) -> Response:
             log.exception("answering an accepted job failed", job_id=headers["X-Gateway-Job-Id"])
             exc = InternalError("internal server error")
         if exc.status >= 500:
-            headers["x-should-retry"] = "true" if isinstance(exc, WaitRanOut) else "false"
+            # Only a job the retry will join is worth it: named by its Idempotency-Key,
+            # or noted (`wait_answering`; not when the store was away).
+            joins = isinstance(exc, WaitRanOut) and wanted is not None
+            if joins and wanted is not None and not wanted.idempotency_key:
+                joins = await gateway.will_join(principal, wanted)
+            headers["x-should-retry"] = "true" if joins else "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)
 
@@ -305,16 +311,13 @@ def _wait(request: Request, gateway: Gateway) -> float:
     return min(wait, theirs - min(1.0, theirs / 10))
 
 
-#: How often a stream waiting for its job says so (an SSE comment): a client's read
-#: timeout counts from its last byte, and proxies close a connection silent for long.
-KEEPALIVE_SECONDS = 15.0
-
-
 class Streamed(Response):
     """`stream: true`: server-sent events, as OpenAI streams an image. Its headers go at
-    once; while the job runs, a comment every KEEPALIVE_SECONDS; when it ends, one
-    `image_generation.completed` event an image (base64, as OpenAI streams them: no
-    `partial_images` are drawn), or one `error` event, which the SDK raises. The wait is
+    once; while the job runs, a comment every `rest.KEEP_ALIVE_SECONDS` (a client's read
+    timeout counts from its last byte, and proxies close a silent connection); when it
+    ends, one `image_generation.completed` event an image (base64, as OpenAI streams
+    them: no `partial_images` are drawn), or one `error` event, which the SDK raises
+    (its job's progress unreadable, Redis away: a 503's). The wait is
     `GATEWAY_SYNC_WAIT_SECONDS` whatever the SDK's read timeout (each comment restarts
     it), and a client that leaves is a waiting client that left (`wait_answering`)."""
 
@@ -330,7 +333,8 @@ class Streamed(Response):
         headers: dict[str, str],
     ) -> None:
         self.status_code = 200
-        self.init_headers({**headers, "Cache-Control": "no-cache"})  # no body: no length
+        # No body: no length. Nothing buffered by a proxy in front (nginx's header).
+        self.init_headers({**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.request, self.gateway, self.principal = request, gateway, principal
         self.job, self.wanted = job, wanted
 
@@ -340,24 +344,33 @@ class Streamed(Response):
         deadline = time.monotonic() + waited
         job = self.job
         try:
-            while not job.ended and (left := deadline - time.monotonic()) > 0:
-                last = left <= KEEPALIVE_SECONDS  # the wait runs out with it: noted then
+            while not job.ended:
+                every = rest.KEEP_ALIVE_SECONDS
+                left = deadline - time.monotonic()
+                last = left <= every  # the wait runs out with this slice: noted then
+                wait = max(0.0, left) if last else every
+                started = time.monotonic()
                 job = await wait_answering(
                     self.request,
                     self.gateway,
                     self.principal,
                     job,
                     self.wanted,
-                    min(left, KEEPALIVE_SECONDS),
+                    wait,
                     answered_with_id=not last,
                 )
-                if not job.ended and not last:
-                    await _send(send, b": waiting for the image\n\n")
-        except ClientDisconnect:
-            return  # nobody to answer (`wait_answering`)
-        try:
+                if job.ended or last:
+                    break
+                if time.monotonic() - started < wait / 2:  # the job's watch failed
+                    raise ServiceUnavailable(
+                        f"job {job.id}'s progress cannot be read now; it goes on: "
+                        f"GET /v1/jobs/{job.id}"
+                    )
+                await _send(send, b": waiting for the image\n\n")
             answer = await _answer(self.gateway, job, "b64_json", waited)
             events = [_completed(answer, image) for image in answer["data"]]
+        except ClientDisconnect:
+            return  # nobody to answer (`wait_answering`)
         except GatewayError as exc:
             body, _ = error_body(exc)
             events = [_event("error", {"type": "error", **body})]

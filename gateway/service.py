@@ -371,6 +371,16 @@ class Gateway:
         with store_errors():
             await self.redis.set(left, job.id, px=keys.LEFT_MS)
 
+    async def will_join(self, principal: Principal, request: GenerationRequest) -> bool:
+        """Whether `request`, sent again by `principal`, would join a job it left."""
+        left = keys.left(principal.account, principal.token_id(), request.fingerprint)
+        try:
+            return bool(await self.redis.exists(left))
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or store_trouble(exc)):
+                raise
+            return False
+
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either
         way, and so does it when Redis goes away meanwhile (the job was accepted; the

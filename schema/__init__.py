@@ -114,34 +114,32 @@ def parse_document(query: str, **options: Any) -> DocumentNode:
 
 # Bounded by the tokens they hold (`schema.bounded`), shared by every request: a client
 # cannot grow them with unique documents.
-_documents: TokenBounded[tuple[str, tuple[tuple[str, Any], ...]], DocumentNode] = TokenBounded()
-_validations: TokenBounded[
-    tuple[GraphQLSchema, DocumentNode, tuple[type[ASTValidationRule], ...]], list[GraphQLError]
-] = TokenBounded()
+_documents: TokenBounded[str, DocumentNode] = TokenBounded()
+Rules = tuple[type[ASTValidationRule], ...]
+# By the document's text, not the document: a node hashes its whole tree, each time.
+_validations: TokenBounded[tuple[GraphQLSchema, str, Rules], list[GraphQLError]] = TokenBounded()
 
 
-def _parse(query: str, **options: Any) -> DocumentNode:
-    return _documents.get((query, tuple(options.items())), _parsed)
+def _parse(query: str) -> DocumentNode:
+    """`query` parsed with PARSE_OPTIONS (the only options any request is parsed with)."""
+    return _documents.get(query, _parsed)
 
 
-def _parsed(key: tuple[str, tuple[tuple[str, Any], ...]]) -> tuple[DocumentNode, int]:
-    query, options = key
-    document = parse_document(query, **dict(options))
+def _parsed(query: str) -> tuple[DocumentNode, int]:
+    document = parse_document(query, **PARSE_OPTIONS)
     return document, weight(query, document)
 
 
-def _validate(
-    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
-) -> list[GraphQLError]:
-    return _validations.get((schema, document, rules), _validated)
+def _validate(schema: GraphQLSchema, document: DocumentNode, rules: Rules) -> list[GraphQLError]:
+    """`validate`, kept for a document `_parse` made (the same text, the same document)."""
+    if document.loc is None:  # not parsed here: nothing to know it by
+        return validate(schema, document, rules)
+    text = document.loc.source.body
 
+    def validated(_: object) -> tuple[list[GraphQLError], int]:
+        return validate(schema, document, rules), weight(text, document)
 
-def _validated(
-    key: tuple[GraphQLSchema, DocumentNode, tuple[type[ASTValidationRule], ...]],
-) -> tuple[list[GraphQLError], int]:
-    schema, document, rules = key
-    text = document.loc.source.body if document.loc is not None else ""
-    return validate(schema, document, rules), weight(text, document)
+    return _validations.get((schema, text, rules), validated)
 
 
 def operation_error(document: DocumentNode, operation_name: str | None) -> GraphQLError | None:
@@ -189,7 +187,7 @@ class Guard(MaskUnexpected):
         query = context.query
         if isinstance(query, str):  # else Strawberry's parse says what is wrong
             with contextlib.suppress(GraphQLError):
-                context.graphql_document = _parse(query, **context.parse_options)
+                context.graphql_document = _parse(query)
         yield
 
     def on_validate(self) -> Iterator[None]:
@@ -239,7 +237,7 @@ def prepared(schema: strawberry.Schema) -> Prepared:
     rules = schema._create_execution_context(None, ()).validation_rules
     return Prepared(
         schema,
-        parse=lambda query: _parse(query, **PARSE_OPTIONS),
+        parse=_parse,
         validate=lambda document: _validate(schema._schema, document, rules),
         mask=MaskUnexpected(should_mask_error=should_mask),
         reproduces=(Guard,),

@@ -180,6 +180,33 @@ async def test_an_event_stream_whose_redis_goes_away_ends_with_an_error_event(
         server.stop()
 
 
+async def test_an_openai_stream_whose_redis_goes_away_ends_with_an_error_event(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    """A streamed OpenAI answer whose job's progress can no longer be read ends with a
+    503's `error` event at once, rather than waiting (or spinning) out its wait."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
+            key = await gw.key()
+            body = {"model": "local", "prompt": "a fox", "stream": True}
+            auth = {"Authorization": f"Bearer {key}"}
+            started = asyncio.get_running_loop().time()
+            async with gw.http.stream(
+                "POST", "/v1/images/generations", json=body, headers=auth
+            ) as stream:
+                assert stream.status_code == 200
+                server.stop()
+                said = (await stream.aread()).decode()
+            assert said.count("event: error\n") == 1, said
+            assert '"code":"service_unavailable"' in said
+            assert said.count(": waiting for the image") <= 1
+            assert asyncio.get_running_loop().time() - started < 10
+    finally:
+        server.stop()
+
+
 def nested(levels: int) -> str:
     return "[" * levels + "]" * levels
 
@@ -219,6 +246,8 @@ async def test_json_nested_deep_is_a_400_in_each_protocols_shape(
             assert r.status_code == 400, (name, r.status_code, r.text[:300])
             said = r.json()  # each route's own shape: never a bare 500
             assert said.get("error") or said.get("code") == "BAD_USER_INPUT", (name, r.text)
+            if name in ("REST", "OpenAI", "a callback, no key"):  # they say why
+                assert "nested deeper than 32 levels" in r.text, (name, r.text)
 
         query = '{"query": "{ providers { name } }", '
         for body in (

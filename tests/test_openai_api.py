@@ -20,7 +20,7 @@ from openai import AsyncOpenAI
 from openai.types import ImageGenCompletedEvent, ImagesResponse
 from PIL import Image
 
-from gateway import openai_api
+from gateway import rest
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
 from tests.servers import serve
@@ -494,9 +494,9 @@ async def test_a_stream_sends_the_image_as_openais_event_and_says_it_waits(
 ) -> None:
     """`stream=True`, as code streaming OpenAI's images sends it: the SDK's events, one
     `image_generation.completed` with the image in base64; while the job runs, a comment
-    every KEEPALIVE_SECONDS (a read timeout counts from the last byte); a failure is an
+    every `rest.KEEP_ALIVE_SECONDS` (a read timeout counts from the last byte); a failure is an
     `error` event, which the SDK raises, refunded."""
-    monkeypatch.setattr(openai_api, "KEEPALIVE_SECONDS", 0.2)
+    monkeypatch.setattr(rest, "KEEP_ALIVE_SECONDS", 0.2)
     emu = FluxKreaEmulator(api_key="test-key")
     emu.delay = 0.7
     async with (

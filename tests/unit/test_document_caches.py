@@ -22,7 +22,7 @@ def test_unique_documents_at_the_token_limit_hold_a_bounded_memory() -> None:
     try:
         for i in range(60):
             query = f"#{i}\n{{ providers {{ {' '.join(['name'] * 1990)} }} }}"
-            document = schema._parse(query, **schema.PARSE_OPTIONS)
+            document = schema._parse(query)
             schema._validate(gateway_schema._schema, document, rules)
             prepared.plan(query)
         del document

@@ -21,10 +21,9 @@ from openai.types import ImageGenCompletedEvent, ImagesResponse
 from PIL import Image
 
 from gateway import rest
-from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway
-from tests.servers import serve
 from tests.test_client_tokens import mint
+from tests.test_waiting import slow_flux_krea
 
 
 @contextlib.asynccontextmanager
@@ -426,13 +425,7 @@ async def test_a_prompt_the_provider_refuses_is_a_bad_request_not_retried(
     """The upstream refusing the prompt itself (400 on submission) is the caller's to
     change: OpenAI's BadRequestError (as OpenAI answers a refused prompt), sent once,
     refunded; an upstream failure is a 502 the SDK is told not to retry."""
-    emu = FluxKreaEmulator(api_key="test-key")
-    async with (
-        serve(emu.app) as base,
-        gateway(
-            redis_url, storage_dir, fluxkrea_api_base=f"{base}/v1", fluxkrea_api_key="test-key"
-        ) as gw,
-    ):
+    async with slow_flux_krea(redis_url, storage_dir, 0.0) as (gw, emu):
         key = await gw.key(credits=1000)
         client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)  # the SDK's own retries
         try:
@@ -497,14 +490,7 @@ async def test_a_stream_sends_the_image_as_openais_event_and_says_it_waits(
     every `rest.KEEP_ALIVE_SECONDS` (a read timeout counts from the last byte); a failure is an
     `error` event, which the SDK raises, refunded."""
     monkeypatch.setattr(rest, "KEEP_ALIVE_SECONDS", 0.2)
-    emu = FluxKreaEmulator(api_key="test-key")
-    emu.delay = 0.7
-    async with (
-        serve(emu.app) as base,
-        gateway(
-            redis_url, storage_dir, fluxkrea_api_base=f"{base}/v1", fluxkrea_api_key="test-key"
-        ) as gw,
-    ):
+    async with slow_flux_krea(redis_url, storage_dir, 0.7) as (gw, emu):
         key = await gw.key(credits=1000)
         client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key)
         try:

@@ -76,7 +76,7 @@ PARAMETERS: dict[str, str | None] = {
     "background": None,
     "moderation": None,
     "output_compression": None,
-    "stream": None,  # server-sent events (`stream_answer`)
+    "stream": None,  # server-sent events (`Streamed`)
     "partial_images": None,  # a stream's previews: none is drawn, so none is sent
     "svg": None,  # how SVG output is authored: null only (SVG is refused: `output_format`)
 }
@@ -153,7 +153,7 @@ class ModelNotFound(NotFound):
 class ImagesRequest(NamedTuple):
     wanted: GenerationRequest
     response_format: str  # url or b64_json
-    stream: bool = False  # answered as server-sent events (`stream_answer`)
+    stream: bool = False  # answered as server-sent events (`Streamed`)
 
 
 Aliases = tuple[tuple[str, str], ...]

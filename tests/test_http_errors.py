@@ -12,6 +12,7 @@ from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import JOB, gateway
 from tests.records import change
+from tests.test_durability import until
 
 
 @pytest.mark.parametrize(
@@ -203,6 +204,38 @@ async def test_an_openai_stream_whose_redis_goes_away_ends_with_an_error_event(
             assert '"code":"service_unavailable"' in said
             assert said.count(": waiting for the image") <= 1
             assert asyncio.get_running_loop().time() - started < 10
+    finally:
+        server.stop()
+
+
+async def test_an_openai_wait_cut_short_by_redis_is_not_retried_into_a_second_job(
+    storage_dir: Path, tmp_path: Path
+) -> None:
+    """Redis going away while OpenAI's route waits ends the wait (504), and nothing could
+    be noted for a retry to join: the SDK is told not to retry (`x-should-retry:
+    false`), or its retry, Redis back, would be a second job, charged again."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        async with gateway(server.url, storage_dir, inprocess_workers=False) as gw:
+            key = await gw.key()
+            asked = asyncio.create_task(
+                gw.http.post(
+                    "/v1/images/generations",
+                    json={"model": "local", "prompt": "a fox"},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            )
+            watch = gw.app.state.gateway.watch
+
+            async def waiting() -> bool:
+                return bool(watch.waiting)
+
+            await until(waiting)  # admitted, and waiting for its end
+            server.stop()
+            answer = await asked
+            assert answer.status_code == 504, answer.text
+            assert answer.headers["x-should-retry"] == "false"
     finally:
         server.stop()
 

@@ -29,13 +29,12 @@ callbacks to time them cost every request measurably (BENCHMARKS.md: "Slow clien
 A connection upgraded to a WebSocket is uvicorn's no longer (its own protocol reads).
 
 One method is overridden, `data_received`, for the size of a head (two comparisons a
-read; BENCHMARKS.md: "a head's size"): httptools refuses
-a request line past about 64 KB, but neither it nor uvicorn bounds the headers, and
-httptools joins the pieces of one header's value as they come, copying all of it again
-for each: megabytes trickled in held the loop for seconds, within the deadline. A head
-still coming after MAX_HEAD_BYTES more than the read that began it is answered 413
-`PAYLOAD_TOO_LARGE` and closed (aborted, when it is pipelined behind an answer still
-being sent).
+read; BENCHMARKS.md: "a head's size"): httptools refuses a request line past about
+64 KB, but neither it nor uvicorn bounds the headers, and httptools joins the pieces of
+one header's value as they come, copying all of it again for each: megabytes trickled
+in held the loop for seconds, within the deadline. A head still coming after
+MAX_HEAD_BYTES more than the read that began it is answered 413 `PAYLOAD_TOO_LARGE` and
+closed (aborted, when it is pipelined behind an answer still being sent).
 """
 
 from __future__ import annotations
@@ -107,7 +106,11 @@ class ClientDeadlines(HttpToolsProtocol):
                     # Pipelined behind an answer still being sent: nowhere to answer.
                     self.transport.abort()
                     return
-                self._refuse(413, _too_large(telemetry.request_id(None)))
+                rid = telemetry.request_id(None)  # as the 408's (`_expired`)
+                log.info("request head too large", limit_bytes=MAX_HEAD_BYTES, request_id=rid)
+                if self.count is not None:
+                    self.count(metrics.UNMATCHED, 413, 0.0)
+                self._refuse(_too_large(rid))
                 return
         super().data_received(data)
 
@@ -205,16 +208,11 @@ class ClientDeadlines(HttpToolsProtocol):
         log.info("client too slow", awaited=awaited, waited_s=round(waited, 3), request_id=rid)
         if self.count is not None:
             self.count(metrics.UNMATCHED, 408, waited)
-        self._refuse(None, _too_slow(self.client_timeout, rid))
+        self._refuse(_too_slow(self.client_timeout, rid))
 
-    def _refuse(self, status: int | None, answer: bytes) -> None:
+    def _refuse(self, answer: bytes) -> None:
         """Answer a request whose head was not read, and close: what the client still
-        sends is read and dropped meanwhile. `status`: counted here (None: by the
-        caller)."""
-        if status is not None:
-            log.info("request head too large", limit_bytes=MAX_HEAD_BYTES)
-            if self.count is not None:
-                self.count(metrics.UNMATCHED, status, 0.0)
+        sends is read and dropped meanwhile."""
         self.transport.write(answer)
         # uvicorn feeds what comes next to the parser: dropped.
         self.parser = _Dropping()  # type: ignore[assignment]

@@ -225,13 +225,12 @@ async def authenticate(
         principal = principal._replace(credits=grant.max_credits - grant.spent, webhook_secret="")
         if grant.origins and (origin or "").lower() not in grant.origins:
             raise Forbidden("this client token is not valid from this origin")
+    wait = 60 - (now_ms // 1000) % 60  # to the next clock minute, when reads count anew
     if read and reply.reads > reply.read_limit:
-        wait = 60 - (now_ms // 1000) % 60
         # the headers describe the limit that refused it: the read limit's, used up
         raise RateLimited("read", wait, allowed=reply.read_limit, reset=now_ms // 1000 + wait)
     ceiling = reply.read_limit * settings.client_tokens_read_factor
     if read and grant is not None and reply.tokens_reads > ceiling:
-        wait = 60 - (now_ms // 1000) % 60
         raise RateLimited(
             "read",
             wait,

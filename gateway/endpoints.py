@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 from starlette.datastructures import Headers
@@ -149,7 +149,7 @@ async def wait_answering(
     seconds: float | None = None,
     *,
     answered_with_id: bool = False,
-) -> Job:
+) -> Waited:
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
     synchronous OpenAI and provider routes, each admitting with `rejoin`), until it
     ends, the wait runs out, or the client leaves. A client that left never learnt the
@@ -163,9 +163,9 @@ async def wait_answering(
     the job, and may well mean a second picture by sending the same request): the
     routes answering an error then (504) have clients and wrappers that retry it.
     `wanted`: the request as parsed; `seconds`: at most GATEWAY_SYNC_WAIT_SECONDS, by
-    default."""
+    default. Returns the job as it stands, and whether it was so left (`noted`)."""
     if job.ended:  # a cache hit, say: nothing to wait for, nor to watch the client for
-        return job
+        return Waited(job, False)
     if seconds is None:
         seconds = gateway.settings.sync_wait_seconds
     waiting = asyncio.ensure_future(gateway.wait(job, seconds))
@@ -177,25 +177,40 @@ async def wait_answering(
         waiting.cancel()
         raise
     gone.cancel()
+    # With an idempotency key, a repeat names the job itself: nothing to note.
+    noting = wanted is not None and not wanted.idempotency_key
     if waiting.done():
         job = waiting.result()
-        if not job.ended and not answered_with_id and wanted and not wanted.idempotency_key:
-            try:
-                await gateway.left(principal, job, wanted)
-            except GatewayError as exc:  # the store away: a repeat is a new job, as before
-                log.warning("a job whose wait ran out could not be noted", error=exc)
-        return job
+        noting = noting and not job.ended and not answered_with_id
+        return Waited(job, noting and await _note(gateway, principal, job, wanted))
     waiting.cancel()  # it unwinds on its own, letting go of its watch
-    if wanted and not wanted.idempotency_key:  # with one, a repeat names the job itself
+    # Noted first, so that a client quick to send it again finds it; one then cancelled
+    # is not joined (`Gateway.generate`). Unless its end is told to a webhook, one not
+    # started is for nobody to see.
+    if noting and await _note(gateway, principal, job, wanted) and not job.webhook_url:
         try:
-            # Noted first, so that a client quick to send it again finds it; one then
-            # cancelled is not joined (`Gateway.generate`).
-            await gateway.left(principal, job, wanted)
-            if not job.webhook_url:  # whose end is told there: not for nobody to see
-                await gateway.cancel(principal, job.id, unstarted=True)
+            await gateway.cancel(principal, job.id, unstarted=True)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
             log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
     raise ClientDisconnect()
+
+
+class Waited(NamedTuple):
+    job: Job
+    noted: bool  # left for the same request sent again (`Gateway.left`)
+
+
+async def _note(
+    gateway: Gateway, principal: Principal, job: Job, wanted: GenerationRequest | None
+) -> bool:
+    """`Gateway.left`; False when the store is away (a repeat is then a new job)."""
+    assert wanted is not None
+    try:
+        await gateway.left(principal, job, wanted)
+    except GatewayError as exc:
+        log.warning("a job its client left could not be noted", job_id=job.id, error=exc)
+        return False
+    return True
 
 
 async def _disconnect(receive: Receive) -> None:

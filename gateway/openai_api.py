@@ -256,6 +256,7 @@ async def generations(request: Request) -> Response:
         return wanted
 
     headers: dict[str, str] = {}
+    noted = False  # the job left for the same request sent again (`wait_answering`)
     try:
         job, principal = await gateway.generate(
             api_key_from(request.headers), parse, request.headers.get("origin", ""), rejoin=True
@@ -265,7 +266,7 @@ async def generations(request: Request) -> Response:
             return Streamed(request, gateway, principal, job, wanted, headers)
         waited = _wait(request, gateway)
         left = max(0.0, waited - (time.monotonic() - arrived))  # counted from its arrival
-        job = await wait_answering(request, gateway, principal, job, wanted, left)
+        job, noted = await wait_answering(request, gateway, principal, job, wanted, left)
         answer = await _answer(gateway, job, response_format, waited)
     except ClientDisconnect:
         raise  # nobody to answer (`wait_answering`)
@@ -283,10 +284,9 @@ async def generations(request: Request) -> Response:
             exc = InternalError("internal server error")
         if exc.status >= 500:
             # Only a job the retry will join is worth it: named by its Idempotency-Key,
-            # or noted (`wait_answering`; not when the store was away).
-            joins = isinstance(exc, WaitRanOut) and wanted is not None
-            if joins and wanted is not None and not wanted.idempotency_key:
-                joins = await gateway.will_join(principal, wanted)
+            # or noted (not when the store was away).
+            named = wanted is not None and bool(wanted.idempotency_key)
+            joins = isinstance(exc, WaitRanOut) and (noted or named)
             headers["x-should-retry"] = "true" if joins else "false"
         return error_response(exc, headers)
     return ORJSONResponse(answer, headers=headers)
@@ -350,15 +350,17 @@ class Streamed(Response):
                 last = left <= every  # the wait runs out with this slice: noted then
                 wait = max(0.0, left) if last else every
                 started = time.monotonic()
-                job = await wait_answering(
-                    self.request,
-                    self.gateway,
-                    self.principal,
-                    job,
-                    self.wanted,
-                    wait,
-                    answered_with_id=not last,
-                )
+                job = (
+                    await wait_answering(
+                        self.request,
+                        self.gateway,
+                        self.principal,
+                        job,
+                        self.wanted,
+                        wait,
+                        answered_with_id=not last,
+                    )
+                ).job
                 if job.ended or last:
                     break
                 if time.monotonic() - started < wait / 2:  # the job's watch failed

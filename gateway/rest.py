@@ -128,9 +128,10 @@ async def text_to_image(request: Request) -> Response:
             rejoin=wait is not None,
         )
         if wait is not None:
-            job = await wait_answering(
+            waited = await wait_answering(
                 request, gateway, principal, job, wanted, wait, answered_with_id=True
             )
+            job = waited.job
     except GatewayError as exc:
         return error_response(exc)
     headers = principal.rate_headers()

@@ -22,7 +22,7 @@ from gateway.accounts import Accounts
 from gateway.admission import TOKEN_RULES, Admitted, Duplicate, admit, plan_table, utc_day
 from gateway.artifacts import ArtifactStore
 from gateway.auth import Principal, authenticate, credentials
-from gateway.cache import Cache
+from gateway.cache import NO_STATS, Cache
 from gateway.callbacks import RedisInbox
 from gateway.config import Settings
 from gateway.errors import BadUserInput, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -68,9 +68,6 @@ def _theirs(principal: Principal, job: Job | None) -> Job | None:
     if job is None or (principal.token and job.token != principal.token.id):
         return None
     return job
-
-
-NO_CACHE_STATS = {"hits": 0, "misses": 0, "coalesced": 0, "credits_saved": 0}
 
 
 class Gateway:
@@ -371,16 +368,6 @@ class Gateway:
         with store_errors():
             await self.redis.set(left, job.id, px=keys.LEFT_MS)
 
-    async def will_join(self, principal: Principal, request: GenerationRequest) -> bool:
-        """Whether `request`, sent again by `principal`, would join a job it left."""
-        left = keys.left(principal.account, principal.token_id(), request.fingerprint)
-        try:
-            return bool(await self.redis.exists(left))
-        except Exception as exc:
-            if not (isinstance(exc, OSError) or store_trouble(exc)):
-                raise
-            return False
-
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either
         way, and so does it when Redis goes away meanwhile (the job was accepted; the
@@ -440,8 +427,8 @@ class Gateway:
 
         token = principal.token
         # A client token is a page's visitor's: the account's name and what its cache
-        # saved it are the backend's business (`NO_CACHE_STATS`: counted for no token).
-        cache = NO_CACHE_STATS if token else await self.cache.stats(account)
+        # saved it are the backend's business (`cache.NO_STATS`).
+        cache = NO_STATS if token else await self.cache.stats(account)
         return {
             "cache": cache,
             "id": account,

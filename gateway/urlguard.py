@@ -332,9 +332,7 @@ class Lookups:
         try:  # its last name may have outlasted its wait while this one waited for it
             self._refuse_resting(owner, field)
         except ServiceUnavailable:
-            self._places.release()
-            own.place.release()
-            self._leave(owner, own)
+            self._give_back(owner, own)
             raise
         lookup = asyncio.ensure_future(resolve(host, port))
         self._running.add(lookup)  # held until it ends, whoever still waits for it
@@ -362,6 +360,10 @@ class Lookups:
             lookup.exception()  # retrieved, for a caller gone: `resolve` raises none it knows
         if self.clock() - started > wait:  # the rest counts from the place given back
             self._rest(owner)
+        self._give_back(owner, own)
+
+    def _give_back(self, owner: str, own: _Owner) -> None:
+        """The process's place and the owner's, taken for one lookup."""
         self._places.release()
         own.place.release()
         self._leave(owner, own)

@@ -202,15 +202,9 @@ class Webhooks:
         """One attempt; schedules the next one or ends the delivery. True on success."""
         schedule = keys.webhooks(keys.shard_of_key(job_key))
         job = await self.store.get_by_key(job_key)
-        if job is None or not job.webhook_url:
-            if job is None:  # a cache hit's record lives only as long as its cache entry
-                account, job_id = keys.job_parts(job_key)
-                log.warning(
-                    "webhook dropped: the job's record expired before it was delivered",
-                    account=account,
-                    job_id=job_id,
-                )
-                metrics.WEBHOOK["failed"].inc()  # a delivery that ends undelivered
+        if job is None:  # a cache hit's record lives only as long as its cache entry
+            return await self._expired(schedule, job_key)
+        if not job.webhook_url:
             await self.redis.zrem(schedule, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
@@ -238,9 +232,7 @@ class Webhooks:
             job=job_key, fields={}, count="webhook_attempts", client=self.redis
         )
         if not counted.found:  # expired since it was read
-            metrics.WEBHOOK["failed"].inc()
-            await self.redis.zrem(schedule, job_key)
-            return False
+            return await self._expired(schedule, job_key)
         attempt = counted.counted
         secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
         body = payload(job)
@@ -279,6 +271,18 @@ class Webhooks:
         metrics.WEBHOOK[outcome].inc()
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
+
+    async def _expired(self, schedule: str, job_key: str) -> bool:
+        """A delivery whose job's record expired first: it ends undelivered."""
+        account, job_id = keys.job_parts(job_key)
+        log.warning(
+            "webhook dropped: the job's record expired before it was delivered",
+            account=account,
+            job_id=job_id,
+        )
+        metrics.WEBHOOK["failed"].inc()
+        await self.redis.zrem(schedule, job_key)
+        return False
 
     async def _attempt(
         self,

@@ -12,7 +12,7 @@ from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import JOB, gateway
 from tests.records import change
-from tests.test_durability import until
+from tests.test_compat_krea import until
 
 
 @pytest.mark.parametrize(
@@ -227,11 +227,7 @@ async def test_an_openai_wait_cut_short_by_redis_is_not_retried_into_a_second_jo
                 )
             )
             watch = gw.app.state.gateway.watch
-
-            async def waiting() -> bool:
-                return bool(watch.waiting)
-
-            await until(waiting)  # admitted, and waiting for its end
+            await until(lambda: watch.waiting)  # admitted, and waiting for its end
             server.stop()
             answer = await asked
             assert answer.status_code == 504, answer.text

@@ -96,7 +96,7 @@ async def generate(request: Request) -> Response:
     except GatewayError as exc:
         return error_response(exc)
     headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
-    job = await wait_answering(request, gateway, principal, job, wanted)
+    job = (await wait_answering(request, gateway, principal, job, wanted)).job
     if job.status == "completed":
         return ORJSONResponse(fluxkrea.success_body(job), headers=headers)
     if job.rejected:

@@ -221,7 +221,7 @@ async def run_sync(request: Request) -> Response:
 
         job, principal = await gateway.generate(key, parse, _origin(request), rejoin=True)
         headers = _job_headers(job, principal)
-        job = await wait_answering(request, gateway, principal, job, wanted)
+        job = (await wait_answering(request, gateway, principal, job, wanted)).job
         if not job.ended:
             raise WaitRanOut(
                 f"Request timed out: the image was not ready within "

@@ -39,7 +39,10 @@ DEFAULT_SIDE = 1024
 RATIO_AREA = 1024 * 1024
 #: GraphQL's `Int` is 32 bits: the largest number any field can carry in or out
 INT_MAX = 2_147_483_647
-SEED_MAX = INT_MAX
+#: A seed is any 32-bit unsigned number, the range clients commonly draw seeds from;
+#: GraphQL's `Int` carries up to INT_MAX of it, the JSON routes all of it. A backend
+#: with a smaller range brings the seed into its own (flux-krea's 0-INT_MAX).
+SEED_MAX = 2**32 - 1
 
 Side = Annotated[int | None, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 

@@ -31,7 +31,7 @@ from gateway.job_watch import JobWatch
 from gateway.jobs.model import Job
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
-from gateway.params import SEED_MAX, GenerationRequest
+from gateway.params import INT_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
 from gateway.store.redis import Scripts, store_trouble
@@ -229,9 +229,10 @@ class Gateway:
             except GatewayError as exc:
                 await self._refuse(api_key, origin, exc, checked)
         # A seed is fixed at admission, so a retry or failover makes the same picture.
-        # One read of the system's randomness for the job id and the seed.
+        # One read of the system's randomness for the job id and the seed. A drawn seed
+        # fits every route's input (GraphQL's Int too), so any client can send it back.
         raw = os.urandom(16)
-        seed = request.seed if request.seed is not None else int.from_bytes(raw[12:]) & SEED_MAX
+        seed = request.seed if request.seed is not None else int.from_bytes(raw[12:]) & INT_MAX
         params = request.image_fields(seed)
         now = self.now_ms()
         job = Job(

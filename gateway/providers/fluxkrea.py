@@ -281,7 +281,8 @@ def request_from(
     """A flux-krea request (`POST /v1/generate`, or `/v1/generate/async` with its
     `webhook_url` and `callback_data`) as the gateway's one parameter model, and the
     `callback_data` to report back (None when synchronous). The guide's ranges are the
-    gateway's own; errors name flux-krea's field."""
+    gateway's own, but for the seed's: the guide's 0-2147483647 is kept here, narrower
+    than ours. Errors name flux-krea's field."""
     if not isinstance(body, dict):
         raise BadUserInput("malformed request: the body must be a JSON object")
     extra = (WEBHOOK_URL, CALLBACK_DATA) if asynchronous else ()
@@ -305,6 +306,10 @@ def request_from(
         request = from_image_input(fields)
     except BadUserInput as exc:
         raise in_their_names(exc) from None
+    if request.seed is not None and request.seed >= SEED_MODULUS:
+        raise BadUserInput(
+            f"seed: Input should be less than or equal to {SEED_MODULUS - 1}", field="seed"
+        )
     return request, body.get(CALLBACK_DATA) if asynchronous else None
 
 

@@ -114,7 +114,7 @@ def test_null_is_unset() -> None:
 RANGES = [
     ("width", 512, 2048),
     ("height", 512, 2048),
-    ("seed", 0, 2_147_483_647),
+    ("seed", 0, 4_294_967_295),
     ("steps", 1, 50),
     ("guidance", 1.0, 20.0),
     ("numImages", 1, 4),

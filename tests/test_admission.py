@@ -30,7 +30,7 @@ from gateway.providers import krea
 from gateway.store import keys as rkeys
 from gateway.store.redis import Scripts, connect
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import GENERATE, Clock, Harness, gateway, reads_limited
+from tests.harness import GENERATE, Clock, Harness, gateway, reads_limited, until
 from tests.servers import serve
 
 DAY = 86_400
@@ -86,19 +86,6 @@ async def credits_of(gw: Harness, key: str) -> int:
 
 def next_utc_midnight(now: float) -> int:
     return (int(now) // DAY + 1) * DAY
-
-
-async def until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    """Await `condition()` (sync or async) becoming true, or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 # -- 1. the per-minute limit -------------------------------------------------------------

@@ -15,9 +15,9 @@ import pytest
 from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import KreaEmulator
-from tests.harness import GENERATE, Harness, gateway
+from tests.harness import GENERATE, Harness, gateway, until
 from tests.servers import free_port, serve
-from tests.test_durability import jobs_state, until
+from tests.test_durability import jobs_state
 
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
 
@@ -162,7 +162,7 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
                     except httpx.HTTPError:
                         return False
 
-                await until(ready)
+                await until(ready, timeout=60.0)
                 query = (
                     "mutation($i: ImageGenerationInput!) "
                     "{ generateImage(input: $i) { id creditCost } }"
@@ -186,7 +186,7 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
             async def all_done() -> bool:
                 return all(r["status"] == "completed" for r in await jobs_state(gw, key, ids))
 
-            await until(all_done)
+            await until(all_done, timeout=60.0)
         finally:
             other.terminate()
             other.wait(20)
@@ -212,7 +212,7 @@ async def test_when_the_leader_fails_a_waiter_runs_in_its_place(
         async def submitted() -> bool:
             return len(emu.jobs) == 1
 
-        await until(submitted)
+        await until(submitted, timeout=60.0)
         next(iter(emu.jobs.values())).outcome = "failed"
         emu.steps_to_complete = 1
         done = await gw.wait(key, leader["id"])
@@ -617,7 +617,7 @@ async def test_a_job_waiting_on_an_identical_one_reads_as_processing_while_it_ru
         async def running() -> bool:
             return (await gw.job(key, leader["id"]) or {}).get("status") == "processing"
 
-        await until(running)
+        await until(running, timeout=60.0)
         waiting = await gen(gw, key, seed=5)
         assert (waiting["status"], waiting["creditCost"]) == ("queued", 0)
         polled = await gw.job(key, waiting["id"])

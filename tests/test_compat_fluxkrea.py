@@ -23,7 +23,7 @@ import pytest
 from gateway.providers import fluxkrea
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import KreaEmulator
-from tests.harness import Harness, gateway
+from tests.harness import Harness, gateway, until
 from tests.servers import serve
 from tests.test_compat_krea import (
     HOOKS,
@@ -35,7 +35,6 @@ from tests.test_compat_krea import (
     run_example,
     seed_text,
     substituted,
-    until,
 )
 from tests.test_webhooks import Receiver
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import inspect
 import io
 import os
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from gateway.jobs.model import Job
 from gateway.providers import krea
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import LIFECYCLE, KreaEmulator
-from tests.harness import Harness, gateway
+from tests.harness import Harness, gateway, until
 from tests.servers import serve
 from tests.test_webhooks import Receiver
 
@@ -150,20 +148,6 @@ async def up() -> AsyncIterator[Upstreams]:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-async def until(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Wait for `check` (plain or async) to return something truthy; fail after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def auth(key: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import pytest
 from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.emulators.krea import KreaEmulator
-from tests.harness import Harness, gateway, replies_cut
+from tests.harness import Harness, gateway, replies_cut, until
 from tests.records import record, records
 from tests.servers import serve
 
@@ -69,13 +69,6 @@ async def held_krea(
         yield emu, krea, gw
 
 
-async def until(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def submit(gw: Harness, key: str, n: int) -> list[str]:
     ids = []
     for i in range(n):
@@ -96,7 +89,7 @@ async def accepted_upstream(gw: Harness, key: str, ids: list[str]) -> None:
     async def check() -> bool:
         return all(r.get("upstream") for r in await jobs_state(gw, key, ids))
 
-    await until(check)
+    await until(check, timeout=60.0)
 
 
 async def all_ended(gw: Harness, key: str, ids: list[str], timeout: float = 60.0) -> None:
@@ -109,7 +102,7 @@ async def all_ended(gw: Harness, key: str, ids: list[str], timeout: float = 60.0
             return False
         return all(r.get("status") in TERMINAL for r in rows)
 
-    await until(check, timeout)
+    await until(check, timeout=timeout)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -214,7 +207,7 @@ async def test_cancel_while_running_stops_upstream_refunds_and_frees_the_slot(
             await asyncio.sleep(0.3)
             return len(emu.requests) == before
 
-        await until(stopped)
+        await until(stopped, timeout=60.0)
         # The free key's one slot is free: a new job is admitted at once.
         again = await gw.generate(key, provider="local", width=512, height=512)
         assert again.status_code == 200, again.text
@@ -233,7 +226,7 @@ async def test_retention_removes_records_and_outputs_together(
         async def expired() -> bool:
             return await gw.job(key, job_id) is None
 
-        await until(expired)
+        await until(expired, timeout=60.0)
         listed = (await gw.gql("{ jobs { nodes { id } } }", key=key)).json()
         assert listed["data"]["jobs"]["nodes"] == []
 
@@ -338,7 +331,7 @@ async def test_a_job_that_keeps_killing_workers_is_failed_and_refunded(
                 row = (await jobs_state(gw, key, [job_id]))[0]
                 return int(row.get("attempts", 0)) > before and bool(row.get("upstream"))
 
-            await until(taken)
+            await until(taken, timeout=60.0)
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
         last = start_worker(redis_url, krea, storage_dir, GATEWAY_JOB_MAX_TRIES="2")
@@ -475,7 +468,7 @@ async def test_a_worker_with_one_free_slot_takes_over_a_dead_workers_job(
             rows = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 20, "dead")
             return bool(rows) and rows[0]["time_since_delivered"] >= 200
 
-        await until(dead_is_idle)
+        await until(dead_is_idle, timeout=60.0)
         await queue.touch("live", [handle for handle, _ in live])  # the live one renews
         taken = await queue.reclaim("rescuer", min_idle_ms=200, count=1)
         assert taken == [(dead_entry, "job-11")]
@@ -495,7 +488,7 @@ async def test_a_worker_that_was_cut_off_stops_the_jobs_another_took_over(
             rows = await redis.xpending_range(keys.queue(0), keys.QUEUE_GROUP, "-", "+", 10)
             return all(row["time_since_delivered"] >= 200 for row in rows)
 
-        await until(all_idle)
+        await until(all_idle, timeout=60.0)
         await queue.touch("cut-off", handles[:1])  # it reaches Redis for one entry only
         taken = await queue.reclaim("other", min_idle_ms=200, count=10)
         assert sorted(h for h, _ in taken) == sorted(handles[1:])
@@ -535,13 +528,13 @@ async def test_a_worker_paused_past_its_lease_stops_the_jobs_another_took_over(
             async def taken_over() -> bool:
                 return paused not in await owners()
 
-            await until(taken_over)
+            await until(taken_over, timeout=60.0)
             first.send_signal(signal.SIGCONT)
 
             async def stopped_there() -> bool:
                 return log.read_text().count("job taken over by another worker") == len(ids)
 
-            await until(stopped_there)
+            await until(stopped_there, timeout=60.0)
             # Only the second runs them now: paused, nobody polls Krea (a job polled every
             # 0.05 s by a worker still running it would be ~20 more in the window). Half a
             # second first for the polls already on the wire to arrive; the whole within a
@@ -576,7 +569,7 @@ async def test_a_queue_read_cancelled_as_a_job_arrives_is_cancelled(redis_url: s
         async def asleep() -> bool:  # on the wake-up
             return bool(queue.wakeup._waiters)  # type: ignore[attr-defined]
 
-        await until(asleep)
+        await until(asleep, timeout=60.0)
         queue.wakeup.set()
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -603,14 +596,14 @@ async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_ur
             rows = await redis.xinfo_consumers(stream, keys.QUEUE_GROUP)
             return all(row["idle"] >= 200 for row in rows)
 
-        await until(all_idle)
+        await until(all_idle, timeout=60.0)
         assert await queue.forget_gone("me", idle_ms=200) == 1
         assert await names() == {"gone-holding", "me"}
         # None has gone without a read for a minute: none is deleted.
         assert await queue.forget_gone("other", idle_ms=60_000) == 0
 
         assert await queue.reclaim("rescuer", min_idle_ms=200, count=1) == [(held, "job-1")]
-        await until(all_idle)
+        await until(all_idle, timeout=60.0)
         assert await queue.forget_gone("me", idle_ms=200) == 1
         assert await names() == {"rescuer", "me"}
         pending = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 10)

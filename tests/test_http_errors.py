@@ -10,9 +10,8 @@ import pytest
 
 from gateway.store import keys
 from tests.conftest import RedisServer
-from tests.harness import JOB, gateway
+from tests.harness import JOB, gateway, until
 from tests.records import change
-from tests.test_compat_krea import until
 
 
 @pytest.mark.parametrize(

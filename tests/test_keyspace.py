@@ -19,9 +19,9 @@ from gateway.jobs.store import JobStore
 from gateway.store import keys
 from gateway.store.redis import Scripts
 from tests.conftest import ThreeNodeCluster
-from tests.harness import GENERATE, Harness, gateway
+from tests.harness import GENERATE, Harness, gateway, until
 from tests.servers import serve
-from tests.test_webhooks import FAST, Receiver, until
+from tests.test_webhooks import FAST, Receiver
 
 SHARDS = {"redis_shards": 4}
 

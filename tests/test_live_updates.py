@@ -19,8 +19,8 @@ from gql.transport.websockets import WebsocketsTransport
 from redis.asyncio.cluster import RedisCluster
 
 from gateway import rest
-from tests.harness import gateway, reads_limited
-from tests.test_durability import held_krea, start_worker, stop, submit, until
+from tests.harness import gateway, reads_limited, until
+from tests.test_durability import held_krea, start_worker, stop, submit
 
 SUBSCRIBE = "subscription($id: ID!) { jobUpdates(id: $id) { id status metadata url } }"
 
@@ -165,7 +165,7 @@ async def test_a_hundred_streams_hold_one_redis_connection(
         async def all_open() -> bool:
             return opened == len(streams)
 
-        await until(all_open)
+        await until(all_open, timeout=60.0)
         redis = gw.accounts.redis
         if isinstance(redis, RedisCluster):  # each node's own clients
             clients = await redis.client_list("pubsub", target_nodes=RedisCluster.ALL_NODES)

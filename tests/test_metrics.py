@@ -37,7 +37,7 @@ from gateway.store.redis import Scripts, connect
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import KreaEmulator
 from tests.emulators.segmind import SegmindEmulator
-from tests.harness import GATEWAY, gateway, gateway_processes
+from tests.harness import GATEWAY, gateway, gateway_processes, until
 from tests.servers import free_port, serve
 
 TOKEN = "metrics-secret"
@@ -168,13 +168,6 @@ class Client:
                 return job
             assert time.monotonic() < deadline, f"job {job_id} still {job['status']}"
             await asyncio.sleep(0.05)
-
-
-async def until(check: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -308,7 +301,7 @@ async def test_serve_and_worker_count_real_jobs(
                             krea.jobs
                         )
 
-                    await until(running, "the Krea job to be running")
+                    await until(running, what="the Krea job to be running")
                     busy = await scrape(http, "/metrics")
                     assert busy.value("gateway_jobs_in_flight") == 1
                     assert busy.value("gateway_queue_depth") == 0
@@ -337,7 +330,7 @@ async def test_serve_and_worker_count_real_jobs(
                     async def delivered() -> bool:
                         return bool(hooks.received)
 
-                    await until(delivered, "the webhook")
+                    await until(delivered, what="the webhook")
                     work = await scrape(http, worker_url)
 
                     async def counted() -> bool:  # once its attempt is recorded
@@ -348,7 +341,7 @@ async def test_serve_and_worker_count_real_jobs(
                         )
                         return delivered >= 1
 
-                    await until(counted, "the delivery to be counted")
+                    await until(counted, what="the delivery to be counted")
 
                 api_side = await scrape(http, "/metrics")
 

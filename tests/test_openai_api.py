@@ -19,9 +19,8 @@ from openai.types import ImageGenCompletedEvent, ImagesResponse
 from PIL import Image
 
 from gateway import rest
-from tests.harness import Harness, gateway
+from tests.harness import Harness, gateway, until
 from tests.test_client_tokens import mint
-from tests.test_compat_krea import until
 from tests.test_waiting import slow_flux_krea
 
 

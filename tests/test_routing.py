@@ -9,11 +9,9 @@ backends, durability).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -30,7 +28,7 @@ from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.emulators.krea import LIFECYCLE, KreaEmulator
 from tests.emulators.segmind import SegmindEmulator
-from tests.harness import Clock, Harness, gateway
+from tests.harness import Clock, Harness, gateway, until
 from tests.records import change
 from tests.servers import serve
 
@@ -76,20 +74,6 @@ async def up() -> AsyncIterator[Upstreams]:
             "segmind_api_base": sb, "segmind_api_key": "test-key",
             "krea_api_base": kb, "krea_api_token": "test-token",
         })  # fmt: skip
-
-
-async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` (plain or async) until it returns something truthy; fail after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def submit(gw: Harness, key: str, provider: str = "flux-krea", **options: Any) -> str:
@@ -181,7 +165,9 @@ async def test_a_segmind_request_it_lost_fails_over_to_krea_at_once(
     async with gateway(redis_url, storage_dir, **up.settings) as gw:
         key = await gw.key(credits=1000)
         job_id = await submit(gw, key, width=512, height=512)
-        (request_id,) = await until(lambda: list(up.segmind.jobs), "Segmind's request")
+        (request_id,) = await until(
+            lambda: list(up.segmind.jobs), what="Segmind's request", timeout=10.0
+        )
         up.segmind.expire(request_id)
         done = await gw.wait(key, job_id, timeout=20)
         assert done["status"] == "completed", done["error"]
@@ -356,7 +342,7 @@ async def test_an_open_circuit_is_tried_again_after_its_cool_down_and_closes(
         async def half_open() -> bool:
             return (await providers(gw, key))["fluxkrea"]["circuit"] == "half-open"
 
-        await until(half_open, "the cool-down to pass")
+        await until(half_open, what="the cool-down to pass", timeout=10.0)
         done = await gw.wait(key, await submit(gw, key, width=512, height=512))
         assert done["metadata"]["backend"] == "fluxkrea"  # the trial went to it, and it healed
         assert (await providers(gw, key))["fluxkrea"]["circuit"] == "closed"
@@ -499,12 +485,12 @@ async def test_a_job_krea_accepted_is_resumed_by_another_process_not_submitted_a
             job = await first.app.state.gateway.store.get_by_key(stored_key)
             return job.upstream if job else None
 
-        upstream = await until(stored, "the upstream id to be stored")
+        upstream = await until(stored, what="the upstream id to be stored", timeout=10.0)
 
         async def polled() -> bool:
             return bool(up.krea.received("GET", "/jobs/"))
 
-        await until(polled, "a first poll")
+        await until(polled, what="a first poll", timeout=10.0)
         assert (await first.job(key, job_id))["status"] == "processing"
     # The first process is gone mid-job (its worker cancelled, nothing acknowledged).
     (krea_id,) = up.krea.jobs
@@ -558,7 +544,7 @@ async def test_a_running_jobs_slot_that_lapsed_is_taken_again_by_its_worker(
         key = await gw.key("free", credits=1000)  # one job at a time
         account = gw.keys[key]["id"]
         running = await submit(gw, key, provider="flux-dev", width=512, height=512)
-        await until(lambda: up.krea.submissions, "the job to be sent to Krea")
+        await until(lambda: up.krea.submissions, what="the job to be sent to Krea", timeout=10.0)
         redis = gw.accounts.redis
         await redis.zadd(keys.running(account), {running: 1})  # its lease ran out
         lapsed = await submit(gw, key, provider="flux-dev", width=512, height=512)
@@ -568,7 +554,10 @@ async def test_a_running_jobs_slot_that_lapsed_is_taken_again_by_its_worker(
         async def slot() -> Any:
             return await redis.zscore(keys.running(account), running)
 
-        assert await until(slot, "the running job's slot taken again") > gw.clock() * 1000
+        assert (
+            await until(slot, what="the running job's slot taken again", timeout=10.0)
+            > gw.clock() * 1000
+        )
         refused = await gw.generate(key, "another", provider="flux-dev", width=512, height=512)
         assert refused.status_code == 429, refused.text
         assert refused.json()["errors"][0]["extensions"]["limit"] == "concurrency"
@@ -621,7 +610,7 @@ async def test_krea_lifecycle_statuses_show_as_progress_until_completed(
             meta = job["metadata"] or {}
             return job if meta.get("upstreamStatus") == "sampling" else None
 
-        running = await until(sampling, "upstreamStatus sampling")
+        running = await until(sampling, what="upstreamStatus sampling", timeout=10.0)
         assert running["status"] == "processing"
         (krea_id,) = up.krea.jobs
         assert up.krea.jobs[krea_id].status == "sampling"
@@ -721,12 +710,12 @@ async def test_a_job_waiting_for_its_callback_is_cancelled_at_once(
         key = await gw.key(credits=1000)
         job_id = await submit(gw, key, provider="flux-dev")
         upstream = gw.app.state.gateway.router.upstream
-        await until(lambda: upstream.waiters, "the job to wait for its callback")
+        await until(lambda: upstream.waiters, what="the job to wait for its callback", timeout=10.0)
         r = await gw.gql(
             "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job_id}, key
         )
         assert r.json()["data"]["cancelJob"]["status"] == "cancelled", r.text
-        await until(lambda: not upstream.waiters, "the wait to end", timeout=5)
+        await until(lambda: not upstream.waiters, what="the wait to end", timeout=5)
         (job,) = up.krea.jobs.values()
         assert job.polls == 0  # never woken to poll while it waited
 
@@ -741,13 +730,19 @@ async def test_a_polled_job_is_cancelled_at_once_between_slow_polls(
         key = await gw.key(credits=1000)
         job_id = await submit(gw, key, provider="flux-dev")
         upstream = gw.app.state.gateway.router.upstream
-        (job,) = await until(lambda: list(up.krea.jobs.values()), "the submission")
-        await until(lambda: job.polls == 1 and upstream._heap, "the job asleep after a poll")
+        (job,) = await until(
+            lambda: list(up.krea.jobs.values()), what="the submission", timeout=10.0
+        )
+        await until(
+            lambda: job.polls == 1 and upstream._heap,
+            what="the job asleep after a poll",
+            timeout=10.0,
+        )
         r = await gw.gql(
             "mutation($id: ID!) { cancelJob(id: $id) { status } }", {"id": job_id}, key
         )
         assert r.json()["data"]["cancelJob"]["status"] == "cancelled", r.text
-        await until(lambda: not upstream.waiters, "the wait to end", timeout=5)
+        await until(lambda: not upstream.waiters, what="the wait to end", timeout=5)
         assert job.polls == 1  # not polled again: woken, it saw the cancellation
 
 
@@ -783,7 +778,9 @@ async def test_a_burst_of_completions_stores_a_few_images_at_a_time(
     async with gateway(redis_url, storage_dir, **up.settings) as gw:
         key = await gw.key(credits=1000)
         ids = [await submit(gw, key, provider="flux-dev") for _ in range(6)]
-        await until(lambda: arrived == 6, "every job done upstream, storing its image")
+        await until(
+            lambda: arrived == 6, what="every job done upstream, storing its image", timeout=10.0
+        )
         assert (storing, most) == (2, 2)
         release.set()
         for job_id in ids:
@@ -799,7 +796,9 @@ async def test_a_forged_krea_callback_completes_nothing(
     async with gateway(redis_url, storage_dir, public=True, **up.settings) as gw:
         key = await gw.key()
         job_id = await submit(gw, key, provider="flux-dev")
-        (submitted,) = await until(lambda: up.krea.received("POST", "/generate/"), "the submission")
+        (submitted,) = await until(
+            lambda: up.krea.received("POST", "/generate/"), what="the submission", timeout=10.0
+        )
         hook = submitted.headers["x-webhook-url"]
         unknown = await gw.http.post("/v1/callbacks/krea/" + "A" * 32, json={})
         assert unknown.status_code == 404
@@ -814,7 +813,7 @@ async def test_a_forged_krea_callback_completes_nothing(
         }
         assert (await gw.http.post(hook, json=forged)).status_code == 200
         # The gateway reads the job from Krea with its token: still processing.
-        await until(lambda: job.polls >= 1, "a poll after the forged callback")
+        await until(lambda: job.polls >= 1, what="a poll after the forged callback", timeout=10.0)
         assert (await gw.job(key, job_id))["status"] in ("queued", "processing")
         done = await gw.wait(key, job_id)
         assert done["status"] == "completed", done["error"]
@@ -832,7 +831,7 @@ async def test_a_status_endpoint_in_trouble_is_polled_again_not_paid_twice(
     async with gateway(redis_url, storage_dir, routes=routes, **up.settings) as gw:
         key = await gw.key()
         job_id = await submit(gw, key, provider="flux-dev", width=512, height=512)
-        await until(lambda: up.krea.jobs, what="the job on Krea")
+        await until(lambda: up.krea.jobs, what="the job on Krea", timeout=10.0)
         failures = 24  # a dozen polls or more, each retried once or twice
         up.krea.fail_next(failures, 503)
         await until(lambda: not up.krea._fail, what="every failing poll", timeout=60)

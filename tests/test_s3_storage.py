@@ -27,11 +27,10 @@ from gateway.artifacts import NAME, StorageUnavailable
 from gateway.artifacts_s3 import S3ArtifactStore, open_s3
 from gateway.config import load_settings
 from gateway.store import keys
-from tests.harness import GATEWAY, Harness, gateway, gateway_processes
+from tests.harness import GATEWAY, Harness, gateway, gateway_processes, until
 from tests.records import records
 from tests.s3server import BUCKET, PREFIX, MotoServer, UploadCutter, fake_credentials
 from tests.servers import free_port
-from tests.test_durability import until
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -369,7 +368,7 @@ async def test_bucket_server_killed_jobs_are_retried_and_complete_once_it_is_bac
             async def retried() -> bool:
                 return all(int(r.get("attempts", 0)) >= 2 for r in await job_rows(gw, key, ids))
 
-            await until(retried)
+            await until(retried, timeout=60.0)
             rows = await job_rows(gw, key, ids)
             assert not [r for r in rows if r["status"] in TERMINAL or r.get("urls")]
             assert (await gw.http.get("/readyz")).status_code == 503
@@ -382,7 +381,7 @@ async def test_bucket_server_killed_jobs_are_retried_and_complete_once_it_is_bac
             async def ended() -> bool:
                 return all(r["status"] in TERMINAL for r in await job_rows(gw, key, ids))
 
-            await until(ended)
+            await until(ended, timeout=60.0)
             jobs = [await gw.job(key, job_id) for job_id in ids]
             assert [j["status"] for j in jobs if j] == ["completed"] * 3
             for job in jobs:

@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 import structlog.testing
 import websockets
 
-from tests.harness import Harness, gateway
-from tests.test_durability import until
+from tests.harness import Harness, gateway, until
 
 TIMEOUT = 0.5  # GATEWAY_CLIENT_TIMEOUT_SECONDS where a client is cut
 STEADY = 1.0  # where one must not be: room for a loaded machine
@@ -239,7 +238,7 @@ async def test_a_client_that_stops_reading_an_answer_is_dropped(
     ):
         with structlog.testing.capture_logs() as logged:
             writer.write(request)
-            await until(dropped, BOUND)  # reading nothing meanwhile
+            await until(dropped, timeout=BOUND)  # reading nothing meanwhile
         assert await drained(reader) < BIG  # dropped: the rest never came
 
 

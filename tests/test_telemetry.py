@@ -27,10 +27,10 @@ from starlette.routing import Route
 from gateway import cli, telemetry
 from gateway.store import keys
 from tests.emulators.krea import KreaEmulator
-from tests.harness import gateway
+from tests.harness import gateway, until
 from tests.records import record
 from tests.servers import serve
-from tests.test_webhooks import FAST, Receiver, until
+from tests.test_webhooks import FAST, Receiver
 
 GENERATED = re.compile(r"[0-9a-f]{24}")
 
@@ -245,7 +245,7 @@ async def test_a_job_is_traced_from_its_request_to_its_webhook(
         assert r.status_code == 200, r.text
         job_id = r.json()["data"]["generateImage"]["id"]
         assert (await gw.wait(key, job_id))["status"] == "completed"
-        await until(lambda: _true(len(receiver.calls) == 1 and named(spans, "webhook")))
+        await until(lambda: len(receiver.calls) == 1 and named(spans, "webhook"))
 
     (server,) = [s for s in named(spans, "POST /graphql") if s.parent is not None]
     trace_id = server.context.trace_id
@@ -291,10 +291,6 @@ async def test_a_local_render_is_traced_too(
     assert render.attributes["gateway.backend"] == "local"
     assert render.context.trace_id == admission.context.trace_id
     assert named(spans, "storage.put")
-
-
-async def _true(value: object) -> bool:
-    return bool(value)
 
 
 def test_configure_from_env_reads_the_standard_variables() -> None:
@@ -400,7 +396,7 @@ async def test_a_client_that_leaves_is_not_a_server_error_in_its_trace(
                     json={"service": "local", "prompt": "a kite"},
                     headers={"X-API-Key": key, "Prefer": "wait=60"},
                 )
-        await until(lambda: _true(named(spans, "POST /v1/text_to_image")))
+        await until(lambda: named(spans, "POST /v1/text_to_image"))
     (server,) = named(spans, "POST /v1/text_to_image")
     assert server.attributes["http.response.status_code"] == 499
     assert server.status.status_code.name != "ERROR"

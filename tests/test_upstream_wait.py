@@ -25,7 +25,7 @@ from gateway.errors import ProviderTimeout, ProviderUnavailable
 from gateway.providers.base import ImageParams, Output, Polled, Submitted
 from gateway.store import keys
 from gateway.upstream_wait import JobCancelled, UpstreamJob, UpstreamWait
-from tests.test_routing import until
+from tests.harness import until
 
 
 class Upstream:
@@ -148,7 +148,7 @@ async def test_a_waiting_job_is_woken_by_the_sweep_at_its_fallback_polls(
     jobs = Jobs(wait, upstream)
     started = time.monotonic()
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: upstream.polls[upstream_id] >= 2, "two fallback polls")
+    await until(lambda: upstream.polls[upstream_id] >= 2, what="two fallback polls", timeout=10.0)
     first, second = upstream.polled_at[upstream_id][:2]
     assert first - started >= 0.3 * 0.9 - 0.01  # not polled before its fallback
     assert second - first >= 0.6 * 0.9 - 0.01  # the next one twice as late
@@ -166,7 +166,7 @@ async def test_a_callback_wakes_the_job_at_once(inbox: RedisInbox) -> None:
     wait = waiting(upstream, inbox)  # fallback 30 s: only the callback can wake it
     jobs = Jobs(wait, upstream)
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: wait.waiters, "the job to wait")
+    await until(lambda: wait.waiters, what="the job to wait", timeout=10.0)
     upstream.finished.add(upstream_id)
     assert await inbox.deliver(upstream.tokens[upstream_id], {"status": "completed"})
     assert (await asyncio.wait_for(task, 5)).state == "completed"
@@ -227,7 +227,7 @@ async def test_a_job_resumed_past_its_deadline_is_asked_once_before_it_is_given_
     upstream.calls_back = True
     started = time.monotonic()
     late_id, late = await jobs.start(inbox, resumed=True)
-    await until(lambda: upstream.polls[late_id], "a first poll")
+    await until(lambda: upstream.polls[late_id], what="a first poll", timeout=10.0)
     assert time.monotonic() - started < 5  # not the 30 s fallback
     upstream.finished.add(late_id)
     await inbox.deliver(upstream.tokens[late_id], {})
@@ -239,8 +239,8 @@ async def test_a_nudge_notices_a_cancellation_at_once(inbox: RedisInbox) -> None
     wait = waiting(upstream, inbox, poll_interval=30.0)  # polled, but not for 30 s
     jobs = Jobs(wait, upstream)
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: upstream.polls[upstream_id] == 1, "the first poll")
-    await until(lambda: wait._heap, "the job to sleep")
+    await until(lambda: upstream.polls[upstream_id] == 1, what="the first poll", timeout=10.0)
+    await until(lambda: wait._heap, what="the job to sleep", timeout=10.0)
     jobs.cancelled.add(f"job-{upstream_id}")
     wait.nudge(f"job-{upstream_id}")
     with pytest.raises(JobCancelled):
@@ -264,7 +264,7 @@ async def test_a_cancellation_during_a_poll_is_not_slept_through(inbox: RedisInb
     wait = waiting(upstream, inbox, poll_interval=30.0)  # the next poll: 30 s away
     jobs = Jobs(wait, upstream)
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: upstream.polls[upstream_id] == 1, "the poll to start")
+    await until(lambda: upstream.polls[upstream_id] == 1, what="the poll to start", timeout=10.0)
     jobs.cancelled.add(f"job-{upstream_id}")
     wait.nudge(f"job-{upstream_id}")  # mid-poll: nobody asleep to wake
     gate.set()
@@ -278,7 +278,7 @@ async def test_a_polled_job_sleeps_in_the_sweep_between_polls(inbox: RedisInbox)
     wait = waiting(upstream, inbox, poll_interval=0.1)
     jobs = Jobs(wait, upstream)
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: upstream.polls[upstream_id] >= 4, "four polls")
+    await until(lambda: upstream.polls[upstream_id] >= 4, what="four polls", timeout=10.0)
     times = upstream.polled_at[upstream_id]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.1 * 0.9 - 0.01, gaps  # at the interval, not sooner
@@ -301,7 +301,7 @@ async def test_an_upstream_that_lost_the_job_ends_the_wait_and_one_in_trouble_do
 
     upstream.failing = 503
     upstream_id, task = await jobs.start(inbox)
-    await until(lambda: upstream.polls[upstream_id] >= 20, "twenty failed polls")
+    await until(lambda: upstream.polls[upstream_id] >= 20, what="twenty failed polls", timeout=10.0)
     assert not task.done()
     upstream.failing = None
     upstream.finished.add(upstream_id)
@@ -325,7 +325,7 @@ async def test_thousands_of_waiting_jobs_hold_no_timer_or_task_of_their_own(
     timers_before = timers()
     tasks_before = len(asyncio.all_tasks())
     started = [await jobs.start(inbox) for _ in range(2000)]
-    await until(lambda: len(wait._heap) == 2000, "every job asleep")
+    await until(lambda: len(wait._heap) == 2000, what="every job asleep", timeout=10.0)
     assert wait.waiters.keys() == {f"job-{upstream_id}" for upstream_id, _ in started}
     assert hasattr(loop, "_scheduled")
     assert timers() - timers_before <= 2  # the sweep's (and a Redis read's timeout)
@@ -353,7 +353,7 @@ async def test_a_callback_announced_while_the_subscription_was_down_is_found(
     wait = waiting(upstream, inbox)
     jobs = Jobs(wait, upstream)
     started = [await jobs.start(inbox) for _ in range(3)]
-    await until(lambda: len(wait._heap) == 3, "every job asleep")
+    await until(lambda: len(wait._heap) == 3, what="every job asleep", timeout=10.0)
     upstream_id, task = started[1]
     upstream.finished.add(upstream_id)
     stored = await inbox.redis.set(

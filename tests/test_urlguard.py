@@ -20,9 +20,8 @@ from starlette.routing import Route
 
 from gateway.errors import BadUserInput
 from gateway.urlguard import Lookups, check_url, embedded_ipv4, parse_url, pinned, resolve
-from tests.harness import GENERATE, Harness, gateway
+from tests.harness import GENERATE, Harness, gateway, until
 from tests.servers import hanging, resolving, serve
-from tests.test_compat_krea import until as wait_for
 
 PUBLIC = "93.184.216.34"  # a public address: these URLs are refused for one reason only
 
@@ -376,13 +375,6 @@ class TargetRecorder:
         return Response(status_code=200)
 
 
-async def until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_webhook_is_delivered_to_exactly_the_stored_url(
     redis_url: str, storage_dir: Path
 ) -> None:
@@ -570,6 +562,6 @@ async def test_a_delivery_whose_name_may_not_be_looked_up_yet_is_put_off_not_fai
             reply = await gw.gql(query, {"id": job_id}, key)
             return list(reply.json()["data"]["webhookDeliveries"])
 
-        deliveries = await wait_for(logged)
+        deliveries = await until(logged)
         assert deliveries == [{"attempt": 1, "success": True, "error": None}]
         assert job_id in receiver.calls

@@ -20,9 +20,8 @@ from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
 from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
-from tests.harness import Harness, gateway
+from tests.harness import Harness, gateway, until
 from tests.servers import serve
-from tests.test_compat_krea import until
 
 BODY = {"service": "local", "prompt": "a lighthouse", "width": 512, "height": 512}
 

@@ -34,7 +34,7 @@ from gateway.store import keys
 from gateway.store.redis import Scripts, connect
 from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks, session
-from tests.harness import gateway
+from tests.harness import gateway, until
 from tests.records import record
 from tests.servers import HOOKS_NAME, black_hole, free_port, resolving, serve
 
@@ -60,13 +60,6 @@ class Receiver:
         if status in (301, 302):
             return Response(status_code=status, headers={"location": "http://10.0.0.1/x"})
         return Response(status_code=status)
-
-
-async def until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_recorded(

@@ -41,7 +41,9 @@ class ArtifactStore(Protocol):
         ...
 
     async def read(self, url: str) -> bytes | None:
-        """The bytes stored at a URL `put` returned; None when there are none."""
+        """The bytes stored at a URL `put` returned, found by its name: the base it was
+        made with does not matter (another process's, or a public URL since changed).
+        None when there are none."""
         ...
 
     async def delete(self, urls: list[str]) -> None: ...
@@ -94,10 +96,8 @@ class LocalArtifactStore:
         return f"{self.base_url}/{name}"
 
     def _path(self, url: str) -> Path | None:
-        prefix, _, name = url.rpartition("/")
-        if prefix != self.base_url or not name or name.startswith("."):
-            return None
-        return self.root / name
+        name = url.rpartition("/")[2]
+        return self.root / name if NAME.fullmatch(name) else None
 
     async def read(self, url: str) -> bytes | None:
         path = self._path(url)

@@ -114,12 +114,10 @@ class S3ArtifactStore:
         return f"{self.public_base or self.gateway_base}/{name}"
 
     def _name(self, url: str) -> str | None:
-        """The name in a URL this store handed out (either shape: the public base may be
-        set or unset after the URL was made); None for any other URL."""
-        base, _, name = url.rpartition("/")
-        if base in (self.public_base, self.gateway_base) and NAME.fullmatch(name):
-            return name
-        return None
+        """The name in a URL this store handed out, whatever its base (`ArtifactStore.read`);
+        None for a URL that ends in no name of ours."""
+        name = url.rpartition("/")[2]
+        return name if NAME.fullmatch(name) else None
 
     async def location(self, name: str) -> str | None:
         """Where `GET /outputs/NAME` sends a client: the public URL, or a presigned one

@@ -172,6 +172,36 @@ async def test_idempotency_key_and_the_cache_charge_once(redis_url: str, storage
         assert (await gw.accounts.get(account)).credits == 1000 - 40  # the hit cost nothing
 
 
+async def test_an_image_stored_under_another_public_url_still_reads_as_bytes(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """`GATEWAY_PUBLIC_URL` changed (or a worker ran with another): an image stored under
+    the old base is still read back by its name, for b64_json and Segmind's bytes, not
+    answered as gone."""
+    ask = {"model": "local", "prompt": "a lighthouse", "extra_body": {"seed": 5}}
+    segmind = {"prompt": "a lighthouse", "seed": 5, "output_format": "png"}
+    async with gateway(redis_url, storage_dir, public_url="https://old.example") as gw:
+        key = await gw.key(credits=1000)
+        async with sdks(gw) as sdk:
+            made = await sdk(key).images.generate(**ask)  # type: ignore[arg-type]
+        url = (made.data or [])[0].url or ""
+        assert url.startswith("https://old.example/outputs/")
+        stored = (storage_dir / url.rsplit("/", 1)[-1]).read_bytes()
+        first = await gw.http.post(
+            "/compat/segmind/v1/local", json=segmind, headers={"x-api-key": key}
+        )
+        assert first.status_code == 200, first.text
+    async with gateway(redis_url, storage_dir, public_url="https://new.example") as gw:
+        async with sdks(gw) as sdk:
+            again = await sdk(key).images.generate(**ask, response_format="b64_json")  # type: ignore[arg-type]
+        assert base64.b64decode((again.data or [])[0].b64_json or "") == stored
+        hit = await gw.http.post(
+            "/compat/segmind/v1/local", json=segmind, headers={"x-api-key": key}
+        )
+        assert hit.status_code == 200, hit.text
+        assert hit.headers["x-cost"] == "0" and hit.content == first.content  # the cache's
+
+
 async def test_an_image_the_disk_cannot_read_now_is_a_503_to_try_again(
     redis_url: str, storage_dir: Path
 ) -> None:

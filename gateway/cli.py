@@ -127,19 +127,27 @@ def _reaching_redis(settings: Settings) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _with_accounts(settings: Settings, action: Callable[[Accounts], Awaitable[T]]) -> T:
+def _with_accounts(
+    settings: Settings, action: Callable[[Accounts], Awaitable[T]], *, places: bool = False
+) -> T:
+    """`places`: the action makes an account, on a shard below this process's count,
+    which must be one the workers read (`runtime.check_shards`)."""
     _shared_store(settings)
 
     async def run() -> T:
+        from gateway.runtime import check_shards
+
         redis = await connect(settings.redis_url)
         try:
+            if places:
+                await check_shards(redis, settings.redis_shards)
             scripts = Scripts.register(redis)
             return await action(Accounts(redis, scripts, settings))
         finally:
             await redis.aclose()
 
     try:
-        with _reaching_redis(settings):
+        with _usable_redis(settings):
             return asyncio.run(run())
     except GatewayError as exc:
         err.print(f"[red]{exc.code}:[/red] {exc.message}")
@@ -177,24 +185,36 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _refuse_evicting_redis(settings: Settings) -> None:
-    """Exit 1, saying why, when the Redis may evict keys (`runtime.check_eviction_policy`;
-    `serve` checks here, before uvicorn starts, so the message is not a traceback)."""
-    from gateway.runtime import EvictingRedis, check_eviction_policy
+@contextlib.contextmanager
+def _usable_redis(settings: Settings) -> Iterator[None]:
+    """`_reaching_redis`, and a Redis the gateway will not use (`runtime.RefusedRedis`:
+    it may evict keys, or holds more shards than this process is set to): one line
+    saying why and what to change, and exit 1."""
+    from gateway.runtime import RefusedRedis
+
+    try:
+        with _reaching_redis(settings):
+            yield
+    except RefusedRedis as exc:
+        err.print(f"[red]refused:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _refuse_unusable_redis(settings: Settings) -> None:
+    """`runtime`'s checks of the Redis, made before uvicorn starts (`serve`), so that a
+    refusal is one line, not a traceback from the app's start-up."""
+    from gateway.runtime import check_eviction_policy, check_shards
 
     async def check() -> None:
         redis = await connect(settings.redis_url)
         try:
             await check_eviction_policy(redis)
+            await check_shards(redis, settings.redis_shards)
         finally:
             await redis.aclose()
 
-    try:
-        with _reaching_redis(settings):
-            asyncio.run(check())
-    except EvictingRedis as exc:
-        err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    with _usable_redis(settings):
+        asyncio.run(check())
 
 
 @app.command()
@@ -216,7 +236,7 @@ def serve(
             "nothing kept after exit.[/yellow]"
         )
     if settings.redis_url:
-        _refuse_evicting_redis(settings)
+        _refuse_unusable_redis(settings)
     _warn_without_public_url(settings, worker=False)
     app = build_app(settings)
     _tune_gc()
@@ -242,7 +262,7 @@ def serve(
 def worker() -> None:
     """Run jobs only (several may share one Redis with any number of gateways)."""
     from gateway.metrics_http import worker_metrics
-    from gateway.runtime import EvictingRedis, runtime
+    from gateway.runtime import runtime
 
     settings = _settings()
     _shared_store(settings)
@@ -262,12 +282,8 @@ def worker() -> None:
 
     import uvloop  # the loop `serve` runs on too: about half the loop's CPU per poll
 
-    try:
-        with _reaching_redis(settings):
-            uvloop.run(main())
-    except EvictingRedis as exc:
-        err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    with _usable_redis(settings):
+        uvloop.run(main())
 
 
 @keys_app.command("create")
@@ -284,6 +300,7 @@ def keys_create(
     made = _with_accounts(
         _settings(),
         lambda a: a.create(plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily),
+        places=True,
     )
     if as_json:
         print(json.dumps(made))

@@ -8,6 +8,9 @@ then checks that no refusal happened at all.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,14 +19,16 @@ import pytest
 from redis.crc import key_slot
 
 from gateway.jobs.store import JobStore
+from gateway.runtime import FewerShards, check_shards
 from gateway.store import keys
-from gateway.store.redis import Scripts
+from gateway.store.redis import Scripts, connect
 from tests.conftest import ThreeNodeCluster
 from tests.harness import GENERATE, Harness, gateway, until
-from tests.servers import serve
+from tests.servers import free_port, serve
 from tests.test_webhooks import FAST, Receiver
 
 SHARDS = {"redis_shards": 4}
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
 
 
 @pytest.fixture(params=["one-node", "three-nodes"])
@@ -155,3 +160,46 @@ async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
         assert promoted["status"] == "completed" and promoted["creditCost"] == 10
         me = (await gw2.gql("{ me { credits } }", key=other)).json()["data"]["me"]
         assert me["credits"] == 90
+
+
+# -- the shard count is the keyspace's, not each process's -----------------------------
+
+
+def gateway_command(redis_url: str, storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `gateway` command with GATEWAY_REDIS_SHARDS unset (1), as on a host that lacks
+    it; one that would keep running (a worker, a server) fails the test by its timeout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_STORAGE_DIR": str(storage)}
+    env["GATEWAY_PORT"] = str(free_port())
+    return subprocess.run(
+        [GATEWAY, *args], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
+
+
+async def test_a_process_set_to_fewer_shards_than_the_keyspace_is_refused(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A worker or server set to fewer shards would leave the jobs of the accounts on the
+    others queued for ever: each refuses to start, in one line saying what to set."""
+    async with gateway(redis_url, storage_dir, **SHARDS) as gw:  # the keyspace: 4 shards
+        key = await gw.key(shard=3)
+        job = (await gw.generate(key, width=512, height=512)).json()["data"]["generate"]
+        assert (await gw.wait(key, job["id"]))["status"] == "completed"
+    for command in (["worker"], ["serve"], ["keys", "create"]):
+        result = gateway_command(redis_url, storage_dir, *command)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert "GATEWAY_REDIS_SHARDS is 1" in result.stderr, result.stderr
+        assert "Set GATEWAY_REDIS_SHARDS=4" in result.stderr and "Traceback" not in result.stderr
+    listed = gateway_command(redis_url, storage_dir, "keys", "list", "--json")  # reads only
+    assert listed.returncode == 0 and gw.keys[key]["id"] in listed.stdout, listed.stderr
+
+    # A process set higher raises the keyspace's count; the processes at 4 are refused then.
+    client = await connect(redis_url)
+    try:
+        await check_shards(client, 6)
+        assert await client.zscore(keys.SHARDS, keys.SHARDS_MEMBER) == 6
+        with pytest.raises(FewerShards, match="shards 4-5"):
+            await check_shards(client, 4)
+        await check_shards(client, 6)  # as many: started
+    finally:
+        await client.aclose()

@@ -10,9 +10,10 @@ raising the setting later never moves an existing account.
 Why shards and not a tag per account: the queue, the schedule and the cache are shared
 by many accounts, and a script can only write keys of one slot. A shard is the unit a
 Cluster spreads over its nodes; with more shards than nodes, load spreads evenly.
-Only two kinds of key live outside any shard: the account index and the callback inbox,
-both touched one key at a time. Persisted queries (APQ documents, shared by every
-account) have a slot of their own, the tag `{apq}`: their two keys change together.
+Only three kinds of key live outside any shard: the account index, the callback inbox
+and the shard count itself, each touched one key at a time. Persisted queries (APQ
+documents, shared by every account) have a slot of their own, the tag `{apq}`: their
+two keys change together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import functools
 
 PREFIX = "gw"
 ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids (single-key commands only)
+#: the keyspace's shard count, the highest any process was set to (`runtime.check_shards`):
+#: a sorted set of one member, so that ZADD GT keeps the highest in one command
+SHARDS, SHARDS_MEMBER = f"{PREFIX}:shards", "keyspace"
 QUEUE_GROUP = "workers"
 
 

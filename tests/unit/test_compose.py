@@ -41,3 +41,13 @@ def test_with_the_s3_profile_the_gateway_starts_once_its_bucket_is_made() -> Non
     for name in ("gateway", "worker"):
         bucket = services[name]["depends_on"]["minio-bucket"]
         assert bucket == {"condition": "service_completed_successfully", "required": False}
+
+
+def test_long_running_services_restart_and_publish_on_loopback_by_default() -> None:
+    """After a reboot or a crash nothing came back; and the gateways' ports, `/metrics`
+    open without a token among them, were published on every interface of the host."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    for name in ("redis", "gateway", "worker", "minio"):
+        assert services[name]["restart"] == "unless-stopped", name
+    published = [port for service in services.values() for port in service.get("ports", [])]
+    assert published and all(p.startswith("${PUBLISH_ADDRESS:-127.0.0.1}:") for p in published)

@@ -23,6 +23,7 @@ import orjson
 import redis.exceptions
 import structlog
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -97,8 +98,29 @@ def _configure_tracing() -> None:
 def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # each setting by its variable's name, one a line
+        for error in exc.errors():
+            name = f"GATEWAY_{str(error['loc'][0]).upper()}" if error["loc"] else "settings"
+            err.print(f"[red]configuration error:[/red] {name}: {error['msg']}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
+        err.print(f"[red]configuration error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _storage_directory(settings: Settings) -> None:
+    """The outputs' directory made now (it is where no bucket is named): one that cannot
+    be is a configuration error, not a traceback from the app's start-up."""
+    if settings.storage_url:
+        return
+    try:
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.print(
+            f"[red]configuration error:[/red] GATEWAY_STORAGE_DIR {settings.storage_dir} "
+            f"cannot be made: {exc.strerror}",
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
 
 
@@ -235,6 +257,7 @@ def serve(
             "[yellow]GATEWAY_REDIS_URL is not set: embedded store, one process, "
             "nothing kept after exit.[/yellow]"
         )
+    _storage_directory(settings)
     if settings.redis_url:
         _refuse_unusable_redis(settings)
     _warn_without_public_url(settings, worker=False)
@@ -266,6 +289,7 @@ def worker() -> None:
 
     settings = _settings()
     _shared_store(settings)
+    _storage_directory(settings)
     _configure_logging()
     _configure_tracing()
     _warn_without_public_url(settings, worker=True)

@@ -40,7 +40,10 @@ BACKENDS = ("fluxkrea", "krea", "segmind", "local")
 
 class Settings(BaseSettings):
     # An empty variable is unset (compose passes `${X:-}` for every one it forwards).
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", env_ignore_empty=True)
+    # A refusal never quotes the value: it may hold a password (a Redis URL) or a key.
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", extra="ignore", env_ignore_empty=True, hide_input_in_errors=True
+    )
 
     redis_url: str | None = None
     redis_shards: int = Field(
@@ -226,6 +229,30 @@ class Settings(BaseSettings):
             spelled.append(as_sent)
         return ",".join(dict.fromkeys(spelled))
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        """redis-py's URL schemes, checked here: redis-py's own refusal comes only when the
+        first process connects, as a traceback."""
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("url_allow_cidrs")
+    @classmethod
+    def _cidrs(cls, v: str) -> str:
+        """Parsed at start-up (`allow_cidrs` parses it again where it is used)."""
+        for part in (p.strip() for p in v.split(",")):
+            if part:
+                try:
+                    ipaddress.ip_network(part, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"{part[:64]!r} is not an address or network (comma-separated, "
+                        "like 10.0.0.0/8,fd00::/8)"
+                    ) from None
+        return v
+
     @field_validator("storage_url")
     @classmethod
     def _s3_url(cls, v: str | None) -> str | None:
@@ -272,6 +299,8 @@ def load_settings(**overrides: Any) -> Settings:
         data = tomllib.loads(Path(settings.config).read_text())
         plans = dict(settings.plans)
         for name, limits in (data.get("plans") or {}).items():
+            if not isinstance(limits, dict):
+                raise ValueError(f"plans.{name} in {settings.config} must be a table of limits")
             plans[name] = PlanLimits(**limits)
         routes = dict(settings.routes)
         routes.update(data.get("routes") or {})

@@ -78,6 +78,33 @@ def test_commands_needing_shared_redis_refuse_the_embedded_store() -> None:
         assert "GATEWAY_REDIS_URL" in result.stderr
 
 
+def test_a_plain_misconfiguration_is_a_line_naming_the_variable_and_exit_2(
+    tmp_path: Path,
+) -> None:
+    """Each of these was a traceback (serve's from uvicorn's start-up, exit 3); a value is
+    never quoted back, since it may hold a password."""
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    plans = tmp_path / "plans.toml"
+    plans.write_text("[plans]\nteam = 5\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        ({"GATEWAY_REDIS_URL": "s3cret@localhost:6379"}, "GATEWAY_REDIS_URL: "),
+        ({"GATEWAY_URL_ALLOW_CIDRS": "10.0.0.0/8;192.168.0.0/16"}, "GATEWAY_URL_ALLOW_CIDRS: "),
+        ({"GATEWAY_CONFIG": str(plans)}, "plans.team in "),
+        (
+            {"GATEWAY_STORAGE_DIR": str(a_file / "outputs"), "GATEWAY_REDIS_URL": unreachable},
+            "GATEWAY_STORAGE_DIR ",
+        ),
+    ]
+    for env, says in cases:
+        for args in (("serve", "--port", str(free_port())), ("worker",)):
+            result = run(*args, env={"GATEWAY_PUBLIC_URL": "https://images.example.com", **env})
+            assert result.returncode == 2, (args, env, result.stderr)
+            assert result.stderr.startswith(f"configuration error: {says}"), result.stderr
+            assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
 def test_a_redis_that_cannot_be_reached_is_one_line_naming_it_not_a_traceback() -> None:
     port = free_port()
     env = {

@@ -36,6 +36,13 @@ EXPOSE_HEADERS = (
     "X-Request-Id",
     "X-Gateway-Job-Id",
     "Preference-Applied",
+    # OpenAI's SDK reads this to retry or not; Segmind's v1 answer carries the rest
+    "X-Should-Retry",
+    "X-Cost",
+    "X-Remaining-Credits",
+    "X-Generation-Time",
+    "X-Seed-Value",
+    "Content-Location",
 )
 MAX_AGE = 3600  # seconds a browser may keep a preflight's answer (Chromium keeps <= 2 h)
 

@@ -86,19 +86,30 @@ class Request(StarletteRequest):
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Endpoint:
-    """`handler` as an ASGI app: its request made here, its response sent."""
+#: What a read answers is the caller's own (a job, its status, the models its token
+#: may use) or changes by the second: no cache between may keep it, since a shared
+#: cache keyed by the URL alone would serve one caller's job, or a 404, to another.
+NO_STORE = (b"cache-control", b"no-store")
 
-    def __init__(self, handler: Handler) -> None:
+
+class Endpoint:
+    """`handler` as an ASGI app: its request made here, its response sent; a GET's
+    with `NO_STORE` unless the handler said how it may be cached."""
+
+    def __init__(self, handler: Handler, *, read: bool = False) -> None:
         self.handler = handler
+        self.read = read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.handler(Request(scope, receive, send))
+        if self.read and all(name != NO_STORE[0] for name, _ in response.raw_headers):
+            response.raw_headers.append(NO_STORE)
         await response(scope, receive, send)
 
 
 def route(path: str, handler: Handler, methods: Sequence[str]) -> Route:
-    return Route(path, Endpoint(handler), methods=list(methods), name=handler.__name__)
+    endpoint = Endpoint(handler, read="GET" in methods)
+    return Route(path, endpoint, methods=list(methods), name=handler.__name__)
 
 
 class Table:

@@ -188,3 +188,33 @@ async def test_what_pages_clients_send_passes_and_even_a_500_is_readable(
         assert r.headers["access-control-allow-origin"] == APP
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
         assert r.headers["x-request-id"]
+
+
+async def test_a_page_can_read_every_header_the_gateway_answers_with(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Segmind's v1 accounting headers and OpenAI's `x-should-retry` (the SDK's retry
+    decision) reached a page's script as nothing: only CORS-safelisted headers and the
+    exposed ones can be read."""
+    async with gateway(redis_url, storage_dir, cors_origins=APP) as gw:
+        key = await gw.key()
+        answers = [
+            await gw.http.post(
+                "/compat/segmind/v1/local",
+                json={"prompt": "a kite", "seed": 1},
+                headers={"Origin": APP, "x-api-key": key},
+            ),
+            await gw.http.post(  # no backend of flux-krea's is set up: 503, final
+                "/v1/images/generations",
+                json={"model": "flux-krea", "prompt": "a kite"},
+                headers={"Origin": APP, "Authorization": f"Bearer {key}"},
+            ),
+        ]
+        assert [r.status_code for r in answers] == [200, 503]
+        assert answers[1].headers["x-should-retry"] == "false"
+        for r in answers:
+            exposed = {
+                h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")
+            }
+            ours = {h for h in r.headers if h.startswith("x-") or h == "content-location"}
+            assert ours and ours <= exposed, ours - exposed

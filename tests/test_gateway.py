@@ -121,6 +121,32 @@ async def test_output_formats_and_several_images(redis_url: str, storage_dir: Pa
             assert Image.open(io.BytesIO((await gw.http.get(url)).content)).format == "WEBP"
 
 
+async def test_no_cache_between_may_keep_a_callers_read(redis_url: str, storage_dir: Path) -> None:
+    """A shared cache keyed by the URL (a CDN, Varnish) would serve one caller's job, or
+    a 404, to another: every read on the REST, compatible and OpenAI routes says
+    `no-store`, found or not; the stored outputs stay cacheable for ever."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        made = await gw.generate(key, width=512, height=512)
+        job = await gw.wait(key, made.json()["data"]["generate"]["id"])
+        bearer, x_api_key = {"Authorization": f"Bearer {key}"}, {"X-API-Key": key}
+        reads = [
+            (f"/v1/jobs/{job['id']}", bearer, 200),
+            (f"/v1/jobs/{job['id']}", x_api_key, 200),
+            ("/v1/jobs/0123456789abcdef01234567", x_api_key, 404),
+            (f"/compat/segmind/v2/requests/{job['id']}/status", x_api_key, 200),
+            (f"/compat/segmind/v2/requests/{job['id']}", x_api_key, 200),
+            ("/compat/krea/jobs/00000000-0000-0000-0000-000000000000", bearer, 404),
+            ("/v1/models", bearer, 200),
+        ]
+        for path, auth, status in reads:
+            r = await gw.http.get(path, headers=auth)
+            assert r.status_code == status, (path, r.text)
+            assert r.headers.get_list("cache-control") == ["no-store"], path
+        output = await gw.http.get(job["url"])
+        assert output.headers["cache-control"] == "public, max-age=31536000, immutable"
+
+
 async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> None:
     async with gateway(redis_url, storage_dir) as gw:
         key, other = await gw.key(), await gw.key()

@@ -292,6 +292,7 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
             if settings.dev:
                 made = await rt.gateway.accounts.create("pro", DEMO_CREDITS, name="demo")
                 print(f"API key: {made['key']}", flush=True)
+                print(f"Webhook secret: {made['webhookSecret']}", flush=True)
             if settings.inprocess_workers:
                 async with running_worker(rt.worker, settings.shutdown_grace_seconds):
                     yield

@@ -125,6 +125,10 @@ class Me:
     client_token: ClientTokenInfo | None = strawberry.field(
         description="set when the caller holds a client token"
     )
+    webhook_secret: str | None = strawberry.field(
+        description="the key's webhook signing secret (whsec_...), to verify its webhooks; "
+        "null for a client token"
+    )
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Me:
@@ -137,6 +141,7 @@ class Me:
             limits=[LimitUsage(**u) for u in data["limits"]],
             cache=CacheStats(**data["cache"]),
             client_token=ClientTokenInfo.of(grant) if grant else None,
+            webhook_secret=data["webhook_secret"],
         )
 
 

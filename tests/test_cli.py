@@ -146,6 +146,7 @@ def test_serve_in_dev_mode_prints_a_key_that_runs_the_seed_example(tmp_path: Pat
         line = proc.stdout.readline()
         assert line.startswith("API key: "), line
         key = line.split(": ", 1)[1].strip()
+        assert re.fullmatch(r"Webhook secret: whsec_\S+\n", proc.stdout.readline())
         base = f"http://127.0.0.1:{port}"
         query = (
             "mutation Generate($input: GenerateInput!) { generate(input: $input) "

@@ -27,8 +27,8 @@ from tests.test_live_updates import subscribe
 MINT = """mutation($input: ClientTokenInput!) {
   createClientToken(input: $input) { token expiresAt maxCredits } }"""
 REVOKE = "mutation($t: String!) { revokeClientToken(token: $t) }"
-ME = """{ me { credits plan name cache { hits creditsSaved } clientToken { maxCredits spent
-  jobs maxJobs origins services expiresAt } } }"""
+ME = """{ me { credits plan name webhookSecret cache { hits creditsSaved } clientToken {
+  maxCredits spent jobs maxJobs origins services expiresAt } } }"""
 JOBS = "{ jobs(first: 20) { nodes { id } } }"
 JOB = "query($id: ID!) { job(id: $id) { id status creditCost } }"
 CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { status creditCost } }"
@@ -100,6 +100,7 @@ async def test_a_key_mints_a_token_that_spends_its_credits_within_its_budget(
         view = await me(gw, token)
         assert view["credits"] == 25  # the token's budget, not the account's 1000
         assert view["clientToken"]["maxCredits"] == 25 and view["clientToken"]["jobs"] == 0
+        assert view["webhookSecret"] is None  # the key's, never a page's
 
         first = created(await gql(gw, GENERATE, generate_input(), token))  # 10 credits
         assert (await me(gw, token))["credits"] == 15

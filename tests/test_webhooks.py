@@ -68,7 +68,10 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
     receiver = Receiver(failures=2)
     async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **FAST) as gw:
         key = await gw.key()
-        secret = gw.keys[key]["webhookSecret"]
+        # The key's holder reads the secret back (it is printed once, at creation).
+        me = (await gw.gql("{ me { webhookSecret } }", key=key)).json()["data"]["me"]
+        secret = me["webhookSecret"]
+        assert secret == gw.keys[key]["webhookSecret"]
         job = (
             await gw.gql(
                 """mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }""",

@@ -273,6 +273,14 @@ def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
     """The `generate` shape: {type, provider, input: {text}, options: {...}, ...}."""
     data = {_snake(k): v for k, v in data.items()}
     options = {_snake(k): v for k, v in (data.get("options") or {}).items()}
+    for name in ("webhook_url", "idempotency_key"):  # at the top or in the options
+        if options.get(name) is None:
+            options.pop(name, None)
+        elif data.get(name) is not None and data[name] != options[name]:
+            spelled = CAMEL_NAMES[name]
+            raise BadUserInput(
+                f"options.{spelled} and {spelled} differ: give it once", f"options.{spelled}"
+            )
     fields: dict[str, Any] = {
         "provider": data.get("provider"),
         "prompt": (data.get("input") or {}).get("text"),

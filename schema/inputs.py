@@ -81,9 +81,10 @@ class GenerateText:
 
 
 @strawberry.input
-@request_fields(OPTION_FIELDS)
+@request_fields((*OPTION_FIELDS, "webhook_url", "idempotency_key"))
 class GenerateOptions:
-    """Every option of a request."""
+    """Every option of a request; `webhookUrl` and `idempotencyKey` may come here too, as
+    Doitong's parameter table lists them beside the options."""
 
 
 @strawberry.input

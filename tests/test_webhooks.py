@@ -142,6 +142,37 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
         await until(resent)
 
 
+async def test_the_generate_shape_takes_its_webhook_url_in_the_options_too(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Doitong's parameter table lists `webhookUrl` beside width and height: a client that
+    sent it in `options` got a 400 and no job. Over POST with variables (the prepared
+    path) and inline (Strawberry's), the webhook is delivered, the key joins."""
+    receiver = Receiver()
+    async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **FAST) as gw:
+        key = await gw.key()
+        options = {"width": 512, "height": 512, "webhookUrl": f"{hook_base}/hook"}
+        hook = f"{hook_base}/hook"
+        made = [
+            (await gw.generate(key, "a lighthouse", idempotencyKey="once", **options)).json()
+            for _ in range(2)
+        ]
+        [job_id] = {m["data"]["generate"]["id"] for m in made}  # the same key: the same job
+        assert made[0]["data"]["generate"]["webhookUrl"] == hook
+        inline = f"""mutation {{ generate(input: {{provider: "local", input: {{text: "a kite"}},
+          options: {{width: 512, height: 512, webhookUrl: "{hook}"}}}}) {{ id webhookUrl }} }}"""
+        other = (await gw.gql(inline, key=key)).json()["data"]["generate"]
+        assert other["webhookUrl"] == hook
+
+        def delivered() -> bool:
+            return {json.loads(body)["id"] for _, body, _ in receiver.calls} >= {
+                job_id,
+                other["id"],
+            }
+
+        await until(delivered)
+
+
 async def test_a_resend_while_a_delivery_is_under_way_leaves_it_to_run_its_course(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -373,7 +373,9 @@ def test_graphql_inputs_have_the_requests_fields_in_its_order() -> None:
         for name in GenerationRequest.model_fields
     ]
     assert flat_fields == expected
-    assert list(shape(inputs["GenerateOptions"])) == [CAMEL_NAMES[name] for name in OPTION_FIELDS]
+    assert list(shape(inputs["GenerateOptions"])) == [
+        *(CAMEL_NAMES[name] for name in OPTION_FIELDS), "webhookUrl", "idempotencyKey",
+    ]  # fmt: skip
     assert list(shape(inputs["GenerateInput"])) == [
         "type", "provider", "input", "options", "webhookUrl", "idempotencyKey",
     ]  # fmt: skip
@@ -420,3 +422,19 @@ def test_true_is_no_number_and_quality_is_read_in_any_case() -> None:
         shouted.cache_key
         == from_image_input({"service": "local", "prompt": "x", "quality": "high"}).cache_key
     )
+
+
+def test_webhook_url_and_idempotency_key_may_come_in_the_options() -> None:
+    """Doitong's parameter table lists `webhookUrl` beside width and height: a client that
+    put it in `options` got a 400 and no job. Given in both places, they must agree."""
+    given = {"webhookUrl": "https://x.test/h", "idempotencyKey": "k1"}
+    assert generate(**given) == flat(**given)
+    assert generate(webhookUrl=None) == generate()
+    agreeing = {"provider": "local", "input": {"text": "a fox"}, "options": given, **given}
+    assert from_generate_input(agreeing) == flat(**given)
+    for name in given:
+        error = refused(from_generate_input, {**agreeing, name: "other"})
+        assert error.extensions["field"] == f"options.{name}"
+        assert error.message == f"options.{name} and {name} differ: give it once"
+    error = refused(generate, webhookUrl="x" * 2049)
+    assert error.extensions["field"] == "options.webhookUrl"

@@ -101,10 +101,11 @@ def _settings(**overrides: Any) -> Settings:
     except ValidationError as exc:  # each setting by its variable's name, one a line
         for error in exc.errors():
             name = f"GATEWAY_{str(error['loc'][0]).upper()}" if error["loc"] else "settings"
-            err.print(f"[red]configuration error:[/red] {name}: {error['msg']}", soft_wrap=True)
+            said = escape(f"{name}: {error['msg']}")  # it may quote what was typed: no markup
+            err.print(f"[red]configuration error:[/red] {said}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:
-        err.print(f"[red]configuration error:[/red] {exc}", soft_wrap=True)
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

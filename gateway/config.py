@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.origins import origin
@@ -40,7 +40,8 @@ BACKENDS = ("fluxkrea", "krea", "segmind", "local")
 
 class Settings(BaseSettings):
     # An empty variable is unset (compose passes `${X:-}` for every one it forwards).
-    # A refusal never quotes the value: it may hold a password (a Redis URL) or a key.
+    # A refusal does not quote the value given (it may hold a password, a Redis URL's, or a
+    # key); only the validators that name the part they could not read quote that part.
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_", extra="ignore", env_ignore_empty=True, hide_input_in_errors=True
     )
@@ -301,7 +302,12 @@ def load_settings(**overrides: Any) -> Settings:
         for name, limits in (data.get("plans") or {}).items():
             if not isinstance(limits, dict):
                 raise ValueError(f"plans.{name} in {settings.config} must be a table of limits")
-            plans[name] = PlanLimits(**limits)
+            try:
+                plans[name] = PlanLimits(**limits)
+            except ValidationError as exc:  # named as the file names it, not as a variable
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in (name, *first["loc"]))
+                raise ValueError(f"plans.{where} in {settings.config}: {first['msg']}") from None
         routes = dict(settings.routes)
         routes.update(data.get("routes") or {})
         settings = settings.model_copy(update={"plans": plans, "routes": routes})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,18 @@ class Lookup:
 
 #: the lookup of the WebSocket operation running (None outside one: a new one each time)
 OPERATION: ContextVar[Lookup | None] = ContextVar("graphql_operation", default=None)
+
+
+def _shared(
+    check: Coroutine[Any, Any, tuple[Principal, Job | None]],
+) -> asyncio.Future[tuple[Principal, Job | None]]:
+    """The lookup as a task the fields await through `asyncio.shield`. Its refusal is
+    marked seen here: when every field awaiting it was cancelled first (another field's
+    error ended the execution), `shield` lets go of the task, and asyncio logged the
+    refusal as a "Task exception was never retrieved" traceback."""
+    task = asyncio.ensure_future(check)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
 
 
 @dataclass
@@ -67,7 +80,7 @@ class Context:
         """The authenticated caller (one Redis round trip, once per request or operation)."""
         lookup = self._lookup()
         if lookup.auth is None:  # fields resolve concurrently: share one lookup
-            lookup.auth = asyncio.ensure_future(self._check(read, ""))
+            lookup.auth = _shared(self._check(read, ""))
         # Shielded: a field cancelled while it waits (another's error can end the
         # request's execution) must not cancel the lookup the others share.
         principal, _ = await asyncio.shield(lookup.auth)
@@ -79,7 +92,7 @@ class Context:
         lookup = self._lookup()
         first = lookup.auth is None
         if lookup.auth is None:
-            lookup.auth = asyncio.ensure_future(self._check(True, job_id))
+            lookup.auth = _shared(self._check(True, job_id))
         principal, job = await asyncio.shield(lookup.auth)
         return job if first else await self.gateway.job(principal, job_id)
 

@@ -83,8 +83,9 @@ class GenerateText:
 @strawberry.input
 @request_fields((*OPTION_FIELDS, "webhook_url", "idempotency_key"))
 class GenerateOptions:
-    """Every option of a request; `webhookUrl` and `idempotencyKey` may come here too, as
-    Doitong's parameter table lists them beside the options."""
+    """Every option of a request; `webhookUrl` and `idempotencyKey` may come here too:
+    Doitong's parameter table lists `webhookUrl` beside `width` and `height`, which this
+    shape takes here."""
 
 
 @strawberry.input

@@ -86,12 +86,16 @@ def test_a_plain_misconfiguration_is_a_line_naming_the_variable_and_exit_2(
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     plans = tmp_path / "plans.toml"
     plans.write_text("[plans]\nteam = 5\n")
+    typed = tmp_path / "typed.toml"
+    typed.write_text('[plans.team]\nrpm = "fast"\n')
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     cases = [
         ({"GATEWAY_REDIS_URL": "s3cret@localhost:6379"}, "GATEWAY_REDIS_URL: "),
         ({"GATEWAY_URL_ALLOW_CIDRS": "10.0.0.0/8;192.168.0.0/16"}, "GATEWAY_URL_ALLOW_CIDRS: "),
+        ({"GATEWAY_URL_ALLOW_CIDRS": "10.0.0.0/8,[/x]"}, "GATEWAY_URL_ALLOW_CIDRS: "),
         ({"GATEWAY_CONFIG": str(plans)}, "plans.team in "),
+        ({"GATEWAY_CONFIG": str(typed)}, "plans.team.rpm in "),
         (
             {"GATEWAY_STORAGE_DIR": str(a_file / "outputs"), "GATEWAY_REDIS_URL": unreachable},
             "GATEWAY_STORAGE_DIR ",

@@ -145,8 +145,9 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
 async def test_the_generate_shape_takes_its_webhook_url_in_the_options_too(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """Doitong's parameter table lists `webhookUrl` beside width and height: a client that
-    sent it in `options` got a 400 and no job. Over POST with variables (the prepared
+    """Doitong's parameter table lists `webhookUrl` beside width and height, which the
+    generate shape takes in `options`: a client that sent it there too got a 400 and no
+    job. Over POST with variables (the prepared
     path) and inline (Strawberry's), the webhook is delivered, the key joins."""
     receiver = Receiver()
     async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **FAST) as gw:

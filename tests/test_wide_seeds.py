@@ -94,6 +94,14 @@ async def test_segmind_receives_it_as_sent_and_flux_krea_its_remainder(
         ]
         assert fluxkrea_sent["seed"] == TOP % 2**31
 
+        # Krea makes one image a job, image i with seed + i: within 32 bits still.
+        body = {"prompt": "a kite", "seed": TOP, "num_outputs": 2}
+        r = await gw.http.post("/compat/segmind/v2/krea", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        await ended(gw, key, r.json()["request_id"])
+        krea_sent = [r.json["seed"] for r in emulators["krea"].received("POST", "/generate/")]
+        assert krea_sent == [TOP, 0]
+
 
 async def test_flux_krea_s_own_route_keeps_flux_krea_s_range(
     upstreams: dict[str, Any], redis_url: str, storage_dir: Path
@@ -102,10 +110,12 @@ async def test_flux_krea_s_own_route_keeps_flux_krea_s_range(
         key = await gw.key()
         auth = {"Authorization": f"Bearer {key}"}
         top = 2**31 - 1
-        for seed, status in ((top + 1, 400), (top, 200)):
+        for seed, status in ((top + 1, 400), (TOP + 1, 400), (top, 200)):
             body = {"prompt": "a kite", "seed": seed}
             r = await gw.http.post("/compat/fluxkrea/v1/generate", json=body, headers=auth)
             assert r.status_code == status, r.text
+            if status == 400:  # flux-krea's limit, not the gateway's wider one
+                assert r.json()["message"].endswith(f"less than or equal to {top}"), r.text
         assert r.json()["images"][0]["seed"] == top
 
 

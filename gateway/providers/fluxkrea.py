@@ -302,14 +302,15 @@ def request_from(
         fields["webhookUrl"] = body[WEBHOOK_URL]
     if idempotency_key:
         fields["idempotencyKey"] = idempotency_key
+    seed = body.get(FIELDS["seed"])
+    if isinstance(seed, int | float) and seed >= SEED_MODULUS:  # ours goes further
+        raise BadUserInput(
+            f"seed: Input should be less than or equal to {SEED_MODULUS - 1}", field="seed"
+        )
     try:
         request = from_image_input(fields)
     except BadUserInput as exc:
         raise in_their_names(exc) from None
-    if request.seed is not None and request.seed >= SEED_MODULUS:
-        raise BadUserInput(
-            f"seed: Input should be less than or equal to {SEED_MODULUS - 1}", field="seed"
-        )
     return request, body.get(CALLBACK_DATA) if asynchronous else None
 
 

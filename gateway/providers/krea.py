@@ -46,7 +46,7 @@ from gateway.errors import (
 from gateway.formats import content_type_of_url
 from gateway.jobs.model import TERMINAL as JOB_TERMINAL
 from gateway.jobs.model import Job, iso
-from gateway.params import CAMEL_NAMES, GenerationRequest, from_image_input
+from gateway.params import CAMEL_NAMES, SEED_MAX, GenerationRequest, from_image_input
 from gateway.providers.base import (
     CallbackInbox,
     ImageParams,
@@ -117,6 +117,11 @@ def translate(params: ImageParams) -> dict[str, Any]:
     )
 
 
+def _seed(seed: int, i: int) -> int:
+    """Image i's seed: seed + i, within the 32 bits a seed has (`params.SEED_MAX`)."""
+    return (seed + i) % (SEED_MAX + 1)
+
+
 class KreaProvider(HTTPBackend):
     name = upstream = "krea"
     credential_setting = "GATEWAY_KREA_API_TOKEN"
@@ -148,7 +153,7 @@ class KreaProvider(HTTPBackend):
         for i in range(count):
             job_body = dict(body)
             if params.seed is not None:
-                job_body["seed"] = params.seed + i
+                job_body["seed"] = _seed(params.seed, i)
             token = ""
             job_headers = headers
             try:
@@ -176,7 +181,7 @@ class KreaProvider(HTTPBackend):
             "upstream_created_at": created[0],
         }
         if params.seed is not None:
-            metadata["seeds"] = [params.seed + i for i in range(count)]
+            metadata["seeds"] = [_seed(params.seed, i) for i in range(count)]
         return Submitted(
             upstream_id=",".join(
                 f"{job_id}:{token}" if token else job_id

@@ -425,8 +425,9 @@ def test_true_is_no_number_and_quality_is_read_in_any_case() -> None:
 
 
 def test_webhook_url_and_idempotency_key_may_come_in_the_options() -> None:
-    """Doitong's parameter table lists `webhookUrl` beside width and height: a client that
-    put it in `options` got a 400 and no job. Given in both places, they must agree."""
+    """Doitong's parameter table lists `webhookUrl` beside width and height, which the
+    generate shape takes in `options`: a client that put it there too got a 400 and no
+    job. Given in both places, they must agree."""
     given = {"webhookUrl": "https://x.test/h", "idempotencyKey": "k1"}
     assert generate(**given) == flat(**given)
     assert generate(webhookUrl=None) == generate()

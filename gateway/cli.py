@@ -32,7 +32,8 @@ from rich.table import Column, Table
 from gateway.accounts import Accounts
 from gateway.config import Settings, load_settings
 from gateway.errors import GatewayError
-from gateway.store.redis import Scripts, connect
+from gateway.store import shards
+from gateway.store.redis import RefusedRedis, Scripts, connect
 
 app = typer.Typer(no_args_is_help=True, help="Image-generation gateway.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
@@ -154,16 +155,14 @@ def _with_accounts(
     settings: Settings, action: Callable[[Accounts], Awaitable[T]], *, places: bool = False
 ) -> T:
     """`places`: the action makes an account, on a shard below this process's count,
-    which must be one the workers read (`runtime.check_shards`)."""
+    which must be one the workers read (`shards.for_placing`)."""
     _shared_store(settings)
 
     async def run() -> T:
-        from gateway.runtime import check_shards
-
         redis = await connect(settings.redis_url)
         try:
             if places:
-                await check_shards(redis, settings.redis_shards)
+                await shards.for_placing(redis, settings.redis_shards)
             scripts = Scripts.register(redis)
             return await action(Accounts(redis, scripts, settings))
         finally:
@@ -210,11 +209,9 @@ def _tune_gc() -> None:
 
 @contextlib.contextmanager
 def _usable_redis(settings: Settings) -> Iterator[None]:
-    """`_reaching_redis`, and a Redis the gateway will not use (`runtime.RefusedRedis`:
-    it may evict keys, or holds more shards than this process is set to): one line
+    """`_reaching_redis`, and a Redis the gateway will not use (`RefusedRedis`: it may
+    evict keys, or its keyspace has more shards than this process reads): one line
     saying why and what to change, and exit 1."""
-    from gateway.runtime import RefusedRedis
-
     try:
         with _reaching_redis(settings):
             yield
@@ -226,13 +223,13 @@ def _usable_redis(settings: Settings) -> Iterator[None]:
 def _refuse_unusable_redis(settings: Settings) -> None:
     """`runtime`'s checks of the Redis, made before uvicorn starts (`serve`), so that a
     refusal is one line, not a traceback from the app's start-up."""
-    from gateway.runtime import check_eviction_policy, check_shards
+    from gateway.runtime import check_eviction_policy
 
     async def check() -> None:
         redis = await connect(settings.redis_url)
         try:
             await check_eviction_policy(redis)
-            await check_shards(redis, settings.redis_shards)
+            await shards.at_start(redis, settings.redis_shards)
         finally:
             await redis.aclose()
 
@@ -304,6 +301,8 @@ def worker() -> None:
             _tune_gc()
             structlog.get_logger("gateway").info("worker started", consumer=rt.worker.consumer)
             await rt.worker.run(stop, grace=settings.shutdown_grace_seconds)
+            if rt.worker.refused is not None:  # the keyspace outgrew it while it ran
+                raise rt.worker.refused
 
     import uvloop  # the loop `serve` runs on too: about half the loop's CPU per poll
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -36,9 +37,9 @@ from gateway.providers import build_providers
 from gateway.providers.http import UpstreamClient
 from gateway.routing import Router
 from gateway.service import Gateway
-from gateway.store import keys
+from gateway.store import shards
 from gateway.store.persisted import PersistedQueries
-from gateway.store.redis import Scripts, connect
+from gateway.store.redis import RefusedRedis, Scripts, connect
 from gateway.urlguard import Lookups
 from gateway.webhooks import Webhooks
 from gateway.webhooks import session as webhook_session
@@ -50,33 +51,8 @@ from gateway.webhooks import session as webhook_session
 SAFE_POLICY = "noeviction"
 
 
-class RefusedRedis(RuntimeError):
-    """A Redis the gateway will not start on; the message says why and what to change."""
-
-
 class EvictingRedis(RefusedRedis):
     """The Redis (or one node of the Cluster) may evict keys: the gateway refuses it."""
-
-
-class FewerShards(RefusedRedis):
-    """This process's `GATEWAY_REDIS_SHARDS` is below the keyspace's (`check_shards`)."""
-
-
-async def check_shards(redis: aioredis.Redis, shards: int) -> None:
-    """The keyspace's shard count, kept in Redis (`keys.SHARDS`): raised to this
-    process's `GATEWAY_REDIS_SHARDS` when that is higher (ZADD GT: the highest wins,
-    whoever writes first). A process set lower is refused: it would read the queues,
-    webhook schedules and cache sweeps of its own shards only, leaving the jobs of
-    accounts on the others queued, and never refunded."""
-    await redis.zadd(keys.SHARDS, {keys.SHARDS_MEMBER: shards}, gt=True)
-    stored = int(await redis.zscore(keys.SHARDS, keys.SHARDS_MEMBER) or shards)
-    if stored > shards:
-        raise FewerShards(
-            f"GATEWAY_REDIS_SHARDS is {shards}, but this Redis holds a keyspace of {stored} "
-            f"shards (a process set to {stored} has used it): this one would leave the jobs "
-            f"of accounts on shards {shards}-{stored - 1} unread. Set "
-            f"GATEWAY_REDIS_SHARDS={stored} on every process and start again."
-        )
 
 
 async def check_eviction_policy(redis: aioredis.Redis) -> None:
@@ -144,7 +120,7 @@ async def runtime(
         opened.push_async_callback(redis.aclose)
         if settings.redis_url:  # the embedded store is this process's alone
             await check_eviction_policy(redis)
-            await check_shards(redis, settings.redis_shards)
+            await shards.at_start(redis, settings.redis_shards)
         client = UpstreamClient(settings.upstream_timeout, allow=settings.allow_cidrs)
         opened.push_async_callback(client.aclose)
         hooks = webhook_session(settings)
@@ -221,6 +197,12 @@ async def runtime(
             cache=cache,
             consumer=f"{socket.gethostname()}-{os.getpid()}-{id(queue):x}",
             clock=clock,
+            # the embedded store is this process's alone: no other can raise its count
+            keyspace=(
+                functools.partial(shards.still_enough, redis, settings.redis_shards)
+                if settings.redis_url
+                else None
+            ),
         )
         persisted = PersistedQueries(
             scripts,

@@ -8,6 +8,7 @@ then checks that no refusal happened at all.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import pytest
 from redis.crc import key_slot
 
 from gateway.jobs.store import JobStore
-from gateway.runtime import FewerShards, check_shards
-from gateway.store import keys
+from gateway.store import keys, shards
 from gateway.store.redis import Scripts, connect
+from gateway.store.shards import FewerShards
 from tests.conftest import ThreeNodeCluster
 from tests.harness import GENERATE, Harness, gateway, until
 from tests.servers import free_port, serve
@@ -165,14 +166,29 @@ async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
 # -- the shard count is the keyspace's, not each process's -----------------------------
 
 
-def gateway_command(redis_url: str, storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """A `gateway` command with GATEWAY_REDIS_SHARDS unset (1), as on a host that lacks
-    it; one that would keep running (a worker, a server) fails the test by its timeout."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env |= {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_STORAGE_DIR": str(storage)}
-    env["GATEWAY_PORT"] = str(free_port())
+def gateway_command(
+    redis_url: str, storage: Path, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A `gateway` command with GATEWAY_REDIS_SHARDS unset (1) unless `env` sets it, as on
+    a host that lacks it; one that would keep running (a worker, a server) fails the
+    test by its timeout."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full |= {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_STORAGE_DIR": str(storage)}
+    full |= {"GATEWAY_PUBLIC_URL": "https://images.example.com", **env}
+    full["GATEWAY_PORT"] = str(free_port())
     return subprocess.run(
-        [GATEWAY, *args], capture_output=True, text=True, env=env, timeout=30, check=False
+        [GATEWAY, *args], capture_output=True, text=True, env=full, timeout=30, check=False
+    )
+
+
+def refused(result: subprocess.CompletedProcess[str], *says: str) -> bool:
+    """Exit 1 with one line saying why, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    return (
+        result.returncode == 1
+        and len(lines) == 1
+        and lines[0].startswith("refused: ")
+        and all(s in lines[0] for s in says)
     )
 
 
@@ -180,26 +196,62 @@ async def test_a_process_set_to_fewer_shards_than_the_keyspace_is_refused(
     redis_url: str, storage_dir: Path
 ) -> None:
     """A worker or server set to fewer shards would leave the jobs of the accounts on the
-    others queued for ever: each refuses to start, in one line saying what to set."""
+    others queued for ever: each refuses to start, in one line saying what to set; and
+    `keys create` set to more than the workers read would place a key none reads."""
     async with gateway(redis_url, storage_dir, **SHARDS) as gw:  # the keyspace: 4 shards
         key = await gw.key(shard=3)
         job = (await gw.generate(key, width=512, height=512)).json()["data"]["generate"]
         assert (await gw.wait(key, job["id"]))["status"] == "completed"
-    for command in (["worker"], ["serve"], ["keys", "create"]):
-        result = gateway_command(redis_url, storage_dir, *command)
-        assert result.returncode == 1, (command, result.stdout, result.stderr)
-        assert "GATEWAY_REDIS_SHARDS is 1" in result.stderr, result.stderr
-        assert "Set GATEWAY_REDIS_SHARDS=4" in result.stderr and "Traceback" not in result.stderr
-    listed = gateway_command(redis_url, storage_dir, "keys", "list", "--json")  # reads only
-    assert listed.returncode == 0 and gw.keys[key]["id"] in listed.stdout, listed.stderr
-
-    # A process set higher raises the keyspace's count; the processes at 4 are refused then.
     client = await connect(redis_url)
     try:
-        await check_shards(client, 6)
+        for forgotten in (False, True):
+            if forgotten:  # a keyspace made before the count was kept: its accounts say 4
+                await client.delete(keys.SHARDS)
+            for command in (["worker"], ["serve"]):
+                result = gateway_command(redis_url, storage_dir, *command)
+                assert refused(result, "is 1", "Set GATEWAY_REDIS_SHARDS=4"), result.stderr
+        made = gateway_command(redis_url, storage_dir, "keys", "create", "--json")
+        assert made.returncode == 0, made.stderr  # on shard 0, which every worker reads
+        more = gateway_command(redis_url, storage_dir, "keys", "create", GATEWAY_REDIS_SHARDS="6")
+        assert refused(more, "Start the workers with GATEWAY_REDIS_SHARDS=6 first"), more.stderr
+
+        # A process set higher raises the keyspace's count; the processes at 4 are refused.
+        await shards.at_start(client, 6)
         assert await client.zscore(keys.SHARDS, keys.SHARDS_MEMBER) == 6
         with pytest.raises(FewerShards, match="shards 4-5"):
-            await check_shards(client, 4)
-        await check_shards(client, 6)  # as many: started
+            await shards.at_start(client, 4)
+        await shards.at_start(client, 6)  # as many: started
     finally:
+        await client.aclose()
+
+
+async def test_a_running_worker_stops_once_the_keyspace_outgrows_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Started before the process that raised the count, a worker would read its shards
+    only, for as long as it runs: it looks at each heartbeat, stops and exits 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_STORAGE_DIR": str(storage_dir),
+        "GATEWAY_PUBLIC_URL": "https://images.example.com",
+        "GATEWAY_REDIS_SHARDS": "4",
+        "GATEWAY_JOB_LEASE_SECONDS": "0.6",  # a heartbeat every 0.2 s
+    }
+    worker = subprocess.Popen(
+        [GATEWAY, "worker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    client = await connect(redis_url)
+    try:
+        await until(lambda: client.zscore(keys.SHARDS, keys.SHARDS_MEMBER), what="its start")
+        await asyncio.sleep(0.5)  # a few heartbeats at 4: it goes on
+        assert worker.poll() is None
+        await shards.at_start(client, 6)  # a gateway set to 6 starts
+        assert await until(lambda: worker.poll() is not None, timeout=20, what="it stops")
+        assert worker.returncode == 1
+        assert "Set GATEWAY_REDIS_SHARDS=6" in (worker.stderr.read() if worker.stderr else "")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
         await client.aclose()

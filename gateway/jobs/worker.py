@@ -32,7 +32,7 @@ from gateway.jobs.store import JobStore
 from gateway.providers.base import ImageParams, Output
 from gateway.routing import JobCancelled, JobFailed, Result, Router
 from gateway.store import keys
-from gateway.store.redis import store_trouble
+from gateway.store.redis import RefusedRedis, store_trouble
 from gateway.timeouts import set_within
 from gateway.webhooks import Webhooks
 
@@ -97,7 +97,13 @@ class Worker:
         cache: Cache,
         webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
+        keyspace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`keyspace`: looked at each heartbeat, raises `RefusedRedis` once the keyspace
+        has more shards than this worker reads (`store/shards.py`); the worker then stops
+        and keeps the refusal in `refused`."""
+        self.keyspace = keyspace
+        self.refused: RefusedRedis | None = None
         self.webhooks = webhooks
         self.cache = cache
         self.settings = settings
@@ -182,6 +188,8 @@ class Worker:
         while not stop.is_set():
             await set_within(stop, period)
             try:
+                if self.keyspace is not None:
+                    await self.keyspace()
                 await self.beat()
                 rescued = await self.cache.rescue(self.now_ms(), self.router.configured)
                 await self._announce(rescued)
@@ -192,6 +200,10 @@ class Worker:
                     self.last_sweep = self.clock()
                     self.sweeping = asyncio.create_task(self._sweep_logged())
                 trouble.ok()
+            except RefusedRedis as exc:  # its jobs are left to workers that read them all
+                log.error("worker stopping", reason=str(exc))
+                self.refused = exc
+                stop.set()
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await self.queue.regroup(exc)  # Redis came back empty: the next beat runs

@@ -82,6 +82,11 @@ def _raised_in_redis_py(exc: BaseException) -> bool:
 # say so, once, at no cost (a cast, not a copy: job polls read whole hashes).
 
 
+class RefusedRedis(RuntimeError):
+    """A Redis the gateway will not run on (it may evict keys; its keyspace has more
+    shards than this process reads); the message says why and what to change."""
+
+
 def decoded(value: bytes | str) -> str:
     """A string reply of a client made by `connect`."""
     return cast(str, value)

@@ -303,7 +303,7 @@ def request_from(
     if idempotency_key:
         fields["idempotencyKey"] = idempotency_key
     seed = body.get(FIELDS["seed"])
-    if isinstance(seed, int | float) and seed >= SEED_MODULUS:  # ours goes further
+    if isinstance(seed, int | float) and seed >= SEED_MODULUS:  # within ours, not theirs
         raise BadUserInput(
             f"seed: Input should be less than or equal to {SEED_MODULUS - 1}", field="seed"
         )

@@ -22,8 +22,9 @@ import functools
 
 PREFIX = "gw"
 ACCOUNTS = f"{PREFIX}:accounts"  # set of account ids (single-key commands only)
-#: the keyspace's shard count, the highest any process was set to (`runtime.check_shards`):
-#: a sorted set of one member, so that ZADD GT keeps the highest in one command
+#: the keyspace's shard count, the highest any server or worker was set to
+#: (`store/shards.py`): a sorted set of one member, so that ZADD GT keeps the highest
+#: in one command
 SHARDS, SHARDS_MEMBER = f"{PREFIX}:shards", "keyspace"
 QUEUE_GROUP = "workers"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import structlog
 from starlette.datastructures import Headers
@@ -27,7 +27,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError
+from gateway import metrics
+from gateway.errors import GatewayError, Unauthenticated
 
 if TYPE_CHECKING:
     from gateway.auth import Principal
@@ -84,6 +85,18 @@ class Request(StarletteRequest):
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+_R = TypeVar("_R")  # the route's request, whichever class it is
+
+
+def generation_key(read: Callable[[_R], str], request: _R) -> str:
+    """A provider route's own reader of its key for a generation (its protocol's header,
+    its own refusal), the refusal counted as `Gateway.generate` counts every other
+    (`gateway_admissions_total`): it comes before that call."""
+    try:
+        return read(request)
+    except Unauthenticated as exc:
+        metrics.refused(exc.code)
+        raise
 
 
 #: What a read answers is the caller's own (a job, its status, the models its token

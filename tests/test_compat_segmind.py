@@ -496,15 +496,21 @@ async def test_a_client_token_is_a_key_here_too(redis_url: str, storage_dir: Pat
 async def test_a_generation_without_a_key_is_counted_as_every_routes_is(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """A generation refused here for its missing (or bearer-only) key is counted in
-    `gateway_admissions_total{outcome="unauthenticated"}`, as on every other route."""
+    """A generation refused on a provider's route for its missing key (or, on Segmind's, a
+    bearer-only one), in that protocol's words before `Gateway.generate` is called, is
+    counted in `gateway_admissions_total{outcome="unauthenticated"}`, as on every other
+    route. Krea's and flux-krea's were not."""
     counted = metrics.ADMITTED["unauthenticated"]
     async with gateway(redis_url, storage_dir, **LOCAL) as gw:
         before = counted._value.get()
-        for path, headers in (
-            ("v2/flux-krea-dev", {}),
-            ("v1/flux-krea-dev", {"Authorization": "Bearer gk_x_y"}),
-        ):
-            r = await gw.http.post(f"/compat/segmind/{path}", json={"prompt": "x"}, headers=headers)
-            assert r.status_code == 401
-        assert counted._value.get() == before + 2
+        refused = (
+            ("/compat/segmind/v2/flux-krea-dev", {}),
+            ("/compat/segmind/v1/flux-krea-dev", {"Authorization": "Bearer gk_x_y"}),
+            ("/compat/krea/generate/image/bfl/flux-1-dev", {}),
+            ("/compat/fluxkrea/v1/generate", {}),
+            ("/compat/fluxkrea/v1/generate/async", {"X-API-Key": "gk_x_y"}),
+        )
+        for path, headers in refused:
+            r = await gw.http.post(path, json={"prompt": "x"}, headers=headers)
+            assert r.status_code == 401, (path, r.text)
+        assert counted._value.get() == before + len(refused)

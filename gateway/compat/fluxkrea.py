@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute
 
 from gateway import bodies
 from gateway.bodies import memoized
-from gateway.endpoints import route, wait_answering
+from gateway.endpoints import generation_key, route, wait_answering
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
 from gateway.params import GenerationRequest
 from gateway.providers import fluxkrea
@@ -91,7 +91,7 @@ async def generate(request: Request) -> Response:
 
     try:
         job, principal = await gateway.generate(
-            bearer(request), parse, request.headers.get("origin", ""), rejoin=True
+            generation_key(bearer, request), parse, request.headers.get("origin", ""), rejoin=True
         )
     except GatewayError as exc:
         return error_response(exc)
@@ -130,7 +130,10 @@ async def generate_async(request: Request) -> Response:
 
     try:
         job, principal = await gateway.generate(
-            bearer(request), parse, request.headers.get("origin", ""), webhook_shape=shape
+            generation_key(bearer, request),
+            parse,
+            request.headers.get("origin", ""),
+            webhook_shape=shape,
         )
     except GatewayError as exc:
         return error_response(exc)

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute
 
 from gateway import bodies
 from gateway.bodies import memoized
-from gateway.endpoints import route
+from gateway.endpoints import generation_key, route
 from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
 from gateway.jobs.model import Job
 from gateway.params import GenerationRequest
@@ -86,7 +86,7 @@ async def generate(request: Request) -> Response:
 
     try:
         job, principal = await gateway.generate(
-            bearer(request),
+            generation_key(bearer, request),
             parse,
             request.headers.get("origin", ""),
             webhook_shape={"protocol": "krea"},

@@ -30,12 +30,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from gateway import metrics
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal
 from gateway.bodies import json_object, memoized
 from gateway.config import BACKENDS
-from gateway.endpoints import route, wait_answering
+from gateway.endpoints import generation_key, route, wait_answering
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -116,16 +115,6 @@ def _key(request: Request) -> str:
             "(an Authorization header is not accepted here)"
         )
     raise Unauthenticated("Missing x-api-key in header")
-
-
-def _generation_key(request: Request) -> str:
-    """`_key` for a generation: its refusal counted as every route's is
-    (`gateway_admissions_total`, which `Gateway.generate` counts once it is called)."""
-    try:
-        return _key(request)
-    except Unauthenticated as exc:
-        metrics.refused(exc.code)
-        raise
 
 
 def _origin(request: Request) -> str:
@@ -212,7 +201,7 @@ async def run_sync(request: Request) -> Response:
     headers: dict[str, str] = {}
     wanted: GenerationRequest | None = None
     try:
-        key = _generation_key(request)
+        key = generation_key(_key, request)
 
         async def parse() -> GenerationRequest:
             nonlocal wanted
@@ -256,7 +245,7 @@ async def submit(request: Request) -> Response:
     """`POST /v2/{model}`: admitted as any job; answers its id and where to poll it."""
     gateway: Gateway = request.app.state.gateway
     try:
-        key = _generation_key(request)
+        key = generation_key(_key, request)
 
         async def parse() -> GenerationRequest:
             return await _parse(request, gateway, one_image=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -242,16 +243,7 @@ class Settings(BaseSettings):
     @field_validator("url_allow_cidrs")
     @classmethod
     def _cidrs(cls, v: str) -> str:
-        """Parsed at start-up (`allow_cidrs` parses it again where it is used)."""
-        for part in (p.strip() for p in v.split(",")):
-            if part:
-                try:
-                    ipaddress.ip_network(part, strict=False)
-                except ValueError:
-                    raise ValueError(
-                        f"{part[:64]!r} is not an address or network (comma-separated, "
-                        "like 10.0.0.0/8,fd00::/8)"
-                    ) from None
+        _networks(v)  # refused at start-up, not at the first webhook
         return v
 
     @field_validator("storage_url")
@@ -287,10 +279,25 @@ class Settings(BaseSettings):
             return ("*",)
         return origins
 
-    @property
+    @functools.cached_property
     def allow_cidrs(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        parts = [p.strip() for p in self.url_allow_cidrs.split(",") if p.strip()]
-        return [ipaddress.ip_network(p, strict=False) for p in parts]
+        """`url_allow_cidrs` parsed, once (read at each webhook's check)."""
+        return _networks(self.url_allow_cidrs)
+
+
+def _networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """A comma-separated list of addresses or networks."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{part[:64]!r} is not an address or network (comma-separated, "
+                    "like 10.0.0.0/8,fd00::/8)"
+                ) from None
+    return networks
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -34,7 +34,7 @@ from gateway.jobs.store import JobStore
 from gateway.params import INT_MAX, GenerationRequest
 from gateway.routing import Router
 from gateway.store import keys
-from gateway.store.redis import Scripts, decoded, store_trouble
+from gateway.store.redis import Scripts, store_trouble
 from gateway.tokens import MINTING, ClientTokens, Minted, TokenSpec
 from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks
@@ -411,8 +411,7 @@ class Gateway:
                 pipe.get(keys.day(account, utc_day(now)))
                 pipe.zcount(keys.running(account), now, "+inf")
                 pipe.get(keys.reads(account, now, principal.token_id()))
-                pipe.hget(keys.account(account), "webhook_secret")
-                credits, today, running, reads, secret = await pipe.execute()
+                credits, today, running, reads = await pipe.execute()
         limits = principal.limits
         day_reset = (now // 86_400_000 + 1) * 86_400
         reads_allowed = principal.read_limit
@@ -439,8 +438,9 @@ class Gateway:
             # a client token sees what is left of its budget, not its account's balance
             "credits": principal.credits if token else int(credits or 0),
             "client_token": token,
-            # what signs the key's webhooks (docs/api.md#webhooks), never a page's to see
-            "webhook_secret": decoded(secret) if secret and not token else None,
+            # what signs the key's webhooks (docs/api.md#webhooks), read with the key (a
+            # client token's is blanked: never a page's to see)
+            "webhook_secret": principal.webhook_secret or None,
             "limits": [
                 usage("minute", limits.rpm, principal.window_used, principal.window_reset),
                 usage("day", limits.daily, int(today or 0), day_reset),

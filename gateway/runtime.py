@@ -59,8 +59,9 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
     """Refuse a Redis whose `maxmemory-policy` can evict keys (docs/api.md#redis): raise
     `EvictingRedis` naming the policy and the node. On a Cluster every node the client
     knows is asked (a replica becomes a primary on failover). A server that refuses
-    CONFIG GET (managed Redis, an ACL, a renamed command) cannot be checked: a warning
-    is logged and start-up goes on."""
+    CONFIG GET (managed Redis, an ACL, a renamed command) is read through INFO's memory
+    section, which says the same; one that refuses both cannot be checked: a warning is
+    logged and start-up goes on."""
     log = structlog.get_logger("gateway")
     get_nodes = getattr(redis, "get_nodes", None)
     targets: list[tuple[str, dict[str, Any]]] = []
@@ -72,7 +73,7 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
         targets = [(f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}", {})]
     for name, extra in targets:
         try:
-            reply = await redis.execute_command("CONFIG", "GET", "maxmemory-policy", **extra)
+            policy = await _policy(redis, extra)
         except (NoPermissionError, ResponseError) as exc:
             log.warning(
                 "cannot read Redis maxmemory-policy: make sure it is noeviction",
@@ -80,7 +81,6 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
                 error=str(exc),
             )
             continue
-        policy = _policy_of(reply)
         if policy and policy != SAFE_POLICY:
             raise EvictingRedis(
                 f"Redis at {name} has maxmemory-policy {policy}: it may evict keys "
@@ -88,6 +88,17 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
                 f"{SAFE_POLICY} (redis-server --maxmemory-policy {SAFE_POLICY}, or "
                 f"CONFIG SET maxmemory-policy {SAFE_POLICY}) and start again."
             )
+
+
+async def _policy(redis: aioredis.Redis, extra: dict[str, Any]) -> str:
+    """The node's `maxmemory-policy`: CONFIG GET's, else INFO memory's `maxmemory_policy`
+    (managed services that disable CONFIG answer INFO)."""
+    try:
+        reply = await redis.execute_command("CONFIG", "GET", "maxmemory-policy", **extra)
+    except (NoPermissionError, ResponseError):
+        info = await redis.execute_command("INFO", "memory", **extra)
+        return str(info.get("maxmemory_policy", "")) if isinstance(info, dict) else ""
+    return _policy_of(reply)
 
 
 def _policy_of(reply: Any) -> str:

@@ -69,7 +69,19 @@ def test_serve_and_worker_refuse_a_redis_that_may_evict_keys(
             assert "noeviction" in result.stderr
 
 
-def test_serve_starts_on_noeviction_and_when_config_get_is_refused(
+def test_a_redis_that_refuses_config_is_read_through_info(
+    tmp_path: Path, storage_dir: Path
+) -> None:
+    """Managed Redis services disable CONFIG; INFO still tells their policy."""
+    no_config = ("--rename-command", "CONFIG", "")
+    with plain_redis(tmp_path, "--maxmemory-policy", "allkeys-lru", *no_config) as url:
+        for command in ("serve", "worker"):
+            result = run(command, url, storage_dir)
+            assert result.returncode != 0, (command, result.stdout, result.stderr)
+            assert "allkeys-lru" in result.stderr, (command, result.stderr)
+
+
+def test_serve_starts_on_noeviction_and_when_the_policy_cannot_be_read(
     tmp_path: Path, storage_dir: Path
 ) -> None:
     with (
@@ -77,9 +89,15 @@ def test_serve_starts_on_noeviction_and_when_config_get_is_refused(
         gateway_processes(url, storage_dir, tmp_path) as bases,
     ):
         assert bases
-    # A managed Redis that refuses CONFIG: it cannot be checked, so a warning, and it runs.
     with (
         plain_redis(tmp_path, "--rename-command", "CONFIG", "") as url,
+        gateway_processes(url, storage_dir, tmp_path) as bases,
+    ):
+        assert "maxmemory-policy" not in (tmp_path / "gw0.log").read_text()  # read by INFO
+    # Neither CONFIG nor INFO: it cannot be checked, so a warning, and it runs.
+    refused = ("--rename-command", "CONFIG", "", "--rename-command", "INFO", "")
+    with (
+        plain_redis(tmp_path, *refused) as url,
         gateway_processes(url, storage_dir, tmp_path) as bases,
     ):
         assert "maxmemory-policy" in (tmp_path / "gw0.log").read_text()

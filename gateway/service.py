@@ -39,6 +39,13 @@ from gateway.tokens import MINTING, ClientTokens, Minted, TokenSpec
 from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks
 
+#: An admission that met Redis trouble is sent again, for this long, before the request
+#: is answered 503: admit.lua knows its own job id, so a second send of one that ran is
+#: answered with that job. Redis restarting between running an admission and replying
+#: would otherwise leave a job accepted and charged behind a 503 (docs/api.md#durability).
+ADMIT_AGAIN_SECONDS = 3.0
+ADMIT_AGAIN_FIRST = 0.05  # the first wait; each next one twice as long
+
 
 @contextlib.contextmanager
 def store_errors(
@@ -254,6 +261,18 @@ class Gateway:
         )
 
         async def admitted(rejoin: str) -> Admitted | Duplicate:
+            wait, until = ADMIT_AGAIN_FIRST, time.monotonic() + ADMIT_AGAIN_SECONDS
+            while True:
+                try:
+                    return await admit_once(rejoin)
+                except Exception as exc:
+                    trouble = isinstance(exc, OSError) or store_trouble(exc)
+                    if not trouble or time.monotonic() + wait > until:
+                        raise
+                await asyncio.sleep(wait)
+                wait *= 2
+
+        async def admit_once(rejoin: str) -> Admitted | Duplicate:
             return await admit(
                 self.redis,
                 self.scripts,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import select
 import socket
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
@@ -91,6 +92,10 @@ class ReplyCutter:
         self.port, self.marker = port, marker
         self.armed = False
         self.cut = 0
+        #: after a cut, connections made for this long are closed at once, unanswered (as
+        #: a Redis restarting after it ran the command refuses them)
+        self.down_after_cut = 0.0
+        self.down_until = 0.0
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[int]:
@@ -102,6 +107,9 @@ class ReplyCutter:
             await server.wait_closed()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self.down_until:
+            client_w.close()
+            return
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
         cutting = asyncio.Event()
 
@@ -117,6 +125,7 @@ class ReplyCutter:
             while data := await server_r.read(65536):
                 if cutting.is_set():
                     self.cut += 1
+                    self.down_until = time.monotonic() + self.down_after_cut
                     break
                 client_w.write(data)
                 await client_w.drain()

@@ -94,6 +94,27 @@ async def test_an_admission_whose_reply_is_lost_is_charged_once(
         assert {"name": "day", "used": 1} in me["data"]["me"]["limits"]
 
 
+async def test_an_admission_whose_reply_is_lost_as_redis_restarts_is_answered_with_its_job(
+    plain_redis_server: RedisServer, storage_dir: Path
+) -> None:
+    """Redis runs the admission, then goes away before replying and refuses connections
+    for a second (a restart): the request is not answered 503 over a job it was charged
+    for (whose client would send it again, as a second job); it is sent again until Redis
+    is back, and answered with that one job."""
+    async with replies_cut(plain_redis_server.port, "admit", storage_dir) as (cutter, gw):
+        key = await gw.key("pro", credits=100)
+        account = gw.keys[key]["id"]
+        cutter.armed, cutter.down_after_cut = True, 1.0
+        r = await gw.generate(key, width=1024, height=1024)
+        assert cutter.cut == 1
+        assert r.status_code == 200, r.text
+        job = r.json()["data"]["generate"]
+        store = gw.accounts.redis
+        assert await store.zrange(keys.jobs(account), 0, -1) == [job["id"]]
+        assert int(await store.hget(keys.account(account), "credits")) == 80
+        assert [e["reason"] for e in await gw.accounts.ledger(account)].count("charge") == 1
+
+
 async def test_a_top_up_whose_reply_is_lost_is_applied_once(
     plain_redis_server: RedisServer, storage_dir: Path
 ) -> None:

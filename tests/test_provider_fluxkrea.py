@@ -267,6 +267,17 @@ async def test_answer_without_images_is_unavailable(
     assert emu.submissions == 1
 
 
+async def test_what_flux_krea_says_of_a_failure_is_not_in_the_reason(
+    emu: FluxKreaEmulator, base: str, client: UpstreamClient
+) -> None:
+    """The reason is shown in the job's `error` and the public `providers` list: it
+    names the status, never the upstream's own words (those go to our log)."""
+    emu.answer_next(1, {"status": "error", "message": "account acct_42 suspended: " + "x" * 999})
+    with pytest.raises(ProviderUnavailable) as raised:
+        await make(client, base).submit(ImageParams(prompt="x"))
+    assert raised.value.message == "flux-krea answered status 'error'"
+
+
 async def test_stall_beyond_timeout_is_a_timeout_and_not_resent(
     emu: FluxKreaEmulator, base: str, client: UpstreamClient
 ) -> None:

@@ -147,11 +147,12 @@ class FluxKreaProvider(HTTPBackend):
         response = await self._post("/generate", body)
         data = self.json_object(response)
         if data.get("status") != SUCCESS:
-            detail = data.get("message") or data.get("error") or ""
-            raise ProviderUnavailable(
-                f"flux-krea answered status {data.get('status')!r}"
-                + (f": {str(detail)[:200]}" if detail else "")
-            )
+            # What it says goes to our log only: the reason is shown in the job's `error`
+            # and the public `providers` list (docs/api.md#failover).
+            status = str(data.get("status"))[:32]
+            detail = str(data.get("message") or data.get("error") or "")[:200]
+            log.warning("flux-krea answered no success", status=status, detail=detail)
+            raise ProviderUnavailable(f"flux-krea answered status {status!r}")
         images = data.get("images")
         if not isinstance(images, list) or not images:
             raise ProviderUnavailable("flux-krea answered success without images")

@@ -212,7 +212,7 @@ def _parts(upstream_id: str) -> list[tuple[str, str]]:
     for part in upstream_id.split(","):
         job_id, _, token = part.strip().partition(":")
         if not _JOB_ID.match(job_id) or (token and not _JOB_ID.match(token)):
-            raise ProviderUnavailable(f"not a krea upstream id: {upstream_id!r}")
+            raise ProviderUnavailable("not a krea upstream id")  # it holds callback tokens
         parts.append((job_id, token))
     return parts
 
@@ -222,7 +222,7 @@ def _job(body: dict[str, Any]) -> dict[str, Any]:
     unavailable."""
     job_id, status, created_at = body.get("job_id"), body.get("status"), body.get("created_at")
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-        raise ProviderUnavailable(f"krea answered without a usable job_id: {job_id!r}")
+        raise ProviderUnavailable("krea answered without a usable job_id")
     if not isinstance(status, str) or not status:
         raise ProviderUnavailable(f"krea job {job_id} has no status")
     if not isinstance(created_at, str):

@@ -307,6 +307,20 @@ class Gateway:
                         continue  # (a Duplicate now is this admission's own, run already)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
+                if earlier.id != job.id:
+                    # Answered with an earlier job, as a read of it is, so counted as one:
+                    # repeats of one key are not free of every limit (each may carry
+                    # the job's images, base64).
+                    await authenticate(
+                        self.redis,
+                        self.scripts,
+                        self.settings,
+                        api_key,
+                        now,
+                        plans=self.plans,
+                        read=True,
+                        origin=origin,
+                    )
                 metrics.ADMITTED["duplicate"].inc()
                 return earlier, verdict.principal
         metrics.ADMITTED_AS[verdict.mode].inc()

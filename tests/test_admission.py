@@ -465,6 +465,31 @@ async def test_idempotency_key_makes_concurrent_retries_one_job(
         assert_rate_limited(await gw.gql(GENERATE, other, key), "concurrency")
 
 
+async def test_repeats_of_an_idempotency_key_count_as_reads(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A repeat is answered with the job (its images too, on OpenAI's and Segmind's
+    routes), as a read of it is: it counts as one, so no key or client token can have
+    it served without a limit."""
+    async with reads_limited(redis_url, storage_dir, 5) as gw:
+        key = await gw.key("free", credits=100, rpm=1)  # its read limit: the 5 configured
+        variables = {
+            "input": {
+                "type": "IMAGE",
+                "provider": "local",
+                "input": {"text": "same"},
+                "idempotencyKey": "order-19",
+            }
+        }
+        first = await gw.gql(GENERATE, variables, key)
+        assert first.status_code == 200, first.text
+        for _ in range(5):
+            again = await gw.gql(GENERATE, variables, key)
+            assert again.status_code == 200 and job_id(again) == job_id(first), again.text
+        assert_rate_limited(await gw.gql(GENERATE, variables, key), "read")
+        assert len(await gw.accounts.ledger(gw.keys[key]["id"])) == 2  # one charge
+
+
 # -- 7. reads --------------------------------------------------------------------------
 
 

@@ -214,9 +214,40 @@ def worker_app(
     return app
 
 
+#: The worker's endpoint serves a scraper and a health check: this many connections at
+#: once (more are closed unanswered), each cut once it has waited this long for a read
+#: (a client that connects and sends nothing held a thread for ever).
+WORKER_CONNECTIONS = 16
+WORKER_READ_SECONDS = 5.0
+
+
 class _Quiet(WSGIRequestHandler):
+    timeout = WORKER_READ_SECONDS  # socketserver sets it on the connection
+
     def log_message(self, format: str, *args: Any) -> None:
         """Nothing: a scrape every few seconds is not news."""
+
+
+class _Bounded(ThreadingWSGIServer):
+    """A thread a connection, as many at once as there are `slots`."""
+
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 @contextlib.asynccontextmanager
@@ -252,8 +283,9 @@ async def worker_endpoint(
     host = host or settings.host
     family = socket.getaddrinfo(host, settings.metrics_port, type=socket.SOCK_STREAM)[0][0]
 
-    class Server(ThreadingWSGIServer):
+    class Server(_Bounded):
         address_family = family
+        slots = threading.BoundedSemaphore(WORKER_CONNECTIONS)
 
     try:
         server = make_server(

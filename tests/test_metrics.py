@@ -509,6 +509,51 @@ async def test_a_worker_with_metrics_off_still_answers_its_health_check(
         assert check.returncode == 0
 
 
+async def test_idle_connections_cannot_take_a_workers_health_check(
+    redis_url: str, storage_dir: Path, tmp_path: Path
+) -> None:
+    """Connections that send nothing get at most WORKER_CONNECTIONS threads (the rest
+    are closed at once), each cut after WORKER_READ_SECONDS: the worker's /healthz
+    answers again, with the idle connections still open."""
+    from gateway.metrics_http import WORKER_CONNECTIONS
+
+    port = free_port()
+    env = {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_STORAGE_DIR": str(storage_dir),
+        "GATEWAY_METRICS_PORT": str(port),
+    }
+    idle: list[socket.socket] = []
+    with worker_process(env, tmp_path):
+        try:
+            for _ in range(WORKER_CONNECTIONS + 24):
+                idle.append(socket.create_connection(("127.0.0.1", port), 5))
+            for conn in idle:
+                conn.setblocking(False)
+
+            def closed() -> int:
+                count = 0
+                for conn in idle:
+                    try:
+                        count += conn.recv(1) == b""
+                    except BlockingIOError:
+                        pass
+                return count
+
+            await until(lambda: closed() >= 24, what="the connections past the bound closed")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+                async def healthy() -> bool:
+                    with contextlib.suppress(httpx.TransportError):
+                        return (await http.get("/healthz")).status_code == 200
+                    return False
+
+                await until(healthy, timeout=30, what="/healthz answered past idle clients")
+        finally:
+            for conn in idle:
+                conn.close()
+
+
 # -- in-process: the switch, the route label, the Redis gauges' pace ----------------------
 
 

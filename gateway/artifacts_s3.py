@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +47,9 @@ FAILURES = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutErr
 MISSING = {"NoSuchKey", "404", "NotFound"}
 DELETE_BATCH = 1000  # DeleteObjects' limit
 READY_TIMEOUT = 5.0  # /readyz answers within this even when the server hangs
+#: /readyz, open to anyone, asks the bucket once in this many seconds at most, however
+#: often it is asked: each HeadBucket is a request the bucket's owner pays for
+READY_REUSE = 1.0
 
 
 class _Upload(io.RawIOBase):
@@ -104,6 +108,7 @@ class S3ArtifactStore:
         self.gateway_base = gateway_url.rstrip("/") + "/outputs"
         self.public_base = public_url.rstrip("/") if public_url else None
         self.presign_seconds = presign_seconds
+        self._ready: tuple[float, asyncio.Future[bool]] | None = None  # the last check
 
     # -- names, keys and URLs ----------------------------------------------------------
 
@@ -192,6 +197,14 @@ class S3ArtifactStore:
                 raise StorageUnavailable(f"{len(errors)} objects not deleted: {errors[0]}")
 
     async def ready(self) -> bool:
+        """The bucket answers: the last check's answer, or a new check's once that one is
+        READY_REUSE old (callers meanwhile share it)."""
+        now = time.monotonic()
+        if self._ready is None or now - self._ready[0] >= READY_REUSE:
+            self._ready = (now, asyncio.ensure_future(self._check()))
+        return await asyncio.shield(self._ready[1])
+
+    async def _check(self) -> bool:
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await self.client.head_bucket(Bucket=self.bucket)

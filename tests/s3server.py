@@ -118,12 +118,14 @@ class UploadCutter:
     """A TCP proxy in front of an S3 server. While `cutting`, a connection is relayed
     for its first `after` bytes (a PUT's headers and the start of its body) and then
     closed both ways: the server never receives the whole object, the client never
-    hears back. `cut_uploads` counts the PUTs cut part way through their body."""
+    hears back. `cut_uploads` counts the PUTs cut part way through their body, `heads`
+    the HEAD requests sent."""
 
     def __init__(self, port: int, after: int = 4096) -> None:
         self.port, self.after = port, after
         self.cutting = False
         self.cut_uploads = 0
+        self.heads = 0  # HEAD requests relayed
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -140,6 +142,7 @@ class UploadCutter:
         async def requests() -> None:
             seen = bytearray()  # the connection's first bytes, up to `after`
             while data := await client_r.read(65536):
+                self.heads += data.count(b"HEAD /")
                 if self.cutting and len(seen) + len(data) > self.after:
                     part = data[: max(0, self.after - len(seen))]
                     server_w.write(part)

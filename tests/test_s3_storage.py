@@ -6,6 +6,7 @@ uploads mid-way (a job is never completed with a missing object; credits balance
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -183,6 +184,23 @@ async def test_an_upload_cut_midway_stores_nothing_and_raises(
         cutter.cutting = False
         url = await bucket.put(png(), "png")
         assert await bucket.read(url) == png()
+
+
+async def test_readiness_asks_the_bucket_once_a_second_however_often_asked(
+    s3: dict[str, str], s3_server: MotoServer
+) -> None:
+    """/readyz is open to anyone; each HeadBucket is a request the bucket's owner pays."""
+    counter = UploadCutter(s3_server.port)
+    async with counter.running() as proxied, store(proxied) as bucket:
+        assert all(await asyncio.gather(*(bucket.ready() for _ in range(20))))
+        for _ in range(20):
+            assert await bucket.ready()
+        assert counter.heads == 1
+
+        async def asked_again() -> bool:
+            return await bucket.ready() and counter.heads == 2
+
+        await until(asked_again, what="a second HeadBucket, a second on")
 
 
 async def test_presigned_locations_and_the_public_base(

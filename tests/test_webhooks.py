@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,11 +33,13 @@ from gateway.jobs.model import Job
 from gateway.jobs.store import JobStore
 from gateway.store import keys
 from gateway.store.redis import Scripts, connect
+from gateway.store.scripts import source
 from gateway.urlguard import Lookups, check_url
 from gateway.webhooks import Webhooks, session
+from tests.conftest import RedisServer
 from tests.harness import gateway, until
 from tests.records import record
-from tests.servers import HOOKS_NAME, black_hole, free_port, resolving, serve
+from tests.servers import HOOKS_NAME, ReplyCutter, black_hole, free_port, resolving, serve
 
 FAST = {"url_allow_cidrs": "127.0.0.0/8", "webhook_retry_delays": [0.05] * 6}
 
@@ -422,9 +425,10 @@ class Deliverer:
         self.tls = tls
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Deliverer]:
-        self.redis = await connect(None)
+    async def running(self, redis_url: str | None = None) -> AsyncIterator[Deliverer]:
+        self.redis = await connect(redis_url)
         scripts = Scripts.register(self.redis)
+        await scripts.load()  # as the runtime does: a call's first send runs it
         store = JobStore(self.redis, scripts, self.settings.retention_days)
         self.account = (await Accounts(self.redis, scripts, self.settings).create("pro"))["id"]
         async with session(self.settings, self.tls) as client:
@@ -679,6 +683,27 @@ async def test_timeouts_and_connection_failures_are_recorded(tmp_path: Path) -> 
         closed = free_port()
         refused = await deliverer.attempt(f"http://127.0.0.1:{closed}/hook")
         assert refused["error"] == "connection failed: ClientConnectorError"
+
+
+async def test_an_attempt_whose_count_lost_its_reply_is_counted_once(
+    plain_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The connection drops after Redis counted the attempt, before its reply arrived:
+    the count is sent again, and the attempt is still the first (a lost reply must not
+    use up one of the attempts the contract promises)."""
+    Redis(port=plain_redis_server.port).flushall()
+    sha = hashlib.sha1(source("patch").encode()).hexdigest().encode()
+    cutter = ReplyCutter(plain_redis_server.port, sha)
+    receiver = Receiver()
+    async with (
+        cutter.running() as proxied,
+        serve(receiver.app) as hook_base,
+        Deliverer(tmp_path).running(f"redis://127.0.0.1:{proxied}/0") as d,
+    ):
+        cutter.armed = True
+        logged = await d.attempt(f"{hook_base}/hook")
+        assert cutter.cut == 1
+        assert logged["attempt"] == 1 and logged["success"] is True
 
 
 async def test_a_delivery_whose_job_record_expired_first_is_counted_failed(

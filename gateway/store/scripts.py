@@ -815,6 +815,7 @@ class Patch(Script):
     """patch.lua: set fields of a job record, and count one, in one step."""
 
     name = "patch"
+    once = True
 
     async def __call__(
         self,

@@ -118,10 +118,6 @@ UPSTREAM_SECONDS = float(os.environ.get("BENCH_JOB_COST_SECONDS", "1"))
 WORKERS = int(os.environ.get("BENCH_JOB_COST_WORKERS", "128"))
 SAMPLE_RATE = int(os.environ.get("BENCH_JOB_COST_RATE", "1000"))  # py-spy samples/s
 WARMUP = 64  # jobs run before the measured ones
-#: The worker's log lines go to memory, as a container's stdout goes to a pipe: written
-#: to the disk whose journal the outputs' fsyncs hold, each line waited on it, and py-spy
-#: counted that wait as the loop's time.
-LOGS = "/dev/shm" if Path("/dev/shm").is_dir() else None
 KEEP = os.environ.get("BENCH_JOB_COST_KEEP")  # a directory: the raw profiles are copied there
 IMAGE_SIDE = 1024  # a greyscale PNG of noise this wide and high: about 1 MB
 LOOPBACK = "127.0.0.0/8"
@@ -696,10 +692,7 @@ async def run_jobs(
     from gateway.runtime import runtime
 
     callbacks = row.mode == "callbacks"
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-job-cost-") as tmp,
-        tempfile.TemporaryDirectory(prefix="bench-job-cost-log-", dir=LOGS) as logs,
-    ):
+    with tempfile.TemporaryDirectory(prefix="bench-job-cost-") as tmp:
         workdir = Path(tmp)
         storage = workdir / "outputs"
         png = noise_png()
@@ -743,7 +736,7 @@ async def run_jobs(
                     GATEWAY_PORT=str(port),
                 )
                 api = spawn("gateway", [gateway_binary(), "serve"], env, port, workdir)
-            log = Path(logs) / "worker.log"
+            log = workdir / "worker.log"
             with log.open("wb") as out:
                 worker = subprocess.Popen(
                     [*prefix, gateway_binary(), "worker"],

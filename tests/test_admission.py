@@ -427,21 +427,26 @@ async def test_two_processes_admit_exactly_the_minute_limit_from_one_key(
 # -- 6. idempotency ----------------------------------------------------------------------
 
 
+def _ordered(idempotency_key: str, **more: Any) -> dict[str, Any]:
+    """`generate`'s variables: the same picture, under `idempotency_key`."""
+    return {
+        "input": {
+            "type": "IMAGE",
+            "provider": "local",
+            "input": {"text": "same"},
+            "idempotencyKey": idempotency_key,
+            **more,
+        }
+    }
+
+
 async def test_idempotency_key_makes_concurrent_retries_one_job(
     redis_url: str, storage_dir: Path
 ) -> None:
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         # A free key: one slot, ten a minute; retries of one request take neither.
         key = await gw.key("free", credits=100)
-        variables = {
-            "input": {
-                "type": "IMAGE",
-                "provider": "local",
-                "input": {"text": "same"},
-                "idempotencyKey": "order-17",
-                "options": {"width": 1024, "height": 1024},
-            }
-        }
+        variables = _ordered("order-17", options={"width": 1024, "height": 1024})
         replies = await asyncio.gather(*(gw.gql(GENERATE, variables, key) for _ in range(20)))
         assert [r.status_code for r in replies] == [200] * 20, replies[0].text
         assert len({job_id(r) for r in replies}) == 1
@@ -473,14 +478,7 @@ async def test_repeats_of_an_idempotency_key_count_as_reads(
     it served without a limit."""
     async with reads_limited(redis_url, storage_dir, 5) as gw:
         key = await gw.key("free", credits=100, rpm=1)  # its read limit: the 5 configured
-        variables = {
-            "input": {
-                "type": "IMAGE",
-                "provider": "local",
-                "input": {"text": "same"},
-                "idempotencyKey": "order-19",
-            }
-        }
+        variables = _ordered("order-19")
         first = await gw.gql(GENERATE, variables, key)
         assert first.status_code == 200, first.text
         for _ in range(5):

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import PlanLimits, Settings
 from gateway.errors import Forbidden, RateLimited, Unauthenticated
+from gateway.params import INT_MAX
 from gateway.store import keys
 from gateway.store.scripts import Scripts
 
@@ -89,11 +90,12 @@ class Principal(NamedTuple):  # made per request, as Credential
             raise Forbidden(f"a client token cannot {what}")
 
     def rate_headers(self) -> dict[str, str]:
-        if self.limits.rpm is None:
-            return {}
+        """The per-minute limit's headers; a key with none says INT_MAX, a number any
+        client reads (docs/api.md#rate-limit-headers)."""
+        rpm = INT_MAX if self.limits.rpm is None else self.limits.rpm
         return {
-            "X-RateLimit-Limit": str(self.limits.rpm),
-            "X-RateLimit-Remaining": str(max(0, self.limits.rpm - self.window_used)),
+            "X-RateLimit-Limit": str(rpm),
+            "X-RateLimit-Remaining": str(max(0, rpm - self.window_used)),
             "X-RateLimit-Reset": str(self.window_reset),
         }
 

@@ -112,6 +112,25 @@ async def test_a_request_refused_for_its_input_still_carries_its_keys_headers(
         assert r.status_code == 400 and "X-RateLimit-Limit" not in r.headers
 
 
+async def test_a_key_with_no_minute_limit_says_so_in_numbers(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Every authenticated answer carries X-RateLimit-* (CONTRACT §7), an unlimited key's
+    too: INT_MAX, counting down, which a client reading them as numbers can use."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("enterprise", credits=1000)  # no minute, day or job limit
+        answers = [await gw.generate(key, f"fox {i}", width=512, height=512) for i in range(2)]
+        job = job_id(answers[0])
+        answers.append(await gw.http.get(f"/v1/jobs/{job}", headers={"X-API-Key": key}))
+        answers.append(await gw.gql("{ me { plan } }", key=key))
+        for i, r in enumerate(answers):
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RateLimit-Limit"] == str(2**31 - 1)
+            used = min(i + 1, 2)  # the two generations; reads count in their own limit
+            assert r.headers["X-RateLimit-Remaining"] == str(2**31 - 1 - used)
+            assert int(r.headers["X-RateLimit-Reset"]) > 0
+
+
 async def test_free_plan_admits_ten_a_minute_then_429_until_retry_after(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -138,7 +138,7 @@ def test_each_script_runs_the_file_of_its_own_name() -> None:
         for line in body.splitlines():
             if not line.startswith("-- include: "):
                 assert line in script.source  # its own file, not another's
-        assert script.once == (name in {"start", "finish", "promote", "patch"})
+        assert script.once == (name in {"start", "finish", "promote"})
         wrapped = once.split("-- include: record.lua\n")[0]  # once.lua's head, up to its include
         assert script.source.startswith(wrapped) == script.once
     # admit.lua and auth.lua share one statement of a key's limits

@@ -706,6 +706,25 @@ async def test_an_attempt_whose_count_lost_its_reply_is_counted_once(
         assert logged["attempt"] == 1 and logged["success"] is True
 
 
+async def test_counting_attempts_leaves_the_token_of_the_jobs_end_alone(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The record keeps one token (`op`) of its last start, end or promotion, by which
+    that call, sent again after a lost reply, knows it ran already (once.lua). A webhook
+    attempt, counted while that end's reply is still on its way, must not replace it: the
+    end sent again would read as someone else's, and its worker throw the images away."""
+    async with Deliverer(tmp_path).running(redis_url) as d:
+        job_key = keys.job(d.account, secrets.token_hex(12))
+        ended = {"id": "j", "status": "completed", "op": "the-end's-token"}
+        await d.redis.set(job_key, orjson.dumps(ended))
+        patch = d.hooks.store.scripts.patch
+        for expected in (1, 2):
+            counted = await patch(job=job_key, fields={}, count="webhook_attempts")
+            assert counted.counted == expected
+        stored = orjson.loads(await d.redis.get(job_key) or b"{}")
+        assert stored["op"] == "the-end's-token" and stored["webhook_attempts"] == 2
+
+
 async def test_a_delivery_whose_job_record_expired_first_is_counted_failed(
     tmp_path: Path,
 ) -> None:

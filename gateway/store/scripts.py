@@ -815,7 +815,6 @@ class Patch(Script):
     """patch.lua: set fields of a job record, and count one, in one step."""
 
     name = "patch"
-    once = True
 
     async def __call__(
         self,
@@ -825,7 +824,8 @@ class Patch(Script):
         count: str = "",
         client: aioredis.Redis | None = None,
     ) -> PatchReply:
-        reply = int(await self.run(1, [job, orjson.dumps(fields), count], client))
+        token = os.urandom(8).hex() if count else ""  # one a call: a re-send carries it
+        reply = int(await self.run(1, [job, orjson.dumps(fields), count, token], client))
         return PatchReply(found=reply >= 0, counted=max(reply, 0))
 
 

@@ -295,6 +295,12 @@ class Gateway:
         with store_errors():
             verdict = await admitted(request.fingerprint if rejoining else "")
             while isinstance(verdict, Duplicate):  # twice at most: see `continue`
+                if idempotency and verdict.job_id != job.id:
+                    # Answered with an earlier job, as a read of it is, so counted as one:
+                    # repeats of one key are not free of every limit (each may carry the
+                    # job's images, base64). A request rejoining the job it left is not:
+                    # it is the same client's retry, which a refusal would make a new job.
+                    await self._authenticate(api_key, True, origin, "")
                 earlier = await self.store.get(credential.account, verdict.job_id)
                 if rejoining:
                     # Used up here, not in admit.lua: a script sent again after its reply
@@ -307,20 +313,6 @@ class Gateway:
                         continue  # (a Duplicate now is this admission's own, run already)
                 if earlier is None:
                     raise NotFound("the job of this idempotencyKey no longer exists")
-                if earlier.id != job.id:
-                    # Answered with an earlier job, as a read of it is, so counted as one:
-                    # repeats of one key are not free of every limit (each may carry
-                    # the job's images, base64).
-                    await authenticate(
-                        self.redis,
-                        self.scripts,
-                        self.settings,
-                        api_key,
-                        now,
-                        plans=self.plans,
-                        read=True,
-                        origin=origin,
-                    )
                 metrics.ADMITTED["duplicate"].inc()
                 return earlier, verdict.principal
         metrics.ADMITTED_AS[verdict.mode].inc()

@@ -304,6 +304,26 @@ async def test_a_request_sent_again_after_its_client_left_joins_its_job(
             assert flux.submissions == 3 and await credits() < paid
 
 
+async def test_a_request_rejoining_its_job_is_not_refused_by_the_read_limit(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A request sent again to rejoin the job it left is the same client's retry, not a
+    read: refused, the SDK's next retry would be a new job, charged again."""
+    path, body, extra = SENT_AGAIN["OpenAI"]
+    limited = {"read_rpm": 1, "read_rpm_per_job": 0}
+    async with slow_flux_krea(redis_url, storage_dir, 1.0, **limited) as (gw, flux):
+        key = await gw.key(credits=1000, rpm=1)  # one generation and one read a minute
+        headers = {"Authorization": f"Bearer {key}", **extra}
+        async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:
+            await leave(gw, flux, http, path, body, headers)
+            jobs = await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)
+            [job] = jobs.json()["data"]["jobs"]["nodes"]  # the minute's one read
+            again = await http.post(path, json=body, headers=headers)
+            assert again.status_code == 200, again.text
+            assert again.headers["x-gateway-job-id"] == job["id"]
+            assert flux.submissions == 1
+
+
 async def test_a_request_sent_again_after_its_left_job_was_cancelled_is_a_new_job(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -17,12 +17,15 @@ per shard in one pipelined round trip, and nothing at all while nobody scrapes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
 import hmac
+import io
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -214,40 +217,81 @@ def worker_app(
     return app
 
 
-#: The worker's endpoint serves a scraper and a health check: this many connections at
-#: once (more are closed unanswered), each cut once it has waited this long for a read
-#: (a client that connects and sends nothing held a thread for ever).
-WORKER_CONNECTIONS = 16
-WORKER_READ_SECONDS = 5.0
+#: The worker's endpoint serves a scraper and a health check, a thread a connection: this
+#: many connections at once, this many from one address (more are closed unanswered),
+#: each request to have arrived whole within this many seconds however slowly it comes
+#: (a client that connects and sends nothing, or a byte at a time, held a thread for
+#: ever; a few such could otherwise hold the health check away from the probes).
+WORKER_CONNECTIONS = 64
+WORKER_CONNECTIONS_PER_ADDRESS = 4
+WORKER_REQUEST_SECONDS = 5.0
+
+
+class _UntilIO(socket.SocketIO):
+    """A connection's reads, each given only what is left of the request's time."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__(sock, "rb")
+        self.deadline = deadline
+
+    def readinto(self, b: Any) -> int | None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(left)
+        return super().readinto(b)
 
 
 class _Quiet(WSGIRequestHandler):
-    timeout = WORKER_READ_SECONDS  # socketserver sets it on the connection
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + WORKER_REQUEST_SECONDS
+        self.rfile = io.BufferedReader(_UntilIO(self.connection, deadline))
 
     def log_message(self, format: str, *args: Any) -> None:
         """Nothing: a scrape every few seconds is not news."""
 
 
 class _Bounded(ThreadingWSGIServer):
-    """A thread a connection, as many at once as there are `slots`."""
+    """A thread a connection, within WORKER_CONNECTIONS, WORKER_CONNECTIONS_PER_ADDRESS."""
 
-    slots: threading.BoundedSemaphore
+    request_queue_size = WORKER_CONNECTIONS  # the listen backlog (socketserver's: 5)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.held: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+        address = str(client_address[0])
+        with self.lock:
+            full = self.held.total() >= WORKER_CONNECTIONS
+            if full or self.held[address] >= WORKER_CONNECTIONS_PER_ADDRESS:
+                self.shutdown_request(request)
+                return
+            self.held[address] += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._release(address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._release(str(client_address[0]))
+
+    def _release(self, address: str) -> None:
+        with self.lock:
+            self.held[address] -= 1
+            if self.held[address] <= 0:
+                del self.held[address]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client too slow, or gone: not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 @contextlib.asynccontextmanager
@@ -285,7 +329,6 @@ async def worker_endpoint(
 
     class Server(_Bounded):
         address_family = family
-        slots = threading.BoundedSemaphore(WORKER_CONNECTIONS)
 
     try:
         server = make_server(

@@ -509,13 +509,15 @@ async def test_a_worker_with_metrics_off_still_answers_its_health_check(
         assert check.returncode == 0
 
 
-async def test_idle_connections_cannot_take_a_workers_health_check(
+async def test_slow_or_silent_clients_cannot_take_a_workers_health_check(
     redis_url: str, storage_dir: Path, tmp_path: Path
 ) -> None:
-    """Connections that send nothing get at most WORKER_CONNECTIONS threads (the rest
-    are closed at once), each cut after WORKER_READ_SECONDS: the worker's /healthz
-    answers again, with the idle connections still open."""
-    from gateway.metrics_http import WORKER_CONNECTIONS
+    """The worker's endpoint gives a thread to each connection: one address gets at most
+    WORKER_CONNECTIONS_PER_ADDRESS of them (the rest closed at once), so a probe from
+    another is answered meanwhile; a request must arrive whole within
+    WORKER_REQUEST_SECONDS, however slowly it trickles in; then the silent ones' address
+    is answered again too."""
+    from gateway.metrics_http import WORKER_CONNECTIONS_PER_ADDRESS as PER_ADDRESS
 
     port = free_port()
     env = {
@@ -523,32 +525,51 @@ async def test_idle_connections_cannot_take_a_workers_health_check(
         "GATEWAY_STORAGE_DIR": str(storage_dir),
         "GATEWAY_METRICS_PORT": str(port),
     }
-    idle: list[socket.socket] = []
+
+    def connect(source: str) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), 5, (source, 0))
+        conn.setblocking(False)
+        return conn
+
+    def closed(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except BlockingIOError:  # open, silent
+            return False
+        except ConnectionError:  # closed while we wrote to it
+            return True
+
+    async def healthy(source: str) -> bool:
+        transport = httpx.AsyncHTTPTransport(local_address=source)
+        async with httpx.AsyncClient(transport=transport, timeout=2) as http:
+            with contextlib.suppress(httpx.TransportError):
+                return (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+        return False
+
+    opened: list[socket.socket] = []
     with worker_process(env, tmp_path):
         try:
-            for _ in range(WORKER_CONNECTIONS + 24):
-                idle.append(socket.create_connection(("127.0.0.1", port), 5))
-            for conn in idle:
-                conn.setblocking(False)
+            silent = [connect("127.0.0.1") for _ in range(PER_ADDRESS + 20)]
+            opened += silent
+            await until(
+                lambda: sum(map(closed, silent)) >= 20, what="the connections past the bound"
+            )
+            assert await healthy("127.0.0.2")  # another address, answered meanwhile
 
-            def closed() -> int:
-                count = 0
-                for conn in idle:
-                    with contextlib.suppress(BlockingIOError):  # open, silent
-                        count += conn.recv(1) == b""
-                return count
+            trickle = connect("127.0.0.3")
+            opened.append(trickle)
+            trickle.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
 
-            await until(lambda: closed() >= 24, what="the connections past the bound closed")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            def cut() -> bool:
+                with contextlib.suppress(OSError):
+                    trickle.sendall(b"x")  # a header's byte at a time, never a whole line
+                return closed(trickle)
 
-                async def healthy() -> bool:
-                    with contextlib.suppress(httpx.TransportError):
-                        return (await http.get("/healthz")).status_code == 200
-                    return False
-
-                await until(healthy, timeout=30, what="/healthz answered past idle clients")
+            await until(cut, what="a request trickling in cut at its deadline")
+            await until(lambda: healthy("127.0.0.1"), what="the silent address answered again")
+            assert "Traceback" not in (tmp_path / "worker.log").read_text()
         finally:
-            for conn in idle:
+            for conn in opened:
                 conn.close()
 
 

@@ -232,13 +232,13 @@ class _UntilIO(socket.SocketIO):
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         super().__init__(sock, "rb")
-        self.deadline = deadline
+        self.sock, self.deadline = sock, deadline
 
     def readinto(self, b: Any) -> int | None:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request did not arrive in time")
-        self._sock.settimeout(left)
+        self.sock.settimeout(left)
         return super().readinto(b)
 
 

@@ -108,7 +108,8 @@ class S3ArtifactStore:
         self.gateway_base = gateway_url.rstrip("/") + "/outputs"
         self.public_base = public_url.rstrip("/") if public_url else None
         self.presign_seconds = presign_seconds
-        self._ready: tuple[float, asyncio.Future[bool]] | None = None  # the last check
+        self._ready: asyncio.Future[bool] | None = None  # the last check
+        self._ready_at = 0.0  # when it ended
 
     # -- names, keys and URLs ----------------------------------------------------------
 
@@ -197,12 +198,16 @@ class S3ArtifactStore:
                 raise StorageUnavailable(f"{len(errors)} objects not deleted: {errors[0]}")
 
     async def ready(self) -> bool:
-        """The bucket answers: the last check's answer, or a new check's once that one is
-        READY_REUSE old (callers meanwhile share it)."""
-        now = time.monotonic()
-        if self._ready is None or now - self._ready[0] >= READY_REUSE:
-            self._ready = (now, asyncio.ensure_future(self._check()))
-        return await asyncio.shield(self._ready[1])
+        """The bucket answers: the last check's answer, or a new check's once that one
+        ended READY_REUSE ago (callers meanwhile share it)."""
+        last = self._ready
+        if last is None or (last.done() and time.monotonic() - self._ready_at >= READY_REUSE):
+            last = self._ready = asyncio.ensure_future(self._check())
+            last.add_done_callback(self._ended)
+        return await asyncio.shield(last)
+
+    def _ended(self, check: asyncio.Future[bool]) -> None:
+        self._ready_at = time.monotonic()
 
     async def _check(self) -> bool:
         try:

@@ -97,7 +97,10 @@ async def _policy(redis: aioredis.Redis, extra: dict[str, Any]) -> str:
         reply = await redis.execute_command("CONFIG", "GET", "maxmemory-policy", **extra)
     except (NoPermissionError, ResponseError):
         info = await redis.execute_command("INFO", "memory", **extra)
-        return str(info.get("maxmemory_policy", "")) if isinstance(info, dict) else ""
+        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+        if not policy:  # an old server, or a proxy answering INFO itself: not known
+            raise ResponseError("neither CONFIG GET nor INFO tells maxmemory-policy") from None
+        return str(policy)
     return _policy_of(reply)
 
 

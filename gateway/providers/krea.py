@@ -240,7 +240,7 @@ def _urls(job: dict[str, Any]) -> list[str]:
         raise ProviderUnavailable(f"krea job {job['job_id']} completed without result.urls")
     for url in urls:
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-            raise ProviderUnavailable(f"krea job {job['job_id']} gave a malformed URL: {url!r}")
+            raise ProviderUnavailable(f"krea job {job['job_id']} gave a malformed URL")
     return urls
 
 

@@ -55,9 +55,14 @@ def store_errors(
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, OSError) or store_trouble(exc):
+        if unreachable(exc):
             raise ServiceUnavailable(message) from exc
         raise
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Redis trouble, or the network's to it."""
+    return isinstance(exc, OSError) or store_trouble(exc)
 
 
 @dataclass(frozen=True)
@@ -266,8 +271,7 @@ class Gateway:
                 try:
                     return await admit_once(rejoin)
                 except Exception as exc:
-                    trouble = isinstance(exc, OSError) or store_trouble(exc)
-                    if not trouble or time.monotonic() + wait > until:
+                    if not unreachable(exc) or time.monotonic() + wait > until:
                         raise
                 await asyncio.sleep(wait)
                 wait *= 2
@@ -292,7 +296,12 @@ class Gateway:
             )
 
         rejoining = rejoin and not idempotency
-        with store_errors():
+        # Not "nothing was charged": a Redis gone for longer than the admission's
+        # re-sends, just after running it, leaves it accepted (docs/api.md#durability).
+        with store_errors(
+            "the job store is unreachable; send the request again later (with an "
+            "idempotency key, sending it again never makes a second job)"
+        ):
             verdict = await admitted(request.fingerprint if rejoining else "")
             while isinstance(verdict, Duplicate):  # twice at most: see `continue`
                 if idempotency and verdict.job_id != job.id:
@@ -403,7 +412,7 @@ class Gateway:
         try:
             ended = await self.watch.until_ended(job.account, job.id, seconds)
         except Exception as exc:
-            if not (isinstance(exc, OSError) or store_trouble(exc)):
+            if not unreachable(exc):
                 raise
             return job
         return ended or job

@@ -20,13 +20,21 @@ ANCHOR = re.compile(r'<a id="([^"]+)">')
 
 
 def _anchors(page: Path) -> set[str]:
-    """Explicit `<a id>`s and GitHub's heading slugs."""
+    """Explicit `<a id>`s and GitHub's heading slugs (a repeated one gets `-1`, `-2`...);
+    a `#` line inside a code block is no heading."""
     text = page.read_text()
     found = set(ANCHOR.findall(text))
+    fenced = False
     for line in text.splitlines():
-        if line.startswith("#"):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
             title = line.lstrip("#").strip().lower()
-            found.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+            slug = re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
+            n = 0
+            while (anchor := f"{slug}-{n}" if n else slug) in found:
+                n += 1
+            found.add(anchor)
     return found
 
 

@@ -203,13 +203,16 @@ class S3ArtifactStore:
         last = self._ready
         if last is None or (last.done() and time.monotonic() - self._ready_at >= READY_REUSE):
             last = self._ready = asyncio.ensure_future(self._check())
-            last.add_done_callback(self._ended)
+            last.add_done_callback(_seen)
         return await asyncio.shield(last)
 
-    def _ended(self, check: asyncio.Future[bool]) -> None:
-        self._ready_at = time.monotonic()
-
     async def _check(self) -> bool:
+        try:
+            return await self._head_bucket()
+        finally:
+            self._ready_at = time.monotonic()
+
+    async def _head_bucket(self) -> bool:
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await self.client.head_bucket(Bucket=self.bucket)
@@ -241,6 +244,12 @@ class S3ArtifactStore:
             raise StorageUnavailable(f"listing bucket {self.bucket}: {exc}") from exc
         await self._delete_keys(old)
         return removed + len(old)
+
+
+def _seen(check: asyncio.Future[bool]) -> None:
+    """A shared check's error marked seen: every caller awaiting it may have gone."""
+    if not check.cancelled():
+        check.exception()
 
 
 def _content_md5(request: Any, **_: Any) -> None:

@@ -248,6 +248,13 @@ class _Quiet(WSGIRequestHandler):
         deadline = time.monotonic() + WORKER_REQUEST_SECONDS
         self.rfile = io.BufferedReader(_UntilIO(self.connection, deadline))
 
+    def parse_request(self) -> bool:
+        """The request's head read: the answer's writes get their own bound, not what
+        was left of the reading's."""
+        parsed = super().parse_request()
+        self.connection.settimeout(WORKER_REQUEST_SECONDS)
+        return parsed
+
     def log_message(self, format: str, *args: Any) -> None:
         """Nothing: a scrape every few seconds is not news."""
 

@@ -332,13 +332,17 @@ def _pieces(document: Any) -> list[Piece]:
     return [found[int(part)] if i % 2 else part for i, part in enumerate(parts) if part]
 
 
-async def _write(send: Send, pieces: list[Piece]) -> None:
+async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = None) -> None:
+    """The pieces, an image a slice at a time; no more once `left` is set (the client
+    went away: nothing would read the rest)."""
     for piece in pieces:
         if isinstance(piece, bytes):
             await _send(send, piece)
             continue
         view = memoryview(piece.data)
         for at in range(0, len(view), SLICE):
+            if left is not None and left.is_set():
+                return
             await _send(send, base64.b64encode(view[at : at + SLICE]))
             await asyncio.sleep(0)  # the other requests' turn
 
@@ -356,9 +360,21 @@ class ImagesAnswer(Response):
         self.init_headers({**headers, "Content-Length": str(length)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await _write(send, self.pieces)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        left = asyncio.Event()
+
+        async def listen() -> None:  # the request's body is read: what comes is its end
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left.set()
+
+        listening = asyncio.ensure_future(listen())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await _write(send, self.pieces, left)
+            if not left.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            listening.cancel()
 
 
 def _wait(request: Request, gateway: Gateway) -> float:

@@ -81,7 +81,7 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
                 error=str(exc),
             )
             continue
-        if policy and policy != SAFE_POLICY:
+        if policy != SAFE_POLICY:
             raise EvictingRedis(
                 f"Redis at {name} has maxmemory-policy {policy}: it may evict keys "
                 f"(balances, ledgers, job records) when full. Set maxmemory-policy "
@@ -91,17 +91,20 @@ async def check_eviction_policy(redis: aioredis.Redis) -> None:
 
 
 async def _policy(redis: aioredis.Redis, extra: dict[str, Any]) -> str:
-    """The node's `maxmemory-policy`: CONFIG GET's, else INFO memory's `maxmemory_policy`
-    (managed services that disable CONFIG answer INFO)."""
+    """The node's `maxmemory-policy`: CONFIG GET's, else (refused, as managed services
+    do, or answered empty, as a proxy may) INFO memory's `maxmemory_policy`; a
+    ResponseError when neither tells."""
     try:
         reply = await redis.execute_command("CONFIG", "GET", "maxmemory-policy", **extra)
     except (NoPermissionError, ResponseError):
-        info = await redis.execute_command("INFO", "memory", **extra)
-        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
-        if not policy:  # an old server, or a proxy answering INFO itself: not known
-            raise ResponseError("neither CONFIG GET nor INFO tells maxmemory-policy") from None
-        return str(policy)
-    return _policy_of(reply)
+        reply = None
+    if said := _policy_of(reply):
+        return said
+    info = await redis.execute_command("INFO", "memory", **extra)
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    if not policy:  # an old server, or a proxy answering INFO itself
+        raise ResponseError("neither CONFIG GET nor INFO tells maxmemory-policy")
+    return str(policy)
 
 
 def _policy_of(reply: Any) -> str:

@@ -513,11 +513,13 @@ async def test_slow_or_silent_clients_cannot_take_a_workers_health_check(
     redis_url: str, storage_dir: Path, tmp_path: Path
 ) -> None:
     """The worker's endpoint gives a thread to each connection: one address gets at most
-    WORKER_CONNECTIONS_PER_ADDRESS of them (the rest closed at once), so a probe from
-    another is answered meanwhile; a request must arrive whole within
-    WORKER_REQUEST_SECONDS, however slowly it trickles in; then the silent ones' address
-    is answered again too."""
+    WORKER_CONNECTIONS_PER_ADDRESS of them and all together WORKER_CONNECTIONS (the rest
+    closed at once), so a probe from another address is answered meanwhile; a request
+    must arrive whole within WORKER_REQUEST_SECONDS, however slowly it trickles in; then
+    the silent ones' addresses are answered again too. (Linux: all of 127/8 is local.)"""
+    from gateway.metrics_http import WORKER_CONNECTIONS as ALL
     from gateway.metrics_http import WORKER_CONNECTIONS_PER_ADDRESS as PER_ADDRESS
+    from gateway.metrics_http import WORKER_REQUEST_SECONDS as IN_TIME
 
     port = free_port()
     env = {
@@ -551,10 +553,11 @@ async def test_slow_or_silent_clients_cannot_take_a_workers_health_check(
         try:
             silent = [connect("127.0.0.1") for _ in range(PER_ADDRESS + 20)]
             opened += silent
-            await until(
-                lambda: sum(map(closed, silent)) >= 20, what="the connections past the bound"
-            )
-            assert await healthy("127.0.0.2")  # another address, answered meanwhile
+            # Closed at once, well before any request's time is up: the 20 past the bound.
+            soon = IN_TIME / 3
+            await until(lambda: sum(map(closed, silent)) >= 20, timeout=soon, what="20 closed")
+            assert sum(not closed(conn) for conn in silent) == PER_ADDRESS
+            await until(lambda: healthy("127.0.0.2"), what="another address answered")
 
             trickle = connect("127.0.0.3")
             opened.append(trickle)
@@ -566,6 +569,16 @@ async def test_slow_or_silent_clients_cannot_take_a_workers_health_check(
                 return closed(trickle)
 
             await until(cut, what="a request trickling in cut at its deadline")
+            # All the threads held, from ALL / PER_ADDRESS addresses: one more is refused.
+            await until(lambda: all(map(closed, silent)), what="the silent ones cut in time")
+            others = [f"127.0.1.{n}" for n in range(1, ALL // PER_ADDRESS + 1)]
+            held = [connect(address) for address in others for _ in range(PER_ADDRESS)]
+            opened += held
+            late = connect("127.0.2.1")
+            opened.append(late)
+            await until(lambda: closed(late), timeout=soon, what="one past all the threads")
+            assert not any(closed(conn) for conn in held)
+
             await until(lambda: healthy("127.0.0.1"), what="the silent address answered again")
             assert "Traceback" not in (tmp_path / "worker.log").read_text()
         finally:

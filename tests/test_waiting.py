@@ -312,6 +312,7 @@ async def test_a_request_rejoining_its_job_is_not_refused_by_the_read_limit(
     path, body, extra = SENT_AGAIN["OpenAI"]
     limited = {"read_rpm": 1, "read_rpm_per_job": 0}
     async with slow_flux_krea(redis_url, storage_dir, 1.0, **limited) as (gw, flux):
+        gw.clock.advance(61 - gw.clock() % 60)  # 1 s into a minute: none rolls over
         key = await gw.key(credits=1000, rpm=1)  # one generation and one read a minute
         headers = {"Authorization": f"Bearer {key}", **extra}
         async with httpx.AsyncClient(base_url=gw.base, timeout=60) as http:

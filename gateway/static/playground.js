@@ -764,7 +764,9 @@ async function runConsole() {
     fill(out, shown);
     const ms = Math.round(performance.now() - started);
     const remaining = response.headers.get("X-RateLimit-Remaining");
-    meta.textContent = `HTTP ${response.status} · ${ms} ms${remaining !== null ? ` · ${remaining} left this minute` : ""}`;
+    // A key with no minute limit says the largest 32-bit integer (docs/api.md#rate-limit-headers).
+    const limited = remaining !== null && response.headers.get("X-RateLimit-Limit") !== "2147483647";
+    meta.textContent = `HTTP ${response.status} · ${ms} ms${limited ? ` · ${remaining} left this minute` : ""}`;
   } catch (err) {
     meta.textContent = "";
     fill(out, `The gateway could not be reached (${err.message}).`);

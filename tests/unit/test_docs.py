@@ -4,6 +4,7 @@ own pages lands on one."""
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def _anchors(page: Path) -> set[str]:
     """Explicit `<a id>`s and GitHub's heading slugs (a repeated one gets `-1`, `-2`...);
     a `#` line inside a code block is no heading."""
     text = page.read_text()
+    slugs: collections.Counter[str] = collections.Counter()
     found = set(ANCHOR.findall(text))
     fenced = False
     for line in text.splitlines():
@@ -31,10 +33,8 @@ def _anchors(page: Path) -> set[str]:
         elif line.startswith("#") and not fenced:
             title = line.lstrip("#").strip().lower()
             slug = re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
-            n = 0
-            while (anchor := f"{slug}-{n}" if n else slug) in found:
-                n += 1
-            found.add(anchor)
+            found.add(f"{slug}-{slugs[slug]}" if slugs[slug] else slug)
+            slugs[slug] += 1
     return found
 
 

@@ -15,20 +15,29 @@ import orjson
 from gateway.openai_api import SLICE, Base64, ImagesAnswer, _completed
 
 
-def _received(answer: ImagesAnswer) -> tuple[dict[str, str], list[bytes]]:
+def _received(
+    answer: ImagesAnswer, client_leaves: bool = False
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The answer's head, and the body messages sent; the client reading to the end, or
+    leaving as soon as the answer starts."""
     messages: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
 
     async def receive() -> dict[str, Any]:
+        if not client_leaves:
+            await asyncio.Event().wait()  # still there
         return {"type": "http.disconnect"}
 
     asyncio.run(answer({"type": "http"}, receive, send))
     start, *body = messages
-    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def _whole(body: list[dict[str, Any]]) -> list[bytes]:
     assert body[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
-    return headers, [m["body"] for m in body[:-1]]
+    return [m["body"] for m in body[:-1]]
 
 
 def test_a_large_answer_is_its_json_written_in_slices() -> None:
@@ -49,13 +58,20 @@ def test_a_large_answer_is_its_json_written_in_slices() -> None:
             ],
         }
     )
-    headers, chunks = _received(ImagesAnswer(answer, {"X-Gateway-Job-Id": "j"}))
+    headers, body = _received(ImagesAnswer(answer, {"X-Gateway-Job-Id": "j"}))
+    chunks = _whole(body)
     assert b"".join(chunks) == expected
     assert int(headers["content-length"]) == len(expected)
     assert headers["content-type"] == "application/json"
     assert headers["x-gateway-job-id"] == "j"
     assert max(len(chunk) for chunk in chunks) <= SLICE // 3 * 4  # no image whole at once
     assert orjson.loads(b"".join(chunks))["data"][1]["revised_prompt"] == prompt
+
+
+def test_a_client_gone_is_sent_no_more_slices() -> None:
+    image = os.urandom(SLICE * 20)
+    _, body = _received(ImagesAnswer({"data": [{"b64_json": Base64(image)}]}, {}), True)
+    assert len(body) < 20  # the slices it would have taken, not encoded for nobody
 
 
 def test_a_streamed_event_carries_the_whole_image() -> None:

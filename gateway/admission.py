@@ -181,7 +181,11 @@ async def admit(
             reset=math.ceil((now_ms + reply.wait_ms) / 1000),
         )
     elif verdict == "credits":
-        refusal = InsufficientCredits(reply.cost, principal.credits)
+        # A token sees its own budget, never its account's balance (as `me` shows it):
+        # a budget that would do means the account behind it is short.
+        short = token and principal.credits >= reply.cost
+        why = "; the account behind this client token is short of credits" if short else ""
+        refusal = InsufficientCredits(reply.cost, principal.credits, why)
     elif verdict == "forbidden":
         refusal = Forbidden(TOKEN_RULES[reply.rule])
     else:  # idempotency_mismatch

@@ -69,9 +69,9 @@ class RequestTimeout(GatewayError):
 class InsufficientCredits(GatewayError):
     code, status = "INSUFFICIENT_CREDITS", 402
 
-    def __init__(self, required: int, available: int) -> None:
+    def __init__(self, required: int, available: int, why: str = "") -> None:
         super().__init__(
-            f"Insufficient credits: {required} required, {available} available",
+            f"Insufficient credits: {required} required, {available} available{why}",
             creditsRequired=required,
             creditsAvailable=available,
         )

@@ -118,6 +118,23 @@ async def test_a_key_mints_a_token_that_spends_its_credits_within_its_budget(
         assert job["status"] == "completed"
 
 
+async def test_a_token_on_an_account_short_of_credits_is_told_so_not_the_balance(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """CONTRACT §11: `creditsAvailable` is the token's remaining budget, as `me` shows
+    it; the account's balance is the backend's, never the page's."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=7)
+        token = await mint(gw, key, maxCredits=100)
+        refused = await gql(gw, GENERATE, generate_input(), token)  # 10 credits
+        assert refused.status_code == 402
+        error = error_of(refused)
+        assert (error["creditsRequired"], error["creditsAvailable"]) == (10, 100)
+        assert "account behind this client token" in error["message"]
+        assert "7" not in error["message"]
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 7
+
+
 async def test_a_cancelled_job_refunds_the_token_budget(redis_url: str, storage_dir: Path) -> None:
     # No workers: the job stays queued until cancelled.
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:

@@ -47,7 +47,7 @@
 --          the job a client left (ARGV 18), or this job's own when it was admitted
 --          already); 'forbidden' (a token's rule)
 --          origin, service or jobs; 'unauthenticated' nothing. For a token, balance is
---          what is left of its budget (of the account's credits, if fewer, on 'credits').
+--          what is left of its budget (never the account's credits: its page's to see).
 -- include: limits.lua
 -- include: record.lua
 -- include: ledger.lua
@@ -175,7 +175,6 @@ if run then
 end
 
 if balance < cost or (left and left < cost) then
-  if left then shown = math.min(balance, left) end
   return reply('credits', used, cost)
 end
 

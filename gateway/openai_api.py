@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import secrets
 import time
@@ -363,8 +364,9 @@ class ImagesAnswer(Response):
         left = asyncio.Event()
 
         async def listen() -> None:  # the request's body is read: what comes is its end
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            with contextlib.suppress(Exception):  # nothing more to hear: as good as gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
             left.set()
 
         listening = asyncio.ensure_future(listen())

@@ -305,12 +305,15 @@ class Gateway:
             verdict = await admitted(request.fingerprint if rejoining else "")
             while isinstance(verdict, Duplicate):  # twice at most: see `continue`
                 if idempotency and verdict.job_id != job.id:
-                    # Answered with an earlier job, as a read of it is, so counted as one:
-                    # repeats of one key are not free of every limit (each may carry the
-                    # job's images, base64). A request rejoining the job it left is not:
-                    # it is the same client's retry, which a refusal would make a new job.
-                    await self._authenticate(api_key, True, origin, "")
-                earlier = await self.store.get(credential.account, verdict.job_id)
+                    # Answered with an earlier job, as a read of it is, so counted as one
+                    # (the key check reads the job in the same round trip): repeats of one
+                    # key are not free of every limit (each may carry the job's images,
+                    # base64). A request rejoining the job it left is not: it is the same
+                    # client's retry, which a refusal would make a new job.
+                    _, record = await self._authenticate(api_key, True, origin, verdict.job_id)
+                    earlier = Job.from_record(record) if record else None
+                else:
+                    earlier = await self.store.get(credential.account, verdict.job_id)
                 if rejoining:
                     # Used up here, not in admit.lua: a script sent again after its reply
                     # was lost still finds it. The same request sent later is a new job.

@@ -153,7 +153,8 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
     async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
         other = start_gateway(redis_url, krea, storage_dir, port)
         try:
-            key = await gw.key(credits=1000)
+            # Room for twenty at once: each one waiting holds a slot (CONTRACT §7).
+            key = await gw.key(credits=1000, concurrency=20)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as b:
 
                 async def ready() -> bool:
@@ -413,6 +414,61 @@ async def test_a_promoted_waiter_holds_a_concurrency_slot_of_its_account(
         await gw.gql(CANCEL, {"id": waiter["id"]}, other)  # its slot freed at its end
         again = await gw.generate(other, "another", provider="local", width=512, height=512)
         assert again.status_code == 200, again.text
+
+
+async def test_a_waiting_job_holds_a_concurrency_slot_until_it_ends(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """CONTRACT §7: concurrent = jobs not yet ended, and a job waiting for an identical
+    one in flight has not ended. A free key (one slot) with a job waiting holds its slot:
+    neither another request nor a second identical one is let in. The slot is given back
+    when the waiter completes with its leader's images, and when it fails because its
+    account cannot pay to run in a failed leader's place."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        service = gw.app.state.gateway
+        key, free = await gw.key(credits=100), await gw.key("free", credits=100)
+
+        async def slots_used(credential: str) -> int:
+            me = await gw.gql("{ me { limits { name used } } }", key=credential)
+            return next(
+                limit["used"]
+                for limit in me.json()["data"]["me"]["limits"]
+                if limit["name"] == "concurrency"
+            )
+
+        async def refused_for_a_slot(**options: Any) -> None:
+            r = await gw.generate(free, provider="local", width=512, height=512, **options)
+            assert r.status_code == 429, r.text
+            assert r.json()["errors"][0]["extensions"]["limit"] == "concurrency"
+
+        leader = await gen(gw, key, provider="local", seed=61, width=512, height=512)
+        waiter = await gen(gw, free, provider="local", seed=61, width=512, height=512)
+        assert waiter["creditCost"] == 0
+        assert await slots_used(free) == 1
+        await refused_for_a_slot(prompt="another")
+        await refused_for_a_slot(prompt="a red kite over dunes", seed=61)
+
+        # The leader completes: its waiter with it, and the slot is free again.
+        job = await service.store.get(gw.keys[key]["id"], leader["id"])
+        now = service.now_ms()
+        url = f"{gw.base}/outputs/made.png"
+        assert await service.store.finish(
+            job, "completed", now, refund=False, urls=[url], width=512, height=512
+        )
+        job.completed_at = now
+        assert len(await service.cache.settle(job, [url], 512, 512, {"seed": 61})) == 1
+        assert (await gw.job(free, waiter["id"]))["status"] == "completed"
+        assert await slots_used(free) == 0
+
+        # A waiter whose account cannot pay to run in its failed leader's place fails,
+        # and gives its slot back.
+        poor = await gw.key("free", credits=5)
+        leader = await gen(gw, key, provider="local", seed=62, width=512, height=512)
+        waiter = await gen(gw, poor, provider="local", seed=62, width=512, height=512)
+        assert await slots_used(poor) == 1
+        await gw.gql(CANCEL, {"id": leader["id"]}, key)
+        assert (await gw.job(poor, waiter["id"]))["status"] == "failed"
+        assert await slots_used(poor) == 0
 
 
 async def test_a_release_racing_another_promotes_nothing_more(

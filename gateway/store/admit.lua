@@ -10,8 +10,9 @@
 --   hit     the result cache holds it: a new job, completed at once, cost 0, no slot
 --           (its webhook, if it has one, scheduled at once); its record refers to the
 --           cache entry rather than copying the outcome (read.lua reads both);
---   follow  an identical job is in flight: a new job that waits for it (cost 0, no
---           slot, not queued); the leader's worker completes it (settle.lua);
+--   follow  an identical job is in flight: a new job that waits for it (cost 0, not
+--           queued, but a concurrency slot: it has not ended); the leader's worker
+--           completes it and gives the slot back (settle.lua);
 --   run     otherwise, an ordinary job, which becomes the in-flight leader.
 -- Hits and followers count against the minute and day limits like any request.
 --
@@ -142,8 +143,9 @@ if daily >= 0 and today >= daily then
   return reply('limited', used, 'day', day_left)
 end
 
--- A job that runs holds a concurrency slot and is queued; a hit or a follower neither
--- (and costs nothing: `price` is what it would have cost).
+-- A job that runs is queued and holds a concurrency slot; a follower holds a slot too
+-- (concurrent = jobs not yet ended: docs/api.md#limits), a hit none. Neither costs
+-- anything (`price` is what it would have cost).
 local mode = 'run'
 local entry = nil
 if cacheable then
@@ -163,8 +165,9 @@ if cacheable then
   if mode ~= 'run' then cost = 0 end
 end
 local run = mode == 'run'
+local slot = mode ~= 'hit'
 
-if run then
+if slot then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   if conc >= 0 and redis.call('ZCARD', KEYS[4]) >= conc then
     local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
@@ -184,7 +187,7 @@ redis.call('PEXPIRE', KEYS[2], 60000)
 if redis.call('INCR', KEYS[3]) == 1 then  -- the day's first: it ends an hour after
   redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
 end
-if run then redis.call('ZADD', KEYS[4], now + lease, job_id) end
+if slot then redis.call('ZADD', KEYS[4], now + lease, job_id) end
 if cost > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
   ledger_add(KEYS[5], now, tonumber(ARGV[14]), -cost, 'charge', job_id, balance)

@@ -14,9 +14,10 @@
 -- completed after all, a cancel having lost the race, or its worker dying before
 -- settle.lua ran: its outcome is the waiters', not a run of their own).
 -- A job made with a client token is paid from the token's budget as at admission
--- (`spent` grows; finish.lua gives it back on a refund). A promoted job holds one of its
--- account's concurrency slots as an admitted one does (never refused for it: it was
--- accepted already), freed when it ends (finish.lua).
+-- (`spent` grows; finish.lua gives it back on a refund). A promoted job keeps the
+-- concurrency slot it took to wait (admit.lua), its lease renewed from now (taken again
+-- should it have lapsed; never refused: it was accepted already), freed when it ends
+-- (finish.lua); one that fails here gives it back.
 -- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
 -- more.
 -- include: ledger.lua
@@ -48,6 +49,7 @@ if poor then
     ' to run it again'
   save_job(KEYS[1], job)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('ZREM', KEYS[8], ARGV[3])
   if (job['webhook_url'] or '') ~= '' then
     redis.call('ZADD', KEYS[6], 'NX', ARGV[1], KEYS[1])
   end

@@ -2,7 +2,8 @@
 -- long as the outputs), and complete the jobs that waited for it with the same outputs,
 -- up to `count` of them a call, so a leader with thousands of waiters never holds Redis
 -- for long: the caller calls again while `more` is 1 (`first` 0: the entry is written
--- once). The leader stays in-flight and watched until its last waiter is completed, so
+-- once). Each waiter completed gives back the concurrency slot it held (admit.lua).
+-- The leader stays in-flight and watched until its last waiter is completed, so
 -- if its caller dies part way the rescue (gateway/cache.py) settles the rest: no
 -- waiter is ever forgotten.
 -- Called through `Settle` in scripts.py (named keys and arguments, a typed reply).
@@ -34,9 +35,17 @@ local meta = cjson.decode(ARGV[7])
 meta['cached'] = true
 meta['coalesced'] = true
 local urls, width, height = cjson.decode(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+-- A waiter's account's running set: its keys share the prefix before ':job:'
+-- (`keys.job`, `keys.running`: gateway/store/keys.py), and so its slot.
+local function running(job_key)
+  return (string.gsub(job_key, ':job:[^:]+$', ':running'))
+end
 local done = {more}
 for _, key in ipairs(followers) do
   local job = load_job(key)
+  if not job or job['status'] == 'queued' then  -- (one that ended gave its slot back)
+    redis.call('ZREM', running(key), string.match(key, ':job:([^:]+)$'))
+  end
   if job and job['status'] == 'queued' then
     meta['duration'] = (now - tonumber(job['created_at'])) / 1000
     job['status'], job['completed_at'] = 'completed', now

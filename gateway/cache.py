@@ -3,11 +3,11 @@
 The lookup itself happens inside admission (`admit.lua`), in the same round trip as
 the limits: a hit becomes a completed job at once, an identical request in flight
 makes the new job a follower of it. Entries are copied into every shard of the
-keyspace (see `store/keys.py`); coalescing joins requests of the same shard, so with
-several shards two accounts of different shards may each run an identical request
-(each paying for its own) until the first one completes and is cached.
+keyspace (see `store/keys.py`); admission joins requests of the same shard, and with
+several shards each shard's leader asks `lead` before it calls an upstream: the first
+leads, the others wait for it (the worker) and complete with its images.
 This module holds the rest: which requests are cacheable, and what a leader's worker
-does when it ends.
+does when it starts and ends.
 """
 
 from __future__ import annotations
@@ -116,6 +116,43 @@ class Cache:
             )
         )
         return completed
+
+    @property
+    def across_shards(self) -> bool:
+        """Whether identical requests of different shards are joined by `lead`."""
+        return self.settings.redis_shards > 1
+
+    async def lead(self, job: Job, instead_of: str = "") -> str:
+        """The key of the job that makes the images of every shard's identical requests:
+        `job`'s own when none had the lead (or `instead_of`, a job that ended without
+        images, had it), for as long as a job may run."""
+        assert job.cache_key
+        return await self.scripts.lead(
+            leading=keys.leading(job.cache_key),
+            job=keys.job(job.account, job.id),
+            lease_ms=self.lease_ms,
+            instead_of=instead_of,
+            client=self.redis,
+        )
+
+    async def unlead(self, job: Job) -> None:
+        """`job` ended: it gives up the lead, if it has it."""
+        if self.across_shards and job.cache_key:
+            await self.scripts.lead(
+                leading=keys.leading(job.cache_key),
+                job=keys.job(job.account, job.id),
+                lease_ms=0,
+                client=self.redis,
+            )
+
+    async def joined(self, job: Job) -> None:
+        """`job`, admitted as a miss, was completed with another shard's identical job's
+        images: its account's statistics say so (not its money: finish.lua refunds)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(keys.account(job.account), "cache_misses", -1)
+            pipe.hincrby(keys.account(job.account), "cache_coalesced", 1)
+            pipe.hincrby(keys.account(job.account), "credits_saved", job.cost)
+            await pipe.execute()
 
     async def release(self, job: Job, now_ms: int) -> list[str]:
         """The leader failed or was cancelled: let the first waiter that can pay run in its

@@ -23,8 +23,10 @@ from gateway.store import keys, shards
 from gateway.store.redis import Scripts, connect
 from gateway.store.shards import FewerShards
 from tests.conftest import ThreeNodeCluster
+from tests.emulators.krea import KreaEmulator
 from tests.harness import GENERATE, Harness, gateway, until
 from tests.servers import free_port, serve
+from tests.test_cache import krea_settings
 from tests.test_webhooks import FAST, Receiver
 
 SHARDS = {"redis_shards": 4}
@@ -69,12 +71,12 @@ def test_an_account_id_names_its_shard() -> None:
 
 
 async def generate(
-    gw: Harness, key: str, webhook: str | None = None, **options: object
+    gw: Harness, key: str, webhook: str | None = None, provider: str = "local", **options: object
 ) -> dict[str, Any]:
     variables = {
         "input": {
             "type": "IMAGE",
-            "provider": "local",
+            "provider": provider,
             "webhookUrl": webhook,
             "input": {"text": "a harbour at dawn"},
             "options": {"width": 512, "height": 512, **options},
@@ -160,6 +162,102 @@ async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
         assert promoted["status"] == "completed" and promoted["creditCost"] == 10
         me = (await gw2.gql("{ me { credits } }", key=other)).json()["data"]["me"]
         assert me["credits"] == 90
+
+
+async def test_identical_requests_of_two_shards_share_one_upstream_job(
+    cluster_url: str, storage_dir: Path
+) -> None:
+    """CONTRACT §9: identical requests in flight share one upstream job, whatever shards
+    their accounts live in. The second shard's job waits for the first's upstream job
+    (its metadata says `coalesced` while it does), then completes with its images, its
+    charge refunded; when the first fails, the one that waited runs in its place."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with (
+        serve(emu.app) as krea,
+        gateway(cluster_url, storage_dir, **SHARDS, **krea_settings(krea)) as gw,
+    ):
+        first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
+
+        async def both(seed: int) -> tuple[str, str]:
+            """The two shards' identical requests, the second waiting for the first."""
+            leader = await generate(gw, first, provider="flux-dev", seed=seed)
+            submitted = emu.submissions + 1
+
+            async def leading() -> bool:
+                return emu.submissions == submitted
+
+            await until(leading)
+            waiter = await generate(gw, second, provider="flux-dev", seed=seed)
+            assert waiter["creditCost"] == 10  # charged as a miss, at admission
+
+            async def waiting() -> bool:
+                job = await gw.job(second, waiter["id"]) or {}
+                return (job.get("metadata") or {}).get("coalesced") is True
+
+            await until(waiting)
+            return leader["id"], waiter["id"]
+
+        leader, waiter = await both(seed=31)
+        emu.steps_to_complete = 1
+        led, joined = await gw.wait(first, leader), await gw.wait(second, waiter)
+        assert emu.submissions == 1
+        assert (led["status"], joined["status"]) == ("completed", "completed")
+        assert joined["url"] == led["url"]
+        assert joined["creditCost"] == 0 and joined["metadata"]["coalesced"] is True
+        assert await credits(gw, second) == 100  # refunded
+        stats = "{ me { cache { misses coalesced creditsSaved } } }"
+        saved = (await gw.gql(stats, key=second)).json()["data"]["me"]["cache"]
+        assert saved == {"misses": 0, "coalesced": 1, "creditsSaved": 10}
+
+        # The first fails upstream: the waiter calls the upstream itself, and pays.
+        emu.steps_to_complete = 10**9
+        leader, waiter = await both(seed=32)
+        list(emu.jobs.values())[-1].outcome = "failed"  # the newest: the first's
+        emu.steps_to_complete = 1
+        assert (await gw.wait(first, leader))["status"] == "failed"
+        ran = await gw.wait(second, waiter)
+        assert ran["status"] == "completed" and ran["creditCost"] == 10
+        assert emu.submissions == 3
+        assert await credits(gw, second) == 90
+
+
+async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
+    cluster_url: str, storage_dir: Path
+) -> None:
+    """Both jobs' processes stop while the second shard's job waits for the first's
+    upstream job; the next ones resume the first (never submitted again) and the second
+    waits for it again: one upstream job in all, both completed with its images."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    settings = {**SHARDS, **krea_settings("")}
+    async with serve(emu.app) as krea:
+        settings["krea_api_base"] = krea
+        async with gateway(cluster_url, storage_dir, **settings) as gw:
+            first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
+            leader = await generate(gw, first, provider="flux-dev", seed=41)
+
+            async def submitted() -> bool:
+                return emu.submissions == 1
+
+            await until(submitted)
+            waiter = await generate(gw, second, provider="flux-dev", seed=41)
+
+            async def waiting() -> bool:
+                job = await gw.job(second, waiter["id"]) or {}
+                return (job.get("metadata") or {}).get("coalesced") is True
+
+            await until(waiting)
+        emu.steps_to_complete = 1
+        async with gateway(cluster_url, storage_dir, job_lease_seconds=0.3, **settings) as gw2:
+            gw2.keys.update(gw.keys)
+            led = await gw2.wait(first, leader["id"])
+            joined = await gw2.wait(second, waiter["id"])
+            assert (led["status"], joined["status"]) == ("completed", "completed")
+            assert joined["url"] == led["url"] and joined["creditCost"] == 0
+            assert emu.submissions == 1
+
+
+async def credits(gw: Harness, key: str) -> int:
+    return int((await gw.gql("{ me { credits } }", key=key)).json()["data"]["me"]["credits"])
 
 
 # -- the shard count is the keyspace's, not each process's -----------------------------

@@ -47,6 +47,9 @@ FETCH_BATCH = 256  # entries taken per read: thousands queued start as a ramp, n
 #: a few seconds) queues here instead of holding every image in memory at once
 STORING_AT_ONCE = 256
 CANCEL_AGAIN = 0.1  # seconds: how soon a task that ignored its cancel is cancelled again
+#: seconds between two looks at another shard's identical job this one waits for (rare:
+#: one per shard and request in flight)
+LEAD_POLL = 1.0
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:
@@ -279,6 +282,18 @@ class Worker:
             await self.events.publish(job)
             log.info("job started")
             try:
+                deadline = (
+                    self.router.clock()
+                    + self.settings.job_deadline_seconds
+                    - (self.clock() - job.created_at / 1000)
+                )
+                # Not a job whose upstream call was sent already: it resumes that.
+                if job.cache_key and self.cache.across_shards and not job.upstream:
+                    leader = await self._lead(job, running, deadline)
+                    if leader is not None:
+                        await self._complete_as(job, leader)
+                        await self.queue.ack(entry_id)
+                        return
                 attributes = {"gateway.service": job.provider} if telemetry.ENABLED else None
                 with telemetry.span("render", attributes=attributes) as span:
                     result = await self.router.execute(
@@ -288,9 +303,7 @@ class Worker:
                         save_upstream=running.save_upstream,
                         progress=running.progress,
                         cancelled=running.cancelled,
-                        deadline=self.router.clock()
-                        + self.settings.job_deadline_seconds
-                        - (self.clock() - job.created_at / 1000),
+                        deadline=deadline,
                         key=job_key,
                     )
                     if span is not None:
@@ -399,6 +412,63 @@ class Worker:
         await self.store.save_progress(job, {**job.metadata, **meta})
         await self.events.publish(job)
 
+    async def _lead(self, job: Job, running: Running, deadline: float) -> Job | None:
+        """With several shards, before the upstream call: lead the identical requests of
+        every shard, or wait for the job of another shard that leads them
+        (docs/api.md#cache). None: this job leads, and runs; else that job, completed."""
+        holder = await self.cache.lead(job)
+        waiting = False
+        while holder != running.job_key:
+            # The leader's record, not the lead, is watched: it gives the lead up as it ends.
+            leader = await self.store.get_by_key(holder)
+            if leader is not None and leader.status == "completed":
+                return leader
+            if leader is None or leader.status not in ("queued", "processing"):
+                holder = await self.cache.lead(job, instead_of=holder)  # or another did
+                continue
+            if not waiting:  # what it waits for, in its metadata while it runs
+                waiting = True
+                await running.progress({"coalesced": True})
+            if await running.cancelled():
+                raise JobCancelled()
+            if self.router.clock() >= deadline:
+                raise JobFailed("ran out of time waiting for an identical request")
+            await asyncio.sleep(LEAD_POLL)
+        return None
+
+    async def _complete_as(self, job: Job, leader: Job) -> None:
+        """Completed with the images of another shard's identical job, free as a request
+        joined in its own shard is (its charge refunded); its own waiters with it."""
+        now = self.now_ms()
+        backend = str(leader.metadata.get("backend") or metrics.NO_BACKEND)
+        metadata = {
+            **leader.metadata,
+            "cached": True,
+            "coalesced": True,
+            "duration": round((now - job.created_at) / 1000, 3),
+        }
+        width, height = leader.width or 0, leader.height or 0
+        ended = await self.store.finish(
+            job,
+            "completed",
+            now,
+            refund=True,
+            urls=leader.urls,
+            width=width,
+            height=height,
+            metadata=metadata,
+        )
+        if ended:
+            await self.cache.joined(job)
+            metrics.job_ended(job.provider, backend, "completed")
+            log.info("job completed with an identical job's images", leader=leader.id)
+            job.completed_at = now
+            keep = self.router.configured(job.provider, backend)
+            await self._announce(
+                await self.cache.settle(job, leader.urls, width, height, leader.metadata, keep=keep)
+            )
+        await self.events.publish_stored(keys.job(job.account, job.id))
+
     async def _complete(self, job: Job, result: Result) -> None:
         fmt = job.params.get("output_format", "png")
         urls: list[str] = []
@@ -452,6 +522,7 @@ class Worker:
             keep = self.router.configured(job.provider, result.backend)
             settled = await self.cache.settle(job, urls, width, height, metadata, keep=keep)
             await self._announce(settled)
+        await self.cache.unlead(job)  # after its end: none waiting takes the lead before
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
@@ -503,6 +574,7 @@ class Worker:
                 telemetry.failed("job failed")
         await self.events.publish_stored(keys.job(job.account, job.id))
         if job.cache_key:  # the identical requests waiting for it must not fail with it
+            await self.cache.unlead(job)
             await self._announce(await self.cache.release(job, self.now_ms()))
 
     async def _announce(self, job_keys: list[str]) -> None:

@@ -10,8 +10,9 @@ raising the setting later never moves an existing account.
 Why shards and not a tag per account: the queue, the schedule and the cache are shared
 by many accounts, and a script can only write keys of one slot. A shard is the unit a
 Cluster spreads over its nodes; with more shards than nodes, load spreads evenly.
-Only three kinds of key live outside any shard: the account index, the callback inbox
-and the shard count itself, each touched one key at a time. Persisted queries (APQ
+Only four kinds of key live outside any shard: the account index, the callback inbox,
+the shard count itself and the leads of identical requests across shards (`leading`),
+each touched one key at a time. Persisted queries (APQ
 documents, shared by every account) have a slot of their own, the tag `{apq}`: their
 two keys change together.
 """
@@ -95,6 +96,12 @@ def inflight(shard: int, digest: str) -> str:
 def followers(shard: int, digest: str) -> str:
     """List: job keys waiting for the leader's outcome."""
     return f"{_shard(shard)}:followers:{digest}"
+
+
+def leading(digest: str) -> str:
+    """String: the job key of the job whose upstream call the identical requests of every
+    shard wait for (lead.lua); outside any shard, its slot its own."""
+    return f"{PREFIX}:leading:{digest}"
 
 
 # -- one account ---------------------------------------------------------------------

@@ -764,6 +764,27 @@ class Vacate(Script):
         return bool(await self.run(2, [inflight, coalescing, leader], client))
 
 
+# -- lead.lua ------------------------------------------------------------------------
+
+
+class Lead(Script):
+    """lead.lua: the job that leads identical requests across shards; `lease_ms` 0 gives
+    this job's lead up."""
+
+    name = "lead"
+
+    async def __call__(
+        self,
+        *,
+        leading: str,
+        job: str,
+        lease_ms: int,
+        instead_of: str = "",
+        client: aioredis.Redis | None = None,
+    ) -> str:
+        return str(await self.run(1, [leading, job, lease_ms, instead_of], client))
+
+
 # -- read.lua ------------------------------------------------------------------------
 
 
@@ -902,6 +923,7 @@ BY_NAME: dict[str, type[Script]] = {
         Renew,
         Lease,
         Vacate,
+        Lead,
         Read,
         Patch,
         ApqPut,
@@ -931,6 +953,7 @@ class Scripts:
         self.renew = Renew(client)
         self.lease = Lease(client)
         self.vacate = Vacate(client)
+        self.lead = Lead(client)
         self.read = Read(client)
         self.patch = Patch(client)
         self.apq_put = ApqPut(client)

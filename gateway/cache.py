@@ -62,6 +62,7 @@ class Cache:
         metadata: dict[str, Any],
         *,
         keep: bool = True,
+        entry: bool = True,
     ) -> list[str]:
         """The leader completed: store the entry, complete its followers; their keys.
 
@@ -69,7 +70,8 @@ class Cache:
         then copied into every other shard, so any key's admission finds it in its own
         slot. A copy lost to a crash costs a cache miss, never a wrong result. `keep`
         False: the followers, who asked at the same time, get the outcome, but no later
-        request does (the entry answers no hit)."""
+        request does (the entry answers no hit). `entry` False: the followers only (a
+        job completed with another shard's job's images, which wrote the entries)."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
         outcome: dict[str, Any] = {
@@ -88,7 +90,7 @@ class Cache:
         # lead, and its own waiters join the list this drains (keep True: a hit instead).
         count = SETTLED_AT_ONCE if keep else ALL
         completed: list[str] = []
-        more, first = True, True
+        more, first = True, entry
         while more:  # a few hundred waiters a call: none holds Redis long
             reply = await self.scripts.settle(
                 cache_entry=keys.cache_entry(shard, digest),
@@ -112,7 +114,7 @@ class Cache:
                     cache_entry=keys.cache_entry(n, digest), client=self.redis, **outcome
                 )
                 for n in range(self.settings.redis_shards)
-                if n != shard and keep
+                if n != shard and keep and entry
             )
         )
         return completed
@@ -144,15 +146,6 @@ class Cache:
                 lease_ms=0,
                 client=self.redis,
             )
-
-    async def joined(self, job: Job) -> None:
-        """`job`, admitted as a miss, was completed with another shard's identical job's
-        images: its account's statistics say so (not its money: finish.lua refunds)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(keys.account(job.account), "cache_misses", -1)
-            pipe.hincrby(keys.account(job.account), "cache_coalesced", 1)
-            pipe.hincrby(keys.account(job.account), "credits_saved", job.cost)
-            await pipe.execute()
 
     async def release(self, job: Job, now_ms: int) -> list[str]:
         """The leader failed or was cancelled: let the first waiter that can pay run in its

@@ -153,7 +153,7 @@ async def test_twenty_identical_requests_on_two_processes_share_one_upstream_job
     async with serve(emu.app) as krea, gateway(redis_url, storage_dir, **krea_settings(krea)) as gw:
         other = start_gateway(redis_url, krea, storage_dir, port)
         try:
-            # Room for twenty at once: each one waiting holds a slot (CONTRACT §7).
+            # Room for twenty at once: each one waiting holds a slot (docs/api.md#limits).
             key = await gw.key(credits=1000, concurrency=20)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as b:
 
@@ -419,8 +419,8 @@ async def test_a_promoted_waiter_holds_a_concurrency_slot_of_its_account(
 async def test_a_waiting_job_holds_a_concurrency_slot_until_it_ends(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """CONTRACT §7: concurrent = jobs not yet ended, and a job waiting for an identical
-    one in flight has not ended. A free key (one slot) with a job waiting holds its slot:
+    """Concurrent = jobs not yet ended (docs/api.md#limits), and a job waiting for an
+    identical one in flight has not ended. A free key (one slot) with a job waiting holds its slot:
     neither another request nor a second identical one is let in. The slot is given back
     when the waiter completes with its leader's images, and when it fails because its
     account cannot pay to run in a failed leader's place."""

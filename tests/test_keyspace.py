@@ -167,8 +167,8 @@ async def test_waiters_in_a_shard_are_completed_or_promoted_with_their_leader(
 async def test_identical_requests_of_two_shards_share_one_upstream_job(
     cluster_url: str, storage_dir: Path
 ) -> None:
-    """CONTRACT §9: identical requests in flight share one upstream job, whatever shards
-    their accounts live in. The second shard's job waits for the first's upstream job
+    """Identical requests in flight share one upstream job, whatever shards their accounts
+    live in (docs/api.md#cache). The second shard's job waits for the first's upstream job
     (its metadata says `coalesced` while it does), then completes with its images, its
     charge refunded; when the first fails, the one that waited runs in its place."""
     emu = KreaEmulator(steps_to_complete=10**9)
@@ -254,6 +254,59 @@ async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
             assert (led["status"], joined["status"]) == ("completed", "completed")
             assert joined["url"] == led["url"] and joined["creditCost"] == 0
             assert emu.submissions == 1
+
+
+async def test_a_job_started_after_another_shards_identical_one_completed_takes_its_images(
+    cluster_url: str, storage_dir: Path
+) -> None:
+    """A worker with one place: the second shard's job, admitted while the first's ran
+    (before its images were cached in its shard), starts once the first completed. It
+    takes the first's images: one upstream job for the two requests in flight."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with (
+        serve(emu.app) as krea,
+        gateway(cluster_url, storage_dir, workers=1, **SHARDS, **krea_settings(krea)) as gw,
+    ):
+        first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
+        leader = await generate(gw, first, provider="flux-dev", seed=51)
+
+        async def submitted() -> bool:
+            return emu.submissions == 1
+
+        await until(submitted)
+        later = await generate(gw, second, provider="flux-dev", seed=51)
+        assert later["creditCost"] == 10  # a miss: nothing cached yet, nothing in its shard
+        emu.steps_to_complete = 1
+        led, joined = await gw.wait(first, leader["id"]), await gw.wait(second, later["id"])
+        assert joined["status"] == "completed" and joined["url"] == led["url"]
+        assert joined["creditCost"] == 0 and emu.submissions == 1
+
+
+async def test_jobs_waiting_for_another_shards_take_no_place_of_their_worker(
+    cluster_url: str, storage_dir: Path
+) -> None:
+    """A worker with one place reads a job that waits for another shard's identical one,
+    queued behind it: the waiting job leaves the place free, so the leader it waits for
+    is read and run by the same worker (else both would wait until their deadline)."""
+    emu = KreaEmulator(steps_to_complete=1)
+    settings = {**SHARDS, **krea_settings("")}
+    async with serve(emu.app) as krea:
+        settings["krea_api_base"] = krea
+        async with gateway(cluster_url, storage_dir, inprocess_workers=False, **settings) as gw:
+            # Queue order: the worker reads shard 0 first, the leader's shard 3 last.
+            first, second = [await gw.key(credits=100, shard=n) for n in (3, 0)]
+            leader = await generate(gw, first, provider="flux-dev", seed=52)
+            waiter = await generate(gw, second, provider="flux-dev", seed=52)
+            service = gw.app.state.gateway
+            job = await service.store.get(gw.keys[first]["id"], leader["id"])
+            # Its worker took the lead and died before its upstream call.
+            assert await service.cache.lead(job) == keys.job(job.account, job.id)
+        async with gateway(cluster_url, storage_dir, workers=1, **settings) as gw2:
+            gw2.keys.update(gw.keys)
+            led = await gw2.wait(first, leader["id"])
+            joined = await gw2.wait(second, waiter["id"])
+            assert (led["status"], joined["status"]) == ("completed", "completed")
+            assert joined["url"] == led["url"] and emu.submissions == 1
 
 
 async def credits(gw: Harness, key: str) -> int:

@@ -141,10 +141,12 @@ class JobStore:
         error: str | None = None,
         rejected: bool = False,
         only_from: str = "",
+        joined: bool = False,
     ) -> bool:
         """End the job once; True when this call ended it (False: it had already ended,
         or had another status than `only_from`, when given). `rejected`: it failed
-        because the upstream refused its input (`Job.rejected`)."""
+        because the upstream refused its input (`Job.rejected`). `joined`: it completed
+        with another shard's identical job's images (finish.lua)."""
         fields: dict[str, Any] = {}
         if urls is not None:
             fields.update(outcome_fields(urls, width, height, metadata or {}))
@@ -184,6 +186,7 @@ class JobStore:
             fields=fields,
             ledger_keep_ms=self.ledger_keep_ms,
             only_from=only_from,
+            joined=joined,
             client=self.redis,
         )
         return reply.ended

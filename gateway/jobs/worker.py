@@ -120,6 +120,7 @@ class Worker:
         self.capacity = settings.workers
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.running: dict[str, Running] = {}
+        self.waiting = 0  # of those, the jobs waiting for another shard's (`_lead`)
         self.last_sweep = 0.0
         self.sweeping: asyncio.Task[None] | None = None
         self.freed = asyncio.Event()
@@ -143,7 +144,7 @@ class Worker:
         reading = telemetry.Streak("queue read")
         try:
             while not stop.is_set():
-                free = min(self.capacity - len(self.running), FETCH_BATCH)
+                free = min(self._free(), FETCH_BATCH)
                 if free <= 0:
                     self.freed.clear()
                     await set_within(self.freed, 1.0)
@@ -172,6 +173,10 @@ class Worker:
             await asyncio.gather(*loops, return_exceptions=True)
             if deliveries:
                 await deliveries
+
+    def _free(self) -> int:
+        """How many more jobs this process may take."""
+        return self.capacity - len(self.running) + self.waiting
 
     def _spawn(self, entry_id: str, job_key: str) -> None:
         if entry_id in self.running:
@@ -242,7 +247,7 @@ class Worker:
         await self.store.renew_leases(
             [r.job for r in running if r.job is not None], self.now_ms() + self.lease_ms
         )
-        free = self.capacity - len(self.running)
+        free = self._free()
         if free > 0:
             for entry_id, job_key in await self.queue.reclaim(self.consumer, self.lease_ms, free):
                 log.info("reclaimed job", entry=entry_id, job=job_key)
@@ -415,26 +420,48 @@ class Worker:
     async def _lead(self, job: Job, running: Running, deadline: float) -> Job | None:
         """With several shards, before the upstream call: lead the identical requests of
         every shard, or wait for the job of another shard that leads them
-        (docs/api.md#cache). None: this job leads, and runs; else that job, completed."""
+        (docs/api.md#cache). None: this job leads, and runs; else that job, completed.
+        While it waits it takes none of the process's `workers` places: the leader's
+        entry may be one this process has to take over."""
         holder = await self.cache.lead(job)
-        waiting = False
-        while holder != running.job_key:
-            # The leader's record, not the lead, is watched: it gives the lead up as it ends.
-            leader = await self.store.get_by_key(holder)
-            if leader is not None and leader.status == "completed":
-                return leader
-            if leader is None or leader.status not in ("queued", "processing"):
-                holder = await self.cache.lead(job, instead_of=holder)  # or another did
-                continue
-            if not waiting:  # what it waits for, in its metadata while it runs
-                waiting = True
-                await running.progress({"coalesced": True})
-            if await running.cancelled():
-                raise JobCancelled()
-            if self.router.clock() >= deadline:
-                raise JobFailed("ran out of time waiting for an identical request")
-            await asyncio.sleep(LEAD_POLL)
+        if holder == running.job_key:
+            return None
+        self.waiting += 1
+        self.freed.set()
+        marked = False  # its metadata says what it waits for, while it does
+        try:
+            while holder != running.job_key:
+                # The leader's record is watched, not the lead: the lead stays after the
+                # leader completed, and goes when it failed.
+                leader = await self.store.get_by_key(holder)
+                if leader is None or leader.status not in ("queued", "processing"):
+                    if leader and leader.status == "completed" and self._overlapped(job, leader):
+                        return leader
+                    # It failed or was cancelled, or completed before this job was asked
+                    # for (the request came again after its outputs' retention).
+                    holder = await self.cache.lead(job, instead_of=holder)  # or another's
+                    continue
+                if not marked:
+                    marked = True
+                    await running.progress({"coalesced": True})
+                if await running.cancelled():
+                    raise JobCancelled()
+                if self.router.clock() >= deadline:
+                    raise JobFailed("ran out of time waiting for an identical request")
+                await asyncio.sleep(LEAD_POLL)
+        finally:
+            self.waiting -= 1
+        if marked:  # it leads after all (the leader failed): it waits no more
+            await self.store.save_progress(
+                job, {k: v for k, v in job.metadata.items() if k != "coalesced"}
+            )
         return None
+
+    @staticmethod
+    def _overlapped(job: Job, leader: Job) -> bool:
+        """Whether the two were in flight together: the leader completed after `job` was
+        accepted."""
+        return (leader.completed_at or 0) >= job.created_at
 
     async def _complete_as(self, job: Job, leader: Job) -> None:
         """Completed with the images of another shard's identical job, free as a request
@@ -457,16 +484,18 @@ class Worker:
             width=width,
             height=height,
             metadata=metadata,
+            joined=True,
         )
         if ended:
-            await self.cache.joined(job)
-            metrics.job_ended(job.provider, backend, "completed")
+            # It ran on no backend (docs/api.md#metrics).
+            metrics.job_ended(job.provider, metrics.NO_BACKEND, "completed")
             log.info("job completed with an identical job's images", leader=leader.id)
             job.completed_at = now
             keep = self.router.configured(job.provider, backend)
-            await self._announce(
-                await self.cache.settle(job, leader.urls, width, height, leader.metadata, keep=keep)
+            settled = await self.cache.settle(
+                job, leader.urls, width, height, leader.metadata, keep=keep, entry=False
             )
+            await self._announce(settled)
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _complete(self, job: Job, result: Result) -> None:
@@ -512,6 +541,7 @@ class Worker:
         if ended:
             metrics.job_completed(job.provider, result.backend, metadata["duration"], job.cost)
             log.info("job completed", backend=result.backend, duration=metadata["duration"])
+        keep = False
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self._discard(urls)
         elif job.cache_key:
@@ -522,7 +552,11 @@ class Worker:
             keep = self.router.configured(job.provider, result.backend)
             settled = await self.cache.settle(job, urls, width, height, metadata, keep=keep)
             await self._announce(settled)
-        await self.cache.unlead(job)  # after its end: none waiting takes the lead before
+        # Its lead (several shards) stays until it lapses once its images are kept: an
+        # identical job of another shard that starts meanwhile (admitted before they were
+        # cached in its shard) takes them too. A preview's goes: no later request gets it.
+        if not keep:
+            await self.cache.unlead(job)
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:

@@ -14,7 +14,11 @@
 --       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
 --       fields the end sets (its outcome or its error; null: removed), 8 the status
 --       the job must still have to be ended ('': any that has not ended; 'queued': a
---       cancel of a job no worker has started, which one starting it meanwhile wins)
+--       cancel of a job no worker has started, which one starting it meanwhile wins),
+--       9 joined (0/1): it completed with the images of an identical job of another
+--       shard (the worker, docs/api.md#cache), refunded: its account's cache statistics
+--       count it coalesced, not a miss (a job promoted from waiting, `promoted` on its
+--       record, was counted coalesced at admission)
 -- The record then lives for the retention time, like its outputs.
 -- include: ledger.lua
 -- Returns {1, balance} when this call ended the job, {0, status} otherwise.
@@ -38,6 +42,14 @@ if ARGV[4] == '1' and cost > 0 then
   if (job['token'] or '') ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('HINCRBY', KEYS[7], 'spent', -cost)
   end
+end
+-- Completed with another shard's identical job's images (ARGV 9): coalesced after all.
+if ARGV[9] == '1' then
+  if not job['promoted'] then
+    redis.call('HINCRBY', KEYS[3], 'cache_misses', -1)
+    redis.call('HINCRBY', KEYS[3], 'cache_coalesced', 1)
+  end
+  redis.call('HINCRBY', KEYS[3], 'credits_saved', cost)
 end
 -- A job that waited on an identical one (cost 0, its `price` what it would have cost:
 -- admit.lua) and ends without its outcome saved its account nothing after all.

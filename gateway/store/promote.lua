@@ -61,7 +61,7 @@ if price > 0 then
     balance)
   if token then redis.call('HINCRBY', KEYS[7], 'spent', price) end
 end
-job['cost'] = price
+job['cost'], job['promoted'] = price, 1  -- (its cache statistics: finish.lua)
 save_job(KEYS[1], job)
 redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)
 redis.call('ZADD', KEYS[8], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])

@@ -396,6 +396,7 @@ class Finish(Script):
         fields: dict[str, Any],
         ledger_keep_ms: int = 0,
         only_from: str = "",
+        joined: bool = False,
         client: aioredis.Redis | None = None,
     ) -> FinishReply:
         argv = [
@@ -414,6 +415,7 @@ class Finish(Script):
             ledger_keep_ms,
             orjson.dumps(fields),
             only_from,
+            1 if joined else 0,
         ]
         return self.decode(await self.run(7, argv, client))
 

@@ -62,7 +62,7 @@ class Cache:
         metadata: dict[str, Any],
         *,
         keep: bool = True,
-        entry: bool = True,
+        entry_of: Job | None = None,
     ) -> list[str]:
         """The leader completed: store the entry, complete its followers; their keys.
 
@@ -70,8 +70,9 @@ class Cache:
         then copied into every other shard, so any key's admission finds it in its own
         slot. A copy lost to a crash costs a cache miss, never a wrong result. `keep`
         False: the followers, who asked at the same time, get the outcome, but no later
-        request does (the entry answers no hit). `entry` False: the followers only (a
-        job completed with another shard's job's images, which wrote the entries)."""
+        request does (the entry answers no hit). `entry_of`: the leader of another shard
+        whose images `job` completed with; the entry is that one's, as it made it, and is
+        written into this shard only (that one copies it into the others)."""
         assert job.cache_key
         shard, digest = keys.shard_of(job.account), job.cache_key
         outcome: dict[str, Any] = {
@@ -90,7 +91,7 @@ class Cache:
         # lead, and its own waiters join the list this drains (keep True: a hit instead).
         count = SETTLED_AT_ONCE if keep else ALL
         completed: list[str] = []
-        more, first = True, entry
+        more, first = True, entry_of is None
         while more:  # a few hundred waiters a call: none holds Redis long
             reply = await self.scripts.settle(
                 cache_entry=keys.cache_entry(shard, digest),
@@ -108,13 +109,16 @@ class Cache:
             completed += reply.completed
             more, first = reply.more, False
         # The other shards' copies, sent together (one pipeline: gateway/store/batching.py).
+        copies = [n for n in range(self.settings.redis_shards) if n != shard]
+        if entry_of is not None:  # dated as the leader's own: its copies say the same
+            copies, outcome["now_ms"] = [shard], entry_of.completed_at or 0
         await asyncio.gather(
             *(
                 self.scripts.entry(
                     cache_entry=keys.cache_entry(n, digest), client=self.redis, **outcome
                 )
-                for n in range(self.settings.redis_shards)
-                if n != shard and keep and entry
+                for n in copies
+                if keep
             )
         )
         return completed

@@ -435,10 +435,9 @@ class Worker:
                 # leader completed, and goes when it failed.
                 leader = await self.store.get_by_key(holder)
                 if leader is None or leader.status not in ("queued", "processing"):
-                    if leader and leader.status == "completed" and self._overlapped(job, leader):
+                    if leader and leader.status == "completed" and self._takes(job, leader):
                         return leader
-                    # It failed or was cancelled, or completed before this job was asked
-                    # for (the request came again after its outputs' retention).
+                    # It failed or was cancelled, or its images are not this job's to take.
                     holder = await self.cache.lead(job, instead_of=holder)  # or another's
                     continue
                 if not marked:
@@ -449,19 +448,27 @@ class Worker:
                 if self.router.clock() >= deadline:
                     raise JobFailed("ran out of time waiting for an identical request")
                 await asyncio.sleep(LEAD_POLL)
+            # It leads after all (the leader failed): a place first, as a job read takes.
+            while len(self.running) - self.waiting >= self.capacity:
+                self.freed.clear()
+                await set_within(self.freed, 1.0)
         finally:
             self.waiting -= 1
-        if marked:  # it leads after all (the leader failed): it waits no more
+        if marked:  # it waits no more
             await self.store.save_progress(
                 job, {k: v for k, v in job.metadata.items() if k != "coalesced"}
             )
+            await self.events.publish(job)
         return None
 
-    @staticmethod
-    def _overlapped(job: Job, leader: Job) -> bool:
-        """Whether the two were in flight together: the leader completed after `job` was
-        accepted."""
-        return (leader.completed_at or 0) >= job.created_at
+    def _takes(self, job: Job, leader: Job) -> bool:
+        """Whether `job` takes the images of `leader`, completed: as a hit would, while
+        they are kept (admit.lua); a preview (`_complete`) only if the two were in flight
+        together, as its own shard's waiters do."""
+        completed = leader.completed_at or 0
+        if not self.router.configured(job.provider, str(leader.metadata.get("backend") or "")):
+            return completed >= job.created_at
+        return completed + self.cache.retention_ms - 60_000 > self.now_ms()
 
     async def _complete_as(self, job: Job, leader: Job) -> None:
         """Completed with the images of another shard's identical job, free as a request
@@ -493,7 +500,7 @@ class Worker:
             job.completed_at = now
             keep = self.router.configured(job.provider, backend)
             settled = await self.cache.settle(
-                job, leader.urls, width, height, leader.metadata, keep=keep, entry=False
+                job, leader.urls, width, height, leader.metadata, keep=keep, entry_of=leader
             )
             await self._announce(settled)
         await self.events.publish_stored(keys.job(job.account, job.id))

@@ -181,20 +181,10 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
         async def both(seed: int) -> tuple[str, str]:
             """The two shards' identical requests, the second waiting for the first."""
             leader = await generate(gw, first, provider="flux-dev", seed=seed)
-            submitted = emu.submissions + 1
-
-            async def leading() -> bool:
-                return emu.submissions == submitted
-
-            await until(leading)
+            await submitted(emu, emu.submissions + 1)
             waiter = await generate(gw, second, provider="flux-dev", seed=seed)
             assert waiter["creditCost"] == 10  # charged as a miss, at admission
-
-            async def waiting() -> bool:
-                job = await gw.job(second, waiter["id"]) or {}
-                return (job.get("metadata") or {}).get("coalesced") is True
-
-            await until(waiting)
+            await waiting(gw, second, waiter["id"])
             return leader["id"], waiter["id"]
 
         leader, waiter = await both(seed=31)
@@ -234,18 +224,9 @@ async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
         async with gateway(cluster_url, storage_dir, **settings) as gw:
             first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
             leader = await generate(gw, first, provider="flux-dev", seed=41)
-
-            async def submitted() -> bool:
-                return emu.submissions == 1
-
-            await until(submitted)
+            await submitted(emu, 1)
             waiter = await generate(gw, second, provider="flux-dev", seed=41)
-
-            async def waiting() -> bool:
-                job = await gw.job(second, waiter["id"]) or {}
-                return (job.get("metadata") or {}).get("coalesced") is True
-
-            await until(waiting)
+            await waiting(gw, second, waiter["id"])
         emu.steps_to_complete = 1
         async with gateway(cluster_url, storage_dir, job_lease_seconds=0.3, **settings) as gw2:
             gw2.keys.update(gw.keys)
@@ -269,11 +250,7 @@ async def test_a_job_started_after_another_shards_identical_one_completed_takes_
     ):
         first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
         leader = await generate(gw, first, provider="flux-dev", seed=51)
-
-        async def submitted() -> bool:
-            return emu.submissions == 1
-
-        await until(submitted)
+        await submitted(emu, 1)
         later = await generate(gw, second, provider="flux-dev", seed=51)
         assert later["creditCost"] == 10  # a miss: nothing cached yet, nothing in its shard
         emu.steps_to_complete = 1
@@ -307,6 +284,25 @@ async def test_jobs_waiting_for_another_shards_take_no_place_of_their_worker(
             joined = await gw2.wait(second, waiter["id"])
             assert (led["status"], joined["status"]) == ("completed", "completed")
             assert joined["url"] == led["url"] and emu.submissions == 1
+
+
+async def submitted(emu: KreaEmulator, count: int) -> None:
+    """Until Krea's emulator has been sent `count` jobs."""
+
+    async def reached() -> bool:
+        return emu.submissions == count
+
+    await until(reached)
+
+
+async def waiting(gw: Harness, key: str, job_id: str) -> None:
+    """Until the job says it waits for another shard's identical one."""
+
+    async def marked() -> bool:
+        job = await gw.job(key, job_id) or {}
+        return (job.get("metadata") or {}).get("coalesced") is True
+
+    await until(marked)
 
 
 async def credits(gw: Harness, key: str) -> int:

@@ -198,6 +198,19 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
         stats = "{ me { cache { misses coalesced creditsSaved } } }"
         saved = (await gw.gql(stats, key=second)).json()["data"]["me"]["cache"]
         assert saved == {"misses": 0, "coalesced": 1, "creditsSaved": 10}
+        ledger = await gw.accounts.ledger(gw.keys[second]["id"])
+        assert sorted(e["reason"] for e in ledger) == ["charge", "initial", "refund"]
+
+        # A waiting job cancelled ends cancelled, refunded; its leader runs on.
+        emu.steps_to_complete = 10**9
+        leader, waiter = await both(seed=33)
+        cancel = "mutation($id: ID!) { cancelJob(id: $id) { status } }"
+        done = await gw.gql(cancel, {"id": waiter}, second)
+        assert done.json()["data"]["cancelJob"]["status"] == "cancelled"
+        assert await credits(gw, second) == 100
+        emu.steps_to_complete = 1
+        assert (await gw.wait(first, leader))["status"] == "completed"
+        assert (await gw.job(second, waiter) or {})["status"] == "cancelled"
 
         # The first fails upstream: the waiter calls the upstream itself, and pays.
         emu.steps_to_complete = 10**9
@@ -207,7 +220,7 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
         assert (await gw.wait(first, leader))["status"] == "failed"
         ran = await gw.wait(second, waiter)
         assert ran["status"] == "completed" and ran["creditCost"] == 10
-        assert emu.submissions == 3
+        assert emu.submissions == 4
         assert await credits(gw, second) == 90
 
 

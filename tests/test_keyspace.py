@@ -200,6 +200,13 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
         assert saved == {"misses": 0, "coalesced": 1, "creditsSaved": 10}
         ledger = await gw.accounts.ledger(gw.keys[second]["id"])
         assert sorted(e["reason"] for e in ledger) == ["charge", "initial", "refund"]
+        # Its shard's entry is the leader's, written as the leader wrote it: no shard
+        # keeps a second generation of it (entry_write.lua).
+        job = await gw.app.state.gateway.store.get(gw.keys[second]["id"], waiter)
+        client: Any = gw.accounts.redis
+        pattern = f"{keys.PREFIX}:*:cache:{job.cache_key}:*"
+        assert not await client.keys(pattern, target_nodes=client.PRIMARIES)
+        assert (await generate(gw, second, provider="flux-dev", seed=31))["url"] == led["url"]
 
         # A waiting job cancelled ends cancelled, refunded; its leader runs on.
         emu.steps_to_complete = 10**9

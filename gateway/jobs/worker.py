@@ -448,12 +448,13 @@ class Worker:
                 if self.router.clock() >= deadline:
                     raise JobFailed("ran out of time waiting for an identical request")
                 await asyncio.sleep(LEAD_POLL)
-            # It leads after all (the leader failed): a place first, as a job read takes.
-            while len(self.running) - self.waiting >= self.capacity:
-                self.freed.clear()
-                await set_within(self.freed, 1.0)
         finally:
             self.waiting -= 1
+        # It leads after all (the leader failed), and takes a place again: none is read
+        # while the process is over its places, and this one runs once it is not.
+        while len(self.running) - self.waiting > self.capacity:
+            self.freed.clear()
+            await set_within(self.freed, 1.0)
         if marked:  # it waits no more
             await self.store.save_progress(
                 job, {k: v for k, v in job.metadata.items() if k != "coalesced"}

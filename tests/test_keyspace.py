@@ -170,7 +170,8 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
     """Identical requests in flight share one upstream job, whatever shards their accounts
     live in (docs/api.md#cache). The second shard's job waits for the first's upstream job
     (its metadata says `coalesced` while it does), then completes with its images, its
-    charge refunded; when the first fails, the one that waited runs in its place."""
+    charge refunded; when the first fails or is cancelled, the one that waited runs in its
+    place."""
     emu = KreaEmulator(steps_to_complete=10**9)
     async with (
         serve(emu.app) as krea,
@@ -229,6 +230,16 @@ async def test_identical_requests_of_two_shards_share_one_upstream_job(
         assert ran["status"] == "completed" and ran["creditCost"] == 10
         assert emu.submissions == 4
         assert await credits(gw, second) == 90
+
+        # The first cancelled by its owner: the same, the waiter runs in its place.
+        emu.steps_to_complete = 10**9
+        leader, waiter = await both(seed=34)
+        done = await gw.gql(cancel, {"id": leader}, first)
+        assert done.json()["data"]["cancelJob"]["status"] == "cancelled"
+        emu.steps_to_complete = 1
+        ran = await gw.wait(second, waiter)
+        assert ran["status"] == "completed" and ran["creditCost"] == 10
+        assert emu.submissions == 6 and await credits(gw, second) == 80
 
 
 async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(

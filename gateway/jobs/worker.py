@@ -467,7 +467,7 @@ class Worker:
         they are kept (admit.lua); a preview (`_complete`) only if the two were in flight
         together, as its own shard's waiters do."""
         completed = leader.completed_at or 0
-        if not self.router.configured(job.provider, str(leader.metadata.get("backend") or "")):
+        if not self._kept(job, leader.metadata):
             return completed >= job.created_at
         return completed + self.cache.retention_ms - 60_000 > self.now_ms()
 
@@ -475,7 +475,6 @@ class Worker:
         """Completed with the images of another shard's identical job, free as a request
         joined in its own shard is (its charge refunded); its own waiters with it."""
         now = self.now_ms()
-        backend = str(leader.metadata.get("backend") or metrics.NO_BACKEND)
         metadata = {
             **leader.metadata,
             "cached": True,
@@ -498,12 +497,7 @@ class Worker:
             # It ran on no backend (docs/api.md#metrics).
             metrics.job_ended(job.provider, metrics.NO_BACKEND, "completed")
             log.info("job completed with an identical job's images", leader=leader.id)
-            job.completed_at = now
-            keep = self.router.configured(job.provider, backend)
-            settled = await self.cache.settle(
-                job, leader.urls, width, height, leader.metadata, keep=keep, entry_of=leader
-            )
-            await self._announce(settled)
+            await self._settle(job, now, leader.urls, width, height, leader.metadata, leader)
         await self.events.publish_stored(keys.job(job.account, job.id))
 
     async def _complete(self, job: Job, result: Result) -> None:
@@ -553,19 +547,40 @@ class Worker:
         if not ended:  # cancelled meanwhile: the images are nobody's
             await self._discard(urls)
         elif job.cache_key:
-            job.completed_at = now
-            # The offline renderer standing in for another service (dev mode's last
-            # backend, not one its route names) drew a preview: not the answer to keep
-            # for that service's request.
-            keep = self.router.configured(job.provider, result.backend)
-            settled = await self.cache.settle(job, urls, width, height, metadata, keep=keep)
-            await self._announce(settled)
+            keep = await self._settle(job, now, urls, width, height, metadata)
         # Its lead (several shards) stays until it lapses once its images are kept: an
         # identical job of another shard that starts meanwhile (admitted before they were
         # cached in its shard) takes them too. A preview's goes: no later request gets it.
         if not keep:
             await self.cache.unlead(job)
         await self.events.publish_stored(keys.job(job.account, job.id))
+
+    async def _settle(
+        self,
+        job: Job,
+        now: int,
+        urls: list[str],
+        width: int,
+        height: int,
+        metadata: dict[str, Any],
+        entry_of: Job | None = None,
+    ) -> bool:
+        """A cacheable job completed with these images (`entry_of`'s: `Cache.settle`): its
+        waiters complete with it, and the images are cached unless a preview. Whether
+        they are kept."""
+        job.completed_at = now
+        keep = self._kept(job, metadata)
+        settled = await self.cache.settle(
+            job, urls, width, height, metadata, keep=keep, entry_of=entry_of
+        )
+        await self._announce(settled)
+        return keep
+
+    def _kept(self, job: Job, metadata: dict[str, Any]) -> bool:
+        """Whether images made for `job` (their `metadata`) answer its later requests: not
+        a preview, which the offline renderer standing in for another service (dev mode's
+        last backend, not one its route names) drew."""
+        return self.router.configured(job.provider, str(metadata.get("backend") or ""))
 
     async def _store_output(self, result: Result, output: Output, fmt: str) -> tuple[str, int, int]:
         async with self.storing:

@@ -268,6 +268,32 @@ async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
             assert emu.submissions == 1
 
 
+async def test_a_job_waiting_for_another_shards_fails_at_its_own_deadline_refunded(
+    cluster_url: str, storage_dir: Path
+) -> None:
+    """The first shard's job is stuck (its process stopped after its upstream call, its
+    entry not yet free to take over); the second's, waiting for it, fails at its own
+    deadline, refunded, without calling the upstream itself."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    settings = {**SHARDS, **krea_settings("")}
+    async with serve(emu.app) as krea:
+        settings["krea_api_base"] = krea
+        async with gateway(cluster_url, storage_dir, **settings) as gw:
+            first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
+            leader = await generate(gw, first, provider="flux-dev", seed=61)
+            await submitted(emu, 1)
+        async with gateway(cluster_url, storage_dir, job_deadline_seconds=3, **settings) as gw2:
+            gw2.keys.update(gw.keys)
+            waiter = await generate(gw2, second, provider="flux-dev", seed=61)
+            await waiting(gw2, second, waiter["id"])
+            failed = await gw2.wait(second, waiter["id"])
+            assert failed["status"] == "failed", failed
+            assert "waiting for an identical request" in failed["error"]
+            assert await credits(gw2, second) == 100  # refunded
+            assert emu.submissions == 1
+            assert (await gw2.job(first, leader["id"]) or {})["status"] == "processing"
+
+
 async def test_a_job_started_after_another_shards_identical_one_completed_takes_its_images(
     cluster_url: str, storage_dir: Path
 ) -> None:

@@ -206,12 +206,12 @@ async def wait_answering(
     if waiting.done():
         job = waiting.result()
         noting = noting and not job.ended and not answered_with_id
-        return Waited(job, noting and await _note(gateway, principal, job, wanted))
+        return Waited(job, noting and await note_left(gateway, principal, job, wanted))
     waiting.cancel()  # it unwinds on its own, letting go of its watch
     # Noted first, so that a client quick to send it again finds it; one then cancelled
     # is not joined (`Gateway.generate`). Unless its end is told to a webhook, one not
     # started is for nobody to see.
-    if noting and await _note(gateway, principal, job, wanted) and not job.webhook_url:
+    if noting and await note_left(gateway, principal, job, wanted) and not job.webhook_url:
         try:
             await gateway.cancel(principal, job.id, unstarted=True)
         except GatewayError as exc:  # the store away: the job runs on, as it would have
@@ -224,7 +224,7 @@ class Waited(NamedTuple):
     noted: bool  # left for the same request sent again (`Gateway.left`)
 
 
-async def _note(
+async def note_left(
     gateway: Gateway, principal: Principal, job: Job, wanted: GenerationRequest | None
 ) -> bool:
     """`Gateway.left`; False when the store is away (a repeat is then a new job)."""

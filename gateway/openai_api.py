@@ -22,7 +22,7 @@ import contextlib
 import re
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, NamedTuple
 
 import orjson
@@ -35,7 +35,7 @@ from gateway import rest
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal, api_key_from
 from gateway.bodies import json_object, memoized
-from gateway.endpoints import route, wait_answering
+from gateway.endpoints import note_left, route, wait_answering
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -293,8 +293,24 @@ async def generations(request: Request) -> Response:
             headers["x-should-retry"] = "true" if joins else "false"
         return error_response(exc, headers)
     if response_format == "b64_json":
-        return ImagesAnswer(answer, headers)
+        return ImagesAnswer(answer, headers, _cut(gateway, principal, job, wanted))
     return ORJSONResponse(answer, headers=headers)
+
+
+Cut = Callable[[], Awaitable[object]]
+
+
+def _cut(
+    gateway: Gateway, principal: Principal, job: Job, wanted: GenerationRequest | None
+) -> Cut | None:
+    """What an answer carrying `job`'s images does when its client leaves before the
+    end (its SDK timed out while the images were read or sent; it retries): the job is
+    left for the same request sent again, which joins it, charged once, as one that
+    ran out of time is (`wait_answering`). None with an idempotency key: the retry
+    names the job itself."""
+    if wanted is None or wanted.idempotency_key:
+        return None
+    return lambda: note_left(gateway, principal, job, wanted)
 
 
 class Base64:
@@ -333,9 +349,9 @@ def _pieces(document: Any) -> list[Piece]:
     return [found[int(part)] if i % 2 else part for i, part in enumerate(parts) if part]
 
 
-async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = None) -> None:
+async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = None) -> bool:
     """The pieces, an image a slice at a time; no more once `left` is set (the client
-    went away: nothing would read the rest)."""
+    went away: nothing would read the rest). Whether all were written."""
     for piece in pieces:
         if isinstance(piece, bytes):
             await _send(send, piece)
@@ -343,9 +359,30 @@ async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = N
         view = memoryview(piece.data)
         for at in range(0, len(view), SLICE):
             if left is not None and left.is_set():
-                return
+                return False
             await _send(send, base64.b64encode(view[at : at + SLICE]))
             await asyncio.sleep(0)  # the other requests' turn
+    return True
+
+
+async def _write_all(receive: Receive, send: Send, pieces: list[Piece], cut: Cut | None) -> None:
+    """The pieces, then the body's end, unless the client leaves first: then `cut`."""
+    left = asyncio.Event()
+
+    async def listen() -> None:  # the request's body is read: what comes is its end
+        with contextlib.suppress(Exception):  # nothing more to hear: as good as gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        left.set()
+
+    listening = asyncio.ensure_future(listen())
+    try:
+        if await _write(send, pieces, left):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif cut is not None:
+            await cut()
+    finally:
+        listening.cancel()
 
 
 class ImagesAnswer(Response):
@@ -354,29 +391,15 @@ class ImagesAnswer(Response):
 
     media_type = "application/json"
 
-    def __init__(self, answer: dict[str, Any], headers: dict[str, str]) -> None:
+    def __init__(self, answer: dict[str, Any], headers: dict[str, str], cut: Cut | None) -> None:
         self.status_code = 200
-        self.pieces = _pieces(answer)
+        self.pieces, self.cut = _pieces(answer), cut
         length = sum(len(piece) for piece in self.pieces)
         self.init_headers({**headers, "Content-Length": str(length)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        left = asyncio.Event()
-
-        async def listen() -> None:  # the request's body is read: what comes is its end
-            with contextlib.suppress(Exception):  # nothing more to hear: as good as gone
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-            left.set()
-
-        listening = asyncio.ensure_future(listen())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await _write(send, self.pieces, left)
-            if not left.is_set():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            listening.cancel()
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await _write_all(receive, send, self.pieces, self.cut)
 
 
 def _wait(request: Request, gateway: Gateway) -> float:
@@ -430,6 +453,7 @@ class Streamed(Response):
         waited = self.gateway.settings.sync_wait_seconds
         deadline = time.monotonic() + waited
         job = self.job
+        cut: Cut | None = None  # an answer with images, cut short: noted (`_cut`)
         try:
             while not job.ended:
                 every = rest.KEEP_ALIVE_SECONDS
@@ -458,6 +482,7 @@ class Streamed(Response):
                 await _send(send, b": waiting for the image\n\n")
             answer = await _answer(self.gateway, job, "b64_json", waited)
             events = [_completed(answer, image) for image in answer["data"]]
+            cut = _cut(self.gateway, self.principal, job, self.wanted)
         except ClientDisconnect:
             return  # nobody to answer (`wait_answering`)
         except GatewayError as exc:
@@ -467,9 +492,7 @@ class Streamed(Response):
             log.exception("answering an accepted job failed", job_id=job.id)
             body, _ = error_body(InternalError("internal server error"))
             events = [_event("error", {"type": "error", **body})]
-        for event in events:
-            await _write(send, event)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await _write_all(receive, send, [piece for event in events for piece in event], cut)
 
 
 def _completed(answer: dict[str, Any], image: dict[str, Any]) -> list[Piece]:

@@ -3,9 +3,12 @@ base URL at the gateway: what a backend that calls OpenAI sees when it switches.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
+import json
+import socket
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +24,7 @@ from PIL import Image
 from gateway import rest
 from tests.harness import Harness, gateway, until
 from tests.test_client_tokens import mint
-from tests.test_waiting import slow_flux_krea
+from tests.test_waiting import left, slow_flux_krea
 
 
 @contextlib.asynccontextmanager
@@ -566,3 +569,62 @@ async def test_a_stream_sends_the_image_as_openais_event_and_says_it_waits(
             assert r.headers["x-gateway-job-id"] == job_id
             assert "event: image_generation.completed" in (await r.aread()).decode()
         assert emu.submissions == submitted + 1  # one generation
+
+
+async def cut_short(base: str, key: str, body: dict[str, object], after: bytes) -> str:
+    """Send `body` to the images route and leave once the answer has said `after`, with
+    most of it unread (as an SDK whose timeout ran out leaves); the job id it named."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the rest waits upstream
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    raw = json.dumps(body).encode()
+    writer.write(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\n"
+        b"Authorization: Bearer %b\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (key.encode(), len(raw), raw)
+    )
+    said = b""
+    while after not in said:
+        chunk = await asyncio.wait_for(reader.read(4096), 30)
+        assert chunk, said
+        said += chunk
+    writer.close()
+    head = said.split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 200"), head
+    [job_id] = [line.split(": ")[1] for line in head.split("\r\n") if line.startswith("x-gateway")]
+    return job_id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_images_cut_short_on_their_way_are_the_retrys_charged_once(
+    redis_url: str, storage_dir: Path, stream: bool
+) -> None:
+    """A client that leaves while its job's images are sent to it (its SDK's timeout ran
+    out as they were read or sent, and it retries) has not got them: the same request
+    sent again gets that job's images, not another job's, and is charged once."""
+    async with slow_flux_krea(redis_url, storage_dir, 0) as (gw, flux):
+        flux.noisy = True  # megabytes more than the sockets' buffers hold
+        key = await gw.key(credits=1000)
+        body: dict[str, object] = {
+            "prompt": "a harbour in the rain",
+            "size": "1536x1536",
+            "response_format": "b64_json",
+            "stream": stream,
+        }
+        after = b"event: image_generation.completed" if stream else b"\r\n\r\n"
+        job_id = await cut_short(gw.base, key, body, after)
+        await until(lambda: left(gw), what="the job noted for the retry")
+        again = await gw.http.post(
+            "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert again.status_code == 200, again.text
+        assert again.headers["x-gateway-job-id"] == job_id
+        assert "b64_json" in again.text
+        jobs = (await gw.gql("{ jobs(first: 5) { nodes { id } } }", key=key)).json()
+        assert jobs["data"]["jobs"]["nodes"] == [{"id": job_id}]
+        assert flux.submissions == 1
+        cost = (await gw.job(key, job_id) or {})["creditCost"]
+        assert cost > 0 and (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000 - cost

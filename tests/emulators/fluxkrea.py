@@ -103,6 +103,8 @@ class FluxKreaEmulator:
         self._answer: Any = None
         #: image id -> (width, height, RGB colour)
         self.images: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
+        #: images of noise, as large as a photograph's (a solid colour's are a few KB)
+        self.noisy = False
         #: async jobs report `failed` to their webhook instead of `completed`
         self.fail_async = False
         #: (webhook URL, body, our answer's status) of every report sent
@@ -261,7 +263,12 @@ class FluxKreaEmulator:
             return _error(404, "image not found")
         width, height, colour = spec
         buffer = io.BytesIO()
-        Image.new("RGB", (width, height), colour).save(buffer, "JPEG", quality=80)
+        if self.noisy:
+            noise = random.Random(request.path_params["image_id"]).randbytes(width * height * 3)
+            image = Image.frombytes("RGB", (width, height), noise)
+        else:
+            image = Image.new("RGB", (width, height), colour)
+        image.save(buffer, "JPEG", quality=80)
         return Response(buffer.getvalue(), media_type="image/jpeg")
 
     # -- helpers -----------------------------------------------------------------------

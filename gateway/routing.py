@@ -249,7 +249,9 @@ class Router:
         provider = self.providers[backend]
         upstream_id: str | None = stored.get("id") if stored else None
         sent: dict[str, Any] = stored.get("sent", {}) if stored and upstream_id else {}
-        metadata: dict[str, Any] = {}
+        metadata: dict[str, Any] = (
+            {"seeds": stored["seeds"]} if stored and "seeds" in stored else {}
+        )
         if upstream_id is None:
             if self.clock() >= job.deadline:
                 # Taken after its deadline (a backlog, a waiter promoted late): failed
@@ -264,8 +266,12 @@ class Router:
             upstream_id = submitted.upstream_id
             if not upstream_id:
                 raise JobFailed(f"{backend} returned neither outputs nor a job id", backend)
-            # Stored before waiting: a worker that takes over polls it, never resubmits.
-            await job.save_upstream({"backend": backend, "id": upstream_id, "sent": sent})
+            # Stored before waiting: a worker that takes over polls it, never resubmits
+            # (and knows each image's seed, where the submission chose them: Krea's).
+            upstream = {"backend": backend, "id": upstream_id, "sent": sent}
+            if "seeds" in metadata:
+                upstream["seeds"] = metadata["seeds"]
+            await job.save_upstream(upstream)
         polled = await self.upstream.wait(
             UpstreamJob(
                 backend=backend,

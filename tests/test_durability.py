@@ -608,3 +608,33 @@ async def test_the_queue_forgets_workers_gone_but_not_one_holding_a_job(redis_ur
         assert await names() == {"rescuer", "me"}
         pending = await redis.xpending_range(stream, keys.QUEUE_GROUP, "-", "+", 10)
         assert [row["consumer"] for row in pending] == ["rescuer"]
+
+
+async def test_each_image_of_a_krea_job_keeps_its_seed_when_another_worker_resumes_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Krea draws one image a job: two images are two jobs, seeded s and s + 1
+    (docs/providers/krea.md). Each image's seed is reported as drawn, by a job that ran
+    straight through and by one another worker resumed."""
+    emu = KreaEmulator(steps_to_complete=10**9)
+    async with serve(emu.app) as krea:
+        settings = {"krea_api_base": krea, "krea_api_token": "test-token"}
+
+        async def two_images(gw: Harness, key: str, seed: int) -> str:
+            r = await gw.generate(key, "twins", provider="flux-dev", seed=seed, numImages=2)
+            assert r.status_code == 200, r.text
+            return str(r.json()["data"]["generate"]["id"])
+
+        async with gateway(redis_url, storage_dir, **settings) as gw:
+            key = await gw.key(credits=1000)
+            resumed = await two_images(gw, key, 7)
+            await accepted_upstream(gw, key, [resumed])
+        emu.steps_to_complete = 1
+        async with gateway(redis_url, storage_dir, job_lease_seconds=0.3, **settings) as gw2:
+            gw2.keys.update(gw.keys)
+            straight = await two_images(gw2, key, 40)
+            for job_id, seed in ((resumed, 7), (straight, 40)):
+                done = await gw2.wait(key, job_id)
+                assert done["status"] == "completed" and len(done["urls"]) == 2
+                assert done["metadata"]["seeds"] == [seed, seed + 1], done["metadata"]
+        assert emu.submissions == 4

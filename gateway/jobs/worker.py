@@ -505,7 +505,8 @@ class Worker:
         urls: list[str] = []
         sizes: list[tuple[int, int]] = []
         seeds: list[int | None] = []
-        for output in result.outputs:
+        said = result.metadata.get("seeds") or []  # the submission's, image by image (Krea's)
+        for i, output in enumerate(result.outputs):
             try:
                 url, width, height = await self._store_output(result, output, fmt)
             except (JobFailed, StorageUnavailable):
@@ -513,7 +514,7 @@ class Worker:
                 raise
             urls.append(url)
             sizes.append((width, height))
-            seeds.append(output.seed)
+            seeds.append(output.seed if output.seed is not None or i >= len(said) else said[i])
         if not urls:
             raise JobFailed(f"{result.backend} returned no images", result.backend)
         now = self.now_ms()

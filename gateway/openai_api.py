@@ -602,7 +602,8 @@ def _model(name: str, target: str, services: dict[str, list[str]]) -> dict[str, 
 
 async def models(request: Request) -> Response:
     """`GET /v1/models`: the services and backends, as OpenAI lists models, and the
-    OpenAI names `GATEWAY_OPENAI_MODELS` maps exactly (a `prefix*` names no one model)."""
+    OpenAI names `GATEWAY_OPENAI_MODELS` maps exactly (a `prefix*` names no one model);
+    only those with a backend configured to run them (the list fills model pickers)."""
     gateway: Gateway = request.app.state.gateway
     try:
         principal = await gateway.authenticate(
@@ -610,13 +611,17 @@ async def models(request: Request) -> Response:
         )
     except GatewayError as exc:
         return error_response(exc)
-    names, routes = gateway.router.names, gateway.router.routes
-    data = [_model(name, name, routes) for name in names]
+    router = gateway.router
+    names, routes = router.names, router.routes
+    data = [_model(name, name, routes) for name in names if router.runs(name)]
     mapped = aliases(gateway)
     data += [
         _model(alias, target, routes)
         for alias, target in mapped
-        if not alias.endswith("*") and alias not in names and serves(alias, names, mapped)
+        if not alias.endswith("*")
+        and alias not in names
+        and (served := serves(alias, names, mapped)) is not None
+        and router.runs(served)
     ]
     return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
 

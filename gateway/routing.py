@@ -142,6 +142,10 @@ class Router:
             )
         return backends
 
+    def runs(self, name: str) -> bool:
+        """Whether a service or backend has a backend configured to run it (`enabled`)."""
+        return any(b in self.providers and self._on(b) for b in self.route(name))
+
     def _on(self, backend: str) -> bool:
         return self.providers[backend].status()[0]
 

@@ -49,7 +49,8 @@ def size_of(data: bytes) -> tuple[int, int]:
 async def test_the_sdk_generates_with_urls_and_base64_at_the_size_asked(
     redis_url: str, storage_dir: Path
 ) -> None:
-    async with gateway(redis_url, storage_dir) as gw, sdks(gw) as sdk:
+    krea = {"krea_api_base": "http://127.0.0.1:9", "krea_api_token": "t"}  # never called
+    async with gateway(redis_url, storage_dir, **krea) as gw, sdks(gw) as sdk:
         key = await gw.key(credits=1000)
         client = sdk(key)
         answer = await client.images.generate(
@@ -87,8 +88,14 @@ async def test_the_sdk_generates_with_urls_and_base64_at_the_size_asked(
 
         listed = await client.models.list()
         names = {m.id for m in listed.data}
-        assert {"flux-krea", "flux-dev", "local", "fluxkrea", "krea", "segmind"} <= names
+        assert {"flux-krea", "flux-dev", "local", "krea"} <= names
+        # What no backend here can run (no credentials) is not offered to a model picker;
+        # asked for by name, it is still known, and says why it cannot run.
+        assert not {"fluxkrea", "segmind"} & names
         assert (await client.models.retrieve("local")).id == "local"
+        assert (await client.models.retrieve("segmind")).id == "segmind"
+        with pytest.raises(openai.InternalServerError, match="no backend of 'segmind'"):
+            await client.images.generate(model="segmind", prompt="a boat")
 
 
 async def test_code_written_for_openais_models_keeps_its_model_name(

@@ -83,6 +83,14 @@ PARAMETERS: dict[str, str | None] = {
     "partial_images": None,  # a stream's previews: none is drawn, so none is sent
     "svg": None,  # how SVG output is authored: null only (SVG is refused: `output_format`)
 }
+#: what OpenAI takes for parameters no backend uses, checked all the same: a typo is a
+#: 400 there, not ignored (OpenAI's API reference)
+CHOICES = {
+    "style": ("vivid", "natural"),
+    "moderation": ("low", "auto"),
+    "background": ("opaque", "auto"),  # transparent: refused, none draws it (`to_request`)
+}
+RANGES = {"output_compression": (0, 100), "partial_images": (0, 3)}
 #: OpenAI's quality words, as the gateway's backends take them (and the other way, as
 #: an answer says which was used)
 QUALITY = {"hd": "high", "high": "high", "xhigh": "high", "max": "high", "low": "low"}
@@ -219,6 +227,13 @@ def to_request(
         )
     if body.get("background") == "transparent":  # no backend draws one: never opaque silently
         raise BadUserInput("background transparent is not supported", field="background")
+    for name, choices in CHOICES.items():
+        if body.get(name) not in (None, *choices):
+            raise BadUserInput(f"{name} must be one of {', '.join(choices)}", field=name)
+    for name, (low, high) in RANGES.items():
+        value = body.get(name)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            raise BadUserInput(f"{name} must be an integer from {low} to {high}", field=name)
     if body.get("response_format") not in (None, "url", "b64_json"):
         raise BadUserInput("response_format must be url or b64_json", field="response_format")
     fields: dict[str, Any] = {
@@ -391,7 +406,9 @@ class ImagesAnswer(Response):
 
     media_type = "application/json"
 
-    def __init__(self, answer: dict[str, Any], headers: dict[str, str], cut: Cut | None) -> None:
+    def __init__(
+        self, answer: dict[str, Any], headers: dict[str, str], cut: Cut | None = None
+    ) -> None:
         self.status_code = 200
         self.pieces, self.cut = _pieces(answer), cut
         length = sum(len(piece) for piece in self.pieces)

@@ -392,6 +392,12 @@ async def test_what_the_sdk_may_send_gets_openais_answers(
             ({"size": 1024}, "size"),
             ({"quality": {}}, "quality"),
             ({"quality": ["hd"]}, "quality"),
+            # Taken though no backend uses them, and checked as OpenAI checks them.
+            ({"style": "vvid"}, "style"),
+            ({"moderation": "none"}, "moderation"),
+            ({"output_compression": 101}, "output_compression"),
+            ({"output_compression": 50.5}, "output_compression"),
+            ({"partial_images": True}, "partial_images"),
         ]:
             with pytest.raises(openai.BadRequestError) as bad:
                 await client.images.generate(model="local", prompt="x", extra_body=extra)
@@ -413,7 +419,13 @@ async def test_what_the_sdk_may_send_gets_openais_answers(
         # The SDK's own advice (`user` is deprecated for it) is accepted; a transparent
         # background, which no backend draws, is refused rather than made opaque.
         answer = await client.images.generate(
-            model="local", prompt="x", safety_identifier="end-user-7", background="opaque"
+            model="local",
+            prompt="x",
+            safety_identifier="end-user-7",
+            background="opaque",
+            style="natural",
+            moderation="low",
+            output_compression=80,
         )
         assert answer.data and answer.data[0].url
         with pytest.raises(openai.BadRequestError) as bad:

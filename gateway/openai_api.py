@@ -421,27 +421,33 @@ class ImagesAnswer(Response):
 
 def _wait(request: Request, gateway: Gateway) -> float:
     """`GATEWAY_SYNC_WAIT_SECONDS`, or less: just under the timeout the SDK says it has
-    (Python's `x-stainless-read-timeout`, Node's `X-Stainless-Timeout`), so that a job
-    outlasting it is answered 504 (`x-should-retry: true`, its id noted for the retry
-    to join) rather than left by a client (whose unstarted job is then cancelled, and
-    its retry made anew)."""
+    (`_their_timeout`), so that a job outlasting it is answered 504 (`x-should-retry:
+    true`, its id noted for the retry to join) rather than left by a client."""
     wait = gateway.settings.sync_wait_seconds
+    theirs = _their_timeout(request)
+    return wait if theirs is None else min(wait, theirs - min(1.0, theirs / 10))
+
+
+def _their_timeout(request: Request) -> float | None:
+    """The read timeout the SDK says it has (Python's `x-stainless-read-timeout`, Node's
+    `X-Stainless-Timeout`), in seconds; None when it says none (or nonsense)."""
     said = request.headers.get("x-stainless-read-timeout") or request.headers.get(
         "x-stainless-timeout", "inf"
     )
     try:
         theirs = float(said)
     except ValueError:
-        return wait
-    if theirs != theirs or theirs <= 0:  # NaN, nonsense
-        return wait
-    return min(wait, theirs - min(1.0, theirs / 10))
+        return None
+    if theirs != theirs or theirs <= 0 or theirs == float("inf"):  # NaN, nonsense, none
+        return None
+    return theirs
 
 
 class Streamed(Response):
     """`stream: true`: server-sent events, as OpenAI streams an image. Its headers go at
-    once; while the job runs, a comment every `rest.KEEP_ALIVE_SECONDS` (a client's read
-    timeout counts from its last byte, and proxies close a silent connection); when it
+    once; while the job runs, a comment every `rest.KEEP_ALIVE_SECONDS`, or every half of
+    the read timeout the SDK says it has when that is shorter (a client's read timeout
+    counts from its last byte, and proxies close a silent connection); when it
     ends, one `image_generation.completed` event an image (base64, as OpenAI streams
     them: no `partial_images` are drawn), or one `error` event, which the SDK raises
     (its job's progress unreadable, Redis away: a 503's). The wait is
@@ -464,6 +470,8 @@ class Streamed(Response):
         self.init_headers({**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.request, self.gateway, self.principal = request, gateway, principal
         self.job, self.wanted = job, wanted
+        theirs, every = _their_timeout(request), rest.KEEP_ALIVE_SECONDS
+        self.every = every if theirs is None else min(every, max(0.5, theirs / 2))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -473,7 +481,7 @@ class Streamed(Response):
         cut: Cut | None = None  # an answer with images, cut short: noted (`_cut`)
         try:
             while not job.ended:
-                every = rest.KEEP_ALIVE_SECONDS
+                every = self.every
                 left = deadline - time.monotonic()
                 last = left <= every  # the wait runs out with this slice: noted then
                 wait = max(0.0, left) if last else every

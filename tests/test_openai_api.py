@@ -647,3 +647,22 @@ async def test_images_cut_short_on_their_way_are_the_retrys_charged_once(
         assert flux.submissions == 1
         cost = (await gw.job(key, job_id) or {})["creditCost"]
         assert cost > 0 and (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000 - cost
+
+
+async def test_a_stream_keeps_an_sdk_with_a_short_read_timeout_reading(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """An SDK whose read timeout is shorter than the stream's keep-alive (and than the
+    job) still gets its image: the stream says it waits every half of the timeout the
+    SDK says it has."""
+    async with slow_flux_krea(redis_url, storage_dir, 3.0) as (gw, _):
+        key = await gw.key(credits=1000)
+        client = AsyncOpenAI(base_url=f"{gw.base}/v1", api_key=key, timeout=1.5, max_retries=0)
+        try:
+            stream = await client.images.generate(
+                model="fluxkrea", prompt="a slow lighthouse", stream=True
+            )
+            events = [event.type async for event in stream]
+        finally:
+            await client.close()
+        assert events == ["image_generation.completed"]

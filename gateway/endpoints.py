@@ -179,11 +179,9 @@ async def wait_answering(
     ends, the wait runs out, or the client leaves. A client that left never learnt the
     job's id (its SDK timed out; it may send the request again). A job it cannot claim
     another way (no idempotency key that names it, no webhook) that has not started yet
-    is cancelled and refunded unless the same request comes back for it within
-    `service.LEFT_GRACE_SECONDS` (`Gateway.cancel_unless_rejoined`): nobody else would
-    see it, and nothing was paid upstream for it. One that goes on (started: its
-    upstream is paid; or with a webhook) is left for the same request sent again, which
-    joins it (`Gateway.left`), charged once. Raises
+    is cancelled and refunded: nobody would see it, and nothing was paid upstream for
+    it. One that goes on (started: its upstream is paid; or with a webhook) is left for
+    the same request sent again, which joins it (`Gateway.left`), charged once. Raises
     `ClientDisconnect` then. A job still running when the wait runs out is left for the
     same request sent again too, unless `answered_with_id` (REST's 202: its client has
     the job, and may well mean a second picture by sending the same request): the
@@ -210,11 +208,14 @@ async def wait_answering(
         noting = noting and not job.ended and not answered_with_id
         return Waited(job, noting and await note_left(gateway, principal, job, wanted))
     waiting.cancel()  # it unwinds on its own, letting go of its watch
-    # Unless its end is told to a webhook, one not started is for nobody to see but the
-    # same request sent again: cancelled unless that comes back for it soon.
+    # Noted first, so that a client quick to send it again finds it; one then cancelled
+    # is not joined (`Gateway.generate`). Unless its end is told to a webhook, one not
+    # started is for nobody to see.
     if noting and await note_left(gateway, principal, job, wanted) and not job.webhook_url:
-        assert wanted is not None
-        gateway.cancel_unless_rejoined(principal, job, wanted)
+        try:
+            await gateway.cancel(principal, job.id, unstarted=True)
+        except GatewayError as exc:  # the store away: the job runs on, as it would have
+            log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
     raise ClientDisconnect()
 
 

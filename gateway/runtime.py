@@ -203,7 +203,6 @@ async def runtime(
             lookups=lookups,
             clock=clock,
         )
-        opened.push_async_callback(gateway.aclose)  # before the clients it uses close
         worker = Worker(
             settings=settings,
             store=store,

@@ -16,7 +16,6 @@ from typing import Any, NoReturn
 
 import orjson
 import redis.asyncio as aioredis
-import structlog
 
 from gateway import metrics, pricing, telemetry, usage
 from gateway.accounts import Accounts
@@ -46,14 +45,6 @@ from gateway.webhooks import Webhooks
 #: would otherwise leave a job accepted and charged behind a 503 (docs/api.md#durability).
 ADMIT_AGAIN_SECONDS = 3.0
 ADMIT_AGAIN_FIRST = 0.05  # the first wait; each next one twice as long
-
-#: How long a job its waiting client left before it started stays queued for the same
-#: request sent again (the SDKs retry within seconds; so do clients behind a proxy whose
-#: timeout is shorter than the wait) before it is cancelled and refunded: a retry keeps
-#: its place in a backlog instead of going to the back of it.
-LEFT_GRACE_SECONDS = 10.0
-
-log = structlog.get_logger("gateway")
 
 
 @contextlib.contextmanager
@@ -129,7 +120,6 @@ class Gateway:
         self.accounts = Accounts(redis, scripts, settings, clock)
         self.tokens = ClientTokens(redis, scripts, settings.client_tokens_max)
         self.plans = plan_table(settings.plans)
-        self._leaving: set[asyncio.Task[None]] = set()  # `cancel_unless_rejoined`'s
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -415,37 +405,6 @@ class Gateway:
         left = keys.left(principal.account, principal.token_id(), request.fingerprint)
         with store_errors():
             await self.redis.set(left, job.id, px=keys.LEFT_MS)
-
-    def cancel_unless_rejoined(
-        self, principal: Principal, job: Job, request: GenerationRequest
-    ) -> None:
-        """`job`, its waiting client gone before it started (noted: `left`), is cancelled
-        and refunded after LEFT_GRACE_SECONDS, unless the same request came back for it
-        meanwhile (a rejoin uses the note up) or a worker started it (its upstream may
-        be paid). At shutdown (`aclose`), at once."""
-        task = asyncio.create_task(self._cancel_left(principal, job, request))
-        self._leaving.add(task)
-        task.add_done_callback(self._leaving.discard)
-
-    async def _cancel_left(
-        self, principal: Principal, job: Job, request: GenerationRequest
-    ) -> None:
-        note = keys.left(principal.account, principal.token_id(), request.fingerprint)
-        with contextlib.suppress(asyncio.CancelledError):  # the process is stopping: now
-            await asyncio.sleep(LEFT_GRACE_SECONDS)
-        try:
-            with store_errors():
-                rejoined = await self.redis.get(note) != job.id
-            if not rejoined:
-                await self.cancel(principal, job.id, unstarted=True)
-        except GatewayError as exc:  # the store away: the job runs on, as it would have
-            log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
-
-    async def aclose(self) -> None:
-        """Settles now the jobs left waiting for their client's retry."""
-        for task in list(self._leaving):
-            task.cancel()
-        await asyncio.gather(*self._leaving, return_exceptions=True)
 
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either

@@ -16,7 +16,6 @@ import pytest
 from redis.asyncio import Redis
 from segmind import SegmindClient
 
-from gateway import service
 from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
 from gateway.store import keys
@@ -109,14 +108,12 @@ async def test_two_hundred_waiting_requests_share_one_redis_connection(
 
 
 async def test_a_client_that_leaves_before_its_job_starts_is_not_charged_for_it(
-    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, storage_dir: Path
 ) -> None:
     """A client whose own timeout ends the wait first (the flux-krea guide's and Segmind's
-    clients wait 30 s) never learnt the job's id: a job it left before it started, which
-    the same request does not come back for soon, is cancelled and refunded, on every
-    route that answers when a job ends. (OpenAI's SDK, which says its timeout, is
-    answered 504 just before it: test_openai_api.py.)"""
-    monkeypatch.setattr(service, "LEFT_GRACE_SECONDS", 0.5)
+    clients wait 30 s) never learnt the job's id: a job it left before it started is
+    cancelled and refunded, on every route that answers when a job ends. (OpenAI's SDK,
+    which says its timeout, is answered 504 just before it: test_openai_api.py.)"""
     routes = {**DEFAULT_ROUTES, "flux-krea": ["local"]}
     async with gateway(redis_url, storage_dir, inprocess_workers=False, routes=routes) as gw:
         key = await gw.key(credits=1000)
@@ -150,57 +147,6 @@ async def test_a_client_that_leaves_before_its_job_starts_is_not_charged_for_it(
             await asyncio.sleep(0.05)
         assert await statuses() == ["cancelled"] * 3
         assert (await gw.accounts.get(account)).credits == 1000
-
-
-async def test_the_same_request_sent_again_soon_keeps_the_place_of_the_job_it_left(
-    redis_url: str, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A client behind a proxy whose timeout is shorter than the wait, in a backlog: its
-    job has not started when the proxy gives up, and the request sent again within
-    `LEFT_GRACE_SECONDS` joins that job, queued where it was (not behind the requests
-    that came since), charged once. One nobody comes back for is cancelled and
-    refunded: at once when the gateway stops."""
-    monkeypatch.setattr(service, "LEFT_GRACE_SECONDS", 60)  # longer than the test
-    path, body, _ = SENT_AGAIN["OpenAI"]
-    settings: dict[str, Any] = {"routes": {**DEFAULT_ROUTES, "flux-krea": ["local"]}}
-    query = "{ jobs(first: 5) { nodes { id status creditCost } } }"
-    async with gateway(redis_url, storage_dir, inprocess_workers=False, **settings) as gw:
-        key = await gw.key(credits=1000)
-        headers = {"Authorization": f"Bearer {key}"}
-
-        async def give_up(prompt: str) -> str:
-            """The request, left before its job started (no worker runs): the job's id."""
-            async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as impatient:
-                with pytest.raises(httpx.TimeoutException):
-                    await impatient.post(path, json={**body, "prompt": prompt}, headers=headers)
-            [note] = await until(lambda: left(gw), what="the job noted")
-            return str(await gw.accounts.redis.get(note))
-
-        async def used_up() -> bool:
-            return not await left(gw)
-
-        kept = await give_up("a kite")
-        since = await gw.http.post("/v1/text_to_image", json=BODY, headers=headers)
-        again = asyncio.create_task(
-            gw.http.post(path, json={**body, "prompt": "a kite"}, headers=headers)
-        )
-        await until(used_up, what="the request sent again joining its job")
-        async with gateway(redis_url, storage_dir, workers=1, **settings):
-            answered = await again
-            assert answered.status_code == 200, answered.text
-            assert answered.headers["x-gateway-job-id"] == kept
-            ran, later = await gw.wait(key, kept), await gw.wait(key, since.json()["id"])
-            assert ran["completedAt"] <= later["completedAt"]  # in its place, first
-        jobs = (await gw.gql(query, key=key)).json()["data"]["jobs"]["nodes"]
-        assert len(jobs) == 2  # the one sent again made none
-        charged = sum(job["creditCost"] for job in jobs)
-        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000 - charged
-
-        nobody = await give_up("a kite nobody waits for")
-    async with gateway(redis_url, storage_dir, inprocess_workers=False, **settings) as gw2:
-        gw2.keys.update(gw.keys)
-        assert (await gw2.job(key, nobody) or {})["status"] == "cancelled"
-        assert (await gw2.accounts.get(gw.keys[key]["id"])).credits == 1000 - charged
 
 
 async def test_a_worker_that_starts_the_job_as_its_client_leaves_keeps_it(

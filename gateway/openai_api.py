@@ -627,8 +627,9 @@ def _model(name: str, target: str, services: dict[str, list[str]]) -> dict[str, 
 
 async def models(request: Request) -> Response:
     """`GET /v1/models`: the services and backends, as OpenAI lists models, and the
-    OpenAI names `GATEWAY_OPENAI_MODELS` maps exactly (a `prefix*` names no one model);
-    only those with a backend configured to run them (the list fills model pickers)."""
+    OpenAI names `GATEWAY_OPENAI_MODELS` maps exactly (a `prefix*` names no one model).
+    Every service; a backend only when configured here (the list fills model pickers,
+    and a gateway runs on one or two of the providers, rarely all)."""
     gateway: Gateway = request.app.state.gateway
     try:
         principal = await gateway.authenticate(
@@ -638,15 +639,16 @@ async def models(request: Request) -> Response:
         return error_response(exc)
     router = gateway.router
     names, routes = router.names, router.routes
-    data = [_model(name, name, routes) for name in names if router.runs(name)]
+
+    def offered(name: str | None) -> bool:
+        return name is not None and (name in routes or router.runs(name))
+
+    data = [_model(name, name, routes) for name in names if offered(name)]
     mapped = aliases(gateway)
     data += [
         _model(alias, target, routes)
         for alias, target in mapped
-        if not alias.endswith("*")
-        and alias not in names
-        and (served := serves(alias, names, mapped)) is not None
-        and router.runs(served)
+        if not alias.endswith("*") and alias not in names and offered(serves(alias, names, mapped))
     ]
     return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
 

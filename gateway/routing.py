@@ -133,7 +133,7 @@ class Router:
 
     def enabled(self, name: str) -> list[str]:
         """The route's enabled backends; none at all means the service is unavailable."""
-        backends = [b for b in self.route(name) if b in self.providers and self._on(b)]
+        backends = self._configured(name)
         if not backends:
             # Its operator's to set up: the client is told what, not how (the variables
             # are in the `providers` reasons), nor to try again.
@@ -144,7 +144,10 @@ class Router:
 
     def runs(self, name: str) -> bool:
         """Whether a service or backend has a backend configured to run it (`enabled`)."""
-        return any(b in self.providers and self._on(b) for b in self.route(name))
+        return bool(self._configured(name))
+
+    def _configured(self, name: str) -> list[str]:
+        return [b for b in self.route(name) if b in self.providers and self._on(b)]
 
     def _on(self, backend: str) -> bool:
         return self.providers[backend].status()[0]

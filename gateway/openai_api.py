@@ -429,8 +429,9 @@ def _wait(request: Request, gateway: Gateway) -> float:
 
 
 def _their_timeout(request: Request) -> float | None:
-    """The read timeout the SDK says it has (Python's `x-stainless-read-timeout`, Node's
-    `X-Stainless-Timeout`), in seconds; None when it says none (or nonsense)."""
+    """The timeout the SDK says it has (Python's read timeout, `x-stainless-read-timeout`;
+    Node's whole-request one, `X-Stainless-Timeout`), in seconds; None when it says none
+    (or nonsense)."""
     said = request.headers.get("x-stainless-read-timeout") or request.headers.get(
         "x-stainless-timeout", "inf"
     )

@@ -253,9 +253,7 @@ async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
     async with serve(emu.app) as krea:
         settings["krea_api_base"] = krea
         async with gateway(cluster_url, storage_dir, **settings) as gw:
-            first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
-            leader = await generate(gw, first, provider="flux-dev", seed=41)
-            await submitted(emu, 1)
+            first, second, leader = await leading(gw, emu, seed=41)
             waiter = await generate(gw, second, provider="flux-dev", seed=41)
             await waiting(gw, second, waiter["id"])
         emu.steps_to_complete = 1
@@ -279,9 +277,7 @@ async def test_a_job_waiting_for_another_shards_fails_at_its_own_deadline_refund
     async with serve(emu.app) as krea:
         settings["krea_api_base"] = krea
         async with gateway(cluster_url, storage_dir, **settings) as gw:
-            first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
-            leader = await generate(gw, first, provider="flux-dev", seed=61)
-            await submitted(emu, 1)
+            first, second, leader = await leading(gw, emu, seed=61)
         async with gateway(cluster_url, storage_dir, job_deadline_seconds=3, **settings) as gw2:
             gw2.keys.update(gw.keys)
             waiter = await generate(gw2, second, provider="flux-dev", seed=61)
@@ -341,6 +337,15 @@ async def test_jobs_waiting_for_another_shards_take_no_place_of_their_worker(
             joined = await gw2.wait(second, waiter["id"])
             assert (led["status"], joined["status"]) == ("completed", "completed")
             assert joined["url"] == led["url"] and emu.submissions == 1
+
+
+async def leading(gw: Harness, emu: KreaEmulator, seed: int) -> tuple[str, str, dict[str, Any]]:
+    """Keys of shards 1 and 3, and the first's job, sent to Krea's emulator (which holds
+    it there)."""
+    first, second = [await gw.key(credits=100, shard=n) for n in (1, 3)]
+    leader = await generate(gw, first, provider="flux-dev", seed=seed)
+    await submitted(emu, 1)
+    return first, second, leader
 
 
 async def submitted(emu: KreaEmulator, count: int) -> None:

@@ -595,7 +595,7 @@ async def cut_short(base: str, key: str, body: dict[str, object], after: bytes) 
     most of it unread (as an SDK whose timeout ran out leaves); the job id it named."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the rest waits upstream
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the rest stays with the server
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
     reader, writer = await asyncio.open_connection(sock=sock)

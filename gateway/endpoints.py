@@ -193,7 +193,7 @@ async def wait_answering(
     if seconds is None:
         seconds = gateway.settings.sync_wait_seconds
     waiting = asyncio.ensure_future(gateway.wait(job, seconds))
-    gone = asyncio.ensure_future(_disconnect(request.receive))
+    gone = asyncio.ensure_future(disconnect(request.receive))
     try:
         await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # cancelled: the server is stopping
@@ -237,7 +237,7 @@ async def note_left(
     return True
 
 
-async def _disconnect(receive: Receive) -> None:
+async def disconnect(receive: Receive) -> None:
     """Once the client has gone: with the body read, the server's next message is that."""
     while (await receive())["type"] != "http.disconnect":
         pass

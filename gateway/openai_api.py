@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import re
 import secrets
 import time
@@ -35,7 +34,7 @@ from gateway import rest
 from gateway.artifacts import StorageUnavailable
 from gateway.auth import Principal, api_key_from
 from gateway.bodies import json_object, memoized
-from gateway.endpoints import note_left, route, wait_answering
+from gateway.endpoints import disconnect, note_left, route, wait_answering
 from gateway.errors import (
     BadUserInput,
     GatewayError,
@@ -364,8 +363,8 @@ def _pieces(document: Any) -> list[Piece]:
     return [found[int(part)] if i % 2 else part for i, part in enumerate(parts) if part]
 
 
-async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = None) -> bool:
-    """The pieces, an image a slice at a time; no more once `left` is set (the client
+async def _write(send: Send, pieces: list[Piece], gone: asyncio.Future[None] | None = None) -> bool:
+    """The pieces, an image a slice at a time; no more once `gone` is done (the client
     went away: nothing would read the rest). Whether all were written."""
     for piece in pieces:
         if isinstance(piece, bytes):
@@ -373,7 +372,7 @@ async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = N
             continue
         view = memoryview(piece.data)
         for at in range(0, len(view), SLICE):
-            if left is not None and left.is_set():
+            if gone is not None and gone.done():
                 return False
             await _send(send, base64.b64encode(view[at : at + SLICE]))
             await asyncio.sleep(0)  # the other requests' turn
@@ -382,22 +381,16 @@ async def _write(send: Send, pieces: list[Piece], left: asyncio.Event | None = N
 
 async def _write_all(receive: Receive, send: Send, pieces: list[Piece], cut: Cut | None) -> None:
     """The pieces, then the body's end, unless the client leaves first: then `cut`."""
-    left = asyncio.Event()
-
-    async def listen() -> None:  # the request's body is read: what comes is its end
-        with contextlib.suppress(Exception):  # nothing more to hear: as good as gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-        left.set()
-
-    listening = asyncio.ensure_future(listen())
+    gone = asyncio.ensure_future(disconnect(receive))
+    # Nothing more to hear (receiving failed) is as good as gone: its error is seen here.
+    gone.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
-        if await _write(send, pieces, left):
+        if await _write(send, pieces, gone):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif cut is not None:
             await cut()
     finally:
-        listening.cancel()
+        gone.cancel()
 
 
 class ImagesAnswer(Response):

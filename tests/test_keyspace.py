@@ -8,10 +8,11 @@ then checks that no refusal happened at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,10 +249,7 @@ async def test_a_job_waiting_for_another_shards_survives_its_workers_restart(
     """Both jobs' processes stop while the second shard's job waits for the first's
     upstream job; the next ones resume the first (never submitted again) and the second
     waits for it again: one upstream job in all, both completed with its images."""
-    emu = KreaEmulator(steps_to_complete=10**9)
-    settings = {**SHARDS, **krea_settings("")}
-    async with serve(emu.app) as krea:
-        settings["krea_api_base"] = krea
+    async with held_krea() as (emu, settings):
         async with gateway(cluster_url, storage_dir, **settings) as gw:
             first, second, leader = await leading(gw, emu, seed=41)
             waiter = await generate(gw, second, provider="flux-dev", seed=41)
@@ -272,10 +270,7 @@ async def test_a_job_waiting_for_another_shards_fails_at_its_own_deadline_refund
     """The first shard's job is stuck (its process stopped after its upstream call, its
     entry not yet free to take over); the second's, waiting for it, fails at its own
     deadline, refunded, without calling the upstream itself."""
-    emu = KreaEmulator(steps_to_complete=10**9)
-    settings = {**SHARDS, **krea_settings("")}
-    async with serve(emu.app) as krea:
-        settings["krea_api_base"] = krea
+    async with held_krea() as (emu, settings):
         async with gateway(cluster_url, storage_dir, **settings) as gw:
             first, second, leader = await leading(gw, emu, seed=61)
         async with gateway(cluster_url, storage_dir, job_deadline_seconds=3, **settings) as gw2:
@@ -318,10 +313,7 @@ async def test_jobs_waiting_for_another_shards_take_no_place_of_their_worker(
     """A worker with one place reads a job that waits for another shard's identical one,
     queued behind it: the waiting job leaves the place free, so the leader it waits for
     is read and run by the same worker (else both would wait until their deadline)."""
-    emu = KreaEmulator(steps_to_complete=1)
-    settings = {**SHARDS, **krea_settings("")}
-    async with serve(emu.app) as krea:
-        settings["krea_api_base"] = krea
+    async with held_krea(steps=1) as (emu, settings):
         async with gateway(cluster_url, storage_dir, inprocess_workers=False, **settings) as gw:
             # Queue order: the worker reads shard 0 first, the leader's shard 3 last.
             first, second = [await gw.key(credits=100, shard=n) for n in (3, 0)]
@@ -337,6 +329,15 @@ async def test_jobs_waiting_for_another_shards_take_no_place_of_their_worker(
             joined = await gw2.wait(second, waiter["id"])
             assert (led["status"], joined["status"]) == ("completed", "completed")
             assert joined["url"] == led["url"] and emu.submissions == 1
+
+
+@contextlib.asynccontextmanager
+async def held_krea(steps: int = 10**9) -> AsyncIterator[tuple[KreaEmulator, dict[str, Any]]]:
+    """Krea's emulator (a job done after `steps` polls) and the settings of a gateway of
+    4 shards routed to it, for the gateways a test starts one after another."""
+    emu = KreaEmulator(steps_to_complete=steps)
+    async with serve(emu.app) as krea:
+        yield emu, {**SHARDS, **krea_settings(krea)}
 
 
 async def leading(gw: Harness, emu: KreaEmulator, seed: int) -> tuple[str, str, dict[str, Any]]:

@@ -177,12 +177,13 @@ async def wait_answering(
     """`gateway.wait` for a job the client waits on the answer for (`Prefer: wait`, the
     synchronous OpenAI and provider routes, each admitting with `rejoin`), until it
     ends, the wait runs out, or the client leaves. A client that left never learnt the
-    job's id (its SDK timed out; it may send the request again). A job it cannot claim
-    another way (no idempotency key that names it, no webhook) that has not started yet
-    is cancelled and refunded: nobody would see it, and nothing was paid upstream for
-    it. One that goes on (started: its upstream is paid; or with a webhook) is left for
-    the same request sent again, which joins it (`Gateway.left`), charged once. Raises
-    `ClientDisconnect` then. A job still running when the wait runs out is left for the
+    job's id (its SDK timed out; it may send the request again): the job is left for the
+    same request sent again, which joins it (`Gateway.left`), charged once. One it cannot
+    claim another way (no idempotency key that names it, no webhook) that no worker has
+    started by the time one reaches it is cancelled then, refunded: nobody would see it,
+    and nothing was paid upstream for it; until then it keeps its place in the queue for
+    the request sent again. Raises `ClientDisconnect` then. A job still running when the
+    wait runs out is left for the
     same request sent again too, unless `answered_with_id` (REST's 202: its client has
     the job, and may well mean a second picture by sending the same request): the
     routes answering an error then (504) have clients and wrappers that retry it.
@@ -208,14 +209,9 @@ async def wait_answering(
         noting = noting and not job.ended and not answered_with_id
         return Waited(job, noting and await note_left(gateway, principal, job, wanted))
     waiting.cancel()  # it unwinds on its own, letting go of its watch
-    # Noted first, so that a client quick to send it again finds it; one then cancelled
-    # is not joined (`Gateway.generate`). Unless its end is told to a webhook, one not
-    # started is for nobody to see.
-    if noting and await note_left(gateway, principal, job, wanted) and not job.webhook_url:
-        try:
-            await gateway.cancel(principal, job.id, unstarted=True)
-        except GatewayError as exc:  # the store away: the job runs on, as it would have
-            log.warning("a job its client left could not be settled", job_id=job.id, error=exc)
+    # Unless its end is told to a webhook, one not started is for nobody to see: marked.
+    if noting:
+        await note_left(gateway, principal, job, wanted, mark=not job.webhook_url)
     raise ClientDisconnect()
 
 
@@ -225,12 +221,18 @@ class Waited(NamedTuple):
 
 
 async def note_left(
-    gateway: Gateway, principal: Principal, job: Job, wanted: GenerationRequest | None
+    gateway: Gateway,
+    principal: Principal,
+    job: Job,
+    wanted: GenerationRequest | None,
+    *,
+    mark: bool = False,
 ) -> bool:
-    """`Gateway.left`; False when the store is away (a repeat is then a new job)."""
+    """`Gateway.left`; False when the store is away (a repeat is then a new job, and one
+    to be marked runs on, as it would have)."""
     assert wanted is not None
     try:
-        await gateway.left(principal, job, wanted)
+        await gateway.left(principal, job, wanted, mark=mark)
     except GatewayError as exc:
         log.warning("a job its client left could not be noted", job_id=job.id, error=exc)
         return False

@@ -313,6 +313,10 @@ class Gateway:
                     _, record = await self._authenticate(api_key, True, origin, verdict.job_id)
                     earlier = Job.from_record(record) if record else None
                 else:
+                    if rejoining:
+                        # Its mark taken off first (`left`): a worker reaching the job
+                        # now starts it; one that cancelled it before is read so.
+                        await self.store.mark_left(credential.account, verdict.job_id, False)
                     earlier = await self.store.get(credential.account, verdict.job_id)
                 if rejoining:
                     # Used up here, not in admit.lua: a script sent again after its reply
@@ -364,9 +368,8 @@ class Gateway:
                 principal.account, first, after, status, principal.token_id()
             )
 
-    async def cancel(self, principal: Principal, job_id: str, *, unstarted: bool = False) -> Job:
-        """Cancel a job that has not ended (with `unstarted`, only one no worker has
-        started yet): refunded at once, its slot freed.
+    async def cancel(self, principal: Principal, job_id: str) -> Job:
+        """Cancel a job that has not ended: refunded at once, its slot freed.
 
         A queued job never starts; a running one is stopped by its worker at its next
         poll (and cancelled upstream where the provider allows).
@@ -375,15 +378,9 @@ class Gateway:
         if job is None:
             raise NotFound(f"no job {job_id}")
         with store_errors():
-            if not job.ended and (job.status == "queued" or not unstarted):
+            if not job.ended:
                 ended = await self.store.finish(
-                    job,
-                    "cancelled",
-                    self.now_ms(),
-                    refund=True,
-                    error="cancelled by the client",
-                    # A worker that starts it meanwhile wins: its upstream may be paid.
-                    only_from="queued" if unstarted else "",
+                    job, "cancelled", self.now_ms(), refund=True, error="cancelled by the client"
                 )
                 job = await self.store.get(principal.account, job_id) or job
                 if ended:
@@ -397,13 +394,20 @@ class Gateway:
                             await self.events.publish_stored(*promoted)
             return job
 
-    async def left(self, principal: Principal, job: Job, request: GenerationRequest) -> None:
+    async def left(
+        self, principal: Principal, job: Job, request: GenerationRequest, *, mark: bool
+    ) -> None:
         """The client waiting on `job`'s answer, which sent `request`, left before it (its
         own timeout ran out first): the same request, sent again within LEFT_MS by the
         same caller with `rejoin`, joins `job` rather than start and pay for another (if
-        `job` is cancelled meanwhile, it makes a new one)."""
+        `job` is cancelled meanwhile, it makes a new one). `mark`: nobody else would see
+        the job's end (no webhook): a worker that reaches it still queued, before the
+        request comes back for it, cancels it, refunded (docs/api.md#waiting). Marked
+        before the note is written: a rejoin that finds the note takes the mark off."""
         left = keys.left(principal.account, principal.token_id(), request.fingerprint)
         with store_errors():
+            if mark:
+                await self.store.mark_left(principal.account, job.id)
             await self.redis.set(left, job.id, px=keys.LEFT_MS)
 
     async def wait(self, job: Job, seconds: float) -> Job:

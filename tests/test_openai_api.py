@@ -584,6 +584,7 @@ async def test_a_stream_sends_the_image_as_openais_event_and_says_it_waits(
         async with gw.http.stream("POST", "/v1/images/generations", json=body, headers=auth) as r:
             job_id = r.headers["x-gateway-job-id"]
             await until(lambda: emu.submissions > submitted)  # started upstream: paid for
+        await until(lambda: left(gw), what="the job noted for the retry")
         async with gw.http.stream("POST", "/v1/images/generations", json=body, headers=auth) as r:
             assert r.headers["x-gateway-job-id"] == job_id
             assert "event: image_generation.completed" in (await r.aread()).decode()

@@ -16,9 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from segmind import SegmindClient
 
-from gateway.config import DEFAULT_ROUTES
 from gateway.rest import prefer_wait
-from gateway.store import keys
 from tests.emulators.fluxkrea import FluxKreaEmulator
 from tests.harness import Harness, gateway, until
 from tests.servers import serve
@@ -107,75 +105,136 @@ async def test_two_hundred_waiting_requests_share_one_redis_connection(
         assert watch.waiting == {}  # every waiter gone, every channel unsubscribed
 
 
-async def test_a_client_that_leaves_before_its_job_starts_is_not_charged_for_it(
+#: three requests, one a route, that each wait for their job; distinct, so that none
+#: joins another's job or waits on it as an identical request would
+LEAVING = {
+    "REST": (
+        "/v1/text_to_image",
+        {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512},
+    ),
+    "flux-krea": ("/compat/fluxkrea/v1/generate", {"prompt": "a lighthouse", "width": 512}),
+}
+
+
+async def leave_queued(gw: Harness, key: str, seconds: float = 0.5) -> None:
+    """Leave a job on each route that answers when its job ends (REST's `Prefer: wait`,
+    flux-krea's, Segmind's through its SDK), as clients whose own timeout of `seconds`
+    runs out first do; return once the gateway noted all three."""
+    headers = {"X-API-Key": key, "Authorization": f"Bearer {key}", "Prefer": "wait=60"}
+    segmind = SegmindClient(api_key=key, base_url=f"{gw.base}/compat/segmind/v1", timeout=seconds)
+
+    async def sdk() -> None:
+        with pytest.raises(httpx.TimeoutException):
+            await asyncio.to_thread(segmind.run_sync, "flux-krea-dev", prompt="a harbour")
+
+    async def post(path: str, body: dict[str, Any]) -> None:
+        with pytest.raises(httpx.TimeoutException):
+            await http.post(path, json=body, headers=headers)
+
+    try:
+        async with httpx.AsyncClient(base_url=gw.base, timeout=seconds) as http:
+            await asyncio.gather(sdk(), *(post(*sent) for sent in LEAVING.values()))
+    finally:
+        segmind._client.close()
+    await until(lambda: noted(gw, 3), what="three jobs noted as left")
+
+
+async def noted(gw: Harness, count: int) -> bool:
+    return len(await left(gw)) == count
+
+
+async def test_a_job_its_client_left_before_it_started_keeps_its_place_for_the_retry(
     redis_url: str, storage_dir: Path
 ) -> None:
     """A client whose own timeout ends the wait first (the flux-krea guide's and Segmind's
-    clients wait 30 s) never learnt the job's id: a job it left before it started is
-    cancelled and refunded, on every route that answers when a job ends. (OpenAI's SDK,
-    which says its timeout, is answered 504 just before it: test_openai_api.py.)"""
-    routes = {**DEFAULT_ROUTES, "flux-krea": ["local"]}
-    async with gateway(redis_url, storage_dir, inprocess_workers=False, routes=routes) as gw:
-        key = await gw.key(credits=1000)
+    clients wait 30 s; a proxy in front, nginx's 60 s) never learnt the job's id. A job
+    it left queued behind others keeps its place: the same request sent again joins it,
+    charged once (a new job would go to the back of the queue at every retry, and under
+    a backlog never be served). One not asked for again is cancelled and refunded when a
+    worker reaches it, on every route that answers when a job ends. (OpenAI's SDK, which
+    says its timeout, is answered 504 just before it: test_openai_api.py.)"""
+    async with slow_flux_krea(redis_url, storage_dir, 2.5, workers=1) as (gw, flux):
+        other, key = await gw.key(), await gw.key(credits=1000)
         account = gw.keys[key]["id"]
+        ahead = asyncio.create_task(
+            gw.http.post(
+                "/v1/text_to_image",
+                json={**LEAVING["REST"][1], "prompt": "ahead"},
+                headers={"X-API-Key": other, "Prefer": "wait=60"},
+            )
+        )
+        await until(lambda: flux.submissions == 1)  # the one worker busy for 2.5 s
+        await leave_queued(gw, key)
+        jobs = await gw.gql("{ jobs(first: 5) { nodes { status creditCost } } }", key=key)
+        nodes = jobs.json()["data"]["jobs"]["nodes"]
+        assert [n["status"] for n in nodes] == ["queued"] * 3
+        charged = sum(n["creditCost"] for n in nodes)
+        assert (await gw.accounts.get(account)).credits == 1000 - charged  # each still charged
 
-        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as http:
-            with pytest.raises(httpx.TimeoutException):
-                await http.post(
-                    "/v1/text_to_image", json=BODY, headers={"X-API-Key": key, "Prefer": "wait=60"}
-                )
-            with pytest.raises(httpx.TimeoutException):
-                await http.post(
-                    "/compat/fluxkrea/v1/generate",
-                    json={"prompt": "a lighthouse", "width": 512, "height": 512},
-                    headers={"Authorization": f"Bearer {key}"},
-                )
-        segmind = SegmindClient(api_key=key, base_url=f"{gw.base}/compat/segmind/v1", timeout=0.5)
-        try:
-            with pytest.raises(httpx.TimeoutException):
-                await asyncio.to_thread(segmind.run_sync, "flux-krea-dev", prompt="a lighthouse")
-        finally:
-            segmind._client.close()
+        path, body = LEAVING["REST"]
+        headers = {"X-API-Key": key, "Prefer": "wait=60"}
+        again = await gw.http.post(path, json=body, headers=headers)
+        assert again.status_code == 200 and again.json()["status"] == "completed", again.text
+        assert (await ahead).json()["status"] == "completed"
 
-        async def statuses() -> list[str]:
-            jobs = await gw.gql("{ jobs(first: 20) { nodes { status } } }", key=key)
-            return [n["status"] for n in jobs.json()["data"]["jobs"]["nodes"]]
-
-        deadline = time.monotonic() + 20
-        while (await statuses()).count("cancelled") < 3:  # REST, flux-krea, Segmind
-            assert time.monotonic() < deadline, await statuses()
-            await asyncio.sleep(0.05)
-        assert await statuses() == ["cancelled"] * 3
-        assert (await gw.accounts.get(account)).credits == 1000
+        jobs = await gw.gql("{ jobs(first: 5) { nodes { id status } } }", key=key)
+        nodes = jobs.json()["data"]["jobs"]["nodes"]
+        assert len(nodes) == 3 and again.json()["id"] in {n["id"] for n in nodes}  # joined
+        await until(
+            lambda: _statuses(gw, key, ["cancelled", "cancelled", "completed"]),
+            what="the two jobs not asked for again cancelled",
+        )
+        assert (await gw.accounts.get(account)).credits == 990
+        assert flux.submissions == 2 and await noted(gw, 2)  # the joined one's used up
 
 
-async def test_a_worker_that_starts_the_job_as_its_client_leaves_keeps_it(
+async def _statuses(gw: Harness, key: str, expected: list[str]) -> bool:
+    jobs = await gw.gql("{ jobs(first: 20) { nodes { status } } }", key=key)
+    return sorted(n["status"] for n in jobs.json()["data"]["jobs"]["nodes"]) == expected
+
+
+async def test_a_request_back_for_its_job_as_a_worker_cancels_it_keeps_it(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """The cancel of a job its client left reads it queued, then ends it. A worker that
-    takes it in between (its upstream may be paid by then) wins: the job runs on,
-    charged, and no waiter is let in on its place."""
-    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
-        key = await gw.key(credits=1000)
-        r = await gw.http.post("/v1/text_to_image", json=BODY, headers={"X-API-Key": key})
-        job_id = r.json()["id"]
-        gateway_: Any = gw.app.state.gateway
-        store = gateway_.store
+    """A worker reaching a job its client left reads it marked, then cancels it unless
+    still marked. The same request sent back for it in between wins: the job runs,
+    charged once, and the request gets its image."""
+    async with slow_flux_krea(redis_url, storage_dir, 1.5, workers=1) as (gw, flux):
+        other, key = await gw.key(), await gw.key(credits=1000)
+        account = gw.keys[key]["id"]
+        ahead = asyncio.create_task(
+            gw.http.post(
+                "/v1/text_to_image",
+                json={**LEAVING["REST"][1], "prompt": "ahead"},
+                headers={"X-API-Key": other, "Prefer": "wait=60"},
+            )
+        )
+        await until(lambda: flux.submissions == 1)
+        await leave_queued(gw, key)
+        path, body = LEAVING["REST"]
+        store: Any = gw.app.state.gateway.store
         real_finish = store.finish
+        sent_again: list[httpx.Response] = []
 
-        async def worker_starts_first(job: Any, *args: Any, **kwargs: Any) -> bool:
-            # The race's other side, for real: a worker's start script, between the read
-            # and the end.
-            assert await store.start(keys.job(job.account, job.id), int(gw.clock() * 1000), 60_000)
+        async def back_in_between(job: Any, *args: Any, **kwargs: Any) -> bool:
+            # The race's other side, for real: the request sent again (answered 202 with
+            # the job once its short wait runs out), between the worker's start and end.
+            if kwargs.get("only_from") == "left" and job.params["prompt"] == body["prompt"]:
+                headers = {"X-API-Key": key, "Prefer": "wait=0.1"}
+                sent_again.append(await gw.http.post(path, json=body, headers=headers))
             return bool(await real_finish(job, *args, **kwargs))
 
-        store.finish = worker_starts_first
-        principal = await gateway_.authenticate(key)
-        job = await gateway_.cancel(principal, job_id, unstarted=True)
-        store.finish = real_finish
-        assert job.status == "processing" and job.cost == 10
-        assert (await gw.job(key, job_id) or {})["status"] == "processing"
-        assert (await gw.accounts.get(principal.account)).credits == 990
+        store.finish = back_in_between
+        try:
+            assert (await ahead).json()["status"] == "completed"
+            [again] = await until(lambda: sent_again, what="the worker reaching the job")
+        finally:
+            store.finish = real_finish
+        assert again.status_code == 202 and again.json()["status"] == "queued", again.text
+        done = await gw.wait(key, again.json()["id"])
+        assert done["status"] == "completed" and done["creditCost"] == 10
+        await until(lambda: _statuses(gw, key, ["cancelled", "cancelled", "completed"]))
+        assert (await gw.accounts.get(account)).credits == 990 and flux.submissions == 2
 
 
 async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves(

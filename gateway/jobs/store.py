@@ -96,7 +96,8 @@ class JobStore:
 
     async def start(self, job_key: str, now_ms: int, lease_ms: int) -> Job | None:
         """Take the job (one round trip): its record as started, `attempts` counting this
-        one; None for a job that is missing or has ended."""
+        one; None for a job that is missing or has ended. A queued job its waiting client
+        left (`mark_left`) is not started: it comes back as it is, still queued."""
         account, job_id = keys.job_parts(job_key)
         reply = await self.scripts.start(
             job=job_key,
@@ -109,6 +110,16 @@ class JobStore:
         if not reply.record:
             return None
         return Job.from_record({**reply.record, "account": account, "id": job_id})
+
+    async def mark_left(self, account_id: str, job_id: str, left: bool = True) -> None:
+        """Mark the job as left by the client that waited on it (or, `left` False, no
+        longer so: the same request came back for it). A worker that takes it while
+        marked cancels it instead of starting it (start.lua, finish.lua's 'left')."""
+        await self.scripts.patch(
+            job=keys.job(account_id, job_id),
+            fields={"left": 1 if left else None},
+            client=self.redis,
+        )
 
     async def save_upstream(self, job: Job, upstream: dict[str, Any]) -> None:
         """Record the upstream's job id before waiting on it, so a takeover resumes it."""
@@ -144,7 +155,8 @@ class JobStore:
         joined: bool = False,
     ) -> bool:
         """End the job once; True when this call ended it (False: it had already ended,
-        or had another status than `only_from`, when given). `rejected`: it failed
+        or had another status than `only_from`, when given: 'left', queued and still
+        marked by `mark_left`, is one too). `rejected`: it failed
         because the upstream refused its input (`Job.rejected`). `joined`: it completed
         with another shard's identical job's images (finish.lua)."""
         fields: dict[str, Any] = {}

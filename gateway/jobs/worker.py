@@ -366,6 +366,13 @@ class Worker:
                 await self._end(job, "failed", error="internal error while starting the job")
             await self.queue.ack(entry_id)
             return None
+        while job is not None and job.status == "queued":  # its waiting client left it
+            _on_its_lines(job)
+            error = "cancelled: its client left before it started"
+            if await self._end(job, "cancelled", error=error, only_from="left"):
+                job = None
+            else:  # the same request came back for it meanwhile: it runs after all
+                job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
         if job is None:  # gone, or ended (cancelled while queued, say)
             await self.queue.ack(entry_id)
         return job
@@ -620,20 +627,32 @@ class Worker:
         error: str | None = None,
         backend: str = metrics.NO_BACKEND,
         rejected: bool = False,
-    ) -> None:
-        """End the job unfinished, refunded. `rejected`: the upstream refused its input."""
+        only_from: str = "",
+    ) -> bool:
+        """End the job unfinished, refunded. `rejected`: the upstream refused its input.
+        False when, with `only_from` (`JobStore.finish`), it had not that status: the
+        job goes on, not this call's to end or to release."""
         ended = await self.store.finish(
-            job, status, self.now_ms(), refund=True, error=error, rejected=rejected
+            job,
+            status,
+            self.now_ms(),
+            refund=True,
+            error=error,
+            rejected=rejected,
+            only_from=only_from,
         )
         if ended:
             metrics.job_ended(job.provider, backend, status)
             log.info("job ended", status=status, backend=backend)
             if status == "failed":
                 telemetry.failed("job failed")
+        elif only_from:
+            return False
         await self.events.publish_stored(keys.job(job.account, job.id))
         if job.cache_key:  # the identical requests waiting for it must not fail with it
             await self.cache.unlead(job)
             await self._announce(await self.cache.release(job, self.now_ms()))
+        return True
 
     async def _announce(self, job_keys: list[str]) -> None:
         """Jobs the cache completed or promoted: wake the fetcher, tell their followers."""

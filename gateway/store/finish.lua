@@ -13,8 +13,9 @@
 -- ARGV: 1 status, 2 now_ms, 3 job_id, 4 refund (0/1), 5 retention_ms, 6 ledger_keep_ms
 --       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
 --       fields the end sets (its outcome or its error; null: removed), 8 the status
---       the job must still have to be ended ('': any that has not ended; 'queued': a
---       cancel of a job no worker has started, which one starting it meanwhile wins),
+--       the job must still have to be ended ('': any that has not ended; 'left':
+--       queued and still marked `left` by the client that waited on it, start.lua, the
+--       worker's cancel of it, which the same request sent again meanwhile wins),
 --       9 joined (0/1): it completed with the images of an identical job of another
 --       shard (the worker, docs/api.md#cache), refunded: its account's cache statistics
 --       count it coalesced, not a miss (a job promoted from waiting, `promoted` on its
@@ -28,7 +29,11 @@ local status = job['status']
 if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
-if ARGV[8] ~= '' and status ~= ARGV[8] then return {0, status} end
+if ARGV[8] == 'left' then
+  if status ~= 'queued' or not job['left'] then return {0, status} end
+elseif ARGV[8] ~= '' and status ~= ARGV[8] then
+  return {0, status}
+end
 mark()
 for name, value in pairs(cjson.decode(ARGV[7])) do set(job, name, value) end
 job['status'], job['completed_at'] = ARGV[1], tonumber(ARGV[2])

@@ -330,9 +330,11 @@ class Auth(Script):
 
 
 class StartReply(NamedTuple):
-    status: str  # the job's status before this call; 'missing' when there is no record
-    attempts: int  # counting this one; 0 when the job was not started (missing or ended)
-    record: dict[str, Any]  # the record as started (record.lua); empty when not started
+    status: str  # the job's status before this call; 'missing' when there is no record,
+    # 'left' for a queued one its waiting client left (not started)
+    attempts: int  # counting this one; 0 when the job was not started
+    record: dict[str, Any]  # the record as started (record.lua); empty when not started,
+    # but for 'left': the record as it is
 
 
 class Start(Script):

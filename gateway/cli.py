@@ -102,7 +102,9 @@ def _settings(**overrides: Any) -> Settings:
     except ValidationError as exc:  # each setting by its variable's name, one a line
         for error in exc.errors():
             name = f"GATEWAY_{str(error['loc'][0]).upper()}" if error["loc"] else "settings"
-            said = escape(f"{name}: {error['msg']}")  # it may quote what was typed: no markup
+            inner = ".".join(str(part) for part in error["loc"][1:])  # a plan's limit, say
+            said = f"{name}: {inner}: {error['msg']}" if inner else f"{name}: {error['msg']}"
+            said = escape(said)  # it may quote what was typed: no markup
             err.print(f"[red]configuration error:[/red] {said}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.origins import origin
@@ -16,6 +16,8 @@ from gateway.origins import origin
 
 class PlanLimits(BaseModel):
     """Limits of a plan; `None` means unlimited."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit is refused, not unlimited
 
     rpm: int | None = None
     concurrency: int | None = None
@@ -305,6 +307,8 @@ def load_settings(**overrides: Any) -> Settings:
     settings = Settings(**overrides)
     if settings.config:
         data = tomllib.loads(Path(settings.config).read_text())
+        for table in sorted(set(data) - {"plans", "routes"}):
+            raise ValueError(f"{table} in {settings.config}: not a table it takes (plans, routes)")
         plans = dict(settings.plans)
         for name, limits in (data.get("plans") or {}).items():
             if not isinstance(limits, dict):

@@ -88,6 +88,10 @@ def test_a_plain_misconfiguration_is_a_line_naming_the_variable_and_exit_2(
     plans.write_text("[plans]\nteam = 5\n")
     typed = tmp_path / "typed.toml"
     typed.write_text('[plans.team]\nrpm = "fast"\n')
+    misspelt = tmp_path / "misspelt.toml"
+    misspelt.write_text("[plans.team]\nrmp = 120\n")  # not a limit: was read as unlimited
+    singular = tmp_path / "singular.toml"
+    singular.write_text("[plan.team]\nrpm = 120\n")
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     cases = [
@@ -96,6 +100,9 @@ def test_a_plain_misconfiguration_is_a_line_naming_the_variable_and_exit_2(
         ({"GATEWAY_URL_ALLOW_CIDRS": "10.0.0.0/8,[/x]"}, "GATEWAY_URL_ALLOW_CIDRS: "),
         ({"GATEWAY_CONFIG": str(plans)}, "plans.team in "),
         ({"GATEWAY_CONFIG": str(typed)}, "plans.team.rpm in "),
+        ({"GATEWAY_CONFIG": str(misspelt)}, "plans.team.rmp in "),
+        ({"GATEWAY_CONFIG": str(singular)}, "plan in "),
+        ({"GATEWAY_PLANS": '{"team": {"rmp": 120}}'}, "GATEWAY_PLANS: team.rmp: "),
         (
             {"GATEWAY_STORAGE_DIR": str(a_file / "outputs"), "GATEWAY_REDIS_URL": unreachable},
             "GATEWAY_STORAGE_DIR ",

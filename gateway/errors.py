@@ -42,6 +42,11 @@ class GatewayError(Exception):
 class Unauthenticated(GatewayError):
     code, status = "UNAUTHENTICATED", 401
 
+    def __init__(self, message: str, **extensions: Any) -> None:
+        super().__init__(message, **extensions)
+        # RFC 9110 §15.5.2: a 401 names the scheme it wants (no browser prompts for Bearer)
+        self.headers["WWW-Authenticate"] = "Bearer"
+
 
 class Forbidden(GatewayError):
     code, status = "FORBIDDEN", 403

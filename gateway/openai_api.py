@@ -43,6 +43,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.jobs.model import Job
+from gateway.origins import page_origin
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.rest import ORJSONResponse
 from gateway.service import Gateway
@@ -276,7 +277,7 @@ async def generations(request: Request) -> Response:
     noted = False  # the job left for the same request sent again (`wait_answering`)
     try:
         job, principal = await gateway.generate(
-            api_key_from(request.headers), parse, request.headers.get("origin", ""), rejoin=True
+            api_key_from(request.headers), parse, page_origin(request.headers), rejoin=True
         )
         headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
         if streamed:
@@ -627,7 +628,7 @@ async def models(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
         principal = await gateway.authenticate(
-            api_key_from(request.headers), read=True, origin=request.headers.get("origin")
+            api_key_from(request.headers), read=True, origin=page_origin(request.headers)
         )
     except GatewayError as exc:
         return error_response(exc)
@@ -653,7 +654,7 @@ async def model(request: Request) -> Response:
     name = request.path_params["model"]
     try:
         principal = await gateway.authenticate(
-            api_key_from(request.headers), read=True, origin=request.headers.get("origin")
+            api_key_from(request.headers), read=True, origin=page_origin(request.headers)
         )
     except GatewayError as exc:
         return error_response(exc)

@@ -8,6 +8,7 @@ configured as `https://app.example.com:443` would otherwise match nothing).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -39,3 +40,21 @@ def origin(value: str) -> str | None:
     if port is not None and port != DEFAULT_PORTS[scheme]:
         host = f"{host}:{port}"
     return f"{scheme}://{host}"
+
+
+def page_origin(headers: Mapping[str, str]) -> str:
+    """The page a request comes from, for a client token bound to origins: its `Origin`,
+    or, when it has none, its `Referer`'s origin: browsers leave `Origin` off a GET or
+    HEAD to their own origin (the Fetch standard's "serializing a request origin"), as a
+    page served beside a proxied gateway polls its job; '' when it names neither."""
+    sent = headers.get("origin")
+    if sent is not None:
+        return sent
+    referer = headers.get("referer")
+    if not referer:
+        return ""
+    try:
+        parts = urlsplit(referer)
+    except ValueError:
+        return ""
+    return origin(f"{parts.scheme}://{parts.netloc}") or ""

@@ -26,6 +26,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.jobs.model import iso
+from gateway.origins import page_origin
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
 from gateway.service import Gateway, store_errors
 from gateway.tokens import MINTING, spec
@@ -58,7 +59,7 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         headers: dict[str, str] = {}
         try:
             principal = await gateway.authenticate(
-                api_key_from(request.headers), origin=request.headers.get("origin")
+                api_key_from(request.headers), origin=page_origin(request.headers)
             )
             headers = principal.rate_headers()
             status, body, principal = await handler(request, gateway, principal)
@@ -124,7 +125,7 @@ async def text_to_image(request: Request) -> Response:
         job, principal = await gateway.generate(
             api_key_from(request.headers),
             parse,
-            request.headers.get("origin", ""),
+            page_origin(request.headers),
             rejoin=wait is not None,
         )
         if wait is not None:
@@ -137,6 +138,8 @@ async def text_to_image(request: Request) -> Response:
     headers = principal.rate_headers()
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait:g}"
+    if not job.ended:  # RFC 9110 §15.3.3: a 202 points to where its outcome will be
+        headers["Location"] = f"/v1/jobs/{job.id}"
     return ORJSONResponse(job.public(), status_code=200 if job.ended else 202, headers=headers)
 
 
@@ -148,7 +151,7 @@ async def get_job(request: Request) -> Response:
         principal, job = await gateway.poll(
             api_key_from(request.headers),
             request.path_params["job_id"],
-            request.headers.get("origin"),
+            page_origin(request.headers),
         )
         headers = principal.rate_headers()
         if job is None:
@@ -215,7 +218,7 @@ async def job_events(request: Request) -> Response:
     """The job's updates as Server-Sent Events: current state first, then each change."""
     gateway: Gateway = request.app.state.gateway
     job_id = request.path_params["job_id"]
-    origin = request.headers.get("origin")
+    origin = page_origin(request.headers)
     headers: dict[str, str] = {}
     try:
         credential = _events_credential(request)

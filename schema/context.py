@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket
 from gateway.auth import Principal, api_key_from
 from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.jobs.model import Job
+from gateway.origins import page_origin
 from gateway.service import Gateway
 
 
@@ -74,7 +75,7 @@ class Context:
 
     def origin(self) -> str:
         """The page's origin (a browser sends it, on the WebSocket upgrade too)."""
-        return self.request.headers.get("origin", "")
+        return page_origin(self.request.headers)
 
     async def caller(self, *, read: bool = False) -> Principal:
         """The authenticated caller (one Redis round trip, once per request or operation)."""

@@ -44,6 +44,7 @@ from strawberry.types import ExecutionResult
 from gateway import bodies, pages
 from gateway.auth import api_key_from
 from gateway.errors import STATUS_BY_CODE, BadUserInput, GatewayError, MethodNotAllowed
+from gateway.origins import page_origin
 from gateway.store.persisted import PersistedQueries
 from gateway.store.redis import store_trouble
 from schema import error_code, persisted
@@ -285,6 +286,11 @@ class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         if reason := message_error(message, ("subscribe", "complete"), "subscribe"):
             await self.handle_invalid_message(reason)
             return
+        if message["type"] == "connection_init" and message.get("payload", {}) is None:
+            # The protocol allows a null payload (graphql-ws sends one when its
+            # `connectionParams` gives null); Strawberry closes it 4400, which no client
+            # retries: read as none, it is refused for its missing key, 4403.
+            message = {"type": "connection_init"}
         await super().handle_message(message)
 
     async def run_operation(self, operation: Operation[Context, None]) -> None:
@@ -355,7 +361,7 @@ class GraphQLView(GraphQL[Context, None]):
             keep_alive=True,
             keep_alive_interval=15,
             connection_init_wait_timeout=timedelta(seconds=10),
-            max_subscriptions_per_connection=10,
+            max_subscriptions_per_connection=100,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -445,7 +451,7 @@ class GraphQLView(GraphQL[Context, None]):
                 return
             gateway = request.app.state.gateway
             try:
-                principal = await gateway.authenticate(key, origin=request.headers.get("origin"))
+                principal = await gateway.authenticate(key, origin=page_origin(request.headers))
             except GatewayError:
                 return  # the input's error stands
             response.headers.update(principal.rate_headers())

@@ -345,6 +345,37 @@ async def test_a_token_bound_to_origins_services_and_a_job_cap(
         assert (await me(gw, token, APP))["clientToken"]["jobs"] == 2
 
 
+async def test_a_token_bound_to_an_origin_reads_from_its_pages_that_send_no_origin(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Browsers leave `Origin` off a GET to their own origin: a page served beside a
+    proxied gateway polls its job with the page in `Referer` only. That page is let in;
+    another page, or a request naming neither, is not, and `Origin` wins over `Referer`."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key(credits=1000)
+        token = await mint(gw, key, origins=[APP])
+        job_id = created(await gql(gw, GENERATE, generate_input(), token, APP))
+        bearer = {"Authorization": f"Bearer {token}"}
+        query = {
+            "query": "query($id: ID!) { job(id: $id) { id } }",
+            "variables": f'{{"id": "{job_id}"}}',
+        }
+        cases = [
+            ({"Referer": f"{APP}/gallery?page=2"}, 200),
+            ({"Referer": f"{APP.upper()}:443/"}, 200),
+            ({"Referer": "https://evil.example/app.example"}, 403),
+            ({}, 403),
+            ({"Origin": "https://evil.example", "Referer": f"{APP}/"}, 403),
+        ]
+        for sent, status in cases:
+            r = await gw.http.get(f"/v1/jobs/{job_id}", headers={**bearer, **sent})
+            assert r.status_code == status, (sent, r.text)
+            r = await gw.http.get("/graphql", params=query, headers={**bearer, **sent})
+            assert r.status_code == status, (sent, r.text)
+            if status == 200:
+                assert r.json()["data"]["job"]["id"] == job_id
+
+
 # -- expiry and revocation -----------------------------------------------------------------
 
 

@@ -240,6 +240,8 @@ async def test_missing_or_bad_key_is_401(
         )
         assert rest.status_code == 401
         assert rest.json()["error"]["code"] == "UNAUTHENTICATED"
+        for answer in (r, rest):  # RFC 9110: a 401 names the scheme it asks for
+            assert answer.headers["www-authenticate"] == "Bearer"
 
 
 async def test_revoked_key_is_refused_and_its_secret_is_not_stored(

@@ -50,6 +50,9 @@ async def test_prefer_wait_answers_when_the_job_ends_or_the_time_is_up(
         assert (await gw.http.get(r.json()["url"])).status_code == 200
         r = await gw.http.post("/v1/text_to_image", json=BODY, headers={"X-API-Key": key})
         assert r.status_code == 202 and "Preference-Applied" not in r.headers
+        assert r.headers["Location"] == f"/v1/jobs/{r.json()['id']}"  # where it will be
+        polled = await gw.http.get(r.headers["Location"], headers={"X-API-Key": key})
+        assert polled.status_code == 200 and polled.json()["id"] == r.json()["id"]
         # Preferences in several fields are one list (RFC 7240 §2).
         fields = [("X-API-Key", key), ("Prefer", "respond-async"), ("Prefer", "wait=30")]
         r = await gw.http.post("/v1/text_to_image", json={**BODY, "seed": 5}, headers=fields)

@@ -127,3 +127,50 @@ async def test_the_older_protocol_closes_a_connection_never_initialised(
         websockets.connect(url_of(gw.base), subprotocols=["graphql-ws"]) as ws,
     ):
         assert await closed_with(ws) == (4408, "Connection initialisation timeout")
+
+
+async def test_a_connection_init_with_a_null_payload_is_one_without_a_key(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The protocol allows `payload: null` (graphql-ws sends it when `connectionParams`
+    gives null, a page whose token has not loaded yet): refused for its missing key, with
+    the 4403 a client retries, not closed as malformed; a key on the upgrade is enough."""
+    async with gateway(redis_url, storage_dir) as gw:
+        key = await gw.key()
+        null_init = json.dumps({"type": "connection_init", "payload": None})
+        async with websockets.connect(url_of(gw.base), subprotocols=[PROTOCOLS[0]]) as ws:
+            await ws.send(null_init)
+            code, reason = await closed_with(ws)
+            assert (code, reason.startswith("UNAUTHENTICATED")) == (4403, True), reason
+        async with websockets.connect(
+            url_of(gw.base),
+            subprotocols=[PROTOCOLS[0]],
+            additional_headers={"Authorization": f"Bearer {key}"},
+        ) as ws:
+            await ws.send(null_init)
+            assert (await ws_message(ws))["type"] == "connection_ack"
+
+
+async def test_one_connection_follows_a_hundred_jobs(redis_url: str, storage_dir: Path) -> None:
+    """A gallery page follows every job it shows over its one socket (Apollo Client opens
+    one): a hundred at once; the next operation is refused while they run, with a code."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, read_rpm=10_000) as gw:
+        key = await gw.key(plan="enterprise")
+        body = {"service": "local", "prompt": "x"}
+        r = await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": key})
+        job_id = r.json()["id"]  # queued: no worker runs it, so no update ends a stream
+        socket = await Socket.open(gw.base, key, PROTOCOLS[0])
+        query = "subscription($id: ID!) { jobUpdates(id: $id) { status } }"
+        ops = {await socket.start(query, {"id": job_id}) for _ in range(100)}
+        following: set[str] = set()
+        while following != ops:  # each one's first update, in whatever order they come
+            message = await ws_message(socket.ws)
+            assert message["type"] == "next", message
+            assert message["payload"] == {"data": {"jobUpdates": {"status": "queued"}}}
+            following.add(message["id"])
+        refused = await socket.next_result(await socket.start(query, {"id": job_id}))
+        assert refused is not None
+        [error] = refused["errors"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT", error
+        assert "limit" in error["message"].lower()
+        await socket.ws.close()

@@ -31,6 +31,7 @@ from gateway import bodies
 from gateway.bodies import memoized
 from gateway.endpoints import generation_key, route, wait_answering
 from gateway.errors import BadUserInput, GatewayError, Unauthenticated
+from gateway.origins import page_origin
 from gateway.params import GenerationRequest
 from gateway.providers import fluxkrea
 from gateway.rest import ORJSONResponse
@@ -91,7 +92,7 @@ async def generate(request: Request) -> Response:
 
     try:
         job, principal = await gateway.generate(
-            generation_key(bearer, request), parse, request.headers.get("origin", ""), rejoin=True
+            generation_key(bearer, request), parse, page_origin(request.headers), rejoin=True
         )
     except GatewayError as exc:
         return error_response(exc)
@@ -132,7 +133,7 @@ async def generate_async(request: Request) -> Response:
         job, principal = await gateway.generate(
             generation_key(bearer, request),
             parse,
-            request.headers.get("origin", ""),
+            page_origin(request.headers),
             webhook_shape=shape,
         )
     except GatewayError as exc:

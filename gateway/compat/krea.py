@@ -26,6 +26,7 @@ from gateway.bodies import memoized
 from gateway.endpoints import generation_key, route
 from gateway.errors import BadUserInput, GatewayError, NotFound, Unauthenticated
 from gateway.jobs.model import Job
+from gateway.origins import page_origin
 from gateway.params import GenerationRequest
 from gateway.providers import krea
 from gateway.rest import ORJSONResponse
@@ -88,7 +89,7 @@ async def generate(request: Request) -> Response:
         job, principal = await gateway.generate(
             generation_key(bearer, request),
             parse,
-            request.headers.get("origin", ""),
+            page_origin(request.headers),
             webhook_shape={"protocol": "krea"},
         )
     except GatewayError as exc:
@@ -111,7 +112,7 @@ async def _on_job(request: Request, *, cancel: bool) -> Response:
     gateway: Gateway = request.app.state.gateway
     headers: dict[str, str] = {}
     job_id = krea.job_id_of(request.path_params["job_id"])
-    origin = request.headers.get("origin")
+    origin = page_origin(request.headers)
     try:
         if cancel:
             principal = await gateway.authenticate(bearer(request), origin=origin)

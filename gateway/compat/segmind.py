@@ -44,6 +44,7 @@ from gateway.errors import (
 )
 from gateway.formats import FORMATS
 from gateway.jobs.model import Job
+from gateway.origins import page_origin
 from gateway.params import GenerationRequest, with_idempotency_header
 from gateway.providers.segmind import STATES, request_from
 from gateway.rest import ORJSONResponse
@@ -115,10 +116,6 @@ def _key(request: Request) -> str:
             "(an Authorization header is not accepted here)"
         )
     raise Unauthenticated("Missing x-api-key in header")
-
-
-def _origin(request: Request) -> str:
-    return request.headers.get("origin", "")
 
 
 def service_for(model: str, gateway: Gateway) -> str:
@@ -208,7 +205,9 @@ async def run_sync(request: Request) -> Response:
             wanted = await _parse(request, gateway, one_image=True)
             return wanted
 
-        job, principal = await gateway.generate(key, parse, _origin(request), rejoin=True)
+        job, principal = await gateway.generate(
+            key, parse, page_origin(request.headers), rejoin=True
+        )
         headers = _job_headers(job, principal)
         job = (await wait_answering(request, gateway, principal, job, wanted)).job
         if not job.ended:
@@ -250,7 +249,7 @@ async def submit(request: Request) -> Response:
         async def parse() -> GenerationRequest:
             return await _parse(request, gateway, one_image=False)
 
-        job, principal = await gateway.generate(key, parse, _origin(request))
+        job, principal = await gateway.generate(key, parse, page_origin(request.headers))
     except GatewayError as exc:
         return error_response(exc)
     body = {
@@ -265,7 +264,7 @@ async def _polled(request: Request) -> tuple[Job, Principal]:
     """The caller's job named in the path (a client token's: one made with it)."""
     gateway: Gateway = request.app.state.gateway
     request_id = request.path_params["request_id"]
-    principal, job = await gateway.poll(_key(request), request_id, _origin(request))
+    principal, job = await gateway.poll(_key(request), request_id, page_origin(request.headers))
     if job is None:
         exc = RequestNotFound(request_id[:100])
         exc.headers = principal.rate_headers()

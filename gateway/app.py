@@ -289,10 +289,12 @@ def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> Sta
             app.state.metrics = sampler  # GET /metrics refreshes the Redis gauges with it
             app.state.gateway = rt.gateway
             app.state.persisted = rt.persisted
-            if settings.dev:
+            if settings.dev and not settings.redis_url:
                 made = await rt.gateway.accounts.create("pro", DEMO_CREDITS, name="demo")
                 print(f"API key: {made['key']}", flush=True)
                 print(f"Webhook secret: {made['webhookSecret']}", flush=True)
+            elif settings.dev:  # a Redis keeps every one: a funded key more at each start
+                log.warning("dev mode on GATEWAY_REDIS_URL: no demo key made (gateway keys create)")
             if settings.inprocess_workers:
                 async with running_worker(rt.worker, settings.shutdown_grace_seconds):
                     yield

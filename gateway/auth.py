@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import PlanLimits, Settings
 from gateway.errors import Forbidden, RateLimited, Unauthenticated
+from gateway.jobs.model import iso
 from gateway.params import INT_MAX
 from gateway.store import keys
 from gateway.store.scripts import Scripts
@@ -46,6 +47,18 @@ class TokenGrant:
     expires_ms: int
     origins: tuple[str, ...]  # empty: any
     services: tuple[str, ...]  # empty: any
+
+    def public(self) -> dict[str, Any]:
+        """Its rules and use as REST answers them (GraphQL's `ClientTokenInfo`)."""
+        return {
+            "expiresAt": iso(self.expires_ms),
+            "maxCredits": self.max_credits,
+            "spent": self.spent,
+            "maxJobs": self.max_jobs,
+            "jobs": self.jobs,
+            "origins": list(self.origins),
+            "services": list(self.services),
+        }
 
     @classmethod
     def admitted(cls, token_id: str) -> TokenGrant:

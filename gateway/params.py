@@ -298,12 +298,18 @@ def from_generate_input(data: dict[str, Any]) -> GenerationRequest:
 
 
 def with_idempotency_header(wanted: GenerationRequest, header: str | None) -> GenerationRequest:
-    """`wanted` with an `Idempotency-Key` header as its `idempotency_key`, unless its body
-    named one (REST's `idempotencyKey`; OpenAI's and the providers' bodies have none): a
-    key too long is refused, not cut, since two keys that share their first characters
-    are different requests."""
-    if not header or wanted.idempotency_key:
+    """`wanted` with an `Idempotency-Key` header as its `idempotency_key` (REST's body may
+    name it too, `idempotencyKey`: another one beside it is refused, as the caller meant
+    one of them; OpenAI's and the providers' bodies have none): a key too long is
+    refused, not cut, since two keys that share their first characters are different
+    requests."""
+    if not header or wanted.idempotency_key == header:
         return wanted
+    if wanted.idempotency_key:
+        raise BadUserInput(
+            "the Idempotency-Key header and the body's idempotencyKey differ: send one",
+            field="idempotencyKey",
+        )
     limit = GenerationRequest.model_fields["idempotency_key"].metadata
     longest = next(rule.max_length for rule in limit if hasattr(rule, "max_length"))
     if len(header) > longest:

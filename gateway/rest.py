@@ -28,7 +28,7 @@ from gateway.errors import (
 from gateway.jobs.model import iso
 from gateway.origins import page_origin
 from gateway.params import GenerationRequest, from_image_input, with_idempotency_header
-from gateway.service import Gateway, store_errors
+from gateway.service import Gateway, page_size, store_errors
 from gateway.tokens import MINTING, spec
 
 T = TypeVar("T")
@@ -51,15 +51,16 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
 Handler = Callable[[Request, Gateway, Principal], Awaitable[tuple[int, Any, Principal]]]
 
 
-def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Authenticate, run, answer JSON with the rate-limit headers; map errors once."""
+def endpoint(handler: Handler, *, read: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate, run, answer JSON with the rate-limit headers; map errors once.
+    `read`: the request counts against the read limit."""
 
     async def run(request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         headers: dict[str, str] = {}
         try:
             principal = await gateway.authenticate(
-                api_key_from(request.headers), origin=page_origin(request.headers)
+                api_key_from(request.headers), read=read, origin=page_origin(request.headers)
             )
             headers = principal.rate_headers()
             status, body, principal = await handler(request, gateway, principal)
@@ -159,6 +160,60 @@ async def get_job(request: Request) -> Response:
     except GatewayError as exc:
         return error_response(exc, headers)
     return ORJSONResponse(job.public(), headers=headers)
+
+
+async def list_jobs(request: Request) -> Response:
+    """`GET /v1/jobs?first=&after=&status=`: GraphQL's `jobs`, a page of the caller's jobs,
+    newest first, in its shape (`nodes`, `pageInfo`)."""
+    gateway: Gateway = request.app.state.gateway
+    headers: dict[str, str] = {}
+    query = request.query_params
+    after, status = query.get("after"), query.get("status")
+    try:
+        first = page_size(_number(query.get("first"), "first"), after, status)
+        principal = await gateway.authenticate(
+            api_key_from(request.headers), read=True, origin=page_origin(request.headers)
+        )
+        headers = principal.rate_headers()
+        jobs, more, cursor = await gateway.jobs(principal, first, after, status)
+    except GatewayError as exc:
+        return error_response(exc, headers)
+    page = {"hasNextPage": more, "endCursor": cursor}
+    return ORJSONResponse({"nodes": [j.public() for j in jobs], "pageInfo": page}, headers=headers)
+
+
+def _number(value: str | None, name: str) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise BadUserInput(f"{name} must be a whole number", field=name) from None
+
+
+async def me(
+    request: Request, gateway: Gateway, principal: Principal
+) -> tuple[int, Any, Principal]:
+    """`GET /v1/me`: GraphQL's `me` (plan, balance, each limit's use), camelCase."""
+    data = await gateway.me(principal)
+    cache, grant = data["cache"], data["client_token"]
+    return (
+        200,
+        {
+            "id": data["id"],
+            "name": data["name"],
+            "plan": data["plan"],
+            "credits": data["credits"],
+            "limits": data["limits"],
+            "cache": {
+                "hits": cache["hits"],
+                "misses": cache["misses"],
+                "coalesced": cache["coalesced"],
+                "creditsSaved": cache["credits_saved"],
+            },
+            "clientToken": grant.public() if grant else None,
+            "webhookSecret": data["webhook_secret"],
+        },
+        principal,
+    )
 
 
 async def cancel_job(
@@ -348,6 +403,8 @@ async def readyz(request: Request) -> Response:
 
 routes = [
     route("/v1/text_to_image", text_to_image, ["POST"]),
+    route("/v1/jobs", list_jobs, ["GET"]),
+    route("/v1/me", endpoint(me, read=True), ["GET"]),
     route("/v1/jobs/{job_id}", get_job, ["GET"]),
     route("/v1/jobs/{job_id}/cancel", endpoint(cancel_job), ["POST"]),
     route("/v1/jobs/{job_id}/events", job_events, ["GET"]),

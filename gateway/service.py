@@ -28,7 +28,7 @@ from gateway.config import Settings
 from gateway.errors import BadUserInput, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from gateway.events import Events
 from gateway.job_watch import JobWatch
-from gateway.jobs.model import Job
+from gateway.jobs.model import JOB_ID, TERMINAL, Job
 from gateway.jobs.queue import Queue
 from gateway.jobs.store import JobStore
 from gateway.params import INT_MAX, GenerationRequest
@@ -80,6 +80,25 @@ def _theirs(principal: Principal, job: Job | None) -> Job | None:
     if job is None or (principal.token and job.token != principal.token.id):
         return None
     return job
+
+
+#: `jobs`' page when `first` is left out (or null, as GraphQL's `Int` allows)
+PAGE = 20
+#: what `jobs` may be narrowed to
+STATUSES = frozenset({"queued", "processing", *TERMINAL})
+
+
+def page_size(first: int | None, after: str | None, status: str | None) -> int:
+    """`jobs`' arguments checked, GraphQL's and REST's alike, before the key is (a bad
+    page costs no read): the page's size; BadUserInput naming the one at fault."""
+    first = PAGE if first is None else first
+    if not 1 <= first <= 100:
+        raise BadUserInput("first must be between 1 and 100", field="first")
+    if after is not None and not JOB_ID.fullmatch(after):
+        raise BadUserInput("after must be a pageInfo.endCursor (a job id)", field="after")
+    if status is not None and status not in STATUSES:
+        raise BadUserInput(f"status must be one of {sorted(STATUSES)}", field="status")
+    return first
 
 
 class Gateway:

@@ -6,9 +6,8 @@ from typing import Annotated, Any
 
 import strawberry
 
-from gateway.errors import BadUserInput
-from gateway.jobs.model import JOB_ID, TERMINAL
 from gateway.params import from_generate_input
+from gateway.service import PAGE, page_size
 from schema.context import Context
 from schema.inputs import GenerateInput
 from schema.prepared import graphql_value, resolved_by
@@ -26,11 +25,6 @@ from schema.types import (
 )
 
 Info = strawberry.Info[Context, None]
-STATUSES = {"queued", "processing", *TERMINAL}
-
-
-#: `jobs`' page when `first` is left out or null
-PAGE = 20
 
 
 async def resolve_job(ctx: Context, args: dict[str, Any]) -> Generation | None:
@@ -57,13 +51,7 @@ class Query:
         after: str | None = None,
         status: str | None = None,
     ) -> GenerationPage:
-        first = PAGE if first is None else first  # null, as the contract's `Int` allows
-        if not 1 <= first <= 100:
-            raise BadUserInput("first must be between 1 and 100", field="first")
-        if after is not None and not JOB_ID.fullmatch(after):
-            raise BadUserInput("after must be a pageInfo.endCursor (a job id)", field="after")
-        if status is not None and status not in STATUSES:
-            raise BadUserInput(f"status must be one of {sorted(STATUSES)}", field="status")
+        first = page_size(first, after, status)
         ctx = info.context
         caller = await ctx.caller(read=True)
         jobs, more, cursor = await ctx.gateway.jobs(caller, first, after, status)

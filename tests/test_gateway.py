@@ -20,6 +20,7 @@ from gateway.store import keys
 from tests.conftest import RedisServer
 from tests.harness import GENERATE, JOB, gateway
 from tests.records import change
+from tests.test_client_tokens import mint
 
 SEED_QUERY = """
 mutation Generate($input: GenerateInput!) {
@@ -48,6 +49,8 @@ async def test_seed_python_example_runs_to_a_stored_image_in_dev_mode(
     redis_url: str, storage_dir: Path
 ) -> None:
     async with gateway(redis_url, storage_dir, dev=True) as gw:
+        # On a Redis, which keeps every one, dev mode makes no demo key at each start.
+        assert await gw.accounts.all() == []
         key = await gw.key("free", credits=100)
         r = await gw.gql(SEED_QUERY, SEED_VARIABLES, key)
         assert r.status_code == 200
@@ -195,10 +198,85 @@ async def test_rest_text_to_image_and_job(redis_url: str, storage_dir: Path) -> 
             "/v1/text_to_image", headers={"X-API-Key": key, "Idempotency-Key": "k2"}, json=body
         )
         assert other_key.status_code == 202 and other_key.json()["id"] != again[0].json()["id"]
+        # Named in the body and the header, it is one key, or a refusal: not one ignored.
+        both = {"X-API-Key": key, "Idempotency-Key": "k1"}
+        same = await gw.http.post(
+            "/v1/text_to_image", headers=both, json={**body, "idempotencyKey": "k1"}
+        )
+        assert same.json()["id"] == again[0].json()["id"]
+        differ = await gw.http.post(
+            "/v1/text_to_image", headers=both, json={**body, "idempotencyKey": "k3"}
+        )
+        assert differ.status_code == 400 and differ.json()["error"]["field"] == "idempotencyKey"
 
         # A cursor that is no job id is a bad request, not an empty page.
         r = await gw.gql('{ jobs(after: "zzz") { nodes { id } } }', key=key)
         assert r.json()["errors"][0]["extensions"]["field"] == "after"
+
+
+async def test_rest_lists_the_callers_jobs_and_says_its_balance_and_limits(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A backend that speaks only REST reads what GraphQL's `jobs` and `me` give: its own
+    jobs a page at a time, newest first, narrowed by status, in GraphQL's shape; its
+    balance and each limit's use. A client token sees its budget, not the account's."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key, other = await gw.key(credits=1000), await gw.key()
+        headers = {"X-API-Key": key}
+        ids = []
+        for i in range(3):
+            body = {"service": "local", "prompt": f"a gull {i}"}
+            r = await gw.http.post("/v1/text_to_image", json=body, headers=headers)
+            ids.append(r.json()["id"])
+            gw.clock.advance(0.01)  # each created in a millisecond of its own
+        await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": other})
+        await gw.http.post(f"/v1/jobs/{ids[1]}/cancel", headers=headers)
+
+        first = await gw.http.get("/v1/jobs", params={"first": 2}, headers=headers)
+        assert first.status_code == 200 and first.headers["X-RateLimit-Limit"]
+        assert first.headers["Cache-Control"] == "no-store"  # the caller's own
+        page = first.json()
+        assert [n["id"] for n in page["nodes"]] == [ids[2], ids[1]]
+        assert page["nodes"][1]["status"] == "cancelled"
+        assert page["pageInfo"] == {"hasNextPage": True, "endCursor": ids[1]}
+        graphql = await gw.gql("{ jobs(first: 2) { nodes { id } } }", key=key)
+        assert [n["id"] for n in graphql.json()["data"]["jobs"]["nodes"]] == [ids[2], ids[1]]
+        rest = await gw.http.get("/v1/jobs", params={"after": ids[1]}, headers=headers)
+        assert [n["id"] for n in rest.json()["nodes"]] == [ids[0]]
+        assert rest.json()["pageInfo"]["hasNextPage"] is False
+        rest = await gw.http.get("/v1/jobs", params={"status": "cancelled"}, headers=headers)
+        assert [n["id"] for n in rest.json()["nodes"]] == [ids[1]]
+        for bad, field in (
+            ({"first": "0"}, "first"),
+            ({"first": "ten"}, "first"),
+            ({"after": "zzz"}, "after"),
+            ({"status": "done"}, "status"),
+        ):
+            r = await gw.http.get("/v1/jobs", params=bad, headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+        assert (await gw.http.get("/v1/jobs")).status_code == 401
+
+        r = await gw.http.get("/v1/me", headers=headers)
+        assert r.status_code == 200, r.text
+        me = r.json()
+        assert (me["plan"], me["credits"]) == ("pro", 960)  # three of 20 charged, one refunded
+        assert me["id"] == gw.keys[key]["id"] and me["webhookSecret"].startswith("whsec_")
+        limits = {limit["name"]: limit for limit in me["limits"]}
+        assert set(limits) == {"minute", "day", "concurrency", "read"}
+        assert (limits["concurrency"]["used"], limits["concurrency"]["limit"]) == (2, 10)
+        assert me["clientToken"] is None
+        graphql = await gw.gql(
+            "{ me { credits cache { hits misses coalesced creditsSaved } } }", key=key
+        )
+        assert graphql.json()["data"]["me"] == {"credits": me["credits"], "cache": me["cache"]}
+
+        token = await mint(gw, key, maxCredits=50, origins=["https://app.example"])
+        bearer = {"Authorization": f"Bearer {token}", "Origin": "https://app.example"}
+        mine = (await gw.http.get("/v1/me", headers=bearer)).json()
+        assert (mine["credits"], mine["webhookSecret"], mine["name"]) == (50, None, "")
+        assert mine["clientToken"]["maxCredits"] == 50 and mine["clientToken"]["spent"] == 0
+        assert mine["clientToken"]["origins"] == ["https://app.example"]
+        assert (await gw.http.get("/v1/jobs", headers=bearer)).json()["nodes"] == []
 
 
 async def test_an_authorization_header_without_a_key_leaves_x_api_key_to_name_it(

@@ -49,5 +49,6 @@ def test_long_running_services_restart_and_publish_on_loopback_by_default() -> N
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     for name in ("redis", "gateway", "worker", "minio"):
         assert services[name]["restart"] == "unless-stopped", name
+        assert services[name]["logging"]["options"]["max-size"], name  # rotated, bounded
     published = [port for service in services.values() for port in service.get("ports", [])]
     assert published and all(p.startswith("${PUBLISH_ADDRESS:-127.0.0.1}:") for p in published)

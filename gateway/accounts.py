@@ -134,6 +134,30 @@ class Accounts:
             rows: list[dict[str, str]] = await pipe.execute()
         return sorted((_info(r) for r in rows if r), key=lambda a: a.created_at)
 
+    async def rotate(self, account: str, webhook_secret: bool = False) -> dict[str, Any]:
+        """A new key for the account (a leaked one, say): the old one and the client
+        tokens it minted are refused from the next request on, and a revoked key is live
+        again under its new one; its balance, limits, ledger and jobs stay. With
+        `webhook_secret`, a new one of those too (the old one no longer signs). Returned
+        here and never again, as `create`'s."""
+        current = decoded_hash(await self.redis.hgetall(keys.account(account)))
+        if not current:
+            raise NotFound(f"no key with id {account}")
+        key, key_hash = new_key(account)
+        secret = new_webhook_secret() if webhook_secret else current.get("webhook_secret", "")
+        await self.redis.hset(
+            keys.account(account),
+            mapping={"key_hash": key_hash, "revoked": "0", "webhook_secret": secret},
+        )
+        info = _info(current)
+        return {
+            "id": account,
+            "key": key,
+            "plan": info.plan,
+            "credits": info.credits,
+            "webhookSecret": secret,
+        }
+
     async def revoke(self, account: str) -> None:
         await self.get(account)
         await self.redis.hset(keys.account(account), "revoked", "1")

@@ -372,6 +372,25 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     console.print(f"revoked {key_id}")
 
 
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    webhook_secret: Annotated[
+        bool, typer.Option("--webhook-secret", help="a new webhook secret too")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A new key for ID (the old one, and the client tokens it minted, refused at once;
+    a revoked key live again): its balance, limits, ledger and jobs stay."""
+    made = _with_accounts(_settings(), lambda a: a.rotate(key_id, webhook_secret))
+    if as_json:
+        print(json.dumps(made))
+        return
+    console.print(f"API key: {made['key']}", soft_wrap=True)
+    console.print(f"id {key_id}, webhook secret {made['webhookSecret']}", soft_wrap=True)
+    console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
+
+
 @keys_app.command("update")
 def keys_update(
     key_id: Annotated[str, typer.Argument(metavar="ID")],

@@ -128,13 +128,7 @@ class Mutation:
         made = await info.context.gateway.accounts.create(
             plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily
         )
-        return CreatedKey(
-            id=strawberry.ID(made["id"]),
-            key=made["key"],
-            plan=made["plan"],
-            credits=made["credits"],
-            webhook_secret=made["webhookSecret"],
-        )
+        return CreatedKey.of(made)
 
     @strawberry.mutation(
         description="Admin: change a key's plan and limits (a negative limit: unlimited)."
@@ -158,6 +152,18 @@ class Mutation:
     async def add_credits(self, info: Info, id: strawberry.ID, amount: int) -> int:
         info.context.require_admin()
         return await info.context.gateway.accounts.add_credits(str(id), amount)
+
+    @strawberry.mutation(
+        description="Admin: a new key for the account (shown once): the old one and the "
+        "client tokens it minted are refused at once, a revoked key is live again; with "
+        "webhookSecret, a new webhook secret too."
+    )
+    async def rotate_key(
+        self, info: Info, id: strawberry.ID, webhook_secret: bool = False
+    ) -> CreatedKey:
+        info.context.require_admin()
+        made = await info.context.gateway.accounts.rotate(str(id), webhook_secret)
+        return CreatedKey.of(made)
 
     @strawberry.mutation(description="Admin: revoke an API key.")
     async def revoke_key(self, info: Info, id: strawberry.ID) -> bool:

@@ -204,6 +204,17 @@ class CreatedKey:
     credits: int
     webhook_secret: str
 
+    @classmethod
+    def of(cls, made: dict[str, Any]) -> CreatedKey:
+        """From `Accounts.create`'s or `rotate`'s answer."""
+        return cls(
+            id=strawberry.ID(made["id"]),
+            key=made["key"],
+            plan=made["plan"],
+            credits=made["credits"],
+            webhook_secret=made["webhookSecret"],
+        )
+
 
 @strawberry.type
 class WebhookDelivery:

@@ -729,6 +729,47 @@ async def test_a_balance_graphql_could_not_read_back_is_refused_before_it_is_mad
         assert (await gw.accounts.get(account)).credits == most
 
 
+ROTATE = """mutation($id: ID!, $w: Boolean!) {
+  rotateKey(id: $id, webhookSecret: $w) { id key credits webhookSecret } }"""
+
+
+async def test_admin_rotates_a_leaked_key_and_the_account_stays(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A leaked key, or one revoked by mistake, gets a new key: the old one and the client
+    tokens it minted are refused at once; the new one has the balance and the jobs; the
+    webhook secret changes only when asked. Only the admin may."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, admin_token="adm") as gw:
+        key, other = await gw.key(credits=1000), await gw.key()
+        account, secret = gw.keys[key]["id"], gw.keys[key]["webhookSecret"]
+        job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
+        minted = await gw.http.post(
+            "/v1/client_tokens", json={"maxCredits": 100}, headers={"X-API-Key": key}
+        )
+        token = minted.json()["token"]
+        paid = (await gw.accounts.get(account)).credits
+        await gw.accounts.revoke(account)
+
+        refused = await gw.gql(ROTATE, {"id": account, "w": False}, other)
+        assert refused.status_code == 403 and error_of(refused)["code"] == "FORBIDDEN"
+        r = await gw.gql(ROTATE, {"id": account, "w": False}, "adm")
+        assert r.status_code == 200, r.text
+        rotated = r.json()["data"]["rotateKey"]
+        assert rotated["id"] == account and rotated["key"] != key
+        assert (rotated["credits"], rotated["webhookSecret"]) == (paid, secret)
+        for old in (key, token):
+            assert (await gw.gql("{ me { credits } }", key=old)).status_code == 401
+        new = rotated["key"]
+        assert (await gw.gql("{ me { credits } }", key=new)).json()["data"]["me"]["credits"] == paid
+        assert (await gw.job(new, job_id) or {})["id"] == job_id  # its jobs are its own
+
+        again = (await gw.gql(ROTATE, {"id": account, "w": True}, "adm")).json()["data"]
+        assert again["rotateKey"]["webhookSecret"] not in (secret, None)
+        assert (await gw.gql("{ me { credits } }", key=new)).status_code == 401
+        missing = await gw.gql(ROTATE, {"id": "nosuchkey", "w": False}, "adm")
+        assert error_of(missing)["code"] == "NOT_FOUND"
+
+
 async def test_after_a_limit_is_lowered_retry_after_says_when_a_request_gets_in(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -44,6 +44,11 @@ def test_keys_create_list_revoke_and_credits(redis_url: str) -> None:
 
     listed = json.loads(run("keys", "list", "--json", env=env).stdout)
     assert [k["id"] for k in listed] == [key["id"]]
+    # A leaked key is replaced, the account kept (tests/test_admission.py: the old refused).
+    rotated = json.loads(run("keys", "rotate", key["id"], "--json", env=env).stdout)
+    assert rotated["id"] == key["id"] and rotated["key"] not in ("", key["key"])
+    assert (rotated["credits"], rotated["webhookSecret"]) == (50, key["webhookSecret"])
+    assert run("keys", "rotate", "nosuchkey", env=env).returncode == 1
     assert key["key"] not in json.dumps(listed)  # the key itself is never shown again
     for columns in ("80", "50"):  # the table shows the id whole, to paste into `revoke`
         table = run("keys", "list", env={**env, "COLUMNS": columns}).stdout

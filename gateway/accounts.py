@@ -145,10 +145,14 @@ class Accounts:
             raise NotFound(f"no key with id {account}")
         key, key_hash = new_key(account)
         secret = new_webhook_secret() if webhook_secret else current.get("webhook_secret", "")
-        await self.redis.hset(
-            keys.account(account),
-            mapping={"key_hash": key_hash, "revoked": "0", "webhook_secret": secret},
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:  # one slot: the account's
+            pipe.hset(
+                keys.account(account),
+                mapping={"key_hash": key_hash, "revoked": "0", "webhook_secret": secret},
+            )
+            # the old key's tokens, refused from now on, no longer count toward the cap
+            pipe.delete(keys.client_tokens(account))
+            await pipe.execute()
         info = _info(current)
         return {
             "id": account,

@@ -93,6 +93,9 @@ class Principal(NamedTuple):  # made per request, as Credential
     # Reads a clock minute (the key's, and each of its tokens' own): GATEWAY_READ_RPM, or
     # more as auth.lua decides (the key's own higher rpm; its jobs at once, each polled)
     read_limit: int = 0
+    # The account's key hash the request was checked against ('' when admission made it):
+    # a token minted is bound to it, not to a key that replaced it meanwhile.
+    key_hash: str = ""
 
     def token_id(self) -> str:
         return self.token.id if self.token else ""
@@ -235,6 +238,7 @@ async def authenticate(
         window_reset=reply.window_reset,
         token=grant,
         read_limit=reply.read_limit,
+        key_hash=stored,
     )
     if grant is not None:
         principal = principal._replace(credits=grant.max_credits - grant.spent, webhook_secret="")

@@ -307,8 +307,10 @@ def load_settings(**overrides: Any) -> Settings:
     settings = Settings(**overrides)
     if settings.config:
         data = tomllib.loads(Path(settings.config).read_text())
-        for table in sorted(set(data) - {"plans", "routes"}):
-            raise ValueError(f"{table} in {settings.config}: not a table it takes (plans, routes)")
+        if other := sorted(set(data) - {"plans", "routes"}):
+            raise ValueError(
+                f"{other[0]} in {settings.config}: not a table it takes (plans, routes)"
+            )
         plans = dict(settings.plans)
         for name, limits in (data.get("plans") or {}).items():
             if not isinstance(limits, dict):

@@ -228,8 +228,8 @@ async def note_left(
     *,
     mark: bool = False,
 ) -> bool:
-    """`Gateway.left`; False when the store is away (a repeat is then a new job, and one
-    to be marked runs on, as it would have)."""
+    """`Gateway.left`; False when the store is away (a repeat is then a new job; one to
+    be marked runs on unless its mark was written before the store went)."""
     assert wanted is not None
     try:
         await gateway.left(principal, job, wanted, mark=mark)

@@ -140,7 +140,8 @@ async def text_to_image(request: Request) -> Response:
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait:g}"
     if not job.ended:  # RFC 9110 §15.3.3: a 202 points to where its outcome will be
-        headers["Location"] = f"/v1/jobs/{job.id}"
+        # (under GATEWAY_PUBLIC_URL when set: a proxy in front may add a path prefix)
+        headers["Location"] = f"{gateway.settings.public_url or ''}/v1/jobs/{job.id}"
     return ORJSONResponse(job.public(), status_code=200 if job.ended else 202, headers=headers)
 
 

@@ -489,7 +489,7 @@ class Gateway:
         token = principal.token
         # A client token is a page's visitor's: the account's name and what its cache
         # saved it are the backend's business (`cache.NO_STATS`).
-        cache = NO_STATS if token else await self.cache.stats(account)
+        cache = dict(NO_STATS) if token else await self.cache.stats(account)
         return {
             "cache": cache,
             "id": account,
@@ -565,7 +565,9 @@ class Gateway:
             except BadUserInput as exc:  # an unknown service or backend, in this input
                 raise BadUserInput(exc.message, field="services") from None
         with store_errors("the store is unreachable; no token was made"):
-            return await self.tokens.mint(principal.account, wanted, self.now_ms())
+            return await self.tokens.mint(
+                principal.account, principal.key_hash, wanted, self.now_ms()
+            )
 
     async def revoke_client_token(self, principal: Principal, token: str) -> bool:
         """End one of the key's tokens now; False when it is no token of this key's."""

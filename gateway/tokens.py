@@ -99,10 +99,11 @@ class ClientTokens:
         self.scripts = scripts
         self.cap = cap
 
-    async def mint(self, account: str, wanted: TokenSpec, now_ms: int) -> Minted:
-        """A new token of `account`, bound to its key as it is now (a new or revoked key
-        ends it): one round trip. `RateLimited` when the account holds `cap` live
-        tokens, until the soonest of them ends."""
+    async def mint(self, account: str, key_hash: str, wanted: TokenSpec, now_ms: int) -> Minted:
+        """A new token of `account`, bound to its key (`key_hash`: the one the request
+        was checked with; a new or revoked key ends the token): one round trip.
+        `Unauthenticated` when the key was replaced meanwhile (`Accounts.rotate`);
+        `RateLimited` when the account holds `cap` live tokens, until the soonest ends."""
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(24)
         expires = now_ms + wanted.ttl_seconds * 1000
@@ -121,7 +122,10 @@ class ClientTokens:
             # ',a,b,': admit.lua finds ',x,' in it
             origins=_listed(wanted.origins),
             services=_listed(wanted.services),
+            key_hash=key_hash,
         )
+        if reply.replaced:
+            raise Unauthenticated("Invalid API key")  # as the next request with it hears
         if not reply.minted:
             wait = max(1, -(-(reply.soonest_expiry_ms - now_ms) // 1000))
             raise RateLimited(

@@ -739,7 +739,8 @@ async def test_admin_rotates_a_leaked_key_and_the_account_stays(
     """A leaked key, or one revoked by mistake, gets a new key: the old one and the client
     tokens it minted are refused at once; the new one has the balance and the jobs; the
     webhook secret changes only when asked. Only the admin may."""
-    async with gateway(redis_url, storage_dir, inprocess_workers=False, admin_token="adm") as gw:
+    limited = {"admin_token": "adm", "client_tokens_max": 1}  # one live client token a key
+    async with gateway(redis_url, storage_dir, inprocess_workers=False, **limited) as gw:
         key, other = await gw.key(credits=1000), await gw.key()
         account, secret = gw.keys[key]["id"], gw.keys[key]["webhookSecret"]
         job_id = (await gw.generate(key)).json()["data"]["generate"]["id"]
@@ -762,6 +763,11 @@ async def test_admin_rotates_a_leaked_key_and_the_account_stays(
         new = rotated["key"]
         assert (await gw.gql("{ me { credits } }", key=new)).json()["data"]["me"]["credits"] == paid
         assert (await gw.job(new, job_id) or {})["id"] == job_id  # its jobs are its own
+        # The old key's token, refused, no longer takes the one place: the new key mints.
+        minted = await gw.http.post(
+            "/v1/client_tokens", json={"maxCredits": 10}, headers={"X-API-Key": new}
+        )
+        assert minted.status_code == 201, minted.text
 
         again = (await gw.gql(ROTATE, {"id": account, "w": True}, "adm")).json()["data"]
         assert again["rotateKey"]["webhookSecret"] not in (secret, None)

@@ -332,11 +332,16 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             max_jobs=-1,
             origins="",
             services="",
+            key_hash="",  # the account's, as stored (none here)
         )
         minted = await made.mint(record=keys.client_token(a, "t1"), token_id="t1", **mint)
-        assert minted == (True, 0)
+        assert minted == (True, 0, False)
         full = await made.mint(record=keys.client_token(a, "t2"), token_id="t2", **mint)
-        assert full == (False, 5000)
+        assert full == (False, 5000, False)
+        # Asked with a key the account no longer has (replaced since the request's check).
+        mint["key_hash"] = "an-old-key"
+        stale = await made.mint(record=keys.client_token(a, "t3"), token_id="t3", **mint)
+        assert stale == (False, 0, True)
     finally:
         await client.aclose()
 

@@ -191,6 +191,70 @@ async def test_a_job_its_client_left_before_it_started_keeps_its_place_for_the_r
         assert flux.submissions == 2 and await noted(gw, 2)  # the joined one's used up
 
 
+async def test_a_left_job_an_identical_request_waits_on_runs_for_it(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Another key's identical request waits on a job (the cache's coalescing, docs/api.md
+    #cache): one its own client left queued then runs for it when a worker reaches it,
+    instead of being cancelled and the waiter queued again behind everyone. And a waiting
+    job whose client left is not run, nor charged, in the place of a leader that ended
+    without an image: it is cancelled then."""
+    async with slow_flux_krea(redis_url, storage_dir, 2.0, workers=1) as (gw, flux):
+        other, a, b = await gw.key(), await gw.key(credits=1000), await gw.key(credits=1000)
+        path = "/v1/text_to_image"
+        body = {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512}
+
+        async def busy(prompt: str) -> asyncio.Task[httpx.Response]:
+            """The one worker busy for 2 s with another key's job."""
+            submitted = flux.submissions
+            ahead = asyncio.create_task(
+                gw.http.post(
+                    path,
+                    json={**body, "prompt": prompt},
+                    headers={"X-API-Key": other, "Prefer": "wait=60"},
+                )
+            )
+            await until(lambda: flux.submissions > submitted)
+            return ahead
+
+        async def leave_one(key: str, sent: dict[str, Any]) -> str:
+            async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
+                with pytest.raises(httpx.TimeoutException):
+                    headers = {"X-API-Key": key, "Prefer": "wait=60"}
+                    await short.post(path, json=sent, headers=headers)
+            await until(lambda: noted(gw, len(noted_before) + 1))
+            noted_before.append(key)
+            jobs = await gw.gql("{ jobs(first: 1) { nodes { id } } }", key=key)
+            return str(jobs.json()["data"]["jobs"]["nodes"][0]["id"])
+
+        noted_before: list[str] = []
+        ahead = await busy("ahead")
+        kite = {**body, "seed": 7}
+        led = await leave_one(a, kite)  # left queued: marked
+        waits = await gw.http.post(path, json=kite, headers={"X-API-Key": b})
+        assert waits.json()["creditCost"] == 0  # waiting on the left one
+        assert (await ahead).json()["status"] == "completed"
+        assert (await gw.wait(a, led))["status"] == "completed"  # it ran: B waits on it
+        assert (await gw.wait(b, waits.json()["id"]))["status"] == "completed"
+        assert flux.submissions == 2  # ahead, and the kite once
+
+        ahead = await busy("ahead again")
+        gull = {**body, "prompt": "a gull", "seed": 8}
+        leader = await gw.http.post(path, json=gull, headers={"X-API-Key": other})
+        waiter = await leave_one(b, gull)  # waiting on `leader`, and left
+        before = len(await gw.accounts.ledger(gw.keys[b]["id"]))
+        cancel = await gw.http.post(
+            f"/v1/jobs/{leader.json()['id']}/cancel", headers={"X-API-Key": other}
+        )
+        assert cancel.json()["status"] == "cancelled"
+        ended = await gw.wait(b, waiter)
+        assert ended["status"] == "cancelled" and "left" in ended["error"]
+        assert not ahead.done()  # at once: not run, nor queued, in the leader's place
+        assert len(await gw.accounts.ledger(gw.keys[b]["id"])) == before  # never charged
+        await ahead
+        assert flux.submissions == 3
+
+
 async def _statuses(gw: Harness, key: str, expected: list[str]) -> bool:
     jobs = await gw.gql("{ jobs(first: 20) { nodes { status } } }", key=key)
     return sorted(n["status"] for n in jobs.json()["data"]["jobs"]["nodes"]) == expected

@@ -348,6 +348,13 @@ class Worker:
         acknowledged)."""
         try:
             job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
+            while job is not None and job.status == "queued":  # its waiting client left it
+                _on_its_lines(job)
+                error = "cancelled: its client left before it started"
+                if await self._end(job, "cancelled", error=error, only_from="left"):
+                    job = None
+                else:  # the same request came back for it meanwhile: it runs after all
+                    job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
         except Exception as exc:
             if store_trouble(exc):
                 raise  # left pending: taken again once its lease has passed
@@ -366,13 +373,6 @@ class Worker:
                 await self._end(job, "failed", error="internal error while starting the job")
             await self.queue.ack(entry_id)
             return None
-        while job is not None and job.status == "queued":  # its waiting client left it
-            _on_its_lines(job)
-            error = "cancelled: its client left before it started"
-            if await self._end(job, "cancelled", error=error, only_from="left"):
-                job = None
-            else:  # the same request came back for it meanwhile: it runs after all
-                job = await self.store.start(job_key, self.now_ms(), self.lease_ms)
         if job is None:  # gone, or ended (cancelled while queued, say)
             await self.queue.ack(entry_id)
         return job

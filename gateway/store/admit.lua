@@ -158,8 +158,15 @@ if cacheable then
   else
     local leader = redis.call('GET', KEYS[11])
     if leader then
-      local state = (load_job(leader) or {})['status']
-      if state == 'queued' or state == 'processing' then mode = 'follow' end
+      local led = load_job(leader) or {}
+      if led['status'] == 'queued' or led['status'] == 'processing' then
+        mode = 'follow'
+        -- One its own client left (start.lua) is this request's to see now: it runs.
+        if led['left'] then
+          led['left'] = nil
+          save_job(leader, led)
+        end
+      end
     end
   end
   if mode ~= 'run' then cost = 0 end

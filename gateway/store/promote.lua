@@ -9,7 +9,9 @@
 --       entries are trimmed; 0 = keep all), 6 the leader released (its job key; '' when
 --       none is in flight any more)
 -- Returns 'promoted', 'poor' (failed: its account, or its client token's budget, cannot
--- pay), 'skip' (it had ended), 'moved' (another release of the same leader promoted a
+-- pay), 'left' (cancelled, nothing charged: its waiting client left it, `left` on its
+-- record, start.lua; run, it would only be cancelled once a worker reached it), 'skip'
+-- (it had ended), 'moved' (another release of the same leader promoted a
 -- waiter already: KEYS 5 names another job; nothing to do) or 'completed' (the leader
 -- completed after all, a cancel having lost the race, or its worker dying before
 -- settle.lua ran: its outcome is the waiters', not a run of their own).
@@ -21,7 +23,10 @@
 -- Runs inside once.lua (`job` is the record): sent again, it charges and queues nothing
 -- more.
 -- include: ledger.lua
-if again then return job['status'] == 'failed' and 'poor' or 'promoted' end
+if again then
+  local ended = {failed = 'poor', cancelled = 'left'}
+  return ended[job['status']] or 'promoted'
+end
 if (redis.call('GET', KEYS[5]) or '') ~= ARGV[6] then return 'moved' end
 if ARGV[6] ~= '' then
   local leader = load_job(KEYS[9])
@@ -42,18 +47,23 @@ if token then  -- spent from the token as at admission: a live token with the bu
   end
 end
 if credits < price then poor = 'there were not enough credits' end
-if poor then
-  redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)  -- it saved nothing (finish.lua)
-  job['status'], job['completed_at'] = 'failed', tonumber(ARGV[1])
+if job['left'] then
+  job['status'], job['error'] = 'cancelled', 'cancelled: its client left before it started'
+elseif poor then
+  job['status'] = 'failed'
   job['error'] = 'the identical request this job waited for failed, and ' .. poor ..
     ' to run it again'
+end
+if job['status'] ~= 'queued' then
+  redis.call('HINCRBY', KEYS[2], 'credits_saved', -price)  -- it saved nothing (finish.lua)
+  job['completed_at'] = tonumber(ARGV[1])
   save_job(KEYS[1], job)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
   redis.call('ZREM', KEYS[8], ARGV[3])
   if (job['webhook_url'] or '') ~= '' then
     redis.call('ZADD', KEYS[6], 'NX', ARGV[1], KEYS[1])
   end
-  return 'poor'
+  return job['status'] == 'failed' and 'poor' or 'left'
 end
 if price > 0 then
   local balance = redis.call('HINCRBY', KEYS[2], 'credits', -price)

@@ -493,6 +493,7 @@ class Forget(Script):
 class MintReply(NamedTuple):
     minted: bool
     soonest_expiry_ms: int  # not minted: when a place frees up (the soonest live token ends)
+    replaced: bool = False  # not minted: the key it was asked with is no longer the key
 
 
 class Mint(Script):
@@ -516,12 +517,15 @@ class Mint(Script):
         max_jobs: int,
         origins: str,
         services: str,
+        key_hash: str,
         client: aioredis.Redis | None = None,
     ) -> MintReply:
         argv = [account, record, live, now_ms, token_id, expires_ms, keep_ms, cap, secret_hash]
-        argv += [max_credits, max_jobs, origins, services]
+        argv += [max_credits, max_jobs, origins, services, key_hash]
         minted, soonest = await self.run(3, argv, client)
-        return MintReply(minted=bool(minted), soonest_expiry_ms=int(soonest))
+        return MintReply(
+            minted=int(minted) == 1, soonest_expiry_ms=int(soonest), replaced=int(minted) < 0
+        )
 
 
 # -- claim.lua -----------------------------------------------------------------------
@@ -653,7 +657,8 @@ class Entry(Script):
 
 
 class PromoteReply(NamedTuple):
-    # promoted | poor (failed: its account or token cannot pay) | skip (it had ended) |
+    # promoted | poor (failed: its account or token cannot pay) | left (cancelled: its
+    # waiting client left it) | skip (it had ended) |
     # moved (another release of the same leader promoted a waiter already) | completed
     # (the leader completed after all: settle.lua completes the waiters)
     verdict: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -302,9 +303,19 @@ def _networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return networks
 
 
+#: Where Docker and Kubernetes mount secrets: a file there named as a setting's variable
+#: (`gateway_admin_token`, any case) holds its value, unless the environment sets it.
+SECRETS_DIR = "/run/secrets"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the environment once; merge plans and routes from the TOML file if one is named."""
-    settings = Settings(**overrides)
+    """Read the environment (and the secrets directory, GATEWAY_SECRETS_DIR or
+    SECRETS_DIR, when there is one) once; merge plans and routes from the TOML file if
+    one is named."""
+    secrets = os.environ.get("GATEWAY_SECRETS_DIR") or SECRETS_DIR
+    found = secrets if Path(secrets).is_dir() else None  # (pydantic warns of a missing one)
+    # BaseSettings' own init options are not among the fields mypy sees.
+    settings = Settings(_secrets_dir=found, **overrides)  # type: ignore[call-arg]
     if settings.config:
         data = tomllib.loads(Path(settings.config).read_text())
         if other := sorted(set(data) - {"plans", "routes"}):

@@ -111,12 +111,35 @@ CODE_OF = {
 }
 
 
+def rate_headers(principal: Principal, now: float) -> dict[str, str]:
+    """The per-minute limit's headers, and the same under OpenAI's names
+    (`x-ratelimit-{limit,remaining,reset}-requests`, the reset a duration:
+    platform.openai.com/docs/guides/rate-limits), which tools written for OpenAI read
+    (LiteLLM's router, say)."""
+    return _openai_named(principal.rate_headers(), None, now)
+
+
+def _openai_named(headers: dict[str, str], reset_in: int | None, now: float) -> dict[str, str]:
+    limit = headers.get("X-RateLimit-Limit")
+    if limit is None:
+        return headers
+    if reset_in is None:
+        reset_in = min(60, max(0, round(int(headers["X-RateLimit-Reset"]) - now)))  # a minute's
+    return {
+        **headers,
+        "x-ratelimit-limit-requests": limit,
+        "x-ratelimit-remaining-requests": headers["X-RateLimit-Remaining"],
+        "x-ratelimit-reset-requests": f"{reset_in}s",
+    }
+
+
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
     """A `GatewayError` as OpenAI's API answers an error, in OpenAI's names."""
     body, extra = error_body(exc)
     out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
+        out = _openai_named(out, extra["retryAfter"], 0)  # the limit that refused it
     elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
         out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
     return ORJSONResponse(body, status_code=exc.status, headers=out)
@@ -279,7 +302,7 @@ async def generations(request: Request) -> Response:
         job, principal = await gateway.generate(
             api_key_from(request.headers), parse, page_origin(request.headers), rejoin=True
         )
-        headers = {**principal.rate_headers(), "X-Gateway-Job-Id": job.id}
+        headers = {**rate_headers(principal, gateway.clock()), "X-Gateway-Job-Id": job.id}
         if streamed:
             return Streamed(request, gateway, principal, job, wanted, headers)
         waited = _wait(request, gateway)
@@ -645,7 +668,8 @@ async def models(request: Request) -> Response:
         for alias, target in mapped
         if not alias.endswith("*") and alias not in names and offered(serves(alias, names, mapped))
     ]
-    return ORJSONResponse({"object": "list", "data": data}, headers=principal.rate_headers())
+    headers = rate_headers(principal, gateway.clock())
+    return ORJSONResponse({"object": "list", "data": data}, headers=headers)
 
 
 async def model(request: Request) -> Response:
@@ -660,9 +684,10 @@ async def model(request: Request) -> Response:
         return error_response(exc)
     target = serves(name, gateway.router.names, aliases(gateway))
     if target is None:
-        return error_response(ModelNotFound(name[:MAX_MODEL_NAME]), principal.rate_headers())
+        headers = rate_headers(principal, gateway.clock())
+        return error_response(ModelNotFound(name[:MAX_MODEL_NAME]), headers)
     body = _model(name, target, gateway.router.routes)
-    return ORJSONResponse(body, headers=principal.rate_headers())
+    return ORJSONResponse(body, headers=rate_headers(principal, gateway.clock()))
 
 
 routes = [

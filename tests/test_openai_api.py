@@ -85,6 +85,12 @@ async def test_the_sdk_generates_with_urls_and_base64_at_the_size_asked(
         job = await gw.http.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key})
         assert job.json()["status"] == "completed"
         assert raw.headers["x-ratelimit-limit"] == "60"
+        # OpenAI's names for the same limit, which tools written for OpenAI read.
+        assert raw.headers["x-ratelimit-limit-requests"] == "60"
+        remaining = raw.headers["x-ratelimit-remaining-requests"]
+        assert remaining == raw.headers["x-ratelimit-remaining"] and int(remaining) < 60
+        reset = raw.headers["x-ratelimit-reset-requests"]
+        assert reset.endswith("s") and 0 <= int(reset[:-1]) <= 60
 
         listed = await client.models.list()
         names = {m.id for m in listed.data}
@@ -282,7 +288,10 @@ async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_di
         await slow.images.generate(model="local", prompt="x")
         with pytest.raises(openai.RateLimitError) as limited:
             await slow.images.generate(model="local", prompt="y")
-        assert int(limited.value.response.headers["retry-after"]) > 0
+        refused = limited.value.response.headers
+        assert int(refused["retry-after"]) > 0
+        assert refused["x-ratelimit-remaining-requests"] == "0"
+        assert refused["x-ratelimit-reset-requests"] == f"{refused['retry-after']}s"
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # none charged
 
         # A service its operator has not set up: said so, once (the SDK, which retries a

@@ -386,6 +386,8 @@ class GraphQLView(GraphQL[Context, None]):
             response = JSONResponse(body, status_code=exc.status, headers=exc.headers)
             if "retryAfter" in exc.extensions:  # 503: the store is away
                 response.headers["Retry-After"] = str(exc.extensions["retryAfter"])
+            elif exc.status == 400:  # its input's (a hash not the query's): a good key's
+                await self._rate_headers(request, response)
         finally:
             # The context refers to the request, whose scope refers to the context: a
             # cycle that would keep each request's objects alive until the collector ran.

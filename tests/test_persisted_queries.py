@@ -163,6 +163,7 @@ async def test_unknown_hash_then_registered_then_hash_alone_from_another_gateway
             r = await send(one, key, query=ME, variables={}, extensions=persisted(JOB))
             assert r.status_code == 400 and code(r) == "BAD_USER_INPUT", r.text
             assert "does not match" in r.json()["errors"][0]["message"]
+            assert r.headers["X-RateLimit-Limit"]  # a good key's headers, as any 400's
         assert await stored(one) == {sha(JOB): JOB}
 
 

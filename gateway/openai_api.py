@@ -40,6 +40,7 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     NotFound,
+    RateLimited,
     ServiceUnavailable,
 )
 from gateway.jobs.model import Job
@@ -139,7 +140,8 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
-        out = _openai_named(out, extra["retryAfter"], 0)  # the limit that refused it
+        if isinstance(exc, RateLimited):  # its headers are the limit's that refused it
+            out = _openai_named(out, extra["retryAfter"], 0)
     elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
         out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
     return ORJSONResponse(body, status_code=exc.status, headers=out)

@@ -142,6 +142,23 @@ async def leave_queued(gw: Harness, key: str, seconds: float = 0.5) -> None:
     await until(lambda: noted(gw, 3), what="three jobs noted as left")
 
 
+async def busy(
+    gw: Harness, flux: FluxKreaEmulator, key: str, prompt: str
+) -> asyncio.Task[httpx.Response]:
+    """A `flux-krea` request of `key` waiting for its job, once its job is submitted
+    upstream: a gateway with one worker (`workers=1`) is busy with it until it ends."""
+    submitted = flux.submissions
+    ahead = asyncio.create_task(
+        gw.http.post(
+            "/v1/text_to_image",
+            json={**LEAVING["REST"][1], "prompt": prompt},
+            headers={"X-API-Key": key, "Prefer": "wait=60"},
+        )
+    )
+    await until(lambda: flux.submissions > submitted)
+    return ahead
+
+
 async def noted(gw: Harness, count: int) -> bool:
     return len(await left(gw)) == count
 
@@ -159,14 +176,7 @@ async def test_a_job_its_client_left_before_it_started_keeps_its_place_for_the_r
     async with slow_flux_krea(redis_url, storage_dir, 2.5, workers=1) as (gw, flux):
         other, key = await gw.key(), await gw.key(credits=1000)
         account = gw.keys[key]["id"]
-        ahead = asyncio.create_task(
-            gw.http.post(
-                "/v1/text_to_image",
-                json={**LEAVING["REST"][1], "prompt": "ahead"},
-                headers={"X-API-Key": other, "Prefer": "wait=60"},
-            )
-        )
-        await until(lambda: flux.submissions == 1)  # the one worker busy for 2.5 s
+        ahead = await busy(gw, flux, other, "ahead")  # the one worker, for 2.5 s
         await leave_queued(gw, key)
         jobs = await gw.gql("{ jobs(first: 5) { nodes { status creditCost } } }", key=key)
         nodes = jobs.json()["data"]["jobs"]["nodes"]
@@ -204,19 +214,6 @@ async def test_a_left_job_an_identical_request_waits_on_runs_for_it(
         path = "/v1/text_to_image"
         body = {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512}
 
-        async def busy(prompt: str) -> asyncio.Task[httpx.Response]:
-            """The one worker busy for 2 s with another key's job."""
-            submitted = flux.submissions
-            ahead = asyncio.create_task(
-                gw.http.post(
-                    path,
-                    json={**body, "prompt": prompt},
-                    headers={"X-API-Key": other, "Prefer": "wait=60"},
-                )
-            )
-            await until(lambda: flux.submissions > submitted)
-            return ahead
-
         async def leave_one(key: str, sent: dict[str, Any]) -> str:
             async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
                 with pytest.raises(httpx.TimeoutException):
@@ -228,7 +225,7 @@ async def test_a_left_job_an_identical_request_waits_on_runs_for_it(
             return str(jobs.json()["data"]["jobs"]["nodes"][0]["id"])
 
         noted_before: list[str] = []
-        ahead = await busy("ahead")
+        ahead = await busy(gw, flux, other, "ahead")
         kite = {**body, "seed": 7}
         led = await leave_one(a, kite)  # left queued: marked
         waits = await gw.http.post(path, json=kite, headers={"X-API-Key": b})
@@ -238,7 +235,7 @@ async def test_a_left_job_an_identical_request_waits_on_runs_for_it(
         assert (await gw.wait(b, waits.json()["id"]))["status"] == "completed"
         assert flux.submissions == 2  # ahead, and the kite once
 
-        ahead = await busy("ahead again")
+        ahead = await busy(gw, flux, other, "ahead again")
         gull = {**body, "prompt": "a gull", "seed": 8}
         leader = await gw.http.post(path, json=gull, headers={"X-API-Key": other})
         waiter = await leave_one(b, gull)  # waiting on `leader`, and left
@@ -269,14 +266,7 @@ async def test_a_request_back_for_its_job_as_a_worker_cancels_it_keeps_it(
     async with slow_flux_krea(redis_url, storage_dir, 1.5, workers=1) as (gw, flux):
         other, key = await gw.key(), await gw.key(credits=1000)
         account = gw.keys[key]["id"]
-        ahead = asyncio.create_task(
-            gw.http.post(
-                "/v1/text_to_image",
-                json={**LEAVING["REST"][1], "prompt": "ahead"},
-                headers={"X-API-Key": other, "Prefer": "wait=60"},
-            )
-        )
-        await until(lambda: flux.submissions == 1)
+        ahead = await busy(gw, flux, other, "ahead")
         await leave_queued(gw, key)
         path, body = LEAVING["REST"]
         store: Any = gw.app.state.gateway.store

@@ -113,22 +113,21 @@ CODE_OF = {
 
 
 def rate_headers(principal: Principal, now: float) -> dict[str, str]:
-    """The per-minute limit's headers, and the same under OpenAI's names
+    """The per-minute limit's headers, and the same under OpenAI's names (`_openai_named`)."""
+    reset_in = min(60, max(0, round(principal.window_reset - now)))  # within a minute
+    return _openai_named(principal.rate_headers(), reset_in)
+
+
+def _openai_named(headers: dict[str, str], reset_in: int) -> dict[str, str]:
+    """`headers` with their limit also under OpenAI's names
     (`x-ratelimit-{limit,remaining,reset}-requests`, the reset a duration:
     platform.openai.com/docs/guides/rate-limits), which tools written for OpenAI read
     (LiteLLM's router, say)."""
-    return _openai_named(principal.rate_headers(), None, now)
-
-
-def _openai_named(headers: dict[str, str], reset_in: int | None, now: float) -> dict[str, str]:
-    limit = headers.get("X-RateLimit-Limit")
-    if limit is None:
+    if "X-RateLimit-Limit" not in headers:
         return headers
-    if reset_in is None:
-        reset_in = min(60, max(0, round(int(headers["X-RateLimit-Reset"]) - now)))  # a minute's
     return {
         **headers,
-        "x-ratelimit-limit-requests": limit,
+        "x-ratelimit-limit-requests": headers["X-RateLimit-Limit"],
         "x-ratelimit-remaining-requests": headers["X-RateLimit-Remaining"],
         "x-ratelimit-reset-requests": f"{reset_in}s",
     }
@@ -141,7 +140,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
         if isinstance(exc, RateLimited):  # its headers are the limit's that refused it
-            out = _openai_named(out, extra["retryAfter"], 0)
+            out = _openai_named(out, extra["retryAfter"])
     elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
         out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
     return ORJSONResponse(body, status_code=exc.status, headers=out)

@@ -139,9 +139,18 @@ class Sent:
         await self.send(message)
 
 
+#: REST's own paths under /v1, by their first segment: every other path there is OpenAI's
+#: (`speaks_openai`), so that code written for OpenAI's API calling a route the gateway
+#: does not offer (chat completions, say) reads the refusal in OpenAI's shape
+REST_V1 = frozenset(r.path.split("/")[2] for r in rest.routes if r.path.startswith("/v1/"))
+
+
+def speaks_openai(path: str) -> bool:
+    return path.startswith("/v1/") and path.split("/", 3)[2] not in REST_V1
+
+
 #: the error shape of each API whose paths start so (the first that matches); REST's else
 SHAPES: tuple[tuple[str, Callable[[GatewayError], Response]], ...] = (
-    *((prefix, openai_api.error_response) for prefix in openai_api.PREFIXES),
     (compat.krea.PREFIX + "/", compat.krea.error_response),
     (compat.segmind.PREFIX + "/", compat.segmind.error_response),
     (compat.fluxkrea.PREFIX + "/", compat.fluxkrea.error_response),
@@ -155,6 +164,8 @@ def error_response(path: str, exc: GatewayError) -> Response:
     if path.startswith("/graphql"):
         body = error_body(exc.code, exc.message)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    if speaks_openai(path):
+        return openai_api.error_response(exc)
     for prefix, shaped in SHAPES:
         if path.startswith(prefix):
             return shaped(exc)
@@ -165,7 +176,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (no such route, method not allowed) as JSON."""
     assert isinstance(exc, HTTPException)
     error: GatewayError
-    if exc.status_code == 404:
+    if exc.status_code == 404 and speaks_openai(request.url.path):
+        error = openai_api.not_offered(request.method, request.url.path)
+    elif exc.status_code == 404:
         error = NotFound(f"no route {request.url.path}")
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")

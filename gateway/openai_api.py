@@ -49,13 +49,16 @@ from gateway.params import GenerationRequest, from_image_input, with_idempotency
 from gateway.rest import ORJSONResponse
 from gateway.service import Gateway
 
-#: where OpenAI's shape is spoken: its errors too (routing's, a middleware's: gateway/app.py)
-PREFIXES = ("/v1/images/", "/v1/models")
 #: OpenAI's image routes the gateway does not offer: answered so, whatever the upload
 UNSUPPORTED = frozenset({"/v1/images/edits", "/v1/images/variations"})
 log = structlog.get_logger("gateway.openai")
 
 DEFAULT_MODEL = "flux-krea"
+#: the longest `Retry-After` an SDK is left to wait out: OpenAI's Node SDK sleeps for
+#: whatever a 429 says and then sends the request again (a day's limit: until midnight,
+#: then charged), so a longer one says `x-should-retry: false` (the Python SDK's own
+#: rule: it gives up past two minutes)
+LONGEST_RETRY_WAIT = 60
 #: OpenAI's GPT image models always answer base64 ("response_format ... unsupported for
 #: GPT image models, which always return base64-encoded images": OpenAI's API reference),
 #: so code written for them reads `b64_json`, and gets it unless it asks for `url`
@@ -88,10 +91,14 @@ PARAMETERS: dict[str, str | None] = {
 #: 400 there, not ignored (OpenAI's API reference)
 CHOICES = {
     "style": ("vivid", "natural"),
+    "complexity": ("low", "medium", "high"),
     "moderation": ("low", "auto"),
     "background": ("opaque", "auto"),  # transparent: refused, none draws it (`to_request`)
 }
-RANGES = {"output_compression": (0, 100), "partial_images": (0, 3)}
+RANGES = {"output_compression": (0, 100), "partial_images": (0, 3), "frame_count": (2, 16)}
+RANGES |= {"frame_duration_ms": (0, 2**31 - 1)}  # longer delays are capped, not refused
+#: accepted and not used, but of their type (OpenAI's API reference)
+STRINGS = ("user", "safety_identifier")
 #: OpenAI's quality words, as the gateway's backends take them (and the other way, as
 #: an answer says which was used)
 QUALITY = {"hd": "high", "high": "high", "xhigh": "high", "max": "high", "low": "low"}
@@ -141,6 +148,8 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
         out["Retry-After"] = str(extra["retryAfter"])
         if isinstance(exc, RateLimited):  # its headers are the limit's that refused it
             out = _openai_named(out, extra["retryAfter"])
+        if extra["retryAfter"] > LONGEST_RETRY_WAIT:  # a day's limit: hours
+            out["x-should-retry"] = "false"
     elif isinstance(exc, ServiceUnavailable):  # nothing changes until the operator acts
         out["x-should-retry"] = "false"  # the SDK retries a 503 unless told not to
     return ORJSONResponse(body, status_code=exc.status, headers=out)
@@ -153,7 +162,9 @@ def error_body(exc: GatewayError) -> tuple[dict[str, Any], dict[str, Any]]:
     field = exc.extensions.get("field")
     field = field if isinstance(field, str) else None
     message, param = exc.message, PARAM_OF.get(field, field) if field else None
-    if field in HEADER_OF:
+    if isinstance(exc, UnknownParameter):  # named as sent: not one of ours renamed
+        param = field
+    elif field in HEADER_OF:
         param = None
         message = message.replace(field, f"the {HEADER_OF[field]} header", 1)
     elif field and param != field and message.startswith(field):  # "numImages: ..."
@@ -176,6 +187,15 @@ def error_body(exc: GatewayError) -> tuple[dict[str, Any], dict[str, Any]]:
         }
     }
     return body, extra
+
+
+class UnknownParameter(BadUserInput):
+    """A body field OpenAI's API does not take, named as sent (OpenAI's wording and code)."""
+
+    code = "UNKNOWN_PARAMETER"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Unknown parameter: '{name}'.", field=name)
 
 
 class ModelNotFound(NotFound):
@@ -236,14 +256,12 @@ def to_request(
     """An OpenAI images request as the gateway's one parameter model."""
     unknown = sorted(body.keys() - PARAMETERS.keys())
     if unknown:
-        raise BadUserInput(
-            f"Unrecognized request argument supplied: {unknown[0]}", field=unknown[0]
-        )
+        raise UnknownParameter(unknown[0])
     if body.get("stream") is not None and type(body["stream"]) is not bool:
         raise BadUserInput("stream must be a boolean", field="stream")
     if body.get("svg") is not None:
         raise BadUserInput("svg output is not supported", field="svg")
-    asked = body.get("model") or DEFAULT_MODEL
+    asked = DEFAULT_MODEL if body.get("model") is None else body["model"]
     model = serves(asked, models, aliases) if isinstance(asked, str) else None
     if model is None:  # named as sent, or by its JSON type: a value is never echoed
         raise ModelNotFound(
@@ -258,6 +276,9 @@ def to_request(
         value = body.get(name)
         if value is not None and (type(value) is not int or not low <= value <= high):
             raise BadUserInput(f"{name} must be an integer from {low} to {high}", field=name)
+    for name in STRINGS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise BadUserInput(f"{name} must be a string", field=name)
     if body.get("response_format") not in (None, "url", "b64_json"):
         raise BadUserInput("response_format must be url or b64_json", field="response_format")
     fields: dict[str, Any] = {
@@ -564,6 +585,15 @@ async def _send(send: Send, chunk: bytes) -> None:
 
 class Unsupported(NotFound):
     code = "UNSUPPORTED_ENDPOINT"
+
+
+def not_offered(method: str, path: str) -> Unsupported:
+    """Any other path of OpenAI's API (`/v1/chat/completions`, `/v1/responses`, …), in
+    OpenAI's wording for a route it does not have."""
+    return Unsupported(
+        f"Invalid URL ({method} {path}): this gateway serves images.generate "
+        "(POST /v1/images/generations) and the model list (GET /v1/models)"
+    )
 
 
 async def unsupported(request: Request) -> Response:

@@ -20,7 +20,8 @@ from tests.records import change
         ("GET", "/v1/jobs/", 404, "NOT_FOUND"),
         ("GET", "/v1/jobs/abc/", 404, "NOT_FOUND"),  # not a redirect to /v1/jobs/abc
         ("POST", "/v1/text_to_image/", 404, "NOT_FOUND"),
-        ("GET", "/v1/nothing", 404, "NOT_FOUND"),
+        ("GET", "/v1/jobs/abc/nothing", 404, "NOT_FOUND"),
+        ("GET", "/v1/nothing", 404, "unsupported_endpoint"),  # not REST's: OpenAI's API
         ("GET", "/compat/nowhere/jobs/x", 404, "NOT_FOUND"),
         ("GET", "/nothing/at/all", 404, "NOT_FOUND"),
         ("GET", "/outputs/no-such-image.png", 404, "NOT_FOUND"),

@@ -35,7 +35,11 @@ async def test_the_openai_node_sdk_generates_lists_models_and_raises_its_errors(
         pytest.fail(f"the openai npm package is not installed: run `make js-clients` ({JS})")
     async with gateway(redis_url, storage_dir) as gw:
         key = await gw.key("pro", credits=1_000)
-        seen = await run_script("openai_images.mjs", {"GATEWAY_URL": gw.base, "GATEWAY_KEY": key})
+        gw.clock.advance((12 * 3600 - gw.clock() % 86_400) % 86_400)  # noon UTC: hours to go
+        spent = await gw.key("pro", credits=1_000, daily=1)
+        assert (await gw.generate(spent, "the day's one")).status_code == 200
+        env = {"GATEWAY_URL": gw.base, "GATEWAY_KEY": key, "GATEWAY_SPENT_KEY": spent}
+        seen = await run_script("openai_images.mjs", env)
 
         # A URL to the gateway's stored copy: fetched, a real picture of the size asked.
         (by_url,) = seen["url"]["data"]
@@ -82,4 +86,9 @@ async def test_the_openai_node_sdk_generates_lists_models_and_raises_its_errors(
             "model_not_found",
             "model",
         )
+        # A day's limit, with the SDK's retries on: raised at once (the script's deadline
+        # is a minute), not slept on until midnight and then sent and charged.
+        daily = errors["dailyLimit"]
+        assert daily is not None and (daily["class"], daily["status"]) == ("RateLimitError", 429)
+        assert daily["code"] == "rate_limit_exceeded"
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == credits

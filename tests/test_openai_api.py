@@ -271,12 +271,36 @@ async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_di
             ({"prompt": ""}, "prompt"),
             ({"prompt": "x", "n": 9}, "n"),
             ({"prompt": "x", "response_format": "gif"}, "response_format"),
-            ({"prompt": "x", "extra_body": {"colour": "red"}}, "colour"),
+            ({"prompt": "x", "extra_body": {"complexity": "banana"}}, "complexity"),
+            ({"prompt": "x", "user": 123}, "user"),
+            ({"prompt": "x", "extra_body": {"frame_count": "zz"}}, "frame_count"),
         ]:
             with pytest.raises(openai.BadRequestError) as bad:
                 await client.images.generate(model="local", **args)  # type: ignore[arg-type]
             assert bad.value.param == param
             assert bad.value.type == "invalid_request_error"
+        # A field OpenAI does not take, in its words and code, named as sent: the
+        # gateway's own names too (numImages is not OpenAI's `n`).
+        for name in ("colour", "numImages", "width"):
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.images.generate(model="local", prompt="x", extra_body={name: 2})
+            assert (bad.value.code, bad.value.param) == ("unknown_parameter", name)
+            assert bad.value.message.endswith(f"Unknown parameter: '{name}'.")
+        # The rest of OpenAI's API: refused in OpenAI's shape, not REST's.
+        with pytest.raises(openai.NotFoundError) as other:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert (other.value.code, other.value.type) == (
+            "unsupported_endpoint",
+            "invalid_request_error",
+        )
+        assert "Invalid URL (POST /v1/chat/completions)" in other.value.message
+        with pytest.raises(openai.NotFoundError) as other:
+            await client.embeddings.create(model="text-embedding-3-small", input="hi")
+        assert other.value.code == "unsupported_endpoint"
+        rest_typo = await gw.http.get("/v1/jobs/x/y", headers={"X-API-Key": key})
+        assert rest_typo.status_code == 404 and rest_typo.json()["error"]["code"] == "NOT_FOUND"
 
         poor = sdk(await gw.key(credits=5))
         with pytest.raises(openai.APIStatusError) as broke:
@@ -292,6 +316,16 @@ async def test_refusals_raise_the_sdks_own_exceptions(redis_url: str, storage_di
         assert int(refused["retry-after"]) > 0
         assert refused["x-ratelimit-remaining-requests"] == "0"
         assert refused["x-ratelimit-reset-requests"] == f"{refused['retry-after']}s"
+        assert "x-should-retry" not in refused  # a minute's wait: the SDK may wait it out
+        # A day's limit says hours: the SDK is told not to wait them out (OpenAI's Node
+        # SDK would, then send it again: tests/test_js_openai.py).
+        gw.clock.advance((12 * 3600 - gw.clock() % 86_400) % 86_400)  # noon UTC
+        daily = sdk(await gw.key(daily=1))
+        await daily.images.generate(model="local", prompt="x")
+        with pytest.raises(openai.RateLimitError) as limited:
+            await daily.images.generate(model="local", prompt="y")
+        refused = limited.value.response.headers
+        assert int(refused["retry-after"]) > 3600 and refused["x-should-retry"] == "false"
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000  # none charged
 
         # A service its operator has not set up: said so, once (the SDK, which retries a

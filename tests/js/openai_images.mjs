@@ -4,8 +4,9 @@
 //   GATEWAY_URL=http://127.0.0.1:8000 GATEWAY_KEY=gk_... node tests/js/openai_images.mjs
 //
 // It generates with model "local" at 768x512 (a URL), again as b64_json, lists the
-// models, then makes one call with a bad key and one with an unknown model, and prints
-// one JSON line: what it got, and each error's SDK class name and status.
+// models, then makes one call with a bad key, one with an unknown model and, with
+// GATEWAY_SPENT_KEY (a key whose daily limit is spent), one with the SDK's own retries
+// on, and prints one JSON line: what it got, and each error's SDK class name and status.
 import OpenAI from "openai";
 
 const base = process.env.GATEWAY_URL;
@@ -62,6 +63,17 @@ const badKey = await refusal(() =>
 const unknownModel = await refusal(() =>
   client.images.generate({ model: "no-such-model", prompt: "a boat" }),
 );
+// The SDK retries a 429 after its Retry-After, however long: a day's limit says hours,
+// and the gateway tells it not to (`x-should-retry: false`), so this fails at once.
+const spent = process.env.GATEWAY_SPENT_KEY;
+const dailyLimit = spent
+  ? await refusal(() =>
+      new OpenAI({ baseURL: `${base}/v1`, apiKey: spent }).images.generate({
+        model: "local",
+        prompt: "a boat",
+      }),
+    )
+  : null;
 
 clearTimeout(deadline);
 console.log(
@@ -77,6 +89,6 @@ console.log(
       data: b64.data.map((d) => ({ b64_json: d.b64_json, revised_prompt: d.revised_prompt })),
     },
     models,
-    errors: { badKey, unknownModel },
+    errors: { badKey, unknownModel, dailyLimit },
   }),
 );

@@ -194,6 +194,10 @@ async def test_flux_krea_answering_500_fails_over_and_is_charged_once(
         assert up.fluxkrea.submissions == 1 and up.krea.submissions == 1
         job = await gw.http.get(f"/v1/jobs/{r.json()['request_id']}", headers=auth(key))
         assert job.json()["metadata"]["backend"] == "krea"
+        # Left out, guidance and steps are the guide's defaults (7.5, 4) whichever backend
+        # draws the picture: Krea's own would be 3 and 25.
+        (sent,) = up.krea.received("POST", "/generate/")
+        assert (sent.json["guidance_scale_flux"], sent.json["steps"]) == (7.5, 4)
         assert await ledger(gw, key) == [("initial", 100), ("charge", -20)]
         assert r.json()["credits_used"] == 20
 
@@ -313,6 +317,9 @@ BAD_REQUESTS = [
      "prompt is required"),
     ("prompt too long", "/generate", {}, {"prompt": "x" * 1001}, 400, "Bad Request",
      "prompt: String should have at most 1000 characters"),
+    ("a seed past the guide's range, as a string", "/generate", {},
+     {"prompt": "p", "seed": "3000000000"}, 400, "Bad Request",
+     "seed: Input should be less than or equal to 2147483647"),
     ("unknown model", "/generate", {}, {"prompt": "p", "model": "flux-pro"}, 400, "Bad Request",
      "model is not a known parameter"),
     ("webhook on the sync endpoint", "/generate", {},

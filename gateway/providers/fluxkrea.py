@@ -68,6 +68,10 @@ FIELDS = {
     "seed": "seed",
     "num_images": "num_images",
 }
+#: the guide's defaults for what shapes the picture, pinned on its route's requests: a
+#: request that leaves them out is drawn with them by whichever backend runs it (Segmind's
+#: own are 7 and 40 steps), and cached as such
+DEFAULTS = {"guidance": 7.5, "steps": 4}
 #: the async endpoint's own fields: where to report, and what to report back with it
 WEBHOOK_URL, CALLBACK_DATA = "webhook_url", "callback_data"
 #: the `status` words of flux-krea's answers: a synchronous generation done, an async
@@ -295,16 +299,16 @@ def request_from(
             else ""
         )
         raise BadUserInput(f"{unknown[0]} is not a known parameter{where}", field=unknown[0])
-    fields: dict[str, Any] = {"service": SERVICE}
+    fields: dict[str, Any] = {"service": SERVICE, **DEFAULTS}
     fields |= {ours: body[theirs] for ours, theirs in FIELDS.items() if theirs in body}
+    fields |= {ours: value for ours, value in DEFAULTS.items() if fields[ours] is None}
     if asynchronous:
         if not isinstance(body.get(WEBHOOK_URL), str) or not body[WEBHOOK_URL]:
             raise BadUserInput(f"{WEBHOOK_URL} is required", field=WEBHOOK_URL)
         fields["webhookUrl"] = body[WEBHOOK_URL]
     if idempotency_key:
         fields["idempotencyKey"] = idempotency_key
-    seed = body.get(FIELDS["seed"])
-    if isinstance(seed, int | float) and seed >= SEED_MODULUS:  # within ours, not theirs
+    if _past_their_seeds(body.get(FIELDS["seed"])):  # within ours, not theirs
         raise BadUserInput(
             f"seed: Input should be less than or equal to {SEED_MODULUS - 1}", field="seed"
         )
@@ -313,6 +317,19 @@ def request_from(
     except BadUserInput as exc:
         raise in_their_names(exc) from None
     return request, body.get(CALLBACK_DATA) if asynchronous else None
+
+
+def _past_their_seeds(seed: object) -> bool:
+    """A seed, given as a number or as the string of one (which validation then reads as
+    the number), past flux-krea's range."""
+    if not isinstance(seed, int | float | str) or isinstance(seed, bool):
+        return False
+    try:
+        return float(seed) >= SEED_MODULUS
+    except OverflowError:  # an integer past any float
+        return True
+    except ValueError:  # not a number: validation says so
+        return False
 
 
 def in_their_names(exc: GatewayError) -> GatewayError:

@@ -426,6 +426,7 @@ BAD_REQUESTS = [
      "steps: Input should be a valid integer, got a number with a fractional part"),
     ("guidance out of range", MODEL, {}, {"prompt": "p", "guidance_scale_flux": 30}, 400,
      "guidance_scale_flux: must be a number, 0 <= x <= 24"),
+    ("seed as a string", MODEL, {}, {"prompt": "p", "seed": "42"}, 400, "seed: must be a number"),
     ("missing prompt", MODEL, {}, {"width": 1024}, 400, "prompt is required"),
     ("blank prompt", MODEL, {}, {"prompt": "   "}, 400, "prompt: Value error, must not be blank"),
     ("styles", MODEL, {}, {"prompt": "p", "styles": [{"id": "x"}]}, 400,

@@ -403,6 +403,8 @@ async def test_refusals_take_segminds_shape_and_charge_nothing(
                 assert r.json()["field"] == field, r.text
             if expected != 401:
                 assert "x-ratelimit-limit" in r.headers  # a good key's refusal
+            else:  # no scheme this route does not take (Bearer)
+                assert "www-authenticate" not in r.headers
         assert await balance(gw, key) == 1000
         assert await charges(gw, key) == []
 

@@ -96,6 +96,7 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
     and details beside it), with Segmind's status for it."""
     extra = {k: v for k, v in exc.extensions.items() if k != "code"}
     out = {**(headers or {}), **exc.headers}  # the refusal's own describe it best
+    out.pop("WWW-Authenticate", None)  # Bearer, which this route refuses: x-api-key it is
     if "retryAfter" in extra:
         out["Retry-After"] = str(extra["retryAfter"])
     body = {"error": exc.message, "code": exc.code, **extra}

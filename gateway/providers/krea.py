@@ -369,8 +369,9 @@ def request_from(
     for name in UNSUPPORTED:
         if body.get(name) not in (None, [], ""):
             raise BadUserInput(f"{name}: not supported by this gateway", field=name)
-    if body.get("strength") is not None and not _number(body["strength"]):
-        raise BadUserInput("strength: must be a number", field="strength")
+    for name in ("strength", "seed"):  # numbers in Krea's reference, as width is
+        if body.get(name) is not None and not _number(body[name]):
+            raise BadUserInput(f"{name}: must be a number", field=name)
     if body.get("relaxedModeAccess") not in (None, True, False):
         raise BadUserInput("relaxedModeAccess: must be a boolean", field="relaxedModeAccess")
     fields: dict[str, Any] = {"service": service}

@@ -294,6 +294,42 @@ async def test_a_request_back_for_its_job_as_a_worker_cancels_it_keeps_it(
         assert (await gw.accounts.get(account)).credits == 990 and flux.submissions == 2
 
 
+async def test_a_left_job_two_retries_joined_runs_while_one_of_them_is_still_there(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """Two retries of the same request can both join the job their client left (each
+    admission reads the note before either uses it up). One leaving again leaves the job
+    to the other: it runs when a worker reaches it, charged once, and the one still
+    waiting gets its image; a job is cancelled only once every client has left it."""
+    async with slow_flux_krea(redis_url, storage_dir, 1.5, workers=1) as (gw, flux):
+        other, key = await gw.key(), await gw.key(credits=1000)
+        ahead = await busy(gw, flux, other, "ahead")
+        path, body = LEAVING["REST"]
+        headers = {"X-API-Key": key, "Prefer": "wait=60"}
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
+            with pytest.raises(httpx.TimeoutException):
+                await short.post(path, json=body, headers=headers)
+        [note] = await until(lambda: left(gw), what="the job noted as left")
+        job_id = await gw.accounts.redis.get(note)
+
+        staying = asyncio.create_task(gw.http.post(path, json=body, headers=headers))
+        await until(lambda: noted(gw, 0), what="the first retry joining (its note used up)")
+        # The second retry's admission read the note as the first's did, at once.
+        await gw.accounts.redis.set(note, job_id, px=60_000)
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
+            with pytest.raises(httpx.TimeoutException):  # joins, and leaves again
+                await short.post(path, json=body, headers=headers)
+        await until(lambda: noted(gw, 1), what="the second retry leaving again")
+
+        assert (await ahead).json()["status"] == "completed"
+        stayed = await staying
+        assert stayed.status_code == 200 and stayed.json()["status"] == "completed", stayed.text
+        assert stayed.json()["id"] == job_id
+        assert await _statuses(gw, key, ["completed"])  # one job, charged once
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 990
+        assert flux.submissions == 2
+
+
 async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves(
     redis_url: str, storage_dir: Path
 ) -> None:

@@ -112,12 +112,14 @@ class JobStore:
         return Job.from_record({**reply.record, "account": account, "id": job_id})
 
     async def mark_left(self, account_id: str, job_id: str, left: bool = True) -> None:
-        """Mark the job as left by the client that waited on it (or, `left` False, no
-        longer so: the same request came back for it). A worker that takes it while
-        marked cancels it instead of starting it (start.lua, finish.lua's 'left')."""
+        """Count a client that waited on the job leaving it (or, `left` False, coming back
+        for it: the same request again). A worker that takes it while every one of them
+        is away cancels it instead of starting it (`left_by_all` in record.lua: start.lua,
+        finish.lua's 'left'). Counted once a call, however often it is sent."""
         await self.scripts.patch(
             job=keys.job(account_id, job_id),
-            fields={"left": 1 if left else None},
+            fields={},
+            count="left" if left else "back",
             client=self.redis,
         )
 

@@ -161,9 +161,9 @@ if cacheable then
       local led = load_job(leader) or {}
       if led['status'] == 'queued' or led['status'] == 'processing' then
         mode = 'follow'
-        -- One its own client left (start.lua) is this request's to see now: it runs.
-        if led['left'] then
-          led['left'] = nil
+        -- This request sees it now, whoever else leaves it (`left_by_all`): it runs.
+        if not led['followed'] then
+          led['followed'] = 1
           save_job(leader, led)
         end
       end

@@ -14,8 +14,9 @@
 --       (older ledger entries are trimmed; 0 = keep all), 7 JSON object: the record's
 --       fields the end sets (its outcome or its error; null: removed), 8 the status
 --       the job must still have to be ended ('': any that has not ended; 'left':
---       queued and still marked `left` by the client that waited on it, start.lua, the
---       worker's cancel of it, which the same request sent again meanwhile wins),
+--       queued and still left by every client that waited on it (`left_by_all`,
+--       record.lua), the worker's cancel of it, which the same request sent again
+--       meanwhile wins),
 --       9 joined (0/1): it completed with the images of an identical job of another
 --       shard (the worker, docs/api.md#cache), refunded: its account's cache statistics
 --       count it coalesced, not a miss (a job promoted from waiting, `promoted` on its
@@ -30,7 +31,7 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then
   return {0, status}
 end
 if ARGV[8] == 'left' then
-  if status ~= 'queued' or not job['left'] then return {0, status} end
+  if status ~= 'queued' or not left_by_all(job) then return {0, status} end
 elseif ARGV[8] ~= '' and status ~= ARGV[8] then
   return {0, status}
 end

@@ -9,8 +9,8 @@
 --       entries are trimmed; 0 = keep all), 6 the leader released (its job key; '' when
 --       none is in flight any more)
 -- Returns 'promoted', 'poor' (failed: its account, or its client token's budget, cannot
--- pay), 'left' (cancelled, nothing charged: its waiting client left it, `left` on its
--- record, start.lua; run, it would only be cancelled once a worker reached it), 'skip'
+-- pay), 'left' (cancelled, nothing charged: its waiting clients left it, `left_by_all`
+-- in record.lua; run, it would only be cancelled once a worker reached it), 'skip'
 -- (it had ended), 'moved' (another release of the same leader promoted a
 -- waiter already: KEYS 5 names another job; nothing to do) or 'completed' (the leader
 -- completed after all, a cancel having lost the race, or its worker dying before
@@ -47,7 +47,7 @@ if token then  -- spent from the token as at admission: a live token with the bu
   end
 end
 if credits < price then poor = 'there were not enough credits' end
-if job['left'] then
+if left_by_all(job) then
   job['status'], job['error'] = 'cancelled', 'cancelled: its client left before it started'
 elseif poor then
   job['status'] = 'failed'

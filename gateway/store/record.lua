@@ -24,6 +24,13 @@ local function save_job(key, job)
   redis.call('SET', key, raw, 'KEEPTTL')
   return raw
 end
+-- Whether every client that waited on the job's answer has left it (docs/api.md#waiting):
+-- each leaving counts in `left`, each coming back for it (the same request again) in
+-- `back` (both through patch.lua's count, once a call); an identical request of another
+-- key that follows it (admit.lua) is one who never leaves (`followed`).
+local function left_by_all(job)
+  return not job['followed'] and tonumber(job['left'] or '0') > tonumber(job['back'] or '0')
+end
 -- Sets a field from a decoded JSON object: null removes it.
 local function set(job, name, value)
   if value == cjson.null then job[name] = nil else job[name] = value end

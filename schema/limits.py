@@ -29,6 +29,7 @@ from graphql import (
     InlineFragmentNode,
     IntValueNode,
     ListValueNode,
+    NullValueNode,
     ObjectValueNode,
     OperationDefinitionNode,
     SelectionSetNode,
@@ -37,6 +38,8 @@ from graphql import (
     ValueNode,
 )
 from graphql.validation.rules import overlapping_fields_can_be_merged
+
+from gateway.service import PAGE
 
 # As Strawberry's `QueryDepthLimiter` counts it: a root field is at depth 0, its
 # selections at 1...; introspection fields (`__schema`...) do not count their selections.
@@ -48,12 +51,17 @@ MAX_ALIASES = 15
 # field is about 2,100; the 24,000 of fifteen such pages held the server for 60 ms.
 MAX_FIELDS = 2_500
 # Fields answering a page of `first` items, and the most they serve: below one, a field
-# counts `first` times if it is written as a number, else that most.
+# counts `first` times if it is written as a number, the page's default (`PAGE`) when
+# `first` is left out or null, else (a variable) that most.
 PAGES = {"jobs": 100}  # Query.jobs
-# Fields a document may ask for once (aliases would multiply them): `usage` reads up to
+# Fields an operation may ask for once (aliases would multiply them): `usage` reads up to
 # 50,000 jobs (~0.1 s for 4,000); `__schema`, the whole schema (~25 ms, 1.2 MB for
-# fifteen aliased, with no key needed).
-ONCE = frozenset({"usage", "__schema"})
+# fifteen aliased, with no key needed). And the mutations that make what their answer
+# alone shows (a job's id, a token, a key), each answering a non-null type: a second
+# one refused would null the whole answer (GraphQL's null propagation), the first's
+# job charged and running, its id, token or key never seen.
+ONCE = frozenset({"usage", "__schema", "generate", "generateImage", "createClientToken"})
+ONCE |= {"createKey", "rotateKey"}
 # Characters of a number written in the document: graphql-core turns a longer integer
 # into an error that names Python's own limit (4,300 digits).
 MAX_NUMBER = 64
@@ -118,11 +126,14 @@ def page_size(node: FieldNode) -> int:
         return 1
     for argument in node.arguments or ():
         value = argument.value
-        if argument.name.value == "first" and isinstance(value, IntValueNode):
-            if len(value.value) > MAX_NUMBER:  # refused (`long_numbers`): not converted
-                return most
-            return min(max(int(value.value), 1), most)
-    return most  # a variable, or the default: at most
+        if argument.name.value != "first":
+            continue
+        if isinstance(value, NullValueNode):
+            break
+        if not isinstance(value, IntValueNode) or len(value.value) > MAX_NUMBER:
+            return most  # a variable; or too long a number, refused (`long_numbers`)
+        return min(max(int(value.value), 1), most)
+    return min(PAGE, most)
 
 
 def long_numbers(values: list[ValueNode]) -> int:
@@ -276,8 +287,8 @@ def check(document: DocumentNode) -> list[GraphQLError]:
         numbers += total.long_numbers + long_numbers(
             [v.default_value for v in definition.variable_definitions or () if v.default_value]
         )
-        for name, asked in total.once.items():
-            once[name] = once.get(name, 0) + asked
+        for name, asked in total.once.items():  # one operation runs: its own count
+            once[name] = max(once.get(name, 0), asked)
         if total.depth > MAX_DEPTH:
             name = definition.name.value if definition.name else "anonymous"
             errors.append(

@@ -269,6 +269,27 @@ def graphql_view(gw: Harness) -> Any:
     return next(r.endpoint for r in gw.app.routes if isinstance(r, Route) and r.path == "/graphql")
 
 
+async def test_two_generations_in_one_operation_are_refused_before_either_is_charged(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """The second refused (here: its empty prompt) would null the whole answer while the
+    first ran, charged, its id never seen: the document is refused first, for both."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key("pro", credits=1_000)
+        two = (
+            'mutation { a: generate(input: {prompt: "a fox"}) { id } '
+            'b: generate(input: {prompt: ""}) { id } }'
+        )
+        r = await gw.gql(two, key=key)
+        assert r.status_code == 400, r.text
+        (error,) = r.json()["errors"]
+        assert error["message"] == "generate asked for 2 times. Allowed: once"
+        assert error["extensions"]["code"] == "BAD_USER_INPUT"
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1_000
+        jobs = await gw.gql("{ jobs { nodes { id } } }", key=key)
+        assert jobs.json()["data"]["jobs"]["nodes"] == []
+
+
 async def test_several_operations_run_one_only_when_the_request_names_it(
     redis_url: str, storage_dir: Path
 ) -> None:
@@ -411,13 +432,16 @@ def test_pages_count_the_items_they_may_hold() -> None:
     assert limits.check(parse(f"{{ a: {page} b: {page} }}"))
     small = f"jobs(first: 10) {{ nodes {{ {JOB_FIELDS} }} }}"
     assert limits.check(parse("{ " + " ".join(f"a{i}: {small}" for i in range(10)) + " }")) == []
-    # A variable, or no `first`, counts as the most a page holds.
+    # A variable counts as the most a page holds; no `first`, or null, as the default.
     full = f"jobs(first: $n) {{ nodes {{ {JOB_FIELDS} }} }}"
     assert limits.check(parse(f"query($n: Int!) {{ {full} }}")) == []
     assert limits.check(parse(f"query($n: Int!) {{ a: {full} b: {full} }}"))
-    assert limits.check(
-        parse(f"query($n: Int!) {{ a: {full} b: jobs {{ nodes {{ {JOB_FIELDS} }} }} }}")
-    )
+    beside = f"jobs(first: 100) {{ nodes {{ {JOB_FIELDS} }} }}"
+    assert limits.check(parse(f"query($n: Int!) {{ a: {full} b: {beside} }}"))
+    # A dashboard's two default pages of every field (as `first: 20` written out).
+    for first in ("", "(first: null)", '(status: "failed")'):
+        default = f"jobs{first} {{ nodes {{ {JOB_FIELDS} }} }}"
+        assert limits.check(parse(f"{{ a: {default} b: {default} }}")) == [], first
     # Every field that takes `first` is listed.
     taking_first = {
         name
@@ -442,6 +466,15 @@ def test_what_costs_most_is_asked_once_and_numbers_are_bounded() -> None:
     assert [e.message for e in limits.check(parse(twice))] == [
         "__schema asked for 2 times. Allowed: once"
     ]
+    # What a mutation makes and only its answer shows, once an operation: a second one
+    # refused would null the answer, the first's id (or token, or key) never seen.
+    make = 'generate(input: {prompt: "x"}) { id }'
+    assert [e.message for e in limits.check(parse(f"mutation {{ a: {make} b: {make} }}"))] == [
+        "generate asked for 2 times. Allowed: once"
+    ]
+    token = "createClientToken(input: {}) { token }"
+    assert limits.check(parse(f"mutation {{ {make} {token} }}")) == []
+    assert limits.check(parse(f"mutation A {{ {make} }} mutation B {{ {make} }}")) == []  # one runs
     longest = "9" * limits.MAX_NUMBER
     assert limits.check(parse(f"{{ jobs(first: {longest}) {{ nodes {{ id }} }} }}")) == []
     for written in (longest + "9", f"[{{a: {longest}9}}]", longest + ".5"):

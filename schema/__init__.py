@@ -23,6 +23,7 @@ from graphql import (
 )
 from starlette.websockets import WebSocket
 from strawberry.extensions import MaskErrors
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.schema.schema import validate_document
 from strawberry.types import ExecutionContext
 
@@ -46,14 +47,23 @@ MAX_SOURCE_LENGTH = 16 * 1024
 PARSE_OPTIONS = {"max_tokens": MAX_TOKENS, "max_source_length": MAX_SOURCE_LENGTH}
 
 
+#: what refuses the request itself before it runs: graphql-core's errors, and Strawberry's
+#: for an operation it cannot find or that its transport does not run
+REQUEST_ERRORS = (GraphQLError, CannotGetOperationTypeError, InvalidOperationTypeError)
+
+
 def should_mask(error: GraphQLError) -> bool:
-    """Mask unexpected errors raised while resolving (they have a path); keep our coded
-    ones and the request's own parse, validation and variable errors, which describe
-    only what the client sent."""
+    """Mask unexpected errors: raised while resolving (they have a path), or by a
+    subscription's stream between its events (no path, and nothing of the request
+    located: Strawberry wraps the exception as it is). Keep our coded ones and the
+    request's own parse, validation and variable errors, which describe only what the
+    client sent (located in it, or graphql-core's own)."""
     original = error.original_error
-    if original is None or not error.path:
+    if original is None or isinstance(original, GatewayError):
         return False
-    return not isinstance(original, GatewayError) and not argument_error(error)
+    if not error.path:
+        return not error.nodes and not isinstance(original, REQUEST_ERRORS)
+    return not argument_error(error)
 
 
 def argument_error(error: GraphQLError) -> bool:
@@ -70,7 +80,7 @@ def error_code(error: GraphQLError) -> str:
     """The code of an error raised without one: the request's own (parse, validation,
     variables, an argument its variables made invalid) is BAD_USER_INPUT, unless it arose
     while resolving (INTERNAL_SERVER_ERROR: masked, `should_mask`)."""
-    own = not error.path or argument_error(error)
+    own = (not error.path and not should_mask(error)) or argument_error(error)
     return "BAD_USER_INPUT" if own else "INTERNAL_SERVER_ERROR"
 
 

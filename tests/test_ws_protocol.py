@@ -14,7 +14,9 @@ import pytest
 import websockets
 
 import schema.context
+from gateway.store import keys
 from tests.harness import gateway
+from tests.records import change
 from tests.test_ws_credentials import Socket, ws_message
 
 PROTOCOLS = ("graphql-transport-ws", "graphql-ws")
@@ -173,4 +175,31 @@ async def test_one_connection_follows_a_hundred_jobs(redis_url: str, storage_dir
         [error] = refused["errors"]
         assert error["extensions"]["code"] == "BAD_USER_INPUT", error
         assert "limit" in error["message"].lower()
+        await socket.ws.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_unexpected_error_in_a_subscription_is_masked(
+    redis_url: str, storage_dir: Path, protocol: str
+) -> None:
+    """As over HTTP (test_gateway.py): a subscription's stream failing on a record damaged
+    behind the gateway's back says "Unexpected error." with the server's code, not the
+    exception's text as the client's own error."""
+    async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
+        key = await gw.key()
+        r = await gw.http.post(
+            "/v1/text_to_image",
+            json={"service": "local", "prompt": "x"},
+            headers={"X-API-Key": key},
+        )
+        job_id = r.json()["id"]
+        await change(gw.accounts.redis, keys.job(gw.keys[key]["id"], job_id), created_at="{")
+        socket = await Socket.open(gw.base, key, protocol)
+        query = "subscription($id: ID!) { jobUpdates(id: $id) { status } }"
+        failed = await socket.next_result(await socket.start(query, {"id": job_id}))
+        assert failed is not None
+        [error] = failed["errors"]
+        assert error["message"] == "Unexpected error."
+        assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
+        assert "literal" not in json.dumps(failed)
         await socket.ws.close()

@@ -70,6 +70,7 @@ def payload(job: Job) -> bytes:
             "id": job.id,
             "status": job.status,
             "url": job.urls[0] if job.urls else None,
+            "urls": job.urls,  # every image of a job of several
             "service": job.provider,
             "createdAt": iso(job.created_at),
             "completedAt": iso(job.completed_at),
@@ -127,6 +128,13 @@ def session(settings: Settings, tls: ssl.SSLContext | None = None) -> aiohttp.Cl
 
 #: the attempts a job's delivery log keeps (`webhookDeliveries`): the latest
 LOG_KEPT = 100
+#: an answer's body read after its status, at most (bytes, seconds): the status says
+#: whether it was delivered (Standard Webhooks); a longer or slower body is not waited
+#: for, its connection closed instead of kept
+DRAIN_BYTES, DRAIN_SECONDS = 1024 * 1024, 1.0
+#: the status with which a receiver says its endpoint is gone for good: no retry
+#: (Standard Webhooks' guidance)
+GONE = 410
 
 
 class Webhooks:
@@ -253,7 +261,7 @@ class Webhooks:
         }
         log_key = keys.webhook_log(job.account, job.id)
         retention = int(self.settings.retention_days * 86400)
-        final = ok or attempt > len(self.delays)
+        final = ok or attempt > len(self.delays) or status == GONE
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(log_key, orjson.dumps(record))
             pipe.ltrim(log_key, -LOG_KEPT, -1)
@@ -339,16 +347,29 @@ class Webhooks:
                 allow_redirects=False,
                 timeout=timeout,
             ) as response:
-                # Read to the end, keeping nothing, so that the connection goes back to
-                # the pool instead of being closed.
-                while await response.content.readany():
-                    pass
+                await self._drain(response)
             return response.status
 
         def unreachable(address: Address, exc: Exception) -> None:
             log.info("webhook address unreachable", address=str(address), error=str(exc))
 
         return await first_reachable(addresses, post, unreachable)
+
+    @staticmethod
+    async def _drain(response: aiohttp.ClientResponse) -> None:
+        """Read the answer's body to its end, keeping nothing, so that the connection goes
+        back to the pool; one past `DRAIN_BYTES` or `DRAIN_SECONDS` is closed instead:
+        its status is already the attempt's outcome."""
+        read = 0
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while chunk := await response.content.readany():
+                    read += len(chunk)
+                    if read > DRAIN_BYTES:
+                        response.close()
+                        return
+        except TimeoutError:
+            response.close()
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:
         rows = await self.redis.lrange(keys.webhook_log(account, job_id), 0, -1)

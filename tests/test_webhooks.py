@@ -119,6 +119,7 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
         sent = orjson.loads(body)
         assert sent["id"] == job["id"] and sent["status"] == "completed"
         assert sent["url"] == done["url"] and sent["service"] == "local"
+        assert sent["urls"] == done["urls"] == [done["url"]]
         assert sent["metadata"]["width"] == 512 and sent["metadata"]["duration"] >= 0
         assert sent["createdAt"].endswith("Z") and sent["completedAt"]
 
@@ -356,15 +357,23 @@ async def test_a_cache_hit_with_a_webhook_is_delivered_once(
 class RawReceiver:
     """An HTTP/1.1 server on one loopback address that keeps each request's head as it
     arrived (request line and headers, bytes), and the TLS server name each connection
-    asked for; it answers 200 with `body` on a kept-alive connection, or never answers
-    when `silent`."""
+    asked for; it answers `status` with `body` on a kept-alive connection, or never answers
+    when `silent`; with `endless`, a 200 whose body (said to be 10 MB) stops after
+    `endless` bytes."""
 
     def __init__(
-        self, tls: ssl.SSLContext | None = None, silent: bool = False, body: bytes = b"ok"
+        self,
+        tls: ssl.SSLContext | None = None,
+        silent: bool = False,
+        body: bytes = b"ok",
+        status: bytes = b"200 OK",
+        endless: int = 0,
     ) -> None:
         self.tls = tls
         self.silent = silent
         self.body = body
+        self.status = status
+        self.endless = endless
         self.heads: list[bytes] = []
         self.names: list[str | None] = []
         self.done = asyncio.Event()  # set at the end of the test: silent handlers return
@@ -385,7 +394,14 @@ class RawReceiver:
                 if self.silent:
                     await self.done.wait()
                     return
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body))
+                if self.endless:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+                    writer.write(b"x" * self.endless)
+                    await writer.drain()
+                    await self.done.wait()
+                    return
+                head = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (self.status, len(self.body))
+                writer.write(head)
                 writer.write(self.body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -549,7 +565,7 @@ async def test_the_request_target_goes_out_byte_for_byte(tmp_path: Path) -> None
     """Dot segments, escapes of `/` and `.`, an empty query: none is resolved, decoded,
     re-encoded or dropped; every attempt shares one kept-alive connection (each answer's
     body, too large to come in one read, is read to its end)."""
-    receiver = RawReceiver(body=b"x" * 4_000_000)
+    receiver = RawReceiver(body=b"x" * 1_000_000)
     connections: list[int] = []
     targets = [
         "/a/./b/../%7e?",
@@ -683,6 +699,40 @@ async def test_timeouts_and_connection_failures_are_recorded(tmp_path: Path) -> 
         closed = free_port()
         refused = await deliverer.attempt(f"http://127.0.0.1:{closed}/hook")
         assert refused["error"] == "connection failed: ClientConnectorError"
+
+
+async def test_a_2xx_is_delivered_whatever_its_body_and_a_410_ends_the_retries(
+    tmp_path: Path,
+) -> None:
+    """The status says whether it was delivered (Standard Webhooks): a receiver that
+    answers 200 then sends a body that does not end, slowly or at length, was delivered,
+    not timed out and sent again. A 410 says the endpoint is gone: no retry."""
+    slow, long, gone = (
+        RawReceiver(endless=1),
+        RawReceiver(endless=2_000_000),
+        RawReceiver(status=b"410 Gone"),
+    )
+    async with (
+        slow.serving() as slow_port,
+        long.serving() as long_port,
+        gone.serving() as gone_port,
+        Deliverer(tmp_path, webhook_timeout=5).running() as deliverer,
+    ):
+        for port in (slow_port, long_port):
+            logged = await deliverer.attempt(f"http://127.0.0.1:{port}/hook")
+            assert (logged["statusCode"], logged["error"], logged["success"]) == (200, None, True)
+        assert await deliverer.redis.zcard(keys.webhooks(0)) == 0  # nothing to retry
+        logged = await deliverer.attempt(f"http://127.0.0.1:{gone_port}/hook")
+        assert (logged["statusCode"], logged["error"], logged["success"]) == (
+            410,
+            "HTTP 410",
+            False,
+        )
+        assert await deliverer.redis.zcard(keys.webhooks(0)) == 0  # and none after a 410
+        refused = RawReceiver(status=b"503 Service Unavailable")
+        async with refused.serving() as port:
+            await deliverer.attempt(f"http://127.0.0.1:{port}/hook")
+        assert await deliverer.redis.zcard(keys.webhooks(0)) == 1  # as after any other
 
 
 async def test_an_attempt_whose_count_lost_its_reply_is_counted_once(

@@ -38,6 +38,11 @@ class AccountInfo:
         return asdict(self)
 
 
+#: how long a webhook secret replaced by `rotate` still signs beside the new one (Svix's
+#: and Stripe's rolling windows are a day)
+SECRET_OVERLAP_MS = 24 * 3600 * 1000
+
+
 def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
@@ -138,18 +143,22 @@ class Accounts:
         """A new key for the account (a leaked one, say): the old one and the client
         tokens it minted are refused from the next request on, and a revoked key is live
         again under its new one; its balance, limits, ledger and jobs stay. With
-        `webhook_secret`, a new one of those too (the old one no longer signs). Returned
-        here and never again, as `create`'s."""
+        `webhook_secret`, a new one of those too; the old one also signs the Standard
+        Webhooks signature for `SECRET_OVERLAP_MS` (`webhooks.signed_headers`), so that a
+        receiver is not refused everything until it has the new one. Returned here and
+        never again, as `create`'s."""
         current = decoded_hash(await self.redis.hgetall(keys.account(account)))
         if not current:
             raise NotFound(f"no key with id {account}")
         key, key_hash = new_key(account)
-        secret = new_webhook_secret() if webhook_secret else current.get("webhook_secret", "")
+        secret = current.get("webhook_secret", "")
+        fields: dict[FieldT, EncodableT] = {"key_hash": key_hash, "revoked": "0"}
+        if webhook_secret:
+            fields |= {"webhook_secret": new_webhook_secret(), "webhook_secret_before": secret}
+            until = int(self.clock() * 1000) + SECRET_OVERLAP_MS
+            fields["webhook_secret_before_until"] = str(until)
         async with self.redis.pipeline(transaction=False) as pipe:  # one slot: the account's
-            pipe.hset(
-                keys.account(account),
-                mapping={"key_hash": key_hash, "revoked": "0", "webhook_secret": secret},
-            )
+            pipe.hset(keys.account(account), mapping=fields)
             # the old key's tokens, refused from now on, no longer count toward the cap
             pipe.delete(keys.client_tokens(account))
             await pipe.execute()
@@ -159,7 +168,7 @@ class Accounts:
             "key": key,
             "plan": info.plan,
             "credits": info.credits,
-            "webhookSecret": secret,
+            "webhookSecret": str(fields.get("webhook_secret", secret)),
         }
 
     async def revoke(self, account: str) -> None:

@@ -84,16 +84,23 @@ def payload(job: Job) -> bytes:
     )
 
 
-def signed_headers(secret: str, msg_id: str, body: bytes, now: float) -> dict[str, str]:
+def signed_headers(
+    secret: str, msg_id: str, body: bytes, now: float, before: str = ""
+) -> dict[str, str]:
+    """The headers of a delivery signed with `secret`; `before`, a secret it replaced not
+    long ago, signs the Standard Webhooks signature too (its list of signatures, any of
+    which a receiver's library accepts), so a receiver still holding it verifies."""
     doitong = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     stamp = datetime.fromtimestamp(now, tz=UTC)
+    text = body.decode()
+    signatures = [Webhook(s).sign(msg_id, stamp, text) for s in (secret, before) if s]
     return {
         "Content-Type": "application/json",
         "User-Agent": "image-gateway-webhooks",
         "X-Doitong-Signature": f"sha256={doitong}",
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(now)),
-        "webhook-signature": Webhook(secret).sign(msg_id, stamp, body.decode()),
+        "webhook-signature": " ".join(signatures),
     }
 
 
@@ -242,9 +249,17 @@ class Webhooks:
         if not counted.found:  # expired since it was read
             return await self._expired(schedule, job_key)
         attempt = counted.counted
-        secret = decoded(await self.redis.hget(keys.account(job.account), "webhook_secret") or "")
+        secret, before, until = (
+            decoded(v or "")
+            for v in await self.redis.hmget(
+                keys.account(job.account),
+                ["webhook_secret", "webhook_secret_before", "webhook_secret_before_until"],
+            )
+        )
+        if not until or int(until) <= self.now_ms():  # its day beside the new one is over
+            before = ""
         body = payload(job)
-        headers = signed_headers(secret, f"msg_{job.id}", body, self.clock())
+        headers = signed_headers(secret, f"msg_{job.id}", body, self.clock(), before)
         status: int | None = None
         if error is None:
             status, error = await self._attempt(

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from redis import Redis
+from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -375,6 +376,7 @@ class RawReceiver:
         self.status = status
         self.endless = endless
         self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
         self.names: list[str | None] = []
         self.done = asyncio.Event()  # set at the end of the test: silent handlers return
         if tls is not None:
@@ -389,7 +391,7 @@ class RawReceiver:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
-                await reader.readexactly(length)
+                self.bodies.append(await reader.readexactly(length))
                 self.heads.append(head)
                 if self.silent:
                     await self.done.wait()
@@ -446,7 +448,9 @@ class Deliverer:
         scripts = Scripts.register(self.redis)
         await scripts.load()  # as the runtime does: a call's first send runs it
         store = JobStore(self.redis, scripts, self.settings.retention_days)
-        self.account = (await Accounts(self.redis, scripts, self.settings).create("pro"))["id"]
+        self.accounts = Accounts(self.redis, scripts, self.settings)
+        made = await self.accounts.create("pro")
+        self.account, self.secret = made["id"], made["webhookSecret"]
         async with session(self.settings, self.tls) as client:
             self.hooks = Webhooks(
                 redis=self.redis,
@@ -733,6 +737,49 @@ async def test_a_2xx_is_delivered_whatever_its_body_and_a_410_ends_the_retries(
         async with refused.serving() as port:
             await deliverer.attempt(f"http://127.0.0.1:{port}/hook")
         assert await deliverer.redis.zcard(keys.webhooks(0)) == 1  # as after any other
+
+
+async def test_a_rotated_webhook_secret_signs_beside_the_new_one_for_a_day(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A receiver still holding the secret a rotation replaced verifies what is sent for a
+    day (Standard Webhooks' list of signatures), while it is given the new one; then only
+    the new one signs."""
+    receiver = RawReceiver()
+    async with receiver.serving() as port, Deliverer(tmp_path).running(redis_url) as deliverer:
+        old = deliverer.secret
+        new = (await deliverer.accounts.rotate(deliverer.account, webhook_secret=True))[
+            "webhookSecret"
+        ]
+        assert new.startswith("whsec_") and new != old
+
+        def signers(n: int) -> set[str]:
+            msg_id, stamp = (
+                receiver.header(n, "webhook-id"),
+                receiver.header(n, "webhook-timestamp"),
+            )
+            at, body = datetime.fromtimestamp(int(stamp), tz=UTC), receiver.bodies[n].decode()
+            sent = set(receiver.header(n, "webhook-signature").split(" "))
+            return {
+                name
+                for name, s in (("old", old), ("new", new))
+                if Webhook(s).sign(msg_id, at, body) in sent
+            }
+
+        await deliverer.attempt(f"http://127.0.0.1:{port}/hook")
+        assert signers(0) == {"old", "new"}
+        Webhook(old).verify(receiver.bodies[0], dict(headers_of(receiver.heads[0])))
+        doitong = hmac.new(new.encode(), receiver.bodies[0], hashlib.sha256).hexdigest()
+        assert receiver.header(0, "X-Doitong-Signature") == f"sha256={doitong}"
+
+        deliverer.hooks.clock = lambda: time.time() + 86_400 + 60  # the day is over
+        await deliverer.attempt(f"http://127.0.0.1:{port}/hook")
+        assert signers(1) == {"new"}
+
+
+def headers_of(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode().split("\r\n")[1:]
+    return [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines if line)]
 
 
 async def test_an_attempt_whose_count_lost_its_reply_is_counted_once(

@@ -216,9 +216,9 @@ class Accounts:
         if reply.outcome == "unknown":
             raise NotFound(f"no key with id {account}")
         if reply.outcome == "negative":
-            raise BadUserInput("balance would go below zero", field="credits")
+            raise BadUserInput("balance would go below zero", field="amount")
         if reply.outcome == "too_large":
-            raise BadUserInput(f"balance would go above {MOST}", field="credits")
+            raise BadUserInput(f"balance would go above {MOST}", field="amount")
         return reply.balance
 
     async def ledger(self, account: str) -> list[dict[str, str]]:

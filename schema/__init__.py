@@ -6,6 +6,7 @@ Not the PyPI library of the same name: a test proves `import schema` is this pac
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ MAX_SOURCE_LENGTH = 16 * 1024
 PARSE_OPTIONS = {"max_tokens": MAX_TOKENS, "max_source_length": MAX_SOURCE_LENGTH}
 
 
+#: graphql-core's words for a value in a variable that its type refuses (a string for an
+#: Int, a number past 32 bits), and where in the variable it is: the field it names
+INVALID_VARIABLE = re.compile(r"Variable '\$\w+' has invalid value at \.([\w.\[\]]+): ")
 #: what refuses the request itself before it runs: graphql-core's errors, and Strawberry's
 #: for an operation it cannot find or that its transport does not run
 REQUEST_ERRORS = (GraphQLError, CannotGetOperationTypeError, InvalidOperationTypeError)
@@ -103,6 +107,8 @@ class GatewaySchema(strawberry.Schema):
         for error in errors:
             if "code" not in (error.extensions or {}):
                 error.extensions = {**(error.extensions or {}), "code": error_code(error)}
+                if found := INVALID_VARIABLE.match(error.message):  # as our own errors do
+                    error.extensions["field"] = found[1]
         unexpected = [e for e in errors if should_mask(e)]
         if unexpected:
             super().process_errors(unexpected, execution_context)

@@ -712,7 +712,7 @@ async def test_a_balance_graphql_could_not_read_back_is_refused_before_it_is_mad
         add = "mutation($id: ID!, $n: Int!) { addCredits(id: $id, amount: $n) }"
         r = await gw.gql(add, {"id": account, "n": 11}, "adm")
         assert r.status_code == 400 and error_of(r)["code"] == "BAD_USER_INPUT", r.text
-        assert error_of(r)["field"] == "credits"
+        assert error_of(r)["field"] == "amount"  # addCredits's argument
         r = await gw.gql(add, {"id": account, "n": 10}, "adm")
         assert r.json()["data"]["addCredits"] == most
         r = await gw.gql(add, {"id": account, "n": -5}, "adm")

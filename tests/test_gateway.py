@@ -632,6 +632,15 @@ async def test_an_unexpected_error_is_a_masked_500_and_the_server_keeps_serving(
         assert r.status_code == 400
         assert r.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
         assert "colour" in r.json()["errors"][0]["message"]
+        # A value its type refuses names the field, as a value out of range does.
+        for options, field in (
+            ({"width": "big"}, "options.width"),
+            ({"seed": 2**32}, "options.seed"),
+        ):
+            variables["input"]["options"] = options
+            r = await gw.gql(GENERATE, variables, key)
+            assert r.status_code == 400
+            assert r.json()["errors"][0]["extensions"] == {"code": "BAD_USER_INPUT", "field": field}
         assert (await gw.gql("{ me { plan } }", key=key)).status_code == 200
 
 

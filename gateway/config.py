@@ -136,9 +136,12 @@ class Settings(BaseSettings):
     cache_enabled: bool = True
     cache_disabled_services: list[str] = Field(default_factory=list)
 
-    # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered)
+    # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered); by default
+    # thirteen attempts over about three days (a receiver down for a weekend's night still
+    # gets them; Stripe retries for three days), the job's record kept longer (retention)
     webhook_retry_delays: list[float] = Field(
-        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 1800.0]
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 18000, 36000, 36000]
+        + [86400, 86400]
     )
     webhook_timeout: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=64, ge=1)

@@ -33,6 +33,11 @@ DEFAULT_PLANS: dict[str, PlanLimits] = {
     "enterprise": PlanLimits(),
 }
 
+#: seconds before each retry of a webhook: thirteen attempts over about three days (a
+#: receiver down overnight still gets them; Stripe retries for three days)
+WEBHOOK_RETRY_DELAYS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 18000, 36000, 36000)
+WEBHOOK_RETRY_DELAYS += (86400, 86400)
+
 DEFAULT_ROUTES: dict[str, list[str]] = {
     "flux-krea": ["fluxkrea", "segmind", "krea"],
     "flux-dev": ["krea"],
@@ -136,13 +141,9 @@ class Settings(BaseSettings):
     cache_enabled: bool = True
     cache_disabled_services: list[str] = Field(default_factory=list)
 
-    # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered); by default
-    # thirteen attempts over about three days (a receiver down for a weekend's night still
-    # gets them; Stripe retries for three days), the job's record kept longer (retention)
-    webhook_retry_delays: list[float] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 18000, 36000, 36000]
-        + [86400, 86400]
-    )
+    # Webhooks: attempt n+1 waits webhook_retry_delays[n] seconds (jittered), the job's
+    # record kept longer (retention)
+    webhook_retry_delays: list[float] = Field(default_factory=lambda: list(WEBHOOK_RETRY_DELAYS))
     webhook_timeout: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=64, ge=1)
 

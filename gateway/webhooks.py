@@ -199,6 +199,7 @@ class Webhooks:
             due = (
                 await self.scripts.claim(
                     schedule=keys.webhooks(shard),
+                    leases=keys.webhook_leases(shard),
                     now_ms=self.now_ms(),
                     lease_ms=lease,
                     count=free,
@@ -215,12 +216,13 @@ class Webhooks:
 
     async def deliver(self, job_key: str) -> bool:
         """One attempt; schedules the next one or ends the delivery. True on success."""
-        schedule = keys.webhooks(keys.shard_of_key(job_key))
+        shard = keys.shard_of_key(job_key)
+        schedule, leases = keys.webhooks(shard), keys.webhook_leases(shard)
         job = await self.store.get_by_key(job_key)
         if job is None:  # a cache hit's record lives only as long as its cache entry
-            return await self._expired(schedule, job_key)
+            return await self._expired(schedule, leases, job_key)
         if not job.webhook_url:
-            await self.redis.zrem(schedule, job_key)
+            await self._unschedule(schedule, leases, job_key)
             return False
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
         started = self.now_ms()
@@ -238,7 +240,10 @@ class Webhooks:
             # The process's own bound on lookups (no place free, or the account's names
             # resting), not the receiver's doing: put off, no attempt spent.
             wait_s = exc.retry_after or 5
-            await self.redis.zadd(schedule, {job_key: self.now_ms() + wait_s * 1000})
+            async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
+                pipe.zadd(schedule, {job_key: self.now_ms() + wait_s * 1000})
+                pipe.hdel(leases, job_key)
+                await pipe.execute()
             log.info("webhook put off: no name lookup for it now", retry_after=wait_s)
             return False
         except BadUserInput as exc:  # the name did not resolve, or no longer may be used
@@ -247,7 +252,7 @@ class Webhooks:
             job=job_key, fields={}, count="webhook_attempts", client=self.redis
         )
         if not counted.found:  # expired since it was read
-            return await self._expired(schedule, job_key)
+            return await self._expired(schedule, leases, job_key)
         attempt = counted.counted
         secret, before, until = (
             decoded(v or "")
@@ -286,6 +291,7 @@ class Webhooks:
             else:
                 delay = self.delays[attempt - 1] * random.uniform(0.8, 1.0)
                 pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
+            pipe.hdel(leases, job_key)  # a retry waiting now, or nothing: a resend's to move
             await pipe.execute()
         outcome = "delivered" if ok else "failed" if final else "retrying"
         await self.store.scripts.patch(
@@ -295,7 +301,13 @@ class Webhooks:
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
 
-    async def _expired(self, schedule: str, job_key: str) -> bool:
+    async def _unschedule(self, schedule: str, leases: str, job_key: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
+            pipe.zrem(schedule, job_key)
+            pipe.hdel(leases, job_key)
+            await pipe.execute()
+
+    async def _expired(self, schedule: str, leases: str, job_key: str) -> bool:
         """A delivery whose job's record expired first: it ends undelivered."""
         account, job_id = keys.job_parts(job_key)
         log.warning(
@@ -304,7 +316,7 @@ class Webhooks:
             job_id=job_id,
         )
         metrics.WEBHOOK["failed"].inc()
-        await self.redis.zrem(schedule, job_key)
+        await self._unschedule(schedule, leases, job_key)
         return False
 
     async def _attempt(
@@ -391,18 +403,19 @@ class Webhooks:
         return [orjson.loads(r) for r in rows]
 
     async def resend(self, job: Job) -> None:
-        """Deliver an ended job's webhook again (a fresh round of attempts), unless a
-        delivery of it is still under way."""
+        """Deliver an ended job's webhook again, now (resend.lua): a retry waiting its
+        turn is brought forward, a delivery that had ended starts a new round; an
+        attempt under way is left to run (started again beside itself, a resend each
+        second made four attempts a second, and a log of millions)."""
         if not job.webhook_url:
             raise BadUserInput("this job has no webhookUrl", field="id")
         if not job.ended:
             raise BadUserInput("the job has not ended yet", field="id")
-        key = keys.job(job.account, job.id)
-        schedule = keys.webhooks(keys.shard_of(job.account))
-        # A delivery under way (an attempt running, or its retries waiting) runs its
-        # course: started again beside itself, a resend each second made four attempts
-        # a second, and a log of millions.
-        if await self.redis.zscore(schedule, key) is not None:
-            return
-        await self.store.scripts.patch(job=key, fields={"webhook_attempts": 0}, client=self.redis)
-        await self.redis.zadd(schedule, {key: self.now_ms()})
+        shard = keys.shard_of(job.account)
+        await self.scripts.resend(
+            schedule=keys.webhooks(shard),
+            leases=keys.webhook_leases(shard),
+            job=keys.job(job.account, job.id),
+            now_ms=self.now_ms(),
+            client=self.redis,
+        )

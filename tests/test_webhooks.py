@@ -179,12 +179,14 @@ async def test_the_generate_shape_takes_its_webhook_url_in_the_options_too(
         await until(delivered)
 
 
-async def test_a_resend_while_a_delivery_is_under_way_leaves_it_to_run_its_course(
+async def test_a_resend_sends_now_but_never_beside_an_attempt_under_way(
     redis_url: str, storage_dir: Path
 ) -> None:
-    """Resent every few ms while its retries wait: each resend started a fresh round
-    beside the first (four attempts a second, a log of millions). The delivery under way
-    keeps its schedule and its count; once it has ended, a resend starts one."""
+    """A receiver mended while its retries wait (hours apart, late in the schedule): a
+    resend sends now, its attempt counted on. An attempt under way is left to run:
+    resent every few ms, it is never sent beside itself (that made four attempts a
+    second, and a log of millions). Once the delivery has ended, a resend starts a new
+    round, counted from 1."""
     receiver = Receiver(failures=1_000)
     slow = {**FAST, "webhook_retry_delays": [600.0] * 6}
     async with serve(receiver.app) as hook_base, gateway(redis_url, storage_dir, **slow) as gw:
@@ -206,25 +208,45 @@ async def test_a_resend_while_a_delivery_is_under_way_leaves_it_to_run_its_cours
             r = await gw.gql(deliveries, {"id": job_id}, key)
             return [a["attempt"] for a in r.json()["data"]["webhookDeliveries"]]
 
+        async def logged_as(attempts: list[int]) -> bool:
+            return await logged() == attempts
+
         async def first_attempt_logged() -> bool:
-            return await logged() == [1]
+            return await logged_as([1])
 
         await until(lambda: calls(1))  # failed: the next attempt is ten minutes off
         # Its retry is scheduled with its log line (one transaction): read the schedule
         # once that is written, not while the attempt's claim still holds it.
         await until(first_attempt_logged)
-        schedule = keys.webhooks(keys.shard_of(gw.keys[key]["id"]))
+        shard = keys.shard_of(gw.keys[key]["id"])
+        schedule, leases = keys.webhooks(shard), keys.webhook_leases(shard)
         job_key = keys.job(gw.keys[key]["id"], job_id)
-        due = await gw.accounts.redis.zscore(schedule, job_key)
         resend = "mutation($id: ID!) { resendWebhook(id: $id) }"
-        for _ in range(20):
+
+        async def resent() -> None:
             assert (await gw.gql(resend, {"id": job_id}, key)).json()["data"]["resendWebhook"]
-        assert await gw.accounts.redis.zscore(schedule, job_key) == due
-        assert await logged() == [1]
+
+        await resent()  # its retry ten minutes off: now
+        await until(lambda: calls(2))
+        await until(lambda: logged_as([1, 2]))
+
+        # Its next retry taken by a deliverer (as claim.lua leases it): under way.
+        due = await gw.accounts.redis.zscore(schedule, job_key)
+        scripts = gw.app.state.gateway.store.scripts
+        taken = await scripts.claim(
+            schedule=schedule, leases=leases, now_ms=int(due) + 1, lease_ms=60_000, count=10
+        )
+        assert taken.due == [job_key]
+        leased = await gw.accounts.redis.zscore(schedule, job_key)
+        for _ in range(20):
+            await resent()
+        assert await gw.accounts.redis.zscore(schedule, job_key) == leased
+        assert await logged() == [1, 2] and len(receiver.calls) == 2
 
         await gw.accounts.redis.zrem(schedule, job_key)  # its retries over
-        assert (await gw.gql(resend, {"id": job_id}, key)).json()["data"]["resendWebhook"]
-        await until(lambda: calls(2))
+        await resent()
+        await until(lambda: calls(3))
+        await until(lambda: logged_as([1, 2, 1]))  # a new round
 
 
 async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(

@@ -544,16 +544,39 @@ class Claim(Script):
         self,
         *,
         schedule: str,
+        leases: str,
         now_ms: int,
         lease_ms: int,
         count: int,
         client: aioredis.Redis | None = None,
     ) -> ClaimReply:
-        return self.decode(await self.run(1, [schedule, now_ms, lease_ms, count], client))
+        argv = [schedule, leases, now_ms, lease_ms, count]
+        return self.decode(await self.run(2, argv, client))
 
     @staticmethod
     def decode(reply: list[Any]) -> ClaimReply:
         return ClaimReply(due=[str(k) for k in reply])
+
+
+# -- resend.lua ----------------------------------------------------------------------
+
+
+class Resend(Script):
+    """resend.lua: deliver an ended job's webhook again now, unless an attempt is under
+    way. Its reply: now | sending | again | missing (resend.lua)."""
+
+    name = "resend"
+
+    async def __call__(
+        self,
+        *,
+        schedule: str,
+        leases: str,
+        job: str,
+        now_ms: int,
+        client: aioredis.Redis | None = None,
+    ) -> str:
+        return str(await self.run(3, [schedule, leases, job, now_ms], client))
 
 
 # -- settle.lua ----------------------------------------------------------------------
@@ -926,6 +949,7 @@ BY_NAME: dict[str, type[Script]] = {
         Credit,
         Auth,
         Claim,
+        Resend,
         Settle,
         Entry,
         Promote,
@@ -956,6 +980,7 @@ class Scripts:
         self.credit = Credit(client)
         self.auth = Auth(client)
         self.claim = Claim(client)
+        self.resend = Resend(client)
         self.settle = Settle(client)
         self.entry = Entry(client)
         self.promote = Promote(client)

@@ -439,9 +439,10 @@ def test_pages_count_the_items_they_may_hold() -> None:
     beside = f"jobs(first: 100) {{ nodes {{ {JOB_FIELDS} }} }}"
     assert limits.check(parse(f"query($n: Int!) {{ a: {full} b: {beside} }}"))
     # A dashboard's two default pages of every field (as `first: 20` written out).
-    for first in ("", "(first: null)", '(status: "failed")'):
-        default = f"jobs{first} {{ nodes {{ {JOB_FIELDS} }} }}"
-        assert limits.check(parse(f"{{ a: {default} b: {default} }}")) == [], first
+    recent, failed = (f"jobs{a} {{ nodes {{ {JOB_FIELDS} }} }}" for a in ("", '(status: "failed")'))
+    assert limits.check(parse(f"{{ a: {recent} b: {failed} }}")) == []
+    null = f"jobs(first: null) {{ nodes {{ {JOB_FIELDS} }} }}"
+    assert limits.check(parse(f"{{ a: {null} b: {null} }}")) == []
     # Every field that takes `first` is listed.
     taking_first = {
         name
@@ -472,6 +473,12 @@ def test_what_costs_most_is_asked_once_and_numbers_are_bounded() -> None:
     assert [e.message for e in limits.check(parse(f"mutation {{ a: {make} b: {make} }}"))] == [
         "generate asked for 2 times. Allowed: once"
     ]
+    # A page filtered by status scans up to a thousand records: once an operation too.
+    failed = 'jobs(first: 1, status: "failed") { nodes { id } }'
+    assert [e.message for e in limits.check(parse(f"{{ a: {failed} b: {failed} }}"))] == [
+        "jobs(status:) asked for 2 times. Allowed: once"
+    ]
+    assert limits.check(parse(f"{{ a: {failed} b: jobs(first: 5) {{ nodes {{ id }} }} }}")) == []
     token = "createClientToken(input: {}) { token }"
     assert limits.check(parse(f"mutation {{ {make} {token} }}")) == []
     assert limits.check(parse(f"mutation A {{ {make} }} mutation B {{ {make} }}")) == []  # one runs

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     webhook_retry_delays: list[float] = Field(default_factory=lambda: list(WEBHOOK_RETRY_DELAYS))
     webhook_timeout: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=64, ge=1)
+    # of those, at most this many for one account's receivers (a dead one holds each for
+    # the whole timeout): the rest wait, not the other accounts' webhooks
+    webhook_account_concurrency: int = Field(default=8, ge=1)
 
     # OpenAI's images API (docs/api.md#openai): its own model names, as served here. A
     # name or a `prefix*` -> a service or backend; exact names win, then the longest

@@ -23,6 +23,7 @@ signatures and the URL guard are the same for every shape.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import random
@@ -139,6 +140,8 @@ LOG_KEPT = 100
 #: whether it was delivered (Standard Webhooks); a longer or slower body is not waited
 #: for, its connection closed instead of kept
 DRAIN_BYTES, DRAIN_SECONDS = 1024 * 1024, 1.0
+#: seconds a delivery waits when its account has all its attempts under way already
+ACCOUNT_WAIT = 1.0
 #: the status with which a receiver says its endpoint is gone for good: no retry
 #: (Standard Webhooks' guidance)
 GONE = 410
@@ -170,6 +173,7 @@ class Webhooks:
         # A URL's name answered at admission may go silent by its delivery.
         self.lookups = lookups
         self.inflight: set[asyncio.Task[bool]] = set()
+        self.busy: collections.Counter[str] = collections.Counter()  # attempts by account
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -224,6 +228,29 @@ class Webhooks:
         if not job.webhook_url:
             await self._unschedule(schedule, leases, job_key)
             return False
+        if self.busy[job.account] >= self.settings.webhook_account_concurrency:
+            # The account's receivers hold its share of this process's attempts already
+            # (one that never answers holds each for the whole timeout): put off, no
+            # attempt spent, so that other accounts' webhooks do not wait behind them.
+            await self._put_off(schedule, leases, job_key, ACCOUNT_WAIT)
+            return False
+        self.busy[job.account] += 1
+        try:
+            return await self._deliver(job, job_key, schedule, leases)
+        finally:
+            self.busy[job.account] -= 1
+            if not self.busy[job.account]:
+                del self.busy[job.account]
+
+    async def _put_off(self, schedule: str, leases: str, job_key: str, seconds: float) -> None:
+        """The delivery due again in `seconds`, its lease let go; no attempt counted."""
+        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
+            pipe.zadd(schedule, {job_key: self.now_ms() + int(seconds * 1000)})
+            pipe.hdel(leases, job_key)
+            await pipe.execute()
+
+    async def _deliver(self, job: Job, job_key: str, schedule: str, leases: str) -> bool:
+        assert job.webhook_url is not None
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
         started = self.now_ms()
         addresses: list[Address] = []
@@ -240,10 +267,7 @@ class Webhooks:
             # The process's own bound on lookups (no place free, or the account's names
             # resting), not the receiver's doing: put off, no attempt spent.
             wait_s = exc.retry_after or 5
-            async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
-                pipe.zadd(schedule, {job_key: self.now_ms() + wait_s * 1000})
-                pipe.hdel(leases, job_key)
-                await pipe.execute()
+            await self._put_off(schedule, leases, job_key, wait_s)
             log.info("webhook put off: no name lookup for it now", retry_after=wait_s)
             return False
         except BadUserInput as exc:  # the name did not resolve, or no longer may be used

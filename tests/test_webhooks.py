@@ -249,6 +249,36 @@ async def test_a_resend_sends_now_but_never_beside_an_attempt_under_way(
         await until(lambda: logged_as([1, 2, 1]))  # a new round
 
 
+async def test_one_accounts_silent_receiver_does_not_hold_another_accounts_webhooks(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """An account whose receiver never answers, with more jobs ended than the process has
+    delivery slots, holds each attempt for the whole timeout: it gets its share of the
+    slots (`webhook_account_concurrency`), no more, and another account's webhook is
+    delivered meanwhile, not after the timeouts."""
+    silent, healthy = RawReceiver(silent=True), Receiver()
+    options = {**FAST, "webhook_concurrency": 4, "webhook_account_concurrency": 2}
+    async with (  # the receivers go first: the gateway's attempts end as they close
+        gateway(redis_url, storage_dir, webhook_timeout=60, **options) as gw,
+        silent.serving() as port,
+        serve(healthy.app) as hook_base,
+    ):
+        made = "mutation($i: ImageGenerationInput!) { generateImage(input: $i) { id } }"
+
+        async def ended(key: str, url: str, prompt: str) -> None:
+            body = {"service": "local", "prompt": prompt, "webhookUrl": url}
+            r = await gw.gql(made, {"i": body}, key)
+            await gw.wait(key, r.json()["data"]["generateImage"]["id"])
+
+        flood, other = await gw.key(plan="enterprise"), await gw.key()
+        for n in range(6):
+            await ended(flood, f"http://127.0.0.1:{port}/hook", f"flood {n}")
+        await until(lambda: len(silent.heads) == 2, what="two attempts held by the receiver")
+        await ended(other, f"{hook_base}/hook", "another account's")
+        await until(lambda: healthy.calls, timeout=15, what="the other account's webhook")
+        assert len(silent.heads) == 2  # still its two, each waiting out its timeout
+
+
 async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
     redis_url: str, storage_dir: Path
 ) -> None:

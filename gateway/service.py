@@ -45,6 +45,8 @@ from gateway.webhooks import Webhooks
 #: would otherwise leave a job accepted and charged behind a 503 (docs/api.md#durability).
 ADMIT_AGAIN_SECONDS = 3.0
 ADMIT_AGAIN_FIRST = 0.05  # the first wait; each next one twice as long
+#: after the job id in a left request's note (`Gateway.left`): its leaving was counted
+COUNTED = "counted"
 
 
 @contextlib.contextmanager
@@ -332,11 +334,13 @@ class Gateway:
                     _, record = await self._authenticate(api_key, True, origin, verdict.job_id)
                     earlier = Job.from_record(record) if record else None
                 else:
-                    if rejoining:
-                        # Its mark taken off first (`left`): a worker reaching the job
-                        # now starts it; one that cancelled it before is read so.
-                        await self.store.mark_left(credential.account, verdict.job_id, False)
-                    earlier = await self.store.get(credential.account, verdict.job_id)
+                    job_id, _, counted = verdict.job_id.partition(" ")  # the note (`left`)
+                    if rejoining and counted:
+                        # Back for the job its leaving was counted on, first (`left`): a
+                        # worker reaching the job now starts it; one that cancelled it
+                        # before is read so.
+                        await self.store.mark_left(credential.account, job_id, False)
+                    earlier = await self.store.get(credential.account, job_id)
                 if rejoining:
                     # Used up here, not in admit.lua: a script sent again after its reply
                     # was lost still finds it. The same request sent later is a new job.
@@ -420,14 +424,18 @@ class Gateway:
         own timeout ran out first): the same request, sent again within LEFT_MS by the
         same caller with `rejoin`, joins `job` rather than start and pay for another (if
         `job` is cancelled meanwhile, it makes a new one). `mark`: nobody else would see
-        the job's end (no webhook): a worker that reaches it still queued, before the
-        request comes back for it, cancels it, refunded (docs/api.md#waiting). Marked
-        before the note is written: a rejoin that finds the note takes the mark off."""
+        the job's end (no webhook): the leaving is counted on the job, and a worker that
+        reaches it still queued while every request that waited on it is away cancels it,
+        refunded (docs/api.md#waiting). Counted before the note is written: a rejoin that
+        finds the note counts its coming back."""
         left = keys.left(principal.account, principal.token_id(), request.fingerprint)
         with store_errors():
             if mark:
                 await self.store.mark_left(principal.account, job.id)
-            await self.redis.set(left, job.id, px=keys.LEFT_MS)
+            # The note says whether this leaving was counted: only a request back for
+            # such a one counts coming back (a wait that ran out counts neither).
+            note = f"{job.id} {COUNTED}" if mark else job.id
+            await self.redis.set(left, note, px=keys.LEFT_MS)
 
     async def wait(self, job: Job, seconds: float) -> Job:
         """`job` once it has ended, or as it stands after `seconds`: it goes on either

@@ -56,12 +56,15 @@ MAX_FIELDS = 2_500
 PAGES = {"jobs": 100}  # Query.jobs
 # Fields an operation may ask for once (aliases would multiply them): `usage` reads up to
 # 50,000 jobs (~0.1 s for 4,000); `__schema`, the whole schema (~25 ms, 1.2 MB for
-# fifteen aliased, with no key needed). And the mutations that make what their answer
-# alone shows (a job's id, a token, a key), each answering a non-null type: a second
-# one refused would null the whole answer (GraphQL's null propagation), the first's
-# job charged and running, its id, token or key never seen.
-ONCE = frozenset({"usage", "__schema", "generate", "generateImage", "createClientToken"})
-ONCE |= {"createKey", "rotateKey"}
+# fifteen aliased, with no key needed).
+ONCE = frozenset({"usage", "__schema"})
+# The mutations that make what their answer alone shows (a job's id, a token, a key): each
+# must be its operation's only mutation. Every mutation answers a non-null type, so any
+# other one refused beside it would null the whole answer (GraphQL's null propagation),
+# this one's job charged and running, its id, token or key never seen.
+MAKES = ("generate", "generateImage", "createClientToken", "createKey", "rotateKey")
+MUTATIONS = frozenset({*MAKES, "cancelJob", "resendWebhook", "revokeClientToken"})
+MUTATIONS |= {"updateKey", "addCredits", "revokeKey"}  # Mutation's fields, all
 # A page filtered by `status` reads up to a thousand records to fill itself
 # (gateway/jobs/store.py, SCAN_MOST): once an operation too, as the one read it counts.
 FILTERED = "jobs(status:)"
@@ -116,7 +119,8 @@ class Measure:
     aliases: int = 0
     fields: int = 0
     selections: int = 0  # in the text, spreads not expanded
-    once: dict[str, int] = field(default_factory=dict)  # times each of `ONCE` is asked
+    # times each of `ONCE` and `MUTATIONS` is asked
+    once: dict[str, int] = field(default_factory=dict)
     long_numbers: int = 0  # numbers over `MAX_NUMBER` characters in its arguments
     # The fragments spread: (name, the spread's depth, or None where depth does not
     # count; how many times its fields count there).
@@ -181,7 +185,7 @@ def measure(selection_set: SelectionSetNode) -> Measure:
                 name = selection.name.value
                 if name in PAGES and _filtered(selection):
                     name = FILTERED  # a scan of up to a thousand records: counted apart
-                if name in ONCE:
+                if name in ONCE or name in MUTATIONS:
                     out.once[name] = out.once.get(name, 0) + times
                 if selection.arguments:
                     out.long_numbers += long_numbers([a.value for a in selection.arguments])
@@ -303,6 +307,14 @@ def check(document: DocumentNode) -> list[GraphQLError]:
         )
         for name, asked in total.once.items():  # one operation runs: its own count
             once[name] = max(once.get(name, 0), asked)
+        made = next((name for name in MAKES if total.once.get(name)), None)
+        if made and sum(total.once.get(name, 0) for name in MUTATIONS) > 1:
+            errors.append(
+                GraphQLError(
+                    f"{made} must be its operation's only mutation: another one refused "
+                    f"beside it would null the whole answer, {made}'s included"
+                )
+            )
         if total.depth > MAX_DEPTH:
             name = definition.name.value if definition.name else "anonymous"
             errors.append(
@@ -318,7 +330,7 @@ def check(document: DocumentNode) -> list[GraphQLError]:
             )
         )
     for name, asked in sorted(once.items()):
-        if asked > 1:
+        if asked > 1 and name in ONCE:
             errors.append(GraphQLError(f"{name} asked for {asked} times. Allowed: once"))
     if numbers:
         errors.append(

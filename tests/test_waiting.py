@@ -310,12 +310,13 @@ async def test_a_left_job_two_retries_joined_runs_while_one_of_them_is_still_the
             with pytest.raises(httpx.TimeoutException):
                 await short.post(path, json=body, headers=headers)
         [note] = await until(lambda: left(gw), what="the job noted as left")
-        job_id = await gw.accounts.redis.get(note)
+        noted_as = await gw.accounts.redis.get(note)
+        job_id = noted_as.split()[0]
 
         staying = asyncio.create_task(gw.http.post(path, json=body, headers=headers))
         await until(lambda: noted(gw, 0), what="the first retry joining (its note used up)")
         # The second retry's admission read the note as the first's did, at once.
-        await gw.accounts.redis.set(note, job_id, px=60_000)
+        await gw.accounts.redis.set(note, noted_as, px=60_000)
         async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
             with pytest.raises(httpx.TimeoutException):  # joins, and leaves again
                 await short.post(path, json=body, headers=headers)
@@ -328,6 +329,35 @@ async def test_a_left_job_two_retries_joined_runs_while_one_of_them_is_still_the
         assert await _statuses(gw, key, ["completed"])  # one job, charged once
         assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 990
         assert flux.submissions == 2
+
+
+async def test_a_retry_of_a_504_that_leaves_before_the_job_started_leaves_it_cancelled(
+    redis_url: str, storage_dir: Path
+) -> None:
+    """A wait that ran out (504) is not a client leaving: the job is kept for the retry,
+    not counted as left. The retry joins it and then leaves too, its own timeout out
+    first: nobody waits on the job now, and it is cancelled, refunded, when a worker
+    reaches it (a retry's coming back is counted only against a leaving that was)."""
+    async with slow_flux_krea(redis_url, storage_dir, 1.5, workers=1) as (gw, flux):
+        other, key = await gw.key(), await gw.key(credits=1000)
+        ahead = await busy(gw, flux, other, "ahead")
+        path, body = "/v1/images/generations", {"model": "flux-krea", "prompt": "a lighthouse"}
+        headers = {"Authorization": f"Bearer {key}"}
+        # OpenAI's SDK says its timeout: the route answers 504 just before it.
+        said = {**headers, "x-stainless-read-timeout": "1"}
+        first = await gw.http.post(path, json=body, headers=said)
+        assert first.status_code == 504, first.text
+        job_id = first.headers["x-gateway-job-id"]
+        await until(lambda: noted(gw, 1), what="the 504's job noted for its retry")
+        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
+            with pytest.raises(httpx.TimeoutException):  # the retry joins, then leaves
+                await short.post(path, json=body, headers=headers)
+        await until(lambda: noted(gw, 1), what="the retry noted as left")
+        assert (await ahead).json()["status"] == "completed"
+        ended = await gw.wait(key, job_id)
+        assert ended["status"] == "cancelled" and "left" in ended["error"], ended
+        assert (await gw.accounts.get(gw.keys[key]["id"])).credits == 1000
+        assert flux.submissions == 1  # only the one ahead
 
 
 async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves(

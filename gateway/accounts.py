@@ -38,8 +38,8 @@ class AccountInfo:
         return asdict(self)
 
 
-#: how long a webhook secret replaced by `rotate` still signs beside the new one (Svix's
-#: and Stripe's rolling windows are a day)
+#: how long a webhook secret replaced by `rotate` still signs beside the new one: a day
+#: for its receivers to be given the new one
 SECRET_OVERLAP_MS = 24 * 3600 * 1000
 
 

@@ -34,7 +34,7 @@ DEFAULT_PLANS: dict[str, PlanLimits] = {
 }
 
 #: seconds before each retry of a webhook: thirteen attempts over about three days (a
-#: receiver down overnight still gets them; Stripe retries for three days)
+#: receiver down overnight still gets them)
 WEBHOOK_RETRY_DELAYS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 18000, 36000, 36000)
 WEBHOOK_RETRY_DELAYS += (86400, 86400)
 

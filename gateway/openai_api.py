@@ -96,7 +96,7 @@ CHOICES = {
     "background": ("opaque", "auto"),  # transparent: refused, none draws it (`to_request`)
 }
 RANGES = {"output_compression": (0, 100), "partial_images": (0, 3), "frame_count": (2, 16)}
-RANGES |= {"frame_duration_ms": (0, 2**31 - 1)}  # longer delays are capped, not refused
+RANGES |= {"frame_duration_ms": (0, 2**31 - 1)}  # any delay (OpenAI caps long ones)
 #: accepted and not used, but of their type (OpenAI's API reference)
 STRINGS = ("user", "safety_identifier")
 #: OpenAI's quality words, as the gateway's backends take them (and the other way, as

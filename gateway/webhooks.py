@@ -142,9 +142,6 @@ LOG_KEPT = 100
 DRAIN_BYTES, DRAIN_SECONDS = 1024 * 1024, 1.0
 #: seconds a delivery waits when its account has all its attempts under way already
 ACCOUNT_WAIT = 1.0
-#: the status with which a receiver says its endpoint is gone for good: no retry
-#: (Standard Webhooks' guidance)
-GONE = 410
 
 
 class Webhooks:
@@ -178,6 +175,12 @@ class Webhooks:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def lease_ms(self) -> int:
+        """How long a claimed delivery is held (claim.lua): its name lookup and its POST
+        (with its answer's drain) are each bounded by the timeout, so no other process
+        sends it meanwhile."""
+        return int((2 * self.settings.webhook_timeout + DRAIN_SECONDS + 5) * 1000)
+
     async def run(self, stop: asyncio.Event, period: float = 0.25) -> None:
         trouble = telemetry.Streak("webhook dispatch")
         while not stop.is_set():
@@ -196,14 +199,11 @@ class Webhooks:
         free = self.settings.webhook_concurrency - len(self.inflight)
         if free <= 0:
             return
-        # An attempt's name lookup and its POST are each bounded by the timeout: the
-        # claim outlasts both, so no other process sends it meanwhile.
-        lease = int((2 * self.settings.webhook_timeout + 5) * 1000)
+        lease = self.lease_ms()
         for shard in range(self.settings.redis_shards):
             due = (
                 await self.scripts.claim(
                     schedule=keys.webhooks(shard),
-                    leases=keys.webhook_leases(shard),
                     now_ms=self.now_ms(),
                     lease_ms=lease,
                     count=free,
@@ -221,35 +221,32 @@ class Webhooks:
     async def deliver(self, job_key: str) -> bool:
         """One attempt; schedules the next one or ends the delivery. True on success."""
         shard = keys.shard_of_key(job_key)
-        schedule, leases = keys.webhooks(shard), keys.webhook_leases(shard)
+        schedule = keys.webhooks(shard)
         job = await self.store.get_by_key(job_key)
         if job is None:  # a cache hit's record lives only as long as its cache entry
-            return await self._expired(schedule, leases, job_key)
+            return await self._expired(schedule, job_key)
         if not job.webhook_url:
-            await self._unschedule(schedule, leases, job_key)
+            await self.redis.zrem(schedule, job_key)
             return False
         if self.busy[job.account] >= self.settings.webhook_account_concurrency:
             # The account's receivers hold its share of this process's attempts already
             # (one that never answers holds each for the whole timeout): put off, no
             # attempt spent, so that other accounts' webhooks do not wait behind them.
-            await self._put_off(schedule, leases, job_key, ACCOUNT_WAIT)
+            await self._put_off(schedule, job_key, ACCOUNT_WAIT)
             return False
         self.busy[job.account] += 1
         try:
-            return await self._deliver(job, job_key, schedule, leases)
+            return await self._deliver(job, job_key, schedule)
         finally:
             self.busy[job.account] -= 1
             if not self.busy[job.account]:
                 del self.busy[job.account]
 
-    async def _put_off(self, schedule: str, leases: str, job_key: str, seconds: float) -> None:
-        """The delivery due again in `seconds`, its lease let go; no attempt counted."""
-        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
-            pipe.zadd(schedule, {job_key: self.now_ms() + int(seconds * 1000)})
-            pipe.hdel(leases, job_key)
-            await pipe.execute()
+    async def _put_off(self, schedule: str, job_key: str, seconds: float) -> None:
+        """The delivery due again in `seconds` (its lease let go); no attempt counted."""
+        await self.redis.zadd(schedule, {job_key: self.now_ms() + int(seconds * 1000)})
 
-    async def _deliver(self, job: Job, job_key: str, schedule: str, leases: str) -> bool:
+    async def _deliver(self, job: Job, job_key: str, schedule: str) -> bool:
         assert job.webhook_url is not None
         telemetry.note(job_id=job.id, account=job.account)  # this delivery's task only
         started = self.now_ms()
@@ -267,7 +264,7 @@ class Webhooks:
             # The process's own bound on lookups (no place free, or the account's names
             # resting), not the receiver's doing: put off, no attempt spent.
             wait_s = exc.retry_after or 5
-            await self._put_off(schedule, leases, job_key, wait_s)
+            await self._put_off(schedule, job_key, wait_s)
             log.info("webhook put off: no name lookup for it now", retry_after=wait_s)
             return False
         except BadUserInput as exc:  # the name did not resolve, or no longer may be used
@@ -276,7 +273,7 @@ class Webhooks:
             job=job_key, fields={}, count="webhook_attempts", client=self.redis
         )
         if not counted.found:  # expired since it was read
-            return await self._expired(schedule, leases, job_key)
+            return await self._expired(schedule, job_key)
         attempt = counted.counted
         secret, before, until = (
             decoded(v or "")
@@ -305,7 +302,7 @@ class Webhooks:
         }
         log_key = keys.webhook_log(job.account, job.id)
         retention = int(self.settings.retention_days * 86400)
-        final = ok or attempt > len(self.delays) or status == GONE
+        final = ok or attempt > len(self.delays)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(log_key, orjson.dumps(record))
             pipe.ltrim(log_key, -LOG_KEPT, -1)
@@ -315,7 +312,6 @@ class Webhooks:
             else:
                 delay = self.delays[attempt - 1] * random.uniform(0.8, 1.0)
                 pipe.zadd(schedule, {job_key: self.now_ms() + int(delay * 1000)})
-            pipe.hdel(leases, job_key)  # a retry waiting now, or nothing: a resend's to move
             await pipe.execute()
         outcome = "delivered" if ok else "failed" if final else "retrying"
         await self.store.scripts.patch(
@@ -325,13 +321,7 @@ class Webhooks:
         log.info("webhook attempt", attempt=attempt, status=status, outcome=outcome)
         return ok
 
-    async def _unschedule(self, schedule: str, leases: str, job_key: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the shard's
-            pipe.zrem(schedule, job_key)
-            pipe.hdel(leases, job_key)
-            await pipe.execute()
-
-    async def _expired(self, schedule: str, leases: str, job_key: str) -> bool:
+    async def _expired(self, schedule: str, job_key: str) -> bool:
         """A delivery whose job's record expired first: it ends undelivered."""
         account, job_id = keys.job_parts(job_key)
         log.warning(
@@ -340,7 +330,7 @@ class Webhooks:
             job_id=job_id,
         )
         metrics.WEBHOOK["failed"].inc()
-        await self._unschedule(schedule, leases, job_key)
+        await self.redis.zrem(schedule, job_key)
         return False
 
     async def _attempt(
@@ -362,7 +352,9 @@ class Webhooks:
                 with telemetry.span(
                     "webhook", parent=job.trace, kind="client", attributes=attributes
                 ) as span:
-                    async with asyncio.timeout(self.settings.webhook_timeout):
+                    # aiohttp's own limit is the timeout; this one lets an answer whose
+                    # status came last minute be drained (`_drain`) rather than cut.
+                    async with asyncio.timeout(self.settings.webhook_timeout + DRAIN_SECONDS):
                         status = await self._post(url, addresses, body, headers)
                     if span is not None:
                         span.set_attribute("http.response.status_code", status)
@@ -419,7 +411,7 @@ class Webhooks:
                     if read > DRAIN_BYTES:
                         response.close()
                         return
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientError):  # slow, or cut: delivered all the same
             response.close()
 
     async def attempts(self, account: str, job_id: str) -> list[dict[str, Any]]:
@@ -438,7 +430,7 @@ class Webhooks:
         shard = keys.shard_of(job.account)
         await self.scripts.resend(
             schedule=keys.webhooks(shard),
-            leases=keys.webhook_leases(shard),
+            lease_ms=self.lease_ms(),
             job=keys.job(job.account, job.id),
             now_ms=self.now_ms(),
             client=self.redis,

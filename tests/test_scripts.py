@@ -280,10 +280,10 @@ async def test_every_wrapper_runs_its_script(redis_url: str) -> None:
             most=10,
         )
         assert credit.outcome == "unknown"
-        webhooks, leases = keys.webhooks(shard), keys.webhook_leases(shard)
-        claim = await made.claim(schedule=webhooks, leases=leases, now_ms=1, lease_ms=1, count=5)
+        webhooks = keys.webhooks(shard)
+        claim = await made.claim(schedule=webhooks, now_ms=1, lease_ms=1, count=5)
         assert claim.due == []
-        resent = await made.resend(schedule=webhooks, leases=leases, job=job, now_ms=1)
+        resent = await made.resend(schedule=webhooks, job=job, now_ms=1, lease_ms=1)
         assert resent == "missing"
         settled = await made.settle(
             cache_entry=keys.cache_entry(shard, "d"),

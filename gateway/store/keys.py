@@ -72,11 +72,6 @@ def webhooks(shard: int) -> str:
     return f"{_shard(shard)}:webhooks"
 
 
-def webhook_leases(shard: int) -> str:
-    """Hash: job key -> until when (ms) a deliverer holds its attempt (claim.lua)."""
-    return f"{_shard(shard)}:webhook_leases"
-
-
 def cancellations(shard: int) -> str:
     """Sorted set: job key -> when it was cancelled while running (ms), for workers."""
     return f"{_shard(shard)}:cancellations"

@@ -544,14 +544,12 @@ class Claim(Script):
         self,
         *,
         schedule: str,
-        leases: str,
         now_ms: int,
         lease_ms: int,
         count: int,
         client: aioredis.Redis | None = None,
     ) -> ClaimReply:
-        argv = [schedule, leases, now_ms, lease_ms, count]
-        return self.decode(await self.run(2, argv, client))
+        return self.decode(await self.run(1, [schedule, now_ms, lease_ms, count], client))
 
     @staticmethod
     def decode(reply: list[Any]) -> ClaimReply:
@@ -571,12 +569,12 @@ class Resend(Script):
         self,
         *,
         schedule: str,
-        leases: str,
         job: str,
         now_ms: int,
+        lease_ms: int,
         client: aioredis.Redis | None = None,
     ) -> str:
-        return str(await self.run(3, [schedule, leases, job, now_ms], client))
+        return str(await self.run(2, [schedule, job, now_ms, lease_ms], client))
 
 
 # -- settle.lua ----------------------------------------------------------------------

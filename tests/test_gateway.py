@@ -229,7 +229,7 @@ async def test_rest_lists_the_callers_jobs_and_says_its_balance_and_limits(
             r = await gw.http.post("/v1/text_to_image", json=body, headers=headers)
             ids.append(r.json()["id"])
             gw.clock.advance(0.01)  # each created in a millisecond of its own
-        await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": other})
+        theirs = await gw.http.post("/v1/text_to_image", json=body, headers={"X-API-Key": other})
         await gw.http.post(f"/v1/jobs/{ids[1]}/cancel", headers=headers)
 
         first = await gw.http.get("/v1/jobs", params={"first": 2}, headers=headers)
@@ -251,6 +251,9 @@ async def test_rest_lists_the_callers_jobs_and_says_its_balance_and_limits(
             ({"first": "ten"}, "first"),
             ({"after": "zzz"}, "after"),
             ({"status": "done"}, "status"),
+            # a job id, but none of the caller's (another key's; or expired since): not
+            # an empty page, which would read as the end of the list
+            ({"after": theirs.json()["id"]}, "after"),
         ):
             r = await gw.http.get("/v1/jobs", params=bad, headers=headers)
             assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text

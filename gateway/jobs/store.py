@@ -7,6 +7,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.errors import BadUserInput
 from gateway.jobs.model import Job, compact_metadata, outcome_fields, text
 from gateway.store import keys
 from gateway.store.redis import decoded_members
@@ -64,7 +65,13 @@ class JobStore:
         if after:
             rank = await self.redis.zrevrank(index, after)
             if not isinstance(rank, int):  # not in the index (no score asked: never a list)
-                return [], False, None
+                # An empty last page would read as the end of the list: the pages after
+                # a cursor whose job expired (or is another caller's) are not known.
+                raise BadUserInput(
+                    "after names no job of yours (expired since, or another key's): "
+                    "start again without it",
+                    field="after",
+                )
             start = rank + 1
         found: list[Job] = []
         batch = max(first, 20) if status is None else SCAN_BATCH

@@ -36,6 +36,11 @@ class Generation:
     created_at: str
     completed_at: str | None
     webhook_url: str | None
+    webhook_status: str | None = strawberry.field(
+        description="its webhook's delivery: delivered, retrying (an attempt failed, more "
+        "to come) or failed (the retries ended); null before the first attempt, or with "
+        "no webhookUrl"
+    )
     error: str | None = strawberry.field(description="why the job failed, when it did")
     duration: float | None = strawberry.field(description="seconds from request to completion")
 
@@ -55,6 +60,7 @@ class Generation:
             created_at=iso(job.created_at) or "",
             completed_at=iso(job.completed_at),
             webhook_url=job.webhook_url,
+            webhook_status=job.webhook_status,
             error=job.error,
             duration=job.duration,
         )

@@ -136,6 +136,12 @@ async def test_receiver_failing_twice_gets_one_signed_delivery_and_attempts_are_
             {"attempt": 2, "statusCode": 500, "success": False, "error": "HTTP 500"},
             {"attempt": 3, "statusCode": 200, "success": True, "error": None},
         ]
+        # The job says how its webhook went, over GraphQL and REST alike.
+        status = "query($id: ID!) { job(id: $id) { webhookStatus } }"
+        r = await gw.gql(status, {"id": job["id"]}, key)
+        assert r.json()["data"]["job"]["webhookStatus"] == "delivered"
+        r = await gw.http.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key})
+        assert r.json()["webhookStatus"] == "delivered"
 
         # Re-send on request: one more signed delivery.
         r = await gw.gql("mutation($id: ID!) { resendWebhook(id: $id) }", {"id": job["id"]}, key)
@@ -304,6 +310,10 @@ async def test_failed_and_cancelled_jobs_are_reported_and_retries_end(
 
         await until(gave_up)
         assert len(receiver.calls) == 3  # the first attempt and two retries, then no more
+        listed = await gw.gql("{ jobs { nodes { id webhookStatus } } }", key=key)
+        assert listed.json()["data"]["jobs"]["nodes"] == [
+            {"id": job["id"], "webhookStatus": "failed"}
+        ]
 
 
 async def test_redirects_are_not_followed(redis_url: str, storage_dir: Path) -> None:

@@ -43,6 +43,8 @@ class Job:
     started_at: int | None = None
     completed_at: int | None = None
     webhook_url: str | None = None
+    #: its webhook's delivery: delivered, retrying or failed (set by gateway/webhooks.py)
+    webhook_status: str | None = None
     urls: list[str] = field(default_factory=list)
     width: int | None = None
     height: int | None = None
@@ -101,6 +103,7 @@ class Job:
             started_at=_int(r.get("started_at")),
             completed_at=_int(r.get("completed_at")),
             webhook_url=r.get("webhook_url") or None,
+            webhook_status=r.get("webhook_status") or None,
             urls=_json(r.get("urls")) or [],
             width=width,
             height=height,
@@ -170,6 +173,7 @@ class Job:
             "createdAt": iso(self.created_at),
             "completedAt": iso(self.completed_at),
             "webhookUrl": self.webhook_url,
+            "webhookStatus": self.webhook_status,
             "error": self.error,
             "duration": self.duration,
         }

@@ -220,8 +220,7 @@ class Webhooks:
 
     async def deliver(self, job_key: str) -> bool:
         """One attempt; schedules the next one or ends the delivery. True on success."""
-        shard = keys.shard_of_key(job_key)
-        schedule = keys.webhooks(shard)
+        schedule = keys.webhooks(keys.shard_of_key(job_key))
         job = await self.store.get_by_key(job_key)
         if job is None:  # a cache hit's record lives only as long as its cache entry
             return await self._expired(schedule, job_key)

@@ -26,8 +26,8 @@ local function save_job(key, job)
 end
 -- Whether every client that waited on the job's answer has left it (docs/api.md#waiting):
 -- each leaving counts in `left`, each coming back for it (the same request again) in
--- `back` (both through patch.lua's count, once a call); an identical request of another
--- key that follows it (admit.lua) is one who never leaves (`followed`).
+-- `back` (both through patch.lua's count, once a call); an identical request that
+-- follows it (admit.lua's cache) is one who never leaves (`followed`).
 local function left_by_all(job)
   return not job['followed'] and tonumber(job['left'] or '0') > tonumber(job['back'] or '0')
 end

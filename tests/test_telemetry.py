@@ -90,8 +90,8 @@ async def test_an_unanswered_exception_is_a_500_with_the_request_id(
         raise RuntimeError("a bug")
 
     async with gateway(redis_url, storage_dir) as gw:
-        gw.app.router.routes.append(Route("/v1/boom", boom))
-        r = await gw.http.get("/v1/boom", headers={"X-Request-Id": "x-500"})
+        gw.app.router.routes.append(Route("/v1/me/boom", boom))  # a REST path: REST's shape
+        r = await gw.http.get("/v1/me/boom", headers={"X-Request-Id": "x-500"})
     assert r.status_code == 500
     assert r.headers["x-request-id"] == "x-500"
     assert r.json()["error"]["code"] == "INTERNAL_SERVER_ERROR"

@@ -328,16 +328,21 @@ def keys_create(
         lambda a: a.create(plan, credits, name, rpm=rpm, concurrency=concurrency, daily=daily),
         places=True,
     )
+    _print_key(made, as_json)
+
+
+def _print_key(made: dict[str, Any], as_json: bool) -> None:
+    """A key just made (`keys create`, `keys rotate`): shown this once."""
     if as_json:
         print(json.dumps(made))
-    else:
-        console.print(f"API key: {made['key']}", soft_wrap=True)  # shown once: whole
-        console.print(  # one line, however narrow: scripts read the secret from it
-            f"id {made['id']}, plan {plan}, {credits} credits, "
-            f"webhook secret {made['webhookSecret']}",
-            soft_wrap=True,
-        )
-        console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
+        return
+    console.print(f"API key: {made['key']}", soft_wrap=True)  # shown once: whole
+    console.print(  # one line, however narrow: scripts read the secret from it
+        f"id {made['id']}, plan {made['plan']}, {made['credits']} credits, "
+        f"webhook secret {made['webhookSecret']}",
+        soft_wrap=True,
+    )
+    console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
 
 
 @keys_app.command("list")
@@ -382,13 +387,7 @@ def keys_rotate(
 ) -> None:
     """A new key for ID (the old one, and the client tokens it minted, refused at once;
     a revoked key live again): its balance, limits, ledger and jobs stay."""
-    made = _with_accounts(_settings(), lambda a: a.rotate(key_id, webhook_secret))
-    if as_json:
-        print(json.dumps(made))
-        return
-    console.print(f"API key: {made['key']}", soft_wrap=True)
-    console.print(f"id {key_id}, webhook secret {made['webhookSecret']}", soft_wrap=True)
-    console.print("[dim]The key is shown once; only its hash is stored.[/dim]")
+    _print_key(_with_accounts(_settings(), lambda a: a.rotate(key_id, webhook_secret)), as_json)
 
 
 @keys_app.command("update")

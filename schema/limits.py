@@ -69,6 +69,7 @@ MUTATIONS |= {"updateKey", "addCredits", "revokeKey"}  # Mutation's fields, all
 # (gateway/jobs/store.py, SCAN_MOST): once an operation too, as the one read it counts.
 FILTERED = "jobs(status:)"
 ONCE |= {FILTERED}
+COUNTED = ONCE | MUTATIONS  # what `measure` counts
 # Characters of a number written in the document: graphql-core turns a longer integer
 # into an error that names Python's own limit (4,300 digits).
 MAX_NUMBER = 64
@@ -119,8 +120,7 @@ class Measure:
     aliases: int = 0
     fields: int = 0
     selections: int = 0  # in the text, spreads not expanded
-    # times each of `ONCE` and `MUTATIONS` is asked
-    once: dict[str, int] = field(default_factory=dict)
+    once: dict[str, int] = field(default_factory=dict)  # times each of `COUNTED` is asked
     long_numbers: int = 0  # numbers over `MAX_NUMBER` characters in its arguments
     # The fragments spread: (name, the spread's depth, or None where depth does not
     # count; how many times its fields count there).
@@ -185,7 +185,7 @@ def measure(selection_set: SelectionSetNode) -> Measure:
                 name = selection.name.value
                 if name in PAGES and _filtered(selection):
                     name = FILTERED  # a scan of up to a thousand records: counted apart
-                if name in ONCE or name in MUTATIONS:
+                if name in COUNTED:
                     out.once[name] = out.once.get(name, 0) + times
                 if selection.arguments:
                     out.long_numbers += long_numbers([a.value for a in selection.arguments])

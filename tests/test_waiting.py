@@ -119,6 +119,16 @@ LEAVING = {
 }
 
 
+async def gives_up(
+    gw: Harness, path: str, body: dict[str, Any], headers: dict[str, str], seconds: float = 0.5
+) -> None:
+    """Send a request as a client whose own timeout of `seconds` runs out before its
+    answer comes, and leaves."""
+    async with httpx.AsyncClient(base_url=gw.base, timeout=seconds) as short:
+        with pytest.raises(httpx.TimeoutException):
+            await short.post(path, json=body, headers=headers)
+
+
 async def leave_queued(gw: Harness, key: str, seconds: float = 0.5) -> None:
     """Leave a job on each route that answers when its job ends (REST's `Prefer: wait`,
     flux-krea's, Segmind's through its SDK), as clients whose own timeout of `seconds`
@@ -130,13 +140,9 @@ async def leave_queued(gw: Harness, key: str, seconds: float = 0.5) -> None:
         with pytest.raises(httpx.TimeoutException):
             await asyncio.to_thread(segmind.run_sync, "flux-krea-dev", prompt="a harbour")
 
-    async def post(path: str, body: dict[str, Any]) -> None:
-        with pytest.raises(httpx.TimeoutException):
-            await http.post(path, json=body, headers=headers)
-
     try:
-        async with httpx.AsyncClient(base_url=gw.base, timeout=seconds) as http:
-            await asyncio.gather(sdk(), *(post(*sent) for sent in LEAVING.values()))
+        leaving = (gives_up(gw, *sent, headers, seconds) for sent in LEAVING.values())
+        await asyncio.gather(sdk(), *leaving)
     finally:
         segmind._client.close()
     await until(lambda: noted(gw, 3), what="three jobs noted as left")
@@ -215,10 +221,7 @@ async def test_a_left_job_an_identical_request_waits_on_runs_for_it(
         body = {"service": "flux-krea", "prompt": "a kite", "width": 512, "height": 512}
 
         async def leave_one(key: str, sent: dict[str, Any]) -> str:
-            async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
-                with pytest.raises(httpx.TimeoutException):
-                    headers = {"X-API-Key": key, "Prefer": "wait=60"}
-                    await short.post(path, json=sent, headers=headers)
+            await gives_up(gw, path, sent, {"X-API-Key": key, "Prefer": "wait=60"})
             await until(lambda: noted(gw, len(noted_before) + 1))
             noted_before.append(key)
             jobs = await gw.gql("{ jobs(first: 1) { nodes { id } } }", key=key)
@@ -306,9 +309,7 @@ async def test_a_left_job_two_retries_joined_runs_while_one_of_them_is_still_the
         ahead = await busy(gw, flux, other, "ahead")
         path, body = LEAVING["REST"]
         headers = {"X-API-Key": key, "Prefer": "wait=60"}
-        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
-            with pytest.raises(httpx.TimeoutException):
-                await short.post(path, json=body, headers=headers)
+        await gives_up(gw, path, body, headers)
         [note] = await until(lambda: left(gw), what="the job noted as left")
         noted_as = await gw.accounts.redis.get(note)
         job_id = noted_as.split()[0]
@@ -317,9 +318,7 @@ async def test_a_left_job_two_retries_joined_runs_while_one_of_them_is_still_the
         await until(lambda: noted(gw, 0), what="the first retry joining (its note used up)")
         # The second retry's admission read the note as the first's did, at once.
         await gw.accounts.redis.set(note, noted_as, px=60_000)
-        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
-            with pytest.raises(httpx.TimeoutException):  # joins, and leaves again
-                await short.post(path, json=body, headers=headers)
+        await gives_up(gw, path, body, headers)  # joins, and leaves again
         await until(lambda: noted(gw, 1), what="the second retry leaving again")
 
         assert (await ahead).json()["status"] == "completed"
@@ -349,9 +348,7 @@ async def test_a_retry_of_a_504_that_leaves_before_the_job_started_leaves_it_can
         assert first.status_code == 504, first.text
         job_id = first.headers["x-gateway-job-id"]
         await until(lambda: noted(gw, 1), what="the 504's job noted for its retry")
-        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as short:
-            with pytest.raises(httpx.TimeoutException):  # the retry joins, then leaves
-                await short.post(path, json=body, headers=headers)
+        await gives_up(gw, path, body, headers)  # the retry joins, then leaves
         await until(lambda: noted(gw, 1), what="the retry noted as left")
         assert (await ahead).json()["status"] == "completed"
         ended = await gw.wait(key, job_id)
@@ -379,9 +376,7 @@ async def test_a_job_already_started_or_claimable_goes_on_when_its_client_leaves
     async with gateway(redis_url, storage_dir, inprocess_workers=False) as gw:
         key = await gw.key(credits=1000)
         headers = {"X-API-Key": key, "Prefer": "wait=60", "Idempotency-Key": "order-7"}
-        async with httpx.AsyncClient(base_url=gw.base, timeout=0.5) as http:
-            with pytest.raises(httpx.TimeoutException):
-                await http.post("/v1/text_to_image", json=BODY, headers=headers)
+        await gives_up(gw, "/v1/text_to_image", BODY, headers)
         again = await gw.http.post(
             "/v1/text_to_image", json=BODY, headers={**headers, "Prefer": "wait=0.2"}
         )

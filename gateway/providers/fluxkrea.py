@@ -299,9 +299,9 @@ def request_from(
             else ""
         )
         raise BadUserInput(f"{unknown[0]} is not a known parameter{where}", field=unknown[0])
-    fields: dict[str, Any] = {"service": SERVICE, **DEFAULTS}
+    fields: dict[str, Any] = {"service": SERVICE}
     fields |= {ours: body[theirs] for ours, theirs in FIELDS.items() if theirs in body}
-    fields |= {ours: value for ours, value in DEFAULTS.items() if fields[ours] is None}
+    fields |= {ours: value for ours, value in DEFAULTS.items() if fields.get(ours) is None}
     if asynchronous:
         if not isinstance(body.get(WEBHOOK_URL), str) or not body[WEBHOOK_URL]:
             raise BadUserInput(f"{WEBHOOK_URL} is required", field=WEBHOOK_URL)
